@@ -1,0 +1,48 @@
+"""Projects and API keys. Keys are shown once at creation; only their SHA-256 is stored."""
+
+import hashlib
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.errors import Unauthorized
+from service.models import ApiKey, Project
+
+KEY_PREFIX = "gvpo_sk_"
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_project(session: Session, name: str) -> Project:
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        project = Project(name=name)
+        session.add(project)
+        session.flush()
+    return project
+
+
+def create_api_key(session: Session, project_name: str) -> tuple[Project, str]:
+    """Make a key for the project (created if new); returns the plaintext key, never stored."""
+    project = get_or_create_project(session, project_name)
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(project_id=project.id, key_hash=_hash(key), prefix=key[:16]))
+    session.flush()
+    return project, key
+
+
+def authenticate(session: Session, authorization: str | None) -> Project:
+    if not authorization:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    scheme, _, key = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
+    row = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == _hash(key.strip()), ApiKey.revoked_at.is_(None))
+    )
+    if row is None:
+        raise Unauthorized("invalid API key")
+    return session.get(Project, row.project_id)

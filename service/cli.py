@@ -1,0 +1,217 @@
+"""The `gvpo` command: admin (db, keys), the embedded stack, the demo, and an API client."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from service.config import Settings, get_settings
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _prepare_db(settings: Settings) -> None:
+    from service.migrate import upgrade
+
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url)
+
+
+def _client():
+    from service.client import Client
+
+    settings = _settings()
+    if not settings.api_key:
+        raise click.UsageError("set GVPO_API_KEY (make one with `gvpo api-key create --project NAME`)")
+    return Client(settings.resolved_api_url, settings.api_key)
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group()
+def main() -> None:
+    """GVPO post-training service."""
+
+
+@main.command()
+@click.option("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+@click.option("--port", type=int, default=None, help="API port (default: a free one)")
+def demo(steps: int | None, port: int | None) -> None:
+    """Train the offline tiny model with GVPO through the API, worker and database."""
+    from service.demo import run_demo
+
+    sys.exit(run_demo(_settings(), steps=steps, port=port))
+
+
+@main.command()
+def up() -> None:
+    """Run the embedded stack (API + worker, SQLite, file broker) until Ctrl-C."""
+    from service.stack import Stack
+
+    settings = _settings()
+    _prepare_db(settings)
+    stack = Stack(settings)
+    try:
+        stack.start()
+        click.echo(f"gvpo is up: API {stack.url} (docs at {stack.url}/docs), data in "
+                   f"{settings.resolved_data_dir}. Ctrl-C stops it.")
+        while all(p.poll() is None for p in stack.procs.values()):
+            time.sleep(0.5)
+        click.echo("a child process exited; stopping", err=True)
+    except KeyboardInterrupt:
+        click.echo("\nstopping…", err=True)
+    finally:
+        stack.stop()
+
+
+@main.command()
+def api() -> None:
+    """Run only the API server (GVPO_API_HOST, GVPO_API_PORT)."""
+    import uvicorn
+
+    from service.main import create_app
+
+    settings = _settings()
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
+                log_level="info")
+
+
+@main.command()
+@click.option("--queues", default=None, help="comma-separated queues (default GVPO_WORKER_QUEUES)")
+def worker(queues: str | None) -> None:
+    """Run only a worker (one run at a time)."""
+    from workers.worker import run_worker
+
+    run_worker(_settings(), queues)
+
+
+@main.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0)
+def make_tiny_model_cmd(directory: Path, seed: int) -> None:
+    """Write an offline tiny Llama-architecture model and character tokenizer."""
+    from workers.tiny_model import make_tiny_model
+
+    click.echo(str(make_tiny_model(directory, seed=seed)))
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database administration."""
+
+
+@db_group.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations up to the latest schema."""
+    settings = _settings()
+    _prepare_db(settings)
+    click.echo(f"database at head: {settings.resolved_database_url}")
+
+
+@main.group("api-key")
+def api_key_group() -> None:
+    """API keys (admin)."""
+
+
+@api_key_group.command("create")
+@click.option("--project", required=True, help="project name (created if new)")
+def api_key_create(project: str) -> None:
+    """Make a project's API key; it is printed once and only its hash is stored."""
+    from service.auth.service import create_api_key
+    from service.db import session_scope
+
+    settings = _settings()
+    _prepare_db(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        proj, key = create_api_key(session, project)
+    click.echo(f"project {proj.name} ({proj.id}); API key (shown once):", err=True)
+    click.echo(key)
+
+
+@main.group("files")
+def files_group() -> None:
+    """Dataset files."""
+
+
+@files_group.command("upload")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--purpose", default="train", type=click.Choice(["train", "eval"]))
+def files_upload(path: str, purpose: str) -> None:
+    with _client() as client:
+        _print_json(client.upload_file(path, purpose))
+
+
+@main.command()
+@click.argument("spec_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--idempotency-key", default=None)
+@click.option("--wait", is_flag=True, help="follow the run until it finishes")
+def submit(spec_path: str, idempotency_key: str | None, wait: bool) -> None:
+    """Submit a run spec (YAML or JSON)."""
+    import yaml
+
+    spec = yaml.safe_load(Path(spec_path).read_text())
+    with _client() as client:
+        run = client.create_run(spec, idempotency_key)
+        _print_json(run)
+        if wait:
+            from service.progress import follow_run
+
+            sys.exit(0 if follow_run(client, run["id"])["status"] == "succeeded" else 1)
+
+
+@main.group("runs")
+def runs_group() -> None:
+    """Inspect and control runs."""
+
+
+@runs_group.command("list")
+@click.option("--status", default=None)
+@click.option("--limit", type=int, default=20)
+def runs_list(status: str | None, limit: int) -> None:
+    with _client() as client:
+        for run in client.list_runs(status=status, limit=limit)["data"]:
+            click.echo(f"{run['id']}  {run['status']:<10} step {run['step']}/{run['total_steps']}"
+                       f"  {run['name'] or ''}")
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+def runs_show(run_id: str) -> None:
+    with _client() as client:
+        _print_json(client.get_run(run_id))
+
+
+@runs_group.command("watch")
+@click.argument("run_id")
+def runs_watch(run_id: str) -> None:
+    from service.progress import follow_run
+
+    with _client() as client:
+        sys.exit(0 if follow_run(client, run_id)["status"] == "succeeded" else 1)
+
+
+@runs_group.command("cancel")
+@click.argument("run_id")
+def runs_cancel(run_id: str) -> None:
+    with _client() as client:
+        _print_json(client.cancel_run(run_id))
+
+
+def run() -> None:
+    from service.client import ApiError
+
+    try:
+        main(standalone_mode=True)
+    except ApiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

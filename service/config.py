@@ -1,0 +1,65 @@
+"""Settings: one pydantic-settings class, read from GVPO_* environment variables.
+
+Everything defaults to the embedded single-machine stack under ``./.gvpo/`` (SQLite and a
+file-backed Celery broker), so a fresh checkout runs with no external server.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GVPO_", extra="ignore")
+
+    data_dir: Path = Path(".gvpo")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/gvpo.db"
+    )
+    broker_url: str = Field(
+        default="filesystem://", description="Celery broker; filesystem:// is the embedded one"
+    )
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_url: str | None = Field(default=None, description="where clients reach the API")
+    api_key: str | None = None
+    max_upload_bytes: int = 512 * 1024 * 1024
+    worker_queues: str = "default,gpu,cpu"
+    torch_threads: int = Field(
+        default=1, description="intra-op threads in the worker; 1 is fastest for small CPU models"
+    )
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'gvpo.db'}"
+
+    @property
+    def resolved_api_url(self) -> str:
+        return (self.api_url or f"http://{self.api_host}:{self.api_port}").rstrip("/")
+
+    @property
+    def files_dir(self) -> Path:
+        return self.resolved_data_dir / "files"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.resolved_data_dir / "runs"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.resolved_data_dir / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

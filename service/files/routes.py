@@ -1,0 +1,28 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile
+
+from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.files import service
+from service.files.schemas import FileList, FileRead
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("", status_code=201, response_model=FileRead)
+def upload_file(
+    file: UploadFile, session: SessionDep, project: ProjectDep, settings: SettingsDep,
+    purpose: Annotated[str, Form()] = "train",
+) -> FileRead:
+    row = service.create_file(session, settings, project, file.file, file.filename, purpose)
+    return FileRead.model_validate(row)
+
+
+@router.get("", response_model=FileList)
+def list_files(session: SessionDep, project: ProjectDep) -> FileList:
+    return FileList(data=[FileRead.model_validate(f) for f in service.list_files(session, project)])
+
+
+@router.get("/{file_id}", response_model=FileRead)
+def get_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileRead:
+    return FileRead.model_validate(service.get_file(session, project, file_id))

@@ -1,0 +1,105 @@
+"""Dataset files: JSONL uploads, validated line by line before anything is recorded."""
+
+import json
+from pathlib import Path
+from typing import BinaryIO
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.errors import BadRequest, NotFound, PayloadTooLarge
+from service.models import File, Project
+from service.models.base import new_id
+
+PURPOSES = ("train", "eval")
+_CHUNK = 1 << 20
+
+
+def _copy_limited(src: BinaryIO, dest: Path, limit: int) -> int:
+    size = 0
+    with dest.open("wb") as out:
+        while chunk := src.read(_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"file is larger than the {limit}-byte limit")
+            out.write(chunk)
+    return size
+
+
+def _is_scalar(value: object) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def validate_jsonl(path: Path) -> tuple[int, list[str]]:
+    """Rows and the scalar fields that every row has; BadRequest naming the first bad line."""
+    rows = 0
+    common: set[str] | None = None
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise BadRequest(f"line {number} is not valid UTF-8", {"line": number}) from None
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadRequest(
+                    f"line {number} is not valid JSON: {exc.msg} (column {exc.colno})",
+                    {"line": number},
+                ) from None
+            if not isinstance(row, dict):
+                raise BadRequest(
+                    f"line {number} must be a JSON object, got {type(row).__name__}",
+                    {"line": number},
+                )
+            keys = {k for k, v in row.items() if _is_scalar(v)}
+            common = keys if common is None else common & keys
+            rows += 1
+    if rows == 0:
+        raise BadRequest("file has no rows: expected one JSON object per line")
+    return rows, sorted(common or ())
+
+
+def create_file(
+    session: Session, settings: Settings, project: Project,
+    src: BinaryIO, filename: str | None, purpose: str,
+) -> File:
+    if purpose not in PURPOSES:
+        raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}")
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    file_id = new_id("file")
+    dest = settings.files_dir / f"{file_id}.jsonl"
+    try:
+        size = _copy_limited(src, dest, settings.max_upload_bytes)
+        rows, fields = validate_jsonl(dest)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    row = File(
+        id=file_id, project_id=project.id, filename=filename or f"{file_id}.jsonl",
+        purpose=purpose, bytes=size, rows=rows, fields=fields, path=str(dest),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_file(session: Session, project: Project, file_id: str) -> File:
+    row = session.get(File, file_id)
+    if row is None or row.project_id != project.id:
+        raise NotFound(f"no file {file_id!r} in this project")
+    return row
+
+
+def list_files(session: Session, project: Project) -> list[File]:
+    stmt = select(File).where(File.project_id == project.id).order_by(File.id.desc())
+    return list(session.scalars(stmt))
+
+
+def read_rows(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+

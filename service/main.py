@@ -1,0 +1,62 @@
+"""create_app(): routers and error handlers. Engines are built lazily per process, never at import."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.checkpoints.routes import router as checkpoints_router
+from service.config import Settings, get_settings
+from service.errors import ServiceError, http_status_and_code
+from service.files.routes import router as files_router
+from service.health import router as health_router
+from service.metrics.routes import router as metrics_router
+from service.runs.routes import router as runs_router
+
+log = logging.getLogger(__name__)
+
+
+def error_body(code: str, message: str, details: dict | None = None) -> dict:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def _field_name(loc: tuple) -> str:
+    # ("body", "algorithm", "beta") -> "algorithm.beta"; query/path params keep their name.
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else loc
+    return ".".join(str(p) for p in parts) or "body"
+
+
+async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    status, code = http_status_and_code(exc)
+    return JSONResponse(error_body(code, exc.message, exc.details), status_code=status)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = [{"field": _field_name(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+    listed = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+    body = error_body("invalid_request", f"invalid request: {listed}", {"fields": fields})
+    return JSONResponse(body, status_code=422)
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(title="gvpo-service", version="0.1.0", summary="GVPO post-training as a service")
+    app.state.settings = settings or get_settings()
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router):
+        app.include_router(router)
+    return app

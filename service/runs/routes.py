@@ -1,0 +1,59 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.runs import service
+from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead
+from service.runs.spec import RunSpec
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+
+RUN_STATUSES = "^(queued|running|paused|succeeded|failed|cancelled)$"
+
+
+@router.post("", status_code=201, response_model=RunCreated)
+def create_run(
+    spec: RunSpec, response: Response, session: SessionDep, project: ProjectDep,
+    settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> RunCreated:
+    """Create a run. The response carries the run's webhook_secret; replays of the same
+    Idempotency-Key with the same body return the same run (200) instead of a new one."""
+    run, created = service.create_run(session, settings, project, spec, idempotency_key)
+    if not created:
+        response.status_code = 200
+    return RunCreated.model_validate(run)
+
+
+@router.get("", response_model=RunList)
+def list_runs(
+    session: SessionDep, project: ProjectDep,
+    status: Annotated[str | None, Query(pattern=RUN_STATUSES)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="cursor: the last run id of the previous page")] = None,
+) -> RunList:
+    rows, has_more = service.list_runs(session, project, status, limit, after)
+    return RunList(
+        data=[RunRead.model_validate(r) for r in rows], has_more=has_more,
+        next_cursor=rows[-1].id if has_more else None,
+    )
+
+
+@router.get("/{run_id}", response_model=RunRead)
+def get_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
+    return RunRead.model_validate(service.get_run(session, project, run_id))
+
+
+@router.post("/{run_id}/cancel", response_model=RunRead)
+def cancel_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
+    return RunRead.model_validate(service.cancel_run(session, project, run_id))
+
+
+@router.get("/{run_id}/events", response_model=EventList)
+def list_events(
+    run_id: str, session: SessionDep, project: ProjectDep,
+    after: Annotated[int | None, Query(ge=0)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventList:
+    rows, has_more = service.list_events(session, project, run_id, after, limit)
+    return EventList(data=[EventRead.model_validate(e) for e in rows], has_more=has_more)

@@ -1,0 +1,151 @@
+"""Run rules: creation (with idempotency), listing, the state machine, and the event log."""
+
+import hashlib
+import json
+import secrets
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.db import after_commit
+from service.dispatch import enqueue_run
+from service.errors import Conflict, InvalidSpec, NotFound
+from service.files.service import get_file
+from service.models import Project, Run, RunEvent
+from service.models.base import utcnow
+from service.runs.spec import RunSpec
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def add_event(
+    session: Session, run_id: str, type_: str, message: str,
+    level: str = "info", data: dict[str, Any] | None = None,
+) -> None:
+    session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))
+
+
+def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
+    ds = spec.dataset
+    try:
+        train = get_file(session, project, ds.train_file)
+    except NotFound as exc:
+        raise InvalidSpec([{"field": "dataset.train_file", "message": exc.message}]) from None
+    bad = [
+        {"field": f"dataset.{attr}", "message": f"file {train.id} has no field {name!r} in "
+         f"every row (fields present in every row: {', '.join(train.fields) or 'none'})"}
+        for attr, name in (("prompt_field", ds.prompt_field), ("answer_field", ds.answer_field))
+        if name not in train.fields
+    ]
+    if bad:
+        raise InvalidSpec(bad)
+
+
+def _request_hash(spec: RunSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+def _replay(session: Session, project: Project, key: str, digest: str) -> Run | None:
+    run = session.scalar(
+        select(Run).where(Run.project_id == project.id, Run.idempotency_key == key)
+    )
+    if run is not None and run.request_hash != digest:
+        raise Conflict(
+            f"Idempotency-Key {key!r} was already used with a different request body",
+            {"run_id": run.id},
+        )
+    return run
+
+
+def create_run(
+    session: Session, settings: Settings, project: Project,
+    spec: RunSpec, idempotency_key: str | None,
+) -> tuple[Run, bool]:
+    """Record a queued run and enqueue it after commit. Returns (run, created)."""
+    digest = _request_hash(spec)
+    if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
+        return existing, False
+    _check_dataset(session, project, spec)
+    run = Run(
+        project_id=project.id, name=spec.name, spec=spec.model_dump(mode="json"),
+        webhook_secret="whsec_" + secrets.token_urlsafe(32), idempotency_key=idempotency_key,
+        request_hash=digest, total_steps=spec.training.steps,
+    )
+    session.add(run)
+    try:
+        session.flush()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race: answer with its run.
+        # Nothing else was written in this transaction, so rolling it back loses nothing.
+        session.rollback()
+        if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
+            return existing, False
+        raise
+    add_event(session, run.id, "run.queued", f"run queued on queue {spec.resources.queue!r}")
+    after_commit(session, lambda: _dispatch(settings, run.id, spec.resources.queue))
+    return run, True
+
+
+def _dispatch(settings: Settings, run_id: str, queue: str) -> None:
+    from service.db import session_scope
+
+    if enqueue_run(settings, run_id, queue):
+        with session_scope(settings.resolved_database_url) as session:
+            run = session.get(Run, run_id)
+            if run is not None and run.dispatched_at is None:
+                run.dispatched_at = utcnow()
+
+
+def get_run(session: Session, project: Project, run_id: str) -> Run:
+    run = session.get(Run, run_id)
+    if run is None or run.project_id != project.id:
+        raise NotFound(f"no run {run_id!r} in this project")
+    return run
+
+
+def list_runs(
+    session: Session, project: Project, status: str | None, limit: int, after: str | None,
+) -> tuple[list[Run], bool]:
+    """Newest first; ids are time-ordered, so `after` (a run id) is a stable cursor."""
+    stmt = select(Run).where(Run.project_id == project.id)
+    if status:
+        stmt = stmt.where(Run.status == status)
+    if after:
+        stmt = stmt.where(Run.id < after)
+    rows = list(session.scalars(stmt.order_by(Run.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def cancel_run(session: Session, project: Project, run_id: str) -> Run:
+    run = get_run(session, project, run_id)
+    if run.status in TERMINAL:
+        raise Conflict(f"run {run_id} is already {run.status}; it cannot be cancelled")
+    if run.status == "queued":
+        # No worker owns it yet: cancel now; a later delivery of its task sees the state and exits.
+        run.status, run.finished_at = "cancelled", utcnow()
+        add_event(session, run.id, "run.cancelled", "run cancelled before it started")
+    elif not run.cancel_requested:
+        # A running loop checks this flag between steps and stops cooperatively.
+        run.cancel_requested = True
+        add_event(session, run.id, "run.cancel_requested", "cancel requested; stops after this step")
+    session.flush()
+    return run
+
+
+def list_events(
+    session: Session, project: Project, run_id: str, after: int | None, limit: int,
+) -> tuple[list[RunEvent], bool]:
+    get_run(session, project, run_id)
+    stmt = select(RunEvent).where(RunEvent.run_id == run_id)
+    if after is not None:
+        stmt = stmt.where(RunEvent.id > after)
+    rows = list(session.scalars(stmt.order_by(RunEvent.id).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def mark_finished(run: Run, status: str, when: datetime | None = None) -> None:
+    run.status, run.finished_at = status, when or utcnow()

@@ -1,0 +1,175 @@
+"""The run spec (POST /v1/runs body, YAML for the CLI): validated models with paper defaults.
+
+Every field has a default except model.path, dataset.train_file and reward. Unknown fields are
+rejected, so a typo never silently falls back to a default. Parts of DESIGN.md that this version
+does not run yet are refused with a message saying so, never accepted and ignored.
+"""
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from workers.rewards.builtin import BUILTIN_REWARDS
+
+NOT_YET = "is not available in this version of the service"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelSpec(_Strict):
+    path: str = Field(min_length=1, description="local directory (or hub id where reachable)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU"
+    )
+    lora: LoraSpec | None = None
+
+    @field_validator("lora")
+    @classmethod
+    def _no_lora_yet(cls, v: LoraSpec | None) -> None:
+        if v is not None:
+            raise ValueError(f"LoRA {NOT_YET}; use null for a full fine-tune")
+        return v
+
+
+class DatasetSpec(_Strict):
+    train_file: str = Field(min_length=1)
+    eval_file: str | None = None
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    offpolicy_file: str | None = None
+
+    @field_validator("eval_file", "offpolicy_file")
+    @classmethod
+    def _not_yet(cls, v: str | None) -> None:
+        if v is not None:
+            raise ValueError(f"this file kind {NOT_YET}; leave it null")
+        return v
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+class AlgorithmSpec(_Strict):
+    name: Literal["gvpo", "grpo", "dr_grpo"] = "gvpo"
+    beta: float = Field(0.1, gt=0, description="KL strength; the paper's default is 0.1")
+    group_size: int = Field(8, ge=2, le=512, description="k completions per prompt")
+    reference: Literal["sampling", "initial"] = "sampling"
+    clip_eps: float = Field(0.2, gt=0)
+    skip_zero_variance: bool = True
+
+    _beta_finite = field_validator("beta")(_finite)
+
+    @field_validator("name")
+    @classmethod
+    def _gvpo_only(cls, v: str) -> str:
+        if v != "gvpo":
+            raise ValueError(f"the {v} baseline {NOT_YET}; use gvpo")
+        return v
+
+
+class SamplingSpec(_Strict):
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    stop: list[str] = Field(default_factory=list)
+
+    _t_finite = field_validator("temperature")(_finite)
+
+
+class RolloutSpec(_Strict):
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+
+
+class OptimizerSpec(_Strict):
+    lr: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+    _lr_finite = field_validator("lr")(_finite)
+
+
+class TrainingSpec(_Strict):
+    steps: int = Field(200, ge=1)
+    prompts_per_step: int = Field(64, ge=1)
+    mini_batches: int = Field(4, ge=1, description="optimizer updates per step, split by group")
+    micro_batch_groups: int | None = Field(
+        None, ge=1, description="groups per forward/backward pass (memory bound); null = whole mini-batch"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _enough_prompts(self) -> "TrainingSpec":
+        if self.mini_batches > self.prompts_per_step:
+            raise ValueError(
+                f"mini_batches ({self.mini_batches}) cannot exceed prompts_per_step "
+                f"({self.prompts_per_step}): every mini-batch needs at least one whole group"
+            )
+        return self
+
+
+class BuiltinReward(_Strict):
+    type: Literal["builtin"]
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in BUILTIN_REWARDS:
+            raise ValueError(f"unknown built-in reward {v!r}; known: {', '.join(BUILTIN_REWARDS)}")
+        return v
+
+
+class WebhookReward(_Strict):
+    type: Literal["webhook"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_yet(cls, data: object) -> object:
+        raise ValueError(f"webhook rewards {NOT_YET}; use a builtin reward")
+
+
+RewardSpec = Annotated[BuiltinReward | WebhookReward, Field(discriminator="type")]
+
+
+class EvalSpec(_Strict):
+    every_steps: int = Field(20, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
+
+
+class CheckpointSpec(_Strict):
+    every_steps: int = Field(20, ge=1)
+    keep_last: int | None = Field(3, ge=1, description="null keeps every checkpoint")
+
+
+class ResourcesSpec(_Strict):
+    queue: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    gpus: int = Field(0, ge=0, le=1, description="0 = the worker's default device")
+
+
+class RunSpec(_Strict):
+    name: str | None = Field(None, max_length=200)
+    model: ModelSpec
+    dataset: DatasetSpec
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    reward: RewardSpec
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)

@@ -1,0 +1,113 @@
+"""The embedded stack: the API server and one worker as child processes of this one.
+
+Used by `gvpo up` (foreground), `gvpo demo` and the tests. Both children get the same GVPO_*
+environment, so they share the SQLite database and the file-backed broker under data_dir.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from service.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stack_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "GVPO_DATA_DIR": str(settings.resolved_data_dir),
+        "GVPO_DATABASE_URL": settings.resolved_database_url,
+        "GVPO_BROKER_URL": settings.broker_url,
+        "GVPO_API_HOST": settings.api_host,
+        "GVPO_API_PORT": str(settings.api_port),
+        "GVPO_TORCH_THREADS": str(settings.torch_threads),
+        "GVPO_LEASE_SECONDS": str(settings.lease_seconds),
+        "GVPO_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "GVPO_WORKER_QUEUES": settings.worker_queues,
+    })
+    # Small models on few cores run far faster single-threaded (the worker also sets torch).
+    env.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+    return env
+
+
+class Stack:
+    """API + worker subprocesses; logs go to `log_dir` when given, else to this terminal."""
+
+    def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
+        self.settings, self.log_dir = settings, log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.api_host}:{self.settings.api_port}"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        out = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args], env=stack_env(self.settings),
+            stdout=out, stderr=subprocess.STDOUT if out else None,
+            # Own process group: stop() can then end the worker's pool children with it.
+            start_new_session=True,
+        )
+
+    def start(self, ready_timeout: float = 60.0) -> "Stack":
+        self._spawn("api", ["api"])
+        self._spawn("worker", ["worker"])
+        self.wait_ready(ready_timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} while starting"
+                                       + (f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""))
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the API at {self.url} was not ready after {timeout:.0f} s")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM both; whatever is still alive after `grace` seconds is killed with its group.
+
+        Celery's warm shutdown would wait for a whole run to finish, so a run still training
+        when the grace period ends is killed mid-step (its last checkpoint stays on disk).
+        """
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+    def __enter__(self) -> "Stack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,42 @@
+"""Checkpoints: safetensors weights + tokenizer (loadable with from_pretrained), optimizer state,
+and trainer_state.json (step, data cursor, RNG state) so a run can continue where it stopped.
+
+A checkpoint is written to a temporary folder and renamed into place, so a crash never leaves
+a half-written checkpoint that looks complete.
+"""
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def save_checkpoint(
+    directory: Path, model, tokenizer, optimizer, step: int, extra: dict[str, Any],
+) -> int:
+    """Write the checkpoint for `step` into `directory`; returns its size in bytes."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    state = {"step": step, "rng": rng_state(), **extra}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+

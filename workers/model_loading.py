@@ -1,0 +1,49 @@
+"""Loading the policy model and tokenizer for a run, with errors a user can act on."""
+
+from pathlib import Path
+
+import torch
+
+from service.runs.spec import RunSpec
+
+
+class RunError(Exception):
+    """A failure caused by the run's inputs; its message is shown to the user as is."""
+
+
+def pick_device(spec: RunSpec) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if spec.resources.gpus > 0:
+        raise RunError(
+            f"resources.gpus is {spec.resources.gpus} but this worker has no CUDA device; "
+            "submit to a GPU queue or set resources.gpus: 0"
+        )
+    return torch.device("cpu")
+
+
+def pick_dtype(spec: RunSpec, device: torch.device) -> torch.dtype:
+    if spec.model.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, spec.model.dtype)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def load_policy(spec: RunSpec, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = spec.model.path
+    if _looks_local(path) and not Path(path).expanduser().is_dir():
+        raise RunError(f"model.path {path!r} does not exist on the worker (expected a directory)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(spec, device))
+    except OSError as exc:
+        raise RunError(f"could not load model {path!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).train()
+    return model, tokenizer

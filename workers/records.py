@@ -1,0 +1,136 @@
+"""What the worker writes to the database: lease, status, per-step records, checkpoints.
+
+The worker uses the same ORM models as the API, never HTTP to its own service. Per-step writes
+are upserts keyed by (run, step), so a replayed step overwrites rather than duplicates.
+"""
+
+import shutil
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.db import session_scope
+from service.models import Checkpoint, Metric, Run, Sample
+from service.models.base import utcnow
+from service.runs.service import TERMINAL, add_event
+
+
+def _insert(session: Session, model):
+    dialect = session.get_bind().dialect.name
+    return (postgresql if dialect == "postgresql" else sqlite).insert(model)
+
+
+def upsert(session: Session, model, rows: list[dict], keys: list[str], columns: list[str]) -> None:
+    if not rows:
+        return
+    stmt = _insert(session, model).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in columns}
+    )
+    session.execute(stmt)
+
+
+@dataclass
+class Claim:
+    spec: dict[str, Any]
+    project_id: str
+    attempt: int
+
+
+class RunRecorder:
+    def __init__(self, settings: Settings, run_id: str, worker_id: str) -> None:
+        self.settings, self.run_id, self.worker_id = settings, run_id, worker_id
+        self.url = settings.resolved_database_url
+
+    def _lease_until(self):
+        return utcnow() + timedelta(seconds=self.settings.lease_seconds)
+
+    def claim(self) -> tuple[Claim | None, str]:
+        """Take the run's lease; (None, why) if it is finished or another live worker owns it."""
+        with session_scope(self.url) as session:
+            run = session.get(Run, self.run_id, with_for_update=True)
+            if run is None:
+                return None, "no such run"
+            if run.status in TERMINAL:
+                return None, f"run is already {run.status}"
+            if run.lease_owner not in (None, self.worker_id) and run.lease_expires_at > utcnow():
+                return None, f"run is leased by {run.lease_owner} until {run.lease_expires_at}"
+            run.status, run.lease_owner = "running", self.worker_id
+            run.lease_expires_at = self._lease_until()
+            run.started_at = run.started_at or utcnow()
+            run.attempts += 1
+            add_event(session, run.id, "run.started", f"worker {self.worker_id} started the run",
+                      data={"attempt": run.attempts})
+            return Claim(dict(run.spec), run.project_id, run.attempts), ""
+
+    def renew_lease(self) -> bool:
+        """Heartbeat; False when the lease was lost (another worker took the run)."""
+        with session_scope(self.url) as session:
+            result = session.execute(
+                update(Run)
+                .where(Run.id == self.run_id, Run.lease_owner == self.worker_id)
+                .values(lease_expires_at=self._lease_until())
+            )
+            return result.rowcount == 1
+
+    def cancel_requested(self) -> bool:
+        with session_scope(self.url) as session:
+            return bool(session.scalar(select(Run.cancel_requested).where(Run.id == self.run_id)))
+
+    def event(self, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+        with session_scope(self.url) as session:
+            add_event(session, self.run_id, type_, message, level, data)
+
+    def record_step(
+        self, step: int, metrics: dict[str, float], samples: list[dict], tokens: int,
+    ) -> None:
+        metric_rows = [
+            {"run_id": self.run_id, "name": name, "step": step, "value": float(value)}
+            for name, value in metrics.items()
+        ]
+        sample_rows = [{"run_id": self.run_id, "step": step, **s} for s in samples]
+        with session_scope(self.url) as session:
+            upsert(session, Metric, metric_rows, ["run_id", "name", "step"], ["value"])
+            upsert(session, Sample, sample_rows,
+                   ["run_id", "step", "group_index", "sample_index"],
+                   ["prompt", "completion", "answer", "reward"])
+            run = session.get(Run, self.run_id)
+            if run.step < step:  # a replayed step does not count its tokens twice
+                run.tokens_generated += tokens
+                run.samples_generated += len(samples)
+            run.step = max(run.step, step)
+
+    def record_checkpoint(self, step: int, path: Path, size: int, keep_last: int | None) -> None:
+        with session_scope(self.url) as session:
+            upsert(session, Checkpoint,
+                   [{"id": f"ckpt_{self.run_id[4:]}_{step}", "run_id": self.run_id, "step": step,
+                     "path": str(path), "bytes": size, "created_at": utcnow()}],
+                   ["run_id", "step"], ["path", "bytes", "created_at"])
+            add_event(session, self.run_id, "checkpoint.saved", f"checkpoint at step {step}",
+                      data={"step": step, "path": str(path), "bytes": size})
+            if keep_last:
+                self._prune(session, keep_last)
+
+    def _prune(self, session: Session, keep_last: int) -> None:
+        rows = list(session.scalars(
+            select(Checkpoint).where(Checkpoint.run_id == self.run_id)
+            .order_by(Checkpoint.step.desc()).offset(keep_last)
+        ))
+        for old in rows:
+            shutil.rmtree(old.path, ignore_errors=True)
+        if rows:
+            session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in rows])))
+
+    def finish(self, status: str, message: str, level: str = "info", data: dict | None = None,
+               error: str | None = None) -> None:
+        with session_scope(self.url) as session:
+            run = session.get(Run, self.run_id)
+            run.status, run.finished_at, run.error = status, utcnow(), error
+            run.lease_owner, run.lease_expires_at = None, None
+            add_event(session, self.run_id, f"run.{status}", message, level, data)

@@ -1,0 +1,74 @@
+"""Rollouts with transformers' generate(), sharing the learner's model object.
+
+Sharing the module means weight sync is free; the cost is that generation runs at training
+precision without paged attention, which is what the vLLM engine is for.
+"""
+
+import torch
+
+from service.runs.spec import SamplingSpec
+from workers.rollout.base import Completion, Rollout
+
+MAX_SEQUENCES_PER_BATCH = 256
+
+
+class HFRolloutEngine:
+    def __init__(self, model, tokenizer, device: torch.device) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.tokenizer.padding_side = "left"
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    def sync_weights(self) -> None:
+        pass  # same module as the learner
+
+    def generate(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
+        per_batch = max(1, MAX_SEQUENCES_PER_BATCH // n)
+        rollouts: list[Rollout] = []
+        for start in range(0, len(prompts), per_batch):
+            rollouts.extend(self._generate_batch(prompts[start : start + per_batch], n, sampling))
+        return rollouts
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                **enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
+                stop_strings=sampling.stop or None,
+                tokenizer=self.tokenizer if sampling.stop else None,
+            )
+        finally:
+            self.model.train(was_training)
+        prompt_len = enc["input_ids"].shape[1]
+        new_tokens = out[:, prompt_len:].tolist()  # (B*n, T)
+        rollouts = []
+        for i, prompt_row in enumerate(enc["input_ids"]):
+            prompt_ids = prompt_row[enc["attention_mask"][i].bool()].tolist()
+            group = [self._completion(new_tokens[i * n + j], sampling) for j in range(n)]
+            rollouts.append(Rollout(prompt_ids=prompt_ids, completions=group))
+        return rollouts
+
+    def _completion(self, tokens: list[int], sampling: SamplingSpec) -> Completion:
+        ids, reason = [], "length"
+        for tok in tokens:
+            ids.append(tok)
+            if tok in self.eos_ids:
+                reason = "stop"
+                break
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for stop in sampling.stop:
+            if stop in text:
+                text, reason = text[: text.index(stop)], "stop"
+        return Completion(text=text, token_ids=ids, finish_reason=reason)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids if i is not None]

@@ -1,0 +1,172 @@
+"""One run, start to finish: rollout -> rewards -> learn -> record -> checkpoint, each step.
+
+The task holds the model in memory for the whole run. A heartbeat thread renews the run's lease;
+the loop checks for a cancel request between steps. Any failure ends the run as `failed` with an
+event saying why; checkpoints already written stay listed.
+"""
+
+import logging
+import random
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from service.config import Settings
+from service.db import session_scope
+from service.files.service import read_rows
+from service.models import File
+from service.runs.spec import RunSpec
+from workers.data import PromptSampler, load_examples
+from workers.learner.checkpoint import save_checkpoint
+from workers.learner.learner import GroupBatch, Learner
+from workers.model_loading import RunError, load_policy, pick_device
+from workers.records import RunRecorder
+from workers.rewards.builtin import get_reward
+from workers.rollout.hf import HFRolloutEngine
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, recorder: RunRecorder, every_s: float) -> None:
+        super().__init__(name="gvpo-heartbeat", daemon=True)
+        self.recorder, self.every_s = recorder, every_s
+        self.stopped, self.lost = threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every_s):
+            try:
+                if not self.recorder.renew_lease():
+                    self.lost.set()
+                    return
+            except Exception:  # a transient database error must not kill the run
+                log.exception("lease renewal failed; retrying")
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
+    """Run `run_id` if this worker can claim it; returns the final status or why it skipped."""
+    recorder = RunRecorder(settings, run_id, worker_id)
+    claim, why = recorder.claim()
+    if claim is None:
+        log.info("skipping run %s: %s", run_id, why)
+        return f"skipped: {why}"
+    heartbeat = Heartbeat(recorder, settings.heartbeat_seconds)
+    heartbeat.start()
+    try:
+        RunLoop(settings, recorder, RunSpec.model_validate(claim.spec), heartbeat).run()
+        return "succeeded"
+    except Cancelled:
+        recorder.finish("cancelled", "run cancelled on request")
+        return "cancelled"
+    except LeaseLost:
+        log.warning("run %s: lease lost to another worker; stopping without writing", run_id)
+        return "lease lost"
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
+        log.exception("run %s failed", run_id)
+        tail = traceback.format_exc().splitlines()[-12:]
+        recorder.finish("failed", f"run failed: {message}", "error",
+                        {"exception": type(exc).__name__, "traceback": tail}, error=message)
+        return "failed"
+    finally:
+        heartbeat.stopped.set()
+
+
+class RunLoop:
+    def __init__(self, settings: Settings, recorder: RunRecorder, spec: RunSpec,
+                 heartbeat: Heartbeat) -> None:
+        self.settings, self.recorder, self.spec, self.heartbeat = settings, recorder, spec, heartbeat
+        self.run_dir = settings.runs_dir / recorder.run_id
+
+    def _setup(self) -> None:
+        spec = self.spec
+        torch.set_num_threads(self.settings.torch_threads)
+        torch.manual_seed(spec.training.seed)
+        random.seed(spec.training.seed)
+        if spec.rollout.engine == "vllm":
+            raise RunError("rollout.engine 'vllm' is not available on this worker yet; "
+                           "use 'auto' or 'hf'")
+        self.device = pick_device(spec)
+        self.model, self.tokenizer = load_policy(spec, self.device)
+        self.sampler = PromptSampler(self._examples(), spec.training.seed)
+        self.engine = HFRolloutEngine(self.model, self.tokenizer, self.device)
+        self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id)
+        self.reward_fn = get_reward(spec.reward.name)
+        self.recorder.event("run.model_loaded", f"loaded {spec.model.path} on {self.device}",
+                            data={"device": str(self.device),
+                                  "parameters": sum(p.numel() for p in self.model.parameters())})
+
+    def _examples(self):
+        ds = self.spec.dataset
+        with session_scope(self.settings.resolved_database_url) as session:
+            file = session.get(File, ds.train_file)
+            if file is None:
+                raise RunError(f"dataset.train_file {ds.train_file!r} no longer exists")
+            path = file.path
+        return load_examples(read_rows(path), ds.prompt_field, ds.answer_field)
+
+    def run(self) -> None:
+        self._setup()
+        total = self.spec.training.steps
+        every = self.spec.checkpoint.every_steps
+        for step in range(1, total + 1):
+            self._check_control()
+            self._step(step)
+            if step % every == 0 or step == total:
+                self._checkpoint(step)
+        self.recorder.finish("succeeded", f"run finished after {total} steps")
+
+    def _check_control(self) -> None:
+        if self.heartbeat.lost.is_set():
+            raise LeaseLost()
+        if self.recorder.cancel_requested():
+            raise Cancelled()
+
+    def _step(self, step: int) -> None:
+        spec, t0 = self.spec, time.perf_counter()
+        examples = self.sampler.next(spec.training.prompts_per_step)
+        rollouts = self.engine.generate([e.prompt for e in examples], spec.algorithm.group_size,
+                                        spec.sampling)
+        t1 = time.perf_counter()
+        rewards = torch.tensor([[self.reward_fn(c.text, e.answer) for c in r.completions]
+                                for e, r in zip(examples, rollouts, strict=True)])  # (G, k)
+        t2 = time.perf_counter()
+        batch = GroupBatch([r.prompt_ids for r in rollouts],
+                           [[c.token_ids for c in r.completions] for r in rollouts], rewards)
+        stats = self.learner.learn(batch, step)
+        t3 = time.perf_counter()
+        lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
+        metrics = {
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            "loss": stats.loss, "kl/ref": stats.kl_ref, "logratio/mean": stats.logratio_mean,
+            "entropy": stats.entropy, "grad_norm": stats.grad_norm,
+            "lr": self.learner.lr_at(step), "response_length/mean": sum(lengths) / len(lengths),
+            "groups/zero_variance_frac": stats.zero_variance_frac,
+            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
+            "throughput/tokens_per_s": sum(lengths) / max(t3 - t0, 1e-9),
+        }
+        metrics = {k: v for k, v in metrics.items() if v == v}  # NaN = not measured this step
+        samples = [
+            {"group_index": g, "sample_index": i, "prompt": e.prompt, "completion": c.text,
+             "answer": e.answer, "reward": float(rewards[g, i])}
+            for g, (e, r) in enumerate(zip(examples, rollouts, strict=True))
+            for i, c in enumerate(r.completions)
+        ]
+        self.recorder.record_step(step, metrics, samples, sum(lengths))
+
+    def _checkpoint(self, step: int) -> None:
+        path = self.run_dir / "checkpoints" / f"step_{step:06d}"
+        size = save_checkpoint(path, self.model, self.tokenizer, self.learner.optimizer, step,
+                               {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()})
+        self.recorder.record_checkpoint(step, path, size, self.spec.checkpoint.keep_last)
