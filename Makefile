@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Small models on 2 cores run 10-40x faster single-threaded.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install install-dev services clean
+.PHONY: demo test install install-dev install-gpu services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
+
+# A GPU worker: the same pins, except torch comes as PyPI's CUDA build instead of the CPU wheel.
+install-gpu: $(BIN)/python
+	grep -v '^torch==' constraints.txt > $(VENV)/constraints-gpu.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -c $(VENV)/constraints-gpu.txt -e '.[gpu]'
 
 demo: install
 	$(BIN)/gvpo demo

@@ -6,6 +6,7 @@ event saying why; checkpoints already written stay listed.
 """
 
 import logging
+import math
 import random
 import threading
 import time
@@ -145,6 +146,9 @@ class RunLoop:
         batch = GroupBatch([r.prompt_ids for r in rollouts],
                            [[c.token_ids for c in r.completions] for r in rollouts], rewards)
         stats = self.learner.learn(batch, step)
+        if not math.isfinite(stats.loss):
+            raise RunError(f"training diverged: the loss is {stats.loss} at step {step}; "
+                           "try a lower optimizer.lr or a larger algorithm.beta")
         t3 = time.perf_counter()
         lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
         metrics = {
@@ -156,7 +160,6 @@ class RunLoop:
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
             "throughput/tokens_per_s": sum(lengths) / max(t3 - t0, 1e-9),
         }
-        metrics = {k: v for k, v in metrics.items() if v == v}  # NaN = not measured this step
         samples = [
             {"group_index": g, "sample_index": i, "prompt": e.prompt, "completion": c.text,
              "answer": e.answer, "reward": float(rewards[g, i])}

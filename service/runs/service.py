@@ -3,7 +3,6 @@
 import hashlib
 import json
 import secrets
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -145,7 +144,3 @@ def list_events(
         stmt = stmt.where(RunEvent.id > after)
     rows = list(session.scalars(stmt.order_by(RunEvent.id).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
-
-
-def mark_finished(run: Run, status: str, when: datetime | None = None) -> None:
-    run.status, run.finished_at = status, when or utcnow()

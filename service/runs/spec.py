@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from workers.rewards.builtin import BUILTIN_REWARDS
+from workers.rewards.builtin import get_reward
 
 NOT_YET = "is not available in this version of the service"
 
@@ -128,8 +128,7 @@ class BuiltinReward(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in BUILTIN_REWARDS:
-            raise ValueError(f"unknown built-in reward {v!r}; known: {', '.join(BUILTIN_REWARDS)}")
+        get_reward(v)  # ValueError naming the known rewards
         return v
 
 

@@ -73,20 +73,22 @@ class Learner:
         if not self.spec.algorithm.skip_zero_variance:
             keep = list(range(len(batch.prompt_ids)))
         zv_frac = float(zero_var.float().mean())
-        if not keep:
-            return LearnStats(0.0, 0.0, 0.0, 0.0, math.nan, zv_frac, 0, 0)
-        n_mb = min(self.spec.training.mini_batches, len(keep))
+        train = bool(keep)
+        if not train:
+            # Nothing to learn from; still measure the diagnostics so every step has them.
+            keep = list(range(len(batch.prompt_ids)))
+        n_mb = min(self.spec.training.mini_batches, len(keep)) if train else 1
         mini_batches = [mb.tolist() for mb in np.array_split(np.array(keep), n_mb)]
         # Reference log-probs for every mini-batch before any update of this step.
         refs = [self._token_logps(batch, mb, self.reference or self.model) for mb in mini_batches]
         totals = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "logratio": 0.0, "entropy": 0.0}
         for mb, ref in zip(mini_batches, refs, strict=True):
-            out = self._update(batch, mb, ref)
+            out = self._update(batch, mb, ref, train)
             for key in totals:
                 totals[key] += out[key] / len(mini_batches)
         return LearnStats(
             totals["loss"], totals["grad_norm"], totals["kl"], totals["logratio"],
-            totals["entropy"], zv_frac, len(keep), len(mini_batches),
+            totals["entropy"], zv_frac, len(keep) if train else 0, len(mini_batches) if train else 0,
         )
 
     def _micro_batches(self, groups: list[int]) -> list[list[int]]:
@@ -104,18 +106,23 @@ class Learner:
         return [sequence_logprobs(model, self._sequences(batch, mb)).token_logps
                 for mb in self._micro_batches(groups)]
 
-    def _update(self, batch: GroupBatch, groups: list[int], ref: list[torch.Tensor]) -> dict:
+    def _update(
+        self, batch: GroupBatch, groups: list[int], ref: list[torch.Tensor], train: bool,
+    ) -> dict:
+        """One optimizer update over `groups` (train=False: the same measurements, no update)."""
         self.optimizer.zero_grad(set_to_none=True)
         k = batch.rewards.shape[1]
         out = {"loss": 0.0, "kl": 0.0, "logratio": 0.0, "entropy": 0.0}
         for mb, ref_tok in zip(self._micro_batches(groups), ref, strict=True):
             weight = len(mb) / len(groups)  # loss is a mean over groups: exact when split by group
-            lp = sequence_logprobs(self.model, self._sequences(batch, mb), with_entropy=True)
+            with torch.set_grad_enabled(train):
+                lp = sequence_logprobs(self.model, self._sequences(batch, mb), with_entropy=True)
             policy = lp.summed.view(len(mb), k)  # (g, k)
             reference = (ref_tok * lp.mask).sum(dim=-1).view(len(mb), k)  # (g, k)
             rewards = batch.rewards[mb].to(self.device)  # (g, k)
             loss = self.loss_fn(policy, reference, rewards, self.spec.algorithm.beta)
-            (loss * weight).backward()
+            if train:
+                (loss * weight).backward()
             with torch.no_grad():
                 log_ratio = (ref_tok - lp.token_logps.detach()) * lp.mask  # log(pi_ref/pi) per token
                 k3 = (log_ratio.exp() - 1 - log_ratio) * lp.mask  # unbiased, non-negative KL estimate
@@ -124,7 +131,9 @@ class Learner:
                 out["kl"] += float(k3.sum() / tokens) * weight
                 out["logratio"] += float((policy.detach() - reference).mean()) * weight
                 out["entropy"] += float((lp.entropy * lp.mask).sum() / tokens) * weight
-        clip = self.spec.optimizer.grad_clip or math.inf
-        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        self.optimizer.step()
+        out["grad_norm"] = 0.0
+        if train:
+            clip = self.spec.optimizer.grad_clip or math.inf
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            self.optimizer.step()
         return out

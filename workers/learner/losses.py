@@ -13,26 +13,12 @@ from typing import Callable
 
 import torch
 
+from workers.registry import Registry
+
 LossFn = Callable[..., torch.Tensor]
-LOSSES: dict[str, LossFn] = {}
-
-
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
-    def decorator(fn: LossFn) -> LossFn:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_loss(name: str) -> LossFn:
-    try:
-        return LOSSES[name]
-    except KeyError:
-        known = ", ".join(sorted(LOSSES))
-        raise ValueError(f"unknown loss {name!r}; known: {known}") from None
+LOSSES: Registry[LossFn] = Registry("loss")
+register_loss = LOSSES.register
+get_loss = LOSSES.lookup
 
 
 def _weights(policy_logps, reference_logps, rewards, beta: float) -> torch.Tensor:

@@ -5,26 +5,12 @@ Importable without torch, so the API can check a spec's reward name at submit ti
 
 from collections.abc import Callable
 
+from workers.registry import Registry
+
 RewardFn = Callable[[str, str | None], float]
-BUILTIN_REWARDS: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    def wrap(fn: RewardFn) -> RewardFn:
-        if name in BUILTIN_REWARDS:
-            raise ValueError(f"reward {name!r} is already registered")
-        BUILTIN_REWARDS[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_reward(name: str) -> RewardFn:
-    try:
-        return BUILTIN_REWARDS[name]
-    except KeyError:
-        known = ", ".join(sorted(BUILTIN_REWARDS))
-        raise ValueError(f"unknown built-in reward {name!r}; known: {known}") from None
+BUILTIN_REWARDS: Registry[RewardFn] = Registry("built-in reward")
+register_reward = BUILTIN_REWARDS.register
+get_reward = BUILTIN_REWARDS.lookup
 
 
 @register_reward("exact_match")

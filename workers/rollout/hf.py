@@ -59,11 +59,28 @@ class HFRolloutEngine:
             if tok in self.eos_ids:
                 reason = "stop"
                 break
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for stop in sampling.stop:
-            if stop in text:
-                text, reason = text[: text.index(stop)], "stop"
+        text = self._decode(ids)
+        if any(stop in text for stop in sampling.stop):
+            # generate() pads a row that hit a stop string until the whole batch is done: keep
+            # only the tokens up to the one that completed the stop string.
+            ids = ids[: self._stop_prefix(ids, sampling.stop)]
+            text, reason = self._decode(ids), "stop"
+            text = text[: min(text.index(s) for s in sampling.stop if s in text)]
         return Completion(text=text, token_ids=ids, finish_reason=reason)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _stop_prefix(self, ids: list[int], stops: list[str]) -> int:
+        """Length of the shortest prefix whose text contains a stop string (binary search)."""
+        lo, hi = 1, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(stop in self._decode(ids[:mid]) for stop in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

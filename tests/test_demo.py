@@ -1,0 +1,22 @@
+"""`gvpo demo`, the main job, as a new user runs it: the reward must rise clearly."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_learns(tmp_path):
+    env_cmd = [sys.executable, "-m", "service.cli", "demo"]
+    out = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+                              "COLUMNS": "120", "GVPO_DATA_DIR": str(tmp_path / ".gvpo")})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    match = re.search(r"first 10% of steps ([\d.]+) -> last 10% ([\d.]+)", out.stdout)
+    assert match, out.stdout[-3000:]
+    first, last = map(float, match.groups())
+    assert first <= 0.3 and last >= 0.7, (first, last)
+    assert "final checkpoint (step 1000)" in out.stdout

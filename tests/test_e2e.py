@@ -1,0 +1,233 @@
+"""The main job end to end over real HTTP: API server and Celery worker as separate processes,
+SQLite and the file-backed broker, then the same with a real Redis broker."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import auth, copy_rows, write_jsonl
+
+from service.config import Settings
+from service.stack import Stack, free_port, stack_env
+
+pytestmark = pytest.mark.slow
+
+STANDARD_METRICS = ["reward/mean", "reward/std", "loss", "kl/ref", "logratio/mean", "entropy",
+                    "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
+                    "time/learn_s", "throughput/tokens_per_s"]
+
+
+def cli(settings: Settings, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "service.cli", *args], env=stack_env(settings),
+                         capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.strip()
+
+
+def make_settings(root: Path, **kw) -> Settings:
+    return Settings(data_dir=root, api_port=free_port(), heartbeat_seconds=1.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    settings = make_settings(tmp_path_factory.mktemp("stack"))
+    cli(settings, "db", "upgrade")
+    stack = Stack(settings, log_dir=settings.resolved_data_dir / "logs").start()
+    yield stack
+    stack.stop()
+
+
+def spec(model_dir, train_file: str, **training) -> dict:
+    return {
+        "model": {"path": str(model_dir)},
+        "dataset": {"train_file": train_file},
+        "reward": {"type": "builtin", "name": "char_accuracy"},
+        "algorithm": {"group_size": 4, "reference": "initial", "beta": 0.05},
+        "sampling": {"max_new_tokens": 5},
+        "optimizer": {"lr": 1e-3},
+        "training": {"steps": 8, "prompts_per_step": 4, "mini_batches": 2, **training},
+        "checkpoint": {"every_steps": 4},
+    }
+
+
+def wait_for(http: httpx.Client, run_id: str, statuses: set[str], timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        run = http.get(f"/v1/runs/{run_id}").json()
+        if run["status"] in statuses:
+            return run
+        assert time.monotonic() < deadline, f"run stuck in {run['status']}"
+        time.sleep(0.3)
+
+
+def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = cli(embedded.settings, "api-key", "create", "--project", "acceptance")
+    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=30)
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(40))
+    with data.open("rb") as fh:
+        upload = http.post("/v1/files", files={"file": ("train.jsonl", fh)}, data={"purpose": "train"})
+    assert upload.status_code == 201 and upload.json()["rows"] == 40
+
+    created = http.post("/v1/runs", json=spec(tiny_model_dir, upload.json()["id"]))
+    assert created.status_code == 201, created.text
+    run = wait_for(http, created.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert run["status"] == "succeeded", run["error"]
+    assert run["step"] == run["total_steps"] == 8
+
+    metrics = http.get(f"/v1/runs/{run['id']}/metrics").json()["metrics"]
+    for name in STANDARD_METRICS:
+        assert [s for s, _ in metrics[name]] == list(range(1, 9)), name
+    samples = http.get(f"/v1/runs/{run['id']}/samples", params={"step": 8}).json()
+    assert len(samples["data"]) == 16 and {s["group_index"] for s in samples["data"]} == {0, 1, 2, 3}
+
+    ckpts = http.get(f"/v1/runs/{run['id']}/checkpoints").json()["data"]
+    assert [c["step"] for c in ckpts] == [4, 8]
+    archive = tmp_path / "ckpt.tar.gz"
+    with http.stream("GET", f"/v1/runs/{run['id']}/checkpoints/{ckpts[-1]['id']}/download") as resp:
+        assert resp.status_code == 200
+        archive.write_bytes(resp.read())
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "ckpt", filter="data")
+    loaded = tmp_path / "ckpt" / ckpts[-1]["id"]
+    model = AutoModelForCausalLM.from_pretrained(loaded)
+    tokenizer = AutoTokenizer.from_pretrained(loaded)
+    ids = tokenizer("abc=", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == 4 + 3
+
+
+def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_path):
+    key = cli(embedded.settings, "api-key", "create", "--project", "faults")
+    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=30)
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
+    with data.open("rb") as fh:
+        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+
+    bad = http.post("/v1/runs", json=spec(tmp_path / "missing-model", file_id)).json()
+    failed = wait_for(http, bad["id"], {"succeeded", "failed"})
+    assert failed["status"] == "failed" and "does not exist" in failed["error"]
+    events = http.get(f"/v1/runs/{bad['id']}/events").json()["data"]
+    assert events[-1]["type"] == "run.failed" and "missing-model" in events[-1]["message"]
+
+
+def test_cancel_a_running_run(embedded, tiny_model_dir, tmp_path):
+    key = cli(embedded.settings, "api-key", "create", "--project", "cancel")
+    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=30)
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
+    with data.open("rb") as fh:
+        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+    long = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=100000)).json()
+    deadline = time.monotonic() + 120
+    while http.get(f"/v1/runs/{long['id']}").json()["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert http.post(f"/v1/runs/{long['id']}/cancel").status_code == 200
+    run = wait_for(http, long["id"], {"cancelled", "failed", "succeeded"}, timeout=60)
+    assert run["status"] == "cancelled" and 2 <= run["step"] < 100000
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make services` (or .ci/ensure-services)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    import redis
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_redis_broker(redis_url, tiny_model_dir, tmp_path):
+    settings = make_settings(tmp_path / "gvpo", broker_url=redis_url)
+    cli(settings, "db", "upgrade")
+    key = cli(settings, "api-key", "create", "--project", "redis")
+    with Stack(settings, log_dir=tmp_path / "logs") as stack:
+        http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=30)
+        data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
+        with data.open("rb") as fh:
+            file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+        run = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=3)).json()
+        assert wait_for(http, run["id"], {"succeeded", "failed"})["status"] == "succeeded"
+        assert http.get("/readyz").json()["checks"]["broker"] == "ok"
+
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_gvpo_up_stops_cleanly_on_ctrl_c(tmp_path):
+    settings = make_settings(tmp_path / "up-stack")
+    env = stack_env(settings)
+    up = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{settings.api_port}/readyz"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert up.poll() is None and time.monotonic() < deadline, up.stdout.read()
+        time.sleep(0.2)
+    marker = f"GVPO_DATA_DIR={settings.resolved_data_dir}"
+    assert len(_processes_with(marker)) >= 3  # gvpo up, the API, the worker (and its child)
+    up.send_signal(signal.SIGINT)
+    assert up.wait(timeout=30) == 0
+    time.sleep(0.5)
+    assert _processes_with(marker) == []
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, timeout=1)
+
+
+def test_cli_client_commands(embedded, tiny_model_dir, tmp_path):
+    import json
+
+    import yaml
+
+    settings = embedded.settings
+    key = cli(settings, "api-key", "create", "--project", "cli")
+    client = settings.model_copy(update={"api_key": key})
+    env_cli = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "service.cli", *a], capture_output=True, text=True, timeout=300,
+        env={**stack_env(client), "GVPO_API_KEY": key, "GVPO_API_URL": embedded.url})
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
+    uploaded = env_cli("files", "upload", str(data))
+    assert uploaded.returncode == 0, uploaded.stderr
+    file_id = json.loads(uploaded.stdout)["id"]
+    spec_path = tmp_path / "run.yaml"
+    spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, file_id, steps=3)))
+    submitted = env_cli("submit", str(spec_path), "--wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_id = json.JSONDecoder().raw_decode(submitted.stdout)[0]["id"]  # progress follows the JSON
+    listed = env_cli("runs", "list")
+    assert run_id in listed.stdout and "succeeded" in listed.stdout
+    bad = env_cli("runs", "show", "run_does_not_exist")
+    assert bad.returncode == 2 and "404 not_found" in bad.stderr

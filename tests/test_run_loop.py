@@ -1,0 +1,163 @@
+"""The run loop in-process (no Celery): records, checkpoints, failures, cancel, leases."""
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import copy_rows
+from sqlalchemy import func, select
+
+from service.auth.service import create_api_key
+from service.db import session_scope
+from service.files.service import create_file
+from service.models import Checkpoint, Metric, Run, RunEvent, Sample
+from service.runs.service import cancel_run, create_run, get_run
+from service.runs.spec import RunSpec
+from workers.records import RunRecorder
+from workers.run_loop import execute_run
+
+STANDARD_METRICS = {
+    "reward/mean", "reward/std", "loss", "kl/ref", "logratio/mean", "entropy",
+    "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
+    "time/learn_s", "throughput/tokens_per_s", "groups/zero_variance_frac",
+}
+
+
+def submit(settings, model_path, **overrides) -> str:
+    data = "".join(json.dumps(r) + "\n" for r in copy_rows(32)).encode()
+    spec = {
+        "model": {"path": str(model_path)},
+        "reward": {"type": "builtin", "name": "char_accuracy"},
+        "algorithm": {"group_size": 4, "beta": 0.05, "reference": "initial"},
+        "sampling": {"max_new_tokens": 5},
+        "optimizer": {"lr": 1e-3},
+        "training": {"steps": 6, "prompts_per_step": 2, "mini_batches": 2},
+        "checkpoint": {"every_steps": 3, "keep_last": 1},
+    }
+    for section, values in overrides.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    with session_scope(settings.resolved_database_url) as session:
+        project, _ = create_api_key(session, "loop")
+        file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")
+        spec["dataset"] = {"train_file": file.id}
+        run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
+        return run.id
+
+
+def run_row(settings, run_id) -> Run:
+    with session_scope(settings.resolved_database_url) as session:
+        return session.get(Run, run_id)
+
+
+def events(settings, run_id) -> list[RunEvent]:
+    with session_scope(settings.resolved_database_url) as session:
+        stmt = select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id)
+        return list(session.scalars(stmt))
+
+
+def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    run_id = submit(settings, tiny_model_dir)
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+
+    run = run_row(settings, run_id)
+    assert (run.status, run.step, run.lease_owner) == ("succeeded", 6, None)
+    assert run.samples_generated == 6 * 2 * 4 and run.tokens_generated > 0
+    with session_scope(settings.resolved_database_url) as session:
+        for name in STANDARD_METRICS:
+            steps = session.scalars(select(Metric.step).where(
+                Metric.run_id == run_id, Metric.name == name).order_by(Metric.step)).all()
+            assert steps == [1, 2, 3, 4, 5, 6], name
+        assert session.scalar(select(func.count()).select_from(Sample)) == 48
+        ckpts = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()
+    assert [c.step for c in ckpts] == [6]  # keep_last=1 pruned step 3, files included
+    ckpt_dir = Path(ckpts[0].path)
+    assert not (ckpt_dir.parent / "step_000003").exists()
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data_cursor"]["position"] > 0
+    assert (ckpt_dir / "optimizer.pt").is_file() and (ckpt_dir / "model.safetensors").is_file()
+
+    trained = AutoModelForCausalLM.from_pretrained(ckpt_dir)
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = [not torch.equal(a, b) for a, b in
+               zip(trained.state_dict().values(), initial.state_dict().values(), strict=True)]
+    assert any(changed)
+    types = [e.type for e in events(settings, run_id)]
+    assert types[:3] == ["run.queued", "run.started", "run.model_loaded"]
+    assert types.count("checkpoint.saved") == 2 and types[-1] == "run.succeeded"
+
+
+def test_missing_model_path_fails_with_an_event(settings, tmp_path):
+    missing = tmp_path / "no-such-model"
+    run_id = submit(settings, missing)
+    assert execute_run(settings, run_id, "worker-a") == "failed"
+    run = run_row(settings, run_id)
+    assert run.status == "failed" and run.finished_at is not None
+    assert str(missing) in run.error and "does not exist" in run.error
+    last = events(settings, run_id)[-1]
+    assert (last.type, last.level) == ("run.failed", "error")
+    assert str(missing) in last.message
+
+
+def test_cancel_is_honoured_between_steps(settings, tiny_model_dir):
+    run_id = submit(settings, tiny_model_dir, training={"steps": 500})
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        status=execute_run(settings, run_id, "worker-a")))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while run_row(settings, run_id).step < 2:
+        assert time.monotonic() < deadline, "run made no progress"
+        time.sleep(0.05)
+    with session_scope(settings.resolved_database_url) as session:
+        project_id = session.get(Run, run_id).project_id
+        from service.models import Project
+
+        cancel_run(session, session.get(Project, project_id), run_id)
+    worker.join(timeout=60)
+    run = run_row(settings, run_id)
+    assert outcome["status"] == "cancelled" and run.status == "cancelled"
+    assert 2 <= run.step < 500
+    types = [e.type for e in events(settings, run_id)]
+    assert "run.cancel_requested" in types and types[-1] == "run.cancelled"
+
+
+def test_duplicate_delivery_exits_while_a_live_lease_exists(settings, tiny_model_dir):
+    run_id = submit(settings, tiny_model_dir)
+    claim, _ = RunRecorder(settings, run_id, "worker-a").claim()
+    assert claim is not None
+    outcome = execute_run(settings, run_id, "worker-b")
+    assert outcome.startswith("skipped: run is leased by worker-a")
+    run = run_row(settings, run_id)
+    assert (run.status, run.lease_owner, run.step) == ("running", "worker-a", 0)
+
+
+def test_finished_run_is_not_run_again(settings, tiny_model_dir):
+    run_id = submit(settings, tiny_model_dir, training={"steps": 1})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    assert execute_run(settings, run_id, "worker-b") == "skipped: run is already succeeded"
+
+
+def test_replayed_step_overwrites_instead_of_duplicating(settings, tiny_model_dir):
+    run_id = submit(settings, tiny_model_dir)
+    recorder = RunRecorder(settings, run_id, "worker-a")
+    sample = {"group_index": 0, "sample_index": 0, "prompt": "abc=", "completion": "ab",
+              "answer": "abc", "reward": 0.5}
+    recorder.record_step(1, {"loss": 1.0}, [sample], tokens=3)
+    recorder.record_step(1, {"loss": 2.0}, [{**sample, "reward": 0.9}], tokens=3)
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.scalars(select(Metric.value).where(Metric.run_id == run_id)).all() == [2.0]
+        assert session.scalars(select(Sample.reward).where(Sample.run_id == run_id)).all() == [0.9]
+        assert session.get(Run, run_id).tokens_generated == 3
+
+
+@pytest.mark.parametrize("engine", ["vllm"])
+def test_unavailable_engine_fails_clearly(settings, tiny_model_dir, engine):
+    run_id = submit(settings, tiny_model_dir, rollout={"engine": engine})
+    assert execute_run(settings, run_id, "worker-a") == "failed"
+    assert "rollout.engine 'vllm'" in run_row(settings, run_id).error
