@@ -22,10 +22,20 @@ def error_body(code: str, message: str, details: dict | None = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
-def _field_name(loc: tuple) -> str:
-    # ("body", "algorithm", "beta") -> "algorithm.beta"; query/path params keep their name.
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path") else loc
-    return ".".join(str(p) for p in parts) or "body"
+def _field_name(loc: tuple, body: object) -> str:
+    """("body", "algorithm", "beta") -> "algorithm.beta", as the client wrote it.
+
+    Tagged unions (reward: {type: builtin, ...}) put the tag into pydantic's location; it is
+    dropped so the name matches a key path in the submitted JSON.
+    """
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    named, node = [], body if loc and loc[0] == "body" else None
+    for part in parts:
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
+        named.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(named) or "body"
 
 
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -34,15 +44,19 @@ async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    fields = [{"field": _field_name(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+    fields = [{"field": _field_name(tuple(e["loc"]), exc.body), "message": e["msg"]}
+              for e in exc.errors()]
     listed = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
     body = error_body("invalid_request", f"invalid request: {listed}", {"fields": fields})
     return JSONResponse(body, status_code=422)
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+    message = str(exc.detail)
+    if code != "http_error":  # routing errors: say which route was asked for
+        message = f"{message}: no route {request.method} {request.url.path}"
+    return JSONResponse(error_body(code, message), status_code=exc.status_code)
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:

@@ -8,7 +8,7 @@ does not run yet are refused with a message saying so, never accepted and ignore
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from workers.rewards.builtin import get_reward
 
@@ -111,14 +111,16 @@ class TrainingSpec(_Strict):
     )
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _enough_prompts(self) -> "TrainingSpec":
-        if self.mini_batches > self.prompts_per_step:
+    @field_validator("mini_batches")
+    @classmethod
+    def _enough_prompts(cls, v: int, info: ValidationInfo) -> int:
+        prompts = info.data.get("prompts_per_step")
+        if prompts is not None and v > prompts:
             raise ValueError(
-                f"mini_batches ({self.mini_batches}) cannot exceed prompts_per_step "
-                f"({self.prompts_per_step}): every mini-batch needs at least one whole group"
+                f"mini_batches ({v}) cannot exceed prompts_per_step ({prompts}): "
+                "every mini-batch needs at least one whole group"
             )
-        return self
+        return v
 
 
 class BuiltinReward(_Strict):

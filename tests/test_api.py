@@ -1,0 +1,322 @@
+"""The public REST API through a TestClient: auth, files, run creation and validation,
+idempotency, project isolation, listing, cancel, read endpoints and health.
+
+No worker runs here, so runs stay queued; the real filesystem broker shows what was enqueued.
+"""
+
+import copy
+import json
+
+import pytest
+from helpers import assert_error, auth, broker_run_ids, copy_rows
+
+DROP = object()  # in spec() overrides: remove this key
+
+BASE_SPEC = {
+    "name": "api-test",
+    "model": {"path": "/models/tiny"},
+    "reward": {"type": "builtin", "name": "exact_match"},
+    "algorithm": {"group_size": 4, "beta": 0.1},
+    "training": {"steps": 3, "prompts_per_step": 4, "mini_batches": 2},
+}
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if value is DROP:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def spec(train_file: str, **overrides) -> dict:
+    """A valid run spec over train_file; overrides merge into sections (DROP removes a key)."""
+    return _merge({**BASE_SPEC, "dataset": {"train_file": train_file}}, overrides)
+
+
+def jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def upload(api, key: str, rows: list | None = None, *, content: bytes | None = None,
+           purpose: str = "train", filename: str = "train.jsonl"):
+    data = content if content is not None else jsonl(rows if rows is not None else copy_rows(8))
+    return api.post("/v1/files", headers=auth(key), files={"file": (filename, data)},
+                    data={"purpose": purpose})
+
+
+def new_file(api, key: str, rows: list | None = None) -> str:
+    resp = upload(api, key, rows)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
+
+
+def new_run(api, key: str, train_file: str, headers: dict | None = None, **overrides) -> dict:
+    resp = api.post("/v1/runs", headers={**auth(key), **(headers or {})},
+                    json=spec(train_file, **overrides))
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def run_ids(api, key: str, **params) -> list[str]:
+    resp = api.get("/v1/runs", headers=auth(key), params=params)
+    assert resp.status_code == 200, resp.text
+    return [r["id"] for r in resp.json()["data"]]
+
+
+# ---------------------------------------------------------------- auth
+
+
+@pytest.mark.parametrize("headers, needle", [
+    ({}, "missing API key"),
+    ({"Authorization": "Bearer gvpo_sk_not-a-real-key"}, "invalid API key"),
+    ({"Authorization": "Token x"}, "malformed Authorization header"),
+    ({"Authorization": "Bearer "}, "malformed Authorization header"),
+])
+def test_requests_without_a_valid_key_are_401(api, make_key, headers, needle):
+    make_key("team-a")
+    for method, path in [("GET", "/v1/runs"), ("GET", "/v1/files"), ("POST", "/v1/runs"),
+                         ("GET", "/v1/runs/run_x"), ("POST", "/v1/runs/run_x/cancel")]:
+        resp = api.request(method, path, headers=headers, json={})
+        assert_error(resp, 401, "unauthorized", needle)
+    ok = api.get("/v1/runs", headers=auth(make_key("team-a")))
+    assert ok.status_code == 200 and ok.json()["data"] == []
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_upload_lists_and_shows_a_jsonl_file(api, make_key):
+    key = make_key()
+    rows = [{"prompt": "a=", "answer": "a", "meta": {"x": 1}}, {"prompt": "b=", "answer": "b"}]
+    content = b"\n" + jsonl(rows[:1]) + b"  \n\n" + jsonl(rows[1:])  # blank lines are skipped
+    resp = upload(api, key, content=content, purpose="eval", filename="mine.jsonl")
+    assert resp.status_code == 201, resp.text
+    file = resp.json()
+    assert file["id"].startswith("file_") and file["object"] == "file"
+    assert (file["filename"], file["purpose"], file["rows"], file["bytes"]) == (
+        "mine.jsonl", "eval", 2, len(content))
+    assert file["fields"] == ["answer", "prompt"]  # scalar fields present in every row
+
+    shown = api.get(f"/v1/files/{file['id']}", headers=auth(key))
+    assert shown.status_code == 200 and shown.json() == file
+    listed = api.get("/v1/files", headers=auth(key)).json()
+    assert listed["object"] == "list" and listed["data"] == [file]
+
+
+@pytest.mark.parametrize("content, purpose, needles, line", [
+    (b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": \n', "train", ["line 3", "not valid JSON"], 3),
+    (b'{"prompt": "a"}\n["prompt", "b"]\n', "train", ["line 2", "JSON object", "list"], 2),
+    (b'{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n', "train", ["line 2", "UTF-8"], 2),
+    (b"", "train", ["no rows"], None),
+    (b"\n  \n", "train", ["no rows"], None),
+    (jsonl(copy_rows(2)), "finetune", ["purpose", "'finetune'"], None),
+])
+def test_bad_upload_is_400_and_leaves_nothing_behind(api, make_key, settings,
+                                                     content, purpose, needles, line):
+    key = make_key()
+    error = assert_error(upload(api, key, content=content, purpose=purpose), 400, "bad_request",
+                         *needles)
+    if line is not None:
+        assert error["details"]["line"] == line
+    assert list(settings.files_dir.glob("*")) == []
+    assert api.get("/v1/files", headers=auth(key)).json()["data"] == []
+
+
+# ---------------------------------------------------------------- run creation
+
+
+@pytest.mark.parametrize("overrides, fields", [
+    ({"algorithm": {"group_size": 1}}, ["algorithm.group_size"]),
+    ({"algorithm": {"beta": 0}}, ["algorithm.beta"]),
+    ({"algorithm": {"beta": -0.5}}, ["algorithm.beta"]),
+    ({"algorithm": {"group_size": 1, "beta": 0}}, ["algorithm.beta", "algorithm.group_size"]),
+    ({"learning_rate": 1e-5}, ["learning_rate"]),
+    ({"reward": DROP}, ["reward"]),
+    ({"model": {"path": DROP}}, ["model.path"]),
+    ({"reward": {"name": "no_such_reward"}}, ["reward.name"]),
+    ({"training": {"mini_batches": 5, "prompts_per_step": 4}}, ["training.mini_batches"]),
+    ({"dataset": {"train_file": "file_doesnotexist"}}, ["dataset.train_file"]),
+    ({"dataset": {"prompt_field": "question"}}, ["dataset.prompt_field"]),
+], ids=["group_size", "beta_zero", "beta_negative", "both", "unknown_field", "no_reward",
+        "no_model_path", "unknown_reward", "mini_batches", "missing_file", "prompt_field"])
+def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, overrides, fields):
+    key = make_key()
+    body = spec(new_file(api, key), **overrides)
+    error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
+                         422, "invalid_request", *fields)
+    assert sorted(f["field"] for f in error["details"]["fields"]) == fields
+    assert all(f["message"] for f in error["details"]["fields"])
+    assert run_ids(api, key) == [] and broker_run_ids(settings) == []
+
+
+def test_train_file_of_another_project_is_422_without_leaking_it(api, make_key, settings):
+    other, key = make_key("team-b"), make_key("team-a")
+    foreign = new_file(api, other, [{"prompt": "p", "answer": "a", "secret_col": "s"}])
+    resp = api.post("/v1/runs", headers=auth(key), json=spec(foreign))
+    error = assert_error(resp, 422, "invalid_request", "dataset.train_file")
+    assert [f["field"] for f in error["details"]["fields"]] == ["dataset.train_file"]
+    assert "secret_col" not in resp.text and "team-b" not in resp.text
+    assert run_ids(api, key) == [] and run_ids(api, other) == []
+    assert broker_run_ids(settings) == []
+
+
+def test_valid_run_is_queued_and_enqueued_once(api, make_key, settings):
+    key = make_key()
+    file_id = new_file(api, key)
+    run = new_run(api, key, file_id)
+    assert run["status"] == "queued" and run["id"].startswith("run_")
+    assert run["webhook_secret"].startswith("whsec_")
+    assert (run["step"], run["total_steps"], run["finished_at"]) == (0, 3, None)
+    assert run["spec"]["dataset"]["train_file"] == file_id
+    assert run["spec"]["algorithm"]["reference"] == "sampling"  # defaults are filled in
+
+    shown = api.get(f"/v1/runs/{run['id']}", headers=auth(key))
+    assert shown.status_code == 200
+    assert "webhook_secret" not in shown.json() and run["webhook_secret"] not in shown.text
+    assert shown.json() == {k: v for k, v in run.items() if k != "webhook_secret"}
+    assert broker_run_ids(settings) == [run["id"]]
+    events = api.get(f"/v1/runs/{run['id']}/events", headers=auth(key)).json()["data"]
+    assert [e["type"] for e in events] == ["run.queued"]
+
+
+def test_idempotency_key_replays_and_conflicts(api, make_key, settings):
+    key, other = make_key("team-a"), make_key("team-b")
+    file_id = new_file(api, key)
+    headers = {**auth(key), "Idempotency-Key": "req-1"}
+    first = api.post("/v1/runs", headers=headers, json=spec(file_id))
+    again = api.post("/v1/runs", headers=headers, json=spec(file_id))
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+    assert broker_run_ids(settings) == [first.json()["id"]]
+
+    changed = api.post("/v1/runs", headers=headers, json=spec(file_id, name="changed"))
+    error = assert_error(changed, 409, "conflict", "Idempotency-Key", "req-1",
+                         "different request body")
+    assert error["details"]["run_id"] == first.json()["id"]
+    assert run_ids(api, key) == [first.json()["id"]]
+    assert broker_run_ids(settings) == [first.json()["id"]]
+
+    theirs = new_run(api, other, new_file(api, other), headers={"Idempotency-Key": "req-1"})
+    assert theirs["id"] != first.json()["id"]
+    assert run_ids(api, other) == [theirs["id"]]
+    assert sorted(broker_run_ids(settings)) == sorted([first.json()["id"], theirs["id"]])
+
+
+# ---------------------------------------------------------------- isolation
+
+
+def test_projects_see_only_their_own_runs_and_files(api, make_key):
+    mine, theirs = make_key("team-a"), make_key("team-b")
+    my_file, their_file = new_file(api, mine), new_file(api, theirs)
+    my_run, their_run = new_run(api, mine, my_file), new_run(api, theirs, their_file)
+    rid = their_run["id"]
+    for method, path in [("GET", ""), ("POST", "/cancel"), ("GET", "/events"),
+                         ("GET", "/metrics"), ("GET", "/samples"), ("GET", "/checkpoints"),
+                         ("GET", "/checkpoints/ckpt_x/download")]:
+        resp = api.request(method, f"/v1/runs/{rid}{path}", headers=auth(mine))
+        assert_error(resp, 404, "not_found", rid)
+    assert_error(api.get(f"/v1/files/{their_file}", headers=auth(mine)), 404, "not_found",
+                 their_file)
+
+    assert run_ids(api, mine) == [my_run["id"]] and run_ids(api, theirs) == [rid]
+    assert [f["id"] for f in api.get("/v1/files", headers=auth(mine)).json()["data"]] == [my_file]
+    still = api.get(f"/v1/runs/{rid}", headers=auth(theirs)).json()
+    assert still["status"] == "queued"  # the refused cancel changed nothing
+
+
+# ---------------------------------------------------------------- listing
+
+
+def test_list_runs_pages_newest_first(api, make_key):
+    key = make_key()
+    file_id = new_file(api, key)
+    created = [new_run(api, key, file_id, name=f"run-{i}")["id"] for i in range(5)]
+
+    seen, pages, cursor = [], [], None
+    while True:
+        params = {"limit": 2, **({"after": cursor} if cursor else {})}
+        page = api.get("/v1/runs", headers=auth(key), params=params).json()
+        pages.append(len(page["data"]))
+        seen += [r["id"] for r in page["data"]]
+        if not page["has_more"]:
+            assert page["next_cursor"] is None
+            break
+        cursor = page["next_cursor"]
+        assert cursor == seen[-1]
+    assert pages == [2, 2, 1]
+    assert seen == created[::-1]
+
+    assert api.post(f"/v1/runs/{created[0]}/cancel", headers=auth(key)).status_code == 200
+    assert run_ids(api, key, status="queued") == created[:0:-1]
+    assert run_ids(api, key, status="cancelled") == [created[0]]
+    assert run_ids(api, key, status="running") == []
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"status": "bogus"}, "status"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
+])
+def test_list_runs_rejects_bad_query(api, make_key, params, field):
+    error = assert_error(api.get("/v1/runs", headers=auth(make_key()), params=params),
+                         422, "invalid_request", field)
+    assert [f["field"] for f in error["details"]["fields"]] == [field]
+
+
+# ---------------------------------------------------------------- cancel and read endpoints
+
+
+def test_cancel_queued_run_then_cancel_again_is_409(api, make_key):
+    key = make_key()
+    run = new_run(api, key, new_file(api, key))
+    resp = api.post(f"/v1/runs/{run['id']}/cancel", headers=auth(key))
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+
+    shown = api.get(f"/v1/runs/{run['id']}", headers=auth(key)).json()
+    assert shown["status"] == "cancelled" and shown["finished_at"] is not None
+    events = api.get(f"/v1/runs/{run['id']}/events", headers=auth(key)).json()["data"]
+    assert [e["type"] for e in events] == ["run.queued", "run.cancelled"]
+
+    again = api.post(f"/v1/runs/{run['id']}/cancel", headers=auth(key))
+    assert_error(again, 409, "conflict", run["id"], "cancelled")
+    events = api.get(f"/v1/runs/{run['id']}/events", headers=auth(key)).json()["data"]
+    assert len(events) == 2
+
+
+def test_fresh_run_has_empty_metrics_samples_checkpoints(api, make_key):
+    key = make_key()
+    rid = new_run(api, key, new_file(api, key))["id"]
+    base = f"/v1/runs/{rid}"
+    get = lambda path, **params: api.get(base + path, headers=auth(key), params=params)  # noqa: E731
+
+    assert get("/metrics").json() == {"run_id": rid, "metrics": {}}
+    assert get("/metrics", names="loss,reward/mean", since_step=1).json()["metrics"] == {}
+    assert get("/samples").json() == {"object": "list", "step": None, "data": []}
+    assert get("/samples", step=3).json()["data"] == []
+    assert get("/checkpoints").json() == {"object": "list", "data": []}
+    assert_error(get("/checkpoints/ckpt_nope/download"), 404, "not_found", "ckpt_nope")
+
+    events = get("/events").json()
+    assert [e["type"] for e in events["data"]] == ["run.queued"] and not events["has_more"]
+    first = events["data"][0]["id"]
+    assert get("/events", after=first).json() == {"object": "list", "data": [], "has_more": False}
+    assert [e["id"] for e in get("/events", after=first - 1).json()["data"]] == [first]
+    assert_error(get("/events", after=-1), 422, "invalid_request", "after")
+
+
+# ---------------------------------------------------------------- health and meta
+
+
+def test_openapi_health_and_unknown_paths(api):
+    paths = api.get("/openapi.json").json()["paths"]
+    assert {"/v1/runs", "/v1/files", "/v1/runs/{run_id}", "/v1/files/{file_id}"} <= set(paths)
+
+    assert api.get("/healthz").json() == {"status": "ok"}
+    ready = api.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "checks": {"database": "ok", "broker": "ok"}}
+
+    assert_error(api.get("/v1/no-such-thing"), 404, "not_found", "/v1/no-such-thing")
