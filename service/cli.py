@@ -1,6 +1,7 @@
 """The `gvpo` command: admin (db, keys), the embedded stack, the demo, and an API client."""
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -49,13 +50,21 @@ def demo(steps: int | None, port: int | None) -> None:
     sys.exit(run_demo(_settings(), steps=steps, port=port))
 
 
+def _raise_interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 @main.command()
 def up() -> None:
-    """Run the embedded stack (API + worker, SQLite, file broker) until Ctrl-C."""
+    """Run the embedded stack (API + worker, SQLite, file broker) until Ctrl-C or SIGTERM."""
     from service.stack import Stack
 
     settings = _settings()
     _prepare_db(settings)
+    # Also when started in the background (where SIGINT is inherited as ignored) or by a
+    # supervisor that sends SIGTERM: both stop the children before exiting.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupt)
     stack = Stack(settings)
     try:
         stack.start()
@@ -64,6 +73,7 @@ def up() -> None:
         while all(p.poll() is None for p in stack.procs.values()):
             time.sleep(0.5)
         click.echo("a child process exited; stopping", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("\nstopping…", err=True)
     finally:
