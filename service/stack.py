@@ -65,9 +65,13 @@ class Stack:
         )
 
     def start(self, ready_timeout: float = 60.0) -> "Stack":
-        self._spawn("api", ["api"])
-        self._spawn("worker", ["worker"])
-        self.wait_ready(ready_timeout)
+        try:
+            self._spawn("api", ["api"])
+            self._spawn("worker", ["worker"])
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop(grace=2)  # never leave half a stack running
+            raise
         return self
 
     def wait_ready(self, timeout: float) -> None:

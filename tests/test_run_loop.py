@@ -129,12 +129,29 @@ def test_cancel_is_honoured_between_steps(settings, tiny_model_dir):
 
 def test_duplicate_delivery_exits_while_a_live_lease_exists(settings, tiny_model_dir):
     run_id = submit(settings, tiny_model_dir)
-    claim, _ = RunRecorder(settings, run_id, "worker-a").claim()
-    assert claim is not None
+    spec, _ = RunRecorder(settings, run_id, "worker-a").claim()
+    assert spec is not None
     outcome = execute_run(settings, run_id, "worker-b")
     assert outcome.startswith("skipped: run is leased by worker-a")
     run = run_row(settings, run_id)
     assert (run.status, run.lease_owner, run.step) == ("running", "worker-a", 0)
+
+
+def test_racing_deliveries_have_exactly_one_winner(settings, tiny_model_dir):
+    run_id = submit(settings, tiny_model_dir)
+    barrier, wins = threading.Barrier(4), []
+
+    def deliver(i: int) -> None:
+        barrier.wait()
+        wins.append(RunRecorder(settings, run_id, f"worker-{i}").claim()[0] is not None)
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(wins) == [False, False, False, True]
+    assert run_row(settings, run_id).attempts == 1
 
 
 def test_finished_run_is_not_run_again(settings, tiny_model_dir):

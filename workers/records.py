@@ -5,12 +5,11 @@ are upserts keyed by (run, step), so a replayed step overwrites rather than dupl
 """
 
 import shutil
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -36,13 +35,6 @@ def upsert(session: Session, model, rows: list[dict], keys: list[str], columns: 
     session.execute(stmt)
 
 
-@dataclass
-class Claim:
-    spec: dict[str, Any]
-    project_id: str
-    attempt: int
-
-
 class RunRecorder:
     def __init__(self, settings: Settings, run_id: str, worker_id: str) -> None:
         self.settings, self.run_id, self.worker_id = settings, run_id, worker_id
@@ -51,23 +43,34 @@ class RunRecorder:
     def _lease_until(self):
         return utcnow() + timedelta(seconds=self.settings.lease_seconds)
 
-    def claim(self) -> tuple[Claim | None, str]:
-        """Take the run's lease; (None, why) if it is finished or another live worker owns it."""
+    def claim(self) -> tuple[dict[str, Any] | None, str]:
+        """Take the run's lease and return its spec; (None, why) if the run is finished or
+        another live worker owns it.
+
+        One conditional UPDATE (compare-and-set), so two deliveries racing for the same run
+        cannot both win, on SQLite as on PostgreSQL.
+        """
+        now = utcnow()
         with session_scope(self.url) as session:
-            run = session.get(Run, self.run_id, with_for_update=True)
-            if run is None:
-                return None, "no such run"
-            if run.status in TERMINAL:
-                return None, f"run is already {run.status}"
-            if run.lease_owner not in (None, self.worker_id) and run.lease_expires_at > utcnow():
+            taken = session.execute(
+                update(Run)
+                .where(Run.id == self.run_id, Run.status.not_in(TERMINAL),
+                       or_(Run.lease_owner.is_(None), Run.lease_owner == self.worker_id,
+                           Run.lease_expires_at < now))
+                .values(status="running", lease_owner=self.worker_id,
+                        lease_expires_at=self._lease_until(),
+                        started_at=func.coalesce(Run.started_at, now), attempts=Run.attempts + 1)
+            ).rowcount == 1
+            run = session.get(Run, self.run_id)
+            if not taken:
+                if run is None:
+                    return None, "no such run"
+                if run.status in TERMINAL:
+                    return None, f"run is already {run.status}"
                 return None, f"run is leased by {run.lease_owner} until {run.lease_expires_at}"
-            run.status, run.lease_owner = "running", self.worker_id
-            run.lease_expires_at = self._lease_until()
-            run.started_at = run.started_at or utcnow()
-            run.attempts += 1
             add_event(session, run.id, "run.started", f"worker {self.worker_id} started the run",
                       data={"attempt": run.attempts})
-            return Claim(dict(run.spec), run.project_id, run.attempts), ""
+            return dict(run.spec), ""
 
     def renew_lease(self) -> bool:
         """Heartbeat; False when the lease was lost (another worker took the run)."""

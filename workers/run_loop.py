@@ -58,14 +58,14 @@ class Cancelled(Exception):
 def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
     """Run `run_id` if this worker can claim it; returns the final status or why it skipped."""
     recorder = RunRecorder(settings, run_id, worker_id)
-    claim, why = recorder.claim()
-    if claim is None:
+    spec, why = recorder.claim()
+    if spec is None:
         log.info("skipping run %s: %s", run_id, why)
         return f"skipped: {why}"
     heartbeat = Heartbeat(recorder, settings.heartbeat_seconds)
     heartbeat.start()
     try:
-        RunLoop(settings, recorder, RunSpec.model_validate(claim.spec), heartbeat).run()
+        RunLoop(settings, recorder, RunSpec.model_validate(spec), heartbeat).run()
         return "succeeded"
     except Cancelled:
         recorder.finish("cancelled", "run cancelled on request")

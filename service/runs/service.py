@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.db import after_commit
+from service.db import after_commit, session_scope
 from service.dispatch import enqueue_run
 from service.errors import Conflict, InvalidSpec, NotFound
 from service.files.service import get_file
@@ -90,8 +90,6 @@ def create_run(
 
 
 def _dispatch(settings: Settings, run_id: str, queue: str) -> None:
-    from service.db import session_scope
-
     if enqueue_run(settings, run_id, queue):
         with session_scope(settings.resolved_database_url) as session:
             run = session.get(Run, run_id)
