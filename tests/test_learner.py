@@ -253,6 +253,21 @@ def bias_logits(model, boosts: dict[int, float]):
     return model
 
 
+def visible_text(tokenizer, ids: list[int]) -> str:
+    """What the reward must see: every sampled token but the terminating EOS."""
+    return tokenizer.decode(ids[:-1] if ids and ids[-1] == EOS else ids, skip_special_tokens=False)
+
+
+def test_hf_engine_does_not_hide_special_tokens_from_rewards(model, tokenizer):
+    torch.manual_seed(0)
+    bias_logits(model, {tokenizer.bos_token_id: 4.0})
+    engine = HFRolloutEngine(model, tokenizer, CPU)
+    texts = [c.text for r in engine.generate(PROMPTS, n=4, sampling=SamplingSpec(max_new_tokens=4))
+             for c in r.completions]
+    # A policy that emits <s> must not get credit for text that decodes to nothing.
+    assert any("<s>" in t for t in texts), texts
+
+
 def test_hf_engine_generate(model, tokenizer):
     torch.manual_seed(0)
     bias_logits(model, {EOS: 3.0})
@@ -267,7 +282,7 @@ def test_hf_engine_generate(model, tokenizer):
             assert 1 <= len(c.token_ids) <= 5
             assert (c.finish_reason == "stop") == (c.token_ids[-1] == EOS)
             assert EOS not in c.token_ids[:-1]
-            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            assert c.text == visible_text(tokenizer, c.token_ids)
             reasons.add(c.finish_reason)
     assert reasons == {"stop", "length"}  # the seeded run exercises both branches
 
@@ -281,7 +296,7 @@ def test_hf_engine_stop_string_truncates(model, tokenizer):
     hits = 0
     for rollout in engine.generate(PROMPTS, n=3, sampling=sampling):
         for c in rollout.completions:
-            full = tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            full = visible_text(tokenizer, c.token_ids)
             assert "x" not in c.text
             if "x" in full:
                 hits += 1

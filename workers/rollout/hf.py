@@ -69,7 +69,11 @@ class HFRolloutEngine:
         return Completion(text=text, token_ids=ids, finish_reason=reason)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # Only the terminating EOS is dropped: any other special token the policy emits stays in
+        # the text the reward sees, so it cannot score well by hiding tokens that decode to "".
+        if ids and ids[-1] in self.eos_ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _stop_prefix(self, ids: list[int], stops: list[str]) -> int:
         """Length of the shortest prefix whose text contains a stop string (binary search)."""
