@@ -173,6 +173,26 @@ def test_replayed_step_overwrites_instead_of_duplicating(settings, tiny_model_di
         assert session.get(Run, run_id).tokens_generated == 3
 
 
+def test_large_steps_are_written_in_chunks(settings, tiny_model_dir):
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from service.db import get_engine
+
+    run_id = submit(settings, tiny_model_dir)
+    engine = get_engine(settings.resolved_database_url)  # this test's own database
+    engine.dispose()
+    # SQLite's stock limit on bound parameters (this machine's build allows more).
+    event.listen(engine, "connect", lambda conn, _: conn.setlimit(
+        sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766))
+    rows = [{"group_index": g, "sample_index": i, "prompt": "p", "completion": "c", "answer": "a",
+             "reward": 0.0} for g in range(64) for i in range(64)]  # 4096 rows x 9 columns
+    RunRecorder(settings, run_id, "worker-a").record_step(1, {"loss": 0.0}, rows, tokens=1)
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Sample)) == 4096
+
+
 @pytest.mark.parametrize("engine", ["vllm"])
 def test_unavailable_engine_fails_clearly(settings, tiny_model_dir, engine):
     run_id = submit(settings, tiny_model_dir, rollout={"engine": engine})

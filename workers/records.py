@@ -25,14 +25,16 @@ def _insert(session: Session, model):
     return (postgresql if dialect == "postgresql" else sqlite).insert(model)
 
 
+UPSERT_CHUNK = 500  # rows per statement: stays under SQLite's bound-parameter limit
+
+
 def upsert(session: Session, model, rows: list[dict], keys: list[str], columns: list[str]) -> None:
-    if not rows:
-        return
-    stmt = _insert(session, model).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in columns}
-    )
-    session.execute(stmt)
+    for start in range(0, len(rows), UPSERT_CHUNK):
+        stmt = _insert(session, model).values(rows[start : start + UPSERT_CHUNK])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in columns}
+        )
+        session.execute(stmt)
 
 
 class RunRecorder:
