@@ -187,6 +187,16 @@ def test_sampling_reference_is_the_pre_update_policy(model, tokenizer, tiny_mode
     assert abs(stats.kl_ref) < 1e-5
 
 
+def test_sampling_reference_holds_across_the_steps_mini_batches(model, tokenizer, tiny_model_dir):
+    """The second mini-batch is scored against the policy that sampled the step, not against
+    the policy after the first update: its KL term is non-zero."""
+    torch.manual_seed(0)
+    spec = make_spec(tiny_model_dir, algorithm={"reference": "sampling"}, training={"mini_batches": 2})
+    stats = Learner(model, spec, CPU, PAD).learn(make_batch(tokenizer), step=1)
+    assert stats.updates == 2
+    assert stats.kl_ref > 1e-6 and abs(stats.logratio_mean) > 1e-5
+
+
 def test_initial_reference_accumulates_kl(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
     spec = make_spec(tiny_model_dir, algorithm={"reference": "initial"}, training={"mini_batches": 1})

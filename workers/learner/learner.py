@@ -79,8 +79,12 @@ class Learner:
             keep = list(range(len(batch.prompt_ids)))
         n_mb = min(self.spec.training.mini_batches, len(keep)) if train else 1
         mini_batches = [mb.tolist() for mb in np.array_split(np.array(keep), n_mb)]
-        # Reference log-probs for every mini-batch before any update of this step.
-        refs = [self._token_logps(batch, mb, self.reference or self.model) for mb in mini_batches]
+        # Reference log-probs for every mini-batch before any update of this step. With the
+        # sampling reference nothing has moved yet at the first mini-batch, so its reference is
+        # the policy's own forward pass there (None) rather than a second pass.
+        refs = [None if i == 0 and self.reference is None
+                else self._token_logps(batch, mb, self.reference or self.model)
+                for i, mb in enumerate(mini_batches)]
         totals = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "logratio": 0.0, "entropy": 0.0}
         for mb, ref in zip(mini_batches, refs, strict=True):
             out = self._update(batch, mb, ref, train)
@@ -107,16 +111,21 @@ class Learner:
                 for mb in self._micro_batches(groups)]
 
     def _update(
-        self, batch: GroupBatch, groups: list[int], ref: list[torch.Tensor], train: bool,
+        self, batch: GroupBatch, groups: list[int], ref: list[torch.Tensor] | None, train: bool,
     ) -> dict:
-        """One optimizer update over `groups` (train=False: the same measurements, no update)."""
+        """One optimizer update over `groups` (train=False: the same measurements, no update).
+
+        ref: per-micro-batch reference token log-probs, or None for "the current policy's"."""
         self.optimizer.zero_grad(set_to_none=True)
         k = batch.rewards.shape[1]
         out = {"loss": 0.0, "kl": 0.0, "logratio": 0.0, "entropy": 0.0}
-        for mb, ref_tok in zip(self._micro_batches(groups), ref, strict=True):
+        micro = self._micro_batches(groups)
+        for mb, ref_tok in zip(micro, ref or [None] * len(micro), strict=True):
             weight = len(mb) / len(groups)  # loss is a mean over groups: exact when split by group
             with torch.set_grad_enabled(train):
                 lp = sequence_logprobs(self.model, self._sequences(batch, mb), with_entropy=True)
+            if ref_tok is None:
+                ref_tok = lp.token_logps.detach()
             policy = lp.summed.view(len(mb), k)  # (g, k)
             reference = (ref_tok * lp.mask).sum(dim=-1).view(len(mb), k)  # (g, k)
             rewards = batch.rewards[mb].to(self.device)  # (g, k)
