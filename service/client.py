@@ -8,7 +8,7 @@
 """
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +68,6 @@ class Client:
     def list_runs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> dict:
         params = {k: v for k, v in {"status": status, "limit": limit, "after": after}.items() if v}
         return self._request("GET", "/v1/runs", params=params)
-
-    def iter_runs(self, status: str | None = None) -> Iterator[dict]:
-        after = None
-        while True:
-            page = self.list_runs(status=status, limit=100, after=after)
-            yield from page["data"]
-            if not page["has_more"]:
-                return
-            after = page["next_cursor"]
 
     def cancel_run(self, run_id: str) -> dict:
         return self._request("POST", f"/v1/runs/{run_id}/cancel")

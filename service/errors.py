@@ -40,10 +40,6 @@ class InvalidSpec(ServiceError):
         super().__init__(f"invalid request: {listed}", {"fields": fields})
 
 
-class Unavailable(ServiceError):
-    pass
-
-
 # exception class -> (HTTP status, error code)
 ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     BadRequest: (400, "bad_request"),
@@ -52,7 +48,6 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
     Conflict: (409, "conflict"),
     PayloadTooLarge: (413, "payload_too_large"),
     InvalidSpec: (422, "invalid_request"),
-    Unavailable: (503, "unavailable"),
 }
 
 

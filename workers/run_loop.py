@@ -26,6 +26,7 @@ from workers.learner.learner import GroupBatch, Learner
 from workers.model_loading import RunError, load_policy, pick_device
 from workers.records import RunRecorder
 from workers.rewards.builtin import get_reward
+from workers.rollout.base import RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class RunLoop:
         self.device = pick_device(spec)
         self.model, self.tokenizer = load_policy(spec, self.device)
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
-        self.engine = HFRolloutEngine(self.model, self.tokenizer, self.device)
+        self.engine: RolloutEngine = HFRolloutEngine(self.model, self.tokenizer, self.device)
         self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id)
         self.reward_fn = get_reward(spec.reward.name)
         self.recorder.event("run.model_loaded", f"loaded {spec.model.path} on {self.device}",

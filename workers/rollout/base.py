@@ -25,7 +25,3 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
         """n completions for each prompt, in prompt order."""
         ...
-
-    def sync_weights(self) -> None:
-        """Make the next generate() use the learner's current weights."""
-        ...

@@ -1,7 +1,7 @@
 """Rollouts with transformers' generate(), sharing the learner's model object.
 
-Sharing the module means weight sync is free; the cost is that generation runs at training
-precision without paged attention, which is what the vLLM engine is for.
+Sharing the module means generate() always sees the learner's latest weights; the cost is that
+generation runs at training precision without paged attention, which is what vLLM is for.
 """
 
 import torch
@@ -17,9 +17,6 @@ class HFRolloutEngine:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.tokenizer.padding_side = "left"
         self.eos_ids = _eos_ids(model, tokenizer)
-
-    def sync_weights(self) -> None:
-        pass  # same module as the learner
 
     def generate(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
         per_batch = max(1, MAX_SEQUENCES_PER_BATCH // n)
