@@ -9,17 +9,11 @@ from pathlib import Path
 import click
 
 from service.config import Settings, get_settings
+from service.migrate import prepare
 
 
 def _settings() -> Settings:
     return get_settings()
-
-
-def _prepare_db(settings: Settings) -> None:
-    from service.migrate import upgrade
-
-    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.resolved_database_url)
 
 
 def _client():
@@ -60,7 +54,7 @@ def up() -> None:
     from service.stack import Stack
 
     settings = _settings()
-    _prepare_db(settings)
+    prepare(settings)
     # Also when started in the background (where SIGINT is inherited as ignored) or by a
     # supervisor that sends SIGTERM: both stop the children before exiting.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -120,7 +114,7 @@ def db_group() -> None:
 def db_upgrade() -> None:
     """Apply migrations up to the latest schema."""
     settings = _settings()
-    _prepare_db(settings)
+    prepare(settings)
     click.echo(f"database at head: {settings.resolved_database_url}")
 
 
@@ -137,7 +131,7 @@ def api_key_create(project: str) -> None:
     from service.db import session_scope
 
     settings = _settings()
-    _prepare_db(settings)
+    prepare(settings)
     with session_scope(settings.resolved_database_url) as session:
         proj, key = create_api_key(session, project)
     click.echo(f"project {proj.name} ({proj.id}); API key (shown once):", err=True)

@@ -60,11 +60,11 @@ def reward_curve(points: list[list[float]], rows: int = 20, width: int = 40) -> 
 
 def _prepare(settings: Settings, console: Console) -> tuple[Path, Path, str]:
     from service.auth.service import create_api_key
-    from service.cli import _prepare_db
     from service.db import session_scope
+    from service.migrate import prepare
     from workers.tiny_model import make_tiny_model
 
-    _prepare_db(settings)
+    prepare(settings)
     demo_dir = settings.resolved_data_dir / "demo"
     model_dir = demo_dir / "tiny-model"
     if not (model_dir / "config.json").exists():
