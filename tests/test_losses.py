@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from workers.learner.losses import LOSSES, get_loss, gvpo_loss, gvpo_weights, register_loss
+from workers.learner.losses import (
+    LOSSES,
+    LossInputs,
+    get_loss,
+    gvpo_group_losses,
+    gvpo_loss,
+    gvpo_weights,
+    register_loss,
+)
 
 N_ACTIONS = 6
 GROUP_SIZE = 4
@@ -97,19 +105,78 @@ def test_invalid_inputs_raise(policy_shape, reference_shape, beta, rewards_fill,
 # --- registry ------------------------------------------------------------------------------
 
 
-def test_get_loss_returns_registered_gvpo():
-    assert get_loss("gvpo") is gvpo_loss
+def test_registry_holds_gvpo_and_the_baselines():
+    assert set(LOSSES) == {"gvpo", "grpo", "dr_grpo"}
+    assert get_loss("gvpo").per_group is gvpo_group_losses
+    assert not get_loss("gvpo").needs_old_logps and get_loss("grpo").needs_old_logps
 
 
 def test_unknown_loss_lists_known_names():
-    with pytest.raises(ValueError, match=r"unknown loss 'nope'; known: .*gvpo"):
+    with pytest.raises(ValueError, match=r"unknown algorithm 'nope'; known: dr_grpo, grpo, gvpo"):
         get_loss("nope")
 
 
 def test_duplicate_registration_raises_and_keeps_original():
+    original = LOSSES["gvpo"]
     with pytest.raises(ValueError, match="already registered"):
-        register_loss("gvpo")(lambda *args, **kwargs: torch.zeros(()))
-    assert LOSSES["gvpo"] is gvpo_loss
+        register_loss("gvpo")(lambda inputs: torch.zeros(()))
+    assert LOSSES["gvpo"] is original
+
+
+# --- the GRPO baselines on a hand-computed batch ----------------------------------------------
+
+
+def _baseline_inputs(beta: float):
+    """One group, k=2. Completion 0: two tokens, ratio 1. Completion 1: one real token whose
+    ratio to the sampling policy is 1.5 (clipped at 1.2 for a positive advantage only), plus a
+    masked position; its reference log-prob is ln 2 above the policy's."""
+    policy = torch.tensor([[[-1.0, -2.0], [-0.5, -9.0]]], requires_grad=True)  # (1, 2, 2)
+    old = torch.tensor([[[-1.0, -2.0], [-0.5 - math.log(1.5), -9.0]]])
+    ref = torch.tensor([[[-1.0, -2.0], [-0.5 + math.log(2.0), -9.0]]])
+    mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    return LossInputs(policy_token_logps=policy, old_token_logps=old, ref_token_logps=ref,
+                      mask=mask, rewards=torch.tensor([[1.0, 0.0]]), beta=beta, clip_eps=0.2,
+                      max_new_tokens=4)
+
+
+K3_LN2 = 2.0 - math.log(2.0) - 1.0  # k3 KL at log(pi_ref/pi) = ln 2
+
+
+def test_grpo_hand_computed():
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)  # std-normalised advantages are +a and -a
+    # completion 0: ratio 1, token losses -a, mean over its 2 tokens = -a
+    # completion 1: advantage -a, ratio 1.5: -min(1.5*(-a), 1.2*(-a)) = 1.5a (not clipped)
+    expected = (-a + 1.5 * a) / 2
+    got = get_loss("grpo").per_group(_baseline_inputs(beta=0.0))
+    torch.testing.assert_close(got, torch.tensor([expected]))
+    with_kl = (-a + 1.5 * a + 0.1 * K3_LN2) / 2
+    got = get_loss("grpo").per_group(_baseline_inputs(beta=0.1))
+    torch.testing.assert_close(got, torch.tensor([with_kl]))
+
+
+def test_dr_grpo_hand_computed():
+    # advantages ±0.5 (no std); token sums divided by max_new_tokens = 4
+    # completion 0: 2 tokens * -0.5 = -1.0 -> -0.25; completion 1: -min(-0.75, -0.6) = 0.75 -> 0.1875
+    got = get_loss("dr_grpo").per_group(_baseline_inputs(beta=0.0))
+    torch.testing.assert_close(got, torch.tensor([(-0.25 + 0.1875) / 2]))
+
+
+def test_grpo_clips_a_positive_advantage():
+    x = _baseline_inputs(beta=0.0)
+    x.rewards = torch.tensor([[0.0, 1.0]])  # completion 1 now has advantage +a at ratio 1.5
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    # completion 0: ratio 1, advantage -a -> +a per token; completion 1: -min(1.5a, 1.2a) = -1.2a
+    torch.testing.assert_close(get_loss("grpo").per_group(x), torch.tensor([(a - 1.2 * a) / 2]))
+    get_loss("grpo").per_group(x).sum().backward()
+    assert x.policy_token_logps.grad[0, 1, 0] == 0  # clipped: no gradient through the ratio
+
+
+def test_gvpo_objective_matches_gvpo_loss():
+    x = _baseline_inputs(beta=0.1)
+    policy = (x.policy_token_logps * x.mask).sum(-1)
+    reference = (x.ref_token_logps * x.mask).sum(-1)
+    torch.testing.assert_close(get_loss("gvpo").per_group(x).mean(),
+                               gvpo_loss(policy, reference, x.rewards, 0.1))
 
 
 # --- convergence to pi* ∝ pi_ref * exp(R / beta) on a tabular softmax policy ---------------
@@ -166,3 +233,32 @@ def test_wrong_rewards_do_not_reach_optimum():
     wrong_rewards = rewards.flip(0)
     learned = _train(theta0, reference_logp, wrong_rewards, g, "uniform", steps=200, groups=16)
     assert _tv(learned, _optimal_policy(reference_logp, rewards)) > 0.1
+
+
+# --- the two reference modes: initial vs sampling ----------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["on_policy", "uniform"])
+def test_initial_reference_converges_to_optimum_of_the_starting_policy(sampler):
+    """reference="initial": pi_ref is the starting policy itself, so pi* ∝ pi_0 * exp(R/beta)."""
+    theta0, _, rewards, g = _tabular_problem()
+    start_logp = torch.log_softmax(theta0, dim=0)
+    target = _optimal_policy(start_logp, rewards)
+    assert _tv(torch.softmax(theta0, dim=0), target) > 0.05
+    learned = _train(theta0, start_logp, rewards, g, sampler)
+    assert _tv(learned, target) < 0.02
+
+
+def test_sampling_reference_takes_one_kl_step_per_rollout_batch():
+    """reference="sampling": each step's pi_ref is the policy that sampled it, so a step trained
+    to convergence (many mini-batches) lands on pi_old * exp(R/beta); after T steps the policy is
+    pi_0 * exp(T*R/beta) — mirror ascent on the reward, not a fixed KL anchor."""
+    theta0, _, rewards, g = _tabular_problem()
+    theta = theta0.clone()
+    for _ in range(3):
+        old_logp = torch.log_softmax(theta, dim=0)  # the sampling policy of this step
+        learned = _train(theta, old_logp, rewards, g, "uniform", steps=300)
+        theta = torch.log(learned)
+    target = _optimal_policy(torch.log_softmax(theta0, dim=0), rewards, beta=BETA / 3)
+    assert _tv(torch.softmax(theta0, dim=0), target) > 0.2
+    assert _tv(torch.softmax(theta, dim=0), target) < 0.02

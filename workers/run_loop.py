@@ -155,12 +155,15 @@ class RunLoop:
         metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
             "loss": stats.loss, "kl/ref": stats.kl_ref, "logratio/mean": stats.logratio_mean,
+            "logratio/std": stats.logratio_std, "gvpo/residual_r2": stats.residual_r2,
             "entropy": stats.entropy, "grad_norm": stats.grad_norm,
             "lr": self.learner.lr_at(step), "response_length/mean": sum(lengths) / len(lengths),
             "groups/zero_variance_frac": stats.zero_variance_frac,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
             "throughput/tokens_per_s": sum(lengths) / max(t3 - t0, 1e-9),
         }
+        # Undefined values are left out rather than stored as NaN (R² when no group had spread).
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         samples = [
             {"group_index": g, "sample_index": i, "prompt": e.prompt, "completion": c.text,
              "answer": e.answer, "reward": float(rewards[g, i])}

@@ -63,20 +63,22 @@ def _finite(v: float) -> float:
 
 
 class AlgorithmSpec(_Strict):
+    """gvpo needs beta > 0 (it divides the reward by it); the GRPO baselines allow beta = 0
+    (no KL penalty, TRL's default)."""
+
     name: Literal["gvpo", "grpo", "dr_grpo"] = "gvpo"
-    beta: float = Field(0.1, gt=0, description="KL strength; the paper's default is 0.1")
+    beta: float = Field(0.1, ge=0, description="KL strength; the paper's default is 0.1")
     group_size: int = Field(8, ge=2, le=512, description="k completions per prompt")
     reference: Literal["sampling", "initial"] = "sampling"
-    clip_eps: float = Field(0.2, gt=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo/dr_grpo ratio clip")
     skip_zero_variance: bool = True
 
-    _beta_finite = field_validator("beta")(_finite)
-
-    @field_validator("name")
+    @field_validator("beta")
     @classmethod
-    def _gvpo_only(cls, v: str) -> str:
-        if v != "gvpo":
-            raise ValueError(f"the {v} baseline {NOT_YET}; use gvpo")
+    def _beta(cls, v: float, info: ValidationInfo) -> float:
+        _finite(v)
+        if v == 0 and info.data.get("name", "gvpo") == "gvpo":
+            raise ValueError("must be > 0 for gvpo (its optimum is pi_ref * exp(R / beta))")
         return v
 
 
@@ -106,8 +108,10 @@ class TrainingSpec(_Strict):
     steps: int = Field(200, ge=1)
     prompts_per_step: int = Field(64, ge=1)
     mini_batches: int = Field(4, ge=1, description="optimizer updates per step, split by group")
-    micro_batch_groups: int | None = Field(
-        None, ge=1, description="groups per forward/backward pass (memory bound); null = whole mini-batch"
+    micro_batch_tokens: int | None = Field(
+        None, ge=1,
+        description="token budget of one forward/backward pass (whole groups are packed up to "
+        "it; a larger group gets a pass of its own); null = the whole mini-batch at once",
     )
     seed: int = 0
 

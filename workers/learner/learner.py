@@ -1,21 +1,26 @@
-"""The GVPO learner: one call to learn() is one training step over a batch of groups.
+"""The learner: one call to learn() is one training step over a batch of groups.
 
-What it computes (arXiv 2504.19599). For each prompt the batch holds k completions y_i with
-rewards R_i. With s_i = log pi_theta(y_i|x) - log pi_ref(y_i|x) summed over completion tokens,
-the loss per group is 1/2 * sum_i [beta*(s_i - s̄) - (R_i - R̄)]^2 / (k-1), averaged over groups;
-its gradient is -beta/(G(k-1)) * sum_i w_i * grad log pi_theta(y_i|x) with
-w_i = (R_i - R̄) - beta*(s_i - s̄). No importance ratio, no clipping.
+What it computes for GVPO (arXiv 2504.19599). For each prompt the batch holds k completions y_i
+with rewards R_i. With s_i = log pi_theta(y_i|x) - log pi_ref(y_i|x) summed over completion
+tokens, the loss per group is 1/2 * sum_i [beta*(s_i - s̄) - (R_i - R̄)]^2 / (k-1), averaged over
+groups; its gradient is -beta/(G(k-1)) * sum_i w_i * grad log pi_theta(y_i|x) with
+w_i = (R_i - R̄) - beta*(s_i - s̄). No importance ratio, no clipping. The GRPO baselines (grpo,
+dr_grpo) come from the same loss registry and add token-level clipped ratios against the
+policy that sampled the batch.
 
 - pi_ref is either the policy that sampled this step's batch (reference="sampling", the
   authors' code: log-probs taken before the first update of the step, so the KL term acts across
-  the step's mini-batches) or a frozen copy of the starting model (reference="initial").
+  the step's mini-batches) or the starting model (reference="initial": a frozen copy, or with
+  LoRA the same model with its adapter disabled).
 - Groups whose rewards are all equal carry no reward signal and are skipped by default.
-- The step's groups are split into `mini_batches` optimizer updates; each update may run in
-  micro-batches, but a group's k completions are always in the same loss computation.
+- The step's groups are split into `mini_batches` optimizer updates. Each update runs in
+  micro-batches packed with whole groups up to `micro_batch_tokens`; per-group losses are summed
+  and divided by the update's group count, so the cut never changes the update.
 """
 
 import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +28,7 @@ import torch
 
 from service.runs.spec import RunSpec
 from workers.learner.logprobs import build_batch, sequence_logprobs
-from workers.learner.losses import get_loss
+from workers.learner.losses import LossInputs, get_loss
 
 
 @dataclass
@@ -32,6 +37,9 @@ class GroupBatch:
     completion_ids: list[list[list[int]]]  # (G, k, tokens)
     rewards: torch.Tensor  # (G, k)
 
+    def group_tokens(self, g: int) -> int:
+        return sum(len(self.prompt_ids[g]) + len(c) for c in self.completion_ids[g])
+
 
 @dataclass
 class LearnStats:
@@ -39,10 +47,47 @@ class LearnStats:
     grad_norm: float
     kl_ref: float
     logratio_mean: float
+    logratio_std: float
     entropy: float
+    residual_r2: float  # GVPO fit: R² of beta*(s_i - s̄) against (R_i - R̄)
     zero_variance_frac: float
     groups_trained: int
     updates: int
+
+
+@dataclass
+class _Reference:
+    """Token log-probs taken before the step's first update, per micro-batch (None = take the
+    current policy's own, which is exact while nothing has moved yet)."""
+
+    old: list[torch.Tensor | None]
+    ref: list[torch.Tensor | None]
+
+
+class _Tally:
+    """Per-step sums of the diagnostics, over micro-batches."""
+
+    def __init__(self) -> None:
+        self.loss, self.kl, self.entropy, self.tokens = 0.0, 0.0, 0.0, 0.0
+        self.grad_norms: list[float] = []
+        self.logratios: list[torch.Tensor] = []  # (g, k) s_i
+        self.fit: list[tuple[torch.Tensor, torch.Tensor]] = []  # centred beta*s, centred R
+
+    def stats(self, zv_frac: float, groups: int, updates: int) -> LearnStats:
+        s = torch.cat([x.flatten() for x in self.logratios])
+        implicit = torch.cat([a.flatten() for a, _ in self.fit])
+        actual = torch.cat([b.flatten() for _, b in self.fit])
+        total = float(actual.pow(2).sum())
+        r2 = 1 - float((actual - implicit).pow(2).sum()) / total if total > 0 else math.nan
+        tokens = max(self.tokens, 1.0)
+        return LearnStats(
+            loss=self.loss / max(updates, 1),
+            grad_norm=sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else 0.0,
+            kl_ref=self.kl / tokens, logratio_mean=float(s.mean()),
+            logratio_std=float(s.std()) if s.numel() > 1 else 0.0,
+            entropy=self.entropy / tokens, residual_r2=r2, zero_variance_frac=zv_frac,
+            groups_trained=groups, updates=updates,
+        )
 
 
 class Learner:
@@ -51,10 +96,10 @@ class Learner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         opt = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, weight_decay=opt.weight_decay)
-        self.loss_fn = get_loss(spec.algorithm.name)
-        self.reference = None
-        if spec.algorithm.reference == "initial":
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.objective = get_loss(spec.algorithm.name)
+        self.frozen = None
+        if spec.algorithm.reference == "initial" and not hasattr(model, "disable_adapter"):
+            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps training steps (1-based), then constant."""
@@ -64,85 +109,112 @@ class Learner:
         return opt.lr
 
     def learn(self, batch: GroupBatch, step: int) -> LearnStats:
-        lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.lr_at(step)
         rewards = batch.rewards.float()  # (G, k)
-        zero_var = (rewards.max(dim=1).values == rewards.min(dim=1).values)  # (G,)
+        zero_var = rewards.max(dim=1).values == rewards.min(dim=1).values  # (G,)
+        zv_frac = float(zero_var.float().mean())
         keep = (~zero_var).nonzero().flatten().tolist()
         if not self.spec.algorithm.skip_zero_variance:
             keep = list(range(len(batch.prompt_ids)))
-        zv_frac = float(zero_var.float().mean())
         train = bool(keep)
         if not train:
             # Nothing to learn from; still measure the diagnostics so every step has them.
             keep = list(range(len(batch.prompt_ids)))
         n_mb = min(self.spec.training.mini_batches, len(keep)) if train else 1
         mini_batches = [mb.tolist() for mb in np.array_split(np.array(keep), n_mb)]
-        # Reference log-probs for every mini-batch before any update of this step. With the
-        # sampling reference nothing has moved yet at the first mini-batch, so its reference is
-        # the policy's own forward pass there (None) rather than a second pass.
-        refs = [None if i == 0 and self.reference is None
-                else self._token_logps(batch, mb, self.reference or self.model)
-                for i, mb in enumerate(mini_batches)]
-        totals = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "logratio": 0.0, "entropy": 0.0}
-        for mb, ref in zip(mini_batches, refs, strict=True):
-            out = self._update(batch, mb, ref, train)
-            for key in totals:
-                totals[key] += out[key] / len(mini_batches)
-        return LearnStats(
-            totals["loss"], totals["grad_norm"], totals["kl"], totals["logratio"],
-            totals["entropy"], zv_frac, len(keep) if train else 0, len(mini_batches) if train else 0,
-        )
+        plans = [self.micro_batches(batch, mb) for mb in mini_batches]
+        references = [self._reference_logps(batch, plan, first=i == 0)
+                      for i, plan in enumerate(plans)]
+        tally = _Tally()
+        for plan, reference in zip(plans, references, strict=True):
+            self._update(batch, plan, reference, train, tally)
+        return tally.stats(zv_frac, len(keep) if train else 0, len(plans) if train else 0)
 
-    def _micro_batches(self, groups: list[int]) -> list[list[int]]:
-        size = self.spec.training.micro_batch_groups or len(groups)
-        return [groups[i : i + size] for i in range(0, len(groups), size)]
+    def micro_batches(self, batch: GroupBatch, groups: list[int]) -> list[list[int]]:
+        """Whole groups packed in order up to the token budget (a larger group goes alone)."""
+        budget = self.spec.training.micro_batch_tokens
+        if budget is None:
+            return [groups]
+        packed, current, used = [], [], 0
+        for g in groups:
+            cost = batch.group_tokens(g)
+            if current and used + cost > budget:
+                packed.append(current)
+                current, used = [], 0
+            current.append(g)
+            used += cost
+        return packed + [current] if current else packed
 
     def _sequences(self, batch: GroupBatch, groups: list[int]):
         prompts = [batch.prompt_ids[g] for g in groups for _ in batch.completion_ids[g]]
         comps = [c for g in groups for c in batch.completion_ids[g]]
         return build_batch(prompts, comps, self.pad_id, self.device)
 
+    @contextmanager
+    def _reference_model(self):
+        if self.frozen is not None:
+            yield self.frozen
+        else:  # LoRA: the base model is the policy with its adapter switched off
+            with self.model.disable_adapter():
+                yield self.model
+
     @torch.no_grad()
-    def _token_logps(self, batch: GroupBatch, groups: list[int], model) -> list[torch.Tensor]:
-        """Per-token reference log-probs (B, L-1) for each micro-batch of `groups`."""
-        return [sequence_logprobs(model, self._sequences(batch, mb)).token_logps
-                for mb in self._micro_batches(groups)]
+    def _token_logps(self, batch: GroupBatch, plan: list[list[int]], model) -> list[torch.Tensor]:
+        return [sequence_logprobs(model, self._sequences(batch, mb)).token_logps for mb in plan]
 
-    def _update(
-        self, batch: GroupBatch, groups: list[int], ref: list[torch.Tensor] | None, train: bool,
-    ) -> dict:
-        """One optimizer update over `groups` (train=False: the same measurements, no update).
+    def _reference_logps(self, batch: GroupBatch, plan: list[list[int]], first: bool) -> _Reference:
+        """Everything this update needs from before the step's first update: the sampling
+        policy's token log-probs (GRPO ratios, and pi_ref under reference="sampling") and the
+        initial model's (reference="initial")."""
+        sampling = self.spec.algorithm.reference == "sampling"
+        old: list[torch.Tensor | None] = [None] * len(plan)
+        if (self.objective.needs_old_logps or sampling) and not first:
+            old = self._token_logps(batch, plan, self.model)
+        if sampling:
+            return _Reference(old=old, ref=old)
+        with self._reference_model() as reference:
+            ref = self._token_logps(batch, plan, reference)
+        return _Reference(old=old, ref=ref)
 
-        ref: per-micro-batch reference token log-probs, or None for "the current policy's"."""
+    def _update(self, batch: GroupBatch, plan: list[list[int]], reference: _Reference,
+                train: bool, tally: _Tally) -> None:
+        """One optimizer update over the groups in `plan` (train=False: measure, no update)."""
         self.optimizer.zero_grad(set_to_none=True)
         k = batch.rewards.shape[1]
-        out = {"loss": 0.0, "kl": 0.0, "logratio": 0.0, "entropy": 0.0}
-        micro = self._micro_batches(groups)
-        for mb, ref_tok in zip(micro, ref or [None] * len(micro), strict=True):
-            weight = len(mb) / len(groups)  # loss is a mean over groups: exact when split by group
+        n_groups = sum(len(mb) for mb in plan)
+        algo = self.spec.algorithm
+        for mb, old, ref in zip(plan, reference.old, reference.ref, strict=True):
             with torch.set_grad_enabled(train):
                 lp = sequence_logprobs(self.model, self._sequences(batch, mb), with_entropy=True)
-            if ref_tok is None:
-                ref_tok = lp.token_logps.detach()
-            policy = lp.summed.view(len(mb), k)  # (g, k)
-            reference = (ref_tok * lp.mask).sum(dim=-1).view(len(mb), k)  # (g, k)
-            rewards = batch.rewards[mb].to(self.device)  # (g, k)
-            loss = self.loss_fn(policy, reference, rewards, self.spec.algorithm.beta)
+            current = lp.token_logps.detach()
+            old = current if old is None else old
+            ref = current if ref is None else ref
+            shape = (len(mb), k, -1)  # (B, T) -> (g, k, T)
+            inputs = LossInputs(
+                policy_token_logps=lp.token_logps.view(shape), old_token_logps=old.view(shape),
+                ref_token_logps=ref.view(shape), mask=lp.mask.view(shape),
+                rewards=batch.rewards[mb].to(self.device), beta=algo.beta,
+                clip_eps=algo.clip_eps, max_new_tokens=self.spec.sampling.max_new_tokens,
+            )
+            loss = self.objective.per_group(inputs).sum() / n_groups
             if train:
-                (loss * weight).backward()
-            with torch.no_grad():
-                log_ratio = (ref_tok - lp.token_logps.detach()) * lp.mask  # log(pi_ref/pi) per token
-                k3 = (log_ratio.exp() - 1 - log_ratio) * lp.mask  # unbiased, non-negative KL estimate
-                tokens = lp.mask.sum().clamp(min=1)
-                out["loss"] += float(loss) * weight
-                out["kl"] += float(k3.sum() / tokens) * weight
-                out["logratio"] += float((policy.detach() - reference).mean()) * weight
-                out["entropy"] += float((lp.entropy * lp.mask).sum() / tokens) * weight
-        out["grad_norm"] = 0.0
+                loss.backward()
+            self._measure(inputs, lp.entropy, float(loss.detach()), tally)
         if train:
             clip = self.spec.optimizer.grad_clip or math.inf
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            tally.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, clip)))
             self.optimizer.step()
-        return out
+
+    @torch.no_grad()
+    def _measure(self, x: LossInputs, entropy: torch.Tensor, loss: float, tally: _Tally) -> None:
+        log_ratio = (x.ref_token_logps - x.policy_token_logps.detach()) * x.mask  # log pi_ref/pi
+        tally.kl += float(((log_ratio.exp() - 1 - log_ratio) * x.mask).sum())  # k3: unbiased
+        tally.entropy += float((entropy.view_as(x.mask) * x.mask).sum())
+        tally.tokens += float(x.mask.sum())
+        tally.loss += loss
+        s = ((x.policy_token_logps.detach() - x.ref_token_logps) * x.mask).sum(dim=-1)  # (g, k)
+        r = x.rewards.float()
+        tally.logratios.append(s)
+        tally.fit.append((x.beta * (s - s.mean(dim=1, keepdim=True)),
+                          r - r.mean(dim=1, keepdim=True)))
