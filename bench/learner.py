@@ -158,12 +158,12 @@ def worker(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     P, k, prompt_len, comp_len = SIZES[args.size][1]
     data = rollouts(P, k, prompt_len, comp_len)
+    base = reset_peak(args.device)  # the loaded model; Δ = optimizer state + grads + activations
     step = (ours_step if args.side == "ours" else trl_step)(model, args.model_dir, data, args)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         step()
     sync()
-    base = reset_peak(args.device)
     times = []
     for _ in range(args.iters):
         start = time.perf_counter()
@@ -218,9 +218,12 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
+    import torch
     from transformers.utils import logging as hf_logging
     from workers.tiny_model import make_tiny_model
     hf_logging.disable_progress_bar()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: this torch build sees no GPU (install the CUDA wheel: make install-gpu)")
     mfu = args.device == "cuda"
     head = ["model", "params", "P x k x (prompt+compl)", "side", "step s (median)", "tokens/s",
             "peak MB", "Δ peak MB", "ours/trl time"] + (["MFU"] if mfu else [])
@@ -238,9 +241,9 @@ def main() -> None:
                 if mfu:
                     row.append(f"{6 * r['params'] * r['tokens'] / med[side] / (args.peak_tflops * 1e12):.1%}")
                 rows.append(row)
-    mem = "GPU max_memory_allocated" if args.device == "cuda" else "process VmHWM (Δ: over RSS before timing)"
+    mem = "GPU max_memory_allocated" if args.device == "cuda" else "process peak RSS (VmHWM)"
     print(f"\n{args.device} {args.dtype}, {args.threads} thread(s), warm-up {args.warmup}, "
-          f"median of {args.iters}; peak = {mem}\n")
+          f"median of {args.iters}; peak = {mem}, Δ = peak minus memory with the model loaded\n")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")

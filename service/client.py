@@ -92,9 +92,12 @@ class Client:
     def checkpoints(self, run_id: str) -> list[dict]:
         return self._request("GET", f"/v1/runs/{run_id}/checkpoints")["data"]
 
-    def download_checkpoint(self, run_id: str, ckpt_id: str, dest: str | Path) -> Path:
+    def download_checkpoint(self, run_id: str, ckpt_id: str, dest: str | Path,
+                            format: str = "stored") -> Path:
+        """Save the checkpoint's .tar.gz; format="merged" merges a LoRA adapter into its base."""
         dest = Path(dest)
-        with self.http.stream("GET", f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download") as resp:
+        url = f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download"
+        with self.http.stream("GET", url, params={"format": format}) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 raise ApiError(resp.status_code, "download_failed", resp.text[:500])

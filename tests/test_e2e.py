@@ -102,6 +102,34 @@ def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == 4 + 3
 
 
+def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    key = cli(embedded.settings, "api-key", "create", "--project", "variants")
+    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=60)
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
+    with data.open("rb") as fh:
+        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+    grpo = {**spec(tiny_model_dir, file_id, steps=3), "algorithm": {"name": "grpo", "group_size": 4}}
+    lora = spec(tiny_model_dir, file_id, steps=4)
+    lora["model"]["lora"] = {"r": 4, "alpha": 8}
+    runs = [http.post("/v1/runs", json=body).json() for body in (grpo, lora)]
+    for run in runs:
+        done = wait_for(http, run["id"], {"succeeded", "failed"})
+        assert done["status"] == "succeeded", done["error"]
+    ckpt = http.get(f"/v1/runs/{runs[1]['id']}/checkpoints").json()["data"][-1]
+    assert ckpt["kind"] == "lora_adapter"
+    url = f"/v1/runs/{runs[1]['id']}/checkpoints/{ckpt['id']}/download"
+    for fmt, expected in (("stored", "adapter_config.json"), ("merged", "model.safetensors")):
+        archive = tmp_path / f"{fmt}.tar.gz"
+        archive.write_bytes(http.get(url, params={"format": fmt}).content)
+        with tarfile.open(archive) as tar:
+            names = {Path(n).name for n in tar.getnames()}
+            tar.extractall(tmp_path / fmt, filter="data")
+        assert expected in names, names
+    AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / ckpt["id"])
+
+
 def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_path):
     key = cli(embedded.settings, "api-key", "create", "--project", "faults")
     http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=30)

@@ -334,3 +334,24 @@ def test_hf_engine_stop_string_truncates(model, tokenizer):
             else:
                 assert c.text == full
     assert hits > 0
+
+
+def test_lora_initial_reference_is_the_base_model_without_a_copy(model, tokenizer, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = copy.deepcopy(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    spec = make_spec(tiny_model_dir, model={"lora": {"r": 4}}, algorithm={"reference": "initial"},
+                     optimizer={"lr": 1e-2})
+    learner = Learner(peft_model, spec, CPU, PAD)
+    assert learner.frozen is None  # no second copy of the weights
+    batch = make_batch(tokenizer)
+    for step in range(1, 4):
+        stats = learner.learn(batch, step)
+    assert stats.kl_ref > 0  # the adapter moved away from the base model
+    plan = [[0, 1]]
+    with learner._reference_model() as reference:
+        ref = learner._token_logps(batch, plan, reference)[0]
+    expected = learner._token_logps(batch, plan, base)[0]
+    torch.testing.assert_close(ref, expected)

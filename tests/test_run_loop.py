@@ -92,6 +92,32 @@ def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
     assert types.count("checkpoint.saved") == 2 and types[-1] == "run.succeeded"
 
 
+def test_lora_run_saves_peft_adapters(settings, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_id = submit(settings, tiny_model_dir, model={"lora": {"r": 4, "alpha": 8}},
+                    optimizer={"lr": 1e-2}, checkpoint={"keep_last": None})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    with session_scope(settings.resolved_database_url) as session:
+        ckpts = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)
+                                .order_by(Checkpoint.step)).all()
+    assert [(c.step, c.kind) for c in ckpts] == [(3, "lora_adapter"), (6, "lora_adapter")]
+    final = Path(ckpts[-1].path)
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)
+    ids = torch.tensor([[16, 17, 18, 65]])
+    assert not torch.allclose(tuned(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo"])
+def test_baselines_train_in_the_same_loop(settings, tiny_model_dir, algorithm):
+    run_id = submit(settings, tiny_model_dir, algorithm={"name": algorithm, "beta": 0.0})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    assert run_row(settings, run_id).step == 6
+
+
 def test_missing_model_path_fails_with_an_event(settings, tmp_path):
     missing = tmp_path / "no-such-model"
     run_id = submit(settings, missing)

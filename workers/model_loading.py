@@ -45,5 +45,22 @@ def load_policy(spec: RunSpec, device: torch.device):
         raise RunError(f"could not load model {path!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.model.lora is not None:
+        model = _with_lora(model, spec)
     model.to(device).train()
     return model, tokenizer
+
+
+def _with_lora(model, spec: RunSpec):
+    """Wrap the model in a PEFT LoRA adapter; only the adapter's weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.model.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target_modules that match no layer
+        raise RunError(f"model.lora: {exc}") from exc

@@ -111,12 +111,13 @@ class RunRecorder:
                 run.samples_generated += len(samples)
             run.step = max(run.step, step)
 
-    def record_checkpoint(self, step: int, path: Path, size: int, keep_last: int | None) -> None:
+    def record_checkpoint(self, step: int, path: Path, size: int, kind: str,
+                          keep_last: int | None) -> None:
         with session_scope(self.url) as session:
             upsert(session, Checkpoint,
                    [{"id": f"ckpt_{self.run_id[4:]}_{step}", "run_id": self.run_id, "step": step,
-                     "path": str(path), "bytes": size, "created_at": utcnow()}],
-                   ["run_id", "step"], ["path", "bytes", "created_at"])
+                     "path": str(path), "bytes": size, "kind": kind, "created_at": utcnow()}],
+                   ["run_id", "step"], ["path", "bytes", "kind", "created_at"])
             add_event(session, self.run_id, "checkpoint.saved", f"checkpoint at step {step}",
                       data={"step": step, "path": str(path), "bytes": size})
             if keep_last:

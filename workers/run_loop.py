@@ -176,4 +176,5 @@ class RunLoop:
         path = self.run_dir / "checkpoints" / f"step_{step:06d}"
         size = save_checkpoint(path, self.model, self.tokenizer, self.learner.optimizer, step,
                                {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()})
-        self.recorder.record_checkpoint(step, path, size, self.spec.checkpoint.keep_last)
+        kind = "full" if self.spec.model.lora is None else "lora_adapter"
+        self.recorder.record_checkpoint(step, path, size, kind, self.spec.checkpoint.keep_last)

@@ -1,4 +1,6 @@
-from fastapi import APIRouter, BackgroundTasks
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, BackgroundTasks, Query
 from fastapi.responses import FileResponse
 
 from service.checkpoints import service
@@ -17,8 +19,12 @@ def list_checkpoints(run_id: str, session: SessionDep, project: ProjectDep) -> C
 @router.get("/{run_id}/checkpoints/{ckpt_id}/download", response_class=FileResponse)
 def download_checkpoint(
     run_id: str, ckpt_id: str, session: SessionDep, project: ProjectDep, cleanup: BackgroundTasks,
+    format: Annotated[Literal["stored", "merged"], Query(
+        description="stored: the folder as saved (a PEFT adapter for LoRA runs); merged: a whole "
+                    "model with the adapter merged in")] = "stored",
 ) -> FileResponse:
-    """The checkpoint folder (safetensors weights, tokenizer, optimizer state) as a .tar.gz."""
-    archive = service.pack_checkpoint(service.get_checkpoint(session, project, run_id, ckpt_id))
+    """The checkpoint as a .tar.gz (safetensors weights or adapter, tokenizer, optimizer state)."""
+    ckpt = service.get_checkpoint(session, project, run_id, ckpt_id)
+    archive = service.pack_checkpoint(ckpt, merged=format == "merged")
     cleanup.add_task(archive.unlink, missing_ok=True)
     return FileResponse(archive, media_type="application/gzip", filename=f"{ckpt_id}.tar.gz")

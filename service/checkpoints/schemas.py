@@ -13,6 +13,7 @@ class CheckpointRead(BaseModel):
     step: int
     path: str
     bytes: int
+    kind: Literal["full", "lora_adapter"]
     created_at: datetime
 
 

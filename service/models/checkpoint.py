@@ -15,4 +15,6 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(1024))
     bytes: Mapped[int] = mapped_column(BigInteger)
+    # "full": a whole model; "lora_adapter": a PEFT adapter over the run's base model.
+    kind: Mapped[str] = mapped_column(String(16), default="full", server_default="full")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

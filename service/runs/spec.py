@@ -31,14 +31,7 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
     )
-    lora: LoraSpec | None = None
-
-    @field_validator("lora")
-    @classmethod
-    def _no_lora_yet(cls, v: LoraSpec | None) -> None:
-        if v is not None:
-            raise ValueError(f"LoRA {NOT_YET}; use null for a full fine-tune")
-        return v
+    lora: LoraSpec | None = Field(None, description="null = full fine-tune")
 
 
 class DatasetSpec(_Strict):
@@ -114,6 +107,9 @@ class TrainingSpec(_Strict):
         "it; a larger group gets a pass of its own); null = the whole mini-batch at once",
     )
     seed: int = 0
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, more time"
+    )
 
     @field_validator("mini_batches")
     @classmethod
