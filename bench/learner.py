@@ -151,6 +151,8 @@ def worker(args) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    if args.side == "trl":
+        import datasets, trl.trainer.grpo_trainer  # noqa: F401,E401  (before the memory baseline)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -170,10 +172,11 @@ def worker(args) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - start)
+    peak = peak_mb(args.device)
     if args.profile:
         profile(step, sync, args)
     return {"params": params, "tokens": P * k * (prompt_len + comp_len), "times": times,
-            "peak_mb": peak_mb(args.device), "delta_mb": peak_mb(args.device) - base}
+            "peak_mb": peak, "delta_mb": peak - base}
 
 
 def profile(step, sync, args) -> None:

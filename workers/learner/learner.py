@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from service.runs.spec import RunSpec
 from workers.learner.logprobs import build_batch, sequence_logprobs
@@ -64,29 +65,61 @@ class _Reference:
     ref: list[torch.Tensor | None]
 
 
+class _Collective:
+    """Sums across data-parallel ranks (torch.distributed); the identity in a single process.
+
+    Each rank trains on its own whole groups. Group counts are summed before the loss is
+    normalised and gradients are summed after backward, so N ranks make exactly the update one
+    process would make on all their groups together.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is None:  # this rank had no group in the update
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
 class _Tally:
-    """Per-step sums of the diagnostics, over micro-batches."""
+    """Per-step sums of the diagnostics, over micro-batches (and ranks, via `reduce`)."""
+
+    FIELDS = ("loss", "kl", "entropy", "tokens", "s_sum", "s_sq", "s_n", "resid_sq", "spread_sq")
 
     def __init__(self) -> None:
-        self.loss, self.kl, self.entropy, self.tokens = 0.0, 0.0, 0.0, 0.0
+        self.sums = dict.fromkeys(self.FIELDS, 0.0)
         self.grad_norms: list[float] = []
-        self.logratios: list[torch.Tensor] = []  # (g, k) s_i
-        self.fit: list[tuple[torch.Tensor, torch.Tensor]] = []  # centred beta*s, centred R
 
-    def stats(self, zv_frac: float, groups: int, updates: int) -> LearnStats:
-        s = torch.cat([x.flatten() for x in self.logratios])
-        implicit = torch.cat([a.flatten() for a, _ in self.fit])
-        actual = torch.cat([b.flatten() for _, b in self.fit])
-        total = float(actual.pow(2).sum())
-        r2 = 1 - float((actual - implicit).pow(2).sum()) / total if total > 0 else math.nan
-        tokens = max(self.tokens, 1.0)
+    def add(self, **values: float) -> None:
+        for key, value in values.items():
+            self.sums[key] += value
+
+    def stats(self, collective: _Collective, zv: list[float], updates: int) -> LearnStats:
+        t = dict(zip(self.FIELDS, collective.sum([self.sums[f] for f in self.FIELDS]), strict=True))
+        zero_var, groups, trained = collective.sum(zv)
+        n, tokens = max(t["s_n"], 1.0), max(t["tokens"], 1.0)
+        mean = t["s_sum"] / n
+        var = (t["s_sq"] - n * mean**2) / (n - 1) if n > 1 else 0.0
         return LearnStats(
-            loss=self.loss / max(updates, 1),
+            loss=t["loss"] / max(updates, 1),
             grad_norm=sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else 0.0,
-            kl_ref=self.kl / tokens, logratio_mean=float(s.mean()),
-            logratio_std=float(s.std()) if s.numel() > 1 else 0.0,
-            entropy=self.entropy / tokens, residual_r2=r2, zero_variance_frac=zv_frac,
-            groups_trained=groups, updates=updates,
+            kl_ref=t["kl"] / tokens, logratio_mean=mean, logratio_std=math.sqrt(max(var, 0.0)),
+            entropy=t["entropy"] / tokens,
+            residual_r2=1 - t["resid_sq"] / t["spread_sq"] if t["spread_sq"] > 0 else math.nan,
+            zero_variance_frac=zero_var / max(groups, 1), groups_trained=int(trained),
+            updates=updates if trained else 0,
         )
 
 
@@ -97,6 +130,7 @@ class Learner:
         opt = spec.optimizer
         self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, weight_decay=opt.weight_decay)
         self.objective = get_loss(spec.algorithm.name)
+        self.collective = _Collective(device)
         self.frozen = None
         if spec.algorithm.reference == "initial" and not hasattr(model, "disable_adapter"):
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
@@ -109,27 +143,29 @@ class Learner:
         return opt.lr
 
     def learn(self, batch: GroupBatch, step: int) -> LearnStats:
+        """One training step on this process's groups (under data parallelism: this rank's)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         rewards = batch.rewards.float()  # (G, k)
         zero_var = rewards.max(dim=1).values == rewards.min(dim=1).values  # (G,)
-        zv_frac = float(zero_var.float().mean())
-        keep = (~zero_var).nonzero().flatten().tolist()
-        if not self.spec.algorithm.skip_zero_variance:
-            keep = list(range(len(batch.prompt_ids)))
-        train = bool(keep)
-        if not train:
+        everything = list(range(len(batch.prompt_ids)))
+        keep = everything
+        if self.spec.algorithm.skip_zero_variance:
+            keep = (~zero_var).nonzero().flatten().tolist()
+        trainable = int(self.collective.sum([float(len(keep))])[0])
+        if not trainable:
             # Nothing to learn from; still measure the diagnostics so every step has them.
-            keep = list(range(len(batch.prompt_ids)))
-        n_mb = min(self.spec.training.mini_batches, len(keep)) if train else 1
-        mini_batches = [mb.tolist() for mb in np.array_split(np.array(keep), n_mb)]
-        plans = [self.micro_batches(batch, mb) for mb in mini_batches]
+            keep = everything
+        n_mb = min(self.spec.training.mini_batches, trainable) if trainable else 1
+        plans = [[mb for mb in self.micro_batches(batch, part.tolist()) if mb]
+                 for part in np.array_split(np.array(keep, dtype=int), n_mb)]
         references = [self._reference_logps(batch, plan, first=i == 0)
                       for i, plan in enumerate(plans)]
         tally = _Tally()
         for plan, reference in zip(plans, references, strict=True):
-            self._update(batch, plan, reference, train, tally)
-        return tally.stats(zv_frac, len(keep) if train else 0, len(plans) if train else 0)
+            self._update(batch, plan, reference, bool(trainable), tally)
+        zv = [float(zero_var.sum()), float(len(everything)), float(len(keep) if trainable else 0)]
+        return tally.stats(self.collective, zv, len(plans))
 
     def micro_batches(self, batch: GroupBatch, groups: list[int]) -> list[list[int]]:
         """Whole groups packed in order up to the token budget (a larger group goes alone)."""
@@ -182,7 +218,7 @@ class Learner:
         """One optimizer update over the groups in `plan` (train=False: measure, no update)."""
         self.optimizer.zero_grad(set_to_none=True)
         k = batch.rewards.shape[1]
-        n_groups = sum(len(mb) for mb in plan)
+        n_groups = self.collective.sum([float(sum(len(mb) for mb in plan))])[0]
         algo = self.spec.algorithm
         for mb, old, ref in zip(plan, reference.old, reference.ref, strict=True):
             with torch.set_grad_enabled(train):
@@ -202,6 +238,7 @@ class Learner:
                 loss.backward()
             self._measure(inputs, lp.entropy, float(loss.detach()), tally)
         if train:
+            self.collective.sum_grads(self.params)
             clip = self.spec.optimizer.grad_clip or math.inf
             tally.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, clip)))
             self.optimizer.step()
@@ -209,12 +246,13 @@ class Learner:
     @torch.no_grad()
     def _measure(self, x: LossInputs, entropy: torch.Tensor, loss: float, tally: _Tally) -> None:
         log_ratio = (x.ref_token_logps - x.policy_token_logps.detach()) * x.mask  # log pi_ref/pi
-        tally.kl += float(((log_ratio.exp() - 1 - log_ratio) * x.mask).sum())  # k3: unbiased
-        tally.entropy += float((entropy.view_as(x.mask) * x.mask).sum())
-        tally.tokens += float(x.mask.sum())
-        tally.loss += loss
         s = ((x.policy_token_logps.detach() - x.ref_token_logps) * x.mask).sum(dim=-1)  # (g, k)
         r = x.rewards.float()
-        tally.logratios.append(s)
-        tally.fit.append((x.beta * (s - s.mean(dim=1, keepdim=True)),
-                          r - r.mean(dim=1, keepdim=True)))
+        implicit = x.beta * (s - s.mean(dim=1, keepdim=True))  # (g, k)
+        actual = r - r.mean(dim=1, keepdim=True)  # (g, k)
+        tally.add(
+            loss=loss, kl=float(((log_ratio.exp() - 1 - log_ratio) * x.mask).sum()),  # k3
+            entropy=float((entropy.view_as(x.mask) * x.mask).sum()), tokens=float(x.mask.sum()),
+            s_sum=float(s.sum()), s_sq=float(s.pow(2).sum()), s_n=float(s.numel()),
+            resid_sq=float((actual - implicit).pow(2).sum()), spread_sq=float(actual.pow(2).sum()),
+        )
