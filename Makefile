@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Small models on 2 cores run 10-40x faster single-threaded.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test install install-dev install-gpu services clean
+.PHONY: demo test bench install install-dev install-gpu services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,15 @@ services:
 test: install-dev services
 	$(BIN)/python -m pytest
 
+# The learner against TRL's GRPOTrainer, side by side (a separate venv keeps TRL out of .venv).
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/learner.py --threads 1
+
 clean:
-	rm -rf $(VENV) .gvpo
+	rm -rf $(VENV) $(BENCH_VENV) .gvpo

@@ -1,14 +1,10 @@
 """Benchmark: our GVPO learner update vs TRL 1.16 GRPOTrainer's update, same model, same batch.
 
-Install (a separate venv, so the project's .venv stays free of TRL):
+`make bench` installs TRL into its own venv (.venv-bench, so .venv stays free of it) and runs
+this with one thread. By hand, from the repository root:
 
-    python3.11 -m venv /tmp/benchvenv
-    /tmp/benchvenv/bin/pip install -c constraints.txt -e . trl==1.16.0
-
-Run from the repository root:
-
-    /tmp/benchvenv/bin/python bench/learner.py [--threads 1] [--sizes tiny,50m] [--iters 5]
-    /tmp/benchvenv/bin/python bench/learner.py --device cuda --dtype bfloat16   # adds MFU
+    .venv-bench/bin/python bench/learner.py [--threads 1] [--sizes tiny,50m] [--iters 5]
+    .venv-bench/bin/python bench/learner.py --device cuda --dtype bfloat16   # adds MFU
 
 What is compared: one optimizer update on identical synthetic rollouts (P prompts x k completions,
 fixed prompt/completion lengths, random char-vocab token ids, rewards uniform in [0, 1]); no
@@ -17,7 +13,7 @@ generation on either side. Both sides load the same saved weights in a fresh sub
 
 - ours: `Learner.learn(batch, step)` with algorithm gvpo, reference "sampling", mini_batches 1:
   one policy forward+backward over the P*k sequences (pi_ref = that same forward, detached),
-  grad clip 1.0, torch AdamW step, plus the learner's diagnostics.
+  grad clip 1.0, fused AdamW step, plus the learner's diagnostics.
 - trl:  GRPOTrainer's own `training_step(model, inputs)` (model.train, compute_loss_context_manager,
   `compute_loss` = `_compute_loss`, accelerator.backward) followed by what Trainer's loop does
   per optimizer step (`_clip_grad_norm`, optimizer.step, lr_scheduler.step, model.zero_grad).

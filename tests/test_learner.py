@@ -90,7 +90,9 @@ def test_sequence_logprobs_match_manual_and_ignore_padding(model, tokenizer):
     prompts = [encode(tokenizer, "abc="), encode(tokenizer, "hello world=")]
     comps = [encode(tokenizer, "cbaxyz") + [EOS], encode(tokenizer, "ok") + [EOS]]
     batch = build_batch(prompts, comps, PAD, CPU)
-    assert batch.input_ids.shape == (2, max(len(p) + len(c) for p, c in zip(prompts, comps)))
+    # left-padded prompts, right-padded completions: every completion starts at column 12
+    assert batch.input_ids.shape == (2, 12 + 7) and batch.prompt_width == 12
+    assert batch.completion_mask.sum(dim=1).tolist() == [7, 3]
     with torch.no_grad():
         padded = sequence_logprobs(model, batch).summed
     for row, (p, c) in enumerate(zip(prompts, comps)):
