@@ -357,3 +357,20 @@ def test_lora_initial_reference_is_the_base_model_without_a_copy(model, tokenize
         ref = learner._token_logps(batch, plan, reference)[0]
     expected = learner._token_logps(batch, plan, base)[0]
     torch.testing.assert_close(ref, expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, tiny_model_dir):
+    from workers.model_loading import load_policy
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        spec = make_spec(tiny_model_dir, training={"gradient_checkpointing": checkpointing,
+                                                   "mini_batches": 1},
+                         optimizer={"grad_clip": None})
+        policy, _ = load_policy(spec, CPU)
+        assert policy.is_gradient_checkpointing == checkpointing
+        Learner(policy, spec, CPU, PAD).learn(make_batch(tokenizer), step=1)
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-7)
