@@ -55,6 +55,16 @@ def spec(model_dir, train_file: str, **training) -> dict:
     }
 
 
+def project_with_file(settings: Settings, url: str, project: str, tmp_path: Path):
+    """A new project's HTTP client and the id of a 16-row training file it uploaded."""
+    key = cli(settings, "api-key", "create", "--project", project)
+    http = httpx.Client(base_url=url, headers=auth(key), timeout=60)
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
+    with data.open("rb") as fh:
+        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+    return http, file_id
+
+
 def wait_for(http: httpx.Client, run_id: str, statuses: set[str], timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -105,11 +115,7 @@ def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
 def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    key = cli(embedded.settings, "api-key", "create", "--project", "variants")
-    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=60)
-    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
-    with data.open("rb") as fh:
-        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+    http, file_id = project_with_file(embedded.settings, embedded.url, "variants", tmp_path)
     grpo = {**spec(tiny_model_dir, file_id, steps=3), "algorithm": {"name": "grpo", "group_size": 4}}
     lora = spec(tiny_model_dir, file_id, steps=4)
     lora["model"]["lora"] = {"r": 4, "alpha": 8}
@@ -131,11 +137,7 @@ def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_p
 
 
 def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_path):
-    key = cli(embedded.settings, "api-key", "create", "--project", "faults")
-    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=30)
-    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
-    with data.open("rb") as fh:
-        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+    http, file_id = project_with_file(embedded.settings, embedded.url, "faults", tmp_path)
 
     bad = http.post("/v1/runs", json=spec(tmp_path / "missing-model", file_id)).json()
     failed = wait_for(http, bad["id"], {"succeeded", "failed"})
@@ -145,11 +147,7 @@ def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_pat
 
 
 def test_cancel_a_running_run(embedded, tiny_model_dir, tmp_path):
-    key = cli(embedded.settings, "api-key", "create", "--project", "cancel")
-    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=30)
-    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
-    with data.open("rb") as fh:
-        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+    http, file_id = project_with_file(embedded.settings, embedded.url, "cancel", tmp_path)
     long = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=100000)).json()
     deadline = time.monotonic() + 120
     while http.get(f"/v1/runs/{long['id']}").json()["step"] < 2:
@@ -188,12 +186,8 @@ def redis_url(tmp_path):
 def test_redis_broker(redis_url, tiny_model_dir, tmp_path):
     settings = make_settings(tmp_path / "gvpo", broker_url=redis_url)
     cli(settings, "db", "upgrade")
-    key = cli(settings, "api-key", "create", "--project", "redis")
     with Stack(settings, log_dir=tmp_path / "logs") as stack:
-        http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=30)
-        data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
-        with data.open("rb") as fh:
-            file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
+        http, file_id = project_with_file(settings, stack.url, "redis", tmp_path)
         run = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=3)).json()
         assert wait_for(http, run["id"], {"succeeded", "failed"})["status"] == "succeeded"
         assert http.get("/readyz").json()["checks"]["broker"] == "ok"
