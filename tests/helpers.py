@@ -1,7 +1,14 @@
 """Small helpers shared by the tests (import with `from helpers import ...`)."""
 
+import io
 import json
 from pathlib import Path
+
+from service.auth.service import create_api_key
+from service.db import session_scope
+from service.files.service import create_file
+from service.runs.service import create_run
+from service.runs.spec import RunSpec
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -47,3 +54,25 @@ def broker_run_ids(settings) -> list[str]:
         args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
         ids.append(args[0])
     return ids
+
+
+def submit(settings, model_path, reward: dict | None = None, **overrides) -> str:
+    """Create a queued run on the copy task straight through the service layer; returns its id."""
+    data = "".join(json.dumps(r) + "\n" for r in copy_rows(32)).encode()
+    spec = {
+        "model": {"path": str(model_path)},
+        "reward": reward or {"type": "builtin", "name": "char_accuracy"},
+        "algorithm": {"group_size": 4, "beta": 0.05, "reference": "initial"},
+        "sampling": {"max_new_tokens": 5},
+        "optimizer": {"lr": 1e-3},
+        "training": {"steps": 6, "prompts_per_step": 2, "mini_batches": 2},
+        "checkpoint": {"every_steps": 3, "keep_last": 1},
+    }
+    for section, values in overrides.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    with session_scope(settings.resolved_database_url) as session:
+        project, _ = create_api_key(session, "loop")
+        file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")
+        spec["dataset"] = {"train_file": file.id}
+        run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
+        return run.id

@@ -1,6 +1,5 @@
 """The run loop in-process (no Celery): records, checkpoints, failures, cancel, leases."""
 
-import io
 import json
 import threading
 import time
@@ -8,15 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_rows
+from helpers import submit
 from sqlalchemy import func, select
 
-from service.auth.service import create_api_key
 from service.db import session_scope
-from service.files.service import create_file
 from service.models import Checkpoint, Metric, Run, RunEvent, Sample
-from service.runs.service import cancel_run, create_run, get_run
-from service.runs.spec import RunSpec
+from service.runs.service import cancel_run
 from workers.records import RunRecorder
 from workers.run_loop import execute_run
 
@@ -25,27 +21,6 @@ STANDARD_METRICS = {
     "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
     "time/learn_s", "throughput/tokens_per_s", "groups/zero_variance_frac",
 }
-
-
-def submit(settings, model_path, **overrides) -> str:
-    data = "".join(json.dumps(r) + "\n" for r in copy_rows(32)).encode()
-    spec = {
-        "model": {"path": str(model_path)},
-        "reward": {"type": "builtin", "name": "char_accuracy"},
-        "algorithm": {"group_size": 4, "beta": 0.05, "reference": "initial"},
-        "sampling": {"max_new_tokens": 5},
-        "optimizer": {"lr": 1e-3},
-        "training": {"steps": 6, "prompts_per_step": 2, "mini_batches": 2},
-        "checkpoint": {"every_steps": 3, "keep_last": 1},
-    }
-    for section, values in overrides.items():
-        spec[section] = {**spec.get(section, {}), **values}
-    with session_scope(settings.resolved_database_url) as session:
-        project, _ = create_api_key(session, "loop")
-        file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")
-        spec["dataset"] = {"train_file": file.id}
-        run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
-        return run.id
 
 
 def run_row(settings, run_id) -> Run:

@@ -25,7 +25,7 @@ from workers.learner.checkpoint import save_checkpoint
 from workers.learner.learner import GroupBatch, Learner
 from workers.model_loading import RunError, load_policy, pick_device
 from workers.records import RunRecorder
-from workers.rewards.builtin import get_reward
+from workers.rewards.scoring import build_scorer
 from workers.rollout.base import RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
 
@@ -104,7 +104,7 @@ class RunLoop:
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
         self.engine: RolloutEngine = HFRolloutEngine(self.model, self.tokenizer, self.device)
         self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id)
-        self.reward_fn = get_reward(spec.reward.name)
+        self.scorer = build_scorer(spec.reward)
         self.recorder.event("run.model_loaded", f"loaded {spec.model.path} on {self.device}",
                             data={"device": str(self.device),
                                   "parameters": sum(p.numel() for p in self.model.parameters())})
@@ -141,8 +141,8 @@ class RunLoop:
         rollouts = self.engine.generate([e.prompt for e in examples], spec.algorithm.group_size,
                                         spec.sampling)
         t1 = time.perf_counter()
-        rewards = torch.tensor([[self.reward_fn(c.text, e.answer) for c in r.completions]
-                                for e, r in zip(examples, rollouts, strict=True)])  # (G, k)
+        scores = self.scorer.score(step, examples, rollouts)
+        rewards = scores.rewards  # (G, k)
         t2 = time.perf_counter()
         batch = GroupBatch([r.prompt_ids for r in rollouts],
                            [[c.token_ids for c in r.completions] for r in rollouts], rewards)
@@ -161,6 +161,8 @@ class RunLoop:
             "groups/zero_variance_frac": stats.zero_variance_frac,
             "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
             "throughput/tokens_per_s": sum(lengths) / max(t3 - t0, 1e-9),
+            **{f"reward/{label}/mean": part.mean().item()
+               for label, part in scores.components.items()},
         }
         # Undefined values are left out rather than stored as NaN (R² when no group had spread).
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}

@@ -6,9 +6,17 @@ does not run yet are refused with a message saying so, never accepted and ignore
 """
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from workers.rewards.builtin import get_reward
 
@@ -126,12 +134,23 @@ class TrainingSpec(_Strict):
 class BuiltinReward(_Strict):
     type: Literal["builtin"]
     name: str
+    params: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings")
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
         get_reward(v)  # ValueError naming the known rewards
         return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "BuiltinReward":
+        try:
+            get_reward(self.name).params.model_validate(self.params)
+        except ValidationError as exc:
+            listed = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                               for e in exc.errors())
+            raise ValueError(f"{self.name}: {listed}") from None
+        return self
 
 
 class WebhookReward(_Strict):
@@ -143,7 +162,38 @@ class WebhookReward(_Strict):
         raise ValueError(f"webhook rewards {NOT_YET}; use a builtin reward")
 
 
-RewardSpec = Annotated[BuiltinReward | WebhookReward, Field(discriminator="type")]
+class _Weighted(BaseModel):
+    weight: float = Field(1.0, description="its share of the composite reward")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                              description="metric name part: reward/<label>/mean")
+
+    _weight_finite = field_validator("weight")(_finite)
+
+
+class WeightedBuiltin(BuiltinReward, _Weighted):
+    pass
+
+
+class WeightedWebhook(WebhookReward, _Weighted):
+    pass
+
+
+class CompositeReward(_Strict):
+    """A weighted sum of rewards; each component is also reported as reward/<label>/mean."""
+
+    type: Literal["composite"]
+    components: list[Annotated[WeightedBuiltin | WeightedWebhook, Field(discriminator="type")]] = (
+        Field(min_length=1)
+    )
+
+    def labels(self) -> list[str]:
+        """Each component's metric label: its own, else its reward name (numbered if repeated)."""
+        names = [c.label or c.name for c in self.components]
+        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+RewardSpec = Annotated[BuiltinReward | WebhookReward | CompositeReward,
+                       Field(discriminator="type")]
 
 
 class EvalSpec(_Strict):

@@ -1,26 +1,77 @@
-"""Built-in verifiers: pure functions (completion, answer) -> reward, looked up by name.
+"""Built-in verifiers: pure functions (completion, answer, params) -> reward, looked up by name.
 
-Importable without torch, so the API can check a spec's reward name at submit time.
+Each has a params model, so a spec's parameters are checked at submit time (the API imports
+this module; it needs no torch).
 """
 
+import re
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.registry import Registry
 
-RewardFn = Callable[[str, str | None], float]
-BUILTIN_REWARDS: Registry[RewardFn] = Registry("built-in reward")
-register_reward = BUILTIN_REWARDS.register
+
+class RewardParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegexParams(RewardParams):
+    pattern: str | list[str] = Field(
+        description="one pattern: 1.0 if it matches; a list: the share of patterns that match"
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str | list[str]) -> str | list[str]:
+        patterns = [v] if isinstance(v, str) else v
+        if not patterns:
+            raise ValueError("give at least one pattern")
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"pattern {p!r} is not a valid regular expression: {exc}") from None
+        return v
+
+
+class LengthPenaltyParams(RewardParams):
+    target: int = Field(ge=1, description="characters allowed without penalty")
+    scale: float = Field(1.0, gt=0, description="penalty per target-length of excess")
+
+
+@dataclass(frozen=True)
+class Builtin:
+    fn: Callable[[str, str | None, RewardParams], float]
+    params: type[RewardParams]
+
+
+BUILTIN_REWARDS: Registry[Builtin] = Registry("built-in reward")
 get_reward = BUILTIN_REWARDS.lookup
 
 
+def register_reward(name: str, params: type[RewardParams] = RewardParams):
+    def wrap(fn: Callable[[str, str | None, RewardParams], float]):
+        BUILTIN_REWARDS.register(name)(Builtin(fn, params))
+        return fn
+
+    return wrap
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
 @register_reward("exact_match")
-def exact_match(completion: str, answer: str | None) -> float:
-    """1.0 when the completion equals the answer, ignoring surrounding whitespace."""
-    return float(answer is not None and completion.strip() == answer.strip())
+def exact_match(completion: str, answer: str | None, _: RewardParams) -> float:
+    """1.0 when the completion equals the answer, ignoring surrounding and repeated whitespace."""
+    return float(answer is not None and _normalise(completion) == _normalise(answer))
 
 
 @register_reward("char_accuracy")
-def char_accuracy(completion: str, answer: str | None) -> float:
+def char_accuracy(completion: str, answer: str | None, _: RewardParams) -> float:
     """Partial credit for string tasks: 0.8 * share of answer positions right + 0.2 * same length.
 
     Dense enough for a tiny model to climb; a product of terms instead collapses learning because
@@ -33,3 +84,31 @@ def char_accuracy(completion: str, answer: str | None) -> float:
         return float(not got)
     right = sum(a == b for a, b in zip(got, want, strict=False))
     return 0.8 * right / len(want) + 0.2 * float(len(got) == len(want))
+
+
+@register_reward("math_verify")
+def math_verify(completion: str, answer: str | None, _: RewardParams) -> float:
+    """1.0 when the completion's final answer (\\boxed{...}, or the last expression) is
+    mathematically equal to the reference answer, via the math-verify library."""
+    from math_verify import parse, verify
+
+    if answer is None:
+        return 0.0
+    # math-verify's timeouts use SIGALRM, which only the main thread may set.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    gold = parse(answer, parsing_timeout=timeout)
+    pred = parse(completion, parsing_timeout=timeout)
+    return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout))
+
+
+@register_reward("regex", RegexParams)
+def regex(completion: str, answer: str | None, params: RegexParams) -> float:
+    patterns = [params.pattern] if isinstance(params.pattern, str) else params.pattern
+    return sum(re.search(p, completion) is not None for p in patterns) / len(patterns)
+
+
+@register_reward("length_penalty", LengthPenaltyParams)
+def length_penalty(completion: str, answer: str | None, params: LengthPenaltyParams) -> float:
+    """0 up to `target` characters, then -scale per target-length of excess (for composites)."""
+    excess = max(0, len(completion) - params.target)
+    return -params.scale * excess / params.target
