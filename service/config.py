@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=1, description="intra-op threads in the worker; 1 is fastest for small CPU models"
     )
+    webhook_allow_private: bool = Field(
+        default=False, description="let reward webhooks call loopback/private addresses"
+    )
+    webhook_max_response_bytes: int = 1024 * 1024
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
 

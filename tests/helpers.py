@@ -25,6 +25,10 @@ def copy_rows(n: int = 64) -> list[dict]:
     return [{"prompt": f"{w}=", "answer": w} for w in words]
 
 
+def jsonl(rows: list) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

@@ -5,10 +5,9 @@ No worker runs here, so runs stay queued; the real filesystem broker shows what 
 """
 
 import copy
-import json
 
 import pytest
-from helpers import assert_error, auth, broker_run_ids, copy_rows
+from helpers import assert_error, auth, broker_run_ids, copy_rows, jsonl
 
 DROP = object()  # in spec() overrides: remove this key
 
@@ -36,10 +35,6 @@ def _merge(base: dict, overrides: dict) -> dict:
 def spec(train_file: str, **overrides) -> dict:
     """A valid run spec over train_file; overrides merge into sections (DROP removes a key)."""
     return _merge({**BASE_SPEC, "dataset": {"train_file": train_file}}, overrides)
-
-
-def jsonl(rows: list) -> bytes:
-    return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
 def upload(api, key: str, rows: list | None = None, *, content: bytes | None = None,

@@ -5,10 +5,7 @@ from pathlib import Path
 import torch
 
 from service.runs.spec import RunSpec
-
-
-class RunError(Exception):
-    """A failure caused by the run's inputs; its message is shown to the user as is."""
+from workers.errors import RunError
 
 
 def pick_device(spec: RunSpec) -> torch.device:

@@ -84,6 +84,10 @@ class RunRecorder:
             )
             return result.rowcount == 1
 
+    def webhook_secret(self) -> str:
+        with session_scope(self.url) as session:
+            return session.scalar(select(Run.webhook_secret).where(Run.id == self.run_id))
+
     def cancel_requested(self) -> bool:
         with session_scope(self.url) as session:
             return bool(session.scalar(select(Run.cancel_requested).where(Run.id == self.run_id)))

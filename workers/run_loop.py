@@ -23,9 +23,11 @@ from service.runs.spec import RunSpec
 from workers.data import PromptSampler, load_examples
 from workers.learner.checkpoint import save_checkpoint
 from workers.learner.learner import GroupBatch, Learner
-from workers.model_loading import RunError, load_policy, pick_device
+from workers.errors import RunError
+from workers.model_loading import load_policy, pick_device
 from workers.records import RunRecorder
 from workers.rewards.scoring import build_scorer
+from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
 
@@ -104,10 +106,21 @@ class RunLoop:
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
         self.engine: RolloutEngine = HFRolloutEngine(self.model, self.tokenizer, self.device)
         self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id)
-        self.scorer = build_scorer(spec.reward)
+        self.scorer = build_scorer(spec.reward, self._webhook_context())
         self.recorder.event("run.model_loaded", f"loaded {spec.model.path} on {self.device}",
                             data={"device": str(self.device),
                                   "parameters": sum(p.numel() for p in self.model.parameters())})
+
+    def _webhook_context(self) -> WebhookContext:
+        run_id = self.recorder.run_id
+        return WebhookContext(
+            run_id=run_id, secret=self.recorder.webhook_secret(),
+            callback_url=f"{self.settings.resolved_api_url}/v1/runs/{run_id}/rewards",
+            allow_private=self.settings.webhook_allow_private,
+            max_response_bytes=self.settings.webhook_max_response_bytes,
+            on_retry=lambda message, data: self.recorder.event("reward.retry", message,
+                                                               "warning", data),
+        )
 
     def _examples(self):
         ds = self.spec.dataset

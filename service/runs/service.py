@@ -16,7 +16,8 @@ from service.errors import Conflict, InvalidSpec, NotFound
 from service.files.service import get_file
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
-from service.runs.spec import RunSpec
+from service.rewards.urls import webhook_url_problem
+from service.runs.spec import CompositeReward, RunSpec, WebhookReward
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -40,6 +41,18 @@ def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
         for attr, name in (("prompt_field", ds.prompt_field), ("answer_field", ds.answer_field))
         if name not in train.fields
     ]
+    if bad:
+        raise InvalidSpec(bad)
+
+
+def _check_webhooks(settings: Settings, spec: RunSpec) -> None:
+    reward = spec.reward
+    hooks = [("reward", reward)] if isinstance(reward, WebhookReward) else []
+    if isinstance(reward, CompositeReward):
+        hooks = [(f"reward.components.{i}", c) for i, c in enumerate(reward.components)
+                 if isinstance(c, WebhookReward)]
+    bad = [{"field": f"{where}.url", "message": problem} for where, hook in hooks
+           if (problem := webhook_url_problem(hook.url, settings.webhook_allow_private))]
     if bad:
         raise InvalidSpec(bad)
 
@@ -69,6 +82,7 @@ def create_run(
     if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
         return existing, False
     _check_dataset(session, project, spec)
+    _check_webhooks(settings, spec)
     run = Run(
         project_id=project.id, name=spec.name, spec=spec.model_dump(mode="json"),
         webhook_secret="whsec_" + secrets.token_urlsafe(32), idempotency_key=idempotency_key,

@@ -154,12 +154,25 @@ class BuiltinReward(_Strict):
 
 
 class WebhookReward(_Strict):
-    type: Literal["webhook"]
+    """An external reward model, called with signed POSTs (DESIGN.md, reward webhook protocol)."""
 
-    @model_validator(mode="before")
+    type: Literal["webhook"]
+    url: str = Field(min_length=1, max_length=2048)
+    mode: Literal["sync", "async"] = "sync"
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="per request; async: the deadline")
+    max_attempts: int = Field(5, ge=1, le=20)
+    max_items_per_request: int = Field(256, ge=1, le=10000)
+
+    @property
+    def name(self) -> str:
+        return "webhook"
+
+    @field_validator("mode")
     @classmethod
-    def _not_yet(cls, data: object) -> object:
-        raise ValueError(f"webhook rewards {NOT_YET}; use a builtin reward")
+    def _sync_only(cls, v: str) -> str:
+        if v == "async":
+            raise ValueError(f"async reward callbacks {NOT_YET}; use mode: sync")
+        return v
 
 
 class _Weighted(BaseModel):

@@ -4,25 +4,14 @@ A scorer returns the (G, k) rewards and, for a composite, each component's own (
 that they can be reported as reward/<label>/mean.
 """
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 import torch
 
-from service.runs.spec import BuiltinReward, CompositeReward, RewardSpec
+from service.runs.spec import BuiltinReward, CompositeReward, RewardSpec, WebhookReward
 from workers.data import Example
+from workers.rewards.base import Scorer, Scores
 from workers.rewards.builtin import get_reward
+from workers.rewards.webhook import WebhookContext, WebhookScorer
 from workers.rollout.base import Rollout
-
-
-@dataclass
-class Scores:
-    rewards: torch.Tensor  # (G, k)
-    components: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> (G, k)
-
-
-class Scorer(Protocol):
-    def score(self, step: int, examples: list[Example], rollouts: list[Rollout]) -> Scores: ...
 
 
 class BuiltinScorer:
@@ -48,7 +37,9 @@ class CompositeScorer:
         return Scores(total, components)
 
 
-def build_scorer(spec: RewardSpec) -> Scorer:
+def build_scorer(spec: RewardSpec, webhook: WebhookContext) -> Scorer:
     if isinstance(spec, CompositeReward):
-        return CompositeScorer(spec, [build_scorer(c) for c in spec.components])
+        return CompositeScorer(spec, [build_scorer(c, webhook) for c in spec.components])
+    if isinstance(spec, WebhookReward):
+        return WebhookScorer(spec, webhook)
     return BuiltinScorer(spec)

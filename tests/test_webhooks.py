@@ -1,0 +1,172 @@
+"""Sync reward webhooks against a real reward server over loopback HTTP."""
+
+import pytest
+from helpers import submit
+from reward_server import Behaviour, RewardServer
+from sqlalchemy import select
+
+from service.db import session_scope
+from service.models import Checkpoint, Run, RunEvent, Sample
+from workers.run_loop import execute_run
+
+
+@pytest.fixture
+def hooks_settings(settings):
+    return settings.model_copy(update={"webhook_allow_private": True})
+
+
+def webhook_run(settings, model_dir, url: str, **reward) -> tuple[str, str]:
+    spec = {"type": "webhook", "url": url, "mode": "sync", "timeout_s": 10, **reward}
+    run_id = submit(settings, model_dir, reward=spec)
+    with session_scope(settings.resolved_database_url) as session:
+        return run_id, session.get(Run, run_id).webhook_secret
+
+
+def run_events(settings, run_id: str) -> list[RunEvent]:
+    with session_scope(settings.resolved_database_url) as session:
+        return list(session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                                    .order_by(RunEvent.id)))
+
+
+def test_sync_webhook_rewards_are_the_servers(hooks_settings, tiny_model_dir):
+    behaviour = Behaviour()
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = webhook_run(hooks_settings, tiny_model_dir, server.url,
+                                               max_items_per_request=3)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
+    with session_scope(hooks_settings.resolved_database_url) as session:
+        samples = session.scalars(select(Sample).where(Sample.run_id == run_id)).all()
+    assert len(samples) == 6 * 2 * 4 == len(behaviour.rewards)
+    for s in samples:
+        sid = f"smp_{run_id.removeprefix('run_')}_{s.step}_{s.group_index}_{s.sample_index}"
+        assert s.reward == pytest.approx(behaviour.rewards[sid])
+    assert len(behaviour.request_ids) == 6 * 3  # 8 items a step in batches of 3
+    assert len(set(behaviour.request_ids)) == len(behaviour.request_ids)
+
+
+def test_a_flaky_reward_model_is_retried(hooks_settings, tiny_model_dir):
+    behaviour = Behaviour(fail_first=2)
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = webhook_run(hooks_settings, tiny_model_dir, server.url)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
+    retries = [e for e in run_events(hooks_settings, run_id) if e.type == "reward.retry"]
+    assert len(retries) == 2
+    assert all("HTTP 503" in e.message and server.url in e.message for e in retries)
+
+
+def test_a_reward_model_that_stays_down_fails_the_run_and_keeps_checkpoints(
+        hooks_settings, tiny_model_dir):
+    behaviour = Behaviour(fail_after=3, retry_after=None)  # steps 1-3 are scored, then down
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = webhook_run(hooks_settings, tiny_model_dir, server.url,
+                                               max_attempts=3)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "failed"
+    with session_scope(hooks_settings.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+        ckpts = session.scalars(select(Checkpoint.step).where(Checkpoint.run_id == run_id)).all()
+    assert run.step == 3 and ckpts == [3]
+    assert server.url in run.error and "3 tries" in run.error and "HTTP 503" in run.error
+    events = run_events(hooks_settings, run_id)
+    assert [e.type for e in events].count("reward.retry") == 2
+    assert events[-1].type == "run.failed" and server.url in events[-1].message
+
+
+@pytest.mark.parametrize(("lie", "needle"), [
+    ("nan", "non-finite"), ("unknown_id", "unknown or repeated sample_id"),
+    ("missing", "without a reward"), ("status_404", "HTTP 404"),
+])
+def test_a_lying_reward_model_fails_fast(hooks_settings, tiny_model_dir, lie, needle):
+    behaviour = Behaviour(lie=lie)
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = webhook_run(hooks_settings, tiny_model_dir, server.url)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "failed"
+    with session_scope(hooks_settings.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+    assert needle in run.error and run.step == 0
+    assert behaviour.calls == 1  # not retried
+
+
+def test_a_wrong_secret_is_refused_by_the_receiver(hooks_settings, tiny_model_dir):
+    behaviour = Behaviour(secret="not-the-runs-secret")
+    with RewardServer(behaviour) as server:
+        run_id, _ = webhook_run(hooks_settings, tiny_model_dir, server.url)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "failed"
+    assert behaviour.calls == 0
+
+
+def _create(api, key: str, reward: dict):
+    from helpers import auth, copy_rows, jsonl
+
+    upload = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl", jsonl(copy_rows(4)))})
+    body = {"model": {"path": "/m"}, "dataset": {"train_file": upload.json()["id"]},
+            "reward": reward}
+    return api.post("/v1/runs", headers=auth(key), json=body)
+
+
+@pytest.mark.parametrize(("url", "field"), [
+    ("http://127.0.0.1:9/score", "reward.url"), ("http://10.1.2.3/score", "reward.url"),
+    ("http://169.254.169.254/latest", "reward.url"), ("http://localhost/score", "reward.url"),
+    ("ftp://example.org/x", "reward.url"),
+])
+def test_private_webhook_urls_are_refused_at_submission(api, make_key, url, field):
+    from helpers import assert_error
+
+    resp = _create(api, make_key(), {"type": "webhook", "url": url})
+    assert_error(resp, 422, "invalid_request")
+    assert [f["field"] for f in resp.json()["error"]["details"]["fields"]] == [field]
+    composite = {"type": "composite", "components": [
+        {"type": "builtin", "name": "exact_match"}, {"type": "webhook", "url": url}]}
+    resp = _create(api, make_key(), composite)
+    assert [f["field"] for f in resp.json()["error"]["details"]["fields"]] == [
+        "reward.components.1.url"]
+
+
+def test_public_and_allowed_private_webhook_urls_are_accepted(settings, make_key):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    with TestClient(create_app(settings)) as api:
+        assert _create(api, make_key(), {"type": "webhook", "url": "https://93.184.215.14/score"}
+                       ).status_code == 201
+    allowed = settings.model_copy(update={"webhook_allow_private": True})
+    with TestClient(create_app(allowed)) as api:
+        assert _create(api, make_key(), {"type": "webhook", "url": "http://127.0.0.1:9/x"}
+                       ).status_code == 201
+
+
+def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from service.stack import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/score"
+    run_id, secret = webhook_run(hooks_settings, tiny_model_dir, url)
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "examples.reward_server:app", "--port", str(port)],
+        cwd=root, env={**os.environ, "REWARD_WEBHOOK_SECRET": secret},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.post(url, content=b"{}").status_code == 401  # unsigned: refused
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "reference reward server did not start"
+                time.sleep(0.2)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    with session_scope(hooks_settings.resolved_database_url) as session:
+        samples = session.scalars(select(Sample).where(Sample.run_id == run_id)).all()
+    assert samples and all(s.reward == float(s.completion.strip() == s.answer) for s in samples)

@@ -1,0 +1,173 @@
+"""Rewards from an external reward model over signed HTTP (DESIGN.md, reward webhook protocol).
+
+Each step's completions go out in batches of `max_items_per_request`, each signed with the
+run's secret. Network errors, 5xx and 429 are retried with exponential backoff and full jitter
+(honouring Retry-After) up to `max_attempts`; any other answer that is not a complete, finite
+set of rewards fails the run at once with a message naming the URL, the answer and the tries.
+"""
+
+import email.utils
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import httpx
+import torch
+
+from service.rewards.signing import HEADER, REQUEST_ID_HEADER, sign
+from service.rewards.urls import webhook_url_problem
+from service.runs.spec import WebhookReward
+from workers.data import Example
+from workers.errors import RunError
+from workers.rewards.base import Scores
+from workers.rollout.base import Rollout
+
+BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
+
+
+@dataclass
+class WebhookContext:
+    run_id: str
+    secret: str
+    callback_url: str
+    allow_private: bool
+    max_response_bytes: int
+    on_retry: Callable[[str, dict], None]  # (message, data) -> records an event
+    sleep: Callable[[float], None] = time.sleep
+
+
+class _Transient(Exception):
+    """An answer worth retrying; carries what to report and an optional Retry-After."""
+
+    def __init__(self, answer: str, retry_after: float | None = None) -> None:
+        super().__init__(answer)
+        self.answer, self.retry_after = answer, retry_after
+
+
+def sample_id(run_id: str, step: int, group: int, index: int) -> str:
+    # Deterministic, so a replayed step sends the same ids and a receiver can deduplicate.
+    return f"smp_{run_id.removeprefix('run_')}_{step}_{group}_{index}"
+
+
+class WebhookScorer:
+    def __init__(self, spec: WebhookReward, ctx: WebhookContext) -> None:
+        self.spec, self.ctx = spec, ctx
+
+    def score(self, step: int, examples: list[Example], rollouts: list[Rollout]) -> Scores:
+        items = [
+            {"sample_id": sample_id(self.ctx.run_id, step, g, i),
+             "group_id": f"grp_{self.ctx.run_id.removeprefix('run_')}_{step}_{g}",
+             "prompt": e.prompt, "completion": c.text, "answer": e.answer}
+            for g, (e, r) in enumerate(zip(examples, rollouts, strict=True))
+            for i, c in enumerate(r.completions)
+        ]
+        size, rewards = self.spec.max_items_per_request, {}
+        with httpx.Client(timeout=self.spec.timeout_s, follow_redirects=False) as client:
+            for n, start in enumerate(range(0, len(items), size)):
+                chunk = items[start : start + size]
+                request_id = f"rq_{self.ctx.run_id.removeprefix('run_')}_{step}_{n}"
+                body = json.dumps({
+                    "type": "reward.request", "request_id": request_id,
+                    "run_id": self.ctx.run_id, "step": step,
+                    "callback_url": self.ctx.callback_url, "items": chunk,
+                }).encode()
+                answer = self._post_with_retries(client, body, request_id)
+                rewards.update(self._parse(answer, chunk))
+        k = len(rollouts[0].completions)
+        flat = [rewards[item["sample_id"]] for item in items]
+        return Scores(torch.tensor(flat, dtype=torch.float32).view(len(rollouts), k))  # (G, k)
+
+    def _post_with_retries(self, client: httpx.Client, body: bytes, request_id: str) -> object:
+        url, tries = self.spec.url, self.spec.max_attempts
+        for attempt in range(1, tries + 1):
+            if problem := webhook_url_problem(url, self.ctx.allow_private):
+                raise RunError(f"reward webhook {url} may not be called: {problem}")
+            try:
+                return self._post(client, body, request_id)
+            except _Transient as exc:
+                last = exc
+            if attempt == tries:
+                break
+            delay = last.retry_after
+            if delay is None:
+                delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+            self.ctx.on_retry(
+                f"reward webhook {url} answered {last.answer}; retry {attempt} of {tries - 1} "
+                f"in {delay:.1f} s",
+                {"url": url, "answer": last.answer, "attempt": attempt, "delay_s": delay,
+                 "request_id": request_id},
+            )
+            self.ctx.sleep(delay)
+        raise RunError(f"reward webhook {url} failed after {tries} tries; last answer: {last.answer}")
+
+    def _post(self, client: httpx.Client, body: bytes, request_id: str) -> object:
+        headers = {"Content-Type": "application/json", HEADER: sign(self.ctx.secret, body),
+                   REQUEST_ID_HEADER: request_id}
+        deadline = time.monotonic() + self.spec.timeout_s
+        try:
+            with client.stream("POST", self.spec.url, content=body, headers=headers) as resp:
+                raw = self._read_capped(resp, deadline)
+        except httpx.TransportError as exc:
+            raise _Transient(f"{type(exc).__name__}: {exc}") from None
+        text = raw.decode("utf-8", "replace")
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise _Transient(f"HTTP {resp.status_code}: {text[:200]!r}",
+                             _retry_after(resp.headers.get("Retry-After")))
+        if resp.status_code != 200:
+            raise RunError(f"reward webhook {self.spec.url} answered HTTP {resp.status_code} "
+                           f"({text[:200]!r}); a sync reward model must answer 200 with rewards")
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise RunError(f"reward webhook {self.spec.url} answered 200 with a body that is "
+                           f"not JSON: {text[:200]!r}") from None
+
+    def _read_capped(self, resp: httpx.Response, deadline: float) -> bytes:
+        cap, chunks, size = self.ctx.max_response_bytes, [], 0
+        for chunk in resp.iter_bytes():
+            size += len(chunk)
+            if size > cap:
+                raise RunError(f"reward webhook {self.spec.url} sent more than {cap} bytes")
+            if time.monotonic() > deadline:
+                raise _Transient(f"no complete answer within timeout_s={self.spec.timeout_s}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _parse(self, answer: object, chunk: list[dict]) -> dict[str, float]:
+        wanted = {item["sample_id"] for item in chunk}
+        rows = answer.get("rewards") if isinstance(answer, dict) else None
+        if not isinstance(rows, list):
+            raise RunError(f"reward webhook {self.spec.url} answered without a 'rewards' list")
+        got: dict[str, float] = {}
+        for row in rows:
+            sid = row.get("sample_id") if isinstance(row, dict) else None
+            value = row.get("reward") if isinstance(row, dict) else None
+            if sid not in wanted or sid in got:
+                raise RunError(f"reward webhook {self.spec.url} answered an unknown or repeated "
+                               f"sample_id {sid!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise RunError(f"reward webhook {self.spec.url} answered a non-finite or "
+                               f"non-numeric reward {value!r} for {sid}")
+            got[sid] = float(value)
+        if missing := wanted - got.keys():
+            raise RunError(f"reward webhook {self.spec.url} left {len(missing)} of {len(wanted)} "
+                           f"samples without a reward (e.g. {sorted(missing)[0]})")
+        return got
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds or an HTTP date; capped so a hostile server cannot stall a run."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), 300.0)
