@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         default=False, description="let reward webhooks call loopback/private addresses"
     )
     webhook_max_response_bytes: int = 1024 * 1024
+    webhook_secret_grace_s: int = Field(
+        default=3600, description="how long a rotated-out secret still verifies callbacks"
+    )
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
 

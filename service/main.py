@@ -13,6 +13,7 @@ from service.errors import ServiceError, http_status_and_code
 from service.files.routes import router as files_router
 from service.health import router as health_router
 from service.metrics.routes import router as metrics_router
+from service.rewards.routes import router as rewards_router
 from service.runs.routes import router as runs_router
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router):
+    for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router,
+                   rewards_router):
         app.include_router(router)
     return app

@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass, field
 
 import uvicorn
-from fastapi import FastAPI, Request
+import httpx
+from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.rewards.signing import HEADER, REQUEST_ID_HEADER, SignatureError, verify
+from service.rewards.signing import HEADER, REQUEST_ID_HEADER, SignatureError, sign, verify
 from service.stack import free_port
 
 
@@ -27,16 +28,27 @@ class Behaviour:
     fail_after: int | None = None  # answer 503 to every request after the first N
     retry_after: str | None = "0"
     lie: str | None = None  # "nan" | "unknown_id" | "missing" | "status_404"
+    mode: str = "sync"  # "async": answer 202, then POST the rewards to the callback_url
+    call_back: bool = True  # async: False never calls back
     calls: int = 0
     rewards: dict[str, float] = field(default_factory=dict)
     request_ids: list[str] = field(default_factory=list)
+    callback_statuses: list[int] = field(default_factory=list)
 
 
 def make_app(b: Behaviour) -> FastAPI:
     app = FastAPI()
 
+    def call_back(payload: dict) -> None:
+        out = [{"sample_id": i["sample_id"], "reward": b.rewards[i["sample_id"]]}
+               for i in payload["items"]]
+        body = json.dumps({"request_id": payload["request_id"], "rewards": out}).encode()
+        resp = httpx.post(payload["callback_url"], content=body, timeout=30,
+                          headers={"Content-Type": "application/json", HEADER: sign(b.secret, body)})
+        b.callback_statuses.append(resp.status_code)
+
     @app.post("/score")
-    async def score_items(request: Request) -> Response:
+    async def score_items(request: Request, background: BackgroundTasks) -> Response:
         body = await request.body()
         try:
             verify(b.secret, request.headers.get(HEADER), body)
@@ -55,6 +67,10 @@ def make_app(b: Behaviour) -> FastAPI:
         for item in payload["items"]:
             b.rewards[item["sample_id"]] = score(item["completion"])
             out.append({"sample_id": item["sample_id"], "reward": b.rewards[item["sample_id"]]})
+        if b.mode == "async":
+            if b.call_back:
+                background.add_task(call_back, payload)
+            return JSONResponse({"accepted": payload["request_id"]}, status_code=202)
         if b.lie == "nan":
             out[0]["reward"] = math.nan
         elif b.lie == "unknown_id":
@@ -67,26 +83,33 @@ def make_app(b: Behaviour) -> FastAPI:
     return app
 
 
-class RewardServer:
-    def __init__(self, behaviour: Behaviour) -> None:
-        self.behaviour, self.port = behaviour, free_port()
-        config = uvicorn.Config(make_app(behaviour), host="127.0.0.1", port=self.port,
-                                log_level="warning")
+class ThreadServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app, port: int | None = None) -> None:
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/score"
-
-    def __enter__(self) -> "RewardServer":
+    def __enter__(self) -> "ThreadServer":
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
-            assert time.monotonic() < deadline, "reward server did not start"
+            assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.02)
         return self
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class RewardServer(ThreadServer):
+    def __init__(self, behaviour: Behaviour) -> None:
+        super().__init__(make_app(behaviour))
+        self.behaviour = behaviour
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/score"

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import session_scope
-from service.models import Checkpoint, Metric, Run, Sample
+from service.models import Checkpoint, Metric, RewardRequest, Run, Sample
 from service.models.base import utcnow
 from service.runs.service import TERMINAL, add_event
 
@@ -87,6 +87,19 @@ class RunRecorder:
     def webhook_secret(self) -> str:
         with session_scope(self.url) as session:
             return session.scalar(select(Run.webhook_secret).where(Run.id == self.run_id))
+
+    def open_reward_request(self, request_id: str, step: int, sample_ids: list[str]) -> None:
+        """Record an async request before it is sent, so an early callback finds it."""
+        with session_scope(self.url) as session:
+            if session.get(RewardRequest, request_id) is None:
+                session.add(RewardRequest(id=request_id, run_id=self.run_id, step=step,
+                                          sample_ids=sample_ids, rewards={}))
+
+    def reward_results(self, request_ids: list[str]) -> dict[str, dict[str, float] | None]:
+        """Each request's rewards once all of its samples have one, else None."""
+        with session_scope(self.url) as session:
+            rows = session.scalars(select(RewardRequest).where(RewardRequest.id.in_(request_ids)))
+            return {r.id: dict(r.rewards) if r.completed_at else None for r in rows}
 
     def cancel_requested(self) -> bool:
         with session_scope(self.url) as session:

@@ -114,12 +114,13 @@ class RunLoop:
     def _webhook_context(self) -> WebhookContext:
         run_id = self.recorder.run_id
         return WebhookContext(
-            run_id=run_id, secret=self.recorder.webhook_secret(),
+            run_id=run_id, secret=self.recorder.webhook_secret,
             callback_url=f"{self.settings.resolved_api_url}/v1/runs/{run_id}/rewards",
             allow_private=self.settings.webhook_allow_private,
             max_response_bytes=self.settings.webhook_max_response_bytes,
             on_retry=lambda message, data: self.recorder.event("reward.retry", message,
                                                                "warning", data),
+            open_request=self.recorder.open_reward_request, results=self.recorder.reward_results,
         )
 
     def _examples(self):

@@ -17,6 +17,9 @@ class Run(Base):
     status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_secret: Mapped[str] = mapped_column(String(80))
+    # After a rotation the previous secret still verifies callbacks until this moment.
+    previous_webhook_secret: Mapped[str | None] = mapped_column(String(80))
+    previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     step: Mapped[int] = mapped_column(Integer, default=0)

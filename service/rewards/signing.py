@@ -6,6 +6,7 @@ same way, and both sides check with `verify`. Reward models can import this modu
 
 import hashlib
 import hmac
+import secrets
 import time
 
 HEADER = "GVPO-Signature"
@@ -15,6 +16,10 @@ TOLERANCE_S = 300
 
 class SignatureError(ValueError):
     """The signature is missing, malformed, stale or wrong; the message says which."""
+
+
+def new_secret() -> str:
+    return "whsec_" + secrets.token_urlsafe(32)
 
 
 def _digest(secret: str, timestamp: int, body: bytes) -> str:

@@ -17,12 +17,14 @@ def create_run(
     spec: RunSpec, response: Response, session: SessionDep, project: ProjectDep,
     settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> RunCreated:
-    """Create a run. The response carries the run's webhook_secret; replays of the same
-    Idempotency-Key with the same body return the same run (200) instead of a new one."""
+    """Create a run. The response carries the run's webhook_secret, once; replays of the same
+    Idempotency-Key with the same body return the same run (200, webhook_secret null)."""
     run, created = service.create_run(session, settings, project, spec, idempotency_key)
+    out = RunCreated.model_validate(run)
     if not created:
         response.status_code = 200
-    return RunCreated.model_validate(run)
+        out.webhook_secret = None  # the secret is shown once; rotate it if it was lost
+    return out
 
 
 @router.get("", response_model=RunList)

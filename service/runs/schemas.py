@@ -24,7 +24,8 @@ class RunRead(BaseModel):
 
 
 class RunCreated(RunRead):
-    webhook_secret: str
+    # Shown once, when the run is created; an idempotent replay carries null (rotate to renew).
+    webhook_secret: str | None
 
 
 class RunList(BaseModel):

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import secrets
 from typing import Any
 
 from sqlalchemy import select
@@ -16,6 +15,7 @@ from service.errors import Conflict, InvalidSpec, NotFound
 from service.files.service import get_file
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
+from service.rewards.signing import new_secret
 from service.rewards.urls import webhook_url_problem
 from service.runs.spec import CompositeReward, RunSpec, WebhookReward
 
@@ -85,7 +85,7 @@ def create_run(
     _check_webhooks(settings, spec)
     run = Run(
         project_id=project.id, name=spec.name, spec=spec.model_dump(mode="json"),
-        webhook_secret="whsec_" + secrets.token_urlsafe(32), idempotency_key=idempotency_key,
+        webhook_secret=new_secret(), idempotency_key=idempotency_key,
         request_hash=digest, total_steps=spec.training.steps,
     )
     session.add(run)

@@ -167,13 +167,6 @@ class WebhookReward(_Strict):
     def name(self) -> str:
         return "webhook"
 
-    @field_validator("mode")
-    @classmethod
-    def _sync_only(cls, v: str) -> str:
-        if v == "async":
-            raise ValueError(f"async reward callbacks {NOT_YET}; use mode: sync")
-        return v
-
 
 class _Weighted(BaseModel):
     weight: float = Field(1.0, description="its share of the composite reward")

@@ -4,12 +4,18 @@ Each step's completions go out in batches of `max_items_per_request`, each signe
 run's secret. Network errors, 5xx and 429 are retried with exponential backoff and full jitter
 (honouring Retry-After) up to `max_attempts`; any other answer that is not a complete, finite
 set of rewards fails the run at once with a message naming the URL, the answer and the tries.
+
+In async mode the reward model answers 202 and later POSTs the rewards to the API, which stores
+them on the request's row; the worker waits until every request of the step is complete,
+re-sends a request whose callback has not completed within `timeout_s`, and fails the run after
+`max_attempts` sends. Groups therefore train only when all k rewards are in.
 """
 
 import email.utils
 import json
 import math
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,16 +32,22 @@ from workers.rewards.base import Scores
 from workers.rollout.base import Rollout
 
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
+ACCEPTED = object()  # an async reward model's 202: the rewards will come by callback
+
+
+POLL_S = 0.2
 
 
 @dataclass
 class WebhookContext:
     run_id: str
-    secret: str
+    secret: Callable[[], str]  # read per request: a rotation takes effect at once
     callback_url: str
     allow_private: bool
     max_response_bytes: int
     on_retry: Callable[[str, dict], None]  # (message, data) -> records an event
+    open_request: Callable[[str, int, list[str]], None]  # async: record before sending
+    results: Callable[[list[str]], dict[str, dict[str, float] | None]]  # async: callbacks so far
     sleep: Callable[[float], None] = time.sleep
 
 
@@ -57,28 +69,78 @@ class WebhookScorer:
         self.spec, self.ctx = spec, ctx
 
     def score(self, step: int, examples: list[Example], rollouts: list[Rollout]) -> Scores:
+        run = self.ctx.run_id.removeprefix("run_")
         items = [
-            {"sample_id": sample_id(self.ctx.run_id, step, g, i),
-             "group_id": f"grp_{self.ctx.run_id.removeprefix('run_')}_{step}_{g}",
+            {"sample_id": sample_id(self.ctx.run_id, step, g, i), "group_id": f"grp_{run}_{step}_{g}",
              "prompt": e.prompt, "completion": c.text, "answer": e.answer}
             for g, (e, r) in enumerate(zip(examples, rollouts, strict=True))
             for i, c in enumerate(r.completions)
         ]
-        size, rewards = self.spec.max_items_per_request, {}
+        size, attempt = self.spec.max_items_per_request, secrets.token_hex(3)
+        # A fresh request id per execution of the step: a late callback to an earlier attempt
+        # (before a resume) can never fill in rewards for different completions.
+        requests = {f"rq_{run}_{step}_{n}_{attempt}": items[start : start + size]
+                    for n, start in enumerate(range(0, len(items), size))}
         with httpx.Client(timeout=self.spec.timeout_s, follow_redirects=False) as client:
-            for n, start in enumerate(range(0, len(items), size)):
-                chunk = items[start : start + size]
-                request_id = f"rq_{self.ctx.run_id.removeprefix('run_')}_{step}_{n}"
-                body = json.dumps({
-                    "type": "reward.request", "request_id": request_id,
-                    "run_id": self.ctx.run_id, "step": step,
-                    "callback_url": self.ctx.callback_url, "items": chunk,
-                }).encode()
-                answer = self._post_with_retries(client, body, request_id)
-                rewards.update(self._parse(answer, chunk))
+            if self.spec.mode == "async":
+                rewards = self._collect_async(client, step, requests)
+            else:
+                rewards = {}
+                for request_id, chunk in requests.items():
+                    answer = self._post_with_retries(client, self._body(request_id, step, chunk),
+                                                     request_id)
+                    rewards.update(self._parse(answer, chunk))
         k = len(rollouts[0].completions)
         flat = [rewards[item["sample_id"]] for item in items]
         return Scores(torch.tensor(flat, dtype=torch.float32).view(len(rollouts), k))  # (G, k)
+
+    def _body(self, request_id: str, step: int, chunk: list[dict]) -> bytes:
+        return json.dumps({
+            "type": "reward.request", "request_id": request_id, "run_id": self.ctx.run_id,
+            "step": step, "callback_url": self.ctx.callback_url, "items": chunk,
+        }).encode()
+
+    def _collect_async(self, client: httpx.Client, step: int,
+                       requests: dict[str, list[dict]]) -> dict[str, float]:
+        rewards: dict[str, float] = {}
+        pending: dict[str, tuple[float, int]] = {}  # request id -> (deadline, sends)
+        for request_id, chunk in requests.items():
+            self.ctx.open_request(request_id, step, [item["sample_id"] for item in chunk])
+            if (answer := self._send_async(client, step, request_id, chunk)) is not None:
+                rewards.update(answer)
+            else:
+                pending[request_id] = (time.monotonic() + self.spec.timeout_s, 1)
+        while pending:
+            for request_id, got in self.ctx.results(list(pending)).items():
+                if got is not None:
+                    rewards.update(got)
+                    del pending[request_id]
+            for request_id, (deadline, sends) in list(pending.items()):
+                if time.monotonic() < deadline:
+                    continue
+                if sends >= self.spec.max_attempts:
+                    raise RunError(
+                        f"reward webhook {self.spec.url}: no complete callback for {request_id} "
+                        f"within timeout_s={self.spec.timeout_s:g} after {sends} tries")
+                self.ctx.on_retry(
+                    f"reward webhook {self.spec.url}: no complete callback for {request_id} "
+                    f"within {self.spec.timeout_s:g} s; sending it again ({sends + 1} of "
+                    f"{self.spec.max_attempts})", {"url": self.spec.url, "request_id": request_id})
+                answer = self._send_async(client, step, request_id, requests[request_id])
+                if answer is not None:
+                    rewards.update(answer)
+                    del pending[request_id]
+                else:
+                    pending[request_id] = (time.monotonic() + self.spec.timeout_s, sends + 1)
+            if pending:
+                self.ctx.sleep(POLL_S)
+        return rewards
+
+    def _send_async(self, client: httpx.Client, step: int, request_id: str,
+                    chunk: list[dict]) -> dict[str, float] | None:
+        """POST one async request; its rewards if the model answered at once, else None (202)."""
+        answer = self._post_with_retries(client, self._body(request_id, step, chunk), request_id)
+        return None if answer is ACCEPTED else self._parse(answer, chunk)
 
     def _post_with_retries(self, client: httpx.Client, body: bytes, request_id: str) -> object:
         url, tries = self.spec.url, self.spec.max_attempts
@@ -104,7 +166,8 @@ class WebhookScorer:
         raise RunError(f"reward webhook {url} failed after {tries} tries; last answer: {last.answer}")
 
     def _post(self, client: httpx.Client, body: bytes, request_id: str) -> object:
-        headers = {"Content-Type": "application/json", HEADER: sign(self.ctx.secret, body),
+        """One signed POST: the parsed JSON of a 200, ACCEPTED for an async 202."""
+        headers = {"Content-Type": "application/json", HEADER: sign(self.ctx.secret(), body),
                    REQUEST_ID_HEADER: request_id}
         deadline = time.monotonic() + self.spec.timeout_s
         try:
@@ -116,9 +179,13 @@ class WebhookScorer:
         if resp.status_code >= 500 or resp.status_code == 429:
             raise _Transient(f"HTTP {resp.status_code}: {text[:200]!r}",
                              _retry_after(resp.headers.get("Retry-After")))
+        if resp.status_code == 202 and self.spec.mode == "async":
+            return ACCEPTED
         if resp.status_code != 200:
+            expected = "202, or 200 with rewards" if self.spec.mode == "async" else "200 with rewards"
             raise RunError(f"reward webhook {self.spec.url} answered HTTP {resp.status_code} "
-                           f"({text[:200]!r}); a sync reward model must answer 200 with rewards")
+                           f"({text[:200]!r}); a {self.spec.mode} reward model must answer "
+                           f"{expected}")
         try:
             return json.loads(text)
         except json.JSONDecodeError:

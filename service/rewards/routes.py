@@ -1,0 +1,36 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+
+from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.rewards import service
+from service.rewards.schemas import CallbackAccepted, SecretRotated
+from service.rewards.signing import HEADER
+
+router = APIRouter(prefix="/v1/runs", tags=["rewards"])
+
+
+async def _raw_body(request: Request) -> bytes:
+    return await request.body()  # the signature covers the exact bytes sent
+
+
+@router.post("/{run_id}/rewards", response_model=CallbackAccepted)
+def reward_callback(
+    run_id: str, raw: Annotated[bytes, Depends(_raw_body)], session: SessionDep,
+    signature: Annotated[str | None, Header(alias=HEADER)] = None,
+) -> CallbackAccepted:
+    """Async reward callback from a reward model, signed with the run's webhook secret
+    (no API key): {"request_id": "rq_…", "rewards": [{"sample_id": "smp_…", "reward": 0.5}]}.
+
+    A plain (threadpool) handler: database work must never block the event loop, or a callback
+    waiting on a lock would stop another request's commit from running."""
+    return CallbackAccepted(**service.accept_callback(session, run_id, raw, signature))
+
+
+@router.post("/{run_id}/webhook-secret/rotate", response_model=SecretRotated)
+def rotate_webhook_secret(
+    run_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep,
+) -> SecretRotated:
+    """A new webhook secret, shown once; the previous one keeps verifying callbacks for
+    GVPO_WEBHOOK_SECRET_GRACE_S seconds."""
+    return SecretRotated(**service.rotate_secret(session, settings, project, run_id))

@@ -1,0 +1,92 @@
+"""Async reward callbacks and webhook secrets.
+
+A callback is authenticated by the run's webhook signature, not an API key. It may carry all or
+part of a request's rewards; rewards already stored must be repeated identically (a duplicate is
+accepted once), and any disagreement is refused as a whole (409) so nothing changes.
+"""
+
+import json
+import math
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.errors import BadRequest, Conflict, NotFound, Unauthorized
+from service.models import Project, RewardRequest, Run
+from service.models.base import utcnow
+from service.rewards.signing import SignatureError, new_secret, verify
+from service.runs.service import add_event, get_run
+
+
+def accepted_secrets(run: Run) -> list[str]:
+    keys = [run.webhook_secret]
+    if run.previous_webhook_secret and run.previous_secret_expires_at and \
+            run.previous_secret_expires_at > utcnow():
+        keys.append(run.previous_webhook_secret)
+    return keys
+
+
+def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("request_id"), str) \
+            or not isinstance(body.get("rewards"), list):
+        raise BadRequest('expected {"request_id": "...", "rewards": [{"sample_id", "reward"}]}')
+    pairs = []
+    for n, row in enumerate(body["rewards"]):
+        sid = row.get("sample_id") if isinstance(row, dict) else None
+        value = row.get("reward") if isinstance(row, dict) else None
+        if not isinstance(sid, str):
+            raise BadRequest(f"rewards[{n}] has no sample_id", {"index": n})
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise BadRequest(f"rewards[{n}] ({sid}): reward must be a finite number, got {value!r}",
+                             {"sample_id": sid})
+        pairs.append((sid, float(value)))
+    return body["request_id"], pairs
+
+
+def accept_callback(session: Session, run_id: str, raw: bytes, signature: str | None) -> dict:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id!r}")
+    try:
+        verify(accepted_secrets(run), signature, raw)
+    except SignatureError as exc:
+        raise Unauthorized(f"bad webhook signature: {exc}") from None
+    request_id, pairs = _parse(raw)
+    request = session.get(RewardRequest, request_id, with_for_update=True)
+    if request is None or request.run_id != run_id:
+        raise BadRequest(f"unknown request_id {request_id!r} for run {run_id}")
+    known, stored, new = set(request.sample_ids), dict(request.rewards), {}
+    for sid, value in pairs:
+        if sid not in known:
+            raise BadRequest(f"unknown sample_id {sid!r} in request {request_id}", {"sample_id": sid})
+        previous = stored.get(sid, new.get(sid))
+        if previous is not None and previous != value:
+            raise Conflict(f"sample {sid} already has reward {previous}; got {value}",
+                           {"sample_id": sid})
+        if sid not in stored:
+            new[sid] = value
+    if new:
+        request.rewards = {**stored, **new}
+        if len(request.rewards) == len(known):
+            request.completed_at = utcnow()
+        session.flush()
+    return {"request_id": request_id, "accepted": len(new),
+            "complete": len(request.rewards) == len(known)}
+
+
+def rotate_secret(session: Session, settings: Settings, project: Project, run_id: str) -> dict:
+    run = get_run(session, project, run_id)
+    expires = utcnow() + timedelta(seconds=settings.webhook_secret_grace_s)
+    run.previous_webhook_secret, run.previous_secret_expires_at = run.webhook_secret, expires
+    run.webhook_secret = new_secret()
+    add_event(session, run.id, "webhook.secret_rotated",
+              f"webhook secret rotated; the previous one is accepted until {expires.isoformat()}")
+    session.flush()
+    return {"run_id": run.id, "webhook_secret": run.webhook_secret,
+            "previous_secret_expires_at": expires}

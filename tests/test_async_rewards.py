@@ -1,0 +1,183 @@
+"""Async reward callbacks: a reward model that answers 202 and POSTs rewards to the real API,
+bad callbacks refused without changing anything, and webhook secret rotation."""
+
+import json
+import math
+import time
+
+import pytest
+from helpers import assert_error, auth, submit
+from reward_server import Behaviour, RewardServer, ThreadServer
+from sqlalchemy import select
+
+from service.db import session_scope
+from service.main import create_app
+from service.models import RewardRequest, Run, RunEvent, Sample
+from service.rewards.signing import HEADER, sign
+from service.stack import free_port
+from workers.records import RunRecorder
+from workers.run_loop import execute_run
+
+
+@pytest.fixture
+def api_server(settings):
+    """The real API on a loopback port, where reward models call back."""
+    live = settings.model_copy(update={"webhook_allow_private": True, "api_port": free_port()})
+    with ThreadServer(create_app(live), port=live.api_port):
+        yield live
+
+
+def async_run(settings, model_dir, url: str, **reward) -> tuple[str, str]:
+    spec = {"type": "webhook", "url": url, "mode": "async", "timeout_s": 10, **reward}
+    run_id = submit(settings, model_dir, reward=spec)
+    with session_scope(settings.resolved_database_url) as session:
+        return run_id, session.get(Run, run_id).webhook_secret
+
+
+def test_async_callbacks_train_to_success(api_server, tiny_model_dir):
+    behaviour = Behaviour(mode="async")
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
+                                             max_items_per_request=5)
+        assert execute_run(api_server, run_id, "worker-a") == "succeeded"
+    assert behaviour.callback_statuses and set(behaviour.callback_statuses) == {200}
+    with session_scope(api_server.resolved_database_url) as session:
+        samples = session.scalars(select(Sample).where(Sample.run_id == run_id)).all()
+        requests = session.scalars(select(RewardRequest).where(RewardRequest.run_id == run_id)).all()
+    assert len(samples) == 48 and len(requests) == 6 * 2  # 8 items a step, 5 per request
+    assert all(r.completed_at is not None for r in requests)
+    with session_scope(api_server.resolved_database_url) as session:
+        types = session.scalars(select(RunEvent.type).where(RunEvent.run_id == run_id)).all()
+    assert "reward.retry" not in types  # every callback landed on the first send
+    for s in samples:
+        sid = f"smp_{run_id.removeprefix('run_')}_{s.step}_{s.group_index}_{s.sample_index}"
+        assert s.reward == pytest.approx(behaviour.rewards[sid])
+
+
+def test_a_missing_callback_is_resent_then_fails_the_run(api_server, tiny_model_dir):
+    behaviour = Behaviour(mode="async", call_back=False)
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
+                                             timeout_s=0.5, max_attempts=2)
+        started = time.monotonic()
+        assert execute_run(api_server, run_id, "worker-a") == "failed"
+    assert time.monotonic() - started < 10
+    assert behaviour.calls == 2  # sent, then re-sent once after the deadline
+    with session_scope(api_server.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+        types = session.scalars(select(RunEvent.type).where(RunEvent.run_id == run_id)).all()
+    assert "no complete callback" in run.error and "after 2 tries" in run.error
+    assert types.count("reward.retry") == 1
+
+
+# --- the callback endpoint, request by request --------------------------------------------------
+
+
+@pytest.fixture
+def pending(settings, tiny_model_dir):
+    """A run with one open async request of two samples."""
+    run_id = submit(settings, tiny_model_dir)
+    RunRecorder(settings, run_id, "worker-a").open_reward_request("rq_1", 1, ["smp_a", "smp_b"])
+    with session_scope(settings.resolved_database_url) as session:
+        return run_id, session.get(Run, run_id).webhook_secret
+
+
+def post(api, run_id: str, secret: str, rewards: list[dict], request_id: str = "rq_1",
+         timestamp: int | None = None, raw: bytes | None = None):
+    body = raw if raw is not None else json.dumps(
+        {"request_id": request_id, "rewards": rewards}).encode()
+    return api.post(f"/v1/runs/{run_id}/rewards", content=body,
+                    headers={"Content-Type": "application/json",
+                             HEADER: sign(secret, body, timestamp)})
+
+
+def stored(settings) -> dict:
+    with session_scope(settings.resolved_database_url) as session:
+        return dict(session.get(RewardRequest, "rq_1").rewards)
+
+
+def test_callbacks_merge_and_duplicates_are_accepted_once(api, settings, pending):
+    run_id, secret = pending
+    first = post(api, run_id, secret, [{"sample_id": "smp_a", "reward": 0.5}])
+    assert first.status_code == 200 and first.json()["accepted"] == 1
+    assert not first.json()["complete"]
+    again = post(api, run_id, secret, [{"sample_id": "smp_a", "reward": 0.5}])
+    assert again.status_code == 200 and again.json()["accepted"] == 0
+    done = post(api, run_id, secret, [{"sample_id": "smp_a", "reward": 0.5},
+                                      {"sample_id": "smp_b", "reward": 1}])
+    assert done.json() == {"object": "reward.callback", "request_id": "rq_1", "accepted": 1,
+                           "complete": True}
+    assert stored(settings) == {"smp_a": 0.5, "smp_b": 1.0}
+
+
+@pytest.mark.parametrize(("case", "status", "needle"), [
+    ("wrong_secret", 401, "does not match"),
+    ("stale", 401, "tolerance"),
+    ("unsigned", 401, "missing GVPO-Signature"),
+    ("unknown_request", 400, "unknown request_id"),
+    ("unknown_sample", 400, "unknown sample_id"),
+    ("nan", 400, "finite"),
+    ("not_json", 400, "not JSON"),
+    ("conflict", 409, "already has reward 0.5"),
+])
+def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, case, status,
+                                                      needle):
+    run_id, secret = pending
+    assert post(api, run_id, secret, [{"sample_id": "smp_a", "reward": 0.5}]).status_code == 200
+    good = [{"sample_id": "smp_b", "reward": 0.25}]
+    if case == "wrong_secret":
+        resp = post(api, run_id, "whsec_wrong", good)
+    elif case == "stale":
+        resp = post(api, run_id, secret, good, timestamp=int(time.time()) - 3600)
+    elif case == "unsigned":
+        resp = api.post(f"/v1/runs/{run_id}/rewards", json={"request_id": "rq_1", "rewards": good})
+    elif case == "unknown_request":
+        resp = post(api, run_id, secret, good, request_id="rq_other")
+    elif case == "unknown_sample":
+        resp = post(api, run_id, secret, [{"sample_id": "smp_zzz", "reward": 1.0}])
+    elif case == "nan":
+        resp = post(api, run_id, secret, [{"sample_id": "smp_b", "reward": math.nan}])
+    elif case == "not_json":
+        resp = post(api, run_id, secret, [], raw=b"{not json")
+    else:
+        resp = post(api, run_id, secret, [{"sample_id": "smp_b", "reward": 0.25},
+                                          {"sample_id": "smp_a", "reward": 0.75}])
+    assert_error(resp, status, {401: "unauthorized", 400: "bad_request", 409: "conflict"}[status],
+                 needle)
+    assert stored(settings) == {"smp_a": 0.5}  # nothing changed, not even smp_b
+
+
+def test_callback_for_an_unknown_run_is_404(api):
+    body = b'{"request_id": "rq_1", "rewards": []}'
+    resp = api.post("/v1/runs/run_nope/rewards", content=body, headers={HEADER: sign("x", body)})
+    assert_error(resp, 404, "not_found")
+
+
+def test_secret_rotation_keeps_the_old_secret_for_the_grace_period(api, settings, pending,
+                                                                   make_key):
+    run_id, old = pending
+    project_key = make_key("loop")  # the project `submit` created the run in
+    rotated = api.post(f"/v1/runs/{run_id}/webhook-secret/rotate", headers=auth(project_key))
+    assert rotated.status_code == 200, rotated.text
+    new = rotated.json()["webhook_secret"]
+    assert new != old and new.startswith("whsec_")
+    assert post(api, run_id, old, [{"sample_id": "smp_a", "reward": 0.5}]).status_code == 200
+    assert post(api, run_id, new, [{"sample_id": "smp_b", "reward": 0.5}]).status_code == 200
+    shown = api.get(f"/v1/runs/{run_id}", headers=auth(project_key)).text
+    assert new not in shown and old not in shown
+    other = make_key("someone-else")
+    assert_error(api.post(f"/v1/runs/{run_id}/webhook-secret/rotate", headers=auth(other)),
+                 404, "not_found")
+
+
+def test_a_rotated_out_secret_stops_working_after_the_grace_period(settings, pending, make_key):
+    from fastapi.testclient import TestClient
+
+    run_id, old = pending
+    no_grace = settings.model_copy(update={"webhook_secret_grace_s": 0})
+    with TestClient(create_app(no_grace)) as api:
+        new = api.post(f"/v1/runs/{run_id}/webhook-secret/rotate",
+                       headers=auth(make_key("loop"))).json()["webhook_secret"]
+        assert_error(post(api, run_id, old, [{"sample_id": "smp_a", "reward": 0.5}]), 401,
+                     "unauthorized")
+        assert post(api, run_id, new, [{"sample_id": "smp_a", "reward": 0.5}]).status_code == 200
