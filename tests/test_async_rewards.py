@@ -181,3 +181,20 @@ def test_a_rotated_out_secret_stops_working_after_the_grace_period(settings, pen
         assert_error(post(api, run_id, old, [{"sample_id": "smp_a", "reward": 0.5}]), 401,
                      "unauthorized")
         assert post(api, run_id, new, [{"sample_id": "smp_a", "reward": 0.5}]).status_code == 200
+
+
+def test_a_user_given_secret_is_used_and_never_stored_in_the_spec(api, settings, make_key):
+    from helpers import copy_rows, jsonl
+
+    key = make_key()
+    upload = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl", jsonl(copy_rows(4)))})
+    mine = "whsec_my_own_secret_0123456789"
+    body = {"model": {"path": "/m"}, "dataset": {"train_file": upload.json()["id"]},
+            "reward": {"type": "builtin", "name": "exact_match"}, "webhook_secret": mine}
+    created = api.post("/v1/runs", headers=auth(key), json=body)
+    assert created.status_code == 201 and created.json()["webhook_secret"] == mine
+    assert "webhook_secret" not in created.json()["spec"]
+    assert mine not in api.get(f"/v1/runs/{created.json()['id']}", headers=auth(key)).text
+    short = api.post("/v1/runs", headers=auth(key), json={**body, "webhook_secret": "short"})
+    assert_error(short, 422, "invalid_request")
+    assert short.json()["error"]["details"]["fields"][0]["field"] == "webhook_secret"

@@ -85,7 +85,9 @@ def create_run(
     _check_webhooks(settings, spec)
     run = Run(
         project_id=project.id, name=spec.name, spec=spec.model_dump(mode="json"),
-        webhook_secret=new_secret(), idempotency_key=idempotency_key,
+        webhook_secret=(spec.webhook_secret.get_secret_value() if spec.webhook_secret
+                        else new_secret()),
+        idempotency_key=idempotency_key,
         request_hash=digest, total_steps=spec.training.steps,
     )
     session.add(run)

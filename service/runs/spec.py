@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -219,6 +220,11 @@ class ResourcesSpec(_Strict):
 
 class RunSpec(_Strict):
     name: str | None = Field(None, max_length=200)
+    webhook_secret: SecretStr | None = Field(
+        None, min_length=16, max_length=80, exclude=True,
+        description="bring your own webhook secret (default: one is made); never stored in the "
+                    "spec or shown again",
+    )
     model: ModelSpec
     dataset: DatasetSpec
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
