@@ -11,7 +11,6 @@ import random
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import torch
 

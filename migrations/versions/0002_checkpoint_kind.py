@@ -7,7 +7,6 @@ Create Date: 2026-11-24
 
 from alembic import op
 import sqlalchemy as sa
-import service.models.base
 
 
 revision = '0002'

@@ -6,7 +6,6 @@ accepted once), and any disagreement is refused as a whole (409) so nothing chan
 """
 
 import json
-import math
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
@@ -15,7 +14,7 @@ from service.config import Settings
 from service.errors import BadRequest, Conflict, NotFound, Unauthorized
 from service.models import Project, RewardRequest, Run
 from service.models.base import utcnow
-from service.rewards.signing import SignatureError, new_secret, verify
+from service.rewards.signing import SignatureError, is_reward, new_secret, verify
 from service.runs.service import add_event, get_run
 
 
@@ -41,8 +40,7 @@ def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
         value = row.get("reward") if isinstance(row, dict) else None
         if not isinstance(sid, str):
             raise BadRequest(f"rewards[{n}] has no sample_id", {"index": n})
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value):
+        if not is_reward(value):
             raise BadRequest(f"rewards[{n}] ({sid}): reward must be a finite number, got {value!r}",
                              {"sample_id": sid})
         pairs.append((sid, float(value)))

@@ -1,4 +1,5 @@
-"""Webhook signatures: `GVPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+"""Webhook signatures: `GVPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`,
+and the rule for reward values that both sides of the protocol apply.
 
 The worker signs what it sends to reward models, reward models sign their async callbacks the
 same way, and both sides check with `verify`. Reward models can import this module alone.
@@ -6,6 +7,7 @@ same way, and both sides check with `verify`. Reward models can import this modu
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 
@@ -16,6 +18,11 @@ TOLERANCE_S = 300
 
 class SignatureError(ValueError):
     """The signature is missing, malformed, stale or wrong; the message says which."""
+
+
+def is_reward(value: object) -> bool:
+    """A reward in either direction of the protocol: a finite JSON number (not a boolean)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def new_secret() -> str:

@@ -13,7 +13,6 @@ re-sends a request whose callback has not completed within `timeout_s`, and fail
 
 import email.utils
 import json
-import math
 import random
 import secrets
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from service.rewards.signing import HEADER, REQUEST_ID_HEADER, sign
+from service.rewards.signing import HEADER, REQUEST_ID_HEADER, is_reward, sign
 from service.rewards.urls import webhook_url_problem
 from service.runs.spec import WebhookReward
 from workers.data import Example
@@ -215,8 +214,7 @@ class WebhookScorer:
             if sid not in wanted or sid in got:
                 raise RunError(f"reward webhook {self.spec.url} answered an unknown or repeated "
                                f"sample_id {sid!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
+            if not is_reward(value):
                 raise RunError(f"reward webhook {self.spec.url} answered a non-finite or "
                                f"non-numeric reward {value!r} for {sid}")
             got[sid] = float(value)
