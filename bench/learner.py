@@ -43,6 +43,9 @@ sys.path.insert(0, str(ROOT))
 SIZES = {
     "tiny": (dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256), (8, 8, 16, 64)),
     "50m": (dict(hidden_size=640, num_layers=10, num_heads=10, intermediate_size=1728), (4, 8, 32, 64)),
+    # GPU sizes (head_dim 128, as in production models; the char vocabulary keeps the LM head tiny)
+    "300m": (dict(hidden_size=1024, num_layers=24, num_heads=8, intermediate_size=2816), (8, 8, 128, 384)),
+    "1b": (dict(hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5632), (4, 8, 128, 384)),
 }
 LR, GRAD_CLIP, BETA = 1e-6, 1.0, 0.1
 
@@ -201,7 +204,8 @@ def run_side(args, side: str, size: str, model_dir: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sizes", default="tiny,50m")
+    ap.add_argument("--sizes", default="tiny,50m", help=f"any of {','.join(SIZES)}")
+    ap.add_argument("--sides", default="ours,trl", help="ours alone where TRL is not installed")
     ap.add_argument("--iters", type=int, default=5, help="timed updates per side (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -230,13 +234,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
         for size in args.sizes.split(","):
             shape_kwargs, (P, k, lp, lc) = SIZES[size]
-            model_dir = str(make_tiny_model(Path(tmp) / size, max_positions=256, seed=0, **shape_kwargs))
-            res = {side: run_side(args, side, size, model_dir) for side in ("ours", "trl")}
+            model_dir = str(make_tiny_model(Path(tmp) / size, max_positions=max(256, lp + lc), seed=0, **shape_kwargs))
+            res = {side: run_side(args, side, size, model_dir) for side in args.sides.split(",")}
             med = {side: statistics.median(r["times"]) for side, r in res.items()}
             for side, r in res.items():
                 row = [size, f"{r['params'] / 1e6:.2f}M", f"{P}x{k}x({lp}+{lc})", side,
                        f"{med[side]:.3f}", f"{r['tokens'] / med[side]:,.0f}", f"{r['peak_mb']:.0f}",
-                       f"{r['delta_mb']:.0f}", f"{med['ours'] / med['trl']:.2f}" if side == "ours" else ""]
+                       f"{r['delta_mb']:.0f}", f"{med['ours'] / med['trl']:.2f}" if side == "ours" and "trl" in med else ""]
                 if mfu:
                     row.append(f"{6 * r['params'] * r['tokens'] / med[side] / (args.peak_tflops * 1e12):.1%}")
                 rows.append(row)

@@ -91,7 +91,10 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
         run = client.create_run(demo_spec(model_dir, uploaded["id"], steps or DEMO_STEPS))
         console.log(f"submitted {run['id']}: GVPO, k=8, 8 prompts/step, {run['total_steps']} steps")
         run = follow_run(client, run["id"], console)
-        curve = client.metrics(run["id"], ["reward/mean"]).get("reward/mean", [])
+        curves = client.metrics(run["id"], ["reward/mean", "rollout/logprob_diff_max"])
+        curve = curves.get("reward/mean", [])
+        gaps = [v for _, v in curves.get("rollout/logprob_diff_max", [])]
+        loaded = [e for e in client.events(run["id"]) if e["type"] == "run.model_loaded"]
         checkpoints = client.checkpoints(run["id"])
     if run["status"] != "succeeded":
         console.print(f"[red]run {run['status']}: {run['error']}")
@@ -102,6 +105,9 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
     head, tail = curve[: max(1, len(curve) // 10)], curve[-max(1, len(curve) // 10) :]
     console.print(f"\nreward/mean: first 10% of steps {sum(v for _, v in head) / len(head):.3f} -> "
                   f"last 10% {sum(v for _, v in tail) / len(tail):.3f}")
+    engine = loaded[-1]["data"]["rollout_engine"] if loaded else "unknown"
+    console.print(f"rollouts: {engine}" + (
+        f" (its sampled-token log-probs vs the learner's: max gap {max(gaps):.1e})" if gaps else ""))
     final = checkpoints[-1]
     console.print(f"final checkpoint (step {final['step']}): {final['path']}")
     console.print(f"load it with: AutoModelForCausalLM.from_pretrained({final['path']!r})")

@@ -68,6 +68,9 @@ def submit(settings, model_path, reward: dict | None = None, **overrides) -> str
         "reward": reward or {"type": "builtin", "name": "char_accuracy"},
         "algorithm": {"group_size": 4, "beta": 0.05, "reference": "initial"},
         "sampling": {"max_new_tokens": 5},
+        # The run loop's own tests use transformers; vLLM runs get their own module (one engine
+        # start there instead of one per test) and the worker end-to-end tests use `auto`.
+        "rollout": {"engine": "hf"},
         "optimizer": {"lr": 1e-3},
         "training": {"steps": 6, "prompts_per_step": 2, "mini_batches": 2},
         "checkpoint": {"every_steps": 3, "keep_last": 1},

