@@ -44,7 +44,8 @@ services:
 test: install-dev services
 	$(BIN)/python -m pytest
 
-# The learner against TRL's GRPOTrainer, side by side (a separate venv keeps TRL out of .venv).
+# Side by side, one thread: the learner and a whole training step against TRL's GRPOTrainer, and
+# vLLM rollouts against transformers generate() (a separate venv keeps TRL out of .venv).
 BENCH_VENV := .venv-bench
 $(BENCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -54,6 +55,8 @@ $(BENCH_VENV)/.installed: pyproject.toml constraints.txt
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/learner.py --threads 1
+	$(BENCH_VENV)/bin/python bench/rollout.py --threads 1
+	$(BENCH_VENV)/bin/python bench/e2e.py --threads 1
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .gvpo

@@ -26,15 +26,14 @@ generation on either side. Both sides load the same saved weights in a fresh sub
 """
 
 import argparse
-import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -192,13 +191,9 @@ def profile(step, sync, args) -> None:
 
 
 def run_side(args, side: str, size: str, model_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--size", size, "--model-dir", model_dir,
-           "--threads", str(args.threads), "--iters", str(args.iters), "--warmup", str(args.warmup),
-           "--device", args.device, "--dtype", args.dtype] + (["--profile"] if args.profile else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return common.run_side(__file__, side, size, model_dir, args.threads, [
+        "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device,
+        "--dtype", args.dtype, *(["--profile"] if args.profile else [])])
 
 
 def main() -> None:
@@ -212,14 +207,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 bf16 dense)")
     ap.add_argument("--profile", action="store_true", help="also profile one update per side")
-    ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--size", help=argparse.SUPPRESS)
-    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        args.side = args.worker
-        print(json.dumps(worker(args)))
-        return
+    args = common.parse_or_work(ap, ["ours", "trl"], worker)
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -245,11 +233,9 @@ def main() -> None:
                     row.append(f"{6 * r['params'] * r['tokens'] / med[side] / (args.peak_tflops * 1e12):.1%}")
                 rows.append(row)
     mem = "GPU max_memory_allocated" if args.device == "cuda" else "process peak RSS (VmHWM)"
-    print(f"\n{args.device} {args.dtype}, {args.threads} thread(s), warm-up {args.warmup}, "
-          f"median of {args.iters}; peak = {mem}, Δ = peak minus memory with the model loaded\n")
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    common.print_table(f"{args.device} {args.dtype}, {args.threads} thread(s), warm-up "
+                       f"{args.warmup}, median of {args.iters}; peak = {mem}, Δ = peak minus "
+                       "memory with the model loaded", head, rows)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,22 @@ def submit(settings, model_path, reward: dict | None = None, **overrides) -> str
         spec["dataset"] = {"train_file": file.id}
         run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
         return run.id
+
+
+def set_constant_logits(model, logits) -> None:
+    """Rewrite a tiny Llama's weights so that every position's next-token logits are `logits`:
+    the residual stream becomes the constant unit vector e0 (embeddings = e0, attention and MLP
+    outputs zeroed), and the LM head reads only that direction."""
+    import torch
+
+    with torch.no_grad():
+        inner = model.get_base_model().model if hasattr(model, "peft_config") else model.model
+        inner.embed_tokens.weight.zero_()
+        inner.embed_tokens.weight[:, 0] = 1.0
+        for layer in inner.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        inner.norm.weight.fill_(1.0)
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[:, 0] = logits / head.shape[1] ** 0.5  # RMSNorm scales e0 to sqrt(hidden)

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import set_constant_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.runs.spec import RunSpec, SamplingSpec
@@ -374,3 +375,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, tiny_model_d
         grads.append([p.grad.clone() for p in policy.parameters()])
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-7)
+
+
+def test_hf_engine_samples_from_the_whole_distribution(model, tokenizer):
+    """No hidden top-k (transformers applies top_k=50 unless told otherwise): with near-flat
+    logits over 100 tokens (EOS ruled out), the samples use far more than 50 distinct tokens."""
+    logits = torch.linspace(0, 0.5, model.config.vocab_size)
+    logits[EOS] = -30.0
+    set_constant_logits(model, logits)
+    engine = HFRolloutEngine(model, tokenizer, CPU)
+    rollouts = engine.generate(["abc"], 128, SamplingSpec(max_new_tokens=8))
+    assert len({t for c in rollouts[0].completions for t in c.token_ids}) >= 90

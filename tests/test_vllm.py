@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import submit
+from helpers import set_constant_logits, submit
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,23 +75,6 @@ def max_gap(model, rollouts) -> float:
     return float(torch.cat(gaps).max())
 
 
-def force_token(model, token_id: int) -> None:
-    """Rewrite the weights so that every position predicts `token_id` (the residual stream is a
-    constant vector and the LM head reads only that direction) - what a learner step that made
-    one token certain would do."""
-    with torch.no_grad():
-        inner = model.get_base_model().model if hasattr(model, "peft_config") else model.model
-        inner.embed_tokens.weight.zero_()
-        inner.embed_tokens.weight[:, 0] = 1.0
-        for layer in inner.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        inner.norm.weight.fill_(1.0)
-        head = model.get_output_embeddings()
-        head.weight.zero_()
-        head.weight[token_id, 0] = 50.0
-
-
 def test_groups_carry_prompt_ids_token_ids_and_matching_logprobs(engine, policy, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rollouts = engine.generate(PROMPTS, 4, SAMPLING)
@@ -105,6 +88,17 @@ def test_groups_carry_prompt_ids_token_ids_and_matching_logprobs(engine, policy,
     assert len({tuple(c.token_ids) for r in rollouts for c in r.completions}) > 6  # sampled
     # float32 on both sides: vLLM's numbers are the learner's up to rounding
     assert max_gap(policy, rollouts) < 1e-4
+
+
+def test_samples_from_the_whole_distribution(engine, policy):
+    """No hidden top-k: with near-flat logits over 100 tokens (EOS ruled out), the samples use
+    far more than 50 distinct tokens."""
+    logits = torch.linspace(0, 0.5, policy.config.vocab_size)
+    logits[engine.eos_ids] = -30.0
+    set_constant_logits(policy, logits)
+    engine.load_weights(policy)
+    rollouts = engine.generate(["abc"], 128, SamplingSpec(max_new_tokens=8))
+    assert len({t for c in rollouts[0].completions for t in c.token_ids}) >= 90
 
 
 def test_stop_strings_cut_text_and_tokens_like_the_hf_engine(engine, tiny_model_dir):
@@ -123,7 +117,9 @@ def test_weight_sync_changes_what_vllm_samples(engine, policy, tiny_model_dir):
     before = engine.generate(PROMPTS, 4, SAMPLING)
     assert not all(set(c.text) == {"q"} for r in before for c in r.completions)
 
-    force_token(policy, q)
+    forced = torch.full((policy.config.vocab_size,), -30.0)
+    forced[q] = 30.0
+    set_constant_logits(policy, forced)
     engine.load_weights(policy)
     after = engine.generate(PROMPTS, 4, SAMPLING)
     assert all(c.text == "qqqqqq" for r in after for c in r.completions)
@@ -225,3 +221,30 @@ def test_explicit_vllm_that_cannot_start_fails_the_run_saying_why(settings, tiny
     failed = run_events(settings, run_id)[-1]
     assert failed.type == "run.failed"
     assert "vLLM could not start" in failed.message and "max_model_len" in failed.message
+
+
+def test_a_gap_above_the_threshold_warns_at_most_once_per_100_steps(settings, tiny_model_dir):
+    # float32 rounding alone (~1e-7) clears a 1e-12 threshold: every step is "out of sync"
+    run_id = submit(settings, tiny_model_dir, training={"steps": 3},
+                    rollout={"engine": "vllm", "logprob_diff_warn": 1e-12})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    warnings = [e for e in run_events(settings, run_id) if e.type == "rollout.logprob_mismatch"]
+    assert len(warnings) == 1 and warnings[0].level == "warning"
+    assert warnings[0].data["step"] == 1 and warnings[0].data["threshold"] == 1e-12
+    assert "out of sync" in warnings[0].message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_colocated_on_one_gpu_with_sleep_between_steps(settings, tiny_model_dir):
+    """vLLM and the learner share the GPU; vLLM sleeps while the learner trains and wakes for
+    the sync. (Skipped on CPU-only machines, CI included.)"""
+    run_id = submit(settings, tiny_model_dir, training={"steps": 3},
+                    resources={"gpus": 1}, model={"dtype": "bfloat16"},
+                    rollout={"engine": "vllm", "gpu_memory_utilization": 0.3,
+                             "sleep_between_steps": True})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    with session_scope(settings.resolved_database_url) as session:
+        gaps = session.scalars(select(Metric.value).where(
+            Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all()
+    assert len(gaps) == 3 and max(gaps) < 1.0
