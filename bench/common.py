@@ -34,7 +34,8 @@ def run_side(script: str, side: str, size: str, model_dir: str, threads: int,
 
 
 def check_threads(results: dict, size: str, threads: int) -> None:
-    """vLLM's CPU worker pins torch's thread count; a side that ended elsewhere is not comparable."""
+    """vLLM's CPU worker pins torch's thread count: a side that ended with another count is
+    not comparable."""
     for side, r in results.items():
         if r.get("threads_after", threads) != threads:
             print(f"note: {size}/{side} ended with torch threads = {r['threads_after']}",

@@ -19,9 +19,10 @@ random-init model (float32), the same "copy this string" prompts and the same re
 - trl:  `GRPOTrainer.train()` with use_vllm=False (transformers generate() on the policy
   itself, so there is no weight sync), num_generations k, per_device_train_batch_size P*k,
   max_completion_length L, float32 like ours (bf16=False: TRL's default is bf16 autocast),
-  TRL's defaults otherwise (beta 0.0: no reference forward; loss_type "dapo"; top_k 0). A step is timed from on_step_begin to on_step_end of a
-  TrainerCallback, which brackets generation, reward and the update. TRL too stops each
-  completion at EOS (generate() stops once every row has; tokens after EOS are masked out).
+  TRL's defaults otherwise (beta 0.0: no reference forward; loss_type "dapo"; top_k 0). A
+  step is timed from on_step_begin to on_step_end of a TrainerCallback, which brackets
+  generation, reward and the update. TRL too stops each completion at EOS (generate() stops
+  once every row has; tokens after EOS are masked out).
 
 Each side runs in a fresh subprocess with the same thread count. Reported per side: the median
 s/step over the steps left after dropping --warmup steps (ours' first step includes vLLM's

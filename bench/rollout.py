@@ -10,8 +10,8 @@ letters, 4-12 characters) and the same sampling settings (temperature 1, top_p 1
 of at most max_new_tokens each, stopping at EOS).
 
 - hf:   `HFRolloutEngine` (transformers `generate()`, left-padded batches, no KV paging; rows
-        that hit EOS keep being computed until the whole batch is done). The model's generation
-        config gets top_k=0, else generate() samples with its implicit top_k=50.
+        that hit EOS keep being computed until the whole batch is done; full distribution, no
+        top-k, like vLLM).
 - vllm: `VLLMRolloutEngine` (vLLM in-process, eager mode on CPU, 1 GiB KV cache, prefix caching).
         Its start-up (engine build, then the first generate() call, which warms vLLM up) is
         reported separately and excluded from the timed calls.
@@ -58,9 +58,6 @@ def build_engine(side: str, model_dir: str, max_new_tokens: int):
         from transformers import AutoModelForCausalLM
         from workers.rollout.hf import HFRolloutEngine
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        # generate() falls back to top_k=50 when the generation config sets none, vLLM samples
-        # the full distribution: top_k=0 makes both sample the same distribution.
-        model.generation_config.top_k = 0
         return HFRolloutEngine(model.eval(), tokenizer, device)
     from service.runs.spec import RunSpec
     from workers.rollout.vllm import VLLMRolloutEngine

@@ -37,7 +37,10 @@ def events(settings, run_id) -> list[RunEvent]:
 def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    run_id = submit(settings, tiny_model_dir)
+    # A reward most random completions earn and some miss, so groups have spread and train
+    # (the copy task's char_accuracy is 0 for nearly every sample of a random model).
+    run_id = submit(settings, tiny_model_dir,
+                    reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}})
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
 
     run = run_row(settings, run_id)
