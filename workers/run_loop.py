@@ -201,7 +201,7 @@ class RunLoop:
                            [[c.logprobs for c in r.completions] for r in rollouts]
                            if reported else None)
         stats = self.learner.learn(batch, step)
-        self.engine_stale = True
+        self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
         if not math.isfinite(stats.loss):
             raise RunError(f"training diverged: the loss is {stats.loss} at step {step}; "
                            "try a lower optimizer.lr or a larger algorithm.beta")
