@@ -29,7 +29,9 @@ def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
 
 
-def load_policy(spec: RunSpec, device: torch.device):
+def load_policy(spec: RunSpec, device: torch.device, checkpoint: Path | None = None):
+    """The policy from spec.model.path, or its trained weights from a checkpoint of this run
+    (a whole model, or with LoRA the adapter on top of spec.model.path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = spec.model.path
@@ -37,14 +39,19 @@ def load_policy(spec: RunSpec, device: torch.device):
         raise RunError(f"model.path {path!r} does not exist on the worker (expected a directory)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(spec, device))
+        full = checkpoint if checkpoint is not None and spec.model.lora is None else path
+        model = AutoModelForCausalLM.from_pretrained(full, dtype=pick_dtype(spec, device))
     except OSError as exc:
         raise RunError(f"could not load model {path!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.model.lora is not None:
+    if spec.model.lora is not None and checkpoint is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    elif spec.model.lora is not None:
         model = _with_lora(model, spec)
     model.to(device).train()
     return model, tokenizer

@@ -140,6 +140,14 @@ class RunRecorder:
             if keep_last:
                 self._prune(session, keep_last)
 
+    def latest_checkpoint(self) -> tuple[int, Path] | None:
+        """The newest checkpoint whose files are still there: where a resumed run continues."""
+        with session_scope(self.url) as session:
+            rows = session.execute(select(Checkpoint.step, Checkpoint.path)
+                                   .where(Checkpoint.run_id == self.run_id)
+                                   .order_by(Checkpoint.step.desc())).all()
+        return next(((step, Path(path)) for step, path in rows if Path(path).is_dir()), None)
+
     def _prune(self, session: Session, keep_last: int) -> None:
         rows = list(session.scalars(
             select(Checkpoint).where(Checkpoint.run_id == self.run_id)

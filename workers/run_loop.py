@@ -20,7 +20,7 @@ from service.files.service import read_rows
 from service.models import File
 from service.runs.spec import RunSpec
 from workers.data import PromptSampler, load_examples
-from workers.learner.checkpoint import save_checkpoint
+from workers.learner.checkpoint import load_training_state, restore_rng, save_checkpoint
 from workers.learner.learner import GroupBatch, Learner
 from workers.errors import RunError
 from workers.model_loading import load_policy, pick_device, pick_dtype
@@ -99,23 +99,47 @@ class RunLoop:
         torch.manual_seed(spec.training.seed)
         random.seed(spec.training.seed)
         self.device = pick_device(spec)
-        self.sampler = PromptSampler(self._examples(), spec.training.seed)
+        resume = self.recorder.latest_checkpoint()  # (step, path) when an earlier attempt died
         # vLLM first: it sizes its GPU share from the memory free when it starts.
         vllm_engine = self._vllm_engine()
-        self.model, self.tokenizer = load_policy(spec, self.device)
+        self.model, self.tokenizer = load_policy(spec, self.device, resume and resume[1])
         self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(self.model, self.tokenizer,
                                                                    self.device)
-        self.engine_stale = False  # the engine starts from the policy's own weights
-        self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id)
+        # The engine starts from spec.model.path: the same weights, unless resuming.
+        self.engine_stale = resume is not None
+        self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id,
+                               self._initial_model() if resume else None)
         self.scorer = build_scorer(spec.reward, self._webhook_context())
         self.diff_warn = spec.rollout.logprob_diff_warn or (
             1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0)
         self.last_diff_warning: int | None = None
+        self.start_step = 1
+        self.sampler = PromptSampler(self._examples(), spec.training.seed)
+        if resume:
+            self._resume(*resume)
         self.recorder.event(
             "run.model_loaded",
             f"loaded {spec.model.path} on {self.device}; rollouts with {self.engine.name}",
             data={"device": str(self.device), "rollout_engine": self.engine.name,
                   "parameters": sum(p.numel() for p in self.model.parameters())})
+
+    def _initial_model(self):
+        """reference="initial" after a resume: the starting weights, not the checkpoint's."""
+        if self.spec.algorithm.reference != "initial" or self.spec.model.lora is not None:
+            return None
+        return load_policy(self.spec, self.device)[0]
+
+    def _resume(self, step: int, path) -> None:
+        """Continue after checkpoint `step`: optimizer, data cursor and RNG as they were then
+        (the RNG last, once nothing else in the set-up draws from it)."""
+        state = load_training_state(path, self.learner.optimizer)
+        cursor = state["data_cursor"]
+        self.sampler = PromptSampler(self.sampler.examples, self.spec.training.seed,
+                                     cursor["epoch"], cursor["position"])
+        restore_rng(state["rng"])
+        self.start_step = step + 1
+        self.recorder.event("run.resumed", f"resumed from the checkpoint at step {step}",
+                            data={"step": step, "path": str(path)})
 
     def _vllm_engine(self) -> VLLMRolloutEngine | None:
         """vLLM where the spec allows it and it is installed; with engine `auto`, a vLLM that
@@ -167,7 +191,7 @@ class RunLoop:
         total = self.spec.training.steps
         every = self.spec.checkpoint.every_steps
         try:
-            for step in range(1, total + 1):
+            for step in range(self.start_step, total + 1):
                 self._check_control()
                 self._step(step)
                 if step % every == 0 or step == total:

@@ -24,6 +24,21 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))  # JSON turned the tuples into lists
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def load_training_state(directory: Path, optimizer) -> dict[str, Any]:
+    """The optimizer state goes back into `optimizer`; returns trainer_state.json (step, data
+    cursor, RNG state) for the caller to restore once nothing else will draw random numbers."""
+    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+    return json.loads((directory / STATE_FILE).read_text())
+
+
 def save_checkpoint(
     directory: Path, model, tokenizer, optimizer, step: int, extra: dict[str, Any],
 ) -> int:

@@ -139,7 +139,10 @@ class _Tally:
 
 
 class Learner:
-    def __init__(self, model, spec: RunSpec, device: torch.device, pad_id: int) -> None:
+    def __init__(self, model, spec: RunSpec, device: torch.device, pad_id: int,
+                 initial_model=None) -> None:
+        """`initial_model`: the starting model for reference="initial" when `model` is no longer
+        it (a resumed run); by default a frozen copy of `model`."""
         self.model, self.spec, self.device, self.pad_id = model, spec, device, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         opt = spec.optimizer
@@ -150,7 +153,8 @@ class Learner:
         self.collective = _Collective(device)
         self.frozen = None
         if spec.algorithm.reference == "initial" and not hasattr(model, "disable_adapter"):
-            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            initial = copy.deepcopy(model) if initial_model is None else initial_model
+            self.frozen = initial.eval().requires_grad_(False)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps training steps (1-based), then constant."""

