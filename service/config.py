@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     )
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
+    reaper_interval_s: float = Field(
+        default=15.0, ge=0,
+        description="how often each API process requeues runs with an expired lease and publishes "
+                    "runs the broker missed; 0 turns the reaper off",
+    )
 
     @property
     def resolved_data_dir(self) -> Path:

@@ -1,6 +1,7 @@
 """create_app(): routers and error handlers. Engines are built lazily per process, never at import."""
 
 import logging
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,6 +15,7 @@ from service.files.routes import router as files_router
 from service.health import router as health_router
 from service.metrics.routes import router as metrics_router
 from service.rewards.routes import router as rewards_router
+from service.runs.reaper import Reaper
 from service.runs.routes import router as runs_router
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,22 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    settings = app.state.settings
+    reaper = Reaper(settings) if settings.reaper_interval_s > 0 else None
+    if reaper:
+        reaper.start()
+    try:
+        yield
+    finally:
+        if reaper:
+            reaper.stopped.set()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(title="gvpo-service", version="0.1.0", summary="GVPO post-training as a service")
+    app = FastAPI(title="gvpo-service", version="0.1.0", summary="GVPO post-training as a service",
+                  lifespan=_lifespan)
     app.state.settings = settings or get_settings()
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -34,6 +34,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
         "GVPO_TORCH_THREADS": str(settings.torch_threads),
         "GVPO_LEASE_SECONDS": str(settings.lease_seconds),
         "GVPO_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "GVPO_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
         "GVPO_WORKER_QUEUES": settings.worker_queues,
     })
     # Small models on few cores run far faster single-threaded (the worker also sets torch).
@@ -88,6 +89,10 @@ class Stack:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"the API at {self.url} was not ready after {timeout:.0f} s")
+
+    def start_worker(self) -> None:
+        """A new worker process, in place of one that died."""
+        self._spawn("worker", ["worker"])
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM both; whatever is still alive after `grace` seconds is killed with its group.

@@ -210,7 +210,8 @@ def test_projects_see_only_their_own_runs_and_files(api, make_key):
     my_file, their_file = new_file(api, mine), new_file(api, theirs)
     my_run, their_run = new_run(api, mine, my_file), new_run(api, theirs, their_file)
     rid = their_run["id"]
-    for method, path in [("GET", ""), ("POST", "/cancel"), ("GET", "/events"),
+    for method, path in [("GET", ""), ("POST", "/cancel"), ("POST", "/pause"),
+                         ("POST", "/resume"), ("GET", "/events"),
                          ("GET", "/metrics"), ("GET", "/samples"), ("GET", "/checkpoints"),
                          ("GET", "/checkpoints/ckpt_x/download")]:
         resp = api.request(method, f"/v1/runs/{rid}{path}", headers=auth(mine))
@@ -279,6 +280,27 @@ def test_cancel_queued_run_then_cancel_again_is_409(api, make_key):
     assert_error(again, 409, "conflict", run["id"], "cancelled")
     events = api.get(f"/v1/runs/{run['id']}/events", headers=auth(key)).json()["data"]
     assert len(events) == 2
+
+
+def test_pause_and_resume_over_http_with_409_for_illegal_transitions(api, make_key, settings):
+    key = make_key()
+    run = new_run(api, key, new_file(api, key))
+    rid = run["id"]
+    assert_error(api.post(f"/v1/runs/{rid}/resume", headers=auth(key)), 409, "conflict",
+                 "queued", "only a paused run")
+    paused = api.post(f"/v1/runs/{rid}/pause", headers=auth(key))
+    assert paused.status_code == 200 and paused.json()["status"] == "paused"
+    assert_error(api.post(f"/v1/runs/{rid}/pause", headers=auth(key)), 409, "conflict", "paused")
+    before = broker_run_ids(settings)
+    resumed = api.post(f"/v1/runs/{rid}/resume", headers=auth(key))
+    assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
+    assert broker_run_ids(settings) == before + [rid]  # handed to the workers again
+    assert api.post(f"/v1/runs/{rid}/cancel", headers=auth(key)).json()["status"] == "cancelled"
+    assert_error(api.post(f"/v1/runs/{rid}/pause", headers=auth(key)), 409, "conflict",
+                 "cancelled")
+    events = api.get(f"/v1/runs/{rid}/events", headers=auth(key)).json()["data"]
+    assert [e["type"] for e in events] == ["run.queued", "run.paused", "run.resume_requested",
+                                           "run.cancelled"]
 
 
 def test_fresh_run_has_empty_metrics_samples_checkpoints(api, make_key):

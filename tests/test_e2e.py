@@ -165,27 +165,31 @@ def test_cancel_a_running_run(embedded, tiny_model_dir, tmp_path):
     assert run["status"] == "cancelled" and 2 <= run["step"] < 100000
 
 
-@pytest.fixture
-def redis_url(tmp_path):
+def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+    """A throwaway redis-server on loopback; returns once it answers PING."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `make services` (or .ci/ensure-services)")
-    port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path)],
+                             "--appendonly", "no", "--dir", str(workdir)],
                             stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
     import redis
 
     deadline = time.monotonic() + 10
     while True:
         try:
-            redis.Redis.from_url(url).ping()
-            break
+            redis.Redis(port=port).ping()
+            return proc
         except redis.ConnectionError:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.1)
-    yield url
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    port = free_port()
+    proc = start_redis(port, tmp_path)
+    yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
 

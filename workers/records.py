@@ -56,7 +56,8 @@ class RunRecorder:
         with session_scope(self.url) as session:
             taken = session.execute(
                 update(Run)
-                .where(Run.id == self.run_id, Run.status.not_in(TERMINAL),
+                # a paused run waits for /resume, which queues it again
+                .where(Run.id == self.run_id, Run.status.in_(("queued", "running")),
                        or_(Run.lease_owner.is_(None), Run.lease_owner == self.worker_id,
                            Run.lease_expires_at < now))
                 .values(status="running", lease_owner=self.worker_id,
@@ -69,6 +70,8 @@ class RunRecorder:
                     return None, "no such run"
                 if run.status in TERMINAL:
                     return None, f"run is already {run.status}"
+                if run.status == "paused":
+                    return None, "run is paused"
                 return None, f"run is leased by {run.lease_owner} until {run.lease_expires_at}"
             add_event(session, run.id, "run.started", f"worker {self.worker_id} started the run",
                       data={"attempt": run.attempts})
@@ -101,9 +104,12 @@ class RunRecorder:
             rows = session.scalars(select(RewardRequest).where(RewardRequest.id.in_(request_ids)))
             return {r.id: dict(r.rewards) if r.completed_at else None for r in rows}
 
-    def cancel_requested(self) -> bool:
+    def requested_stop(self) -> str | None:
+        """"cancel" or "pause" when the user asked for one (cancel wins), else None."""
         with session_scope(self.url) as session:
-            return bool(session.scalar(select(Run.cancel_requested).where(Run.id == self.run_id)))
+            cancel, pause = session.execute(select(Run.cancel_requested, Run.pause_requested)
+                                            .where(Run.id == self.run_id)).one()
+        return "cancel" if cancel else "pause" if pause else None
 
     def event(self, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
         with session_scope(self.url) as session:
@@ -157,6 +163,16 @@ class RunRecorder:
             shutil.rmtree(old.path, ignore_errors=True)
         if rows:
             session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in rows])))
+
+    def pause(self, step: int) -> None:
+        """Give the run up until /resume: no lease, no worker, its last checkpoint kept."""
+        with session_scope(self.url) as session:
+            run = session.get(Run, self.run_id)
+            run.status, run.pause_requested = "paused", False
+            run.lease_owner, run.lease_expires_at = None, None
+            add_event(session, self.run_id, "run.paused",
+                      f"run paused after step {step}; resume continues from there",
+                      data={"step": step})
 
     def finish(self, status: str, message: str, level: str = "info", data: dict | None = None,
                error: str | None = None) -> None:

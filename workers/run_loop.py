@@ -58,6 +58,12 @@ class Cancelled(Exception):
     pass
 
 
+class Paused(Exception):
+    def __init__(self, step: int) -> None:
+        super().__init__(f"paused after step {step}")
+        self.step = step
+
+
 def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
     """Run `run_id` if this worker can claim it; returns the final status or why it skipped."""
     recorder = RunRecorder(settings, run_id, worker_id)
@@ -73,6 +79,9 @@ def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
     except Cancelled:
         recorder.finish("cancelled", "run cancelled on request")
         return "cancelled"
+    except Paused as paused:
+        recorder.pause(paused.step)
+        return "paused"
     except LeaseLost:
         log.warning("run %s: lease lost to another worker; stopping without writing", run_id)
         return "lease lost"
@@ -113,7 +122,7 @@ class RunLoop:
         self.diff_warn = spec.rollout.logprob_diff_warn or (
             1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0)
         self.last_diff_warning: int | None = None
-        self.start_step = 1
+        self.start_step, self.checkpointed = 1, 0
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
         if resume:
             self._resume(*resume)
@@ -137,7 +146,7 @@ class RunLoop:
         self.sampler = PromptSampler(self.sampler.examples, self.spec.training.seed,
                                      cursor["epoch"], cursor["position"])
         restore_rng(state["rng"])
-        self.start_step = step + 1
+        self.start_step, self.checkpointed = step + 1, step
         self.recorder.event("run.resumed", f"resumed from the checkpoint at step {step}",
                             data={"step": step, "path": str(path)})
 
@@ -192,7 +201,7 @@ class RunLoop:
         every = self.spec.checkpoint.every_steps
         try:
             for step in range(self.start_step, total + 1):
-                self._check_control()
+                self._check_control(step - 1)
                 self._step(step)
                 if step % every == 0 or step == total:
                     self._checkpoint(step)
@@ -200,11 +209,18 @@ class RunLoop:
             self.engine.close()
         self.recorder.finish("succeeded", f"run finished after {total} steps")
 
-    def _check_control(self) -> None:
+    def _check_control(self, done: int) -> None:
+        """Between steps (`done` steps finished): stop if the lease was lost or the user asked.
+        A pause first checkpoints the last finished step, unless one is already there."""
         if self.heartbeat.lost.is_set():
             raise LeaseLost()
-        if self.recorder.cancel_requested():
+        stop = self.recorder.requested_stop()
+        if stop == "cancel":
             raise Cancelled()
+        if stop == "pause":
+            if done and done != self.checkpointed:
+                self._checkpoint(done)
+            raise Paused(done)
 
     def _step(self, step: int) -> None:
         spec, t0 = self.spec, time.perf_counter()
@@ -277,3 +293,4 @@ class RunLoop:
                                {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()})
         kind = "full" if self.spec.model.lora is None else "lora_adapter"
         self.recorder.record_checkpoint(step, path, size, kind, self.spec.checkpoint.keep_last)
+        self.checkpointed = step

@@ -25,6 +25,7 @@ class Run(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    pause_requested: Mapped[bool] = mapped_column(default=False)
     error: Mapped[str | None] = mapped_column(Text)
     tokens_generated: Mapped[int] = mapped_column(BigInteger, default=0)
     samples_generated: Mapped[int] = mapped_column(BigInteger, default=0)

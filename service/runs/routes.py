@@ -51,6 +51,17 @@ def cancel_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead
     return RunRead.model_validate(service.cancel_run(session, project, run_id))
 
 
+@router.post("/{run_id}/pause", response_model=RunRead)
+def pause_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
+    return RunRead.model_validate(service.pause_run(session, project, run_id))
+
+
+@router.post("/{run_id}/resume", response_model=RunRead)
+def resume_run(run_id: str, session: SessionDep, settings: SettingsDep,
+               project: ProjectDep) -> RunRead:
+    return RunRead.model_validate(service.resume_run(session, settings, project, run_id))
+
+
 @router.get("/{run_id}/events", response_model=EventList)
 def list_events(
     run_id: str, session: SessionDep, project: ProjectDep,

@@ -101,16 +101,20 @@ def create_run(
             return existing, False
         raise
     add_event(session, run.id, "run.queued", f"run queued on queue {spec.resources.queue!r}")
-    after_commit(session, lambda: _dispatch(settings, run.id, spec.resources.queue))
+    after_commit(session, lambda: dispatch_run(settings, run.id, spec.resources.queue))
     return run, True
 
 
-def _dispatch(settings: Settings, run_id: str, queue: str) -> None:
-    if enqueue_run(settings, run_id, queue):
-        with session_scope(settings.resolved_database_url) as session:
-            run = session.get(Run, run_id)
-            if run is not None and run.dispatched_at is None:
-                run.dispatched_at = utcnow()
+def dispatch_run(settings: Settings, run_id: str, queue: str) -> bool:
+    """Publish the run's task and note when; False (the run stays queued, unpublished, for the
+    reaper to retry) when the broker is unreachable."""
+    if not enqueue_run(settings, run_id, queue):
+        return False
+    with session_scope(settings.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+        if run is not None and run.dispatched_at is None:
+            run.dispatched_at = utcnow()
+    return True
 
 
 def get_run(session: Session, project: Project, run_id: str) -> Run:
@@ -137,15 +141,44 @@ def cancel_run(session: Session, project: Project, run_id: str) -> Run:
     run = get_run(session, project, run_id)
     if run.status in TERMINAL:
         raise Conflict(f"run {run_id} is already {run.status}; it cannot be cancelled")
-    if run.status == "queued":
-        # No worker owns it yet: cancel now; a later delivery of its task sees the state and exits.
+    if run.status in ("queued", "paused"):
+        # No worker owns it: cancel now; a later delivery of its task sees the state and exits.
+        add_event(session, run.id, "run.cancelled", f"run cancelled while {run.status}")
         run.status, run.finished_at = "cancelled", utcnow()
-        add_event(session, run.id, "run.cancelled", "run cancelled before it started")
     elif not run.cancel_requested:
         # A running loop checks this flag between steps and stops cooperatively.
         run.cancel_requested = True
         add_event(session, run.id, "run.cancel_requested", "cancel requested; stops after this step")
     session.flush()
+    return run
+
+
+def pause_run(session: Session, project: Project, run_id: str) -> Run:
+    run = get_run(session, project, run_id)
+    if run.status not in ("queued", "running"):
+        raise Conflict(f"run {run_id} is {run.status}; only a queued or running run can be paused")
+    if run.status == "queued":
+        run.status = "paused"
+        add_event(session, run.id, "run.paused", "run paused before it started")
+    elif not run.pause_requested:
+        # The loop checks this between steps: it writes a checkpoint, frees the worker and exits.
+        run.pause_requested = True
+        add_event(session, run.id, "run.pause_requested",
+                  "pause requested; the run checkpoints and stops after this step")
+    session.flush()
+    return run
+
+
+def resume_run(session: Session, settings: Settings, project: Project, run_id: str) -> Run:
+    run = get_run(session, project, run_id)
+    if run.status != "paused":
+        raise Conflict(f"run {run_id} is {run.status}; only a paused run can be resumed")
+    run.status, run.pause_requested, run.dispatched_at = "queued", False, None
+    add_event(session, run.id, "run.resume_requested",
+              f"run queued again; it continues after step {run.step}")
+    session.flush()
+    queue = run.spec.get("resources", {}).get("queue", "default")
+    after_commit(session, lambda: dispatch_run(settings, run.id, queue))
     return run
 
 
