@@ -70,6 +70,28 @@ def test_a_missing_callback_is_resent_then_fails_the_run(api_server, tiny_model_
     assert types.count("reward.retry") == 1
 
 
+def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server,
+                                                                      tiny_model_dir):
+    """The watchdog: the reward model never calls back and would be re-sent for a minute; the
+    run fails after step_timeout_s instead, and the event names the phase that hung."""
+    behaviour = Behaviour(mode="async", call_back=False)
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
+                                             timeout_s=2, max_attempts=20)
+        with session_scope(api_server.resolved_database_url) as session:
+            run = session.get(Run, run_id)
+            run.spec = {**run.spec, "resources": {"step_timeout_s": 3.0}}
+        started = time.monotonic()
+        assert execute_run(api_server, run_id, "worker-a") == "failed"
+    assert time.monotonic() - started < 10  # the limit plus a heartbeat, not 20 sends x 2 s
+    with session_scope(api_server.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+        failed = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                                 .order_by(RunEvent.id.desc())).first()
+    assert run.status == "failed" and "reward phase" in run.error and "step 1" in run.error
+    assert failed.type == "run.failed" and failed.data == {"phase": "reward", "step": 1}
+
+
 # --- the callback endpoint, request by request --------------------------------------------------
 
 

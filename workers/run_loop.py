@@ -13,6 +13,7 @@ import time
 import traceback
 
 import torch
+from pydantic import ValidationError
 
 from service.config import Settings
 from service.db import session_scope
@@ -30,24 +31,36 @@ from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
 from workers.rollout.vllm import VLLMRolloutEngine, vllm_installed
+from workers.watchdog import StepTimeout, Watchdog
 
 log = logging.getLogger(__name__)
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, recorder: RunRecorder, every_s: float) -> None:
+    """Renews the run's lease and lets the watchdog look at the clock, every `every_s`."""
+
+    def __init__(self, recorder: RunRecorder, every_s: float, watchdog: Watchdog) -> None:
         super().__init__(name="gvpo-heartbeat", daemon=True)
-        self.recorder, self.every_s = recorder, every_s
+        self.recorder, self.every_s, self.watchdog = recorder, every_s, watchdog
         self.stopped, self.lost = threading.Event(), threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.every_s):
+            self.watchdog.check(self._fail)
             try:
                 if not self.recorder.renew_lease():
                     self.lost.set()
                     return
             except Exception:  # a transient database error must not kill the run
                 log.exception("lease renewal failed; retrying")
+
+    def _fail(self, timeout: StepTimeout) -> None:
+        _record_timeout(self.recorder, timeout)
+
+
+def _record_timeout(recorder: RunRecorder, timeout: StepTimeout) -> None:
+    recorder.finish("failed", f"run failed: {timeout}", "error",
+                    {"phase": timeout.phase, "step": timeout.step}, error=str(timeout))
 
 
 class LeaseLost(Exception):
@@ -71,11 +84,23 @@ def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
     if spec is None:
         log.info("skipping run %s: %s", run_id, why)
         return f"skipped: {why}"
-    heartbeat = Heartbeat(recorder, settings.heartbeat_seconds)
+    try:
+        run_spec = RunSpec.model_validate(spec)
+    except ValidationError as exc:  # stored under an older, looser version of the rules
+        recorder.finish("failed", f"run failed: its stored spec is no longer valid: {exc}",
+                        "error", error=f"invalid spec: {exc}")
+        return "failed"
+    watchdog = Watchdog(run_spec.resources.step_timeout_s)
+    watchdog.arm()
+    heartbeat = Heartbeat(recorder, settings.heartbeat_seconds, watchdog)
     heartbeat.start()
     try:
-        RunLoop(settings, recorder, RunSpec.model_validate(spec), heartbeat).run()
+        RunLoop(settings, recorder, run_spec, heartbeat).run()
         return "succeeded"
+    except StepTimeout as timeout:
+        log.error("run %s: %s", run_id, timeout)
+        _record_timeout(recorder, timeout)
+        return "failed"
     except Cancelled:
         recorder.finish("cancelled", "run cancelled on request")
         return "cancelled"
@@ -94,6 +119,7 @@ def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
         return "failed"
     finally:
         heartbeat.stopped.set()
+        watchdog.disarm()
 
 
 class RunLoop:
@@ -224,6 +250,8 @@ class RunLoop:
 
     def _step(self, step: int) -> None:
         spec, t0 = self.spec, time.perf_counter()
+        watch = self.heartbeat.watchdog
+        watch.enter("rollout", step)
         if self.engine_stale:  # once per step: nothing samples between the step's updates
             self.engine.load_weights(self.model)
         t_sync = time.perf_counter()
@@ -232,9 +260,11 @@ class RunLoop:
                                         spec.sampling)
         self.engine.offload()
         t1 = time.perf_counter()
+        watch.enter("reward", step)
         scores = self.scorer.score(step, examples, rollouts)
         rewards = scores.rewards  # (G, k)
         t2 = time.perf_counter()
+        watch.enter("learn", step)
         reported = all(c.logprobs is not None for r in rollouts for c in r.completions)
         batch = GroupBatch([r.prompt_ids for r in rollouts],
                            [[c.token_ids for c in r.completions] for r in rollouts], rewards,
@@ -246,6 +276,7 @@ class RunLoop:
             raise RunError(f"training diverged: the loss is {stats.loss} at step {step}; "
                            "try a lower optimizer.lr or a larger algorithm.beta")
         t3 = time.perf_counter()
+        watch.leave()
         lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
         metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
@@ -288,9 +319,11 @@ class RunLoop:
             {"step": step, "logprob_diff_max": diff, "threshold": self.diff_warn})
 
     def _checkpoint(self, step: int) -> None:
+        self.heartbeat.watchdog.enter("checkpoint", step)
         path = self.run_dir / "checkpoints" / f"step_{step:06d}"
         size = save_checkpoint(path, self.model, self.tokenizer, self.learner.optimizer, step,
                                {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()})
         kind = "full" if self.spec.model.lora is None else "lora_adapter"
         self.recorder.record_checkpoint(step, path, size, kind, self.spec.checkpoint.keep_last)
         self.checkpointed = step
+        self.heartbeat.watchdog.leave()

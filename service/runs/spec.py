@@ -242,6 +242,11 @@ class CheckpointSpec(_Strict):
 class ResourcesSpec(_Strict):
     queue: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     gpus: int = Field(0, ge=0, le=1, description="0 = the worker's default device")
+    step_timeout_s: float | None = Field(
+        3600.0, gt=0, allow_inf_nan=False,
+        description="fail the run when one phase of a step (rollout, reward, learn, checkpoint) "
+                    "makes no progress for this long; null = wait forever",
+    )
 
 
 class RunSpec(_Strict):
@@ -262,3 +267,16 @@ class RunSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+
+    @field_validator("resources")
+    @classmethod
+    def _webhooks_fit_the_step_timeout(cls, v: ResourcesSpec,
+                                       info: ValidationInfo) -> ResourcesSpec:
+        reward, limit = info.data.get("reward"), v.step_timeout_s
+        parts = reward.components if isinstance(reward, CompositeReward) else [reward]
+        for hook in (p for p in parts if isinstance(p, WebhookReward)):
+            if limit is not None and hook.timeout_s >= limit:
+                raise ValueError(
+                    f"step_timeout_s ({limit:g} s) must exceed the reward webhook's timeout_s "
+                    f"({hook.timeout_s:g} s), or one slow answer fails the run")
+        return v

@@ -1,0 +1,80 @@
+"""The step watchdog: a phase of a step (rollout, reward, learn, checkpoint) that runs longer than
+`resources.step_timeout_s` fails the run with an event naming the phase, instead of hanging.
+
+The run loop marks each phase; the heartbeat thread checks the clock. When a phase is overdue
+the watchdog sends SIGUSR1 to the main thread, whose handler raises StepTimeout there: a
+blocking socket read is interrupted and the run fails through the normal path. Code stuck
+inside a C call never returns to Python to see the signal, so after a grace period the watchdog
+records the failure itself and ends the process (Celery starts a fresh pool child).
+"""
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+GRACE_S = 30.0
+
+
+class StepTimeout(Exception):
+    def __init__(self, phase: str, step: int, limit_s: float) -> None:
+        super().__init__(f"step {step} made no progress for {limit_s:g} s in the {phase} phase "
+                         "(resources.step_timeout_s)")
+        self.phase, self.step = phase, step
+
+
+class Watchdog:
+    def __init__(self, limit_s: float | None) -> None:
+        self.limit_s = limit_s
+        self.phase: str | None = None
+        self.step, self.since, self.fired_at = 0, 0.0, None
+        self.lock = threading.Lock()
+        self.interruptible = False
+
+    def arm(self) -> None:
+        """Install the SIGUSR1 handler (main thread only; elsewhere only the hard stop works)."""
+        if self.limit_s is None or threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGUSR1, self._raise)
+        self.interruptible = True
+
+    def disarm(self) -> None:
+        if self.interruptible:
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+            self.interruptible = False
+
+    def enter(self, phase: str, step: int) -> None:
+        with self.lock:
+            self.phase, self.step, self.since = phase, step, time.monotonic()
+
+    def leave(self) -> None:
+        with self.lock:
+            self.phase = None
+
+    def overdue(self) -> StepTimeout | None:
+        with self.lock:
+            if self.limit_s is None or self.phase is None:
+                return None
+            if time.monotonic() - self.since <= self.limit_s:
+                return None
+            return StepTimeout(self.phase, self.step, self.limit_s)
+
+    def check(self, fail_run: Callable[[StepTimeout], None]) -> None:
+        """Called by the heartbeat thread: interrupt an overdue phase; end the process if the
+        interrupt did not get through within GRACE_S."""
+        timeout = self.overdue()
+        if timeout is None:
+            return
+        now = time.monotonic()
+        if self.fired_at is None and self.interruptible:
+            self.fired_at = now
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        elif self.fired_at is None or now - self.fired_at > GRACE_S:
+            fail_run(timeout)
+            os._exit(1)
+
+    def _raise(self, signum, frame) -> None:
+        timeout = self.overdue()
+        if timeout is not None:
+            raise timeout
