@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     api_url: str | None = Field(default=None, description="where clients reach the API")
     api_key: str | None = None
     max_upload_bytes: int = 512 * 1024 * 1024
+    max_callback_bytes: int = Field(
+        default=16 * 1024 * 1024, description="largest reward callback body accepted (413 above)"
+    )
     worker_queues: str = "default,gpu,cpu"
     torch_threads: int = Field(
         default=1, description="intra-op threads in the worker; 1 is fastest for small CPU models"

@@ -12,6 +12,11 @@ from service.db import session_scope
 from service.models import Project
 
 
+# The largest integer the databases store (SQLite INTEGER, PostgreSQL BIGINT): a larger step or
+# cursor in a query would fail in the driver instead of matching nothing.
+DB_INT_MAX = 2**63 - 1
+
+
 def _settings(request: Request) -> Settings:
     return request.app.state.settings
 

@@ -122,6 +122,22 @@ def test_bad_upload_is_400_and_leaves_nothing_behind(api, make_key, settings,
     assert api.get("/v1/files", headers=auth(key)).json()["data"] == []
 
 
+def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, make_key):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    key = make_key()
+    small = settings.model_copy(update={"max_upload_bytes": 1000, "reaper_interval_s": 0})
+    with TestClient(create_app(small)) as api:
+        assert upload(api, key, content=jsonl(copy_rows(5))).status_code == 201  # under
+        error = assert_error(upload(api, key, content=jsonl(copy_rows(100))), 413,
+                             "payload_too_large", "1000-byte limit")
+        assert len(api.get("/v1/files", headers=auth(key)).json()["data"]) == 1
+    assert len(list(settings.files_dir.glob("*"))) == 1
+    assert error["details"] == {}
+
+
 # ---------------------------------------------------------------- run creation
 
 

@@ -95,6 +95,24 @@ def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server
 # --- the callback endpoint, request by request --------------------------------------------------
 
 
+def test_callback_over_the_size_limit_is_413_before_it_is_read(settings, tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    run_id = submit(settings, tiny_model_dir)
+    with session_scope(settings.resolved_database_url) as session:
+        secret = session.get(Run, run_id).webhook_secret
+    small = settings.model_copy(update={"max_callback_bytes": 2000, "reaper_interval_s": 0})
+    items = [{"sample_id": f"smp_{i}", "reward": 0.5} for i in range(100)]
+    body = json.dumps({"request_id": "rq_1", "rewards": items}).encode()
+    with TestClient(create_app(small)) as api:
+        resp = api.post(f"/v1/runs/{run_id}/rewards", content=body,
+                        headers={"Content-Type": "application/json", HEADER: sign(secret, body)})
+        assert_error(resp, 413, "payload_too_large", "2000-byte limit")
+        chunks = api.post(f"/v1/runs/{run_id}/rewards", content=iter([body[:1500], body[1500:]]),
+                          headers={HEADER: sign(secret, body)})  # no Content-Length: streamed
+        assert_error(chunks, 413, "payload_too_large")
+
+
 @pytest.fixture
 def pending(settings, tiny_model_dir):
     """A run with one open async request of two samples."""

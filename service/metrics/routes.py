@@ -2,7 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from service.deps import ProjectDep, SessionDep
+from service.deps import DB_INT_MAX, ProjectDep, SessionDep
 from service.metrics import service
 from service.metrics.schemas import MetricSeries, SampleList, SampleRead
 
@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1/runs", tags=["metrics"])
 def get_metrics(
     run_id: str, session: SessionDep, project: ProjectDep,
     names: Annotated[str | None, Query(description="comma-separated metric names")] = None,
-    since_step: Annotated[int | None, Query(ge=0)] = None,
+    since_step: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
 ) -> MetricSeries:
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
     series = service.metric_series(session, project, run_id, wanted, since_step)
@@ -23,7 +23,8 @@ def get_metrics(
 @router.get("/{run_id}/samples", response_model=SampleList)
 def get_samples(
     run_id: str, session: SessionDep, project: ProjectDep,
-    step: Annotated[int | None, Query(ge=0, description="default: the latest step")] = None,
+    step: Annotated[int | None, Query(ge=0, le=DB_INT_MAX,
+                                         description="default: the latest step")] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> SampleList:
     at, rows = service.list_samples(session, project, run_id, step, limit)

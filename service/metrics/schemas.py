@@ -1,11 +1,15 @@
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+# [step, value]. Declared as a 2-item list rather than a tuple: FastAPI writes a tuple as an
+# array-valued `items`, which OpenAPI 3.1 schema validators reject.
+Point = Annotated[list[int | float], Field(min_length=2, max_length=2)]
 
 
 class MetricSeries(BaseModel):
     run_id: str
-    metrics: dict[str, list[tuple[int, float]]]
+    metrics: dict[str, list[Point]] = Field(description="name -> [[step, value], ...]")
 
 
 class SampleRead(BaseModel):

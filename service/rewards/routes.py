@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 
 from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.errors import PayloadTooLarge
 from service.rewards import service
 from service.rewards.schemas import CallbackAccepted, SecretRotated
 from service.rewards.signing import HEADER
@@ -10,8 +11,20 @@ from service.rewards.signing import HEADER
 router = APIRouter(prefix="/v1/runs", tags=["rewards"])
 
 
-async def _raw_body(request: Request) -> bytes:
-    return await request.body()  # the signature covers the exact bytes sent
+async def _raw_body(request: Request, settings: SettingsDep) -> bytes:
+    """The exact bytes sent (the signature covers them), refused past max_callback_bytes
+    before more than that is read."""
+    limit = settings.max_callback_bytes
+    too_large = PayloadTooLarge(f"callback body is larger than the {limit}-byte limit")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
 
 
 @router.post("/{run_id}/rewards", response_model=CallbackAccepted)

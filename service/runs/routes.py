@@ -2,7 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.deps import DB_INT_MAX, ProjectDep, SessionDep, SettingsDep
 from service.runs import service
 from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead
 from service.runs.spec import RunSpec
@@ -65,7 +65,7 @@ def resume_run(run_id: str, session: SessionDep, settings: SettingsDep,
 @router.get("/{run_id}/events", response_model=EventList)
 def list_events(
     run_id: str, session: SessionDep, project: ProjectDep,
-    after: Annotated[int | None, Query(ge=0)] = None,
+    after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:
     rows, has_more = service.list_events(session, project, run_id, after, limit)
