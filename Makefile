@@ -45,7 +45,8 @@ test: install-dev services
 	$(BIN)/python -m pytest
 
 # Side by side, one thread: the learner and a whole training step against TRL's GRPOTrainer, and
-# vLLM rollouts against transformers generate() (a separate venv keeps TRL out of .venv).
+# vLLM rollouts against transformers generate() (a separate venv keeps TRL out of .venv); then the
+# API under locust load beside a bare FastAPI endpoint.
 BENCH_VENV := .venv-bench
 $(BENCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
@@ -57,6 +58,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/learner.py --threads 1
 	$(BENCH_VENV)/bin/python bench/rollout.py --threads 1
 	$(BENCH_VENV)/bin/python bench/e2e.py --threads 1
+	$(BENCH_VENV)/bin/python bench/api_load.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .gvpo

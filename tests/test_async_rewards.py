@@ -95,6 +95,40 @@ def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server
 # --- the callback endpoint, request by request --------------------------------------------------
 
 
+def test_concurrent_partial_callbacks_lose_no_reward(api_server, tiny_model_dir):
+    """Reward models answer sample by sample, in parallel: every accepted reward must be kept
+    (a read-merge-write that two callbacks interleave would drop one of them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    run_id = submit(api_server, tiny_model_dir)
+    recorder = RunRecorder(api_server, run_id, "worker-a")
+    with session_scope(api_server.resolved_database_url) as session:
+        secret = session.get(Run, run_id).webhook_secret
+    requests = {f"rq_{n}": [f"smp_{n}_{i}" for i in range(8)] for n in range(25)}
+    for request_id, sample_ids in requests.items():
+        recorder.open_reward_request(request_id, 1, sample_ids)
+
+    def call_back(item: tuple[str, str]) -> int:
+        request_id, sample_id = item
+        body = json.dumps({"request_id": request_id,
+                           "rewards": [{"sample_id": sample_id, "reward": 0.5}]}).encode()
+        resp = client.post(f"/v1/runs/{run_id}/rewards", content=body,
+                           headers={"Content-Type": "application/json", HEADER: sign(secret, body)})
+        return resp.json()["accepted"] if resp.status_code == 200 else resp.status_code
+
+    items = [(r, s) for r, sids in requests.items() for s in sids]
+    with httpx.Client(base_url=f"http://127.0.0.1:{api_server.api_port}", timeout=60) as client, \
+            ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call_back, items))
+    assert answers == [1] * len(items)
+    with session_scope(api_server.resolved_database_url) as session:
+        stored = session.scalars(select(RewardRequest).where(RewardRequest.run_id == run_id)).all()
+    assert sorted(len(r.rewards) for r in stored) == [8] * 25
+    assert all(r.completed_at is not None for r in stored)
+
+
 def test_callback_over_the_size_limit_is_413_before_it_is_read(settings, tiny_model_dir):
     from fastapi.testclient import TestClient
 

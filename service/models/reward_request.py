@@ -18,3 +18,9 @@ class RewardRequest(Base):
     rewards: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Optimistic concurrency: every UPDATE checks and bumps it, so of two callbacks that read
+    # the same rewards and merge their own in, the second one's write fails and it re-reads.
+    # (A row lock would do on PostgreSQL; SQLite has none and starts its transaction late.)
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+    __mapper_args__ = {"version_id_col": version}

@@ -9,6 +9,7 @@ import json
 from datetime import timedelta
 
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from service.config import Settings
 from service.errors import BadRequest, Conflict, NotFound, Unauthorized
@@ -47,7 +48,22 @@ def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
     return body["request_id"], pairs
 
 
+MERGE_ATTEMPTS = 50
+
+
 def accept_callback(session: Session, run_id: str, raw: bytes, signature: str | None) -> dict:
+    """Verify and merge one callback. Concurrent callbacks for the same request are merged one
+    at a time: a write that lost the race (the request's version moved) is rolled back and the
+    callback merged again on top of the winner's rewards."""
+    for _ in range(MERGE_ATTEMPTS - 1):
+        try:
+            return _merge_callback(session, run_id, raw, signature)
+        except StaleDataError:
+            session.rollback()
+    return _merge_callback(session, run_id, raw, signature)
+
+
+def _merge_callback(session: Session, run_id: str, raw: bytes, signature: str | None) -> dict:
     run = session.get(Run, run_id)
     if run is None:
         raise NotFound(f"no run {run_id!r}")
