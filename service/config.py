@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     )
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
+    db_retry_s: float = Field(
+        default=300.0, ge=0,
+        description="how long a worker waits out a database outage before failing the run",
+    )
     reaper_interval_s: float = Field(
         default=15.0, ge=0,
         description="how often each API process requeues runs with an expired lease and publishes "

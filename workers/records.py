@@ -4,12 +4,16 @@ The worker uses the same ORM models as the API, never HTTP to its own service. P
 are upserts keyed by (run, step), so a replayed step overwrites rather than duplicates.
 """
 
+import functools
+import logging
 import shutil
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -25,6 +29,8 @@ def _insert(session: Session, model):
     return (postgresql if dialect == "postgresql" else sqlite).insert(model)
 
 
+log = logging.getLogger(__name__)
+
 UPSERT_CHUNK = 500  # rows per statement: stays under SQLite's bound-parameter limit
 
 
@@ -35,6 +41,28 @@ def upsert(session: Session, model, rows: list[dict], keys: list[str], columns: 
             index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in columns}
         )
         session.execute(stmt)
+
+
+def _retrying(method):
+    """Wait out a database outage (connection refused or dropped, database locked) for up to
+    settings.db_retry_s, with backoff. Each attempt is one whole transaction, so a write that
+    failed half-way is rolled back and done again, never half-applied."""
+
+    @functools.wraps(method)
+    def wrapper(self: "RunRecorder", *args, **kwargs):
+        deadline, delay = time.monotonic() + self.settings.db_retry_s, 0.25
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except (OperationalError, InterfaceError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("run %s: database unavailable in %s (%s); retrying in %.2f s",
+                            self.run_id, method.__name__, exc.orig, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    return wrapper
 
 
 class RunRecorder:
@@ -87,10 +115,12 @@ class RunRecorder:
             )
             return result.rowcount == 1
 
+    @_retrying
     def webhook_secret(self) -> str:
         with session_scope(self.url) as session:
             return session.scalar(select(Run.webhook_secret).where(Run.id == self.run_id))
 
+    @_retrying
     def open_reward_request(self, request_id: str, step: int, sample_ids: list[str]) -> None:
         """Record an async request before it is sent, so an early callback finds it."""
         with session_scope(self.url) as session:
@@ -98,12 +128,14 @@ class RunRecorder:
                 session.add(RewardRequest(id=request_id, run_id=self.run_id, step=step,
                                           sample_ids=sample_ids, rewards={}))
 
+    @_retrying
     def reward_results(self, request_ids: list[str]) -> dict[str, dict[str, float] | None]:
         """Each request's rewards once all of its samples have one, else None."""
         with session_scope(self.url) as session:
             rows = session.scalars(select(RewardRequest).where(RewardRequest.id.in_(request_ids)))
             return {r.id: dict(r.rewards) if r.completed_at else None for r in rows}
 
+    @_retrying
     def requested_stop(self) -> str | None:
         """"cancel" or "pause" when the user asked for one (cancel wins), else None."""
         with session_scope(self.url) as session:
@@ -111,10 +143,12 @@ class RunRecorder:
                                             .where(Run.id == self.run_id)).one()
         return "cancel" if cancel else "pause" if pause else None
 
+    @_retrying
     def event(self, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
         with session_scope(self.url) as session:
             add_event(session, self.run_id, type_, message, level, data)
 
+    @_retrying
     def record_step(
         self, step: int, metrics: dict[str, float], samples: list[dict], tokens: int,
     ) -> None:
@@ -134,6 +168,7 @@ class RunRecorder:
                 run.samples_generated += len(samples)
             run.step = max(run.step, step)
 
+    @_retrying
     def record_checkpoint(self, step: int, path: Path, size: int, kind: str,
                           keep_last: int | None) -> None:
         with session_scope(self.url) as session:
@@ -146,6 +181,7 @@ class RunRecorder:
             if keep_last:
                 self._prune(session, keep_last)
 
+    @_retrying
     def latest_checkpoint(self) -> tuple[int, Path] | None:
         """The newest checkpoint whose files are still there: where a resumed run continues."""
         with session_scope(self.url) as session:
@@ -164,6 +200,7 @@ class RunRecorder:
         if rows:
             session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in rows])))
 
+    @_retrying
     def pause(self, step: int) -> None:
         """Give the run up until /resume: no lease, no worker, its last checkpoint kept."""
         with session_scope(self.url) as session:
@@ -174,6 +211,7 @@ class RunRecorder:
                       f"run paused after step {step}; resume continues from there",
                       data={"step": step})
 
+    @_retrying
     def finish(self, status: str, message: str, level: str = "info", data: dict | None = None,
                error: str | None = None) -> None:
         with session_scope(self.url) as session:
