@@ -95,6 +95,37 @@ def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server
 # --- the callback endpoint, request by request --------------------------------------------------
 
 
+def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, tiny_model_dir):
+    """The watchdog's last resort: off the main thread there is no interrupt, so it records the
+    failure and ends the worker process (Celery starts a fresh one)."""
+    import os
+    import subprocess
+    import sys
+
+    behaviour = Behaviour(mode="async", call_back=False)
+    with RewardServer(behaviour) as server:
+        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
+                                             timeout_s=2, max_attempts=20)
+        with session_scope(api_server.resolved_database_url) as session:
+            run = session.get(Run, run_id)
+            run.spec = {**run.spec, "resources": {"step_timeout_s": 3.0}}
+        code = ("import sys, threading; from service.config import Settings; "
+                "from workers.run_loop import execute_run; "
+                "s = Settings(data_dir=sys.argv[1], webhook_allow_private=True, "
+                "heartbeat_seconds=0.5); "
+                "t = threading.Thread(target=execute_run, args=(s, sys.argv[2], 'w')); "
+                "t.start(); t.join(); sys.exit(3)")  # 3: the run returned, nobody ended it
+        child = subprocess.run([sys.executable, "-c", code, str(api_server.resolved_data_dir),
+                                run_id], env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)
+    assert child.returncode == 1  # os._exit(1) from the watchdog
+    with session_scope(api_server.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+        failed = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                                 .order_by(RunEvent.id.desc())).first()
+    assert run.status == "failed" and "reward phase" in run.error
+    assert failed.data == {"phase": "reward", "step": 1}
+
+
 def test_concurrent_partial_callbacks_lose_no_reward(api_server, tiny_model_dir):
     """Reward models answer sample by sample, in parallel: every accepted reward must be kept
     (a read-merge-write that two callbacks interleave would drop one of them)."""
