@@ -47,3 +47,21 @@ def api(settings):
 
     with TestClient(create_app(settings)) as client:
         yield client
+
+
+@pytest.fixture
+def postgres():
+    """A throwaway PostgreSQL cluster (tests/postgres.py), removed afterwards. Not under
+    pytest's tmp_path: that tree is private to this user, and as root the cluster runs as the
+    postgres user."""
+    import shutil
+    import tempfile
+
+    from postgres import Postgres
+
+    root = Path(tempfile.mkdtemp(prefix="gvpo-pg-"))
+    server = Postgres(root)
+    server.start()
+    yield server
+    server.stop("immediate")
+    shutil.rmtree(root, ignore_errors=True)

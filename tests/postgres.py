@@ -5,7 +5,6 @@ import glob
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,15 +44,3 @@ class Postgres:
 
     def stop(self, mode: str = "fast") -> None:
         self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
-
-
-@pytest.fixture
-def postgres():
-    # Not under pytest's tmp_path: that tree is private to this user, and as root the cluster
-    # runs as the postgres user.
-    root = Path(tempfile.mkdtemp(prefix="gvpo-pg-"))
-    server = Postgres(root)
-    server.start()
-    yield server
-    server.stop("immediate")
-    shutil.rmtree(root, ignore_errors=True)

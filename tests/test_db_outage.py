@@ -5,7 +5,6 @@ import threading
 import time
 
 from helpers import submit
-from postgres import postgres  # noqa: F401  (fixture)
 from sqlalchemy import func, select
 
 from service.config import Settings
@@ -17,7 +16,7 @@ from workers.run_loop import execute_run
 STEPS = 300
 
 
-def test_worker_waits_out_a_database_outage(tmp_path, tiny_model_dir, postgres):  # noqa: F811
+def test_worker_waits_out_a_database_outage(tmp_path, tiny_model_dir, postgres):
     settings = Settings(data_dir=tmp_path / "gvpo", database_url=postgres.url,
                         heartbeat_seconds=0.5, lease_seconds=60, db_retry_s=60)
     settings.resolved_data_dir.mkdir(parents=True)
