@@ -207,6 +207,21 @@ def runs_cancel(run_id: str) -> None:
         _print_json(client.cancel_run(run_id))
 
 
+@runs_group.command("pause")
+@click.argument("run_id")
+def runs_pause(run_id: str) -> None:
+    """Checkpoint after the current step and free the worker; `resume` continues."""
+    with _client() as client:
+        _print_json(client.pause_run(run_id))
+
+
+@runs_group.command("resume")
+@click.argument("run_id")
+def runs_resume(run_id: str) -> None:
+    with _client() as client:
+        _print_json(client.resume_run(run_id))
+
+
 def run() -> None:
     from service.client import ApiError
 

@@ -72,6 +72,12 @@ class Client:
     def cancel_run(self, run_id: str) -> dict:
         return self._request("POST", f"/v1/runs/{run_id}/cancel")
 
+    def pause_run(self, run_id: str) -> dict:
+        return self._request("POST", f"/v1/runs/{run_id}/pause")
+
+    def resume_run(self, run_id: str) -> dict:
+        return self._request("POST", f"/v1/runs/{run_id}/resume")
+
     def events(self, run_id: str, after: int | None = None) -> list[dict]:
         params = {"after": after} if after is not None else {}
         return self._request("GET", f"/v1/runs/{run_id}/events", params=params)["data"]

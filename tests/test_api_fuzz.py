@@ -33,10 +33,12 @@ def real_ids(app, key: str) -> dict[str, str]:
         upload = client.post("/v1/files", headers=auth(key),
                              files={"file": ("t.jsonl", jsonl(copy_rows(8)))})
         file_id = upload.json()["id"]
-        run = client.post("/v1/runs", headers=auth(key), json={
-            "model": {"path": "/models/tiny"}, "dataset": {"train_file": file_id},
-            "reward": {"type": "builtin", "name": "char_accuracy"}})
-        return {"file_id": file_id, "run_id": run.json()["id"]}
+        spec = {"model": {"path": "/models/tiny"}, "dataset": {"train_file": file_id},
+                "reward": {"type": "builtin", "name": "char_accuracy"}}
+        run, ended = (client.post("/v1/runs", headers=auth(key), json=spec).json()["id"]
+                      for _ in range(2))
+        client.post(f"/v1/runs/{ended}/cancel", headers=auth(key))
+        return {"file_id": file_id, "run_id": run, "ended_run_id": ended}
 
 
 def aim(case, ids: dict[str, str]) -> None:
@@ -44,6 +46,8 @@ def aim(case, ids: dict[str, str]) -> None:
     for name in case.path_parameters or {}:
         if name in ids:
             case.path_parameters[name] = ids[name]
+    if ids and case.path.endswith("/events/stream"):  # a live run's stream never ends
+        case.path_parameters["run_id"] = ids["ended_run_id"]
     if ids and isinstance(case.body, dict) and isinstance(case.body.get("dataset"), dict):
         case.body["dataset"]["train_file"] = ids["file_id"]
 

@@ -274,3 +274,8 @@ def test_cli_client_commands(embedded, tiny_model_dir, tmp_path):
     assert run_id in listed.stdout and "succeeded" in listed.stdout
     bad = env_cli("runs", "show", "run_does_not_exist")
     assert bad.returncode == 2 and "404 not_found" in bad.stderr
+    # pause/resume from the CLI: a finished run can be neither (409), named on stderr
+    paused = env_cli("runs", "pause", run_id)
+    assert paused.returncode == 2 and "409 conflict" in paused.stderr
+    resumed = env_cli("runs", "resume", run_id)
+    assert resumed.returncode == 2 and "only a paused run" in resumed.stderr

@@ -1,9 +1,10 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from service.deps import DB_INT_MAX, ProjectDep, SessionDep, SettingsDep
-from service.runs import service
+from service.runs import service, stream
 from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead
 from service.runs.spec import RunSpec
 
@@ -60,6 +61,24 @@ def pause_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
 def resume_run(run_id: str, session: SessionDep, settings: SettingsDep,
                project: ProjectDep) -> RunRead:
     return RunRead.model_validate(service.resume_run(session, settings, project, run_id))
+
+
+@router.get("/{run_id}/events/stream", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "Server-Sent Events: one per run event"}})
+def stream_events(
+    run_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+    project: ProjectDep,
+    last_event_id: Annotated[int | None, Header(ge=0, le=DB_INT_MAX)] = None,
+    after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
+) -> StreamingResponse:
+    """The run's events as Server-Sent Events until the run ends. Reconnect with
+    `Last-Event-ID` (or `?after=`) to continue after the last event received."""
+    service.get_run(session, project, run_id)  # 404 for another project's run
+    start = last_event_id if last_event_id is not None else after or 0
+    return StreamingResponse(
+        stream.event_stream(settings, run_id, start, request.is_disconnected),
+        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/{run_id}/events", response_model=EventList)
