@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import telemetry
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
 from service.errors import ServiceError, http_status_and_code
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router,
-                   rewards_router):
+                   rewards_router, telemetry.router):
         app.include_router(router)
+    telemetry.install(app, app.state.settings)
     return app

@@ -160,6 +160,18 @@ def test_cancel_a_running_run(embedded, tiny_model_dir, tmp_path):
     while http.get(f"/v1/runs/{long['id']}").json()["step"] < 2:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    # Prometheus, scraped from the API while the worker trains
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scraped = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(httpx.get(f"{embedded.url}/metrics").text)
+               for s in f.samples}
+    assert scraped[("gvpo_runs", (("state", "running"),))] >= 1
+    ages = [v for (name, labels), v in scraped.items()
+            if name == "gvpo_worker_heartbeat_age_seconds" and ("run_id", long["id"]) in labels]
+    assert len(ages) == 1 and 0 <= ages[0] < embedded.settings.lease_seconds
+    learn = scraped[("gvpo_step_phase_seconds", (("phase", "learn"), ("run_id", long["id"])))]
+    assert 0 < learn < 60
     assert http.post(f"/v1/runs/{long['id']}/cancel").status_code == 200
     run = wait_for(http, long["id"], {"cancelled", "failed", "succeeded"}, timeout=60)
     assert run["status"] == "cancelled" and 2 <= run["step"] < 100000

@@ -1,0 +1,144 @@
+"""Prometheus `/metrics` for operators.
+
+Two sources:
+- this API process's own HTTP traffic (request counts and latencies by route template), kept in
+  a registry per app;
+- the state of all runs, read from the database at scrape time. Workers are separate processes
+  on other machines; what they do lands in the database anyway (leases, step timings, reward
+  retries), so any API replica can report it without a push gateway or shared files.
+
+Per-run series cover running runs only, which keeps their number bounded.
+"""
+
+import time
+from datetime import timedelta
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy import func, select
+
+from service.config import Settings
+from service.db import session_scope
+from service.models import Metric, Run, RunEvent
+from service.models.base import utcnow
+
+STEP_PHASES = ("weight_sync", "rollout", "reward", "learn")
+STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
+
+router = APIRouter(tags=["health"])
+
+
+class RunStateCollector:
+    """Gauges computed from the database on each scrape."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self):
+        with session_scope(self.settings.resolved_database_url) as session:
+            by_state = dict(session.execute(
+                select(Run.status, func.count()).group_by(Run.status)).all())
+            queued = session.execute(select(Run.spec, Run.id).where(Run.status == "queued")).all()
+            running = session.execute(select(Run.id, Run.lease_owner, Run.lease_expires_at)
+                                      .where(Run.status == "running")).all()
+            ids = [r.id for r in running]
+            latest = self._latest_step_times(session, ids)
+            retries = dict(session.execute(
+                select(RunEvent.run_id, func.count()).where(RunEvent.run_id.in_(ids),
+                                                            RunEvent.type == "reward.retry")
+                .group_by(RunEvent.run_id)).all())
+        yield self._runs_by_state(by_state)
+        yield self._queue_depth(queued)
+        yield self._heartbeats(running)
+        yield from self._step_and_reward(latest, retries, ids)
+
+    @staticmethod
+    def _runs_by_state(by_state: dict) -> GaugeMetricFamily:
+        g = GaugeMetricFamily("gvpo_runs", "runs by state", labels=["state"])
+        for state in STATES:
+            g.add_metric([state], by_state.get(state, 0))
+        return g
+
+    @staticmethod
+    def _queue_depth(queued) -> GaugeMetricFamily:
+        depth: dict[str, int] = {}
+        for spec, _ in queued:
+            queue = spec.get("resources", {}).get("queue", "default")
+            depth[queue] = depth.get(queue, 0) + 1
+        g = GaugeMetricFamily("gvpo_queue_depth", "runs waiting for a worker, by Celery queue",
+                              labels=["queue"])
+        for queue, n in sorted(depth.items()):
+            g.add_metric([queue], n)
+        return g
+
+    def _heartbeats(self, running) -> GaugeMetricFamily:
+        g = GaugeMetricFamily("gvpo_worker_heartbeat_age_seconds",
+                              "seconds since the worker last renewed a running run's lease",
+                              labels=["run_id", "worker"])
+        lease = timedelta(seconds=self.settings.lease_seconds)
+        now = utcnow()
+        for run_id, owner, expires in running:
+            if expires is not None:
+                renewed = expires - lease
+                g.add_metric([run_id, owner or ""], max((now - renewed).total_seconds(), 0))
+        return g
+
+    @staticmethod
+    def _latest_step_times(session, ids: list[str]) -> dict[tuple[str, str], float]:
+        names = [f"time/{p}_s" for p in STEP_PHASES]
+        last = (select(Metric.run_id, func.max(Metric.step).label("step"))
+                .where(Metric.run_id.in_(ids), Metric.name == "time/learn_s")
+                .group_by(Metric.run_id).subquery())
+        rows = session.execute(
+            select(Metric.run_id, Metric.name, Metric.value)
+            .join(last, (Metric.run_id == last.c.run_id) & (Metric.step == last.c.step))
+            .where(Metric.name.in_(names))).all()
+        return {(run_id, name): value for run_id, name, value in rows}
+
+    @staticmethod
+    def _step_and_reward(latest: dict, retries: dict, ids: list[str]):
+        step = GaugeMetricFamily("gvpo_step_phase_seconds",
+                                 "wall time of each phase of a running run's latest step",
+                                 labels=["run_id", "phase"])
+        reward = GaugeMetricFamily("gvpo_reward_seconds",
+                                   "reward phase of a running run's latest step (webhook latency "
+                                   "for webhook rewards)", labels=["run_id"])
+        failures = GaugeMetricFamily("gvpo_reward_webhook_retries",
+                                     "reward webhook calls retried or re-sent in a running run",
+                                     labels=["run_id"])
+        for run_id in ids:
+            for phase in STEP_PHASES:
+                if (run_id, f"time/{phase}_s") in latest:
+                    step.add_metric([run_id, phase], latest[(run_id, f"time/{phase}_s")])
+            if (run_id, "time/reward_s") in latest:
+                reward.add_metric([run_id], latest[(run_id, "time/reward_s")])
+            failures.add_metric([run_id], retries.get(run_id, 0))
+        return step, reward, failures
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Request metrics middleware and the run-state collector, in a registry of this app."""
+    registry = CollectorRegistry()
+    requests = Counter("gvpo_http_requests", "API requests", ["method", "route", "status"],
+                       registry=registry)
+    latency = Histogram("gvpo_http_request_duration_seconds", "API request latency",
+                        ["method", "route"], registry=registry)
+    registry.register(RunStateCollector(settings))
+    app.state.prometheus = registry
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")  # the template keeps cardinality bounded
+        requests.labels(request.method, template, str(response.status_code)).inc()
+        latency.labels(request.method, template).observe(time.perf_counter() - start)
+        return response
+
+
+@router.get("/metrics", include_in_schema=False)
+def prometheus_metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.prometheus), media_type=CONTENT_TYPE_LATEST)
