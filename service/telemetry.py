@@ -118,25 +118,51 @@ class RunStateCollector:
         return step, reward, failures
 
 
+class _RequestMetrics:
+    """Plain ASGI middleware (no BaseHTTPMiddleware: it would sit between a streaming response
+    and its client). Latency is time to the response's first byte, so an event stream counts
+    once, as its start."""
+
+    def __init__(self, app, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter("gvpo_http_requests", "API requests",
+                                ["method", "route", "status"], registry=registry)
+        self.latency = Histogram("gvpo_http_request_duration_seconds",
+                                 "API request latency (to the first byte)", ["method", "route"],
+                                 registry=registry)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, started = time.perf_counter(), False
+
+        def record(status: int) -> None:
+            # the router put the matched route in the scope: its template bounds the label
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], route, str(status)).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+
+        async def measured_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                record(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured_send)
+        except Exception:  # answered as a 500 by the outermost error handler, past this one
+            if not started:
+                record(500)
+            raise
+
+
 def install(app: FastAPI, settings: Settings) -> None:
-    """Request metrics middleware and the run-state collector, in a registry of this app."""
+    """Request metrics and the run-state collector, in a registry of this app."""
     registry = CollectorRegistry()
-    requests = Counter("gvpo_http_requests", "API requests", ["method", "route", "status"],
-                       registry=registry)
-    latency = Histogram("gvpo_http_request_duration_seconds", "API request latency",
-                        ["method", "route"], registry=registry)
     registry.register(RunStateCollector(settings))
     app.state.prometheus = registry
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")  # the template keeps cardinality bounded
-        requests.labels(request.method, template, str(response.status_code)).inc()
-        latency.labels(request.method, template).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_RequestMetrics, registry=registry)
 
 
 @router.get("/metrics", include_in_schema=False)
