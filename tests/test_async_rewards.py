@@ -70,29 +70,38 @@ def test_a_missing_callback_is_resent_then_fails_the_run(api_server, tiny_model_
     assert types.count("reward.retry") == 1
 
 
+def hung_reward_run(settings, model_dir, server: RewardServer) -> str:
+    """A run whose reward model never calls back (it would be re-sent 20 x 2 s) under a 3 s
+    step timeout."""
+    run_id, server.behaviour.secret = async_run(settings, model_dir, server.url, timeout_s=2,
+                                                max_attempts=20)
+    with session_scope(settings.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+        run.spec = {**run.spec, "resources": {"step_timeout_s": 3.0}}
+    return run_id
+
+
+def failure_of(settings, run_id) -> tuple[Run, RunEvent]:
+    """The run and its last event."""
+    with session_scope(settings.resolved_database_url) as session:
+        run = session.get(Run, run_id)
+        last = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
+                               .order_by(RunEvent.id.desc())).first()
+    return run, last
+
+
 def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server,
                                                                       tiny_model_dir):
     """The watchdog: the reward model never calls back and would be re-sent for a minute; the
     run fails after step_timeout_s instead, and the event names the phase that hung."""
-    behaviour = Behaviour(mode="async", call_back=False)
-    with RewardServer(behaviour) as server:
-        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
-                                             timeout_s=2, max_attempts=20)
-        with session_scope(api_server.resolved_database_url) as session:
-            run = session.get(Run, run_id)
-            run.spec = {**run.spec, "resources": {"step_timeout_s": 3.0}}
+    with RewardServer(Behaviour(mode="async", call_back=False)) as server:
+        run_id = hung_reward_run(api_server, tiny_model_dir, server)
         started = time.monotonic()
         assert execute_run(api_server, run_id, "worker-a") == "failed"
     assert time.monotonic() - started < 10  # the limit plus a heartbeat, not 20 sends x 2 s
-    with session_scope(api_server.resolved_database_url) as session:
-        run = session.get(Run, run_id)
-        failed = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
-                                 .order_by(RunEvent.id.desc())).first()
+    run, failed = failure_of(api_server, run_id)
     assert run.status == "failed" and "reward phase" in run.error and "step 1" in run.error
     assert failed.type == "run.failed" and failed.data == {"phase": "reward", "step": 1}
-
-
-# --- the callback endpoint, request by request --------------------------------------------------
 
 
 def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, tiny_model_dir):
@@ -102,13 +111,8 @@ def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, ti
     import subprocess
     import sys
 
-    behaviour = Behaviour(mode="async", call_back=False)
-    with RewardServer(behaviour) as server:
-        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
-                                             timeout_s=2, max_attempts=20)
-        with session_scope(api_server.resolved_database_url) as session:
-            run = session.get(Run, run_id)
-            run.spec = {**run.spec, "resources": {"step_timeout_s": 3.0}}
+    with RewardServer(Behaviour(mode="async", call_back=False)) as server:
+        run_id = hung_reward_run(api_server, tiny_model_dir, server)
         code = ("import sys, threading; from service.config import Settings; "
                 "from workers.run_loop import execute_run; "
                 "s = Settings(data_dir=sys.argv[1], webhook_allow_private=True, "
@@ -118,12 +122,12 @@ def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, ti
         child = subprocess.run([sys.executable, "-c", code, str(api_server.resolved_data_dir),
                                 run_id], env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)
     assert child.returncode == 1  # os._exit(1) from the watchdog
-    with session_scope(api_server.resolved_database_url) as session:
-        run = session.get(Run, run_id)
-        failed = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
-                                 .order_by(RunEvent.id.desc())).first()
+    run, failed = failure_of(api_server, run_id)
     assert run.status == "failed" and "reward phase" in run.error
     assert failed.data == {"phase": "reward", "step": 1}
+
+
+# --- the callback endpoint, request by request --------------------------------------------------
 
 
 def test_concurrent_partial_callbacks_lose_no_reward(api_server, tiny_model_dir):
