@@ -4,6 +4,8 @@ Everything defaults to the embedded single-machine stack under ``./.gvpo/`` (SQL
 file-backed Celery broker), so a fresh checkout runs with no external server.
 """
 
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +26,15 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str | None = Field(default=None, description="where clients reach the API")
+    grpc_port: int = Field(
+        default=50051, ge=0, le=65535,
+        description="port of the gRPC API, served by every API process beside REST; 0 turns it off",
+    )
+    secret_key: str | None = Field(
+        default=None, repr=False,
+        description="signs short-lived download links; every API replica needs the same one. "
+                    "Default: a random key kept in <data_dir>/secret_key (embedded stack)",
+    )
     api_key: str | None = None
     max_upload_bytes: int = 512 * 1024 * 1024
     max_callback_bytes: int = Field(
@@ -51,6 +62,24 @@ class Settings(BaseSettings):
         description="how often each API process requeues runs with an expired lease and publishes "
                     "runs the broker missed; 0 turns the reaper off",
     )
+
+    @property
+    def resolved_secret_key(self) -> bytes:
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.resolved_data_dir / "secret_key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".secret_key.{os.getpid()}")
+            tmp.write_text(secrets.token_hex(32))
+            tmp.chmod(0o600)
+            try:  # link is atomic: processes starting together all keep the first key written
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return path.read_text().strip().encode()
 
     @property
     def resolved_data_dir(self) -> Path:

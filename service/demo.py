@@ -81,7 +81,7 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
     from service.progress import follow_run
 
     console = Console()
-    settings = settings.model_copy(update={"api_port": port or free_port()})
+    settings = settings.model_copy(update={"api_port": port or free_port(), "grpc_port": free_port()})
     model_dir, dataset, key = _prepare(settings, console)
     log_dir = settings.resolved_data_dir / "logs"
     console.log(f"starting the API on port {settings.api_port} and a worker (logs in {log_dir})")

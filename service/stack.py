@@ -31,6 +31,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
         "GVPO_BROKER_URL": settings.broker_url,
         "GVPO_API_HOST": settings.api_host,
         "GVPO_API_PORT": str(settings.api_port),
+        "GVPO_GRPC_PORT": str(settings.grpc_port),
         "GVPO_TORCH_THREADS": str(settings.torch_threads),
         "GVPO_LEASE_SECONDS": str(settings.lease_seconds),
         "GVPO_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),

@@ -24,7 +24,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path) -> Settings:
-    s = Settings(data_dir=tmp_path / "gvpo", heartbeat_seconds=1.0, lease_seconds=30.0)
+    # grpc_port=0: no gRPC server in these apps; the gRPC and end-to-end tests pick free ports.
+    s = Settings(data_dir=tmp_path / "gvpo", heartbeat_seconds=1.0, lease_seconds=30.0,
+                 grpc_port=0)
     s.resolved_data_dir.mkdir(parents=True)
     upgrade(s.resolved_database_url)
     return s

@@ -31,7 +31,8 @@ def cli(settings: Settings, *args: str) -> str:
 
 
 def make_settings(root: Path, **kw) -> Settings:
-    return Settings(data_dir=root, api_port=free_port(), heartbeat_seconds=1.0, **kw)
+    return Settings(data_dir=root, api_port=free_port(), grpc_port=free_port(), heartbeat_seconds=1.0,
+                    **kw)
 
 
 @pytest.fixture(scope="module")
