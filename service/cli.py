@@ -62,8 +62,11 @@ def up() -> None:
     stack = Stack(settings)
     try:
         stack.start()
-        click.echo(f"gvpo is up: API {stack.url} (docs at {stack.url}/docs), data in "
-                   f"{settings.resolved_data_dir}. Ctrl-C stops it.")
+        grpc = (f", gRPC {settings.api_host}:{settings.grpc_port}" if settings.grpc_port
+                else "")
+        click.echo(f"gvpo is up: API {stack.url} (docs at {stack.url}/docs, dashboard at "
+                   f"{stack.url}/dashboard){grpc}, data in {settings.resolved_data_dir}. "
+                   "Ctrl-C stops it.")
         while all(p.poll() is None for p in stack.procs.values()):
             time.sleep(0.5)
         click.echo("a child process exited; stopping", err=True)
@@ -76,7 +79,7 @@ def up() -> None:
 
 @main.command()
 def api() -> None:
-    """Run only the API server (GVPO_API_HOST, GVPO_API_PORT)."""
+    """Run only the API server: REST on GVPO_API_PORT, gRPC on GVPO_GRPC_PORT (GVPO_API_HOST)."""
     import uvicorn
 
     from service.main import create_app
@@ -194,6 +197,8 @@ def runs_show(run_id: str) -> None:
 @runs_group.command("watch")
 @click.argument("run_id")
 def runs_watch(run_id: str) -> None:
+    """Follow a run live: progress, latest metrics and events, until it ends (exit 0 if it
+    succeeded)."""
     from service.progress import follow_run
 
     with _client() as client:

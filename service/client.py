@@ -7,8 +7,9 @@
     run = client.wait(run["id"])
 """
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,17 @@ class Client:
     def _request(self, method: str, path: str, **kw) -> Any:
         resp = self.http.request(method, path, **kw)
         if resp.status_code >= 400:
-            try:
-                err = resp.json()["error"]
-            except (ValueError, KeyError, TypeError):
-                err = {"code": "http_error", "message": resp.text[:500]}
-            raise ApiError(resp.status_code, err.get("code", "error"), err.get("message", ""),
-                           err.get("details"))
+            self._raise(resp)
         return resp.json()
+
+    @staticmethod
+    def _raise(resp: httpx.Response) -> None:
+        try:
+            err = resp.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            err = {"code": "http_error", "message": resp.text[:500]}
+        raise ApiError(resp.status_code, err.get("code", "error"), err.get("message", ""),
+                       err.get("details"))
 
     # files
     def upload_file(self, path: str | Path, purpose: str = "train") -> dict:
@@ -82,6 +87,30 @@ class Client:
         params = {"after": after} if after is not None else {}
         return self._request("GET", f"/v1/runs/{run_id}/events", params=params)["data"]
 
+    def follow(self, run_id: str, after_event: int | None = None,
+               since_step: int = 0) -> Iterator[tuple[str, dict]]:
+        """The run's live stream (Server-Sent Events), until the run ends: ("run", run) when its
+        status or step changes, ("metrics", {"step", "values"}) per finished step, and
+        (event type, event) per event. Resume a broken stream with the last event id and step
+        seen."""
+        headers = {"Last-Event-ID": str(after_event)} if after_event is not None else {}
+        params = {"metrics": "true", "since_step": since_step}
+        # The server sends a keep-alive at least every 15 s, so a silent minute means it is gone.
+        with self.http.stream("GET", f"/v1/runs/{run_id}/events/stream", params=params,
+                              headers=headers, timeout=httpx.Timeout(30, read=60)) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._raise(resp)
+            fields: dict[str, str] = {}
+            for line in resp.iter_lines():
+                if line:
+                    if not line.startswith(":"):  # a comment: keep-alive
+                        name, _, value = line.partition(":")
+                        fields[name] = value.removeprefix(" ")
+                elif "data" in fields:
+                    yield fields.get("event", "message"), json.loads(fields["data"])
+                    fields = {}
+
     def metrics(self, run_id: str, names: list[str] | None = None,
                 since_step: int | None = None) -> dict[str, list[list[float]]]:
         params: dict[str, Any] = {}
@@ -111,6 +140,12 @@ class Client:
                 for chunk in resp.iter_bytes():
                     out.write(chunk)
         return dest
+
+    def download_url(self, run_id: str, ckpt_id: str, format: str = "stored") -> dict:
+        """A signed link to the checkpoint's archive, usable without the API key for 10 minutes:
+        {"url": <path on the API's origin>, "expires_at": ...}."""
+        return self._request("POST", f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download-url",
+                             params={"format": format})
 
     def wait(self, run_id: str, timeout: float = 3600, poll_s: float = 1.0,
              on_poll: Callable[[dict], None] | None = None) -> dict:

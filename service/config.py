@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         description="signs short-lived download links; every API replica needs the same one. "
                     "Default: a random key kept in <data_dir>/secret_key (embedded stack)",
     )
+    api_key_pepper: str | None = Field(
+        default=None, repr=False,
+        description="server-side secret mixed into stored API-key hashes (HMAC); every API "
+                    "replica needs the same one",
+    )
     api_key: str | None = None
     max_upload_bytes: int = 512 * 1024 * 1024
     max_callback_bytes: int = Field(
@@ -61,6 +66,21 @@ class Settings(BaseSettings):
         default=15.0, ge=0,
         description="how often each API process requeues runs with an expired lease and publishes "
                     "runs the broker missed; 0 turns the reaper off",
+    )
+    notify_interval_s: float = Field(
+        default=2.0, ge=0,
+        description="how often each API process sends due run notifications (notify_url); "
+                    "0 turns the notifier off",
+    )
+    notify_timeout_s: float = Field(
+        default=10.0, gt=0, description="time limit of one notification POST"
+    )
+    notify_max_attempts: int = Field(
+        default=8, ge=1, description="tries per notification before it is given up"
+    )
+    notify_backoff_s: float = Field(
+        default=1.0, ge=0,
+        description="first retry delay of a notification; it doubles per try, up to 5 minutes",
     )
 
     @property

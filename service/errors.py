@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from grpc import StatusCode
+
 
 class ServiceError(Exception):
     """A failure the caller can act on; rendered as {"error": {"code", "message", "details"}}."""
@@ -40,19 +42,44 @@ class InvalidSpec(ServiceError):
         super().__init__(f"invalid request: {listed}", {"fields": fields})
 
 
-# exception class -> (HTTP status, error code)
-ERROR_TABLE: dict[type[ServiceError], tuple[int, str]] = {
-    BadRequest: (400, "bad_request"),
-    Unauthorized: (401, "unauthorized"),
-    NotFound: (404, "not_found"),
-    Conflict: (409, "conflict"),
-    PayloadTooLarge: (413, "payload_too_large"),
-    InvalidSpec: (422, "invalid_request"),
+# exception class -> (HTTP status, error code, gRPC status): REST and gRPC answer alike.
+ERROR_TABLE: dict[type[ServiceError], tuple[int, str, StatusCode]] = {
+    BadRequest: (400, "bad_request", StatusCode.INVALID_ARGUMENT),
+    Unauthorized: (401, "unauthorized", StatusCode.UNAUTHENTICATED),
+    NotFound: (404, "not_found", StatusCode.NOT_FOUND),
+    Conflict: (409, "conflict", StatusCode.FAILED_PRECONDITION),
+    PayloadTooLarge: (413, "payload_too_large", StatusCode.RESOURCE_EXHAUSTED),
+    InvalidSpec: (422, "invalid_request", StatusCode.INVALID_ARGUMENT),
 }
+UNEXPECTED = (500, "internal_error", StatusCode.INTERNAL)
 
 
-def http_status_and_code(exc: ServiceError) -> tuple[int, str]:
+def classify(exc: ServiceError) -> tuple[int, str, StatusCode]:
     for cls in type(exc).__mro__:
         if cls in ERROR_TABLE:
             return ERROR_TABLE[cls]
-    return 500, "internal_error"
+    return UNEXPECTED
+
+
+def field_name(loc: tuple, body: object) -> str:
+    """A pydantic error location as the client wrote the field: ("body", "algorithm", "beta")
+    (FastAPI) or ("algorithm", "beta") (a validated document) -> "algorithm.beta".
+
+    Tagged unions (reward: {type: builtin, ...}) put the tag into pydantic's location; it is
+    dropped so the name matches a key path in the submitted document.
+    """
+    source = loc[0] if loc and loc[0] in ("body", "query", "path", "header") else None
+    parts = list(loc[1:] if source else loc)
+    named, node = [], body if source in (None, "body") else None
+    for part in parts:
+        if isinstance(node, dict) and part not in node and node.get("type") == part:
+            continue
+        named.append(str(part))
+        node = node.get(part) if isinstance(node, dict) else None
+    return ".".join(named) or "body"
+
+
+def invalid_spec(errors: list[dict[str, Any]], body: object) -> InvalidSpec:
+    """pydantic's errors for `body` as one InvalidSpec naming each bad field."""
+    return InvalidSpec([{"field": field_name(tuple(e["loc"]), body), "message": e["msg"]}
+                        for e in errors])

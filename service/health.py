@@ -4,6 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from service.config import Settings
 from service.db import get_engine
 from service.deps import SettingsDep
 from service.dispatch import broker_reachable
@@ -16,8 +17,8 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz(settings: SettingsDep) -> JSONResponse:
+def readiness(settings: Settings) -> dict[str, str]:
+    """Each dependency's check: "ok" or what went wrong."""
     checks = {"database": "ok", "broker": "ok"}
     try:
         with get_engine(settings.resolved_database_url).connect() as conn:
@@ -26,5 +27,11 @@ def readyz(settings: SettingsDep) -> JSONResponse:
         checks["database"] = f"error: {exc.__class__.__name__}: {exc}"
     if not broker_reachable(settings):
         checks["broker"] = "error: cannot connect"
+    return checks
+
+
+@router.get("/readyz")
+def readyz(settings: SettingsDep) -> JSONResponse:
+    checks = readiness(settings)
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -8,11 +8,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import telemetry
+from service import dashboard, telemetry
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
-from service.errors import ServiceError, http_status_and_code
+from service.errors import ServiceError, classify, invalid_spec
 from service.files.routes import router as files_router
+from service.grpc_server import GrpcServer
 from service.health import router as health_router
 from service.metrics.routes import router as metrics_router
 from service.rewards.routes import router as rewards_router
@@ -26,33 +27,14 @@ def error_body(code: str, message: str, details: dict | None = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
-def _field_name(loc: tuple, body: object) -> str:
-    """("body", "algorithm", "beta") -> "algorithm.beta", as the client wrote it.
-
-    Tagged unions (reward: {type: builtin, ...}) put the tag into pydantic's location; it is
-    dropped so the name matches a key path in the submitted JSON.
-    """
-    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
-    named, node = [], body if loc and loc[0] == "body" else None
-    for part in parts:
-        if isinstance(node, dict) and part not in node and node.get("type") == part:
-            continue
-        named.append(str(part))
-        node = node.get(part) if isinstance(node, dict) else None
-    return ".".join(named) or "body"
-
-
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    status, code = http_status_and_code(exc)
+    status, code, _ = classify(exc)
     return JSONResponse(error_body(code, exc.message, exc.details), status_code=status)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    fields = [{"field": _field_name(tuple(e["loc"]), exc.body), "message": e["msg"]}
-              for e in exc.errors()]
-    listed = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-    body = error_body("invalid_request", f"invalid request: {listed}", {"fields": fields})
-    return JSONResponse(body, status_code=422)
+    error = invalid_spec(list(exc.errors()), exc.body)
+    return JSONResponse(error_body("invalid_request", error.message, error.details), status_code=422)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -71,7 +53,12 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     settings = app.state.settings
-    reaper = Reaper(settings) if settings.reaper_interval_s > 0 else None
+    # One thread reaps expired leases and starts the run-notification sender; either may be off.
+    reaper = Reaper(settings) if settings.reaper_interval_s > 0 or settings.notify_interval_s > 0 \
+        else None
+    grpc_server = GrpcServer(settings, app.state.prometheus) if settings.grpc_port else None
+    if grpc_server:
+        await grpc_server.start()
     if reaper:
         reaper.start()
     try:
@@ -79,6 +66,8 @@ async def _lifespan(app: FastAPI):
     finally:
         if reaper:
             reaper.stopped.set()
+        if grpc_server:
+            await grpc_server.stop()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -93,4 +82,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    rewards_router, telemetry.router):
         app.include_router(router)
     telemetry.install(app, app.state.settings)
+    dashboard.install(app)
     return app

@@ -1,30 +1,55 @@
-"""Following a run in the terminal: a live progress bar with the current reward."""
+"""Following a run in the terminal over its live stream: a progress bar with the latest
+metrics, and the run's events as they happen. A dropped connection resumes where it stopped."""
 
+import time
+from collections import deque
+
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from service.client import Client
 
+SHOWN = (("loss", "loss"), ("kl/ref", "kl"), ("throughput/tokens_per_s", "tok/s"))
+RECONNECTS = 20
+
+
+def _describe(rewards: deque, latest: dict[str, float]) -> str:
+    parts = [f"reward {sum(rewards) / len(rewards):.3f}" if rewards else "reward –"]
+    parts += [f"{label} {latest[name]:.4g}" for name, label in SHOWN if name in latest]
+    return " · ".join(parts)
+
 
 def follow_run(client: Client, run_id: str, console: Console | None = None) -> dict:
-    """Show progress until the run finishes; prints its events as they arrive. Returns the run."""
-    console = console or Console()
+    """Show progress until the run finishes; prints its events as they arrive. Returns the run.
+
+    The reward shown is the mean of reward/mean over the last 10 steps."""
+    console = console or Console(log_path=False)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[reward]}"), TimeElapsedColumn())
-    last_event = None
+               TextColumn("{task.fields[metrics]}"), TimeElapsedColumn())
+    after, since, rewards, latest = None, 0, deque(maxlen=10), {}
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(run_id, total=None, reward="")
-
-        def on_poll(run: dict) -> None:
-            nonlocal last_event
-            for event in client.events(run_id, after=last_event):
-                last_event = event["id"]
-                console.log(f"{event['type']}: {event['message']}")
-            reward = client.metrics(run_id, ["reward/mean"], since_step=max(run["step"] - 9, 0))
-            points = [v for _, v in reward.get("reward/mean", [])]
-            shown = f"reward {sum(points) / len(points):.3f}" if points else "reward –"
-            bar.update(task, total=run["total_steps"], completed=run["step"],
-                       description=f"{run_id} {run['status']}", reward=shown)
-
-        run = client.wait(run_id, poll_s=0.5, on_poll=on_poll)
-    return run
+        task = bar.add_task(run_id, total=None, metrics="")
+        for attempt in range(RECONNECTS + 1):
+            try:
+                for kind, data in client.follow(run_id, after, since):
+                    if kind == "run":
+                        bar.update(task, total=data["total_steps"], completed=data["step"],
+                                   description=f"{run_id} {data['status']}")
+                    elif kind == "metrics":
+                        since = data["step"]
+                        latest = data["values"]
+                        if "reward/mean" in latest:
+                            rewards.append(latest["reward/mean"])
+                        bar.update(task, completed=since, metrics=_describe(rewards, latest))
+                    else:
+                        after = data["id"]
+                        console.log(f"{data['type']}: {data['message']}")
+                break  # the stream ends with the run
+            except httpx.TransportError as exc:
+                if attempt == RECONNECTS:
+                    raise
+                console.log(f"[yellow]stream interrupted ({exc.__class__.__name__}); "
+                            "reconnecting[/yellow]")
+                time.sleep(min(2 ** attempt, 10))
+    return client.get_run(run_id)

@@ -11,7 +11,10 @@ Per-run series cover running runs only, which keeps their number bounded.
 """
 
 import time
+from contextlib import contextmanager
 from datetime import timedelta
+
+import grpc
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -23,9 +26,9 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import Metric, Run, RunEvent
 from service.models.base import utcnow
+from service.runs.service import STATES
 
 STEP_PHASES = ("weight_sync", "rollout", "reward", "learn")
-STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 
 router = APIRouter(tags=["health"])
 
@@ -155,6 +158,52 @@ class _RequestMetrics:
             if not started:
                 record(500)
             raise
+
+
+class GrpcMetrics(grpc.aio.ServerInterceptor):
+    """The gRPC API's calls, by method and status code; a stream's latency is its whole life."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("gvpo_grpc_requests", "gRPC API calls", ["method", "code"],
+                                registry=registry)
+        self.latency = Histogram("gvpo_grpc_request_duration_seconds",
+                                 "gRPC API call latency (a stream: until it ends)", ["method"],
+                                 registry=registry)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler  # client streams (reflection) go uncounted
+        record = self._recorder(details.method)
+        if handler.unary_unary:
+            async def unary(request, context):
+                with record(context):
+                    return await handler.unary_unary(request, context)
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer)
+
+        async def stream(request, context):
+            with record(context):
+                async for item in handler.unary_stream(request, context):
+                    yield item
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer)
+
+    def _recorder(self, method: str):
+        @contextmanager
+        def record(context):
+            start, code = time.perf_counter(), grpc.StatusCode.OK
+            try:
+                yield
+            except BaseException:
+                # an abort set the code; anything else is answered as UNKNOWN by grpc
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+                self.requests.labels(method, name).inc()
+                self.latency.labels(method).observe(time.perf_counter() - start)
+        return record
 
 
 def install(app: FastAPI, settings: Settings) -> None:

@@ -61,7 +61,9 @@ def broker_run_ids(settings) -> list[str]:
 
 
 def submit(settings, model_path, reward: dict | None = None, **overrides) -> str:
-    """Create a queued run on the copy task straight through the service layer; returns its id."""
+    """Create a queued run on the copy task straight through the service layer; returns its id.
+
+    A dict override merges into its section; any other value sets a top-level field."""
     data = "".join(json.dumps(r) + "\n" for r in copy_rows(32)).encode()
     spec = {
         "model": {"path": str(model_path)},
@@ -76,7 +78,7 @@ def submit(settings, model_path, reward: dict | None = None, **overrides) -> str
         "checkpoint": {"every_steps": 3, "keep_last": 1},
     }
     for section, values in overrides.items():
-        spec[section] = {**spec.get(section, {}), **values}
+        spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
     with session_scope(settings.resolved_database_url) as session:
         project, _ = create_api_key(session, "loop")
         file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")

@@ -5,6 +5,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -30,10 +31,18 @@ class Behaviour:
     lie: str | None = None  # "nan" | "unknown_id" | "missing" | "status_404"
     mode: str = "sync"  # "async": answer 202, then POST the rewards to the callback_url
     call_back: bool = True  # async: False never calls back
+    # async: how a callback is sent, (callback URL, body, signature) -> status; default HTTP POST
+    send_callback: Callable[[str, bytes, str], int] | None = None
     calls: int = 0
     rewards: dict[str, float] = field(default_factory=dict)
     request_ids: list[str] = field(default_factory=list)
     callback_statuses: list[int] = field(default_factory=list)
+
+
+def post_callback(url: str, body: bytes, signature: str) -> int:
+    resp = httpx.post(url, content=body, timeout=30,
+                      headers={"Content-Type": "application/json", HEADER: signature})
+    return resp.status_code
 
 
 def make_app(b: Behaviour) -> FastAPI:
@@ -43,9 +52,8 @@ def make_app(b: Behaviour) -> FastAPI:
         out = [{"sample_id": i["sample_id"], "reward": b.rewards[i["sample_id"]]}
                for i in payload["items"]]
         body = json.dumps({"request_id": payload["request_id"], "rewards": out}).encode()
-        resp = httpx.post(payload["callback_url"], content=body, timeout=30,
-                          headers={"Content-Type": "application/json", HEADER: sign(b.secret, body)})
-        b.callback_statuses.append(resp.status_code)
+        send = b.send_callback or post_callback
+        b.callback_statuses.append(send(payload["callback_url"], body, sign(b.secret, body)))
 
     @app.post("/score")
     async def score_items(request: Request, background: BackgroundTasks) -> Response:

@@ -151,13 +151,16 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
     ({"model": {"path": DROP}}, ["model.path"]),
     ({"reward": {"name": "no_such_reward"}}, ["reward.name"]),
     ({"training": {"mini_batches": 5, "prompts_per_step": 4}}, ["training.mini_batches"]),
+    # the default (4 mini-batches) breaks the rule as surely as a value written out
+    ({"training": {"mini_batches": DROP, "prompts_per_step": 2}}, ["training.mini_batches"]),
     ({"dataset": {"train_file": "file_doesnotexist"}}, ["dataset.train_file"]),
     ({"dataset": {"prompt_field": "question"}}, ["dataset.prompt_field"]),
     ({"reward": {"type": "webhook", "url": "https://rm.example.com/score", "timeout_s": 120,
                  "name": DROP},
       "resources": {"step_timeout_s": 60}}, ["resources"]),
 ], ids=["group_size", "beta_zero", "beta_negative", "both", "unknown_field", "no_reward",
-        "no_model_path", "unknown_reward", "mini_batches", "missing_file", "prompt_field",
+        "no_model_path", "unknown_reward", "mini_batches", "default_mini_batches",
+        "missing_file", "prompt_field",
         "step_timeout"])
 def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, overrides, fields):
     key = make_key()

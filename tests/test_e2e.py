@@ -120,6 +120,41 @@ def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == 4 + 3
 
 
+def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir, tmp_path):
+    """The API process serves gRPC beside REST: a run created over gRPC is watched to its end
+    over gRPC while `gvpo runs watch` follows the same run over SSE."""
+    import grpc
+    from google.protobuf.struct_pb2 import Struct
+
+    from gvpo.v1 import runs_pb2, runs_pb2_grpc
+
+    http, file_id = project_with_file(embedded.settings, embedded.url, "watchers", tmp_path)
+    key = http.headers["Authorization"].removeprefix("Bearer ")
+    body = Struct()
+    body.update(spec(tiny_model_dir, file_id))
+    with grpc.insecure_channel(f"127.0.0.1:{embedded.settings.grpc_port}") as channel:
+        runs = runs_pb2_grpc.RunsStub(channel)
+        metadata = (("authorization", f"Bearer {key}"),)
+        run = runs.CreateRun(runs_pb2.CreateRunRequest(spec=body), metadata=metadata).run
+        watch = subprocess.Popen([sys.executable, "-m", "service.cli", "runs", "watch", run.id],
+                                 env={**stack_env(embedded.settings), "GVPO_API_KEY": key,
+                                      "COLUMNS": "160"},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        updates = list(runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run.id), metadata=metadata,
+                                     timeout=180))
+    shown, _ = watch.communicate(timeout=60)
+    assert watch.returncode == 0, shown
+    assert "run.started" in shown and "run.succeeded" in shown and "8/8" in shown, shown
+    assert "reward " in shown and "loss " in shown, shown
+
+    assert [u.run for u in updates if u.HasField("run")][-1].status == "succeeded"
+    streamed = {u.metrics.step: u.metrics.values["reward/mean"]
+                for u in updates if u.HasField("metrics")}
+    stored = http.get(f"/v1/runs/{run.id}/metrics", params={"names": "reward/mean"}).json()
+    assert streamed == {step: value for step, value in stored["metrics"]["reward/mean"]}
+    assert [u.event.type for u in updates if u.HasField("event")][-1] == "run.succeeded"
+
+
 def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -1,7 +1,7 @@
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class CheckpointRead(BaseModel):
@@ -20,3 +20,8 @@ class CheckpointRead(BaseModel):
 class CheckpointList(BaseModel):
     object: Literal["list"] = "list"
     data: list[CheckpointRead]
+
+
+class DownloadLink(BaseModel):
+    url: str = Field(description="path and query on the API's origin; GET it without an API key")
+    expires_at: datetime

@@ -1,15 +1,24 @@
-"""Checkpoints of a run: listing, and packing one as a .tar.gz for download."""
+"""Checkpoints of a run: listing, packing one as a .tar.gz for download, and signed download
+links (a browser's plain link cannot send the API key)."""
 
+import hashlib
+import hmac
 import tarfile
 import tempfile
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlencode
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.errors import Conflict, NotFound
-from service.models import Checkpoint, Project
+from service.config import Settings
+from service.errors import Conflict, NotFound, Unauthorized
+from service.models import Checkpoint, Project, Run
 from service.runs.service import get_run
+
+DOWNLOAD_LINK_TTL_S = 600
 
 
 def list_checkpoints(session: Session, project: Project, run_id: str) -> list[Checkpoint]:
@@ -57,3 +66,44 @@ def _merge_adapter(ckpt: Checkpoint, workdir: Path) -> Path:
     model.merge_and_unload().save_pretrained(out)
     AutoTokenizer.from_pretrained(ckpt.path).save_pretrained(out)
     return out
+
+
+def download_token(key: bytes, project_id: str, run_id: str, ckpt_id: str, format: str,
+                   expires: int) -> str:
+    """The token: '<expiry, unix seconds>.<hex HMAC-SHA256 of project, run, checkpoint, format
+    and expiry>'."""
+    message = "\n".join((project_id, run_id, ckpt_id, format, str(expires))).encode()
+    return f"{expires}.{hmac.new(key, message, hashlib.sha256).hexdigest()}"
+
+
+def download_link(session: Session, settings: Settings, project: Project, run_id: str,
+                  ckpt_id: str, format: str) -> tuple[str, datetime]:
+    """A download URL (relative to the API's origin) that works without the API key for
+    DOWNLOAD_LINK_TTL_S seconds, and its expiry."""
+    get_checkpoint(session, project, run_id, ckpt_id)
+    expires = int(time.time()) + DOWNLOAD_LINK_TTL_S
+    token = download_token(settings.resolved_secret_key, project.id, run_id, ckpt_id, format,
+                           expires)
+    query = urlencode({"format": format, "token": token})
+    url = f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download?{query}"
+    return url, datetime.fromtimestamp(expires, UTC)
+
+
+def authorize_download(session: Session, settings: Settings, token: str, run_id: str,
+                       ckpt_id: str, format: str) -> Project:
+    """The project a download token was issued to, if it is genuine, unexpired and made for
+    exactly this run, checkpoint and format."""
+    expires, _, signature = token.partition(".")
+    if not (token.isascii() and expires.isdigit() and len(expires) <= 12 and signature):
+        raise Unauthorized("malformed download token: ask for a new link "
+                           "(POST .../checkpoints/{ckpt}/download-url)")
+    run = session.get(Run, run_id)
+    expected = run and download_token(settings.resolved_secret_key, run.project_id, run_id,
+                                      ckpt_id, format, int(expires))
+    if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise Unauthorized("invalid download token: it was not issued for this checkpoint "
+                           "and format")
+    if int(expires) < time.time():
+        expired_at = datetime.fromtimestamp(int(expires), UTC).isoformat()
+        raise Unauthorized(f"download link expired at {expired_at}: ask for a new one")
+    return session.get(Project, run.project_id)

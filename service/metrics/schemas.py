@@ -12,6 +12,13 @@ class MetricSeries(BaseModel):
     metrics: dict[str, list[Point]] = Field(description="name -> [[step, value], ...]")
 
 
+class StepMetrics(BaseModel):
+    """Every metric recorded at one step (they are written together, with the run's step)."""
+
+    step: int
+    values: dict[str, float]
+
+
 class SampleRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

@@ -5,6 +5,7 @@ from collections import defaultdict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.metrics.schemas import StepMetrics
 from service.models import Metric, Project, Sample
 from service.runs.service import get_run
 
@@ -22,6 +23,18 @@ def metric_series(
     for name, step, value in session.execute(stmt.order_by(Metric.name, Metric.step)):
         series[name].append((step, value))
     return dict(series)
+
+
+def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[StepMetrics]:
+    """The metrics of steps after..upto, a step at a time (no project check: callers did it)."""
+    rows = session.execute(
+        select(Metric.step, Metric.name, Metric.value)
+        .where(Metric.run_id == run_id, Metric.step > after, Metric.step <= upto)
+        .order_by(Metric.step, Metric.name))
+    steps: dict[int, dict[str, float]] = defaultdict(dict)
+    for step, name, value in rows:
+        steps[step][name] = value
+    return [StepMetrics(step=step, values=values) for step, values in steps.items()]
 
 
 def list_samples(

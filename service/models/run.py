@@ -36,3 +36,9 @@ class Run(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The notify_url outbox (service/runs/notify.py): None = nothing to send, "pending" = send
+    # once the run has ended, then "delivered" or "failed". Not due before notify_due_at, which
+    # is both the retry time and a sender's claim expiry.
+    notify_state: Mapped[str | None] = mapped_column(String(16), index=True)
+    notify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    notify_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,5 +1,5 @@
-"""Outbound safety for reward webhooks: only http(s) URLs whose host resolves to public
-addresses, unless private addresses are allowed (embedded use, tests)."""
+"""Outbound safety for webhooks (reward models, run notifications): only http(s) URLs whose
+host resolves to public addresses, unless private addresses are allowed (embedded use, tests)."""
 
 import ipaddress
 import socket
@@ -21,6 +21,6 @@ def webhook_url_problem(url: str, allow_private: bool) -> str | None:
         address = ipaddress.ip_address(sockaddr[0])
         if not address.is_global or address.is_multicast:
             return (f"host {parts.hostname!r} resolves to {address}, a loopback, private, "
-                    "link-local or reserved address; reward webhooks must be public "
+                    "link-local or reserved address; webhook URLs must be public "
                     "(GVPO_WEBHOOK_ALLOW_PRIVATE=true allows them)")
     return None

@@ -8,6 +8,9 @@
 Each API process runs one reaper thread. An expired run is claimed with one conditional UPDATE,
 so replicas reaping at the same moment re-enqueue it once; a duplicate publish of a queued run
 is harmless (the second delivery finds the lease taken and exits).
+
+The reaper also starts the process's notifier thread (service/runs/notify.py), on its own
+interval, so that a slow notification receiver never delays reaping.
 """
 
 import logging
@@ -20,6 +23,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
+from service.runs.notify import Notifier
 from service.runs.service import add_event, dispatch_run
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,10 @@ class Reaper(threading.Thread):
         self.settings, self.stopped = settings, threading.Event()
 
     def run(self) -> None:
+        if self.settings.notify_interval_s > 0:
+            Notifier(self.settings, self.stopped).start()
+        if self.settings.reaper_interval_s <= 0:
+            return  # notifications only
         while not self.stopped.wait(self.settings.reaper_interval_s):
             try:
                 reap_runs(self.settings)

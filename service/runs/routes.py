@@ -10,7 +10,7 @@ from service.runs.spec import RunSpec
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
-RUN_STATUSES = "^(queued|running|paused|succeeded|failed|cancelled)$"
+RUN_STATUSES = f"^({'|'.join(service.STATES)})$"
 
 
 @router.post("", status_code=201, response_model=RunCreated)
@@ -71,13 +71,18 @@ def stream_events(
     project: ProjectDep,
     last_event_id: Annotated[int | None, Header(ge=0, le=DB_INT_MAX)] = None,
     after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
+    metrics: Annotated[bool, Query(description="also send `run` (its state, when status or step "
+                                               "changes) and `metrics` (each step's) messages")] = False,
+    since_step: Annotated[int, Query(ge=0, le=DB_INT_MAX,
+                                     description="with metrics: only steps after this one")] = 0,
 ) -> StreamingResponse:
     """The run's events as Server-Sent Events until the run ends. Reconnect with
     `Last-Event-ID` (or `?after=`) to continue after the last event received."""
     service.get_run(session, project, run_id)  # 404 for another project's run
     start = last_event_id if last_event_id is not None else after or 0
     return StreamingResponse(
-        stream.event_stream(settings, run_id, start, request.is_disconnected),
+        stream.event_stream(settings, run_id, start, since_step if metrics else None,
+                            request.is_disconnected),
         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 

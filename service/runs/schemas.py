@@ -50,3 +50,26 @@ class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[EventRead]
     has_more: bool
+
+
+class RunSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str | None
+    status: str
+    step: int
+    total_steps: int
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunNotification(BaseModel):
+    """The body POSTed to a run's notify_url when it ends (service/runs/notify.py)."""
+
+    type: Literal["run.succeeded", "run.failed", "run.cancelled"]
+    id: str  # the same on every delivery of this notification: receivers de-duplicate by it
+    run_id: str
+    created_at: datetime  # when the run ended
+    run: RunSummary

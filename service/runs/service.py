@@ -4,6 +4,7 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue_run
-from service.errors import Conflict, InvalidSpec, NotFound
+from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.service import get_file
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
@@ -19,6 +20,7 @@ from service.rewards.signing import new_secret
 from service.rewards.urls import webhook_url_problem
 from service.runs.spec import CompositeReward, RunSpec, WebhookReward
 
+STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -51,10 +53,24 @@ def _check_webhooks(settings: Settings, spec: RunSpec) -> None:
     if isinstance(reward, CompositeReward):
         hooks = [(f"reward.components.{i}", c) for i, c in enumerate(reward.components)
                  if isinstance(c, WebhookReward)]
-    bad = [{"field": f"{where}.url", "message": problem} for where, hook in hooks
-           if (problem := webhook_url_problem(hook.url, settings.webhook_allow_private))]
+    urls = [(f"{where}.url", hook.url) for where, hook in hooks]
+    if spec.notify_url is not None:
+        urls.append(("notify_url", spec.notify_url))
+    bad = [{"field": field, "message": problem} for field, url in urls
+           if (problem := webhook_url_problem(url, settings.webhook_allow_private))]
     if bad:
         raise InvalidSpec(bad)
+
+
+def _stored_spec(spec: RunSpec) -> dict[str, Any]:
+    """The spec as stored, every default filled in: the worker validates exactly this again, so
+    it must pass here too (a default that breaks a rule is the submitter's to change)."""
+    stored = spec.model_dump(mode="json")
+    try:
+        RunSpec.model_validate(stored)
+    except ValidationError as exc:
+        raise invalid_spec(exc.errors(), stored) from None
+    return stored
 
 
 def _request_hash(spec: RunSpec) -> str:
@@ -83,12 +99,14 @@ def create_run(
         return existing, False
     _check_dataset(session, project, spec)
     _check_webhooks(settings, spec)
+    stored = _stored_spec(spec)
     run = Run(
-        project_id=project.id, name=spec.name, spec=spec.model_dump(mode="json"),
+        project_id=project.id, name=spec.name, spec=stored,
         webhook_secret=(spec.webhook_secret.get_secret_value() if spec.webhook_secret
                         else new_secret()),
         idempotency_key=idempotency_key,
         request_hash=digest, total_steps=spec.training.steps,
+        notify_state="pending" if spec.notify_url else None,
     )
     session.add(run)
     try:

@@ -135,7 +135,8 @@ class OptimizerSpec(_Strict):
 class TrainingSpec(_Strict):
     steps: int = Field(200, ge=1)
     prompts_per_step: int = Field(64, ge=1)
-    mini_batches: int = Field(4, ge=1, description="optimizer updates per step, split by group")
+    mini_batches: int = Field(4, ge=1, validate_default=True,
+                              description="optimizer updates per step, split by group")
     micro_batch_tokens: int | None = Field(
         None, ge=1,
         description="token budget of one forward/backward pass (whole groups are packed up to "
@@ -256,6 +257,11 @@ class RunSpec(_Strict):
         description="bring your own webhook secret (default: one is made); never stored in the "
                     "spec or shown again",
     )
+    notify_url: str | None = Field(
+        None, min_length=1, max_length=2000,
+        description="http(s) URL that receives a signed run.succeeded / run.failed / "
+                    "run.cancelled event when the run ends",
+    )
     model: ModelSpec
     dataset: DatasetSpec
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
@@ -266,7 +272,7 @@ class RunSpec(_Strict):
     reward: RewardSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, validate_default=True)
 
     @field_validator("resources")
     @classmethod

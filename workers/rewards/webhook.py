@@ -11,7 +11,6 @@ re-sends a request whose callback has not completed within `timeout_s`, and fail
 `max_attempts` sends. Groups therefore train only when all k rewards are in.
 """
 
-import email.utils
 import json
 import random
 import secrets
@@ -22,7 +21,8 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from service.rewards.signing import HEADER, REQUEST_ID_HEADER, is_reward, sign
+from service.rewards.outbound import Transient, post_signed
+from service.rewards.signing import REQUEST_ID_HEADER, is_reward
 from service.rewards.urls import webhook_url_problem
 from service.runs.spec import WebhookReward
 from workers.data import Example
@@ -48,14 +48,6 @@ class WebhookContext:
     open_request: Callable[[str, int, list[str]], None]  # async: record before sending
     results: Callable[[list[str]], dict[str, dict[str, float] | None]]  # async: callbacks so far
     sleep: Callable[[float], None] = time.sleep
-
-
-class _Transient(Exception):
-    """An answer worth retrying; carries what to report and an optional Retry-After."""
-
-    def __init__(self, answer: str, retry_after: float | None = None) -> None:
-        super().__init__(answer)
-        self.answer, self.retry_after = answer, retry_after
 
 
 def sample_id(run_id: str, step: int, group: int, index: int) -> str:
@@ -148,7 +140,7 @@ class WebhookScorer:
                 raise RunError(f"reward webhook {url} may not be called: {problem}")
             try:
                 return self._post(client, body, request_id)
-            except _Transient as exc:
+            except Transient as exc:
                 last = exc
             if attempt == tries:
                 break
@@ -166,41 +158,26 @@ class WebhookScorer:
 
     def _post(self, client: httpx.Client, body: bytes, request_id: str) -> object:
         """One signed POST: the parsed JSON of a 200, ACCEPTED for an async 202."""
-        headers = {"Content-Type": "application/json", HEADER: sign(self.ctx.secret(), body),
-                   REQUEST_ID_HEADER: request_id}
-        deadline = time.monotonic() + self.spec.timeout_s
-        try:
-            with client.stream("POST", self.spec.url, content=body, headers=headers) as resp:
-                raw = self._read_capped(resp, deadline)
-        except httpx.TransportError as exc:
-            raise _Transient(f"{type(exc).__name__}: {exc}") from None
-        text = raw.decode("utf-8", "replace")
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise _Transient(f"HTTP {resp.status_code}: {text[:200]!r}",
-                             _retry_after(resp.headers.get("Retry-After")))
-        if resp.status_code == 202 and self.spec.mode == "async":
+        answer = post_signed(client, self.spec.url, body, self.ctx.secret(),
+                             {REQUEST_ID_HEADER: request_id}, self.ctx.max_response_bytes,
+                             self.spec.timeout_s)
+        if answer.over_limit:
+            raise RunError(f"reward webhook {self.spec.url} sent more than "
+                           f"{self.ctx.max_response_bytes} bytes")
+        if answer.retryable:
+            raise Transient(answer.describe(), answer.retry_after)
+        if answer.status == 202 and self.spec.mode == "async":
             return ACCEPTED
-        if resp.status_code != 200:
+        if answer.status != 200:
             expected = "202, or 200 with rewards" if self.spec.mode == "async" else "200 with rewards"
-            raise RunError(f"reward webhook {self.spec.url} answered HTTP {resp.status_code} "
-                           f"({text[:200]!r}); a {self.spec.mode} reward model must answer "
+            raise RunError(f"reward webhook {self.spec.url} answered HTTP {answer.status} "
+                           f"({answer.text[:200]!r}); a {self.spec.mode} reward model must answer "
                            f"{expected}")
         try:
-            return json.loads(text)
+            return json.loads(answer.text)
         except json.JSONDecodeError:
             raise RunError(f"reward webhook {self.spec.url} answered 200 with a body that is "
-                           f"not JSON: {text[:200]!r}") from None
-
-    def _read_capped(self, resp: httpx.Response, deadline: float) -> bytes:
-        cap, chunks, size = self.ctx.max_response_bytes, [], 0
-        for chunk in resp.iter_bytes():
-            size += len(chunk)
-            if size > cap:
-                raise RunError(f"reward webhook {self.spec.url} sent more than {cap} bytes")
-            if time.monotonic() > deadline:
-                raise _Transient(f"no complete answer within timeout_s={self.spec.timeout_s}")
-            chunks.append(chunk)
-        return b"".join(chunks)
+                           f"not JSON: {answer.text[:200]!r}") from None
 
     def _parse(self, answer: object, chunk: list[dict]) -> dict[str, float]:
         wanted = {item["sample_id"] for item in chunk}
@@ -222,17 +199,3 @@ class WebhookScorer:
             raise RunError(f"reward webhook {self.spec.url} left {len(missing)} of {len(wanted)} "
                            f"samples without a reward (e.g. {sorted(missing)[0]})")
         return got
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds or an HTTP date; capped so a hostile server cannot stall a run."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), 300.0)

@@ -1,0 +1,1 @@
+"""The gRPC contract's Python package (the proto package gvpo.v1); see proto/generate.py."""

@@ -1,0 +1,1 @@
+"""Generated from runs.proto and rewards.proto by proto/generate.py: never edited by hand."""

@@ -1,0 +1,126 @@
+// One run: status with cancel / pause / resume, live curves, samples, checkpoints and events.
+// While the run is queued or running, everything polls every 2 s, and the curves ask only for
+// steps they have not drawn yet (since_step).
+
+import { api, metrics, runPath } from "./api.js";
+import { SeriesChart, maxStep } from "./charts.js";
+import { checkpointsPanel } from "./checkpoints.js";
+import { algorithmOf, fmtTime, h, isLive, stateBadge, TERMINAL } from "./dom.js";
+import { eventsPanel } from "./events.js";
+import { poll } from "./live.js";
+import { samplesPanel } from "./samples.js";
+
+const EVAL = ["eval/pass@1", "eval/pass@k", "eval/reward_mean"];
+const NAMES = ["reward/mean", "reward/std", "loss", "kl/ref", ...EVAL];
+
+// Built once; update(run) rewrites its values, so a button never changes under the pointer.
+function header(runId, onAction) {
+  const title = h("h2");
+  const badge = h("span");
+  const step = h("span", { id: "run-step" });
+  const message = h("span", { id: "action-message", class: "error", role: "status" });
+  const meta = h("div", { class: "meta" });
+  const error = h("pre", { class: "run-error", hidden: true });
+  const button = (label, action, cls) => h("button", {
+    type: "button", id: `${action}-run`, class: cls, disabled: true,
+    onclick: async (ev) => {
+      ev.target.disabled = true;
+      message.textContent = "";
+      try {
+        await api(`${runPath(runId)}/${action}`, { method: "POST" });
+      } catch (err) {
+        message.textContent = err.message;  // e.g. the 409 of an illegal transition
+      }
+      onAction();
+    },
+  }, label);
+  const buttons = { pause: button("Pause", "pause", "secondary"), resume: button("Resume", "resume", "secondary"), cancel: button("Cancel", "cancel", "danger") };
+  const section = h("section", { class: "card", id: "run-header" },
+    h("div", { class: "run-head" }, title, h("code", {}, runId), badge, step, h("span", { class: "spacer" }),
+      h("span", { class: "actions" }, buttons.pause, buttons.resume, buttons.cancel)),
+    meta, error, message);
+  const item = (label, value) => h("div", {}, h("span", {}, label), value);
+
+  function update(run) {
+    const a = run.spec?.algorithm || {};
+    section.dataset.state = run.status;
+    title.textContent = run.name || run.id;
+    badge.replaceChildren(stateBadge(run.status));
+    step.replaceChildren(`step ${run.step} / ${run.total_steps}`, h("progress", { max: run.total_steps, value: run.step }));
+    buttons.pause.disabled = !isLive(run) || run.cancel_requested;
+    buttons.resume.disabled = run.status !== "paused";
+    buttons.cancel.disabled = TERMINAL.has(run.status) || run.cancel_requested;
+    meta.replaceChildren(
+      item("algorithm", `${algorithmOf(run)} · β ${a.beta ?? "—"} · k ${a.group_size ?? "—"}`),
+      item("model", run.spec?.model?.path ?? "—"),
+      item("created", fmtTime(run.created_at)),
+      item("started", fmtTime(run.started_at)),
+      item("finished", fmtTime(run.finished_at)),
+      item("samples", String(run.samples_generated)),
+      item("tokens", String(run.tokens_generated)),
+      ...(run.cancel_requested && !TERMINAL.has(run.status) ? [item("cancel", "requested")] : []));
+    error.textContent = run.error ?? "";
+    error.hidden = !run.error;
+  }
+  return { section, update };
+}
+
+function curves(parent) {
+  const grid = h("div", { class: "charts" });
+  const evalBox = h("div", { id: "eval-charts" }, h("p", { class: "muted", id: "no-eval" }, "no eval metrics"));
+  parent.append(h("section", { class: "card" }, h("h3", {}, "Curves"), grid, evalBox));
+  const charts = [
+    new SeriesChart(grid, { id: "chart-reward", title: "reward", series: [{ key: "reward/mean", label: "reward/mean" }], band: { mean: "reward/mean", std: "reward/std" } }),
+    new SeriesChart(grid, { id: "chart-loss", title: "loss", series: [{ key: "loss", label: "loss" }] }),
+    new SeriesChart(grid, { id: "chart-kl", title: "KL to the reference", series: [{ key: "kl/ref", label: "kl/ref" }] }),
+  ];
+  let evalChart = null;
+  let last = -1;
+  return {
+    async update(runId) {
+      // >= the last step drawn: a step's metrics may land after we read the first of them
+      const series = await metrics(runId, NAMES, last < 0 ? null : last);
+      if (!evalChart && EVAL.some((n) => series[n]?.length)) {
+        evalBox.replaceChildren();
+        evalChart = new SeriesChart(evalBox, { id: "chart-eval", title: "evaluation", series: EVAL.map((n) => ({ key: n, label: n })) });
+        charts.push(evalChart);
+      }
+      for (const chart of charts) chart.append(series);
+      last = Math.max(last, maxStep(series));
+    },
+    destroy: () => charts.forEach((c) => c.destroy()),
+  };
+}
+
+export function runView(main, runId) {
+  const head = header(runId, () => live.now());
+  main.append(h("p", {}, h("a", { href: "#/runs" }, "← all runs")), head.section);
+  const plots = curves(main);
+  const samples = samplesPanel(main, runId);
+  const checkpoints = checkpointsPanel(main, runId);
+  const events = eventsPanel(main, runId);
+  let run = null;
+
+  async function tick() {
+    const wasLive = run === null || isLive(run);
+    run = await api(runPath(runId)).catch((err) => {
+      if (err.status === 404) live.stop();  // not this project's run: say so once
+      throw err;
+    });
+    head.update(run);
+    samples.setRun(run);
+    // a run that just ended gets one last full round, then only its status is polled
+    if (wasLive || isLive(run)) {
+      await Promise.all([plots.update(runId), events.update(), checkpoints.update()]);
+    }
+  }
+
+  const live = poll(tick, () => (run && !isLive(run) ? 10000 : 2000));
+  live.now();
+  return {
+    dispose() {
+      live.stop();
+      plots.destroy();
+    },
+  };
+}

@@ -1,0 +1,84 @@
+"""One signed outbound POST, shared by reward webhooks (the worker) and run notifications (the
+API's notifier): the body is signed with the run's secret, redirects are not followed (the
+caller's client is built with follow_redirects=False), the answer is read up to a size cap and a
+deadline, and network errors and timeouts come back as `Transient`.
+
+What an answer means (which statuses are final, how long to back off) is the caller's rule.
+"""
+
+import email.utils
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from service.rewards.signing import HEADER, sign
+
+RETRY_AFTER_CAP_S = 300.0
+
+
+class Transient(Exception):
+    """An outcome worth retrying; carries what to report and an optional Retry-After (s)."""
+
+    def __init__(self, answer: str, retry_after: float | None = None) -> None:
+        super().__init__(answer)
+        self.answer, self.retry_after = answer, retry_after
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    text: str  # the body, up to the cap
+    over_limit: bool  # the body was longer than the cap (the rest was not read)
+    retry_after: float | None
+
+    @property
+    def retryable(self) -> bool:
+        return self.status >= 500 or self.status == 429
+
+    def describe(self) -> str:
+        return f"HTTP {self.status}: {self.text[:200]!r}"
+
+
+def post_signed(client: httpx.Client, url: str, body: bytes, secret: str,
+                headers: dict[str, str], max_bytes: int, timeout_s: float) -> Answer:
+    """POST `body` to `url` signed with `secret`; the answer, whatever its status.
+
+    Raises Transient on a network error, or when no complete answer came within `timeout_s`.
+    """
+    headers = {"Content-Type": "application/json", HEADER: sign(secret, body), **headers}
+    deadline = time.monotonic() + timeout_s
+    try:
+        with client.stream("POST", url, content=body, headers=headers) as resp:
+            raw, over = _read_capped(resp, max_bytes, deadline, timeout_s)
+    except httpx.TransportError as exc:
+        raise Transient(f"{type(exc).__name__}: {exc}") from None
+    return Answer(resp.status_code, raw.decode("utf-8", "replace"), over,
+                  retry_after(resp.headers.get("Retry-After")))
+
+
+def _read_capped(resp: httpx.Response, cap: int, deadline: float,
+                 timeout_s: float) -> tuple[bytes, bool]:
+    chunks, size = [], 0
+    for chunk in resp.iter_bytes():
+        size += len(chunk)
+        if size > cap:
+            return b"".join(chunks), True
+        if time.monotonic() > deadline:
+            raise Transient(f"no complete answer within timeout_s={timeout_s:g}")
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds or an HTTP date; capped so a hostile server cannot stall us."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)

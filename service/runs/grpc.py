@@ -1,0 +1,146 @@
+"""The gRPC Runs servicer: the REST routes' operations over the same service functions, and the
+one place where runs, events and step metrics become proto messages."""
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from gvpo.v1 import runs_pb2 as pb
+from gvpo.v1 import runs_pb2_grpc
+from service import rpc
+from service.config import Settings
+from service.errors import InvalidSpec, invalid_spec
+from service.metrics.schemas import StepMetrics
+from service.models import Run
+from service.runs import service, stream
+from service.runs.schemas import EventRead, RunRead
+from service.runs.spec import RunSpec
+
+MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE, MAX_IDEMPOTENCY_KEY = 100, 20, 200
+
+
+def _timestamp(when: datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def _struct(data: dict | None) -> Struct | None:
+    if data is None:
+        return None
+    out = Struct()
+    out.update(data)
+    return out
+
+
+def run_message(run: Run | RunRead) -> pb.Run:
+    r = run if isinstance(run, RunRead) else RunRead.model_validate(run)
+    return pb.Run(
+        id=r.id, name=r.name or "", status=r.status, step=r.step, total_steps=r.total_steps,
+        cancel_requested=r.cancel_requested, tokens_generated=r.tokens_generated,
+        samples_generated=r.samples_generated, error=r.error or "",
+        created_at=_timestamp(r.created_at), started_at=_timestamp(r.started_at),
+        finished_at=_timestamp(r.finished_at), spec=_struct(r.spec))
+
+
+def update_message(item: RunRead | EventRead | StepMetrics) -> pb.RunUpdate:
+    if isinstance(item, RunRead):
+        return pb.RunUpdate(run=run_message(item))
+    if isinstance(item, EventRead):
+        return pb.RunUpdate(event=pb.RunEvent(
+            id=item.id, created_at=_timestamp(item.created_at), type=item.type, level=item.level,
+            message=item.message, data=_struct(item.data)))
+    return pb.RunUpdate(metrics=pb.StepMetrics(step=item.step, values=item.values))
+
+
+def _spec(request: pb.CreateRunRequest) -> RunSpec:
+    document = json_format.MessageToDict(request.spec)
+    try:
+        return RunSpec.model_validate(document)
+    except ValidationError as exc:
+        raise invalid_spec(exc.errors(), document) from None
+
+
+def _page_size(request: pb.ListRunsRequest) -> int:
+    size = request.page_size or DEFAULT_PAGE_SIZE
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise InvalidSpec([{"field": "page_size",
+                            "message": f"must be between 1 and {MAX_PAGE_SIZE}, got {size}"}])
+    if request.status and request.status not in service.STATES:
+        raise InvalidSpec([{"field": "status", "message": f"{request.status!r} is not a run "
+                            f"state; use one of {', '.join(service.STATES)}"}])
+    return size
+
+
+class RunsServicer(runs_pb2_grpc.RunsServicer):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def CreateRun(self, request, context) -> pb.CreateRunResponse:
+        project = rpc.authenticated(context)
+        key = request.idempotency_key or None
+
+        def create(session: Session) -> pb.CreateRunResponse:
+            owner = project(session)  # unauthenticated callers learn nothing about their spec
+            if key and len(key) > MAX_IDEMPOTENCY_KEY:
+                raise InvalidSpec([{"field": "idempotency_key",
+                                    "message": f"at most {MAX_IDEMPOTENCY_KEY} characters"}])
+            run, created = service.create_run(session, self.settings, owner, _spec(request), key)
+            return pb.CreateRunResponse(run=run_message(run), created=created,
+                                        webhook_secret=run.webhook_secret if created else "")
+
+        return await rpc.call(context, self.settings, create)
+
+    async def GetRun(self, request, context) -> pb.Run:
+        return await self._one(context, lambda s, p: service.get_run(s, p, request.run_id))
+
+    async def ListRuns(self, request, context) -> pb.ListRunsResponse:
+        project = rpc.authenticated(context)
+
+        def page(session: Session) -> pb.ListRunsResponse:
+            owner, size = project(session), _page_size(request)
+            rows, has_more = service.list_runs(session, owner, request.status or None, size,
+                                               request.page_token or None)
+            return pb.ListRunsResponse(runs=[run_message(r) for r in rows],
+                                       next_page_token=rows[-1].id if has_more else "")
+
+        return await rpc.call(context, self.settings, page)
+
+    async def CancelRun(self, request, context) -> pb.Run:
+        return await self._one(context, lambda s, p: service.cancel_run(s, p, request.run_id))
+
+    async def PauseRun(self, request, context) -> pb.Run:
+        return await self._one(context, lambda s, p: service.pause_run(s, p, request.run_id))
+
+    async def ResumeRun(self, request, context) -> pb.Run:
+        return await self._one(
+            context, lambda s, p: service.resume_run(s, self.settings, p, request.run_id))
+
+    async def _one(self, context, op) -> pb.Run:
+        project = rpc.authenticated(context)
+        return await rpc.call(context, self.settings,
+                              lambda session: run_message(op(session, project(session))))
+
+    async def WatchRun(self, request, context) -> AsyncIterator[pb.RunUpdate]:
+        await self._one(context, lambda s, p: service.get_run(s, p, request.run_id))
+
+        async def gone() -> bool:
+            return context.cancelled()
+
+        async for item in stream.follow(self.settings, request.run_id, request.after_event_id,
+                                        request.since_step, gone):
+            if item is not None:  # gRPC keeps idle streams open with its own pings
+                yield update_message(item)
+
+
+def add_to_server(server: grpc.aio.Server, settings: Settings) -> str:
+    runs_pb2_grpc.add_RunsServicer_to_server(RunsServicer(settings), server)
+    return pb.DESCRIPTOR.services_by_name["Runs"].full_name

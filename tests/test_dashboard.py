@@ -1,0 +1,208 @@
+"""The dashboard in a real browser (Playwright driving Debian's Chromium) on a live embedded
+stack (API and worker processes): log in with a key, watch a running run's reward curve grow,
+browse its samples, download a checkpoint through a signed link, overlay GVPO and GRPO reward
+curves, and pause, resume and cancel the run. Screenshots of each stage go to
+test-artifacts/dashboard/ at the repository's root."""
+
+import itertools
+import re
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+from browser import chromium_page
+from helpers import auth, copy_rows, write_jsonl
+from playwright.sync_api import expect
+from test_e2e import cli, make_settings, spec, wait_for
+
+from service.stack import Stack
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "dashboard"
+POINTS = "document.querySelector('#chart-reward').dataset.points"
+XSS = '<img src=x onerror="window.injected = true">'
+
+
+def chart_datasets(page, chart_id: str) -> dict[str, int]:
+    """Points of each dataset Chart.js draws in that chart, by label."""
+    return dict(page.evaluate("""id => window.Chart
+        .getChart(document.querySelector(`#${id} canvas`))
+        .data.datasets.map(d => [d.label, d.data.length])""", chart_id))
+
+
+@pytest.fixture
+def stack(tmp_path):
+    settings = make_settings(tmp_path / "gvpo")
+    cli(settings, "db", "upgrade")
+    with Stack(settings, log_dir=tmp_path / "logs") as running:
+        yield running
+
+
+def submit_runs(http: httpx.Client, model_dir: Path, tmp_path: Path) -> dict[str, str]:
+    """Run ids: a short GRPO run, finished; a GVPO run on the same data that trains for minutes;
+    and a run named with HTML markup, parked on a queue no worker reads."""
+    with write_jsonl(tmp_path / "copy.jsonl", copy_rows(32)).open("rb") as fh:
+        file_id = http.post("/v1/files", files={"file": ("copy.jsonl", fh)}).json()["id"]
+    base = {**spec(model_dir, file_id), "rollout": {"engine": "hf"}}  # no vLLM start-up here
+    grpo = {**base, "name": "copy-grpo", "algorithm": {"name": "grpo", "group_size": 4},
+            "training": {**base["training"], "steps": 40}}
+    ids = {"grpo": http.post("/v1/runs", json=grpo).json()["id"]}
+    assert wait_for(http, ids["grpo"], {"succeeded", "failed"}, timeout=60)["status"] == "succeeded"
+    gvpo = {**base, "name": "copy-gvpo", "training": {**base["training"], "steps": 3000},
+            "checkpoint": {"every_steps": 20, "keep_last": None}}
+    ids["gvpo"] = http.post("/v1/runs", json=gvpo).json()["id"]
+    markup = {**base, "name": XSS, "resources": {"queue": "parked"}}
+    ids["markup"] = http.post("/v1/runs", json=markup).json()["id"]
+    return ids
+
+
+def log_in_and_list(browser, url: str, key: str, ids: dict[str, str]) -> None:
+    """A wrong key is refused with the API's message; the right one opens the runs table."""
+    page = browser.page
+    page.goto(f"{url}/dashboard")
+    page.fill("#api-key", "gvpo_sk_wrong")
+    page.click("#key-form button[type=submit]")
+    expect(page.locator("#key-error")).to_have_text("invalid API key")
+    browser.screenshot("00-api-key")
+    page.fill("#api-key", key)
+    page.click("#key-form button[type=submit]")
+    gvpo, grpo = (page.locator(f'tr[data-run-id="{ids[k]}"]') for k in ("gvpo", "grpo"))
+    expect(grpo).to_have_attribute("data-state", "succeeded")
+    expect(grpo.locator("td.reward")).to_have_text(re.compile(r"^-?\d"))
+    expect(gvpo).to_have_attribute("data-state", "running")
+    expect(gvpo).to_contain_text("copy-gvpo")
+    assert page.evaluate("localStorage.getItem('gvpo.apiKey')") == key
+    # a run's name is text, never markup
+    expect(page.locator(f'tr[data-run-id="{ids["markup"]}"] td').nth(2)).to_have_text(XSS)
+    assert page.evaluate("window.injected") is None
+    browser.screenshot("01-runs")
+
+    rows = page.locator("#runs-body tr[data-run-id]")
+    page.select_option("#status-filter", "succeeded")  # the API's filter
+    expect(rows).to_have_count(1)
+    expect(grpo).to_be_visible()
+    page.select_option("#status-filter", "")
+    page.fill("#name-filter", "gvpo")  # over the loaded rows
+    expect(rows).to_have_count(1)
+    expect(gvpo).to_be_visible()
+    page.fill("#name-filter", "")
+
+
+def watch_the_curve_grow(browser, run_id: str) -> None:
+    """The running run's reward curve gains points over two polls, each asking only for the
+    steps since the last one drawn."""
+    page = browser.page
+    page.locator(f'tr[data-run-id="{run_id}"] a').click()
+    header = page.locator("#run-header")
+    expect(header).to_have_attribute("data-state", "running")
+    page.wait_for_function(f"Number({POINTS}) > 0")
+    seen = [int(page.evaluate(POINTS))]
+    for _ in range(2):
+        page.wait_for_function(f"Number({POINTS}) > {seen[-1]}", timeout=15_000)
+        seen.append(int(page.evaluate(POINTS)))
+        expect(header).to_have_attribute("data-state", "running")
+    reward = chart_datasets(page, "chart-reward")
+    assert seen[0] < seen[1] < seen[2] <= reward["reward/mean"]
+    assert reward["± std upper"] == reward["± std lower"] > 0  # the reward/std band
+    calls = [u for u in browser.requests  # the run page's, not the runs table's
+             if f"{run_id}/metrics?" in u and "kl%2Fref" in u]
+    whole = list(itertools.takewhile(lambda u: "since_step=" not in u, calls))
+    assert whole and len(calls) - len(whole) >= 2
+    assert all("since_step=" in u for u in calls[len(whole):])
+    assert chart_datasets(page, "chart-loss")["loss"] > 0
+    assert chart_datasets(page, "chart-kl")["kl/ref"] > 0
+    expect(page.locator("#no-eval")).to_have_text("no eval metrics")
+    browser.screenshot("02-run-live")
+
+
+def browse_samples(browser, http: httpx.Client, run_id: str) -> None:
+    """Step 5's completions and rewards, by group, as the API has them."""
+    page = browser.page
+    page.fill("#sample-step", "5")
+    page.click("#show-samples")
+    expect(page.locator("#samples")).to_have_attribute("data-step", "5")
+    samples = http.get(f"/v1/runs/{run_id}/samples", params={"step": 5}).json()["data"]
+    groups = page.locator("#samples .group")
+    expect(groups).to_have_count(len({s["group_index"] for s in samples}))
+    expect(page.locator("#samples tr.sample")).to_have_count(len(samples))
+    expect(groups.first.locator("code.prompt")).to_have_text(samples[0]["prompt"])
+    completion = groups.first.locator("td.completion").first
+    expect(completion).to_have_text(samples[0]["completion"] or "(empty)")
+    shown = float(groups.first.locator("td.reward").first.inner_text())
+    assert shown == pytest.approx(samples[0]["reward"], abs=5e-4)
+    page.locator("#sample-browser").scroll_into_view_if_needed()
+    browser.screenshot("03-samples")
+
+
+def download_a_checkpoint(browser, tmp_path: Path) -> None:
+    """Through its signed link, with no API key on the download itself: a model archive."""
+    page = browser.page
+    row = page.locator("#checkpoints-body tr[data-checkpoint]").first
+    expect(row).to_be_visible()
+    ckpt_id = row.get_attribute("data-checkpoint")
+    with page.expect_download() as download:
+        row.locator("button.download").click()
+    assert f"/{ckpt_id}/download?format=stored&token=" in download.value.url
+    assert download.value.suggested_filename == f"{ckpt_id}.tar.gz"
+    archive = tmp_path / "ckpt.tar.gz"
+    download.value.save_as(archive)
+    with tarfile.open(archive) as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= names, names
+    browser.screenshot("04-checkpoints")
+
+
+def compare_gvpo_with_grpo(browser, ids: dict[str, str]) -> None:
+    """Both runs ticked in the runs table, their reward curves in one chart."""
+    page = browser.page
+    page.click("nav a[href='#/runs']")
+    for run in ("gvpo", "grpo"):
+        page.locator(f'tr[data-run-id="{ids[run]}"] input.select-run').check()
+    page.click("#compare-selected")
+    expect(page.locator("#chart-compare")).to_have_attribute("data-datasets", "2")
+    drawn = chart_datasets(page, "chart-compare")
+    assert drawn.keys() == {"copy-gvpo · gvpo", "copy-grpo · grpo"}, drawn
+    assert drawn["copy-grpo · grpo"] == 40 and drawn["copy-gvpo · gvpo"] > 0
+    browser.screenshot("05-compare")
+
+
+def pause_resume_and_cancel(browser, http: httpx.Client, run_id: str) -> None:
+    page = browser.page
+    page.locator(f"#compare-summary a[href='#/runs/{run_id}']").click()
+    header = page.locator("#run-header")
+    expect(header).to_have_attribute("data-state", "running")
+    page.click("#pause-run")  # the worker checkpoints and lets go of the run
+    expect(header).to_have_attribute("data-state", "paused", timeout=30_000)
+    page.click("#resume-run")
+    expect(header).to_have_attribute("data-state", "running", timeout=30_000)
+    page.click("#cancel-run")
+    expect(header).to_have_attribute("data-state", "cancelled", timeout=30_000)
+    expect(page.locator("#cancel-run")).to_be_disabled()
+    assert http.get(f"/v1/runs/{run_id}").json()["status"] == "cancelled"
+    expect(page.locator("#events-body tr[data-type='run.cancelled']")).to_have_count(1)
+    browser.screenshot("06-cancelled")
+
+
+def test_dashboard_on_a_live_stack(stack, tiny_model_dir, tmp_path):
+    key = cli(stack.settings, "api-key", "create", "--project", "dashboard")
+    http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=30)
+    ids = submit_runs(http, tiny_model_dir, tmp_path)
+
+    with chromium_page(ARTIFACTS) as browser:
+        browser.page.set_default_timeout(20_000)
+        log_in_and_list(browser, stack.url, key, ids)
+        watch_the_curve_grow(browser, ids["gvpo"])
+        browse_samples(browser, http, ids["gvpo"])
+        download_a_checkpoint(browser, tmp_path)
+        compare_gvpo_with_grpo(browser, ids)
+        pause_resume_and_cancel(browser, http, ids["gvpo"])
+
+        # an id this project does not have: the API's message
+        browser.page.goto(f"{stack.url}/dashboard/#/runs/run_elsewhere")
+        expect(browser.page.locator("#flash")).to_contain_text(
+            "no run 'run_elsewhere' in this project")
+        assert browser.errors == []
+        foreign = [u for u in browser.requests if not u.startswith((stack.url, "data:"))]
+        assert foreign == [], foreign  # everything, Chart.js included, from our own server
