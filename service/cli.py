@@ -82,11 +82,14 @@ def api() -> None:
     """Run only the API server: REST on GVPO_API_PORT, gRPC on GVPO_GRPC_PORT (GVPO_API_HOST)."""
     import uvicorn
 
-    from service.main import create_app
+    from service.main import UnsafeSettings, create_app
 
     settings = _settings()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port,
-                log_level="info")
+    try:
+        app = create_app(settings)
+    except UnsafeSettings as exc:
+        raise click.ClickException(str(exc)) from None
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")
 
 
 @main.command()
@@ -134,9 +137,11 @@ def api_key_create(project: str) -> None:
     from service.db import session_scope
 
     settings = _settings()
+    if problems := [p for p in settings.unsafe_secrets() if "PEPPER" in p]:
+        raise click.ClickException(problems[0])  # a key made now would never match later
     prepare(settings)
     with session_scope(settings.resolved_database_url) as session:
-        proj, key = create_api_key(session, project)
+        proj, key = create_api_key(session, project, settings.api_key_pepper)
     click.echo(f"project {proj.name} ({proj.id}); API key (shown once):", err=True)
     click.echo(key)
 

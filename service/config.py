@@ -13,6 +13,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+MIN_SECRET_CHARS = 32
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GVPO_", extra="ignore")
 
@@ -82,6 +85,26 @@ class Settings(BaseSettings):
         default=1.0, ge=0,
         description="first retry delay of a notification; it doubles per try, up to 5 minutes",
     )
+
+    @property
+    def embedded(self) -> bool:
+        """The single-machine stack: SQLite and the file-backed broker."""
+        return self.resolved_database_url.startswith("sqlite") and \
+            self.broker_url.startswith("filesystem://")
+
+    def unsafe_secrets(self) -> list[str]:
+        """What makes these settings unfit to serve a cluster: secrets left to their embedded
+        defaults. Empty on the embedded stack, where the defaults are fine."""
+        if self.embedded:
+            return []
+        return [f"{name} is {'not set' if not value else 'shorter than 32 characters'}: "
+                f"{why}. Set it to a random value (e.g. `openssl rand -hex 32`), the same on "
+                "every API replica"
+                for name, value, why in (
+                    ("GVPO_SECRET_KEY", self.secret_key, "it signs checkpoint download links"),
+                    ("GVPO_API_KEY_PEPPER", self.api_key_pepper, "it keys the stored API-key "
+                     "hashes"))
+                if not value or len(value) < MIN_SECRET_CHARS]
 
     @property
     def resolved_secret_key(self) -> bytes:

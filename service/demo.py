@@ -72,7 +72,7 @@ def _prepare(settings: Settings, console: Console) -> tuple[Path, Path, str]:
         make_tiny_model(model_dir, seed=0)
     dataset = write_dataset(demo_dir / "copy3.jsonl")
     with session_scope(settings.resolved_database_url) as session:
-        _, key = create_api_key(session, "demo")
+        _, key = create_api_key(session, "demo", settings.api_key_pepper)
     return model_dir, dataset, key
 
 

@@ -34,8 +34,9 @@ def _session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 
 
-def _project(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Project:
-    return authenticate(session, authorization)
+def _project(session: SessionDep, settings: SettingsDep,
+             authorization: Annotated[str | None, Header()] = None) -> Project:
+    return authenticate(session, authorization, settings.api_key_pepper)
 
 
 ProjectDep = Annotated[Project, Depends(_project)]

@@ -23,6 +23,10 @@ from service.runs.routes import router as runs_router
 log = logging.getLogger(__name__)
 
 
+class UnsafeSettings(RuntimeError):
+    """The settings would run a cluster on default secrets."""
+
+
 def error_body(code: str, message: str, details: dict | None = None) -> dict:
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
@@ -71,9 +75,14 @@ async def _lifespan(app: FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API. Outside the embedded stack it refuses to exist with default secrets."""
+    settings = settings or get_settings()
+    if problems := settings.unsafe_secrets():
+        raise UnsafeSettings("refusing to serve a cluster with default secrets:\n- "
+                             + "\n- ".join(problems))
     app = FastAPI(title="gvpo-service", version="0.1.0", summary="GVPO post-training as a service",
                   lifespan=_lifespan)
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

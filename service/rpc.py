@@ -29,9 +29,11 @@ def metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return next((value for k, value in context.invocation_metadata() or () if k == key), None)
 
 
-def authenticated(context: grpc.aio.ServicerContext) -> Callable[[Session], Project]:
+def authenticated(context: grpc.aio.ServicerContext,
+                  settings: Settings) -> Callable[[Session], Project]:
     """The project of the call's API key (`authorization: Bearer <key>`), for `call`."""
-    return lambda session: authenticate(session, metadata(context, "authorization"))
+    return lambda session: authenticate(session, metadata(context, "authorization"),
+                                        settings.api_key_pepper)
 
 
 async def call(context: grpc.aio.ServicerContext, settings: Settings,

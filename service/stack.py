@@ -38,6 +38,12 @@ def stack_env(settings: Settings) -> dict[str, str]:
         "GVPO_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
         "GVPO_WORKER_QUEUES": settings.worker_queues,
     })
+    # A cluster's secrets (the embedded stack makes its own); never put into the environment
+    # when unset, so a child never sees an empty value.
+    for name, value in (("GVPO_SECRET_KEY", settings.secret_key),
+                        ("GVPO_API_KEY_PEPPER", settings.api_key_pepper)):
+        if value:
+            env[name] = value
     # Small models on few cores run far faster single-threaded (the worker also sets torch).
     env.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
     return env

@@ -10,6 +10,7 @@ Two sources:
 Per-run series cover running runs only, which keeps their number bounded.
 """
 
+import asyncio
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -195,6 +196,9 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 yield
+            except asyncio.CancelledError:  # the client went away (a watch it stopped)
+                code = grpc.StatusCode.CANCELLED
+                raise
             except BaseException:
                 # an abort set the code; anything else is answered as UNKNOWN by grpc
                 code = context.code() or grpc.StatusCode.UNKNOWN

@@ -1,6 +1,13 @@
-"""Shared fixtures: a fresh migrated SQLite database and file broker per test, API keys, and an
-offline tiny model built once per session."""
+"""Shared fixtures: a fresh migrated database and broker per test, API keys, and an offline
+tiny model built once per session.
 
+Two back ends: "sqlite" (SQLite and the file-backed broker, the embedded stack) and "postgres"
+(PostgreSQL 15 and Redis 7, what a cluster runs). Tests get "sqlite"; modules marked
+`pytest.mark.both_backends` run every test on each, against one PostgreSQL cluster and one Redis
+started for the session, with a database cloned from a migrated template per test.
+"""
+
+import itertools
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: small models, few cores
@@ -22,21 +29,84 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
 
 
+BACKENDS = ("sqlite", "postgres")
+TEMPLATE_DB = "gvpo_template"
+# What a cluster must set (Settings.unsafe_secrets): 32 characters or more.
+CLUSTER_SECRETS = {"secret_key": "test-secret-key-" + "s" * 32,
+                   "api_key_pepper": "test-api-key-pepper-" + "p" * 32}
+_databases = itertools.count()
+
+
+def pytest_generate_tests(metafunc):
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def settings(tmp_path) -> Settings:
+def backend(request) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def cluster_servers():
+    """PostgreSQL (with a migrated template database) and Redis for the whole session; the
+    Redis URL is returned with the cluster."""
+    import shutil
+    import tempfile
+
+    from services import Postgres, start_redis
+
+    from service.db import get_engine
+    from service.stack import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="gvpo-pg-"))
+    pg = Postgres(root)
+    pg.start()
+    redis_port = free_port()
+    redis = start_redis(redis_port, root)
+    try:
+        template = pg.create_database(TEMPLATE_DB)
+        upgrade(template)
+        get_engine(template).dispose()  # a template must have no open connections
+        yield pg, f"redis://127.0.0.1:{redis_port}"
+    finally:
+        redis.terminate()
+        pg.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def backend_settings(request, backend: str) -> dict:
+    """The settings that put a test on `backend`: a fresh database and an empty broker."""
+    if backend == "sqlite":
+        return {}
+    import redis
+
+    pg, redis_url = request.getfixturevalue("cluster_servers")
+    redis.Redis.from_url(redis_url).flushall()  # no task or result from an earlier test
+    database = pg.create_database(f"test_{next(_databases)}", template=TEMPLATE_DB)
+    return {"database_url": database, "broker_url": f"{redis_url}/0", **CLUSTER_SECRETS}
+
+
+@pytest.fixture
+def settings(tmp_path, backend, request):
     # grpc_port=0: no gRPC server in these apps; the gRPC and end-to-end tests pick free ports.
     s = Settings(data_dir=tmp_path / "gvpo", heartbeat_seconds=1.0, lease_seconds=30.0,
-                 grpc_port=0)
+                 grpc_port=0, **backend_settings(request, backend))
     s.resolved_data_dir.mkdir(parents=True)
-    upgrade(s.resolved_database_url)
-    return s
+    if backend == "sqlite":
+        upgrade(s.resolved_database_url)
+    yield s
+    if backend != "sqlite":
+        from service.db import get_engine
+
+        get_engine(s.resolved_database_url).dispose()  # one cluster serves every test
 
 
 @pytest.fixture
 def make_key(settings):
     def make(project: str = "team-a") -> str:
         with session_scope(settings.resolved_database_url) as session:
-            return create_api_key(session, project)[1]
+            return create_api_key(session, project, settings.api_key_pepper)[1]
 
     return make
 
@@ -59,7 +129,7 @@ def postgres():
     import shutil
     import tempfile
 
-    from postgres import Postgres
+    from services import Postgres
 
     root = Path(tempfile.mkdtemp(prefix="gvpo-pg-"))
     server = Postgres(root)

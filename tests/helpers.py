@@ -48,14 +48,21 @@ def assert_error(resp, status: int, code: str, *needles: str) -> dict:
     return error
 
 
-def broker_run_ids(settings) -> list[str]:
-    """Run ids of the task messages waiting in the filesystem broker's queue folder."""
+def broker_run_ids(settings, queue: str = "default") -> list[str]:
+    """Run ids of the task messages waiting in the broker: the filesystem broker's queue
+    folder (every queue), or the Redis list of `queue`, oldest first."""
     import base64
 
+    if settings.broker_url.startswith("redis"):
+        import redis
+
+        # kombu pushes on the left and pops on the right
+        raw = reversed(redis.Redis.from_url(settings.broker_url).lrange(queue, 0, -1))
+    else:
+        raw = (m.read_text() for m in sorted((settings.broker_dir / "queue").glob("*.msg")))
     ids = []
-    for msg in sorted((settings.broker_dir / "queue").glob("*.msg")):
-        envelope = json.loads(msg.read_text())
-        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    for message in raw:
+        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(message)["body"]))
         ids.append(args[0])
     return ids
 
@@ -80,7 +87,7 @@ def submit(settings, model_path, reward: dict | None = None, **overrides) -> str
     for section, values in overrides.items():
         spec[section] = {**spec.get(section, {}), **values} if isinstance(values, dict) else values
     with session_scope(settings.resolved_database_url) as session:
-        project, _ = create_api_key(session, "loop")
+        project, _ = create_api_key(session, "loop", settings.api_key_pepper)
         file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")
         spec["dataset"] = {"train_file": file.id}
         run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)

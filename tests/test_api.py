@@ -9,6 +9,8 @@ import copy
 import pytest
 from helpers import assert_error, auth, broker_run_ids, copy_rows, jsonl
 
+pytestmark = pytest.mark.both_backends
+
 DROP = object()  # in spec() overrides: remove this key
 
 BASE_SPEC = {

@@ -18,6 +18,8 @@ from service.stack import free_port
 from workers.records import RunRecorder
 from workers.run_loop import execute_run
 
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
 def api_server(settings):
@@ -107,20 +109,20 @@ def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server
 def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, tiny_model_dir):
     """The watchdog's last resort: off the main thread there is no interrupt, so it records the
     failure and ends the worker process (Celery starts a fresh one)."""
-    import os
     import subprocess
     import sys
+
+    from service.stack import stack_env
 
     with RewardServer(Behaviour(mode="async", call_back=False)) as server:
         run_id = hung_reward_run(api_server, tiny_model_dir, server)
         code = ("import sys, threading; from service.config import Settings; "
                 "from workers.run_loop import execute_run; "
-                "s = Settings(data_dir=sys.argv[1], webhook_allow_private=True, "
-                "heartbeat_seconds=0.5); "
-                "t = threading.Thread(target=execute_run, args=(s, sys.argv[2], 'w')); "
+                "s = Settings(webhook_allow_private=True, heartbeat_seconds=0.5); "
+                "t = threading.Thread(target=execute_run, args=(s, sys.argv[1], 'w')); "
                 "t.start(); t.join(); sys.exit(3)")  # 3: the run returned, nobody ended it
-        child = subprocess.run([sys.executable, "-c", code, str(api_server.resolved_data_dir),
-                                run_id], env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=60)
+        child = subprocess.run([sys.executable, "-c", code, run_id],
+                               env={**stack_env(api_server), "OMP_NUM_THREADS": "1"}, timeout=60)
     assert child.returncode == 1  # os._exit(1) from the watchdog
     run, failed = failure_of(api_server, run_id)
     assert run.status == "failed" and "reward phase" in run.error
@@ -162,6 +164,40 @@ def test_concurrent_partial_callbacks_lose_no_reward(api_server, tiny_model_dir)
         stored = session.scalars(select(RewardRequest).where(RewardRequest.run_id == run_id)).all()
     assert sorted(len(r.rewards) for r in stored) == [8] * 25
     assert all(r.completed_at is not None for r in stored)
+
+
+def test_conflicting_callbacks_racing_for_one_reward_store_exactly_one(api_server,
+                                                                       tiny_model_dir):
+    """Callbacks that disagree about one sample, sent at once: exactly one value is stored;
+    every other callback gets a 200 (it repeated the stored value) or a 409, never a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    run_id = submit(api_server, tiny_model_dir)
+    RunRecorder(api_server, run_id, "worker-a").open_reward_request("rq_race", 1, ["smp_x"])
+    with session_scope(api_server.resolved_database_url) as session:
+        secret = session.get(Run, run_id).webhook_secret
+    values = [0.5] * 8 + [round(0.1 * n, 1) for n in range(8)]  # 0.5 appears 9 times
+
+    def call_back(value: float) -> tuple[int, int | None]:
+        body = json.dumps({"request_id": "rq_race",
+                           "rewards": [{"sample_id": "smp_x", "reward": value}]}).encode()
+        resp = client.post(f"/v1/runs/{run_id}/rewards", content=body,
+                           headers={"Content-Type": "application/json", HEADER: sign(secret, body)})
+        return resp.status_code, resp.json().get("accepted")
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{api_server.api_port}", timeout=60) as client, \
+            ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call_back, values))
+    with session_scope(api_server.resolved_database_url) as session:
+        stored = session.get(RewardRequest, "rq_race").rewards["smp_x"]
+    assert [a for a in answers if a == (200, 1)] == [(200, 1)]  # one winner
+    for value, (status, accepted) in zip(values, answers):
+        if value == stored:
+            assert status == 200 and accepted in (0, 1)
+        else:
+            assert (status, accepted) == (409, None)
 
 
 def test_callback_over_the_size_limit_is_413_before_it_is_read(settings, tiny_model_dir):

@@ -16,6 +16,8 @@ from service.db import session_scope
 from service.models import Run
 from workers.run_loop import execute_run
 
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
 def trained(settings, tiny_model_dir, make_key):

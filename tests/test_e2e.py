@@ -1,5 +1,5 @@
 """The main job end to end over real HTTP: API server and Celery worker as separate processes,
-SQLite and the file-backed broker, then the same with a real Redis broker."""
+on SQLite and the file-backed broker, and on PostgreSQL and Redis as a cluster runs them."""
 
 import shutil
 import signal
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import BACKENDS, backend_settings
 from helpers import auth, copy_rows, write_jsonl
 
 from service.config import Settings
@@ -35,9 +36,11 @@ def make_settings(root: Path, **kw) -> Settings:
                     **kw)
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    settings = make_settings(tmp_path_factory.mktemp("stack"))
+@pytest.fixture(scope="module", params=BACKENDS)
+def embedded(request, tmp_path_factory):
+    """The stack, once per back end (PostgreSQL + Redis: a database of the session's cluster)."""
+    settings = make_settings(tmp_path_factory.mktemp("stack"),
+                             **backend_settings(request, request.param))
     cli(settings, "db", "upgrade")
     stack = Stack(settings, log_dir=settings.resolved_data_dir / "logs").start()
     yield stack
@@ -211,45 +214,6 @@ def test_cancel_a_running_run(embedded, tiny_model_dir, tmp_path):
     assert http.post(f"/v1/runs/{long['id']}/cancel").status_code == 200
     run = wait_for(http, long["id"], {"cancelled", "failed", "succeeded"}, timeout=60)
     assert run["status"] == "cancelled" and 2 <= run["step"] < 100000
-
-
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
-    """A throwaway redis-server on loopback; returns once it answers PING."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: run `make services` (or .ci/ensure-services)")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL)
-    import redis
-
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            redis.Redis(port=port).ping()
-            return proc
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
-
-
-@pytest.fixture
-def redis_url(tmp_path):
-    port = free_port()
-    proc = start_redis(port, tmp_path)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def test_redis_broker(redis_url, tiny_model_dir, tmp_path):
-    settings = make_settings(tmp_path / "gvpo", broker_url=redis_url)
-    cli(settings, "db", "upgrade")
-    with Stack(settings, log_dir=tmp_path / "logs") as stack:
-        http, file_id = project_with_file(settings, stack.url, "redis", tmp_path)
-        run = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=3)).json()
-        assert wait_for(http, run["id"], {"succeeded", "failed"})["status"] == "succeeded"
-        assert http.get("/readyz").json()["checks"]["broker"] == "ok"
 
 
 def _process_tree(root: int) -> set[int]:

@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import pytest
 from helpers import auth, submit
 from reward_server import ThreadServer
 
@@ -13,6 +14,8 @@ from service.db import session_scope
 from service.main import create_app
 from service.models import Project, Run
 from workers.records import RunRecorder
+
+pytestmark = pytest.mark.both_backends
 
 
 def parse(text: str) -> list[dict]:
@@ -31,7 +34,7 @@ def key_for(settings, run_id: str) -> str:
 
     with session_scope(settings.resolved_database_url) as session:
         project = session.get(Project, session.get(Run, run_id).project_id)
-        return create_api_key(session, project.name)[1]
+        return create_api_key(session, project.name, settings.api_key_pepper)[1]
 
 
 def test_stream_delivers_live_events_resumes_and_ends_with_the_run(settings, tiny_model_dir):

@@ -9,7 +9,9 @@ from datetime import timedelta
 
 import pytest
 from helpers import auth, copy_rows, write_jsonl
-from test_e2e import cli, make_settings, project_with_file, spec, start_redis, wait_for
+from conftest import CLUSTER_SECRETS, backend_settings
+from services import start_redis
+from test_e2e import cli, make_settings, project_with_file, spec, wait_for
 
 from service.db import session_scope
 from service.models import Run
@@ -21,8 +23,11 @@ pytestmark = pytest.mark.slow
 STEPS = 300
 
 
-def test_worker_killed_mid_run_resumes_on_a_new_worker(tmp_path, tiny_model_dir):
-    settings = make_settings(tmp_path / "faults", lease_seconds=3.0, reaper_interval_s=1.0)
+@pytest.mark.both_backends
+def test_worker_killed_mid_run_resumes_on_a_new_worker(tmp_path, tiny_model_dir, request,
+                                                       backend):
+    settings = make_settings(tmp_path / "faults", lease_seconds=3.0, reaper_interval_s=1.0,
+                             **backend_settings(request, backend))
     cli(settings, "db", "upgrade")
     with Stack(settings, log_dir=settings.resolved_data_dir / "logs") as stack:
         http, file_id = project_with_file(settings, stack.url, "faults", tmp_path)
@@ -63,7 +68,7 @@ def published_at(settings, run_id: str):
 def test_run_submitted_while_the_broker_is_down_is_published_when_it_is_back(tmp_path):
     port = free_port()
     settings = make_settings(tmp_path / "outage", broker_url=f"redis://127.0.0.1:{port}/0",
-                             reaper_interval_s=0)
+                             reaper_interval_s=0, **CLUSTER_SECRETS)
     cli(settings, "db", "upgrade")
     key = cli(settings, "api-key", "create", "--project", "outage")
     from fastapi.testclient import TestClient

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -28,6 +29,8 @@ from service.main import create_app
 from service.rewards.signing import sign
 from service.stack import free_port
 from workers.run_loop import execute_run
+
+pytestmark = pytest.mark.both_backends
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +54,7 @@ def channel(server):
 def project(settings, name: str = "grpc-team") -> tuple[str, str]:
     """A new API key and a 32-row training file of its project: (key, file id)."""
     with session_scope(settings.resolved_database_url) as session:
-        owner, key = create_api_key(session, name)
+        owner, key = create_api_key(session, name, settings.api_key_pepper)
         file = create_file(session, settings, owner, io.BytesIO(jsonl(copy_rows(32))),
                            "copy.jsonl", "train")
         return key, file.id
@@ -219,13 +222,24 @@ def test_status_codes(server, channel, tiny_model_dir):
                      rewards_pb2.SubmitRewardsRequest(run_id="run_nope", body=body))
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
+    # A watch of a run that is still queued, stopped by its client.
+    watch = runs.WatchRun(runs_pb2.WatchRunRequest(run_id=second.id), metadata=bearer(key))
+    assert next(watch).run.status == "queued"
+    watch.cancel()
+
     # Every call above is counted in Prometheus by method and status.
     from prometheus_client.parser import text_string_to_metric_families
 
-    scraped = httpx.get(f"http://127.0.0.1:{server.api_port}/metrics").text
-    counts = {(s.labels["method"], s.labels["code"]): s.value
-              for f in text_string_to_metric_families(scraped) if f.name == "gvpo_grpc_requests"
-              for s in f.samples if s.name == "gvpo_grpc_requests_total"}
+    def grpc_counts() -> dict:
+        scraped = httpx.get(f"http://127.0.0.1:{server.api_port}/metrics").text
+        return {(s.labels["method"], s.labels["code"]): s.value
+                for f in text_string_to_metric_families(scraped) if f.name == "gvpo_grpc_requests"
+                for s in f.samples if s.name == "gvpo_grpc_requests_total"}
+
+    deadline = time.monotonic() + 10  # the server notices the cancel on its next poll
+    while ("/gvpo.v1.Runs/WatchRun", "CANCELLED") not in (counts := grpc_counts()):
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.1)
     assert counts[("/gvpo.v1.Runs/GetRun", "UNAUTHENTICATED")] == 3
     assert counts[("/gvpo.v1.Runs/GetRun", "NOT_FOUND")] == 1
     assert counts[("/gvpo.v1.Runs/WatchRun", "NOT_FOUND")] == 1

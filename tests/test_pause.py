@@ -14,6 +14,8 @@ from service.models import Checkpoint, Metric, Project, Run, RunEvent
 from service.runs import service
 from workers.run_loop import execute_run
 
+pytestmark = pytest.mark.both_backends
+
 STEPS = 8
 
 

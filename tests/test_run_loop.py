@@ -16,6 +16,8 @@ from service.runs.service import cancel_run
 from workers.records import RunRecorder
 from workers.run_loop import execute_run
 
+pytestmark = pytest.mark.both_backends
+
 STANDARD_METRICS = {
     "reward/mean", "reward/std", "loss", "kl/ref", "logratio/mean", "entropy",
     "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
@@ -177,7 +179,32 @@ def test_replayed_step_overwrites_instead_of_duplicating(settings, tiny_model_di
         assert session.get(Run, run_id).tokens_generated == 3
 
 
-def test_large_steps_are_written_in_chunks(settings, tiny_model_dir):
+def test_concurrent_writes_of_one_step_never_conflict(settings, tiny_model_dir):
+    """Two writers of the same step at once (a stale worker and its replacement, both
+    replaying it): the upserts are INSERT ... ON CONFLICT DO UPDATE, so neither fails on the
+    unique key and each (run, step, name) / (run, step, group, sample) stays one row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    run_id = submit(settings, tiny_model_dir)
+    writers = [RunRecorder(settings, run_id, f"worker-{n}") for n in range(4)]
+    samples = [{"group_index": g, "sample_index": i, "prompt": "p", "completion": "c",
+                "answer": "a", "reward": 0.0} for g in range(8) for i in range(8)]
+
+    def write(n: int) -> None:
+        writers[n % 4].record_step(1, {"loss": float(n), "reward/mean": float(n)},
+                                   [{**s, "reward": float(n)} for s in samples], tokens=1)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(24)))  # raises if any write failed
+    with session_scope(settings.resolved_database_url) as session:
+        metrics = session.execute(select(Metric.name, Metric.value)
+                                  .where(Metric.run_id == run_id)).all()
+        count = session.scalar(select(func.count()).select_from(Sample)
+                               .where(Sample.run_id == run_id))
+    assert sorted(name for name, _ in metrics) == ["loss", "reward/mean"] and count == 64
+def test_large_steps_are_written_in_chunks(settings, tiny_model_dir, backend):
+    """One statement per step would pass the database's limit on bound parameters: SQLite's
+    stock 32766, PostgreSQL's 65535."""
     import sqlite3
 
     from sqlalchemy import event
@@ -185,13 +212,17 @@ def test_large_steps_are_written_in_chunks(settings, tiny_model_dir):
     from service.db import get_engine
 
     run_id = submit(settings, tiny_model_dir)
-    engine = get_engine(settings.resolved_database_url)  # this test's own database
-    engine.dispose()
-    # SQLite's stock limit on bound parameters (this machine's build allows more).
-    event.listen(engine, "connect", lambda conn, _: conn.setlimit(
-        sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766))
+    groups = 64
+    if backend == "sqlite":
+        engine = get_engine(settings.resolved_database_url)  # this test's own database
+        engine.dispose()
+        # SQLite's stock limit on bound parameters (this machine's build allows more).
+        event.listen(engine, "connect", lambda conn, _: conn.setlimit(
+            sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766))
+    else:
+        groups = 128
     rows = [{"group_index": g, "sample_index": i, "prompt": "p", "completion": "c", "answer": "a",
-             "reward": 0.0} for g in range(64) for i in range(64)]  # 4096 rows x 9 columns
+             "reward": 0.0} for g in range(groups) for i in range(64)]  # x 9 columns
     RunRecorder(settings, run_id, "worker-a").record_step(1, {"loss": 0.0}, rows, tokens=1)
     with session_scope(settings.resolved_database_url) as session:
-        assert session.scalar(select(func.count()).select_from(Sample)) == 4096
+        assert session.scalar(select(func.count()).select_from(Sample)) == groups * 64

@@ -2,6 +2,7 @@
 run read from the database: runs by state, queue depth, worker heartbeats, step phase timings,
 reward webhook retries."""
 
+import pytest
 from fastapi.testclient import TestClient
 from helpers import auth, submit
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,6 +11,8 @@ from service.db import session_scope
 from service.main import create_app
 from service.runs.service import add_event
 from workers.records import RunRecorder
+
+pytestmark = pytest.mark.both_backends
 
 
 def scrape(api) -> dict[tuple[str, tuple], float]:

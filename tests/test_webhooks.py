@@ -9,6 +9,8 @@ from service.db import session_scope
 from service.models import Checkpoint, Run, RunEvent, Sample
 from workers.run_loop import execute_run
 
+pytestmark = pytest.mark.both_backends
+
 
 @pytest.fixture
 def hooks_settings(settings):

@@ -1,6 +1,11 @@
-"""Projects and API keys. Keys are shown once at creation; only their SHA-256 is stored."""
+"""Projects and API keys. Keys are shown once at creation; only a hash is stored: an
+HMAC-SHA256 keyed with the server's pepper (GVPO_API_KEY_PEPPER), so a copy of the database
+alone does not allow checking guesses offline. The embedded stack, which has no pepper,
+stores a plain SHA-256.
+"""
 
 import hashlib
+import hmac
 import secrets
 
 from sqlalchemy import select
@@ -12,7 +17,9 @@ from service.models import ApiKey, Project
 KEY_PREFIX = "gvpo_sk_"
 
 
-def _hash(key: str) -> str:
+def _hash(key: str, pepper: str | None) -> str:
+    if pepper:
+        return hmac.new(pepper.encode(), key.encode(), hashlib.sha256).hexdigest()
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -25,23 +32,26 @@ def get_or_create_project(session: Session, name: str) -> Project:
     return project
 
 
-def create_api_key(session: Session, project_name: str) -> tuple[Project, str]:
+def create_api_key(session: Session, project_name: str,
+                   pepper: str | None = None) -> tuple[Project, str]:
     """Make a key for the project (created if new); returns the plaintext key, never stored."""
     project = get_or_create_project(session, project_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(project_id=project.id, key_hash=_hash(key), prefix=key[:16]))
+    session.add(ApiKey(project_id=project.id, key_hash=_hash(key, pepper), prefix=key[:16]))
     session.flush()
     return project, key
 
 
-def authenticate(session: Session, authorization: str | None) -> Project:
+def authenticate(session: Session, authorization: str | None,
+                 pepper: str | None = None) -> Project:
     if not authorization:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
     row = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == _hash(key.strip()), ApiKey.revoked_at.is_(None))
+        select(ApiKey).where(ApiKey.key_hash == _hash(key.strip(), pepper),
+                            ApiKey.revoked_at.is_(None))
     )
     if row is None:
         raise Unauthorized("invalid API key")

@@ -25,7 +25,7 @@ def _key_or_token(
     authorization: Annotated[str | None, Header()] = None,
 ) -> Project:
     if token is None:
-        return authenticate(session, authorization)
+        return authenticate(session, authorization, settings.api_key_pepper)
     return service.authorize_download(session, settings, token, run_id, ckpt_id, format)
 
 

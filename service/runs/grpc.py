@@ -85,7 +85,7 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
         self.settings = settings
 
     async def CreateRun(self, request, context) -> pb.CreateRunResponse:
-        project = rpc.authenticated(context)
+        project = rpc.authenticated(context, self.settings)
         key = request.idempotency_key or None
 
         def create(session: Session) -> pb.CreateRunResponse:
@@ -103,7 +103,7 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
         return await self._one(context, lambda s, p: service.get_run(s, p, request.run_id))
 
     async def ListRuns(self, request, context) -> pb.ListRunsResponse:
-        project = rpc.authenticated(context)
+        project = rpc.authenticated(context, self.settings)
 
         def page(session: Session) -> pb.ListRunsResponse:
             owner, size = project(session), _page_size(request)
@@ -125,7 +125,7 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
             context, lambda s, p: service.resume_run(s, self.settings, p, request.run_id))
 
     async def _one(self, context, op) -> pb.Run:
-        project = rpc.authenticated(context)
+        project = rpc.authenticated(context, self.settings)
         return await rpc.call(context, self.settings,
                               lambda session: run_message(op(session, project(session))))
 

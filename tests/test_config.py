@@ -1,0 +1,69 @@
+"""Config hygiene: a cluster's secrets come from the environment, and the API refuses to start
+outside the embedded stack while they are left to their defaults."""
+
+import hashlib
+
+import pytest
+from click.testing import CliRunner
+from conftest import CLUSTER_SECRETS
+
+from service.auth.service import authenticate, create_api_key
+from service.cli import main
+from service.config import Settings, get_settings
+from service.db import session_scope
+from service.errors import Unauthorized
+from service.main import UnsafeSettings, create_app
+
+PG = "postgresql+psycopg://gvpo@db.internal/gvpo"
+
+
+@pytest.mark.parametrize("where", [{"database_url": PG}, {"broker_url": "redis://redis:6379/0"}],
+                         ids=["postgres", "redis"])
+def test_the_api_refuses_a_cluster_with_default_secrets(tmp_path, where):
+    settings = Settings(data_dir=tmp_path, **where)
+    assert not settings.embedded
+    with pytest.raises(UnsafeSettings) as refused:
+        create_app(settings)
+    message = str(refused.value)
+    assert "GVPO_SECRET_KEY is not set" in message and "GVPO_API_KEY_PEPPER is not set" in message
+    short = settings.model_copy(update={"secret_key": "x" * 31, **{
+        "api_key_pepper": CLUSTER_SECRETS["api_key_pepper"]}})
+    with pytest.raises(UnsafeSettings, match="GVPO_SECRET_KEY is shorter than 32 characters"):
+        create_app(short)
+    create_app(settings.model_copy(update=CLUSTER_SECRETS))  # set: it starts
+
+
+def test_the_embedded_stack_needs_no_secrets(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    assert settings.embedded and settings.unsafe_secrets() == []
+    create_app(settings)
+    assert len(settings.resolved_secret_key) == 64  # made once, kept under the data dir
+    assert settings.resolved_secret_key == Settings(data_dir=tmp_path).resolved_secret_key
+
+
+def test_gvpo_api_and_api_key_create_say_what_to_set(tmp_path):
+    env = {"GVPO_DATA_DIR": str(tmp_path), "GVPO_DATABASE_URL": PG,
+           "GVPO_SECRET_KEY": "", "GVPO_API_KEY_PEPPER": ""}
+    get_settings.cache_clear()
+    try:
+        api = CliRunner().invoke(main, ["api"], env=env)
+        key = CliRunner().invoke(main, ["api-key", "create", "--project", "p"], env=env)
+    finally:
+        get_settings.cache_clear()
+    assert api.exit_code == 1 and "refusing to serve a cluster with default secrets" in api.output
+    assert "GVPO_SECRET_KEY is not set" in api.output and "openssl rand -hex 32" in api.output
+    assert key.exit_code == 1 and "GVPO_API_KEY_PEPPER is not set" in key.output
+
+
+def test_api_keys_are_stored_as_a_peppered_hash(settings):
+    pepper = CLUSTER_SECRETS["api_key_pepper"]
+    with session_scope(settings.resolved_database_url) as session:
+        project, key = create_api_key(session, "peppered", pepper)
+    with session_scope(settings.resolved_database_url) as session:
+        assert authenticate(session, f"Bearer {key}", pepper).id == project.id
+        with pytest.raises(Unauthorized):  # the database alone does not check a key
+            authenticate(session, f"Bearer {key}")
+        from service.models import ApiKey
+
+        stored = session.query(ApiKey).filter_by(project_id=project.id).one().key_hash
+    assert stored != hashlib.sha256(key.encode()).hexdigest()
