@@ -16,7 +16,7 @@ WORKDIR /src
 # The README only has to exist here: pyproject.toml names it.
 COPY pyproject.toml constraints.txt ./
 RUN touch README.md \
- && pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt . \
+ && pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt '.[s3]' \
  && pip uninstall --yes gvpo-service
 COPY README.md ./
 COPY service ./service

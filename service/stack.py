@@ -38,6 +38,8 @@ def stack_env(settings: Settings) -> dict[str, str]:
         "GVPO_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
         "GVPO_WORKER_QUEUES": settings.worker_queues,
     })
+    if settings.checkpoint_url:
+        env["GVPO_CHECKPOINT_URL"] = settings.checkpoint_url
     # A cluster's secrets (the embedded stack makes its own); never put into the environment
     # when unset, so a child never sees an empty value.
     for name, value in (("GVPO_SECRET_KEY", settings.secret_key),

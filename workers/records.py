@@ -6,10 +6,8 @@ are upserts keyed by (run, step), so a replayed step overwrites rather than dupl
 
 import functools
 import logging
-import shutil
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
@@ -17,6 +15,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from service.checkpoints import store
 from service.config import Settings
 from service.db import session_scope
 from service.models import Checkpoint, Metric, RewardRequest, Run, Sample
@@ -169,7 +168,7 @@ class RunRecorder:
             run.step = max(run.step, step)
 
     @_retrying
-    def record_checkpoint(self, step: int, path: Path, size: int, kind: str,
+    def record_checkpoint(self, step: int, path: str, size: int, kind: str,
                           keep_last: int | None) -> None:
         with session_scope(self.url) as session:
             upsert(session, Checkpoint,
@@ -182,13 +181,14 @@ class RunRecorder:
                 self._prune(session, keep_last)
 
     @_retrying
-    def latest_checkpoint(self) -> tuple[int, Path] | None:
-        """The newest checkpoint whose files are still there: where a resumed run continues."""
+    def latest_checkpoint(self) -> tuple[int, str] | None:
+        """The newest checkpoint whose files are still there (a folder, or a complete upload in
+        the object store): where a resumed run continues."""
         with session_scope(self.url) as session:
             rows = session.execute(select(Checkpoint.step, Checkpoint.path)
                                    .where(Checkpoint.run_id == self.run_id)
                                    .order_by(Checkpoint.step.desc())).all()
-        return next(((step, Path(path)) for step, path in rows if Path(path).is_dir()), None)
+        return next(((step, path) for step, path in rows if store.exists(path)), None)
 
     def _prune(self, session: Session, keep_last: int) -> None:
         rows = list(session.scalars(
@@ -196,7 +196,11 @@ class RunRecorder:
             .order_by(Checkpoint.step.desc()).offset(keep_last)
         ))
         for old in rows:
-            shutil.rmtree(old.path, ignore_errors=True)
+            try:
+                store.remove(old.path)
+            except Exception:  # a store outage must not fail the run over an old checkpoint
+                log.warning("run %s: could not remove old checkpoint %s", self.run_id, old.path,
+                            exc_info=True)
         if rows:
             session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in rows])))
 

@@ -8,13 +8,16 @@ event saying why; checkpoints already written stay listed.
 import logging
 import math
 import random
+import shutil
 import threading
 import time
 import traceback
+from pathlib import Path
 
 import torch
 from pydantic import ValidationError
 
+from service.checkpoints import store
 from service.config import Settings
 from service.db import session_scope
 from service.files.service import read_rows
@@ -34,6 +37,9 @@ from workers.rollout.vllm import VLLMRolloutEngine, vllm_installed
 from workers.watchdog import StepTimeout, Watchdog
 
 log = logging.getLogger(__name__)
+
+UPLOAD_ATTEMPTS = 3
+UPLOAD_BACKOFF_S = 1.0  # doubled per try
 
 
 class Heartbeat(threading.Thread):
@@ -135,9 +141,10 @@ class RunLoop:
         random.seed(spec.training.seed)
         self.device = pick_device(spec)
         resume = self.recorder.latest_checkpoint()  # (step, path) when an earlier attempt died
+        local = resume and self._local_checkpoint(*resume)
         # vLLM first: it sizes its GPU share from the memory free when it starts.
         vllm_engine = self._vllm_engine()
-        self.model, self.tokenizer = load_policy(spec, self.device, resume and resume[1])
+        self.model, self.tokenizer = load_policy(spec, self.device, local)
         self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(self.model, self.tokenizer,
                                                                    self.device)
         # The engine starts from spec.model.path: the same weights, unless resuming.
@@ -151,7 +158,9 @@ class RunLoop:
         self.start_step, self.checkpointed = 1, 0
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
         if resume:
-            self._resume(*resume)
+            self._resume(*resume, local)
+            if store.is_remote(resume[1]):  # the downloaded copy: everything is loaded now
+                shutil.rmtree(local, ignore_errors=True)
         self.recorder.event(
             "run.model_loaded",
             f"loaded {spec.model.path} on {self.device}; rollouts with {self.engine.name}",
@@ -164,10 +173,23 @@ class RunLoop:
             return None
         return load_policy(self.spec, self.device)[0]
 
-    def _resume(self, step: int, path) -> None:
-        """Continue after checkpoint `step`: optimizer, data cursor and RNG as they were then
-        (the RNG last, once nothing else in the set-up draws from it)."""
-        state = load_training_state(path, self.learner.optimizer)
+    def _local_checkpoint(self, step: int, path: str) -> Path:
+        """The checkpoint as a local folder: one in the object store is downloaded into a cache
+        under the data dir first (this worker may not be the one that wrote it)."""
+        if not store.is_remote(path):
+            return Path(path)
+        cache = self.run_dir / "checkpoint-cache" / f"step_{step:06d}"
+        try:
+            return store.download(path, cache)
+        except Exception as exc:
+            raise RunError(f"could not download the checkpoint of step {step} from {path} to "
+                           f"resume: {type(exc).__name__}: {exc}") from exc
+
+    def _resume(self, step: int, path: str, local: Path) -> None:
+        """Continue after checkpoint `step` (at `path`, read from the folder `local`): optimizer,
+        data cursor and RNG as they were then (the RNG last, once nothing else in the set-up
+        draws from it)."""
+        state = load_training_state(local, self.learner.optimizer)
         cursor = state["data_cursor"]
         self.sampler = PromptSampler(self.sampler.examples, self.spec.training.seed,
                                      cursor["epoch"], cursor["position"])
@@ -175,6 +197,27 @@ class RunLoop:
         self.start_step, self.checkpointed = step + 1, step
         self.recorder.event("run.resumed", f"resumed from the checkpoint at step {step}",
                             data={"step": step, "path": str(path)})
+
+    def _upload(self, step: int, local: Path, url: str) -> None:
+        """Copy the checkpoint to the store, trying UPLOAD_ATTEMPTS times with backoff (an
+        object store's brief outage or throttling); then the run fails naming the URL, its
+        earlier checkpoints kept."""
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                store.upload(local, url)
+                return
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if attempt == UPLOAD_ATTEMPTS:
+                    raise RunError(f"could not upload the checkpoint of step {step} to {url} "
+                                   f"after {attempt} tries: {error}") from exc
+                log.warning("run %s: checkpoint upload to %s failed (%s); retrying",
+                            self.recorder.run_id, url, error)
+                self.recorder.event("checkpoint.upload_retry",
+                                    f"upload of the step {step} checkpoint to {url} failed "
+                                    f"(try {attempt} of {UPLOAD_ATTEMPTS}): {error}", "warning",
+                                    {"step": step, "url": url, "attempt": attempt})
+                time.sleep(UPLOAD_BACKOFF_S * 2 ** (attempt - 1))
 
     def _vllm_engine(self) -> VLLMRolloutEngine | None:
         """vLLM where the spec allows it and it is installed; with engine `auto`, a vLLM that
@@ -324,6 +367,13 @@ class RunLoop:
         size = save_checkpoint(path, self.model, self.tokenizer, self.learner.optimizer, step,
                                {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()})
         kind = "full" if self.spec.model.lora is None else "lora_adapter"
-        self.recorder.record_checkpoint(step, path, size, kind, self.spec.checkpoint.keep_last)
+        where, store_url = str(path), self.settings.checkpoint_url
+        if store_url:
+            where = f"{store_url.rstrip('/')}/{self.recorder.run_id}/{path.name}"
+            self._upload(step, path, where)
+            # Workers' local disks are not shared: the API and the worker that resumes this run
+            # read the store, so a local copy would only fill this machine's disk.
+            shutil.rmtree(path, ignore_errors=True)
+        self.recorder.record_checkpoint(step, where, size, kind, self.spec.checkpoint.keep_last)
         self.checkpointed = step
         self.heartbeat.watchdog.leave()

@@ -1,5 +1,6 @@
 """Checkpoints of a run: listing, packing one as a .tar.gz for download, and signed download
-links (a browser's plain link cannot send the API key)."""
+links (a browser's plain link cannot send the API key). A checkpoint's path is a local folder or
+a URL in the object store (settings.checkpoint_url); see store.py."""
 
 import hashlib
 import hmac
@@ -13,6 +14,7 @@ from urllib.parse import urlencode
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.checkpoints import store
 from service.config import Settings
 from service.errors import Conflict, NotFound, Unauthorized
 from service.models import Checkpoint, Project, Run
@@ -32,7 +34,7 @@ def get_checkpoint(session: Session, project: Project, run_id: str, ckpt_id: str
     ckpt = session.get(Checkpoint, ckpt_id)
     if ckpt is None or ckpt.run_id != run_id:
         raise NotFound(f"no checkpoint {ckpt_id!r} in run {run_id}")
-    if not Path(ckpt.path).is_dir():
+    if not store.exists(ckpt.path):
         raise NotFound(f"checkpoint {ckpt_id} is recorded but its files are gone from {ckpt.path}")
     return ckpt
 
@@ -41,30 +43,36 @@ def pack_checkpoint(ckpt: Checkpoint, merged: bool = False) -> Path:
     """A temporary .tar.gz whose top folder is the checkpoint id; the caller deletes it.
 
     merged=True turns a LoRA adapter checkpoint into a whole model (adapter merged into its base
-    weights) that loads with AutoModelForCausalLM; a full checkpoint already is one.
+    weights) that loads with AutoModelForCausalLM; a full checkpoint already is one. A
+    checkpoint in the object store is downloaded into a temporary folder first, removed after.
     """
     fd, name = tempfile.mkstemp(prefix=f"{ckpt.id}-", suffix=".tar.gz")
-    with open(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-        if merged and ckpt.kind == "lora_adapter":
-            with tempfile.TemporaryDirectory() as tmp:
-                tar.add(_merge_adapter(ckpt, Path(tmp)), arcname=ckpt.id)
-        else:
-            tar.add(ckpt.path, arcname=ckpt.id)
+    try:
+        with (open(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar,
+              tempfile.TemporaryDirectory() as tmp):
+            source = store.fetch(ckpt.path, Path(tmp) / "stored")
+            if merged and ckpt.kind == "lora_adapter":
+                tar.add(_merge_adapter(ckpt, source, Path(tmp)), arcname=ckpt.id)
+            else:
+                tar.add(source, arcname=ckpt.id)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     return Path(name)
 
 
-def _merge_adapter(ckpt: Checkpoint, workdir: Path) -> Path:
+def _merge_adapter(ckpt: Checkpoint, source: Path, workdir: Path) -> Path:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(ckpt.path)
+        model = AutoPeftModelForCausalLM.from_pretrained(source)
     except OSError as exc:  # the base model is not on this machine
         raise Conflict(f"cannot merge checkpoint {ckpt.id}: its base model could not be "
                        f"loaded by the API server ({exc}); download the adapter instead") from exc
     out = workdir / ckpt.id
     model.merge_and_unload().save_pretrained(out)
-    AutoTokenizer.from_pretrained(ckpt.path).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return out
 
 
