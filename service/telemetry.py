@@ -196,14 +196,15 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
             start, code = time.perf_counter(), grpc.StatusCode.OK
             try:
                 yield
-            except asyncio.CancelledError:  # the client went away (a watch it stopped)
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                # an abort set the code; anything else is answered as UNKNOWN by grpc
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            except BaseException as exc:
+                if context.cancelled() or isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+                    code = grpc.StatusCode.CANCELLED  # the client went away (a watch it stopped)
+                else:  # an abort set the code; anything else is answered as UNKNOWN by grpc
+                    code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
+                if code == grpc.StatusCode.OK and context.cancelled():
+                    code = grpc.StatusCode.CANCELLED  # a stream that saw its client leave
                 name = code.name if isinstance(code, grpc.StatusCode) else str(code)
                 self.requests.labels(method, name).inc()
                 self.latency.labels(method).observe(time.perf_counter() - start)
