@@ -104,9 +104,9 @@ class Settings(BaseSettings):
         defaults. Empty on the embedded stack, where the defaults are fine."""
         if self.embedded:
             return []
-        return [f"{name} is {'not set' if not value else 'shorter than 32 characters'}: "
-                f"{why}. Set it to a random value (e.g. `openssl rand -hex 32`), the same on "
-                "every API replica"
+        too_short = f"shorter than {MIN_SECRET_CHARS} characters"
+        return [f"{name} is {too_short if value else 'not set'}: {why}. Set it to a random "
+                "value (e.g. `openssl rand -hex 32`), the same on every API replica"
                 for name, value, why in (
                     ("GVPO_SECRET_KEY", self.secret_key, "it signs checkpoint download links"),
                     ("GVPO_API_KEY_PEPPER", self.api_key_pepper, "it keys the stored API-key "

@@ -1,6 +1,7 @@
 """create_app(): routers and error handlers. Engines are built lazily per process, never at import."""
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -17,6 +18,7 @@ from service.grpc_server import GrpcServer
 from service.health import router as health_router
 from service.metrics.routes import router as metrics_router
 from service.rewards.routes import router as rewards_router
+from service.runs.notify import Notifier
 from service.runs.reaper import Reaper
 from service.runs.routes import router as runs_router
 
@@ -38,7 +40,8 @@ async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     error = invalid_spec(list(exc.errors()), exc.body)
-    return JSONResponse(error_body("invalid_request", error.message, error.details), status_code=422)
+    return JSONResponse(error_body("invalid_request", error.message, error.details),
+                        status_code=422)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -57,19 +60,21 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     settings = app.state.settings
-    # One thread reaps expired leases and starts the run-notification sender; either may be off.
-    reaper = Reaper(settings) if settings.reaper_interval_s > 0 or settings.notify_interval_s > 0 \
-        else None
+    # Two background threads per API process, each on its own interval (0 turns it off), so a
+    # slow notification receiver never delays reaping.
+    stopped = threading.Event()
+    threads = [cls(settings, stopped) for cls, interval in (
+        (Reaper, settings.reaper_interval_s), (Notifier, settings.notify_interval_s))
+        if interval > 0]
     grpc_server = GrpcServer(settings, app.state.prometheus) if settings.grpc_port else None
     if grpc_server:
         await grpc_server.start()
-    if reaper:
-        reaper.start()
+    for thread in threads:
+        thread.start()
     try:
         yield
     finally:
-        if reaper:
-            reaper.stopped.set()
+        stopped.set()
         if grpc_server:
             await grpc_server.stop()
 

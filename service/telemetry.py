@@ -27,7 +27,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import Metric, Run, RunEvent
 from service.models.base import utcnow
-from service.runs.service import STATES
+from service.runs.service import STATES, queue_of
 
 STEP_PHASES = ("weight_sync", "rollout", "reward", "learn")
 
@@ -69,7 +69,7 @@ class RunStateCollector:
     def _queue_depth(queued) -> GaugeMetricFamily:
         depth: dict[str, int] = {}
         for spec, _ in queued:
-            queue = spec.get("resources", {}).get("queue", "default")
+            queue = queue_of(spec)
             depth[queue] = depth.get(queue, 0) + 1
         g = GaugeMetricFamily("gvpo_queue_depth", "runs waiting for a worker, by Celery queue",
                               labels=["queue"])

@@ -69,7 +69,8 @@ def _spec(request: pb.CreateRunRequest) -> RunSpec:
         raise invalid_spec(exc.errors(), document) from None
 
 
-def _page_size(request: pb.ListRunsRequest) -> int:
+def _list_args(request: pb.ListRunsRequest) -> int:
+    """The page size, once page_size and the status filter are checked."""
     size = request.page_size or DEFAULT_PAGE_SIZE
     if not 1 <= size <= MAX_PAGE_SIZE:
         raise InvalidSpec([{"field": "page_size",
@@ -106,7 +107,7 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
         project = rpc.authenticated(context, self.settings)
 
         def page(session: Session) -> pb.ListRunsResponse:
-            owner, size = project(session), _page_size(request)
+            owner, size = project(session), _list_args(request)
             rows, has_more = service.list_runs(session, owner, request.status or None, size,
                                                request.page_token or None)
             return pb.ListRunsResponse(runs=[run_message(r) for r in rows],
@@ -130,7 +131,10 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
                               lambda session: run_message(op(session, project(session))))
 
     async def WatchRun(self, request, context) -> AsyncIterator[pb.RunUpdate]:
-        await self._one(context, lambda s, p: service.get_run(s, p, request.run_id))
+        project = rpc.authenticated(context, self.settings)
+        # Only the ownership check here: the follower's first update is the run itself.
+        await rpc.call(context, self.settings, lambda session: service.get_run(
+            session, project(session), request.run_id).id)
 
         async def gone() -> bool:
             return context.cancelled()

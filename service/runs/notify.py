@@ -4,7 +4,7 @@
 The outbox is the run row itself. A run created with a notify_url starts with notify_state
 "pending"; it becomes due once the run is terminal, whichever way it got there (the worker, the
 watchdog, a cancel in the API), so no transition has to remember to notify. Each API process
-runs a `Notifier` thread (started by the reaper) that sends what is due:
+runs a `Notifier` thread (beside the reaper) that sends what is due:
 
 - claim: one conditional UPDATE moves `notify_due_at` past the send's time limit, so of the
   replicas that see the run due, one sends; a sender that dies mid-send leaves the run due

@@ -8,9 +8,6 @@
 Each API process runs one reaper thread. An expired run is claimed with one conditional UPDATE,
 so replicas reaping at the same moment re-enqueue it once; a duplicate publish of a queued run
 is harmless (the second delivery finds the lease taken and exits).
-
-The reaper also starts the process's notifier thread (service/runs/notify.py), on its own
-interval, so that a slow notification receiver never delays reaping.
 """
 
 import logging
@@ -23,8 +20,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
-from service.runs.notify import Notifier
-from service.runs.service import add_event, dispatch_run
+from service.runs.service import add_event, dispatch_run, queue_of
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +50,17 @@ def reap_runs(settings: Settings, publish_grace: timedelta = PUBLISH_GRACE) -> l
             Run.status == "queued", Run.dispatched_at.is_(None),
             Run.created_at < now - publish_grace)).all()
     return [run_id for run_id, spec in unpublished
-            if dispatch_run(settings, run_id, spec.get("resources", {}).get("queue", "default"))]
+            if dispatch_run(settings, run_id, queue_of(spec))]
 
 
 class Reaper(threading.Thread):
-    def __init__(self, settings: Settings) -> None:
+    """Reaps every `reaper_interval_s` until `stopped` is set."""
+
+    def __init__(self, settings: Settings, stopped: threading.Event) -> None:
         super().__init__(name="gvpo-reaper", daemon=True)
-        self.settings, self.stopped = settings, threading.Event()
+        self.settings, self.stopped = settings, stopped
 
     def run(self) -> None:
-        if self.settings.notify_interval_s > 0:
-            Notifier(self.settings, self.stopped).start()
-        if self.settings.reaper_interval_s <= 0:
-            return  # notifications only
         while not self.stopped.wait(self.settings.reaper_interval_s):
             try:
                 reap_runs(self.settings)

@@ -71,8 +71,9 @@ def stream_events(
     project: ProjectDep,
     last_event_id: Annotated[int | None, Header(ge=0, le=DB_INT_MAX)] = None,
     after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
-    metrics: Annotated[bool, Query(description="also send `run` (its state, when status or step "
-                                               "changes) and `metrics` (each step's) messages")] = False,
+    metrics: Annotated[bool, Query(
+        description="also send `run` (its state, when status or step changes) and `metrics` "
+                    "(each step's) messages")] = False,
     since_step: Annotated[int, Query(ge=0, le=DB_INT_MAX,
                                      description="with metrics: only steps after this one")] = 0,
 ) -> StreamingResponse:

@@ -123,6 +123,11 @@ def create_run(
     return run, True
 
 
+def queue_of(spec: dict[str, Any]) -> str:
+    """The Celery queue of a stored spec (every default is filled in when it is stored)."""
+    return spec.get("resources", {}).get("queue", "default")
+
+
 def dispatch_run(settings: Settings, run_id: str, queue: str) -> bool:
     """Publish the run's task and note when; False (the run stays queued, unpublished, for the
     reaper to retry) when the broker is unreachable."""
@@ -195,8 +200,7 @@ def resume_run(session: Session, settings: Settings, project: Project, run_id: s
     add_event(session, run.id, "run.resume_requested",
               f"run queued again; it continues after step {run.step}")
     session.flush()
-    queue = run.spec.get("resources", {}).get("queue", "default")
-    after_commit(session, lambda: dispatch_run(settings, run.id, queue))
+    after_commit(session, lambda: dispatch_run(settings, run.id, queue_of(run.spec)))
     return run
 
 
