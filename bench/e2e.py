@@ -13,7 +13,7 @@ random-init model (float32), the same "copy this string" prompts and the same re
 - ours: the real worker code path in-process: a migrated temporary data dir, a run created
   through the service layer as tests/helpers.py `submit()` does (rollout.engine "vllm", gvpo
   with beta 0.1 and reference "sampling", group_size k, prompts_per_step P, mini_batches 1, only
-  the final checkpoint), run by `workers.run_loop.execute_run`. A step's seconds are the sum of
+  the final checkpoint), run by `workers.execute.execute_run`. A step's seconds are the sum of
   its recorded time/{weight_sync,rollout,reward,learn}_s metrics (so the database writes of
   metrics and samples between steps are not counted).
 - trl:  `GRPOTrainer.train()` with use_vllm=False (transformers generate() on the policy
@@ -97,7 +97,7 @@ def ours(args, P: int, k: int, L: int) -> dict:
     from service.db import session_scope
     from service.migrate import prepare
     from service.models import Metric, Run
-    from workers.run_loop import execute_run
+    from workers.execute import execute_run
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         settings = Settings(data_dir=Path(tmp) / "gvpo", torch_threads=args.threads)
         prepare(settings)

@@ -160,10 +160,17 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
     ({"reward": {"type": "webhook", "url": "https://rm.example.com/score", "timeout_s": 120,
                  "name": DROP},
       "resources": {"step_timeout_s": 60}}, ["resources"]),
+    ({"resources": {"gpus": 9}}, ["resources.gpus"]),
+    ({"resources": {"gpus": 2, "processes": 1}}, ["resources"]),
+    ({"resources": {"processes": 3}}, ["resources"]),  # 4 prompts per step
+    ({"rollout": {"tensor_parallel_size": 2}}, ["resources"]),  # one process
+    ({"rollout": {"engine": "hf", "tensor_parallel_size": 2},
+      "resources": {"processes": 2}}, ["resources"]),
 ], ids=["group_size", "beta_zero", "beta_negative", "both", "unknown_field", "no_reward",
         "no_model_path", "unknown_reward", "mini_batches", "default_mini_batches",
         "missing_file", "prompt_field",
-        "step_timeout"])
+        "step_timeout", "too_many_gpus", "processes_vs_gpus", "uneven_prompts",
+        "tensor_parallel_vs_processes", "tensor_parallel_without_vllm"])
 def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, overrides, fields):
     key = make_key()
     body = spec(new_file(api, key), **overrides)
@@ -172,6 +179,22 @@ def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, override
     assert sorted(f["field"] for f in error["details"]["fields"]) == fields
     assert all(f["message"] for f in error["details"]["fields"])
     assert run_ids(api, key) == [] and broker_run_ids(settings) == []
+
+
+@pytest.mark.parametrize("resources, rollout, says", [
+    ({"gpus": 2, "processes": 1}, {}, "processes (1) must equal gpus (2)"),
+    ({"processes": 3}, {}, "prompts_per_step (4) must be a multiple of the 3 training processes"),
+    ({}, {"tensor_parallel_size": 2},
+     "tensor_parallel_size (2) must divide the 1 training processes"),
+    ({"processes": 2}, {"engine": "hf", "tensor_parallel_size": 2},
+     "tensor_parallel_size needs vLLM"),
+], ids=["processes_vs_gpus", "uneven_prompts", "tensor_parallel", "tensor_parallel_hf"])
+def test_multi_process_spec_errors_say_what_to_change(api, make_key, resources, rollout, says):
+    key = make_key()
+    body = spec(new_file(api, key), resources=resources, rollout=rollout)
+    error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
+                         422, "invalid_request")
+    assert says in error["details"]["fields"][0]["message"]
 
 
 def test_train_file_of_another_project_is_422_without_leaking_it(api, make_key, settings):

@@ -16,7 +16,7 @@ from service.models import RewardRequest, Run, RunEvent, Sample
 from service.rewards.signing import HEADER, sign
 from service.stack import free_port
 from workers.records import RunRecorder
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 pytestmark = pytest.mark.both_backends
 
@@ -117,7 +117,7 @@ def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, ti
     with RewardServer(Behaviour(mode="async", call_back=False)) as server:
         run_id = hung_reward_run(api_server, tiny_model_dir, server)
         code = ("import sys, threading; from service.config import Settings; "
-                "from workers.run_loop import execute_run; "
+                "from workers.execute import execute_run; "
                 "s = Settings(webhook_allow_private=True, heartbeat_seconds=0.5); "
                 "t = threading.Thread(target=execute_run, args=(s, sys.argv[1], 'w')); "
                 "t.start(); t.join(); sys.exit(3)")  # 3: the run returned, nobody ended it

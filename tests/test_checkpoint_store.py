@@ -29,7 +29,7 @@ from service.models import Checkpoint, RunEvent
 from service.stack import free_port, stack_env
 from workers import run_loop
 from workers.records import RunRecorder
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 _buckets = itertools.count()
 

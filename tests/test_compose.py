@@ -235,6 +235,21 @@ def test_the_worker_reserves_a_gpu_and_listens_on_its_queues(services):
     assert "gpu" in re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", queues).split(",")
 
 
+def test_a_multi_gpu_worker_takes_its_hosts_gpus_on_request(compose, services):
+    worker, single = services["worker-multi-gpu"], services["worker"]
+    assert worker["profiles"] == ["multi-gpu"]  # not started by a plain `up`
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert [(d["driver"], d["count"], d["capabilities"]) for d in devices] == [
+        ("nvidia", "all", ["gpu"])]
+    env = environment(worker)
+    assert env["GVPO_WORKER_QUEUES"] == "${MULTI_GPU_QUEUES:-multi-gpu}"
+    assert {k: v for k, v in env.items() if k != "GVPO_WORKER_QUEUES"} == {
+        k: v for k, v in environment(single).items() if k != "GVPO_WORKER_QUEUES"}
+    assert worker["healthcheck"] == single["healthcheck"]
+    volumes = compose.get("volumes") or {}
+    assert named_volume_at(worker, "/data", volumes) == named_volume_at(single, "/data", volumes)
+
+
 def test_api_and_worker_share_the_data_volume(compose, services):
     volumes = compose.get("volumes") or {}
     api, worker = services["api"], services["worker"]

@@ -1,7 +1,9 @@
 """Data parallel: 2 gloo processes, each with half of the groups, make the same update as one
-process with all of them (group counts and gradients are summed across ranks)."""
+process with all of them (group counts and gradients are summed across ranks), whether each
+holds the whole model (ddp) or a shard of it (fsdp)."""
 
 import os
+from datetime import timedelta
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from service.runs.spec import RunSpec
 from service.stack import free_port
 from workers.learner.learner import GroupBatch, Learner
+from workers.learner.sharding import full
 
 PROMPTS = ["abc=", "hello=", "12+7=", "q="]
 COMPLETIONS = [["abc", "xy", "abcd", "q"], ["hello", "olleh", "h", "zz"],
@@ -20,7 +23,8 @@ COMPLETIONS = [["abc", "xy", "abcd", "q"], ["hello", "olleh", "h", "zz"],
 REWARDS = [[1.0, 0.0, 0.5, 0.0], [0.5, 0.5, 0.5, 0.5], [0.2, 0.0, 0.0, 1.0], [0.0, 0.5, 1.0, 0.5]]
 
 
-def make_learner(model_dir: str, algorithm: str):
+def make_learner(model_dir: str, algorithm: str, resources: dict | None = None,
+                 micro_batch_tokens: int | None = None):
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -28,7 +32,8 @@ def make_learner(model_dir: str, algorithm: str):
         "model": {"path": model_dir}, "dataset": {"train_file": "x"},
         "reward": {"type": "builtin", "name": "char_accuracy"},
         "algorithm": {"name": algorithm, "reference": "initial", "beta": 0.1},
-        "optimizer": {"lr": 1e-3, "grad_clip": None}, "training": {"mini_batches": 1},
+        "optimizer": {"lr": 1e-3, "grad_clip": None}, "training": {"mini_batches": 1, "micro_batch_tokens": micro_batch_tokens},
+        "resources": resources or {},
     })
     return Learner(model, spec, torch.device("cpu"), 0), tokenizer
 
@@ -45,30 +50,37 @@ def make_batch(tokenizer, groups: list[int]) -> GroupBatch:
 def train(learner: Learner, tokenizer, groups: list[int], steps: int = 2) -> dict:
     for step in range(1, steps + 1):
         stats = learner.learn(make_batch(tokenizer, groups), step)
-    model = learner.model
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+    model = learner.model  # a sharded model's tensors are gathered whole
+    return {"params": {n: full(p.detach()).clone() for n, p in model.named_parameters()},
+            "grads": {n: full(p.grad).clone() for n, p in model.named_parameters()},
             "loss": stats.loss, "kl": stats.kl_ref, "zv": stats.zero_variance_frac,
             "groups": stats.groups_trained}
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, algorithm: str, out: str) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, algorithm: str, strategy: str,
+          micro: int | None, out: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    # a rank left waiting in a collective (mismatched passes) fails the test instead of hanging it
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=timedelta(seconds=60))
     try:
-        learner, tokenizer = make_learner(model_dir, algorithm)
+        learner, tokenizer = make_learner(model_dir, algorithm,
+                                          {"processes": world, "strategy": strategy}, micro)
         torch.save(train(learner, tokenizer, [[0, 1], [2, 3]][rank]), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+# micro_batch_tokens=1: one group per pass, so rank 0 makes 1 pass and rank 1 makes 2; under
+# FSDP rank 0 adds a filler pass (every pass gathers the shards) that must change nothing.
+@pytest.mark.parametrize(("strategy", "micro"), [("ddp", None), ("fsdp", None), ("fsdp", 1)],
+                         ids=["ddp", "fsdp", "fsdp-filler"])
 @pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
-def test_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path, algorithm):
-    mp.spawn(_rank, args=(2, free_port(), str(tiny_model_dir), algorithm, str(tmp_path)),
-             nprocs=2, join=True)
-    learner, tokenizer = make_learner(str(tiny_model_dir), algorithm)
+def test_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path, algorithm, strategy, micro):
+    mp.spawn(_rank, args=(2, free_port(), str(tiny_model_dir), algorithm, strategy, micro,
+                          str(tmp_path)), nprocs=2, join=True)
+    learner, tokenizer = make_learner(str(tiny_model_dir), algorithm, micro_batch_tokens=micro)
     single = train(learner, tokenizer, [0, 1, 2, 3])
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for name, grad in single["grads"].items():

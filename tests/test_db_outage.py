@@ -11,7 +11,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.migrate import upgrade
 from service.models import Metric, Run
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 STEPS = 300
 

@@ -14,7 +14,7 @@ from service.checkpoints.service import DOWNLOAD_LINK_TTL_S, download_token
 from service.client import Client
 from service.db import session_scope
 from service.models import Run
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 pytestmark = pytest.mark.both_backends
 

@@ -1,7 +1,6 @@
 """The main job end to end over real HTTP: API server and Celery worker as separate processes,
 on SQLite and the file-backed broker, and on PostgreSQL and Redis as a cluster runs them."""
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -180,6 +179,28 @@ def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_p
             tar.extractall(tmp_path / fmt, filter="data")
         assert expected in names, names
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / ckpt["id"])
+
+
+def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir, tmp_path):
+    """The Celery pool child (daemonic: no multiprocessing children) starts torchrun; each rank
+    rolls out with its own engine (`auto`: vLLM where installed) and rank 0 records."""
+    http, file_id = project_with_file(embedded.settings, embedded.url, "two-procs", tmp_path)
+    body = {**spec(tiny_model_dir, file_id, steps=4),
+            "resources": {"processes": 2, "strategy": "fsdp"}}
+    run = wait_for(http, http.post("/v1/runs", json=body).json()["id"],
+                   {"succeeded", "failed", "cancelled"})
+    assert run["status"] == "succeeded", run["error"]
+    events = http.get(f"/v1/runs/{run['id']}/events").json()["data"]
+    launched = next(e for e in events if e["type"] == "run.launched")
+    loaded = next(e for e in events if e["type"] == "run.model_loaded")
+    assert launched["data"]["ranks"] == loaded["data"]["ranks"] == 2
+    assert loaded["data"]["rollout_engine"] == ("vllm" if vllm_installed() else "hf")
+    metrics = http.get(f"/v1/runs/{run['id']}/metrics").json()["metrics"]
+    assert [s for s, _ in metrics["loss"]] == [1, 2, 3, 4]
+    if vllm_installed():  # each weight sync gathers the FSDP shards whole
+        assert max(v for _, v in metrics["rollout/logprob_diff_max"]) < 1e-4
+    samples = http.get(f"/v1/runs/{run['id']}/samples", params={"step": 4}).json()["data"]
+    assert sorted({s["group_index"] for s in samples}) == [0, 1, 2, 3]  # both ranks' groups
 
 
 def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_path):

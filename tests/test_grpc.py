@@ -28,7 +28,7 @@ from service.files.service import create_file
 from service.main import create_app
 from service.rewards.signing import sign
 from service.stack import free_port
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 pytestmark = pytest.mark.both_backends
 

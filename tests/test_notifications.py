@@ -25,7 +25,7 @@ from service.rewards.signing import HEADER, SignatureError, verify
 from service.runs.notify import EVENT_ID_HEADER, Outcome, claim, deliver, deliver_due, record
 from service.runs.service import cancel_run
 from service.stack import free_port
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 SECRET = "whsec_notify-tests-0123456789"
 

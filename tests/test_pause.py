@@ -12,7 +12,7 @@ from service.db import session_scope
 from service.errors import Conflict
 from service.models import Checkpoint, Metric, Project, Run, RunEvent
 from service.runs import service
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 pytestmark = pytest.mark.both_backends
 

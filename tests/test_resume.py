@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from service.db import session_scope
 from service.models import Checkpoint, Metric, RunEvent
 from workers.rollout.vllm import vllm_installed
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 STEPS = 6
 
@@ -41,10 +41,10 @@ def final_weights(settings, run_id) -> dict[str, torch.Tensor]:
 
 def kill_after_first_checkpoint(settings, run_id) -> None:
     code = ("import sys; from service.config import Settings; "
-            "from workers.run_loop import execute_run; "
-            "execute_run(Settings(data_dir=sys.argv[1], lease_seconds=1, heartbeat_seconds=0.3), "
-            "sys.argv[2], 'doomed-worker')")
-    child = subprocess.Popen([sys.executable, "-c", code, str(settings.resolved_data_dir), run_id],
+            "from workers.execute import execute_run; "
+            "execute_run(Settings.model_validate_json(sys.argv[1]), sys.argv[2], 'doomed-worker')")
+    doomed = settings.model_copy(update={"lease_seconds": 1.0, "heartbeat_seconds": 0.3})
+    child = subprocess.Popen([sys.executable, "-c", code, doomed.model_dump_json(), run_id],
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     with session_scope(settings.resolved_database_url) as session:

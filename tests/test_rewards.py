@@ -6,7 +6,7 @@ from helpers import submit
 from service.db import session_scope
 from service.runs.spec import RunSpec
 from workers.rewards.builtin import get_reward
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 
 def reward(name: str, completion: str, answer: str | None, **params) -> float:

@@ -14,7 +14,7 @@ from service.db import session_scope
 from service.models import Checkpoint, Metric, Run, RunEvent, Sample
 from service.runs.service import cancel_run
 from workers.records import RunRecorder
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 pytestmark = pytest.mark.both_backends
 

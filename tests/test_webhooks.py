@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from service.db import session_scope
 from service.models import Checkpoint, Run, RunEvent, Sample
-from workers.run_loop import execute_run
+from workers.execute import execute_run
 
 pytestmark = pytest.mark.both_backends
 

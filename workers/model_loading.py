@@ -9,14 +9,14 @@ from workers.errors import RunError
 
 
 def pick_device(spec: RunSpec) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if spec.resources.gpus > 0:
-        raise RunError(
-            f"resources.gpus is {spec.resources.gpus} but this worker has no CUDA device; "
-            "submit to a GPU queue or set resources.gpus: 0"
-        )
-    return torch.device("cpu")
+    """CUDA where the worker has it (under data parallelism, the rank's own GPU: the current
+    device), else CPU; a run that asked for more GPUs than the worker has fails here."""
+    gpus, found = spec.resources.gpus, torch.cuda.device_count()
+    if gpus > found:
+        where = f"only {found} CUDA device{'s' * (found > 1)}" if found else "no CUDA device"
+        raise RunError(f"resources.gpus is {gpus} but this worker has {where}; submit to a "
+                       "queue whose workers have that many GPUs, or ask for fewer")
+    return torch.device("cuda") if found else torch.device("cpu")
 
 
 def pick_dtype(spec: RunSpec, device: torch.device) -> torch.dtype:

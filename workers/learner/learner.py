@@ -16,6 +16,9 @@ policy that sampled the batch.
 - The step's groups are split into `mini_batches` optimizer updates. Each update runs in
   micro-batches packed with whole groups up to `micro_batch_tokens`; per-group losses are summed
   and divided by the update's group count, so the cut never changes the update.
+- Several training processes (data parallel): each trains its own whole groups, so group means
+  stay local; group counts and gradients are summed across them. With strategy "fsdp" the
+  model is sharded (sharding.py) and FSDP reduces the gradients in the backward pass.
 """
 
 import copy
@@ -28,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from service.runs.spec import RunSpec
+from workers.learner import sharding
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.learner.losses import LossInputs, get_loss
 
@@ -78,9 +82,12 @@ class _Collective:
     process would make on all their groups together.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, sharded: bool = False) -> None:
         self.device = device
         self.active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.sharded = sharded and self.active  # FSDP: gradients are reduced in backward
+        # FSDP averages gradients over ranks; the loss is normalised by the global group count
+        self.grad_scale = dist.get_world_size() if self.sharded else 1
 
     def sum(self, values: list[float]) -> list[float]:
         if not self.active:
@@ -89,15 +96,15 @@ class _Collective:
         dist.all_reduce(t)
         return t.tolist()
 
-    def max(self, value: float) -> float:
+    def max(self, values: list[float]) -> list[float]:
         if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.item()
+        return t.tolist()
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        if not self.active:
+        if not self.active or self.sharded:
             return
         for p in params:
             if p.grad is None:  # this rank had no group in the update
@@ -124,7 +131,7 @@ class _Tally:
         zero_var, groups, trained = collective.sum(zv)
         n, tokens = max(t["s_n"], 1.0), max(t["tokens"], 1.0)
         mean = t["s_sum"] / n
-        diff = collective.max(self.logprob_diff)
+        diff = collective.max([self.logprob_diff])[0]
         var = (t["s_sq"] - n * mean**2) / (n - 1) if n > 1 else 0.0
         return LearnStats(
             loss=t["loss"] / max(updates, 1),
@@ -144,17 +151,34 @@ class Learner:
         """`initial_model`: the starting model for reference="initial" when `model` is no longer
         it (a resumed run); by default a frozen copy of `model`."""
         self.model, self.spec, self.device, self.pad_id = model, spec, device, pad_id
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        opt = spec.optimizer
-        # fused: one kernel over all parameters (2-3x faster optimizer steps on CPU as on GPU)
-        self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, weight_decay=opt.weight_decay,
-                                           fused=True)
         self.objective = get_loss(spec.algorithm.name)
-        self.collective = _Collective(device)
+        self.collective = _Collective(device, sharded=spec.resources.strategy == "fsdp")
         self.frozen = None
         if spec.algorithm.reference == "initial" and not hasattr(model, "disable_adapter"):
             initial = copy.deepcopy(model) if initial_model is None else initial_model
             self.frozen = initial.eval().requires_grad_(False)
+        if self.collective.sharded:  # before the optimizer: sharding replaces the parameters
+            sharding.shard(model)
+            if self.frozen is not None:
+                sharding.shard(self.frozen)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        opt = spec.optimizer
+        # fused: one kernel over all parameters (2-3x faster optimizer steps on CPU as on GPU)
+        self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, weight_decay=opt.weight_decay,
+                                           fused=not self.collective.sharded)
+
+    def checkpoint_state(self) -> tuple[dict | None, dict]:
+        """(model state dict, optimizer state dict) to save; the model's is None when the
+        model can save itself. Under FSDP the full states, on rank 0: every rank calls this."""
+        if self.collective.sharded:
+            return sharding.full_state(self.model, self.optimizer)
+        return None, self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        if self.collective.sharded:
+            sharding.load_optimizer(self.model, self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps training steps (1-based), then constant."""
@@ -180,11 +204,15 @@ class Learner:
         n_mb = min(self.spec.training.mini_batches, trainable) if trainable else 1
         plans = [[mb for mb in self.micro_batches(batch, part.tolist()) if mb]
                  for part in np.array_split(np.array(keep, dtype=int), n_mb)]
+        real = [len(plan) for plan in plans]
+        if self.collective.sharded:  # every rank runs as many passes as the busiest one
+            for plan, passes in zip(plans, self.collective.max(real), strict=True):
+                plan.extend([[0]] * (int(passes) - len(plan)))  # fillers: any one group
         references = [self._reference_logps(batch, plan, first=i == 0)
                       for i, plan in enumerate(plans)]
         tally = _Tally()
         for i, (plan, reference) in enumerate(zip(plans, references, strict=True)):
-            self._update(batch, plan, reference, bool(trainable), tally, first=i == 0)
+            self._update(batch, plan, real[i], reference, bool(trainable), tally, first=i == 0)
         zv = [float(zero_var.sum()), float(len(everything)), float(len(keep) if trainable else 0)]
         return tally.stats(self.collective, zv, len(plans))
 
@@ -234,18 +262,22 @@ class Learner:
             ref = self._token_logps(batch, plan, reference)
         return _Reference(old=old, ref=ref)
 
-    def _update(self, batch: GroupBatch, plan: list[list[int]], reference: _Reference,
+    def _update(self, batch: GroupBatch, plan: list[list[int]], real: int, reference: _Reference,
                 train: bool, tally: _Tally, first: bool) -> None:
-        """One optimizer update over the groups in `plan` (train=False: measure, no update).
-        `first`: no update has happened yet this step, so the forward pass sees the weights
-        that sampled the batch."""
+        """One optimizer update over the groups in `plan` (train=False: measure, no update);
+        micro-batches from index `real` on are FSDP fillers. `first`: no update has happened
+        yet this step, so the forward pass sees the weights that sampled the batch."""
         self.optimizer.zero_grad(set_to_none=True)
         k = batch.rewards.shape[1]
-        n_groups = self.collective.sum([float(sum(len(mb) for mb in plan))])[0]
+        n_groups = self.collective.sum([float(sum(len(mb) for mb in plan[:real]))])[0]
         algo = self.spec.algorithm
-        for mb, old, ref in zip(plan, reference.old, reference.ref, strict=True):
+        for i, (mb, old, ref) in enumerate(zip(plan, reference.old, reference.ref, strict=True)):
             with torch.set_grad_enabled(train):
                 lp = sequence_logprobs(self.model, self._sequences(batch, mb), with_entropy=True)
+            if i >= real:  # the pass runs FSDP's collectives and adds nothing
+                if train:
+                    (lp.token_logps.sum() * 0.0).backward()
+                continue
             current = lp.token_logps.detach()
             before_update = current if first else old
             if batch.sampling_logps is not None and before_update is not None:
@@ -261,12 +293,13 @@ class Learner:
             )
             loss = self.objective.per_group(inputs).sum() / n_groups
             if train:
-                loss.backward()
+                (loss * self.collective.grad_scale).backward()
             self._measure(inputs, lp.entropy, float(loss.detach()), tally)
         if train:
             self.collective.sum_grads(self.params)
             clip = self.spec.optimizer.grad_clip or math.inf
-            tally.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.params, clip)))
+            norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            tally.grad_norms.append(float(sharding.full(norm)))
             self.optimizer.step()
 
     @torch.no_grad()

@@ -17,8 +17,10 @@ MAX_SEQUENCES_PER_BATCH = 256
 class HFRolloutEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, device: torch.device) -> None:
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+    def __init__(self, model, tokenizer, device: torch.device, synced: bool = False) -> None:
+        """`synced`: the model is sharded (FSDP), so every rank must run the same number of
+        forward passes; ranks that finish early keep stepping until all are done."""
+        self.model, self.tokenizer, self.device, self.synced = model, tokenizer, device, synced
         self.tokenizer.padding_side = "left"
         self.eos_ids = eos_token_ids(model.generation_config.eos_token_id, tokenizer)
         self.builder = CompletionBuilder(tokenizer, self.eos_ids)
@@ -51,6 +53,7 @@ class HFRolloutEngine:
                 # none; the learner's policy is the full distribution (as vLLM samples it)
                 top_k=0,
                 max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+                synced_gpus=self.synced,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
                 stop_strings=sampling.stop or None,
                 tokenizer=self.tokenizer if sampling.stop else None,

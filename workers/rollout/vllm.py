@@ -30,6 +30,8 @@ from collections.abc import Iterator
 import torch
 
 from service.runs.spec import RunSpec, SamplingSpec
+from workers.learner.sharding import full
+from workers.ranks import Ranks
 from workers.rollout.base import Rollout
 from workers.rollout.text import CompletionBuilder, eos_token_ids
 
@@ -51,7 +53,8 @@ class _QuietRotaryReload(logging.Filter):
 class VLLMRolloutEngine:
     name = "vllm"
 
-    def __init__(self, spec: RunSpec, device: torch.device, dtype: torch.dtype, tokenizer) -> None:
+    def __init__(self, spec: RunSpec, device: torch.device, dtype: torch.dtype, tokenizer,
+                 ranks: Ranks | None = None) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
@@ -65,10 +68,16 @@ class VLLMRolloutEngine:
         # for the whole process; the learner shares this process, so keep the setting and the
         # function as the run configured them.
         set_num_threads = torch.set_num_threads
+        # Under torchrun the engine joins the ranks' process group (external launcher): ranks
+        # of one tensor-parallel group each hold a shard, are seeded alike and sample alike.
+        ranks = ranks or Ranks()
+        parallel = {"distributed_executor_backend": "external_launcher",
+                    "tensor_parallel_size": ranks.tp} if ranks.world > 1 else {}
         try:
             self.llm = LLM(
-                model=spec.model.path, tokenizer=spec.model.path,
-                dtype=str(dtype).removeprefix("torch."), seed=spec.training.seed,
+                model=spec.model.path, tokenizer=spec.model.path, **parallel,
+                dtype=str(dtype).removeprefix("torch."),
+                seed=spec.training.seed + ranks.rank // ranks.tp,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None,
                 max_model_len=cfg.max_model_len, enable_prefix_caching=True,
@@ -151,7 +160,7 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     on the fly (W + scale * B @ A per adapted layer) without touching the trained modules."""
     if not hasattr(model, "peft_config"):
         for name, tensor in model.state_dict().items():
-            yield name, tensor.detach()
+            yield name, full(tensor.detach())  # a sharded (FSDP) weight is gathered whole
         return
     from peft.tuners.lora import LoraLayer
 

@@ -1,0 +1,89 @@
+"""Executing a run: claim it, train it (in this process, or on several through the launcher),
+and record how it ended, whatever happened.
+
+Any failure ends the run as `failed` with an event saying why; checkpoints already written stay
+listed. A cancel, a pause or a lost lease ends it the way the user or the lease says.
+"""
+
+import logging
+import traceback
+
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.runs.spec import RunSpec
+from workers.errors import RunError
+from workers.heartbeat import Heartbeat, record_timeout
+from workers.ranks import Ranks
+from workers.records import RunRecorder
+from workers.run_loop import Cancelled, LeaseLost, Paused, RunLoop
+from workers.watchdog import StepTimeout, Watchdog
+
+log = logging.getLogger(__name__)
+
+STOPS = {Cancelled: "cancelled", Paused: "paused", LeaseLost: "lease lost"}
+
+
+def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
+    """Run `run_id` if this worker can claim it; returns the final status or why it skipped."""
+    recorder = RunRecorder(settings, run_id, worker_id)
+    spec, why = recorder.claim()
+    if spec is None:
+        log.info("skipping run %s: %s", run_id, why)
+        return f"skipped: {why}"
+    try:
+        run_spec = RunSpec.model_validate(spec)
+    except ValidationError as exc:  # stored under an older, looser version of the rules
+        recorder.finish("failed", f"run failed: its stored spec is no longer valid: {exc}",
+                        "error", error=f"invalid spec: {exc}")
+        return "failed"
+    if run_spec.resources.ranks > 1:
+        from workers.launcher import launch
+
+        return launch(settings, recorder, run_spec)
+    return drive(settings, recorder, run_spec, Ranks())
+
+
+def drive(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks) -> str:
+    """Train the claimed run in this process (one rank of it, if it has several) and return
+    how it ended. The lead records every outcome; the other ranks follow its decisions and
+    leave failures to the launcher."""
+    if not ranks.lead:
+        try:
+            RunLoop(settings, recorder, spec, None, ranks).run()
+            return "succeeded"
+        except (Cancelled, Paused, LeaseLost) as stop:
+            return STOPS[type(stop)]
+    watchdog = Watchdog(spec.resources.step_timeout_s)
+    watchdog.arm()
+    heartbeat = Heartbeat(recorder, settings.heartbeat_seconds, watchdog)
+    heartbeat.start()
+    try:
+        RunLoop(settings, recorder, spec, heartbeat, ranks).run()
+        return "succeeded"
+    except StepTimeout as timeout:
+        log.error("run %s: %s", recorder.run_id, timeout)
+        record_timeout(recorder, timeout)
+        return "failed"
+    except Cancelled:
+        recorder.finish("cancelled", "run cancelled on request")
+        return "cancelled"
+    except Paused as paused:
+        recorder.pause(paused.step)
+        return "paused"
+    except LeaseLost:
+        log.warning("run %s: lease lost to another worker; stopping without writing",
+                    recorder.run_id)
+        return "lease lost"
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
+        if ranks.world > 1 and not isinstance(exc, RunError):  # e.g. another rank died
+            message = f"training process 0 of {ranks.world}: {message}"
+        log.exception("run %s failed", recorder.run_id)
+        tail = traceback.format_exc().splitlines()[-12:]
+        recorder.finish("failed", f"run failed: {message}", "error",
+                        {"exception": type(exc).__name__, "traceback": tail}, error=message)
+        return "failed"
+    finally:
+        heartbeat.stopped.set()
+        watchdog.disarm()
