@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import dashboard, telemetry
 from service.checkpoints.routes import router as checkpoints_router
+from service.diagnostics.routes import router as diagnostics_router
 from service.config import Settings, get_settings
 from service.errors import ServiceError, classify, invalid_spec
 from service.files.routes import router as files_router
@@ -93,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router,
-                   rewards_router, telemetry.router):
+                   rewards_router, diagnostics_router, telemetry.router):
         app.include_router(router)
     telemetry.install(app, app.state.settings)
     dashboard.install(app)

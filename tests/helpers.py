@@ -67,11 +67,13 @@ def broker_run_ids(settings, queue: str = "default") -> list[str]:
     return ids
 
 
-def submit(settings, model_path, reward: dict | None = None, **overrides) -> str:
+def submit(settings, model_path, reward: dict | None = None, eval_rows: list | None = None,
+           **overrides) -> str:
     """Create a queued run on the copy task straight through the service layer; returns its id.
 
-    A dict override merges into its section; any other value sets a top-level field."""
-    data = "".join(json.dumps(r) + "\n" for r in copy_rows(32)).encode()
+    A dict override merges into its section; any other value sets a top-level field.
+    `eval_rows`: uploaded as the run's dataset.eval_file."""
+    data = jsonl(copy_rows(32))
     spec = {
         "model": {"path": str(model_path)},
         "reward": reward or {"type": "builtin", "name": "char_accuracy"},
@@ -89,7 +91,11 @@ def submit(settings, model_path, reward: dict | None = None, **overrides) -> str
     with session_scope(settings.resolved_database_url) as session:
         project, _ = create_api_key(session, "loop", settings.api_key_pepper)
         file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")
-        spec["dataset"] = {"train_file": file.id}
+        spec["dataset"] = {**spec.get("dataset", {}), "train_file": file.id}
+        if eval_rows is not None:
+            evals = create_file(session, settings, project, io.BytesIO(jsonl(eval_rows)),
+                                "eval.jsonl", "eval")
+            spec["dataset"]["eval_file"] = evals.id
         run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
         return run.id
 

@@ -36,6 +36,7 @@ class Behaviour:
     calls: int = 0
     rewards: dict[str, float] = field(default_factory=dict)
     request_ids: list[str] = field(default_factory=list)
+    purposes: list[str] = field(default_factory=list)  # each request's "purpose"
     callback_statuses: list[int] = field(default_factory=list)
 
 
@@ -71,6 +72,7 @@ def make_app(b: Behaviour) -> FastAPI:
             return JSONResponse({"error": "no such model"}, status_code=404)
         payload = json.loads(body)
         b.request_ids.append(request.headers.get(REQUEST_ID_HEADER))
+        b.purposes.append(payload.get("purpose"))
         out = []
         for item in payload["items"]:
             b.rewards[item["sample_id"]] = score(item["completion"])

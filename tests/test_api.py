@@ -156,6 +156,8 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
     # the default (4 mini-batches) breaks the rule as surely as a value written out
     ({"training": {"mini_batches": DROP, "prompts_per_step": 2}}, ["training.mini_batches"]),
     ({"dataset": {"train_file": "file_doesnotexist"}}, ["dataset.train_file"]),
+    ({"dataset": {"eval_file": "file_doesnotexist"}}, ["dataset.eval_file"]),
+    ({"eval": {"k": 5, "samples_per_prompt": 4}}, ["eval.k"]),
     ({"dataset": {"prompt_field": "question"}}, ["dataset.prompt_field"]),
     ({"reward": {"type": "webhook", "url": "https://rm.example.com/score", "timeout_s": 120,
                  "name": DROP},
@@ -168,7 +170,7 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
       "resources": {"processes": 2}}, ["resources"]),
 ], ids=["group_size", "beta_zero", "beta_negative", "both", "unknown_field", "no_reward",
         "no_model_path", "unknown_reward", "mini_batches", "default_mini_batches",
-        "missing_file", "prompt_field",
+        "missing_file", "missing_eval_file", "eval_k", "prompt_field",
         "step_timeout", "too_many_gpus", "processes_vs_gpus", "uneven_prompts",
         "tensor_parallel_vs_processes", "tensor_parallel_without_vllm"])
 def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, overrides, fields):
@@ -195,6 +197,22 @@ def test_multi_process_spec_errors_say_what_to_change(api, make_key, resources, 
     error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
                          422, "invalid_request")
     assert says in error["details"]["fields"][0]["message"]
+
+
+def test_an_eval_file_is_checked_like_the_training_file(api, make_key):
+    key, other = make_key("team-a"), make_key("team-b")
+    train, evals = new_file(api, key), new_file(api, key, copy_rows(3))
+    run = new_run(api, key, train, dataset={"eval_file": evals}, eval={"k": 2})
+    assert run["spec"]["dataset"]["eval_file"] == evals
+    assert run["spec"]["eval"] == {"every_steps": 20, "samples_per_prompt": 4, "k": 2,
+                                   "pass_threshold": 1.0, "max_prompts": None}
+    foreign = new_file(api, other, copy_rows(3))
+    no_answer = new_file(api, key, [{"prompt": "p"}])
+    for eval_file, field in ((foreign, "dataset.eval_file"), (no_answer, "dataset.answer_field")):
+        body = spec(train, dataset={"eval_file": eval_file})
+        error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
+                             422, "invalid_request", field)
+        assert [f["field"] for f in error["details"]["fields"]] == [field]
 
 
 def test_train_file_of_another_project_is_422_without_leaking_it(api, make_key, settings):

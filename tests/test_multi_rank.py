@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import submit
+from helpers import copy_rows, submit
 from sqlalchemy import func, select, update
 from test_pause import call, events
 from test_resume import STEPS, final_weights, kill_after_first_checkpoint
@@ -256,3 +256,17 @@ def test_fsdp_makes_the_same_steps_as_ddp(settings, tiny_model_dir):
     assert ddp.keys() == fsdp.keys() and len(ddp) == 6
     for key, value in ddp.items():
         assert fsdp[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_eval_prompts_are_shared_over_the_ranks(settings, tiny_model_dir):
+    """3 eval prompts on 2 ranks: padded to equal shares, scored once by the lead, and the
+    padding left out of the numbers."""
+    run_id = two_ranks(settings, tiny_model_dir, eval_rows=copy_rows(3),
+                       eval={"every_steps": 3, "samples_per_prompt": 2})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    with session_scope(settings.resolved_database_url) as session:
+        steps = session.scalars(select(Metric.step).where(
+            Metric.run_id == run_id, Metric.name == "eval/pass@k").order_by(Metric.step)).all()
+        final = session.scalars(select(RunEvent).where(
+            RunEvent.run_id == run_id, RunEvent.type == "eval.final")).one()
+    assert steps == [3, 6] and final.data["prompts"] == 3

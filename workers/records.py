@@ -158,13 +158,9 @@ class RunRecorder:
     def record_step(
         self, step: int, metrics: dict[str, float], samples: list[dict], tokens: int,
     ) -> None:
-        metric_rows = [
-            {"run_id": self.run_id, "name": name, "step": step, "value": float(value)}
-            for name, value in metrics.items()
-        ]
         sample_rows = [{"run_id": self.run_id, "step": step, **s} for s in samples]
         with session_scope(self.url) as session:
-            upsert(session, Metric, metric_rows, ["run_id", "name", "step"], ["value"])
+            self._upsert_metrics(session, step, metrics)
             upsert(session, Sample, sample_rows,
                    ["run_id", "step", "group_index", "sample_index"],
                    ["prompt", "completion", "answer", "reward"])
@@ -173,6 +169,17 @@ class RunRecorder:
                 run.tokens_generated += tokens
                 run.samples_generated += len(samples)
             run.step = max(run.step, step)
+
+    @_retrying
+    def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Metrics of a finished step that come after it (an evaluation): upserted beside it."""
+        with session_scope(self.url) as session:
+            self._upsert_metrics(session, step, metrics)
+
+    def _upsert_metrics(self, session: Session, step: int, metrics: dict[str, float]) -> None:
+        rows = [{"run_id": self.run_id, "name": name, "step": step, "value": float(value)}
+                for name, value in metrics.items()]
+        upsert(session, Metric, rows, ["run_id", "name", "step"], ["value"])
 
     @_retrying
     def record_checkpoint(self, step: int, path: str, size: int, kind: str,

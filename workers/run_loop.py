@@ -26,6 +26,7 @@ from workers.learner.checkpoint import (load_training_state, restore_rng, rng_st
                                        save_checkpoint)
 from workers.learner.learner import GroupBatch, Learner, LearnStats
 from workers.errors import RunError
+from workers.evaluation import eval_metrics
 from workers.heartbeat import Heartbeat
 from workers.model_loading import load_policy, pick_device, pick_dtype
 from workers.ranks import Ranks
@@ -92,6 +93,8 @@ class RunLoop:
         self.last_diff_warning: int | None = None
         self.start_step, self.checkpointed = 1, 0
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
+        self.eval_examples = (self._examples("eval_file")[: spec.eval.max_prompts]
+                              if spec.dataset.eval_file else [])
         # Each engine samples its own completions; ranks sharing a tensor-parallel engine must
         # draw the same random numbers, or their shards would compute different sequences.
         if engine_group := self.ranks.rank // self.ranks.tp:
@@ -214,12 +217,13 @@ class RunLoop:
             open_request=self.recorder.open_reward_request, results=self.recorder.reward_results,
         )
 
-    def _examples(self):
+    def _examples(self, kind: str = "train_file") -> list[Example]:
         ds = self.spec.dataset
+        file_id = getattr(ds, kind)
         with session_scope(self.settings.resolved_database_url) as session:
-            file = session.get(File, ds.train_file)
+            file = session.get(File, file_id)
             if file is None:
-                raise RunError(f"dataset.train_file {ds.train_file!r} no longer exists")
+                raise RunError(f"dataset.{kind} {file_id!r} no longer exists")
             path = file.path
         return load_examples(read_rows(path), ds.prompt_field, ds.answer_field)
 
@@ -231,6 +235,9 @@ class RunLoop:
             for step in range(self.start_step, total + 1):
                 self._check_control(step - 1)
                 self._step(step)
+                if self.eval_examples and (step % self.spec.eval.every_steps == 0
+                                           or step == total):
+                    self._evaluate(step, final=step == total)
                 if step % every == 0 or step == total:
                     self._checkpoint(step)
         finally:
@@ -258,8 +265,7 @@ class RunLoop:
     def _step(self, step: int) -> None:
         spec, t0, watch = self.spec, time.perf_counter(), self.watchdog
         watch.enter("rollout", step)
-        if self.engine_stale:  # once per step: nothing samples between the step's updates
-            self.engine.load_weights(self.model)
+        self._sync_engine()  # once per step: nothing samples between the step's updates
         t_sync = time.perf_counter()
         examples = self.sampler.next(spec.training.prompts_per_step)  # the same on every rank
         generated = self.engine.generate([e.prompt for e in self.ranks.engine_share(examples)],
@@ -291,6 +297,37 @@ class RunLoop:
                      "time/reward_s": t2 - t1, "time/learn_s": t3 - t2}
             self._record(step, examples, rollouts, scores, stats, times)
             self._warn_on_drift(step, stats.logprob_diff_max)
+
+    def _sync_engine(self) -> None:
+        """Give the rollout engine the policy's weights, if an update changed them since."""
+        if self.engine_stale:
+            self.engine.load_weights(self.model)
+            self.engine_stale = False
+
+    def _evaluate(self, step: int, final: bool) -> None:
+        """Sample eval.samples_per_prompt completions of every eval prompt from the policy as it
+        is after `step`, score them with the run's reward, and record eval/pass@1, eval/pass@k
+        and eval/reward_mean at that step (each engine takes a share of the prompts)."""
+        spec, examples = self.spec.eval, self.eval_examples
+        self.watchdog.enter("eval", step)
+        self._sync_engine()
+        engines = self.ranks.world // self.ranks.tp
+        padded = examples + examples[-1:] * (-len(examples) % engines)  # equal shares
+        generated = self.engine.generate([e.prompt for e in self.ranks.engine_share(padded)],
+                                         spec.samples_per_prompt, self.spec.sampling)
+        self.engine.offload()
+        rollouts = self.ranks.gather_engines(generated)[: len(examples)]
+        if self.lead:
+            scores = self.scorer.score(step, examples, rollouts, purpose="eval")
+            metrics = eval_metrics(scores.rewards, spec.pass_threshold, spec.pass_k)
+            self.recorder.record_metrics(step, metrics)
+            if final:
+                self.recorder.event(
+                    "eval.final", f"final evaluation after step {step} on {len(examples)} "
+                    f"prompts: pass@1 {metrics['eval/pass@1']:.4f}, pass@{spec.pass_k} "
+                    f"{metrics['eval/pass@k']:.4f}, reward mean {metrics['eval/reward_mean']:.4f}",
+                    data={"step": step, "k": spec.pass_k, "prompts": len(examples), **metrics})
+        self.watchdog.leave()
 
     def _record(self, step: int, examples: list[Example], rollouts: list[Rollout],
                 scores: Scores, stats: LearnStats, times: dict[str, float]) -> None:

@@ -32,17 +32,25 @@ def add_event(
 
 
 def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
+    """The training (and eval) file: the project's own, with the prompt and answer fields in
+    every row."""
     ds = spec.dataset
-    try:
-        train = get_file(session, project, ds.train_file)
-    except NotFound as exc:
-        raise InvalidSpec([{"field": "dataset.train_file", "message": exc.message}]) from None
-    bad = [
-        {"field": f"dataset.{attr}", "message": f"file {train.id} has no field {name!r} in "
-         f"every row (fields present in every row: {', '.join(train.fields) or 'none'})"}
-        for attr, name in (("prompt_field", ds.prompt_field), ("answer_field", ds.answer_field))
-        if name not in train.fields
-    ]
+    bad = []
+    for kind in ("train_file", "eval_file"):
+        if (file_id := getattr(ds, kind)) is None:
+            continue
+        try:
+            file = get_file(session, project, file_id)
+        except NotFound as exc:
+            bad.append({"field": f"dataset.{kind}", "message": exc.message})
+            continue
+        bad += [
+            {"field": f"dataset.{attr}", "message": f"file {file.id} has no field {name!r} in "
+             f"every row (fields present in every row: {', '.join(file.fields) or 'none'})"}
+            for attr, name in (("prompt_field", ds.prompt_field),
+                               ("answer_field", ds.answer_field))
+            if name not in file.fields
+        ]
     if bad:
         raise InvalidSpec(bad)
 

@@ -45,12 +45,14 @@ class ModelSpec(_Strict):
 
 class DatasetSpec(_Strict):
     train_file: str = Field(min_length=1)
-    eval_file: str | None = None
+    eval_file: str | None = Field(
+        None, min_length=1,
+        description="JSONL with the same fields: evaluated every eval.every_steps and at the end")
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     offpolicy_file: str | None = None
 
-    @field_validator("eval_file", "offpolicy_file")
+    @field_validator("offpolicy_file")
     @classmethod
     def _not_yet(cls, v: str | None) -> None:
         if v is not None:
@@ -236,8 +238,30 @@ RewardSpec = Annotated[BuiltinReward | WebhookReward | CompositeReward,
 
 
 class EvalSpec(_Strict):
+    """Applies when dataset.eval_file is set."""
+
     every_steps: int = Field(20, ge=1)
-    samples_per_prompt: int = Field(4, ge=1)
+    samples_per_prompt: int = Field(4, ge=1, description="n: completions sampled per eval prompt")
+    k: int | None = Field(
+        None, ge=1, validate_default=True,
+        description="the k of eval/pass@k, at most samples_per_prompt (default: equal to it)")
+    pass_threshold: float = Field(
+        1.0, allow_inf_nan=False, description="a completion passes when its reward is at least this")
+    max_prompts: int | None = Field(None, ge=1, description="evaluate the first this many rows "
+                                                            "(default: all)")
+
+    @field_validator("k")
+    @classmethod
+    def _k_within_n(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("samples_per_prompt")
+        if v is not None and n is not None and v > n:
+            raise ValueError(f"k ({v}) cannot exceed samples_per_prompt ({n}): pass@k is "
+                             "estimated from the n completions sampled per prompt")
+        return v
+
+    @property
+    def pass_k(self) -> int:
+        return self.k or self.samples_per_prompt
 
 
 class CheckpointSpec(_Strict):
@@ -268,8 +292,8 @@ class ResourcesSpec(_Strict):
     )
     step_timeout_s: float | None = Field(
         3600.0, gt=0, allow_inf_nan=False,
-        description="fail the run when one phase of a step (rollout, reward, learn, checkpoint) "
-                    "makes no progress for this long; null = wait forever",
+        description="fail the run when one phase of a step (rollout, reward, learn, eval, "
+                    "checkpoint) makes no progress for this long; null = wait forever",
     )
 
 

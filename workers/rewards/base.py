@@ -16,4 +16,7 @@ class Scores:
 
 
 class Scorer(Protocol):
-    def score(self, step: int, examples: list[Example], rollouts: list[Rollout]) -> Scores: ...
+    def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
+              purpose: str = "train") -> Scores:
+        """(G, k) rewards for the step's groups; `purpose` "eval" for an evaluation's."""
+        ...

@@ -50,19 +50,27 @@ class WebhookContext:
     sleep: Callable[[float], None] = time.sleep
 
 
-def sample_id(run_id: str, step: int, group: int, index: int) -> str:
+def sample_id(run_id: str, batch: str, group: int, index: int) -> str:
     # Deterministic, so a replayed step sends the same ids and a receiver can deduplicate.
-    return f"smp_{run_id.removeprefix('run_')}_{step}_{group}_{index}"
+    return f"smp_{run_id.removeprefix('run_')}_{batch}_{group}_{index}"
+
+
+def batch_name(step: int, purpose: str) -> str:
+    """What ids are made of: the step's number for training, `eval12` for step 12's eval."""
+    return str(step) if purpose == "train" else f"{purpose}{step}"
 
 
 class WebhookScorer:
     def __init__(self, spec: WebhookReward, ctx: WebhookContext) -> None:
         self.spec, self.ctx = spec, ctx
 
-    def score(self, step: int, examples: list[Example], rollouts: list[Rollout]) -> Scores:
-        run = self.ctx.run_id.removeprefix("run_")
+    def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
+              purpose: str = "train") -> Scores:
+        run, batch = self.ctx.run_id.removeprefix("run_"), batch_name(step, purpose)
+        head = {"step": step, "purpose": purpose}  # what every request of the batch says
         items = [
-            {"sample_id": sample_id(self.ctx.run_id, step, g, i), "group_id": f"grp_{run}_{step}_{g}",
+            {"sample_id": sample_id(self.ctx.run_id, batch, g, i),
+             "group_id": f"grp_{run}_{batch}_{g}",
              "prompt": e.prompt, "completion": c.text, "answer": e.answer}
             for g, (e, r) in enumerate(zip(examples, rollouts, strict=True))
             for i, c in enumerate(r.completions)
@@ -70,34 +78,35 @@ class WebhookScorer:
         size, attempt = self.spec.max_items_per_request, secrets.token_hex(3)
         # A fresh request id per execution of the step: a late callback to an earlier attempt
         # (before a resume) can never fill in rewards for different completions.
-        requests = {f"rq_{run}_{step}_{n}_{attempt}": items[start : start + size]
+        requests = {f"rq_{run}_{batch}_{n}_{attempt}": items[start : start + size]
                     for n, start in enumerate(range(0, len(items), size))}
         with httpx.Client(timeout=self.spec.timeout_s, follow_redirects=False) as client:
             if self.spec.mode == "async":
-                rewards = self._collect_async(client, step, requests)
+                rewards = self._collect_async(client, head, requests)
             else:
                 rewards = {}
                 for request_id, chunk in requests.items():
-                    answer = self._post_with_retries(client, self._body(request_id, step, chunk),
+                    answer = self._post_with_retries(client, self._body(request_id, head, chunk),
                                                      request_id)
                     rewards.update(self._parse(answer, chunk))
         k = len(rollouts[0].completions)
         flat = [rewards[item["sample_id"]] for item in items]
         return Scores(torch.tensor(flat, dtype=torch.float32).view(len(rollouts), k))  # (G, k)
 
-    def _body(self, request_id: str, step: int, chunk: list[dict]) -> bytes:
+    def _body(self, request_id: str, head: dict, chunk: list[dict]) -> bytes:
         return json.dumps({
             "type": "reward.request", "request_id": request_id, "run_id": self.ctx.run_id,
-            "step": step, "callback_url": self.ctx.callback_url, "items": chunk,
+            **head, "callback_url": self.ctx.callback_url, "items": chunk,
         }).encode()
 
-    def _collect_async(self, client: httpx.Client, step: int,
+    def _collect_async(self, client: httpx.Client, head: dict,
                        requests: dict[str, list[dict]]) -> dict[str, float]:
         rewards: dict[str, float] = {}
         pending: dict[str, tuple[float, int]] = {}  # request id -> (deadline, sends)
         for request_id, chunk in requests.items():
-            self.ctx.open_request(request_id, step, [item["sample_id"] for item in chunk])
-            if (answer := self._send_async(client, step, request_id, chunk)) is not None:
+            self.ctx.open_request(request_id, head["step"],
+                                  [item["sample_id"] for item in chunk])
+            if (answer := self._send_async(client, head, request_id, chunk)) is not None:
                 rewards.update(answer)
             else:
                 pending[request_id] = (time.monotonic() + self.spec.timeout_s, 1)
@@ -117,7 +126,7 @@ class WebhookScorer:
                     f"reward webhook {self.spec.url}: no complete callback for {request_id} "
                     f"within {self.spec.timeout_s:g} s; sending it again ({sends + 1} of "
                     f"{self.spec.max_attempts})", {"url": self.spec.url, "request_id": request_id})
-                answer = self._send_async(client, step, request_id, requests[request_id])
+                answer = self._send_async(client, head, request_id, requests[request_id])
                 if answer is not None:
                     rewards.update(answer)
                     del pending[request_id]
@@ -127,10 +136,10 @@ class WebhookScorer:
                 self.ctx.sleep(POLL_S)
         return rewards
 
-    def _send_async(self, client: httpx.Client, step: int, request_id: str,
+    def _send_async(self, client: httpx.Client, head: dict, request_id: str,
                     chunk: list[dict]) -> dict[str, float] | None:
         """POST one async request; its rewards if the model answered at once, else None (202)."""
-        answer = self._post_with_retries(client, self._body(request_id, step, chunk), request_id)
+        answer = self._post_with_retries(client, self._body(request_id, head, chunk), request_id)
         return None if answer is ACCEPTED else self._parse(answer, chunk)
 
     def _post_with_retries(self, client: httpx.Client, body: bytes, request_id: str) -> object:
