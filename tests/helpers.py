@@ -68,11 +68,11 @@ def broker_run_ids(settings, queue: str = "default") -> list[str]:
 
 
 def submit(settings, model_path, reward: dict | None = None, eval_rows: list | None = None,
-           **overrides) -> str:
+           offpolicy_rows: list | None = None, **overrides) -> str:
     """Create a queued run on the copy task straight through the service layer; returns its id.
 
     A dict override merges into its section; any other value sets a top-level field.
-    `eval_rows`: uploaded as the run's dataset.eval_file."""
+    `eval_rows`, `offpolicy_rows`: uploaded as the run's dataset.eval_file / offpolicy_file."""
     data = jsonl(copy_rows(32))
     spec = {
         "model": {"path": str(model_path)},
@@ -92,10 +92,11 @@ def submit(settings, model_path, reward: dict | None = None, eval_rows: list | N
         project, _ = create_api_key(session, "loop", settings.api_key_pepper)
         file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")
         spec["dataset"] = {**spec.get("dataset", {}), "train_file": file.id}
-        if eval_rows is not None:
-            evals = create_file(session, settings, project, io.BytesIO(jsonl(eval_rows)),
-                                "eval.jsonl", "eval")
-            spec["dataset"]["eval_file"] = evals.id
+        for rows, kind in ((eval_rows, "eval"), (offpolicy_rows, "offpolicy")):
+            if rows is not None:
+                extra = create_file(session, settings, project, io.BytesIO(jsonl(rows)),
+                                    f"{kind}.jsonl", kind)
+                spec["dataset"][f"{kind}_file"] = extra.id
         run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
         return run.id
 

@@ -270,3 +270,19 @@ def test_eval_prompts_are_shared_over_the_ranks(settings, tiny_model_dir):
         final = session.scalars(select(RunEvent).where(
             RunEvent.run_id == run_id, RunEvent.type == "eval.final")).one()
     assert steps == [3, 6] and final.data["prompts"] == 3
+
+
+def test_off_policy_groups_are_shared_alike_over_the_ranks(settings, tiny_model_dir):
+    """fraction 0.5 of 4 prompts on 2 engines: each engine's share is 1 group from the file
+    and 1 prompt it samples, so that both generate alike."""
+    groups = [{"prompt": row["prompt"], "answer": row["answer"], "source": "teacher",
+               "completions": [row["answer"], "x", "xy", row["answer"][:2]]}
+              for row in copy_rows(8)]
+    run_id = two_ranks(settings, tiny_model_dir, offpolicy_rows=groups,
+                       training={"steps": 4, "prompts_per_step": 4, "mini_batches": 2,
+                                 "offpolicy_fraction": 0.5})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    with session_scope(settings.resolved_database_url) as session:
+        sources = session.execute(select(Sample.group_index, Sample.source).where(
+            Sample.run_id == run_id, Sample.step == 4).distinct()).all()
+    assert sorted(sources) == [(0, "teacher"), (1, "policy"), (2, "teacher"), (3, "policy")]

@@ -35,6 +35,10 @@ class PromptSampler:
     def cursor(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 
+    def at(self, cursor: dict[str, int]) -> "PromptSampler":
+        """The same shuffle, continuing from a saved cursor."""
+        return PromptSampler(self.examples, self.seed, cursor["epoch"], cursor["position"])
+
 
 def load_examples(rows: list[dict], prompt_field: str, answer_field: str) -> list[Example]:
     examples = []

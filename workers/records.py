@@ -163,7 +163,7 @@ class RunRecorder:
             self._upsert_metrics(session, step, metrics)
             upsert(session, Sample, sample_rows,
                    ["run_id", "step", "group_index", "sample_index"],
-                   ["prompt", "completion", "answer", "reward"])
+                   ["prompt", "completion", "answer", "reward", "source"])
             run = session.get(Run, self.run_id)
             if run.step < step:  # a replayed step does not count its tokens twice
                 run.tokens_generated += tokens

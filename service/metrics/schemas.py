@@ -29,6 +29,8 @@ class SampleRead(BaseModel):
     completion: str
     answer: str | None
     reward: float
+    source: str = Field(description='"policy": sampled by the run; else the off-policy group\'s '
+                                    "source")
 
 
 class SampleList(BaseModel):

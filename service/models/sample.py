@@ -1,4 +1,4 @@
-from sqlalchemy import Double, ForeignKey, Integer, Text, UniqueConstraint
+from sqlalchemy import Double, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.models.base import Base
@@ -17,3 +17,5 @@ class Sample(Base):
     completion: Mapped[str] = mapped_column(Text)
     answer: Mapped[str | None] = mapped_column(Text)
     reward: Mapped[float] = mapped_column(Double)
+    # "policy" (sampled by the run) or an off-policy group's source
+    source: Mapped[str] = mapped_column(String(64), server_default="policy", default="policy")

@@ -13,6 +13,7 @@ from service.config import Settings
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue_run
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
+from service.files.groups import read_groups
 from service.files.service import get_file
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
@@ -51,8 +52,31 @@ def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
                                ("answer_field", ds.answer_field))
             if name not in file.fields
         ]
+    bad += _offpolicy_problems(session, project, spec)
     if bad:
         raise InvalidSpec(bad)
+
+
+def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> list[dict]:
+    """The off-policy file: the project's own, of purpose offpolicy, with k completions per
+    group (the learner trains groups of algorithm.group_size)."""
+    if (file_id := spec.dataset.offpolicy_file) is None:
+        return []
+    field = "dataset.offpolicy_file"
+    try:
+        file = get_file(session, project, file_id)
+    except NotFound as exc:
+        return [{"field": field, "message": exc.message}]
+    if file.purpose != "offpolicy":
+        return [{"field": field, "message": f"file {file.id} was uploaded with purpose "
+                 f"{file.purpose!r}; off-policy groups need purpose 'offpolicy'"}]
+    k = spec.algorithm.group_size
+    for number, row in enumerate(read_groups(file.path), start=1):
+        if len(row["completions"]) != k:
+            return [{"field": field, "message": f"line {number} of file {file.id} has "
+                     f"{len(row['completions'])} completions; algorithm.group_size is {k}, and "
+                     "every group must have that many"}]
+    return []
 
 
 def _check_webhooks(settings: Settings, spec: RunSpec) -> None:

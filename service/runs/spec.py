@@ -21,7 +21,6 @@ from pydantic import (
 
 from workers.rewards.builtin import get_reward
 
-NOT_YET = "is not available in this version of the service"
 
 
 class _Strict(BaseModel):
@@ -50,14 +49,10 @@ class DatasetSpec(_Strict):
         description="JSONL with the same fields: evaluated every eval.every_steps and at the end")
     prompt_field: str = "prompt"
     answer_field: str = "answer"
-    offpolicy_file: str | None = None
-
-    @field_validator("offpolicy_file")
-    @classmethod
-    def _not_yet(cls, v: str | None) -> None:
-        if v is not None:
-            raise ValueError(f"this file kind {NOT_YET}; leave it null")
-        return v
+    offpolicy_file: str | None = Field(
+        None, min_length=1,
+        description="a file of purpose offpolicy: groups of completions made elsewhere, mixed "
+                    "into training by training.offpolicy_fraction")
 
 
 def _finite(v: float) -> float:
@@ -150,6 +145,10 @@ class TrainingSpec(_Strict):
         "it; a larger group gets a pass of its own); null = the whole mini-batch at once",
     )
     seed: int = 0
+    offpolicy_fraction: float = Field(
+        0.0, ge=0, le=1, allow_inf_nan=False,
+        description="share of each step's groups taken from dataset.offpolicy_file instead of "
+                    "fresh rollouts (1: no rollouts at all)")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
@@ -370,3 +369,28 @@ class RunSpec(_Strict):
                 f"the {v.ranks} training processes (resources.gpus / resources.processes): each "
                 "process rolls out and trains whole groups of an equal share of the prompts")
         return v
+
+    @field_validator("resources")
+    @classmethod
+    def _offpolicy_has_groups(cls, v: ResourcesSpec, info: ValidationInfo) -> ResourcesSpec:
+        dataset, training = info.data.get("dataset"), info.data.get("training")
+        if dataset is None or training is None:
+            return v
+        fraction, file = training.offpolicy_fraction, dataset.offpolicy_file
+        if fraction > 0 and file is None:
+            raise ValueError("training.offpolicy_fraction needs dataset.offpolicy_file (a file "
+                             "uploaded with purpose offpolicy)")
+        if file is not None and offpolicy_per_engine(training, v, 1) == 0:
+            raise ValueError(
+                f"training.offpolicy_fraction ({fraction:g}) takes no group from "
+                "dataset.offpolicy_file in a step: raise it (each engine's share of "
+                f"prompts_per_step, {training.prompts_per_step // v.ranks}, times the "
+                "fraction, rounded, must be at least 1)")
+        return v
+
+
+def offpolicy_per_engine(training: TrainingSpec, resources: ResourcesSpec, tp: int) -> int:
+    """Off-policy groups in each rollout engine's share of a step (the same for every engine,
+    so that all of them generate alike)."""
+    share = training.prompts_per_step // (resources.ranks // tp)
+    return round(training.offpolicy_fraction * share)

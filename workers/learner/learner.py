@@ -42,7 +42,8 @@ class GroupBatch:
     completion_ids: list[list[list[int]]]  # (G, k, tokens)
     rewards: torch.Tensor  # (G, k)
     # (G, k, tokens): the rollout engine's log-prob of each sampled token, where it reports them
-    sampling_logps: list[list[list[float]]] | None = None
+    # (None for a completion it did not sample: an off-policy group's)
+    sampling_logps: list[list[list[float] | None]] | None = None
 
     def group_tokens(self, g: int) -> int:
         return sum(len(self.prompt_ids[g]) + len(c) for c in self.completion_ids[g])
@@ -308,7 +309,10 @@ class Learner:
         engine = torch.zeros_like(logps)  # (B, C)
         rows = [row for g in mb for row in batch.sampling_logps[g]]
         for i, row in enumerate(rows):
-            engine[i, : len(row)] = torch.tensor(row, dtype=engine.dtype)
+            if row is None:  # nothing sampled it: nothing to compare
+                engine[i] = logps[i]
+            else:
+                engine[i, : len(row)] = torch.tensor(row, dtype=engine.dtype)
         gap = float(((engine - logps).abs() * mask).max())
         tally.logprob_diff = max(tally.logprob_diff, gap)
 

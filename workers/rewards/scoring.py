@@ -20,7 +20,7 @@ class BuiltinScorer:
         self.fn, self.params = builtin.fn, builtin.params.model_validate(spec.params)
 
     def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
-              purpose: str = "train") -> Scores:
+              purpose: str = "train", groups: list[int] | None = None) -> Scores:
         rewards = [[self.fn(c.text, e.answer, self.params) for c in r.completions]
                    for e, r in zip(examples, rollouts, strict=True)]
         return Scores(torch.tensor(rewards, dtype=torch.float32))  # (G, k)
@@ -32,8 +32,8 @@ class CompositeScorer:
         self.weights = [c.weight for c in spec.components]
 
     def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
-              purpose: str = "train") -> Scores:
-        components = {label: part.score(step, examples, rollouts, purpose).rewards
+              purpose: str = "train", groups: list[int] | None = None) -> Scores:
+        components = {label: part.score(step, examples, rollouts, purpose, groups).rewards
                       for label, part in zip(self.labels, self.parts, strict=True)}
         total = sum(w * components[label] for w, label in zip(self.weights, self.labels, strict=True))
         return Scores(total, components)

