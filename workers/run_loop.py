@@ -251,9 +251,10 @@ class RunLoop:
     def _step(self, step: int) -> None:
         t0, watch = time.perf_counter(), self.watchdog
         watch.enter("rollout", step)
-        self._sync_engine()  # once per step: nothing samples between the step's updates
-        t_sync = time.perf_counter()
         slots = self._draw()  # the same on every rank
+        if any(group is None for _, group in slots):  # a step of file groups samples nothing
+            self._sync_engine()  # once per step: nothing samples between the step's updates
+        t_sync = time.perf_counter()
         generated = self._roll_out(self.ranks.engine_share(slots))
         self.engine.offload()
         mine = self.ranks.own_part(generated)
