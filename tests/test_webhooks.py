@@ -172,3 +172,29 @@ def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_mo
     with session_scope(hooks_settings.resolved_database_url) as session:
         samples = session.scalars(select(Sample).where(Sample.run_id == run_id)).all()
     assert samples and all(s.reward == float(s.completion.strip() == s.answer) for s in samples)
+
+
+def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_settings, make_key):
+    """probe: true asks the URL for any answer at submission (a HEAD: no data, no signature);
+    without it, nothing is sent before the run."""
+    from fastapi.testclient import TestClient
+    from helpers import assert_error
+
+    from service.main import create_app
+    from service.stack import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}/score"  # nothing listens there
+    behaviour = Behaviour()
+    with TestClient(create_app(hooks_settings)) as api, RewardServer(behaviour) as server:
+        key = make_key()
+        hook = {"type": "webhook", "url": server.url, "probe": True}
+        assert _create(api, key, hook).status_code == 201  # it answers (405 to HEAD is fine)
+        resp = _create(api, key, {**hook, "url": closed})
+        error = assert_error(resp, 422, "invalid_request", "could not be reached")
+        assert [f["field"] for f in error["details"]["fields"]] == ["reward.url"]
+        composite = {"type": "composite", "components": [
+            {"type": "builtin", "name": "exact_match"}, {**hook, "url": closed}]}
+        error = assert_error(_create(api, key, composite), 422, "invalid_request")
+        assert [f["field"] for f in error["details"]["fields"]] == ["reward.components.1.url"]
+        assert _create(api, key, {**hook, "url": closed, "probe": False}).status_code == 201
+    assert behaviour.calls == 0  # a probe is not a reward request

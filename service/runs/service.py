@@ -18,7 +18,7 @@ from service.files.service import get_file
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
 from service.rewards.signing import new_secret
-from service.rewards.urls import webhook_url_problem
+from service.rewards.urls import unreachable, webhook_url_problem
 from service.runs.spec import CompositeReward, RunSpec, WebhookReward
 
 STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
@@ -90,6 +90,9 @@ def _check_webhooks(settings: Settings, spec: RunSpec) -> None:
         urls.append(("notify_url", spec.notify_url))
     bad = [{"field": field, "message": problem} for field, url in urls
            if (problem := webhook_url_problem(url, settings.webhook_allow_private))]
+    if not bad:  # only URLs that may be called are probed
+        bad = [{"field": f"{where}.url", "message": problem} for where, hook in hooks
+               if hook.probe and (problem := unreachable(hook.url))]
     if bad:
         raise InvalidSpec(bad)
 

@@ -196,6 +196,9 @@ class WebhookReward(_Strict):
     timeout_s: float = Field(60.0, gt=0, le=3600, description="per request; async: the deadline")
     max_attempts: int = Field(5, ge=1, le=20)
     max_items_per_request: int = Field(256, ge=1, le=10000)
+    probe: bool = Field(
+        False, description="at submission, check that the URL answers at all (any HTTP status) "
+                           "within 5 s; a URL that cannot be reached is a 422")
 
     @property
     def name(self) -> str:
