@@ -25,30 +25,41 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
+def _part(items: list[T], parts: int, index: int) -> list[T]:
+    """The index-th of `parts` equal contiguous parts (len(items) is a multiple of parts)."""
+    size = len(items) // parts
+    return items[index * size : (index + 1) * size]
+
+
 class Ranks:
-    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, tp: int = 1) -> None:
-        self.rank, self.world, self.local_rank, self.tp = rank, world, local_rank, tp
+    def __init__(self, rank: int = 0, world: int = 1, tp: int = 1) -> None:
+        self.rank, self.world, self.tp = rank, world, tp
 
     @property
     def lead(self) -> bool:
         return self.rank == 0
 
+    @property
+    def engines(self) -> int:
+        """Rollout engines: one per tensor-parallel group of ranks."""
+        return self.world // self.tp
+
+    @property
+    def engine(self) -> int:
+        """The index of this rank's rollout engine."""
+        return self.rank // self.tp
+
     def shard(self, items: list[T]) -> list[T]:
         """This rank's contiguous share (len(items) is a multiple of the world size)."""
-        size = len(items) // self.world
-        return items[self.rank * size : (self.rank + 1) * size]
+        return _part(items, self.world, self.rank)
 
     def engine_share(self, items: list[T]) -> list[T]:
         """What this rank's rollout engine (shared by its tensor-parallel group) generates."""
-        size = len(items) // (self.world // self.tp)
-        group = self.rank // self.tp
-        return items[group * size : (group + 1) * size]
+        return _part(items, self.engines, self.engine)
 
     def own_part(self, generated: list[T]) -> list[T]:
         """This rank's part of its engine's output: shard() of the whole step."""
-        size = len(generated) // self.tp
-        part = self.rank % self.tp
-        return generated[part * size : (part + 1) * size]
+        return _part(generated, self.tp, self.rank % self.tp)
 
     def gather_engines(self, generated: list[T]) -> list[T]:
         """Every engine's output once, in prompt order, on the lead; [] elsewhere."""
@@ -95,4 +106,4 @@ def join(step_timeout_s: float | None, tp: int) -> Ranks:
         backend = "nccl"
     timeout = timedelta(seconds=(step_timeout_s or 7 * 24 * 3600) + 600)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-    return Ranks(rank, world, local_rank, tp)
+    return Ranks(rank, world, tp)

@@ -104,7 +104,7 @@ class RunLoop:
         self.eos_id = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)[0]
         # Each engine samples its own completions; ranks sharing a tensor-parallel engine must
         # draw the same random numbers, or their shards would compute different sequences.
-        if engine_group := self.ranks.rank // self.ranks.tp:
+        if engine_group := self.ranks.engine:
             torch.manual_seed(spec.training.seed + engine_group)
             random.seed(spec.training.seed + engine_group)
         if resume:
@@ -285,11 +285,9 @@ class RunLoop:
             self._warn_on_drift(step, stats.logprob_diff_max)
 
     def _draw(self) -> list[Slot]:
-        ranks = self.ranks
-        off = (offpolicy_per_engine(self.spec.training, self.spec.resources, ranks.tp)
-               if self.groups else 0)
-        return draw_slots(self.sampler, self.groups, off, self.spec.training.prompts_per_step,
-                          ranks.world // ranks.tp)
+        training, engines = self.spec.training, self.ranks.engines
+        off = offpolicy_per_engine(training, engines) if self.groups else 0
+        return draw_slots(self.sampler, self.groups, off, training.prompts_per_step, engines)
 
     def _roll_out(self, share: list[Slot]) -> list[Rollout]:
         """Fresh completions for the share's prompts, and its off-policy groups as given."""
@@ -312,8 +310,7 @@ class RunLoop:
         spec, examples = self.spec.eval, self.eval_examples
         self.watchdog.enter("eval", step)
         self._sync_engine()
-        engines = self.ranks.world // self.ranks.tp
-        padded = examples + examples[-1:] * (-len(examples) % engines)  # equal shares
+        padded = examples + examples[-1:] * (-len(examples) % self.ranks.engines)  # equal shares
         generated = self.engine.generate([e.prompt for e in self.ranks.engine_share(padded)],
                                          spec.samples_per_prompt, self.spec.sampling)
         self.engine.offload()

@@ -8,20 +8,14 @@ reward (with `answer`). `source` labels where the completions came from (a teach
 logs, an older checkpoint), for the whole group or per completion: a group may mix sources.
 """
 
-import json
-import math
 import re
-from pathlib import Path
 
 from service.errors import BadRequest
+from service.rewards.signing import is_reward
 
 SOURCE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_SOURCE = "offpolicy"
 KEYS = {"prompt", "completions", "rewards", "source", "answer"}
-
-
-def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def group_problem(row: dict) -> str | None:
@@ -36,7 +30,7 @@ def group_problem(row: dict) -> str | None:
         return "'completions' must be a list of at least 2 strings"
     rewards = row.get("rewards")
     if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(completions)
-                                or not all(_finite(r) for r in rewards)):
+                                or not all(is_reward(r) for r in rewards)):
         return f"'rewards' must be {len(completions)} finite numbers, one per completion"
     source = row.get("source", DEFAULT_SOURCE)
     sources = source if isinstance(source, list) else [source]
@@ -49,14 +43,9 @@ def group_problem(row: dict) -> str | None:
     return None
 
 
-def read_groups(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def validate_groups(path: Path) -> None:
+def validate_groups(rows: list[dict]) -> None:
     """BadRequest naming the first line that is not a valid group."""
-    for number, row in enumerate(read_groups(path), start=1):
+    for number, row in enumerate(rows, start=1):
         if problem := group_problem(row):
             raise BadRequest(f"line {number} is not an off-policy group: {problem}",
                              {"line": number})

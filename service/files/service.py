@@ -77,7 +77,7 @@ def create_file(
         size = _copy_limited(src, dest, settings.max_upload_bytes)
         rows, fields = validate_jsonl(dest)
         if purpose == "offpolicy":
-            validate_groups(dest)
+            validate_groups(read_rows(str(dest)))
     except BaseException:
         dest.unlink(missing_ok=True)
         raise

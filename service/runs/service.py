@@ -13,8 +13,7 @@ from service.config import Settings
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue_run
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
-from service.files.groups import read_groups
-from service.files.service import get_file
+from service.files.service import get_file, read_rows
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
 from service.rewards.signing import new_secret
@@ -71,7 +70,7 @@ def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> li
         return [{"field": field, "message": f"file {file.id} was uploaded with purpose "
                  f"{file.purpose!r}; off-policy groups need purpose 'offpolicy'"}]
     k = spec.algorithm.group_size
-    for number, row in enumerate(read_groups(file.path), start=1):
+    for number, row in enumerate(read_rows(file.path), start=1):
         if len(row["completions"]) != k:
             return [{"field": field, "message": f"line {number} of file {file.id} has "
                      f"{len(row['completions'])} completions; algorithm.group_size is {k}, and "

@@ -383,7 +383,7 @@ class RunSpec(_Strict):
         if fraction > 0 and file is None:
             raise ValueError("training.offpolicy_fraction needs dataset.offpolicy_file (a file "
                              "uploaded with purpose offpolicy)")
-        if file is not None and offpolicy_per_engine(training, v, 1) == 0:
+        if file is not None and offpolicy_per_engine(training, v.ranks) == 0:
             raise ValueError(
                 f"training.offpolicy_fraction ({fraction:g}) takes no group from "
                 "dataset.offpolicy_file in a step: raise it (each engine's share of "
@@ -392,8 +392,8 @@ class RunSpec(_Strict):
         return v
 
 
-def offpolicy_per_engine(training: TrainingSpec, resources: ResourcesSpec, tp: int) -> int:
+def offpolicy_per_engine(training: TrainingSpec, engines: int) -> int:
     """Off-policy groups in each rollout engine's share of a step (the same for every engine,
-    so that all of them generate alike)."""
-    share = training.prompts_per_step // (resources.ranks // tp)
-    return round(training.offpolicy_fraction * share)
+    so that all of them generate alike); at submission, checked for the most engines a run can
+    have, one per process."""
+    return round(training.offpolicy_fraction * (training.prompts_per_step // engines))

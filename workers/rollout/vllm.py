@@ -80,7 +80,7 @@ class VLLMRolloutEngine:
             self.llm = LLM(
                 model=spec.model.path, tokenizer=spec.model.path, **parallel,
                 dtype=str(dtype).removeprefix("torch."),
-                seed=spec.training.seed + ranks.rank // ranks.tp,
+                seed=spec.training.seed + ranks.engine,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None,
                 max_model_len=cfg.max_model_len, enable_prefix_caching=True,
