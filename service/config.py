@@ -8,6 +8,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -54,6 +55,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     max_callback_bytes: int = Field(
         default=16 * 1024 * 1024, description="largest reward callback body accepted (413 above)"
+    )
+    model_path_check: Literal["auto", "strict", "off"] = Field(
+        default="auto",
+        description="submission-time checks of model.path (config.json, tokenizer, context "
+                    "length, prompt + max_new_tokens budgets) when it is a directory the API "
+                    "can see. auto: a local path (/, ./, ../, ~) the API cannot see is refused "
+                    "on the embedded stack (the worker shares its machine) and left to the "
+                    "worker in a cluster, as is a hub id; strict: such a path is always refused "
+                    "(the API mounts the workers' model volume); off: no model checks",
     )
     worker_queues: str = "default,gpu,cpu"
     torch_threads: int = Field(

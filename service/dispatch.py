@@ -9,15 +9,23 @@ log = logging.getLogger(__name__)
 
 def enqueue_run(settings: Settings, run_id: str, queue: str) -> bool:
     """Publish the run's task; False if the broker is unreachable (the run stays queued)."""
-    from workers.celery_app import RUN_TASK, get_celery_app
+    from workers.celery_app import RUN_TASK
+
+    return enqueue(settings, RUN_TASK, run_id, queue)
+
+
+def enqueue(settings: Settings, task: str, row_id: str, queue: str) -> bool:
+    """Publish `task` for the row `row_id`; False if the broker is unreachable (the row stays
+    queued for the reaper to publish)."""
+    from workers.celery_app import get_celery_app
 
     try:
         get_celery_app(settings).send_task(
-            RUN_TASK, args=[run_id], queue=queue, retry=True,
+            task, args=[row_id], queue=queue, retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
-    except Exception:  # broker down: the run row is already durable and stays queued
-        log.exception("could not enqueue run %s on queue %s", run_id, queue)
+    except Exception:  # broker down: the row is already durable and stays queued
+        log.exception("could not enqueue %s %s on queue %s", task, row_id, queue)
         return False
     return True
 

@@ -18,6 +18,8 @@ from service.files.routes import router as files_router
 from service.grpc_server import GrpcServer
 from service.health import router as health_router
 from service.metrics.routes import router as metrics_router
+from service.offpolicy.routes import router as offpolicy_router
+from service.rescores.routes import router as rescores_router
 from service.rewards.routes import router as rewards_router
 from service.runs.notify import Notifier
 from service.runs.reaper import Reaper
@@ -94,7 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router,
-                   rewards_router, diagnostics_router, telemetry.router):
+                   rewards_router, diagnostics_router, offpolicy_router, rescores_router,
+                   telemetry.router):
         app.include_router(router)
     telemetry.install(app, app.state.settings)
     dashboard.install(app)

@@ -15,11 +15,17 @@ DROP = object()  # in spec() overrides: remove this key
 
 BASE_SPEC = {
     "name": "api-test",
-    "model": {"path": "/models/tiny"},
+    "model": {},  # path: the tiny model (checked at submission), set by _tiny_model
     "reward": {"type": "builtin", "name": "exact_match"},
     "algorithm": {"group_size": 4, "beta": 0.1},
+    "sampling": {"max_new_tokens": 16},  # within the tiny model's context
     "training": {"steps": 3, "prompts_per_step": 4, "mini_batches": 2},
 }
+
+
+@pytest.fixture(autouse=True)
+def _tiny_model(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(BASE_SPEC["model"], "path", str(tiny_model_dir))
 
 
 def _merge(base: dict, overrides: dict) -> dict:

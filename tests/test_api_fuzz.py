@@ -28,13 +28,14 @@ def operations(app):
     return [result.ok() for result in schema.get_all_operations()]
 
 
-def real_ids(app, key: str) -> dict[str, str]:
+def real_ids(app, key: str, model_dir) -> dict[str, str]:
     with TestClient(app) as client:
         upload = client.post("/v1/files", headers=auth(key),
                              files={"file": ("t.jsonl", jsonl(copy_rows(8)))})
         file_id = upload.json()["id"]
-        spec = {"model": {"path": "/models/tiny"}, "dataset": {"train_file": file_id},
-                "reward": {"type": "builtin", "name": "char_accuracy"}}
+        spec = {"model": {"path": str(model_dir)}, "dataset": {"train_file": file_id},
+                "reward": {"type": "builtin", "name": "char_accuracy"},
+                "sampling": {"max_new_tokens": 16}}  # within the model's context
         run, ended = (client.post("/v1/runs", headers=auth(key), json=spec).json()["id"]
                       for _ in range(2))
         client.post(f"/v1/runs/{ended}/cancel", headers=auth(key))
@@ -60,9 +61,9 @@ def test_every_operation_is_in_the_schema(app):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("target", ["generated ids", "real ids"])
-def test_no_server_error_and_responses_match_the_schema(app, make_key, target):
+def test_no_server_error_and_responses_match_the_schema(app, make_key, tiny_model_dir, target):
     key = make_key()
-    ids = real_ids(app, key) if target == "real ids" else {}
+    ids = real_ids(app, key, tiny_model_dir) if target == "real ids" else {}
     statuses = set()
     for operation in operations(app):
         @given(case=operation.as_strategy())

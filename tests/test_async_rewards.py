@@ -328,14 +328,17 @@ def test_a_rotated_out_secret_stops_working_after_the_grace_period(settings, pen
         assert post(api, run_id, new, [{"sample_id": "smp_a", "reward": 0.5}]).status_code == 200
 
 
-def test_a_user_given_secret_is_used_and_never_stored_in_the_spec(api, settings, make_key):
+def test_a_user_given_secret_is_used_and_never_stored_in_the_spec(api, settings, make_key,
+                                                                  tiny_model_dir):
     from helpers import copy_rows, jsonl
 
     key = make_key()
     upload = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl", jsonl(copy_rows(4)))})
     mine = "whsec_my_own_secret_0123456789"
-    body = {"model": {"path": "/m"}, "dataset": {"train_file": upload.json()["id"]},
-            "reward": {"type": "builtin", "name": "exact_match"}, "webhook_secret": mine}
+    body = {"model": {"path": str(tiny_model_dir)},
+            "dataset": {"train_file": upload.json()["id"]},
+            "reward": {"type": "builtin", "name": "exact_match"}, "webhook_secret": mine,
+            "sampling": {"max_new_tokens": 16}}  # within the model's context
     created = api.post("/v1/runs", headers=auth(key), json=body)
     assert created.status_code == 201 and created.json()["webhook_secret"] == mine
     assert "webhook_secret" not in created.json()["spec"]

@@ -120,6 +120,35 @@ def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(loaded)
     ids = tokenizer("abc=", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == 4 + 3
+    _rescore_and_go_on(http, run, ckpts[-1]["id"], upload.json()["id"])
+
+
+def _rescore_and_go_on(http: httpx.Client, run: dict, ckpt_id: str, train_file: str) -> None:
+    """The worker re-scores the run; a new run starts from its checkpoint and trains on the
+    re-scored groups, and on a group posted to it, with no rollouts."""
+    rescore = http.post(f"/v1/runs/{run['id']}/rescore",
+                        json={"reward": {"type": "builtin", "name": "exact_match"}})
+    assert rescore.status_code == 202, rescore.text
+    url, deadline = f"/v1/runs/{run['id']}/rescores/{rescore.json()['id']}", time.monotonic() + 120
+    while (done := http.get(url).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, "rescore stuck"
+        time.sleep(0.3)
+    assert (done["status"], done["samples_scored"]) == ("succeeded", 8 * 4 * 4), done
+    body = spec(run["spec"]["model"]["path"], train_file, steps=2, offpolicy_fraction=1.0)
+    body["model"], body["rollout"] = {"checkpoint": ckpt_id}, {"engine": "hf"}
+    body["dataset"]["offpolicy_file"] = done["file_id"]
+    created = http.post("/v1/runs", json=body)
+    assert created.status_code == 201, created.text
+    posted = {"prompt": "abc=", "answer": "abc", "completions": ["abc", "ab", "b", "abcd"],
+              "source": "teacher"}
+    assert http.post(f"/v1/runs/{created.json()['id']}/groups",
+                     json={"groups": [posted]}).status_code == 202
+    second = wait_for(http, created.json()["id"], {"succeeded", "failed", "cancelled"})
+    assert second["status"] == "succeeded", second["error"]
+    assert second["tokens_generated"] == 0
+    sources = {s["source"] for step in (1, 2) for s in http.get(
+        f"/v1/runs/{second['id']}/samples", params={"step": step}).json()["data"]}
+    assert sources == {"teacher", run["id"]}
 
 
 def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir, tmp_path):
@@ -206,7 +235,14 @@ def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir, tmp
 def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_path):
     http, file_id = project_with_file(embedded.settings, embedded.url, "faults", tmp_path)
 
-    bad = http.post("/v1/runs", json=spec(tmp_path / "missing-model", file_id)).json()
+    missing = spec(tmp_path / "missing-model", file_id)
+    if embedded.settings.embedded:  # the API sees what the worker would: refused at submission
+        error = http.post("/v1/runs", json=missing)
+        assert error.status_code == 422, error.text
+        assert [f["field"] for f in error.json()["error"]["details"]["fields"]] == ["model.path"]
+        assert "no such directory" in error.json()["error"]["message"]
+        return
+    bad = http.post("/v1/runs", json=missing).json()  # a cluster's API leaves it to the worker
     failed = wait_for(http, bad["id"], {"succeeded", "failed"})
     assert failed["status"] == "failed" and "does not exist" in failed["error"]
     events = http.get(f"/v1/runs/{bad['id']}/events").json()["data"]

@@ -270,24 +270,26 @@ def test_a_sender_that_dies_mid_send_is_taken_over_when_its_claim_expires(db_set
     assert [e.type for e in load(db_settings, run_id)[1]] == ["notify.delivered"]
 
 
-def _create(api, key: str, **extra):
+def _create(api, key: str, model_dir, **extra):
     file_id = api.post("/v1/files", headers=auth(key),
                        files={"file": ("t.jsonl", jsonl(copy_rows(4)))}).json()["id"]
-    body = {"model": {"path": "/m"}, "dataset": {"train_file": file_id},
-            "reward": {"type": "builtin", "name": "exact_match"}, **extra}
+    body = {"model": {"path": str(model_dir)}, "dataset": {"train_file": file_id},
+            "reward": {"type": "builtin", "name": "exact_match"},
+            "sampling": {"max_new_tokens": 16}, **extra}  # within the model's context
     return api.post("/v1/runs", headers=auth(key), json=body)
 
 
 @pytest.mark.parametrize(("url", "needle"), [
     ("ftp://example.org/x", "not an http(s) URL"), ("http://10.1.2.3/hook", "private"),
     ("http://127.0.0.1:9/hook", "loopback")])
-def test_a_bad_notify_url_is_a_422_naming_it(api, make_key, url, needle):
-    error = assert_error(_create(api, make_key(), notify_url=url), 422, "invalid_request")
+def test_a_bad_notify_url_is_a_422_naming_it(api, make_key, tiny_model_dir, url, needle):
+    error = assert_error(_create(api, make_key(), tiny_model_dir, notify_url=url), 422,
+                         "invalid_request")
     assert [f["field"] for f in error["details"]["fields"]] == ["notify_url"]
     assert needle in error["details"]["fields"][0]["message"]
 
 
-def test_the_api_process_notifies_a_run_cancelled_over_http(settings, make_key):
+def test_the_api_process_notifies_a_run_cancelled_over_http(settings, make_key, tiny_model_dir):
     from fastapi.testclient import TestClient
 
     from service.main import create_app
@@ -297,7 +299,7 @@ def test_the_api_process_notifies_a_run_cancelled_over_http(settings, make_key):
     receiver = Receiver(secret="")
     key = make_key()
     with ReceiverServer(receiver) as server, TestClient(create_app(live)) as api:
-        created = _create(api, key, notify_url=server.url)
+        created = _create(api, key, tiny_model_dir, notify_url=server.url)
         assert created.status_code == 201, created.text
         run_id, receiver.secret = created.json()["id"], created.json()["webhook_secret"]
         assert api.post(f"/v1/runs/{run_id}/cancel", headers=auth(key)).status_code == 200

@@ -81,14 +81,14 @@ def test_training_only_on_uniform_groups_raises_the_reward_of_fresh_samples(sett
 
 
 @pytest.mark.parametrize(("row", "needle"), [
-    ({"prompt": "a=", "completions": ["a"]}, "at least 2 strings"),
+    ({"prompt": "a=", "completions": []}, "at least 1 string"),
     ({"prompt": "", "completions": ["a", "b"]}, "'prompt' must be a non-empty string"),
     ({"prompt": "a=", "completions": ["a", "b"], "rewards": [1.0]}, "2 finite numbers"),
     ({"prompt": "a=", "completions": ["a", "b"], "rewards": [1.0, "x"]}, "2 finite numbers"),
     ({"prompt": "a=", "completions": ["a", "b"], "source": ["t"]}, "one label or 2"),
     ({"prompt": "a=", "completions": ["a", "b"], "source": "no spaces"}, "'source' labels"),
     ({"prompt": "a=", "completions": ["a", "b"], "score": 1}, "unknown keys ['score']"),
-], ids=["one_completion", "empty_prompt", "reward_count", "reward_type", "source_count",
+], ids=["no_completion", "empty_prompt", "reward_count", "reward_type", "source_count",
         "source_label", "unknown_key"])
 def test_an_upload_of_bad_groups_names_the_line(api, make_key, row, needle):
     good = {"prompt": "a=", "completions": ["a", "b"], "rewards": [1, 0.5]}
@@ -99,20 +99,25 @@ def test_an_upload_of_bad_groups_names_the_line(api, make_key, row, needle):
 def test_off_policy_spec_rules_are_422(api, make_key, tiny_model_dir):
     key = make_key()
     groups = upload(api, key, uniform_groups(3)).json()["id"]  # K = 8 completions each
+    short_rewarded = upload(api, key, [{"prompt": "a=", "completions": ["a", "b"],
+                                        "rewards": [1, 0]}]).json()["id"]
     train = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl",
                      jsonl(copy_rows(8)))}).json()["id"]
     base = {"model": {"path": str(tiny_model_dir)}, "reward": {"type": "builtin",
             "name": "char_accuracy"}, "training": {"prompts_per_step": 4, "mini_batches": 1},
-            "algorithm": {"group_size": 4}}
+            "algorithm": {"group_size": 4},
+            "sampling": {"max_new_tokens": 8}}  # within the model's context
     cases = [
-        ({"train_file": train}, {"offpolicy_fraction": 0.5},
-         "resources", "needs dataset.offpolicy_file"),
+        ({"train_file": train}, {"offpolicy_fraction": 0.1},  # 0.4 slots, rounded to none
+         "resources", "makes no off-policy slot"),
         ({"train_file": train, "offpolicy_file": groups}, {},
-         "resources", "takes no group from dataset.offpolicy_file"),
+         "resources", "makes no off-policy slot"),
         ({"train_file": train, "offpolicy_file": train}, {"offpolicy_fraction": 0.5},
          "dataset.offpolicy_file", "purpose 'offpolicy'"),
         ({"train_file": train, "offpolicy_file": groups}, {"offpolicy_fraction": 0.5},
          "dataset.offpolicy_file", "line 1 of file"),  # 8 completions, group_size 4
+        ({"train_file": train, "offpolicy_file": short_rewarded}, {"offpolicy_fraction": 0.5},
+         "dataset.offpolicy_file", "leave its rewards out"),
     ]
     for dataset, training, field, needle in cases:
         body = {**base, "dataset": dataset, "training": {**base["training"], **training}}
@@ -183,3 +188,54 @@ def test_vllm_stays_in_step_with_the_learner_on_mixed_steps(settings, tiny_model
             Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all()
     assert len(gaps) == 3 and max(gaps) < 1e-4
     assert 3 in eval_reward(settings, run_id)
+
+
+@pytest.mark.both_backends
+def test_a_group_of_fewer_than_k_is_topped_up_with_the_policys_samples(settings,
+                                                                       tiny_model_dir):
+    """Groups of 3 teacher completions, k = 8: the run samples the other 5 of each, and the
+    run's reward scores the whole group. Only those 5 count as generated tokens."""
+    from workers.rewards.builtin import char_accuracy
+
+    groups = [{key: g[key] for key in ("prompt", "answer")}
+              | {"completions": g["completions"][:3], "source": "teacher"}
+              for g in uniform_groups(4)]
+    run_id = offpolicy_run(settings, tiny_model_dir, groups, eval={"every_steps": 1000},
+                           training={"steps": 2, "prompts_per_step": 2, "mini_batches": 1,
+                                     "offpolicy_fraction": 0.5})
+    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.execute(select(
+            Sample.step, Sample.group_index, Sample.sample_index, Sample.source, Sample.reward,
+            Sample.completion, Sample.answer, Sample.prompt).where(Sample.run_id == run_id)
+            .order_by(Sample.step, Sample.group_index, Sample.sample_index)).all()
+        run = session.get(Run, run_id)
+    supplied = {g["prompt"]: g["completions"] for g in groups}
+    topped = [r for r in rows if r.group_index == 0]  # each step's off-policy slot
+    assert len(topped) == 2 * K
+    for step in (1, 2):
+        group = [r for r in topped if r.step == step]
+        assert [r.source for r in group] == ["teacher"] * 3 + ["policy"] * (K - 3)
+        assert supplied[group[0].prompt] == [r.completion for r in group[:3]]
+    assert all(r.reward == pytest.approx(char_accuracy(r.completion, r.answer, None))
+               for r in rows)
+    policy = [r for r in rows if r.source == "policy"]
+    assert len(policy) == 2 * (K + K - 3)
+    # at most 5 letters + EOS each, and every sampled completion counted
+    assert len(policy) <= run.tokens_generated <= 6 * len(policy)
+
+
+def test_topping_up_needs_one_training_process(api, make_key, tiny_model_dir):
+    key = make_key()
+    short = upload(api, key, [{"prompt": "a=", "completions": ["a", "b"]}]).json()["id"]
+    train = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl",
+                     jsonl(copy_rows(8)))}).json()["id"]
+    body = {"model": {"path": str(tiny_model_dir)}, "reward": {"type": "builtin",
+            "name": "char_accuracy"}, "algorithm": {"group_size": 4},
+            "sampling": {"max_new_tokens": 5},
+            "dataset": {"train_file": train, "offpolicy_file": short},
+            "training": {"prompts_per_step": 4, "mini_batches": 1, "offpolicy_fraction": 0.5}}
+    assert api.post("/v1/runs", headers=auth(key), json=body).status_code == 201
+    body["resources"] = {"processes": 2}
+    assert_error(api.post("/v1/runs", headers=auth(key), json=body), 422, "invalid_request",
+                 "dataset.offpolicy_file", "one training process")

@@ -96,12 +96,12 @@ def test_a_wrong_secret_is_refused_by_the_receiver(hooks_settings, tiny_model_di
     assert behaviour.calls == 0
 
 
-def _create(api, key: str, reward: dict):
+def _create(api, key: str, model_dir, reward: dict):
     from helpers import auth, copy_rows, jsonl
 
     upload = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl", jsonl(copy_rows(4)))})
-    body = {"model": {"path": "/m"}, "dataset": {"train_file": upload.json()["id"]},
-            "reward": reward}
+    body = {"model": {"path": str(model_dir)}, "dataset": {"train_file": upload.json()["id"]},
+            "reward": reward, "sampling": {"max_new_tokens": 16}}  # within the model's context
     return api.post("/v1/runs", headers=auth(key), json=body)
 
 
@@ -110,31 +110,34 @@ def _create(api, key: str, reward: dict):
     ("http://169.254.169.254/latest", "reward.url"), ("http://localhost/score", "reward.url"),
     ("ftp://example.org/x", "reward.url"),
 ])
-def test_private_webhook_urls_are_refused_at_submission(api, make_key, url, field):
+def test_private_webhook_urls_are_refused_at_submission(api, make_key, tiny_model_dir, url,
+                                                        field):
     from helpers import assert_error
 
-    resp = _create(api, make_key(), {"type": "webhook", "url": url})
+    resp = _create(api, make_key(), tiny_model_dir, {"type": "webhook", "url": url})
     assert_error(resp, 422, "invalid_request")
     assert [f["field"] for f in resp.json()["error"]["details"]["fields"]] == [field]
     composite = {"type": "composite", "components": [
         {"type": "builtin", "name": "exact_match"}, {"type": "webhook", "url": url}]}
-    resp = _create(api, make_key(), composite)
+    resp = _create(api, make_key(), tiny_model_dir, composite)
     assert [f["field"] for f in resp.json()["error"]["details"]["fields"]] == [
         "reward.components.1.url"]
 
 
-def test_public_and_allowed_private_webhook_urls_are_accepted(settings, make_key):
+def test_public_and_allowed_private_webhook_urls_are_accepted(settings, make_key,
+                                                              tiny_model_dir):
     from fastapi.testclient import TestClient
 
     from service.main import create_app
 
     with TestClient(create_app(settings)) as api:
-        assert _create(api, make_key(), {"type": "webhook", "url": "https://93.184.215.14/score"}
+        assert _create(api, make_key(), tiny_model_dir,
+                       {"type": "webhook", "url": "https://93.184.215.14/score"}
                        ).status_code == 201
     allowed = settings.model_copy(update={"webhook_allow_private": True})
     with TestClient(create_app(allowed)) as api:
-        assert _create(api, make_key(), {"type": "webhook", "url": "http://127.0.0.1:9/x"}
-                       ).status_code == 201
+        assert _create(api, make_key(), tiny_model_dir,
+                       {"type": "webhook", "url": "http://127.0.0.1:9/x"}).status_code == 201
 
 
 def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_model_dir):
@@ -174,7 +177,8 @@ def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_mo
     assert samples and all(s.reward == float(s.completion.strip() == s.answer) for s in samples)
 
 
-def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_settings, make_key):
+def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_settings, make_key,
+                                                                       tiny_model_dir):
     """probe: true asks the URL for any answer at submission (a HEAD: no data, no signature);
     without it, nothing is sent before the run."""
     from fastapi.testclient import TestClient
@@ -188,13 +192,15 @@ def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_set
     with TestClient(create_app(hooks_settings)) as api, RewardServer(behaviour) as server:
         key = make_key()
         hook = {"type": "webhook", "url": server.url, "probe": True}
-        assert _create(api, key, hook).status_code == 201  # it answers (405 to HEAD is fine)
-        resp = _create(api, key, {**hook, "url": closed})
+        # it answers (405 to HEAD is fine)
+        assert _create(api, key, tiny_model_dir, hook).status_code == 201
+        resp = _create(api, key, tiny_model_dir, {**hook, "url": closed})
         error = assert_error(resp, 422, "invalid_request", "could not be reached")
         assert [f["field"] for f in error["details"]["fields"]] == ["reward.url"]
         composite = {"type": "composite", "components": [
             {"type": "builtin", "name": "exact_match"}, {**hook, "url": closed}]}
-        error = assert_error(_create(api, key, composite), 422, "invalid_request")
+        error = assert_error(_create(api, key, tiny_model_dir, composite), 422, "invalid_request")
         assert [f["field"] for f in error["details"]["fields"]] == ["reward.components.1.url"]
-        assert _create(api, key, {**hook, "url": closed, "probe": False}).status_code == 201
+        unprobed = {**hook, "url": closed, "probe": False}
+        assert _create(api, key, tiny_model_dir, unprobed).status_code == 201
     assert behaviour.calls == 0  # a probe is not a reward request

@@ -11,6 +11,7 @@ from celery import Celery
 from service.config import Settings
 
 RUN_TASK = "gvpo.run"
+RESCORE_TASK = "gvpo.rescore"
 
 
 def _filesystem_options(settings: Settings) -> dict:

@@ -30,8 +30,9 @@ def _looks_local(path: str) -> bool:
 
 
 def load_policy(spec: RunSpec, device: torch.device, checkpoint: Path | None = None):
-    """The policy from spec.model.path, or its trained weights from a checkpoint of this run
-    (a whole model, or with LoRA the adapter on top of spec.model.path)."""
+    """The policy from spec.model.path (with LoRA, a fresh adapter or spec.model.adapter on
+    top), or its trained weights from a checkpoint of this run (a whole model, or with LoRA the
+    adapter on top of spec.model.path)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = spec.model.path
@@ -47,10 +48,10 @@ def load_policy(spec: RunSpec, device: torch.device, checkpoint: Path | None = N
         tokenizer.pad_token = tokenizer.eos_token
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.model.lora is not None and checkpoint is not None:
+    if spec.model.lora is not None and (adapter := checkpoint or spec.model.adapter):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
     elif spec.model.lora is not None:
         model = _with_lora(model, spec)
     model.to(device).train()

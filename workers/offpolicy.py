@@ -6,7 +6,11 @@ group's completions, so a supplied group enters the learner exactly as a sampled
 completions are tokenised from their text (ending with EOS, as a completion the model finished),
 its rewards are used as given or, when the group has none, scored by the run's reward. Each
 step takes `offpolicy_per_engine` groups in each rollout engine's share from a seeded shuffle
-of the file (its cursor is checkpointed), and fresh rollouts for the rest of the share.
+of the file (its cursor is checkpointed), and fresh rollouts for the rest of the share. Groups
+posted to a running run (POST /v1/runs/{id}/groups) take those slots before the file does. A
+group of fewer than k completions is topped up: the engine samples k for its prompt, as for a
+fresh one, and the first k - n of them complete the group (one training process only, so that
+no engine generates more than another).
 """
 
 from collections import defaultdict
@@ -47,16 +51,31 @@ def load_groups(rows: list[dict]) -> list[Group]:
     return groups
 
 
-def as_rollout(group: Group, tokenizer, eos_id: int) -> Rollout:
+def sampled_by_run(group: Group | None, k: int) -> int:
+    """How many of a slot's k completions the run samples itself: all of a fresh prompt's,
+    none of a whole group's, the rest of a group of fewer than k (topped up)."""
+    return k if group is None else k - len(group.completions)
+
+
+def slot_sources(group: Group | None, k: int) -> list[str]:
+    """Where each of a slot's k completions came from."""
+    given = group.sources if group is not None else []
+    return given + [POLICY] * (k - len(given))
+
+
+def as_rollout(group: Group, tokenizer, eos_id: int, top_up: Rollout | None = None) -> Rollout:
     """The group as the learner takes a rollout: the prompt tokenised as the engines do, each
-    completion's text tokenised and ended with EOS, no sampling log-probs."""
-    return Rollout(
-        prompt_ids=tokenizer(group.example.prompt)["input_ids"],
-        completions=[Completion(text=text, finish_reason="stop",
-                                token_ids=tokenizer(text, add_special_tokens=False)["input_ids"]
-                                + [eos_id])
-                     for text in group.completions],
-    )
+    completion's text tokenised and ended with EOS, no sampling log-probs; a group of fewer
+    than k is completed from `top_up`, k completions the run sampled for its prompt (the first
+    ones are used, with their sampled tokens and log-probs)."""
+    given = [Completion(text=text, finish_reason="stop",
+                        token_ids=tokenizer(text, add_special_tokens=False)["input_ids"]
+                        + [eos_id])
+             for text in group.completions]
+    if top_up is None:
+        return Rollout(prompt_ids=tokenizer(group.example.prompt)["input_ids"], completions=given)
+    missing = len(top_up.completions) - len(given)
+    return Rollout(prompt_ids=top_up.prompt_ids, completions=given + top_up.completions[:missing])
 
 
 def per_source(rewards: torch.Tensor, sources: list[list[str]]) -> dict[str, float]:
@@ -72,18 +91,23 @@ def per_source(rewards: torch.Tensor, sources: list[list[str]]) -> dict[str, flo
     return metrics
 
 
-def draw_slots(prompts: PromptSampler, groups: PromptSampler | None, off: int, per_step: int,
-               engines: int) -> list[Slot]:
-    """A step's groups, the same on every rank: for each rollout engine's share, `off` groups
-    from the file and then the prompts it samples fresh, so that every engine generates as many
-    (with no file, the same prompts in the same order as ever)."""
-    share = per_step // engines
-    drawn = groups.next(off * engines) if off else []
-    fresh = prompts.next((share - off) * engines) if share > off else []
+def draw_slots(prompts: PromptSampler, groups: PromptSampler | None, posted: list[Group],
+               off: int, per_step: int, engines: int) -> list[Slot]:
+    """A step's groups, the same on every rank. Each rollout engine's share starts with its
+    `off` off-policy slots: groups posted to the run first (`posted`, a multiple of `engines`,
+    at most `off` each), then groups from the file; slots neither fills, and the rest of the
+    share, are prompts it samples fresh. Every engine so generates as many (with no off-policy
+    groups, the same prompts in the same order as ever)."""
+    share, mine = per_step // engines, len(posted) // engines
+    from_file = off - mine if groups is not None else 0
+    drawn = groups.next(from_file * engines) if from_file else []
+    each = share - mine - from_file
+    fresh = prompts.next(each * engines) if each else []
     slots: list[Slot] = []
     for e in range(engines):
-        slots += [(g.example, g) for g in drawn[e * off : (e + 1) * off]]
-        slots += [(x, None) for x in fresh[e * (share - off) : (e + 1) * (share - off)]]
+        slots += [(g.example, g) for g in posted[e * mine : (e + 1) * mine]]
+        slots += [(g.example, g) for g in drawn[e * from_file : (e + 1) * from_file]]
+        slots += [(x, None) for x in fresh[e * each : (e + 1) * each]]
     return slots
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from service.checkpoints import store
 from service.config import Settings
 from service.db import session_scope
-from service.models import Checkpoint, Metric, RewardRequest, Run, Sample
+from service.models import Checkpoint, Metric, RewardRequest, Run, RunGroup, Sample
 from service.models.base import utcnow
 from service.runs.service import TERMINAL, add_event
 
@@ -169,6 +169,22 @@ class RunRecorder:
                 run.tokens_generated += tokens
                 run.samples_generated += len(samples)
             run.step = max(run.step, step)
+
+    @_retrying
+    def take_groups(self, step: int, most: int, multiple: int) -> list[dict]:
+        """Groups posted to the run for `step`'s off-policy slots, oldest first: at most `most`,
+        a multiple of `multiple` (the rollout engines), marked as taken at `step`. A step
+        replayed after a resume takes again the groups it took before."""
+        with session_scope(self.url) as session:
+            rows = list(session.scalars(
+                select(RunGroup).where(RunGroup.run_id == self.run_id,
+                                       or_(RunGroup.taken_step.is_(None),
+                                           RunGroup.taken_step >= step))
+                .order_by(RunGroup.id).limit(most)))
+            rows = rows[: len(rows) - len(rows) % multiple]
+            for row in rows:
+                row.taken_step = step
+            return [row.body for row in rows]
 
     @_retrying
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -25,8 +25,8 @@ from workers.data import Example, PromptSampler, load_examples
 from workers.learner.checkpoint import (load_training_state, restore_rng, rng_state,
                                        save_checkpoint)
 from workers.learner.learner import GroupBatch, Learner, LearnStats
-from workers.offpolicy import (POLICY, Slot, as_rollout, draw_slots, load_groups, per_source,
-                               score_slots)
+from workers.offpolicy import (Slot, as_rollout, draw_slots, load_groups, per_source,
+                               sampled_by_run, score_slots, slot_sources)
 from workers.errors import RunError
 from workers.evaluation import eval_metrics
 from workers.heartbeat import Heartbeat
@@ -79,7 +79,10 @@ class RunLoop:
         self.device = pick_device(spec)
         # (step, path) when an earlier attempt died
         resume = self.ranks.share(self.recorder.latest_checkpoint() if self.lead else None)
-        local = resume and self._local_checkpoint(*resume)
+        local = resume and self._local_copy(
+            resume[1], self.run_dir / "checkpoint-cache" / f"step_{resume[0]:06d}",
+            f"the checkpoint of step {resume[0]}")
+        self.spec = spec = self._local_model(spec)
         # vLLM first: it sizes its GPU share from the memory free when it starts.
         vllm_engine = start_vllm(spec, self.device, pick_dtype(spec, self.device), self.ranks,
                                  self._fallback)
@@ -87,11 +90,13 @@ class RunLoop:
         self.ranks.align(self.model)
         self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(
             self.model, self.tokenizer, self.device, synced=spec.resources.strategy == "fsdp")
-        # The engine starts from spec.model.path: the same weights, unless resuming.
-        self.engine_stale = resume is not None
+        # The engine starts from spec.model.path: the same weights, unless resuming or going on
+        # with an adapter.
+        self.engine_stale = resume is not None or spec.model.adapter is not None
         self.learner = Learner(self.model, spec, self.device, self.tokenizer.pad_token_id,
                                self._initial_model() if resume else None)
-        self.scorer = build_scorer(spec.reward, self._webhook_context()) if self.lead else None
+        webhooks = WebhookContext.of_run(self.settings, self.recorder)
+        self.scorer = build_scorer(spec.reward, webhooks) if self.lead else None
         self.diff_warn = spec.rollout.logprob_diff_warn or (
             1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0)
         self.last_diff_warning: int | None = None
@@ -128,12 +133,22 @@ class RunLoop:
             return None
         return load_policy(self.spec, self.device)[0]
 
-    def _local_checkpoint(self, step: int, path: str) -> Path:
-        """The checkpoint as a local folder: one in the object store is downloaded into a cache
-        under the data dir first (this worker may not be the one that wrote it)."""
+    def _local_model(self, spec: RunSpec) -> RunSpec:
+        """The spec with its model on this machine: a model.path or model.adapter in the object
+        store (a checkpoint the run starts from) is downloaded into the run's folder first."""
+        local = {name: str(self._local_copy(path, self.run_dir / "start-cache" / name,
+                                            f"model.{name} {path}"))
+                 for name in ("path", "adapter")
+                 if (path := getattr(spec.model, name)) and store.is_remote(path)}
+        if not local:
+            return spec
+        return spec.model_copy(update={"model": spec.model.model_copy(update=local)})
+
+    def _local_copy(self, path: str, cache: Path, what: str) -> Path:
+        """`path` as a local folder: one in the object store is downloaded into `cache` under
+        the data dir first (this worker may not be the one that wrote it)."""
         if not store.is_remote(path):
             return Path(path)
-        cache = self.run_dir / "checkpoint-cache" / f"step_{step:06d}"
         failure = None  # the lead downloads; every rank reads its copy
         if self.lead:
             try:
@@ -141,8 +156,7 @@ class RunLoop:
             except Exception as exc:
                 failure = f"{type(exc).__name__}: {exc}"
         if failure := self.ranks.share(failure):
-            raise RunError(f"could not download the checkpoint of step {step} from {path} to "
-                           f"resume: {failure}")
+            raise RunError(f"could not download {what} from {path}: {failure}")
         return cache
 
     def _resume(self, step: int, path: str, local: Path) -> None:
@@ -186,18 +200,6 @@ class RunLoop:
         if self.lead:
             self.recorder.event("rollout.fallback", f"vLLM could not start ({why}); rolling out "
                                 "with transformers", "warning")
-
-    def _webhook_context(self) -> WebhookContext:
-        run_id = self.recorder.run_id
-        return WebhookContext(
-            run_id=run_id, secret=self.recorder.webhook_secret,
-            callback_url=f"{self.settings.resolved_api_url}/v1/runs/{run_id}/rewards",
-            allow_private=self.settings.webhook_allow_private,
-            max_response_bytes=self.settings.webhook_max_response_bytes,
-            on_retry=lambda message, data: self.recorder.event("reward.retry", message,
-                                                               "warning", data),
-            open_request=self.recorder.open_reward_request, results=self.recorder.reward_results,
-        )
 
     def _rows(self, kind: str) -> list[dict]:
         """The rows of the spec's dataset.<kind> file."""
@@ -251,8 +253,9 @@ class RunLoop:
     def _step(self, step: int) -> None:
         t0, watch = time.perf_counter(), self.watchdog
         watch.enter("rollout", step)
-        slots = self._draw()  # the same on every rank
-        if any(group is None for _, group in slots):  # a step of file groups samples nothing
+        slots = self._draw(step)  # the same on every rank
+        k = self.spec.algorithm.group_size
+        if any(sampled_by_run(group, k) for _, group in slots):  # whole groups sample nothing
             self._sync_engine()  # once per step: nothing samples between the step's updates
         t_sync = time.perf_counter()
         generated = self._roll_out(self.ranks.engine_share(slots))
@@ -284,17 +287,26 @@ class RunLoop:
             self._record(step, slots, rollouts, scores, stats, times)
             self._warn_on_drift(step, stats.logprob_diff_max)
 
-    def _draw(self) -> list[Slot]:
+    def _draw(self, step: int) -> list[Slot]:
         training, engines = self.spec.training, self.ranks.engines
-        off = offpolicy_per_engine(training, engines) if self.groups else 0
-        return draw_slots(self.sampler, self.groups, off, training.prompts_per_step, engines)
+        off = offpolicy_per_engine(training, engines) if training.offpolicy_fraction else 0
+        posted = None
+        if self.lead and off:  # the lead reads the groups posted to the run; every rank gets them
+            posted = self.recorder.take_groups(step, off * engines, engines)
+        posted = load_groups(self.ranks.share(posted) or [])
+        self.posted_taken = len(posted)
+        return draw_slots(self.sampler, self.groups, posted, off, training.prompts_per_step,
+                          engines)
 
     def _roll_out(self, share: list[Slot]) -> list[Rollout]:
-        """Fresh completions for the share's prompts, and its off-policy groups as given."""
-        fresh = [example.prompt for example, group in share if group is None]
-        made = iter(self.engine.generate(fresh, self.spec.algorithm.group_size,
-                                         self.spec.sampling) if fresh else [])
-        return [as_rollout(group, self.tokenizer, self.eos_id) if group else next(made)
+        """Fresh completions for the share's prompts, and its off-policy groups as given (one
+        of fewer than k topped up with fresh ones)."""
+        k = self.spec.algorithm.group_size
+        fresh = [example.prompt for example, group in share if sampled_by_run(group, k)]
+        made = iter(self.engine.generate(fresh, k, self.spec.sampling) if fresh else [])
+        return [next(made) if group is None else
+                as_rollout(group, self.tokenizer, self.eos_id,
+                           next(made) if sampled_by_run(group, k) else None)
                 for _, group in share]
 
     def _sync_engine(self) -> None:
@@ -334,10 +346,10 @@ class RunLoop:
         source (and with off-policy groups in the run, the reward of each source)."""
         rewards = scores.rewards  # (G, k)
         k = rewards.shape[1]
-        sources = [group.sources if group else [POLICY] * k for _, group in slots]
+        sources = [slot_sources(group, k) for _, group in slots]
         lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
         sampled = sum(len(c.token_ids) for (_, group), r in zip(slots, rollouts, strict=True)
-                      if group is None for c in r.completions)
+                      for c in r.completions[k - sampled_by_run(group, k):])
         metrics = {
             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
             "loss": stats.loss, "kl/ref": stats.kl_ref, "logratio/mean": stats.logratio_mean,
@@ -350,8 +362,9 @@ class RunLoop:
             **{f"reward/{label}/mean": part.mean().item()
                for label, part in scores.components.items()},
         }
-        if self.groups is not None:
+        if self.spec.training.offpolicy_fraction:
             metrics |= per_source(rewards, sources)
+            metrics["offpolicy/posted_groups"] = float(self.posted_taken)
         # Undefined values are left out rather than stored as NaN (R² when no group had spread).
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         samples = [

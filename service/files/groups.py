@@ -4,7 +4,8 @@
      "answer": str?}
 
 `rewards` (one per completion) are used as given; a group without them is scored by the run's
-reward (with `answer`). `source` labels where the completions came from (a teacher, production
+reward (with `answer`). A group of fewer completions than the run's algorithm.group_size is
+topped up with completions the run samples from its policy (and then has no rewards of its own). `source` labels where the completions came from (a teacher, production
 logs, an older checkpoint), for the whole group or per completion: a group may mix sources.
 """
 
@@ -25,9 +26,9 @@ def group_problem(row: dict) -> str | None:
     if not isinstance(row.get("prompt"), str) or not row["prompt"]:
         return "'prompt' must be a non-empty string"
     completions = row.get("completions")
-    if not isinstance(completions, list) or len(completions) < 2 or not all(
+    if not isinstance(completions, list) or not completions or not all(
             isinstance(c, str) for c in completions):
-        return "'completions' must be a list of at least 2 strings"
+        return "'completions' must be a list of at least 1 string"
     rewards = row.get("rewards")
     if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(completions)
                                 or not all(is_reward(r) for r in rewards)):
@@ -40,6 +41,31 @@ def group_problem(row: dict) -> str | None:
         return "'source' labels are 1-64 letters, digits, '_', '.' or '-'"
     if "answer" in row and not isinstance(row["answer"], (str, int, float)):
         return "'answer' must be a string or a number"
+    return None
+
+
+def size_problem(row: dict, k: int) -> str | None:
+    """What keeps a valid group from training in a run whose groups are of k, or None. A group
+    of fewer completions is topped up with the policy's own samples and scored whole by the
+    run's reward, so it carries no rewards of its own."""
+    n = len(row["completions"])
+    if n > k:
+        return (f"has {n} completions; algorithm.group_size is {k}, the most a group may have "
+                "(fewer are topped up with the policy's own samples)")
+    if n < k and row.get("rewards") is not None:
+        return (f"has {n} completions with rewards; a group of fewer than algorithm.group_size "
+                f"({k}) is topped up with the policy's own samples and scored whole by the "
+                f"run's reward: leave its rewards out, or give it {k} completions")
+    return None
+
+
+def topup_problem(row: dict, k: int, processes: int) -> str | None:
+    """Topping up samples k - n more for one prompt; a step's engines must all generate alike,
+    so it needs a run of one training process."""
+    if len(row["completions"]) < k and processes > 1:
+        return (f"has {len(row['completions'])} completions, fewer than algorithm.group_size "
+                f"({k}): topping a group up is for runs of one training process, and this one "
+                f"has {processes}")
     return None
 
 

@@ -17,7 +17,7 @@ PURPOSES = ("train", "eval", "offpolicy")
 _CHUNK = 1 << 20
 
 
-def _copy_limited(src: BinaryIO, dest: Path, limit: int) -> int:
+def _copy_limited(src: BinaryIO, dest: Path, limit: int) -> None:
     size = 0
     with dest.open("wb") as out:
         while chunk := src.read(_CHUNK):
@@ -25,7 +25,6 @@ def _copy_limited(src: BinaryIO, dest: Path, limit: int) -> int:
             if size > limit:
                 raise PayloadTooLarge(f"file is larger than the {limit}-byte limit")
             out.write(chunk)
-    return size
 
 
 def _is_scalar(value: object) -> bool:
@@ -70,21 +69,42 @@ def create_file(
 ) -> File:
     if purpose not in PURPOSES:
         raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}")
+    file_id, dest = _new_path(settings)
+    try:
+        _copy_limited(src, dest, settings.max_upload_bytes)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return _record(session, project.id, file_id, dest, filename or f"{file_id}.jsonl", purpose)
+
+
+def save_rows(session: Session, settings: Settings, project_id: str, rows: list[dict],
+              filename: str, purpose: str) -> File:
+    """Record rows the service made itself as a file (no upload limit: they are the project's
+    own data), checked as an upload of that purpose would be."""
+    file_id, dest = _new_path(settings)
+    dest.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return _record(session, project_id, file_id, dest, filename, purpose)
+
+
+def _new_path(settings: Settings) -> tuple[str, Path]:
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
-    dest = settings.files_dir / f"{file_id}.jsonl"
+    return file_id, settings.files_dir / f"{file_id}.jsonl"
+
+
+def _record(session: Session, project_id: str, file_id: str, dest: Path, filename: str,
+            purpose: str) -> File:
+    """Check the JSONL at `dest` line by line (removed when bad) and record it."""
     try:
-        size = _copy_limited(src, dest, settings.max_upload_bytes)
         rows, fields = validate_jsonl(dest)
         if purpose == "offpolicy":
             validate_groups(read_rows(str(dest)))
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-    row = File(
-        id=file_id, project_id=project.id, filename=filename or f"{file_id}.jsonl",
-        purpose=purpose, bytes=size, rows=rows, fields=fields, path=str(dest),
-    )
+    row = File(id=file_id, project_id=project_id, filename=filename, purpose=purpose,
+               bytes=dest.stat().st_size, rows=rows, fields=fields, path=str(dest))
     session.add(row)
     session.flush()
     return row
@@ -100,6 +120,13 @@ def get_file(session: Session, project: Project, file_id: str) -> File:
 def list_files(session: Session, project: Project) -> list[File]:
     stmt = select(File).where(File.project_id == project.id).order_by(File.id.desc())
     return list(session.scalars(stmt))
+
+
+def numbered_rows(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) for each row: numbered as the upload numbers lines, blank ones too."""
+    with open(path, "rb") as fh:
+        return [(number, json.loads(raw)) for number, raw in enumerate(fh, start=1)
+                if raw.strip()]
 
 
 def read_rows(path: str) -> list[dict]:

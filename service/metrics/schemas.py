@@ -1,3 +1,4 @@
+from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,6 +20,14 @@ class StepMetrics(BaseModel):
     values: dict[str, float]
 
 
+class ReplacedReward(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    reward: float
+    rescore_id: str = Field(description="the rescore that replaced it")
+    replaced_at: datetime
+
+
 class SampleRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -31,6 +40,9 @@ class SampleRead(BaseModel):
     reward: float
     source: str = Field(description='"policy": sampled by the run; else the off-policy group\'s '
                                     "source")
+    reward_history: list[ReplacedReward] = Field(
+        default_factory=list, description="rewards that re-scorings replaced, oldest first (the "
+                                          "first is the one the run trained on)")
 
 
 class SampleList(BaseModel):

@@ -5,9 +5,12 @@ from service.models.checkpoint import Checkpoint
 from service.models.file import File
 from service.models.metric import Metric
 from service.models.project import ApiKey, Project
+from service.models.rescore import Rescore, RewardHistory
 from service.models.reward_request import RewardRequest
 from service.models.run import Run
 from service.models.run_event import RunEvent
+from service.models.run_group import RunGroup
 from service.models.sample import Sample
 
-__all__ = ["ApiKey", "Base", "Checkpoint", "File", "Metric", "Project", "RewardRequest", "Run", "RunEvent", "Sample"]
+__all__ = ["ApiKey", "Base", "Checkpoint", "File", "Metric", "Project", "Rescore", "RewardHistory",
+           "RewardRequest", "Run", "RunEvent", "RunGroup", "Sample"]

@@ -1,7 +1,8 @@
 from sqlalchemy import Double, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.models.base import Base
+from service.models.rescore import RewardHistory
 
 
 class Sample(Base):
@@ -19,3 +20,6 @@ class Sample(Base):
     reward: Mapped[float] = mapped_column(Double)
     # "policy" (sampled by the run) or an off-policy group's source
     source: Mapped[str] = mapped_column(String(64), server_default="policy", default="policy")
+    # What re-scorings replaced, oldest first (loaded with the samples: one more query).
+    reward_history: Mapped[list[RewardHistory]] = relationship(
+        order_by=RewardHistory.id, lazy="selectin", viewonly=True)

@@ -4,6 +4,7 @@
   `queued` and is published again; the next worker resumes it from its latest checkpoint.
 - A queued run whose task was never published (the broker was down when it was submitted or
   resumed) is published now.
+- Rescores likewise (service/rescores/service.py).
 
 Each API process runs one reaper thread. An expired run is claimed with one conditional UPDATE,
 so replicas reaping at the same moment re-enqueue it once; a duplicate publish of a queued run
@@ -20,6 +21,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
+from service.rescores.service import reap_rescores
 from service.runs.service import add_event, dispatch_run, queue_of
 
 log = logging.getLogger(__name__)
@@ -64,5 +66,6 @@ class Reaper(threading.Thread):
         while not self.stopped.wait(self.settings.reaper_interval_s):
             try:
                 reap_runs(self.settings)
+                reap_rescores(self.settings, PUBLISH_GRACE)
             except Exception:  # a database or broker outage: try again next interval
                 log.exception("reaper pass failed")

@@ -13,12 +13,15 @@ from service.config import Settings
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue_run
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
-from service.files.service import get_file, read_rows
-from service.models import Project, Run, RunEvent
+from service.files.groups import size_problem, topup_problem
+from service.files.service import get_file, numbered_rows
+from service.checkpoints import store
+from service.models import Checkpoint, Project, Run, RunEvent
 from service.models.base import utcnow
 from service.rewards.signing import new_secret
 from service.rewards.urls import unreachable, webhook_url_problem
-from service.runs.spec import CompositeReward, RunSpec, WebhookReward
+from service.runs.preflight import check_model
+from service.runs.spec import CompositeReward, RewardSpec, RunSpec, WebhookReward
 
 STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -57,8 +60,9 @@ def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
 
 
 def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> list[dict]:
-    """The off-policy file: the project's own, of purpose offpolicy, with k completions per
-    group (the learner trains groups of algorithm.group_size)."""
+    """The off-policy file: the project's own, of purpose offpolicy, with groups of at most k
+    completions (the learner trains groups of algorithm.group_size; smaller ones are topped
+    up)."""
     if (file_id := spec.dataset.offpolicy_file) is None:
         return []
     field = "dataset.offpolicy_file"
@@ -69,24 +73,60 @@ def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> li
     if file.purpose != "offpolicy":
         return [{"field": field, "message": f"file {file.id} was uploaded with purpose "
                  f"{file.purpose!r}; off-policy groups need purpose 'offpolicy'"}]
-    k = spec.algorithm.group_size
-    for number, row in enumerate(read_rows(file.path), start=1):
-        if len(row["completions"]) != k:
-            return [{"field": field, "message": f"line {number} of file {file.id} has "
-                     f"{len(row['completions'])} completions; algorithm.group_size is {k}, and "
-                     "every group must have that many"}]
+    k, ranks = spec.algorithm.group_size, spec.resources.ranks
+    for number, row in numbered_rows(file.path):
+        if problem := size_problem(row, k) or topup_problem(row, k, ranks):
+            return [{"field": field, "message": f"line {number} of file {file.id} {problem}"}]
     return []
 
 
-def _check_webhooks(settings: Settings, spec: RunSpec) -> None:
-    reward = spec.reward
+def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> RunSpec:
+    """With model.checkpoint, the spec with the model that checkpoint holds: a whole model's
+    folder as model.path, or a LoRA adapter (model.adapter) over its run's model.path and
+    model.lora. The checkpoint's run must have ended, or its keep_last could delete it."""
+    model = spec.model
+    if model.checkpoint is None:
+        return spec
+    ckpt = session.get(Checkpoint, model.checkpoint)
+    source = ckpt and session.get(Run, ckpt.run_id)
+    if source is None or source.project_id != project.id:
+        raise InvalidSpec([{"field": "model.checkpoint",
+                            "message": f"no checkpoint {model.checkpoint!r} in this project"}])
+    problem = (f"belongs to run {source.id}, which is {source.status}: its keep_last may still "
+               "delete it; start from it once that run has ended"
+               if source.status not in TERMINAL else
+               None if store.exists(ckpt.path) else f"its files are gone from {ckpt.path}")
+    bad = [{"field": "model.checkpoint", "message": f"checkpoint {ckpt.id} {problem}"}] \
+        if problem else []
+    bad += [{"field": f"model.{name}", "message": "leave it out with model.checkpoint, which "
+             "sets it"} for name in ("path", "adapter") if getattr(model, name) is not None]
+    trained = RunSpec.model_validate(source.spec).model
+    filled = {"path": ckpt.path}
+    if ckpt.kind == "lora_adapter":
+        filled = {"path": trained.path, "adapter": ckpt.path, "lora": trained.lora}
+        if "lora" in model.model_fields_set and model.lora != trained.lora:
+            bad.append({"field": "model.lora", "message": f"checkpoint {ckpt.id} is a LoRA "
+                        "adapter, trained on with its own settings: leave model.lora out"})
+    if bad:
+        raise InvalidSpec(bad)
+    try:
+        return RunSpec.model_validate(
+            {**spec.model_dump(), "model": {**model.model_dump(), **filled},
+             "webhook_secret": spec.webhook_secret})
+    except ValidationError as exc:  # a rule the filled-in model breaks (LoRA and fsdp, say)
+        raise invalid_spec(exc.errors(), spec.model_dump()) from None
+
+
+def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | None = None) -> None:
+    """The URLs a reward (and a run's notify_url) would call: each may be called, and a
+    webhook with probe set answers."""
     hooks = [("reward", reward)] if isinstance(reward, WebhookReward) else []
     if isinstance(reward, CompositeReward):
         hooks = [(f"reward.components.{i}", c) for i, c in enumerate(reward.components)
                  if isinstance(c, WebhookReward)]
     urls = [(f"{where}.url", hook.url) for where, hook in hooks]
-    if spec.notify_url is not None:
-        urls.append(("notify_url", spec.notify_url))
+    if notify_url is not None:
+        urls.append(("notify_url", notify_url))
     bad = [{"field": field, "message": problem} for field, url in urls
            if (problem := webhook_url_problem(url, settings.webhook_allow_private))]
     if not bad:  # only URLs that may be called are probed
@@ -131,8 +171,10 @@ def create_run(
     digest = _request_hash(spec)
     if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
         return existing, False
+    spec = _from_checkpoint(session, project, spec)
     _check_dataset(session, project, spec)
-    _check_webhooks(settings, spec)
+    check_model(settings, session, project, spec)
+    check_webhooks(settings, spec.reward, spec.notify_url)
     stored = _stored_spec(spec)
     run = Run(
         project_id=project.id, name=spec.name, spec=stored,

@@ -35,11 +35,37 @@ class LoraSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    path: str = Field(min_length=1, description="local directory (or hub id where reachable)")
+    checkpoint: str | None = Field(
+        None, min_length=1,
+        description="start from this checkpoint of one of the project's ended runs (ckpt_...): "
+                    "its weights, or its LoRA adapter over its run's model; the service then "
+                    "fills in path (and adapter, lora) from that run")
+    path: str | None = Field(
+        None, min_length=1, validate_default=True,
+        description="local directory (or hub id where reachable); with checkpoint, set by the "
+                    "service")
+    adapter: str | None = Field(
+        None, min_length=1,
+        description="a PEFT LoRA adapter to go on training instead of a fresh one (set from a "
+                    "LoRA checkpoint; needs model.lora)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
     )
     lora: LoraSpec | None = Field(None, description="null = full fine-tune")
+
+    @field_validator("path")
+    @classmethod
+    def _path_or_checkpoint(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None and info.data.get("checkpoint") is None:
+            raise ValueError("Field required (the model's directory or hub id; or set "
+                             "model.checkpoint to start from a checkpoint)")
+        return v
+
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> "ModelSpec":
+        if self.adapter is not None and self.lora is None:
+            raise ValueError("model.adapter is a LoRA adapter: set model.lora too")
+        return self
 
 
 class DatasetSpec(_Strict):
@@ -147,8 +173,9 @@ class TrainingSpec(_Strict):
     seed: int = 0
     offpolicy_fraction: float = Field(
         0.0, ge=0, le=1, allow_inf_nan=False,
-        description="share of each step's groups taken from dataset.offpolicy_file instead of "
-                    "fresh rollouts (1: no rollouts at all)")
+        description="share of each step's groups that are off-policy slots: filled by groups "
+                    "posted to the run (POST /v1/runs/{id}/groups), then dataset.offpolicy_file, "
+                    "else fresh rollouts (1 with a file: no rollouts at all)")
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
@@ -338,6 +365,17 @@ class RunSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, validate_default=True)
 
+    @field_validator("algorithm")
+    @classmethod
+    def _reference_with_an_adapter(cls, v: AlgorithmSpec, info: ValidationInfo) -> AlgorithmSpec:
+        model = info.data.get("model")
+        if model is not None and model.adapter is not None and v.reference == "initial":
+            raise ValueError("reference 'initial' with a LoRA adapter to go on training "
+                             "(model.adapter, or a LoRA model.checkpoint) would take the base "
+                             "model without the adapter as pi_ref, not the model the run starts "
+                             "from: use reference 'sampling'")
+        return v
+
     @field_validator("resources")
     @classmethod
     def _webhooks_fit_the_step_timeout(cls, v: ResourcesSpec,
@@ -380,13 +418,11 @@ class RunSpec(_Strict):
         if dataset is None or training is None:
             return v
         fraction, file = training.offpolicy_fraction, dataset.offpolicy_file
-        if fraction > 0 and file is None:
-            raise ValueError("training.offpolicy_fraction needs dataset.offpolicy_file (a file "
-                             "uploaded with purpose offpolicy)")
-        if file is not None and offpolicy_per_engine(training, v.ranks) == 0:
+        # Without a file, the off-policy slots take groups posted to the run (else rollouts).
+        if (file is not None or fraction > 0) and offpolicy_per_engine(training, v.ranks) == 0:
             raise ValueError(
-                f"training.offpolicy_fraction ({fraction:g}) takes no group from "
-                "dataset.offpolicy_file in a step: raise it (each engine's share of "
+                f"training.offpolicy_fraction ({fraction:g}) makes no off-policy slot in a "
+                "step: raise it (each engine's share of "
                 f"prompts_per_step, {training.prompts_per_step // v.ranks}, times the "
                 "fraction, rounded, must be at least 1)")
         return v

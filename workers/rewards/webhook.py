@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import httpx
 import torch
 
@@ -29,6 +31,10 @@ from workers.data import Example
 from workers.errors import RunError
 from workers.rewards.base import Scores
 from workers.rollout.base import Rollout
+
+if TYPE_CHECKING:
+    from service.config import Settings
+    from workers.records import RunRecorder
 
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 ACCEPTED = object()  # an async reward model's 202: the rewards will come by callback
@@ -48,6 +54,26 @@ class WebhookContext:
     open_request: Callable[[str, int, list[str]], None]  # async: record before sending
     results: Callable[[list[str]], dict[str, dict[str, float] | None]]  # async: callbacks so far
     sleep: Callable[[float], None] = time.sleep
+    # In ids instead of the purpose: a rescore's own ("rescore2s" for the run's second), so
+    # that no two re-scorings of a run send the same sample ids.
+    batch_tag: str = ""
+
+    @classmethod
+    def of_run(cls, settings: "Settings", recorder: "RunRecorder",
+               batch_tag: str = "") -> "WebhookContext":
+        """The context of `recorder`'s run: its secret, its callback URL, retries recorded as
+        its events, async requests on its rows."""
+        run_id = recorder.run_id
+        return cls(
+            run_id=run_id, secret=recorder.webhook_secret,
+            callback_url=f"{settings.resolved_api_url}/v1/runs/{run_id}/rewards",
+            allow_private=settings.webhook_allow_private,
+            max_response_bytes=settings.webhook_max_response_bytes,
+            on_retry=lambda message, data: recorder.event("reward.retry", message, "warning",
+                                                          data),
+            open_request=recorder.open_reward_request, results=recorder.reward_results,
+            batch_tag=batch_tag,
+        )
 
 
 def sample_id(run_id: str, batch: str, group: int, index: int) -> str:
@@ -66,7 +92,8 @@ class WebhookScorer:
 
     def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
               purpose: str = "train", groups: list[int] | None = None) -> Scores:
-        run, batch = self.ctx.run_id.removeprefix("run_"), batch_name(step, purpose)
+        run = self.ctx.run_id.removeprefix("run_")
+        batch = batch_name(step, self.ctx.batch_tag or purpose)
         head = {"step": step, "purpose": purpose}  # what every request of the batch says
         numbers = groups or range(len(examples))  # each group's index in the step
         items = [

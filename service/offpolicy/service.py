@@ -1,0 +1,73 @@
+"""Groups posted to a run while it goes (POST /v1/runs/{id}/groups).
+
+A posted group is an off-policy group like a line of an offpolicy file (service/files/groups.py)
+and fills the run's off-policy slots (training.offpolicy_fraction of each step) before the run's
+offpolicy file does: the worker takes them oldest first at the next step. A run that has no
+off-policy slots, or has ended, refuses them (409), since nothing would ever train them.
+"""
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.errors import Conflict, InvalidSpec
+from service.files.groups import group_problem, size_problem, topup_problem
+from service.models import Project, Run, RunGroup
+from service.offpolicy.schemas import GroupsStatus
+from service.runs.preflight import check_posted_groups
+from service.runs.service import TERMINAL, add_event, get_run
+from service.runs.spec import RunSpec, offpolicy_per_engine
+
+MAX_PENDING = 100_000  # posted groups a run holds untrained
+
+
+def _slots(run: Run) -> int:
+    spec = RunSpec.model_validate(run.spec)
+    fraction = spec.training.offpolicy_fraction
+    engines = spec.resources.ranks // spec.rollout.tensor_parallel_size
+    return offpolicy_per_engine(spec.training, engines) * engines if fraction else 0
+
+
+def _counts(session: Session, run_id: str) -> tuple[int, int]:
+    """(pending, trained) posted groups of the run."""
+    rows = dict(session.execute(
+        select(RunGroup.taken_step.is_(None), func.count())
+        .where(RunGroup.run_id == run_id).group_by(RunGroup.taken_step.is_(None))).all())
+    return rows.get(True, 0), rows.get(False, 0)
+
+
+def groups_status(session: Session, project: Project, run_id: str,
+                  accepted: int = 0) -> GroupsStatus:
+    run = get_run(session, project, run_id)
+    pending, trained = _counts(session, run.id)
+    return GroupsStatus(run_id=run.id, accepted=accepted, pending=pending, trained=trained,
+                        slots_per_step=_slots(run))
+
+
+def post_groups(session: Session, settings: Settings, project: Project, run_id: str,
+                groups: list[dict[str, Any]]) -> GroupsStatus:
+    run = get_run(session, project, run_id)
+    if run.status in TERMINAL:
+        raise Conflict(f"run {run.id} is {run.status}: nothing would train these groups")
+    if not _slots(run):
+        raise Conflict(f"run {run.id} has no off-policy slots (training.offpolicy_fraction is "
+                       "0): submit a run with an offpolicy_fraction above 0 to post groups")
+    spec = RunSpec.model_validate(run.spec)
+    k, ranks = spec.algorithm.group_size, spec.resources.ranks
+    bad = [{"field": f"groups.{i}", "message": problem} for i, group in enumerate(groups)
+           if (problem := group_problem(group) or size_problem(group, k)
+               or topup_problem(group, k, ranks))]
+    if bad:
+        raise InvalidSpec(bad)
+    check_posted_groups(settings, spec, groups)
+    pending, _ = _counts(session, run.id)
+    if pending + len(groups) > MAX_PENDING:
+        raise Conflict(f"run {run.id} already holds {pending} untrained groups; at most "
+                       f"{MAX_PENDING} may wait: post more once steps have taken some")
+    session.add_all(RunGroup(run_id=run.id, body=group) for group in groups)
+    add_event(session, run.id, "groups.posted", f"{len(groups)} groups posted for the run's "
+              "off-policy slots", data={"groups": len(groups)})
+    session.flush()
+    return groups_status(session, project, run.id, accepted=len(groups))

@@ -1,0 +1,288 @@
+"""Submission-time checks of the model: what would otherwise fail only on the GPU worker, after
+the run waited in a queue and loaded its weights, is refused at once with a 422 naming the field.
+
+- model.path is a directory whose config.json parses, names a model type this transformers
+  handles, and whose tokenizer loads (read as the worker reads them; the weights never are).
+- rollout.max_model_len is within the model's context (vLLM refuses to start above it).
+- Every prompt of the train and eval files, tokenised as the rollout engines do, plus
+  sampling.max_new_tokens fits the limit (rollout.max_model_len, else the model's context);
+  every off-policy group's prompt plus its longest completion plus EOS fits it too (the learner
+  scores those whole sequences), and plus max_new_tokens for a group of fewer than k that the
+  run tops up with its own samples.
+
+The API sees model.path only where it shares a file system with the workers; a hub id, or a
+cluster's model volume the API does not mount, is left to the worker (settings.model_path_check
+says how strict to be). Where the context cannot be read from the config, the check accepts:
+the worker stays the last judge, a check here only saves it the trouble.
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.errors import InvalidSpec
+from service.files.service import get_file, numbered_rows
+from service.models import File, Project
+from service.runs.spec import RunSpec
+
+FIELD = "model.path"
+LOCAL_PREFIXES = ("/", "./", "../", "~")  # as the worker tells a local path from a hub id
+# Config keys that hold a context length, as vLLM reads them: the smallest one present wins.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                "model_max_length", "max_target_positions", "max_sequence_length",
+                "max_seq_length", "seq_len")
+# RoPE scalings whose factor stretches the context past the config's length (vLLM multiplies
+# by it); yarn, llama3 and longrope configs already state the stretched length.
+STRETCHING_ROPE = ("linear", "dynamic")
+TOKENIZE_BATCH = 1024
+MAX_REASON_CHARS = 300
+
+
+def _problem(field: str, message: str) -> dict[str, str]:
+    return {"field": field, "message": message}
+
+
+def check_model(settings: Settings, session: Session, project: Project, spec: RunSpec) -> None:
+    """InvalidSpec listing every problem of the run's model and token budgets; nothing to say
+    when the API cannot see the model and need not (settings.model_path_check)."""
+    path = spec.model.path
+    if path is None or settings.model_path_check == "off":
+        return
+    directory, kind = _locate(path)
+    if kind != "directory":
+        if problem := _unseen_path_problem(settings, path, kind):
+            raise InvalidSpec([problem])
+        return
+    config, tokenizer = _load(path, directory)
+    if problems := _budget_problems(session, project, spec, context_length(config), tokenizer):
+        raise InvalidSpec(problems)
+
+
+def _locate(path: str) -> tuple[Path, str]:
+    """The path here, and whether it is a "directory", a "file" or "missing"."""
+    try:
+        found = Path(path).expanduser()
+        return found, "directory" if found.is_dir() else "file" if found.exists() else "missing"
+    except (OSError, ValueError, RuntimeError):  # a name too long, a ~user with no home
+        return Path(path), "missing"
+
+
+def _unseen_path_problem(settings: Settings, path: str, kind: str) -> dict | None:
+    """A model.path that is no directory here: a problem when the worker cannot see it either
+    (the embedded stack shares this machine) or when the settings demand that the API see
+    every local path; None for a hub id or a path on a cluster's worker volume."""
+    if kind == "file":
+        return _problem(FIELD, f"{path!r} is a file; give the model's directory (config.json, "
+                        "tokenizer files and weights)")
+    strict = settings.model_path_check == "strict"
+    if not path.startswith(LOCAL_PREFIXES) or not (strict or settings.embedded):
+        return None
+    why = ("GVPO_MODEL_PATH_CHECK is strict: the API must see every local model path" if strict
+           else "the API and the worker share this machine, so the worker cannot see it either")
+    return _problem(FIELD, f"no such directory {path!r} ({why}); give the directory of a "
+                    "Hugging Face model (config.json, tokenizer files and weights)")
+
+
+def _reason(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _load(path: str, directory: Path) -> tuple:
+    """(config, tokenizer) read as the worker reads them, with no remote code and no downloads;
+    InvalidSpec on model.path saying what stops them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    def refuse(message: str) -> InvalidSpec:
+        return InvalidSpec([_problem(FIELD, message)])
+
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise refuse(f"{path!r} has no config.json, so transformers cannot load it as a model; "
+                     "give the directory written by save_pretrained (config.json, tokenizer "
+                     "files and weights)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise refuse(f"config.json in {path!r} is not valid JSON ({_reason(exc)}); replace it "
+                     "with the model's own config.json") from None
+    if not isinstance(raw, dict):
+        raise refuse(f"config.json in {path!r} is a JSON {type(raw).__name__}, not an object; "
+                     "replace it with the model's own config.json")
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=False,
+                                            local_files_only=True)
+    except Exception as exc:  # transformers raises ValueError, OSError, KeyError, ...
+        raise refuse(f"transformers cannot load the config in {path!r}: {_reason(exc)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False,
+                                                  local_files_only=True)
+    except Exception as exc:
+        raise refuse(f"transformers cannot load the tokenizer in {path!r}: {_reason(exc)}; the "
+                     "directory needs the model's tokenizer files") from None
+    return config, tokenizer
+
+
+def context_length(config) -> int | None:
+    """The model's context in tokens as vLLM derives it: the smallest length key of its (text)
+    config, stretched by a linear or dynamic RoPE scaling factor; None when no key is set."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    lengths = [v for key in CONTEXT_KEYS if isinstance(v := getattr(text, key, None), int)
+               and not isinstance(v, bool) and v > 0]
+    if not lengths:
+        return None
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    if not isinstance(rope, dict):
+        rope = {}
+    # one dict, or one per layer type ({"full_attention": {...}, "sliding_attention": {...}})
+    layers = [p for p in rope.values() if isinstance(p, dict)] or [rope]
+    factors = [p["factor"] for p in layers
+               if p.get("rope_type", p.get("type")) in STRETCHING_ROPE
+               and isinstance(p.get("factor"), (int, float)) and p["factor"] >= 1]
+    return int(min(lengths) * max(factors, default=1))
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """The tokens one sequence may hold on the worker, and where that number comes from."""
+
+    tokens: int
+    context: int | None  # the model's, from its config
+    max_model_len: int | None  # the spec's rollout.max_model_len
+
+    def __str__(self) -> str:
+        if self.max_model_len == self.tokens:
+            return f"the limit of {self.tokens} tokens (rollout.max_model_len)"
+        return f"the model's context of {self.tokens} tokens"
+
+    def remedies(self, *shrink: str) -> str:
+        """What to change: the given ways to shrink the sequence, then raising the limit where
+        it can be raised, as "a, b or c"."""
+        ways = list(shrink)
+        if self.context is None and self.max_model_len is not None:
+            ways.append("raise rollout.max_model_len")
+        elif self.context is not None and self.tokens < self.context:
+            ways.append(f"raise rollout.max_model_len (up to the model's context, {self.context})")
+        return ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
+
+
+def _budget_problems(session: Session, project: Project, spec: RunSpec, context: int | None,
+                     tokenizer) -> list[dict]:
+    """rollout.max_model_len against the model's context, then every file's sequences against
+    the limit. The files were checked (the project's own, with their fields) before this."""
+    max_len, problems = spec.rollout.max_model_len, []
+    if context is not None and max_len is not None and max_len > context:
+        problems.append(_problem("rollout.max_model_len", f"{max_len} is more than the model's "
+                                 f"context of {context} tokens (its config.json); set it to at "
+                                 f"most {context}, or leave it unset to use the whole context"))
+    if (limit := _limit(spec, context)) is None:
+        return problems
+    ds = spec.dataset
+    for attr in ("train_file", "eval_file"):
+        if (file_id := getattr(ds, attr)) is not None:
+            problems += _prompt_problems(get_file(session, project, file_id), attr, spec,
+                                         tokenizer, limit)
+    if ds.offpolicy_file is not None:
+        file = get_file(session, project, ds.offpolicy_file)
+        problems += _group_problems(numbered_rows(file.path), spec, tokenizer, limit,
+                                    lambda line: ("dataset.offpolicy_file",
+                                                  f"the group on line {line} of file {file.id}"))
+    return problems
+
+
+def _limit(spec: RunSpec, context: int | None) -> "_Limit | None":
+    known = [n for n in (spec.rollout.max_model_len, context) if n is not None]
+    return _Limit(min(known), context, spec.rollout.max_model_len) if known else None
+
+
+def check_posted_groups(settings: Settings, spec: RunSpec, groups: list[dict]) -> None:
+    """Groups posted to a run against its token limit, as check_model checks its offpolicy
+    file (InvalidSpec naming groups.<i>); nothing when the API cannot see the model."""
+    path = spec.model.path
+    if path is None or settings.model_path_check == "off":
+        return
+    directory, kind = _locate(path)
+    if kind != "directory":
+        return  # as at submission: the worker's to judge
+    config, tokenizer = _load(path, directory)
+    if (limit := _limit(spec, context_length(config))) is None:
+        return
+    if problems := _group_problems(list(enumerate(groups)), spec, tokenizer, limit,
+                                   lambda i: (f"groups.{i}", "the group")):
+        raise InvalidSpec(problems)
+
+
+def _token_counts(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[int]:
+    """len(tokenizer(text)["input_ids"]) for each text, tokenised in batches (same ids)."""
+    counts = []
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        batch = texts[start : start + TOKENIZE_BATCH]
+        ids = tokenizer(batch, add_special_tokens=add_special_tokens)["input_ids"]
+        counts += [len(row) for row in ids]
+    return counts
+
+
+def _prompt_problems(file: File, attr: str, spec: RunSpec, tokenizer,
+                     limit: _Limit) -> list[dict]:
+    """The file's longest prompt, as the engines tokenise it, plus sampling.max_new_tokens
+    against the limit."""
+    rows = numbered_rows(file.path)
+    if attr == "eval_file":  # the run evaluates the first eval.max_prompts rows only
+        rows = rows[: spec.eval.max_prompts]
+    if not rows:
+        return []
+    field = spec.dataset.prompt_field
+    counts = _token_counts(tokenizer, [str(row[field]) for _, row in rows])
+    longest = max(range(len(counts)), key=counts.__getitem__)  # the first of the longest
+    tokens, line, new = counts[longest], rows[longest][0], spec.sampling.max_new_tokens
+    where = f"line {line} of file {file.id} (dataset.{attr})"
+    if tokens >= limit.tokens:  # no room for even one new token: only shorter prompts help
+        return [_problem(f"dataset.{attr}", f"the prompt on {where} is {tokens} tokens, which "
+                         f"leaves no room for a completion within {limit}; "
+                         f"{limit.remedies('shorten the prompts')}")]
+    if tokens + new <= limit.tokens:
+        return []
+    return [_problem("sampling.max_new_tokens", f"the longest prompt, on {where}, is {tokens} "
+                     f"tokens; with max_new_tokens {new} a sequence reaches {tokens + new} "
+                     f"tokens, more than {limit}; " + limit.remedies(
+                         f"lower sampling.max_new_tokens to at most {limit.tokens - tokens}",
+                         "shorten the prompts"))]
+
+
+def _group_problems(rows: list[tuple[int, dict]], spec: RunSpec, tokenizer, limit: _Limit,
+                    where: Callable[[int], tuple[str, str]]) -> list[dict]:
+    """The longest off-policy group sequence against the limit: its prompt and its longest
+    completion with the EOS the learner appends (workers/offpolicy.py), or, for a group of
+    fewer than k that the run tops up with its own samples, max_new_tokens if that is more.
+    `rows` are (number, group); `where(number)` gives the field and the words for the group."""
+    prompts = _token_counts(tokenizer, [row["prompt"] for _, row in rows])
+    flat = _token_counts(tokenizer, [c for _, row in rows for c in row["completions"]],
+                         add_special_tokens=False)
+    k, new = spec.algorithm.group_size, spec.sampling.max_new_tokens
+    worst, start = (0, 0, 0, 0, 0), 0  # (total, line, prompt, completion, topped up)
+    for (line, row), prompt in zip(rows, prompts, strict=True):
+        n = len(row["completions"])
+        completion = max(flat[start : start + n], default=0) + 1  # + EOS
+        start += n
+        topped = k - n if n < k and new > completion else 0
+        if (total := prompt + (new if topped else completion)) > worst[0]:
+            worst = (total, line, prompt, completion, topped)
+    total, line, prompt, completion, topped = worst
+    if total <= limit.tokens:
+        return []
+    if topped:
+        longest = (f"{topped} completion{'s' * (topped > 1)} the run samples to top the group "
+                   f"up, of up to max_new_tokens ({new})")
+        room = limit.tokens - prompt
+        ways = [f"lower sampling.max_new_tokens to at most {room}"] if room > 0 else []
+        ways += [f"give that group all {k} completions", "leave it out"]
+    else:
+        longest = f"a completion of {completion} with the EOS the learner appends"
+        ways = ["shorten that group's completions or prompt", "leave it out"]
+    field, group = where(line)
+    return [_problem(field, f"{group} needs {total} tokens, more than {limit}: a prompt of "
+                     f"{prompt} and {longest}; {limit.remedies(*ways)}")]

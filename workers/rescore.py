@@ -1,0 +1,203 @@
+"""Re-scoring a run's stored samples with a new reward (service/rescores/service.py says why).
+
+The task claims the rescore with a lease (renewed by a heartbeat; the reaper re-queues it when
+the lease expires), then goes through the run's steps in order. Each step's groups are scored
+as one batch by the new reward, exactly as the run's own scorer would score a step, and applied
+in one transaction: every sample's reward replaced, the value it replaces kept in
+reward_history, the rescore's progress moved on. A task that dies part-way is followed by one
+that continues after the last step applied, and a worker that lost the lease writes nothing.
+At the end the run's groups, with their new rewards, become a file of purpose offpolicy.
+"""
+
+import logging
+from collections import defaultdict
+from datetime import timedelta
+
+from pydantic import TypeAdapter
+from sqlalchemy import func, or_, select, update
+
+from service.config import Settings
+from service.db import session_scope
+from service.files.service import save_rows
+from service.models import File, Rescore, RewardHistory, Run, Sample
+from service.models.base import utcnow
+from service.runs.service import add_event
+from service.runs.spec import RewardSpec
+from workers.data import Example
+from workers.errors import RunError
+from workers.heartbeat import Heartbeat
+from workers.offpolicy import POLICY
+from workers.records import RunRecorder
+from workers.rewards.scoring import build_scorer
+from workers.rewards.webhook import WebhookContext
+from workers.rollout.base import Completion, Rollout
+from workers.watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+REWARD = TypeAdapter(RewardSpec)
+
+
+class LeaseLost(Exception):
+    pass
+
+
+class RescoreRecorder:
+    """The rescore's rows: claim, lease, progress, outcome."""
+
+    def __init__(self, settings: Settings, rescore_id: str, worker_id: str) -> None:
+        self.settings, self.rescore_id, self.worker_id = settings, rescore_id, worker_id
+        self.url = settings.resolved_database_url
+
+    def _lease_until(self):
+        return utcnow() + timedelta(seconds=self.settings.lease_seconds)
+
+    def claim(self) -> Rescore | None:
+        """Take the rescore (queued, or running under an expired lease); None if another
+        worker has it or it has ended. The row comes back detached, as it was claimed."""
+        now = utcnow()
+        with session_scope(self.url) as session:
+            taken = session.execute(
+                update(Rescore).where(
+                    Rescore.id == self.rescore_id,
+                    or_(Rescore.status == "queued",
+                        (Rescore.status == "running") & (Rescore.lease_expires_at < now)))
+                .values(status="running", lease_owner=self.worker_id,
+                        lease_expires_at=self._lease_until(),
+                        started_at=func.coalesce(Rescore.started_at, now))).rowcount == 1
+            rescore = session.get(Rescore, self.rescore_id)
+            if taken:
+                session.expunge(rescore)
+            return rescore if taken else None
+
+    def renew_lease(self) -> bool:
+        with session_scope(self.url) as session:
+            return session.execute(
+                update(Rescore).where(Rescore.id == self.rescore_id,
+                                      Rescore.lease_owner == self.worker_id)
+                .values(lease_expires_at=self._lease_until())).rowcount == 1
+
+    def apply(self, step: int, samples: list[int], old: list[float], new: list[float]) -> None:
+        """One step's new rewards, its old ones kept, in one transaction that first checks
+        that this worker still holds the lease."""
+        with session_scope(self.url) as session:
+            if session.execute(
+                    update(Rescore).where(Rescore.id == self.rescore_id,
+                                          Rescore.lease_owner == self.worker_id)
+                    .values(last_step=step,
+                            samples_scored=Rescore.samples_scored + len(samples))
+            ).rowcount != 1:
+                raise LeaseLost()
+            session.add_all(RewardHistory(sample_id=s, rescore_id=self.rescore_id, reward=r)
+                            for s, r in zip(samples, old, strict=True))
+            for sample_id, reward in zip(samples, new, strict=True):
+                session.execute(update(Sample).where(Sample.id == sample_id)
+                                .values(reward=reward))
+
+    def finish(self, status: str, message: str, error: str | None = None,
+               file_id: str | None = None) -> None:
+        with session_scope(self.url) as session:
+            rescore = session.get(Rescore, self.rescore_id)
+            if rescore.lease_owner != self.worker_id:
+                return  # another worker took it over
+            rescore.status, rescore.error, rescore.file_id = status, error, file_id
+            rescore.finished_at, rescore.lease_owner = utcnow(), None
+            rescore.lease_expires_at = None
+            if status == "succeeded":
+                rescore.reward_mean_after = session.scalar(
+                    select(func.avg(Sample.reward)).where(Sample.run_id == rescore.run_id))
+            add_event(session, rescore.run_id, f"rescore.{status}", message,
+                      "info" if status == "succeeded" else "error",
+                      {"rescore_id": rescore.id, "file_id": file_id,
+                       "reward_mean_before": rescore.reward_mean_before,
+                       "reward_mean_after": rescore.reward_mean_after})
+
+
+def execute_rescore(settings: Settings, rescore_id: str, worker_id: str) -> str:
+    """Re-score if this worker can claim the rescore; returns how it ended or why it skipped."""
+    recorder = RescoreRecorder(settings, rescore_id, worker_id)
+    rescore = recorder.claim()
+    if rescore is None:
+        return "skipped: ended, or another worker holds it"
+    heartbeat = Heartbeat(recorder, settings.heartbeat_seconds, Watchdog(None))
+    heartbeat.start()
+    try:
+        file_id = _rescore(settings, recorder, rescore)
+    except LeaseLost:
+        log.warning("rescore %s: lease lost to another worker; stopping", rescore_id)
+        return "lease lost"
+    except Exception as exc:
+        log.exception("rescore %s failed", rescore_id)
+        error = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
+        recorder.finish("failed", f"rescore {rescore_id} failed: {error}", error=error)
+        return "failed"
+    finally:
+        heartbeat.stopped.set()
+    recorder.finish("succeeded", f"rescore {rescore_id} re-scored {rescore.samples_total} "
+                    f"samples; their groups are file {file_id}", file_id=file_id)
+    return "succeeded"
+
+
+def _rescore(settings: Settings, recorder: RescoreRecorder, rescore: Rescore) -> str:
+    """Score every step after the last one applied; returns the file of re-scored groups."""
+    run_recorder = RunRecorder(settings, rescore.run_id, recorder.worker_id)
+    context = WebhookContext.of_run(settings, run_recorder, batch_tag=f"rescore{rescore.number}s")
+    scorer = build_scorer(REWARD.validate_python(rescore.reward), context)
+    with session_scope(settings.resolved_database_url) as session:
+        steps = session.scalars(select(Sample.step).distinct().where(
+            Sample.run_id == rescore.run_id, Sample.step > rescore.last_step)
+            .order_by(Sample.step)).all()
+    for step in steps:
+        ids, old, examples, rollouts = _step_groups(settings, rescore.run_id, step)
+        new = scorer.score(step, examples, rollouts, purpose="rescore").rewards  # (G, k)
+        recorder.apply(step, ids, old, new.flatten().tolist())
+    return _export(settings, rescore)
+
+
+def _step_groups(settings: Settings, run_id: str, step: int):
+    """A step's samples as the scorer takes them: sample ids and rewards in group order, and
+    each group's example and completions."""
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.execute(select(Sample.id, Sample.group_index, Sample.prompt,
+                                      Sample.answer, Sample.completion, Sample.reward)
+                               .where(Sample.run_id == run_id, Sample.step == step)
+                               .order_by(Sample.group_index, Sample.sample_index)).all()
+    groups: dict[int, list] = defaultdict(list)
+    for row in rows:
+        groups[row.group_index].append(row)
+    ordered = [row for group in groups.values() for row in group]
+    examples = [Example(g[0].prompt, g[0].answer) for g in groups.values()]
+    rollouts = [Rollout(prompt_ids=[], completions=[Completion(r.completion, [], "stop")
+                                                    for r in g]) for g in groups.values()]
+    return [r.id for r in ordered], [r.reward for r in ordered], examples, rollouts
+
+
+def _export(settings: Settings, rescore: Rescore) -> str:
+    """The run's groups with their new rewards, as an offpolicy file of the run's project;
+    what the run sampled itself is labelled with the run's id."""
+    with session_scope(settings.resolved_database_url) as session:
+        if rescore.file_id and session.get(File, rescore.file_id):
+            return rescore.file_id
+        run = session.get(Run, rescore.run_id)
+        rows = session.execute(select(Sample.step, Sample.group_index, Sample.prompt,
+                                      Sample.answer, Sample.completion, Sample.reward,
+                                      Sample.source).where(Sample.run_id == run.id)
+                               .order_by(Sample.step, Sample.group_index, Sample.sample_index))
+        groups: dict[tuple[int, int], list] = defaultdict(list)
+        for sample in rows:
+            groups[sample.step, sample.group_index].append(sample)
+        lines = [_group_line(samples, run.id) for samples in groups.values()]
+        file = save_rows(session, settings, run.project_id, lines,
+                         f"{run.id}.rescore{rescore.number}.jsonl", "offpolicy")
+        return file.id
+
+
+def _group_line(samples: list, run_id: str) -> dict:
+    """One group's samples (rows of samples' columns) as an offpolicy file line."""
+    sources = [run_id if s.source == POLICY else s.source for s in samples]
+    line = {"prompt": samples[0].prompt, "completions": [s.completion for s in samples],
+            "rewards": [s.reward for s in samples],
+            "source": sources[0] if len(set(sources)) == 1 else sources}
+    if samples[0].answer is not None:
+        line["answer"] = samples[0].answer
+    return line
