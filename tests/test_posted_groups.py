@@ -52,6 +52,10 @@ def test_posting_rules(api, settings, make_key, tiny_model_dir):
     assert_error(post(api, make_key("other"), run_id, [group()]), 404, "not_found")
     no_slots = submit(settings, tiny_model_dir)
     assert_error(post(api, key, no_slots, [group()]), 409, "conflict", "no off-policy slots")
+    with session_scope(settings.resolved_database_url) as session:  # stored by older rules
+        session.get(Run, no_slots).spec = {**session.get(Run, no_slots).spec, "algorithm": {
+            "group_size": 1}}
+    assert_error(post(api, key, no_slots, [group()]), 409, "conflict", "no longer passes")
     api.post(f"/v1/runs/{run_id}/cancel", headers=auth(key))
     assert_error(post(api, key, run_id, [group()]), 409, "conflict", "cancelled")
     status = api.get(f"/v1/runs/{run_id}/groups", headers=auth(key)).json()

@@ -24,7 +24,7 @@ from service.checkpoints.service import get_checkpoint
 from service.diagnostics.schemas import DryRunCompletion, DryRunRequest, DryRunResult
 from service.errors import Conflict, InvalidSpec
 from service.models import Checkpoint, Project
-from service.runs.service import get_run
+from service.runs.service import get_run, run_spec
 from service.runs.spec import RunSpec
 
 MAX_TOKENS = 65_536  # padded prompt + completion tokens over the whole group
@@ -38,7 +38,7 @@ def dry_run(session: Session, project: Project, req: DryRunRequest) -> DryRunRes
     if ckpt_id is None:
         raise Conflict(f"run {run.id} has no checkpoint yet; name one of a run that has")
     ckpt = get_checkpoint(session, project, run.id, ckpt_id)
-    spec = RunSpec.model_validate(run.spec)
+    spec = run_spec(run)
     with tempfile.TemporaryDirectory() as tmp:
         source = store.fetch(ckpt.path, Path(tmp) / "checkpoint")
         policy, reference, tokenizer = _load(spec, ckpt, source)

@@ -17,14 +17,14 @@ from service.files.groups import group_problem, size_problem, topup_problem
 from service.models import Project, Run, RunGroup
 from service.offpolicy.schemas import GroupsStatus
 from service.runs.preflight import check_posted_groups
-from service.runs.service import TERMINAL, add_event, get_run
+from service.runs.service import TERMINAL, add_event, get_run, run_spec
 from service.runs.spec import RunSpec, offpolicy_per_engine
 
 MAX_PENDING = 100_000  # posted groups a run holds untrained
 
 
-def _slots(run: Run) -> int:
-    spec = RunSpec.model_validate(run.spec)
+def _slots(spec: RunSpec) -> int:
+    """Off-policy slots in each of the run's steps (over all its rollout engines)."""
     fraction = spec.training.offpolicy_fraction
     engines = spec.resources.ranks // spec.rollout.tensor_parallel_size
     return offpolicy_per_engine(spec.training, engines) * engines if fraction else 0
@@ -38,12 +38,15 @@ def _counts(session: Session, run_id: str) -> tuple[int, int]:
     return rows.get(True, 0), rows.get(False, 0)
 
 
-def groups_status(session: Session, project: Project, run_id: str,
-                  accepted: int = 0) -> GroupsStatus:
+def groups_status(session: Session, project: Project, run_id: str) -> GroupsStatus:
     run = get_run(session, project, run_id)
+    return _status(session, run, run_spec(run))
+
+
+def _status(session: Session, run: Run, spec: RunSpec, accepted: int = 0) -> GroupsStatus:
     pending, trained = _counts(session, run.id)
     return GroupsStatus(run_id=run.id, accepted=accepted, pending=pending, trained=trained,
-                        slots_per_step=_slots(run))
+                        slots_per_step=_slots(spec))
 
 
 def post_groups(session: Session, settings: Settings, project: Project, run_id: str,
@@ -51,10 +54,10 @@ def post_groups(session: Session, settings: Settings, project: Project, run_id: 
     run = get_run(session, project, run_id)
     if run.status in TERMINAL:
         raise Conflict(f"run {run.id} is {run.status}: nothing would train these groups")
-    if not _slots(run):
+    spec = run_spec(run)
+    if not _slots(spec):
         raise Conflict(f"run {run.id} has no off-policy slots (training.offpolicy_fraction is "
                        "0): submit a run with an offpolicy_fraction above 0 to post groups")
-    spec = RunSpec.model_validate(run.spec)
     k, ranks = spec.algorithm.group_size, spec.resources.ranks
     bad = [{"field": f"groups.{i}", "message": problem} for i, group in enumerate(groups)
            if (problem := group_problem(group) or size_problem(group, k)
@@ -70,4 +73,4 @@ def post_groups(session: Session, settings: Settings, project: Project, run_id: 
     add_event(session, run.id, "groups.posted", f"{len(groups)} groups posted for the run's "
               "off-policy slots", data={"groups": len(groups)})
     session.flush()
-    return groups_status(session, project, run.id, accepted=len(groups))
+    return _status(session, run, spec, accepted=len(groups))

@@ -102,7 +102,7 @@ def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> RunSp
                     "message": f"checkpoint {ckpt.id} has no files left at {ckpt.path}"})
     bad += [{"field": f"model.{name}", "message": "leave it out with model.checkpoint, which "
              "sets it"} for name in ("path", "adapter") if getattr(model, name) is not None]
-    trained = RunSpec.model_validate(source.spec).model
+    trained = run_spec(source).model
     filled = {"path": ckpt.path}
     if ckpt.kind == "lora_adapter":
         filled = {"path": trained.path, "adapter": ckpt.path, "lora": trained.lora}
@@ -216,6 +216,16 @@ def dispatch_run(settings: Settings, run_id: str, queue: str) -> bool:
         if run is not None and run.dispatched_at is None:
             run.dispatched_at = utcnow()
     return True
+
+
+def run_spec(run: Run) -> RunSpec:
+    """A run's stored spec, validated; one stored under older, looser rules is a conflict that
+    says so, never an error of the server's."""
+    try:
+        return RunSpec.model_validate(run.spec)
+    except ValidationError as exc:
+        raise Conflict(f"run {run.id}'s stored spec no longer passes today's rules "
+                       f"({exc.error_count()} problems); submit a new run") from None
 
 
 def get_run(session: Session, project: Project, run_id: str) -> Run:
