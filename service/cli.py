@@ -153,10 +153,20 @@ def files_group() -> None:
 
 @files_group.command("upload")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--purpose", default="train", type=click.Choice(["train", "eval"]))
+@click.option("--purpose", default="train", type=click.Choice(["train", "eval", "offpolicy"]))
 def files_upload(path: str, purpose: str) -> None:
     with _client() as client:
         _print_json(client.upload_file(path, purpose))
+
+
+@files_group.command("download")
+@click.argument("file_id")
+@click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
+def files_download(file_id: str, dest: Path) -> None:
+    """Write a file's JSONL to DEST (a rescore's groups, say)."""
+    with _client() as client:
+        dest.write_bytes(client.file_content(file_id))
+    click.echo(str(dest))
 
 
 @main.command()
@@ -230,6 +240,47 @@ def runs_pause(run_id: str) -> None:
 def runs_resume(run_id: str) -> None:
     with _client() as client:
         _print_json(client.resume_run(run_id))
+
+
+GROUPS_PER_REQUEST = 1000  # the API's limit for one POST .../groups
+
+
+@runs_group.command("add-groups")
+@click.argument("run_id")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+def runs_add_groups(run_id: str, path: str) -> None:
+    """Post the off-policy groups of a JSONL file (one per line, as in a file of purpose
+    offpolicy) to a run, for its off-policy slots."""
+    from service.files.service import read_rows
+
+    rows = read_rows(path)
+    with _client() as client:
+        for start in range(0, len(rows), GROUPS_PER_REQUEST):
+            status = client.post_groups(run_id, rows[start : start + GROUPS_PER_REQUEST])
+            click.echo(f"posted {start + status['accepted']}/{len(rows)} groups; "
+                       f"{status['pending']} wait for the run's {status['slots_per_step']} "
+                       "off-policy slots a step")
+
+
+@runs_group.command("rescore")
+@click.argument("run_id")
+@click.argument("reward_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait", is_flag=True, help="follow it until it ends, then print it")
+def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
+    """Re-score an ended run's samples with the reward in REWARD_PATH (YAML or JSON, a run
+    spec's `reward`); the re-scored groups become an offpolicy file (its file_id)."""
+    import yaml
+
+    reward = yaml.safe_load(Path(reward_path).read_text())
+    with _client() as client:
+        rescore = client.rescore(run_id, reward)
+        while wait and rescore["status"] in ("queued", "running"):
+            click.echo(f"{rescore['status']}: {rescore['samples_scored']}/"
+                       f"{rescore['samples_total']} samples re-scored", err=True)
+            time.sleep(1.0)
+            rescore = client.get_rescore(run_id, rescore["id"])
+        _print_json(rescore)
+        sys.exit(1 if rescore["status"] == "failed" else 0)
 
 
 def run() -> None:

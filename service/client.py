@@ -59,6 +59,12 @@ class Client:
             return self._request("POST", "/v1/files", data={"purpose": purpose},
                                  files={"file": (Path(path).name, fh, "application/jsonl")})
 
+    def file_content(self, file_id: str) -> bytes:
+        resp = self.http.get(f"/v1/files/{file_id}/content")
+        if resp.status_code >= 400:
+            self._raise(resp)
+        return resp.content
+
     def list_files(self) -> list[dict]:
         return self._request("GET", "/v1/files")["data"]
 
@@ -146,6 +152,16 @@ class Client:
         {"url": <path on the API's origin>, "expires_at": ...}."""
         return self._request("POST", f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download-url",
                              params={"format": format})
+
+    # off-policy groups and re-scoring
+    def post_groups(self, run_id: str, groups: list[dict]) -> dict:
+        return self._request("POST", f"/v1/runs/{run_id}/groups", json={"groups": groups})
+
+    def rescore(self, run_id: str, reward: dict) -> dict:
+        return self._request("POST", f"/v1/runs/{run_id}/rescore", json={"reward": reward})
+
+    def get_rescore(self, run_id: str, rescore_id: str) -> dict:
+        return self._request("GET", f"/v1/runs/{run_id}/rescores/{rescore_id}")
 
     def wait(self, run_id: str, timeout: float = 3600, poll_s: float = 1.0,
              on_poll: Callable[[dict], None] | None = None) -> dict:

@@ -109,6 +109,10 @@ def test_upload_lists_and_shows_a_jsonl_file(api, make_key):
     assert shown.status_code == 200 and shown.json() == file
     listed = api.get("/v1/files", headers=auth(key)).json()
     assert listed["object"] == "list" and listed["data"] == [file]
+    downloaded = api.get(f"/v1/files/{file['id']}/content", headers=auth(key))
+    assert downloaded.status_code == 200 and downloaded.content == content
+    assert_error(api.get(f"/v1/files/{file['id']}/content", headers=auth(make_key("other"))),
+                 404, "not_found")
 
 
 @pytest.mark.parametrize("content, purpose, needles, line", [

@@ -348,3 +348,21 @@ def test_cli_client_commands(embedded, tiny_model_dir, tmp_path):
     assert paused.returncode == 2 and "409 conflict" in paused.stderr
     resumed = env_cli("runs", "resume", run_id)
     assert resumed.returncode == 2 and "only a paused run" in resumed.stderr
+    # re-score the finished run by the worker, then post its groups to a new run that has
+    # off-policy slots (queued: the groups wait for its steps)
+    reward = tmp_path / "reward.yaml"
+    reward.write_text("type: builtin\nname: exact_match\n")
+    rescored = env_cli("runs", "rescore", run_id, str(reward), "--wait")
+    assert rescored.returncode == 0, rescored.stdout + rescored.stderr
+    result = json.loads(rescored.stdout)
+    assert (result["status"], result["samples_scored"]) == ("succeeded", 3 * 4 * 4)
+    groups = tmp_path / "groups.jsonl"
+    assert env_cli("files", "download", result["file_id"], str(groups)).returncode == 0
+    assert len(groups.read_text().splitlines()) == 3 * 4
+    spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, file_id, steps=3,
+                                             offpolicy_fraction=0.5)))
+    paused_run = json.loads(env_cli("submit", str(spec_path)).stdout)["id"]
+    env_cli("runs", "pause", paused_run)
+    added = env_cli("runs", "add-groups", paused_run, str(groups))
+    assert added.returncode == 0, added.stderr
+    assert f"posted {3 * 4}/{3 * 4} groups; {3 * 4} wait" in added.stdout

@@ -1,6 +1,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Form, UploadFile
+from fastapi.responses import FileResponse
 
 from service.deps import ProjectDep, SessionDep, SettingsDep
 from service.files import service
@@ -26,3 +27,12 @@ def list_files(session: SessionDep, project: ProjectDep) -> FileList:
 @router.get("/{file_id}", response_model=FileRead)
 def get_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileRead:
     return FileRead.model_validate(service.get_file(session, project, file_id))
+
+
+@router.get("/{file_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/jsonl": {}},
+                             "description": "the file's JSONL, as uploaded or made"}})
+def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
+    """The file's rows: an upload as it was sent, or one the service made (a rescore's)."""
+    file = service.get_file(session, project, file_id)
+    return FileResponse(file.path, media_type="application/jsonl", filename=file.filename)
