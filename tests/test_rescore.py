@@ -121,23 +121,30 @@ def test_rescoring_rules(api, settings, make_key, tiny_model_dir):
                  "not_found")
 
 
-def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_dir):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_dir, mode):
     """The new reward model gets the run's samples as signed requests that say
-    purpose "rescore", with sample ids of this rescore's own."""
+    purpose "rescore", with sample ids of this rescore's own; in async mode it calls the rewards
+    back to the real API on a loopback port."""
     from fastapi.testclient import TestClient
+    from reward_server import ThreadServer
 
     from service.main import create_app
+    from service.stack import free_port
 
-    hooks = settings.model_copy(update={"webhook_allow_private": True})
+    hooks = settings.model_copy(update={"webhook_allow_private": True, "api_port": free_port()})
     run_id = finished_run(hooks, tiny_model_dir)
     with session_scope(hooks.resolved_database_url) as session:
-        behaviour = Behaviour(secret=session.get(Run, run_id).webhook_secret)
+        behaviour = Behaviour(secret=session.get(Run, run_id).webhook_secret, mode=mode)
     key = make_key("loop")
-    with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
+    with (ThreadServer(create_app(hooks), port=hooks.api_port), RewardServer(behaviour) as server,
+          TestClient(create_app(hooks)) as api):
         result = rescore(api, hooks, key, run_id, {"type": "webhook", "url": server.url,
-                                                   "timeout_s": 10})
+                                                   "mode": mode, "timeout_s": 10})
     assert result["status"] == "succeeded"
     assert behaviour.purposes == ["rescore"] * STEPS  # one request per step
+    if mode == "async":
+        assert behaviour.callback_statuses == [200] * STEPS
     assert all("_rescore1s" in sid for sid in behaviour.rewards)
     assert [s.reward for s in samples(hooks, run_id)] == pytest.approx(
         [score(s.completion) for s in samples(hooks, run_id)])
