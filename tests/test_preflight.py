@@ -305,3 +305,19 @@ def test_every_problem_is_listed(api, make_key, settings, small_model):
 ])
 def test_the_context_is_read_as_vllm_reads_it(config, expected):
     assert context_length(SimpleNamespace(**config)) == expected
+
+
+def test_an_adapter_to_go_on_with_must_be_one(api, make_key, small_model, tmp_path):
+    key = make_key()
+    train = upload(api, key, rows("abc="))
+
+    def with_adapter(adapter) -> dict:
+        spec = body(small_model, train)
+        spec["model"] |= {"adapter": str(adapter), "lora": {"r": 4}}
+        return spec
+
+    missing = refused(api, key, with_adapter(tmp_path / "nope"), "no such directory")
+    assert [f["field"] for f in missing] == ["model.adapter"]
+    (tmp_path / "empty").mkdir()
+    empty = refused(api, key, with_adapter(tmp_path / "empty"), "no adapter_config.json")
+    assert [f["field"] for f in empty] == ["model.adapter"]

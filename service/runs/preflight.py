@@ -52,6 +52,8 @@ def check_model(settings: Settings, session: Session, project: Project, spec: Ru
     path = spec.model.path
     if path is None or settings.model_path_check == "off":
         return
+    if problem := _adapter_problem(settings, spec.model.adapter):
+        raise InvalidSpec([problem])
     directory, kind = _locate(path)
     if kind != "directory":
         if problem := _unseen_path_problem(settings, path, kind):
@@ -71,20 +73,37 @@ def _locate(path: str) -> tuple[Path, str]:
         return Path(path), "missing"
 
 
-def _unseen_path_problem(settings: Settings, path: str, kind: str) -> dict | None:
-    """A model.path that is no directory here: a problem when the worker cannot see it either
+MODEL_FILES = "config.json, tokenizer files and weights"
+
+
+def _adapter_problem(settings: Settings, adapter: str | None) -> dict | None:
+    """model.adapter, where the API can see it: a PEFT adapter's folder."""
+    if adapter is None:
+        return None
+    directory, kind = _locate(adapter)
+    if kind != "directory":
+        return _unseen_path_problem(settings, adapter, kind, "model.adapter",
+                                    "adapter_config.json and the adapter's weights")
+    if not (directory / "adapter_config.json").is_file():
+        return _problem("model.adapter", f"{adapter!r} has no adapter_config.json; give the "
+                        "folder a PEFT model's save_pretrained wrote (a run's LoRA checkpoint)")
+    return None
+
+
+def _unseen_path_problem(settings: Settings, path: str, kind: str, field: str = FIELD,
+                         files: str = MODEL_FILES) -> dict | None:
+    """A model path that is no directory here: a problem when the worker cannot see it either
     (the embedded stack shares this machine) or when the settings demand that the API see
     every local path; None for a hub id or a path on a cluster's worker volume."""
     if kind == "file":
-        return _problem(FIELD, f"{path!r} is a file; give the model's directory (config.json, "
-                        "tokenizer files and weights)")
+        return _problem(field, f"{path!r} is a file; give the directory ({files})")
     strict = settings.model_path_check == "strict"
     if not path.startswith(LOCAL_PREFIXES) or not (strict or settings.embedded):
         return None
     why = ("GVPO_MODEL_PATH_CHECK is strict: the API must see every local model path" if strict
            else "the API and the worker share this machine, so the worker cannot see it either")
-    return _problem(FIELD, f"no such directory {path!r} ({why}); give the directory of a "
-                    "Hugging Face model (config.json, tokenizer files and weights)")
+    return _problem(field, f"no such directory {path!r} ({why}); give a directory with "
+                    f"{files}")
 
 
 def _reason(exc: Exception) -> str:
@@ -205,6 +224,8 @@ def check_posted_groups(settings: Settings, spec: RunSpec, groups: list[dict]) -
     path = spec.model.path
     if path is None or settings.model_path_check == "off":
         return
+    if problem := _adapter_problem(settings, spec.model.adapter):
+        raise InvalidSpec([problem])
     directory, kind = _locate(path)
     if kind != "directory":
         return  # as at submission: the worker's to judge
