@@ -49,19 +49,27 @@ def _problem(field: str, message: str) -> dict[str, str]:
 def check_model(settings: Settings, session: Session, project: Project, spec: RunSpec) -> None:
     """InvalidSpec listing every problem of the run's model and token budgets; nothing to say
     when the API cannot see the model and need not (settings.model_path_check)."""
+    if (seen := _seen_model(settings, spec)) is None:
+        return
+    config, tokenizer = seen
+    if problems := _budget_problems(session, project, spec, context_length(config), tokenizer):
+        raise InvalidSpec(problems)
+
+
+def _seen_model(settings: Settings, spec: RunSpec) -> tuple | None:
+    """(config, tokenizer) of the run's model where the API sees it and should look, else None;
+    InvalidSpec for a model that cannot load, or a path the worker could not see either."""
     path = spec.model.path
     if path is None or settings.model_path_check == "off":
-        return
+        return None
     if problem := _adapter_problem(settings, spec.model.adapter):
         raise InvalidSpec([problem])
     directory, kind = _locate(path)
     if kind != "directory":
         if problem := _unseen_path_problem(settings, path, kind):
             raise InvalidSpec([problem])
-        return
-    config, tokenizer = _load(path, directory)
-    if problems := _budget_problems(session, project, spec, context_length(config), tokenizer):
-        raise InvalidSpec(problems)
+        return None
+    return _load(path, directory)
 
 
 def _locate(path: str) -> tuple[Path, str]:
@@ -221,15 +229,9 @@ def _limit(spec: RunSpec, context: int | None) -> "_Limit | None":
 def check_posted_groups(settings: Settings, spec: RunSpec, groups: list[dict]) -> None:
     """Groups posted to a run against its token limit, as check_model checks its offpolicy
     file (InvalidSpec naming groups.<i>); nothing when the API cannot see the model."""
-    path = spec.model.path
-    if path is None or settings.model_path_check == "off":
+    if (seen := _seen_model(settings, spec)) is None:
         return
-    if problem := _adapter_problem(settings, spec.model.adapter):
-        raise InvalidSpec([problem])
-    directory, kind = _locate(path)
-    if kind != "directory":
-        return  # as at submission: the worker's to judge
-    config, tokenizer = _load(path, directory)
+    config, tokenizer = seen
     if (limit := _limit(spec, context_length(config))) is None:
         return
     if problems := _group_problems(list(enumerate(groups)), spec, tokenizer, limit,
