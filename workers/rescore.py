@@ -19,7 +19,7 @@ from sqlalchemy import func, or_, select, update
 from service.config import Settings
 from service.db import session_scope
 from service.files.service import save_rows
-from service.models import File, Rescore, RewardHistory, Run, Sample
+from service.models import Rescore, RewardHistory, Run, Sample
 from service.models.base import utcnow
 from service.runs.service import add_event
 from service.runs.spec import RewardSpec
@@ -176,8 +176,6 @@ def _export(settings: Settings, rescore: Rescore) -> str:
     """The run's groups with their new rewards, as an offpolicy file of the run's project;
     what the run sampled itself is labelled with the run's id."""
     with session_scope(settings.resolved_database_url) as session:
-        if rescore.file_id and session.get(File, rescore.file_id):
-            return rescore.file_id
         run = session.get(Run, rescore.run_id)
         rows = session.execute(select(Sample.step, Sample.group_index, Sample.prompt,
                                       Sample.answer, Sample.completion, Sample.reward,
