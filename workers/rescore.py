@@ -90,9 +90,8 @@ class RescoreRecorder:
                 raise LeaseLost()
             session.add_all(RewardHistory(sample_id=s, rescore_id=self.rescore_id, reward=r)
                             for s, r in zip(samples, old, strict=True))
-            for sample_id, reward in zip(samples, new, strict=True):
-                session.execute(update(Sample).where(Sample.id == sample_id)
-                                .values(reward=reward))
+            session.execute(update(Sample), [{"id": s, "reward": r}  # by primary key
+                                             for s, r in zip(samples, new, strict=True)])
 
     def finish(self, status: str, message: str, error: str | None = None,
                file_id: str | None = None) -> None:

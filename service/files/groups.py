@@ -5,7 +5,8 @@
 
 `rewards` (one per completion) are used as given; a group without them is scored by the run's
 reward (with `answer`). A group of fewer completions than the run's algorithm.group_size is
-topped up with completions the run samples from its policy (and then has no rewards of its own). `source` labels where the completions came from (a teacher, production
+topped up with completions the run samples from its policy (and then has no rewards of its
+own). `source` labels where the completions came from (a teacher, production
 logs, an older checkpoint), for the whole group or per completion: a group may mix sources.
 """
 
@@ -44,10 +45,11 @@ def group_problem(row: dict) -> str | None:
     return None
 
 
-def size_problem(row: dict, k: int) -> str | None:
+def fit_problem(row: dict, k: int, processes: int) -> str | None:
     """What keeps a valid group from training in a run whose groups are of k, or None. A group
     of fewer completions is topped up with the policy's own samples and scored whole by the
-    run's reward, so it carries no rewards of its own."""
+    run's reward, so it carries no rewards of its own; and since a step's engines must all
+    generate alike, topping up is for runs of one training process."""
     n = len(row["completions"])
     if n > k:
         return (f"has {n} completions; algorithm.group_size is {k}, the most a group may have "
@@ -56,16 +58,9 @@ def size_problem(row: dict, k: int) -> str | None:
         return (f"has {n} completions with rewards; a group of fewer than algorithm.group_size "
                 f"({k}) is topped up with the policy's own samples and scored whole by the "
                 f"run's reward: leave its rewards out, or give it {k} completions")
-    return None
-
-
-def topup_problem(row: dict, k: int, processes: int) -> str | None:
-    """Topping up samples k - n more for one prompt; a step's engines must all generate alike,
-    so it needs a run of one training process."""
-    if len(row["completions"]) < k and processes > 1:
-        return (f"has {len(row['completions'])} completions, fewer than algorithm.group_size "
-                f"({k}): topping a group up is for runs of one training process, and this one "
-                f"has {processes}")
+    if n < k and processes > 1:
+        return (f"has {n} completions, fewer than algorithm.group_size ({k}): topping a group "
+                f"up is for runs of one training process, and this one has {processes}")
     return None
 
 

@@ -3,7 +3,7 @@
 from collections import defaultdict
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from service.metrics.schemas import StepMetrics
 from service.models import Metric, Project, Sample
@@ -48,6 +48,7 @@ def list_samples(
             return None, []
     stmt = (
         select(Sample)
+        .options(selectinload(Sample.reward_history))  # one more query for the page
         .where(Sample.run_id == run_id, Sample.step == step)
         .order_by(Sample.group_index, Sample.sample_index)
         .limit(limit)

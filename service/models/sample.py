@@ -20,6 +20,6 @@ class Sample(Base):
     reward: Mapped[float] = mapped_column(Double)
     # "policy" (sampled by the run) or an off-policy group's source
     source: Mapped[str] = mapped_column(String(64), server_default="policy", default="policy")
-    # What re-scorings replaced, oldest first (loaded with the samples: one more query).
-    reward_history: Mapped[list[RewardHistory]] = relationship(
-        order_by=RewardHistory.id, lazy="selectin", viewonly=True)
+    # What re-scorings replaced, oldest first.
+    reward_history: Mapped[list[RewardHistory]] = relationship(order_by=RewardHistory.id,
+                                                               viewonly=True)

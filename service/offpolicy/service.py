@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import Conflict, InvalidSpec
-from service.files.groups import group_problem, size_problem, topup_problem
+from service.files.groups import fit_problem, group_problem
 from service.models import Project, Run, RunGroup
 from service.offpolicy.schemas import GroupsStatus
 from service.runs.preflight import check_posted_groups
@@ -60,8 +60,7 @@ def post_groups(session: Session, settings: Settings, project: Project, run_id: 
                        "0): submit a run with an offpolicy_fraction above 0 to post groups")
     k, ranks = spec.algorithm.group_size, spec.resources.ranks
     bad = [{"field": f"groups.{i}", "message": problem} for i, group in enumerate(groups)
-           if (problem := group_problem(group) or size_problem(group, k)
-               or topup_problem(group, k, ranks))]
+           if (problem := group_problem(group) or fit_problem(group, k, ranks))]
     if bad:
         raise InvalidSpec(bad)
     check_posted_groups(settings, spec, groups)

@@ -39,6 +39,7 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 # by it); yarn, llama3 and longrope configs already state the stretched length.
 STRETCHING_ROPE = ("linear", "dynamic")
 TOKENIZE_BATCH = 1024
+MODEL_FILES = "config.json, tokenizer files and weights"
 MAX_REASON_CHARS = 300
 
 
@@ -79,9 +80,6 @@ def _locate(path: str) -> tuple[Path, str]:
         return found, "directory" if found.is_dir() else "file" if found.exists() else "missing"
     except (OSError, ValueError, RuntimeError):  # a name too long, a ~user with no home
         return Path(path), "missing"
-
-
-MODEL_FILES = "config.json, tokenizer files and weights"
 
 
 def _adapter_problem(settings: Settings, adapter: str | None) -> dict | None:
@@ -130,8 +128,7 @@ def _load(path: str, directory: Path) -> tuple:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise refuse(f"{path!r} has no config.json, so transformers cannot load it as a model; "
-                     "give the directory written by save_pretrained (config.json, tokenizer "
-                     "files and weights)")
+                     f"give the directory written by save_pretrained ({MODEL_FILES})")
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -14,7 +14,7 @@ from service.config import Settings
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue_run
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
-from service.files.groups import size_problem, topup_problem
+from service.files.groups import fit_problem
 from service.files.service import get_file, numbered_rows
 from service.models import Checkpoint, Project, Run, RunEvent
 from service.models.base import utcnow
@@ -75,7 +75,7 @@ def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> li
                  f"{file.purpose!r}; off-policy groups need purpose 'offpolicy'"}]
     k, ranks = spec.algorithm.group_size, spec.resources.ranks
     for number, row in numbered_rows(file.path):
-        if problem := size_problem(row, k) or topup_problem(row, k, ranks):
+        if problem := fit_problem(row, k, ranks):
             return [{"field": field, "message": f"line {number} of file {file.id} {problem}"}]
     return []
 
