@@ -142,7 +142,7 @@ def create(settings, file_id: str, name: str, webhook: bool) -> str:
     from service.db import session_scope
     from service.models import Project
     from service.runs.service import create_run
-    from service.runs.spec import RunSpec
+    from service.contract.spec import RunSpec
     from sqlalchemy import select
     reward = ({"type": "webhook", "url": "http://127.0.0.1:9/reward", "mode": "async"}
               if webhook else {"type": "builtin", "name": "char_accuracy"})
@@ -240,7 +240,7 @@ def load(args) -> dict:
     from locust import FastHttpUser, constant, task
     from locust.env import Environment
 
-    from service.rewards.signing import HEADER, sign
+    from service.contract.signing import HEADER, sign
     target, scenario = json.loads(os.environ.get(TARGET_ENV, "{}")), args.load
     counter = itertools.count()
     send = sender(scenario, target, counter, HEADER, sign)

@@ -71,7 +71,7 @@ def submit(settings, model_dir: str, P: int, k: int, L: int, args) -> str:
     from service.db import session_scope
     from service.files.service import create_file
     from service.runs.service import create_run
-    from service.runs.spec import RunSpec
+    from service.contract.spec import RunSpec
     data = "".join(json.dumps(r) + "\n" for r in copy_rows()).encode()
     spec = {
         "model": {"path": model_dir}, "reward": {"type": "builtin", "name": "char_accuracy"},

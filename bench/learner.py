@@ -81,8 +81,8 @@ def rollouts(P: int, k: int, prompt_len: int, comp_len: int, seed: int = 0):
 
 def ours_step(model, path: str, data, args):
     import torch
-    from service.runs.spec import RunSpec
-    from workers.learner.learner import GroupBatch, Learner
+    from service.contract.spec import RunSpec
+    from workers.learner.learner import GroupBatch, Learner, LearnerConfig
     prompts, completions, rewards = data
     spec = RunSpec.model_validate({
         "model": {"path": path}, "dataset": {"train_file": "unused.jsonl"},
@@ -93,7 +93,7 @@ def ours_step(model, path: str, data, args):
         "training": {"mini_batches": 1},  # micro-batching left at its default: the whole batch
     })
     model.train()
-    learner = Learner(model, spec, torch.device(args.device), pad_id=0)
+    learner = Learner(model, LearnerConfig.of(spec), torch.device(args.device), pad_id=0)
     batch = GroupBatch(prompts.tolist(), completions.tolist(), rewards)
     counter = iter(range(1, 10**9))
     return lambda: learner.learn(batch, next(counter))

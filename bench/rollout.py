@@ -59,7 +59,7 @@ def build_engine(side: str, model_dir: str, max_new_tokens: int):
         from workers.rollout.hf import HFRolloutEngine
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         return HFRolloutEngine(model.eval(), tokenizer, device)
-    from service.runs.spec import RunSpec
+    from service.contract.spec import RunSpec
     from workers.rollout.vllm import VLLMRolloutEngine
     spec = RunSpec.model_validate({
         "model": {"path": model_dir}, "dataset": {"train_file": "unused"},
@@ -73,7 +73,7 @@ def worker(args) -> dict:
     """One side, one size, in this (fresh) process; returns the measurements."""
     import torch
     from transformers.utils import logging as hf_logging
-    from service.runs.spec import SamplingSpec
+    from service.contract.spec import SamplingSpec
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 
 from service.config import Settings, get_settings
+from service.contract.files import FilePurpose
+from service.contract.states import RESCORE_ACTIVE, RescoreStatus, RunStatus
 from service.migrate import prepare
 
 
@@ -153,7 +155,7 @@ def files_group() -> None:
 
 @files_group.command("upload")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--purpose", default="train", type=click.Choice(["train", "eval", "offpolicy"]))
+@click.option("--purpose", default="train", type=click.Choice(list(FilePurpose)))
 def files_upload(path: str, purpose: str) -> None:
     with _client() as client:
         _print_json(client.upload_file(path, purpose))
@@ -184,7 +186,7 @@ def submit(spec_path: str, idempotency_key: str | None, wait: bool) -> None:
         if wait:
             from service.progress import follow_run
 
-            sys.exit(0 if follow_run(client, run["id"])["status"] == "succeeded" else 1)
+            sys.exit(0 if follow_run(client, run["id"])["status"] == RunStatus.SUCCEEDED else 1)
 
 
 @main.group("runs")
@@ -217,7 +219,7 @@ def runs_watch(run_id: str) -> None:
     from service.progress import follow_run
 
     with _client() as client:
-        sys.exit(0 if follow_run(client, run_id)["status"] == "succeeded" else 1)
+        sys.exit(0 if follow_run(client, run_id)["status"] == RunStatus.SUCCEEDED else 1)
 
 
 @runs_group.command("cancel")
@@ -251,7 +253,7 @@ GROUPS_PER_REQUEST = 1000  # the API's limit for one POST .../groups
 def runs_add_groups(run_id: str, path: str) -> None:
     """Post the off-policy groups of a JSONL file (one per line, as in a file of purpose
     offpolicy) to a run, for its off-policy slots."""
-    from service.files.service import read_rows
+    from service.contract.files import read_rows
 
     rows = read_rows(path)
     with _client() as client:
@@ -274,13 +276,13 @@ def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
     reward = yaml.safe_load(Path(reward_path).read_text())
     with _client() as client:
         rescore = client.rescore(run_id, reward)
-        while wait and rescore["status"] in ("queued", "running"):
+        while wait and rescore["status"] in RESCORE_ACTIVE:
             click.echo(f"{rescore['status']}: {rescore['samples_scored']}/"
                        f"{rescore['samples_total']} samples re-scored", err=True)
             time.sleep(1.0)
             rescore = client.get_rescore(run_id, rescore["id"])
         _print_json(rescore)
-        sys.exit(1 if rescore["status"] == "failed" else 0)
+        sys.exit(1 if rescore["status"] == RescoreStatus.FAILED else 0)
 
 
 def run() -> None:

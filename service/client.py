@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.contract.states import TERMINAL
+
 
 
 class ApiError(Exception):

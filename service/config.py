@@ -27,6 +27,16 @@ class Settings(BaseSettings):
     broker_url: str = Field(
         default="filesystem://", description="Celery broker; filesystem:// is the embedded one"
     )
+    result_backend: str | None = Field(
+        default=None,
+        description="Celery result backend for the requests a worker answers while the API "
+                    "waits (the loss dry-run, merged checkpoint downloads); default: the Redis "
+                    "broker itself, a folder beside the file broker, rpc:// for AMQP",
+    )
+    worker_answer_timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="how long the API waits for a worker to answer such a request (504 after)",
+    )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str | None = Field(default=None, description="where clients reach the API")

@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 
 from service.config import Settings
+from service.contract.events import EventType
+from service.contract.states import RunStatus
 from service.stack import Stack, free_port
 
 LETTERS = "abcdefghij"
@@ -94,9 +96,9 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
         curves = client.metrics(run["id"], ["reward/mean", "rollout/logprob_diff_max"])
         curve = curves.get("reward/mean", [])
         gaps = [v for _, v in curves.get("rollout/logprob_diff_max", [])]
-        loaded = [e for e in client.events(run["id"]) if e["type"] == "run.model_loaded"]
+        loaded = [e for e in client.events(run["id"]) if e["type"] == EventType.RUN_MODEL_LOADED]
         checkpoints = client.checkpoints(run["id"])
-    if run["status"] != "succeeded":
+    if run["status"] != RunStatus.SUCCEEDED:
         console.print(f"[red]run {run['status']}: {run['error']}")
         return 1
     console.print("\n[bold]reward/mean over training[/bold]")

@@ -34,6 +34,18 @@ class PayloadTooLarge(ServiceError):
     pass
 
 
+class WorkerFailed(ServiceError):
+    """A worker broke while answering a request (not the request's fault)."""
+
+
+class ServiceUnavailable(ServiceError):
+    """What the request needs (the broker, a result backend) cannot be reached now."""
+
+
+class GatewayTimeout(ServiceError):
+    """No worker answered in time."""
+
+
 class InvalidSpec(ServiceError):
     """A request body that parsed but breaks a rule; details["fields"] names each bad field."""
 
@@ -50,6 +62,9 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str, StatusCode]] = {
     Conflict: (409, "conflict", StatusCode.FAILED_PRECONDITION),
     PayloadTooLarge: (413, "payload_too_large", StatusCode.RESOURCE_EXHAUSTED),
     InvalidSpec: (422, "invalid_request", StatusCode.INVALID_ARGUMENT),
+    WorkerFailed: (502, "worker_error", StatusCode.INTERNAL),
+    ServiceUnavailable: (503, "unavailable", StatusCode.UNAVAILABLE),
+    GatewayTimeout: (504, "worker_timeout", StatusCode.DEADLINE_EXCEEDED),
 }
 UNEXPECTED = (500, "internal_error", StatusCode.INTERNAL)
 

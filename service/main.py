@@ -24,6 +24,7 @@ from service.rewards.routes import router as rewards_router
 from service.runs.notify import Notifier
 from service.runs.reaper import Reaper
 from service.runs.routes import router as runs_router
+from service.runs.routes import states_router
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router,
                    rewards_router, diagnostics_router, offpolicy_router, rescores_router,
-                   telemetry.router):
+                   states_router, telemetry.router):
         app.include_router(router)
     telemetry.install(app, app.state.settings)
     dashboard.install(app)

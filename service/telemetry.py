@@ -27,7 +27,9 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import Metric, Run, RunEvent
 from service.models.base import utcnow
-from service.runs.service import STATES, queue_of
+from service.contract.events import EventType
+from service.contract.states import RunStatus
+from service.contract.tasks import queue_of
 
 STEP_PHASES = ("weight_sync", "rollout", "reward", "learn")
 
@@ -44,14 +46,14 @@ class RunStateCollector:
         with session_scope(self.settings.resolved_database_url) as session:
             by_state = dict(session.execute(
                 select(Run.status, func.count()).group_by(Run.status)).all())
-            queued = session.execute(select(Run.spec, Run.id).where(Run.status == "queued")).all()
+            queued = session.execute(select(Run.spec, Run.id).where(Run.status == RunStatus.QUEUED)).all()
             running = session.execute(select(Run.id, Run.lease_owner, Run.lease_expires_at)
-                                      .where(Run.status == "running")).all()
+                                      .where(Run.status == RunStatus.RUNNING)).all()
             ids = [r.id for r in running]
             latest = self._latest_step_times(session, ids)
             retries = dict(session.execute(
                 select(RunEvent.run_id, func.count()).where(RunEvent.run_id.in_(ids),
-                                                            RunEvent.type == "reward.retry")
+                                                            RunEvent.type == EventType.REWARD_RETRY)
                 .group_by(RunEvent.run_id)).all())
         yield self._runs_by_state(by_state)
         yield self._queue_depth(queued)
@@ -61,7 +63,7 @@ class RunStateCollector:
     @staticmethod
     def _runs_by_state(by_state: dict) -> GaugeMetricFamily:
         g = GaugeMetricFamily("gvpo_runs", "runs by state", labels=["state"])
-        for state in STATES:
+        for state in RunStatus:
             g.add_metric([state], by_state.get(state, 0))
         return g
 

@@ -8,7 +8,7 @@ from service.auth.service import create_api_key
 from service.db import session_scope
 from service.files.service import create_file
 from service.runs.service import create_run
-from service.runs.spec import RunSpec
+from service.contract.spec import RunSpec
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

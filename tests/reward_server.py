@@ -13,7 +13,7 @@ import httpx
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.rewards.signing import HEADER, REQUEST_ID_HEADER, SignatureError, sign, verify
+from service.contract.signing import HEADER, REQUEST_ID_HEADER, SignatureError, sign, verify
 from service.stack import free_port
 
 

@@ -1,11 +1,14 @@
 """The production servers, throwaway, on loopback ports: a PostgreSQL cluster (initdb +
 pg_ctl) and redis-server without persistence. `make services` installs them when missing."""
 
+import contextlib
 import glob
 import os
 import shutil
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,33 @@ def start_redis(port: int, workdir: Path) -> subprocess.Popen:
         except redis.ConnectionError:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.1)
+
+
+@contextmanager
+def running_worker(settings, log_path: Path, ready_within_s: float = 120.0):
+    """`gvpo worker` for `settings` as a child process, once Celery says it is ready (it
+    consumes from then on); stopped, with its pool children, on exit."""
+    import signal
+
+    from service.stack import stack_env
+
+    log = log_path.open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
+                            env=stack_env(settings), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + ready_within_s
+        while b" ready." not in log_path.read_bytes():
+            assert proc.poll() is None, f"the worker exited: {log_path.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"the worker was not ready: {log_path}"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

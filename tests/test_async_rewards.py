@@ -13,7 +13,7 @@ from sqlalchemy import select
 from service.db import session_scope
 from service.main import create_app
 from service.models import RewardRequest, Run, RunEvent, Sample
-from service.rewards.signing import HEADER, sign
+from service.contract.signing import HEADER, sign
 from service.stack import free_port
 from workers.records import RunRecorder
 from workers.execute import execute_run

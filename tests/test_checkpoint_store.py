@@ -21,13 +21,13 @@ from sqlalchemy import select
 from test_resume import STEPS, kill_after_first_checkpoint, resumable
 
 from service.auth.service import create_api_key
-from service.checkpoints import store
+from service.contract import storage
 from service.config import Settings
 from service.db import session_scope
 from service.main import create_app
 from service.models import Checkpoint, RunEvent
 from service.stack import free_port, stack_env
-from workers import run_loop
+from workers import checkpointing
 from workers.records import RunRecorder
 from workers.execute import execute_run
 
@@ -123,7 +123,7 @@ def test_run_keeps_its_checkpoints_in_the_bucket_only(settings, tiny_model_dir, 
     files = bucket_files(bucket, run_id)
     assert set(files) == {"step_000004", "step_000006"}  # step 2 pruned from the bucket too
     assert {"model.safetensors", "config.json", "optimizer.pt", "trainer_state.json",
-            store.COMPLETE} <= files["step_000006"]
+            storage.COMPLETE} <= files["step_000006"]
     assert not list((s.runs_dir / run_id).rglob("*.safetensors"))  # no local copy kept
     assert RunRecorder(s, run_id, "x").latest_checkpoint() == (6, f"{url}/step_000006")
 
@@ -160,7 +160,7 @@ def test_killed_run_resumes_from_the_bucket_on_another_machine(settings, tiny_mo
     assert not (elsewhere.runs_dir / killed / "checkpoint-cache" / "step_000003").exists()
 
     def final(run_id):
-        local = store.download(checkpoint_paths(s, run_id)[STEPS], tmp_path / run_id)
+        local = storage.download(checkpoint_paths(s, run_id)[STEPS], tmp_path / run_id)
         return load_file(local / "model.safetensors")
 
     a, b = final(straight), final(killed)
@@ -186,7 +186,7 @@ def test_lora_checkpoint_in_the_bucket_downloads_merged(settings, tiny_model_dir
 
 def test_upload_failure_fails_the_run_naming_the_url(settings, tiny_model_dir, bucket,
                                                      monkeypatch):
-    monkeypatch.setattr(run_loop, "UPLOAD_BACKOFF_S", 0.0)
+    monkeypatch.setattr(checkpointing, "UPLOAD_BACKOFF_S", 0.0)
     s = with_store(settings, "s3://no-such-bucket-here/ckpts")
     run_id = submit(s, tiny_model_dir, training={"steps": 1})
     assert execute_run(s, run_id, "worker-a") == "failed"
@@ -194,7 +194,7 @@ def test_upload_failure_fails_the_run_naming_the_url(settings, tiny_model_dir, b
         types = [(e.type, e.message) for e in session.scalars(
             select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))]
     url = f"s3://no-such-bucket-here/ckpts/{run_id}/step_000001"
-    assert [t for t, _ in types].count("checkpoint.upload_retry") == run_loop.UPLOAD_ATTEMPTS - 1
+    assert [t for t, _ in types].count("checkpoint.upload_retry") == checkpointing.UPLOAD_ATTEMPTS - 1
     assert types[-1][0] == "run.failed" and url in types[-1][1]
     assert "after 3 tries" in types[-1][1]
     assert checkpoint_paths(s, run_id) == {}
@@ -211,7 +211,7 @@ def test_file_url_store(settings, tiny_model_dir, tmp_path):
     assert (root / run_id / "step_000002" / "model.safetensors").exists()
     assert not list((s.runs_dir / run_id).rglob("*.safetensors"))
     unpacked = download(s, run_id, 2, "stored", tmp_path / "unpacked")
-    assert (unpacked / "trainer_state.json").exists() and not (unpacked / store.COMPLETE).exists()
+    assert (unpacked / "trainer_state.json").exists() and not (unpacked / storage.COMPLETE).exists()
     assert os.path.getsize(unpacked / "model.safetensors") > 0
 
 

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.runs.spec import RunSpec
+from service.contract.spec import RunSpec
 from service.stack import free_port
-from workers.learner.learner import GroupBatch, Learner
+from workers.learner.learner import GroupBatch, Learner, LearnerConfig
 from workers.learner.sharding import full
 
 PROMPTS = ["abc=", "hello=", "12+7=", "q="]
@@ -35,7 +35,7 @@ def make_learner(model_dir: str, algorithm: str, resources: dict | None = None,
         "optimizer": {"lr": 1e-3, "grad_clip": None}, "training": {"mini_batches": 1, "micro_batch_tokens": micro_batch_tokens},
         "resources": resources or {},
     })
-    return Learner(model, spec, torch.device("cpu"), 0), tokenizer
+    return Learner(model, LearnerConfig.of(spec), torch.device("cpu"), 0), tokenizer
 
 
 def make_batch(tokenizer, groups: list[int]) -> GroupBatch:

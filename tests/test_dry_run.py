@@ -1,15 +1,18 @@
 """POST /v1/gvpo:dry_run: a group's log-ratios, GVPO weights and loss under a run's checkpoint,
-checked against the formula computed here by hand from the models' own forward passes."""
+computed by a real worker process and checked against the formula computed here by hand from
+the models' own forward passes; and the answers when no worker can answer."""
+
+import time
 
 import pytest
 import torch
+from conftest import CLUSTER_SECRETS
 from helpers import assert_error, auth, submit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.db import session_scope
 from service.models import Checkpoint, Run
 from sqlalchemy import select
-from workers.execute import execute_run
 
 pytestmark = pytest.mark.both_backends
 
@@ -20,13 +23,22 @@ BETA = 0.2
 
 
 def trained_run(settings, tiny_model_dir, make_key, **overrides) -> tuple[str, str]:
-    """A finished run (checkpoints at steps 3 and 6) and a key of its project."""
+    """A run the worker trained (checkpoints at steps 3 and 6) and a key of its project."""
     # a reward most random completions earn and some miss, so that groups train
     run_id = submit(settings, tiny_model_dir, optimizer={"lr": 1e-2},
                     reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
                     checkpoint={"keep_last": None}, **overrides)
-    assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    deadline = time.monotonic() + 300
+    while (status := run_status(settings, run_id)) in ("queued", "running"):
+        assert time.monotonic() < deadline, f"run {run_id} is still {status}"
+        time.sleep(0.2)
+    assert status == "succeeded"
     return run_id, make_key("loop")  # submit() made the project "loop"
+
+
+def run_status(settings, run_id: str) -> str:
+    with session_scope(settings.resolved_database_url) as session:
+        return session.get(Run, run_id).status
 
 
 def logprob(model, tokenizer, prompt: str, completion: str) -> float:
@@ -54,7 +66,7 @@ def body(run_id: str, checkpoint_id: str | None = None, **changes) -> dict:
             "completions": COMPLETIONS, "rewards": REWARDS, "beta": BETA, **changes}
 
 
-def test_weights_and_loss_match_the_formula(api, settings, tiny_model_dir, make_key):
+def test_weights_and_loss_match_the_formula(api, worker, settings, tiny_model_dir, make_key):
     run_id, key = trained_run(settings, tiny_model_dir, make_key)
     with session_scope(settings.resolved_database_url) as session:
         ckpts = session.execute(select(Checkpoint.id, Checkpoint.step, Checkpoint.path).where(
@@ -82,7 +94,8 @@ def test_weights_and_loss_match_the_formula(api, settings, tiny_model_dir, make_
     assert latest["checkpoint_id"] == ckpts[-1][0]
 
 
-def test_a_lora_checkpoint_is_scored_against_its_base(api, settings, tiny_model_dir, make_key):
+def test_a_lora_checkpoint_is_scored_against_its_base(api, worker, settings, tiny_model_dir,
+                                                      make_key):
     run_id, key = trained_run(settings, tiny_model_dir, make_key, model={"lora": {"r": 4,
                                                                                   "alpha": 8}})
     resp = api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id))
@@ -129,3 +142,49 @@ def test_runs_of_other_projects_and_runs_without_checkpoints(api, settings, tiny
     assert api.post("/v1/gvpo:dry_run", json=body(run_id)).status_code == 401
     with session_scope(settings.resolved_database_url) as session:
         assert session.get(Run, run_id).status == "queued"  # a dry run changes nothing
+
+
+def test_a_group_too_long_for_the_dry_run_is_422_from_the_worker(api, worker, settings,
+                                                                  tiny_model_dir, make_key):
+    run_id, key = trained_run(settings, tiny_model_dir, make_key, training={"steps": 3})
+    resp = api.post("/v1/gvpo:dry_run", headers=auth(key),
+                    json=body(run_id, completions=["x" * 40_000, "y"], rewards=[1.0, 0.0]))
+    error = assert_error(resp, 422, "invalid_request", "at most 65536")
+    assert [f["field"] for f in error["details"]["fields"]] == ["completions"]
+
+
+def test_without_a_worker_the_dry_run_is_a_504_naming_the_queue(settings, tiny_model_dir,
+                                                                 make_key):
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+
+    run_id = submit(settings, tiny_model_dir)
+    with session_scope(settings.resolved_database_url) as session:
+        session.add(Checkpoint(id="ckpt_x", run_id=run_id, step=1, path=str(tiny_model_dir),
+                               bytes=1))
+    impatient = settings.model_copy(update={"worker_answer_timeout_s": 1.0})
+    with TestClient(create_app(impatient)) as api:
+        resp = api.post("/v1/gvpo:dry_run", headers=auth(make_key("loop")), json=body(run_id))
+    assert_error(resp, 504, "worker_timeout", "no worker on queue 'default' answered the dry run",
+                 "within 1 s")
+
+
+def test_with_the_broker_down_the_dry_run_is_a_503(settings, tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    from service.auth.service import create_api_key
+    from service.main import create_app
+    from service.stack import free_port
+
+    run_id = submit(settings, tiny_model_dir)
+    with session_scope(settings.resolved_database_url) as session:
+        session.add(Checkpoint(id="ckpt_x", run_id=run_id, step=1, path=str(tiny_model_dir),
+                               bytes=1))
+    down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0",
+                                       "reaper_interval_s": 0, **CLUSTER_SECRETS})
+    with session_scope(settings.resolved_database_url) as session:  # a key under down's pepper
+        key = create_api_key(session, "loop", down.api_key_pepper)[1]
+    with TestClient(create_app(down)) as api:
+        resp = api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id))
+    assert_error(resp, 503, "unavailable", "the broker cannot be reached")

@@ -26,7 +26,7 @@ from service.auth.service import create_api_key
 from service.db import session_scope
 from service.files.service import create_file
 from service.main import create_app
-from service.rewards.signing import sign
+from service.contract.signing import sign
 from service.stack import free_port
 from workers.execute import execute_run
 

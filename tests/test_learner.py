@@ -8,8 +8,8 @@ import torch
 from helpers import set_constant_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.runs.spec import RunSpec, SamplingSpec
-from workers.learner.learner import GroupBatch, Learner
+from service.contract.spec import RunSpec, SamplingSpec
+from workers.learner.learner import GroupBatch, Learner, LearnerConfig
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.learner.losses import gvpo_loss, gvpo_weights
 from workers.rollout.hf import HFRolloutEngine
@@ -110,7 +110,7 @@ def test_sequence_logprobs_match_manual_and_ignore_padding(model, tokenizer):
 def test_learn_changes_parameters(model, tokenizer, tiny_model_dir, mini_batches):
     torch.manual_seed(0)
     spec = make_spec(tiny_model_dir, training={"mini_batches": mini_batches})
-    learner = Learner(model, spec, CPU, PAD)
+    learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     before = snapshot(model)
     stats = learner.learn(make_batch(tokenizer), step=1)
     assert changed(before, model)
@@ -122,7 +122,7 @@ def test_learn_changes_parameters(model, tokenizer, tiny_model_dir, mini_batches
 
 def test_zero_variance_groups_are_skipped(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
-    learner = Learner(model, make_spec(tiny_model_dir), CPU, PAD)
+    learner = Learner(model, LearnerConfig.of(make_spec(tiny_model_dir)), CPU, PAD)
     before = snapshot(model)
     stats = learner.learn(make_batch(tokenizer, rewards=[[1.0] * 4, [0.3] * 4]), step=1)
     assert not changed(before, model)
@@ -137,7 +137,7 @@ def test_zero_variance_groups_are_skipped(model, tokenizer, tiny_model_dir):
 def test_zero_variance_groups_train_when_not_skipped(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
     spec = make_spec(tiny_model_dir, algorithm={"skip_zero_variance": False})
-    learner = Learner(model, spec, CPU, PAD)
+    learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     stats = learner.learn(make_batch(tokenizer, rewards=[[1.0] * 4, [0.0, 1.0, 0.0, 0.0]]), step=1)
     assert stats.zero_variance_frac == 0.5
     assert stats.groups_trained == 2 and stats.updates == 2
@@ -147,7 +147,7 @@ def test_zero_variance_groups_train_when_not_skipped(model, tokenizer, tiny_mode
 def test_rewarded_completion_gains_probability(model, tokenizer, tiny_model_dir, reference):
     torch.manual_seed(0)
     spec = make_spec(tiny_model_dir, algorithm={"reference": reference}, training={"mini_batches": 1})
-    learner = Learner(model, spec, CPU, PAD)
+    learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     batch = make_batch(tokenizer, rewards=[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     winners = torch.tensor([0, 2])
 
@@ -177,7 +177,7 @@ def test_micro_batching_gives_the_same_update(model, tokenizer, tiny_model_dir, 
         spec = make_spec(tiny_model_dir, algorithm={"name": algorithm, "reference": "initial"},
                          training={"mini_batches": 1, "micro_batch_tokens": budget},
                          optimizer={"grad_clip": None})
-        learners.append(Learner(m, spec, CPU, PAD))
+        learners.append(Learner(m, LearnerConfig.of(spec), CPU, PAD))
     assert len(learners[0].micro_batches(batch, [0, 1, 2, 3])) == 4
     assert len(learners[1].micro_batches(batch, [0, 1, 2, 3])) == 1
     stats = [learner.learn(batch, step=1) for learner in learners]
@@ -194,15 +194,15 @@ def test_token_budget_packs_whole_groups(model, tokenizer, tiny_model_dir):
     spec = make_spec(tiny_model_dir, training={"micro_batch_tokens": 60})
     batch = make_batch(tokenizer)  # group 0: 4*4 + 14 = 30 tokens, group 1: 4*6 + 17 = 41
     assert [batch.group_tokens(g) for g in (0, 1)] == [30, 41]
-    assert Learner(model, spec, CPU, PAD).micro_batches(batch, [0, 1, 0]) == [[0], [1], [0]]
+    assert Learner(model, LearnerConfig.of(spec), CPU, PAD).micro_batches(batch, [0, 1, 0]) == [[0], [1], [0]]
     spec = make_spec(tiny_model_dir, training={"micro_batch_tokens": 72})
-    assert Learner(model, spec, CPU, PAD).micro_batches(batch, [0, 1, 0]) == [[0, 1], [0]]
+    assert Learner(model, LearnerConfig.of(spec), CPU, PAD).micro_batches(batch, [0, 1, 0]) == [[0, 1], [0]]
 
 
 def test_sampling_reference_is_the_pre_update_policy(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
     spec = make_spec(tiny_model_dir, algorithm={"reference": "sampling"}, training={"mini_batches": 1})
-    stats = Learner(model, spec, CPU, PAD).learn(make_batch(tokenizer), step=1)
+    stats = Learner(model, LearnerConfig.of(spec), CPU, PAD).learn(make_batch(tokenizer), step=1)
     assert abs(stats.logratio_mean) < 1e-5
     assert abs(stats.kl_ref) < 1e-5
 
@@ -212,7 +212,7 @@ def test_sampling_reference_holds_across_the_steps_mini_batches(model, tokenizer
     the policy after the first update: its KL term is non-zero."""
     torch.manual_seed(0)
     spec = make_spec(tiny_model_dir, algorithm={"reference": "sampling"}, training={"mini_batches": 2})
-    stats = Learner(model, spec, CPU, PAD).learn(make_batch(tokenizer), step=1)
+    stats = Learner(model, LearnerConfig.of(spec), CPU, PAD).learn(make_batch(tokenizer), step=1)
     assert stats.updates == 2
     assert stats.kl_ref > 1e-6 and abs(stats.logratio_mean) > 1e-5
 
@@ -220,7 +220,7 @@ def test_sampling_reference_holds_across_the_steps_mini_batches(model, tokenizer
 def test_initial_reference_accumulates_kl(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
     spec = make_spec(tiny_model_dir, algorithm={"reference": "initial"}, training={"mini_batches": 1})
-    learner = Learner(model, spec, CPU, PAD)
+    learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     first = learner.learn(make_batch(tokenizer), step=1)
     assert abs(first.kl_ref) < 1e-5  # the frozen copy equals the policy before the first update
     for step in range(2, 5):
@@ -231,13 +231,13 @@ def test_initial_reference_accumulates_kl(model, tokenizer, tiny_model_dir):
 
 def test_warmup_ramps_linearly_then_holds(model, tiny_model_dir, tokenizer):
     spec = make_spec(tiny_model_dir, optimizer={"lr": 1e-3, "warmup_steps": 4})
-    learner = Learner(model, spec, CPU, PAD)
+    learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     lrs = [learner.lr_at(step) for step in range(1, 9)]
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
     torch.manual_seed(0)
     learner.learn(make_batch(tokenizer), step=2)
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
-    no_warmup = Learner(model, make_spec(tiny_model_dir, optimizer={"lr": 1e-3}), CPU, PAD)
+    no_warmup = Learner(model, LearnerConfig.of(make_spec(tiny_model_dir, optimizer={"lr": 1e-3})), CPU, PAD)
     assert no_warmup.lr_at(1) == pytest.approx(1e-3)
 
 
@@ -347,7 +347,7 @@ def test_lora_initial_reference_is_the_base_model_without_a_copy(model, tokenize
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     spec = make_spec(tiny_model_dir, model={"lora": {"r": 4}}, algorithm={"reference": "initial"},
                      optimizer={"lr": 1e-2})
-    learner = Learner(peft_model, spec, CPU, PAD)
+    learner = Learner(peft_model, LearnerConfig.of(spec), CPU, PAD)
     assert learner.frozen is None  # no second copy of the weights
     batch = make_batch(tokenizer)
     for step in range(1, 4):
@@ -371,7 +371,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, tiny_model_d
                          optimizer={"grad_clip": None})
         policy, _ = load_policy(spec, CPU)
         assert policy.is_gradient_checkpointing == checkpointing
-        Learner(policy, spec, CPU, PAD).learn(make_batch(tokenizer), step=1)
+        Learner(policy, LearnerConfig.of(spec), CPU, PAD).learn(make_batch(tokenizer), step=1)
         grads.append([p.grad.clone() for p in policy.parameters()])
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-7)

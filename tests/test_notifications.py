@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from service.db import session_scope
 from service.models import Project, Run, RunEvent
-from service.rewards.signing import HEADER, SignatureError, verify
+from service.contract.signing import HEADER, SignatureError, verify
 from service.runs.notify import EVENT_ID_HEADER, Outcome, claim, deliver, deliver_due, record
 from service.runs.service import cancel_run
 from service.stack import free_port

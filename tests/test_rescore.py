@@ -200,7 +200,7 @@ def test_a_new_run_starts_from_the_checkpoint_and_trains_on_the_rescored_groups(
         api, settings, make_key, tiny_model_dir, lora):
     import torch
 
-    from service.runs.spec import RunSpec
+    from service.contract.spec import RunSpec
     from workers.model_loading import load_policy
 
     key = make_key("loop")

@@ -4,7 +4,7 @@ import pytest
 from helpers import submit
 
 from service.db import session_scope
-from service.runs.spec import RunSpec
+from service.contract.spec import RunSpec
 from workers.rewards.builtin import get_reward
 from workers.execute import execute_run
 

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.db import session_scope
 from service.models import Metric, RunEvent
-from service.runs.spec import RunSpec, SamplingSpec
-from workers.learner.learner import GroupBatch, Learner
+from service.contract.spec import RunSpec, SamplingSpec
+from workers.learner.learner import GroupBatch, Learner, LearnerConfig
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.model_loading import load_policy
 from workers.rollout.vllm import VLLMRolloutEngine, policy_weights, vllm_installed
@@ -156,7 +156,7 @@ def test_lora_sync_sends_the_merged_weights(engine, tiny_model_dir):
 def test_logprob_diff_metric_catches_a_missed_sync(engine, policy, tiny_model_dir):
     spec = make_spec(tiny_model_dir, algorithm={"group_size": 4, "beta": 0.1,
                                                 "skip_zero_variance": False})
-    learner = Learner(policy, spec, torch.device("cpu"), pad_id=0)
+    learner = Learner(policy, LearnerConfig.of(spec), torch.device("cpu"), pad_id=0)
     rollouts = engine.generate(PROMPTS, 4, SAMPLING)
     assert learner.learn(batch_of(rollouts), 1).logprob_diff_max < 1e-4
 

@@ -11,9 +11,12 @@ import traceback
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.runs.spec import RunSpec
+from service.contract.events import EventLevel
+from service.contract.spec import RunSpec
+from service.contract.states import RunStatus
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat, record_timeout
+from workers.launcher import LEASE_LOST, launch
 from workers.ranks import Ranks
 from workers.records import RunRecorder
 from workers.run_loop import Cancelled, LeaseLost, Paused, RunLoop
@@ -21,7 +24,7 @@ from workers.watchdog import StepTimeout, Watchdog
 
 log = logging.getLogger(__name__)
 
-STOPS = {Cancelled: "cancelled", Paused: "paused", LeaseLost: "lease lost"}
+STOPS = {Cancelled: RunStatus.CANCELLED, Paused: RunStatus.PAUSED, LeaseLost: LEASE_LOST}
 
 
 def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
@@ -34,12 +37,10 @@ def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
     try:
         run_spec = RunSpec.model_validate(spec)
     except ValidationError as exc:  # stored under an older, looser version of the rules
-        recorder.finish("failed", f"run failed: its stored spec is no longer valid: {exc}",
-                        "error", error=f"invalid spec: {exc}")
-        return "failed"
+        recorder.finish(RunStatus.FAILED, f"run failed: its stored spec is no longer valid: "
+                        f"{exc}", EventLevel.ERROR, error=f"invalid spec: {exc}")
+        return RunStatus.FAILED
     if run_spec.resources.ranks > 1:
-        from workers.launcher import launch
-
         return launch(settings, recorder, run_spec)
     return drive(settings, recorder, run_spec, Ranks())
 
@@ -51,7 +52,7 @@ def drive(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks
     if not ranks.lead:
         try:
             RunLoop(settings, recorder, spec, None, ranks).run()
-            return "succeeded"
+            return RunStatus.SUCCEEDED
         except (Cancelled, Paused, LeaseLost) as stop:
             return STOPS[type(stop)]
     watchdog = Watchdog(spec.resources.step_timeout_s)
@@ -60,30 +61,29 @@ def drive(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks
     heartbeat.start()
     try:
         RunLoop(settings, recorder, spec, heartbeat, ranks).run()
-        return "succeeded"
+        return RunStatus.SUCCEEDED
     except StepTimeout as timeout:
         log.error("run %s: %s", recorder.run_id, timeout)
         record_timeout(recorder, timeout)
-        return "failed"
+        return RunStatus.FAILED
     except Cancelled:
-        recorder.finish("cancelled", "run cancelled on request")
-        return "cancelled"
+        recorder.finish(RunStatus.CANCELLED, "run cancelled on request")
+        return RunStatus.CANCELLED
     except Paused as paused:
         recorder.pause(paused.step)
-        return "paused"
+        return RunStatus.PAUSED
     except LeaseLost:
         log.warning("run %s: lease lost to another worker; stopping without writing",
                     recorder.run_id)
-        return "lease lost"
+        return LEASE_LOST
     except Exception as exc:
         message = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
         if ranks.world > 1 and not isinstance(exc, RunError):  # e.g. another rank died
             message = f"training process 0 of {ranks.world}: {message}"
         log.exception("run %s failed", recorder.run_id)
         tail = traceback.format_exc().splitlines()[-12:]
-        recorder.finish("failed", f"run failed: {message}", "error",
-                        {"exception": type(exc).__name__, "traceback": tail}, error=message)
-        return "failed"
+        recorder.fail(message, {"exception": type(exc).__name__, "traceback": tail})
+        return RunStatus.FAILED
     finally:
         heartbeat.stopped.set()
         watchdog.disarm()

@@ -33,5 +33,4 @@ class Heartbeat(threading.Thread):
 
 
 def record_timeout(recorder: RunRecorder, timeout: StepTimeout) -> None:
-    recorder.finish("failed", f"run failed: {timeout}", "error",
-                    {"phase": timeout.phase, "step": timeout.step}, error=str(timeout))
+    recorder.fail(str(timeout), {"phase": timeout.phase, "step": timeout.step})

@@ -8,6 +8,7 @@ also renews it, watches the step timeout, and records the run's steps and its ou
 the lead ends a run that did not succeed it exits non-zero, and torchrun stops the other ranks
 rather than leaving them waiting in a collective.
 
+- Each rank is `python -m workers.rank` (rank.py) under torchrun.
 - A rank that fails writes why into `<run dir>/ranks/rank<N>.error`; when the ranks exit with
   the run still open, the task fails the run with the first rank's error (or the exit code).
 - The lease lost to another worker: the task stops the ranks and writes nothing.
@@ -26,8 +27,8 @@ import sys
 from pathlib import Path
 
 from service.config import Settings
-from service.runs.service import TERMINAL
-from service.runs.spec import RunSpec
+from service.contract.spec import RunSpec
+from service.contract.states import TERMINAL, RunStatus
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat
 from workers.records import RunRecorder
@@ -39,11 +40,11 @@ SETTINGS_ENV = "GVPO_RANK_SETTINGS"
 SPEC_ENV = "GVPO_RANK_SPEC"
 POLL_S = 1.0
 STOP_GRACE_S = 30.0  # after SIGTERM, before the whole process group is killed
-CLEAN_EXITS = ("succeeded", "cancelled", "paused", "lease lost")
+LEASE_LOST = "lease lost"  # how a run ends on a worker that lost it to another
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(signum: int) -> None:
+def die_with_parent(signum: int) -> None:
     """Linux: get `signum` when the process that started this one dies (kept across exec)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
@@ -60,8 +61,8 @@ def launch(settings: Settings, recorder: RunRecorder, spec: RunSpec) -> str:
     try:
         pick_device(spec)  # more GPUs asked for than this worker has: fail before starting
     except RunError as exc:
-        recorder.finish("failed", f"run failed: {exc}", "error", error=str(exc))
-        return "failed"
+        recorder.fail(str(exc))
+        return RunStatus.FAILED
     ranks, run_id = spec.resources.ranks, recorder.run_id
     for rank in range(ranks):
         error_file(settings, run_id, rank).unlink(missing_ok=True)  # from an earlier attempt
@@ -69,7 +70,7 @@ def launch(settings: Settings, recorder: RunRecorder, spec: RunSpec) -> str:
            SPEC_ENV: json.dumps(spec.model_dump(mode="json"))}
     command = [sys.executable, "-m", "workers.launcher", "torchrun", "--standalone",
                f"--nproc-per-node={ranks}", "--max-restarts=0",
-               "-m", "workers.launcher", "rank", run_id, recorder.worker_id]
+               "-m", "workers.rank", run_id, recorder.worker_id]
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     recorder.event("run.launched", f"started {ranks} training processes with torchrun",
                    data={"ranks": ranks, "pid": proc.pid})
@@ -81,7 +82,7 @@ def launch(settings: Settings, recorder: RunRecorder, spec: RunSpec) -> str:
                 continue
             if recorder.status()[1] is not None:
                 log.warning("run %s: lease lost to another worker; stopping its ranks", run_id)
-                return "lease lost"
+                return LEASE_LOST
             try:  # the lead ended the run and gave the lease up: its ranks are exiting
                 proc.wait(STOP_GRACE_S)
             except subprocess.TimeoutExpired:
@@ -107,8 +108,8 @@ def _outcome(settings: Settings, recorder: RunRecorder, ranks: int, code: int) -
     """How the run ended once its ranks exited: what the lead recorded, else a failure."""
     status, owner = recorder.status()
     if owner not in (None, recorder.worker_id):
-        return "lease lost"
-    if status in TERMINAL or status == "paused":
+        return LEASE_LOST
+    if status in TERMINAL or status == RunStatus.PAUSED:
         return status
     errors = [(rank, path.read_text()) for rank in range(ranks)
               if (path := error_file(settings, recorder.run_id, rank)).exists()]
@@ -118,45 +119,17 @@ def _outcome(settings: Settings, recorder: RunRecorder, ranks: int, code: int) -
     else:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         message = f"the training processes ended with {how} before the run finished"
-    recorder.finish("failed", f"run failed: {message}", "error",
-                    {"exit_code": code, "ranks": ranks,
-                     "errors": {str(rank): error for rank, error in errors}}, error=message)
-    return "failed"
-
-
-def _rank(run_id: str, worker_id: str) -> int:
-    """One rank (under torchrun): join the group, train, and say how it went by exit code."""
-    _die_with_parent(signal.SIGKILL)  # torchrun gone: nobody is left to collect this rank
-    rank = int(os.environ["RANK"])
-    logging.basicConfig(level=logging.INFO,
-                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    spec = RunSpec.model_validate(json.loads(os.environ[SPEC_ENV]))
-    from torch import distributed as dist
-
-    from workers.execute import drive
-    from workers.ranks import join
-
-    try:
-        outcome = drive(settings, RunRecorder(settings, run_id, worker_id), spec,
-                        join(spec.resources.step_timeout_s, spec.rollout.tensor_parallel_size))
-    except BaseException as exc:  # one drive() did not record: another rank's, or early
-        path = error_file(settings, run_id, rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{type(exc).__name__}: {exc}")
-        raise
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0 if outcome in CLEAN_EXITS else 1
+    recorder.fail(message, {"exit_code": code, "ranks": ranks,
+                            "errors": {str(rank): error for rank, error in errors}})
+    return RunStatus.FAILED
 
 
 def main(argv: list[str]) -> int:
-    if argv[0] == "torchrun":  # the agent: ends with the task that started it
-        _die_with_parent(signal.SIGTERM)
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *argv[1:]])
-    if argv[0] == "rank":
-        return _rank(*argv[1:])
-    raise SystemExit("usage: python -m workers.launcher torchrun ARGS | rank RUN_ID WORKER_ID")
+    """The torchrun agent: ends with the task that started it."""
+    if argv[:1] != ["torchrun"]:
+        raise SystemExit("usage: python -m workers.launcher torchrun ARGS")
+    die_with_parent(signal.SIGTERM)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *argv[1:]])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from service.runs.spec import RunSpec
+from service.contract.spec import RunSpec
 from workers.errors import RunError
 
 
@@ -42,7 +42,7 @@ def load_policy(spec: RunSpec, device: torch.device, checkpoint: Path | None = N
         tokenizer = AutoTokenizer.from_pretrained(path)
         full = checkpoint if checkpoint is not None and spec.model.lora is None else path
         model = AutoModelForCausalLM.from_pretrained(full, dtype=pick_dtype(spec, device))
-    except OSError as exc:
+    except (OSError, ValueError, KeyError) as exc:  # missing files; a config it cannot read
         raise RunError(f"could not load model {path!r}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from service.files.groups import DEFAULT_SOURCE
+from service.contract.groups import DEFAULT_SOURCE, POLICY
 from workers.data import Example, PromptSampler
 from workers.rewards.base import Scorer, Scores
 from workers.rollout.base import Completion, Rollout
 
-POLICY = "policy"  # the source of a completion the run sampled itself
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""What the worker writes to the database: lease, status, per-step records, checkpoints.
+"""What the worker reads from and writes to the database for a run: lease, status, dataset
+files, per-step records, checkpoints, events.
 
 The worker uses the same ORM models as the API, never HTTP to its own service. Per-step writes
-are upserts keyed by (run, step), so a replayed step overwrites rather than duplicates.
+are upserts keyed by (run, step), so a replayed step overwrites rather than duplicates. A status
+changes only as the contract's table allows (service/contract/states.py).
 """
 
 import functools
@@ -15,17 +17,26 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.checkpoints import store
 from service.config import Settings
+from service.contract import storage
+from service.contract.events import ENDED, EventLevel, EventType
+from service.contract.files import read_rows
+from service.contract.states import TERMINAL, TRANSITIONS, RunStatus, sources
 from service.db import session_scope
-from service.models import Checkpoint, Metric, RewardRequest, Run, RunGroup, Sample
+from service.models import (Checkpoint, File, Metric, RewardRequest, Run, RunEvent, RunGroup,
+                            Sample)
 from service.models.base import utcnow
-from service.runs.service import TERMINAL, add_event
+from workers.errors import RunError
 
 
 def _insert(session: Session, model):
     dialect = session.get_bind().dialect.name
     return (postgresql if dialect == "postgresql" else sqlite).insert(model)
+
+
+def add_event(session: Session, run_id: str, type_: EventType, message: str,
+              level: EventLevel = EventLevel.INFO, data: dict | None = None) -> None:
+    session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))
 
 
 log = logging.getLogger(__name__)
@@ -84,10 +95,10 @@ class RunRecorder:
             taken = session.execute(
                 update(Run)
                 # a paused run waits for /resume, which queues it again
-                .where(Run.id == self.run_id, Run.status.in_(("queued", "running")),
+                .where(Run.id == self.run_id, Run.status.in_(sources(RunStatus.RUNNING)),
                        or_(Run.lease_owner.is_(None), Run.lease_owner == self.worker_id,
                            Run.lease_expires_at < now))
-                .values(status="running", lease_owner=self.worker_id,
+                .values(status=RunStatus.RUNNING, lease_owner=self.worker_id,
                         lease_expires_at=self._lease_until(),
                         started_at=func.coalesce(Run.started_at, now), attempts=Run.attempts + 1)
             ).rowcount == 1
@@ -97,10 +108,11 @@ class RunRecorder:
                     return None, "no such run"
                 if run.status in TERMINAL:
                     return None, f"run is already {run.status}"
-                if run.status == "paused":
+                if run.status == RunStatus.PAUSED:
                     return None, "run is paused"
                 return None, f"run is leased by {run.lease_owner} until {run.lease_expires_at}"
-            add_event(session, run.id, "run.started", f"worker {self.worker_id} started the run",
+            add_event(session, run.id, EventType.RUN_STARTED,
+                      f"worker {self.worker_id} started the run",
                       data={"attempt": run.attempts})
             return dict(run.spec), ""
 
@@ -150,7 +162,8 @@ class RunRecorder:
         return "cancel" if cancel else "pause" if pause else None
 
     @_retrying
-    def event(self, type_: str, message: str, level: str = "info", data: dict | None = None) -> None:
+    def event(self, type_: EventType, message: str, level: EventLevel = EventLevel.INFO,
+              data: dict | None = None) -> None:
         with session_scope(self.url) as session:
             add_event(session, self.run_id, type_, message, level, data)
 
@@ -205,7 +218,7 @@ class RunRecorder:
                    [{"id": f"ckpt_{self.run_id[4:]}_{step}", "run_id": self.run_id, "step": step,
                      "path": str(path), "bytes": size, "kind": kind, "created_at": utcnow()}],
                    ["run_id", "step"], ["path", "bytes", "kind", "created_at"])
-            add_event(session, self.run_id, "checkpoint.saved", f"checkpoint at step {step}",
+            add_event(session, self.run_id, EventType.CHECKPOINT_SAVED, f"checkpoint at step {step}",
                       data={"step": step, "path": str(path), "bytes": size})
             if keep_last:
                 self._prune(session, keep_last)
@@ -218,7 +231,7 @@ class RunRecorder:
             rows = session.execute(select(Checkpoint.step, Checkpoint.path)
                                    .where(Checkpoint.run_id == self.run_id)
                                    .order_by(Checkpoint.step.desc())).all()
-        return next(((step, path) for step, path in rows if store.exists(path)), None)
+        return next(((step, path) for step, path in rows if storage.exists(path)), None)
 
     def _prune(self, session: Session, keep_last: int) -> None:
         rows = list(session.scalars(
@@ -227,29 +240,54 @@ class RunRecorder:
         ))
         for old in rows:
             try:
-                store.remove(old.path)
+                storage.discard(old.path)
             except Exception:  # a store outage must not fail the run over an old checkpoint
                 log.warning("run %s: could not remove old checkpoint %s", self.run_id, old.path,
                             exc_info=True)
         if rows:
             session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in rows])))
 
+    def _move(self, session: Session, status: RunStatus) -> Run | None:
+        """The run, moved to `status` and its lease given up; None (nothing written) when the
+        contract does not allow it: another actor ended or requeued the run meanwhile."""
+        run = session.get(Run, self.run_id)
+        if status not in TRANSITIONS[RunStatus(run.status)]:
+            log.warning("run %s is %s; not marking it %s", self.run_id, run.status, status)
+            return None
+        run.status, run.lease_owner, run.lease_expires_at = status, None, None
+        return run
+
     @_retrying
     def pause(self, step: int) -> None:
         """Give the run up until /resume: no lease, no worker, its last checkpoint kept."""
         with session_scope(self.url) as session:
-            run = session.get(Run, self.run_id)
-            run.status, run.pause_requested = "paused", False
-            run.lease_owner, run.lease_expires_at = None, None
-            add_event(session, self.run_id, "run.paused",
+            if (run := self._move(session, RunStatus.PAUSED)) is None:
+                return
+            run.pause_requested = False
+            add_event(session, self.run_id, EventType.RUN_PAUSED,
                       f"run paused after step {step}; resume continues from there",
                       data={"step": step})
 
     @_retrying
-    def finish(self, status: str, message: str, level: str = "info", data: dict | None = None,
-               error: str | None = None) -> None:
+    def finish(self, status: RunStatus, message: str, level: EventLevel = EventLevel.INFO,
+               data: dict | None = None, error: str | None = None) -> None:
         with session_scope(self.url) as session:
-            run = session.get(Run, self.run_id)
-            run.status, run.finished_at, run.error = status, utcnow(), error
-            run.lease_owner, run.lease_expires_at = None, None
-            add_event(session, self.run_id, f"run.{status}", message, level, data)
+            if (run := self._move(session, status)) is None:
+                return
+            run.finished_at, run.error = utcnow(), error
+            add_event(session, self.run_id, ENDED[status], message, level, data)
+
+    def fail(self, message: str, data: dict | None = None) -> None:
+        """End the run as failed: "run failed: <message>" in its event, `message` its error."""
+        self.finish(RunStatus.FAILED, f"run failed: {message}", EventLevel.ERROR, data,
+                    error=message)
+
+    @_retrying
+    def dataset_rows(self, field: str, file_id: str) -> list[dict]:
+        """The rows of the run's dataset file `file_id` (the spec's dataset.<field>)."""
+        with session_scope(self.url) as session:
+            file = session.get(File, file_id)
+            if file is None:
+                raise RunError(f"dataset.{field} {file_id!r} no longer exists")
+            path = file.path
+        return read_rows(path)

@@ -17,17 +17,18 @@ from pydantic import TypeAdapter
 from sqlalchemy import func, or_, select, update
 
 from service.config import Settings
+from service.contract.events import EventLevel, EventType
+from service.contract.groups import POLICY, group_problem
+from service.contract.files import FilePurpose, common_fields, write_rows
+from service.contract.spec import RewardSpec
+from service.contract.states import RescoreStatus
 from service.db import session_scope
-from service.files.service import save_rows
-from service.models import Rescore, RewardHistory, Run, Sample
-from service.models.base import utcnow
-from service.runs.service import add_event
-from service.runs.spec import RewardSpec
+from service.models import File, Rescore, RewardHistory, Run, Sample
+from service.models.base import new_id, utcnow
 from workers.data import Example
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat
-from workers.offpolicy import POLICY
-from workers.records import RunRecorder
+from workers.records import RunRecorder, add_event
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Completion, Rollout
@@ -60,9 +61,10 @@ class RescoreRecorder:
             taken = session.execute(
                 update(Rescore).where(
                     Rescore.id == self.rescore_id,
-                    or_(Rescore.status == "queued",
-                        (Rescore.status == "running") & (Rescore.lease_expires_at < now)))
-                .values(status="running", lease_owner=self.worker_id,
+                    or_(Rescore.status == RescoreStatus.QUEUED,
+                        (Rescore.status == RescoreStatus.RUNNING)
+                        & (Rescore.lease_expires_at < now)))
+                .values(status=RescoreStatus.RUNNING, lease_owner=self.worker_id,
                         lease_expires_at=self._lease_until(),
                         started_at=func.coalesce(Rescore.started_at, now))).rowcount == 1
             rescore = session.get(Rescore, self.rescore_id)
@@ -93,7 +95,7 @@ class RescoreRecorder:
             session.execute(update(Sample), [{"id": s, "reward": r}  # by primary key
                                              for s, r in zip(samples, new, strict=True)])
 
-    def finish(self, status: str, message: str, error: str | None = None,
+    def finish(self, status: RescoreStatus, message: str, error: str | None = None,
                file_id: str | None = None) -> None:
         with session_scope(self.url) as session:
             rescore = session.get(Rescore, self.rescore_id)
@@ -102,11 +104,13 @@ class RescoreRecorder:
             rescore.status, rescore.error, rescore.file_id = status, error, file_id
             rescore.finished_at, rescore.lease_owner = utcnow(), None
             rescore.lease_expires_at = None
-            if status == "succeeded":
+            succeeded = status == RescoreStatus.SUCCEEDED
+            if succeeded:
                 rescore.reward_mean_after = session.scalar(
                     select(func.avg(Sample.reward)).where(Sample.run_id == rescore.run_id))
-            add_event(session, rescore.run_id, f"rescore.{status}", message,
-                      "info" if status == "succeeded" else "error",
+            add_event(session, rescore.run_id,
+                      EventType.RESCORE_SUCCEEDED if succeeded else EventType.RESCORE_FAILED,
+                      message, EventLevel.INFO if succeeded else EventLevel.ERROR,
                       {"rescore_id": rescore.id, "file_id": file_id,
                        "reward_mean_before": rescore.reward_mean_before,
                        "reward_mean_after": rescore.reward_mean_after})
@@ -128,13 +132,15 @@ def execute_rescore(settings: Settings, rescore_id: str, worker_id: str) -> str:
     except Exception as exc:
         log.exception("rescore %s failed", rescore_id)
         error = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
-        recorder.finish("failed", f"rescore {rescore_id} failed: {error}", error=error)
-        return "failed"
+        recorder.finish(RescoreStatus.FAILED, f"rescore {rescore_id} failed: {error}",
+                        error=error)
+        return RescoreStatus.FAILED
     finally:
         heartbeat.stopped.set()
-    recorder.finish("succeeded", f"rescore {rescore_id} re-scored {rescore.samples_total} "
-                    f"samples; their groups are file {file_id}", file_id=file_id)
-    return "succeeded"
+    recorder.finish(RescoreStatus.SUCCEEDED, f"rescore {rescore_id} re-scored "
+                    f"{rescore.samples_total} samples; their groups are file {file_id}",
+                    file_id=file_id)
+    return RescoreStatus.SUCCEEDED
 
 
 def _rescore(settings: Settings, recorder: RescoreRecorder, rescore: Rescore) -> str:
@@ -184,9 +190,8 @@ def _export(settings: Settings, rescore: Rescore) -> str:
         for sample in rows:
             groups[sample.step, sample.group_index].append(sample)
         lines = [_group_line(samples, run.id) for samples in groups.values()]
-        file = save_rows(session, settings, run.project_id, lines,
-                         f"{run.id}.rescore{rescore.number}.jsonl", "offpolicy")
-        return file.id
+        return _save_file(session, settings, run.project_id, lines,
+                          f"{run.id}.rescore{rescore.number}.jsonl")
 
 
 def _group_line(samples: list, run_id: str) -> dict:
@@ -198,3 +203,20 @@ def _group_line(samples: list, run_id: str) -> dict:
     if samples[0].answer is not None:
         line["answer"] = samples[0].answer
     return line
+
+
+def _save_file(session, settings: Settings, project_id: str, groups: list[dict],
+               filename: str) -> str:
+    """Record `groups` as a file of purpose offpolicy of the project, as an upload of them
+    would be recorded; returns its id."""
+    for number, group in enumerate(groups, start=1):
+        if problem := group_problem(group):  # made from stored samples: never expected
+            raise RunError(f"re-scored group {number} is not an off-policy group: {problem}")
+    settings.files_dir.mkdir(parents=True, exist_ok=True)
+    file_id = new_id("file")
+    path = settings.files_dir / f"{file_id}.jsonl"
+    write_rows(path, groups)
+    session.add(File(id=file_id, project_id=project_id, filename=filename, purpose=FilePurpose.OFFPOLICY,
+                     bytes=path.stat().st_size, rows=len(groups), fields=common_fields(groups),
+                     path=str(path)))
+    return file_id

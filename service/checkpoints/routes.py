@@ -46,12 +46,13 @@ def download_url(run_id: str, ckpt_id: str, session: SessionDep, settings: Setti
 
 @router.get("/{run_id}/checkpoints/{ckpt_id}/download", response_class=FileResponse)
 def download_checkpoint(
-    run_id: str, ckpt_id: str, session: SessionDep, cleanup: BackgroundTasks,
+    run_id: str, ckpt_id: str, session: SessionDep, settings: SettingsDep,
+    cleanup: BackgroundTasks,
     project: Annotated[Project, Depends(_key_or_token)], format: DownloadFormat = "stored",
 ) -> FileResponse:
     """The checkpoint as a .tar.gz (safetensors weights or adapter, tokenizer, optimizer state).
     Authorised by the API key, or by the `token` of a signed link."""
     ckpt = service.get_checkpoint(session, project, run_id, ckpt_id)
-    archive = service.pack_checkpoint(ckpt, merged=format == "merged")
+    archive = service.pack_checkpoint(session, settings, ckpt, merged=format == "merged")
     cleanup.add_task(archive.unlink, missing_ok=True)
     return FileResponse(archive, media_type="application/gzip", filename=f"{ckpt_id}.tar.gz")

@@ -3,6 +3,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.contract.storage import CheckpointKind
+
 
 class CheckpointRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -13,7 +15,7 @@ class CheckpointRead(BaseModel):
     step: int
     path: str
     bytes: int
-    kind: Literal["full", "lora_adapter"]
+    kind: CheckpointKind
     created_at: datetime
 
 

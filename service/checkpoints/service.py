@@ -1,6 +1,6 @@
 """Checkpoints of a run: listing, packing one as a .tar.gz for download, and signed download
 links (a browser's plain link cannot send the API key). A checkpoint's path is a local folder or
-a URL in the object store (settings.checkpoint_url); see store.py."""
+a URL in the object store (settings.checkpoint_url); see service/contract/storage.py."""
 
 import hashlib
 import hmac
@@ -14,9 +14,12 @@ from urllib.parse import urlencode
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.checkpoints import store
 from service.config import Settings
-from service.errors import Conflict, NotFound, Unauthorized
+from service.contract import storage
+from service.contract.storage import CheckpointKind
+from service.contract.tasks import MERGE_TASK, MergeTask, queue_of
+from service.dispatch import ask_worker
+from service.errors import NotFound, Unauthorized
 from service.models import Checkpoint, Project, Run
 from service.runs.service import get_run
 
@@ -34,46 +37,44 @@ def get_checkpoint(session: Session, project: Project, run_id: str, ckpt_id: str
     ckpt = session.get(Checkpoint, ckpt_id)
     if ckpt is None or ckpt.run_id != run_id:
         raise NotFound(f"no checkpoint {ckpt_id!r} in run {run_id}")
-    if not store.exists(ckpt.path):
+    if not storage.exists(ckpt.path):
         raise NotFound(f"checkpoint {ckpt_id} is recorded but its files are gone from {ckpt.path}")
     return ckpt
 
 
-def pack_checkpoint(ckpt: Checkpoint, merged: bool = False) -> Path:
+def pack_checkpoint(session: Session, settings: Settings, ckpt: Checkpoint,
+                    merged: bool = False) -> Path:
     """A temporary .tar.gz whose top folder is the checkpoint id; the caller deletes it.
 
     merged=True turns a LoRA adapter checkpoint into a whole model (adapter merged into its base
-    weights) that loads with AutoModelForCausalLM; a full checkpoint already is one. A
-    checkpoint in the object store is downloaded into a temporary folder first, removed after.
+    weights) that loads with AutoModelForCausalLM; a full checkpoint already is one. A worker on
+    the run's queue makes the merge, once, and keeps it beside the checkpoint. A checkpoint in
+    the object store is downloaded into a temporary folder first, removed after.
     """
+    source = ckpt.path
+    if merged and ckpt.kind == CheckpointKind.LORA_ADAPTER:
+        source = _merged(session, settings, ckpt)
     fd, name = tempfile.mkstemp(prefix=f"{ckpt.id}-", suffix=".tar.gz")
     try:
         with (open(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar,
               tempfile.TemporaryDirectory() as tmp):
-            source = store.fetch(ckpt.path, Path(tmp) / "stored")
-            if merged and ckpt.kind == "lora_adapter":
-                tar.add(_merge_adapter(ckpt, source, Path(tmp)), arcname=ckpt.id)
-            else:
-                tar.add(source, arcname=ckpt.id)
+            tar.add(storage.fetch(source, Path(tmp) / "stored"), arcname=ckpt.id)
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
     return Path(name)
 
 
-def _merge_adapter(ckpt: Checkpoint, source: Path, workdir: Path) -> Path:
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
-
-    try:
-        model = AutoPeftModelForCausalLM.from_pretrained(source)
-    except OSError as exc:  # the base model is not on this machine
-        raise Conflict(f"cannot merge checkpoint {ckpt.id}: its base model could not be "
-                       f"loaded by the API server ({exc}); download the adapter instead") from exc
-    out = workdir / ckpt.id
-    model.merge_and_unload().save_pretrained(out)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-    return out
+def _merged(session: Session, settings: Settings, ckpt: Checkpoint) -> str:
+    """Where the LoRA checkpoint's merged whole model is, asking a worker to make it first."""
+    target = storage.merged_path(ckpt.path)
+    if storage.exists(target):
+        return target
+    task = MergeTask(checkpoint_id=ckpt.id, checkpoint_path=ckpt.path, target=target)
+    queue = queue_of(session.get(Run, ckpt.run_id).spec)
+    session.commit()  # hold no database connection while the worker merges
+    ask_worker(settings, MERGE_TASK, task, queue, f"merging checkpoint {ckpt.id}")
+    return target
 
 
 def download_token(key: bytes, project_id: str, run_id: str, ckpt_id: str, format: str,

@@ -4,6 +4,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.contract.tasks import DryRunCompletion
+
 MAX_COMPLETIONS = 64
 
 
@@ -33,17 +35,6 @@ class DryRunRequest(BaseModel):
             raise ValueError(f"{len(self.rewards)} rewards for {len(self.completions)} "
                              "completions: give one reward per completion")
         return self
-
-
-class DryRunCompletion(BaseModel):
-    completion: str
-    reward: float
-    tokens: int = Field(description="the completion's tokens, as the run's tokenizer splits it")
-    logprob: float = Field(description="log pi_theta(y|x), summed over the completion")
-    ref_logprob: float = Field(description="log pi_ref(y|x)")
-    log_ratio: float = Field(description="s_i = logprob - ref_logprob")
-    weight: float = Field(description="w_i = (R_i - mean R) - beta * (s_i - mean s): how hard "
-                                      "training pushes this completion up (negative: down)")
 
 
 class DryRunResult(BaseModel):

@@ -9,11 +9,12 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import BadRequest, NotFound, PayloadTooLarge
-from service.files.groups import validate_groups
+from service.contract.groups import group_problem
+from service.contract.files import FilePurpose, numbered_rows, scalar_fields
 from service.models import File, Project
 from service.models.base import new_id
 
-PURPOSES = ("train", "eval", "offpolicy")
+PURPOSES = tuple(FilePurpose)
 _CHUNK = 1 << 20
 
 
@@ -25,10 +26,6 @@ def _copy_limited(src: BinaryIO, dest: Path, limit: int) -> None:
             if size > limit:
                 raise PayloadTooLarge(f"file is larger than the {limit}-byte limit")
             out.write(chunk)
-
-
-def _is_scalar(value: object) -> bool:
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
 
 
 def validate_jsonl(path: Path) -> tuple[int, list[str]]:
@@ -55,7 +52,7 @@ def validate_jsonl(path: Path) -> tuple[int, list[str]]:
                     f"line {number} must be a JSON object, got {type(row).__name__}",
                     {"line": number},
                 )
-            keys = {k for k, v in row.items() if _is_scalar(v)}
+            keys = set(scalar_fields(row))
             common = keys if common is None else common & keys
             rows += 1
     if rows == 0:
@@ -78,15 +75,6 @@ def create_file(
     return _record(session, project.id, file_id, dest, filename or f"{file_id}.jsonl", purpose)
 
 
-def save_rows(session: Session, settings: Settings, project_id: str, rows: list[dict],
-              filename: str, purpose: str) -> File:
-    """Record rows the service made itself as a file (no upload limit: they are the project's
-    own data), checked as an upload of that purpose would be."""
-    file_id, dest = _new_path(settings)
-    dest.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return _record(session, project_id, file_id, dest, filename, purpose)
-
-
 def _new_path(settings: Settings) -> tuple[str, Path]:
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_id("file")
@@ -98,8 +86,8 @@ def _record(session: Session, project_id: str, file_id: str, dest: Path, filenam
     """Check the JSONL at `dest` line by line (removed when bad) and record it."""
     try:
         rows, fields = validate_jsonl(dest)
-        if purpose == "offpolicy":
-            validate_groups(read_rows(str(dest)))
+        if purpose == FilePurpose.OFFPOLICY:
+            _validate_groups(numbered_rows(dest))
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
@@ -108,6 +96,14 @@ def _record(session: Session, project_id: str, file_id: str, dest: Path, filenam
     session.add(row)
     session.flush()
     return row
+
+
+def _validate_groups(rows: list[tuple[int, dict]]) -> None:
+    """BadRequest naming the first line that is not a valid off-policy group."""
+    for number, row in rows:
+        if problem := group_problem(row):
+            raise BadRequest(f"line {number} is not an off-policy group: {problem}",
+                             {"line": number})
 
 
 def get_file(session: Session, project: Project, file_id: str) -> File:
@@ -120,16 +116,3 @@ def get_file(session: Session, project: Project, file_id: str) -> File:
 def list_files(session: Session, project: Project) -> list[File]:
     stmt = select(File).where(File.project_id == project.id).order_by(File.id.desc())
     return list(session.scalars(stmt))
-
-
-def numbered_rows(path: str) -> list[tuple[int, dict]]:
-    """(line number, row) for each row: numbered as the upload numbers lines, blank ones too."""
-    with open(path, "rb") as fh:
-        return [(number, json.loads(raw)) for number, raw in enumerate(fh, start=1)
-                if raw.strip()]
-
-
-def read_rows(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-

@@ -3,6 +3,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from service.contract.storage import CheckpointKind
 from service.models.base import Base, UTCDateTime, new_id, utcnow
 
 
@@ -15,6 +16,6 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(1024))
     bytes: Mapped[int] = mapped_column(BigInteger)
-    # "full": a whole model; "lora_adapter": a PEFT adapter over the run's base model.
-    kind: Mapped[str] = mapped_column(String(16), default="full", server_default="full")
+    kind: Mapped[str] = mapped_column(String(16), default=CheckpointKind.FULL,
+                                      server_default=CheckpointKind.FULL)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

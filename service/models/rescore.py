@@ -4,6 +4,7 @@ from typing import Any
 from sqlalchemy import JSON, Double, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from service.contract.states import RescoreStatus
 from service.models.base import Base, UTCDateTime, new_id, utcnow
 
 
@@ -16,7 +17,7 @@ class Rescore(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     number: Mapped[int] = mapped_column(Integer)  # 1, 2, ... within the run: part of webhook ids
     reward: Mapped[dict[str, Any]] = mapped_column(JSON)  # the reward spec, as validated
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=RescoreStatus.QUEUED, index=True)
     samples_total: Mapped[int] = mapped_column(Integer)
     samples_scored: Mapped[int] = mapped_column(Integer, default=0)
     last_step: Mapped[int] = mapped_column(Integer, default=0)  # steps up to this one are applied

@@ -4,6 +4,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from service.contract.states import RunStatus
 from service.models.base import Base, UTCDateTime, new_id, utcnow
 
 
@@ -14,7 +15,7 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("run"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[str] = mapped_column(String(16), index=True, default=RunStatus.QUEUED)
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     webhook_secret: Mapped[str] = mapped_column(String(80))
     # After a rotation the previous secret still verifies callbacks until this moment.
@@ -36,8 +37,8 @@ class Run(Base):
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # The notify_url outbox (service/runs/notify.py): None = nothing to send, "pending" = send
-    # once the run has ended, then "delivered" or "failed". Not due before notify_due_at, which
+    # The notify_url outbox (service/runs/notify.py, NotifyState): None = nothing to send, pending
+    # = send once the run has ended, then delivered or failed. Not due before notify_due_at, which
     # is both the retry time and a sender's claim expiry.
     notify_state: Mapped[str | None] = mapped_column(String(16), index=True)
     notify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

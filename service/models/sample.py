@@ -1,6 +1,7 @@
 from sqlalchemy import Double, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from service.contract.groups import POLICY
 from service.models.base import Base
 from service.models.rescore import RewardHistory
 
@@ -18,8 +19,8 @@ class Sample(Base):
     completion: Mapped[str] = mapped_column(Text)
     answer: Mapped[str | None] = mapped_column(Text)
     reward: Mapped[float] = mapped_column(Double)
-    # "policy" (sampled by the run) or an off-policy group's source
-    source: Mapped[str] = mapped_column(String(64), server_default="policy", default="policy")
+    # POLICY (sampled by the run) or an off-policy group's source
+    source: Mapped[str] = mapped_column(String(64), server_default=POLICY, default=POLICY)
     # What re-scorings replaced, oldest first.
     reward_history: Mapped[list[RewardHistory]] = relationship(order_by=RewardHistory.id,
                                                                viewonly=True)

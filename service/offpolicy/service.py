@@ -13,12 +13,14 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.errors import Conflict, InvalidSpec
-from service.files.groups import fit_problem, group_problem
+from service.contract.groups import fit_problem, group_problem
 from service.models import Project, Run, RunGroup
 from service.offpolicy.schemas import GroupsStatus
 from service.runs.preflight import check_posted_groups
-from service.runs.service import TERMINAL, add_event, get_run, run_spec
-from service.runs.spec import RunSpec, offpolicy_per_engine
+from service.contract.events import EventType
+from service.contract.states import TERMINAL
+from service.runs.service import add_event, get_run, run_spec
+from service.contract.spec import RunSpec, offpolicy_per_engine
 
 MAX_PENDING = 100_000  # posted groups a run holds untrained
 
@@ -69,7 +71,7 @@ def post_groups(session: Session, settings: Settings, project: Project, run_id: 
         raise Conflict(f"run {run.id} already holds {pending} untrained groups; at most "
                        f"{MAX_PENDING} may wait: post more once steps have taken some")
     session.add_all(RunGroup(run_id=run.id, body=group) for group in groups)
-    add_event(session, run.id, "groups.posted", f"{len(groups)} groups posted for the run's "
+    add_event(session, run.id, EventType.GROUPS_POSTED, f"{len(groups)} groups posted for the run's "
               "off-policy slots", data={"groups": len(groups)})
     session.flush()
     return _status(session, run, spec, accepted=len(groups))

@@ -16,15 +16,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.config import Settings
+from service.contract.events import EventType
+from service.contract.states import RESCORE_ACTIVE, TERMINAL, RescoreStatus
+from service.contract.tasks import RESCORE_TASK, queue_of
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue
 from service.errors import Conflict, NotFound
 from service.models import Project, Rescore, Run, Sample
 from service.models.base import utcnow
 from service.rescores.schemas import RescoreCreate
-from service.runs.service import TERMINAL, add_event, check_webhooks, get_run, queue_of
-
-ACTIVE = ("queued", "running")
+from service.runs.service import add_event, check_webhooks, get_run
 
 
 def create_rescore(session: Session, settings: Settings, project: Project, run_id: str,
@@ -34,7 +35,7 @@ def create_rescore(session: Session, settings: Settings, project: Project, run_i
         raise Conflict(f"run {run.id} is {run.status}: re-score it once it has ended (cancel "
                        "it to end it now), so that no step writes over the new rewards")
     active = session.scalar(select(Rescore).where(Rescore.run_id == run.id,
-                                                  Rescore.status.in_(ACTIVE)))
+                                                  Rescore.status.in_(RESCORE_ACTIVE)))
     if active is not None:
         raise Conflict(f"rescore {active.id} of run {run.id} is still {active.status}; one "
                        "rescore of a run at a time", {"rescore_id": active.id})
@@ -48,7 +49,7 @@ def create_rescore(session: Session, settings: Settings, project: Project, run_i
                       samples_total=total, reward_mean_before=mean)
     session.add(rescore)
     session.flush()
-    add_event(session, run.id, "rescore.queued", f"rescore {rescore.id} of the run's {total} "
+    add_event(session, run.id, EventType.RESCORE_QUEUED, f"rescore {rescore.id} of the run's {total} "
               f"samples queued", data={"rescore_id": rescore.id, "samples": total})
     queue = queue_of(run.spec)
     after_commit(session, lambda: dispatch_rescore(settings, rescore.id, queue))
@@ -56,8 +57,6 @@ def create_rescore(session: Session, settings: Settings, project: Project, run_i
 
 
 def dispatch_rescore(settings: Settings, rescore_id: str, queue: str) -> bool:
-    from workers.celery_app import RESCORE_TASK
-
     if not enqueue(settings, RESCORE_TASK, rescore_id, queue):
         return False
     with session_scope(settings.resolved_database_url) as session:
@@ -86,13 +85,13 @@ def reap_rescores(settings: Settings, publish_grace: timedelta) -> list[str]:
     published is published. Returns the ids published."""
     now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
-        session.execute(update(Rescore).where(Rescore.status == "running",
+        session.execute(update(Rescore).where(Rescore.status == RescoreStatus.RUNNING,
                                               Rescore.lease_expires_at < now)
-                        .values(status="queued", lease_owner=None, lease_expires_at=None,
+                        .values(status=RescoreStatus.QUEUED, lease_owner=None, lease_expires_at=None,
                                 dispatched_at=None))
         unpublished = session.execute(
             select(Rescore.id, Run.spec).join(Run, Run.id == Rescore.run_id)
-            .where(Rescore.status == "queued", Rescore.dispatched_at.is_(None),
+            .where(Rescore.status == RescoreStatus.QUEUED, Rescore.dispatched_at.is_(None),
                    Rescore.created_at < now - publish_grace)).all()
     return [rescore_id for rescore_id, spec in unpublished
             if dispatch_rescore(settings, rescore_id, queue_of(spec))]

@@ -6,7 +6,7 @@ from service.deps import ProjectDep, SessionDep, SettingsDep
 from service.errors import PayloadTooLarge
 from service.rewards import service
 from service.rewards.schemas import CallbackAccepted, SecretRotated
-from service.rewards.signing import HEADER
+from service.contract.signing import HEADER
 
 router = APIRouter(prefix="/v1/runs", tags=["rewards"])
 

@@ -15,7 +15,8 @@ from service.config import Settings
 from service.errors import BadRequest, Conflict, NotFound, Unauthorized
 from service.models import Project, RewardRequest, Run
 from service.models.base import utcnow
-from service.rewards.signing import SignatureError, is_reward, new_secret, verify
+from service.contract.signing import SignatureError, is_reward, new_secret, verify
+from service.contract.events import EventType
 from service.runs.service import add_event, get_run
 
 
@@ -99,7 +100,7 @@ def rotate_secret(session: Session, settings: Settings, project: Project, run_id
     expires = utcnow() + timedelta(seconds=settings.webhook_secret_grace_s)
     run.previous_webhook_secret, run.previous_secret_expires_at = run.webhook_secret, expires
     run.webhook_secret = new_secret()
-    add_event(session, run.id, "webhook.secret_rotated",
+    add_event(session, run.id, EventType.WEBHOOK_SECRET_ROTATED,
               f"webhook secret rotated; the previous one is accepted until {expires.isoformat()}")
     session.flush()
     return {"run_id": run.id, "webhook_secret": run.webhook_secret,

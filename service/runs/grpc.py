@@ -20,7 +20,8 @@ from service.metrics.schemas import StepMetrics
 from service.models import Run
 from service.runs import service, stream
 from service.runs.schemas import EventRead, RunRead
-from service.runs.spec import RunSpec
+from service.contract.spec import RunSpec
+from service.contract.states import STATES
 
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE, MAX_IDEMPOTENCY_KEY = 100, 20, 200
 
@@ -75,9 +76,9 @@ def _list_args(request: pb.ListRunsRequest) -> int:
     if not 1 <= size <= MAX_PAGE_SIZE:
         raise InvalidSpec([{"field": "page_size",
                             "message": f"must be between 1 and {MAX_PAGE_SIZE}, got {size}"}])
-    if request.status and request.status not in service.STATES:
+    if request.status and request.status not in STATES:
         raise InvalidSpec([{"field": "status", "message": f"{request.status!r} is not a run "
-                            f"state; use one of {', '.join(service.STATES)}"}])
+                            f"state; use one of {', '.join(STATES)}"}])
     return size
 
 

@@ -23,18 +23,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 import httpx
 from sqlalchemy import or_, select, update
 
 from service.config import Settings
+from service.contract.events import ENDED, EventLevel, EventType
+from service.contract.outbound import Transient, post_signed, webhook_url_problem
+from service.contract.states import TERMINAL, NotifyState, RunStatus
+from service.contract.webhooks import RunNotification, RunSummary
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
-from service.rewards.outbound import Transient, post_signed
-from service.rewards.urls import webhook_url_problem
-from service.runs.schemas import RunNotification, RunSummary
-from service.runs.service import TERMINAL, add_event
+from service.runs.service import add_event
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class Claim:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str  # "delivered" | "retry" | "final"
+    kind: Literal["ok", "retry", "final"]  # 2xx; worth another try; given up
     answer: str
     status: int | None = None
     retry_after: float | None = None
@@ -68,7 +70,7 @@ def notification_id(run_id: str) -> str:
 
 
 def _due(now: datetime):
-    return (Run.status.in_(TERMINAL), Run.notify_state == "pending",
+    return (Run.status.in_(TERMINAL), Run.notify_state == NotifyState.PENDING,
             or_(Run.notify_due_at.is_(None), Run.notify_due_at <= now))
 
 
@@ -91,7 +93,7 @@ def claim(settings: Settings, run_id: str) -> Claim | None:
             return None
         run = session.get(Run, run_id)
         event_id = notification_id(run.id)
-        body = RunNotification(type=f"run.{run.status}", id=event_id, run_id=run.id,
+        body = RunNotification(type=ENDED[RunStatus(run.status)], id=event_id, run_id=run.id,
                                created_at=run.finished_at or run.created_at,
                                run=RunSummary.model_validate(run))
         return Claim(run.id, until, run.notify_attempts, run.spec["notify_url"],
@@ -109,7 +111,7 @@ def send(settings: Settings, c: Claim) -> Outcome:
         except Transient as exc:
             return Outcome("retry", exc.answer, None, exc.retry_after)
     if 200 <= answer.status < 300:
-        return Outcome("delivered", answer.describe(), answer.status)
+        return Outcome("ok", answer.describe(), answer.status)
     if answer.retryable:
         return Outcome("retry", answer.describe(), answer.status, answer.retry_after)
     note = " (redirects are not followed)" if 300 <= answer.status < 400 else ""
@@ -122,38 +124,38 @@ def backoff_s(settings: Settings, tries: int, retry_after: float | None = None) 
     return max(delay, retry_after or 0.0)
 
 
-def record(settings: Settings, c: Claim, outcome: Outcome) -> str | None:
+def record(settings: Settings, c: Claim, outcome: Outcome) -> NotifyState | None:
     """Write the outcome of a send; the new notify_state, or None if our claim was lost (it
     expired and another sender took the run over: its outcome is the one that counts)."""
     tries = c.attempts + 1
-    state, due = "failed", None
-    if outcome.kind == "delivered":
-        state = "delivered"
+    state, due = NotifyState.FAILED, None
+    if outcome.kind == "ok":
+        state = NotifyState.DELIVERED
     elif outcome.kind == "retry" and tries < settings.notify_max_attempts:
-        state = "pending"
+        state = NotifyState.PENDING
         due = utcnow() + timedelta(seconds=backoff_s(settings, tries, outcome.retry_after))
     with session_scope(settings.resolved_database_url) as session:
         mine = session.execute(
-            update(Run).where(Run.id == c.run_id, Run.notify_state == "pending",
+            update(Run).where(Run.id == c.run_id, Run.notify_state == NotifyState.PENDING,
                               Run.notify_due_at == c.until)
             .values(notify_state=state, notify_attempts=tries, notify_due_at=due)
             .execution_options(synchronize_session=False)).rowcount == 1
         if not mine:
             return None
         data = {"url": c.url, "status": outcome.status, "attempts": tries, "event_id": c.event_id}
-        if state == "delivered":
-            add_event(session, c.run_id, "notify.delivered",
+        if state == NotifyState.DELIVERED:
+            add_event(session, c.run_id, EventType.NOTIFY_DELIVERED,
                       f"run notification delivered to {c.url} (HTTP {outcome.status}, "
                       f"try {tries})", data=data)
-        elif state == "failed":
-            add_event(session, c.run_id, "notify.failed",
+        elif state == NotifyState.FAILED:
+            add_event(session, c.run_id, EventType.NOTIFY_FAILED,
                       f"run notification to {c.url} failed after {tries} "
                       f"{'try' if tries == 1 else 'tries'}; last answer: {outcome.answer}",
-                      "warning", {**data, "answer": outcome.answer})
+                      EventLevel.WARNING, {**data, "answer": outcome.answer})
     return state
 
 
-def deliver(settings: Settings, run_id: str) -> str | None:
+def deliver(settings: Settings, run_id: str) -> NotifyState | None:
     """Claim, send and record one run's notification; its new state, or None if not ours."""
     c = claim(settings, run_id)
     return None if c is None else record(settings, c, send(settings, c))

@@ -1,8 +1,8 @@
 """Submission-time checks of the model: what would otherwise fail only on the GPU worker, after
 the run waited in a queue and loaded its weights, is refused at once with a 422 naming the field.
 
-- model.path is a directory whose config.json parses, names a model type this transformers
-  handles, and whose tokenizer loads (read as the worker reads them; the weights never are).
+- model.path is a directory whose config.json parses and names a model type, and whose
+  tokenizer loads (the weights never are read).
 - rollout.max_model_len is within the model's context (vLLM refuses to start above it).
 - Every prompt of the train and eval files, tokenised as the rollout engines do, plus
   sampling.max_new_tokens fits the limit (rollout.max_model_len, else the model's context);
@@ -14,6 +14,12 @@ The API sees model.path only where it shares a file system with the workers; a h
 cluster's model volume the API does not mount, is left to the worker (settings.model_path_check
 says how strict to be). Where the context cannot be read from the config, the check accepts:
 the worker stays the last judge, a check here only saves it the trouble.
+
+The API process loads no model library (torch, transformers: service/contract says why): it
+reads config.json as JSON and the tokenizer with the `tokenizers` library, from tokenizer.json,
+which is what transformers' fast tokenizers load too. So the worker, not this check, finds a
+model_type that its transformers does not know, and a model with only a slow tokenizer's files
+gets no token-budget checks here.
 """
 
 import json
@@ -22,12 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
+from tokenizers import Tokenizer
 
 from service.config import Settings
 from service.errors import InvalidSpec
-from service.files.service import get_file, numbered_rows
+from service.contract.files import numbered_rows
+from service.files.service import get_file
 from service.models import File, Project
-from service.runs.spec import RunSpec
+from service.contract.spec import RunSpec
 
 FIELD = "model.path"
 LOCAL_PREFIXES = ("/", "./", "../", "~")  # as the worker tells a local path from a hub id
@@ -41,6 +49,10 @@ STRETCHING_ROPE = ("linear", "dynamic")
 TOKENIZE_BATCH = 1024
 MODEL_FILES = "config.json, tokenizer files and weights"
 MAX_REASON_CHARS = 300
+# What a slow (Python) tokenizer reads when a model has no tokenizer.json: transformers converts
+# it on the worker; the API, which reads only tokenizer.json, then leaves the budgets to it.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                        "vocab.json", "vocab.txt")
 
 
 def _problem(field: str, message: str) -> dict[str, str]:
@@ -117,10 +129,10 @@ def _reason(exc: Exception) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
-def _load(path: str, directory: Path) -> tuple:
-    """(config, tokenizer) read as the worker reads them, with no remote code and no downloads;
-    InvalidSpec on model.path saying what stops them."""
-    from transformers import AutoConfig, AutoTokenizer
+def _load(path: str, directory: Path) -> tuple[dict, Tokenizer | None]:
+    """(config.json, tokenizer) as the worker will find them, with no remote code and no
+    downloads; InvalidSpec on model.path saying what stops them. The tokenizer is None when the
+    model has only a slow tokenizer's files (no tokenizer.json), which the API does not read."""
 
     def refuse(message: str) -> InvalidSpec:
         return InvalidSpec([_problem(FIELD, message)])
@@ -130,36 +142,45 @@ def _load(path: str, directory: Path) -> tuple:
         raise refuse(f"{path!r} has no config.json, so transformers cannot load it as a model; "
                      f"give the directory written by save_pretrained ({MODEL_FILES})")
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise refuse(f"config.json in {path!r} is not valid JSON ({_reason(exc)}); replace it "
                      "with the model's own config.json") from None
-    if not isinstance(raw, dict):
-        raise refuse(f"config.json in {path!r} is a JSON {type(raw).__name__}, not an object; "
+    if not isinstance(config, dict):
+        raise refuse(f"config.json in {path!r} is a JSON {type(config).__name__}, not an object; "
                      "replace it with the model's own config.json")
-    try:
-        config = AutoConfig.from_pretrained(directory, trust_remote_code=False,
-                                            local_files_only=True)
-    except Exception as exc:  # transformers raises ValueError, OSError, KeyError, ...
-        raise refuse(f"transformers cannot load the config in {path!r}: {_reason(exc)}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False,
-                                                  local_files_only=True)
-    except Exception as exc:
-        raise refuse(f"transformers cannot load the tokenizer in {path!r}: {_reason(exc)}; the "
-                     "directory needs the model's tokenizer files") from None
-    return config, tokenizer
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise refuse(f"config.json in {path!r} has no model_type, so transformers cannot tell "
+                     "which architecture to build; replace it with the model's own config.json")
+    return config, _tokenizer(path, directory, refuse)
 
 
-def context_length(config) -> int | None:
+def _tokenizer(path: str, directory: Path, refuse: Callable[[str], InvalidSpec]) -> Tokenizer | None:
+    """The fast tokenizer (tokenizer.json, read by the tokenizers library as transformers reads
+    it); None for a model with a slow tokenizer's files only; InvalidSpec without either."""
+    fast = directory / "tokenizer.json"
+    if fast.is_file():
+        try:
+            return Tokenizer.from_file(str(fast))
+        except Exception as exc:  # tokenizers raises its own Exception subclasses
+            raise refuse(f"cannot load the tokenizer in {path!r} (tokenizer.json): "
+                         f"{_reason(exc)}; the directory needs the model's tokenizer files") \
+                from None
+    if any((directory / name).is_file() for name in SLOW_TOKENIZER_FILES):
+        return None
+    raise refuse(f"cannot load the tokenizer in {path!r}: it has no tokenizer.json (nor a slow "
+                 "tokenizer's files); the directory needs the model's tokenizer files")
+
+
+def context_length(config: dict) -> int | None:
     """The model's context in tokens as vLLM derives it: the smallest length key of its (text)
     config, stretched by a linear or dynamic RoPE scaling factor; None when no key is set."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    lengths = [v for key in CONTEXT_KEYS if isinstance(v := getattr(text, key, None), int)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    lengths = [v for key in CONTEXT_KEYS if isinstance(v := text.get(key), int)
                and not isinstance(v, bool) and v > 0]
     if not lengths:
         return None
-    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    rope = text.get("rope_parameters") or text.get("rope_scaling")
     if not isinstance(rope, dict):
         rope = {}
     # one dict, or one per layer type ({"full_attention": {...}, "sliding_attention": {...}})
@@ -195,7 +216,7 @@ class _Limit:
 
 
 def _budget_problems(session: Session, project: Project, spec: RunSpec, context: int | None,
-                     tokenizer) -> list[dict]:
+                     tokenizer: Tokenizer | None) -> list[dict]:
     """rollout.max_model_len against the model's context, then every file's sequences against
     the limit. The files were checked (the project's own, with their fields) before this."""
     max_len, problems = spec.rollout.max_model_len, []
@@ -203,7 +224,7 @@ def _budget_problems(session: Session, project: Project, spec: RunSpec, context:
         problems.append(_problem("rollout.max_model_len", f"{max_len} is more than the model's "
                                  f"context of {context} tokens (its config.json); set it to at "
                                  f"most {context}, or leave it unset to use the whole context"))
-    if (limit := _limit(spec, context)) is None:
+    if (limit := _limit(spec, context)) is None or tokenizer is None:
         return problems
     ds = spec.dataset
     for attr in ("train_file", "eval_file"):
@@ -229,24 +250,25 @@ def check_posted_groups(settings: Settings, spec: RunSpec, groups: list[dict]) -
     if (seen := _seen_model(settings, spec)) is None:
         return
     config, tokenizer = seen
-    if (limit := _limit(spec, context_length(config))) is None:
+    if (limit := _limit(spec, context_length(config))) is None or tokenizer is None:
         return
     if problems := _group_problems(list(enumerate(groups)), spec, tokenizer, limit,
                                    lambda i: (f"groups.{i}", "the group")):
         raise InvalidSpec(problems)
 
 
-def _token_counts(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[int]:
-    """len(tokenizer(text)["input_ids"]) for each text, tokenised in batches (same ids)."""
+def _token_counts(tokenizer: Tokenizer, texts: list[str],
+                  add_special_tokens: bool = True) -> list[int]:
+    """How many tokens each text is, with the special tokens the model adds to a prompt (as
+    transformers' tokenizer(text) counts them), tokenised in batches."""
     counts = []
     for start in range(0, len(texts), TOKENIZE_BATCH):
         batch = texts[start : start + TOKENIZE_BATCH]
-        ids = tokenizer(batch, add_special_tokens=add_special_tokens)["input_ids"]
-        counts += [len(row) for row in ids]
+        counts += [len(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens)]
     return counts
 
 
-def _prompt_problems(file: File, attr: str, spec: RunSpec, tokenizer,
+def _prompt_problems(file: File, attr: str, spec: RunSpec, tokenizer: Tokenizer,
                      limit: _Limit) -> list[dict]:
     """The file's longest prompt, as the engines tokenise it, plus sampling.max_new_tokens
     against the limit."""
@@ -273,7 +295,7 @@ def _prompt_problems(file: File, attr: str, spec: RunSpec, tokenizer,
                          "shorten the prompts"))]
 
 
-def _group_problems(rows: list[tuple[int, dict]], spec: RunSpec, tokenizer, limit: _Limit,
+def _group_problems(rows: list[tuple[int, dict]], spec: RunSpec, tokenizer: Tokenizer, limit: _Limit,
                     where: Callable[[int], tuple[str, str]]) -> list[dict]:
     """The longest off-policy group sequence against the limit: its prompt and its longest
     completion with the EOS the learner appends (workers/offpolicy.py), or, for a group of

@@ -18,11 +18,14 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from service.config import Settings
+from service.contract.events import EventLevel, EventType
+from service.contract.states import RunStatus
+from service.contract.tasks import queue_of
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
 from service.rescores.service import reap_rescores
-from service.runs.service import add_event, dispatch_run, queue_of
+from service.runs.service import add_event, dispatch_run
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +39,20 @@ def reap_runs(settings: Settings, publish_grace: timedelta = PUBLISH_GRACE) -> l
     now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
         expired = session.execute(select(Run.id, Run.lease_owner).where(
-            Run.status == "running", Run.lease_expires_at < now)).all()
+            Run.status == RunStatus.RUNNING, Run.lease_expires_at < now)).all()
         for run_id, owner in expired:
             taken = session.execute(
-                update(Run).where(Run.id == run_id, Run.status == "running",
+                update(Run).where(Run.id == run_id, Run.status == RunStatus.RUNNING,
                                   Run.lease_expires_at < now)
-                .values(status="queued", lease_owner=None, lease_expires_at=None,
+                .values(status=RunStatus.QUEUED, lease_owner=None, lease_expires_at=None,
                         dispatched_at=None)).rowcount == 1
             if taken:
-                add_event(session, run_id, "run.requeued",
+                add_event(session, run_id, EventType.RUN_REQUEUED,
                           f"the lease of worker {owner} expired; queued again to resume from the "
-                          "latest checkpoint", "warning", {"worker": owner})
+                          "latest checkpoint", EventLevel.WARNING, {"worker": owner})
         # (the runs just requeued are among these: same transaction, old created_at)
         unpublished = session.execute(select(Run.id, Run.spec).where(
-            Run.status == "queued", Run.dispatched_at.is_(None),
+            Run.status == RunStatus.QUEUED, Run.dispatched_at.is_(None),
             Run.created_at < now - publish_grace)).all()
     return [run_id for run_id, spec in unpublished
             if dispatch_run(settings, run_id, queue_of(spec))]

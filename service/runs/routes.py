@@ -5,12 +5,20 @@ from fastapi.responses import StreamingResponse
 
 from service.deps import DB_INT_MAX, ProjectDep, SessionDep, SettingsDep
 from service.runs import service, stream
-from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead
-from service.runs.spec import RunSpec
+from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead, RunStates
+from service.contract.spec import RunSpec
+from service.contract.states import RunStatus
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
+states_router = APIRouter(tags=["runs"])
 
-RUN_STATUSES = f"^({'|'.join(service.STATES)})$"
+
+@states_router.get("/v1/run-states", response_model=RunStates)
+def run_states() -> RunStates:
+    """The states a run can be in, which ones are final, how they follow each other and in
+    which ones cancel, pause and resume are allowed. Needs no API key."""
+    return RunStates.of_contract()
+
 
 
 @router.post("", status_code=201, response_model=RunCreated)
@@ -31,7 +39,7 @@ def create_run(
 @router.get("", response_model=RunList)
 def list_runs(
     session: SessionDep, project: ProjectDep,
-    status: Annotated[str | None, Query(pattern=RUN_STATUSES)] = None,
+    status: Annotated[RunStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="cursor: the last run id of the previous page")] = None,
 ) -> RunList:

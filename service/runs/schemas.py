@@ -1,7 +1,10 @@
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.contract.events import EventLevel, EventType
+from service.contract.states import ACTIONS, LIVE, TERMINAL, TRANSITIONS, RunStatus
 
 
 class RunRead(BaseModel):
@@ -10,7 +13,7 @@ class RunRead(BaseModel):
     id: str
     object: Literal["run"] = "run"
     name: str | None
-    status: str
+    status: RunStatus
     step: int
     total_steps: int
     cancel_requested: bool
@@ -40,8 +43,8 @@ class EventRead(BaseModel):
 
     id: int
     created_at: datetime
-    type: str
-    level: str
+    type: EventType
+    level: EventLevel
     message: str
     data: dict[str, Any] | None
 
@@ -52,24 +55,25 @@ class EventList(BaseModel):
     has_more: bool
 
 
-class RunSummary(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    name: str | None
-    status: str
-    step: int
-    total_steps: int
-    error: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
+def _ordered(states) -> list[RunStatus]:
+    return [s for s in RunStatus if s in states]
 
 
-class RunNotification(BaseModel):
-    """The body POSTed to a run's notify_url when it ends (service/runs/notify.py)."""
+class RunStates(BaseModel):
+    """The run state machine (service/contract/states.py), for clients that show or filter
+    states without a copy of their own (the dashboard)."""
 
-    type: Literal["run.succeeded", "run.failed", "run.cancelled"]
-    id: str  # the same on every delivery of this notification: receivers de-duplicate by it
-    run_id: str
-    created_at: datetime  # when the run ended
-    run: RunSummary
+    object: Literal["run_states"] = "run_states"
+    states: list[RunStatus]
+    terminal: list[RunStatus] = Field(description="ended: a run in one never changes again")
+    live: list[RunStatus] = Field(description="waiting for or held by a worker")
+    transitions: dict[RunStatus, list[RunStatus]] = Field(
+        description="each state's possible next states")
+    actions: dict[str, list[RunStatus]] = Field(
+        description="the states in which POST /v1/runs/{id}/<action> is allowed (else 409)")
+
+    @classmethod
+    def of_contract(cls) -> "RunStates":
+        return cls(states=list(RunStatus), terminal=_ordered(TERMINAL), live=_ordered(LIVE),
+                   transitions={s: _ordered(targets) for s, targets in TRANSITIONS.items()},
+                   actions={action: _ordered(states) for action, states in ACTIONS.items()})

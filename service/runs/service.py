@@ -9,27 +9,29 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service.checkpoints import store
 from service.config import Settings
+from service.contract import storage
+from service.contract.storage import CheckpointKind
+from service.contract.events import EventLevel, EventType
+from service.contract.groups import fit_problem
+from service.contract.files import FilePurpose, numbered_rows
+from service.contract.outbound import unreachable, webhook_url_problem
+from service.contract.signing import new_secret
+from service.contract.spec import CompositeReward, RewardSpec, RunSpec, WebhookReward
+from service.contract.states import ACTIONS, TERMINAL, NotifyState, RunStatus
+from service.contract.tasks import RUN_TASK, queue_of
 from service.db import after_commit, session_scope
-from service.dispatch import enqueue_run
+from service.dispatch import enqueue
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
-from service.files.groups import fit_problem
-from service.files.service import get_file, numbered_rows
+from service.files.service import get_file
 from service.models import Checkpoint, Project, Run, RunEvent
 from service.models.base import utcnow
-from service.rewards.signing import new_secret
-from service.rewards.urls import unreachable, webhook_url_problem
 from service.runs.preflight import check_model
-from service.runs.spec import CompositeReward, RewardSpec, RunSpec, WebhookReward
-
-STATES = ("queued", "running", "paused", "succeeded", "failed", "cancelled")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def add_event(
-    session: Session, run_id: str, type_: str, message: str,
-    level: str = "info", data: dict[str, Any] | None = None,
+    session: Session, run_id: str, type_: EventType, message: str,
+    level: EventLevel = EventLevel.INFO, data: dict[str, Any] | None = None,
 ) -> None:
     session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))
 
@@ -70,7 +72,7 @@ def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> li
         file = get_file(session, project, file_id)
     except NotFound as exc:
         return [{"field": field, "message": exc.message}]
-    if file.purpose != "offpolicy":
+    if file.purpose != FilePurpose.OFFPOLICY:
         return [{"field": field, "message": f"file {file.id} was uploaded with purpose "
                  f"{file.purpose!r}; off-policy groups need purpose 'offpolicy'"}]
     k, ranks = spec.algorithm.group_size, spec.resources.ranks
@@ -97,14 +99,14 @@ def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> RunSp
         bad.append({"field": "model.checkpoint", "message": f"checkpoint {ckpt.id} belongs to "
                     f"run {source.id}, which is {source.status}: its keep_last may still delete "
                     "it; start from it once that run has ended"})
-    elif not store.exists(ckpt.path):
+    elif not storage.exists(ckpt.path):
         bad.append({"field": "model.checkpoint",
                     "message": f"checkpoint {ckpt.id} has no files left at {ckpt.path}"})
     bad += [{"field": f"model.{name}", "message": "leave it out with model.checkpoint, which "
              "sets it"} for name in ("path", "adapter") if getattr(model, name) is not None]
     trained = run_spec(source).model
     filled = {"path": ckpt.path}
-    if ckpt.kind == "lora_adapter":
+    if ckpt.kind == CheckpointKind.LORA_ADAPTER:
         filled = {"path": trained.path, "adapter": ckpt.path, "lora": trained.lora}
         if "lora" in model.model_fields_set and model.lora != trained.lora:
             bad.append({"field": "model.lora", "message": f"checkpoint {ckpt.id} is a LoRA "
@@ -184,7 +186,7 @@ def create_run(
                         else new_secret()),
         idempotency_key=idempotency_key,
         request_hash=digest, total_steps=spec.training.steps,
-        notify_state="pending" if spec.notify_url else None,
+        notify_state=NotifyState.PENDING if spec.notify_url else None,
     )
     session.add(run)
     try:
@@ -196,20 +198,16 @@ def create_run(
         if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
             return existing, False
         raise
-    add_event(session, run.id, "run.queued", f"run queued on queue {spec.resources.queue!r}")
+    add_event(session, run.id, EventType.RUN_QUEUED,
+              f"run queued on queue {spec.resources.queue!r}")
     after_commit(session, lambda: dispatch_run(settings, run.id, spec.resources.queue))
     return run, True
-
-
-def queue_of(spec: dict[str, Any]) -> str:
-    """The Celery queue of a stored spec (every default is filled in when it is stored)."""
-    return spec.get("resources", {}).get("queue", "default")
 
 
 def dispatch_run(settings: Settings, run_id: str, queue: str) -> bool:
     """Publish the run's task and note when; False (the run stays queued, unpublished, for the
     reaper to retry) when the broker is unreachable."""
-    if not enqueue_run(settings, run_id, queue):
+    if not enqueue(settings, RUN_TASK, run_id, queue):
         return False
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
@@ -248,33 +246,40 @@ def list_runs(
     return rows[:limit], len(rows) > limit
 
 
+def _refused(run: Run, action: str) -> Conflict:
+    """409 for `action` (pause, resume) asked of a run in a state that does not allow it."""
+    allowed = " or ".join(status for status in RunStatus if status in ACTIONS[action])
+    return Conflict(f"run {run.id} is {run.status}; only a {allowed} run can be {action}d")
+
+
 def cancel_run(session: Session, project: Project, run_id: str) -> Run:
     run = get_run(session, project, run_id)
-    if run.status in TERMINAL:
+    if run.status not in ACTIONS["cancel"]:
         raise Conflict(f"run {run_id} is already {run.status}; it cannot be cancelled")
-    if run.status in ("queued", "paused"):
+    if run.status != RunStatus.RUNNING:
         # No worker owns it: cancel now; a later delivery of its task sees the state and exits.
-        add_event(session, run.id, "run.cancelled", f"run cancelled while {run.status}")
-        run.status, run.finished_at = "cancelled", utcnow()
+        add_event(session, run.id, EventType.RUN_CANCELLED, f"run cancelled while {run.status}")
+        run.status, run.finished_at = RunStatus.CANCELLED, utcnow()
     elif not run.cancel_requested:
         # A running loop checks this flag between steps and stops cooperatively.
         run.cancel_requested = True
-        add_event(session, run.id, "run.cancel_requested", "cancel requested; stops after this step")
+        add_event(session, run.id, EventType.RUN_CANCEL_REQUESTED,
+                  "cancel requested; stops after this step")
     session.flush()
     return run
 
 
 def pause_run(session: Session, project: Project, run_id: str) -> Run:
     run = get_run(session, project, run_id)
-    if run.status not in ("queued", "running"):
-        raise Conflict(f"run {run_id} is {run.status}; only a queued or running run can be paused")
-    if run.status == "queued":
-        run.status = "paused"
-        add_event(session, run.id, "run.paused", "run paused before it started")
+    if run.status not in ACTIONS["pause"]:
+        raise _refused(run, "pause")
+    if run.status == RunStatus.QUEUED:
+        run.status = RunStatus.PAUSED
+        add_event(session, run.id, EventType.RUN_PAUSED, "run paused before it started")
     elif not run.pause_requested:
         # The loop checks this between steps: it writes a checkpoint, frees the worker and exits.
         run.pause_requested = True
-        add_event(session, run.id, "run.pause_requested",
+        add_event(session, run.id, EventType.RUN_PAUSE_REQUESTED,
                   "pause requested; the run checkpoints and stops after this step")
     session.flush()
     return run
@@ -282,10 +287,10 @@ def pause_run(session: Session, project: Project, run_id: str) -> Run:
 
 def resume_run(session: Session, settings: Settings, project: Project, run_id: str) -> Run:
     run = get_run(session, project, run_id)
-    if run.status != "paused":
-        raise Conflict(f"run {run_id} is {run.status}; only a paused run can be resumed")
-    run.status, run.pause_requested, run.dispatched_at = "queued", False, None
-    add_event(session, run.id, "run.resume_requested",
+    if run.status not in ACTIONS["resume"]:
+        raise _refused(run, "resume")
+    run.status, run.pause_requested, run.dispatched_at = RunStatus.QUEUED, False, None
+    add_event(session, run.id, EventType.RUN_RESUME_REQUESTED,
               f"run queued again; it continues after step {run.step}")
     session.flush()
     after_commit(session, lambda: dispatch_run(settings, run.id, queue_of(run.spec)))

@@ -30,10 +30,28 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from service.runs.spec import RunSpec
+from service.contract.spec import AlgorithmSpec, OptimizerSpec, RunSpec
 from workers.learner import sharding
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.learner.losses import LossInputs, get_loss
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The parts of a run spec the learner uses."""
+
+    algorithm: AlgorithmSpec
+    optimizer: OptimizerSpec
+    mini_batches: int  # optimizer updates per step
+    micro_batch_tokens: int | None  # forward/backward budget; None = a mini-batch at once
+    max_new_tokens: int  # dr_grpo's constant length normaliser
+    sharded: bool = False  # FSDP over the data-parallel ranks
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> "LearnerConfig":
+        return cls(spec.algorithm, spec.optimizer, spec.training.mini_batches,
+                   spec.training.micro_batch_tokens, spec.sampling.max_new_tokens,
+                   sharded=spec.resources.strategy == "fsdp")
 
 
 @dataclass
@@ -147,15 +165,15 @@ class _Tally:
 
 
 class Learner:
-    def __init__(self, model, spec: RunSpec, device: torch.device, pad_id: int,
+    def __init__(self, model, config: LearnerConfig, device: torch.device, pad_id: int,
                  initial_model=None) -> None:
         """`initial_model`: the starting model for reference="initial" when `model` is no longer
         it (a resumed run); by default a frozen copy of `model`."""
-        self.model, self.spec, self.device, self.pad_id = model, spec, device, pad_id
-        self.objective = get_loss(spec.algorithm.name)
-        self.collective = _Collective(device, sharded=spec.resources.strategy == "fsdp")
+        self.model, self.config, self.device, self.pad_id = model, config, device, pad_id
+        self.objective = get_loss(config.algorithm.name)
+        self.collective = _Collective(device, sharded=config.sharded)
         self.frozen = None
-        if spec.algorithm.reference == "initial" and not hasattr(model, "disable_adapter"):
+        if config.algorithm.reference == "initial" and not hasattr(model, "disable_adapter"):
             initial = copy.deepcopy(model) if initial_model is None else initial_model
             self.frozen = initial.eval().requires_grad_(False)
         if self.collective.sharded:  # before the optimizer: sharding replaces the parameters
@@ -163,7 +181,7 @@ class Learner:
             if self.frozen is not None:
                 sharding.shard(self.frozen)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        opt = spec.optimizer
+        opt = config.optimizer
         # fused: one kernel over all parameters (2-3x faster optimizer steps on CPU as on GPU)
         self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, weight_decay=opt.weight_decay,
                                            fused=not self.collective.sharded)
@@ -183,7 +201,7 @@ class Learner:
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps training steps (1-based), then constant."""
-        opt = self.spec.optimizer
+        opt = self.config.optimizer
         if opt.warmup_steps and step <= opt.warmup_steps:
             return opt.lr * step / opt.warmup_steps
         return opt.lr
@@ -196,13 +214,13 @@ class Learner:
         zero_var = rewards.max(dim=1).values == rewards.min(dim=1).values  # (G,)
         everything = list(range(len(batch.prompt_ids)))
         keep = everything
-        if self.spec.algorithm.skip_zero_variance:
+        if self.config.algorithm.skip_zero_variance:
             keep = (~zero_var).nonzero().flatten().tolist()
         trainable = int(self.collective.sum([float(len(keep))])[0])
         if not trainable:
             # Nothing to learn from; still measure the diagnostics so every step has them.
             keep = everything
-        n_mb = min(self.spec.training.mini_batches, trainable) if trainable else 1
+        n_mb = min(self.config.mini_batches, trainable) if trainable else 1
         plans = [[mb for mb in self.micro_batches(batch, part.tolist()) if mb]
                  for part in np.array_split(np.array(keep, dtype=int), n_mb)]
         real = [len(plan) for plan in plans]
@@ -219,7 +237,7 @@ class Learner:
 
     def micro_batches(self, batch: GroupBatch, groups: list[int]) -> list[list[int]]:
         """Whole groups packed in order up to the token budget (a larger group goes alone)."""
-        budget = self.spec.training.micro_batch_tokens
+        budget = self.config.micro_batch_tokens
         if budget is None:
             return [groups]
         packed, current, used = [], [], 0
@@ -253,7 +271,7 @@ class Learner:
         """Everything this update needs from before the step's first update: the sampling
         policy's token log-probs (GRPO ratios, and pi_ref under reference="sampling") and the
         initial model's (reference="initial")."""
-        sampling = self.spec.algorithm.reference == "sampling"
+        sampling = self.config.algorithm.reference == "sampling"
         old: list[torch.Tensor | None] = [None] * len(plan)
         if (self.objective.needs_old_logps or sampling) and not first:
             old = self._token_logps(batch, plan, self.model)
@@ -271,7 +289,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         k = batch.rewards.shape[1]
         n_groups = self.collective.sum([float(sum(len(mb) for mb in plan[:real]))])[0]
-        algo = self.spec.algorithm
+        algo = self.config.algorithm
         for i, (mb, old, ref) in enumerate(zip(plan, reference.old, reference.ref, strict=True)):
             with torch.set_grad_enabled(train):
                 lp = sequence_logprobs(self.model, self._sequences(batch, mb), with_entropy=True)
@@ -290,7 +308,7 @@ class Learner:
                 policy_token_logps=lp.token_logps.view(shape), old_token_logps=old.view(shape),
                 ref_token_logps=ref.view(shape), mask=lp.mask.view(shape),
                 rewards=batch.rewards[mb].to(self.device), beta=algo.beta,
-                clip_eps=algo.clip_eps, max_new_tokens=self.spec.sampling.max_new_tokens,
+                clip_eps=algo.clip_eps, max_new_tokens=self.config.max_new_tokens,
             )
             loss = self.objective.per_group(inputs).sum() / n_groups
             if train:
@@ -298,7 +316,7 @@ class Learner:
             self._measure(inputs, lp.entropy, float(loss.detach()), tally)
         if train:
             self.collective.sum_grads(self.params)
-            clip = self.spec.optimizer.grad_clip or math.inf
+            clip = self.config.optimizer.grad_clip or math.inf
             norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             tally.grad_norms.append(float(sharding.full(norm)))
             self.optimizer.step()

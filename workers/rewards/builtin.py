@@ -1,7 +1,7 @@
 """Built-in verifiers: pure functions (completion, answer, params) -> reward, looked up by name.
 
-Each has a params model, so a spec's parameters are checked at submit time (the API imports
-this module; it needs no torch).
+The names and each one's parameter model are the contract's (service/contract/rewards.py), where
+a spec's reward is checked at submission; this module implements every one of them.
 """
 
 import re
@@ -9,37 +9,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
+from service.contract.rewards import (BUILTIN_REWARDS as NAMES, LengthPenaltyParams, RegexParams,
+                                      RewardParams)
 from workers.registry import Registry
-
-
-class RewardParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RegexParams(RewardParams):
-    pattern: str | list[str] = Field(
-        description="one pattern: 1.0 if it matches; a list: the share of patterns that match"
-    )
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str | list[str]) -> str | list[str]:
-        patterns = [v] if isinstance(v, str) else v
-        if not patterns:
-            raise ValueError("give at least one pattern")
-        for p in patterns:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"pattern {p!r} is not a valid regular expression: {exc}") from None
-        return v
-
-
-class LengthPenaltyParams(RewardParams):
-    target: int = Field(ge=1, description="characters allowed without penalty")
-    scale: float = Field(1.0, gt=0, description="penalty per target-length of excess")
 
 
 @dataclass(frozen=True)
@@ -52,9 +24,14 @@ BUILTIN_REWARDS: Registry[Builtin] = Registry("built-in reward")
 get_reward = BUILTIN_REWARDS.lookup
 
 
-def register_reward(name: str, params: type[RewardParams] = RewardParams):
+def register_reward(name: str):
+    """Implement the contract's built-in reward `name`, with the contract's parameters."""
+    if name not in NAMES:
+        raise ValueError(f"{name!r} is not a built-in reward of the contract; add it to "
+                         "service/contract/rewards.py first")
+
     def wrap(fn: Callable[[str, str | None, RewardParams], float]):
-        BUILTIN_REWARDS.register(name)(Builtin(fn, params))
+        BUILTIN_REWARDS.register(name)(Builtin(fn, NAMES[name]))
         return fn
 
     return wrap
@@ -101,13 +78,13 @@ def math_verify(completion: str, answer: str | None, _: RewardParams) -> float:
     return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=timeout))
 
 
-@register_reward("regex", RegexParams)
+@register_reward("regex")
 def regex(completion: str, answer: str | None, params: RegexParams) -> float:
     patterns = [params.pattern] if isinstance(params.pattern, str) else params.pattern
     return sum(re.search(p, completion) is not None for p in patterns) / len(patterns)
 
 
-@register_reward("length_penalty", LengthPenaltyParams)
+@register_reward("length_penalty")
 def length_penalty(completion: str, answer: str | None, params: LengthPenaltyParams) -> float:
     """0 up to `target` characters, then -scale per target-length of excess (for composites)."""
     excess = max(0, len(completion) - params.target)

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 import httpx
 import torch
 
-from service.rewards.outbound import Transient, post_signed
-from service.rewards.signing import REQUEST_ID_HEADER, is_reward
-from service.rewards.urls import webhook_url_problem
-from service.runs.spec import WebhookReward
+from service.contract.events import EventLevel, EventType
+from service.contract.outbound import Transient, post_signed, webhook_url_problem
+from service.contract.signing import REQUEST_ID_HEADER, is_reward
+from service.contract.spec import WebhookReward
+from service.contract.webhooks import RewardItem, RewardRequest
 from workers.data import Example
 from workers.errors import RunError
 from workers.rewards.base import Scores
@@ -69,8 +70,8 @@ class WebhookContext:
             callback_url=f"{settings.resolved_api_url}/v1/runs/{run_id}/rewards",
             allow_private=settings.webhook_allow_private,
             max_response_bytes=settings.webhook_max_response_bytes,
-            on_retry=lambda message, data: recorder.event("reward.retry", message, "warning",
-                                                          data),
+            on_retry=lambda message, data: recorder.event(EventType.REWARD_RETRY, message,
+                                                          EventLevel.WARNING, data),
             open_request=recorder.open_reward_request, results=recorder.reward_results,
             batch_tag=batch_tag,
         )
@@ -97,9 +98,9 @@ class WebhookScorer:
         head = {"step": step, "purpose": purpose}  # what every request of the batch says
         numbers = groups or range(len(examples))  # each group's index in the step
         items = [
-            {"sample_id": sample_id(self.ctx.run_id, batch, g, i),
-             "group_id": f"grp_{run}_{batch}_{g}",
-             "prompt": e.prompt, "completion": c.text, "answer": e.answer}
+            RewardItem(sample_id=sample_id(self.ctx.run_id, batch, g, i),
+                       group_id=f"grp_{run}_{batch}_{g}", prompt=e.prompt, completion=c.text,
+                       answer=e.answer)
             for g, e, r in zip(numbers, examples, rollouts, strict=True)
             for i, c in enumerate(r.completions)
         ]
@@ -118,22 +119,21 @@ class WebhookScorer:
                                                      request_id)
                     rewards.update(self._parse(answer, chunk))
         k = len(rollouts[0].completions)
-        flat = [rewards[item["sample_id"]] for item in items]
+        flat = [rewards[item.sample_id] for item in items]
         return Scores(torch.tensor(flat, dtype=torch.float32).view(len(rollouts), k))  # (G, k)
 
-    def _body(self, request_id: str, head: dict, chunk: list[dict]) -> bytes:
-        return json.dumps({
-            "type": "reward.request", "request_id": request_id, "run_id": self.ctx.run_id,
-            **head, "callback_url": self.ctx.callback_url, "items": chunk,
-        }).encode()
+    def _body(self, request_id: str, head: dict, chunk: list[RewardItem]) -> bytes:
+        return RewardRequest(request_id=request_id, run_id=self.ctx.run_id, **head,
+                             callback_url=self.ctx.callback_url,
+                             items=chunk).model_dump_json().encode()
 
     def _collect_async(self, client: httpx.Client, head: dict,
-                       requests: dict[str, list[dict]]) -> dict[str, float]:
+                       requests: dict[str, list[RewardItem]]) -> dict[str, float]:
         rewards: dict[str, float] = {}
         pending: dict[str, tuple[float, int]] = {}  # request id -> (deadline, sends)
         for request_id, chunk in requests.items():
             self.ctx.open_request(request_id, head["step"],
-                                  [item["sample_id"] for item in chunk])
+                                  [item.sample_id for item in chunk])
             if (answer := self._send_async(client, head, request_id, chunk)) is not None:
                 rewards.update(answer)
             else:
@@ -165,7 +165,7 @@ class WebhookScorer:
         return rewards
 
     def _send_async(self, client: httpx.Client, head: dict, request_id: str,
-                    chunk: list[dict]) -> dict[str, float] | None:
+                    chunk: list[RewardItem]) -> dict[str, float] | None:
         """POST one async request; its rewards if the model answered at once, else None (202)."""
         answer = self._post_with_retries(client, self._body(request_id, head, chunk), request_id)
         return None if answer is ACCEPTED else self._parse(answer, chunk)
@@ -216,8 +216,8 @@ class WebhookScorer:
             raise RunError(f"reward webhook {self.spec.url} answered 200 with a body that is "
                            f"not JSON: {answer.text[:200]!r}") from None
 
-    def _parse(self, answer: object, chunk: list[dict]) -> dict[str, float]:
-        wanted = {item["sample_id"] for item in chunk}
+    def _parse(self, answer: object, chunk: list[RewardItem]) -> dict[str, float]:
+        wanted = {item.sample_id for item in chunk}
         rows = answer.get("rewards") if isinstance(answer, dict) else None
         if not isinstance(rows, list):
             raise RunError(f"reward webhook {self.spec.url} answered without a 'rewards' list")

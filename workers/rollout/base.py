@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.runs.spec import SamplingSpec
+from service.contract.spec import SamplingSpec
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ paged attention or continuous batching, which is what vLLM is for.
 
 import torch
 
-from service.runs.spec import SamplingSpec
+from service.contract.spec import SamplingSpec
 from workers.rollout.base import Rollout
 from workers.rollout.text import CompletionBuilder, eos_token_ids
 

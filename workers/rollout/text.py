@@ -4,7 +4,7 @@ Both engines hand over raw ids; cutting at EOS and at stop strings, and decoding
 reward sees, happen here so a reward cannot depend on which engine sampled.
 """
 
-from service.runs.spec import SamplingSpec
+from service.contract.spec import SamplingSpec
 from workers.rollout.base import Completion
 
 

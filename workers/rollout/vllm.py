@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from service.runs.spec import RunSpec, SamplingSpec
+from service.contract.spec import RunSpec, SamplingSpec
 from workers.errors import RunError
 from workers.learner.sharding import full
 from workers.ranks import Ranks

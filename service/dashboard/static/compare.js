@@ -3,8 +3,9 @@
 
 import { api, metrics, runPath } from "./api.js";
 import { SeriesChart } from "./charts.js";
-import { algorithmOf, flash, fmtNum, h, isLive, stateBadge } from "./dom.js";
+import { algorithmOf, flash, fmtNum, h, stateBadge } from "./dom.js";
 import { poll } from "./live.js";
+import { isLive } from "./states.js";
 
 const label = (run) => `${run.name || run.id} · ${algorithmOf(run)}`;
 

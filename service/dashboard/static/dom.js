@@ -29,9 +29,6 @@ export function stateBadge(status) {
   return h("span", { class: `state state-${status}`, "data-state": status }, status);
 }
 
-export const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-export const isLive = (run) => run.status === "queued" || run.status === "running";
-
 export function fmtNum(value, digits = 3) {
   if (value === null || value === undefined || Number.isNaN(value)) return "—";
   if (value !== 0 && (Math.abs(value) >= 1e5 || Math.abs(value) < 1e-3)) return value.toExponential(2);

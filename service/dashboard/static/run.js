@@ -5,10 +5,11 @@
 import { api, metrics, runPath } from "./api.js";
 import { SeriesChart, maxStep } from "./charts.js";
 import { checkpointsPanel } from "./checkpoints.js";
-import { algorithmOf, fmtTime, h, isLive, stateBadge, TERMINAL } from "./dom.js";
+import { algorithmOf, fmtTime, h, stateBadge } from "./dom.js";
 import { eventsPanel } from "./events.js";
 import { poll } from "./live.js";
 import { samplesPanel } from "./samples.js";
+import { allows, isLive, isTerminal } from "./states.js";
 
 const EVAL = ["eval/pass@1", "eval/pass@k", "eval/reward_mean"];
 const NAMES = ["reward/mean", "reward/std", "loss", "kl/ref", ...EVAL];
@@ -47,9 +48,9 @@ function header(runId, onAction) {
     title.textContent = run.name || run.id;
     badge.replaceChildren(stateBadge(run.status));
     step.replaceChildren(`step ${run.step} / ${run.total_steps}`, h("progress", { max: run.total_steps, value: run.step }));
-    buttons.pause.disabled = !isLive(run) || run.cancel_requested;
-    buttons.resume.disabled = run.status !== "paused";
-    buttons.cancel.disabled = TERMINAL.has(run.status) || run.cancel_requested;
+    buttons.pause.disabled = !allows("pause", run) || run.cancel_requested;
+    buttons.resume.disabled = !allows("resume", run);
+    buttons.cancel.disabled = !allows("cancel", run) || run.cancel_requested;
     meta.replaceChildren(
       item("algorithm", `${algorithmOf(run)} · β ${a.beta ?? "—"} · k ${a.group_size ?? "—"}`),
       item("model", run.spec?.model?.path ?? "—"),
@@ -58,7 +59,7 @@ function header(runId, onAction) {
       item("finished", fmtTime(run.finished_at)),
       item("samples", String(run.samples_generated)),
       item("tokens", String(run.tokens_generated)),
-      ...(run.cancel_requested && !TERMINAL.has(run.status) ? [item("cancel", "requested")] : []));
+      ...(run.cancel_requested && !isTerminal(run) ? [item("cancel", "requested")] : []));
     error.textContent = run.error ?? "";
     error.hidden = !run.error;
   }

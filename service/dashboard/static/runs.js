@@ -2,17 +2,17 @@
 // a name filter (over the loaded rows), "more" pages by cursor, and a refresh every 5 s.
 
 import { api, metrics } from "./api.js";
-import { algorithmOf, fmtAge, fmtNum, h, isLive, stateBadge } from "./dom.js";
+import { algorithmOf, fmtAge, fmtNum, h, stateBadge } from "./dom.js";
 import { poll } from "./live.js";
+import { isLive, STATES } from "./states.js";
 
-const STATUSES = ["queued", "running", "paused", "succeeded", "failed", "cancelled"];
 const PAGE = 20;
 
 export function runsView(main) {
   const state = { rows: [], cursor: null, hasMore: false, rewards: new Map(), selected: new Set() };
 
   const status = h("select", { id: "status-filter", "aria-label": "status" },
-    h("option", { value: "" }, "all states"), STATUSES.map((s) => h("option", { value: s }, s)));
+    h("option", { value: "" }, "all states"), STATES.map((s) => h("option", { value: s }, s)));
   const nameFilter = h("input", { id: "name-filter", type: "search", placeholder: "filter by name or id" });
   const compare = h("button", { id: "compare-selected", type: "button", disabled: true }, "Compare selected");
   const body = h("tbody", { id: "runs-body" });

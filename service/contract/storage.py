@@ -3,14 +3,21 @@ the same path everywhere), or an fsspec URL such as `s3://bucket/prefix`, `gs://
 `file:///mnt/ckpts` (settings.checkpoint_url).
 
 The worker writes a checkpoint locally and uploads it; the API and a resuming worker download
-it before reading it. Credentials and endpoints come from the filesystem's own environment
+it before reading it. A LoRA checkpoint's merged whole model, made by a worker when someone
+downloads it merged, is kept beside it (`merged_path`) and removed with it. Credentials and endpoints come from the filesystem's own environment
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3 and S3-compatible stores).
 """
 
 import shutil
+from enum import StrEnum
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
+
+class CheckpointKind(StrEnum):
+    FULL = "full"  # a whole model (save_pretrained), loadable on its own
+    LORA_ADAPTER = "lora_adapter"  # a PEFT adapter over its run's model.path
+
 
 # Written after every other file of an upload: a folder without it is an upload that died
 # half-way (or is being replaced) and does not count as a checkpoint.
@@ -47,6 +54,17 @@ def remove(path_or_url: str | Path) -> None:
         fs.rm(root, recursive=True)
     except FileNotFoundError:
         pass
+
+
+def merged_path(path_or_url: str | Path) -> str:
+    """Where the merged whole model of the LoRA checkpoint at `path_or_url` is kept."""
+    return f"{str(path_or_url).rstrip('/')}-merged"
+
+
+def discard(path_or_url: str | Path) -> None:
+    """Delete a checkpoint and what was made from it (its merged copy)."""
+    remove(path_or_url)
+    remove(merged_path(path_or_url))
 
 
 def upload(local_dir: Path, url: str) -> None:

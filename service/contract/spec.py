@@ -19,8 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from workers.rewards.builtin import get_reward
-
+from service.contract.rewards import reward_params
 
 
 class _Strict(BaseModel):
@@ -200,13 +199,13 @@ class BuiltinReward(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        get_reward(v)  # ValueError naming the known rewards
+        reward_params(v)  # ValueError naming the known rewards
         return v
 
     @model_validator(mode="after")
     def _params(self) -> "BuiltinReward":
         try:
-            get_reward(self.name).params.model_validate(self.params)
+            reward_params(self.name).model_validate(self.params)
         except ValidationError as exc:
             listed = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                for e in exc.errors())

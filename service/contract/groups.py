@@ -12,11 +12,11 @@ logs, an older checkpoint), for the whole group or per completion: a group may m
 
 import re
 
-from service.errors import BadRequest
-from service.rewards.signing import is_reward
+from service.contract.signing import is_reward
 
 SOURCE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-DEFAULT_SOURCE = "offpolicy"
+DEFAULT_SOURCE = "offpolicy"  # a group's source when it names none
+POLICY = "policy"  # the source of a completion the run sampled itself
 KEYS = {"prompt", "completions", "rewards", "source", "answer"}
 
 
@@ -62,11 +62,3 @@ def fit_problem(row: dict, k: int, processes: int) -> str | None:
         return (f"has {n} completions, fewer than algorithm.group_size ({k}): topping a group "
                 f"up is for runs of one training process, and this one has {processes}")
     return None
-
-
-def validate_groups(rows: list[dict]) -> None:
-    """BadRequest naming the first line that is not a valid group."""
-    for number, row in enumerate(rows, start=1):
-        if problem := group_problem(row):
-            raise BadRequest(f"line {number} is not an off-policy group: {problem}",
-                             {"line": number})

@@ -1,0 +1,81 @@
+"""The bodies of the webhook protocol (DESIGN.md): what the worker sends a reward model, what the
+reward model answers or calls back with, and the notification a run's notify_url receives.
+
+Every body is signed as service/contract/signing.py says. The worker builds its requests from
+these models; receivers (a reward model written in Python, the tests) can validate with them.
+"""
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from service.contract.events import EventType
+from service.contract.states import RunStatus
+
+# A reward in either direction: a finite JSON number, not a boolean (signing.is_reward).
+Reward = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]
+
+
+class RewardItem(BaseModel):
+    """One completion to score."""
+
+    sample_id: str  # the same on every send of this completion (deduplicate by it)
+    group_id: str
+    prompt: str
+    completion: str
+    answer: str | None
+
+
+class RewardRequest(BaseModel):
+    """POSTed to reward.url, one per batch of at most max_items_per_request completions."""
+
+    type: Literal["reward.request"] = "reward.request"
+    request_id: str  # also in the GVPO-Request-Id header
+    run_id: str
+    step: int
+    purpose: Literal["train", "eval", "rescore"]
+    callback_url: str  # async mode: where to POST a RewardCallback
+    items: list[RewardItem]
+
+
+class RewardValue(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sample_id: str
+    reward: Reward
+
+
+class RewardAnswer(BaseModel):
+    """A sync reward model's 200 body: a reward for every item of the request."""
+
+    rewards: list[RewardValue]
+
+
+class RewardCallback(RewardAnswer):
+    """An async reward model's later POST to callback_url: all or part of a request's rewards."""
+
+    request_id: str
+
+
+class RunSummary(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str | None
+    status: RunStatus
+    step: int
+    total_steps: int
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RunNotification(BaseModel):
+    """POSTed to a run's notify_url once it has ended (service/runs/notify.py)."""
+
+    type: Literal[EventType.RUN_SUCCEEDED, EventType.RUN_FAILED, EventType.RUN_CANCELLED]
+    id: str  # the same on every delivery of this notification: receivers de-duplicate by it
+    run_id: str
+    created_at: datetime  # when the run ended
+    run: RunSummary
