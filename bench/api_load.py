@@ -162,12 +162,13 @@ def open_requests_for(settings, run_id: str, count: int) -> str:
     already complete; returns the run's webhook secret."""
     from datetime import timedelta
 
+    from service.contract.states import RunStatus
     from service.db import session_scope
     from service.models import RewardRequest, Run
     from service.models.base import utcnow
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
-        run.status, run.lease_owner = "running", "bench"
+        run.status, run.lease_owner = RunStatus.RUNNING, "bench"
         run.lease_expires_at, run.started_at = utcnow() + timedelta(hours=1), utcnow()
         for n in range(count + DUPLICATES):
             request_id, step, sample_ids = reward_request(run_id, n)

@@ -94,6 +94,7 @@ def submit(settings, model_dir: str, P: int, k: int, L: int, args) -> str:
 def ours(args, P: int, k: int, L: int) -> dict:
     from sqlalchemy import select
     from service.config import Settings
+    from service.contract.states import RunStatus
     from service.db import session_scope
     from service.migrate import prepare
     from service.models import Metric, Run
@@ -106,7 +107,7 @@ def ours(args, P: int, k: int, L: int) -> dict:
         status = execute_run(settings, run_id, "bench")
         wall = time.perf_counter() - start
         with session_scope(settings.resolved_database_url) as session:
-            if status != "succeeded":
+            if status != RunStatus.SUCCEEDED:
                 sys.exit(f"ours: run {status}: {session.get(Run, run_id).error}")
             metrics: dict[str, dict[int, float]] = {}
             for m in session.scalars(select(Metric).where(Metric.run_id == run_id)):

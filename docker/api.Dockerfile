@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The API image: `gvpo api` (REST on 8000, gRPC on 50051), and the admin commands
-# (`gvpo db upgrade`, `gvpo api-key create`). It trains nothing, so it has no vLLM and gets
-# PyTorch's CPU wheel: torch is still needed, to merge LoRA checkpoints for download.
+# (`gvpo db upgrade`, `gvpo api-key create`). It loads no model (workers answer the requests
+# that need one), so it has no torch, transformers or vLLM: the package without extras.
 # Build from the repository root: docker build -f docker/api.Dockerfile -t gvpo-api .
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -12,11 +12,10 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first, in their own layer, so that a code change does not download them again.
-# constraints.txt pins torch==2.13.0+cpu, a local version that only PyTorch's CPU index has.
 # The README only has to exist here: pyproject.toml names it.
 COPY pyproject.toml constraints.txt ./
 RUN touch README.md \
- && pip install --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt '.[s3]' \
+ && pip install -c constraints.txt '.[s3]' \
  && pip uninstall --yes gvpo-service
 COPY README.md ./
 COPY service ./service
@@ -24,7 +23,7 @@ COPY workers ./workers
 COPY migrations ./migrations
 COPY proto ./proto
 RUN pip install --no-deps -c constraints.txt . \
- && python -c "import service.main, workers.celery_app, migrations, gvpo.v1"
+ && python -c "import importlib.util as u, service.main, migrations, gvpo.v1; assert not any(u.find_spec(m) for m in ('torch', 'transformers', 'vllm')), 'a model library in the API image'"
 
 FROM ${PYTHON_IMAGE}
 # A fixed uid, the same in the worker image: both write the shared data volume.
@@ -33,7 +32,7 @@ RUN groupadd --gid 10001 gvpo \
  && mkdir -p /data /models /app \
  && chown gvpo:gvpo /data /models /app
 COPY --from=build /opt/venv /opt/venv
-# torch work here is rare (LoRA merges for downloads): one thread keeps it off the request path.
+# Counting prompt tokens at submission is the only compute here: one thread each is plenty.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     OMP_NUM_THREADS=1 \

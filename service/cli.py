@@ -155,7 +155,7 @@ def files_group() -> None:
 
 @files_group.command("upload")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--purpose", default="train", type=click.Choice(list(FilePurpose)))
+@click.option("--purpose", default="train", type=click.Choice([p.value for p in FilePurpose]))
 def files_upload(path: str, purpose: str) -> None:
     with _client() as client:
         _print_json(client.upload_file(path, purpose))

@@ -27,6 +27,8 @@ from service.db import session_scope
 from service.main import create_app
 from service.models import Checkpoint, RunEvent
 from service.stack import free_port, stack_env
+from services import running_worker
+
 from workers import checkpointing
 from workers.records import RunRecorder
 from workers.execute import execute_run
@@ -178,10 +180,15 @@ def test_lora_checkpoint_in_the_bucket_downloads_merged(settings, tiny_model_dir
     assert execute_run(s, run_id, "worker-a") == "succeeded"
     assert "adapter_model.safetensors" in bucket_files(bucket, run_id)["step_000002"]
 
-    unpacked = download(s, run_id, 2, "merged", tmp_path / "merged")
+    with running_worker(s, tmp_path / "worker.log"):  # a worker on the store makes the merge
+        unpacked = download(s, run_id, 2, "merged", tmp_path / "merged")
     assert (unpacked / "model.safetensors").exists()
     assert not (unpacked / "adapter_model.safetensors").exists()
     AutoModelForCausalLM.from_pretrained(unpacked)
+    # kept beside the checkpoint in the bucket: a second download needs no worker
+    assert "model.safetensors" in bucket_files(bucket, run_id)["step_000002-merged"]
+    again = download(s, run_id, 2, "merged", tmp_path / "again")
+    assert (again / "model.safetensors").read_bytes() == (unpacked / "model.safetensors").read_bytes()
 
 
 def test_upload_failure_fails_the_run_naming_the_url(settings, tiny_model_dir, bucket,

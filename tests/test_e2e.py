@@ -366,3 +366,33 @@ def test_cli_client_commands(embedded, tiny_model_dir, tmp_path):
     added = env_cli("runs", "add-groups", paused_run, str(groups))
     assert added.returncode == 0, added.stderr
     assert f"posted {3 * 4}/{3 * 4} groups; {3 * 4} wait" in added.stdout
+
+
+def test_a_dry_run_is_answered_by_the_worker_while_the_api_stays_responsive(embedded,
+                                                                            tiny_model_dir,
+                                                                            tmp_path):
+    """POST /v1/gvpo:dry_run goes to the worker (the API process loads no model); while it
+    waits, the API answers its health checks."""
+    import threading
+
+    http, file_id = project_with_file(embedded.settings, embedded.url, "dry-run", tmp_path)
+    run = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=2)).json()
+    assert wait_for(http, run["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    body = {"model": {"run_id": run["id"]}, "prompt": "abc=", "completions": ["abc", "xy"],
+            "rewards": [1.0, 0.0], "beta": 0.1}
+    answer: dict = {}
+    asking = threading.Thread(target=lambda: answer.update(
+        dry=http.post("/v1/gvpo:dry_run", json=body, timeout=300)))
+    asking.start()
+    health = []
+    with httpx.Client(base_url=embedded.url, timeout=10) as probe:
+        while asking.is_alive():
+            health.append((probe.get("/healthz").status_code, probe.get("/readyz").status_code))
+            asking.join(0.1)  # paces the probes; returns early when the answer came
+    assert answer["dry"].status_code == 200, answer["dry"].text
+    got = answer["dry"].json()
+    assert [c["completion"] for c in got["completions"]] == ["abc", "xy"]
+    assert sum(c["weight"] for c in got["completions"]) == pytest.approx(0.0, abs=1e-5)
+    assert health and set(health) == {(200, 200)}, health
+    worker_log = (embedded.settings.resolved_data_dir / "logs" / "worker.log").read_text()
+    assert "Task gvpo.dry_run[" in worker_log and "succeeded" in worker_log

@@ -55,7 +55,7 @@ def training(settings, run_id: str, worker_id: str, loaded: int = 1):
 
 def ranks_alive(run_id: str) -> list[int]:
     """Processes still running for `run_id`: torchrun and its ranks."""
-    out = subprocess.run(["pgrep", "-f", f"workers.launcher .*{run_id}"], capture_output=True,
+    out = subprocess.run(["pgrep", "-f", f"workers[.](launcher|rank) .*{run_id}"], capture_output=True,
                          text=True)
     return [int(pid) for pid in out.stdout.split()]
 
@@ -176,7 +176,7 @@ def test_a_rank_killed_mid_run_fails_the_run_and_stops_the_others(settings, tiny
     worker, result = training(settings, run_id, "worker-a")
     rank1 = [pid for pid in ranks_alive(run_id)
              if "RANK=1\0" in Path(f"/proc/{pid}/environ").read_text(errors="replace")
-             and "workers.launcher rank" in Path(f"/proc/{pid}/cmdline").read_text()
+             and "-m workers.rank " in Path(f"/proc/{pid}/cmdline").read_text()
              .replace("\0", " ")]
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGKILL)

@@ -320,8 +320,9 @@ class ResourcesSpec(_Strict):
     )
     step_timeout_s: float | None = Field(
         3600.0, gt=0, allow_inf_nan=False,
-        description="fail the run when one phase of a step (rollout, reward, learn, eval, "
-                    "checkpoint) makes no progress for this long; null = wait forever",
+        description="fail the run when one phase of a step (weight sync, rollout, reward, "
+                    "learn, eval, checkpoint) makes no progress for this long; null = wait "
+                    "forever",
     )
 
 

@@ -43,7 +43,8 @@ class EventRead(BaseModel):
 
     id: int
     created_at: datetime
-    type: EventType
+    # A string, not the enum: an event type written by an older or newer version still reads.
+    type: str = Field(description="what happened: " + ", ".join(EventType))
     level: EventLevel
     message: str
     data: dict[str, Any] | None
