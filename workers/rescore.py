@@ -20,7 +20,7 @@ from service.config import Settings
 from service.contract.events import EventLevel, EventType
 from service.contract.groups import POLICY, group_problem
 from service.contract.files import FilePurpose, common_fields, write_rows
-from service.contract.spec import RewardSpec
+from service.contract.rewards import RewardSpec
 from service.contract.states import RescoreStatus
 from service.db import session_scope
 from service.models import File, Rescore, RewardHistory, Run, Sample

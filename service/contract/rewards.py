@@ -1,13 +1,22 @@
-"""The built-in rewards a run spec may name, and each one's parameters.
+"""A run spec's `reward` (RewardSpec): a built-in verifier, a webhook to a reward model, or a
+weighted sum of those; and the built-in rewards' names and parameters.
 
 The names and parameter models are the contract: a spec is checked against them when it is
 submitted (the API), and the worker's verifiers (workers/rewards/builtin.py) implement exactly
 these names, each taking its validated parameters.
 """
 
+import math
 import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
 
 
 class RewardParams(BaseModel):
@@ -57,3 +66,83 @@ def reward_params(name: str) -> type[RewardParams]:
     except KeyError:
         raise ValueError(f"unknown built-in reward {name!r}; known: "
                          f"{', '.join(sorted(BUILTIN_REWARDS))}") from None
+
+
+class BuiltinReward(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["builtin"]
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        reward_params(v)  # ValueError naming the known rewards
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> "BuiltinReward":
+        try:
+            reward_params(self.name).model_validate(self.params)
+        except ValidationError as exc:
+            listed = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                               for e in exc.errors())
+            raise ValueError(f"{self.name}: {listed}") from None
+        return self
+
+
+class WebhookReward(BaseModel):
+    """An external reward model, called with signed POSTs (DESIGN.md, reward webhook protocol)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["webhook"]
+    url: str = Field(min_length=1, max_length=2048)
+    mode: Literal["sync", "async"] = "sync"
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="per request; async: the deadline")
+    max_attempts: int = Field(5, ge=1, le=20)
+    max_items_per_request: int = Field(256, ge=1, le=10000)
+    probe: bool = Field(
+        False, description="at submission, check that the URL answers at all (any HTTP status) "
+                           "within 5 s; a URL that cannot be reached is a 422")
+
+    @property
+    def name(self) -> str:
+        return "webhook"
+
+
+class _Weighted(BaseModel):
+    weight: float = Field(1.0, description="its share of the composite reward")
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                              description="metric name part: reward/<label>/mean")
+
+    _weight_finite = field_validator("weight")(finite)
+
+
+class WeightedBuiltin(BuiltinReward, _Weighted):
+    pass
+
+
+class WeightedWebhook(WebhookReward, _Weighted):
+    pass
+
+
+class CompositeReward(BaseModel):
+    """A weighted sum of rewards; each component is also reported as reward/<label>/mean."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["composite"]
+    components: list[Annotated[WeightedBuiltin | WeightedWebhook, Field(discriminator="type")]] = (
+        Field(min_length=1)
+    )
+
+    def labels(self) -> list[str]:
+        """Each component's metric label: its own, else its reward name (numbered if repeated)."""
+        names = [c.label or c.name for c in self.components]
+        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
+
+RewardSpec = Annotated[BuiltinReward | WebhookReward | CompositeReward,
+                       Field(discriminator="type")]

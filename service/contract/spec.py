@@ -5,21 +5,19 @@ rejected, so a typo never silently falls back to a default. Parts of DESIGN.md t
 does not run yet are refused with a message saying so, never accepted and ignored.
 """
 
-import math
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from service.contract.rewards import reward_params
+from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, finite
 
 
 class _Strict(BaseModel):
@@ -80,14 +78,8 @@ class DatasetSpec(_Strict):
                     "into training by training.offpolicy_fraction")
 
 
-def _finite(v: float) -> float:
-    if not math.isfinite(v):
-        raise ValueError("must be a finite number")
-    return v
-
-
 def _finite_or_none(v: float | None) -> float | None:
-    return v if v is None else _finite(v)
+    return v if v is None else finite(v)
 
 
 class AlgorithmSpec(_Strict):
@@ -104,7 +96,7 @@ class AlgorithmSpec(_Strict):
     @field_validator("beta")
     @classmethod
     def _beta(cls, v: float, info: ValidationInfo) -> float:
-        _finite(v)
+        finite(v)
         if v == 0 and info.data.get("name", "gvpo") == "gvpo":
             raise ValueError("must be > 0 for gvpo (its optimum is pi_ref * exp(R / beta))")
         return v
@@ -116,7 +108,7 @@ class SamplingSpec(_Strict):
     max_new_tokens: int = Field(1024, ge=1)
     stop: list[str] = Field(default_factory=list)
 
-    _t_finite = field_validator("temperature")(_finite)
+    _t_finite = field_validator("temperature")(finite)
 
 
 class RolloutSpec(_Strict):
@@ -156,7 +148,7 @@ class OptimizerSpec(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
 
-    _lr_finite = field_validator("lr")(_finite)
+    _lr_finite = field_validator("lr")(finite)
 
 
 class TrainingSpec(_Strict):
@@ -189,80 +181,6 @@ class TrainingSpec(_Strict):
                 "every mini-batch needs at least one whole group"
             )
         return v
-
-
-class BuiltinReward(_Strict):
-    type: Literal["builtin"]
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        reward_params(v)  # ValueError naming the known rewards
-        return v
-
-    @model_validator(mode="after")
-    def _params(self) -> "BuiltinReward":
-        try:
-            reward_params(self.name).model_validate(self.params)
-        except ValidationError as exc:
-            listed = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                               for e in exc.errors())
-            raise ValueError(f"{self.name}: {listed}") from None
-        return self
-
-
-class WebhookReward(_Strict):
-    """An external reward model, called with signed POSTs (DESIGN.md, reward webhook protocol)."""
-
-    type: Literal["webhook"]
-    url: str = Field(min_length=1, max_length=2048)
-    mode: Literal["sync", "async"] = "sync"
-    timeout_s: float = Field(60.0, gt=0, le=3600, description="per request; async: the deadline")
-    max_attempts: int = Field(5, ge=1, le=20)
-    max_items_per_request: int = Field(256, ge=1, le=10000)
-    probe: bool = Field(
-        False, description="at submission, check that the URL answers at all (any HTTP status) "
-                           "within 5 s; a URL that cannot be reached is a 422")
-
-    @property
-    def name(self) -> str:
-        return "webhook"
-
-
-class _Weighted(BaseModel):
-    weight: float = Field(1.0, description="its share of the composite reward")
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
-                              description="metric name part: reward/<label>/mean")
-
-    _weight_finite = field_validator("weight")(_finite)
-
-
-class WeightedBuiltin(BuiltinReward, _Weighted):
-    pass
-
-
-class WeightedWebhook(WebhookReward, _Weighted):
-    pass
-
-
-class CompositeReward(_Strict):
-    """A weighted sum of rewards; each component is also reported as reward/<label>/mean."""
-
-    type: Literal["composite"]
-    components: list[Annotated[WeightedBuiltin | WeightedWebhook, Field(discriminator="type")]] = (
-        Field(min_length=1)
-    )
-
-    def labels(self) -> list[str]:
-        """Each component's metric label: its own, else its reward name (numbered if repeated)."""
-        names = [c.label or c.name for c in self.components]
-        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
-
-
-RewardSpec = Annotated[BuiltinReward | WebhookReward | CompositeReward,
-                       Field(discriminator="type")]
 
 
 class EvalSpec(_Strict):

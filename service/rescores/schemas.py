@@ -3,7 +3,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.contract.spec import RewardSpec
+from service.contract.rewards import RewardSpec
 
 
 class RescoreCreate(BaseModel):

@@ -17,7 +17,8 @@ from service.contract.groups import fit_problem
 from service.contract.files import FilePurpose, numbered_rows
 from service.contract.outbound import unreachable, webhook_url_problem
 from service.contract.signing import new_secret
-from service.contract.spec import CompositeReward, RewardSpec, RunSpec, WebhookReward
+from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward
+from service.contract.spec import RunSpec
 from service.contract.states import ACTIONS, TERMINAL, NotifyState, RunStatus
 from service.contract.tasks import RUN_TASK, queue_of
 from service.db import after_commit, session_scope

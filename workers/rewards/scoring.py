@@ -6,7 +6,7 @@ that they can be reported as reward/<label>/mean.
 
 import torch
 
-from service.contract.spec import BuiltinReward, CompositeReward, RewardSpec, WebhookReward
+from service.contract.rewards import BuiltinReward, CompositeReward, RewardSpec, WebhookReward
 from workers.data import Example
 from workers.rewards.base import Scorer, Scores
 from workers.rewards.builtin import get_reward

@@ -26,7 +26,7 @@ import torch
 from service.contract.events import EventLevel, EventType
 from service.contract.outbound import Transient, post_signed, webhook_url_problem
 from service.contract.signing import REQUEST_ID_HEADER, is_reward
-from service.contract.spec import WebhookReward
+from service.contract.rewards import WebhookReward
 from service.contract.webhooks import RewardItem, RewardRequest
 from workers.data import Example
 from workers.errors import RunError
