@@ -22,13 +22,30 @@ def parse_or_work(ap: argparse.ArgumentParser, sides: list[str], worker) -> argp
     return args
 
 
-def run_side(script: str, side: str, size: str, model_dir: str, threads: int,
-             extra: list[str]) -> dict:
-    cmd = [sys.executable, script, "--worker", side, "--size", size, "--model-dir", model_dir,
-           "--threads", str(threads), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+def run_side(
+    script: str, side: str, size: str, model_dir: str, threads: int, extra: list[str]
+) -> dict:
+    cmd = [
+        sys.executable,
+        script,
+        "--worker",
+        side,
+        "--size",
+        size,
+        "--model-dir",
+        model_dir,
+        "--threads",
+        str(threads),
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -38,8 +55,10 @@ def check_threads(results: dict, size: str, threads: int) -> None:
     not comparable."""
     for side, r in results.items():
         if r.get("threads_after", threads) != threads:
-            print(f"note: {size}/{side} ended with torch threads = {r['threads_after']}",
-                  file=sys.stderr)
+            print(
+                f"note: {size}/{side} ended with torch threads = {r['threads_after']}",
+                file=sys.stderr,
+            )
 
 
 def print_table(caption: str, head: list[str], rows: list[list[str]]) -> None:

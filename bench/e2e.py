@@ -68,15 +68,22 @@ def copy_rows(n: int = 64) -> list[dict]:
 
 def submit(settings, model_dir: str, P: int, k: int, L: int, args) -> str:
     from service.auth.service import create_api_key
+    from service.contract.spec import RunSpec
     from service.db import session_scope
     from service.files.service import create_file
     from service.runs.service import create_run
-    from service.contract.spec import RunSpec
+
     data = "".join(json.dumps(r) + "\n" for r in copy_rows()).encode()
     spec = {
-        "model": {"path": model_dir}, "reward": {"type": "builtin", "name": "char_accuracy"},
-        "algorithm": {"name": "gvpo", "group_size": k, "beta": GVPO_BETA, "reference": "sampling",
-                      "skip_zero_variance": not args.train_all_groups},
+        "model": {"path": model_dir},
+        "reward": {"type": "builtin", "name": "char_accuracy"},
+        "algorithm": {
+            "name": "gvpo",
+            "group_size": k,
+            "beta": GVPO_BETA,
+            "reference": "sampling",
+            "skip_zero_variance": not args.train_all_groups,
+        },
         "sampling": {"max_new_tokens": L, "temperature": 1.0, "top_p": 1.0},
         "rollout": {"engine": "vllm"},
         "optimizer": {"lr": LR, "grad_clip": GRAD_CLIP},
@@ -93,12 +100,14 @@ def submit(settings, model_dir: str, P: int, k: int, L: int, args) -> str:
 
 def ours(args, P: int, k: int, L: int) -> dict:
     from sqlalchemy import select
+
     from service.config import Settings
     from service.contract.states import RunStatus
     from service.db import session_scope
     from service.migrate import prepare
     from service.models import Metric, Run
     from workers.execute import execute_run
+
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         settings = Settings(data_dir=Path(tmp) / "gvpo", torch_threads=args.threads)
         prepare(settings)
@@ -114,12 +123,17 @@ def ours(args, P: int, k: int, L: int) -> dict:
                 metrics.setdefault(m.name, {})[m.step] = m.value
     steps = sorted(metrics["time/learn_s"])
     split = {p: [metrics[f"time/{p}_s"][s] for s in steps] for p in PARTS}
-    return {"times": [sum(split[p][i] for p in PARTS) for i in range(len(steps))], "split": split,
-            "lengths": [metrics["response_length/mean"][s] for s in steps], "wall_s": wall,
-            # groups whose k rewards are all equal are skipped by the learner (TRL trains them
-            # with zero advantage), which changes how much learning work a step does
-            "trained": [1 - metrics["groups/zero_variance_frac"][s] * (not args.train_all_groups)
-                        for s in steps]}
+    return {
+        "times": [sum(split[p][i] for p in PARTS) for i in range(len(steps))],
+        "split": split,
+        "lengths": [metrics["response_length/mean"][s] for s in steps],
+        "wall_s": wall,
+        # groups whose k rewards are all equal are skipped by the learner (TRL trains them
+        # with zero advantage), which changes how much learning work a step does
+        "trained": [
+            1 - metrics["groups/zero_variance_frac"][s] * (not args.train_all_groups) for s in steps
+        ],
+    }
 
 
 def trl(args, P: int, k: int, L: int) -> dict:
@@ -127,7 +141,9 @@ def trl(args, P: int, k: int, L: int) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
     from workers.rewards.builtin import RewardParams, get_reward
+
     score = get_reward("char_accuracy").fn
 
     def char_accuracy(completions, answer, **_):
@@ -147,19 +163,35 @@ def trl(args, P: int, k: int, L: int) -> dict:
             split["learn"][-1] = times[-1] - split["rollout"][-1] - split["reward"][-1]
 
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-e2e-"), report_to="none", save_strategy="no",
-        per_device_train_batch_size=P * k, num_generations=k, max_completion_length=L,
-        temperature=1.0, top_p=1.0, learning_rate=LR, max_grad_norm=GRAD_CLIP,
-        lr_scheduler_type="constant", use_vllm=False, gradient_checkpointing=False,
-        use_cpu=True, max_steps=args.steps, logging_steps=1, disable_tqdm=True, seed=0,
+        output_dir=tempfile.mkdtemp(prefix="trl-e2e-"),
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=P * k,
+        num_generations=k,
+        max_completion_length=L,
+        temperature=1.0,
+        top_p=1.0,
+        learning_rate=LR,
+        max_grad_norm=GRAD_CLIP,
+        lr_scheduler_type="constant",
+        use_vllm=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        max_steps=args.steps,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
         # GRPOConfig defaults to bf16=True, i.e. bf16 autocast even on CPU; ours runs float32 on
         # CPU, so TRL does too (on CPUs with bf16 units autocast makes its passes ~2x cheaper).
         bf16=False,
     )
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32),
-        reward_funcs=char_accuracy, args=config, train_dataset=Dataset.from_list(copy_rows()),
-        processing_class=AutoTokenizer.from_pretrained(args.model_dir), callbacks=[StepTimer()],
+        reward_funcs=char_accuracy,
+        args=config,
+        train_dataset=Dataset.from_list(copy_rows()),
+        processing_class=AutoTokenizer.from_pretrained(args.model_dir),
+        callbacks=[StepTimer()],
     )
     # TRL reports its own timings only to wandb/mlflow/trackio, so the two phases are wrapped;
     # "learn" is the rest of the step (forward, loss, backward, optimizer).
@@ -168,24 +200,30 @@ def trl(args, P: int, k: int, L: int) -> dict:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history
-               if "completions/mean_length" in h]
+    lengths = [
+        h["completions/mean_length"]
+        for h in trainer.state.log_history
+        if "completions/mean_length" in h
+    ]
     return {"times": times, "split": split, "lengths": lengths, "wall_s": wall}
 
 
 def timed(fn, into: list[float]):
     """fn, adding its seconds to the current step's slot of `into`."""
+
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         into[-1] += time.perf_counter() - start
         return out
+
     return wrapper
 
 
 def worker(args) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -196,8 +234,14 @@ def worker(args) -> dict:
 
 
 def run_side(args, side: str, size: str, model_dir: str) -> dict:
-    return common.run_side(__file__, side, size, model_dir, args.threads, [
-        "--steps", str(args.steps), *(["--train-all-groups"] if args.train_all_groups else [])])
+    return common.run_side(
+        __file__,
+        side,
+        size,
+        model_dir,
+        args.threads,
+        ["--steps", str(args.steps), *(["--train-all-groups"] if args.train_all_groups else [])],
+    )
 
 
 def table_rows(size: str, shape: tuple, res: dict, warmup: int) -> list[list[str]]:
@@ -205,13 +249,25 @@ def table_rows(size: str, shape: tuple, res: dict, warmup: int) -> list[list[str
     rows = []
     for side, r in res.items():
         split = r["split"]
-        parts = [f"{statistics.median(split[p][warmup:]):.2f}" if any(split[p]) else "-"
-                 for p in PARTS]
+        parts = [
+            f"{statistics.median(split[p][warmup:]):.2f}" if any(split[p]) else "-" for p in PARTS
+        ]
         ratio = f"{med['ours'] / med['trl']:.2f}" if side == "ours" and "trl" in med else ""
         length = statistics.mean(r["lengths"][warmup:]) if r["lengths"][warmup:] else float("nan")
         trained = f"{statistics.mean(r['trained'][warmup:]):.0%}" if "trained" in r else "100%"
-        rows.append([size, "x".join(map(str, shape)), side, f"{med[side]:.2f}", *parts,
-                     f"{length:.1f}", trained, f"{r['wall_s']:.1f}", ratio])
+        rows.append(
+            [
+                size,
+                "x".join(map(str, shape)),
+                side,
+                f"{med[side]:.2f}",
+                *parts,
+                f"{length:.1f}",
+                trained,
+                f"{r['wall_s']:.1f}",
+                ratio,
+            ]
+        )
     return rows
 
 
@@ -222,31 +278,52 @@ def main() -> None:
     ap.add_argument("--sides", default="ours,trl")
     ap.add_argument("--steps", type=int, default=8, help="training steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
-    ap.add_argument("--train-all-groups", action="store_true",
-                    help="ours trains zero-variance groups too (algorithm.skip_zero_variance "
-                         "false), as TRL does: the same learning work per step")
+    ap.add_argument(
+        "--train-all-groups",
+        action="store_true",
+        help="ours trains zero-variance groups too (algorithm.skip_zero_variance "
+        "false), as TRL does: the same learning work per step",
+    )
     args = common.parse_or_work(ap, ["ours", "trl"], worker)
     if args.steps <= args.warmup:
         sys.exit("--steps must exceed --warmup")
 
     from transformers.utils import logging as hf_logging
+
     from workers.tiny_model import make_tiny_model
+
     hf_logging.disable_progress_bar()
-    head = ["model", "P x k x L", "side", "s/step (median)", "sync s", "rollout s", "reward s",
-            "learn s", "mean compl. len", "groups trained", "run wall s", "ours/trl"]
+    head = [
+        "model",
+        "P x k x L",
+        "side",
+        "s/step (median)",
+        "sync s",
+        "rollout s",
+        "reward s",
+        "learn s",
+        "mean compl. len",
+        "groups trained",
+        "run wall s",
+        "ours/trl",
+    ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-models-") as tmp:
         for size in args.sizes.split(","):
             shape_kwargs, shape = SIZES[size]
-            model_dir = str(make_tiny_model(Path(tmp) / size, max_positions=256, seed=0,
-                                            **shape_kwargs))
+            model_dir = str(
+                make_tiny_model(Path(tmp) / size, max_positions=256, seed=0, **shape_kwargs)
+            )
             res = {side: run_side(args, side, size, model_dir) for side in args.sides.split(",")}
             rows += table_rows(size, shape, res, args.warmup)
             common.check_threads(res, size, args.threads)
     common.print_table(
         f"cpu float32, {args.threads} thread(s), {args.steps} steps per side, first "
         f"{args.warmup} dropped, median of the rest; run wall = whole run incl. start-up; ours "
-        f"{'trains' if args.train_all_groups else 'skips'} zero-variance groups", head, rows)
+        f"{'trains' if args.train_all_groups else 'skips'} zero-variance groups",
+        head,
+        rows,
+    )
 
 
 if __name__ == "__main__":

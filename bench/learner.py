@@ -40,23 +40,37 @@ sys.path.insert(0, str(ROOT))
 
 # name -> (make_tiny_model kwargs, rollout shape P, k, prompt_len, completion_len)
 SIZES = {
-    "tiny": (dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256), (8, 8, 16, 64)),
-    "50m": (dict(hidden_size=640, num_layers=10, num_heads=10, intermediate_size=1728), (4, 8, 32, 64)),
+    "tiny": (
+        dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256),
+        (8, 8, 16, 64),
+    ),
+    "50m": (
+        dict(hidden_size=640, num_layers=10, num_heads=10, intermediate_size=1728),
+        (4, 8, 32, 64),
+    ),
     # GPU sizes (head_dim 128, as in production models; the char vocabulary keeps the LM head tiny)
-    "300m": (dict(hidden_size=1024, num_layers=24, num_heads=8, intermediate_size=2816), (8, 8, 128, 384)),
-    "1b": (dict(hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5632), (4, 8, 128, 384)),
+    "300m": (
+        dict(hidden_size=1024, num_layers=24, num_heads=8, intermediate_size=2816),
+        (8, 8, 128, 384),
+    ),
+    "1b": (
+        dict(hidden_size=2048, num_layers=16, num_heads=16, intermediate_size=5632),
+        (4, 8, 128, 384),
+    ),
 }
 LR, GRAD_CLIP, BETA = 1e-6, 1.0, 0.1
 
 
 def proc_mb(key: str) -> float:
-    """VmRSS / VmHWM of this process in MB (peak RSS covers torch's allocator, tracemalloc does not)."""
+    """VmRSS / VmHWM of this process in MB (peak RSS covers torch's allocator; tracemalloc
+    does not)."""
     return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
 def reset_peak(device: str) -> float:
     """Restart peak tracking; return the baseline memory in MB."""
     import torch
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
@@ -66,12 +80,14 @@ def reset_peak(device: str) -> float:
 
 def peak_mb(device: str) -> float:
     import torch
+
     return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else proc_mb("VmHWM")
 
 
 def rollouts(P: int, k: int, prompt_len: int, comp_len: int, seed: int = 0):
     """Identical synthetic groups for both sides: ids avoid pad/bos/eos/unk (0-3)."""
     import torch
+
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(4, 101, (P, prompt_len), generator=g)
     completions = torch.randint(4, 101, (P, k, comp_len), generator=g)
@@ -81,17 +97,26 @@ def rollouts(P: int, k: int, prompt_len: int, comp_len: int, seed: int = 0):
 
 def ours_step(model, path: str, data, args):
     import torch
+
     from service.contract.spec import RunSpec
     from workers.learner.learner import GroupBatch, Learner, LearnerConfig
+
     prompts, completions, rewards = data
-    spec = RunSpec.model_validate({
-        "model": {"path": path}, "dataset": {"train_file": "unused.jsonl"},
-        "reward": {"type": "builtin", "name": "char_accuracy"},
-        "algorithm": {"name": "gvpo", "beta": BETA, "group_size": completions.shape[1],
-                      "reference": "sampling"},
-        "optimizer": {"lr": LR, "grad_clip": GRAD_CLIP},
-        "training": {"mini_batches": 1},  # micro-batching left at its default: the whole batch
-    })
+    spec = RunSpec.model_validate(
+        {
+            "model": {"path": path},
+            "dataset": {"train_file": "unused.jsonl"},
+            "reward": {"type": "builtin", "name": "char_accuracy"},
+            "algorithm": {
+                "name": "gvpo",
+                "beta": BETA,
+                "group_size": completions.shape[1],
+                "reference": "sampling",
+            },
+            "optimizer": {"lr": LR, "grad_clip": GRAD_CLIP},
+            "training": {"mini_batches": 1},  # micro-batching left at its default: the whole batch
+        }
+    )
     model.train()
     learner = Learner(model, LearnerConfig.of(spec), torch.device(args.device), pad_id=0)
     batch = GroupBatch(prompts.tolist(), completions.tolist(), rewards)
@@ -104,17 +129,30 @@ def trl_step(model, path: str, data, args):
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
+
     prompts, completions, rewards = data
     P, k, L = completions.shape
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), report_to="none", save_strategy="no",
-        per_device_train_batch_size=P * k, num_generations=k, max_completion_length=L,
-        beta=0.0, learning_rate=LR, max_grad_norm=GRAD_CLIP, use_vllm=False,
-        gradient_checkpointing=False, bf16=args.dtype == "bfloat16", use_cpu=args.device == "cpu",
-        lr_scheduler_type="constant", seed=0,
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"),
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=P * k,
+        num_generations=k,
+        max_completion_length=L,
+        beta=0.0,
+        learning_rate=LR,
+        max_grad_norm=GRAD_CLIP,
+        use_vllm=False,
+        gradient_checkpointing=False,
+        bf16=args.dtype == "bfloat16",
+        use_cpu=args.device == "cpu",
+        lr_scheduler_type="constant",
+        seed=0,
     )
     trainer = GRPOTrainer(
-        model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
+        model=model,
+        reward_funcs=lambda completions, **_: [0.0] * len(completions),
+        args=config,
         train_dataset=Dataset.from_dict({"prompt": ["unused"] * P}),
         processing_class=AutoTokenizer.from_pretrained(path),
     )
@@ -140,6 +178,7 @@ def trl_step(model, path: str, data, args):
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
         trainer.model.zero_grad()
+
     return step
 
 
@@ -148,9 +187,10 @@ def worker(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     if args.side == "trl":
-        import datasets, trl.trainer.grpo_trainer  # noqa: F401,E401  (before the memory baseline)
+        import datasets  # noqa: F401,E401  (before the memory baseline)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
@@ -173,27 +213,50 @@ def worker(args) -> dict:
     peak = peak_mb(args.device)
     if args.profile:
         profile(step, sync, args)
-    return {"params": params, "tokens": P * k * (prompt_len + comp_len), "times": times,
-            "peak_mb": peak, "delta_mb": peak - base}
+    return {
+        "params": params,
+        "tokens": P * k * (prompt_len + comp_len),
+        "times": times,
+        "peak_mb": peak,
+        "delta_mb": peak - base,
+    }
 
 
 def profile(step, sync, args) -> None:
     """One profiled update: top ops by self CPU time, to stderr."""
     import torch
     from torch.profiler import ProfilerActivity
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
         step()
         sync()
     sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    print(f"--- {args.side} / {args.size}\n" + prof.key_averages().table(sort_by=sort, row_limit=15),
-          file=sys.stderr)
+    print(
+        f"--- {args.side} / {args.size}\n" + prof.key_averages().table(sort_by=sort, row_limit=15),
+        file=sys.stderr,
+    )
 
 
 def run_side(args, side: str, size: str, model_dir: str) -> dict:
-    return common.run_side(__file__, side, size, model_dir, args.threads, [
-        "--iters", str(args.iters), "--warmup", str(args.warmup), "--device", args.device,
-        "--dtype", args.dtype, *(["--profile"] if args.profile else [])])
+    return common.run_side(
+        __file__,
+        side,
+        size,
+        model_dir,
+        args.threads,
+        [
+            "--iters",
+            str(args.iters),
+            "--warmup",
+            str(args.warmup),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            *(["--profile"] if args.profile else []),
+        ],
+    )
 
 
 def main() -> None:
@@ -211,31 +274,61 @@ def main() -> None:
 
     import torch
     from transformers.utils import logging as hf_logging
+
     from workers.tiny_model import make_tiny_model
+
     hf_logging.disable_progress_bar()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: this torch build sees no GPU (install the CUDA wheel: make install-gpu)")
+        sys.exit(
+            "--device cuda: this torch build sees no GPU (install the CUDA wheel: make install-gpu)"
+        )
     mfu = args.device == "cuda"
-    head = ["model", "params", "P x k x (prompt+compl)", "side", "step s (median)", "tokens/s",
-            "peak MB", "Δ peak MB", "ours/trl time"] + (["MFU"] if mfu else [])
+    head = [
+        "model",
+        "params",
+        "P x k x (prompt+compl)",
+        "side",
+        "step s (median)",
+        "tokens/s",
+        "peak MB",
+        "Δ peak MB",
+        "ours/trl time",
+    ] + (["MFU"] if mfu else [])
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
         for size in args.sizes.split(","):
             shape_kwargs, (P, k, lp, lc) = SIZES[size]
-            model_dir = str(make_tiny_model(Path(tmp) / size, max_positions=max(256, lp + lc), seed=0, **shape_kwargs))
+            model_dir = str(
+                make_tiny_model(
+                    Path(tmp) / size, max_positions=max(256, lp + lc), seed=0, **shape_kwargs
+                )
+            )
             res = {side: run_side(args, side, size, model_dir) for side in args.sides.split(",")}
             med = {side: statistics.median(r["times"]) for side, r in res.items()}
             for side, r in res.items():
-                row = [size, f"{r['params'] / 1e6:.2f}M", f"{P}x{k}x({lp}+{lc})", side,
-                       f"{med[side]:.3f}", f"{r['tokens'] / med[side]:,.0f}", f"{r['peak_mb']:.0f}",
-                       f"{r['delta_mb']:.0f}", f"{med['ours'] / med['trl']:.2f}" if side == "ours" and "trl" in med else ""]
+                row = [
+                    size,
+                    f"{r['params'] / 1e6:.2f}M",
+                    f"{P}x{k}x({lp}+{lc})",
+                    side,
+                    f"{med[side]:.3f}",
+                    f"{r['tokens'] / med[side]:,.0f}",
+                    f"{r['peak_mb']:.0f}",
+                    f"{r['delta_mb']:.0f}",
+                    f"{med['ours'] / med['trl']:.2f}" if side == "ours" and "trl" in med else "",
+                ]
                 if mfu:
-                    row.append(f"{6 * r['params'] * r['tokens'] / med[side] / (args.peak_tflops * 1e12):.1%}")
+                    flops = 6 * r["params"] * r["tokens"] / med[side]
+                    row.append(f"{flops / (args.peak_tflops * 1e12):.1%}")
                 rows.append(row)
     mem = "GPU max_memory_allocated" if args.device == "cuda" else "process peak RSS (VmHWM)"
-    common.print_table(f"{args.device} {args.dtype}, {args.threads} thread(s), warm-up "
-                       f"{args.warmup}, median of {args.iters}; peak = {mem}, Δ = peak minus "
-                       "memory with the model loaded", head, rows)
+    common.print_table(
+        f"{args.device} {args.dtype}, {args.threads} thread(s), warm-up "
+        f"{args.warmup}, median of {args.iters}; peak = {mem}, Δ = peak minus "
+        "memory with the model loaded",
+        head,
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -33,15 +33,23 @@ def score(prompt: str, completion: str, answer: str | None) -> float:
 
 
 def rewards_for(payload: dict) -> list[dict]:
-    return [{"sample_id": item["sample_id"],
-             "reward": score(item["prompt"], item["completion"], item.get("answer"))}
-            for item in payload["items"]]
+    return [
+        {
+            "sample_id": item["sample_id"],
+            "reward": score(item["prompt"], item["completion"], item.get("answer")),
+        }
+        for item in payload["items"]
+    ]
 
 
 def post_callback(payload: dict) -> None:
     body = json.dumps({"request_id": payload["request_id"], "rewards": rewards_for(payload)})
-    httpx.post(payload["callback_url"], content=body, timeout=30,
-               headers={"Content-Type": "application/json", HEADER: sign(SECRET, body.encode())})
+    httpx.post(
+        payload["callback_url"],
+        content=body,
+        timeout=30,
+        headers={"Content-Type": "application/json", HEADER: sign(SECRET, body.encode())},
+    )
 
 
 @app.post("/score")

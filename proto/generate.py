@@ -26,8 +26,15 @@ def generate(out: Path) -> list[Path]:
     """Write the generated modules under `out` (mirroring gvpo/v1); returns their paths."""
     protos = sorted(PACKAGE.glob("*.proto"))
     well_known = files("grpc_tools") / "_proto"  # google/protobuf/*.proto
-    args = ["protoc", f"-I{ROOT}", f"-I{well_known}", f"--python_out={out}", f"--pyi_out={out}",
-            f"--grpc_python_out={out}", *(str(p.relative_to(ROOT)) for p in protos)]
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *(str(p.relative_to(ROOT)) for p in protos),
+    ]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {', '.join(p.name for p in protos)}")
     return [out / "gvpo" / "v1" / (p.stem + suffix) for p in protos for suffix in SUFFIXES]
@@ -37,9 +44,12 @@ def drifted() -> list[str]:
     """Generated modules whose committed copy differs from a fresh generation (or is missing)."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        return [f"gvpo/v1/{f.name}" for f in fresh
-                if not (PACKAGE / f.name).exists()
-                or not filecmp.cmp(f, PACKAGE / f.name, shallow=False)]
+        return [
+            f"gvpo/v1/{f.name}"
+            for f in fresh
+            if not (PACKAGE / f.name).exists()
+            or not filecmp.cmp(f, PACKAGE / f.name, shallow=False)
+        ]
 
 
 def main() -> None:
@@ -48,8 +58,10 @@ def main() -> None:
     if parser.parse_args().check:
         stale = drifted()
         if stale:
-            sys.exit(f"generated gRPC code is out of date with the .proto files: {', '.join(stale)}; "
-                     "run `python proto/generate.py`")
+            sys.exit(
+                f"generated gRPC code is out of date with the .proto files: {', '.join(stale)}; "
+                "run `python proto/generate.py`"
+            )
         print("generated gRPC code matches the .proto files")
         return
     for path in generate(ROOT):

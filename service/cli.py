@@ -23,7 +23,9 @@ def _client():
 
     settings = _settings()
     if not settings.api_key:
-        raise click.UsageError("set GVPO_API_KEY (make one with `gvpo api-key create --project NAME`)")
+        raise click.UsageError(
+            "set GVPO_API_KEY (make one with `gvpo api-key create --project NAME`)"
+        )
     return Client(settings.resolved_api_url, settings.api_key)
 
 
@@ -64,11 +66,12 @@ def up() -> None:
     stack = Stack(settings)
     try:
         stack.start()
-        grpc = (f", gRPC {settings.api_host}:{settings.grpc_port}" if settings.grpc_port
-                else "")
-        click.echo(f"gvpo is up: API {stack.url} (docs at {stack.url}/docs, dashboard at "
-                   f"{stack.url}/dashboard){grpc}, data in {settings.resolved_data_dir}. "
-                   "Ctrl-C stops it.")
+        grpc = f", gRPC {settings.api_host}:{settings.grpc_port}" if settings.grpc_port else ""
+        click.echo(
+            f"gvpo is up: API {stack.url} (docs at {stack.url}/docs, dashboard at "
+            f"{stack.url}/dashboard){grpc}, data in {settings.resolved_data_dir}. "
+            "Ctrl-C stops it."
+        )
         while all(p.poll() is None for p in stack.procs.values()):
             time.sleep(0.5)
         click.echo("a child process exited; stopping", err=True)
@@ -200,8 +203,10 @@ def runs_group() -> None:
 def runs_list(status: str | None, limit: int) -> None:
     with _client() as client:
         for run in client.list_runs(status=status, limit=limit)["data"]:
-            click.echo(f"{run['id']}  {run['status']:<10} step {run['step']}/{run['total_steps']}"
-                       f"  {run['name'] or ''}")
+            click.echo(
+                f"{run['id']}  {run['status']:<10} step {run['step']}/{run['total_steps']}"
+                f"  {run['name'] or ''}"
+            )
 
 
 @runs_group.command("show")
@@ -259,9 +264,11 @@ def runs_add_groups(run_id: str, path: str) -> None:
     with _client() as client:
         for start in range(0, len(rows), GROUPS_PER_REQUEST):
             status = client.post_groups(run_id, rows[start : start + GROUPS_PER_REQUEST])
-            click.echo(f"posted {start + status['accepted']}/{len(rows)} groups; "
-                       f"{status['pending']} wait for the run's {status['slots_per_step']} "
-                       "off-policy slots a step")
+            click.echo(
+                f"posted {start + status['accepted']}/{len(rows)} groups; "
+                f"{status['pending']} wait for the run's {status['slots_per_step']} "
+                "off-policy slots a step"
+            )
 
 
 @runs_group.command("rescore")
@@ -277,8 +284,11 @@ def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
     with _client() as client:
         rescore = client.rescore(run_id, reward)
         while wait and rescore["status"] in RESCORE_ACTIVE:
-            click.echo(f"{rescore['status']}: {rescore['samples_scored']}/"
-                       f"{rescore['samples_total']} samples re-scored", err=True)
+            click.echo(
+                f"{rescore['status']}: {rescore['samples_scored']}/"
+                f"{rescore['samples_total']} samples re-scored",
+                err=True,
+            )
             time.sleep(1.0)
             rescore = client.get_rescore(run_id, rescore["id"])
         _print_json(rescore)

@@ -1,10 +1,10 @@
 """A small Python client for the gvpo-service REST API (used by the CLI, the demo and tests).
 
-    from service.client import Client
-    client = Client("http://127.0.0.1:8000", api_key)
-    f = client.upload_file("train.jsonl")
-    run = client.create_run({"model": {"path": ...}, "dataset": {"train_file": f["id"]}, ...})
-    run = client.wait(run["id"])
+from service.client import Client
+client = Client("http://127.0.0.1:8000", api_key)
+f = client.upload_file("train.jsonl")
+run = client.create_run({"model": {"path": ...}, "dataset": {"train_file": f["id"]}, ...})
+run = client.wait(run["id"])
 """
 
 import json
@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 
 from service.contract.states import TERMINAL
-
 
 
 class ApiError(Exception):
@@ -51,14 +50,19 @@ class Client:
             err = resp.json()["error"]
         except (ValueError, KeyError, TypeError):
             err = {"code": "http_error", "message": resp.text[:500]}
-        raise ApiError(resp.status_code, err.get("code", "error"), err.get("message", ""),
-                       err.get("details"))
+        raise ApiError(
+            resp.status_code, err.get("code", "error"), err.get("message", ""), err.get("details")
+        )
 
     # files
     def upload_file(self, path: str | Path, purpose: str = "train") -> dict:
         with open(path, "rb") as fh:
-            return self._request("POST", "/v1/files", data={"purpose": purpose},
-                                 files={"file": (Path(path).name, fh, "application/jsonl")})
+            return self._request(
+                "POST",
+                "/v1/files",
+                data={"purpose": purpose},
+                files={"file": (Path(path).name, fh, "application/jsonl")},
+            )
 
     def file_content(self, file_id: str) -> bytes:
         resp = self.http.get(f"/v1/files/{file_id}/content")
@@ -77,7 +81,9 @@ class Client:
     def get_run(self, run_id: str) -> dict:
         return self._request("GET", f"/v1/runs/{run_id}")
 
-    def list_runs(self, status: str | None = None, limit: int = 20, after: str | None = None) -> dict:
+    def list_runs(
+        self, status: str | None = None, limit: int = 20, after: str | None = None
+    ) -> dict:
         params = {k: v for k, v in {"status": status, "limit": limit, "after": after}.items() if v}
         return self._request("GET", "/v1/runs", params=params)
 
@@ -94,8 +100,9 @@ class Client:
         params = {"after": after} if after is not None else {}
         return self._request("GET", f"/v1/runs/{run_id}/events", params=params)["data"]
 
-    def follow(self, run_id: str, after_event: int | None = None,
-               since_step: int = 0) -> Iterator[tuple[str, dict]]:
+    def follow(
+        self, run_id: str, after_event: int | None = None, since_step: int = 0
+    ) -> Iterator[tuple[str, dict]]:
         """The run's live stream (Server-Sent Events), until the run ends: ("run", run) when its
         status or step changes, ("metrics", {"step", "values"}) per finished step, and
         (event type, event) per event. Resume a broken stream with the last event id and step
@@ -103,8 +110,13 @@ class Client:
         headers = {"Last-Event-ID": str(after_event)} if after_event is not None else {}
         params = {"metrics": "true", "since_step": since_step}
         # The server sends a keep-alive at least every 15 s, so a silent minute means it is gone.
-        with self.http.stream("GET", f"/v1/runs/{run_id}/events/stream", params=params,
-                              headers=headers, timeout=httpx.Timeout(30, read=60)) as resp:
+        with self.http.stream(
+            "GET",
+            f"/v1/runs/{run_id}/events/stream",
+            params=params,
+            headers=headers,
+            timeout=httpx.Timeout(30, read=60),
+        ) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 self._raise(resp)
@@ -118,8 +130,9 @@ class Client:
                     yield fields.get("event", "message"), json.loads(fields["data"])
                     fields = {}
 
-    def metrics(self, run_id: str, names: list[str] | None = None,
-                since_step: int | None = None) -> dict[str, list[list[float]]]:
+    def metrics(
+        self, run_id: str, names: list[str] | None = None, since_step: int | None = None
+    ) -> dict[str, list[list[float]]]:
         params: dict[str, Any] = {}
         if names:
             params["names"] = ",".join(names)
@@ -134,8 +147,9 @@ class Client:
     def checkpoints(self, run_id: str) -> list[dict]:
         return self._request("GET", f"/v1/runs/{run_id}/checkpoints")["data"]
 
-    def download_checkpoint(self, run_id: str, ckpt_id: str, dest: str | Path,
-                            format: str = "stored") -> Path:
+    def download_checkpoint(
+        self, run_id: str, ckpt_id: str, dest: str | Path, format: str = "stored"
+    ) -> Path:
         """Save the checkpoint's .tar.gz; format="merged" merges a LoRA adapter into its base."""
         dest = Path(dest)
         url = f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download"
@@ -151,8 +165,11 @@ class Client:
     def download_url(self, run_id: str, ckpt_id: str, format: str = "stored") -> dict:
         """A signed link to the checkpoint's archive, usable without the API key for 10 minutes:
         {"url": <path on the API's origin>, "expires_at": ...}."""
-        return self._request("POST", f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download-url",
-                             params={"format": format})
+        return self._request(
+            "POST",
+            f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download-url",
+            params={"format": format},
+        )
 
     # off-policy groups and re-scoring
     def post_groups(self, run_id: str, groups: list[dict]) -> dict:
@@ -164,8 +181,13 @@ class Client:
     def get_rescore(self, run_id: str, rescore_id: str) -> dict:
         return self._request("GET", f"/v1/runs/{run_id}/rescores/{rescore_id}")
 
-    def wait(self, run_id: str, timeout: float = 3600, poll_s: float = 1.0,
-             on_poll: Callable[[dict], None] | None = None) -> dict:
+    def wait(
+        self,
+        run_id: str,
+        timeout: float = 3600,
+        poll_s: float = 1.0,
+        on_poll: Callable[[dict], None] | None = None,
+    ) -> dict:
         """Poll until the run is finished; on_poll sees each snapshot (for progress display)."""
         deadline = time.monotonic() + timeout
         while True:

@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 MIN_SECRET_CHARS = 32
 
 
@@ -30,37 +29,42 @@ class Settings(BaseSettings):
     result_backend: str | None = Field(
         default=None,
         description="Celery result backend for the requests a worker answers while the API "
-                    "waits (the loss dry-run, merged checkpoint downloads); default: the Redis "
-                    "broker itself, a folder beside the file broker, rpc:// for AMQP",
+        "waits (the loss dry-run, merged checkpoint downloads); default: the Redis "
+        "broker itself, a folder beside the file broker, rpc:// for AMQP",
     )
     worker_answer_timeout_s: float = Field(
-        default=120.0, gt=0,
+        default=120.0,
+        gt=0,
         description="how long the API waits for a worker to answer such a request (504 after)",
     )
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_url: str | None = Field(default=None, description="where clients reach the API")
     grpc_port: int = Field(
-        default=50051, ge=0, le=65535,
+        default=50051,
+        ge=0,
+        le=65535,
         description="port of the gRPC API, served by every API process beside REST; 0 turns it off",
     )
     secret_key: str | None = Field(
-        default=None, repr=False,
+        default=None,
+        repr=False,
         description="signs short-lived download links; every API replica needs the same one. "
-                    "Default: a random key kept in <data_dir>/secret_key (embedded stack)",
+        "Default: a random key kept in <data_dir>/secret_key (embedded stack)",
     )
     api_key_pepper: str | None = Field(
-        default=None, repr=False,
+        default=None,
+        repr=False,
         description="server-side secret mixed into stored API-key hashes (HMAC); every API "
-                    "replica needs the same one",
+        "replica needs the same one",
     )
     api_key: str | None = None
     checkpoint_url: str | None = Field(
         default=None,
         description="an fsspec URL (e.g. s3://bucket/prefix, gs://bucket/prefix, "
-                    "file:///mnt/ckpts) where checkpoints are kept, under <url>/<run>/step_NNNNNN; "
-                    "credentials come from the store's own environment (AWS_ACCESS_KEY_ID, "
-                    "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3). Unset: the data dir",
+        "file:///mnt/ckpts) where checkpoints are kept, under <url>/<run>/step_NNNNNN; "
+        "credentials come from the store's own environment (AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3). Unset: the data dir",
     )
     max_upload_bytes: int = 512 * 1024 * 1024
     max_callback_bytes: int = Field(
@@ -69,11 +73,11 @@ class Settings(BaseSettings):
     model_path_check: Literal["auto", "strict", "off"] = Field(
         default="auto",
         description="submission-time checks of model.path (config.json, tokenizer, context "
-                    "length, prompt + max_new_tokens budgets) when it is a directory the API "
-                    "can see. auto: a local path (/, ./, ../, ~) the API cannot see is refused "
-                    "on the embedded stack (the worker shares its machine) and left to the "
-                    "worker in a cluster, as is a hub id; strict: such a path is always refused "
-                    "(the API mounts the workers' model volume); off: no model checks",
+        "length, prompt + max_new_tokens budgets) when it is a directory the API "
+        "can see. auto: a local path (/, ./, ../, ~) the API cannot see is refused "
+        "on the embedded stack (the worker shares its machine) and left to the "
+        "worker in a cluster, as is a hub id; strict: such a path is always refused "
+        "(the API mounts the workers' model volume); off: no model checks",
     )
     worker_queues: str = "default,gpu,cpu"
     torch_threads: int = Field(
@@ -89,18 +93,21 @@ class Settings(BaseSettings):
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     db_retry_s: float = Field(
-        default=300.0, ge=0,
+        default=300.0,
+        ge=0,
         description="how long a worker waits out a database outage before failing the run",
     )
     reaper_interval_s: float = Field(
-        default=15.0, ge=0,
+        default=15.0,
+        ge=0,
         description="how often each API process requeues runs with an expired lease and publishes "
-                    "runs the broker missed; 0 turns the reaper off",
+        "runs the broker missed; 0 turns the reaper off",
     )
     notify_interval_s: float = Field(
-        default=2.0, ge=0,
+        default=2.0,
+        ge=0,
         description="how often each API process sends due run notifications (notify_url); "
-                    "0 turns the notifier off",
+        "0 turns the notifier off",
     )
     notify_timeout_s: float = Field(
         default=10.0, gt=0, description="time limit of one notification POST"
@@ -109,15 +116,17 @@ class Settings(BaseSettings):
         default=8, ge=1, description="tries per notification before it is given up"
     )
     notify_backoff_s: float = Field(
-        default=1.0, ge=0,
+        default=1.0,
+        ge=0,
         description="first retry delay of a notification; it doubles per try, up to 5 minutes",
     )
 
     @property
     def embedded(self) -> bool:
         """The single-machine stack: SQLite and the file-backed broker."""
-        return self.resolved_database_url.startswith("sqlite") and \
-            self.broker_url.startswith("filesystem://")
+        return self.resolved_database_url.startswith("sqlite") and self.broker_url.startswith(
+            "filesystem://"
+        )
 
     def unsafe_secrets(self) -> list[str]:
         """What makes these settings unfit to serve a cluster: secrets left to their embedded
@@ -125,13 +134,15 @@ class Settings(BaseSettings):
         if self.embedded:
             return []
         too_short = f"shorter than {MIN_SECRET_CHARS} characters"
-        return [f"{name} is {too_short if value else 'not set'}: {why}. Set it to a random "
-                "value (e.g. `openssl rand -hex 32`), the same on every API replica"
-                for name, value, why in (
-                    ("GVPO_SECRET_KEY", self.secret_key, "it signs checkpoint download links"),
-                    ("GVPO_API_KEY_PEPPER", self.api_key_pepper, "it keys the stored API-key "
-                     "hashes"))
-                if not value or len(value) < MIN_SECRET_CHARS]
+        return [
+            f"{name} is {too_short if value else 'not set'}: {why}. Set it to a random "
+            "value (e.g. `openssl rand -hex 32`), the same on every API replica"
+            for name, value, why in (
+                ("GVPO_SECRET_KEY", self.secret_key, "it signs checkpoint download links"),
+                ("GVPO_API_KEY_PEPPER", self.api_key_pepper, "it keys the stored API-key hashes"),
+            )
+            if not value or len(value) < MIN_SECRET_CHARS
+        ]
 
     @property
     def resolved_secret_key(self) -> bytes:

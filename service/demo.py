@@ -83,7 +83,9 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
     from service.progress import follow_run
 
     console = Console()
-    settings = settings.model_copy(update={"api_port": port or free_port(), "grpc_port": free_port()})
+    settings = settings.model_copy(
+        update={"api_port": port or free_port(), "grpc_port": free_port()}
+    )
     model_dir, dataset, key = _prepare(settings, console)
     log_dir = settings.resolved_data_dir / "logs"
     console.log(f"starting the API on port {settings.api_port} and a worker (logs in {log_dir})")
@@ -105,11 +107,19 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
     for line in reward_curve(curve):
         console.print(line)
     head, tail = curve[: max(1, len(curve) // 10)], curve[-max(1, len(curve) // 10) :]
-    console.print(f"\nreward/mean: first 10% of steps {sum(v for _, v in head) / len(head):.3f} -> "
-                  f"last 10% {sum(v for _, v in tail) / len(tail):.3f}")
+    console.print(
+        f"\nreward/mean: first 10% of steps {sum(v for _, v in head) / len(head):.3f} -> "
+        f"last 10% {sum(v for _, v in tail) / len(tail):.3f}"
+    )
     engine = loaded[-1]["data"]["rollout_engine"] if loaded else "unknown"
-    console.print(f"rollouts: {engine}" + (
-        f" (its sampled-token log-probs vs the learner's: max gap {max(gaps):.1e})" if gaps else ""))
+    console.print(
+        f"rollouts: {engine}"
+        + (
+            f" (its sampled-token log-probs vs the learner's: max gap {max(gaps):.1e})"
+            if gaps
+            else ""
+        )
+    )
     final = checkpoints[-1]
     console.print(f"final checkpoint (step {final['step']}): {final['path']}")
     console.print(f"load it with: AutoModelForCausalLM.from_pretrained({final['path']!r})")

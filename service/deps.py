@@ -11,7 +11,6 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import Project
 
-
 # The largest integer the databases store (SQLite INTEGER, PostgreSQL BIGINT): a larger step or
 # cursor in a query would fail in the driver instead of matching nothing.
 DB_INT_MAX = 2**63 - 1
@@ -34,8 +33,11 @@ def _session(settings: SettingsDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(_session, scope="function")]
 
 
-def _project(session: SessionDep, settings: SettingsDep,
-             authorization: Annotated[str | None, Header()] = None) -> Project:
+def _project(
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Project:
     return authenticate(session, authorization, settings.api_key_pepper)
 
 

@@ -24,16 +24,23 @@ def enqueue(settings: Settings, task: str, row_id: str, queue: str) -> bool:
     """Publish `task` for the row `row_id`; False if the broker is unreachable (the row stays
     queued for the reaper to publish)."""
     try:
-        publisher(settings).send_task(task, args=[row_id], queue=queue, ignore_result=True,
-                                      retry=True, retry_policy=RETRY_POLICY)
+        publisher(settings).send_task(
+            task,
+            args=[row_id],
+            queue=queue,
+            ignore_result=True,
+            retry=True,
+            retry_policy=RETRY_POLICY,
+        )
     except Exception:  # broker down: the row is already durable and stays queued
         log.exception("could not enqueue %s %s on queue %s", task, row_id, queue)
         return False
     return True
 
 
-def ask_worker(settings: Settings, task: str, payload: BaseModel, queue: str,
-               what: str) -> dict[str, Any]:
+def ask_worker(
+    settings: Settings, task: str, payload: BaseModel, queue: str, what: str
+) -> dict[str, Any]:
     """Have a worker on `queue` run `task` on `payload` and return its result, waiting at most
     settings.worker_answer_timeout_s. `what` names the request in errors ("the dry run").
 
@@ -42,16 +49,25 @@ def ask_worker(settings: Settings, task: str, payload: BaseModel, queue: str,
     the task's own problem as 409/422, and 502 when the worker broke on it."""
     timeout = settings.worker_answer_timeout_s
     if result_backend_url(settings) is None:
-        raise ServiceUnavailable(f"{what} needs a worker's answer, and no result backend is "
-                                 "configured for this broker: set GVPO_RESULT_BACKEND")
+        raise ServiceUnavailable(
+            f"{what} needs a worker's answer, and no result backend is "
+            "configured for this broker: set GVPO_RESULT_BACKEND"
+        )
     try:
         pending = publisher(settings).send_task(
-            task, args=[payload.model_dump(mode="json")], queue=queue, expires=timeout,
-            retry=True, retry_policy=RETRY_POLICY)
+            task,
+            args=[payload.model_dump(mode="json")],
+            queue=queue,
+            expires=timeout,
+            retry=True,
+            retry_policy=RETRY_POLICY,
+        )
     except Exception as exc:
         log.exception("could not publish %s on queue %s", task, queue)
-        raise ServiceUnavailable(f"{what} needs a worker, and the broker cannot be reached "
-                                 f"({type(exc).__name__}); try again shortly") from None
+        raise ServiceUnavailable(
+            f"{what} needs a worker, and the broker cannot be reached "
+            f"({type(exc).__name__}); try again shortly"
+        ) from None
     try:
         raw = pending.get(timeout=timeout, interval=0.2, propagate=False)
     except ResultTimeout:
@@ -59,10 +75,13 @@ def ask_worker(settings: Settings, task: str, payload: BaseModel, queue: str,
             f"no worker on queue {queue!r} answered {what} within {timeout:g} s "
             "(GVPO_WORKER_ANSWER_TIMEOUT_S): each worker takes one task at a time, so one that "
             "is training a run answers when the run has ended; start a worker on that queue, "
-            "or try again later", {"queue": queue}) from None
+            "or try again later",
+            {"queue": queue},
+        ) from None
     except Exception as exc:  # the result backend went away while we waited
-        raise ServiceUnavailable(f"{what}: the worker's answer could not be read "
-                                 f"({type(exc).__name__}: {exc})") from None
+        raise ServiceUnavailable(
+            f"{what}: the worker's answer could not be read ({type(exc).__name__}: {exc})"
+        ) from None
     pending.forget()  # read once: no need to keep it until it expires
     if isinstance(raw, BaseException):
         raise WorkerFailed(f"the worker failed on {what}: {type(raw).__name__}: {raw}")
@@ -70,8 +89,9 @@ def ask_worker(settings: Settings, task: str, payload: BaseModel, queue: str,
     if answer.problem is None:
         return answer.result or {}
     if answer.problem.kind == "invalid":
-        raise InvalidSpec(answer.problem.fields or [{"field": "body",
-                                                     "message": answer.problem.message}])
+        raise InvalidSpec(
+            answer.problem.fields or [{"field": "body", "message": answer.problem.message}]
+        )
     raise Conflict(answer.problem.message)
 
 

@@ -96,5 +96,6 @@ def field_name(loc: tuple, body: object) -> str:
 
 def invalid_spec(errors: list[dict[str, Any]], body: object) -> InvalidSpec:
     """pydantic's errors for `body` as one InvalidSpec naming each bad field."""
-    return InvalidSpec([{"field": field_name(tuple(e["loc"]), body), "message": e["msg"]}
-                        for e in errors])
+    return InvalidSpec(
+        [{"field": field_name(tuple(e["loc"]), body), "message": e["msg"]} for e in errors]
+    )

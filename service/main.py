@@ -1,4 +1,5 @@
-"""create_app(): routers and error handlers. Engines are built lazily per process, never at import."""
+"""create_app(): routers and error handlers. Engines are built lazily per process, never at
+import."""
 
 import logging
 import threading
@@ -11,8 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import dashboard, telemetry
 from service.checkpoints.routes import router as checkpoints_router
-from service.diagnostics.routes import router as diagnostics_router
 from service.config import Settings, get_settings
+from service.diagnostics.routes import router as diagnostics_router
 from service.errors import ServiceError, classify, invalid_spec
 from service.files.routes import router as files_router
 from service.grpc_server import GrpcServer
@@ -44,8 +45,9 @@ async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     error = invalid_spec(list(exc.errors()), exc.body)
-    return JSONResponse(error_body("invalid_request", error.message, error.details),
-                        status_code=422)
+    return JSONResponse(
+        error_body("invalid_request", error.message, error.details), status_code=422
+    )
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -67,9 +69,14 @@ async def _lifespan(app: FastAPI):
     # Two background threads per API process, each on its own interval (0 turns it off), so a
     # slow notification receiver never delays reaping.
     stopped = threading.Event()
-    threads = [cls(settings, stopped) for cls, interval in (
-        (Reaper, settings.reaper_interval_s), (Notifier, settings.notify_interval_s))
-        if interval > 0]
+    threads = [
+        cls(settings, stopped)
+        for cls, interval in (
+            (Reaper, settings.reaper_interval_s),
+            (Notifier, settings.notify_interval_s),
+        )
+        if interval > 0
+    ]
     grpc_server = GrpcServer(settings, app.state.prometheus) if settings.grpc_port else None
     if grpc_server:
         await grpc_server.start()
@@ -87,18 +94,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API. Outside the embedded stack it refuses to exist with default secrets."""
     settings = settings or get_settings()
     if problems := settings.unsafe_secrets():
-        raise UnsafeSettings("refusing to serve a cluster with default secrets:\n- "
-                             + "\n- ".join(problems))
-    app = FastAPI(title="gvpo-service", version="0.1.0", summary="GVPO post-training as a service",
-                  lifespan=_lifespan)
+        raise UnsafeSettings(
+            "refusing to serve a cluster with default secrets:\n- " + "\n- ".join(problems)
+        )
+    app = FastAPI(
+        title="gvpo-service",
+        version="0.1.0",
+        summary="GVPO post-training as a service",
+        lifespan=_lifespan,
+    )
     app.state.settings = settings
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
-    for router in (health_router, files_router, runs_router, metrics_router, checkpoints_router,
-                   rewards_router, diagnostics_router, offpolicy_router, rescores_router,
-                   states_router, telemetry.router):
+    for router in (
+        health_router,
+        files_router,
+        runs_router,
+        metrics_router,
+        checkpoints_router,
+        rewards_router,
+        diagnostics_router,
+        offpolicy_router,
+        rescores_router,
+        states_router,
+        telemetry.router,
+    ):
         app.include_router(router)
     telemetry.install(app, app.state.settings)
     dashboard.install(app)

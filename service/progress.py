@@ -25,8 +25,13 @@ def follow_run(client: Client, run_id: str, console: Console | None = None) -> d
 
     The reward shown is the mean of reward/mean over the last 10 steps."""
     console = console or Console(log_path=False)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[metrics]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        TimeElapsedColumn(),
+    )
     after, since, rewards, latest = None, 0, deque(maxlen=10), {}
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(run_id, total=None, metrics="")
@@ -34,8 +39,12 @@ def follow_run(client: Client, run_id: str, console: Console | None = None) -> d
             try:
                 for kind, data in client.follow(run_id, after, since):
                     if kind == "run":
-                        bar.update(task, total=data["total_steps"], completed=data["step"],
-                                   description=f"{run_id} {data['status']}")
+                        bar.update(
+                            task,
+                            total=data["total_steps"],
+                            completed=data["step"],
+                            description=f"{run_id} {data['status']}",
+                        )
                     elif kind == "metrics":
                         since = data["step"]
                         latest = data["values"]
@@ -49,7 +58,8 @@ def follow_run(client: Client, run_id: str, console: Console | None = None) -> d
             except httpx.TransportError as exc:
                 if attempt == RECONNECTS:
                     raise
-                console.log(f"[yellow]stream interrupted ({exc.__class__.__name__}); "
-                            "reconnecting[/yellow]")
-                time.sleep(min(2 ** attempt, 10))
+                console.log(
+                    f"[yellow]stream interrupted ({exc.__class__.__name__}); reconnecting[/yellow]"
+                )
+                time.sleep(min(2**attempt, 10))
     return client.get_run(run_id)

@@ -29,15 +29,18 @@ def metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return next((value for k, value in context.invocation_metadata() or () if k == key), None)
 
 
-def authenticated(context: grpc.aio.ServicerContext,
-                  settings: Settings) -> Callable[[Session], Project]:
+def authenticated(
+    context: grpc.aio.ServicerContext, settings: Settings
+) -> Callable[[Session], Project]:
     """The project of the call's API key (`authorization: Bearer <key>`), for `call`."""
-    return lambda session: authenticate(session, metadata(context, "authorization"),
-                                        settings.api_key_pepper)
+    return lambda session: authenticate(
+        session, metadata(context, "authorization"), settings.api_key_pepper
+    )
 
 
-async def call(context: grpc.aio.ServicerContext, settings: Settings,
-               work: Callable[[Session], T]) -> T:
+async def call(
+    context: grpc.aio.ServicerContext, settings: Settings, work: Callable[[Session], T]
+) -> T:
     """Run `work` in a session in a worker thread: commit and return its result, or end the
     call with the error's gRPC status. `work` converts rows to messages itself, in the session."""
 
@@ -57,6 +60,7 @@ async def call(context: grpc.aio.ServicerContext, settings: Settings,
 
 async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
     _, code, status = classify(exc)
-    context.set_trailing_metadata(((ERROR_CODE_KEY, code),
-                                   (ERROR_DETAILS_KEY, json.dumps(exc.details, default=str))))
+    context.set_trailing_metadata(
+        ((ERROR_CODE_KEY, code), (ERROR_DETAILS_KEY, json.dumps(exc.details, default=str)))
+    )
     await context.abort(status, exc.message)

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 
 import grpc
-
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -24,12 +23,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select
 
 from service.config import Settings
-from service.db import session_scope
-from service.models import Metric, Run, RunEvent
-from service.models.base import utcnow
 from service.contract.events import EventType
 from service.contract.states import RunStatus
 from service.contract.tasks import queue_of
+from service.db import session_scope
+from service.models import Metric, Run, RunEvent
+from service.models.base import utcnow
 
 STEP_PHASES = ("weight_sync", "rollout", "reward", "learn")
 
@@ -44,17 +43,26 @@ class RunStateCollector:
 
     def collect(self):
         with session_scope(self.settings.resolved_database_url) as session:
-            by_state = dict(session.execute(
-                select(Run.status, func.count()).group_by(Run.status)).all())
-            queued = session.execute(select(Run.spec, Run.id).where(Run.status == RunStatus.QUEUED)).all()
-            running = session.execute(select(Run.id, Run.lease_owner, Run.lease_expires_at)
-                                      .where(Run.status == RunStatus.RUNNING)).all()
+            by_state = dict(
+                session.execute(select(Run.status, func.count()).group_by(Run.status)).all()
+            )
+            queued = session.execute(
+                select(Run.spec, Run.id).where(Run.status == RunStatus.QUEUED)
+            ).all()
+            running = session.execute(
+                select(Run.id, Run.lease_owner, Run.lease_expires_at).where(
+                    Run.status == RunStatus.RUNNING
+                )
+            ).all()
             ids = [r.id for r in running]
             latest = self._latest_step_times(session, ids)
-            retries = dict(session.execute(
-                select(RunEvent.run_id, func.count()).where(RunEvent.run_id.in_(ids),
-                                                            RunEvent.type == EventType.REWARD_RETRY)
-                .group_by(RunEvent.run_id)).all())
+            retries = dict(
+                session.execute(
+                    select(RunEvent.run_id, func.count())
+                    .where(RunEvent.run_id.in_(ids), RunEvent.type == EventType.REWARD_RETRY)
+                    .group_by(RunEvent.run_id)
+                ).all()
+            )
         yield self._runs_by_state(by_state)
         yield self._queue_depth(queued)
         yield self._heartbeats(running)
@@ -73,16 +81,19 @@ class RunStateCollector:
         for spec, _ in queued:
             queue = queue_of(spec)
             depth[queue] = depth.get(queue, 0) + 1
-        g = GaugeMetricFamily("gvpo_queue_depth", "runs waiting for a worker, by Celery queue",
-                              labels=["queue"])
+        g = GaugeMetricFamily(
+            "gvpo_queue_depth", "runs waiting for a worker, by Celery queue", labels=["queue"]
+        )
         for queue, n in sorted(depth.items()):
             g.add_metric([queue], n)
         return g
 
     def _heartbeats(self, running) -> GaugeMetricFamily:
-        g = GaugeMetricFamily("gvpo_worker_heartbeat_age_seconds",
-                              "seconds since the worker last renewed a running run's lease",
-                              labels=["run_id", "worker"])
+        g = GaugeMetricFamily(
+            "gvpo_worker_heartbeat_age_seconds",
+            "seconds since the worker last renewed a running run's lease",
+            labels=["run_id", "worker"],
+        )
         lease = timedelta(seconds=self.settings.lease_seconds)
         now = utcnow()
         for run_id, owner, expires in running:
@@ -94,26 +105,36 @@ class RunStateCollector:
     @staticmethod
     def _latest_step_times(session, ids: list[str]) -> dict[tuple[str, str], float]:
         names = [f"time/{p}_s" for p in STEP_PHASES]
-        last = (select(Metric.run_id, func.max(Metric.step).label("step"))
-                .where(Metric.run_id.in_(ids), Metric.name == "time/learn_s")
-                .group_by(Metric.run_id).subquery())
+        last = (
+            select(Metric.run_id, func.max(Metric.step).label("step"))
+            .where(Metric.run_id.in_(ids), Metric.name == "time/learn_s")
+            .group_by(Metric.run_id)
+            .subquery()
+        )
         rows = session.execute(
             select(Metric.run_id, Metric.name, Metric.value)
             .join(last, (Metric.run_id == last.c.run_id) & (Metric.step == last.c.step))
-            .where(Metric.name.in_(names))).all()
+            .where(Metric.name.in_(names))
+        ).all()
         return {(run_id, name): value for run_id, name, value in rows}
 
     @staticmethod
     def _step_and_reward(latest: dict, retries: dict, ids: list[str]):
-        step = GaugeMetricFamily("gvpo_step_phase_seconds",
-                                 "wall time of each phase of a running run's latest step",
-                                 labels=["run_id", "phase"])
-        reward = GaugeMetricFamily("gvpo_reward_seconds",
-                                   "reward phase of a running run's latest step (webhook latency "
-                                   "for webhook rewards)", labels=["run_id"])
-        failures = GaugeMetricFamily("gvpo_reward_webhook_retries",
-                                     "reward webhook calls retried or re-sent in a running run",
-                                     labels=["run_id"])
+        step = GaugeMetricFamily(
+            "gvpo_step_phase_seconds",
+            "wall time of each phase of a running run's latest step",
+            labels=["run_id", "phase"],
+        )
+        reward = GaugeMetricFamily(
+            "gvpo_reward_seconds",
+            "reward phase of a running run's latest step (webhook latency for webhook rewards)",
+            labels=["run_id"],
+        )
+        failures = GaugeMetricFamily(
+            "gvpo_reward_webhook_retries",
+            "reward webhook calls retried or re-sent in a running run",
+            labels=["run_id"],
+        )
         for run_id in ids:
             for phase in STEP_PHASES:
                 if (run_id, f"time/{phase}_s") in latest:
@@ -131,11 +152,15 @@ class _RequestMetrics:
 
     def __init__(self, app, registry: CollectorRegistry) -> None:
         self.app = app
-        self.requests = Counter("gvpo_http_requests", "API requests",
-                                ["method", "route", "status"], registry=registry)
-        self.latency = Histogram("gvpo_http_request_duration_seconds",
-                                 "API request latency (to the first byte)", ["method", "route"],
-                                 registry=registry)
+        self.requests = Counter(
+            "gvpo_http_requests", "API requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "gvpo_http_request_duration_seconds",
+            "API request latency (to the first byte)",
+            ["method", "route"],
+            registry=registry,
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -167,11 +192,15 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
     """The gRPC API's calls, by method and status code; a stream's latency is its whole life."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("gvpo_grpc_requests", "gRPC API calls", ["method", "code"],
-                                registry=registry)
-        self.latency = Histogram("gvpo_grpc_request_duration_seconds",
-                                 "gRPC API call latency (a stream: until it ends)", ["method"],
-                                 registry=registry)
+        self.requests = Counter(
+            "gvpo_grpc_requests", "gRPC API calls", ["method", "code"], registry=registry
+        )
+        self.latency = Histogram(
+            "gvpo_grpc_request_duration_seconds",
+            "gRPC API call latency (a stream: until it ends)",
+            ["method"],
+            registry=registry,
+        )
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -179,18 +208,23 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
             return handler  # client streams (reflection) go uncounted
         record = self._recorder(details.method)
         if handler.unary_unary:
+
             async def unary(request, context):
                 with record(context):
                     return await handler.unary_unary(request, context)
+
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer)
+                unary, handler.request_deserializer, handler.response_serializer
+            )
 
         async def stream(request, context):
             with record(context):
                 async for item in handler.unary_stream(request, context):
                     yield item
+
         return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer)
+            stream, handler.request_deserializer, handler.response_serializer
+        )
 
     def _recorder(self, method: str):
         @contextmanager
@@ -210,6 +244,7 @@ class GrpcMetrics(grpc.aio.ServerInterceptor):
                 name = code.name if isinstance(code, grpc.StatusCode) else str(code)
                 self.requests.labels(method, name).inc()
                 self.latency.labels(method).observe(time.perf_counter() - start)
+
         return record
 
 

@@ -56,8 +56,11 @@ class RunCheckpoints:
 
     def resume_copy(self, step: int, path: str) -> Path:
         """The local folder of the checkpoint to resume from."""
-        return self.local_copy(path, self.run_dir / "checkpoint-cache" / f"step_{step:06d}",
-                               f"the checkpoint of step {step}")
+        return self.local_copy(
+            path,
+            self.run_dir / "checkpoint-cache" / f"step_{step:06d}",
+            f"the checkpoint of step {step}",
+        )
 
     def done_with(self, path: str, local: Path) -> None:
         """Every rank has read the checkpoint at `path` from `local`: a downloaded copy goes."""
@@ -68,21 +71,31 @@ class RunCheckpoints:
     def local_model(self, spec: RunSpec) -> RunSpec:
         """The spec with its model on this machine: a model.path or model.adapter in the object
         store (a checkpoint the run starts from) is downloaded into the run's folder first."""
-        local = {name: str(self.local_copy(path, self.run_dir / "start-cache" / name,
-                                           f"model.{name} {path}"))
-                 for name in ("path", "adapter")
-                 if (path := getattr(spec.model, name)) and storage.is_remote(path)}
+        local = {
+            name: str(
+                self.local_copy(path, self.run_dir / "start-cache" / name, f"model.{name} {path}")
+            )
+            for name in ("path", "adapter")
+            if (path := getattr(spec.model, name)) and storage.is_remote(path)
+        }
         if not local:
             return spec
         return spec.model_copy(update={"model": spec.model.model_copy(update=local)})
 
-    def save(self, step: int, spec: RunSpec, model, tokenizer, extra: dict[str, Any],
-             optimizer_state: dict, model_state: dict | None) -> None:
+    def save(
+        self,
+        step: int,
+        spec: RunSpec,
+        model,
+        tokenizer,
+        extra: dict[str, Any],
+        optimizer_state: dict,
+        model_state: dict | None,
+    ) -> None:
         """Write the lead's checkpoint of `step`, put it in the store when there is one, and
         record it (pruning to checkpoint.keep_last)."""
         path = self.run_dir / "checkpoints" / f"step_{step:06d}"
-        size = save_checkpoint(path, model, tokenizer, step, extra, optimizer_state,
-                               model_state)
+        size = save_checkpoint(path, model, tokenizer, step, extra, optimizer_state, model_state)
         kind = CheckpointKind.FULL if spec.model.lora is None else CheckpointKind.LORA_ADAPTER
         where, store_url = str(path), self.settings.checkpoint_url
         if store_url:
@@ -105,13 +118,21 @@ class RunCheckpoints:
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 if attempt == UPLOAD_ATTEMPTS:
-                    raise RunError(f"could not upload the checkpoint of step {step} to {url} "
-                                   f"after {attempt} tries: {error}") from exc
-                log.warning("run %s: checkpoint upload to %s failed (%s); retrying",
-                            self.recorder.run_id, url, error)
-                self.recorder.event(EventType.CHECKPOINT_UPLOAD_RETRY,
-                                    f"upload of the step {step} checkpoint to {url} failed "
-                                    f"(try {attempt} of {UPLOAD_ATTEMPTS}): {error}",
-                                    EventLevel.WARNING,
-                                    {"step": step, "url": url, "attempt": attempt})
+                    raise RunError(
+                        f"could not upload the checkpoint of step {step} to {url} "
+                        f"after {attempt} tries: {error}"
+                    ) from exc
+                log.warning(
+                    "run %s: checkpoint upload to %s failed (%s); retrying",
+                    self.recorder.run_id,
+                    url,
+                    error,
+                )
+                self.recorder.event(
+                    EventType.CHECKPOINT_UPLOAD_RETRY,
+                    f"upload of the step {step} checkpoint to {url} failed "
+                    f"(try {attempt} of {UPLOAD_ATTEMPTS}): {error}",
+                    EventLevel.WARNING,
+                    {"step": step, "url": url, "attempt": attempt},
+                )
                 time.sleep(UPLOAD_BACKOFF_S * 2 ** (attempt - 1))

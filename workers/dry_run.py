@@ -17,8 +17,13 @@ import torch
 from service.config import Settings
 from service.contract import storage
 from service.contract.storage import CheckpointKind
-from service.contract.tasks import (DryRunCompletion, DryRunOutput, DryRunTask, TaskAnswer,
-                                    TaskProblem)
+from service.contract.tasks import (
+    DryRunCompletion,
+    DryRunOutput,
+    DryRunTask,
+    TaskAnswer,
+    TaskProblem,
+)
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.learner.losses import gvpo_loss, gvpo_weights
 
@@ -55,12 +60,17 @@ def _load(task: DryRunTask, source: Path):
             policy, reference = PeftModel.from_pretrained(base, source), None
         else:
             policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-            reference = AutoModelForCausalLM.from_pretrained(task.base_model,
-                                                             dtype=torch.float32).eval()
+            reference = AutoModelForCausalLM.from_pretrained(
+                task.base_model, dtype=torch.float32
+            ).eval()
     except (OSError, ValueError) as exc:
-        raise _Refused(TaskProblem(
-            kind="conflict", message=f"the worker cannot load checkpoint {task.checkpoint_id} "
-            f"or the run's starting model {task.base_model!r}: {exc}")) from exc
+        raise _Refused(
+            TaskProblem(
+                kind="conflict",
+                message=f"the worker cannot load checkpoint {task.checkpoint_id} "
+                f"or the run's starting model {task.base_model!r}: {exc}",
+            )
+        ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return policy.eval(), reference, tokenizer
@@ -73,11 +83,22 @@ def _sequence_logps(policy, reference, tokenizer, task: DryRunTask):
     completions = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in task.completions]
     total = len(completions) * (len(prompt) + max(len(c) for c in completions))
     if total > task.max_tokens:
-        raise _Refused(TaskProblem(kind="invalid", message="the group is too long", fields=[{
-            "field": "completions", "message": f"the group is {total} tokens (prompt + longest "
-            f"completion, times k); the dry run takes at most {task.max_tokens}"}]))
-    batch = build_batch([prompt] * len(completions), completions, tokenizer.pad_token_id,
-                        torch.device("cpu"))
+        raise _Refused(
+            TaskProblem(
+                kind="invalid",
+                message="the group is too long",
+                fields=[
+                    {
+                        "field": "completions",
+                        "message": f"the group is {total} tokens (prompt + longest "
+                        f"completion, times k); the dry run takes at most {task.max_tokens}",
+                    }
+                ],
+            )
+        )
+    batch = build_batch(
+        [prompt] * len(completions), completions, tokenizer.pad_token_id, torch.device("cpu")
+    )
     logps = sequence_logprobs(policy, batch).summed  # (k,)
     if reference is None:  # LoRA: the base model is the adapter switched off
         with policy.disable_adapter():
@@ -87,8 +108,9 @@ def _sequence_logps(policy, reference, tokenizer, task: DryRunTask):
     return logps, ref_logps, [len(c) for c in completions]
 
 
-def _output(task: DryRunTask, logps: torch.Tensor, ref_logps: torch.Tensor,
-            tokens: list[int]) -> DryRunOutput:
+def _output(
+    task: DryRunTask, logps: torch.Tensor, ref_logps: torch.Tensor, tokens: list[int]
+) -> DryRunOutput:
     rewards = torch.tensor([task.rewards], dtype=torch.float32)  # (1, k): one group
     policy, reference = logps.view(1, -1), ref_logps.view(1, -1)
     weights = gvpo_weights(policy, reference, rewards, task.beta)[0]  # (k,)
@@ -97,10 +119,24 @@ def _output(task: DryRunTask, logps: torch.Tensor, ref_logps: torch.Tensor,
         log_ratio_mean=sum(s) / len(s),
         loss=gvpo_loss(policy, reference, rewards, task.beta).item(),
         completions=[
-            DryRunCompletion(completion=c, reward=r, tokens=n, logprob=lp, ref_logprob=ref,
-                             log_ratio=si, weight=w)
-            for c, r, n, lp, ref, si, w in zip(task.completions, task.rewards, tokens,
-                                                logps.tolist(), ref_logps.tolist(), s,
-                                                weights.tolist(), strict=True)
+            DryRunCompletion(
+                completion=c,
+                reward=r,
+                tokens=n,
+                logprob=lp,
+                ref_logprob=ref,
+                log_ratio=si,
+                weight=w,
+            )
+            for c, r, n, lp, ref, si, w in zip(
+                task.completions,
+                task.rewards,
+                tokens,
+                logps.tolist(),
+                ref_logps.tolist(),
+                s,
+                weights.tolist(),
+                strict=True,
+            )
         ],
     )

@@ -37,8 +37,12 @@ def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
     try:
         run_spec = RunSpec.model_validate(spec)
     except ValidationError as exc:  # stored under an older, looser version of the rules
-        recorder.finish(RunStatus.FAILED, f"run failed: its stored spec is no longer valid: "
-                        f"{exc}", EventLevel.ERROR, error=f"invalid spec: {exc}")
+        recorder.finish(
+            RunStatus.FAILED,
+            f"run failed: its stored spec is no longer valid: {exc}",
+            EventLevel.ERROR,
+            error=f"invalid spec: {exc}",
+        )
         return RunStatus.FAILED
     if run_spec.resources.ranks > 1:
         return launch(settings, recorder, run_spec)
@@ -73,8 +77,9 @@ def drive(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks
         recorder.pause(paused.step)
         return RunStatus.PAUSED
     except LeaseLost:
-        log.warning("run %s: lease lost to another worker; stopping without writing",
-                    recorder.run_id)
+        log.warning(
+            "run %s: lease lost to another worker; stopping without writing", recorder.run_id
+        )
         return LEASE_LOST
     except Exception as exc:
         message = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"

@@ -66,14 +66,30 @@ def launch(settings: Settings, recorder: RunRecorder, spec: RunSpec) -> str:
     ranks, run_id = spec.resources.ranks, recorder.run_id
     for rank in range(ranks):
         error_file(settings, run_id, rank).unlink(missing_ok=True)  # from an earlier attempt
-    env = {**os.environ, SETTINGS_ENV: settings.model_dump_json(),
-           SPEC_ENV: json.dumps(spec.model_dump(mode="json"))}
-    command = [sys.executable, "-m", "workers.launcher", "torchrun", "--standalone",
-               f"--nproc-per-node={ranks}", "--max-restarts=0",
-               "-m", "workers.rank", run_id, recorder.worker_id]
+    env = {
+        **os.environ,
+        SETTINGS_ENV: settings.model_dump_json(),
+        SPEC_ENV: json.dumps(spec.model_dump(mode="json")),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "workers.launcher",
+        "torchrun",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "--max-restarts=0",
+        "-m",
+        "workers.rank",
+        run_id,
+        recorder.worker_id,
+    ]
     proc = subprocess.Popen(command, env=env, start_new_session=True)
-    recorder.event("run.launched", f"started {ranks} training processes with torchrun",
-                   data={"ranks": ranks, "pid": proc.pid})
+    recorder.event(
+        "run.launched",
+        f"started {ranks} training processes with torchrun",
+        data={"ranks": ranks, "pid": proc.pid},
+    )
     heartbeat = Heartbeat(recorder, settings.heartbeat_seconds, Watchdog(None))
     heartbeat.start()
     try:
@@ -111,16 +127,21 @@ def _outcome(settings: Settings, recorder: RunRecorder, ranks: int, code: int) -
         return LEASE_LOST
     if status in TERMINAL or status == RunStatus.PAUSED:
         return status
-    errors = [(rank, path.read_text()) for rank in range(ranks)
-              if (path := error_file(settings, recorder.run_id, rank)).exists()]
+    errors = [
+        (rank, path.read_text())
+        for rank in range(ranks)
+        if (path := error_file(settings, recorder.run_id, rank)).exists()
+    ]
     if errors:
         rank, error = errors[0]
         message = f"training process {rank} of {ranks} failed: {error}"
     else:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         message = f"the training processes ended with {how} before the run finished"
-    recorder.fail(message, {"exit_code": code, "ranks": ranks,
-                            "errors": {str(rank): error for rank, error in errors}})
+    recorder.fail(
+        message,
+        {"exit_code": code, "ranks": ranks, "errors": {str(rank): error for rank, error in errors}},
+    )
     return RunStatus.FAILED
 
 

@@ -22,10 +22,14 @@ def merge_checkpoint(task: MergeTask) -> TaskAnswer:
         try:
             _merge(source, out)
         except (OSError, ValueError) as exc:  # the base model is not on this worker
-            return TaskAnswer(problem=TaskProblem(
-                kind="conflict", message=f"cannot merge checkpoint {task.checkpoint_id}: its "
-                f"base model could not be loaded by the worker ({exc}); download the adapter "
-                "instead"))
+            return TaskAnswer(
+                problem=TaskProblem(
+                    kind="conflict",
+                    message=f"cannot merge checkpoint {task.checkpoint_id}: its "
+                    f"base model could not be loaded by the worker ({exc}); download the adapter "
+                    "instead",
+                )
+            )
         _put(out, task.target)
     return TaskAnswer(result={"path": task.target})
 

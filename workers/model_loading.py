@@ -14,8 +14,10 @@ def pick_device(spec: RunSpec) -> torch.device:
     gpus, found = spec.resources.gpus, torch.cuda.device_count()
     if gpus > found:
         where = f"only {found} CUDA device{'s' * (found > 1)}" if found else "no CUDA device"
-        raise RunError(f"resources.gpus is {gpus} but this worker has {where}; submit to a "
-                       "queue whose workers have that many GPUs, or ask for fewer")
+        raise RunError(
+            f"resources.gpus is {gpus} but this worker has {where}; submit to a "
+            "queue whose workers have that many GPUs, or ask for fewer"
+        )
     return torch.device("cuda") if found else torch.device("cpu")
 
 
@@ -63,8 +65,13 @@ def _with_lora(model, spec: RunSpec):
     from peft import LoraConfig, get_peft_model
 
     lora = spec.model.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as exc:  # e.g. target_modules that match no layer

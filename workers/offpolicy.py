@@ -24,7 +24,6 @@ from workers.rewards.base import Scorer, Scores
 from workers.rollout.base import Completion, Rollout
 
 
-
 @dataclass(frozen=True)
 class Group:
     example: Example
@@ -45,8 +44,14 @@ def load_groups(rows: list[dict]) -> list[Group]:
         source = row.get("source", DEFAULT_SOURCE)
         sources = source if isinstance(source, list) else [source] * len(row["completions"])
         answer = row.get("answer")
-        groups.append(Group(Example(row["prompt"], None if answer is None else str(answer)),
-                            list(row["completions"]), row.get("rewards"), sources))
+        groups.append(
+            Group(
+                Example(row["prompt"], None if answer is None else str(answer)),
+                list(row["completions"]),
+                row.get("rewards"),
+                sources,
+            )
+        )
     return groups
 
 
@@ -67,10 +72,14 @@ def as_rollout(group: Group, tokenizer, eos_id: int, top_up: Rollout | None = No
     completion's text tokenised and ended with EOS, no sampling log-probs; a group of fewer
     than k is completed from `top_up`, k completions the run sampled for its prompt (the first
     ones are used, with their sampled tokens and log-probs)."""
-    given = [Completion(text=text, finish_reason="stop",
-                        token_ids=tokenizer(text, add_special_tokens=False)["input_ids"]
-                        + [eos_id])
-             for text in group.completions]
+    given = [
+        Completion(
+            text=text,
+            finish_reason="stop",
+            token_ids=tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id],
+        )
+        for text in group.completions
+    ]
     if top_up is None:
         return Rollout(prompt_ids=tokenizer(group.example.prompt)["input_ids"], completions=given)
     missing = len(top_up.completions) - len(given)
@@ -90,8 +99,14 @@ def per_source(rewards: torch.Tensor, sources: list[list[str]]) -> dict[str, flo
     return metrics
 
 
-def draw_slots(prompts: PromptSampler, groups: PromptSampler | None, posted: list[Group],
-               off: int, per_step: int, engines: int) -> list[Slot]:
+def draw_slots(
+    prompts: PromptSampler,
+    groups: PromptSampler | None,
+    posted: list[Group],
+    off: int,
+    per_step: int,
+    engines: int,
+) -> list[Slot]:
     """A step's groups, the same on every rank. Each rollout engine's share starts with its
     `off` off-policy slots: groups posted to the run first (`posted`, a multiple of `engines`,
     at most `off` each), then groups from the file; slots neither fills, and the rest of the
@@ -123,7 +138,8 @@ def score_slots(scorer: Scorer, step: int, slots: list[Slot], rollouts: list[Rol
             need.append(i)
     if not need:
         return Scores(rewards)
-    scored = scorer.score(step, [slots[i][0] for i in need], [rollouts[i] for i in need],
-                          groups=need)
+    scored = scorer.score(
+        step, [slots[i][0] for i in need], [rollouts[i] for i in need], groups=need
+    )
     rewards[need] = scored.rewards
     return Scores(rewards, scored.components)

@@ -26,8 +26,9 @@ CLEAN_EXITS = (RunStatus.SUCCEEDED, RunStatus.CANCELLED, RunStatus.PAUSED, LEASE
 def rank_main(run_id: str, worker_id: str) -> int:
     die_with_parent(signal.SIGKILL)  # torchrun gone: nobody is left to collect this rank
     rank = int(os.environ["RANK"])
-    logging.basicConfig(level=logging.INFO,
-                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     spec = RunSpec.model_validate(json.loads(os.environ[SPEC_ENV]))
     from torch import distributed as dist
@@ -35,8 +36,12 @@ def rank_main(run_id: str, worker_id: str) -> int:
     from workers.ranks import join
 
     try:
-        outcome = drive(settings, RunRecorder(settings, run_id, worker_id), spec,
-                        join(spec.resources.step_timeout_s, spec.rollout.tensor_parallel_size))
+        outcome = drive(
+            settings,
+            RunRecorder(settings, run_id, worker_id),
+            spec,
+            join(spec.resources.step_timeout_s, spec.rollout.tensor_parallel_size),
+        )
     except BaseException as exc:  # one drive() did not record: another rank's, or early
         path = error_file(settings, run_id, rank)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.config import Settings
@@ -23,8 +23,7 @@ from service.contract.events import ENDED, EventLevel, EventType
 from service.contract.files import read_rows
 from service.contract.states import TERMINAL, TRANSITIONS, RunStatus, sources
 from service.db import session_scope
-from service.models import (Checkpoint, File, Metric, RewardRequest, Run, RunEvent, RunGroup,
-                            Sample)
+from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunEvent, RunGroup, Sample
 from service.models.base import utcnow
 from workers.errors import RunError
 
@@ -34,8 +33,14 @@ def _insert(session: Session, model):
     return (postgresql if dialect == "postgresql" else sqlite).insert(model)
 
 
-def add_event(session: Session, run_id: str, type_: EventType, message: str,
-              level: EventLevel = EventLevel.INFO, data: dict | None = None) -> None:
+def add_event(
+    session: Session,
+    run_id: str,
+    type_: EventType,
+    message: str,
+    level: EventLevel = EventLevel.INFO,
+    data: dict | None = None,
+) -> None:
     session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))
 
 
@@ -67,8 +72,13 @@ def _retrying(method):
             except (OperationalError, InterfaceError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise
-                log.warning("run %s: database unavailable in %s (%s); retrying in %.2f s",
-                            self.run_id, method.__name__, exc.orig, delay)
+                log.warning(
+                    "run %s: database unavailable in %s (%s); retrying in %.2f s",
+                    self.run_id,
+                    method.__name__,
+                    exc.orig,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -92,16 +102,29 @@ class RunRecorder:
         """
         now = utcnow()
         with session_scope(self.url) as session:
-            taken = session.execute(
-                update(Run)
-                # a paused run waits for /resume, which queues it again
-                .where(Run.id == self.run_id, Run.status.in_(sources(RunStatus.RUNNING)),
-                       or_(Run.lease_owner.is_(None), Run.lease_owner == self.worker_id,
-                           Run.lease_expires_at < now))
-                .values(status=RunStatus.RUNNING, lease_owner=self.worker_id,
+            taken = (
+                session.execute(
+                    update(Run)
+                    # a paused run waits for /resume, which queues it again
+                    .where(
+                        Run.id == self.run_id,
+                        Run.status.in_(sources(RunStatus.RUNNING)),
+                        or_(
+                            Run.lease_owner.is_(None),
+                            Run.lease_owner == self.worker_id,
+                            Run.lease_expires_at < now,
+                        ),
+                    )
+                    .values(
+                        status=RunStatus.RUNNING,
+                        lease_owner=self.worker_id,
                         lease_expires_at=self._lease_until(),
-                        started_at=func.coalesce(Run.started_at, now), attempts=Run.attempts + 1)
-            ).rowcount == 1
+                        started_at=func.coalesce(Run.started_at, now),
+                        attempts=Run.attempts + 1,
+                    )
+                ).rowcount
+                == 1
+            )
             run = session.get(Run, self.run_id)
             if not taken:
                 if run is None:
@@ -111,9 +134,13 @@ class RunRecorder:
                 if run.status == RunStatus.PAUSED:
                     return None, "run is paused"
                 return None, f"run is leased by {run.lease_owner} until {run.lease_expires_at}"
-            add_event(session, run.id, EventType.RUN_STARTED,
-                      f"worker {self.worker_id} started the run",
-                      data={"attempt": run.attempts})
+            add_event(
+                session,
+                run.id,
+                EventType.RUN_STARTED,
+                f"worker {self.worker_id} started the run",
+                data={"attempt": run.attempts},
+            )
             return dict(run.spec), ""
 
     def renew_lease(self) -> bool:
@@ -130,8 +157,11 @@ class RunRecorder:
     def status(self) -> tuple[str, str | None]:
         """The run's status and who holds its lease (None: nobody)."""
         with session_scope(self.url) as session:
-            return tuple(session.execute(select(Run.status, Run.lease_owner)
-                                         .where(Run.id == self.run_id)).one())
+            return tuple(
+                session.execute(
+                    select(Run.status, Run.lease_owner).where(Run.id == self.run_id)
+                ).one()
+            )
 
     @_retrying
     def webhook_secret(self) -> str:
@@ -143,8 +173,15 @@ class RunRecorder:
         """Record an async request before it is sent, so an early callback finds it."""
         with session_scope(self.url) as session:
             if session.get(RewardRequest, request_id) is None:
-                session.add(RewardRequest(id=request_id, run_id=self.run_id, step=step,
-                                          sample_ids=sample_ids, rewards={}))
+                session.add(
+                    RewardRequest(
+                        id=request_id,
+                        run_id=self.run_id,
+                        step=step,
+                        sample_ids=sample_ids,
+                        rewards={},
+                    )
+                )
 
     @_retrying
     def reward_results(self, request_ids: list[str]) -> dict[str, dict[str, float] | None]:
@@ -155,28 +192,42 @@ class RunRecorder:
 
     @_retrying
     def requested_stop(self) -> str | None:
-        """"cancel" or "pause" when the user asked for one (cancel wins), else None."""
+        """ "cancel" or "pause" when the user asked for one (cancel wins), else None."""
         with session_scope(self.url) as session:
-            cancel, pause = session.execute(select(Run.cancel_requested, Run.pause_requested)
-                                            .where(Run.id == self.run_id)).one()
+            cancel, pause = session.execute(
+                select(Run.cancel_requested, Run.pause_requested).where(Run.id == self.run_id)
+            ).one()
         return "cancel" if cancel else "pause" if pause else None
 
     @_retrying
-    def event(self, type_: EventType, message: str, level: EventLevel = EventLevel.INFO,
-              data: dict | None = None) -> None:
+    def event(
+        self,
+        type_: EventType,
+        message: str,
+        level: EventLevel = EventLevel.INFO,
+        data: dict | None = None,
+    ) -> None:
         with session_scope(self.url) as session:
             add_event(session, self.run_id, type_, message, level, data)
 
     @_retrying
     def record_step(
-        self, step: int, metrics: dict[str, float], samples: list[dict], tokens: int,
+        self,
+        step: int,
+        metrics: dict[str, float],
+        samples: list[dict],
+        tokens: int,
     ) -> None:
         sample_rows = [{"run_id": self.run_id, "step": step, **s} for s in samples]
         with session_scope(self.url) as session:
             self._upsert_metrics(session, step, metrics)
-            upsert(session, Sample, sample_rows,
-                   ["run_id", "step", "group_index", "sample_index"],
-                   ["prompt", "completion", "answer", "reward", "source"])
+            upsert(
+                session,
+                Sample,
+                sample_rows,
+                ["run_id", "step", "group_index", "sample_index"],
+                ["prompt", "completion", "answer", "reward", "source"],
+            )
             run = session.get(Run, self.run_id)
             if run.step < step:  # a replayed step does not count its tokens twice
                 run.tokens_generated += tokens
@@ -189,11 +240,17 @@ class RunRecorder:
         a multiple of `multiple` (the rollout engines), marked as taken at `step`. A step
         replayed after a resume takes again the groups it took before."""
         with session_scope(self.url) as session:
-            rows = list(session.scalars(
-                select(RunGroup).where(RunGroup.run_id == self.run_id,
-                                       or_(RunGroup.taken_step.is_(None),
-                                           RunGroup.taken_step >= step))
-                .order_by(RunGroup.id).limit(most)))
+            rows = list(
+                session.scalars(
+                    select(RunGroup)
+                    .where(
+                        RunGroup.run_id == self.run_id,
+                        or_(RunGroup.taken_step.is_(None), RunGroup.taken_step >= step),
+                    )
+                    .order_by(RunGroup.id)
+                    .limit(most)
+                )
+            )
             rows = rows[: len(rows) - len(rows) % multiple]
             for row in rows:
                 row.taken_step = step
@@ -206,20 +263,41 @@ class RunRecorder:
             self._upsert_metrics(session, step, metrics)
 
     def _upsert_metrics(self, session: Session, step: int, metrics: dict[str, float]) -> None:
-        rows = [{"run_id": self.run_id, "name": name, "step": step, "value": float(value)}
-                for name, value in metrics.items()]
+        rows = [
+            {"run_id": self.run_id, "name": name, "step": step, "value": float(value)}
+            for name, value in metrics.items()
+        ]
         upsert(session, Metric, rows, ["run_id", "name", "step"], ["value"])
 
     @_retrying
-    def record_checkpoint(self, step: int, path: str, size: int, kind: str,
-                          keep_last: int | None) -> None:
+    def record_checkpoint(
+        self, step: int, path: str, size: int, kind: str, keep_last: int | None
+    ) -> None:
         with session_scope(self.url) as session:
-            upsert(session, Checkpoint,
-                   [{"id": f"ckpt_{self.run_id[4:]}_{step}", "run_id": self.run_id, "step": step,
-                     "path": str(path), "bytes": size, "kind": kind, "created_at": utcnow()}],
-                   ["run_id", "step"], ["path", "bytes", "kind", "created_at"])
-            add_event(session, self.run_id, EventType.CHECKPOINT_SAVED, f"checkpoint at step {step}",
-                      data={"step": step, "path": str(path), "bytes": size})
+            upsert(
+                session,
+                Checkpoint,
+                [
+                    {
+                        "id": f"ckpt_{self.run_id[4:]}_{step}",
+                        "run_id": self.run_id,
+                        "step": step,
+                        "path": str(path),
+                        "bytes": size,
+                        "kind": kind,
+                        "created_at": utcnow(),
+                    }
+                ],
+                ["run_id", "step"],
+                ["path", "bytes", "kind", "created_at"],
+            )
+            add_event(
+                session,
+                self.run_id,
+                EventType.CHECKPOINT_SAVED,
+                f"checkpoint at step {step}",
+                data={"step": step, "path": str(path), "bytes": size},
+            )
             if keep_last:
                 self._prune(session, keep_last)
 
@@ -228,22 +306,32 @@ class RunRecorder:
         """The newest checkpoint whose files are still there (a folder, or a complete upload in
         the object store): where a resumed run continues."""
         with session_scope(self.url) as session:
-            rows = session.execute(select(Checkpoint.step, Checkpoint.path)
-                                   .where(Checkpoint.run_id == self.run_id)
-                                   .order_by(Checkpoint.step.desc())).all()
+            rows = session.execute(
+                select(Checkpoint.step, Checkpoint.path)
+                .where(Checkpoint.run_id == self.run_id)
+                .order_by(Checkpoint.step.desc())
+            ).all()
         return next(((step, path) for step, path in rows if storage.exists(path)), None)
 
     def _prune(self, session: Session, keep_last: int) -> None:
-        rows = list(session.scalars(
-            select(Checkpoint).where(Checkpoint.run_id == self.run_id)
-            .order_by(Checkpoint.step.desc()).offset(keep_last)
-        ))
+        rows = list(
+            session.scalars(
+                select(Checkpoint)
+                .where(Checkpoint.run_id == self.run_id)
+                .order_by(Checkpoint.step.desc())
+                .offset(keep_last)
+            )
+        )
         for old in rows:
             try:
                 storage.discard(old.path)
             except Exception:  # a store outage must not fail the run over an old checkpoint
-                log.warning("run %s: could not remove old checkpoint %s", self.run_id, old.path,
-                            exc_info=True)
+                log.warning(
+                    "run %s: could not remove old checkpoint %s",
+                    self.run_id,
+                    old.path,
+                    exc_info=True,
+                )
         if rows:
             session.execute(delete(Checkpoint).where(Checkpoint.id.in_([r.id for r in rows])))
 
@@ -264,13 +352,23 @@ class RunRecorder:
             if (run := self._move(session, RunStatus.PAUSED)) is None:
                 return
             run.pause_requested = False
-            add_event(session, self.run_id, EventType.RUN_PAUSED,
-                      f"run paused after step {step}; resume continues from there",
-                      data={"step": step})
+            add_event(
+                session,
+                self.run_id,
+                EventType.RUN_PAUSED,
+                f"run paused after step {step}; resume continues from there",
+                data={"step": step},
+            )
 
     @_retrying
-    def finish(self, status: RunStatus, message: str, level: EventLevel = EventLevel.INFO,
-               data: dict | None = None, error: str | None = None) -> None:
+    def finish(
+        self,
+        status: RunStatus,
+        message: str,
+        level: EventLevel = EventLevel.INFO,
+        data: dict | None = None,
+        error: str | None = None,
+    ) -> None:
         with session_scope(self.url) as session:
             if (run := self._move(session, status)) is None:
                 return
@@ -279,8 +377,9 @@ class RunRecorder:
 
     def fail(self, message: str, data: dict | None = None) -> None:
         """End the run as failed: "run failed: <message>" in its event, `message` its error."""
-        self.finish(RunStatus.FAILED, f"run failed: {message}", EventLevel.ERROR, data,
-                    error=message)
+        self.finish(
+            RunStatus.FAILED, f"run failed: {message}", EventLevel.ERROR, data, error=message
+        )
 
     @_retrying
     def dataset_rows(self, field: str, file_id: str) -> list[dict]:

@@ -18,8 +18,8 @@ from sqlalchemy import func, or_, select, update
 
 from service.config import Settings
 from service.contract.events import EventLevel, EventType
-from service.contract.groups import POLICY, group_problem
 from service.contract.files import FilePurpose, common_fields, write_rows
+from service.contract.groups import POLICY, group_problem
 from service.contract.rewards import RewardSpec
 from service.contract.states import RescoreStatus
 from service.db import session_scope
@@ -58,15 +58,26 @@ class RescoreRecorder:
         worker has it or it has ended. The row comes back detached, as it was claimed."""
         now = utcnow()
         with session_scope(self.url) as session:
-            taken = session.execute(
-                update(Rescore).where(
-                    Rescore.id == self.rescore_id,
-                    or_(Rescore.status == RescoreStatus.QUEUED,
-                        (Rescore.status == RescoreStatus.RUNNING)
-                        & (Rescore.lease_expires_at < now)))
-                .values(status=RescoreStatus.RUNNING, lease_owner=self.worker_id,
+            taken = (
+                session.execute(
+                    update(Rescore)
+                    .where(
+                        Rescore.id == self.rescore_id,
+                        or_(
+                            Rescore.status == RescoreStatus.QUEUED,
+                            (Rescore.status == RescoreStatus.RUNNING)
+                            & (Rescore.lease_expires_at < now),
+                        ),
+                    )
+                    .values(
+                        status=RescoreStatus.RUNNING,
+                        lease_owner=self.worker_id,
                         lease_expires_at=self._lease_until(),
-                        started_at=func.coalesce(Rescore.started_at, now))).rowcount == 1
+                        started_at=func.coalesce(Rescore.started_at, now),
+                    )
+                ).rowcount
+                == 1
+            )
             rescore = session.get(Rescore, self.rescore_id)
             if taken:
                 session.expunge(rescore)
@@ -74,29 +85,47 @@ class RescoreRecorder:
 
     def renew_lease(self) -> bool:
         with session_scope(self.url) as session:
-            return session.execute(
-                update(Rescore).where(Rescore.id == self.rescore_id,
-                                      Rescore.lease_owner == self.worker_id)
-                .values(lease_expires_at=self._lease_until())).rowcount == 1
+            return (
+                session.execute(
+                    update(Rescore)
+                    .where(Rescore.id == self.rescore_id, Rescore.lease_owner == self.worker_id)
+                    .values(lease_expires_at=self._lease_until())
+                ).rowcount
+                == 1
+            )
 
     def apply(self, step: int, samples: list[int], old: list[float], new: list[float]) -> None:
         """One step's new rewards, its old ones kept, in one transaction that first checks
         that this worker still holds the lease."""
         with session_scope(self.url) as session:
-            if session.execute(
-                    update(Rescore).where(Rescore.id == self.rescore_id,
-                                          Rescore.lease_owner == self.worker_id)
-                    .values(last_step=step,
-                            samples_scored=Rescore.samples_scored + len(samples))
-            ).rowcount != 1:
+            if (
+                session.execute(
+                    update(Rescore)
+                    .where(Rescore.id == self.rescore_id, Rescore.lease_owner == self.worker_id)
+                    .values(last_step=step, samples_scored=Rescore.samples_scored + len(samples))
+                ).rowcount
+                != 1
+            ):
                 raise LeaseLost()
-            session.add_all(RewardHistory(sample_id=s, rescore_id=self.rescore_id, reward=r)
-                            for s, r in zip(samples, old, strict=True))
-            session.execute(update(Sample), [{"id": s, "reward": r}  # by primary key
-                                             for s, r in zip(samples, new, strict=True)])
+            session.add_all(
+                RewardHistory(sample_id=s, rescore_id=self.rescore_id, reward=r)
+                for s, r in zip(samples, old, strict=True)
+            )
+            session.execute(
+                update(Sample),
+                [
+                    {"id": s, "reward": r}  # by primary key
+                    for s, r in zip(samples, new, strict=True)
+                ],
+            )
 
-    def finish(self, status: RescoreStatus, message: str, error: str | None = None,
-               file_id: str | None = None) -> None:
+    def finish(
+        self,
+        status: RescoreStatus,
+        message: str,
+        error: str | None = None,
+        file_id: str | None = None,
+    ) -> None:
         with session_scope(self.url) as session:
             rescore = session.get(Rescore, self.rescore_id)
             if rescore.lease_owner != self.worker_id:
@@ -107,13 +136,21 @@ class RescoreRecorder:
             succeeded = status == RescoreStatus.SUCCEEDED
             if succeeded:
                 rescore.reward_mean_after = session.scalar(
-                    select(func.avg(Sample.reward)).where(Sample.run_id == rescore.run_id))
-            add_event(session, rescore.run_id,
-                      EventType.RESCORE_SUCCEEDED if succeeded else EventType.RESCORE_FAILED,
-                      message, EventLevel.INFO if succeeded else EventLevel.ERROR,
-                      {"rescore_id": rescore.id, "file_id": file_id,
-                       "reward_mean_before": rescore.reward_mean_before,
-                       "reward_mean_after": rescore.reward_mean_after})
+                    select(func.avg(Sample.reward)).where(Sample.run_id == rescore.run_id)
+                )
+            add_event(
+                session,
+                rescore.run_id,
+                EventType.RESCORE_SUCCEEDED if succeeded else EventType.RESCORE_FAILED,
+                message,
+                EventLevel.INFO if succeeded else EventLevel.ERROR,
+                {
+                    "rescore_id": rescore.id,
+                    "file_id": file_id,
+                    "reward_mean_before": rescore.reward_mean_before,
+                    "reward_mean_after": rescore.reward_mean_after,
+                },
+            )
 
 
 def execute_rescore(settings: Settings, rescore_id: str, worker_id: str) -> str:
@@ -132,14 +169,16 @@ def execute_rescore(settings: Settings, rescore_id: str, worker_id: str) -> str:
     except Exception as exc:
         log.exception("rescore %s failed", rescore_id)
         error = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
-        recorder.finish(RescoreStatus.FAILED, f"rescore {rescore_id} failed: {error}",
-                        error=error)
+        recorder.finish(RescoreStatus.FAILED, f"rescore {rescore_id} failed: {error}", error=error)
         return RescoreStatus.FAILED
     finally:
         heartbeat.stopped.set()
-    recorder.finish(RescoreStatus.SUCCEEDED, f"rescore {rescore_id} re-scored "
-                    f"{rescore.samples_total} samples; their groups are file {file_id}",
-                    file_id=file_id)
+    recorder.finish(
+        RescoreStatus.SUCCEEDED,
+        f"rescore {rescore_id} re-scored "
+        f"{rescore.samples_total} samples; their groups are file {file_id}",
+        file_id=file_id,
+    )
     return RescoreStatus.SUCCEEDED
 
 
@@ -149,9 +188,12 @@ def _rescore(settings: Settings, recorder: RescoreRecorder, rescore: Rescore) ->
     context = WebhookContext.of_run(settings, run_recorder, batch_tag=f"rescore{rescore.number}s")
     scorer = build_scorer(REWARD.validate_python(rescore.reward), context)
     with session_scope(settings.resolved_database_url) as session:
-        steps = session.scalars(select(Sample.step).distinct().where(
-            Sample.run_id == rescore.run_id, Sample.step > rescore.last_step)
-            .order_by(Sample.step)).all()
+        steps = session.scalars(
+            select(Sample.step)
+            .distinct()
+            .where(Sample.run_id == rescore.run_id, Sample.step > rescore.last_step)
+            .order_by(Sample.step)
+        ).all()
     for step in steps:
         ids, old, examples, rollouts = _step_groups(settings, rescore.run_id, step)
         new = scorer.score(step, examples, rollouts, purpose="rescore").rewards  # (G, k)
@@ -163,17 +205,27 @@ def _step_groups(settings: Settings, run_id: str, step: int):
     """A step's samples as the scorer takes them: sample ids and rewards in group order, and
     each group's example and completions."""
     with session_scope(settings.resolved_database_url) as session:
-        rows = session.execute(select(Sample.id, Sample.group_index, Sample.prompt,
-                                      Sample.answer, Sample.completion, Sample.reward)
-                               .where(Sample.run_id == run_id, Sample.step == step)
-                               .order_by(Sample.group_index, Sample.sample_index)).all()
+        rows = session.execute(
+            select(
+                Sample.id,
+                Sample.group_index,
+                Sample.prompt,
+                Sample.answer,
+                Sample.completion,
+                Sample.reward,
+            )
+            .where(Sample.run_id == run_id, Sample.step == step)
+            .order_by(Sample.group_index, Sample.sample_index)
+        ).all()
     groups: dict[int, list] = defaultdict(list)
     for row in rows:
         groups[row.group_index].append(row)
     ordered = [row for group in groups.values() for row in group]
     examples = [Example(g[0].prompt, g[0].answer) for g in groups.values()]
-    rollouts = [Rollout(prompt_ids=[], completions=[Completion(r.completion, [], "stop")
-                                                    for r in g]) for g in groups.values()]
+    rollouts = [
+        Rollout(prompt_ids=[], completions=[Completion(r.completion, [], "stop") for r in g])
+        for g in groups.values()
+    ]
     return [r.id for r in ordered], [r.reward for r in ordered], examples, rollouts
 
 
@@ -182,31 +234,45 @@ def _export(settings: Settings, rescore: Rescore) -> str:
     what the run sampled itself is labelled with the run's id."""
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, rescore.run_id)
-        rows = session.execute(select(Sample.step, Sample.group_index, Sample.prompt,
-                                      Sample.answer, Sample.completion, Sample.reward,
-                                      Sample.source).where(Sample.run_id == run.id)
-                               .order_by(Sample.step, Sample.group_index, Sample.sample_index))
+        rows = session.execute(
+            select(
+                Sample.step,
+                Sample.group_index,
+                Sample.prompt,
+                Sample.answer,
+                Sample.completion,
+                Sample.reward,
+                Sample.source,
+            )
+            .where(Sample.run_id == run.id)
+            .order_by(Sample.step, Sample.group_index, Sample.sample_index)
+        )
         groups: dict[tuple[int, int], list] = defaultdict(list)
         for sample in rows:
             groups[sample.step, sample.group_index].append(sample)
         lines = [_group_line(samples, run.id) for samples in groups.values()]
-        return _save_file(session, settings, run.project_id, lines,
-                          f"{run.id}.rescore{rescore.number}.jsonl")
+        return _save_file(
+            session, settings, run.project_id, lines, f"{run.id}.rescore{rescore.number}.jsonl"
+        )
 
 
 def _group_line(samples: list, run_id: str) -> dict:
     """One group's samples (rows of samples' columns) as an offpolicy file line."""
     sources = [run_id if s.source == POLICY else s.source for s in samples]
-    line = {"prompt": samples[0].prompt, "completions": [s.completion for s in samples],
-            "rewards": [s.reward for s in samples],
-            "source": sources[0] if len(set(sources)) == 1 else sources}
+    line = {
+        "prompt": samples[0].prompt,
+        "completions": [s.completion for s in samples],
+        "rewards": [s.reward for s in samples],
+        "source": sources[0] if len(set(sources)) == 1 else sources,
+    }
     if samples[0].answer is not None:
         line["answer"] = samples[0].answer
     return line
 
 
-def _save_file(session, settings: Settings, project_id: str, groups: list[dict],
-               filename: str) -> str:
+def _save_file(
+    session, settings: Settings, project_id: str, groups: list[dict], filename: str
+) -> str:
     """Record `groups` as a file of purpose offpolicy of the project, as an upload of them
     would be recorded; returns its id."""
     for number, group in enumerate(groups, start=1):
@@ -216,7 +282,16 @@ def _save_file(session, settings: Settings, project_id: str, groups: list[dict],
     file_id = new_id("file")
     path = settings.files_dir / f"{file_id}.jsonl"
     write_rows(path, groups)
-    session.add(File(id=file_id, project_id=project_id, filename=filename, purpose=FilePurpose.OFFPOLICY,
-                     bytes=path.stat().st_size, rows=len(groups), fields=common_fields(groups),
-                     path=str(path)))
+    session.add(
+        File(
+            id=file_id,
+            project_id=project_id,
+            filename=filename,
+            purpose=FilePurpose.OFFPOLICY,
+            bytes=path.stat().st_size,
+            rows=len(groups),
+            fields=common_fields(groups),
+            path=str(path),
+        )
+    )
     return file_id

@@ -27,8 +27,7 @@ from workers.heartbeat import Heartbeat
 from workers.learner.checkpoint import load_training_state, restore_rng, rng_state
 from workers.learner.learner import GroupBatch, Learner, LearnerConfig, LearnStats
 from workers.model_loading import load_policy, pick_device, pick_dtype
-from workers.offpolicy import (Slot, as_rollout, draw_slots, load_groups, sampled_by_run,
-                               score_slots)
+from workers.offpolicy import Slot, as_rollout, draw_slots, load_groups, sampled_by_run, score_slots
 from workers.ranks import Ranks
 from workers.records import RunRecorder
 from workers.rewards.base import Scores
@@ -57,10 +56,21 @@ class Paused(Exception):
 
 
 class RunLoop:
-    def __init__(self, settings: Settings, recorder: RunRecorder, spec: RunSpec,
-                 heartbeat: Heartbeat | None, ranks: Ranks) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        recorder: RunRecorder,
+        spec: RunSpec,
+        heartbeat: Heartbeat | None,
+        ranks: Ranks,
+    ) -> None:
         """`heartbeat`: the lead's (lease and watchdog); None on the other ranks."""
-        self.settings, self.recorder, self.spec, self.heartbeat = settings, recorder, spec, heartbeat
+        self.settings, self.recorder, self.spec, self.heartbeat = (
+            settings,
+            recorder,
+            spec,
+            heartbeat,
+        )
         self.ranks, self.lead = ranks, ranks.lead
         self.watchdog = heartbeat.watchdog if heartbeat else Watchdog(None)
         self.checkpoints = RunCheckpoints(settings, recorder, ranks)
@@ -80,13 +90,18 @@ class RunLoop:
         # The engine starts from spec.model.path: the same weights, unless resuming or going on
         # with an adapter.
         self.engine_stale = resume is not None or spec.model.adapter is not None
-        self.learner = Learner(self.model, LearnerConfig.of(spec), self.device,
-                               self.tokenizer.pad_token_id,
-                               self._initial_model() if resume else None)
+        self.learner = Learner(
+            self.model,
+            LearnerConfig.of(spec),
+            self.device,
+            self.tokenizer.pad_token_id,
+            self._initial_model() if resume else None,
+        )
         webhooks = WebhookContext.of_run(self.settings, self.recorder)
         self.scorer = build_scorer(spec.reward, webhooks) if self.lead else None
         self.diff_warn = spec.rollout.logprob_diff_warn or (
-            1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0)
+            1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0
+        )
         self.last_diff_warning: int | None = None
         self.start_step, self.checkpointed = 1, 0
         self._load_data()
@@ -105,20 +120,23 @@ class RunLoop:
         """The policy (from `checkpoint` when resuming) and the rollout engine."""
         spec = self.spec
         # vLLM first: it sizes its GPU share from the memory free when it starts.
-        vllm_engine = start_vllm(spec, self.device, pick_dtype(spec, self.device), self.ranks,
-                                 self._fallback)
+        vllm_engine = start_vllm(
+            spec, self.device, pick_dtype(spec, self.device), self.ranks, self._fallback
+        )
         self.model, self.tokenizer = load_policy(spec, self.device, checkpoint)
         self.ranks.align(self.model)
         self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(
-            self.model, self.tokenizer, self.device, synced=spec.resources.strategy == "fsdp")
+            self.model, self.tokenizer, self.device, synced=spec.resources.strategy == "fsdp"
+        )
         self.eos_id = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)[0]
 
     def _load_data(self) -> None:
         """The prompt sampler, the eval prompts and the off-policy groups of the spec's files."""
         spec = self.spec
         self.sampler = PromptSampler(self._examples("train_file"), spec.training.seed)
-        self.eval_examples = (self._examples("eval_file")[: spec.eval.max_prompts]
-                              if spec.dataset.eval_file else [])
+        self.eval_examples = (
+            self._examples("eval_file")[: spec.eval.max_prompts] if spec.dataset.eval_file else []
+        )
         self.groups = None
         if file_id := spec.dataset.offpolicy_file:
             rows = self.recorder.dataset_rows("offpolicy_file", file_id)
@@ -148,8 +166,11 @@ class RunLoop:
         restore_rng(each[self.ranks.rank] if len(each) == self.ranks.world else state["rng"])
         self.start_step, self.checkpointed = step + 1, step
         if self.lead:
-            self.recorder.event(EventType.RUN_RESUMED, f"resumed from the checkpoint at step "
-                                f"{step}", data={"step": step, "path": str(path)})
+            self.recorder.event(
+                EventType.RUN_RESUMED,
+                f"resumed from the checkpoint at step {step}",
+                data={"step": step, "path": str(path)},
+            )
 
     def _announce(self) -> None:
         world = self.ranks.world
@@ -157,13 +178,21 @@ class RunLoop:
         self.recorder.event(
             EventType.RUN_MODEL_LOADED,
             f"loaded {self.spec.model.path} on {where}; rollouts with {self.engine.name}",
-            data={"device": str(self.device), "rollout_engine": self.engine.name,
-                  "ranks": world, "parameters": sum(p.numel() for p in self.model.parameters())})
+            data={
+                "device": str(self.device),
+                "rollout_engine": self.engine.name,
+                "ranks": world,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+            },
+        )
 
     def _fallback(self, why: str) -> None:
         if self.lead:
-            self.recorder.event(EventType.ROLLOUT_FALLBACK, f"vLLM could not start ({why}); "
-                                "rolling out with transformers", EventLevel.WARNING)
+            self.recorder.event(
+                EventType.ROLLOUT_FALLBACK,
+                f"vLLM could not start ({why}); rolling out with transformers",
+                EventLevel.WARNING,
+            )
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -175,8 +204,7 @@ class RunLoop:
             for step in range(self.start_step, total + 1):
                 self._check_control(step - 1)
                 self._step(step)
-                if self.eval_examples and (step % self.spec.eval.every_steps == 0
-                                           or step == total):
+                if self.eval_examples and (step % self.spec.eval.every_steps == 0 or step == total):
                     self._evaluate(step, final=step == total)
                 if step % every == 0 or step == total:
                     self._checkpoint(step)
@@ -237,8 +265,9 @@ class RunLoop:
             posted = self.recorder.take_groups(step, off * engines, engines)
         posted = load_groups(self.ranks.share(posted) or [])
         self.posted_taken = len(posted)
-        return draw_slots(self.sampler, self.groups, posted, off, training.prompts_per_step,
-                          engines)
+        return draw_slots(
+            self.sampler, self.groups, posted, off, training.prompts_per_step, engines
+        )
 
     def _roll_out(self, slots: list[Slot]) -> tuple[list[Rollout], list[Rollout]]:
         """(every group's rollout, on the lead; this rank's groups' rollouts). This rank's engine
@@ -248,38 +277,55 @@ class RunLoop:
         share = self.ranks.engine_share(slots)
         fresh = [example.prompt for example, group in share if sampled_by_run(group, k)]
         made = iter(self.engine.generate(fresh, k, self.spec.sampling) if fresh else [])
-        generated = [next(made) if group is None else
-                     as_rollout(group, self.tokenizer, self.eos_id,
-                                next(made) if sampled_by_run(group, k) else None)
-                     for _, group in share]
+        generated = [
+            next(made)
+            if group is None
+            else as_rollout(
+                group, self.tokenizer, self.eos_id, next(made) if sampled_by_run(group, k) else None
+            )
+            for _, group in share
+        ]
         self.engine.offload()
         return self.ranks.gather_engines(generated), self.ranks.own_part(generated)
 
     def _rewards(self, step: int, slots: list[Slot], rollouts: list[Rollout]) -> Scores:
         """(G, k) rewards of every group, scored once by the lead and shared with every rank."""
-        return self.ranks.share(score_slots(self.scorer, step, slots, rollouts) if self.lead
-                                else None)
+        return self.ranks.share(
+            score_slots(self.scorer, step, slots, rollouts) if self.lead else None
+        )
 
     def _learn(self, step: int, mine: list[Rollout], scores: Scores) -> LearnStats:
         """One learner step on this rank's groups (statistics summed over the ranks)."""
         rewards = self.ranks.shard(scores.rewards)  # (G / ranks, k): this rank's groups
         reported = any(c.logprobs is not None for r in mine for c in r.completions)
-        batch = GroupBatch([r.prompt_ids for r in mine],
-                           [[c.token_ids for c in r.completions] for r in mine], rewards,
-                           [[c.logprobs for c in r.completions] for r in mine]
-                           if reported else None)
+        batch = GroupBatch(
+            [r.prompt_ids for r in mine],
+            [[c.token_ids for c in r.completions] for r in mine],
+            rewards,
+            [[c.logprobs for c in r.completions] for r in mine] if reported else None,
+        )
         stats = self.learner.learn(batch, step)
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
         if not math.isfinite(stats.loss):
-            raise RunError(f"training diverged: the loss is {stats.loss} at step {step}; "
-                           "try a lower optimizer.lr or a larger algorithm.beta")
+            raise RunError(
+                f"training diverged: the loss is {stats.loss} at step {step}; "
+                "try a lower optimizer.lr or a larger algorithm.beta"
+            )
         return stats
 
-    def _record(self, step: int, slots: list[Slot], rollouts: list[Rollout], scores: Scores,
-                stats: LearnStats, times: dict[str, float]) -> None:
+    def _record(
+        self,
+        step: int,
+        slots: list[Slot],
+        rollouts: list[Rollout],
+        scores: Scores,
+        stats: LearnStats,
+        times: dict[str, float],
+    ) -> None:
         posted = self.posted_taken if self.spec.training.offpolicy_fraction else None
-        record = step_record(slots, rollouts, scores, stats, self.learner.lr_at(step), times,
-                             posted)
+        record = step_record(
+            slots, rollouts, scores, stats, self.learner.lr_at(step), times, posted
+        )
         self.recorder.record_step(step, record.metrics, record.samples, record.tokens_generated)
 
     def _sync_engine(self) -> None:
@@ -296,8 +342,11 @@ class RunLoop:
         self.watchdog.enter("eval", step)
         self._sync_engine()
         padded = examples + examples[-1:] * (-len(examples) % self.ranks.engines)  # equal shares
-        generated = self.engine.generate([e.prompt for e in self.ranks.engine_share(padded)],
-                                         spec.samples_per_prompt, self.spec.sampling)
+        generated = self.engine.generate(
+            [e.prompt for e in self.ranks.engine_share(padded)],
+            spec.samples_per_prompt,
+            self.spec.sampling,
+        )
         self.engine.offload()
         rollouts = self.ranks.gather_engines(generated)[: len(examples)]
         if self.lead:
@@ -306,11 +355,13 @@ class RunLoop:
             self.recorder.record_metrics(step, metrics)
             if final:
                 self.recorder.event(
-                    EventType.EVAL_FINAL, f"final evaluation after step {step} on "
+                    EventType.EVAL_FINAL,
+                    f"final evaluation after step {step} on "
                     f"{len(examples)} prompts: pass@1 {metrics['eval/pass@1']:.4f}, "
                     f"pass@{spec.pass_k} {metrics['eval/pass@k']:.4f}, reward mean "
                     f"{metrics['eval/reward_mean']:.4f}",
-                    data={"step": step, "k": spec.pass_k, "prompts": len(examples), **metrics})
+                    data={"step": step, "k": spec.pass_k, "prompts": len(examples), **metrics},
+                )
         self.watchdog.leave()
 
     def _warn_on_drift(self, step: int, diff: float) -> None:
@@ -325,8 +376,10 @@ class RunLoop:
             EventType.ROLLOUT_LOGPROB_MISMATCH,
             f"step {step}: {self.engine.name}'s log-probs for the sampled tokens differ from the "
             f"learner's by up to {diff:.3g} (warning above {self.diff_warn:g}); the rollout "
-            "weights may be out of sync with the policy", EventLevel.WARNING,
-            {"step": step, "logprob_diff_max": diff, "threshold": self.diff_warn})
+            "weights may be out of sync with the policy",
+            EventLevel.WARNING,
+            {"step": step, "logprob_diff_max": diff, "threshold": self.diff_warn},
+        )
 
     def _checkpoint(self, step: int) -> None:
         """The lead writes the checkpoint: the weights and optimizer state every rank holds
@@ -343,6 +396,7 @@ class RunLoop:
             extra["offpolicy_cursor"] = self.groups.cursor()
         if self.ranks.world > 1:
             extra["rng_ranks"] = rngs
-        self.checkpoints.save(step, self.spec, self.model, self.tokenizer, extra,
-                              optimizer_state, model_state)
+        self.checkpoints.save(
+            step, self.spec, self.model, self.tokenizer, extra, optimizer_state, model_state
+        )
         self.watchdog.leave()

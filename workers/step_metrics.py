@@ -20,27 +20,43 @@ class StepRecord:
     tokens_generated: int  # tokens the run's engines sampled this step
 
 
-def step_record(slots: list[Slot], rollouts: list[Rollout], scores: Scores, stats: LearnStats,
-                lr: float, times: dict[str, float], posted_groups: int | None) -> StepRecord:
+def step_record(
+    slots: list[Slot],
+    rollouts: list[Rollout],
+    scores: Scores,
+    stats: LearnStats,
+    lr: float,
+    times: dict[str, float],
+    posted_groups: int | None,
+) -> StepRecord:
     """The step's metrics and samples; `posted_groups`: how many groups posted to the run the
     step took (None for a run without off-policy slots, which reports no per-source metrics)."""
     rewards = scores.rewards  # (G, k)
     k = rewards.shape[1]
     sources = [slot_sources(group, k) for _, group in slots]
     lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
-    sampled = sum(len(c.token_ids) for (_, group), r in zip(slots, rollouts, strict=True)
-                  for c in r.completions[k - sampled_by_run(group, k):])
+    sampled = sum(
+        len(c.token_ids)
+        for (_, group), r in zip(slots, rollouts, strict=True)
+        for c in r.completions[k - sampled_by_run(group, k) :]
+    )
     metrics = {
-        "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-        "loss": stats.loss, "kl/ref": stats.kl_ref, "logratio/mean": stats.logratio_mean,
-        "logratio/std": stats.logratio_std, "gvpo/residual_r2": stats.residual_r2,
-        "entropy": stats.entropy, "grad_norm": stats.grad_norm, "lr": lr,
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item(),
+        "loss": stats.loss,
+        "kl/ref": stats.kl_ref,
+        "logratio/mean": stats.logratio_mean,
+        "logratio/std": stats.logratio_std,
+        "gvpo/residual_r2": stats.residual_r2,
+        "entropy": stats.entropy,
+        "grad_norm": stats.grad_norm,
+        "lr": lr,
         "response_length/mean": sum(lengths) / len(lengths),
         "groups/zero_variance_frac": stats.zero_variance_frac,
-        "rollout/logprob_diff_max": stats.logprob_diff_max, **times,
+        "rollout/logprob_diff_max": stats.logprob_diff_max,
+        **times,
         "throughput/tokens_per_s": sampled / max(sum(times.values()), 1e-9),
-        **{f"reward/{label}/mean": part.mean().item()
-           for label, part in scores.components.items()},
+        **{f"reward/{label}/mean": part.mean().item() for label, part in scores.components.items()},
     }
     if posted_groups is not None:
         metrics |= per_source(rewards, sources)
@@ -48,8 +64,15 @@ def step_record(slots: list[Slot], rollouts: list[Rollout], scores: Scores, stat
     # Undefined values are left out rather than stored as NaN (R² when no group had spread).
     metrics = {name: v for name, v in metrics.items() if math.isfinite(v)}
     samples = [
-        {"group_index": g, "sample_index": i, "prompt": e.prompt, "completion": c.text,
-         "answer": e.answer, "reward": float(rewards[g, i]), "source": sources[g][i]}
+        {
+            "group_index": g,
+            "sample_index": i,
+            "prompt": e.prompt,
+            "completion": c.text,
+            "answer": e.answer,
+            "reward": float(rewards[g, i]),
+            "source": sources[g][i],
+        }
         for g, ((e, _), r) in enumerate(zip(slots, rollouts, strict=True))
         for i, c in enumerate(r.completions)
     ]

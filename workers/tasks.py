@@ -7,8 +7,14 @@ import socket
 from celery import shared_task
 
 from service.config import get_settings
-from service.contract.tasks import (DRY_RUN_TASK, MERGE_TASK, RESCORE_TASK, RUN_TASK,
-                                    DryRunTask, MergeTask)
+from service.contract.tasks import (
+    DRY_RUN_TASK,
+    MERGE_TASK,
+    RESCORE_TASK,
+    RUN_TASK,
+    DryRunTask,
+    MergeTask,
+)
 
 
 @shared_task(name=RUN_TASK, bind=True, acks_late=True)
@@ -30,7 +36,8 @@ def dry_run_task(payload: dict) -> dict:
     from workers.dry_run import answer_dry_run
 
     return answer_dry_run(get_settings(), DryRunTask.model_validate(payload)).model_dump(
-        mode="json")
+        mode="json"
+    )
 
 
 @shared_task(name=MERGE_TASK, ignore_result=False)

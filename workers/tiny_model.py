@@ -54,14 +54,12 @@ def build_tokenizer(max_positions: int = 256) -> PreTrainedTokenizerFast:
 def _head_dim(hidden_size: int, num_heads: int) -> int:
     if num_heads <= 0 or hidden_size % num_heads:
         raise ValueError(
-            f"hidden_size {hidden_size} must be a positive multiple of "
-            f"num_heads {num_heads}"
+            f"hidden_size {hidden_size} must be a positive multiple of num_heads {num_heads}"
         )
     head_dim = hidden_size // num_heads
     if head_dim < MIN_HEAD_DIM:
         raise ValueError(
-            f"head_dim {head_dim} = hidden_size // num_heads must be >= "
-            f"{MIN_HEAD_DIM}"
+            f"head_dim {head_dim} = hidden_size // num_heads must be >= {MIN_HEAD_DIM}"
         )
     return head_dim
 

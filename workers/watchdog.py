@@ -19,8 +19,10 @@ GRACE_S = 30.0
 
 class StepTimeout(Exception):
     def __init__(self, phase: str, step: int, limit_s: float) -> None:
-        super().__init__(f"step {step} made no progress for {limit_s:g} s in the {phase} phase "
-                         "(resources.step_timeout_s)")
+        super().__init__(
+            f"step {step} made no progress for {limit_s:g} s in the {phase} phase "
+            "(resources.step_timeout_s)"
+        )
         self.phase, self.step = phase, step
 
 

@@ -8,14 +8,18 @@ from workers.celery_app import create_celery_app
 
 def run_worker(settings: Settings, queues: str | None = None, loglevel: str = "INFO") -> None:
     app = create_celery_app(settings)
-    app.worker_main([
-        "worker",
-        f"--queues={queues or settings.worker_queues}",
-        "--pool=prefork",
-        "--concurrency=1",
-        # A fresh child per run returns the model's memory to the system when the run ends.
-        "--max-tasks-per-child=1",
-        f"--hostname=gvpo@{socket.gethostname()}",
-        f"--loglevel={loglevel}",
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={queues or settings.worker_queues}",
+            "--pool=prefork",
+            "--concurrency=1",
+            # A fresh child per run returns the model's memory to the system when the run ends.
+            "--max-tasks-per-child=1",
+            f"--hostname=gvpo@{socket.gethostname()}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+    )

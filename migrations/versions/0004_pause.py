@@ -16,8 +16,9 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("pause_requested", sa.Boolean(), server_default=sa.false(),
-                                      nullable=False))
+        batch_op.add_column(
+            sa.Column("pause_requested", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
 
 
 def downgrade() -> None:

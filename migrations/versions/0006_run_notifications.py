@@ -21,11 +21,14 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("notify_state", sa.String(length=16), nullable=True))
-        batch_op.add_column(sa.Column("notify_attempts", sa.Integer(), server_default="0",
-                                      nullable=False))
-        batch_op.add_column(sa.Column("notify_due_at",
-                                      service.models.base.UTCDateTime(timezone=True),
-                                      nullable=True))
+        batch_op.add_column(
+            sa.Column("notify_attempts", sa.Integer(), server_default="0", nullable=False)
+        )
+        batch_op.add_column(
+            sa.Column(
+                "notify_due_at", service.models.base.UTCDateTime(timezone=True), nullable=True
+            )
+        )
         batch_op.create_index(batch_op.f("ix_runs_notify_state"), ["notify_state"], unique=False)
 
 

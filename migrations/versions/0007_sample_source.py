@@ -16,8 +16,9 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("samples", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("source", sa.String(64), server_default="policy",
-                                      nullable=False))
+        batch_op.add_column(
+            sa.Column("source", sa.String(64), server_default="policy", nullable=False)
+        )
 
 
 def downgrade() -> None:

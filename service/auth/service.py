@@ -32,8 +32,9 @@ def get_or_create_project(session: Session, name: str) -> Project:
     return project
 
 
-def create_api_key(session: Session, project_name: str,
-                   pepper: str | None = None) -> tuple[Project, str]:
+def create_api_key(
+    session: Session, project_name: str, pepper: str | None = None
+) -> tuple[Project, str]:
     """Make a key for the project (created if new); returns the plaintext key, never stored."""
     project = get_or_create_project(session, project_name)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -42,16 +43,16 @@ def create_api_key(session: Session, project_name: str,
     return project, key
 
 
-def authenticate(session: Session, authorization: str | None,
-                 pepper: str | None = None) -> Project:
+def authenticate(session: Session, authorization: str | None, pepper: str | None = None) -> Project:
     if not authorization:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
     row = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == _hash(key.strip(), pepper),
-                            ApiKey.revoked_at.is_(None))
+        select(ApiKey).where(
+            ApiKey.key_hash == _hash(key.strip(), pepper), ApiKey.revoked_at.is_(None)
+        )
     )
     if row is None:
         raise Unauthorized("invalid API key")

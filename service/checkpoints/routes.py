@@ -11,17 +11,28 @@ from service.models import Project
 
 router = APIRouter(prefix="/v1/runs", tags=["checkpoints"])
 
-DownloadFormat = Annotated[Literal["stored", "merged"], Query(
-    description="stored: the folder as saved (a PEFT adapter for LoRA runs); merged: a whole "
-                "model with the adapter merged in")]
+DownloadFormat = Annotated[
+    Literal["stored", "merged"],
+    Query(
+        description="stored: the folder as saved (a PEFT adapter for LoRA runs); merged: a whole "
+        "model with the adapter merged in"
+    ),
+]
 
 
 def _key_or_token(
-    run_id: str, ckpt_id: str, session: SessionDep, settings: SettingsDep,
+    run_id: str,
+    ckpt_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
     format: DownloadFormat = "stored",
-    token: Annotated[str | None, Query(
-        max_length=200, description="a signed link's token (POST .../download-url), in place "
-                                    "of the API key")] = None,
+    token: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="a signed link's token (POST .../download-url), in place of the API key",
+        ),
+    ] = None,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Project:
     if token is None:
@@ -36,8 +47,14 @@ def list_checkpoints(run_id: str, session: SessionDep, project: ProjectDep) -> C
 
 
 @router.post("/{run_id}/checkpoints/{ckpt_id}/download-url", response_model=DownloadLink)
-def download_url(run_id: str, ckpt_id: str, session: SessionDep, settings: SettingsDep,
-                 project: ProjectDep, format: DownloadFormat = "stored") -> DownloadLink:
+def download_url(
+    run_id: str,
+    ckpt_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    project: ProjectDep,
+    format: DownloadFormat = "stored",
+) -> DownloadLink:
     """A signed link to the download that needs no API key (for browsers), valid 10 minutes.
     The URL is relative to the API's origin."""
     url, expires_at = service.download_link(session, settings, project, run_id, ckpt_id, format)
@@ -46,9 +63,13 @@ def download_url(run_id: str, ckpt_id: str, session: SessionDep, settings: Setti
 
 @router.get("/{run_id}/checkpoints/{ckpt_id}/download", response_class=FileResponse)
 def download_checkpoint(
-    run_id: str, ckpt_id: str, session: SessionDep, settings: SettingsDep,
+    run_id: str,
+    ckpt_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
     cleanup: BackgroundTasks,
-    project: Annotated[Project, Depends(_key_or_token)], format: DownloadFormat = "stored",
+    project: Annotated[Project, Depends(_key_or_token)],
+    format: DownloadFormat = "stored",
 ) -> FileResponse:
     """The checkpoint as a .tar.gz (safetensors weights or adapter, tokenizer, optimizer state).
     Authorised by the API key, or by the `token` of a signed link."""

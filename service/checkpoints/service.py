@@ -42,8 +42,9 @@ def get_checkpoint(session: Session, project: Project, run_id: str, ckpt_id: str
     return ckpt
 
 
-def pack_checkpoint(session: Session, settings: Settings, ckpt: Checkpoint,
-                    merged: bool = False) -> Path:
+def pack_checkpoint(
+    session: Session, settings: Settings, ckpt: Checkpoint, merged: bool = False
+) -> Path:
     """A temporary .tar.gz whose top folder is the checkpoint id; the caller deletes it.
 
     merged=True turns a LoRA adapter checkpoint into a whole model (adapter merged into its base
@@ -56,8 +57,11 @@ def pack_checkpoint(session: Session, settings: Settings, ckpt: Checkpoint,
         source = _merged(session, settings, ckpt)
     fd, name = tempfile.mkstemp(prefix=f"{ckpt.id}-", suffix=".tar.gz")
     try:
-        with (open(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar,
-              tempfile.TemporaryDirectory() as tmp):
+        with (
+            open(fd, "wb") as raw,
+            tarfile.open(fileobj=raw, mode="w:gz") as tar,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
             tar.add(storage.fetch(source, Path(tmp) / "stored"), arcname=ckpt.id)
     except BaseException:
         Path(name).unlink(missing_ok=True)
@@ -77,41 +81,49 @@ def _merged(session: Session, settings: Settings, ckpt: Checkpoint) -> str:
     return target
 
 
-def download_token(key: bytes, project_id: str, run_id: str, ckpt_id: str, format: str,
-                   expires: int) -> str:
+def download_token(
+    key: bytes, project_id: str, run_id: str, ckpt_id: str, format: str, expires: int
+) -> str:
     """The token: '<expiry, unix seconds>.<hex HMAC-SHA256 of project, run, checkpoint, format
     and expiry>'."""
     message = "\n".join((project_id, run_id, ckpt_id, format, str(expires))).encode()
     return f"{expires}.{hmac.new(key, message, hashlib.sha256).hexdigest()}"
 
 
-def download_link(session: Session, settings: Settings, project: Project, run_id: str,
-                  ckpt_id: str, format: str) -> tuple[str, datetime]:
+def download_link(
+    session: Session, settings: Settings, project: Project, run_id: str, ckpt_id: str, format: str
+) -> tuple[str, datetime]:
     """A download URL (relative to the API's origin) that works without the API key for
     DOWNLOAD_LINK_TTL_S seconds, and its expiry."""
     get_checkpoint(session, project, run_id, ckpt_id)
     expires = int(time.time()) + DOWNLOAD_LINK_TTL_S
-    token = download_token(settings.resolved_secret_key, project.id, run_id, ckpt_id, format,
-                           expires)
+    token = download_token(
+        settings.resolved_secret_key, project.id, run_id, ckpt_id, format, expires
+    )
     query = urlencode({"format": format, "token": token})
     url = f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download?{query}"
     return url, datetime.fromtimestamp(expires, UTC)
 
 
-def authorize_download(session: Session, settings: Settings, token: str, run_id: str,
-                       ckpt_id: str, format: str) -> Project:
+def authorize_download(
+    session: Session, settings: Settings, token: str, run_id: str, ckpt_id: str, format: str
+) -> Project:
     """The project a download token was issued to, if it is genuine, unexpired and made for
     exactly this run, checkpoint and format."""
     expires, _, signature = token.partition(".")
     if not (token.isascii() and expires.isdigit() and len(expires) <= 12 and signature):
-        raise Unauthorized("malformed download token: ask for a new link "
-                           "(POST .../checkpoints/{ckpt}/download-url)")
+        raise Unauthorized(
+            "malformed download token: ask for a new link "
+            "(POST .../checkpoints/{ckpt}/download-url)"
+        )
     run = session.get(Run, run_id)
-    expected = run and download_token(settings.resolved_secret_key, run.project_id, run_id,
-                                      ckpt_id, format, int(expires))
+    expected = run and download_token(
+        settings.resolved_secret_key, run.project_id, run_id, ckpt_id, format, int(expires)
+    )
     if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
-        raise Unauthorized("invalid download token: it was not issued for this checkpoint "
-                           "and format")
+        raise Unauthorized(
+            "invalid download token: it was not issued for this checkpoint and format"
+        )
     if int(expires) < time.time():
         expired_at = datetime.fromtimestamp(int(expires), UTC).isoformat()
         raise Unauthorized(f"download link expired at {expired_at}: ask for a new one")

@@ -23,8 +23,7 @@ def read_rows(path: str | Path) -> list[dict]:
 def numbered_rows(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, row) for each row: numbered as the upload numbers lines, blank ones too."""
     with open(path, "rb") as fh:
-        return [(number, json.loads(raw)) for number, raw in enumerate(fh, start=1)
-                if raw.strip()]
+        return [(number, json.loads(raw)) for number, raw in enumerate(fh, start=1) if raw.strip()]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -34,8 +33,9 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 def scalar_fields(row: dict) -> list[str]:
     """The fields of a row that hold a string or a number: what a run's prompt_field and
     answer_field may name."""
-    return [k for k, v in row.items()
-            if isinstance(v, (str, int, float)) and not isinstance(v, bool)]
+    return [
+        k for k, v in row.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)
+    ]
 
 
 def common_fields(rows: list[dict]) -> list[str]:

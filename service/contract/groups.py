@@ -27,12 +27,18 @@ def group_problem(row: dict) -> str | None:
     if not isinstance(row.get("prompt"), str) or not row["prompt"]:
         return "'prompt' must be a non-empty string"
     completions = row.get("completions")
-    if not isinstance(completions, list) or not completions or not all(
-            isinstance(c, str) for c in completions):
+    if (
+        not isinstance(completions, list)
+        or not completions
+        or not all(isinstance(c, str) for c in completions)
+    ):
         return "'completions' must be a list of at least 1 string"
     rewards = row.get("rewards")
-    if rewards is not None and (not isinstance(rewards, list) or len(rewards) != len(completions)
-                                or not all(is_reward(r) for r in rewards)):
+    if rewards is not None and (
+        not isinstance(rewards, list)
+        or len(rewards) != len(completions)
+        or not all(is_reward(r) for r in rewards)
+    ):
         return f"'rewards' must be {len(completions)} finite numbers, one per completion"
     source = row.get("source", DEFAULT_SOURCE)
     sources = source if isinstance(source, list) else [source]
@@ -52,13 +58,19 @@ def fit_problem(row: dict, k: int, processes: int) -> str | None:
     generate alike, topping up is for runs of one training process."""
     n = len(row["completions"])
     if n > k:
-        return (f"has {n} completions; algorithm.group_size is {k}, the most a group may have "
-                "(fewer are topped up with the policy's own samples)")
+        return (
+            f"has {n} completions; algorithm.group_size is {k}, the most a group may have "
+            "(fewer are topped up with the policy's own samples)"
+        )
     if n < k and row.get("rewards") is not None:
-        return (f"has {n} completions with rewards; a group of fewer than algorithm.group_size "
-                f"({k}) is topped up with the policy's own samples and scored whole by the "
-                f"run's reward: leave its rewards out, or give it {k} completions")
+        return (
+            f"has {n} completions with rewards; a group of fewer than algorithm.group_size "
+            f"({k}) is topped up with the policy's own samples and scored whole by the "
+            f"run's reward: leave its rewards out, or give it {k} completions"
+        )
     if n < k and processes > 1:
-        return (f"has {n} completions, fewer than algorithm.group_size ({k}): topping a group "
-                f"up is for runs of one training process, and this one has {processes}")
+        return (
+            f"has {n} completions, fewer than algorithm.group_size ({k}): topping a group "
+            f"up is for runs of one training process, and this one has {processes}"
+        )
     return None

@@ -48,8 +48,15 @@ class Answer:
         return f"HTTP {self.status}: {self.text[:200]!r}"
 
 
-def post_signed(client: httpx.Client, url: str, body: bytes, secret: str,
-                headers: dict[str, str], max_bytes: int, timeout_s: float) -> Answer:
+def post_signed(
+    client: httpx.Client,
+    url: str,
+    body: bytes,
+    secret: str,
+    headers: dict[str, str],
+    max_bytes: int,
+    timeout_s: float,
+) -> Answer:
     """POST `body` to `url` signed with `secret`; the answer, whatever its status.
 
     Raises Transient on a network error, or when no complete answer came within `timeout_s`.
@@ -61,12 +68,17 @@ def post_signed(client: httpx.Client, url: str, body: bytes, secret: str,
             raw, over = _read_capped(resp, max_bytes, deadline, timeout_s)
     except httpx.TransportError as exc:
         raise Transient(f"{type(exc).__name__}: {exc}") from None
-    return Answer(resp.status_code, raw.decode("utf-8", "replace"), over,
-                  retry_after(resp.headers.get("Retry-After")))
+    return Answer(
+        resp.status_code,
+        raw.decode("utf-8", "replace"),
+        over,
+        retry_after(resp.headers.get("Retry-After")),
+    )
 
 
-def _read_capped(resp: httpx.Response, cap: int, deadline: float,
-                 timeout_s: float) -> tuple[bytes, bool]:
+def _read_capped(
+    resp: httpx.Response, cap: int, deadline: float, timeout_s: float
+) -> tuple[bytes, bool]:
     chunks, size = [], 0
     for chunk in resp.iter_bytes():
         size += len(chunk)
@@ -91,6 +103,7 @@ def retry_after(value: str | None) -> float | None:
             return None
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
+
 def webhook_url_problem(url: str, allow_private: bool) -> str | None:
     """Why `url` may not be called, or None if it may. Resolves the host (DNS) to check it."""
     parts = urlsplit(url)
@@ -105,9 +118,11 @@ def webhook_url_problem(url: str, allow_private: bool) -> str | None:
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0])
         if not address.is_global or address.is_multicast:
-            return (f"host {parts.hostname!r} resolves to {address}, a loopback, private, "
-                    "link-local or reserved address; webhook URLs must be public "
-                    "(GVPO_WEBHOOK_ALLOW_PRIVATE=true allows them)")
+            return (
+                f"host {parts.hostname!r} resolves to {address}, a loopback, private, "
+                "link-local or reserved address; webhook URLs must be public "
+                "(GVPO_WEBHOOK_ALLOW_PRIVATE=true allows them)"
+            )
     return None
 
 
@@ -120,6 +135,8 @@ def unreachable(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     try:
         httpx.head(url, timeout=timeout_s, follow_redirects=False)
     except httpx.HTTPError as exc:
-        return (f"the reward model at {url!r} could not be reached within {timeout_s:g} s "
-                f"({type(exc).__name__}: {exc}); check the URL, or leave probe off")
+        return (
+            f"the reward model at {url!r} could not be reached within {timeout_s:g} s "
+            f"({type(exc).__name__}: {exc}); check the URL, or leave probe off"
+        )
     return None

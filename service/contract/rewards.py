@@ -40,7 +40,9 @@ class RegexParams(RewardParams):
             try:
                 re.compile(p)
             except re.error as exc:
-                raise ValueError(f"pattern {p!r} is not a valid regular expression: {exc}") from None
+                raise ValueError(
+                    f"pattern {p!r} is not a valid regular expression: {exc}"
+                ) from None
         return v
 
 
@@ -64,8 +66,9 @@ def reward_params(name: str) -> type[RewardParams]:
     try:
         return BUILTIN_REWARDS[name]
     except KeyError:
-        raise ValueError(f"unknown built-in reward {name!r}; known: "
-                         f"{', '.join(sorted(BUILTIN_REWARDS))}") from None
+        raise ValueError(
+            f"unknown built-in reward {name!r}; known: {', '.join(sorted(BUILTIN_REWARDS))}"
+        ) from None
 
 
 class BuiltinReward(BaseModel):
@@ -86,8 +89,9 @@ class BuiltinReward(BaseModel):
         try:
             reward_params(self.name).model_validate(self.params)
         except ValidationError as exc:
-            listed = "; ".join(f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                               for e in exc.errors())
+            listed = "; ".join(
+                f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
             raise ValueError(f"{self.name}: {listed}") from None
         return self
 
@@ -104,8 +108,10 @@ class WebhookReward(BaseModel):
     max_attempts: int = Field(5, ge=1, le=20)
     max_items_per_request: int = Field(256, ge=1, le=10000)
     probe: bool = Field(
-        False, description="at submission, check that the URL answers at all (any HTTP status) "
-                           "within 5 s; a URL that cannot be reached is a 422")
+        False,
+        description="at submission, check that the URL answers at all (any HTTP status) "
+        "within 5 s; a URL that cannot be reached is a 422",
+    )
 
     @property
     def name(self) -> str:
@@ -114,8 +120,9 @@ class WebhookReward(BaseModel):
 
 class _Weighted(BaseModel):
     weight: float = Field(1.0, description="its share of the composite reward")
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
-                              description="metric name part: reward/<label>/mean")
+    label: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="metric name part: reward/<label>/mean"
+    )
 
     _weight_finite = field_validator("weight")(finite)
 
@@ -144,5 +151,4 @@ class CompositeReward(BaseModel):
         return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
-RewardSpec = Annotated[BuiltinReward | WebhookReward | CompositeReward,
-                       Field(discriminator="type")]
+RewardSpec = Annotated[BuiltinReward | WebhookReward | CompositeReward, Field(discriminator="type")]

@@ -1,4 +1,5 @@
-"""Webhook signatures: `GVPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`,
+"""Webhook signatures:
+`GVPO-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`,
 and the rule for reward values that both sides of the protocol apply.
 
 The worker signs what it sends to reward models, reward models sign their async callbacks the
@@ -39,8 +40,13 @@ def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
     return f"t={t},v1={_digest(secret, t, body)}"
 
 
-def verify(secrets: str | list[str], header: str | None, body: bytes,
-           tolerance_s: int = TOLERANCE_S, now: float | None = None) -> None:
+def verify(
+    secrets: str | list[str],
+    header: str | None,
+    body: bytes,
+    tolerance_s: int = TOLERANCE_S,
+    now: float | None = None,
+) -> None:
     """Raise SignatureError unless `header` signs `body` with one of `secrets`, within tolerance.
 
     Several secrets are accepted during a rotation's grace period.
@@ -57,7 +63,9 @@ def verify(secrets: str | list[str], header: str | None, body: bytes,
         raise SignatureError(f"malformed {HEADER} header: no v1 signature")
     age = (time.time() if now is None else now) - timestamp
     if abs(age) > tolerance_s:
-        raise SignatureError(f"signature timestamp is {age:.0f} s from now (tolerance {tolerance_s} s)")
+        raise SignatureError(
+            f"signature timestamp is {age:.0f} s from now (tolerance {tolerance_s} s)"
+        )
     candidates = [secrets] if isinstance(secrets, str) else secrets
     for secret in candidates:
         expected = _digest(secret, timestamp, body)

@@ -33,18 +33,25 @@ class LoraSpec(_Strict):
 
 class ModelSpec(_Strict):
     checkpoint: str | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="start from this checkpoint of one of the project's ended runs (ckpt_...): "
-                    "its weights, or its LoRA adapter over its run's model; the service then "
-                    "fills in path (and adapter, lora) from that run")
+        "its weights, or its LoRA adapter over its run's model; the service then "
+        "fills in path (and adapter, lora) from that run",
+    )
     path: str | None = Field(
-        None, min_length=1, validate_default=True,
+        None,
+        min_length=1,
+        validate_default=True,
         description="local directory (or hub id where reachable); with checkpoint, set by the "
-                    "service")
+        "service",
+    )
     adapter: str | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="a PEFT LoRA adapter to go on training instead of a fresh one (set from a "
-                    "LoRA checkpoint; needs model.lora)")
+        "LoRA checkpoint; needs model.lora)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
     )
@@ -54,8 +61,10 @@ class ModelSpec(_Strict):
     @classmethod
     def _path_or_checkpoint(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None and info.data.get("checkpoint") is None:
-            raise ValueError("Field required (the model's directory or hub id; or set "
-                             "model.checkpoint to start from a checkpoint)")
+            raise ValueError(
+                "Field required (the model's directory or hub id; or set "
+                "model.checkpoint to start from a checkpoint)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -68,14 +77,18 @@ class ModelSpec(_Strict):
 class DatasetSpec(_Strict):
     train_file: str = Field(min_length=1)
     eval_file: str | None = Field(
-        None, min_length=1,
-        description="JSONL with the same fields: evaluated every eval.every_steps and at the end")
+        None,
+        min_length=1,
+        description="JSONL with the same fields: evaluated every eval.every_steps and at the end",
+    )
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     offpolicy_file: str | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="a file of purpose offpolicy: groups of completions made elsewhere, mixed "
-                    "into training by training.offpolicy_fraction")
+        "into training by training.offpolicy_fraction",
+    )
 
 
 def _finite_or_none(v: float | None) -> float | None:
@@ -112,13 +125,16 @@ class SamplingSpec(_Strict):
 
 
 class RolloutSpec(_Strict):
-    """vLLM settings apply when the run rolls out with vLLM; the transformers engine ignores them."""
+    """vLLM settings apply when the run rolls out with vLLM; the transformers engine ignores
+    them."""
 
     engine: Literal["auto", "vllm", "hf"] = Field(
         "auto", description="auto = vLLM where installed on the worker, else transformers"
     )
     gpu_memory_utilization: float = Field(
-        0.5, gt=0, le=0.95,
+        0.5,
+        gt=0,
+        le=0.95,
         description="vLLM's share of GPU memory (weights + KV cache); the learner gets the rest",
     )
     kv_cache_gib: float | None = Field(
@@ -129,14 +145,17 @@ class RolloutSpec(_Strict):
         True, description="free vLLM's GPU memory while the learner trains (CUDA only)"
     )
     logprob_diff_warn: float | None = Field(
-        None, gt=0,
+        None,
+        gt=0,
         description="warn when rollout/logprob_diff_max exceeds this (default 1e-3 for float32 "
-                    "models, 1.0 for 16-bit ones)",
+        "models, 1.0 for 16-bit ones)",
     )
     tensor_parallel_size: int = Field(
-        1, ge=1, le=8,
+        1,
+        ge=1,
+        le=8,
         description="vLLM tensor parallel: each group of this many training processes shares "
-                    "one sharded engine (for models whose inference does not fit one device)",
+        "one sharded engine (for models whose inference does not fit one device)",
     )
 
     _finite_sizes = field_validator("kv_cache_gib", "logprob_diff_warn")(_finite_or_none)
@@ -154,19 +173,25 @@ class OptimizerSpec(_Strict):
 class TrainingSpec(_Strict):
     steps: int = Field(200, ge=1)
     prompts_per_step: int = Field(64, ge=1)
-    mini_batches: int = Field(4, ge=1, validate_default=True,
-                              description="optimizer updates per step, split by group")
+    mini_batches: int = Field(
+        4, ge=1, validate_default=True, description="optimizer updates per step, split by group"
+    )
     micro_batch_tokens: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="token budget of one forward/backward pass (whole groups are packed up to "
         "it; a larger group gets a pass of its own); null = the whole mini-batch at once",
     )
     seed: int = 0
     offpolicy_fraction: float = Field(
-        0.0, ge=0, le=1, allow_inf_nan=False,
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
         description="share of each step's groups that are off-policy slots: filled by groups "
-                    "posted to the run (POST /v1/runs/{id}/groups), then dataset.offpolicy_file, "
-                    "else fresh rollouts (1 with a file: no rollouts at all)")
+        "posted to the run (POST /v1/runs/{id}/groups), then dataset.offpolicy_file, "
+        "else fresh rollouts (1 with a file: no rollouts at all)",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
@@ -189,20 +214,27 @@ class EvalSpec(_Strict):
     every_steps: int = Field(20, ge=1)
     samples_per_prompt: int = Field(4, ge=1, description="n: completions sampled per eval prompt")
     k: int | None = Field(
-        None, ge=1, validate_default=True,
-        description="the k of eval/pass@k, at most samples_per_prompt (default: equal to it)")
+        None,
+        ge=1,
+        validate_default=True,
+        description="the k of eval/pass@k, at most samples_per_prompt (default: equal to it)",
+    )
     pass_threshold: float = Field(
-        1.0, allow_inf_nan=False, description="a completion passes when its reward is at least this")
-    max_prompts: int | None = Field(None, ge=1, description="evaluate the first this many rows "
-                                                            "(default: all)")
+        1.0, allow_inf_nan=False, description="a completion passes when its reward is at least this"
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="evaluate the first this many rows (default: all)"
+    )
 
     @field_validator("k")
     @classmethod
     def _k_within_n(cls, v: int | None, info: ValidationInfo) -> int | None:
         n = info.data.get("samples_per_prompt")
         if v is not None and n is not None and v > n:
-            raise ValueError(f"k ({v}) cannot exceed samples_per_prompt ({n}): pass@k is "
-                             "estimated from the n completions sampled per prompt")
+            raise ValueError(
+                f"k ({v}) cannot exceed samples_per_prompt ({n}): pass@k is "
+                "estimated from the n completions sampled per prompt"
+            )
         return v
 
     @property
@@ -221,37 +253,46 @@ MAX_RANKS = 8  # one worker machine: the launcher starts ranks on its own node o
 class ResourcesSpec(_Strict):
     queue: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     gpus: int = Field(
-        0, ge=0, le=MAX_RANKS,
+        0,
+        ge=0,
+        le=MAX_RANKS,
         description="GPUs on one worker; more than 1 trains data-parallel, one process per GPU "
-                    "(0 = the worker's default device)",
+        "(0 = the worker's default device)",
     )
     processes: int | None = Field(
-        None, ge=1, le=MAX_RANKS,
+        None,
+        ge=1,
+        le=MAX_RANKS,
         description="data-parallel training processes on one worker, each with its own rollout "
-                    "engine; default one per GPU, or 1 without GPUs (more than 1 on CPU uses gloo)",
+        "engine; default one per GPU, or 1 without GPUs (more than 1 on CPU uses gloo)",
     )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: each process holds the whole model and optimizer state; fsdp: "
-                    "parameters, gradients and optimizer state are sharded over the processes "
-                    "(FSDP2), for models whose training state does not fit one device",
+        "parameters, gradients and optimizer state are sharded over the processes "
+        "(FSDP2), for models whose training state does not fit one device",
     )
     step_timeout_s: float | None = Field(
-        3600.0, gt=0, allow_inf_nan=False,
+        3600.0,
+        gt=0,
+        allow_inf_nan=False,
         description="fail the run when one phase of a step (weight sync, rollout, reward, "
-                    "learn, eval, checkpoint) makes no progress for this long; null = wait "
-                    "forever",
+        "learn, eval, checkpoint) makes no progress for this long; null = wait "
+        "forever",
     )
-
 
     @model_validator(mode="after")
     def _one_rank_per_gpu(self) -> "ResourcesSpec":
         if self.gpus and self.processes not in (None, self.gpus):
-            raise ValueError(f"processes ({self.processes}) must equal gpus ({self.gpus}): each "
-                             "training process drives one GPU; leave processes out")
+            raise ValueError(
+                f"processes ({self.processes}) must equal gpus ({self.gpus}): each "
+                "training process drives one GPU; leave processes out"
+            )
         if self.strategy == "fsdp" and self.ranks == 1:
-            raise ValueError("strategy 'fsdp' shards the model over several training processes;"
-                             " ask for more than one (gpus or processes) or use 'ddp'")
+            raise ValueError(
+                "strategy 'fsdp' shards the model over several training processes;"
+                " ask for more than one (gpus or processes) or use 'ddp'"
+            )
         return self
 
     @property
@@ -259,17 +300,23 @@ class ResourcesSpec(_Strict):
         """How many training processes the run uses (its data-parallel world size)."""
         return self.processes or max(self.gpus, 1)
 
+
 class RunSpec(_Strict):
     name: str | None = Field(None, max_length=200)
     webhook_secret: SecretStr | None = Field(
-        None, min_length=16, max_length=80, exclude=True,
+        None,
+        min_length=16,
+        max_length=80,
+        exclude=True,
         description="bring your own webhook secret (default: one is made); never stored in the "
-                    "spec or shown again",
+        "spec or shown again",
     )
     notify_url: str | None = Field(
-        None, min_length=1, max_length=2000,
+        None,
+        min_length=1,
+        max_length=2000,
         description="http(s) URL that receives a signed run.succeeded / run.failed / "
-                    "run.cancelled event when the run ends",
+        "run.cancelled event when the run ends",
     )
     model: ModelSpec
     dataset: DatasetSpec
@@ -288,23 +335,27 @@ class RunSpec(_Strict):
     def _reference_with_an_adapter(cls, v: AlgorithmSpec, info: ValidationInfo) -> AlgorithmSpec:
         model = info.data.get("model")
         if model is not None and model.adapter is not None and v.reference == "initial":
-            raise ValueError("reference 'initial' with a LoRA adapter to go on training "
-                             "(model.adapter, or a LoRA model.checkpoint) would take the base "
-                             "model without the adapter as pi_ref, not the model the run starts "
-                             "from: use reference 'sampling'")
+            raise ValueError(
+                "reference 'initial' with a LoRA adapter to go on training "
+                "(model.adapter, or a LoRA model.checkpoint) would take the base "
+                "model without the adapter as pi_ref, not the model the run starts "
+                "from: use reference 'sampling'"
+            )
         return v
 
     @field_validator("resources")
     @classmethod
-    def _webhooks_fit_the_step_timeout(cls, v: ResourcesSpec,
-                                       info: ValidationInfo) -> ResourcesSpec:
+    def _webhooks_fit_the_step_timeout(
+        cls, v: ResourcesSpec, info: ValidationInfo
+    ) -> ResourcesSpec:
         reward, limit = info.data.get("reward"), v.step_timeout_s
         parts = reward.components if isinstance(reward, CompositeReward) else [reward]
         for hook in (p for p in parts if isinstance(p, WebhookReward)):
             if limit is not None and hook.timeout_s >= limit:
                 raise ValueError(
                     f"step_timeout_s ({limit:g} s) must exceed the reward webhook's timeout_s "
-                    f"({hook.timeout_s:g} s), or one slow answer fails the run")
+                    f"({hook.timeout_s:g} s), or one slow answer fails the run"
+                )
         return v
 
     @field_validator("resources")
@@ -313,20 +364,26 @@ class RunSpec(_Strict):
         """What the rest of the spec must be for the run's training processes."""
         model, rollout, training = (info.data.get(k) for k in ("model", "rollout", "training"))
         if v.strategy == "fsdp" and model is not None and model.lora is not None:
-            raise ValueError("strategy 'fsdp' is for full fine-tuning: a LoRA adapter is small, "
-                             "so train it with 'ddp' (or set model.lora to null)")
+            raise ValueError(
+                "strategy 'fsdp' is for full fine-tuning: a LoRA adapter is small, "
+                "so train it with 'ddp' (or set model.lora to null)"
+            )
         tp = rollout.tensor_parallel_size if rollout else 1
         if tp > 1 and rollout.engine == "hf":
-            raise ValueError("rollout.tensor_parallel_size needs vLLM: set rollout.engine to "
-                             "'vllm' or 'auto'")
+            raise ValueError(
+                "rollout.tensor_parallel_size needs vLLM: set rollout.engine to 'vllm' or 'auto'"
+            )
         if v.ranks % tp:
-            raise ValueError(f"rollout.tensor_parallel_size ({tp}) must divide the {v.ranks} "
-                             "training processes (resources.gpus / resources.processes)")
+            raise ValueError(
+                f"rollout.tensor_parallel_size ({tp}) must divide the {v.ranks} "
+                "training processes (resources.gpus / resources.processes)"
+            )
         if training is not None and training.prompts_per_step % v.ranks:
             raise ValueError(
                 f"training.prompts_per_step ({training.prompts_per_step}) must be a multiple of "
                 f"the {v.ranks} training processes (resources.gpus / resources.processes): each "
-                "process rolls out and trains whole groups of an equal share of the prompts")
+                "process rolls out and trains whole groups of an equal share of the prompts"
+            )
         return v
 
     @field_validator("resources")
@@ -342,7 +399,8 @@ class RunSpec(_Strict):
                 f"training.offpolicy_fraction ({fraction:g}) makes no off-policy slot in a "
                 "step: raise it (each engine's share of "
                 f"prompts_per_step, {training.prompts_per_step // v.ranks}, times the "
-                "fraction, rounded, must be at least 1)")
+                "fraction, rounded, must be at least 1)"
+            )
         return v
 
 

@@ -4,15 +4,18 @@ the same path everywhere), or an fsspec URL such as `s3://bucket/prefix`, `gs://
 
 The worker writes a checkpoint locally and uploads it; the API and a resuming worker download
 it before reading it. A LoRA checkpoint's merged whole model, made by a worker when someone
-downloads it merged, is kept beside it (`merged_path`) and removed with it. Credentials and endpoints come from the filesystem's own environment
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3 and S3-compatible stores).
+downloads it merged, is kept beside it (`merged_path`) and removed with it. Credentials and
+endpoints come from the filesystem's own environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL for S3 and S3-compatible stores).
 """
 
+import contextlib
 import shutil
 from enum import StrEnum
 from pathlib import Path
 
 from fsspec.implementations.local import LocalFileSystem
+
 
 class CheckpointKind(StrEnum):
     FULL = "full"  # a whole model (save_pretrained), loadable on its own
@@ -50,10 +53,8 @@ def remove(path_or_url: str | Path) -> None:
         shutil.rmtree(path_or_url, ignore_errors=True)
         return
     fs, root = _fs(str(path_or_url))
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.rm(root, recursive=True)
-    except FileNotFoundError:
-        pass
 
 
 def merged_path(path_or_url: str | Path) -> str:
@@ -88,7 +89,7 @@ def download(url: str, local_dir: Path) -> Path:
     shutil.rmtree(local_dir, ignore_errors=True)
     local_dir.mkdir(parents=True)
     for name in fs.find(root):
-        rel = name[len(root):].lstrip("/")
+        rel = name[len(root) :].lstrip("/")
         if rel == COMPLETE:
             continue
         target = local_dir / rel

@@ -29,8 +29,12 @@ RESCORE_TASK = "gvpo.rescore"
 DRY_RUN_TASK = "gvpo.dry_run"
 MERGE_TASK = "gvpo.merge_checkpoint"
 DEFAULT_QUEUE = "default"
-RESULT_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
-                       "interval_max": 1.0}
+RESULT_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 1.0,
+}
 
 
 class BrokerSettings(Protocol):
@@ -60,8 +64,9 @@ def result_backend_url(settings: BrokerSettings) -> str | None:
 
 def _filesystem_options(broker_dir: Path) -> dict:
     # kombu's filesystem transport needs its folders made first, and in == out for one machine.
-    queue_dir, processed, control = (broker_dir / name for name in ("queue", "processed",
-                                                                    "control"))
+    queue_dir, processed, control = (
+        broker_dir / name for name in ("queue", "processed", "control")
+    )
     for folder in (queue_dir, processed, control):
         folder.mkdir(parents=True, exist_ok=True)
     return {
@@ -100,8 +105,9 @@ def celery_app(settings: BrokerSettings, include: tuple[str, ...] = ()) -> Celer
 
 @lru_cache(maxsize=4)
 def _cached(broker_url: str, result_backend: str | None, broker_dir: Path) -> Celery:
-    return celery_app(SimpleNamespace(broker_url=broker_url, result_backend=result_backend,
-                                      broker_dir=broker_dir))
+    return celery_app(
+        SimpleNamespace(broker_url=broker_url, result_backend=result_backend, broker_dir=broker_dir)
+    )
 
 
 def publisher(settings: BrokerSettings) -> Celery:
@@ -153,8 +159,10 @@ class DryRunCompletion(BaseModel):
     logprob: float = Field(description="log pi_theta(y|x), summed over the completion")
     ref_logprob: float = Field(description="log pi_ref(y|x)")
     log_ratio: float = Field(description="s_i = logprob - ref_logprob")
-    weight: float = Field(description="w_i = (R_i - mean R) - beta * (s_i - mean s): how hard "
-                                      "training pushes this completion up (negative: down)")
+    weight: float = Field(
+        description="w_i = (R_i - mean R) - beta * (s_i - mean s): how hard "
+        "training pushes this completion up (negative: down)"
+    )
 
 
 class DryRunOutput(BaseModel):

@@ -8,8 +8,9 @@ router = APIRouter(prefix="/v1", tags=["diagnostics"])
 
 
 @router.post("/gvpo:dry_run", response_model=DryRunResult)
-def dry_run(body: DryRunRequest, session: SessionDep, settings: SettingsDep,
-            project: ProjectDep) -> DryRunResult:
+def dry_run(
+    body: DryRunRequest, session: SessionDep, settings: SettingsDep, project: ProjectDep
+) -> DryRunResult:
     """What one group would teach: each completion's log-ratio against the run's starting model,
     its GVPO weight w_i and the group's loss, under a checkpoint of one of your runs. Nothing
     is trained or stored. A worker on the run's queue computes it: 504 when none answers in

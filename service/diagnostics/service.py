@@ -23,24 +23,42 @@ from service.runs.service import get_run, run_spec
 MAX_TOKENS = 65_536  # padded prompt + completion tokens over the whole group
 
 
-def dry_run(session: Session, settings: Settings, project: Project,
-            req: DryRunRequest) -> DryRunResult:
+def dry_run(
+    session: Session, settings: Settings, project: Project, req: DryRunRequest
+) -> DryRunResult:
     run = get_run(session, project, req.model.run_id)
     ckpt_id = req.model.checkpoint_id or session.scalar(
-        select(Checkpoint.id).where(Checkpoint.run_id == run.id)
-        .order_by(Checkpoint.step.desc()).limit(1))
+        select(Checkpoint.id)
+        .where(Checkpoint.run_id == run.id)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    )
     if ckpt_id is None:
         raise Conflict(f"run {run.id} has no checkpoint yet; name one of a run that has")
     ckpt = get_checkpoint(session, project, run.id, ckpt_id)
-    task = DryRunTask(checkpoint_id=ckpt.id, checkpoint_path=ckpt.path,
-                      checkpoint_kind=ckpt.kind, base_model=run_spec(run).model.path,
-                      prompt=req.prompt, completions=req.completions, rewards=req.rewards,
-                      beta=req.beta, max_tokens=MAX_TOKENS)
+    task = DryRunTask(
+        checkpoint_id=ckpt.id,
+        checkpoint_path=ckpt.path,
+        checkpoint_kind=ckpt.kind,
+        base_model=run_spec(run).model.path,
+        prompt=req.prompt,
+        completions=req.completions,
+        rewards=req.rewards,
+        beta=req.beta,
+        max_tokens=MAX_TOKENS,
+    )
     run_id, step, queue = run.id, ckpt.step, queue_of(run.spec)
     session.commit()  # read all we need: hold no database connection while the worker works
     out = DryRunOutput.model_validate(
-        ask_worker(settings, DRY_RUN_TASK, task, queue, "the dry run"))
+        ask_worker(settings, DRY_RUN_TASK, task, queue, "the dry run")
+    )
     return DryRunResult(
-        run_id=run_id, checkpoint_id=task.checkpoint_id, step=step, beta=req.beta,
-        reward_mean=sum(req.rewards) / len(req.rewards), log_ratio_mean=out.log_ratio_mean,
-        loss=out.loss, completions=out.completions)
+        run_id=run_id,
+        checkpoint_id=task.checkpoint_id,
+        step=step,
+        beta=req.beta,
+        reward_mean=sum(req.rewards) / len(req.rewards),
+        log_ratio_mean=out.log_ratio_mean,
+        loss=out.loss,
+        completions=out.completions,
+    )

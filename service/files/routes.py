@@ -12,7 +12,10 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 @router.post("", status_code=201, response_model=FileRead)
 def upload_file(
-    file: UploadFile, session: SessionDep, project: ProjectDep, settings: SettingsDep,
+    file: UploadFile,
+    session: SessionDep,
+    project: ProjectDep,
+    settings: SettingsDep,
     purpose: Annotated[str, Form()] = "train",
 ) -> FileRead:
     row = service.create_file(session, settings, project, file.file, file.filename, purpose)
@@ -29,9 +32,16 @@ def get_file(file_id: str, session: SessionDep, project: ProjectDep) -> FileRead
     return FileRead.model_validate(service.get_file(session, project, file_id))
 
 
-@router.get("/{file_id}/content", response_class=FileResponse,
-            responses={200: {"content": {"application/jsonl": {}},
-                             "description": "the file's JSONL, as uploaded or made"}})
+@router.get(
+    "/{file_id}/content",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {"application/jsonl": {}},
+            "description": "the file's JSONL, as uploaded or made",
+        }
+    },
+)
 def file_content(file_id: str, session: SessionDep, project: ProjectDep) -> FileResponse:
     """The file's rows: an upload as it was sent, or one the service made (a rescore's)."""
     file = service.get_file(session, project, file_id)

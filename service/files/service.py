@@ -8,9 +8,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.errors import BadRequest, NotFound, PayloadTooLarge
-from service.contract.groups import group_problem
 from service.contract.files import FilePurpose, numbered_rows, scalar_fields
+from service.contract.groups import group_problem
+from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.models import File, Project
 from service.models.base import new_id
 
@@ -61,8 +61,12 @@ def validate_jsonl(path: Path) -> tuple[int, list[str]]:
 
 
 def create_file(
-    session: Session, settings: Settings, project: Project,
-    src: BinaryIO, filename: str | None, purpose: str,
+    session: Session,
+    settings: Settings,
+    project: Project,
+    src: BinaryIO,
+    filename: str | None,
+    purpose: str,
 ) -> File:
     if purpose not in PURPOSES:
         raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}")
@@ -81,8 +85,9 @@ def _new_path(settings: Settings) -> tuple[str, Path]:
     return file_id, settings.files_dir / f"{file_id}.jsonl"
 
 
-def _record(session: Session, project_id: str, file_id: str, dest: Path, filename: str,
-            purpose: str) -> File:
+def _record(
+    session: Session, project_id: str, file_id: str, dest: Path, filename: str, purpose: str
+) -> File:
     """Check the JSONL at `dest` line by line (removed when bad) and record it."""
     try:
         rows, fields = validate_jsonl(dest)
@@ -91,8 +96,16 @@ def _record(session: Session, project_id: str, file_id: str, dest: Path, filenam
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-    row = File(id=file_id, project_id=project_id, filename=filename, purpose=purpose,
-               bytes=dest.stat().st_size, rows=rows, fields=fields, path=str(dest))
+    row = File(
+        id=file_id,
+        project_id=project_id,
+        filename=filename,
+        purpose=purpose,
+        bytes=dest.stat().st_size,
+        rows=rows,
+        fields=fields,
+        path=str(dest),
+    )
     session.add(row)
     session.flush()
     return row
@@ -102,8 +115,9 @@ def _validate_groups(rows: list[tuple[int, dict]]) -> None:
     """BadRequest naming the first line that is not a valid off-policy group."""
     for number, row in rows:
         if problem := group_problem(row):
-            raise BadRequest(f"line {number} is not an off-policy group: {problem}",
-                             {"line": number})
+            raise BadRequest(
+                f"line {number} is not an off-policy group: {problem}", {"line": number}
+            )
 
 
 def get_file(session: Session, project: Project, file_id: str) -> File:

@@ -11,7 +11,9 @@ router = APIRouter(prefix="/v1/runs", tags=["metrics"])
 
 @router.get("/{run_id}/metrics", response_model=MetricSeries)
 def get_metrics(
-    run_id: str, session: SessionDep, project: ProjectDep,
+    run_id: str,
+    session: SessionDep,
+    project: ProjectDep,
     names: Annotated[str | None, Query(description="comma-separated metric names")] = None,
     since_step: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
 ) -> MetricSeries:
@@ -22,9 +24,12 @@ def get_metrics(
 
 @router.get("/{run_id}/samples", response_model=SampleList)
 def get_samples(
-    run_id: str, session: SessionDep, project: ProjectDep,
-    step: Annotated[int | None, Query(ge=0, le=DB_INT_MAX,
-                                         description="default: the latest step")] = None,
+    run_id: str,
+    session: SessionDep,
+    project: ProjectDep,
+    step: Annotated[
+        int | None, Query(ge=0, le=DB_INT_MAX, description="default: the latest step")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> SampleList:
     at, rows = service.list_samples(session, project, run_id, step, limit)

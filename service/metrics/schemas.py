@@ -38,11 +38,14 @@ class SampleRead(BaseModel):
     completion: str
     answer: str | None
     reward: float
-    source: str = Field(description='"policy": sampled by the run; else the off-policy group\'s '
-                                    "source")
+    source: str = Field(
+        description='"policy": sampled by the run; else the off-policy group\'s source'
+    )
     reward_history: list[ReplacedReward] = Field(
-        default_factory=list, description="rewards that re-scorings replaced, oldest first (the "
-                                          "first is the one the run trained on)")
+        default_factory=list,
+        description="rewards that re-scorings replaced, oldest first (the "
+        "first is the one the run trained on)",
+    )
 
 
 class SampleList(BaseModel):

@@ -11,7 +11,11 @@ from service.runs.service import get_run
 
 
 def metric_series(
-    session: Session, project: Project, run_id: str, names: list[str] | None, since_step: int | None,
+    session: Session,
+    project: Project,
+    run_id: str,
+    names: list[str] | None,
+    since_step: int | None,
 ) -> dict[str, list[tuple[int, float]]]:
     get_run(session, project, run_id)
     stmt = select(Metric.name, Metric.step, Metric.value).where(Metric.run_id == run_id)
@@ -30,7 +34,8 @@ def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[S
     rows = session.execute(
         select(Metric.step, Metric.name, Metric.value)
         .where(Metric.run_id == run_id, Metric.step > after, Metric.step <= upto)
-        .order_by(Metric.step, Metric.name))
+        .order_by(Metric.step, Metric.name)
+    )
     steps: dict[int, dict[str, float]] = defaultdict(dict)
     for step, name, value in rows:
         steps[step][name] = value
@@ -38,7 +43,11 @@ def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[S
 
 
 def list_samples(
-    session: Session, project: Project, run_id: str, step: int | None, limit: int,
+    session: Session,
+    project: Project,
+    run_id: str,
+    step: int | None,
+    limit: int,
 ) -> tuple[int | None, list[Sample]]:
     """Samples of one step (the latest by default), ordered by group then sample."""
     get_run(session, project, run_id)

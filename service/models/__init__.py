@@ -12,5 +12,18 @@ from service.models.run_event import RunEvent
 from service.models.run_group import RunGroup
 from service.models.sample import Sample
 
-__all__ = ["ApiKey", "Base", "Checkpoint", "File", "Metric", "Project", "Rescore", "RewardHistory",
-           "RewardRequest", "Run", "RunEvent", "RunGroup", "Sample"]
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Checkpoint",
+    "File",
+    "Metric",
+    "Project",
+    "Rescore",
+    "RewardHistory",
+    "RewardRequest",
+    "Run",
+    "RunEvent",
+    "RunGroup",
+    "Sample",
+]

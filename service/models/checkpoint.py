@@ -16,6 +16,7 @@ class Checkpoint(Base):
     step: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(1024))
     bytes: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[str] = mapped_column(String(16), default=CheckpointKind.FULL,
-                                      server_default=CheckpointKind.FULL)
+    kind: Mapped[str] = mapped_column(
+        String(16), default=CheckpointKind.FULL, server_default=CheckpointKind.FULL
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -22,5 +22,6 @@ class Sample(Base):
     # POLICY (sampled by the run) or an off-policy group's source
     source: Mapped[str] = mapped_column(String(64), server_default=POLICY, default=POLICY)
     # What re-scorings replaced, oldest first.
-    reward_history: Mapped[list[RewardHistory]] = relationship(order_by=RewardHistory.id,
-                                                               viewonly=True)
+    reward_history: Mapped[list[RewardHistory]] = relationship(
+        order_by=RewardHistory.id, viewonly=True
+    )

@@ -8,8 +8,9 @@ router = APIRouter(prefix="/v1/runs", tags=["runs"])
 
 
 @router.post("/{run_id}/groups", status_code=202, response_model=GroupsStatus)
-def post_groups(run_id: str, body: GroupsPost, session: SessionDep, project: ProjectDep,
-                settings: SettingsDep) -> GroupsStatus:
+def post_groups(
+    run_id: str, body: GroupsPost, session: SessionDep, project: ProjectDep, settings: SettingsDep
+) -> GroupsStatus:
     """Add groups of completions made elsewhere to a queued, running or paused run: its next
     steps train them in their off-policy slots, oldest first, before its offpolicy file."""
     return service.post_groups(session, settings, project, run_id, body.groups)

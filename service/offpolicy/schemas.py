@@ -7,9 +7,11 @@ MAX_GROUPS_PER_REQUEST = 1000
 
 class GroupsPost(BaseModel):
     groups: list[dict[str, Any]] = Field(
-        min_length=1, max_length=MAX_GROUPS_PER_REQUEST,
+        min_length=1,
+        max_length=MAX_GROUPS_PER_REQUEST,
         description='groups as in an offpolicy file: {"prompt", "completions": [k strings], '
-                    '"rewards"?: [k numbers], "source"?: label or [k labels], "answer"?}')
+        '"rewards"?: [k numbers], "source"?: label or [k labels], "answer"?}',
+    )
 
 
 class GroupsStatus(BaseModel):
@@ -18,5 +20,7 @@ class GroupsStatus(BaseModel):
     accepted: int = Field(0, description="groups this request added")
     pending: int = Field(description="posted groups no step has taken yet")
     trained: int = Field(description="posted groups taken by a step")
-    slots_per_step: int = Field(description="off-policy slots in each step (posted groups are "
-                                            "taken in multiples of the rollout engines)")
+    slots_per_step: int = Field(
+        description="off-policy slots in each step (posted groups are "
+        "taken in multiples of the rollout engines)"
+    )

@@ -12,15 +12,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.errors import Conflict, InvalidSpec
+from service.contract.events import EventType
 from service.contract.groups import fit_problem, group_problem
+from service.contract.spec import RunSpec, offpolicy_per_engine
+from service.contract.states import TERMINAL
+from service.errors import Conflict, InvalidSpec
 from service.models import Project, Run, RunGroup
 from service.offpolicy.schemas import GroupsStatus
 from service.runs.preflight import check_posted_groups
-from service.contract.events import EventType
-from service.contract.states import TERMINAL
 from service.runs.service import add_event, get_run, run_spec
-from service.contract.spec import RunSpec, offpolicy_per_engine
 
 MAX_PENDING = 100_000  # posted groups a run holds untrained
 
@@ -34,9 +34,13 @@ def _slots(spec: RunSpec) -> int:
 
 def _counts(session: Session, run_id: str) -> tuple[int, int]:
     """(pending, trained) posted groups of the run."""
-    rows = dict(session.execute(
-        select(RunGroup.taken_step.is_(None), func.count())
-        .where(RunGroup.run_id == run_id).group_by(RunGroup.taken_step.is_(None))).all())
+    rows = dict(
+        session.execute(
+            select(RunGroup.taken_step.is_(None), func.count())
+            .where(RunGroup.run_id == run_id)
+            .group_by(RunGroup.taken_step.is_(None))
+        ).all()
+    )
     return rows.get(True, 0), rows.get(False, 0)
 
 
@@ -47,31 +51,53 @@ def groups_status(session: Session, project: Project, run_id: str) -> GroupsStat
 
 def _status(session: Session, run: Run, spec: RunSpec, accepted: int = 0) -> GroupsStatus:
     pending, trained = _counts(session, run.id)
-    return GroupsStatus(run_id=run.id, accepted=accepted, pending=pending, trained=trained,
-                        slots_per_step=_slots(spec))
+    return GroupsStatus(
+        run_id=run.id,
+        accepted=accepted,
+        pending=pending,
+        trained=trained,
+        slots_per_step=_slots(spec),
+    )
 
 
-def post_groups(session: Session, settings: Settings, project: Project, run_id: str,
-                groups: list[dict[str, Any]]) -> GroupsStatus:
+def post_groups(
+    session: Session,
+    settings: Settings,
+    project: Project,
+    run_id: str,
+    groups: list[dict[str, Any]],
+) -> GroupsStatus:
     run = get_run(session, project, run_id)
     if run.status in TERMINAL:
         raise Conflict(f"run {run.id} is {run.status}: nothing would train these groups")
     spec = run_spec(run)
     if not _slots(spec):
-        raise Conflict(f"run {run.id} has no off-policy slots (training.offpolicy_fraction is "
-                       "0): submit a run with an offpolicy_fraction above 0 to post groups")
+        raise Conflict(
+            f"run {run.id} has no off-policy slots (training.offpolicy_fraction is "
+            "0): submit a run with an offpolicy_fraction above 0 to post groups"
+        )
     k, ranks = spec.algorithm.group_size, spec.resources.ranks
-    bad = [{"field": f"groups.{i}", "message": problem} for i, group in enumerate(groups)
-           if (problem := group_problem(group) or fit_problem(group, k, ranks))]
+    bad = [
+        {"field": f"groups.{i}", "message": problem}
+        for i, group in enumerate(groups)
+        if (problem := group_problem(group) or fit_problem(group, k, ranks))
+    ]
     if bad:
         raise InvalidSpec(bad)
     check_posted_groups(settings, spec, groups)
     pending, _ = _counts(session, run.id)
     if pending + len(groups) > MAX_PENDING:
-        raise Conflict(f"run {run.id} already holds {pending} untrained groups; at most "
-                       f"{MAX_PENDING} may wait: post more once steps have taken some")
+        raise Conflict(
+            f"run {run.id} already holds {pending} untrained groups; at most "
+            f"{MAX_PENDING} may wait: post more once steps have taken some"
+        )
     session.add_all(RunGroup(run_id=run.id, body=group) for group in groups)
-    add_event(session, run.id, EventType.GROUPS_POSTED, f"{len(groups)} groups posted for the run's "
-              "off-policy slots", data={"groups": len(groups)})
+    add_event(
+        session,
+        run.id,
+        EventType.GROUPS_POSTED,
+        f"{len(groups)} groups posted for the run's off-policy slots",
+        data={"groups": len(groups)},
+    )
     session.flush()
     return _status(session, run, spec, accepted=len(groups))

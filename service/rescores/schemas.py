@@ -26,7 +26,8 @@ class RescoreRead(BaseModel):
     reward_mean_after: float | None = Field(description="once it has succeeded")
     file_id: str | None = Field(
         description="once it has succeeded: the run's groups with their new rewards, a file of "
-                    "purpose offpolicy for a new run's dataset.offpolicy_file")
+        "purpose offpolicy for a new run's dataset.offpolicy_file"
+    )
     error: str | None
     created_at: datetime
     started_at: datetime | None

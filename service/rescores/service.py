@@ -28,29 +28,47 @@ from service.rescores.schemas import RescoreCreate
 from service.runs.service import add_event, check_webhooks, get_run
 
 
-def create_rescore(session: Session, settings: Settings, project: Project, run_id: str,
-                   body: RescoreCreate) -> Rescore:
+def create_rescore(
+    session: Session, settings: Settings, project: Project, run_id: str, body: RescoreCreate
+) -> Rescore:
     run = get_run(session, project, run_id)
     if run.status not in TERMINAL:
-        raise Conflict(f"run {run.id} is {run.status}: re-score it once it has ended (cancel "
-                       "it to end it now), so that no step writes over the new rewards")
-    active = session.scalar(select(Rescore).where(Rescore.run_id == run.id,
-                                                  Rescore.status.in_(RESCORE_ACTIVE)))
+        raise Conflict(
+            f"run {run.id} is {run.status}: re-score it once it has ended (cancel "
+            "it to end it now), so that no step writes over the new rewards"
+        )
+    active = session.scalar(
+        select(Rescore).where(Rescore.run_id == run.id, Rescore.status.in_(RESCORE_ACTIVE))
+    )
     if active is not None:
-        raise Conflict(f"rescore {active.id} of run {run.id} is still {active.status}; one "
-                       "rescore of a run at a time", {"rescore_id": active.id})
+        raise Conflict(
+            f"rescore {active.id} of run {run.id} is still {active.status}; one "
+            "rescore of a run at a time",
+            {"rescore_id": active.id},
+        )
     check_webhooks(settings, body.reward)
-    total, mean = session.execute(select(func.count(), func.avg(Sample.reward))
-                                  .where(Sample.run_id == run.id)).one()
+    total, mean = session.execute(
+        select(func.count(), func.avg(Sample.reward)).where(Sample.run_id == run.id)
+    ).one()
     if not total:
         raise Conflict(f"run {run.id} has no stored samples to re-score")
     number = session.scalar(select(func.count()).where(Rescore.run_id == run.id)) + 1
-    rescore = Rescore(run_id=run.id, number=number, reward=body.reward.model_dump(mode="json"),
-                      samples_total=total, reward_mean_before=mean)
+    rescore = Rescore(
+        run_id=run.id,
+        number=number,
+        reward=body.reward.model_dump(mode="json"),
+        samples_total=total,
+        reward_mean_before=mean,
+    )
     session.add(rescore)
     session.flush()
-    add_event(session, run.id, EventType.RESCORE_QUEUED, f"rescore {rescore.id} of the run's {total} "
-              f"samples queued", data={"rescore_id": rescore.id, "samples": total})
+    add_event(
+        session,
+        run.id,
+        EventType.RESCORE_QUEUED,
+        f"rescore {rescore.id} of the run's {total} samples queued",
+        data={"rescore_id": rescore.id, "samples": total},
+    )
     queue = queue_of(run.spec)
     after_commit(session, lambda: dispatch_rescore(settings, rescore.id, queue))
     return rescore
@@ -60,8 +78,9 @@ def dispatch_rescore(settings: Settings, rescore_id: str, queue: str) -> bool:
     if not enqueue(settings, RESCORE_TASK, rescore_id, queue):
         return False
     with session_scope(settings.resolved_database_url) as session:
-        session.execute(update(Rescore).where(Rescore.id == rescore_id)
-                        .values(dispatched_at=utcnow()))
+        session.execute(
+            update(Rescore).where(Rescore.id == rescore_id).values(dispatched_at=utcnow())
+        )
     return True
 
 
@@ -75,8 +94,9 @@ def get_rescore(session: Session, project: Project, run_id: str, rescore_id: str
 
 def list_rescores(session: Session, project: Project, run_id: str) -> list[Rescore]:
     get_run(session, project, run_id)
-    return list(session.scalars(select(Rescore).where(Rescore.run_id == run_id)
-                                .order_by(Rescore.number)))
+    return list(
+        session.scalars(select(Rescore).where(Rescore.run_id == run_id).order_by(Rescore.number))
+    )
 
 
 def reap_rescores(settings: Settings, publish_grace: timedelta) -> list[str]:
@@ -85,13 +105,27 @@ def reap_rescores(settings: Settings, publish_grace: timedelta) -> list[str]:
     published is published. Returns the ids published."""
     now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
-        session.execute(update(Rescore).where(Rescore.status == RescoreStatus.RUNNING,
-                                              Rescore.lease_expires_at < now)
-                        .values(status=RescoreStatus.QUEUED, lease_owner=None, lease_expires_at=None,
-                                dispatched_at=None))
+        session.execute(
+            update(Rescore)
+            .where(Rescore.status == RescoreStatus.RUNNING, Rescore.lease_expires_at < now)
+            .values(
+                status=RescoreStatus.QUEUED,
+                lease_owner=None,
+                lease_expires_at=None,
+                dispatched_at=None,
+            )
+        )
         unpublished = session.execute(
-            select(Rescore.id, Run.spec).join(Run, Run.id == Rescore.run_id)
-            .where(Rescore.status == RescoreStatus.QUEUED, Rescore.dispatched_at.is_(None),
-                   Rescore.created_at < now - publish_grace)).all()
-    return [rescore_id for rescore_id, spec in unpublished
-            if dispatch_rescore(settings, rescore_id, queue_of(spec))]
+            select(Rescore.id, Run.spec)
+            .join(Run, Run.id == Rescore.run_id)
+            .where(
+                Rescore.status == RescoreStatus.QUEUED,
+                Rescore.dispatched_at.is_(None),
+                Rescore.created_at < now - publish_grace,
+            )
+        ).all()
+    return [
+        rescore_id
+        for rescore_id, spec in unpublished
+        if dispatch_rescore(settings, rescore_id, queue_of(spec))
+    ]

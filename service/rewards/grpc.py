@@ -18,8 +18,13 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServicer):
 
     async def SubmitRewards(self, request, context) -> pb.SubmitRewardsResponse:
         signature = rpc.metadata(context, SIGNATURE_KEY)
-        return await rpc.call(context, self.settings, lambda session: pb.SubmitRewardsResponse(
-            **service.accept_callback(session, request.run_id, request.body, signature)))
+        return await rpc.call(
+            context,
+            self.settings,
+            lambda session: pb.SubmitRewardsResponse(
+                **service.accept_callback(session, request.run_id, request.body, signature)
+            ),
+        )
 
 
 def add_to_server(server: grpc.aio.Server, settings: Settings) -> str:

@@ -2,11 +2,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 
+from service.contract.signing import HEADER
 from service.deps import ProjectDep, SessionDep, SettingsDep
 from service.errors import PayloadTooLarge
 from service.rewards import service
 from service.rewards.schemas import CallbackAccepted, SecretRotated
-from service.contract.signing import HEADER
 
 router = APIRouter(prefix="/v1/runs", tags=["rewards"])
 
@@ -29,7 +29,9 @@ async def _raw_body(request: Request, settings: SettingsDep) -> bytes:
 
 @router.post("/{run_id}/rewards", response_model=CallbackAccepted)
 def reward_callback(
-    run_id: str, raw: Annotated[bytes, Depends(_raw_body)], session: SessionDep,
+    run_id: str,
+    raw: Annotated[bytes, Depends(_raw_body)],
+    session: SessionDep,
     signature: Annotated[str | None, Header(alias=HEADER)] = None,
 ) -> CallbackAccepted:
     """Async reward callback from a reward model, signed with the run's webhook secret
@@ -42,7 +44,10 @@ def reward_callback(
 
 @router.post("/{run_id}/webhook-secret/rotate", response_model=SecretRotated)
 def rotate_webhook_secret(
-    run_id: str, session: SessionDep, project: ProjectDep, settings: SettingsDep,
+    run_id: str,
+    session: SessionDep,
+    project: ProjectDep,
+    settings: SettingsDep,
 ) -> SecretRotated:
     """A new webhook secret, shown once; the previous one keeps verifying callbacks for
     GVPO_WEBHOOK_SECRET_GRACE_S seconds."""

@@ -12,18 +12,21 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from service.config import Settings
+from service.contract.events import EventType
+from service.contract.signing import SignatureError, is_reward, new_secret, verify
 from service.errors import BadRequest, Conflict, NotFound, Unauthorized
 from service.models import Project, RewardRequest, Run
 from service.models.base import utcnow
-from service.contract.signing import SignatureError, is_reward, new_secret, verify
-from service.contract.events import EventType
 from service.runs.service import add_event, get_run
 
 
 def accepted_secrets(run: Run) -> list[str]:
     keys = [run.webhook_secret]
-    if run.previous_webhook_secret and run.previous_secret_expires_at and \
-            run.previous_secret_expires_at > utcnow():
+    if (
+        run.previous_webhook_secret
+        and run.previous_secret_expires_at
+        and run.previous_secret_expires_at > utcnow()
+    ):
         keys.append(run.previous_webhook_secret)
     return keys
 
@@ -33,8 +36,11 @@ def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not JSON: {exc}") from None
-    if not isinstance(body, dict) or not isinstance(body.get("request_id"), str) \
-            or not isinstance(body.get("rewards"), list):
+    if (
+        not isinstance(body, dict)
+        or not isinstance(body.get("request_id"), str)
+        or not isinstance(body.get("rewards"), list)
+    ):
         raise BadRequest('expected {"request_id": "...", "rewards": [{"sample_id", "reward"}]}')
     pairs = []
     for n, row in enumerate(body["rewards"]):
@@ -43,8 +49,10 @@ def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
         if not isinstance(sid, str):
             raise BadRequest(f"rewards[{n}] has no sample_id", {"index": n})
         if not is_reward(value):
-            raise BadRequest(f"rewards[{n}] ({sid}): reward must be a finite number, got {value!r}",
-                             {"sample_id": sid})
+            raise BadRequest(
+                f"rewards[{n}] ({sid}): reward must be a finite number, got {value!r}",
+                {"sample_id": sid},
+            )
         pairs.append((sid, float(value)))
     return body["request_id"], pairs
 
@@ -79,11 +87,14 @@ def _merge_callback(session: Session, run_id: str, raw: bytes, signature: str | 
     known, stored, new = set(request.sample_ids), dict(request.rewards), {}
     for sid, value in pairs:
         if sid not in known:
-            raise BadRequest(f"unknown sample_id {sid!r} in request {request_id}", {"sample_id": sid})
+            raise BadRequest(
+                f"unknown sample_id {sid!r} in request {request_id}", {"sample_id": sid}
+            )
         previous = stored.get(sid, new.get(sid))
         if previous is not None and previous != value:
-            raise Conflict(f"sample {sid} already has reward {previous}; got {value}",
-                           {"sample_id": sid})
+            raise Conflict(
+                f"sample {sid} already has reward {previous}; got {value}", {"sample_id": sid}
+            )
         if sid not in stored:
             new[sid] = value
     if new:
@@ -91,8 +102,11 @@ def _merge_callback(session: Session, run_id: str, raw: bytes, signature: str | 
         if len(request.rewards) == len(known):
             request.completed_at = utcnow()
         session.flush()
-    return {"request_id": request_id, "accepted": len(new),
-            "complete": len(request.rewards) == len(known)}
+    return {
+        "request_id": request_id,
+        "accepted": len(new),
+        "complete": len(request.rewards) == len(known),
+    }
 
 
 def rotate_secret(session: Session, settings: Settings, project: Project, run_id: str) -> dict:
@@ -100,8 +114,15 @@ def rotate_secret(session: Session, settings: Settings, project: Project, run_id
     expires = utcnow() + timedelta(seconds=settings.webhook_secret_grace_s)
     run.previous_webhook_secret, run.previous_secret_expires_at = run.webhook_secret, expires
     run.webhook_secret = new_secret()
-    add_event(session, run.id, EventType.WEBHOOK_SECRET_ROTATED,
-              f"webhook secret rotated; the previous one is accepted until {expires.isoformat()}")
+    add_event(
+        session,
+        run.id,
+        EventType.WEBHOOK_SECRET_ROTATED,
+        f"webhook secret rotated; the previous one is accepted until {expires.isoformat()}",
+    )
     session.flush()
-    return {"run_id": run.id, "webhook_secret": run.webhook_secret,
-            "previous_secret_expires_at": expires}
+    return {
+        "run_id": run.id,
+        "webhook_secret": run.webhook_secret,
+        "previous_secret_expires_at": expires,
+    }

@@ -15,13 +15,13 @@ from gvpo.v1 import runs_pb2 as pb
 from gvpo.v1 import runs_pb2_grpc
 from service import rpc
 from service.config import Settings
+from service.contract.spec import RunSpec
+from service.contract.states import STATES
 from service.errors import InvalidSpec, invalid_spec
 from service.metrics.schemas import StepMetrics
 from service.models import Run
 from service.runs import service, stream
 from service.runs.schemas import EventRead, RunRead
-from service.contract.spec import RunSpec
-from service.contract.states import STATES
 
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE, MAX_IDEMPOTENCY_KEY = 100, 20, 200
 
@@ -45,20 +45,36 @@ def _struct(data: dict | None) -> Struct | None:
 def run_message(run: Run | RunRead) -> pb.Run:
     r = run if isinstance(run, RunRead) else RunRead.model_validate(run)
     return pb.Run(
-        id=r.id, name=r.name or "", status=r.status, step=r.step, total_steps=r.total_steps,
-        cancel_requested=r.cancel_requested, tokens_generated=r.tokens_generated,
-        samples_generated=r.samples_generated, error=r.error or "",
-        created_at=_timestamp(r.created_at), started_at=_timestamp(r.started_at),
-        finished_at=_timestamp(r.finished_at), spec=_struct(r.spec))
+        id=r.id,
+        name=r.name or "",
+        status=r.status,
+        step=r.step,
+        total_steps=r.total_steps,
+        cancel_requested=r.cancel_requested,
+        tokens_generated=r.tokens_generated,
+        samples_generated=r.samples_generated,
+        error=r.error or "",
+        created_at=_timestamp(r.created_at),
+        started_at=_timestamp(r.started_at),
+        finished_at=_timestamp(r.finished_at),
+        spec=_struct(r.spec),
+    )
 
 
 def update_message(item: RunRead | EventRead | StepMetrics) -> pb.RunUpdate:
     if isinstance(item, RunRead):
         return pb.RunUpdate(run=run_message(item))
     if isinstance(item, EventRead):
-        return pb.RunUpdate(event=pb.RunEvent(
-            id=item.id, created_at=_timestamp(item.created_at), type=item.type, level=item.level,
-            message=item.message, data=_struct(item.data)))
+        return pb.RunUpdate(
+            event=pb.RunEvent(
+                id=item.id,
+                created_at=_timestamp(item.created_at),
+                type=item.type,
+                level=item.level,
+                message=item.message,
+                data=_struct(item.data),
+            )
+        )
     return pb.RunUpdate(metrics=pb.StepMetrics(step=item.step, values=item.values))
 
 
@@ -74,11 +90,24 @@ def _list_args(request: pb.ListRunsRequest) -> int:
     """The page size, once page_size and the status filter are checked."""
     size = request.page_size or DEFAULT_PAGE_SIZE
     if not 1 <= size <= MAX_PAGE_SIZE:
-        raise InvalidSpec([{"field": "page_size",
-                            "message": f"must be between 1 and {MAX_PAGE_SIZE}, got {size}"}])
+        raise InvalidSpec(
+            [
+                {
+                    "field": "page_size",
+                    "message": f"must be between 1 and {MAX_PAGE_SIZE}, got {size}",
+                }
+            ]
+        )
     if request.status and request.status not in STATES:
-        raise InvalidSpec([{"field": "status", "message": f"{request.status!r} is not a run "
-                            f"state; use one of {', '.join(STATES)}"}])
+        raise InvalidSpec(
+            [
+                {
+                    "field": "status",
+                    "message": f"{request.status!r} is not a run "
+                    f"state; use one of {', '.join(STATES)}",
+                }
+            ]
+        )
     return size
 
 
@@ -93,11 +122,20 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
         def create(session: Session) -> pb.CreateRunResponse:
             owner = project(session)  # unauthenticated callers learn nothing about their spec
             if key and len(key) > MAX_IDEMPOTENCY_KEY:
-                raise InvalidSpec([{"field": "idempotency_key",
-                                    "message": f"at most {MAX_IDEMPOTENCY_KEY} characters"}])
+                raise InvalidSpec(
+                    [
+                        {
+                            "field": "idempotency_key",
+                            "message": f"at most {MAX_IDEMPOTENCY_KEY} characters",
+                        }
+                    ]
+                )
             run, created = service.create_run(session, self.settings, owner, _spec(request), key)
-            return pb.CreateRunResponse(run=run_message(run), created=created,
-                                        webhook_secret=run.webhook_secret if created else "")
+            return pb.CreateRunResponse(
+                run=run_message(run),
+                created=created,
+                webhook_secret=run.webhook_secret if created else "",
+            )
 
         return await rpc.call(context, self.settings, create)
 
@@ -109,10 +147,12 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
 
         def page(session: Session) -> pb.ListRunsResponse:
             owner, size = project(session), _list_args(request)
-            rows, has_more = service.list_runs(session, owner, request.status or None, size,
-                                               request.page_token or None)
-            return pb.ListRunsResponse(runs=[run_message(r) for r in rows],
-                                       next_page_token=rows[-1].id if has_more else "")
+            rows, has_more = service.list_runs(
+                session, owner, request.status or None, size, request.page_token or None
+            )
+            return pb.ListRunsResponse(
+                runs=[run_message(r) for r in rows], next_page_token=rows[-1].id if has_more else ""
+            )
 
         return await rpc.call(context, self.settings, page)
 
@@ -124,24 +164,30 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
 
     async def ResumeRun(self, request, context) -> pb.Run:
         return await self._one(
-            context, lambda s, p: service.resume_run(s, self.settings, p, request.run_id))
+            context, lambda s, p: service.resume_run(s, self.settings, p, request.run_id)
+        )
 
     async def _one(self, context, op) -> pb.Run:
         project = rpc.authenticated(context, self.settings)
-        return await rpc.call(context, self.settings,
-                              lambda session: run_message(op(session, project(session))))
+        return await rpc.call(
+            context, self.settings, lambda session: run_message(op(session, project(session)))
+        )
 
     async def WatchRun(self, request, context) -> AsyncIterator[pb.RunUpdate]:
         project = rpc.authenticated(context, self.settings)
         # Only the ownership check here: the follower's first update is the run itself.
-        await rpc.call(context, self.settings, lambda session: service.get_run(
-            session, project(session), request.run_id).id)
+        await rpc.call(
+            context,
+            self.settings,
+            lambda session: service.get_run(session, project(session), request.run_id).id,
+        )
 
         async def gone() -> bool:
             return context.cancelled()
 
-        async for item in stream.follow(self.settings, request.run_id, request.after_event_id,
-                                        request.since_step, gone):
+        async for item in stream.follow(
+            self.settings, request.run_id, request.after_event_id, request.since_step, gone
+        ):
             if item is not None:  # gRPC keeps idle streams open with its own pings
                 yield update_message(item)
 

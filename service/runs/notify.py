@@ -70,14 +70,18 @@ def notification_id(run_id: str) -> str:
 
 
 def _due(now: datetime):
-    return (Run.status.in_(TERMINAL), Run.notify_state == NotifyState.PENDING,
-            or_(Run.notify_due_at.is_(None), Run.notify_due_at <= now))
+    return (
+        Run.status.in_(TERMINAL),
+        Run.notify_state == NotifyState.PENDING,
+        or_(Run.notify_due_at.is_(None), Run.notify_due_at <= now),
+    )
 
 
 def due_runs(settings: Settings, limit: int = BATCH) -> list[str]:
     with session_scope(settings.resolved_database_url) as session:
-        return list(session.scalars(
-            select(Run.id).where(*_due(utcnow())).order_by(Run.id).limit(limit)))
+        return list(
+            session.scalars(select(Run.id).where(*_due(utcnow())).order_by(Run.id).limit(limit))
+        )
 
 
 def claim(settings: Settings, run_id: str) -> Claim | None:
@@ -86,18 +90,35 @@ def claim(settings: Settings, run_id: str) -> Claim | None:
     # Past the send's own limit (connect, write and read each have it) and the outcome's write.
     until = now + timedelta(seconds=3 * settings.notify_timeout_s + 30)
     with session_scope(settings.resolved_database_url) as session:
-        taken = session.execute(
-            update(Run).where(Run.id == run_id, *_due(now)).values(notify_due_at=until)
-            .execution_options(synchronize_session=False)).rowcount == 1
+        taken = (
+            session.execute(
+                update(Run)
+                .where(Run.id == run_id, *_due(now))
+                .values(notify_due_at=until)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            == 1
+        )
         if not taken:
             return None
         run = session.get(Run, run_id)
         event_id = notification_id(run.id)
-        body = RunNotification(type=ENDED[RunStatus(run.status)], id=event_id, run_id=run.id,
-                               created_at=run.finished_at or run.created_at,
-                               run=RunSummary.model_validate(run))
-        return Claim(run.id, until, run.notify_attempts, run.spec["notify_url"],
-                     run.webhook_secret, event_id, body.model_dump_json().encode())
+        body = RunNotification(
+            type=ENDED[RunStatus(run.status)],
+            id=event_id,
+            run_id=run.id,
+            created_at=run.finished_at or run.created_at,
+            run=RunSummary.model_validate(run),
+        )
+        return Claim(
+            run.id,
+            until,
+            run.notify_attempts,
+            run.spec["notify_url"],
+            run.webhook_secret,
+            event_id,
+            body.model_dump_json().encode(),
+        )
 
 
 def send(settings: Settings, c: Claim) -> Outcome:
@@ -106,8 +127,15 @@ def send(settings: Settings, c: Claim) -> Outcome:
         return Outcome("retry", f"may not be called: {problem}")
     with httpx.Client(timeout=settings.notify_timeout_s, follow_redirects=False) as client:
         try:
-            answer = post_signed(client, c.url, c.body, c.secret, {EVENT_ID_HEADER: c.event_id},
-                                 MAX_RESPONSE_BYTES, settings.notify_timeout_s)
+            answer = post_signed(
+                client,
+                c.url,
+                c.body,
+                c.secret,
+                {EVENT_ID_HEADER: c.event_id},
+                MAX_RESPONSE_BYTES,
+                settings.notify_timeout_s,
+            )
         except Transient as exc:
             return Outcome("retry", exc.answer, None, exc.retry_after)
     if 200 <= answer.status < 300:
@@ -135,23 +163,40 @@ def record(settings: Settings, c: Claim, outcome: Outcome) -> NotifyState | None
         state = NotifyState.PENDING
         due = utcnow() + timedelta(seconds=backoff_s(settings, tries, outcome.retry_after))
     with session_scope(settings.resolved_database_url) as session:
-        mine = session.execute(
-            update(Run).where(Run.id == c.run_id, Run.notify_state == NotifyState.PENDING,
-                              Run.notify_due_at == c.until)
-            .values(notify_state=state, notify_attempts=tries, notify_due_at=due)
-            .execution_options(synchronize_session=False)).rowcount == 1
+        mine = (
+            session.execute(
+                update(Run)
+                .where(
+                    Run.id == c.run_id,
+                    Run.notify_state == NotifyState.PENDING,
+                    Run.notify_due_at == c.until,
+                )
+                .values(notify_state=state, notify_attempts=tries, notify_due_at=due)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            == 1
+        )
         if not mine:
             return None
         data = {"url": c.url, "status": outcome.status, "attempts": tries, "event_id": c.event_id}
         if state == NotifyState.DELIVERED:
-            add_event(session, c.run_id, EventType.NOTIFY_DELIVERED,
-                      f"run notification delivered to {c.url} (HTTP {outcome.status}, "
-                      f"try {tries})", data=data)
+            add_event(
+                session,
+                c.run_id,
+                EventType.NOTIFY_DELIVERED,
+                f"run notification delivered to {c.url} (HTTP {outcome.status}, try {tries})",
+                data=data,
+            )
         elif state == NotifyState.FAILED:
-            add_event(session, c.run_id, EventType.NOTIFY_FAILED,
-                      f"run notification to {c.url} failed after {tries} "
-                      f"{'try' if tries == 1 else 'tries'}; last answer: {outcome.answer}",
-                      EventLevel.WARNING, {**data, "answer": outcome.answer})
+            add_event(
+                session,
+                c.run_id,
+                EventType.NOTIFY_FAILED,
+                f"run notification to {c.url} failed after {tries} "
+                f"{'try' if tries == 1 else 'tries'}; last answer: {outcome.answer}",
+                EventLevel.WARNING,
+                {**data, "answer": outcome.answer},
+            )
     return state
 
 
@@ -169,7 +214,7 @@ def deliver_due(settings: Settings) -> dict[str, str]:
     else:
         with ThreadPoolExecutor(min(SENDERS, len(ids)), thread_name_prefix="gvpo-notify") as pool:
             states = list(pool.map(lambda run_id: deliver(settings, run_id), ids))
-    return {run_id: state for run_id, state in zip(ids, states) if state is not None}
+    return {run_id: state for run_id, state in zip(ids, states, strict=True) if state is not None}
 
 
 class Notifier(threading.Thread):

@@ -31,18 +31,26 @@ from sqlalchemy.orm import Session
 from tokenizers import Tokenizer
 
 from service.config import Settings
-from service.errors import InvalidSpec
 from service.contract.files import numbered_rows
+from service.contract.spec import RunSpec
+from service.errors import InvalidSpec
 from service.files.service import get_file
 from service.models import File, Project
-from service.contract.spec import RunSpec
 
 FIELD = "model.path"
 LOCAL_PREFIXES = ("/", "./", "../", "~")  # as the worker tells a local path from a hub id
 # Config keys that hold a context length, as vLLM reads them: the smallest one present wins.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-                "model_max_length", "max_target_positions", "max_sequence_length",
-                "max_seq_length", "seq_len")
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_target_positions",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 # RoPE scalings whose factor stretches the context past the config's length (vLLM multiplies
 # by it); yarn, llama3 and longrope configs already state the stretched length.
 STRETCHING_ROPE = ("linear", "dynamic")
@@ -51,8 +59,13 @@ MODEL_FILES = "config.json, tokenizer files and weights"
 MAX_REASON_CHARS = 300
 # What a slow (Python) tokenizer reads when a model has no tokenizer.json: transformers converts
 # it on the worker; the API, which reads only tokenizer.json, then leaves the budgets to it.
-SLOW_TOKENIZER_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                        "vocab.json", "vocab.txt")
+SLOW_TOKENIZER_FILES = (
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+)
 
 
 def _problem(field: str, message: str) -> dict[str, str]:
@@ -100,16 +113,25 @@ def _adapter_problem(settings: Settings, adapter: str | None) -> dict | None:
         return None
     directory, kind = _locate(adapter)
     if kind != "directory":
-        return _unseen_path_problem(settings, adapter, kind, "model.adapter",
-                                    "adapter_config.json and the adapter's weights")
+        return _unseen_path_problem(
+            settings,
+            adapter,
+            kind,
+            "model.adapter",
+            "adapter_config.json and the adapter's weights",
+        )
     if not (directory / "adapter_config.json").is_file():
-        return _problem("model.adapter", f"{adapter!r} has no adapter_config.json; give the "
-                        "folder a PEFT model's save_pretrained wrote (a run's LoRA checkpoint)")
+        return _problem(
+            "model.adapter",
+            f"{adapter!r} has no adapter_config.json; give the "
+            "folder a PEFT model's save_pretrained wrote (a run's LoRA checkpoint)",
+        )
     return None
 
 
-def _unseen_path_problem(settings: Settings, path: str, kind: str, field: str = FIELD,
-                         files: str = MODEL_FILES) -> dict | None:
+def _unseen_path_problem(
+    settings: Settings, path: str, kind: str, field: str = FIELD, files: str = MODEL_FILES
+) -> dict | None:
     """A model path that is no directory here: a problem when the worker cannot see it either
     (the embedded stack shares this machine) or when the settings demand that the API see
     every local path; None for a hub id or a path on a cluster's worker volume."""
@@ -118,10 +140,12 @@ def _unseen_path_problem(settings: Settings, path: str, kind: str, field: str = 
     strict = settings.model_path_check == "strict"
     if not path.startswith(LOCAL_PREFIXES) or not (strict or settings.embedded):
         return None
-    why = ("GVPO_MODEL_PATH_CHECK is strict: the API must see every local model path" if strict
-           else "the API and the worker share this machine, so the worker cannot see it either")
-    return _problem(field, f"no such directory {path!r} ({why}); give a directory with "
-                    f"{files}")
+    why = (
+        "GVPO_MODEL_PATH_CHECK is strict: the API must see every local model path"
+        if strict
+        else "the API and the worker share this machine, so the worker cannot see it either"
+    )
+    return _problem(field, f"no such directory {path!r} ({why}); give a directory with {files}")
 
 
 def _reason(exc: Exception) -> str:
@@ -139,23 +163,33 @@ def _load(path: str, directory: Path) -> tuple[dict, Tokenizer | None]:
 
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise refuse(f"{path!r} has no config.json, so transformers cannot load it as a model; "
-                     f"give the directory written by save_pretrained ({MODEL_FILES})")
+        raise refuse(
+            f"{path!r} has no config.json, so transformers cannot load it as a model; "
+            f"give the directory written by save_pretrained ({MODEL_FILES})"
+        )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise refuse(f"config.json in {path!r} is not valid JSON ({_reason(exc)}); replace it "
-                     "with the model's own config.json") from None
+        raise refuse(
+            f"config.json in {path!r} is not valid JSON ({_reason(exc)}); replace it "
+            "with the model's own config.json"
+        ) from None
     if not isinstance(config, dict):
-        raise refuse(f"config.json in {path!r} is a JSON {type(config).__name__}, not an object; "
-                     "replace it with the model's own config.json")
+        raise refuse(
+            f"config.json in {path!r} is a JSON {type(config).__name__}, not an object; "
+            "replace it with the model's own config.json"
+        )
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
-        raise refuse(f"config.json in {path!r} has no model_type, so transformers cannot tell "
-                     "which architecture to build; replace it with the model's own config.json")
+        raise refuse(
+            f"config.json in {path!r} has no model_type, so transformers cannot tell "
+            "which architecture to build; replace it with the model's own config.json"
+        )
     return config, _tokenizer(path, directory, refuse)
 
 
-def _tokenizer(path: str, directory: Path, refuse: Callable[[str], InvalidSpec]) -> Tokenizer | None:
+def _tokenizer(
+    path: str, directory: Path, refuse: Callable[[str], InvalidSpec]
+) -> Tokenizer | None:
     """The fast tokenizer (tokenizer.json, read by the tokenizers library as transformers reads
     it); None for a model with a slow tokenizer's files only; InvalidSpec without either."""
     fast = directory / "tokenizer.json"
@@ -163,21 +197,27 @@ def _tokenizer(path: str, directory: Path, refuse: Callable[[str], InvalidSpec])
         try:
             return Tokenizer.from_file(str(fast))
         except Exception as exc:  # tokenizers raises its own Exception subclasses
-            raise refuse(f"cannot load the tokenizer in {path!r} (tokenizer.json): "
-                         f"{_reason(exc)}; the directory needs the model's tokenizer files") \
-                from None
+            raise refuse(
+                f"cannot load the tokenizer in {path!r} (tokenizer.json): "
+                f"{_reason(exc)}; the directory needs the model's tokenizer files"
+            ) from None
     if any((directory / name).is_file() for name in SLOW_TOKENIZER_FILES):
         return None
-    raise refuse(f"cannot load the tokenizer in {path!r}: it has no tokenizer.json (nor a slow "
-                 "tokenizer's files); the directory needs the model's tokenizer files")
+    raise refuse(
+        f"cannot load the tokenizer in {path!r}: it has no tokenizer.json (nor a slow "
+        "tokenizer's files); the directory needs the model's tokenizer files"
+    )
 
 
 def context_length(config: dict) -> int | None:
     """The model's context in tokens as vLLM derives it: the smallest length key of its (text)
     config, stretched by a linear or dynamic RoPE scaling factor; None when no key is set."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    lengths = [v for key in CONTEXT_KEYS if isinstance(v := text.get(key), int)
-               and not isinstance(v, bool) and v > 0]
+    lengths = [
+        v
+        for key in CONTEXT_KEYS
+        if isinstance(v := text.get(key), int) and not isinstance(v, bool) and v > 0
+    ]
     if not lengths:
         return None
     rope = text.get("rope_parameters") or text.get("rope_scaling")
@@ -185,9 +225,13 @@ def context_length(config: dict) -> int | None:
         rope = {}
     # one dict, or one per layer type ({"full_attention": {...}, "sliding_attention": {...}})
     layers = [p for p in rope.values() if isinstance(p, dict)] or [rope]
-    factors = [p["factor"] for p in layers
-               if p.get("rope_type", p.get("type")) in STRETCHING_ROPE
-               and isinstance(p.get("factor"), (int, float)) and p["factor"] >= 1]
+    factors = [
+        p["factor"]
+        for p in layers
+        if p.get("rope_type", p.get("type")) in STRETCHING_ROPE
+        and isinstance(p.get("factor"), (int, float))
+        and p["factor"] >= 1
+    ]
     return int(min(lengths) * max(factors, default=1))
 
 
@@ -215,27 +259,42 @@ class _Limit:
         return ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])} or {ways[-1]}"
 
 
-def _budget_problems(session: Session, project: Project, spec: RunSpec, context: int | None,
-                     tokenizer: Tokenizer | None) -> list[dict]:
+def _budget_problems(
+    session: Session,
+    project: Project,
+    spec: RunSpec,
+    context: int | None,
+    tokenizer: Tokenizer | None,
+) -> list[dict]:
     """rollout.max_model_len against the model's context, then every file's sequences against
     the limit. The files were checked (the project's own, with their fields) before this."""
     max_len, problems = spec.rollout.max_model_len, []
     if context is not None and max_len is not None and max_len > context:
-        problems.append(_problem("rollout.max_model_len", f"{max_len} is more than the model's "
-                                 f"context of {context} tokens (its config.json); set it to at "
-                                 f"most {context}, or leave it unset to use the whole context"))
+        problems.append(
+            _problem(
+                "rollout.max_model_len",
+                f"{max_len} is more than the model's "
+                f"context of {context} tokens (its config.json); set it to at "
+                f"most {context}, or leave it unset to use the whole context",
+            )
+        )
     if (limit := _limit(spec, context)) is None or tokenizer is None:
         return problems
     ds = spec.dataset
     for attr in ("train_file", "eval_file"):
         if (file_id := getattr(ds, attr)) is not None:
-            problems += _prompt_problems(get_file(session, project, file_id), attr, spec,
-                                         tokenizer, limit)
+            problems += _prompt_problems(
+                get_file(session, project, file_id), attr, spec, tokenizer, limit
+            )
     if ds.offpolicy_file is not None:
         file = get_file(session, project, ds.offpolicy_file)
-        problems += _group_problems(numbered_rows(file.path), spec, tokenizer, limit,
-                                    lambda line: ("dataset.offpolicy_file",
-                                                  f"the group on line {line} of file {file.id}"))
+        problems += _group_problems(
+            numbered_rows(file.path),
+            spec,
+            tokenizer,
+            limit,
+            lambda line: ("dataset.offpolicy_file", f"the group on line {line} of file {file.id}"),
+        )
     return problems
 
 
@@ -252,24 +311,29 @@ def check_posted_groups(settings: Settings, spec: RunSpec, groups: list[dict]) -
     config, tokenizer = seen
     if (limit := _limit(spec, context_length(config))) is None or tokenizer is None:
         return
-    if problems := _group_problems(list(enumerate(groups)), spec, tokenizer, limit,
-                                   lambda i: (f"groups.{i}", "the group")):
+    if problems := _group_problems(
+        list(enumerate(groups)), spec, tokenizer, limit, lambda i: (f"groups.{i}", "the group")
+    ):
         raise InvalidSpec(problems)
 
 
-def _token_counts(tokenizer: Tokenizer, texts: list[str],
-                  add_special_tokens: bool = True) -> list[int]:
+def _token_counts(
+    tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = True
+) -> list[int]:
     """How many tokens each text is, with the special tokens the model adds to a prompt (as
     transformers' tokenizer(text) counts them), tokenised in batches."""
     counts = []
     for start in range(0, len(texts), TOKENIZE_BATCH):
         batch = texts[start : start + TOKENIZE_BATCH]
-        counts += [len(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens)]
+        counts += [
+            len(e.ids) for e in tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens)
+        ]
     return counts
 
 
-def _prompt_problems(file: File, attr: str, spec: RunSpec, tokenizer: Tokenizer,
-                     limit: _Limit) -> list[dict]:
+def _prompt_problems(
+    file: File, attr: str, spec: RunSpec, tokenizer: Tokenizer, limit: _Limit
+) -> list[dict]:
     """The file's longest prompt, as the engines tokenise it, plus sampling.max_new_tokens
     against the limit."""
     rows = numbered_rows(file.path)
@@ -283,27 +347,45 @@ def _prompt_problems(file: File, attr: str, spec: RunSpec, tokenizer: Tokenizer,
     tokens, line, new = counts[longest], rows[longest][0], spec.sampling.max_new_tokens
     where = f"line {line} of file {file.id} (dataset.{attr})"
     if tokens >= limit.tokens:  # no room for even one new token: only shorter prompts help
-        return [_problem(f"dataset.{attr}", f"the prompt on {where} is {tokens} tokens, which "
-                         f"leaves no room for a completion within {limit}; "
-                         f"{limit.remedies('shorten the prompts')}")]
+        return [
+            _problem(
+                f"dataset.{attr}",
+                f"the prompt on {where} is {tokens} tokens, which "
+                f"leaves no room for a completion within {limit}; "
+                f"{limit.remedies('shorten the prompts')}",
+            )
+        ]
     if tokens + new <= limit.tokens:
         return []
-    return [_problem("sampling.max_new_tokens", f"the longest prompt, on {where}, is {tokens} "
-                     f"tokens; with max_new_tokens {new} a sequence reaches {tokens + new} "
-                     f"tokens, more than {limit}; " + limit.remedies(
-                         f"lower sampling.max_new_tokens to at most {limit.tokens - tokens}",
-                         "shorten the prompts"))]
+    return [
+        _problem(
+            "sampling.max_new_tokens",
+            f"the longest prompt, on {where}, is {tokens} "
+            f"tokens; with max_new_tokens {new} a sequence reaches {tokens + new} "
+            f"tokens, more than {limit}; "
+            + limit.remedies(
+                f"lower sampling.max_new_tokens to at most {limit.tokens - tokens}",
+                "shorten the prompts",
+            ),
+        )
+    ]
 
 
-def _group_problems(rows: list[tuple[int, dict]], spec: RunSpec, tokenizer: Tokenizer, limit: _Limit,
-                    where: Callable[[int], tuple[str, str]]) -> list[dict]:
+def _group_problems(
+    rows: list[tuple[int, dict]],
+    spec: RunSpec,
+    tokenizer: Tokenizer,
+    limit: _Limit,
+    where: Callable[[int], tuple[str, str]],
+) -> list[dict]:
     """The longest off-policy group sequence against the limit: its prompt and its longest
     completion with the EOS the learner appends (workers/offpolicy.py), or, for a group of
     fewer than k that the run tops up with its own samples, max_new_tokens if that is more.
     `rows` are (number, group); `where(number)` gives the field and the words for the group."""
     prompts = _token_counts(tokenizer, [row["prompt"] for _, row in rows])
-    flat = _token_counts(tokenizer, [c for _, row in rows for c in row["completions"]],
-                         add_special_tokens=False)
+    flat = _token_counts(
+        tokenizer, [c for _, row in rows for c in row["completions"]], add_special_tokens=False
+    )
     k, new = spec.algorithm.group_size, spec.sampling.max_new_tokens
     worst, start = (0, 0, 0, 0, 0), 0  # (total, line, prompt, completion, topped up)
     for (line, row), prompt in zip(rows, prompts, strict=True):
@@ -317,8 +399,10 @@ def _group_problems(rows: list[tuple[int, dict]], spec: RunSpec, tokenizer: Toke
     if total <= limit.tokens:
         return []
     if topped:
-        longest = (f"{topped} completion{'s' * (topped > 1)} the run samples to top the group "
-                   f"up, of up to max_new_tokens ({new})")
+        longest = (
+            f"{topped} completion{'s' * (topped > 1)} the run samples to top the group "
+            f"up, of up to max_new_tokens ({new})"
+        )
         room = limit.tokens - prompt
         ways = [f"lower sampling.max_new_tokens to at most {room}"] if room > 0 else []
         ways += [f"give that group all {k} completions", "leave it out"]
@@ -326,5 +410,10 @@ def _group_problems(rows: list[tuple[int, dict]], spec: RunSpec, tokenizer: Toke
         longest = f"a completion of {completion} with the EOS the learner appends"
         ways = ["shorten that group's completions or prompt", "leave it out"]
     field, group = where(line)
-    return [_problem(field, f"{group} needs {total} tokens, more than {limit}: a prompt of "
-                     f"{prompt} and {longest}; {limit.remedies(*ways)}")]
+    return [
+        _problem(
+            field,
+            f"{group} needs {total} tokens, more than {limit}: a prompt of "
+            f"{prompt} and {longest}; {limit.remedies(*ways)}",
+        )
+    ]

@@ -38,24 +38,50 @@ def reap_runs(settings: Settings, publish_grace: timedelta = PUBLISH_GRACE) -> l
     """One pass; returns the ids of the runs it published."""
     now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
-        expired = session.execute(select(Run.id, Run.lease_owner).where(
-            Run.status == RunStatus.RUNNING, Run.lease_expires_at < now)).all()
+        expired = session.execute(
+            select(Run.id, Run.lease_owner).where(
+                Run.status == RunStatus.RUNNING, Run.lease_expires_at < now
+            )
+        ).all()
         for run_id, owner in expired:
-            taken = session.execute(
-                update(Run).where(Run.id == run_id, Run.status == RunStatus.RUNNING,
-                                  Run.lease_expires_at < now)
-                .values(status=RunStatus.QUEUED, lease_owner=None, lease_expires_at=None,
-                        dispatched_at=None)).rowcount == 1
+            taken = (
+                session.execute(
+                    update(Run)
+                    .where(
+                        Run.id == run_id,
+                        Run.status == RunStatus.RUNNING,
+                        Run.lease_expires_at < now,
+                    )
+                    .values(
+                        status=RunStatus.QUEUED,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        dispatched_at=None,
+                    )
+                ).rowcount
+                == 1
+            )
             if taken:
-                add_event(session, run_id, EventType.RUN_REQUEUED,
-                          f"the lease of worker {owner} expired; queued again to resume from the "
-                          "latest checkpoint", EventLevel.WARNING, {"worker": owner})
+                add_event(
+                    session,
+                    run_id,
+                    EventType.RUN_REQUEUED,
+                    f"the lease of worker {owner} expired; queued again to resume from the "
+                    "latest checkpoint",
+                    EventLevel.WARNING,
+                    {"worker": owner},
+                )
         # (the runs just requeued are among these: same transaction, old created_at)
-        unpublished = session.execute(select(Run.id, Run.spec).where(
-            Run.status == RunStatus.QUEUED, Run.dispatched_at.is_(None),
-            Run.created_at < now - publish_grace)).all()
-    return [run_id for run_id, spec in unpublished
-            if dispatch_run(settings, run_id, queue_of(spec))]
+        unpublished = session.execute(
+            select(Run.id, Run.spec).where(
+                Run.status == RunStatus.QUEUED,
+                Run.dispatched_at.is_(None),
+                Run.created_at < now - publish_grace,
+            )
+        ).all()
+    return [
+        run_id for run_id, spec in unpublished if dispatch_run(settings, run_id, queue_of(spec))
+    ]
 
 
 class Reaper(threading.Thread):

@@ -3,11 +3,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.contract.spec import RunSpec
+from service.contract.states import RunStatus
 from service.deps import DB_INT_MAX, ProjectDep, SessionDep, SettingsDep
 from service.runs import service, stream
 from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead, RunStates
-from service.contract.spec import RunSpec
-from service.contract.states import RunStatus
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 states_router = APIRouter(tags=["runs"])
@@ -20,11 +20,14 @@ def run_states() -> RunStates:
     return RunStates.of_contract()
 
 
-
 @router.post("", status_code=201, response_model=RunCreated)
 def create_run(
-    spec: RunSpec, response: Response, session: SessionDep, project: ProjectDep,
-    settings: SettingsDep, idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    spec: RunSpec,
+    response: Response,
+    session: SessionDep,
+    project: ProjectDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> RunCreated:
     """Create a run. The response carries the run's webhook_secret, once; replays of the same
     Idempotency-Key with the same body return the same run (200, webhook_secret null)."""
@@ -38,14 +41,18 @@ def create_run(
 
 @router.get("", response_model=RunList)
 def list_runs(
-    session: SessionDep, project: ProjectDep,
+    session: SessionDep,
+    project: ProjectDep,
     status: Annotated[RunStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(description="cursor: the last run id of the previous page")] = None,
+    after: Annotated[
+        str | None, Query(description="cursor: the last run id of the previous page")
+    ] = None,
 ) -> RunList:
     rows, has_more = service.list_runs(session, project, status, limit, after)
     return RunList(
-        data=[RunRead.model_validate(r) for r in rows], has_more=has_more,
+        data=[RunRead.model_validate(r) for r in rows],
+        has_more=has_more,
         next_cursor=rows[-1].id if has_more else None,
     )
 
@@ -66,38 +73,59 @@ def pause_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
 
 
 @router.post("/{run_id}/resume", response_model=RunRead)
-def resume_run(run_id: str, session: SessionDep, settings: SettingsDep,
-               project: ProjectDep) -> RunRead:
+def resume_run(
+    run_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep
+) -> RunRead:
     return RunRead.model_validate(service.resume_run(session, settings, project, run_id))
 
 
-@router.get("/{run_id}/events/stream", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}},
-                             "description": "Server-Sent Events: one per run event"}})
+@router.get(
+    "/{run_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Server-Sent Events: one per run event",
+        }
+    },
+)
 def stream_events(
-    run_id: str, request: Request, session: SessionDep, settings: SettingsDep,
+    run_id: str,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
     project: ProjectDep,
     last_event_id: Annotated[int | None, Header(ge=0, le=DB_INT_MAX)] = None,
     after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
-    metrics: Annotated[bool, Query(
-        description="also send `run` (its state, when status or step changes) and `metrics` "
-                    "(each step's) messages")] = False,
-    since_step: Annotated[int, Query(ge=0, le=DB_INT_MAX,
-                                     description="with metrics: only steps after this one")] = 0,
+    metrics: Annotated[
+        bool,
+        Query(
+            description="also send `run` (its state, when status or step changes) and `metrics` "
+            "(each step's) messages"
+        ),
+    ] = False,
+    since_step: Annotated[
+        int, Query(ge=0, le=DB_INT_MAX, description="with metrics: only steps after this one")
+    ] = 0,
 ) -> StreamingResponse:
     """The run's events as Server-Sent Events until the run ends. Reconnect with
     `Last-Event-ID` (or `?after=`) to continue after the last event received."""
     service.get_run(session, project, run_id)  # 404 for another project's run
     start = last_event_id if last_event_id is not None else after or 0
     return StreamingResponse(
-        stream.event_stream(settings, run_id, start, since_step if metrics else None,
-                            request.is_disconnected),
-        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        stream.event_stream(
+            settings, run_id, start, since_step if metrics else None, request.is_disconnected
+        ),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 @router.get("/{run_id}/events", response_model=EventList)
 def list_events(
-    run_id: str, session: SessionDep, project: ProjectDep,
+    run_id: str,
+    session: SessionDep,
+    project: ProjectDep,
     after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:

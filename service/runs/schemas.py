@@ -69,12 +69,18 @@ class RunStates(BaseModel):
     terminal: list[RunStatus] = Field(description="ended: a run in one never changes again")
     live: list[RunStatus] = Field(description="waiting for or held by a worker")
     transitions: dict[RunStatus, list[RunStatus]] = Field(
-        description="each state's possible next states")
+        description="each state's possible next states"
+    )
     actions: dict[str, list[RunStatus]] = Field(
-        description="the states in which POST /v1/runs/{id}/<action> is allowed (else 409)")
+        description="the states in which POST /v1/runs/{id}/<action> is allowed (else 409)"
+    )
 
     @classmethod
     def of_contract(cls) -> "RunStates":
-        return cls(states=list(RunStatus), terminal=_ordered(TERMINAL), live=_ordered(LIVE),
-                   transitions={s: _ordered(targets) for s, targets in TRANSITIONS.items()},
-                   actions={action: _ordered(states) for action, states in ACTIONS.items()})
+        return cls(
+            states=list(RunStatus),
+            terminal=_ordered(TERMINAL),
+            live=_ordered(LIVE),
+            transitions={s: _ordered(targets) for s, targets in TRANSITIONS.items()},
+            actions={action: _ordered(states) for action, states in ACTIONS.items()},
+        )

@@ -11,15 +11,15 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.contract import storage
-from service.contract.storage import CheckpointKind
 from service.contract.events import EventLevel, EventType
-from service.contract.groups import fit_problem
 from service.contract.files import FilePurpose, numbered_rows
+from service.contract.groups import fit_problem
 from service.contract.outbound import unreachable, webhook_url_problem
-from service.contract.signing import new_secret
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward
+from service.contract.signing import new_secret
 from service.contract.spec import RunSpec
 from service.contract.states import ACTIONS, TERMINAL, NotifyState, RunStatus
+from service.contract.storage import CheckpointKind
 from service.contract.tasks import RUN_TASK, queue_of
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue
@@ -31,8 +31,12 @@ from service.runs.preflight import check_model
 
 
 def add_event(
-    session: Session, run_id: str, type_: EventType, message: str,
-    level: EventLevel = EventLevel.INFO, data: dict[str, Any] | None = None,
+    session: Session,
+    run_id: str,
+    type_: EventType,
+    message: str,
+    level: EventLevel = EventLevel.INFO,
+    data: dict[str, Any] | None = None,
 ) -> None:
     session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))
 
@@ -51,10 +55,12 @@ def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
             bad.append({"field": f"dataset.{kind}", "message": exc.message})
             continue
         bad += [
-            {"field": f"dataset.{attr}", "message": f"file {file.id} has no field {name!r} in "
-             f"every row (fields present in every row: {', '.join(file.fields) or 'none'})"}
-            for attr, name in (("prompt_field", ds.prompt_field),
-                               ("answer_field", ds.answer_field))
+            {
+                "field": f"dataset.{attr}",
+                "message": f"file {file.id} has no field {name!r} in "
+                f"every row (fields present in every row: {', '.join(file.fields) or 'none'})",
+            }
+            for attr, name in (("prompt_field", ds.prompt_field), ("answer_field", ds.answer_field))
             if name not in file.fields
         ]
     bad += _offpolicy_problems(session, project, spec)
@@ -74,8 +80,13 @@ def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> li
     except NotFound as exc:
         return [{"field": field, "message": exc.message}]
     if file.purpose != FilePurpose.OFFPOLICY:
-        return [{"field": field, "message": f"file {file.id} was uploaded with purpose "
-                 f"{file.purpose!r}; off-policy groups need purpose 'offpolicy'"}]
+        return [
+            {
+                "field": field,
+                "message": f"file {file.id} was uploaded with purpose "
+                f"{file.purpose!r}; off-policy groups need purpose 'offpolicy'",
+            }
+        ]
     k, ranks = spec.algorithm.group_size, spec.resources.ranks
     for number, row in numbered_rows(file.path):
         if problem := fit_problem(row, k, ranks):
@@ -93,31 +104,58 @@ def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> RunSp
     ckpt = session.get(Checkpoint, model.checkpoint)
     source = ckpt and session.get(Run, ckpt.run_id)
     if source is None or source.project_id != project.id:
-        raise InvalidSpec([{"field": "model.checkpoint",
-                            "message": f"no checkpoint {model.checkpoint!r} in this project"}])
+        raise InvalidSpec(
+            [
+                {
+                    "field": "model.checkpoint",
+                    "message": f"no checkpoint {model.checkpoint!r} in this project",
+                }
+            ]
+        )
     bad = []
     if source.status not in TERMINAL:
-        bad.append({"field": "model.checkpoint", "message": f"checkpoint {ckpt.id} belongs to "
-                    f"run {source.id}, which is {source.status}: its keep_last may still delete "
-                    "it; start from it once that run has ended"})
+        bad.append(
+            {
+                "field": "model.checkpoint",
+                "message": f"checkpoint {ckpt.id} belongs to "
+                f"run {source.id}, which is {source.status}: its keep_last may still delete "
+                "it; start from it once that run has ended",
+            }
+        )
     elif not storage.exists(ckpt.path):
-        bad.append({"field": "model.checkpoint",
-                    "message": f"checkpoint {ckpt.id} has no files left at {ckpt.path}"})
-    bad += [{"field": f"model.{name}", "message": "leave it out with model.checkpoint, which "
-             "sets it"} for name in ("path", "adapter") if getattr(model, name) is not None]
+        bad.append(
+            {
+                "field": "model.checkpoint",
+                "message": f"checkpoint {ckpt.id} has no files left at {ckpt.path}",
+            }
+        )
+    bad += [
+        {"field": f"model.{name}", "message": "leave it out with model.checkpoint, which sets it"}
+        for name in ("path", "adapter")
+        if getattr(model, name) is not None
+    ]
     trained = run_spec(source).model
     filled = {"path": ckpt.path}
     if ckpt.kind == CheckpointKind.LORA_ADAPTER:
         filled = {"path": trained.path, "adapter": ckpt.path, "lora": trained.lora}
         if "lora" in model.model_fields_set and model.lora != trained.lora:
-            bad.append({"field": "model.lora", "message": f"checkpoint {ckpt.id} is a LoRA "
-                        "adapter, trained on with its own settings: leave model.lora out"})
+            bad.append(
+                {
+                    "field": "model.lora",
+                    "message": f"checkpoint {ckpt.id} is a LoRA "
+                    "adapter, trained on with its own settings: leave model.lora out",
+                }
+            )
     if bad:
         raise InvalidSpec(bad)
     try:
         return RunSpec.model_validate(
-            {**spec.model_dump(), "model": {**model.model_dump(), **filled},
-             "webhook_secret": spec.webhook_secret})
+            {
+                **spec.model_dump(),
+                "model": {**model.model_dump(), **filled},
+                "webhook_secret": spec.webhook_secret,
+            }
+        )
     except ValidationError as exc:  # a rule the filled-in model breaks (LoRA and fsdp, say)
         raise invalid_spec(exc.errors(), spec.model_dump()) from None
 
@@ -127,16 +165,25 @@ def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | Non
     webhook with probe set answers."""
     hooks = [("reward", reward)] if isinstance(reward, WebhookReward) else []
     if isinstance(reward, CompositeReward):
-        hooks = [(f"reward.components.{i}", c) for i, c in enumerate(reward.components)
-                 if isinstance(c, WebhookReward)]
+        hooks = [
+            (f"reward.components.{i}", c)
+            for i, c in enumerate(reward.components)
+            if isinstance(c, WebhookReward)
+        ]
     urls = [(f"{where}.url", hook.url) for where, hook in hooks]
     if notify_url is not None:
         urls.append(("notify_url", notify_url))
-    bad = [{"field": field, "message": problem} for field, url in urls
-           if (problem := webhook_url_problem(url, settings.webhook_allow_private))]
+    bad = [
+        {"field": field, "message": problem}
+        for field, url in urls
+        if (problem := webhook_url_problem(url, settings.webhook_allow_private))
+    ]
     if not bad:  # only URLs that may be called are probed
-        bad = [{"field": f"{where}.url", "message": problem} for where, hook in hooks
-               if hook.probe and (problem := unreachable(hook.url))]
+        bad = [
+            {"field": f"{where}.url", "message": problem}
+            for where, hook in hooks
+            if hook.probe and (problem := unreachable(hook.url))
+        ]
     if bad:
         raise InvalidSpec(bad)
 
@@ -169,8 +216,11 @@ def _replay(session: Session, project: Project, key: str, digest: str) -> Run | 
 
 
 def create_run(
-    session: Session, settings: Settings, project: Project,
-    spec: RunSpec, idempotency_key: str | None,
+    session: Session,
+    settings: Settings,
+    project: Project,
+    spec: RunSpec,
+    idempotency_key: str | None,
 ) -> tuple[Run, bool]:
     """Record a queued run and enqueue it after commit. Returns (run, created)."""
     digest = _request_hash(spec)
@@ -182,11 +232,15 @@ def create_run(
     check_webhooks(settings, spec.reward, spec.notify_url)
     stored = _stored_spec(spec)
     run = Run(
-        project_id=project.id, name=spec.name, spec=stored,
-        webhook_secret=(spec.webhook_secret.get_secret_value() if spec.webhook_secret
-                        else new_secret()),
+        project_id=project.id,
+        name=spec.name,
+        spec=stored,
+        webhook_secret=(
+            spec.webhook_secret.get_secret_value() if spec.webhook_secret else new_secret()
+        ),
         idempotency_key=idempotency_key,
-        request_hash=digest, total_steps=spec.training.steps,
+        request_hash=digest,
+        total_steps=spec.training.steps,
         notify_state=NotifyState.PENDING if spec.notify_url else None,
     )
     session.add(run)
@@ -199,8 +253,9 @@ def create_run(
         if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
             return existing, False
         raise
-    add_event(session, run.id, EventType.RUN_QUEUED,
-              f"run queued on queue {spec.resources.queue!r}")
+    add_event(
+        session, run.id, EventType.RUN_QUEUED, f"run queued on queue {spec.resources.queue!r}"
+    )
     after_commit(session, lambda: dispatch_run(settings, run.id, spec.resources.queue))
     return run, True
 
@@ -223,8 +278,10 @@ def run_spec(run: Run) -> RunSpec:
     try:
         return RunSpec.model_validate(run.spec)
     except ValidationError as exc:
-        raise Conflict(f"run {run.id}'s stored spec no longer passes today's rules "
-                       f"({exc.error_count()} problems); submit a new run") from None
+        raise Conflict(
+            f"run {run.id}'s stored spec no longer passes today's rules "
+            f"({exc.error_count()} problems); submit a new run"
+        ) from None
 
 
 def get_run(session: Session, project: Project, run_id: str) -> Run:
@@ -235,7 +292,11 @@ def get_run(session: Session, project: Project, run_id: str) -> Run:
 
 
 def list_runs(
-    session: Session, project: Project, status: str | None, limit: int, after: str | None,
+    session: Session,
+    project: Project,
+    status: str | None,
+    limit: int,
+    after: str | None,
 ) -> tuple[list[Run], bool]:
     """Newest first; ids are time-ordered, so `after` (a run id) is a stable cursor."""
     stmt = select(Run).where(Run.project_id == project.id)
@@ -264,8 +325,12 @@ def cancel_run(session: Session, project: Project, run_id: str) -> Run:
     elif not run.cancel_requested:
         # A running loop checks this flag between steps and stops cooperatively.
         run.cancel_requested = True
-        add_event(session, run.id, EventType.RUN_CANCEL_REQUESTED,
-                  "cancel requested; stops after this step")
+        add_event(
+            session,
+            run.id,
+            EventType.RUN_CANCEL_REQUESTED,
+            "cancel requested; stops after this step",
+        )
     session.flush()
     return run
 
@@ -280,8 +345,12 @@ def pause_run(session: Session, project: Project, run_id: str) -> Run:
     elif not run.pause_requested:
         # The loop checks this between steps: it writes a checkpoint, frees the worker and exits.
         run.pause_requested = True
-        add_event(session, run.id, EventType.RUN_PAUSE_REQUESTED,
-                  "pause requested; the run checkpoints and stops after this step")
+        add_event(
+            session,
+            run.id,
+            EventType.RUN_PAUSE_REQUESTED,
+            "pause requested; the run checkpoints and stops after this step",
+        )
     session.flush()
     return run
 
@@ -291,15 +360,23 @@ def resume_run(session: Session, settings: Settings, project: Project, run_id: s
     if run.status not in ACTIONS["resume"]:
         raise _refused(run, "resume")
     run.status, run.pause_requested, run.dispatched_at = RunStatus.QUEUED, False, None
-    add_event(session, run.id, EventType.RUN_RESUME_REQUESTED,
-              f"run queued again; it continues after step {run.step}")
+    add_event(
+        session,
+        run.id,
+        EventType.RUN_RESUME_REQUESTED,
+        f"run queued again; it continues after step {run.step}",
+    )
     session.flush()
     after_commit(session, lambda: dispatch_run(settings, run.id, queue_of(run.spec)))
     return run
 
 
 def list_events(
-    session: Session, project: Project, run_id: str, after: int | None, limit: int,
+    session: Session,
+    project: Project,
+    run_id: str,
+    after: int | None,
+    limit: int,
 ) -> tuple[list[RunEvent], bool]:
     get_run(session, project, run_id)
     stmt = select(RunEvent).where(RunEvent.run_id == run_id)

@@ -47,21 +47,30 @@ def poll(settings: Settings, run_id: str, after_event: int, since_step: int | No
         # The run first: a step's metrics commit together with the run's step, and the final
         # event with the final status, so what is read next is complete up to what it says.
         run = RunRead.model_validate(session.get(Run, run_id))
-        events = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id,
-                                                        RunEvent.id > after_event)
-                                 .order_by(RunEvent.id).limit(BATCH)).all()
+        events = session.scalars(
+            select(RunEvent)
+            .where(RunEvent.run_id == run_id, RunEvent.id > after_event)
+            .order_by(RunEvent.id)
+            .limit(BATCH)
+        ).all()
         out = Poll(run, [EventRead.model_validate(e) for e in events])
         if since_step is not None:
-            out.metrics = step_metrics(session, run_id, since_step,
-                                       min(run.step, since_step + BATCH))
+            out.metrics = step_metrics(
+                session, run_id, since_step, min(run.step, since_step + BATCH)
+            )
         return out
 
 
 Update = RunRead | EventRead | StepMetrics | None
 
 
-async def follow(settings: Settings, run_id: str, after_event: int, since_step: int | None,
-                 gone: Callable[[], Awaitable[bool]]) -> AsyncIterator[Update]:
+async def follow(
+    settings: Settings,
+    run_id: str,
+    after_event: int,
+    since_step: int | None,
+    gone: Callable[[], Awaitable[bool]],
+) -> AsyncIterator[Update]:
     """Yields the run whenever its status or step changes (first at once), then each new event
     and, unless since_step is None, each finished step's metrics; None after KEEPALIVE_S of
     silence. Returns once the run has ended and everything up to its end was yielded, or when
@@ -100,8 +109,13 @@ def sse_message(item: Update) -> str:
     return f"event: {kind}\ndata: {data}\n\n"
 
 
-async def event_stream(settings: Settings, run_id: str, after: int, since_step: int | None,
-                       disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+async def event_stream(
+    settings: Settings,
+    run_id: str,
+    after: int,
+    since_step: int | None,
+    disconnected: Callable[[], Awaitable[bool]],
+) -> AsyncIterator[str]:
     """SSE: the run's events; with since_step given, also its state and step metrics."""
     async for item in follow(settings, run_id, after, since_step, disconnected):
         if since_step is None and isinstance(item, RunRead):

@@ -40,8 +40,13 @@ def load_training_state(directory: Path) -> tuple[dict[str, Any], dict[str, Any]
 
 
 def save_checkpoint(
-    directory: Path, model, tokenizer, step: int, extra: dict[str, Any],
-    optimizer_state: dict[str, Any], model_state: dict[str, Any] | None = None,
+    directory: Path,
+    model,
+    tokenizer,
+    step: int,
+    extra: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    model_state: dict[str, Any] | None = None,
 ) -> int:
     """Write the checkpoint for `step` into `directory`; returns its size in bytes.
     `model_state`: the weights to save instead of the model's own (a sharded model's, whole)."""
@@ -56,4 +61,3 @@ def save_checkpoint(
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-

@@ -49,9 +49,14 @@ class LearnerConfig:
 
     @classmethod
     def of(cls, spec: RunSpec) -> "LearnerConfig":
-        return cls(spec.algorithm, spec.optimizer, spec.training.mini_batches,
-                   spec.training.micro_batch_tokens, spec.sampling.max_new_tokens,
-                   sharded=spec.resources.strategy == "fsdp")
+        return cls(
+            spec.algorithm,
+            spec.optimizer,
+            spec.training.mini_batches,
+            spec.training.micro_batch_tokens,
+            spec.sampling.max_new_tokens,
+            sharded=spec.resources.strategy == "fsdp",
+        )
 
 
 @dataclass
@@ -155,18 +160,22 @@ class _Tally:
         return LearnStats(
             loss=t["loss"] / max(updates, 1),
             grad_norm=sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else 0.0,
-            kl_ref=t["kl"] / tokens, logratio_mean=mean, logratio_std=math.sqrt(max(var, 0.0)),
+            kl_ref=t["kl"] / tokens,
+            logratio_mean=mean,
+            logratio_std=math.sqrt(max(var, 0.0)),
             entropy=t["entropy"] / tokens,
             residual_r2=1 - t["resid_sq"] / t["spread_sq"] if t["spread_sq"] > 0 else math.nan,
             logprob_diff_max=diff if diff > -math.inf else math.nan,
-            zero_variance_frac=zero_var / max(groups, 1), groups_trained=int(trained),
+            zero_variance_frac=zero_var / max(groups, 1),
+            groups_trained=int(trained),
             updates=updates if trained else 0,
         )
 
 
 class Learner:
-    def __init__(self, model, config: LearnerConfig, device: torch.device, pad_id: int,
-                 initial_model=None) -> None:
+    def __init__(
+        self, model, config: LearnerConfig, device: torch.device, pad_id: int, initial_model=None
+    ) -> None:
         """`initial_model`: the starting model for reference="initial" when `model` is no longer
         it (a resumed run); by default a frozen copy of `model`."""
         self.model, self.config, self.device, self.pad_id = model, config, device, pad_id
@@ -183,8 +192,9 @@ class Learner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         opt = config.optimizer
         # fused: one kernel over all parameters (2-3x faster optimizer steps on CPU as on GPU)
-        self.optimizer = torch.optim.AdamW(self.params, lr=opt.lr, weight_decay=opt.weight_decay,
-                                           fused=not self.collective.sharded)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=opt.lr, weight_decay=opt.weight_decay, fused=not self.collective.sharded
+        )
 
     def checkpoint_state(self) -> tuple[dict | None, dict]:
         """(model state dict, optimizer state dict) to save; the model's is None when the
@@ -221,14 +231,17 @@ class Learner:
             # Nothing to learn from; still measure the diagnostics so every step has them.
             keep = everything
         n_mb = min(self.config.mini_batches, trainable) if trainable else 1
-        plans = [[mb for mb in self.micro_batches(batch, part.tolist()) if mb]
-                 for part in np.array_split(np.array(keep, dtype=int), n_mb)]
+        plans = [
+            [mb for mb in self.micro_batches(batch, part.tolist()) if mb]
+            for part in np.array_split(np.array(keep, dtype=int), n_mb)
+        ]
         real = [len(plan) for plan in plans]
         if self.collective.sharded:  # every rank runs as many passes as the busiest one
             for plan, passes in zip(plans, self.collective.max(real), strict=True):
                 plan.extend([[0]] * (int(passes) - len(plan)))  # fillers: any one group
-        references = [self._reference_logps(batch, plan, first=i == 0)
-                      for i, plan in enumerate(plans)]
+        references = [
+            self._reference_logps(batch, plan, first=i == 0) for i, plan in enumerate(plans)
+        ]
         tally = _Tally()
         for i, (plan, reference) in enumerate(zip(plans, references, strict=True)):
             self._update(batch, plan, real[i], reference, bool(trainable), tally, first=i == 0)
@@ -281,8 +294,16 @@ class Learner:
             ref = self._token_logps(batch, plan, reference)
         return _Reference(old=old, ref=ref)
 
-    def _update(self, batch: GroupBatch, plan: list[list[int]], real: int, reference: _Reference,
-                train: bool, tally: _Tally, first: bool) -> None:
+    def _update(
+        self,
+        batch: GroupBatch,
+        plan: list[list[int]],
+        real: int,
+        reference: _Reference,
+        train: bool,
+        tally: _Tally,
+        first: bool,
+    ) -> None:
         """One optimizer update over the groups in `plan` (train=False: measure, no update);
         micro-batches from index `real` on are FSDP fillers. `first`: no update has happened
         yet this step, so the forward pass sees the weights that sampled the batch."""
@@ -305,10 +326,14 @@ class Learner:
             ref = current if ref is None else ref
             shape = (len(mb), k, -1)  # (B, T) -> (g, k, T)
             inputs = LossInputs(
-                policy_token_logps=lp.token_logps.view(shape), old_token_logps=old.view(shape),
-                ref_token_logps=ref.view(shape), mask=lp.mask.view(shape),
-                rewards=batch.rewards[mb].to(self.device), beta=algo.beta,
-                clip_eps=algo.clip_eps, max_new_tokens=self.config.max_new_tokens,
+                policy_token_logps=lp.token_logps.view(shape),
+                old_token_logps=old.view(shape),
+                ref_token_logps=ref.view(shape),
+                mask=lp.mask.view(shape),
+                rewards=batch.rewards[mb].to(self.device),
+                beta=algo.beta,
+                clip_eps=algo.clip_eps,
+                max_new_tokens=self.config.max_new_tokens,
             )
             loss = self.objective.per_group(inputs).sum() / n_groups
             if train:
@@ -322,8 +347,14 @@ class Learner:
             self.optimizer.step()
 
     @torch.no_grad()
-    def _compare_sampling(self, batch: GroupBatch, mb: list[int], logps: torch.Tensor,
-                          mask: torch.Tensor, tally: _Tally) -> None:
+    def _compare_sampling(
+        self,
+        batch: GroupBatch,
+        mb: list[int],
+        logps: torch.Tensor,
+        mask: torch.Tensor,
+        tally: _Tally,
+    ) -> None:
         engine = torch.zeros_like(logps)  # (B, C)
         rows = [row for g in mb for row in batch.sampling_logps[g]]
         for i, row in enumerate(rows):
@@ -342,8 +373,13 @@ class Learner:
         implicit = x.beta * (s - s.mean(dim=1, keepdim=True))  # (g, k)
         actual = r - r.mean(dim=1, keepdim=True)  # (g, k)
         tally.add(
-            loss=loss, kl=float(((log_ratio.exp() - 1 - log_ratio) * x.mask).sum()),  # k3
-            entropy=float((entropy.view_as(x.mask) * x.mask).sum()), tokens=float(x.mask.sum()),
-            s_sum=float(s.sum()), s_sq=float(s.pow(2).sum()), s_n=float(s.numel()),
-            resid_sq=float((actual - implicit).pow(2).sum()), spread_sq=float(actual.pow(2).sum()),
+            loss=loss,
+            kl=float(((log_ratio.exp() - 1 - log_ratio) * x.mask).sum()),  # k3
+            entropy=float((entropy.view_as(x.mask) * x.mask).sum()),
+            tokens=float(x.mask.sum()),
+            s_sum=float(s.sum()),
+            s_sq=float(s.pow(2).sum()),
+            s_n=float(s.numel()),
+            resid_sq=float((actual - implicit).pow(2).sum()),
+            spread_sq=float(actual.pow(2).sum()),
         )

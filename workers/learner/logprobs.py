@@ -21,7 +21,10 @@ class SequenceBatch:
 
 
 def build_batch(
-    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: torch.device,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    device: torch.device,
 ) -> SequenceBatch:
     width_p = max(len(p) for p in prompts)
     width_c = max(len(c) for c in completions)
@@ -33,8 +36,9 @@ def build_batch(
         attn[row, start : width_p + len(c)] = 1
     positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
     comp = attn[:, width_p:].clone()
-    return SequenceBatch(ids.to(device), attn.to(device), positions.to(device), comp.to(device),
-                         width_p)
+    return SequenceBatch(
+        ids.to(device), attn.to(device), positions.to(device), comp.to(device), width_p
+    )
 
 
 @dataclass
@@ -51,8 +55,10 @@ class SequenceLogProbs:
 def sequence_logprobs(model, batch: SequenceBatch, with_entropy: bool = False) -> SequenceLogProbs:
     width_c = batch.completion_mask.shape[1]
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, logits_to_keep=width_c + 1,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=width_c + 1,
     ).logits  # (B, C + 1, V): columns P-1 .. P+C-1
     logits = logits[:, :-1].float()  # (B, C, V): column P-1+t predicts completion token t
     targets = batch.input_ids[:, batch.prompt_width :]  # (B, C)

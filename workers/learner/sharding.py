@@ -45,11 +45,14 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 def full_state(model, optimizer) -> tuple[dict, dict]:
     """The unsharded model and optimizer state dicts on rank 0 (empty elsewhere): a collective,
     so every rank calls it."""
-    return (get_model_state_dict(model, options=FULL),
-            get_optimizer_state_dict(model, optimizer, options=FULL))
+    return (
+        get_model_state_dict(model, options=FULL),
+        get_optimizer_state_dict(model, optimizer, options=FULL),
+    )
 
 
 def load_optimizer(model, optimizer, state: dict) -> None:
     """Each rank keeps its shard of a full optimizer state dict (as full_state wrote it)."""
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+    )

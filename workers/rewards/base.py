@@ -16,8 +16,14 @@ class Scores:
 
 
 class Scorer(Protocol):
-    def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
-              purpose: str = "train", groups: list[int] | None = None) -> Scores:
+    def score(
+        self,
+        step: int,
+        examples: list[Example],
+        rollouts: list[Rollout],
+        purpose: str = "train",
+        groups: list[int] | None = None,
+    ) -> Scores:
         """(G, k) rewards for the groups; `purpose` "eval" for an evaluation's; `groups`: each
         group's index in the step when these are some of its groups (default 0, 1, ...)."""
         ...

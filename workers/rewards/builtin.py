@@ -9,8 +9,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.contract.rewards import (BUILTIN_REWARDS as NAMES, LengthPenaltyParams, RegexParams,
-                                      RewardParams)
+from service.contract.rewards import (
+    BUILTIN_REWARDS as NAMES,
+)
+from service.contract.rewards import (
+    LengthPenaltyParams,
+    RegexParams,
+    RewardParams,
+)
 from workers.registry import Registry
 
 
@@ -27,8 +33,10 @@ get_reward = BUILTIN_REWARDS.lookup
 def register_reward(name: str):
     """Implement the contract's built-in reward `name`, with the contract's parameters."""
     if name not in NAMES:
-        raise ValueError(f"{name!r} is not a built-in reward of the contract; add it to "
-                         "service/contract/rewards.py first")
+        raise ValueError(
+            f"{name!r} is not a built-in reward of the contract; add it to "
+            "service/contract/rewards.py first"
+        )
 
     def wrap(fn: Callable[[str, str | None, RewardParams], float]):
         BUILTIN_REWARDS.register(name)(Builtin(fn, NAMES[name]))

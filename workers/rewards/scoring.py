@@ -19,10 +19,18 @@ class BuiltinScorer:
         builtin = get_reward(spec.name)
         self.fn, self.params = builtin.fn, builtin.params.model_validate(spec.params)
 
-    def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
-              purpose: str = "train", groups: list[int] | None = None) -> Scores:
-        rewards = [[self.fn(c.text, e.answer, self.params) for c in r.completions]
-                   for e, r in zip(examples, rollouts, strict=True)]
+    def score(
+        self,
+        step: int,
+        examples: list[Example],
+        rollouts: list[Rollout],
+        purpose: str = "train",
+        groups: list[int] | None = None,
+    ) -> Scores:
+        rewards = [
+            [self.fn(c.text, e.answer, self.params) for c in r.completions]
+            for e, r in zip(examples, rollouts, strict=True)
+        ]
         return Scores(torch.tensor(rewards, dtype=torch.float32))  # (G, k)
 
 
@@ -31,11 +39,21 @@ class CompositeScorer:
         self.labels, self.parts = spec.labels(), parts
         self.weights = [c.weight for c in spec.components]
 
-    def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
-              purpose: str = "train", groups: list[int] | None = None) -> Scores:
-        components = {label: part.score(step, examples, rollouts, purpose, groups).rewards
-                      for label, part in zip(self.labels, self.parts, strict=True)}
-        total = sum(w * components[label] for w, label in zip(self.weights, self.labels, strict=True))
+    def score(
+        self,
+        step: int,
+        examples: list[Example],
+        rollouts: list[Rollout],
+        purpose: str = "train",
+        groups: list[int] | None = None,
+    ) -> Scores:
+        components = {
+            label: part.score(step, examples, rollouts, purpose, groups).rewards
+            for label, part in zip(self.labels, self.parts, strict=True)
+        }
+        total = sum(
+            w * components[label] for w, label in zip(self.weights, self.labels, strict=True)
+        )
         return Scores(total, components)
 
 

@@ -17,7 +17,6 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import httpx
@@ -25,8 +24,8 @@ import torch
 
 from service.contract.events import EventLevel, EventType
 from service.contract.outbound import Transient, post_signed, webhook_url_problem
-from service.contract.signing import REQUEST_ID_HEADER, is_reward
 from service.contract.rewards import WebhookReward
+from service.contract.signing import REQUEST_ID_HEADER, is_reward
 from service.contract.webhooks import RewardItem, RewardRequest
 from workers.data import Example
 from workers.errors import RunError
@@ -60,19 +59,23 @@ class WebhookContext:
     batch_tag: str = ""
 
     @classmethod
-    def of_run(cls, settings: "Settings", recorder: "RunRecorder",
-               batch_tag: str = "") -> "WebhookContext":
+    def of_run(
+        cls, settings: "Settings", recorder: "RunRecorder", batch_tag: str = ""
+    ) -> "WebhookContext":
         """The context of `recorder`'s run: its secret, its callback URL, retries recorded as
         its events, async requests on its rows."""
         run_id = recorder.run_id
         return cls(
-            run_id=run_id, secret=recorder.webhook_secret,
+            run_id=run_id,
+            secret=recorder.webhook_secret,
             callback_url=f"{settings.resolved_api_url}/v1/runs/{run_id}/rewards",
             allow_private=settings.webhook_allow_private,
             max_response_bytes=settings.webhook_max_response_bytes,
-            on_retry=lambda message, data: recorder.event(EventType.REWARD_RETRY, message,
-                                                          EventLevel.WARNING, data),
-            open_request=recorder.open_reward_request, results=recorder.reward_results,
+            on_retry=lambda message, data: recorder.event(
+                EventType.REWARD_RETRY, message, EventLevel.WARNING, data
+            ),
+            open_request=recorder.open_reward_request,
+            results=recorder.reward_results,
             batch_tag=batch_tag,
         )
 
@@ -91,49 +94,70 @@ class WebhookScorer:
     def __init__(self, spec: WebhookReward, ctx: WebhookContext) -> None:
         self.spec, self.ctx = spec, ctx
 
-    def score(self, step: int, examples: list[Example], rollouts: list[Rollout],
-              purpose: str = "train", groups: list[int] | None = None) -> Scores:
+    def score(
+        self,
+        step: int,
+        examples: list[Example],
+        rollouts: list[Rollout],
+        purpose: str = "train",
+        groups: list[int] | None = None,
+    ) -> Scores:
         run = self.ctx.run_id.removeprefix("run_")
         batch = batch_name(step, self.ctx.batch_tag or purpose)
         head = {"step": step, "purpose": purpose}  # what every request of the batch says
         numbers = groups or range(len(examples))  # each group's index in the step
         items = [
-            RewardItem(sample_id=sample_id(self.ctx.run_id, batch, g, i),
-                       group_id=f"grp_{run}_{batch}_{g}", prompt=e.prompt, completion=c.text,
-                       answer=e.answer)
+            RewardItem(
+                sample_id=sample_id(self.ctx.run_id, batch, g, i),
+                group_id=f"grp_{run}_{batch}_{g}",
+                prompt=e.prompt,
+                completion=c.text,
+                answer=e.answer,
+            )
             for g, e, r in zip(numbers, examples, rollouts, strict=True)
             for i, c in enumerate(r.completions)
         ]
         size, attempt = self.spec.max_items_per_request, secrets.token_hex(3)
         # A fresh request id per execution of the step: a late callback to an earlier attempt
         # (before a resume) can never fill in rewards for different completions.
-        requests = {f"rq_{run}_{batch}_{n}_{attempt}": items[start : start + size]
-                    for n, start in enumerate(range(0, len(items), size))}
+        requests = {
+            f"rq_{run}_{batch}_{n}_{attempt}": items[start : start + size]
+            for n, start in enumerate(range(0, len(items), size))
+        }
         with httpx.Client(timeout=self.spec.timeout_s, follow_redirects=False) as client:
             if self.spec.mode == "async":
                 rewards = self._collect_async(client, head, requests)
             else:
                 rewards = {}
                 for request_id, chunk in requests.items():
-                    answer = self._post_with_retries(client, self._body(request_id, head, chunk),
-                                                     request_id)
+                    answer = self._post_with_retries(
+                        client, self._body(request_id, head, chunk), request_id
+                    )
                     rewards.update(self._parse(answer, chunk))
         k = len(rollouts[0].completions)
         flat = [rewards[item.sample_id] for item in items]
         return Scores(torch.tensor(flat, dtype=torch.float32).view(len(rollouts), k))  # (G, k)
 
     def _body(self, request_id: str, head: dict, chunk: list[RewardItem]) -> bytes:
-        return RewardRequest(request_id=request_id, run_id=self.ctx.run_id, **head,
-                             callback_url=self.ctx.callback_url,
-                             items=chunk).model_dump_json().encode()
+        return (
+            RewardRequest(
+                request_id=request_id,
+                run_id=self.ctx.run_id,
+                **head,
+                callback_url=self.ctx.callback_url,
+                items=chunk,
+            )
+            .model_dump_json()
+            .encode()
+        )
 
-    def _collect_async(self, client: httpx.Client, head: dict,
-                       requests: dict[str, list[RewardItem]]) -> dict[str, float]:
+    def _collect_async(
+        self, client: httpx.Client, head: dict, requests: dict[str, list[RewardItem]]
+    ) -> dict[str, float]:
         rewards: dict[str, float] = {}
         pending: dict[str, tuple[float, int]] = {}  # request id -> (deadline, sends)
         for request_id, chunk in requests.items():
-            self.ctx.open_request(request_id, head["step"],
-                                  [item.sample_id for item in chunk])
+            self.ctx.open_request(request_id, head["step"], [item.sample_id for item in chunk])
             if (answer := self._send_async(client, head, request_id, chunk)) is not None:
                 rewards.update(answer)
             else:
@@ -149,11 +173,14 @@ class WebhookScorer:
                 if sends >= self.spec.max_attempts:
                     raise RunError(
                         f"reward webhook {self.spec.url}: no complete callback for {request_id} "
-                        f"within timeout_s={self.spec.timeout_s:g} after {sends} tries")
+                        f"within timeout_s={self.spec.timeout_s:g} after {sends} tries"
+                    )
                 self.ctx.on_retry(
                     f"reward webhook {self.spec.url}: no complete callback for {request_id} "
                     f"within {self.spec.timeout_s:g} s; sending it again ({sends + 1} of "
-                    f"{self.spec.max_attempts})", {"url": self.spec.url, "request_id": request_id})
+                    f"{self.spec.max_attempts})",
+                    {"url": self.spec.url, "request_id": request_id},
+                )
                 answer = self._send_async(client, head, request_id, requests[request_id])
                 if answer is not None:
                     rewards.update(answer)
@@ -164,8 +191,9 @@ class WebhookScorer:
                 self.ctx.sleep(POLL_S)
         return rewards
 
-    def _send_async(self, client: httpx.Client, head: dict, request_id: str,
-                    chunk: list[RewardItem]) -> dict[str, float] | None:
+    def _send_async(
+        self, client: httpx.Client, head: dict, request_id: str, chunk: list[RewardItem]
+    ) -> dict[str, float] | None:
         """POST one async request; its rewards if the model answered at once, else None (202)."""
         answer = self._post_with_retries(client, self._body(request_id, head, chunk), request_id)
         return None if answer is ACCEPTED else self._parse(answer, chunk)
@@ -187,34 +215,54 @@ class WebhookScorer:
             self.ctx.on_retry(
                 f"reward webhook {url} answered {last.answer}; retry {attempt} of {tries - 1} "
                 f"in {delay:.1f} s",
-                {"url": url, "answer": last.answer, "attempt": attempt, "delay_s": delay,
-                 "request_id": request_id},
+                {
+                    "url": url,
+                    "answer": last.answer,
+                    "attempt": attempt,
+                    "delay_s": delay,
+                    "request_id": request_id,
+                },
             )
             self.ctx.sleep(delay)
-        raise RunError(f"reward webhook {url} failed after {tries} tries; last answer: {last.answer}")
+        raise RunError(
+            f"reward webhook {url} failed after {tries} tries; last answer: {last.answer}"
+        )
 
     def _post(self, client: httpx.Client, body: bytes, request_id: str) -> object:
         """One signed POST: the parsed JSON of a 200, ACCEPTED for an async 202."""
-        answer = post_signed(client, self.spec.url, body, self.ctx.secret(),
-                             {REQUEST_ID_HEADER: request_id}, self.ctx.max_response_bytes,
-                             self.spec.timeout_s)
+        answer = post_signed(
+            client,
+            self.spec.url,
+            body,
+            self.ctx.secret(),
+            {REQUEST_ID_HEADER: request_id},
+            self.ctx.max_response_bytes,
+            self.spec.timeout_s,
+        )
         if answer.over_limit:
-            raise RunError(f"reward webhook {self.spec.url} sent more than "
-                           f"{self.ctx.max_response_bytes} bytes")
+            raise RunError(
+                f"reward webhook {self.spec.url} sent more than {self.ctx.max_response_bytes} bytes"
+            )
         if answer.retryable:
             raise Transient(answer.describe(), answer.retry_after)
         if answer.status == 202 and self.spec.mode == "async":
             return ACCEPTED
         if answer.status != 200:
-            expected = "202, or 200 with rewards" if self.spec.mode == "async" else "200 with rewards"
-            raise RunError(f"reward webhook {self.spec.url} answered HTTP {answer.status} "
-                           f"({answer.text[:200]!r}); a {self.spec.mode} reward model must answer "
-                           f"{expected}")
+            expected = (
+                "202, or 200 with rewards" if self.spec.mode == "async" else "200 with rewards"
+            )
+            raise RunError(
+                f"reward webhook {self.spec.url} answered HTTP {answer.status} "
+                f"({answer.text[:200]!r}); a {self.spec.mode} reward model must answer "
+                f"{expected}"
+            )
         try:
             return json.loads(answer.text)
         except json.JSONDecodeError:
-            raise RunError(f"reward webhook {self.spec.url} answered 200 with a body that is "
-                           f"not JSON: {answer.text[:200]!r}") from None
+            raise RunError(
+                f"reward webhook {self.spec.url} answered 200 with a body that is "
+                f"not JSON: {answer.text[:200]!r}"
+            ) from None
 
     def _parse(self, answer: object, chunk: list[RewardItem]) -> dict[str, float]:
         wanted = {item.sample_id for item in chunk}
@@ -226,13 +274,19 @@ class WebhookScorer:
             sid = row.get("sample_id") if isinstance(row, dict) else None
             value = row.get("reward") if isinstance(row, dict) else None
             if sid not in wanted or sid in got:
-                raise RunError(f"reward webhook {self.spec.url} answered an unknown or repeated "
-                               f"sample_id {sid!r}")
+                raise RunError(
+                    f"reward webhook {self.spec.url} answered an unknown or repeated "
+                    f"sample_id {sid!r}"
+                )
             if not is_reward(value):
-                raise RunError(f"reward webhook {self.spec.url} answered a non-finite or "
-                               f"non-numeric reward {value!r} for {sid}")
+                raise RunError(
+                    f"reward webhook {self.spec.url} answered a non-finite or "
+                    f"non-numeric reward {value!r} for {sid}"
+                )
             got[sid] = float(value)
         if missing := wanted - got.keys():
-            raise RunError(f"reward webhook {self.spec.url} left {len(missing)} of {len(wanted)} "
-                           f"samples without a reward (e.g. {sorted(missing)[0]})")
+            raise RunError(
+                f"reward webhook {self.spec.url} left {len(missing)} of {len(wanted)} "
+                f"samples without a reward (e.g. {sorted(missing)[0]})"
+            )
         return got

