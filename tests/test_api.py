@@ -7,7 +7,7 @@ No worker runs here, so runs stay queued; the real filesystem broker shows what 
 import copy
 
 import pytest
-from helpers import assert_error, auth, broker_run_ids, copy_rows, jsonl
+from factories import assert_error, auth, broker_run_ids, copy_rows, jsonl
 
 pytestmark = pytest.mark.both_backends
 

@@ -6,7 +6,7 @@ request may get a 5xx, and each documented response must match the schema."""
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from helpers import auth, copy_rows, jsonl
+from factories import auth, copy_rows, jsonl
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error

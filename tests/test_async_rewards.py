@@ -6,7 +6,7 @@ import math
 import time
 
 import pytest
-from helpers import assert_error, auth, submit
+from factories import assert_error, auth, submit
 from reward_server import Behaviour, RewardServer, ThreadServer
 from sqlalchemy import select
 
@@ -330,7 +330,7 @@ def test_a_rotated_out_secret_stops_working_after_the_grace_period(settings, pen
 
 def test_a_user_given_secret_is_used_and_never_stored_in_the_spec(api, settings, make_key,
                                                                   tiny_model_dir):
-    from helpers import copy_rows, jsonl
+    from factories import copy_rows, jsonl
 
     key = make_key()
     upload = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl", jsonl(copy_rows(4)))})

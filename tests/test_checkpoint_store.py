@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers import auth, submit
+from factories import auth, submit
 from safetensors.torch import load_file
 from sqlalchemy import select
 from test_resume import STEPS, kill_after_first_checkpoint, resumable

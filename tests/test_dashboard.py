@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from browser import chromium_page
-from helpers import auth, copy_rows, write_jsonl
+from factories import auth, copy_rows, write_jsonl
 from playwright.sync_api import expect
 from test_e2e import cli, make_settings, spec, wait_for
 

@@ -4,7 +4,7 @@ worker waits it out and the run finishes with every step recorded exactly once."
 import threading
 import time
 
-from helpers import submit
+from factories import submit
 from sqlalchemy import func, select
 
 from service.config import Settings

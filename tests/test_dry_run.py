@@ -3,7 +3,7 @@ checked against the formula computed here by hand from the models' own forward p
 
 import pytest
 import torch
-from helpers import assert_error, auth, submit
+from factories import assert_error, auth, submit
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.db import session_scope

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import BACKENDS, backend_settings
-from helpers import auth, copy_rows, write_jsonl
+from factories import auth, copy_rows, write_jsonl
 
 from service.config import Settings
 from service.stack import Stack, free_port, stack_env

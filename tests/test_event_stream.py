@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from helpers import auth, submit
+from factories import auth, submit
 from reward_server import ThreadServer
 
 from service.db import session_scope

@@ -8,7 +8,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from helpers import auth, copy_rows, write_jsonl
+from factories import auth, copy_rows, write_jsonl
 from conftest import CLUSTER_SECRETS, backend_settings
 from services import start_redis
 from test_e2e import cli, make_settings, project_with_file, spec, wait_for

@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import copy_rows, jsonl
+from factories import copy_rows, jsonl
 from reward_server import Behaviour, RewardServer, ThreadServer
 
 from gvpo.v1 import rewards_pb2, rewards_pb2_grpc, runs_pb2, runs_pb2_grpc

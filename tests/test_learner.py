@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import set_constant_logits
+from factories import set_constant_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.runs.spec import RunSpec, SamplingSpec

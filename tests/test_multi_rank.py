@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import copy_rows, submit
+from factories import copy_rows, submit
 from sqlalchemy import func, select, update
 from test_pause import call, events
 from test_resume import STEPS, final_weights, kill_after_first_checkpoint

@@ -15,7 +15,7 @@ from datetime import datetime
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from helpers import assert_error, auth, copy_rows, jsonl, submit
+from factories import assert_error, auth, copy_rows, jsonl, submit
 from reward_server import ThreadServer
 from sqlalchemy import select, update
 

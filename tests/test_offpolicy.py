@@ -4,7 +4,7 @@ no importance sampling; mixed with fresh rollouts by training.offpolicy_fraction
 import random
 
 import pytest
-from helpers import assert_error, auth, copy_rows, jsonl, submit
+from factories import assert_error, auth, copy_rows, jsonl, submit
 from sqlalchemy import select
 
 from service.db import session_scope

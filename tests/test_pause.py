@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from helpers import submit
+from factories import submit
 from sqlalchemy import func, select
 
 from service.db import session_scope

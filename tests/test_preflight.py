@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import assert_error, auth, broker_run_ids, jsonl
+from factories import assert_error, auth, broker_run_ids, jsonl
 
 from service.errors import InvalidSpec
 from service.main import create_app

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from helpers import assert_error, auth, submit
+from factories import assert_error, auth, submit
 from reward_server import Behaviour, RewardServer, score
 from sqlalchemy import select
 

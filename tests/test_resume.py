@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import submit
+from factories import submit
 from safetensors.torch import load_file
 from sqlalchemy import func, select
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import submit
+from factories import submit
 from sqlalchemy import func, select
 
 from service.db import session_scope

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import set_constant_logits, submit
+from factories import set_constant_logits, submit
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

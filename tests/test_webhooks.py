@@ -1,7 +1,7 @@
 """Sync reward webhooks against a real reward server over loopback HTTP."""
 
 import pytest
-from helpers import submit
+from factories import submit
 from reward_server import Behaviour, RewardServer
 from sqlalchemy import select
 
@@ -97,7 +97,7 @@ def test_a_wrong_secret_is_refused_by_the_receiver(hooks_settings, tiny_model_di
 
 
 def _create(api, key: str, model_dir, reward: dict):
-    from helpers import auth, copy_rows, jsonl
+    from factories import auth, copy_rows, jsonl
 
     upload = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl", jsonl(copy_rows(4)))})
     body = {"model": {"path": str(model_dir)}, "dataset": {"train_file": upload.json()["id"]},
@@ -112,7 +112,7 @@ def _create(api, key: str, model_dir, reward: dict):
 ])
 def test_private_webhook_urls_are_refused_at_submission(api, make_key, tiny_model_dir, url,
                                                         field):
-    from helpers import assert_error
+    from factories import assert_error
 
     resp = _create(api, make_key(), tiny_model_dir, {"type": "webhook", "url": url})
     assert_error(resp, 422, "invalid_request")
@@ -182,7 +182,7 @@ def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_set
     """probe: true asks the URL for any answer at submission (a HEAD: no data, no signature);
     without it, nothing is sent before the run."""
     from fastapi.testclient import TestClient
-    from helpers import assert_error
+    from factories import assert_error
 
     from service.main import create_app
     from service.stack import free_port
