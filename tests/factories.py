@@ -124,6 +124,17 @@ SUBMITTED = {"algorithm": {"reference": "initial"}, "rollout": {"engine": "hf"},
              "checkpoint": {"every_steps": 3, "keep_last": 1}}
 
 
+# A user's shortest spec: the spec's own algorithm, optimizer and training defaults, and 16
+# new tokens (within the tiny model's context). For tests that only submit a run.
+SPEC_DEFAULTS = {"algorithm": DROP, "optimizer": DROP, "training": DROP,
+                 "sampling": {"max_new_tokens": 16}}
+
+# How the end-to-end tests (a worker process of the embedded stack) change the copy task: 8
+# steps of 4 prompts, a checkpoint every 4, the starting model as the reference.
+STACK_RUN = {"algorithm": {"reference": "initial"},
+             "training": {"steps": 8, "prompts_per_step": 4}, "checkpoint": {"every_steps": 4}}
+
+
 def submit(settings, model_path, reward: dict | None = None, eval_rows: list | None = None,
            offpolicy_rows: list | None = None, **sections) -> str:
     """A queued run of project "loop" on 32 rows of the copy task, created straight through
