@@ -42,7 +42,8 @@ def loaded_to_failed_s(settings, run_id: str) -> float:
     slows down as much as it likes)."""
     with session_scope(settings.resolved_database_url) as session:
         at = dict(session.execute(select(RunEvent.type, RunEvent.created_at).where(
-            RunEvent.run_id == run_id, RunEvent.type.in_(["run.model_loaded", "run.failed"]))))
+            RunEvent.run_id == run_id,
+            RunEvent.type.in_(["run.model_loaded", "run.failed"]))).all())
     return (at["run.failed"] - at["run.model_loaded"]).total_seconds()
 
 
