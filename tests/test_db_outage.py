@@ -29,7 +29,7 @@ def test_worker_waits_out_a_database_outage(tmp_path, tiny_model_dir, postgres, 
                            for r in caplog.records) >= 2,
                WORKER_S, "the worker to retry its database work twice")
     postgres.start()
-    worker.join(timeout=180)
+    worker.join(timeout=300)
     assert result["status"] == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)

@@ -330,7 +330,7 @@ def test_gvpo_up_stops_cleanly_on_ctrl_c(tmp_path):
     stack = _process_tree(up.pid)
     assert len(stack) >= 4  # gvpo up, the API, the worker and its pool child
     up.send_signal(signal.SIGINT)
-    assert up.wait(timeout=30) == 0
+    assert up.wait(timeout=60) == 0  # the stack stops its children within their grace
     wait_until(lambda: not stack & _process_tree(1), 30,  # none of them is left anywhere
                "every process of the stack to exit")
     with pytest.raises(httpx.HTTPError):
