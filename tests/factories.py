@@ -50,8 +50,12 @@ def wait_for_run(http, run_id: str, statuses: set[str], timeout: float = 180.0) 
         last.update(http.get(f"/v1/runs/{run_id}").json())
         return dict(last) if last["status"] in statuses else None
 
-    return wait_until(reached, timeout, f"run {run_id} to be {' or '.join(sorted(statuses))}",
-                      every=0.3)
+    try:
+        return wait_until(reached, timeout, f"run {run_id} to be {' or '.join(sorted(statuses))}",
+                          every=0.3)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: it stayed {last.get('status')} (step {last.get('step')}, "
+                             f"error {last.get('error')!r})") from None
 
 
 # ---------------------------------------------------------------- data
