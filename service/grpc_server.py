@@ -43,6 +43,7 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self._tracker: asyncio.Task | None = None
+        self.port: int | None = None  # bound by start()
 
     @property
     def address(self) -> str:
@@ -50,13 +51,16 @@ class GrpcServer:
 
     async def start(self) -> None:
         try:
-            self.server.add_insecure_port(self.address)
+            self.port = self.server.add_insecure_port(self.address)  # the port it bound
         except RuntimeError as exc:
             raise RuntimeError(f"cannot serve gRPC on {self.address} (GVPO_GRPC_PORT): {exc}") \
                 from None
+        # Known from the first call on: NOT_SERVING until the first readiness check passes (an
+        # unknown name would answer NOT_FOUND, as if the service did not exist).
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self._tracker = asyncio.create_task(self._track_readiness())
-        log.info("gRPC API on %s", self.address)
+        log.info("gRPC API on %s:%d", self.settings.api_host, self.port)
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._tracker:
@@ -69,8 +73,10 @@ class GrpcServer:
         while True:
             checks = await asyncio.to_thread(readiness, self.settings)
             ok = all(v == "ok" for v in checks.values())
-            status = health_pb2.HealthCheckResponse.SERVING if ok else \
-                health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", *self.services):
-                await self.health.set(name, status)
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING if ok else
+                                   health_pb2.HealthCheckResponse.NOT_SERVING)
             await asyncio.sleep(READINESS_EVERY_S)
+
+    async def _set_health(self, status) -> None:
+        for name in ("", *self.services):
+            await self.health.set(name, status)

@@ -2,6 +2,10 @@
 
 Used by `gvpo up` (foreground), `gvpo demo` and the tests. Both children get the same GVPO_*
 environment, so they share the SQLite database and the file-backed broker under data_dir.
+
+This process binds the API's port and hands the listening socket to the API child: a port that
+is taken fails at once with a clear message, and GVPO_API_PORT=0 takes a port the system assigns
+(`Stack.url` says which) with no window in which another process could take it first.
 """
 
 import os
@@ -18,9 +22,37 @@ from service.config import Settings
 
 
 def free_port() -> int:
+    """A port nothing listens on now. Only a number: another process may take it before the
+    caller binds it, so a server we start ourselves should bind port 0 instead (listen_socket)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (0: a port the system assigns) and listening, for a
+    server to serve on (uvicorn's `sockets=`), in this process or in a child it is passed to."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise RuntimeError(f"cannot serve the API on {host}:{port} (GVPO_API_PORT): {exc}") \
+            from None
+
+
+def serve_api(fd: int) -> None:
+    """The API child: the app served on the listening socket its parent passed down as `fd`."""
+    import uvicorn
+
+    from service.config import get_settings
+    from service.main import UnsafeSettings, create_app
+
+    try:
+        app = create_app(get_settings())
+    except UnsafeSettings as exc:
+        sys.exit(f"Error: {exc}")
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(
+        sockets=[socket.socket(fileno=fd)])
 
 
 def stack_env(settings: Settings) -> dict[str, str]:
@@ -62,22 +94,30 @@ class Stack:
     def url(self) -> str:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, command: list[str], pass_fds: tuple[int, ...] = ()) -> None:
         out = None
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *args], env=stack_env(self.settings),
-            stdout=out, stderr=subprocess.STDOUT if out else None,
+            [sys.executable, "-m", *command], env=stack_env(self.settings),
+            stdout=out, stderr=subprocess.STDOUT if out else None, pass_fds=pass_fds,
             # Own process group: stop() can then end the worker's pool children with it.
             start_new_session=True,
         )
 
+    def _spawn_api(self) -> None:
+        """Bind the API's port here, then start the API child serving on that socket; the
+        settings the children get name the port bound."""
+        with listen_socket(self.settings.api_host, self.settings.api_port) as sock:
+            port = sock.getsockname()[1]
+            self.settings = self.settings.model_copy(update={"api_port": port})
+            self._spawn("api", ["service.stack", str(sock.fileno())], (sock.fileno(),))
+
     def start(self, ready_timeout: float = 60.0) -> "Stack":
         try:
-            self._spawn("api", ["api"])
-            self._spawn("worker", ["worker"])
+            self._spawn_api()
+            self._spawn("worker", ["service.cli", "worker"])
             self.wait_ready(ready_timeout)
         except BaseException:
             self.stop(grace=2)  # never leave half a stack running
@@ -101,7 +141,7 @@ class Stack:
 
     def start_worker(self) -> None:
         """A new worker process, in place of one that died."""
-        self._spawn("worker", ["worker"])
+        self._spawn("worker", ["service.cli", "worker"])
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM both; whatever is still alive after `grace` seconds is killed with its group.
@@ -129,3 +169,7 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+if __name__ == "__main__":  # the API child of a Stack: python -m service.stack FD
+    serve_api(int(sys.argv[1]))

@@ -1,5 +1,9 @@
 """Playwright over Debian's Chromium (no browser download): a page that records what went
-wrong in it, and full-page screenshots into a folder."""
+wrong in it, and full-page screenshots into a folder.
+
+Every wait in the page (an action's, or an `expect`'s for what the page should come to show)
+has a deadline meant for a loaded machine, not Playwright's 5 s: the page shows what the API
+answers, and the API shares the machine with workers and other test runs."""
 
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,6 +11,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
+PAGE_TIMEOUT_MS = 60_000  # an action or an expectation, unless it says otherwise
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
 
@@ -33,7 +38,7 @@ def chromium_page(artifacts: Path):
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run `make services` (.ci/ensure-services installs "
                     "Debian's chromium)")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     artifacts.mkdir(parents=True, exist_ok=True)
     for old in artifacts.glob("*.png"):
@@ -43,6 +48,8 @@ def chromium_page(artifacts: Path):
         context = browser.new_context(viewport={"width": 1400, "height": 900},
                                       accept_downloads=True)
         page = Page(context.new_page(), artifacts)
+        page.page.set_default_timeout(PAGE_TIMEOUT_MS)
+        expect.set_options(timeout=PAGE_TIMEOUT_MS)
         try:
             yield page
         except BaseException:
@@ -52,4 +59,5 @@ def chromium_page(artifacts: Path):
                 pass
             raise
         finally:
+            expect.set_options(timeout=None)  # Playwright's own default again
             browser.close()

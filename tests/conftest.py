@@ -57,20 +57,20 @@ def cluster_servers():
     from services import Postgres, start_redis
 
     from service.db import get_engine
-    from service.stack import free_port
 
     root = Path(tempfile.mkdtemp(prefix="gvpo-pg-"))
     pg = Postgres(root)
     pg.start()
-    redis_port = free_port()
-    redis = start_redis(redis_port, root)
     try:
-        template = pg.create_database(TEMPLATE_DB)
-        upgrade(template)
-        get_engine(template).dispose()  # a template must have no open connections
-        yield pg, f"redis://127.0.0.1:{redis_port}"
+        redis, redis_port = start_redis(root)
+        try:
+            template = pg.create_database(TEMPLATE_DB)
+            upgrade(template)
+            get_engine(template).dispose()  # a template must have no open connections
+            yield pg, f"redis://127.0.0.1:{redis_port}"
+        finally:
+            redis.terminate()
     finally:
-        redis.terminate()
         pg.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
 
@@ -87,19 +87,30 @@ def backend_settings(request, backend: str) -> dict:
     return {"database_url": database, "broker_url": f"{redis_url}/0", **CLUSTER_SECRETS}
 
 
-@pytest.fixture
-def settings(tmp_path, backend, request):
-    # grpc_port=0: no gRPC server in these apps; the gRPC and end-to-end tests pick free ports.
-    s = Settings(data_dir=tmp_path / "gvpo", heartbeat_seconds=1.0, lease_seconds=30.0,
+def new_settings(root: Path, backend: str, request) -> Settings:
+    """Settings on `backend` with a fresh migrated database under `root` (see `settings`)."""
+    # grpc_port=0: no gRPC server in these apps; the gRPC and end-to-end tests turn it on.
+    s = Settings(data_dir=root / "gvpo", heartbeat_seconds=1.0, lease_seconds=30.0,
                  grpc_port=0, **backend_settings(request, backend))
     s.resolved_data_dir.mkdir(parents=True)
     if backend == "sqlite":
         upgrade(s.resolved_database_url)
-    yield s
-    if backend != "sqlite":
+    return s
+
+
+def release(settings: Settings) -> None:
+    """Close the settings' database connections (one PostgreSQL cluster serves every test)."""
+    if not settings.resolved_database_url.startswith("sqlite"):
         from service.db import get_engine
 
-        get_engine(s.resolved_database_url).dispose()  # one cluster serves every test
+        get_engine(settings.resolved_database_url).dispose()
+
+
+@pytest.fixture
+def settings(tmp_path, backend, request):
+    s = new_settings(tmp_path, backend, request)
+    yield s
+    release(s)
 
 
 @pytest.fixture
@@ -123,7 +134,7 @@ def api(settings):
 
 @pytest.fixture
 def postgres():
-    """A throwaway PostgreSQL cluster (tests/postgres.py), removed afterwards. Not under
+    """A throwaway PostgreSQL cluster (tests/services.py), removed afterwards. Not under
     pytest's tmp_path: that tree is private to this user, and as root the cluster runs as the
     postgres user."""
     import shutil

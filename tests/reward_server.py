@@ -1,20 +1,17 @@
 """A real reward model over loopback HTTP for the tests: checks signatures, scores, and can be
-told to fail, stall or lie. Runs uvicorn in a thread of the test process."""
+told to fail, stall or lie. Runs uvicorn in a thread of the test process (services.ThreadServer)."""
 
 import json
 import math
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import uvicorn
 import httpx
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from services import ThreadServer
 
 from service.contract.signing import HEADER, REQUEST_ID_HEADER, SignatureError, sign, verify
-from service.stack import free_port
 
 
 def score(completion: str) -> float:
@@ -91,28 +88,6 @@ def make_app(b: Behaviour) -> FastAPI:
         return Response(json.dumps({"rewards": out}), media_type="application/json")
 
     return app
-
-
-class ThreadServer:
-    """An ASGI app served by uvicorn on a free loopback port, in a thread of this process."""
-
-    def __init__(self, app, port: int | None = None) -> None:
-        self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "ThreadServer":
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 class RewardServer(ThreadServer):

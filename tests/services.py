@@ -1,19 +1,177 @@
-"""The production servers, throwaway, on loopback ports: a PostgreSQL cluster (initdb +
-pg_ctl) and redis-server without persistence. `make services` installs them when missing."""
+"""The servers the tests start, each on a port no other process can take from it, and each
+waited for until it answers.
+
+- In this process: an ASGI app under uvicorn in a thread (ThreadServer; serve_api for the API),
+  on a loopback socket bound here, to a port the system assigns, before the server starts.
+- The embedded stack (start_stack): its parent process binds the API's port the same way.
+- Programs that only take a port number (PostgreSQL, redis-server, moto's S3 server, and gRPC
+  inside the API): a free port, and another one when the server could not start because a
+  process took that one meanwhile.
+
+PostgreSQL and redis-server are the production servers, throwaway, without persistence; `make
+services` installs them when missing.
+"""
 
 import contextlib
 import glob
+import itertools
 import os
 import shutil
+import socket
 import subprocess
 import sys
-import time
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
+import uvicorn
+from factories import SERVER_START_S, WORKER_S, auth, copy_rows, upload, wait_until
 
-from service.stack import free_port
+from service.config import Settings
+from service.stack import Stack, free_port, stack_env
+
+ATTEMPTS = 3  # starts on a new port after a port another process took
+
+
+class ServerDidNotStart(RuntimeError):
+    pass
+
+
+def loopback_socket() -> socket.socket:
+    """A listening loopback socket on a port the system assigns."""
+    return socket.create_server(("127.0.0.1", 0))
+
+
+@contextmanager
+def closed_port():
+    """A loopback port held bound, and not listening, for the block: a connection to it is
+    refused, and no other process can start listening there meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def _answers(url: str, ok: set[int] | None = None) -> bool:
+    """An HTTP answer from `url` (of one of the `ok` statuses, when given)."""
+    try:
+        status = httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:
+        return False
+    return ok is None or status in ok
+
+
+# ---------------------------------------------------------------- in this process
+
+
+class ThreadServer:
+    """An ASGI app served by uvicorn in a thread of this process, on `sock` (default: a new
+    loopback socket). `with` returns once it answers HTTP: at `ready_path` with a 200 when
+    given, else with any status."""
+
+    def __init__(self, app, sock: socket.socket | None = None,
+                 ready_path: str | None = None) -> None:
+        self.socket = sock or loopback_socket()
+        self.port = self.socket.getsockname()[1]
+        self.ready_path = ready_path
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       daemon=True)
+
+    def start(self) -> "ThreadServer":
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), SERVER_START_S,
+                   "uvicorn to start serving")
+        if not self.server.started:  # its lifespan failed; uvicorn logged why
+            self.socket.close()
+            raise ServerDidNotStart(f"the app on port {self.port} did not start (see the log)")
+        url = f"http://127.0.0.1:{self.port}{self.ready_path or '/'}"
+        wait_until(lambda: _answers(url, {200} if self.ready_path else None), SERVER_START_S,
+                   f"{url} to answer")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.socket.close()
+
+    def __enter__(self) -> "ThreadServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextmanager
+def serve_api(settings: Settings, grpc: bool = False, **changes):
+    """The API (create_app) served in a thread, ready (/readyz); yields its settings: `changes`
+    applied and api_port the port it serves on, which reward callbacks reach. grpc: its gRPC
+    server too, on grpc_port (a number the app binds itself: tried again on another one when
+    a process took it meanwhile)."""
+    from service.main import create_app
+
+    for attempt in range(1, ATTEMPTS + 1):
+        sock = loopback_socket()
+        update = {"api_port": sock.getsockname()[1], **changes}
+        if grpc:
+            update["grpc_port"] = free_port()
+        live = settings.model_copy(update=update)
+        server = ThreadServer(create_app(live), sock, ready_path="/readyz")
+        try:
+            server.start()
+            break
+        except ServerDidNotStart:
+            if not grpc or attempt == ATTEMPTS:
+                raise
+    try:
+        yield live
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- the embedded stack
+
+
+def cli(settings: Settings, *args: str) -> str:
+    """`gvpo ARGS` with these settings; its standard output."""
+    out = subprocess.run([sys.executable, "-m", "service.cli", *args], env=stack_env(settings),
+                         capture_output=True, text=True, timeout=120, check=True)
+    return out.stdout.strip()
+
+
+def stack_settings(root: Path, **changes) -> Settings:
+    """Settings of an embedded stack under `root`: the API on a port the stack binds (0: one
+    the system assigns), gRPC off until start_stack, a heartbeat a second."""
+    return Settings(data_dir=root, api_port=0, grpc_port=0, heartbeat_seconds=1.0, **changes)
+
+
+def start_stack(settings: Settings, log_dir: Path) -> Stack:
+    """The embedded stack (API and worker processes, gRPC on), started and ready."""
+    log = log_dir / "api.log"
+    for attempt in range(1, ATTEMPTS + 1):
+        seen = log.stat().st_size if log.exists() else 0
+        stack = Stack(settings.model_copy(update={"grpc_port": free_port()}), log_dir=log_dir)
+        try:
+            return stack.start(ready_timeout=4 * SERVER_START_S)
+        except RuntimeError:
+            with log.open("rb") as fh:
+                fh.seek(seen)
+                taken = b"cannot serve gRPC" in fh.read()
+            if not taken or attempt == ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def stack_project(stack: Stack, name: str, rows: int = 16) -> tuple[httpx.Client, str]:
+    """A new project on the stack: an HTTP client with its key, and the id of a training file
+    of `rows` rows of the copy task it uploaded."""
+    key = cli(stack.settings, "api-key", "create", "--project", name)
+    http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=60)
+    return http, upload(http, None, copy_rows(rows), filename="t.jsonl")
+
+
+# ---------------------------------------------------------------- programs on a port number
 
 
 def _binary(name: str) -> str:
@@ -25,9 +183,12 @@ def _binary(name: str) -> str:
 
 
 class Postgres:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl) on a loopback port."""
+
     def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
+        self.root, self.port = root, None
         self.data, self.sockets = root / "data", root / "sockets"
+        self.log = root / "log"
         # initdb refuses to run as root: the cluster belongs to the postgres user then
         self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         for d in (self.data, self.sockets):
@@ -37,14 +198,34 @@ class Postgres:
         if self.as_owner:
             shutil.chown(root, "postgres", "postgres")
         self._run(_binary("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust")
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *cmd: str) -> None:
         subprocess.run([*self.as_owner, *cmd], check=True, stdout=subprocess.DEVNULL)
 
     def start(self) -> None:
-        self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "log"), "-w",
-                  "-o", f"-p {self.port} -h 127.0.0.1 -k {self.sockets}", "start")
+        """Returns once the server accepts connections (pg_ctl -w). The first start takes a
+        free port, and another one if a process took it meanwhile; a restart keeps its port,
+        which the URLs given out name."""
+        for attempt in itertools.count(1):
+            first = self.port is None
+            if first:
+                self.port = free_port()
+            seen = self.log.stat().st_size if self.log.exists() else 0
+            try:
+                self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
+                          "-o", f"-p {self.port} -h 127.0.0.1 -k {self.sockets}", "start")
+                return
+            except subprocess.CalledProcessError:
+                with self.log.open("rb") as fh:
+                    fh.seek(seen)
+                    taken = b"Address already in use" in fh.read()
+                if not (first and taken) or attempt == ATTEMPTS:
+                    raise
+                self.port = None
 
     def stop(self, mode: str = "fast") -> None:
         self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
@@ -60,44 +241,85 @@ class Postgres:
         return self.url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
-    """A throwaway redis-server on loopback; returns once it answers PING."""
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """A throwaway redis-server on loopback, once it answers PING: (process, port). On `port`
+    when given, else on a free port (another one when a process took it meanwhile)."""
+    import redis
+
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `make services` (or .ci/ensure-services)")
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL)
-    import redis
+    for attempt in range(1, ATTEMPTS + 1):
+        at = port or free_port()
+        proc = subprocess.Popen([binary, "--port", str(at), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(workdir)],
+                                stdout=subprocess.DEVNULL)
 
-    deadline = time.monotonic() + 10
-    while True:
+        def ours() -> bool:  # a redis-server that is this process, not one already there
+            try:
+                return redis.Redis(port=at).info("server")["process_id"] == proc.pid
+            except redis.ConnectionError:
+                return False
+
+        wait_until(lambda: proc.poll() is not None or ours(), SERVER_START_S,
+                   f"redis-server on port {at} to answer")
+        if proc.poll() is None:
+            return proc, at
+        if port is not None or attempt == ATTEMPTS:
+            raise ServerDidNotStart(f"redis-server could not start on port {at}")
+    raise AssertionError("unreachable")
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free loopback port, once it answers: (process, URL)."""
+    for attempt in range(1, ATTEMPTS + 1):
+        url = f"http://127.0.0.1:{free_port()}"
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                 url.rsplit(":", 1)[1]],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # moto's own API: another program that took the port would not answer it
+        wait_until(lambda: proc.poll() is not None or _answers(f"{url}/moto-api/data.json",
+                                                                {200}),
+                   SERVER_START_S, f"moto on {url} to answer")
+        if proc.poll() is None:
+            return proc, url
+        if attempt == ATTEMPTS:
+            raise ServerDidNotStart(f"moto could not start on {url}")
+    raise AssertionError("unreachable")
+
+
+def wait_grpc_serving(channel, timeout: float = SERVER_START_S) -> None:
+    """Until the gRPC server's health service says SERVING (it says NOT_SERVING from its start
+    until its first readiness check of the database and broker passes)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def serving() -> bool:
         try:
-            redis.Redis(port=port).ping()
-            return proc
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
+            answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        except grpc.RpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    wait_until(serving, timeout, "the gRPC health service to say SERVING")
 
 
 @contextmanager
-def running_worker(settings, log_path: Path, ready_within_s: float = 120.0):
+def running_worker(settings: Settings, log_path: Path):
     """`gvpo worker` for `settings` as a child process, once Celery says it is ready (it
     consumes from then on); stopped, with its pool children, on exit."""
     import signal
-
-    from service.stack import stack_env
 
     log = log_path.open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
                             env=stack_env(settings), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + ready_within_s
-        while b" ready." not in log_path.read_bytes():
-            assert proc.poll() is None, f"the worker exited: {log_path.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"the worker was not ready: {log_path}"
-            time.sleep(0.1)
+        wait_until(lambda: proc.poll() is not None or b" ready." in log_path.read_bytes(),
+                   WORKER_S, f"the worker to be ready (log: {log_path})")
+        assert proc.poll() is None, f"the worker exited: {log_path.read_text()[-2000:]}"
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -4,58 +4,28 @@ idempotency, project isolation, listing, cancel, read endpoints and health.
 No worker runs here, so runs stay queued; the real filesystem broker shows what was enqueued.
 """
 
-import copy
-
 import pytest
-from helpers import assert_error, auth, broker_run_ids, copy_rows, jsonl
+from factories import (DROP, EXACT_MATCH, assert_error, auth, broker_run_ids, copy_rows, jsonl,
+                       post_file, run_spec, upload)
 
 pytestmark = pytest.mark.both_backends
 
-DROP = object()  # in spec() overrides: remove this key
-
-BASE_SPEC = {
-    "name": "api-test",
-    "model": {},  # path: the tiny model (checked at submission), set by _tiny_model
-    "reward": {"type": "builtin", "name": "exact_match"},
-    "algorithm": {"group_size": 4, "beta": 0.1},
-    "sampling": {"max_new_tokens": 16},  # within the tiny model's context
-    "training": {"steps": 3, "prompts_per_step": 4, "mini_batches": 2},
-}
+# How these tests change the copy task (no worker runs here: the API checks and stores them).
+API_RUN = {"name": "api-test", "reward": EXACT_MATCH, "algorithm": {"beta": 0.1},
+           "sampling": {"max_new_tokens": 16},  # within the tiny model's context
+           "optimizer": DROP, "training": {"steps": 3, "prompts_per_step": 4}}
+ROWS = copy_rows(8)  # a training file's
+TINY = {}  # "model": the tiny model's path (checked at submission), set by _tiny_model
 
 
 @pytest.fixture(autouse=True)
 def _tiny_model(tiny_model_dir, monkeypatch):
-    monkeypatch.setitem(BASE_SPEC["model"], "path", str(tiny_model_dir))
+    monkeypatch.setitem(TINY, "model", str(tiny_model_dir))
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if value is DROP:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def spec(train_file: str, **overrides) -> dict:
-    """A valid run spec over train_file; overrides merge into sections (DROP removes a key)."""
-    return _merge({**BASE_SPEC, "dataset": {"train_file": train_file}}, overrides)
-
-
-def upload(api, key: str, rows: list | None = None, *, content: bytes | None = None,
-           purpose: str = "train", filename: str = "train.jsonl"):
-    data = content if content is not None else jsonl(rows if rows is not None else copy_rows(8))
-    return api.post("/v1/files", headers=auth(key), files={"file": (filename, data)},
-                    data={"purpose": purpose})
-
-
-def new_file(api, key: str, rows: list | None = None) -> str:
-    resp = upload(api, key, rows)
-    assert resp.status_code == 201, resp.text
-    return resp.json()["id"]
+def spec(train_file: str, **sections) -> dict:
+    """A valid run spec over train_file: run_spec(..., API_RUN, **sections)."""
+    return run_spec(TINY["model"], train_file, API_RUN, **sections)
 
 
 def new_run(api, key: str, train_file: str, headers: dict | None = None, **overrides) -> dict:
@@ -97,7 +67,7 @@ def test_upload_lists_and_shows_a_jsonl_file(api, make_key):
     key = make_key()
     rows = [{"prompt": "a=", "answer": "a", "meta": {"x": 1}}, {"prompt": "b=", "answer": "b"}]
     content = b"\n" + jsonl(rows[:1]) + b"  \n\n" + jsonl(rows[1:])  # blank lines are skipped
-    resp = upload(api, key, content=content, purpose="eval", filename="mine.jsonl")
+    resp = post_file(api, key, content, purpose="eval", filename="mine.jsonl")
     assert resp.status_code == 201, resp.text
     file = resp.json()
     assert file["id"].startswith("file_") and file["object"] == "file"
@@ -126,7 +96,7 @@ def test_upload_lists_and_shows_a_jsonl_file(api, make_key):
 def test_bad_upload_is_400_and_leaves_nothing_behind(api, make_key, settings,
                                                      content, purpose, needles, line):
     key = make_key()
-    error = assert_error(upload(api, key, content=content, purpose=purpose), 400, "bad_request",
+    error = assert_error(post_file(api, key, content, purpose=purpose), 400, "bad_request",
                          *needles)
     if line is not None:
         assert error["details"]["line"] == line
@@ -142,8 +112,8 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
     key = make_key()
     small = settings.model_copy(update={"max_upload_bytes": 1000, "reaper_interval_s": 0})
     with TestClient(create_app(small)) as api:
-        assert upload(api, key, content=jsonl(copy_rows(5))).status_code == 201  # under
-        error = assert_error(upload(api, key, content=jsonl(copy_rows(100))), 413,
+        assert post_file(api, key, copy_rows(5)).status_code == 201  # under
+        error = assert_error(post_file(api, key, copy_rows(100)), 413,
                              "payload_too_large", "1000-byte limit")
         assert len(api.get("/v1/files", headers=auth(key)).json()["data"]) == 1
     assert len(list(settings.files_dir.glob("*"))) == 1
@@ -161,7 +131,7 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
     ({"learning_rate": 1e-5}, ["learning_rate"]),
     ({"reward": DROP}, ["reward"]),
     ({"model": {"path": DROP}}, ["model.path"]),
-    ({"reward": {"name": "no_such_reward"}}, ["reward.name"]),
+    ({"reward": {"type": "builtin", "name": "no_such_reward"}}, ["reward.name"]),
     ({"training": {"mini_batches": 5, "prompts_per_step": 4}}, ["training.mini_batches"]),
     # the default (4 mini-batches) breaks the rule as surely as a value written out
     ({"training": {"mini_batches": DROP, "prompts_per_step": 2}}, ["training.mini_batches"]),
@@ -169,8 +139,7 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
     ({"dataset": {"eval_file": "file_doesnotexist"}}, ["dataset.eval_file"]),
     ({"eval": {"k": 5, "samples_per_prompt": 4}}, ["eval.k"]),
     ({"dataset": {"prompt_field": "question"}}, ["dataset.prompt_field"]),
-    ({"reward": {"type": "webhook", "url": "https://rm.example.com/score", "timeout_s": 120,
-                 "name": DROP},
+    ({"reward": {"type": "webhook", "url": "https://rm.example.com/score", "timeout_s": 120},
       "resources": {"step_timeout_s": 60}}, ["resources"]),
     ({"resources": {"gpus": 9}}, ["resources.gpus"]),
     ({"resources": {"gpus": 2, "processes": 1}}, ["resources"]),
@@ -185,7 +154,7 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
         "tensor_parallel_vs_processes", "tensor_parallel_without_vllm"])
 def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, overrides, fields):
     key = make_key()
-    body = spec(new_file(api, key), **overrides)
+    body = spec(upload(api, key, ROWS), **overrides)
     error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
                          422, "invalid_request", *fields)
     assert sorted(f["field"] for f in error["details"]["fields"]) == fields
@@ -203,7 +172,7 @@ def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, override
 ], ids=["processes_vs_gpus", "uneven_prompts", "tensor_parallel", "tensor_parallel_hf"])
 def test_multi_process_spec_errors_say_what_to_change(api, make_key, resources, rollout, says):
     key = make_key()
-    body = spec(new_file(api, key), resources=resources, rollout=rollout)
+    body = spec(upload(api, key, ROWS), resources=resources, rollout=rollout)
     error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
                          422, "invalid_request")
     assert says in error["details"]["fields"][0]["message"]
@@ -211,13 +180,13 @@ def test_multi_process_spec_errors_say_what_to_change(api, make_key, resources, 
 
 def test_an_eval_file_is_checked_like_the_training_file(api, make_key):
     key, other = make_key("team-a"), make_key("team-b")
-    train, evals = new_file(api, key), new_file(api, key, copy_rows(3))
+    train, evals = upload(api, key, ROWS), upload(api, key, copy_rows(3))
     run = new_run(api, key, train, dataset={"eval_file": evals}, eval={"k": 2})
     assert run["spec"]["dataset"]["eval_file"] == evals
     assert run["spec"]["eval"] == {"every_steps": 20, "samples_per_prompt": 4, "k": 2,
                                    "pass_threshold": 1.0, "max_prompts": None}
-    foreign = new_file(api, other, copy_rows(3))
-    no_answer = new_file(api, key, [{"prompt": "p"}])
+    foreign = upload(api, other, copy_rows(3))
+    no_answer = upload(api, key, [{"prompt": "p"}])
     for eval_file, field in ((foreign, "dataset.eval_file"), (no_answer, "dataset.answer_field")):
         body = spec(train, dataset={"eval_file": eval_file})
         error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
@@ -227,7 +196,7 @@ def test_an_eval_file_is_checked_like_the_training_file(api, make_key):
 
 def test_train_file_of_another_project_is_422_without_leaking_it(api, make_key, settings):
     other, key = make_key("team-b"), make_key("team-a")
-    foreign = new_file(api, other, [{"prompt": "p", "answer": "a", "secret_col": "s"}])
+    foreign = upload(api, other, [{"prompt": "p", "answer": "a", "secret_col": "s"}])
     resp = api.post("/v1/runs", headers=auth(key), json=spec(foreign))
     error = assert_error(resp, 422, "invalid_request", "dataset.train_file")
     assert [f["field"] for f in error["details"]["fields"]] == ["dataset.train_file"]
@@ -238,7 +207,7 @@ def test_train_file_of_another_project_is_422_without_leaking_it(api, make_key, 
 
 def test_valid_run_is_queued_and_enqueued_once(api, make_key, settings):
     key = make_key()
-    file_id = new_file(api, key)
+    file_id = upload(api, key, ROWS)
     run = new_run(api, key, file_id)
     assert run["status"] == "queued" and run["id"].startswith("run_")
     assert run["webhook_secret"].startswith("whsec_")
@@ -257,7 +226,7 @@ def test_valid_run_is_queued_and_enqueued_once(api, make_key, settings):
 
 def test_idempotency_key_replays_and_conflicts(api, make_key, settings):
     key, other = make_key("team-a"), make_key("team-b")
-    file_id = new_file(api, key)
+    file_id = upload(api, key, ROWS)
     headers = {**auth(key), "Idempotency-Key": "req-1"}
     first = api.post("/v1/runs", headers=headers, json=spec(file_id))
     again = api.post("/v1/runs", headers=headers, json=spec(file_id))
@@ -272,7 +241,7 @@ def test_idempotency_key_replays_and_conflicts(api, make_key, settings):
     assert run_ids(api, key) == [first.json()["id"]]
     assert broker_run_ids(settings) == [first.json()["id"]]
 
-    theirs = new_run(api, other, new_file(api, other), headers={"Idempotency-Key": "req-1"})
+    theirs = new_run(api, other, upload(api, other, ROWS), headers={"Idempotency-Key": "req-1"})
     assert theirs["id"] != first.json()["id"]
     assert run_ids(api, other) == [theirs["id"]]
     assert sorted(broker_run_ids(settings)) == sorted([first.json()["id"], theirs["id"]])
@@ -283,7 +252,7 @@ def test_idempotency_key_replays_and_conflicts(api, make_key, settings):
 
 def test_projects_see_only_their_own_runs_and_files(api, make_key):
     mine, theirs = make_key("team-a"), make_key("team-b")
-    my_file, their_file = new_file(api, mine), new_file(api, theirs)
+    my_file, their_file = upload(api, mine, ROWS), upload(api, theirs, ROWS)
     my_run, their_run = new_run(api, mine, my_file), new_run(api, theirs, their_file)
     rid = their_run["id"]
     for method, path in [("GET", ""), ("POST", "/cancel"), ("POST", "/pause"),
@@ -306,7 +275,7 @@ def test_projects_see_only_their_own_runs_and_files(api, make_key):
 
 def test_list_runs_pages_newest_first(api, make_key):
     key = make_key()
-    file_id = new_file(api, key)
+    file_id = upload(api, key, ROWS)
     created = [new_run(api, key, file_id, name=f"run-{i}")["id"] for i in range(5)]
 
     seen, pages, cursor = [], [], None
@@ -343,7 +312,7 @@ def test_list_runs_rejects_bad_query(api, make_key, params, field):
 
 def test_cancel_queued_run_then_cancel_again_is_409(api, make_key):
     key = make_key()
-    run = new_run(api, key, new_file(api, key))
+    run = new_run(api, key, upload(api, key, ROWS))
     resp = api.post(f"/v1/runs/{run['id']}/cancel", headers=auth(key))
     assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
 
@@ -360,7 +329,7 @@ def test_cancel_queued_run_then_cancel_again_is_409(api, make_key):
 
 def test_pause_and_resume_over_http_with_409_for_illegal_transitions(api, make_key, settings):
     key = make_key()
-    run = new_run(api, key, new_file(api, key))
+    run = new_run(api, key, upload(api, key, ROWS))
     rid = run["id"]
     assert_error(api.post(f"/v1/runs/{rid}/resume", headers=auth(key)), 409, "conflict",
                  "queued", "only a paused run")
@@ -381,7 +350,7 @@ def test_pause_and_resume_over_http_with_409_for_illegal_transitions(api, make_k
 
 def test_fresh_run_has_empty_metrics_samples_checkpoints(api, make_key):
     key = make_key()
-    rid = new_run(api, key, new_file(api, key))["id"]
+    rid = new_run(api, key, upload(api, key, ROWS))["id"]
     base = f"/v1/runs/{rid}"
     get = lambda path, **params: api.get(base + path, headers=auth(key), params=params)  # noqa: E731
 

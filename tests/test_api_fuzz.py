@@ -6,7 +6,7 @@ request may get a 5xx, and each documented response must match the schema."""
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from helpers import auth, copy_rows, jsonl
+from factories import SPEC_DEFAULTS, auth, copy_rows, run_spec, upload
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
@@ -30,12 +30,8 @@ def operations(app):
 
 def real_ids(app, key: str, model_dir) -> dict[str, str]:
     with TestClient(app) as client:
-        upload = client.post("/v1/files", headers=auth(key),
-                             files={"file": ("t.jsonl", jsonl(copy_rows(8)))})
-        file_id = upload.json()["id"]
-        spec = {"model": {"path": str(model_dir)}, "dataset": {"train_file": file_id},
-                "reward": {"type": "builtin", "name": "char_accuracy"},
-                "sampling": {"max_new_tokens": 16}}  # within the model's context
+        file_id = upload(client, key, copy_rows(8), filename="t.jsonl")
+        spec = run_spec(model_dir, file_id, SPEC_DEFAULTS)
         run, ended = (client.post("/v1/runs", headers=auth(key), json=spec).json()["id"]
                       for _ in range(2))
         client.post(f"/v1/runs/{ended}/cancel", headers=auth(key))

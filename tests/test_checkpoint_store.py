@@ -5,20 +5,17 @@ downloads from there. One test covers a file:// URL."""
 import io
 import itertools
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from factories import auth, submit
 from fastapi.testclient import TestClient
-from helpers import auth, submit
+from run_control import RESUMABLE_STEPS as STEPS, kill_after_first_checkpoint, resumable
 from safetensors.torch import load_file
+from services import running_worker, start_moto
 from sqlalchemy import select
-from test_resume import STEPS, kill_after_first_checkpoint, resumable
 
 from service.auth.service import create_api_key
 from service.contract import storage
@@ -26,9 +23,7 @@ from service.config import Settings
 from service.db import session_scope
 from service.main import create_app
 from service.models import Checkpoint, RunEvent
-from service.stack import free_port, stack_env
-from services import running_worker
-
+from service.stack import stack_env
 from workers import checkpointing
 from workers.records import RunRecorder
 from workers.execute import execute_run
@@ -38,20 +33,8 @@ _buckets = itertools.count()
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """moto's S3 server on a free loopback port, for the module."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            httpx.get(url, timeout=1)
-            break
-        except httpx.TransportError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.1)
+    """moto's S3 server on a loopback port, for the module."""
+    server, url = start_moto()
     yield url
     server.terminate()
     server.wait(10)
@@ -188,7 +171,8 @@ def test_lora_checkpoint_in_the_bucket_downloads_merged(settings, tiny_model_dir
     # kept beside the checkpoint in the bucket: a second download needs no worker
     assert "model.safetensors" in bucket_files(bucket, run_id)["step_000002-merged"]
     again = download(s, run_id, 2, "merged", tmp_path / "again")
-    assert (again / "model.safetensors").read_bytes() == (unpacked / "model.safetensors").read_bytes()
+    merged = (unpacked / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == merged
 
 
 def test_upload_failure_fails_the_run_naming_the_url(settings, tiny_model_dir, bucket,

@@ -12,16 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 from browser import chromium_page
-from helpers import auth, copy_rows, write_jsonl
+from factories import DROP, STACK_RUN, WORKER_S, auth, copy_rows, run_spec, upload, wait_for_run
 from playwright.sync_api import expect
-from test_e2e import cli, make_settings, spec, wait_for
-
-from service.stack import Stack
+from services import cli, stack_settings, start_stack
 
 pytestmark = pytest.mark.slow
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "dashboard"
 POINTS = "document.querySelector('#chart-reward').dataset.points"
+# Waits in the page on what the worker does (milliseconds): a state change that needs a step
+# to end or the model to load, and the reward curve's next points (a poll or two apart).
+WORKER_MS = int(WORKER_S * 1000)
+STEP_MS = 60_000
 XSS = '<img src=x onerror="window.injected = true">'
 
 
@@ -34,27 +36,29 @@ def chart_datasets(page, chart_id: str) -> dict[str, int]:
 
 @pytest.fixture
 def stack(tmp_path):
-    settings = make_settings(tmp_path / "gvpo")
+    settings = stack_settings(tmp_path / "gvpo")
     cli(settings, "db", "upgrade")
-    with Stack(settings, log_dir=tmp_path / "logs") as running:
-        yield running
+    running = start_stack(settings, tmp_path / "logs")
+    yield running
+    running.stop()
 
 
-def submit_runs(http: httpx.Client, model_dir: Path, tmp_path: Path) -> dict[str, str]:
-    """Run ids: a short GRPO run, finished; a GVPO run on the same data that trains for minutes;
-    and a run named with HTML markup, parked on a queue no worker reads."""
-    with write_jsonl(tmp_path / "copy.jsonl", copy_rows(32)).open("rb") as fh:
-        file_id = http.post("/v1/files", files={"file": ("copy.jsonl", fh)}).json()["id"]
-    base = {**spec(model_dir, file_id), "rollout": {"engine": "hf"}}  # no vLLM start-up here
-    grpo = {**base, "name": "copy-grpo", "algorithm": {"name": "grpo", "group_size": 4},
-            "training": {**base["training"], "steps": 40}}
+def submit_runs(http: httpx.Client, model_dir: Path) -> dict[str, str]:
+    """Run ids: a short GRPO run, finished; a GVPO run on the same data that trains for minutes,
+    running; and a run named with HTML markup, parked on a queue no worker reads."""
+    file_id = upload(http, None, copy_rows(32), filename="copy.jsonl")
+    base = (STACK_RUN, {"rollout": {"engine": "hf"}})  # no vLLM start-up here
+    grpo = run_spec(model_dir, file_id, *base, name="copy-grpo", training={"steps": 40},
+                    algorithm={"name": "grpo", "beta": DROP, "reference": DROP})
     ids = {"grpo": http.post("/v1/runs", json=grpo).json()["id"]}
-    assert wait_for(http, ids["grpo"], {"succeeded", "failed"}, timeout=60)["status"] == "succeeded"
-    gvpo = {**base, "name": "copy-gvpo", "training": {**base["training"], "steps": 3000},
-            "checkpoint": {"every_steps": 20, "keep_last": None}}
+    assert wait_for_run(http, ids["grpo"], {"succeeded", "failed"})["status"] == "succeeded"
+    gvpo = run_spec(model_dir, file_id, *base, name="copy-gvpo", training={"steps": 3000},
+                    checkpoint={"every_steps": 20, "keep_last": None})
     ids["gvpo"] = http.post("/v1/runs", json=gvpo).json()["id"]
-    markup = {**base, "name": XSS, "resources": {"queue": "parked"}}
+    markup = run_spec(model_dir, file_id, *base, name=XSS, resources={"queue": "parked"})
     ids["markup"] = http.post("/v1/runs", json=markup).json()["id"]
+    # the worker takes the GVPO run once it is done with the GRPO one: the page shows it running
+    wait_for_run(http, ids["gvpo"], {"running"}, timeout=WORKER_S)
     return ids
 
 
@@ -100,7 +104,7 @@ def watch_the_curve_grow(browser, run_id: str) -> None:
     page.wait_for_function(f"Number({POINTS}) > 0")
     seen = [int(page.evaluate(POINTS))]
     for _ in range(2):
-        page.wait_for_function(f"Number({POINTS}) > {seen[-1]}", timeout=15_000)
+        page.wait_for_function(f"Number({POINTS}) > {seen[-1]}", timeout=STEP_MS)
         seen.append(int(page.evaluate(POINTS)))
         expect(header).to_have_attribute("data-state", "running")
     reward = chart_datasets(page, "chart-reward")
@@ -174,11 +178,11 @@ def pause_resume_and_cancel(browser, http: httpx.Client, run_id: str) -> None:
     header = page.locator("#run-header")
     expect(header).to_have_attribute("data-state", "running")
     page.click("#pause-run")  # the worker checkpoints and lets go of the run
-    expect(header).to_have_attribute("data-state", "paused", timeout=30_000)
-    page.click("#resume-run")
-    expect(header).to_have_attribute("data-state", "running", timeout=30_000)
+    expect(header).to_have_attribute("data-state", "paused", timeout=WORKER_MS)
+    page.click("#resume-run")  # queued again, until the worker has loaded it
+    expect(header).to_have_attribute("data-state", "running", timeout=WORKER_MS)
     page.click("#cancel-run")
-    expect(header).to_have_attribute("data-state", "cancelled", timeout=30_000)
+    expect(header).to_have_attribute("data-state", "cancelled", timeout=WORKER_MS)
     expect(page.locator("#cancel-run")).to_be_disabled()
     assert http.get(f"/v1/runs/{run_id}").json()["status"] == "cancelled"
     expect(page.locator("#events-body tr[data-type='run.cancelled']")).to_have_count(1)
@@ -188,10 +192,9 @@ def pause_resume_and_cancel(browser, http: httpx.Client, run_id: str) -> None:
 def test_dashboard_on_a_live_stack(stack, tiny_model_dir, tmp_path):
     key = cli(stack.settings, "api-key", "create", "--project", "dashboard")
     http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=30)
-    ids = submit_runs(http, tiny_model_dir, tmp_path)
+    ids = submit_runs(http, tiny_model_dir)
 
     with chromium_page(ARTIFACTS) as browser:
-        browser.page.set_default_timeout(20_000)
         log_in_and_list(browser, stack.url, key, ids)
         watch_the_curve_grow(browser, ids["gvpo"])
         browse_samples(browser, http, ids["gvpo"])

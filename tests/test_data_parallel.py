@@ -12,7 +12,6 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.contract.spec import RunSpec
-from service.stack import free_port
 from workers.learner.learner import GroupBatch, Learner, LearnerConfig
 from workers.learner.sharding import full
 
@@ -57,13 +56,15 @@ def train(learner: Learner, tokenizer, groups: list[int], steps: int = 2) -> dic
             "groups": stats.groups_trained}
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, algorithm: str, strategy: str,
+def _rank(rank: int, world: int, model_dir: str, algorithm: str, strategy: str,
           micro: int | None, out: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    # a rank left waiting in a collective (mismatched passes) fails the test instead of hanging it
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    # The ranks meet through a file (no port to pick; gloo's own connections take ports the
+    # system assigns). A rank left waiting in a collective (mismatched passes) fails the test
+    # instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=120))
     try:
         learner, tokenizer = make_learner(model_dir, algorithm,
                                           {"processes": world, "strategy": strategy}, micro)
@@ -78,8 +79,8 @@ def _rank(rank: int, world: int, port: int, model_dir: str, algorithm: str, stra
                          ids=["ddp", "fsdp", "fsdp-filler"])
 @pytest.mark.parametrize("algorithm", ["gvpo", "grpo"])
 def test_two_gloo_ranks_match_one_process(tiny_model_dir, tmp_path, algorithm, strategy, micro):
-    mp.spawn(_rank, args=(2, free_port(), str(tiny_model_dir), algorithm, strategy, micro,
-                          str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tiny_model_dir), algorithm, strategy, micro, str(tmp_path)),
+             nprocs=2, join=True)
     learner, tokenizer = make_learner(str(tiny_model_dir), algorithm, micro_batch_tokens=micro)
     single = train(learner, tokenizer, [0, 1, 2, 3])
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import assert_error, auth, submit
+from factories import assert_error, auth, submit
 
 from service.checkpoints.service import DOWNLOAD_LINK_TTL_S, download_token
 from service.client import Client

@@ -2,12 +2,10 @@
 computed by a real worker process and checked against the formula computed here by hand from
 the models' own forward passes; and the answers when no worker can answer."""
 
-import time
-
 import pytest
 import torch
 from conftest import CLUSTER_SECRETS
-from helpers import assert_error, auth, submit
+from factories import WORKER_S, assert_error, auth, submit, wait_until
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.db import session_scope
@@ -28,11 +26,9 @@ def trained_run(settings, tiny_model_dir, make_key, **overrides) -> tuple[str, s
     run_id = submit(settings, tiny_model_dir, optimizer={"lr": 1e-2},
                     reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
                     checkpoint={"keep_last": None}, **overrides)
-    deadline = time.monotonic() + 300
-    while (status := run_status(settings, run_id)) in ("queued", "running"):
-        assert time.monotonic() < deadline, f"run {run_id} is still {status}"
-        time.sleep(0.2)
-    assert status == "succeeded"
+    ended = wait_until(lambda: run_status(settings, run_id) in ("succeeded", "failed"),
+                       2 * WORKER_S, f"the worker to finish run {run_id}")
+    assert ended and run_status(settings, run_id) == "succeeded"
     return run_id, make_key("loop")  # submit() made the project "loop"
 
 

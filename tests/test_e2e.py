@@ -5,16 +5,19 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from conftest import BACKENDS, backend_settings
-from helpers import auth, copy_rows, write_jsonl
+from factories import (DROP, SERVER_START_S, STACK_RUN, WORKER_S, copy_rows, post_file, run_spec,
+                       wait_for_run, wait_until, write_jsonl)
+from services import (ATTEMPTS, cli, stack_project, stack_settings, start_stack,
+                      wait_grpc_serving)
 
-from service.config import Settings
-from service.stack import Stack, free_port, stack_env
+from service.stack import free_port, stack_env
 from workers.rollout.vllm import vllm_installed
 
 pytestmark = pytest.mark.slow
@@ -22,91 +25,75 @@ pytestmark = pytest.mark.slow
 STANDARD_METRICS = ["reward/mean", "reward/std", "loss", "kl/ref", "logratio/mean", "entropy",
                     "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
                     "time/learn_s", "throughput/tokens_per_s"]
-
-
-def cli(settings: Settings, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "service.cli", *args], env=stack_env(settings),
-                         capture_output=True, text=True, timeout=120, check=True)
-    return out.stdout.strip()
-
-
-def make_settings(root: Path, **kw) -> Settings:
-    return Settings(data_dir=root, api_port=free_port(), grpc_port=free_port(), heartbeat_seconds=1.0,
-                    **kw)
+ENDED = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def embedded(request, tmp_path_factory):
     """The stack, once per back end (PostgreSQL + Redis: a database of the session's cluster)."""
-    settings = make_settings(tmp_path_factory.mktemp("stack"),
-                             **backend_settings(request, request.param))
+    settings = stack_settings(tmp_path_factory.mktemp("stack"),
+                              **backend_settings(request, request.param))
     cli(settings, "db", "upgrade")
-    stack = Stack(settings, log_dir=settings.resolved_data_dir / "logs").start()
+    stack = start_stack(settings, settings.resolved_data_dir / "logs")
     yield stack
     stack.stop()
 
 
-def spec(model_dir, train_file: str, **training) -> dict:
-    return {
-        "model": {"path": str(model_dir)},
-        "dataset": {"train_file": train_file},
-        "reward": {"type": "builtin", "name": "char_accuracy"},
-        "algorithm": {"group_size": 4, "reference": "initial", "beta": 0.05},
-        "sampling": {"max_new_tokens": 5},
-        "optimizer": {"lr": 1e-3},
-        "training": {"steps": 8, "prompts_per_step": 4, "mini_batches": 2, **training},
-        "checkpoint": {"every_steps": 4},
-    }
+def spec(model_dir, train_file: str, *layers: dict, **sections) -> dict:
+    """The copy task as these tests train it on the stack's worker (STACK_RUN)."""
+    return run_spec(model_dir, train_file, STACK_RUN, *layers, **sections)
 
 
-def project_with_file(settings: Settings, url: str, project: str, tmp_path: Path):
-    """A new project's HTTP client and the id of a 16-row training file it uploaded."""
-    key = cli(settings, "api-key", "create", "--project", project)
-    http = httpx.Client(base_url=url, headers=auth(key), timeout=60)
-    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
-    with data.open("rb") as fh:
-        file_id = http.post("/v1/files", files={"file": ("t.jsonl", fh)}).json()["id"]
-    return http, file_id
+# ---------------------------------------------------------------- one run, start to end
 
 
-def wait_for(http: httpx.Client, run_id: str, statuses: set[str], timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = http.get(f"/v1/runs/{run_id}").json()
-        if run["status"] in statuses:
-            return run
-        assert time.monotonic() < deadline, f"run stuck in {run['status']}"
-        time.sleep(0.3)
-
-
-def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+@pytest.fixture(scope="module")
+def trained(embedded, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
+    """A project's client, its 40-row training file and a run on it trained to its end by the
+    worker process (once per back end)."""
     key = cli(embedded.settings, "api-key", "create", "--project", "acceptance")
-    http = httpx.Client(base_url=embedded.url, headers=auth(key), timeout=30)
-    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(40))
-    with data.open("rb") as fh:
-        upload = http.post("/v1/files", files={"file": ("train.jsonl", fh)}, data={"purpose": "train"})
+    http = httpx.Client(base_url=embedded.url, headers={"Authorization": f"Bearer {key}"},
+                        timeout=30)
+    data = write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", copy_rows(40))
+    upload = post_file(http, None, data.read_bytes())
     assert upload.status_code == 201 and upload.json()["rows"] == 40
-
     created = http.post("/v1/runs", json=spec(tiny_model_dir, upload.json()["id"]))
     assert created.status_code == 201, created.text
-    run = wait_for(http, created.json()["id"], {"succeeded", "failed", "cancelled"})
+    run = wait_for_run(http, created.json()["id"], ENDED)
+    return SimpleNamespace(http=http, run=run, file_id=upload.json()["id"])
+
+
+def test_a_run_trains_to_its_end_through_the_http_api(trained):
+    http, run = trained.http, trained.run
     assert run["status"] == "succeeded", run["error"]
     assert run["step"] == run["total_steps"] == 8
-
     metrics = http.get(f"/v1/runs/{run['id']}/metrics").json()["metrics"]
     for name in STANDARD_METRICS:
         assert [s for s, _ in metrics[name]] == list(range(1, 9)), name
-    # engine "auto" in a real worker process: vLLM, with its log-probs in step with the learner
+
+
+def test_the_worker_rolls_out_with_the_auto_engine_in_step_with_the_learner(trained):
+    """engine "auto" in a real worker process: vLLM where installed, with its log-probs in step
+    with the learner."""
+    http, run = trained.http, trained.run
     events = http.get(f"/v1/runs/{run['id']}/events").json()["data"]
     loaded = next(e for e in events if e["type"] == "run.model_loaded")
     assert loaded["data"]["rollout_engine"] == ("vllm" if vllm_installed() else "hf")
     if vllm_installed():
+        metrics = http.get(f"/v1/runs/{run['id']}/metrics").json()["metrics"]
         assert max(v for _, v in metrics["rollout/logprob_diff_max"]) < 1e-4
-    samples = http.get(f"/v1/runs/{run['id']}/samples", params={"step": 8}).json()
+
+
+def test_a_finished_run_shows_its_last_steps_samples(trained):
+    samples = trained.http.get(f"/v1/runs/{trained.run['id']}/samples",
+                               params={"step": 8}).json()
     assert len(samples["data"]) == 16 and {s["group_index"] for s in samples["data"]} == {0, 1, 2, 3}
 
+
+def test_the_last_checkpoint_downloads_as_a_model_that_generates(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    http, run = trained.http, trained.run
     ckpts = http.get(f"/v1/runs/{run['id']}/checkpoints").json()["data"]
     assert [c["step"] for c in ckpts] == [4, 8]
     archive = tmp_path / "ckpt.tar.gz"
@@ -120,30 +107,44 @@ def test_train_through_the_http_api(embedded, tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(loaded)
     ids = tokenizer("abc=", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == 4 + 3
-    _rescore_and_go_on(http, run, ckpts[-1]["id"], upload.json()["id"])
 
 
-def _rescore_and_go_on(http: httpx.Client, run: dict, ckpt_id: str, train_file: str) -> None:
-    """The worker re-scores the run; a new run starts from its checkpoint and trains on the
-    re-scored groups, and on a group posted to it, with no rollouts."""
+@pytest.fixture(scope="module")
+def rescored(trained) -> dict:
+    """The trained run re-scored with exact_match by the worker: the finished rescore."""
+    http, run = trained.http, trained.run
     rescore = http.post(f"/v1/runs/{run['id']}/rescore",
                         json={"reward": {"type": "builtin", "name": "exact_match"}})
     assert rescore.status_code == 202, rescore.text
-    url, deadline = f"/v1/runs/{run['id']}/rescores/{rescore.json()['id']}", time.monotonic() + 120
-    while (done := http.get(url).json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, "rescore stuck"
-        time.sleep(0.3)
-    assert (done["status"], done["samples_scored"]) == ("succeeded", 8 * 4 * 4), done
-    body = spec(run["spec"]["model"]["path"], train_file, steps=2, offpolicy_fraction=1.0)
-    body["model"], body["rollout"] = {"checkpoint": ckpt_id}, {"engine": "hf"}
-    body["dataset"]["offpolicy_file"] = done["file_id"]
+    url = f"/v1/runs/{run['id']}/rescores/{rescore.json()['id']}"
+
+    def ended() -> dict | None:
+        done = http.get(url).json()
+        return done if done["status"] not in ("queued", "running") else None
+
+    return wait_until(ended, WORKER_S, "the rescore to end", every=0.3)
+
+
+def test_the_worker_rescores_every_sample_of_a_finished_run(rescored):
+    assert (rescored["status"], rescored["samples_scored"]) == ("succeeded", 8 * 4 * 4), rescored
+
+
+def test_a_run_goes_on_from_the_checkpoint_with_rescored_and_posted_groups(trained, rescored):
+    """A new run starts from the first run's checkpoint and trains on its re-scored groups, and
+    on a group posted to it, with no rollouts."""
+    http, run = trained.http, trained.run
+    ckpt_id = http.get(f"/v1/runs/{run['id']}/checkpoints").json()["data"][-1]["id"]
+    body = spec(run["spec"]["model"]["path"], trained.file_id,
+                model={"path": DROP, "checkpoint": ckpt_id}, rollout={"engine": "hf"},
+                dataset={"offpolicy_file": rescored["file_id"]},
+                training={"steps": 2, "offpolicy_fraction": 1.0})
     created = http.post("/v1/runs", json=body)
     assert created.status_code == 201, created.text
     posted = {"prompt": "abc=", "answer": "abc", "completions": ["abc", "ab", "b", "abcd"],
               "source": "teacher"}
     assert http.post(f"/v1/runs/{created.json()['id']}/groups",
                      json={"groups": [posted]}).status_code == 202
-    second = wait_for(http, created.json()["id"], {"succeeded", "failed", "cancelled"})
+    second = wait_for_run(http, created.json()["id"], ENDED)
     assert second["status"] == "succeeded", second["error"]
     assert second["tokens_generated"] == 0
     sources = {s["source"] for step in (1, 2) for s in http.get(
@@ -151,7 +152,10 @@ def _rescore_and_go_on(http: httpx.Client, run: dict, ckpt_id: str, train_file: 
     assert sources == {"teacher", run["id"]}
 
 
-def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir, tmp_path):
+# ---------------------------------------------------------------- more of the stack
+
+
+def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir):
     """The API process serves gRPC beside REST: a run created over gRPC is watched to its end
     over gRPC while `gvpo runs watch` follows the same run over SSE."""
     import grpc
@@ -159,11 +163,12 @@ def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir, tmp_path):
 
     from gvpo.v1 import runs_pb2, runs_pb2_grpc
 
-    http, file_id = project_with_file(embedded.settings, embedded.url, "watchers", tmp_path)
+    http, file_id = stack_project(embedded, "watchers")
     key = http.headers["Authorization"].removeprefix("Bearer ")
     body = Struct()
     body.update(spec(tiny_model_dir, file_id))
     with grpc.insecure_channel(f"127.0.0.1:{embedded.settings.grpc_port}") as channel:
+        wait_grpc_serving(channel)
         runs = runs_pb2_grpc.RunsStub(channel)
         metadata = (("authorization", f"Bearer {key}"),)
         run = runs.CreateRun(runs_pb2.CreateRunRequest(spec=body), metadata=metadata).run
@@ -173,7 +178,7 @@ def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir, tmp_path):
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         updates = list(runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run.id), metadata=metadata,
                                      timeout=180))
-    shown, _ = watch.communicate(timeout=60)
+    shown, _ = watch.communicate(timeout=WORKER_S)
     assert watch.returncode == 0, shown
     assert "run.started" in shown and "run.succeeded" in shown and "8/8" in shown, shown
     assert "reward " in shown and "loss " in shown, shown
@@ -189,13 +194,14 @@ def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir, tmp_path):
 def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    http, file_id = project_with_file(embedded.settings, embedded.url, "variants", tmp_path)
-    grpo = {**spec(tiny_model_dir, file_id, steps=3), "algorithm": {"name": "grpo", "group_size": 4}}
-    lora = spec(tiny_model_dir, file_id, steps=4)
-    lora["model"]["lora"] = {"r": 4, "alpha": 8}
+    http, file_id = stack_project(embedded, "variants")
+    grpo = spec(tiny_model_dir, file_id, training={"steps": 3},
+                algorithm={"name": "grpo", "group_size": 4, "beta": DROP, "reference": DROP})
+    lora = spec(tiny_model_dir, file_id, training={"steps": 4},
+                model={"lora": {"r": 4, "alpha": 8}})
     runs = [http.post("/v1/runs", json=body).json() for body in (grpo, lora)]
     for run in runs:
-        done = wait_for(http, run["id"], {"succeeded", "failed"})
+        done = wait_for_run(http, run["id"], {"succeeded", "failed"})
         assert done["status"] == "succeeded", done["error"]
     ckpt = http.get(f"/v1/runs/{runs[1]['id']}/checkpoints").json()["data"][-1]
     assert ckpt["kind"] == "lora_adapter"
@@ -210,14 +216,13 @@ def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_p
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / ckpt["id"])
 
 
-def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir, tmp_path):
+def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir):
     """The Celery pool child (daemonic: no multiprocessing children) starts torchrun; each rank
     rolls out with its own engine (`auto`: vLLM where installed) and rank 0 records."""
-    http, file_id = project_with_file(embedded.settings, embedded.url, "two-procs", tmp_path)
-    body = {**spec(tiny_model_dir, file_id, steps=4),
-            "resources": {"processes": 2, "strategy": "fsdp"}}
-    run = wait_for(http, http.post("/v1/runs", json=body).json()["id"],
-                   {"succeeded", "failed", "cancelled"})
+    http, file_id = stack_project(embedded, "two-procs")
+    body = spec(tiny_model_dir, file_id, training={"steps": 4},
+                resources={"processes": 2, "strategy": "fsdp"})
+    run = wait_for_run(http, http.post("/v1/runs", json=body).json()["id"], ENDED)
     assert run["status"] == "succeeded", run["error"]
     events = http.get(f"/v1/runs/{run['id']}/events").json()["data"]
     launched = next(e for e in events if e["type"] == "run.launched")
@@ -232,8 +237,8 @@ def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir, tmp
     assert sorted({s["group_index"] for s in samples}) == [0, 1, 2, 3]  # both ranks' groups
 
 
-def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_path):
-    http, file_id = project_with_file(embedded.settings, embedded.url, "faults", tmp_path)
+def test_a_missing_model_is_refused_or_fails_the_run_saying_why(embedded, tmp_path):
+    http, file_id = stack_project(embedded, "faults")
 
     missing = spec(tmp_path / "missing-model", file_id)
     if embedded.settings.embedded:  # the API sees what the worker would: refused at submission
@@ -243,19 +248,18 @@ def test_missing_model_fails_with_event_and_cancel_stops_a_run(embedded, tmp_pat
         assert "no such directory" in error.json()["error"]["message"]
         return
     bad = http.post("/v1/runs", json=missing).json()  # a cluster's API leaves it to the worker
-    failed = wait_for(http, bad["id"], {"succeeded", "failed"})
+    failed = wait_for_run(http, bad["id"], {"succeeded", "failed"})
     assert failed["status"] == "failed" and "does not exist" in failed["error"]
     events = http.get(f"/v1/runs/{bad['id']}/events").json()["data"]
     assert events[-1]["type"] == "run.failed" and "missing-model" in events[-1]["message"]
 
 
-def test_cancel_a_running_run(embedded, tiny_model_dir, tmp_path):
-    http, file_id = project_with_file(embedded.settings, embedded.url, "cancel", tmp_path)
-    long = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=100000)).json()
-    deadline = time.monotonic() + 120
-    while http.get(f"/v1/runs/{long['id']}").json()["step"] < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+def test_cancel_a_running_run(embedded, tiny_model_dir):
+    http, file_id = stack_project(embedded, "cancel")
+    long = http.post("/v1/runs", json=spec(tiny_model_dir, file_id,
+                                           training={"steps": 100000})).json()
+    wait_until(lambda: http.get(f"/v1/runs/{long['id']}").json()["step"] >= 2, WORKER_S,
+               "the run to reach step 2", every=0.2)
     # Prometheus, scraped from the API while the worker trains
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -269,7 +273,7 @@ def test_cancel_a_running_run(embedded, tiny_model_dir, tmp_path):
     learn = scraped[("gvpo_step_phase_seconds", (("phase", "learn"), ("run_id", long["id"])))]
     assert 0 < learn < 60
     assert http.post(f"/v1/runs/{long['id']}/cancel").status_code == 200
-    run = wait_for(http, long["id"], {"cancelled", "failed", "succeeded"}, timeout=60)
+    run = wait_for_run(http, long["id"], ENDED, timeout=WORKER_S)
     assert run["status"] == "cancelled" and 2 <= run["step"] < 100000
 
 
@@ -294,101 +298,136 @@ def _process_tree(root: int) -> set[int]:
     return tree
 
 
+def gvpo_up(settings) -> tuple[subprocess.Popen, str]:
+    """`gvpo up` with these settings, once it says it is up: (its process, the API's URL). Its
+    API listens on a port the system assigns (api_port 0); its gRPC port, a number, is chosen
+    again when a process took it before the API could bind it."""
+    for attempt in range(1, ATTEMPTS + 1):
+        env = stack_env(settings.model_copy(update={"grpc_port": free_port()}))
+        up = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True)
+        reader.start()
+
+        def up_or_gone() -> str | None:
+            said = next((line for line in list(lines) if line.startswith("gvpo is up: API ")),
+                        None)
+            return said or (None if up.poll() is None else "exited")
+
+        said = wait_until(up_or_gone, 4 * SERVER_START_S, "gvpo up to say it is up")
+        if said != "exited":
+            return up, said.removeprefix("gvpo is up: API ").split()[0]
+        reader.join(10)
+        if "cannot serve gRPC" not in "".join(lines) or attempt == ATTEMPTS:
+            raise AssertionError(f"gvpo up exited ({up.returncode}):\n{''.join(lines)}")
+    raise AssertionError("unreachable")
+
+
 def test_gvpo_up_stops_cleanly_on_ctrl_c(tmp_path):
-    settings = make_settings(tmp_path / "up-stack")
-    env = stack_env(settings)
-    up = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{settings.api_port}/readyz"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert up.poll() is None and time.monotonic() < deadline, up.stdout.read()
-        time.sleep(0.2)
+    up, url = gvpo_up(stack_settings(tmp_path / "up-stack"))
+    assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
     stack = _process_tree(up.pid)
     assert len(stack) >= 4  # gvpo up, the API, the worker and its pool child
     up.send_signal(signal.SIGINT)
-    assert up.wait(timeout=30) == 0
-    time.sleep(0.5)
-    assert stack & _process_tree(1) == set()  # none of them is left anywhere
+    assert up.wait(timeout=60) == 0  # the stack stops its children within their grace
+    wait_until(lambda: not stack & _process_tree(1), 30,  # none of them is left anywhere
+               "every process of the stack to exit")
     with pytest.raises(httpx.HTTPError):
-        httpx.get(url, timeout=1)
+        httpx.get(f"{url}/readyz", timeout=1)
 
 
-def test_cli_client_commands(embedded, tiny_model_dir, tmp_path):
+# ---------------------------------------------------------------- the CLI client
+
+
+@pytest.fixture(scope="module")
+def cli_project(embedded, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
+    """The `gvpo` client commands of a new project on the stack (`run(*args)`), the id of the
+    training file it uploaded with `gvpo files upload`, and a run it made with `gvpo submit
+    --wait` (once per back end)."""
     import json
 
     import yaml
 
-    settings = embedded.settings
+    settings, tmp_path = embedded.settings, tmp_path_factory.mktemp("cli")
     key = cli(settings, "api-key", "create", "--project", "cli")
     client = settings.model_copy(update={"api_key": key})
-    env_cli = lambda *a: subprocess.run(  # noqa: E731
-        [sys.executable, "-m", "service.cli", *a], capture_output=True, text=True, timeout=300,
-        env={**stack_env(client), "GVPO_API_KEY": key, "GVPO_API_URL": embedded.url})
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
+            timeout=300, env={**stack_env(client), "GVPO_API_KEY": key,
+                              "GVPO_API_URL": embedded.url})
+
     data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
-    uploaded = env_cli("files", "upload", str(data))
+    uploaded = run("files", "upload", str(data))
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = json.loads(uploaded.stdout)["id"]
     spec_path = tmp_path / "run.yaml"
-    spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, file_id, steps=3)))
-    submitted = env_cli("submit", str(spec_path), "--wait")
+    spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, file_id, training={"steps": 3})))
+    submitted = run("submit", str(spec_path), "--wait")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     run_id = json.JSONDecoder().raw_decode(submitted.stdout)[0]["id"]  # progress follows the JSON
-    listed = env_cli("runs", "list")
-    assert run_id in listed.stdout and "succeeded" in listed.stdout
-    bad = env_cli("runs", "show", "run_does_not_exist")
+    return SimpleNamespace(run=run, file_id=file_id, run_id=run_id, tmp_path=tmp_path)
+
+
+def test_the_cli_lists_the_run_it_submitted_and_waited_for(cli_project):
+    listed = cli_project.run("runs", "list")
+    assert cli_project.run_id in listed.stdout and "succeeded" in listed.stdout
+
+
+def test_the_cli_names_the_apis_refusals_on_stderr(cli_project):
+    bad = cli_project.run("runs", "show", "run_does_not_exist")
     assert bad.returncode == 2 and "404 not_found" in bad.stderr
-    # pause/resume from the CLI: a finished run can be neither (409), named on stderr
-    paused = env_cli("runs", "pause", run_id)
+    # a finished run can be neither paused nor resumed (409)
+    paused = cli_project.run("runs", "pause", cli_project.run_id)
     assert paused.returncode == 2 and "409 conflict" in paused.stderr
-    resumed = env_cli("runs", "resume", run_id)
+    resumed = cli_project.run("runs", "resume", cli_project.run_id)
     assert resumed.returncode == 2 and "only a paused run" in resumed.stderr
-    # re-score the finished run by the worker, then post its groups to a new run that has
-    # off-policy slots (queued: the groups wait for its steps)
+
+
+def test_the_cli_rescores_a_run_and_posts_its_groups_to_another(cli_project, tiny_model_dir):
+    """Re-score the finished run by the worker, download its groups, and post them to a new
+    run that has off-policy slots (paused before its first step: the groups wait for its
+    steps)."""
+    import json
+
+    import yaml
+
+    run, tmp_path = cli_project.run, cli_project.tmp_path
     reward = tmp_path / "reward.yaml"
     reward.write_text("type: builtin\nname: exact_match\n")
-    rescored = env_cli("runs", "rescore", run_id, str(reward), "--wait")
+    rescored = run("runs", "rescore", cli_project.run_id, str(reward), "--wait")
     assert rescored.returncode == 0, rescored.stdout + rescored.stderr
     result = json.loads(rescored.stdout)
     assert (result["status"], result["samples_scored"]) == ("succeeded", 3 * 4 * 4)
     groups = tmp_path / "groups.jsonl"
-    assert env_cli("files", "download", result["file_id"], str(groups)).returncode == 0
+    assert run("files", "download", result["file_id"], str(groups)).returncode == 0
     assert len(groups.read_text().splitlines()) == 3 * 4
-    spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, file_id, steps=3,
-                                             offpolicy_fraction=0.5)))
-    paused_run = json.loads(env_cli("submit", str(spec_path)).stdout)["id"]
-    env_cli("runs", "pause", paused_run)
-    added = env_cli("runs", "add-groups", paused_run, str(groups))
+    spec_path = tmp_path / "offpolicy-run.yaml"
+    spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, cli_project.file_id, training={
+        "steps": 3, "offpolicy_fraction": 0.5})))
+    paused_run = json.loads(run("submit", str(spec_path)).stdout)["id"]
+    run("runs", "pause", paused_run)
+    added = run("runs", "add-groups", paused_run, str(groups))
     assert added.returncode == 0, added.stderr
     assert f"posted {3 * 4}/{3 * 4} groups; {3 * 4} wait" in added.stdout
 
 
-def test_a_dry_run_is_answered_by_the_worker_while_the_api_stays_responsive(embedded,
-                                                                            tiny_model_dir,
-                                                                            tmp_path):
+def test_a_dry_run_is_answered_by_the_worker_while_the_api_stays_responsive(embedded, trained):
     """POST /v1/gvpo:dry_run goes to the worker (the API process loads no model); while it
     waits, the API answers its health checks."""
-    import threading
-
-    http, file_id = project_with_file(embedded.settings, embedded.url, "dry-run", tmp_path)
-    run = http.post("/v1/runs", json=spec(tiny_model_dir, file_id, steps=2)).json()
-    assert wait_for(http, run["id"], {"succeeded", "failed"})["status"] == "succeeded"
-    body = {"model": {"run_id": run["id"]}, "prompt": "abc=", "completions": ["abc", "xy"],
-            "rewards": [1.0, 0.0], "beta": 0.1}
+    body = {"model": {"run_id": trained.run["id"]}, "prompt": "abc=",
+            "completions": ["abc", "xy"], "rewards": [1.0, 0.0], "beta": 0.1}
     answer: dict = {}
     asking = threading.Thread(target=lambda: answer.update(
-        dry=http.post("/v1/gvpo:dry_run", json=body, timeout=300)))
+        dry=trained.http.post("/v1/gvpo:dry_run", json=body, timeout=2 * WORKER_S)))
     asking.start()
     health = []
     with httpx.Client(base_url=embedded.url, timeout=10) as probe:
         while asking.is_alive():
             health.append((probe.get("/healthz").status_code, probe.get("/readyz").status_code))
-            asking.join(0.1)  # paces the probes; returns early when the answer came
+            asking.join(0.1)  # paces the probes; returns as soon as the answer came
     assert answer["dry"].status_code == 200, answer["dry"].text
     got = answer["dry"].json()
     assert [c["completion"] for c in got["completions"]] == ["abc", "xy"]

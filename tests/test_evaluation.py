@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import copy_rows, submit
+from factories import copy_rows, submit
 from reward_server import Behaviour, RewardServer
 from sqlalchemy import select
 

@@ -7,8 +7,8 @@ import time
 
 import httpx
 import pytest
-from helpers import auth, submit
-from reward_server import ThreadServer
+from factories import SERVER_START_S, auth, submit, wait_until
+from services import serve_api
 
 from service.db import session_scope
 from service.main import create_app
@@ -41,24 +41,39 @@ def test_stream_delivers_live_events_resumes_and_ends_with_the_run(settings, tin
     run_id = submit(settings, tiny_model_dir)
     key = key_for(settings, run_id)
     recorder = RunRecorder(settings, run_id, "worker-a")
-    live = settings.model_copy(update={"reaper_interval_s": 0})
-    with ThreadServer(create_app(live)) as server, \
-            httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers=auth(key),
+    with serve_api(settings, reaper_interval_s=0) as live, \
+            httpx.Client(base_url=f"http://127.0.0.1:{live.api_port}", headers=auth(key),
                          timeout=30) as http:
-        def worker() -> None:  # events recorded while the client is already listening
-            time.sleep(0.7)
-            recorder.claim()
-            for step in (1, 2):
-                recorder.event("note", f"step {step} done")
-                time.sleep(0.3)
-            recorder.finish("succeeded", "done")
+        received: list[str] = []  # the stream's text so far
+        failed: list[BaseException] = []
+
+        def delivered(event: str, times: int = 1) -> None:
+            wait_until(lambda: "".join(received).count(f"event: {event}\n") >= times,
+                       SERVER_START_S, f"the client to receive {event} x{times}")
+
+        def worker() -> None:  # each event recorded once the client has the one before it
+            try:
+                delivered("run.queued")  # the client is listening
+                recorder.claim()
+                delivered("run.started")
+                for step in (1, 2):
+                    recorder.event("note", f"step {step} done")
+                    delivered("note", step)
+            except BaseException as exc:  # noqa: BLE001 - raised again by the test
+                failed.append(exc)
+            finally:
+                recorder.finish("succeeded", "done")  # ends the stream in any case
 
         threading.Thread(target=worker).start()
         started = time.monotonic()
         with http.stream("GET", f"/v1/runs/{run_id}/events/stream") as resp:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
-            body = "".join(resp.iter_text())  # returns once the run has ended
+            for text in resp.iter_text():  # ends once the run has ended
+                received.append(text)
+        if failed:
+            raise failed[0]
+        body = "".join(received)
         assert time.monotonic() - started < 20
         messages = parse(body)
         assert [m["event"] for m in messages] == ["run.queued", "run.started", "note", "note",

@@ -8,18 +8,20 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import httpx
 import pytest
+from conftest import BACKENDS, new_settings, release
+from factories import SERVER_START_S, WORKER_S, copy_rows, jsonl, run_spec, wait_until
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import copy_rows, jsonl
-from reward_server import Behaviour, RewardServer, ThreadServer
+from reward_server import Behaviour, RewardServer
+from services import serve_api
 
 from gvpo.v1 import rewards_pb2, rewards_pb2_grpc, runs_pb2, runs_pb2_grpc
 from service.auth.service import create_api_key
@@ -33,21 +35,30 @@ from workers.execute import execute_run
 pytestmark = pytest.mark.both_backends
 
 REPO = Path(__file__).resolve().parents[1]
+# How these tests change the copy task: 4 steps, rolled out with transformers.
+GRPC_RUN = {"rollout": {"engine": "hf"}, "training": {"steps": 4}}
+
+
+def live_api(settings):
+    """The API (REST and gRPC) on loopback ports, ready; yields its settings."""
+    return serve_api(settings, grpc=True, webhook_allow_private=True, reaper_interval_s=0)
 
 
 @pytest.fixture
 def server(settings):
-    """The API (REST and gRPC) on loopback ports; its settings."""
-    live = settings.model_copy(update={"webhook_allow_private": True, "api_port": free_port(),
-                                       "grpc_port": free_port(), "reaper_interval_s": 0})
-    with ThreadServer(create_app(live), port=live.api_port):
+    with live_api(settings) as live:
         yield live
+
+
+def open_channel(settings) -> grpc.Channel:
+    channel = grpc.insecure_channel(f"127.0.0.1:{settings.grpc_port}")
+    grpc.channel_ready_future(channel).result(timeout=SERVER_START_S)
+    return channel
 
 
 @pytest.fixture
 def channel(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
-        grpc.channel_ready_future(ch).result(timeout=10)
+    with open_channel(server) as ch:
         yield ch
 
 
@@ -64,15 +75,10 @@ def bearer(key: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {key}"),)
 
 
-def spec(model_dir, file_id: str, reward: dict | None = None, **training) -> Struct:
+def spec(model_dir, file_id: str, **sections) -> Struct:
+    """run_spec(..., GRPC_RUN, **sections) as the Struct a CreateRunRequest carries."""
     out = Struct()
-    out.update({
-        "model": {"path": str(model_dir)}, "dataset": {"train_file": file_id},
-        "reward": reward or {"type": "builtin", "name": "char_accuracy"},
-        "algorithm": {"group_size": 4, "beta": 0.05}, "sampling": {"max_new_tokens": 5},
-        "rollout": {"engine": "hf"}, "optimizer": {"lr": 1e-3},
-        "training": {"steps": 4, "prompts_per_step": 2, "mini_batches": 2, **training},
-    })
+    out.update(run_spec(model_dir, file_id, GRPC_RUN, **sections))
     return out
 
 
@@ -86,46 +92,70 @@ def trailing(error: grpc.RpcError) -> dict[str, str]:
     return dict(error.trailing_metadata() or ())
 
 
-def test_create_watch_to_completion_with_rewards_submitted_over_grpc(server, channel,
-                                                                      tiny_model_dir):
-    runs, rewards = runs_pb2_grpc.RunsStub(channel), rewards_pb2_grpc.RewardsStub(channel)
-    key, file_id = project(server)
+# ---------------------------------------------------------------- a run created and watched
 
-    def submit_over_grpc(callback_url: str, body: bytes, signature: str) -> int:
-        run_id = callback_url.rstrip("/").split("/")[-2]
-        answer = rewards.SubmitRewards(rewards_pb2.SubmitRewardsRequest(run_id=run_id, body=body),
-                                       metadata=(("gvpo-signature", signature),))
-        assert answer.complete and answer.accepted > 0
-        return 200
 
-    behaviour = Behaviour(mode="async", send_callback=submit_over_grpc)
-    with RewardServer(behaviour) as reward_model:
-        hook = {"type": "webhook", "url": reward_model.url, "mode": "async", "timeout_s": 10}
-        created = runs.CreateRun(runs_pb2.CreateRunRequest(
-            spec=spec(tiny_model_dir, file_id, hook), idempotency_key="k1"), metadata=bearer(key))
-        assert created.created and created.webhook_secret.startswith("whsec_")
-        run = created.run
-        assert run.status == "queued" and run.total_steps == 4
-        assert run.spec["algorithm"]["name"] == "gvpo"  # defaults filled in
-        behaviour.secret = created.webhook_secret
+@pytest.fixture(scope="module", params=BACKENDS)
+def watched(request, tmp_path_factory, tiny_model_dir):
+    """A run created over gRPC (idempotency key "k1") whose rewards an async reward model
+    sends back over gRPC, trained by a worker while a WatchRun stream follows it to its end;
+    once per back end. The server stays up for the module's tests of it."""
+    settings = new_settings(tmp_path_factory.mktemp("grpc"), request.param, request)
+    with live_api(settings) as server, open_channel(server) as channel:
+        runs, rewards = runs_pb2_grpc.RunsStub(channel), rewards_pb2_grpc.RewardsStub(channel)
+        key, file_id = project(server)
 
-        updates, listening = [], threading.Event()
+        def submit_over_grpc(callback_url: str, body: bytes, signature: str) -> int:
+            run_id = callback_url.rstrip("/").split("/")[-2]
+            answer = rewards.SubmitRewards(
+                rewards_pb2.SubmitRewardsRequest(run_id=run_id, body=body),
+                metadata=(("gvpo-signature", signature),))
+            assert answer.complete and answer.accepted > 0
+            return 200
 
-        def watch() -> None:
-            for update in runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run.id),
-                                        metadata=bearer(key), timeout=120):
-                updates.append(update)
-                listening.set()
+        behaviour = Behaviour(mode="async", send_callback=submit_over_grpc)
+        with RewardServer(behaviour) as reward_model:
+            hook = {"type": "webhook", "url": reward_model.url, "mode": "async",
+                    "timeout_s": 10}
+            created = runs.CreateRun(runs_pb2.CreateRunRequest(
+                spec=spec(tiny_model_dir, file_id, reward=hook), idempotency_key="k1"),
+                metadata=bearer(key))
+            behaviour.secret = created.webhook_secret
+            updates, listening = [], threading.Event()
 
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        assert listening.wait(10)  # the worker starts once the watch is under way
-        outcome = execute_run(server, run.id, "worker-a")
-        assert outcome == "succeeded", runs.GetRun(runs_pb2.GetRunRequest(run_id=run.id),
-                                                    metadata=bearer(key)).error
-        watcher.join(timeout=60)
-        assert not watcher.is_alive(), "the stream did not end with the run"
+            def watch() -> None:
+                for update in runs.WatchRun(runs_pb2.WatchRunRequest(run_id=created.run.id),
+                                            metadata=bearer(key), timeout=WORKER_S):
+                    updates.append(update)
+                    listening.set()
 
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            assert listening.wait(SERVER_START_S)  # the worker starts once the watch is under way
+            outcome = execute_run(server, created.run.id, "worker-a")
+            watcher.join(timeout=WORKER_S)
+            assert not watcher.is_alive(), "the stream did not end with the run"
+        yield SimpleNamespace(runs=runs, key=key, hook=hook, file_id=file_id, created=created,
+                              outcome=outcome, updates=updates, behaviour=behaviour)
+    release(settings)
+
+
+def test_create_run_answers_the_queued_run_with_its_secret(watched):
+    created = watched.created
+    assert created.created and created.webhook_secret.startswith("whsec_")
+    assert created.run.status == "queued" and created.run.total_steps == 4
+    assert created.run.spec["algorithm"]["name"] == "gvpo"  # defaults filled in
+
+
+def test_rewards_sent_back_over_grpc_train_the_run_to_success(watched):
+    run_id = watched.created.run.id
+    assert watched.outcome == "succeeded", watched.runs.GetRun(
+        runs_pb2.GetRunRequest(run_id=run_id), metadata=bearer(watched.key)).error
+    assert set(watched.behaviour.callback_statuses) == {200}  # every reward arrived over gRPC
+
+
+def test_watch_run_streams_the_run_from_queued_to_its_end(watched):
+    updates = watched.updates
     kinds = [u.WhichOneof("update") for u in updates]
     assert kinds[0] == "run" and updates[0].run.status == "queued"
     events = [u.event.type for u in updates if u.HasField("event")]
@@ -137,29 +167,44 @@ def test_create_watch_to_completion_with_rewards_submitted_over_grpc(server, cha
     states = [u.run for u in updates if u.HasField("run")]
     assert states[-1].status == "succeeded" and states[-1].step == 4
     assert states[-1].HasField("finished_at")
-    assert set(behaviour.callback_statuses) == {200}  # every reward arrived over gRPC
 
-    # The same run through GetRun, and an idempotent replay of the create.
+
+def test_a_replayed_create_answers_the_same_run_without_its_secret(watched, tiny_model_dir):
+    runs, run_id = watched.runs, watched.created.run.id
     again = runs.CreateRun(runs_pb2.CreateRunRequest(
-        spec=spec(tiny_model_dir, file_id, hook), idempotency_key="k1"), metadata=bearer(key))
-    assert not again.created and again.run.id == run.id and again.webhook_secret == ""
-    assert runs.GetRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status \
-        == "succeeded"
-    # A watch that starts after the end replays from the cursors given, then ends.
-    late = list(runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run.id, since_step=3,
-                                                      after_event_id=10**9),
-                              metadata=bearer(key), timeout=30))
+        spec=spec(tiny_model_dir, watched.file_id, reward=watched.hook), idempotency_key="k1"),
+        metadata=bearer(watched.key))
+    assert not again.created and again.run.id == run_id and again.webhook_secret == ""
+    assert runs.GetRun(runs_pb2.GetRunRequest(run_id=run_id), metadata=bearer(watched.key)) \
+        .status == "succeeded"
+
+
+def test_a_watch_started_after_the_end_replays_from_its_cursors_then_ends(watched):
+    late = list(watched.runs.WatchRun(
+        runs_pb2.WatchRunRequest(run_id=watched.created.run.id, since_step=3,
+                                 after_event_id=10**9),
+        metadata=bearer(watched.key), timeout=30))
     assert [u.WhichOneof("update") for u in late] == ["run", "metrics"]
     assert late[1].metrics.step == 4
 
 
-def test_status_codes(server, channel, tiny_model_dir):
-    runs, rewards = runs_pb2_grpc.RunsStub(channel), rewards_pb2_grpc.RewardsStub(channel)
-    key, file_id = project(server)
-    other_key, _ = project(server, "another-team")
-    run = runs.CreateRun(runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, file_id)),
-                         metadata=bearer(key)).run
+# ---------------------------------------------------------------- status codes
 
+
+@pytest.fixture
+def stubs(channel):
+    return runs_pb2_grpc.RunsStub(channel), rewards_pb2_grpc.RewardsStub(channel)
+
+
+def created_run(runs, key: str, model_dir, file_id: str):
+    return runs.CreateRun(runs_pb2.CreateRunRequest(spec=spec(model_dir, file_id)),
+                          metadata=bearer(key)).run
+
+
+def test_calls_without_a_valid_key_are_unauthenticated(server, stubs, tiny_model_dir):
+    runs, _ = stubs
+    key, file_id = project(server)
+    run = created_run(runs, key, tiny_model_dir, file_id)
     for metadata in ((), bearer("gvpo_sk_wrong"), (("authorization", "Basic x"),)):
         error = error_of(runs.GetRun, runs_pb2.GetRunRequest(run_id=run.id), metadata=metadata)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
@@ -167,6 +212,12 @@ def test_status_codes(server, channel, tiny_model_dir):
     error = error_of(runs.CreateRun, runs_pb2.CreateRunRequest(spec=Struct()))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
+
+def test_another_projects_run_is_not_found(server, stubs, tiny_model_dir):
+    runs, _ = stubs
+    key, file_id = project(server)
+    other_key, _ = project(server, "another-team")
+    run = created_run(runs, key, tiny_model_dir, file_id)
     for call in (runs.GetRun, runs.CancelRun, runs.PauseRun):
         error = error_of(call, runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(other_key))
         assert error.code() == grpc.StatusCode.NOT_FOUND and run.id in error.details()
@@ -174,6 +225,10 @@ def test_status_codes(server, channel, tiny_model_dir):
                      runs_pb2.WatchRunRequest(run_id=run.id), metadata=bearer(other_key))
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
+
+def test_bad_requests_are_invalid_argument_naming_the_fields(server, stubs, tiny_model_dir):
+    runs, _ = stubs
+    key, file_id = project(server)
     bad = spec(tiny_model_dir, file_id)
     bad["algorithm"]["beta"] = -1
     del bad["model"]
@@ -183,13 +238,18 @@ def test_status_codes(server, channel, tiny_model_dir):
     assert fields == {"model", "algorithm.beta"} and "algorithm.beta" in error.details()
     bad = spec(tiny_model_dir, "file_missing")
     error = error_of(runs.CreateRun, runs_pb2.CreateRunRequest(spec=bad), metadata=bearer(key))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "dataset.train_file" in error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dataset.train_file" in error.details()
     for request in (runs_pb2.ListRunsRequest(page_size=1000),
                     runs_pb2.ListRunsRequest(status="bogus")):
         error = error_of(runs.ListRuns, request, metadata=bearer(key))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    # State changes: pause, resume, cancel; then cancelling again is refused.
+
+def test_pause_resume_cancel_and_a_second_cancel_refused(server, stubs, tiny_model_dir):
+    runs, _ = stubs
+    key, file_id = project(server)
+    run = created_run(runs, key, tiny_model_dir, file_id)
     assert runs.PauseRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status \
         == "paused"
     assert runs.ResumeRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status \
@@ -200,9 +260,13 @@ def test_status_codes(server, channel, tiny_model_dir):
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert trailing(error)["gvpo-error-code"] == "conflict"
 
-    # Paging: newest first, one at a time.
-    second = runs.CreateRun(runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, file_id)),
-                            metadata=bearer(key)).run
+
+def test_list_runs_pages_newest_first_and_filters_by_status(server, stubs, tiny_model_dir):
+    runs, _ = stubs
+    key, file_id = project(server)
+    run = created_run(runs, key, tiny_model_dir, file_id)
+    runs.CancelRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key))
+    second = created_run(runs, key, tiny_model_dir, file_id)
     page = runs.ListRuns(runs_pb2.ListRunsRequest(page_size=1), metadata=bearer(key))
     assert [r.id for r in page.runs] == [second.id] and page.next_page_token
     page = runs.ListRuns(runs_pb2.ListRunsRequest(page_size=1, page_token=page.next_page_token),
@@ -211,7 +275,12 @@ def test_status_codes(server, channel, tiny_model_dir):
     assert [r.id for r in runs.ListRuns(runs_pb2.ListRunsRequest(status="cancelled"),
                                         metadata=bearer(key)).runs] == [run.id]
 
-    # Reward callbacks are signed with the run's webhook secret, not an API key.
+
+def test_reward_callbacks_are_signed_with_the_runs_secret_not_a_key(server, stubs,
+                                                                    tiny_model_dir):
+    runs, rewards = stubs
+    key, file_id = project(server)
+    run = created_run(runs, key, tiny_model_dir, file_id)
     body = json.dumps({"request_id": "rq_x", "rewards": []}).encode()
     for metadata in ((), (("gvpo-signature", sign("whsec_not_the_secret", body)),)):
         error = error_of(rewards.SubmitRewards,
@@ -222,24 +291,43 @@ def test_status_codes(server, channel, tiny_model_dir):
                      rewards_pb2.SubmitRewardsRequest(run_id="run_nope", body=body))
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
+
+def grpc_counts(settings) -> dict:
+    """gvpo_grpc_requests_total from the API's /metrics, by (method, code)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    scraped = httpx.get(f"http://127.0.0.1:{settings.api_port}/metrics").text
+    return {(s.labels["method"], s.labels["code"]): s.value
+            for f in text_string_to_metric_families(scraped) if f.name == "gvpo_grpc_requests"
+            for s in f.samples if s.name == "gvpo_grpc_requests_total"}
+
+
+def test_every_call_is_counted_in_prometheus_by_method_and_status(server, stubs,
+                                                                  tiny_model_dir):
+    runs, rewards = stubs
+    key, file_id = project(server)
+    other_key, _ = project(server, "another-team")
+    run = created_run(runs, key, tiny_model_dir, file_id)
+    queued = created_run(runs, key, tiny_model_dir, file_id)
+    for metadata in ((), bearer("gvpo_sk_wrong"), (("authorization", "Basic x"),)):
+        error_of(runs.GetRun, runs_pb2.GetRunRequest(run_id=run.id), metadata=metadata)
+    error_of(runs.GetRun, runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(other_key))
+    error_of(lambda r, **kw: list(runs.WatchRun(r, **kw)),
+             runs_pb2.WatchRunRequest(run_id=run.id), metadata=bearer(other_key))
+    body = json.dumps({"request_id": "rq_x", "rewards": []}).encode()
+    for metadata in ((), (("gvpo-signature", sign("whsec_not_the_secret", body)),)):
+        error_of(rewards.SubmitRewards, rewards_pb2.SubmitRewardsRequest(run_id=run.id, body=body),
+                 metadata=metadata)
     # A watch of a run that is still queued, stopped by its client.
-    watch = runs.WatchRun(runs_pb2.WatchRunRequest(run_id=second.id), metadata=bearer(key))
+    watch = runs.WatchRun(runs_pb2.WatchRunRequest(run_id=queued.id), metadata=bearer(key))
     assert next(watch).run.status == "queued"
     watch.cancel()
 
-    # Every call above is counted in Prometheus by method and status.
-    from prometheus_client.parser import text_string_to_metric_families
+    def with_the_cancelled_watch() -> dict | None:  # the server notices it on its next poll
+        counts = grpc_counts(server)
+        return counts if ("/gvpo.v1.Runs/WatchRun", "CANCELLED") in counts else None
 
-    def grpc_counts() -> dict:
-        scraped = httpx.get(f"http://127.0.0.1:{server.api_port}/metrics").text
-        return {(s.labels["method"], s.labels["code"]): s.value
-                for f in text_string_to_metric_families(scraped) if f.name == "gvpo_grpc_requests"
-                for s in f.samples if s.name == "gvpo_grpc_requests_total"}
-
-    deadline = time.monotonic() + 10  # the server notices the cancel on its next poll
-    while ("/gvpo.v1.Runs/WatchRun", "CANCELLED") not in (counts := grpc_counts()):
-        assert time.monotonic() < deadline, {k: v for k, v in counts.items() if "Watch" in k[0]}
-        time.sleep(0.1)
+    counts = wait_until(with_the_cancelled_watch, SERVER_START_S, "the cancelled watch's count")
     assert counts[("/gvpo.v1.Runs/GetRun", "UNAUTHENTICATED")] == 3
     assert counts[("/gvpo.v1.Runs/GetRun", "NOT_FOUND")] == 1
     assert counts[("/gvpo.v1.Runs/WatchRun", "NOT_FOUND")] == 1
@@ -293,14 +381,26 @@ def test_reward_callback_rules_over_grpc(server, channel, tiny_model_dir):
         assert session.get(Run, run_id).status == "running"
 
 
-def test_health_and_reflection(server, channel):
+def test_health_says_serving_for_each_service_once_ready(server, channel):
+    """NOT_SERVING from the server's start until its first readiness check passes (never
+    NOT_FOUND, as if the service did not exist), then SERVING for each service."""
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "gvpo.v1.Runs", "gvpo.v1.Rewards"):
-        answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
-        assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+    services = ("", "gvpo.v1.Runs", "gvpo.v1.Rewards")
+    known = (health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING)
+
+    def statuses() -> dict:
+        answers = {s: health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status
+                   for s in services}
+        assert set(answers.values()) <= set(known), answers
+        return answers
+
+    wait_until(lambda: set(statuses().values()) == {health_pb2.HealthCheckResponse.SERVING},
+               SERVER_START_S, "every service to say SERVING")
     error = error_of(health.Check, health_pb2.HealthCheckRequest(service="nope"), timeout=10)
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
+
+def test_reflection_lists_and_describes_the_services(server, channel):
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
     answers = reflect.ServerReflectionInfo(iter([
         reflection_pb2.ServerReflectionRequest(list_services=""),
@@ -345,9 +445,9 @@ def test_spec_numbers_from_a_struct_become_the_spec_types(tiny_model_dir):
 
     from service.runs.grpc import _spec
 
-    good = runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, "file_x", steps=7))
+    good = runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, "file_x", training={"steps": 7}))
     assert _spec(good).training.steps == 7
-    bad = runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, "file_x", steps=7.5))
+    bad = runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, "file_x", training={"steps": 7.5}))
     with pytest.raises(Exception) as info:
         _spec(bad)
     assert not isinstance(info.value, ValidationError)

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import set_constant_logits
+from factories import DROP, run_spec, set_constant_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.contract.spec import RunSpec, SamplingSpec
@@ -31,16 +31,12 @@ def model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
+# The learner alone: the spec's own algorithm, sampling and training defaults, lr 1e-3.
+LEARNER = {"algorithm": DROP, "sampling": DROP, "training": DROP}
+
+
 def make_spec(model_dir, **sections) -> RunSpec:
-    body = {
-        "model": {"path": str(model_dir)},
-        "dataset": {"train_file": "train.jsonl"},
-        "reward": {"type": "builtin", "name": "char_accuracy"},
-        "optimizer": {"lr": 1e-3},
-    }
-    for name, values in sections.items():
-        body[name] = {**body.get(name, {}), **values}
-    return RunSpec.model_validate(body)
+    return RunSpec.model_validate(run_spec(model_dir, "train.jsonl", LEARNER, **sections))
 
 
 def encode(tokenizer, text: str) -> list[int]:

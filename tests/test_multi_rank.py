@@ -10,15 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from helpers import copy_rows, submit
+from factories import WORKER_S, copy_rows, submit, wait_until
+from run_control import (RESUMABLE_STEPS as STEPS, act, event_types, execute_in_thread,
+                         final_weights, kill_after_first_checkpoint, wait_for_lease_to_lapse)
 from sqlalchemy import func, select, update
-from test_pause import call, events
-from test_resume import STEPS, final_weights, kill_after_first_checkpoint
 
 from service.db import session_scope
 from service.models import Checkpoint, File, Metric, Run, RunEvent, Sample
@@ -44,12 +42,9 @@ def long_run(settings, tiny_model_dir) -> str:
 def training(settings, run_id: str, worker_id: str, loaded: int = 1):
     """execute_run in a thread, as a worker runs it, returned once the ranks have loaded the
     model (the run's `loaded`-th run.model_loaded event); its outcome lands in the dict."""
-    result: dict[str, str] = {}
-    thread = threading.Thread(target=lambda: result.update(
-        status=execute_run(settings, run_id, worker_id)))
-    thread.start()
-    wait_until(lambda: events(settings, run_id).count("run.model_loaded") == loaded,
-               "the ranks never loaded the model")
+    thread, result = execute_in_thread(settings, run_id, worker_id)
+    wait_until(lambda: event_types(settings, run_id).count("run.model_loaded") == loaded,
+               WORKER_S, "the ranks to load the model")
     return thread, result
 
 
@@ -58,13 +53,6 @@ def ranks_alive(run_id: str) -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"workers[.](launcher|rank) .*{run_id}"], capture_output=True,
                          text=True)
     return [int(pid) for pid in out.stdout.split()]
-
-
-def wait_until(check, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 @pytest.mark.both_backends
@@ -85,7 +73,7 @@ def test_two_ranks_train_and_rank_zero_records(settings, tiny_model_dir):
     assert sorted(per_step) == [(s, 1) for s in range(1, 7)]  # written once, by rank 0
     assert sorted(groups) == [(g, 4) for g in range(4)]  # both ranks' groups, in prompt order
     assert loaded.data["ranks"] == 2 and "2 processes on cpu" in loaded.message
-    assert events(settings, run_id)[:3] == ["run.queued", "run.started", "run.launched"]
+    assert event_types(settings, run_id)[:3] == ["run.queued", "run.started", "run.launched"]
     state = json.loads((Path(path) / "trainer_state.json").read_text())
     assert len(state["rng_ranks"]) == 2 and state["rng_ranks"][0] == state["rng"]
     assert state["rng_ranks"][0]["torch"] != state["rng_ranks"][1]["torch"]  # own samples
@@ -113,7 +101,7 @@ def test_each_rank_rolls_out_with_vllm_in_step_with_its_learner(settings, tiny_m
             RunEvent.run_id == run_id, RunEvent.type == "run.model_loaded")).one()
     assert loaded.data["rollout_engine"] == "vllm"
     assert len(gaps) == 6 and max(gaps) < 1e-4
-    assert "rollout.logprob_mismatch" not in events(settings, run_id)
+    assert "rollout.logprob_mismatch" not in event_types(settings, run_id)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
@@ -134,8 +122,8 @@ def test_killed_two_rank_run_resumes_with_the_same_result(settings, tiny_model_d
     assert execute_run(settings, straight, "worker-a") == "succeeded"
     killed = resumable()
     kill_after_first_checkpoint(settings, killed)
-    wait_until(lambda: not ranks_alive(killed), "ranks outlived the killed worker", 30)
-    time.sleep(1.5)  # the last rank-0 lease renewal (1 s) runs out
+    wait_until(lambda: not ranks_alive(killed), 30, "the ranks to go with the killed worker")
+    wait_for_lease_to_lapse(settings, killed)  # rank 0 may have renewed it before it went
     assert execute_run(settings, killed, "worker-b") == "succeeded"
 
     with session_scope(settings.resolved_database_url) as session:
@@ -151,7 +139,7 @@ def test_killed_two_rank_run_resumes_with_the_same_result(settings, tiny_model_d
 def test_pause_and_cancel_reach_every_rank(settings, tiny_model_dir):
     run_id = long_run(settings, tiny_model_dir)
     worker, result = training(settings, run_id, "worker-a")
-    call(settings, "pause", run_id)
+    act(settings, "pause", run_id)
     worker.join(120)
     assert result["status"] == "paused" and not ranks_alive(run_id)
     with session_scope(settings.resolved_database_url) as session:
@@ -159,12 +147,12 @@ def test_pause_and_cancel_reach_every_rank(settings, tiny_model_dir):
         ckpt = session.scalars(select(Checkpoint.step).where(Checkpoint.run_id == run_id)).all()
     assert run.status == "paused" and ckpt == [run.step]
 
-    call(settings, "resume", run_id)
+    act(settings, "resume", run_id)
     worker, result = training(settings, run_id, "worker-b", loaded=2)
-    call(settings, "cancel", run_id)
+    act(settings, "cancel", run_id)
     worker.join(120)
     assert result["status"] == "cancelled" and not ranks_alive(run_id)
-    types = events(settings, run_id)
+    types = event_types(settings, run_id)
     assert types.count("run.resumed") == 1 and types[-2:] == ["run.cancel_requested",
                                                                "run.cancelled"]
 
@@ -182,7 +170,7 @@ def test_a_rank_killed_mid_run_fails_the_run_and_stops_the_others(settings, tiny
     os.kill(rank1[0], signal.SIGKILL)
     worker.join(120)
     assert result["status"] == "failed"
-    wait_until(lambda: not ranks_alive(run_id), "rank 0 outlived rank 1", 30)
+    wait_until(lambda: not ranks_alive(run_id), 30, "rank 0 to go with rank 1")
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
     assert (run.status, run.lease_owner) == ("failed", None)
@@ -190,7 +178,7 @@ def test_a_rank_killed_mid_run_fails_the_run_and_stops_the_others(settings, tiny
     assert (run.error.startswith("training process 0 of 2: RuntimeError:")
             and "by peer" in run.error  # gloo: "Connection closed/reset by peer"
             or run.error.startswith("the training processes ended with exit code 1")), run.error
-    assert events(settings, run_id)[-1] == "run.failed"
+    assert event_types(settings, run_id)[-1] == "run.failed"
 
 
 def test_a_failure_every_rank_hits_is_recorded_once_by_rank_zero(settings, tiny_model_dir):
@@ -202,8 +190,8 @@ def test_a_failure_every_rank_hits_is_recorded_once_by_rank_zero(settings, tiny_
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
     assert run.error == f"dataset.train_file {file_id!r} no longer exists"
-    assert events(settings, run_id)[-1] == "run.failed"
-    assert events(settings, run_id).count("run.failed") == 1
+    assert event_types(settings, run_id)[-1] == "run.failed"
+    assert event_types(settings, run_id).count("run.failed") == 1
     # rank 1 hit the same error; it is kept beside the run for the worker's operator
     error = settings.runs_dir / run_id / "ranks" / "rank1.error"
     assert error.read_text() == f"RunError: dataset.train_file {file_id!r} no longer exists"
@@ -217,7 +205,7 @@ def test_lease_taken_by_another_worker_stops_the_ranks(settings, tiny_model_dir)
         session.execute(update(Run).where(Run.id == run_id).values(lease_owner="worker-z"))
     worker.join(120)
     assert result["status"] == "lease lost"
-    wait_until(lambda: not ranks_alive(run_id), "ranks kept training without the lease", 30)
+    wait_until(lambda: not ranks_alive(run_id), 30, "the ranks to stop without the lease")
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
     assert (run.status, run.lease_owner) == ("running", "worker-z")  # nothing written over
@@ -230,7 +218,7 @@ def test_more_gpus_than_the_worker_has_fails_before_launching(settings, tiny_mod
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
     assert run.error.startswith("resources.gpus is 2 but this worker has no CUDA device")
-    assert "run.launched" not in events(settings, run_id)
+    assert "run.launched" not in event_types(settings, run_id)
 
 
 def test_fsdp_makes_the_same_steps_as_ddp(settings, tiny_model_dir):

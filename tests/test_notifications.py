@@ -8,23 +8,23 @@ run's webhook secret, as a user's would.
 import asyncio
 import json
 import threading
-import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from helpers import assert_error, auth, copy_rows, jsonl, submit
-from reward_server import ThreadServer
+from factories import (EXACT_MATCH, SERVER_START_S, SPEC_DEFAULTS, assert_error, auth, copy_rows,
+                       run_spec, submit, upload, wait_until)
+from services import ThreadServer, closed_port
 from sqlalchemy import select, update
 
 from service.db import session_scope
 from service.models import Project, Run, RunEvent
+from service.models.base import utcnow
 from service.contract.signing import HEADER, SignatureError, verify
 from service.runs.notify import EVENT_ID_HEADER, Outcome, claim, deliver, deliver_due, record
 from service.runs.service import cancel_run
-from service.stack import free_port
 from workers.execute import execute_run
 
 SECRET = "whsec_notify-tests-0123456789"
@@ -53,6 +53,7 @@ class ReceiverServer(ThreadServer):
                 receiver.bad_signatures += 1
                 return JSONResponse({"error": str(exc)}, status_code=401)
             receiver.deliveries.append({"body": json.loads(body), "headers": request.headers})
+            # a slow receiver, as the test asks for (the behaviour under test, not a wait)
             await asyncio.sleep(receiver.delay_s)
             status = receiver.answers.pop(0) if receiver.answers else 200
             headers = {"Location": "/elsewhere"} if 300 <= status < 400 else {}
@@ -106,15 +107,15 @@ def load(settings, run_id: str) -> tuple[Run, list[RunEvent]]:
         return session.get(Run, run_id), list(events)
 
 
-def pump(settings, run_id: str, state: str, timeout_s: float = 10.0) -> int:
-    """Run notifier passes until the run's notification is `state`; returns the passes."""
-    deadline, passes = time.monotonic() + timeout_s, 0
-    while load(settings, run_id)[0].notify_state != state:
-        assert time.monotonic() < deadline, f"notification never became {state}"
+def pump(settings, run_id: str, state: str) -> None:
+    """Run notifier passes until the run's notification is `state`."""
+    def passed() -> bool:
+        if load(settings, run_id)[0].notify_state == state:
+            return True
         deliver_due(settings)
-        passes += 1
-        time.sleep(0.02)
-    return passes
+        return False
+
+    wait_until(passed, SERVER_START_S, f"the notification to become {state}", every=0.02)
 
 
 def assert_payload(delivery: dict, run: Run, type_: str) -> None:
@@ -150,9 +151,9 @@ def test_a_succeeded_run_is_notified_once(nsettings, tiny_model_dir):
 
 
 def test_cancelled_and_failed_runs_are_notified(nsettings, tiny_model_dir):
-    dead = f"http://127.0.0.1:{free_port()}/score"  # nothing listens: the run fails at step 1
     receiver = Receiver()
-    with ReceiverServer(receiver) as server:
+    with ReceiverServer(receiver) as server, closed_port() as port:
+        dead = f"http://127.0.0.1:{port}/score"  # nothing listens: the run fails at step 1
         cancelled = new_run(nsettings, tiny_model_dir, server.url)
         failed = new_run(nsettings, tiny_model_dir, server.url, reward={
             "type": "webhook", "url": dead, "timeout_s": 5, "max_attempts": 1})
@@ -172,15 +173,28 @@ def test_cancelled_and_failed_runs_are_notified(nsettings, tiny_model_dir):
     assert dead in by_run[failed]["body"]["run"]["error"]
 
 
+def come_due(settings, run_id: str) -> None:
+    """The notification's backoff ends now."""
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(update(Run).where(Run.id == run_id).values(notify_due_at=utcnow()))
+
+
 def test_5xx_answers_are_retried_with_backoff(nsettings, tiny_model_dir):
-    settings = nsettings.model_copy(update={"notify_backoff_s": 0.3})
+    # Backoffs long enough that no retry comes due by itself however slow the machine: each
+    # one is checked, then ended by moving the due time to now.
+    settings = nsettings.model_copy(update={"notify_backoff_s": 30.0})
     receiver = Receiver(answers=[500, 503])
     with ReceiverServer(receiver) as server:
         run_id = new_run(settings, tiny_model_dir, server.url)
         cancel(settings, run_id)
-        assert deliver_due(settings) == {run_id: "pending"}
-        assert deliver_due(settings) == {}  # backing off (0.3 s, then 0.6 s)
-        pump(settings, run_id, "delivered")
+        for backoff in (timedelta(seconds=30), timedelta(seconds=60)):  # 1, 2, ... x 30 s
+            tried = utcnow()
+            assert deliver_due(settings) == {run_id: "pending"}
+            due = load(settings, run_id)[0].notify_due_at
+            assert backoff <= due - tried < backoff + timedelta(seconds=30)
+            assert deliver_due(settings) == {}  # backing off
+            come_due(settings, run_id)
+        assert deliver_due(settings) == {run_id: "delivered"}
     run, events = load(settings, run_id)
     assert len(receiver.deliveries) == 3
     assert len({json.dumps(d["body"]) for d in receiver.deliveries}) == 1  # the same event
@@ -197,7 +211,7 @@ def test_a_receiver_that_stays_down_gets_a_failed_event_and_nothing_more(nsettin
         run_id = new_run(settings, tiny_model_dir, server.url)
         cancel(settings, run_id)
         pump(settings, run_id, "failed")
-        time.sleep(0.1)
+        assert load(settings, run_id)[0].notify_due_at is None  # no try is due, now or later
         assert deliver_due(settings) == {}
     assert len(receiver.deliveries) == 3
     run, events = load(settings, run_id)
@@ -222,10 +236,10 @@ def test_other_answers_are_final_at_once(nsettings, tiny_model_dir, status, need
 
 def test_a_dead_receiver_is_retried_then_given_up(nsettings, tiny_model_dir):
     settings = nsettings.model_copy(update={"notify_max_attempts": 2, "notify_backoff_s": 0.01})
-    url = f"http://127.0.0.1:{free_port()}/hook"
-    run_id = new_run(settings, tiny_model_dir, url)
-    cancel(settings, run_id)
-    pump(settings, run_id, "failed")
+    with closed_port() as port:  # nothing listens there
+        run_id = new_run(settings, tiny_model_dir, f"http://127.0.0.1:{port}/hook")
+        cancel(settings, run_id)
+        pump(settings, run_id, "failed")
     _, events = load(settings, run_id)
     assert [e.type for e in events] == ["notify.failed"]
     assert "ConnectError" in events[0].message and "2 tries" in events[0].message
@@ -271,11 +285,8 @@ def test_a_sender_that_dies_mid_send_is_taken_over_when_its_claim_expires(db_set
 
 
 def _create(api, key: str, model_dir, **extra):
-    file_id = api.post("/v1/files", headers=auth(key),
-                       files={"file": ("t.jsonl", jsonl(copy_rows(4)))}).json()["id"]
-    body = {"model": {"path": str(model_dir)}, "dataset": {"train_file": file_id},
-            "reward": {"type": "builtin", "name": "exact_match"},
-            "sampling": {"max_new_tokens": 16}, **extra}  # within the model's context
+    train_file = upload(api, key, copy_rows(4), filename="t.jsonl")
+    body = run_spec(model_dir, train_file, SPEC_DEFAULTS, reward=EXACT_MATCH, **extra)
     return api.post("/v1/runs", headers=auth(key), json=body)
 
 
@@ -303,15 +314,11 @@ def test_the_api_process_notifies_a_run_cancelled_over_http(settings, make_key, 
         assert created.status_code == 201, created.text
         run_id, receiver.secret = created.json()["id"], created.json()["webhook_secret"]
         assert api.post(f"/v1/runs/{run_id}/cancel", headers=auth(key)).status_code == 200
-        deadline = time.monotonic() + 10
-        while not receiver.deliveries:
-            assert time.monotonic() < deadline, "the API's notifier sent nothing"
-            time.sleep(0.05)
+        wait_until(lambda: receiver.deliveries, SERVER_START_S,
+                   "the API's notifier to send the notification")
         body = receiver.deliveries[0]["body"]
         assert (body["type"], body["run_id"]) == ("run.cancelled", run_id)
-        deadline = time.monotonic() + 5
-        while not (events := [e for e in api.get(f"/v1/runs/{run_id}/events", headers=auth(key))
-                              .json()["data"] if e["type"] == "notify.delivered"]):
-            assert time.monotonic() < deadline, "no notify.delivered event"
-            time.sleep(0.05)
+        events = wait_until(lambda: [
+            e for e in api.get(f"/v1/runs/{run_id}/events", headers=auth(key)).json()["data"]
+            if e["type"] == "notify.delivered"], SERVER_START_S, "a notify.delivered event")
     assert events[0]["data"]["attempts"] == 1 and len(receiver.deliveries) == 1

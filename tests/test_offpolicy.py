@@ -4,7 +4,7 @@ no importance sampling; mixed with fresh rollouts by training.offpolicy_fraction
 import random
 
 import pytest
-from helpers import assert_error, auth, copy_rows, jsonl, submit
+from factories import DROP, assert_error, auth, copy_rows, post_file, run_spec, submit, upload
 from sqlalchemy import select
 
 from service.db import session_scope
@@ -35,9 +35,10 @@ def uniform_groups(n: int, seed: int = 1, rewards: bool = False) -> list[dict]:
     return groups
 
 
-def upload(api, key: str, rows: list, purpose: str = "offpolicy"):
-    return api.post("/v1/files", headers=auth(key), files={"file": ("g.jsonl", jsonl(rows))},
-                    data={"purpose": purpose})
+# How the submission tests change the copy task: 4 prompts a step in one mini-batch, the
+# spec's own beta, optimizer and step count.
+SUBMITTED_ONLY = {"algorithm": {"beta": DROP}, "optimizer": DROP,
+                  "training": {"steps": DROP, "prompts_per_step": 4, "mini_batches": 1}}
 
 
 def eval_reward(settings, run_id: str) -> dict[int, float]:
@@ -92,21 +93,22 @@ def test_training_only_on_uniform_groups_raises_the_reward_of_fresh_samples(sett
         "source_label", "unknown_key"])
 def test_an_upload_of_bad_groups_names_the_line(api, make_key, row, needle):
     good = {"prompt": "a=", "completions": ["a", "b"], "rewards": [1, 0.5]}
-    resp = upload(api, make_key(), [good, good, row])
+    resp = post_file(api, make_key(), [good, good, row], purpose="offpolicy", filename="g.jsonl")
     assert_error(resp, 400, "bad_request", "line 3 is not an off-policy group", needle)
 
 
 def test_off_policy_spec_rules_are_422(api, make_key, tiny_model_dir):
     key = make_key()
-    groups = upload(api, key, uniform_groups(3)).json()["id"]  # K = 8 completions each
+    groups = upload(api, key, uniform_groups(3), "offpolicy")  # K = 8 completions each
     short_rewarded = upload(api, key, [{"prompt": "a=", "completions": ["a", "b"],
-                                        "rewards": [1, 0]}]).json()["id"]
-    train = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl",
-                     jsonl(copy_rows(8)))}).json()["id"]
-    base = {"model": {"path": str(tiny_model_dir)}, "reward": {"type": "builtin",
-            "name": "char_accuracy"}, "training": {"prompts_per_step": 4, "mini_batches": 1},
-            "algorithm": {"group_size": 4},
-            "sampling": {"max_new_tokens": 8}}  # within the model's context
+                                        "rewards": [1, 0]}], "offpolicy")
+    train = upload(api, key, copy_rows(8), filename="t.jsonl")
+
+    def body(**sections) -> dict:
+        return run_spec(tiny_model_dir, train, SUBMITTED_ONLY,
+                        {"sampling": {"max_new_tokens": 8}},  # within the model's context
+                        **sections)
+
     cases = [
         ({"train_file": train}, {"offpolicy_fraction": 0.1},  # 0.4 slots, rounded to none
          "resources", "makes no off-policy slot"),
@@ -120,14 +122,13 @@ def test_off_policy_spec_rules_are_422(api, make_key, tiny_model_dir):
          "dataset.offpolicy_file", "leave its rewards out"),
     ]
     for dataset, training, field, needle in cases:
-        body = {**base, "dataset": dataset, "training": {**base["training"], **training}}
-        error = assert_error(api.post("/v1/runs", headers=auth(key), json=body), 422,
+        error = assert_error(api.post("/v1/runs", headers=auth(key),
+                                      json=body(dataset=dataset, training=training)), 422,
                              "invalid_request", field, needle)
         assert [f["field"] for f in error["details"]["fields"]] == [field]
-    body = {**base, "dataset": {"train_file": train, "offpolicy_file": groups},
-            "algorithm": {"group_size": K}, "training": {**base["training"],
-                                                          "offpolicy_fraction": 0.5}}
-    assert api.post("/v1/runs", headers=auth(key), json=body).status_code == 201
+    accepted = body(dataset={"offpolicy_file": groups}, algorithm={"group_size": K},
+                    training={"offpolicy_fraction": 0.5})
+    assert api.post("/v1/runs", headers=auth(key), json=accepted).status_code == 201
 
 
 def mixed_groups(n: int) -> list[dict]:
@@ -227,14 +228,10 @@ def test_a_group_of_fewer_than_k_is_topped_up_with_the_policys_samples(settings,
 
 def test_topping_up_needs_one_training_process(api, make_key, tiny_model_dir):
     key = make_key()
-    short = upload(api, key, [{"prompt": "a=", "completions": ["a", "b"]}]).json()["id"]
-    train = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl",
-                     jsonl(copy_rows(8)))}).json()["id"]
-    body = {"model": {"path": str(tiny_model_dir)}, "reward": {"type": "builtin",
-            "name": "char_accuracy"}, "algorithm": {"group_size": 4},
-            "sampling": {"max_new_tokens": 5},
-            "dataset": {"train_file": train, "offpolicy_file": short},
-            "training": {"prompts_per_step": 4, "mini_batches": 1, "offpolicy_fraction": 0.5}}
+    short = upload(api, key, [{"prompt": "a=", "completions": ["a", "b"]}], "offpolicy")
+    train = upload(api, key, copy_rows(8), filename="t.jsonl")
+    body = run_spec(tiny_model_dir, train, SUBMITTED_ONLY, dataset={"offpolicy_file": short},
+                    training={"offpolicy_fraction": 0.5})
     assert api.post("/v1/runs", headers=auth(key), json=body).status_code == 201
     body["resources"] = {"processes": 2}
     assert_error(api.post("/v1/runs", headers=auth(key), json=body), 422, "invalid_request",

@@ -2,7 +2,7 @@
 off-policy slots, oldest first, before its offpolicy file, and train with the GVPO loss."""
 
 import pytest
-from helpers import assert_error, auth, submit
+from factories import assert_error, auth, submit
 from sqlalchemy import select
 
 from service.db import session_scope

@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import assert_error, auth, broker_run_ids, jsonl
+from factories import (DROP, EXACT_MATCH, assert_error, auth, broker_run_ids, jsonl, run_spec,
+                       upload)
 
 from service.errors import InvalidSpec
 from service.main import create_app
@@ -43,22 +44,15 @@ def groups(*completions: list[str], prompt: str = "abc=") -> list[dict]:
     return [{"prompt": prompt, "completions": c} for c in completions]
 
 
-def upload(api, key: str, content, purpose: str = "train") -> str:
-    data = content if isinstance(content, bytes) else jsonl(content)
-    resp = api.post("/v1/files", headers=auth(key), files={"file": ("f.jsonl", data)},
-                    data={"purpose": purpose})
-    assert resp.status_code == 201, resp.text
-    return resp.json()["id"]
+# How these tests change the copy task: one step, small groups, no optimizer settings.
+PREFLIGHT_RUN = {"reward": EXACT_MATCH, "algorithm": {"group_size": 2, "beta": DROP},
+                 "sampling": {"max_new_tokens": 8}, "optimizer": DROP,
+                 "training": {"steps": 1, "mini_batches": 1}}
 
 
 def body(model, train_file: str, **sections) -> dict:
-    spec = {"model": {"path": str(model)}, "dataset": {"train_file": train_file},
-            "reward": {"type": "builtin", "name": "exact_match"},
-            "algorithm": {"group_size": 2}, "sampling": {"max_new_tokens": 8},
-            "training": {"steps": 1, "prompts_per_step": 2, "mini_batches": 1}}
-    for section, values in sections.items():
-        spec[section] = {**spec.get(section, {}), **values}
-    return spec
+    """run_spec(..., PREFLIGHT_RUN, **sections)."""
+    return run_spec(model, train_file, PREFLIGHT_RUN, **sections)
 
 
 def refused(api, key: str, spec: dict, *needles: str) -> list[dict]:

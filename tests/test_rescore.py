@@ -3,13 +3,18 @@ new run that starts from the run's checkpoint and trains on the re-scored groups
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
-from helpers import assert_error, auth, submit
+from conftest import BACKENDS, new_settings, release
+from factories import DROP, EXACT_MATCH, assert_error, auth, run_spec, submit
+from fastapi.testclient import TestClient
 from reward_server import Behaviour, RewardServer, score
 from sqlalchemy import select
 
+from service.auth.service import create_api_key
 from service.db import session_scope
+from service.main import create_app
 from service.models import Checkpoint, Run, Sample
 from workers.execute import execute_run
 from workers.rescore import execute_rescore
@@ -42,51 +47,91 @@ def rescore(api, settings, key: str, run_id: str, reward: dict) -> dict:
     return api.get(f"/v1/runs/{run_id}/rescores/{resp.json()['id']}", headers=auth(key)).json()
 
 
+def project_key(settings, project: str = "loop") -> str:
+    """A new API key of `project` (submit() creates its runs in "loop")."""
+    with session_scope(settings.resolved_database_url) as session:
+        return create_api_key(session, project, settings.api_key_pepper)[1]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def rescored_twice(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
+    """A finished run re-scored through the API and a worker with exact_match, then with its
+    own char_accuracy again (once per back end): its samples before, between and after, and
+    both rescores."""
+    settings = new_settings(tmp_path_factory.mktemp("rescore"), request.param, request)
+    with TestClient(create_app(settings)) as api:
+        key = project_key(settings)
+        run_id = finished_run(settings, tiny_model_dir)
+        before = samples(settings, run_id)
+        first = rescore(api, settings, key, run_id, EXACT_MATCH)
+        between = samples(settings, run_id)
+        second = rescore(api, settings, key, run_id, {"type": "builtin", "name": "char_accuracy"})
+        yield SimpleNamespace(api=api, key=key, settings=settings, run_id=run_id, before=before,
+                              first=first, between=between, second=second,
+                              after=samples(settings, run_id))
+    release(settings)
+
+
 @pytest.mark.both_backends
-def test_rescoring_replaces_rewards_and_keeps_the_old_ones(api, settings, make_key,
-                                                           tiny_model_dir):
-    key = make_key("loop")  # submit() creates its runs in project "loop"
-    run_id = finished_run(settings, tiny_model_dir)
-    before = samples(settings, run_id)
-    assert len(before) == STEPS * PROMPTS * K
+def test_a_rescore_replaces_every_samples_reward(rescored_twice):
+    r = rescored_twice
+    assert len(r.before) == STEPS * PROMPTS * K
     assert all(s.reward == pytest.approx(char_accuracy(s.completion, s.answer, None))
-               for s in before)
+               for s in r.before)
+    exact = [exact_match(s.completion, s.answer, None) for s in r.between]
+    assert [s.reward for s in r.between] == pytest.approx(exact)
+    assert r.first["samples_scored"] == r.first["samples_total"] == len(r.before)
+    assert r.first["reward_mean_before"] == pytest.approx(
+        sum(s.reward for s in r.before) / len(r.before))
+    assert r.first["reward_mean_after"] == pytest.approx(sum(exact) / len(exact))
+    assert r.first["status"] == "succeeded" and r.first["error"] is None
 
-    first = rescore(api, settings, key, run_id, {"type": "builtin", "name": "exact_match"})
-    after = samples(settings, run_id)
-    exact = [exact_match(s.completion, s.answer, None) for s in after]
-    assert [s.reward for s in after] == pytest.approx(exact)
-    assert first["samples_scored"] == first["samples_total"] == len(before)
-    assert first["reward_mean_before"] == pytest.approx(sum(s.reward for s in before) / len(before))
-    assert first["reward_mean_after"] == pytest.approx(sum(exact) / len(exact))
-    assert first["status"] == "succeeded" and first["error"] is None
 
-    # Back to the first reward: the rewards are the run's own again; both replaced ones kept.
-    second = rescore(api, settings, key, run_id, {"type": "builtin", "name": "char_accuracy"})
-    assert [s.reward for s in samples(settings, run_id)] == pytest.approx(
-        [s.reward for s in before])
-    page = api.get(f"/v1/runs/{run_id}/samples?step=2", headers=auth(key)).json()["data"]
-    by_index = {(s.group_index, s.sample_index): s for s in before if s.step == 2}
+@pytest.mark.both_backends
+def test_rescoring_with_the_runs_own_reward_again_restores_its_rewards(rescored_twice):
+    r = rescored_twice
+    assert [s.reward for s in r.after] == pytest.approx([s.reward for s in r.before])
+
+
+@pytest.mark.both_backends
+def test_each_sample_keeps_the_rewards_its_rescores_replaced(rescored_twice):
+    r = rescored_twice
+    page = r.api.get(f"/v1/runs/{r.run_id}/samples?step=2", headers=auth(r.key)).json()["data"]
+    by_index = {(s.group_index, s.sample_index): s for s in r.before if s.step == 2}
     for sample in page:
         history = sample["reward_history"]
-        assert [h["rescore_id"] for h in history] == [first["id"], second["id"]]
+        assert [h["rescore_id"] for h in history] == [r.first["id"], r.second["id"]]
         old = by_index[sample["group_index"], sample["sample_index"]]
         assert history[0]["reward"] == pytest.approx(old.reward)  # what the run trained on
         assert history[1]["reward"] == exact_match(old.completion, old.answer, None)
-    listed = api.get(f"/v1/runs/{run_id}/rescores", headers=auth(key)).json()["data"]
-    assert [r["id"] for r in listed] == [first["id"], second["id"]]
-    assert execute_rescore(settings, first["id"], "worker-b").startswith("skipped")
 
-    # The re-scored groups, as an offpolicy file of the project.
-    file = api.get(f"/v1/files/{first['file_id']}", headers=auth(key)).json()
+
+@pytest.mark.both_backends
+def test_rescores_are_listed_and_one_that_ended_is_not_run_again(rescored_twice):
+    r = rescored_twice
+    listed = r.api.get(f"/v1/runs/{r.run_id}/rescores", headers=auth(r.key)).json()["data"]
+    assert [x["id"] for x in listed] == [r.first["id"], r.second["id"]]
+    assert execute_rescore(r.settings, r.first["id"], "worker-b").startswith("skipped")
+
+
+@pytest.mark.both_backends
+def test_a_rescore_keeps_the_rescored_groups_as_an_offpolicy_file(rescored_twice):
+    r = rescored_twice
+    file = r.api.get(f"/v1/files/{r.first['file_id']}", headers=auth(r.key)).json()
     assert (file["purpose"], file["rows"]) == ("offpolicy", STEPS * PROMPTS)
-    with open(_file_path(settings, first["file_id"])) as fh:
+    with open(_file_path(r.settings, r.first["file_id"])) as fh:
         lines = [json.loads(line) for line in fh]
-    assert lines[0]["completions"] == [s.completion for s in before[:K]]
+    exact = [exact_match(s.completion, s.answer, None) for s in r.between]
+    assert lines[0]["completions"] == [s.completion for s in r.before[:K]]
     assert lines[0]["rewards"] == pytest.approx(exact[:K])
-    assert {line["source"] for line in lines} == {run_id}  # what the run sampled itself
-    events = [e["type"] for e in api.get(f"/v1/runs/{run_id}/events?limit=1000",
-                                         headers=auth(key)).json()["data"]]
+    assert {line["source"] for line in lines} == {r.run_id}  # what the run sampled itself
+
+
+@pytest.mark.both_backends
+def test_each_rescore_is_in_the_runs_events(rescored_twice):
+    r = rescored_twice
+    events = [e["type"] for e in r.api.get(f"/v1/runs/{r.run_id}/events?limit=1000",
+                                           headers=auth(r.key)).json()["data"]]
     assert events.count("rescore.queued") == events.count("rescore.succeeded") == 2
 
 
@@ -126,21 +171,16 @@ def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_di
     """The new reward model gets the run's samples as signed requests that say
     purpose "rescore", with sample ids of this rescore's own; in async mode it calls the rewards
     back to the real API on a loopback port."""
-    from fastapi.testclient import TestClient
-    from reward_server import ThreadServer
+    from services import serve_api
 
-    from service.main import create_app
-    from service.stack import free_port
-
-    hooks = settings.model_copy(update={"webhook_allow_private": True, "api_port": free_port()})
-    run_id = finished_run(hooks, tiny_model_dir)
-    with session_scope(hooks.resolved_database_url) as session:
-        behaviour = Behaviour(secret=session.get(Run, run_id).webhook_secret, mode=mode)
-    key = make_key("loop")
-    with (ThreadServer(create_app(hooks), port=hooks.api_port), RewardServer(behaviour) as server,
-          TestClient(create_app(hooks)) as api):
-        result = rescore(api, hooks, key, run_id, {"type": "webhook", "url": server.url,
-                                                   "mode": mode, "timeout_s": 10})
+    with serve_api(settings, webhook_allow_private=True) as hooks:  # where callbacks go
+        run_id = finished_run(hooks, tiny_model_dir)
+        with session_scope(hooks.resolved_database_url) as session:
+            behaviour = Behaviour(secret=session.get(Run, run_id).webhook_secret, mode=mode)
+        key = make_key("loop")
+        with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
+            result = rescore(api, hooks, key, run_id, {"type": "webhook", "url": server.url,
+                                                       "mode": mode, "timeout_s": 10})
     assert result["status"] == "succeeded"
     assert behaviour.purposes == ["rescore"] * STEPS  # one request per step
     if mode == "async":
@@ -152,10 +192,6 @@ def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_di
 
 def test_a_failing_reward_fails_the_rescore_and_keeps_the_applied_steps(settings, make_key,
                                                                         tiny_model_dir):
-    from fastapi.testclient import TestClient
-
-    from service.main import create_app
-
     hooks = settings.model_copy(update={"webhook_allow_private": True})
     run_id = finished_run(hooks, tiny_model_dir)
     before = samples(hooks, run_id)
@@ -185,55 +221,75 @@ def latest_checkpoint(settings, run_id: str) -> Checkpoint:
         return ckpt
 
 
+# How a run that goes on from a checkpoint changes the copy task: exact_match on off-policy
+# groups only (fraction 1.0: no rollouts), 3 steps, the spec's own beta and optimizer.
+GO_ON = {"reward": EXACT_MATCH, "algorithm": {"beta": DROP}, "optimizer": DROP,
+         "rollout": {"engine": "hf"},
+         "training": {"steps": 3, "mini_batches": 1, "offpolicy_fraction": 1.0}}
+
+
 def new_run(api, key: str, model: dict, offpolicy_file: str, train_file: str, **algorithm):
-    body = {"model": model, "reward": {"type": "builtin", "name": "exact_match"},
-            "dataset": {"train_file": train_file, "offpolicy_file": offpolicy_file},
-            "algorithm": {"group_size": K, **algorithm}, "sampling": {"max_new_tokens": 5},
-            "rollout": {"engine": "hf"},
-            "training": {"steps": 3, "prompts_per_step": PROMPTS, "mini_batches": 1,
-                         "offpolicy_fraction": 1.0}}
-    return api.post("/v1/runs", headers=auth(key), json=body)
+    body = run_spec("", train_file, GO_ON, dataset={"offpolicy_file": offpolicy_file},
+                    algorithm=algorithm)
+    return api.post("/v1/runs", headers=auth(key), json={**body, "model": model})
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_a_new_run_starts_from_the_checkpoint_and_trains_on_the_rescored_groups(
-        api, settings, make_key, tiny_model_dir, lora):
+@pytest.fixture(scope="module", params=[False, True], ids=["full", "lora"])
+def going_on(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
+    """A finished run (a full model or a LoRA adapter), its latest checkpoint, and a new run
+    created to go on from that checkpoint on the run's re-scored groups, not yet executed."""
+    lora = request.param
+    settings = new_settings(tmp_path_factory.mktemp("go-on"), "sqlite", request)
+    with TestClient(create_app(settings)) as api:
+        key = project_key(settings)
+        extra = {"model": {"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},
+                 "algorithm": {"group_size": K, "reference": "sampling"}} if lora else {}
+        run_id = finished_run(settings, tiny_model_dir, **extra)
+        ckpt = latest_checkpoint(settings, run_id)
+        groups = rescore(api, settings, key, run_id, EXACT_MATCH)
+        with session_scope(settings.resolved_database_url) as session:
+            train_file = session.get(Run, run_id).spec["dataset"]["train_file"]
+        resp = new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file)
+        assert resp.status_code == 201, resp.text
+        yield SimpleNamespace(api=api, key=key, settings=settings, lora=lora, run_id=run_id,
+                              ckpt=ckpt, new=resp.json())
+    release(settings)
+
+
+def test_a_new_run_from_a_checkpoint_takes_its_model(going_on, tiny_model_dir):
+    model, ckpt = going_on.new["spec"]["model"], going_on.ckpt
+    if going_on.lora:  # the adapter goes on training over the first run's model, with its settings
+        assert (model["path"], model["adapter"], model["lora"]["r"]) == (
+            str(tiny_model_dir), ckpt.path, 4)
+    else:  # the checkpoint's whole model is where the new run starts
+        assert (model["path"], model["adapter"], model["lora"]) == (ckpt.path, None, None)
+
+
+def test_the_new_run_starts_from_the_checkpoints_weights(going_on):
     import torch
 
     from service.contract.spec import RunSpec
     from workers.model_loading import load_policy
 
-    key = make_key("loop")
-    extra = {"model": {"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},
-             "algorithm": {"group_size": K, "reference": "sampling"}} if lora else {}
-    run_id = finished_run(settings, tiny_model_dir, **extra)
-    ckpt = latest_checkpoint(settings, run_id)
-    groups = rescore(api, settings, key, run_id, {"type": "builtin", "name": "exact_match"})
-    with session_scope(settings.resolved_database_url) as session:
-        train_file = session.get(Run, run_id).spec["dataset"]["train_file"]
-    resp = new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file)
-    assert resp.status_code == 201, resp.text
-    model = resp.json()["spec"]["model"]
-    if lora:  # the adapter goes on training over the first run's model, with its settings
-        assert (model["path"], model["adapter"], model["lora"]["r"]) == (
-            str(tiny_model_dir), ckpt.path, 4)
-    else:  # the checkpoint's whole model is where the new run starts
-        assert (model["path"], model["adapter"], model["lora"]) == (ckpt.path, None, None)
-    start, _ = load_policy(RunSpec.model_validate(resp.json()["spec"]), torch.device("cpu"))
+    spec, ckpt = going_on.new["spec"], going_on.ckpt
+    start, _ = load_policy(RunSpec.model_validate(spec), torch.device("cpu"))
     trained, _ = load_policy(RunSpec.model_validate(
-        {**resp.json()["spec"], "model": {"path": model["path"], "lora": model["lora"]}}),
+        {**spec, "model": {"path": spec["model"]["path"], "lora": spec["model"]["lora"]}}),
         torch.device("cpu"), ckpt.path)
     assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(),
                                                  trained.state_dict().values(), strict=True))
 
-    new_id = resp.json()["id"]
+
+def test_the_new_run_trains_on_the_rescored_groups_with_no_rollouts(going_on):
+    settings, run_id, new_id = going_on.settings, going_on.run_id, going_on.new["id"]
     assert execute_run(settings, new_id, "worker-a") == "succeeded"
     rescored = {(s.prompt, s.completion): s.reward for s in samples(settings, run_id)}
     trained_on = samples(settings, new_id)
     assert len(trained_on) == 3 * PROMPTS * K
     assert {s.source for s in trained_on} == {run_id}
     assert all(s.reward == pytest.approx(rescored[s.prompt, s.completion]) for s in trained_on)
-    assert api.get(f"/v1/runs/{new_id}", headers=auth(key)).json()["tokens_generated"] == 0
+    assert going_on.api.get(f"/v1/runs/{new_id}", headers=auth(going_on.key)).json()[
+        "tokens_generated"] == 0
 
 
 def test_starting_from_a_checkpoint_rules(api, settings, make_key, tiny_model_dir):

@@ -1,61 +1,15 @@
 """Resume after a worker dies: a run executed in a child process is SIGKILLed after its first
 checkpoint; another worker takes the expired lease and continues from that checkpoint."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
-import torch
-from helpers import submit
-from safetensors.torch import load_file
+from run_control import (RESUMABLE_STEPS as STEPS, final_weights, kill_after_first_checkpoint,
+                         resumable)
 from sqlalchemy import func, select
 
 from service.db import session_scope
-from service.models import Checkpoint, Metric, RunEvent
+from service.models import Metric, RunEvent
 from workers.rollout.vllm import vllm_installed
 from workers.execute import execute_run
-
-STEPS = 6
-
-
-def resumable(settings, tiny_model_dir, reference: str, lora: dict | None) -> str:
-    # Steps slow enough (~0.1-0.2 s) for the test to kill the child between checkpoints.
-    return submit(settings, tiny_model_dir, model={"lora": lora}, optimizer={"lr": 1e-2},
-                  reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
-                  algorithm={"group_size": 8, "beta": 0.05, "reference": reference},
-                  sampling={"max_new_tokens": 12},
-                  training={"steps": STEPS, "prompts_per_step": 8, "mini_batches": 2},
-                  checkpoint={"every_steps": 3, "keep_last": None})
-
-
-def final_weights(settings, run_id) -> dict[str, torch.Tensor]:
-    with session_scope(settings.resolved_database_url) as session:
-        path = session.scalar(select(Checkpoint.path).where(
-            Checkpoint.run_id == run_id, Checkpoint.step == STEPS))
-    name = "adapter_model" if os.path.exists(f"{path}/adapter_model.safetensors") else "model"
-    return load_file(f"{path}/{name}.safetensors")
-
-
-def kill_after_first_checkpoint(settings, run_id) -> None:
-    code = ("import sys; from service.config import Settings; "
-            "from workers.execute import execute_run; "
-            "execute_run(Settings.model_validate_json(sys.argv[1]), sys.argv[2], 'doomed-worker')")
-    doomed = settings.model_copy(update={"lease_seconds": 1.0, "heartbeat_seconds": 0.3})
-    child = subprocess.Popen([sys.executable, "-c", code, doomed.model_dump_json(), run_id],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    with session_scope(settings.resolved_database_url) as session:
-        while not session.scalar(select(func.count()).select_from(Checkpoint).where(
-                Checkpoint.run_id == run_id)):
-            assert child.poll() is None and time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.01)
-            session.expire_all()
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    time.sleep(1.5)  # the dead worker's lease (1 s) runs out
 
 
 @pytest.mark.parametrize(("reference", "lora"), [

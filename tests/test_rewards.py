@@ -1,7 +1,7 @@
 """Built-in verifiers and composite rewards: values, parameters, and their metrics in a run."""
 
 import pytest
-from helpers import submit
+from factories import submit
 
 from service.db import session_scope
 from service.contract.spec import RunSpec

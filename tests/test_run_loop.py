@@ -2,12 +2,12 @@
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import submit
+from factories import WORKER_S, submit
+from run_control import execute_in_thread, run_row, wait_for_step
 from sqlalchemy import func, select
 
 from service.db import session_scope
@@ -23,11 +23,6 @@ STANDARD_METRICS = {
     "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
     "time/learn_s", "throughput/tokens_per_s", "groups/zero_variance_frac",
 }
-
-
-def run_row(settings, run_id) -> Run:
-    with session_scope(settings.resolved_database_url) as session:
-        return session.get(Run, run_id)
 
 
 def events(settings, run_id) -> list[RunEvent]:
@@ -114,20 +109,14 @@ def test_missing_model_path_fails_with_an_event(settings, tmp_path):
 
 def test_cancel_is_honoured_between_steps(settings, tiny_model_dir):
     run_id = submit(settings, tiny_model_dir, training={"steps": 500})
-    outcome = {}
-    worker = threading.Thread(target=lambda: outcome.update(
-        status=execute_run(settings, run_id, "worker-a")))
-    worker.start()
-    deadline = time.monotonic() + 60
-    while run_row(settings, run_id).step < 2:
-        assert time.monotonic() < deadline, "run made no progress"
-        time.sleep(0.05)
+    worker, outcome = execute_in_thread(settings, run_id, "worker-a")
+    wait_for_step(settings, run_id, 2)
     with session_scope(settings.resolved_database_url) as session:
         project_id = session.get(Run, run_id).project_id
         from service.models import Project
 
         cancel_run(session, session.get(Project, project_id), run_id)
-    worker.join(timeout=60)
+    worker.join(timeout=WORKER_S)
     run = run_row(settings, run_id)
     assert outcome["status"] == "cancelled" and run.status == "cancelled"
     assert 2 <= run.step < 500
@@ -204,6 +193,8 @@ def test_concurrent_writes_of_one_step_never_conflict(settings, tiny_model_dir):
         count = session.scalar(select(func.count()).select_from(Sample)
                                .where(Sample.run_id == run_id))
     assert sorted(name for name, _ in metrics) == ["loss", "reward/mean"] and count == 64
+
+
 def test_large_steps_are_written_in_chunks(settings, tiny_model_dir, backend):
     """One statement per step would pass the database's limit on bound parameters: SQLite's
     stock 32766, PostgreSQL's 65535."""

@@ -4,7 +4,7 @@ reward webhook retries."""
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import auth, submit
+from factories import auth, submit
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.db import session_scope

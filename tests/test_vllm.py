@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import set_constant_logits, submit
+from factories import DROP, run_spec, set_constant_logits, submit
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -28,12 +28,13 @@ PROMPTS = ["abc:", "hello ", "xyz:"]
 SAMPLING = SamplingSpec(max_new_tokens=6)
 
 
+# The engine and learner alone: k=4, beta 0.1, lr 1e-2, the spec's own sampling and training.
+ENGINE = {"algorithm": {"beta": 0.1}, "sampling": DROP, "optimizer": {"lr": 1e-2},
+          "training": DROP}
+
+
 def make_spec(model_dir, **sections) -> RunSpec:
-    return RunSpec.model_validate({
-        "model": {"path": str(model_dir)}, "dataset": {"train_file": "unused"},
-        "reward": {"type": "builtin", "name": "char_accuracy"},
-        "algorithm": {"group_size": 4, "beta": 0.1}, "optimizer": {"lr": 1e-2}, **sections,
-    })
+    return RunSpec.model_validate(run_spec(model_dir, "unused", ENGINE, **sections))
 
 
 @pytest.fixture(scope="module")

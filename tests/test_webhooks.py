@@ -1,8 +1,10 @@
 """Sync reward webhooks against a real reward server over loopback HTTP."""
 
 import pytest
-from helpers import submit
+from factories import (SERVER_START_S, SPEC_DEFAULTS, assert_error, copy_rows, run_spec, submit,
+                       upload, wait_until)
 from reward_server import Behaviour, RewardServer
+from services import closed_port, loopback_socket
 from sqlalchemy import select
 
 from service.db import session_scope
@@ -97,11 +99,10 @@ def test_a_wrong_secret_is_refused_by_the_receiver(hooks_settings, tiny_model_di
 
 
 def _create(api, key: str, model_dir, reward: dict):
-    from helpers import auth, copy_rows, jsonl
+    from factories import auth
 
-    upload = api.post("/v1/files", headers=auth(key), files={"file": ("t.jsonl", jsonl(copy_rows(4)))})
-    body = {"model": {"path": str(model_dir)}, "dataset": {"train_file": upload.json()["id"]},
-            "reward": reward, "sampling": {"max_new_tokens": 16}}  # within the model's context
+    train_file = upload(api, key, copy_rows(4), filename="t.jsonl")
+    body = run_spec(model_dir, train_file, SPEC_DEFAULTS, reward=reward)
     return api.post("/v1/runs", headers=auth(key), json=body)
 
 
@@ -112,8 +113,6 @@ def _create(api, key: str, model_dir, reward: dict):
 ])
 def test_private_webhook_urls_are_refused_at_submission(api, make_key, tiny_model_dir, url,
                                                         field):
-    from helpers import assert_error
-
     resp = _create(api, make_key(), tiny_model_dir, {"type": "webhook", "url": url})
     assert_error(resp, 422, "invalid_request")
     assert [f["field"] for f in resp.json()["error"]["details"]["fields"]] == [field]
@@ -144,30 +143,30 @@ def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_mo
     import os
     import subprocess
     import sys
-    import time
     from pathlib import Path
 
     import httpx
 
-    from service.stack import free_port
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/score"
+    sock = loopback_socket()  # served by the reference server: bound here, passed down
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/score"
     run_id, secret = webhook_run(hooks_settings, tiny_model_dir, url)
     root = Path(__file__).resolve().parents[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "examples.reward_server:app", "--port", str(port)],
-        cwd=root, env={**os.environ, "REWARD_WEBHOOK_SECRET": secret},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with sock:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "examples.reward_server:app",
+             "--fd", str(sock.fileno())], pass_fds=(sock.fileno(),),
+            cwd=root, env={**os.environ, "REWARD_WEBHOOK_SECRET": secret},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        def answers() -> int | None:
+            assert server.poll() is None, f"the reference server exited ({server.returncode})"
             try:
-                assert httpx.post(url, content=b"{}").status_code == 401  # unsigned: refused
-                break
+                return httpx.post(url, content=b"{}").status_code
             except httpx.TransportError:
-                assert time.monotonic() < deadline, "reference reward server did not start"
-                time.sleep(0.2)
+                return None
+
+        # unsigned: refused
+        assert wait_until(answers, SERVER_START_S, "the reference reward server to answer") == 401
         assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
     finally:
         server.terminate()
@@ -182,14 +181,13 @@ def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_set
     """probe: true asks the URL for any answer at submission (a HEAD: no data, no signature);
     without it, nothing is sent before the run."""
     from fastapi.testclient import TestClient
-    from helpers import assert_error
 
     from service.main import create_app
-    from service.stack import free_port
 
-    closed = f"http://127.0.0.1:{free_port()}/score"  # nothing listens there
     behaviour = Behaviour()
-    with TestClient(create_app(hooks_settings)) as api, RewardServer(behaviour) as server:
+    with TestClient(create_app(hooks_settings)) as api, RewardServer(behaviour) as server, \
+            closed_port() as port:
+        closed = f"http://127.0.0.1:{port}/score"  # nothing listens there
         key = make_key()
         hook = {"type": "webhook", "url": server.url, "probe": True}
         # it answers (405 to HEAD is fine)
