@@ -11,7 +11,6 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from prometheus_client import CollectorRegistry
 
 from service.config import Settings
@@ -32,16 +31,22 @@ class GrpcServer:
         """`registry`: where the calls are counted (the app's Prometheus registry)."""
         self.settings = settings
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[GrpcMetrics(registry)], options=[
-            ("grpc.max_receive_message_length", settings.max_callback_bytes + ENVELOPE_BYTES),
-            # A port another process holds is an error here, not a silently shared port.
-            ("grpc.so_reuseport", 0),
-        ])
-        self.services = [runs_grpc.add_to_server(self.server, settings),
-                         rewards_grpc.add_to_server(self.server, settings)]
+        self.server = grpc.aio.server(
+            interceptors=[GrpcMetrics(registry)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_callback_bytes + ENVELOPE_BYTES),
+                # A port another process holds is an error here, not a silently shared port.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.services = [
+            runs_grpc.add_to_server(self.server, settings),
+            rewards_grpc.add_to_server(self.server, settings),
+        ]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+            [*self.services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
         self._tracker: asyncio.Task | None = None
         self.port: int | None = None  # bound by start()
 
@@ -53,8 +58,9 @@ class GrpcServer:
         try:
             self.port = self.server.add_insecure_port(self.address)  # the port it bound
         except RuntimeError as exc:
-            raise RuntimeError(f"cannot serve gRPC on {self.address} (GVPO_GRPC_PORT): {exc}") \
-                from None
+            raise RuntimeError(
+                f"cannot serve gRPC on {self.address} (GVPO_GRPC_PORT): {exc}"
+            ) from None
         # Known from the first call on: NOT_SERVING until the first readiness check passes (an
         # unknown name would answer NOT_FOUND, as if the service did not exist).
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -73,8 +79,11 @@ class GrpcServer:
         while True:
             checks = await asyncio.to_thread(readiness, self.settings)
             ok = all(v == "ok" for v in checks.values())
-            await self._set_health(health_pb2.HealthCheckResponse.SERVING if ok else
-                                   health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if ok
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             await asyncio.sleep(READINESS_EVERY_S)
 
     async def _set_health(self, status) -> None:

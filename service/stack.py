@@ -8,6 +8,7 @@ is taken fails at once with a clear message, and GVPO_API_PORT=0 takes a port th
 (`Stack.url` says which) with no window in which another process could take it first.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,8 +37,9 @@ def listen_socket(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise RuntimeError(f"cannot serve the API on {host}:{port} (GVPO_API_PORT): {exc}") \
-            from None
+        raise RuntimeError(
+            f"cannot serve the API on {host}:{port} (GVPO_API_PORT): {exc}"
+        ) from None
 
 
 def serve_api(fd: int) -> None:
@@ -51,31 +53,34 @@ def serve_api(fd: int) -> None:
         app = create_app(get_settings())
     except UnsafeSettings as exc:
         sys.exit(f"Error: {exc}")
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(
-        sockets=[socket.socket(fileno=fd)])
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[socket.socket(fileno=fd)])
 
 
 def stack_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({
-        "GVPO_DATA_DIR": str(settings.resolved_data_dir),
-        "GVPO_DATABASE_URL": settings.resolved_database_url,
-        "GVPO_BROKER_URL": settings.broker_url,
-        "GVPO_API_HOST": settings.api_host,
-        "GVPO_API_PORT": str(settings.api_port),
-        "GVPO_GRPC_PORT": str(settings.grpc_port),
-        "GVPO_TORCH_THREADS": str(settings.torch_threads),
-        "GVPO_LEASE_SECONDS": str(settings.lease_seconds),
-        "GVPO_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-        "GVPO_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
-        "GVPO_WORKER_QUEUES": settings.worker_queues,
-    })
+    env.update(
+        {
+            "GVPO_DATA_DIR": str(settings.resolved_data_dir),
+            "GVPO_DATABASE_URL": settings.resolved_database_url,
+            "GVPO_BROKER_URL": settings.broker_url,
+            "GVPO_API_HOST": settings.api_host,
+            "GVPO_API_PORT": str(settings.api_port),
+            "GVPO_GRPC_PORT": str(settings.grpc_port),
+            "GVPO_TORCH_THREADS": str(settings.torch_threads),
+            "GVPO_LEASE_SECONDS": str(settings.lease_seconds),
+            "GVPO_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "GVPO_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
+            "GVPO_WORKER_QUEUES": settings.worker_queues,
+        }
+    )
     if settings.checkpoint_url:
         env["GVPO_CHECKPOINT_URL"] = settings.checkpoint_url
     # A cluster's secrets (the embedded stack makes its own); never put into the environment
     # when unset, so a child never sees an empty value.
-    for name, value in (("GVPO_SECRET_KEY", settings.secret_key),
-                        ("GVPO_API_KEY_PEPPER", settings.api_key_pepper)):
+    for name, value in (
+        ("GVPO_SECRET_KEY", settings.secret_key),
+        ("GVPO_API_KEY_PEPPER", settings.api_key_pepper),
+    ):
         if value:
             env[name] = value
     # Small models on few cores run far faster single-threaded (the worker also sets torch).
@@ -100,8 +105,11 @@ class Stack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", *command], env=stack_env(self.settings),
-            stdout=out, stderr=subprocess.STDOUT if out else None, pass_fds=pass_fds,
+            [sys.executable, "-m", *command],
+            env=stack_env(self.settings),
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            pass_fds=pass_fds,
             # Own process group: stop() can then end the worker's pool children with it.
             start_new_session=True,
         )
@@ -129,8 +137,10 @@ class Stack:
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode} while starting"
-                                       + (f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""))
+                    raise RuntimeError(
+                        f"{name} exited with code {proc.returncode} while starting"
+                        + (f"; see {self.log_dir / (name + '.log')}" if self.log_dir else "")
+                    )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
@@ -154,14 +164,10 @@ class Stack:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait()
 
     def __enter__(self) -> "Stack":

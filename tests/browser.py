@@ -5,6 +5,7 @@ Every wait in the page (an action's, or an `expect`'s for what the page should c
 has a deadline meant for a loaded machine, not Playwright's 5 s: the page shows what the API
 answers, and the API shares the machine with workers and other test runs."""
 
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,8 +13,14 @@ import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE_TIMEOUT_MS = 60_000  # an action or an expectation, unless it says otherwise
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 class Page:
@@ -36,8 +43,10 @@ class Page:
 @contextmanager
 def chromium_page(artifacts: Path):
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make services` (.ci/ensure-services installs "
-                    "Debian's chromium)")
+        pytest.fail(
+            f"{CHROMIUM} is missing: run `make services` (.ci/ensure-services installs "
+            "Debian's chromium)"
+        )
     from playwright.sync_api import expect, sync_playwright
 
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -45,18 +54,18 @@ def chromium_page(artifacts: Path):
         old.unlink()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 900},
-                                      accept_downloads=True)
+        context = browser.new_context(
+            viewport={"width": 1400, "height": 900}, accept_downloads=True
+        )
         page = Page(context.new_page(), artifacts)
         page.page.set_default_timeout(PAGE_TIMEOUT_MS)
         expect.set_options(timeout=PAGE_TIMEOUT_MS)
         try:
             yield page
         except BaseException:
-            try:
+            # the test's own error is the one to report, not a failed screenshot
+            with contextlib.suppress(Exception):
                 page.screenshot("failure")
-            except Exception:  # noqa: BLE001 - the test's own error is the one to report
-                pass
             raise
         finally:
             expect.set_options(timeout=None)  # Playwright's own default again

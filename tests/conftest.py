@@ -32,13 +32,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 BACKENDS = ("sqlite", "postgres")
 TEMPLATE_DB = "gvpo_template"
 # What a cluster must set (Settings.unsafe_secrets): 32 characters or more.
-CLUSTER_SECRETS = {"secret_key": "test-secret-key-" + "s" * 32,
-                   "api_key_pepper": "test-api-key-pepper-" + "p" * 32}
+CLUSTER_SECRETS = {
+    "secret_key": "test-secret-key-" + "s" * 32,
+    "api_key_pepper": "test-api-key-pepper-" + "p" * 32,
+}
 _databases = itertools.count()
 
 
 def pytest_generate_tests(metafunc):
-    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_backends"):
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_backends"
+    ):
         metafunc.parametrize("backend", BACKENDS, indirect=True)
 
 
@@ -54,9 +58,9 @@ def cluster_servers():
     import shutil
     import tempfile
 
-    from services import Postgres, start_redis
-
     from service.db import get_engine
+
+    from services import Postgres, start_redis
 
     root = Path(tempfile.mkdtemp(prefix="gvpo-pg-"))
     pg = Postgres(root)
@@ -90,8 +94,13 @@ def backend_settings(request, backend: str) -> dict:
 def new_settings(root: Path, backend: str, request) -> Settings:
     """Settings on `backend` with a fresh migrated database under `root` (see `settings`)."""
     # grpc_port=0: no gRPC server in these apps; the gRPC and end-to-end tests turn it on.
-    s = Settings(data_dir=root / "gvpo", heartbeat_seconds=1.0, lease_seconds=30.0,
-                 grpc_port=0, **backend_settings(request, backend))
+    s = Settings(
+        data_dir=root / "gvpo",
+        heartbeat_seconds=1.0,
+        lease_seconds=30.0,
+        grpc_port=0,
+        **backend_settings(request, backend),
+    )
     s.resolved_data_dir.mkdir(parents=True)
     if backend == "sqlite":
         upgrade(s.resolved_database_url)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from service.auth.service import create_api_key
+from service.contract.spec import RunSpec
 from service.db import session_scope
 from service.files.service import create_file
 from service.runs.service import create_run
-from service.contract.spec import RunSpec
 
 T = TypeVar("T")
 
@@ -27,8 +27,9 @@ WORKER_S = 120.0  # a worker gets somewhere in a run (model load, a few steps)
 # ---------------------------------------------------------------- waiting
 
 
-def wait_until(check: Callable[[], T], timeout: float = 60.0, what: str = "the condition",
-               every: float = 0.05) -> T:
+def wait_until(
+    check: Callable[[], T], timeout: float = 60.0, what: str = "the condition", every: float = 0.05
+) -> T:
     """Call `check` until it returns something truthy, and return that; fail (AssertionError
     naming `what` and the last value seen) once `timeout` seconds have passed."""
     deadline = time.monotonic() + timeout
@@ -37,8 +38,9 @@ def wait_until(check: Callable[[], T], timeout: float = 60.0, what: str = "the c
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; "
-                                 f"last seen: {value!r}")
+            raise AssertionError(
+                f"timed out after {timeout:.0f} s waiting for {what}; last seen: {value!r}"
+            )
         time.sleep(every)
 
 
@@ -51,11 +53,14 @@ def wait_for_run(http, run_id: str, statuses: set[str], timeout: float = 180.0) 
         return dict(last) if last["status"] in statuses else None
 
     try:
-        return wait_until(reached, timeout, f"run {run_id} to be {' or '.join(sorted(statuses))}",
-                          every=0.3)
+        return wait_until(
+            reached, timeout, f"run {run_id} to be {' or '.join(sorted(statuses))}", every=0.3
+        )
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: it stayed {last.get('status')} (step {last.get('step')}, "
-                             f"error {last.get('error')!r})") from None
+        raise AssertionError(
+            f"{exc}: it stayed {last.get('status')} (step {last.get('step')}, "
+            f"error {last.get('error')!r})"
+        ) from None
 
 
 # ---------------------------------------------------------------- data
@@ -114,8 +119,11 @@ def run_spec(model_path, train_file: str, *layers: dict, **sections) -> dict:
     merges into the section it names, key by key and at any depth (DROP removes a key or a
     whole section); `reward`, one of several kinds, and any other value replace what was there.
     """
-    spec = {"model": {"path": str(model_path)}, "dataset": {"train_file": train_file},
-            **copy.deepcopy(COPY_TASK)}
+    spec = {
+        "model": {"path": str(model_path)},
+        "dataset": {"train_file": train_file},
+        **copy.deepcopy(COPY_TASK),
+    }
     for changes in (*layers, sections):
         spec = _changed(spec, changes)
     return spec
@@ -124,23 +132,39 @@ def run_spec(model_path, train_file: str, *layers: dict, **sections) -> dict:
 # How submit() changes the copy task: the reference is the starting model, rollouts use
 # transformers (the run loop's own tests; vLLM runs get their own module, with one engine start
 # there instead of one per test) and a checkpoint every 3 steps.
-SUBMITTED = {"algorithm": {"reference": "initial"}, "rollout": {"engine": "hf"},
-             "checkpoint": {"every_steps": 3, "keep_last": 1}}
+SUBMITTED = {
+    "algorithm": {"reference": "initial"},
+    "rollout": {"engine": "hf"},
+    "checkpoint": {"every_steps": 3, "keep_last": 1},
+}
 
 
 # A user's shortest spec: the spec's own algorithm, optimizer and training defaults, and 16
 # new tokens (within the tiny model's context). For tests that only submit a run.
-SPEC_DEFAULTS = {"algorithm": DROP, "optimizer": DROP, "training": DROP,
-                 "sampling": {"max_new_tokens": 16}}
+SPEC_DEFAULTS = {
+    "algorithm": DROP,
+    "optimizer": DROP,
+    "training": DROP,
+    "sampling": {"max_new_tokens": 16},
+}
 
 # How the end-to-end tests (a worker process of the embedded stack) change the copy task: 8
 # steps of 4 prompts, a checkpoint every 4, the starting model as the reference.
-STACK_RUN = {"algorithm": {"reference": "initial"},
-             "training": {"steps": 8, "prompts_per_step": 4}, "checkpoint": {"every_steps": 4}}
+STACK_RUN = {
+    "algorithm": {"reference": "initial"},
+    "training": {"steps": 8, "prompts_per_step": 4},
+    "checkpoint": {"every_steps": 4},
+}
 
 
-def submit(settings, model_path, reward: dict | None = None, eval_rows: list | None = None,
-           offpolicy_rows: list | None = None, **sections) -> str:
+def submit(
+    settings,
+    model_path,
+    reward: dict | None = None,
+    eval_rows: list | None = None,
+    offpolicy_rows: list | None = None,
+    **sections,
+) -> str:
     """A queued run of project "loop" on 32 rows of the copy task, created straight through
     the service layer; returns its id. The spec is run_spec(..., SUBMITTED, **sections), with
     `reward` in place of char_accuracy when given. `eval_rows`, `offpolicy_rows`: uploaded as
@@ -149,15 +173,24 @@ def submit(settings, model_path, reward: dict | None = None, eval_rows: list | N
         project, _ = create_api_key(session, "loop", settings.api_key_pepper)
 
         def stored(rows: list, purpose: str, name: str) -> str:
-            return create_file(session, settings, project, io.BytesIO(jsonl(rows)), name,
-                               purpose).id
+            return create_file(
+                session, settings, project, io.BytesIO(jsonl(rows)), name, purpose
+            ).id
 
         train_file = stored(copy_rows(32), "train", "copy.jsonl")
-        files = {f"{purpose}_file": stored(rows, purpose, f"{purpose}.jsonl")
-                 for rows, purpose in ((eval_rows, "eval"), (offpolicy_rows, "offpolicy"))
-                 if rows is not None}
-        spec = run_spec(model_path, train_file, SUBMITTED, {"reward": reward} if reward else {},
-                        sections, {"dataset": files})
+        files = {
+            f"{purpose}_file": stored(rows, purpose, f"{purpose}.jsonl")
+            for rows, purpose in ((eval_rows, "eval"), (offpolicy_rows, "offpolicy"))
+            if rows is not None
+        }
+        spec = run_spec(
+            model_path,
+            train_file,
+            SUBMITTED,
+            {"reward": reward} if reward else {},
+            sections,
+            {"dataset": files},
+        )
         run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
         return run.id
 
@@ -169,17 +202,31 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def post_file(client, key: str | None, content: list | bytes, purpose: str = "train",
-              filename: str = "train.jsonl"):
+def post_file(
+    client,
+    key: str | None,
+    content: list | bytes,
+    purpose: str = "train",
+    filename: str = "train.jsonl",
+):
     """POST /v1/files with `content` (rows, sent as JSONL, or the file's bytes); the response.
     `client`: a TestClient or an httpx.Client; key None: the client's own headers."""
     data = content if isinstance(content, bytes) else jsonl(content)
-    return client.post("/v1/files", headers=auth(key) if key else {},
-                       files={"file": (filename, data)}, data={"purpose": purpose})
+    return client.post(
+        "/v1/files",
+        headers=auth(key) if key else {},
+        files={"file": (filename, data)},
+        data={"purpose": purpose},
+    )
 
 
-def upload(client, key: str | None, content: list | bytes, purpose: str = "train",
-           filename: str = "train.jsonl") -> str:
+def upload(
+    client,
+    key: str | None,
+    content: list | bytes,
+    purpose: str = "train",
+    filename: str = "train.jsonl",
+) -> str:
     """post_file(), which must succeed; the new file's id."""
     resp = post_file(client, key, content, purpose, filename)
     assert resp.status_code == 201, resp.text

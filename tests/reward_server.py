@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import httpx
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from services import ThreadServer
 
 from service.contract.signing import HEADER, REQUEST_ID_HEADER, SignatureError, sign, verify
+
+from services import ThreadServer
 
 
 def score(completion: str) -> float:
@@ -38,8 +39,12 @@ class Behaviour:
 
 
 def post_callback(url: str, body: bytes, signature: str) -> int:
-    resp = httpx.post(url, content=body, timeout=30,
-                      headers={"Content-Type": "application/json", HEADER: signature})
+    resp = httpx.post(
+        url,
+        content=body,
+        timeout=30,
+        headers={"Content-Type": "application/json", HEADER: signature},
+    )
     return resp.status_code
 
 
@@ -47,8 +52,10 @@ def make_app(b: Behaviour) -> FastAPI:
     app = FastAPI()
 
     def call_back(payload: dict) -> None:
-        out = [{"sample_id": i["sample_id"], "reward": b.rewards[i["sample_id"]]}
-               for i in payload["items"]]
+        out = [
+            {"sample_id": i["sample_id"], "reward": b.rewards[i["sample_id"]]}
+            for i in payload["items"]
+        ]
         body = json.dumps({"request_id": payload["request_id"], "rewards": out}).encode()
         send = b.send_callback or post_callback
         b.callback_statuses.append(send(payload["callback_url"], body, sign(b.secret, body)))

@@ -27,10 +27,11 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from factories import SERVER_START_S, WORKER_S, auth, copy_rows, upload, wait_until
 
 from service.config import Settings
 from service.stack import Stack, free_port, stack_env
+
+from factories import SERVER_START_S, WORKER_S, auth, copy_rows, upload, wait_until
 
 ATTEMPTS = 3  # starts on a new port after a port another process took
 
@@ -70,25 +71,33 @@ class ThreadServer:
     loopback socket). `with` returns once it answers HTTP: at `ready_path` with a 200 when
     given, else with any status."""
 
-    def __init__(self, app, sock: socket.socket | None = None,
-                 ready_path: str | None = None) -> None:
+    def __init__(
+        self, app, sock: socket.socket | None = None, ready_path: str | None = None
+    ) -> None:
         self.socket = sock or loopback_socket()
         self.port = self.socket.getsockname()[1]
         self.ready_path = ready_path
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
 
     def start(self) -> "ThreadServer":
         self.thread.start()
-        wait_until(lambda: self.server.started or not self.thread.is_alive(), SERVER_START_S,
-                   "uvicorn to start serving")
+        wait_until(
+            lambda: self.server.started or not self.thread.is_alive(),
+            SERVER_START_S,
+            "uvicorn to start serving",
+        )
         if not self.server.started:  # its lifespan failed; uvicorn logged why
             self.socket.close()
             raise ServerDidNotStart(f"the app on port {self.port} did not start (see the log)")
         url = f"http://127.0.0.1:{self.port}{self.ready_path or '/'}"
-        wait_until(lambda: _answers(url, {200} if self.ready_path else None), SERVER_START_S,
-                   f"{url} to answer")
+        wait_until(
+            lambda: _answers(url, {200} if self.ready_path else None),
+            SERVER_START_S,
+            f"{url} to answer",
+        )
         return self
 
     def stop(self) -> None:
@@ -135,8 +144,14 @@ def serve_api(settings: Settings, grpc: bool = False, **changes):
 
 def cli(settings: Settings, *args: str) -> str:
     """`gvpo ARGS` with these settings; its standard output."""
-    out = subprocess.run([sys.executable, "-m", "service.cli", *args], env=stack_env(settings),
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=stack_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -177,8 +192,9 @@ def stack_project(stack: Stack, name: str, rows: int = 16) -> tuple[httpx.Client
 def _binary(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
     if not found[-1]:
-        pytest.fail(f"PostgreSQL's {name} is not installed: run `make services` "
-                    "(or .ci/ensure-services)")
+        pytest.fail(
+            f"PostgreSQL's {name} is not installed: run `make services` (or .ci/ensure-services)"
+        )
     return found[-1]
 
 
@@ -216,8 +232,17 @@ class Postgres:
                 self.port = free_port()
             seen = self.log.stat().st_size if self.log.exists() else 0
             try:
-                self._run(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w",
-                          "-o", f"-p {self.port} -h 127.0.0.1 -k {self.sockets}", "start")
+                self._run(
+                    _binary("pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.log),
+                    "-w",
+                    "-o",
+                    f"-p {self.port} -h 127.0.0.1 -k {self.sockets}",
+                    "start",
+                )
                 return
             except subprocess.CalledProcessError:
                 with self.log.open("rb") as fh:
@@ -235,9 +260,12 @@ class Postgres:
         test database in a fraction of a second); returns its URL."""
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(
+                f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")
+            )
         return self.url.rsplit("/", 1)[0] + f"/{name}"
 
 
@@ -251,18 +279,35 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Pope
         pytest.fail("redis-server is not installed: run `make services` (or .ci/ensure-services)")
     for attempt in range(1, ATTEMPTS + 1):
         at = port or free_port()
-        proc = subprocess.Popen([binary, "--port", str(at), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no", "--dir", str(workdir)],
-                                stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(at),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
 
-        def ours() -> bool:  # a redis-server that is this process, not one already there
+        def ours(at: int = at, proc: subprocess.Popen = proc) -> bool:
+            """A redis-server that is this process, not one already there."""
             try:
                 return redis.Redis(port=at).info("server")["process_id"] == proc.pid
             except redis.ConnectionError:
                 return False
 
-        wait_until(lambda: proc.poll() is not None or ours(), SERVER_START_S,
-                   f"redis-server on port {at} to answer")
+        wait_until(
+            lambda proc=proc, ours=ours: proc.poll() is not None or ours(),
+            SERVER_START_S,
+            f"redis-server on port {at} to answer",
+        )
         if proc.poll() is None:
             return proc, at
         if port is not None or attempt == ATTEMPTS:
@@ -274,13 +319,19 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     """moto's S3 server on a free loopback port, once it answers: (process, URL)."""
     for attempt in range(1, ATTEMPTS + 1):
         url = f"http://127.0.0.1:{free_port()}"
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                 url.rsplit(":", 1)[1]],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", url.rsplit(":", 1)[1]],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         # moto's own API: another program that took the port would not answer it
-        wait_until(lambda: proc.poll() is not None or _answers(f"{url}/moto-api/data.json",
-                                                                {200}),
-                   SERVER_START_S, f"moto on {url} to answer")
+        wait_until(
+            lambda proc=proc, url=url: (
+                proc.poll() is not None or _answers(f"{url}/moto-api/data.json", {200})
+            ),
+            SERVER_START_S,
+            f"moto on {url} to answer",
+        )
         if proc.poll() is None:
             return proc, url
         if attempt == ATTEMPTS:
@@ -313,12 +364,19 @@ def running_worker(settings: Settings, log_path: Path):
     import signal
 
     log = log_path.open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
-                            env=stack_env(settings), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        env=stack_env(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        wait_until(lambda: proc.poll() is not None or b" ready." in log_path.read_bytes(),
-                   WORKER_S, f"the worker to be ready (log: {log_path})")
+        wait_until(
+            lambda: proc.poll() is not None or b" ready." in log_path.read_bytes(),
+            WORKER_S,
+            f"the worker to be ready (log: {log_path})",
+        )
         assert proc.poll() is None, f"the worker exited: {log_path.read_text()[-2000:]}"
         yield proc
     finally:

@@ -5,15 +5,31 @@ No worker runs here, so runs stay queued; the real filesystem broker shows what 
 """
 
 import pytest
-from factories import (DROP, EXACT_MATCH, assert_error, auth, broker_run_ids, copy_rows, jsonl,
-                       post_file, run_spec, upload)
+
+from factories import (
+    DROP,
+    EXACT_MATCH,
+    assert_error,
+    auth,
+    broker_run_ids,
+    copy_rows,
+    jsonl,
+    post_file,
+    run_spec,
+    upload,
+)
 
 pytestmark = pytest.mark.both_backends
 
 # How these tests change the copy task (no worker runs here: the API checks and stores them).
-API_RUN = {"name": "api-test", "reward": EXACT_MATCH, "algorithm": {"beta": 0.1},
-           "sampling": {"max_new_tokens": 16},  # within the tiny model's context
-           "optimizer": DROP, "training": {"steps": 3, "prompts_per_step": 4}}
+API_RUN = {
+    "name": "api-test",
+    "reward": EXACT_MATCH,
+    "algorithm": {"beta": 0.1},
+    "sampling": {"max_new_tokens": 16},  # within the tiny model's context
+    "optimizer": DROP,
+    "training": {"steps": 3, "prompts_per_step": 4},
+}
 ROWS = copy_rows(8)  # a training file's
 TINY = {}  # "model": the tiny model's path (checked at submission), set by _tiny_model
 
@@ -29,8 +45,9 @@ def spec(train_file: str, **sections) -> dict:
 
 
 def new_run(api, key: str, train_file: str, headers: dict | None = None, **overrides) -> dict:
-    resp = api.post("/v1/runs", headers={**auth(key), **(headers or {})},
-                    json=spec(train_file, **overrides))
+    resp = api.post(
+        "/v1/runs", headers={**auth(key), **(headers or {})}, json=spec(train_file, **overrides)
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()
 
@@ -44,16 +61,24 @@ def run_ids(api, key: str, **params) -> list[str]:
 # ---------------------------------------------------------------- auth
 
 
-@pytest.mark.parametrize("headers, needle", [
-    ({}, "missing API key"),
-    ({"Authorization": "Bearer gvpo_sk_not-a-real-key"}, "invalid API key"),
-    ({"Authorization": "Token x"}, "malformed Authorization header"),
-    ({"Authorization": "Bearer "}, "malformed Authorization header"),
-])
+@pytest.mark.parametrize(
+    "headers, needle",
+    [
+        ({}, "missing API key"),
+        ({"Authorization": "Bearer gvpo_sk_not-a-real-key"}, "invalid API key"),
+        ({"Authorization": "Token x"}, "malformed Authorization header"),
+        ({"Authorization": "Bearer "}, "malformed Authorization header"),
+    ],
+)
 def test_requests_without_a_valid_key_are_401(api, make_key, headers, needle):
     make_key("team-a")
-    for method, path in [("GET", "/v1/runs"), ("GET", "/v1/files"), ("POST", "/v1/runs"),
-                         ("GET", "/v1/runs/run_x"), ("POST", "/v1/runs/run_x/cancel")]:
+    for method, path in [
+        ("GET", "/v1/runs"),
+        ("GET", "/v1/files"),
+        ("POST", "/v1/runs"),
+        ("GET", "/v1/runs/run_x"),
+        ("POST", "/v1/runs/run_x/cancel"),
+    ]:
         resp = api.request(method, path, headers=headers, json={})
         assert_error(resp, 401, "unauthorized", needle)
     ok = api.get("/v1/runs", headers=auth(make_key("team-a")))
@@ -72,7 +97,11 @@ def test_upload_lists_and_shows_a_jsonl_file(api, make_key):
     file = resp.json()
     assert file["id"].startswith("file_") and file["object"] == "file"
     assert (file["filename"], file["purpose"], file["rows"], file["bytes"]) == (
-        "mine.jsonl", "eval", 2, len(content))
+        "mine.jsonl",
+        "eval",
+        2,
+        len(content),
+    )
     assert file["fields"] == ["answer", "prompt"]  # scalar fields present in every row
 
     shown = api.get(f"/v1/files/{file['id']}", headers=auth(key))
@@ -81,23 +110,36 @@ def test_upload_lists_and_shows_a_jsonl_file(api, make_key):
     assert listed["object"] == "list" and listed["data"] == [file]
     downloaded = api.get(f"/v1/files/{file['id']}/content", headers=auth(key))
     assert downloaded.status_code == 200 and downloaded.content == content
-    assert_error(api.get(f"/v1/files/{file['id']}/content", headers=auth(make_key("other"))),
-                 404, "not_found")
+    assert_error(
+        api.get(f"/v1/files/{file['id']}/content", headers=auth(make_key("other"))),
+        404,
+        "not_found",
+    )
 
 
-@pytest.mark.parametrize("content, purpose, needles, line", [
-    (b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": \n', "train", ["line 3", "not valid JSON"], 3),
-    (b'{"prompt": "a"}\n["prompt", "b"]\n', "train", ["line 2", "JSON object", "list"], 2),
-    (b'{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n', "train", ["line 2", "UTF-8"], 2),
-    (b"", "train", ["no rows"], None),
-    (b"\n  \n", "train", ["no rows"], None),
-    (jsonl(copy_rows(2)), "finetune", ["purpose", "'finetune'"], None),
-])
-def test_bad_upload_is_400_and_leaves_nothing_behind(api, make_key, settings,
-                                                     content, purpose, needles, line):
+@pytest.mark.parametrize(
+    "content, purpose, needles, line",
+    [
+        (
+            b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": \n',
+            "train",
+            ["line 3", "not valid JSON"],
+            3,
+        ),
+        (b'{"prompt": "a"}\n["prompt", "b"]\n', "train", ["line 2", "JSON object", "list"], 2),
+        (b'{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n', "train", ["line 2", "UTF-8"], 2),
+        (b"", "train", ["no rows"], None),
+        (b"\n  \n", "train", ["no rows"], None),
+        (jsonl(copy_rows(2)), "finetune", ["purpose", "'finetune'"], None),
+    ],
+)
+def test_bad_upload_is_400_and_leaves_nothing_behind(
+    api, make_key, settings, content, purpose, needles, line
+):
     key = make_key()
-    error = assert_error(post_file(api, key, content, purpose=purpose), 400, "bad_request",
-                         *needles)
+    error = assert_error(
+        post_file(api, key, content, purpose=purpose), 400, "bad_request", *needles
+    )
     if line is not None:
         assert error["details"]["line"] == line
     assert list(settings.files_dir.glob("*")) == []
@@ -113,8 +155,9 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
     small = settings.model_copy(update={"max_upload_bytes": 1000, "reaper_interval_s": 0})
     with TestClient(create_app(small)) as api:
         assert post_file(api, key, copy_rows(5)).status_code == 201  # under
-        error = assert_error(post_file(api, key, copy_rows(100)), 413,
-                             "payload_too_large", "1000-byte limit")
+        error = assert_error(
+            post_file(api, key, copy_rows(100)), 413, "payload_too_large", "1000-byte limit"
+        )
         assert len(api.get("/v1/files", headers=auth(key)).json()["data"]) == 1
     assert len(list(settings.files_dir.glob("*"))) == 1
     assert error["details"] == {}
@@ -123,58 +166,104 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing_behind(settings, m
 # ---------------------------------------------------------------- run creation
 
 
-@pytest.mark.parametrize("overrides, fields", [
-    ({"algorithm": {"group_size": 1}}, ["algorithm.group_size"]),
-    ({"algorithm": {"beta": 0}}, ["algorithm.beta"]),
-    ({"algorithm": {"beta": -0.5}}, ["algorithm.beta"]),
-    ({"algorithm": {"group_size": 1, "beta": 0}}, ["algorithm.beta", "algorithm.group_size"]),
-    ({"learning_rate": 1e-5}, ["learning_rate"]),
-    ({"reward": DROP}, ["reward"]),
-    ({"model": {"path": DROP}}, ["model.path"]),
-    ({"reward": {"type": "builtin", "name": "no_such_reward"}}, ["reward.name"]),
-    ({"training": {"mini_batches": 5, "prompts_per_step": 4}}, ["training.mini_batches"]),
-    # the default (4 mini-batches) breaks the rule as surely as a value written out
-    ({"training": {"mini_batches": DROP, "prompts_per_step": 2}}, ["training.mini_batches"]),
-    ({"dataset": {"train_file": "file_doesnotexist"}}, ["dataset.train_file"]),
-    ({"dataset": {"eval_file": "file_doesnotexist"}}, ["dataset.eval_file"]),
-    ({"eval": {"k": 5, "samples_per_prompt": 4}}, ["eval.k"]),
-    ({"dataset": {"prompt_field": "question"}}, ["dataset.prompt_field"]),
-    ({"reward": {"type": "webhook", "url": "https://rm.example.com/score", "timeout_s": 120},
-      "resources": {"step_timeout_s": 60}}, ["resources"]),
-    ({"resources": {"gpus": 9}}, ["resources.gpus"]),
-    ({"resources": {"gpus": 2, "processes": 1}}, ["resources"]),
-    ({"resources": {"processes": 3}}, ["resources"]),  # 4 prompts per step
-    ({"rollout": {"tensor_parallel_size": 2}}, ["resources"]),  # one process
-    ({"rollout": {"engine": "hf", "tensor_parallel_size": 2},
-      "resources": {"processes": 2}}, ["resources"]),
-], ids=["group_size", "beta_zero", "beta_negative", "both", "unknown_field", "no_reward",
-        "no_model_path", "unknown_reward", "mini_batches", "default_mini_batches",
-        "missing_file", "missing_eval_file", "eval_k", "prompt_field",
-        "step_timeout", "too_many_gpus", "processes_vs_gpus", "uneven_prompts",
-        "tensor_parallel_vs_processes", "tensor_parallel_without_vllm"])
+@pytest.mark.parametrize(
+    "overrides, fields",
+    [
+        ({"algorithm": {"group_size": 1}}, ["algorithm.group_size"]),
+        ({"algorithm": {"beta": 0}}, ["algorithm.beta"]),
+        ({"algorithm": {"beta": -0.5}}, ["algorithm.beta"]),
+        ({"algorithm": {"group_size": 1, "beta": 0}}, ["algorithm.beta", "algorithm.group_size"]),
+        ({"learning_rate": 1e-5}, ["learning_rate"]),
+        ({"reward": DROP}, ["reward"]),
+        ({"model": {"path": DROP}}, ["model.path"]),
+        ({"reward": {"type": "builtin", "name": "no_such_reward"}}, ["reward.name"]),
+        ({"training": {"mini_batches": 5, "prompts_per_step": 4}}, ["training.mini_batches"]),
+        # the default (4 mini-batches) breaks the rule as surely as a value written out
+        ({"training": {"mini_batches": DROP, "prompts_per_step": 2}}, ["training.mini_batches"]),
+        ({"dataset": {"train_file": "file_doesnotexist"}}, ["dataset.train_file"]),
+        ({"dataset": {"eval_file": "file_doesnotexist"}}, ["dataset.eval_file"]),
+        ({"eval": {"k": 5, "samples_per_prompt": 4}}, ["eval.k"]),
+        ({"dataset": {"prompt_field": "question"}}, ["dataset.prompt_field"]),
+        (
+            {
+                "reward": {
+                    "type": "webhook",
+                    "url": "https://rm.example.com/score",
+                    "timeout_s": 120,
+                },
+                "resources": {"step_timeout_s": 60},
+            },
+            ["resources"],
+        ),
+        ({"resources": {"gpus": 9}}, ["resources.gpus"]),
+        ({"resources": {"gpus": 2, "processes": 1}}, ["resources"]),
+        ({"resources": {"processes": 3}}, ["resources"]),  # 4 prompts per step
+        ({"rollout": {"tensor_parallel_size": 2}}, ["resources"]),  # one process
+        (
+            {"rollout": {"engine": "hf", "tensor_parallel_size": 2}, "resources": {"processes": 2}},
+            ["resources"],
+        ),
+    ],
+    ids=[
+        "group_size",
+        "beta_zero",
+        "beta_negative",
+        "both",
+        "unknown_field",
+        "no_reward",
+        "no_model_path",
+        "unknown_reward",
+        "mini_batches",
+        "default_mini_batches",
+        "missing_file",
+        "missing_eval_file",
+        "eval_k",
+        "prompt_field",
+        "step_timeout",
+        "too_many_gpus",
+        "processes_vs_gpus",
+        "uneven_prompts",
+        "tensor_parallel_vs_processes",
+        "tensor_parallel_without_vllm",
+    ],
+)
 def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, overrides, fields):
     key = make_key()
     body = spec(upload(api, key, ROWS), **overrides)
-    error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
-                         422, "invalid_request", *fields)
+    error = assert_error(
+        api.post("/v1/runs", headers=auth(key), json=body), 422, "invalid_request", *fields
+    )
     assert sorted(f["field"] for f in error["details"]["fields"]) == fields
     assert all(f["message"] for f in error["details"]["fields"])
     assert run_ids(api, key) == [] and broker_run_ids(settings) == []
 
 
-@pytest.mark.parametrize("resources, rollout, says", [
-    ({"gpus": 2, "processes": 1}, {}, "processes (1) must equal gpus (2)"),
-    ({"processes": 3}, {}, "prompts_per_step (4) must be a multiple of the 3 training processes"),
-    ({}, {"tensor_parallel_size": 2},
-     "tensor_parallel_size (2) must divide the 1 training processes"),
-    ({"processes": 2}, {"engine": "hf", "tensor_parallel_size": 2},
-     "tensor_parallel_size needs vLLM"),
-], ids=["processes_vs_gpus", "uneven_prompts", "tensor_parallel", "tensor_parallel_hf"])
+@pytest.mark.parametrize(
+    "resources, rollout, says",
+    [
+        ({"gpus": 2, "processes": 1}, {}, "processes (1) must equal gpus (2)"),
+        (
+            {"processes": 3},
+            {},
+            "prompts_per_step (4) must be a multiple of the 3 training processes",
+        ),
+        (
+            {},
+            {"tensor_parallel_size": 2},
+            "tensor_parallel_size (2) must divide the 1 training processes",
+        ),
+        (
+            {"processes": 2},
+            {"engine": "hf", "tensor_parallel_size": 2},
+            "tensor_parallel_size needs vLLM",
+        ),
+    ],
+    ids=["processes_vs_gpus", "uneven_prompts", "tensor_parallel", "tensor_parallel_hf"],
+)
 def test_multi_process_spec_errors_say_what_to_change(api, make_key, resources, rollout, says):
     key = make_key()
     body = spec(upload(api, key, ROWS), resources=resources, rollout=rollout)
-    error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
-                         422, "invalid_request")
+    error = assert_error(api.post("/v1/runs", headers=auth(key), json=body), 422, "invalid_request")
     assert says in error["details"]["fields"][0]["message"]
 
 
@@ -183,14 +272,20 @@ def test_an_eval_file_is_checked_like_the_training_file(api, make_key):
     train, evals = upload(api, key, ROWS), upload(api, key, copy_rows(3))
     run = new_run(api, key, train, dataset={"eval_file": evals}, eval={"k": 2})
     assert run["spec"]["dataset"]["eval_file"] == evals
-    assert run["spec"]["eval"] == {"every_steps": 20, "samples_per_prompt": 4, "k": 2,
-                                   "pass_threshold": 1.0, "max_prompts": None}
+    assert run["spec"]["eval"] == {
+        "every_steps": 20,
+        "samples_per_prompt": 4,
+        "k": 2,
+        "pass_threshold": 1.0,
+        "max_prompts": None,
+    }
     foreign = upload(api, other, copy_rows(3))
     no_answer = upload(api, key, [{"prompt": "p"}])
     for eval_file, field in ((foreign, "dataset.eval_file"), (no_answer, "dataset.answer_field")):
         body = spec(train, dataset={"eval_file": eval_file})
-        error = assert_error(api.post("/v1/runs", headers=auth(key), json=body),
-                             422, "invalid_request", field)
+        error = assert_error(
+            api.post("/v1/runs", headers=auth(key), json=body), 422, "invalid_request", field
+        )
         assert [f["field"] for f in error["details"]["fields"]] == [field]
 
 
@@ -235,8 +330,9 @@ def test_idempotency_key_replays_and_conflicts(api, make_key, settings):
     assert broker_run_ids(settings) == [first.json()["id"]]
 
     changed = api.post("/v1/runs", headers=headers, json=spec(file_id, name="changed"))
-    error = assert_error(changed, 409, "conflict", "Idempotency-Key", "req-1",
-                         "different request body")
+    error = assert_error(
+        changed, 409, "conflict", "Idempotency-Key", "req-1", "different request body"
+    )
     assert error["details"]["run_id"] == first.json()["id"]
     assert run_ids(api, key) == [first.json()["id"]]
     assert broker_run_ids(settings) == [first.json()["id"]]
@@ -255,14 +351,22 @@ def test_projects_see_only_their_own_runs_and_files(api, make_key):
     my_file, their_file = upload(api, mine, ROWS), upload(api, theirs, ROWS)
     my_run, their_run = new_run(api, mine, my_file), new_run(api, theirs, their_file)
     rid = their_run["id"]
-    for method, path in [("GET", ""), ("POST", "/cancel"), ("POST", "/pause"),
-                         ("POST", "/resume"), ("GET", "/events"),
-                         ("GET", "/metrics"), ("GET", "/samples"), ("GET", "/checkpoints"),
-                         ("GET", "/checkpoints/ckpt_x/download")]:
+    for method, path in [
+        ("GET", ""),
+        ("POST", "/cancel"),
+        ("POST", "/pause"),
+        ("POST", "/resume"),
+        ("GET", "/events"),
+        ("GET", "/metrics"),
+        ("GET", "/samples"),
+        ("GET", "/checkpoints"),
+        ("GET", "/checkpoints/ckpt_x/download"),
+    ]:
         resp = api.request(method, f"/v1/runs/{rid}{path}", headers=auth(mine))
         assert_error(resp, 404, "not_found", rid)
-    assert_error(api.get(f"/v1/files/{their_file}", headers=auth(mine)), 404, "not_found",
-                 their_file)
+    assert_error(
+        api.get(f"/v1/files/{their_file}", headers=auth(mine)), 404, "not_found", their_file
+    )
 
     assert run_ids(api, mine) == [my_run["id"]] and run_ids(api, theirs) == [rid]
     assert [f["id"] for f in api.get("/v1/files", headers=auth(mine)).json()["data"]] == [my_file]
@@ -298,12 +402,18 @@ def test_list_runs_pages_newest_first(api, make_key):
     assert run_ids(api, key, status="running") == []
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"status": "bogus"}, "status"), ({"limit": 0}, "limit"), ({"limit": 101}, "limit"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"status": "bogus"}, "status"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+    ],
+)
 def test_list_runs_rejects_bad_query(api, make_key, params, field):
-    error = assert_error(api.get("/v1/runs", headers=auth(make_key()), params=params),
-                         422, "invalid_request", field)
+    error = assert_error(
+        api.get("/v1/runs", headers=auth(make_key()), params=params), 422, "invalid_request", field
+    )
     assert [f["field"] for f in error["details"]["fields"]] == [field]
 
 
@@ -331,8 +441,13 @@ def test_pause_and_resume_over_http_with_409_for_illegal_transitions(api, make_k
     key = make_key()
     run = new_run(api, key, upload(api, key, ROWS))
     rid = run["id"]
-    assert_error(api.post(f"/v1/runs/{rid}/resume", headers=auth(key)), 409, "conflict",
-                 "queued", "only a paused run")
+    assert_error(
+        api.post(f"/v1/runs/{rid}/resume", headers=auth(key)),
+        409,
+        "conflict",
+        "queued",
+        "only a paused run",
+    )
     paused = api.post(f"/v1/runs/{rid}/pause", headers=auth(key))
     assert paused.status_code == 200 and paused.json()["status"] == "paused"
     assert_error(api.post(f"/v1/runs/{rid}/pause", headers=auth(key)), 409, "conflict", "paused")
@@ -341,11 +456,14 @@ def test_pause_and_resume_over_http_with_409_for_illegal_transitions(api, make_k
     assert resumed.status_code == 200 and resumed.json()["status"] == "queued"
     assert broker_run_ids(settings) == before + [rid]  # handed to the workers again
     assert api.post(f"/v1/runs/{rid}/cancel", headers=auth(key)).json()["status"] == "cancelled"
-    assert_error(api.post(f"/v1/runs/{rid}/pause", headers=auth(key)), 409, "conflict",
-                 "cancelled")
+    assert_error(api.post(f"/v1/runs/{rid}/pause", headers=auth(key)), 409, "conflict", "cancelled")
     events = api.get(f"/v1/runs/{rid}/events", headers=auth(key)).json()["data"]
-    assert [e["type"] for e in events] == ["run.queued", "run.paused", "run.resume_requested",
-                                           "run.cancelled"]
+    assert [e["type"] for e in events] == [
+        "run.queued",
+        "run.paused",
+        "run.resume_requested",
+        "run.cancelled",
+    ]
 
 
 def test_fresh_run_has_empty_metrics_samples_checkpoints(api, make_key):

@@ -6,13 +6,14 @@ request may get a 5xx, and each documented response must match the schema."""
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from factories import SPEC_DEFAULTS, auth, copy_rows, run_spec, upload
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
 from service.main import create_app
+
+from factories import SPEC_DEFAULTS, auth, copy_rows, run_spec, upload
 
 CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance]
 
@@ -32,8 +33,9 @@ def real_ids(app, key: str, model_dir) -> dict[str, str]:
     with TestClient(app) as client:
         file_id = upload(client, key, copy_rows(8), filename="t.jsonl")
         spec = run_spec(model_dir, file_id, SPEC_DEFAULTS)
-        run, ended = (client.post("/v1/runs", headers=auth(key), json=spec).json()["id"]
-                      for _ in range(2))
+        run, ended = (
+            client.post("/v1/runs", headers=auth(key), json=spec).json()["id"] for _ in range(2)
+        )
         client.post(f"/v1/runs/{ended}/cancel", headers=auth(key))
         return {"file_id": file_id, "run_id": run, "ended_run_id": ended}
 
@@ -51,8 +53,13 @@ def aim(case, ids: dict[str, str]) -> None:
 
 def test_every_operation_is_in_the_schema(app):
     labels = {op.label for op in operations(app)}
-    assert {"POST /v1/runs", "POST /v1/files", "POST /v1/runs/{run_id}/rewards",
-            "POST /v1/runs/{run_id}/pause", "GET /v1/runs/{run_id}/metrics"} <= labels
+    assert {
+        "POST /v1/runs",
+        "POST /v1/files",
+        "POST /v1/runs/{run_id}/rewards",
+        "POST /v1/runs/{run_id}/pause",
+        "GET /v1/runs/{run_id}/metrics",
+    } <= labels
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -62,9 +69,15 @@ def test_no_server_error_and_responses_match_the_schema(app, make_key, tiny_mode
     ids = real_ids(app, key, tiny_model_dir) if target == "real ids" else {}
     statuses = set()
     for operation in operations(app):
+
         @given(case=operation.as_strategy())
-        @hypothesis_settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                             suppress_health_check=list(HealthCheck))
+        @hypothesis_settings(
+            max_examples=30,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def fuzz(case):
             aim(case, ids)
             response = case.call_and_validate(headers=auth(key), checks=CHECKS)

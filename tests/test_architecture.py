@@ -49,8 +49,12 @@ def within(name: str, *prefixes: str) -> bool:
 
 
 def test_the_contract_imports_neither_side():
-    bad = [(rel, name) for rel, path in modules("service/contract") for name, _ in imports(path)
-           if within(name, "service", "workers") and not within(name, "service.contract")]
+    bad = [
+        (rel, name)
+        for rel, path in modules("service/contract")
+        for name, _ in imports(path)
+        if within(name, "service", "workers") and not within(name, "service.contract")
+    ]
     assert bad == []
 
 
@@ -64,8 +68,12 @@ def test_the_service_imports_no_worker_code():
 
 
 def test_the_worker_imports_only_the_contract_models_settings_and_db_of_the_service():
-    bad = [(rel, name) for rel, path in modules("workers") for name, _ in imports(path)
-           if within(name, "service") and not within(name, *WORKER_MAY_IMPORT)]
+    bad = [
+        (rel, name)
+        for rel, path in modules("workers")
+        for name, _ in imports(path)
+        if within(name, "service") and not within(name, *WORKER_MAY_IMPORT)
+    ]
     assert bad == []
 
 
@@ -73,11 +81,14 @@ def test_the_workers_modules_import_each_other_without_a_cycle():
     graph: dict[str, set[str]] = {}
     for rel, path in modules("workers"):
         module = rel.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
-        graph[module] = {name for name, top_level in imports(path)
-                         if top_level and within(name, "workers")}
+        graph[module] = {
+            name for name, top_level in imports(path) if top_level and within(name, "workers")
+        }
     known = set(graph)
-    graph = {m: {next((k for k in (d, d.rsplit(".", 1)[0]) if k in known), d) for d in deps}
-             for m, deps in graph.items()}
+    graph = {
+        m: {next((k for k in (d, d.rsplit(".", 1)[0]) if k in known), d) for d in deps}
+        for m, deps in graph.items()
+    }
     done: set[str] = set()
 
     def visit(module: str, trail: tuple[str, ...]) -> None:
@@ -110,7 +121,8 @@ with TestClient(create_app(settings)) as api:
     with session_scope(settings.resolved_database_url) as session:
         key = create_api_key(session, "probe", None)[1]
     auth = {"Authorization": f"Bearer {key}"}
-    file = api.post("/v1/files", headers=auth, files={"file": ("t.jsonl", b'{"prompt": "a=", "answer": "a"}\\n')},
+    row = b'{"prompt": "a=", "answer": "a"}\\n'
+    file = api.post("/v1/files", headers=auth, files={"file": ("t.jsonl", row)},
                     data={"purpose": "train"}).json()["id"]
     run = api.post("/v1/runs", headers=auth, json={
         "model": {"path": sys.argv[1]}, "dataset": {"train_file": file},
@@ -126,8 +138,13 @@ def test_the_api_process_never_loads_a_model_library(tiny_model_dir):
     """Import the app, serve health, the state table, the docs, the dashboard and a checked
     submission in a fresh interpreter: no torch, transformers, vLLM, peft or worker module is
     ever loaded."""
-    out = subprocess.run([sys.executable, "-c", API_PROBE, str(tiny_model_dir), ",".join(HEAVY)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", API_PROBE, str(tiny_model_dir), ",".join(HEAVY)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe == {"answered": [200, 200, 200, 200, 201], "heavy": []}
@@ -149,20 +166,26 @@ def state_literals(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def test_state_names_appear_only_in_the_contract():
-    found = [f"{rel}:{line}: {value!r}"
-             for package in ("service", "workers") for rel, path in modules(package)
-             if not rel.startswith("service/contract/")
-             for line, value in state_literals(path)]
+    found = [
+        f"{rel}:{line}: {value!r}"
+        for package in ("service", "workers")
+        for rel, path in modules(package)
+        if not rel.startswith("service/contract/")
+        for line, value in state_literals(path)
+    ]
     assert found == []
 
 
 @pytest.mark.parametrize("pattern", ["service/dashboard/static/*.js", "proto/gvpo/v1/*.proto"])
 def test_the_dashboard_and_the_proto_keep_no_list_of_states(pattern):
     quoted = re.compile("|".join(rf"[\"'`]{s}[\"'`]" for s in RunStatus))
-    listed = re.compile(r"\b(" + "|".join(RunStatus) + r")\b(\s*\|\s*\b(" +
-                        "|".join(RunStatus) + r")\b)+")  # "queued | running | ..."
-    bad = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
-           for path in sorted(ROOT.glob(pattern))
-           for number, line in enumerate(path.read_text().splitlines(), start=1)
-           if quoted.search(line) or listed.search(line)]
+    listed = re.compile(
+        r"\b(" + "|".join(RunStatus) + r")\b(\s*\|\s*\b(" + "|".join(RunStatus) + r")\b)+"
+    )  # "queued | running | ..."
+    bad = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted(ROOT.glob(pattern))
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if quoted.search(line) or listed.search(line)
+    ]
     assert bad == []

@@ -6,18 +6,28 @@ import math
 import time
 
 import pytest
-from factories import (EXACT_MATCH, SPEC_DEFAULTS, WORKER_S, assert_error, auth, copy_rows,
-                       run_spec, submit, upload)
-from reward_server import Behaviour, RewardServer
-from services import serve_api
 from sqlalchemy import select
 
+from service.contract.signing import HEADER, sign
 from service.db import session_scope
 from service.main import create_app
 from service.models import RewardRequest, Run, RunEvent, Sample
-from service.contract.signing import HEADER, sign
-from workers.records import RunRecorder
 from workers.execute import execute_run
+from workers.records import RunRecorder
+
+from factories import (
+    EXACT_MATCH,
+    SPEC_DEFAULTS,
+    WORKER_S,
+    assert_error,
+    auth,
+    copy_rows,
+    run_spec,
+    submit,
+    upload,
+)
+from reward_server import Behaviour, RewardServer
+from services import serve_api
 
 pytestmark = pytest.mark.both_backends
 
@@ -41,22 +51,29 @@ def loaded_to_failed_s(settings, run_id: str) -> float:
     step, whose reward phase failed it, without the model's loading (which a busy machine
     slows down as much as it likes)."""
     with session_scope(settings.resolved_database_url) as session:
-        at = dict(session.execute(select(RunEvent.type, RunEvent.created_at).where(
-            RunEvent.run_id == run_id,
-            RunEvent.type.in_(["run.model_loaded", "run.failed"]))).all())
+        at = dict(
+            session.execute(
+                select(RunEvent.type, RunEvent.created_at).where(
+                    RunEvent.run_id == run_id, RunEvent.type.in_(["run.model_loaded", "run.failed"])
+                )
+            ).all()
+        )
     return (at["run.failed"] - at["run.model_loaded"]).total_seconds()
 
 
 def test_async_callbacks_train_to_success(api_server, tiny_model_dir):
     behaviour = Behaviour(mode="async")
     with RewardServer(behaviour) as server:
-        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
-                                             max_items_per_request=5)
+        run_id, behaviour.secret = async_run(
+            api_server, tiny_model_dir, server.url, max_items_per_request=5
+        )
         assert execute_run(api_server, run_id, "worker-a") == "succeeded"
     assert behaviour.callback_statuses and set(behaviour.callback_statuses) == {200}
     with session_scope(api_server.resolved_database_url) as session:
         samples = session.scalars(select(Sample).where(Sample.run_id == run_id)).all()
-        requests = session.scalars(select(RewardRequest).where(RewardRequest.run_id == run_id)).all()
+        requests = session.scalars(
+            select(RewardRequest).where(RewardRequest.run_id == run_id)
+        ).all()
     assert len(samples) == 48 and len(requests) == 6 * 2  # 8 items a step, 5 per request
     assert all(r.completed_at is not None for r in requests)
     with session_scope(api_server.resolved_database_url) as session:
@@ -70,8 +87,9 @@ def test_async_callbacks_train_to_success(api_server, tiny_model_dir):
 def test_a_missing_callback_is_resent_then_fails_the_run(api_server, tiny_model_dir):
     behaviour = Behaviour(mode="async", call_back=False)
     with RewardServer(behaviour) as server:
-        run_id, behaviour.secret = async_run(api_server, tiny_model_dir, server.url,
-                                             timeout_s=0.5, max_attempts=2)
+        run_id, behaviour.secret = async_run(
+            api_server, tiny_model_dir, server.url, timeout_s=0.5, max_attempts=2
+        )
         assert execute_run(api_server, run_id, "worker-a") == "failed"
     assert loaded_to_failed_s(api_server, run_id) < 10
     assert behaviour.calls == 2  # sent, then re-sent once after the deadline
@@ -85,8 +103,9 @@ def test_a_missing_callback_is_resent_then_fails_the_run(api_server, tiny_model_
 def hung_reward_run(settings, model_dir, server: RewardServer) -> str:
     """A run whose reward model never calls back (it would be re-sent 20 x 2 s) under a 3 s
     step timeout."""
-    run_id, server.behaviour.secret = async_run(settings, model_dir, server.url, timeout_s=2,
-                                                max_attempts=20)
+    run_id, server.behaviour.secret = async_run(
+        settings, model_dir, server.url, timeout_s=2, max_attempts=20
+    )
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
         run.spec = {**run.spec, "resources": {"step_timeout_s": 3.0}}
@@ -97,13 +116,13 @@ def failure_of(settings, run_id) -> tuple[Run, RunEvent]:
     """The run and its last event."""
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
-        last = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
-                               .order_by(RunEvent.id.desc())).first()
+        last = session.scalars(
+            select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id.desc())
+        ).first()
     return run, last
 
 
-def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server,
-                                                                      tiny_model_dir):
+def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server, tiny_model_dir):
     """The watchdog: the reward model never calls back and would be re-sent for a minute; the
     run fails after step_timeout_s instead, and the event names the phase that hung."""
     with RewardServer(Behaviour(mode="async", call_back=False)) as server:
@@ -125,14 +144,18 @@ def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, ti
 
     with RewardServer(Behaviour(mode="async", call_back=False)) as server:
         run_id = hung_reward_run(api_server, tiny_model_dir, server)
-        code = ("import sys, threading; from service.config import Settings; "
-                "from workers.execute import execute_run; "
-                "s = Settings(webhook_allow_private=True, heartbeat_seconds=0.5); "
-                "t = threading.Thread(target=execute_run, args=(s, sys.argv[1], 'w')); "
-                "t.start(); t.join(); sys.exit(3)")  # 3: the run returned, nobody ended it
-        child = subprocess.run([sys.executable, "-c", code, run_id],
-                               env={**stack_env(api_server), "OMP_NUM_THREADS": "1"},
-                               timeout=WORKER_S)
+        code = (
+            "import sys, threading; from service.config import Settings; "
+            "from workers.execute import execute_run; "
+            "s = Settings(webhook_allow_private=True, heartbeat_seconds=0.5); "
+            "t = threading.Thread(target=execute_run, args=(s, sys.argv[1], 'w')); "
+            "t.start(); t.join(); sys.exit(3)"
+        )  # 3: the run returned, nobody ended it
+        child = subprocess.run(
+            [sys.executable, "-c", code, run_id],
+            env={**stack_env(api_server), "OMP_NUM_THREADS": "1"},
+            timeout=WORKER_S,
+        )
     assert child.returncode == 1  # os._exit(1) from the watchdog
     run, failed = failure_of(api_server, run_id)
     assert run.status == "failed" and "reward phase" in run.error
@@ -159,15 +182,21 @@ def test_concurrent_partial_callbacks_lose_no_reward(api_server, tiny_model_dir)
 
     def call_back(item: tuple[str, str]) -> int:
         request_id, sample_id = item
-        body = json.dumps({"request_id": request_id,
-                           "rewards": [{"sample_id": sample_id, "reward": 0.5}]}).encode()
-        resp = client.post(f"/v1/runs/{run_id}/rewards", content=body,
-                           headers={"Content-Type": "application/json", HEADER: sign(secret, body)})
+        body = json.dumps(
+            {"request_id": request_id, "rewards": [{"sample_id": sample_id, "reward": 0.5}]}
+        ).encode()
+        resp = client.post(
+            f"/v1/runs/{run_id}/rewards",
+            content=body,
+            headers={"Content-Type": "application/json", HEADER: sign(secret, body)},
+        )
         return resp.json()["accepted"] if resp.status_code == 200 else resp.status_code
 
     items = [(r, s) for r, sids in requests.items() for s in sids]
-    with httpx.Client(base_url=f"http://127.0.0.1:{api_server.api_port}", timeout=60) as client, \
-            ThreadPoolExecutor(16) as pool:
+    with (
+        httpx.Client(base_url=f"http://127.0.0.1:{api_server.api_port}", timeout=60) as client,
+        ThreadPoolExecutor(16) as pool,
+    ):
         answers = list(pool.map(call_back, items))
     assert answers == [1] * len(items)
     with session_scope(api_server.resolved_database_url) as session:
@@ -176,8 +205,7 @@ def test_concurrent_partial_callbacks_lose_no_reward(api_server, tiny_model_dir)
     assert all(r.completed_at is not None for r in stored)
 
 
-def test_conflicting_callbacks_racing_for_one_reward_store_exactly_one(api_server,
-                                                                       tiny_model_dir):
+def test_conflicting_callbacks_racing_for_one_reward_store_exactly_one(api_server, tiny_model_dir):
     """Callbacks that disagree about one sample, sent at once: exactly one value is stored;
     every other callback gets a 200 (it repeated the stored value) or a 409, never a 500."""
     from concurrent.futures import ThreadPoolExecutor
@@ -191,19 +219,25 @@ def test_conflicting_callbacks_racing_for_one_reward_store_exactly_one(api_serve
     values = [0.5] * 8 + [round(0.1 * n, 1) for n in range(8)]  # 0.5 appears 9 times
 
     def call_back(value: float) -> tuple[int, int | None]:
-        body = json.dumps({"request_id": "rq_race",
-                           "rewards": [{"sample_id": "smp_x", "reward": value}]}).encode()
-        resp = client.post(f"/v1/runs/{run_id}/rewards", content=body,
-                           headers={"Content-Type": "application/json", HEADER: sign(secret, body)})
+        body = json.dumps(
+            {"request_id": "rq_race", "rewards": [{"sample_id": "smp_x", "reward": value}]}
+        ).encode()
+        resp = client.post(
+            f"/v1/runs/{run_id}/rewards",
+            content=body,
+            headers={"Content-Type": "application/json", HEADER: sign(secret, body)},
+        )
         return resp.status_code, resp.json().get("accepted")
 
-    with httpx.Client(base_url=f"http://127.0.0.1:{api_server.api_port}", timeout=60) as client, \
-            ThreadPoolExecutor(16) as pool:
+    with (
+        httpx.Client(base_url=f"http://127.0.0.1:{api_server.api_port}", timeout=60) as client,
+        ThreadPoolExecutor(16) as pool,
+    ):
         answers = list(pool.map(call_back, values))
     with session_scope(api_server.resolved_database_url) as session:
         stored = session.get(RewardRequest, "rq_race").rewards["smp_x"]
     assert [a for a in answers if a == (200, 1)] == [(200, 1)]  # one winner
-    for value, (status, accepted) in zip(values, answers):
+    for value, (status, accepted) in zip(values, answers, strict=True):
         if value == stored:
             assert status == 200 and accepted in (0, 1)
         else:
@@ -220,11 +254,17 @@ def test_callback_over_the_size_limit_is_413_before_it_is_read(settings, tiny_mo
     items = [{"sample_id": f"smp_{i}", "reward": 0.5} for i in range(100)]
     body = json.dumps({"request_id": "rq_1", "rewards": items}).encode()
     with TestClient(create_app(small)) as api:
-        resp = api.post(f"/v1/runs/{run_id}/rewards", content=body,
-                        headers={"Content-Type": "application/json", HEADER: sign(secret, body)})
+        resp = api.post(
+            f"/v1/runs/{run_id}/rewards",
+            content=body,
+            headers={"Content-Type": "application/json", HEADER: sign(secret, body)},
+        )
         assert_error(resp, 413, "payload_too_large", "2000-byte limit")
-        chunks = api.post(f"/v1/runs/{run_id}/rewards", content=iter([body[:1500], body[1500:]]),
-                          headers={HEADER: sign(secret, body)})  # no Content-Length: streamed
+        chunks = api.post(
+            f"/v1/runs/{run_id}/rewards",
+            content=iter([body[:1500], body[1500:]]),
+            headers={HEADER: sign(secret, body)},
+        )  # no Content-Length: streamed
         assert_error(chunks, 413, "payload_too_large")
 
 
@@ -237,13 +277,25 @@ def pending(settings, tiny_model_dir):
         return run_id, session.get(Run, run_id).webhook_secret
 
 
-def post(api, run_id: str, secret: str, rewards: list[dict], request_id: str = "rq_1",
-         timestamp: int | None = None, raw: bytes | None = None):
-    body = raw if raw is not None else json.dumps(
-        {"request_id": request_id, "rewards": rewards}).encode()
-    return api.post(f"/v1/runs/{run_id}/rewards", content=body,
-                    headers={"Content-Type": "application/json",
-                             HEADER: sign(secret, body, timestamp)})
+def post(
+    api,
+    run_id: str,
+    secret: str,
+    rewards: list[dict],
+    request_id: str = "rq_1",
+    timestamp: int | None = None,
+    raw: bytes | None = None,
+):
+    body = (
+        raw
+        if raw is not None
+        else json.dumps({"request_id": request_id, "rewards": rewards}).encode()
+    )
+    return api.post(
+        f"/v1/runs/{run_id}/rewards",
+        content=body,
+        headers={"Content-Type": "application/json", HEADER: sign(secret, body, timestamp)},
+    )
 
 
 def stored(settings) -> dict:
@@ -258,25 +310,35 @@ def test_callbacks_merge_and_duplicates_are_accepted_once(api, settings, pending
     assert not first.json()["complete"]
     again = post(api, run_id, secret, [{"sample_id": "smp_a", "reward": 0.5}])
     assert again.status_code == 200 and again.json()["accepted"] == 0
-    done = post(api, run_id, secret, [{"sample_id": "smp_a", "reward": 0.5},
-                                      {"sample_id": "smp_b", "reward": 1}])
-    assert done.json() == {"object": "reward.callback", "request_id": "rq_1", "accepted": 1,
-                           "complete": True}
+    done = post(
+        api,
+        run_id,
+        secret,
+        [{"sample_id": "smp_a", "reward": 0.5}, {"sample_id": "smp_b", "reward": 1}],
+    )
+    assert done.json() == {
+        "object": "reward.callback",
+        "request_id": "rq_1",
+        "accepted": 1,
+        "complete": True,
+    }
     assert stored(settings) == {"smp_a": 0.5, "smp_b": 1.0}
 
 
-@pytest.mark.parametrize(("case", "status", "needle"), [
-    ("wrong_secret", 401, "does not match"),
-    ("stale", 401, "tolerance"),
-    ("unsigned", 401, "missing GVPO-Signature"),
-    ("unknown_request", 400, "unknown request_id"),
-    ("unknown_sample", 400, "unknown sample_id"),
-    ("nan", 400, "finite"),
-    ("not_json", 400, "not JSON"),
-    ("conflict", 409, "already has reward 0.5"),
-])
-def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, case, status,
-                                                      needle):
+@pytest.mark.parametrize(
+    ("case", "status", "needle"),
+    [
+        ("wrong_secret", 401, "does not match"),
+        ("stale", 401, "tolerance"),
+        ("unsigned", 401, "missing GVPO-Signature"),
+        ("unknown_request", 400, "unknown request_id"),
+        ("unknown_sample", 400, "unknown sample_id"),
+        ("nan", 400, "finite"),
+        ("not_json", 400, "not JSON"),
+        ("conflict", 409, "already has reward 0.5"),
+    ],
+)
+def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, case, status, needle):
     run_id, secret = pending
     assert post(api, run_id, secret, [{"sample_id": "smp_a", "reward": 0.5}]).status_code == 200
     good = [{"sample_id": "smp_b", "reward": 0.25}]
@@ -295,10 +357,15 @@ def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, ca
     elif case == "not_json":
         resp = post(api, run_id, secret, [], raw=b"{not json")
     else:
-        resp = post(api, run_id, secret, [{"sample_id": "smp_b", "reward": 0.25},
-                                          {"sample_id": "smp_a", "reward": 0.75}])
-    assert_error(resp, status, {401: "unauthorized", 400: "bad_request", 409: "conflict"}[status],
-                 needle)
+        resp = post(
+            api,
+            run_id,
+            secret,
+            [{"sample_id": "smp_b", "reward": 0.25}, {"sample_id": "smp_a", "reward": 0.75}],
+        )
+    assert_error(
+        resp, status, {401: "unauthorized", 400: "bad_request", 409: "conflict"}[status], needle
+    )
     assert stored(settings) == {"smp_a": 0.5}  # nothing changed, not even smp_b
 
 
@@ -308,8 +375,9 @@ def test_callback_for_an_unknown_run_is_404(api):
     assert_error(resp, 404, "not_found")
 
 
-def test_secret_rotation_keeps_the_old_secret_for_the_grace_period(api, settings, pending,
-                                                                   make_key):
+def test_secret_rotation_keeps_the_old_secret_for_the_grace_period(
+    api, settings, pending, make_key
+):
     run_id, old = pending
     project_key = make_key("loop")  # the project `submit` created the run in
     rotated = api.post(f"/v1/runs/{run_id}/webhook-secret/rotate", headers=auth(project_key))
@@ -321,8 +389,9 @@ def test_secret_rotation_keeps_the_old_secret_for_the_grace_period(api, settings
     shown = api.get(f"/v1/runs/{run_id}", headers=auth(project_key)).text
     assert new not in shown and old not in shown
     other = make_key("someone-else")
-    assert_error(api.post(f"/v1/runs/{run_id}/webhook-secret/rotate", headers=auth(other)),
-                 404, "not_found")
+    assert_error(
+        api.post(f"/v1/runs/{run_id}/webhook-secret/rotate", headers=auth(other)), 404, "not_found"
+    )
 
 
 def test_a_rotated_out_secret_stops_working_after_the_grace_period(settings, pending, make_key):
@@ -331,19 +400,27 @@ def test_a_rotated_out_secret_stops_working_after_the_grace_period(settings, pen
     run_id, old = pending
     no_grace = settings.model_copy(update={"webhook_secret_grace_s": 0})
     with TestClient(create_app(no_grace)) as api:
-        new = api.post(f"/v1/runs/{run_id}/webhook-secret/rotate",
-                       headers=auth(make_key("loop"))).json()["webhook_secret"]
-        assert_error(post(api, run_id, old, [{"sample_id": "smp_a", "reward": 0.5}]), 401,
-                     "unauthorized")
+        new = api.post(
+            f"/v1/runs/{run_id}/webhook-secret/rotate", headers=auth(make_key("loop"))
+        ).json()["webhook_secret"]
+        assert_error(
+            post(api, run_id, old, [{"sample_id": "smp_a", "reward": 0.5}]), 401, "unauthorized"
+        )
         assert post(api, run_id, new, [{"sample_id": "smp_a", "reward": 0.5}]).status_code == 200
 
 
-def test_a_user_given_secret_is_used_and_never_stored_in_the_spec(api, settings, make_key,
-                                                                  tiny_model_dir):
+def test_a_user_given_secret_is_used_and_never_stored_in_the_spec(
+    api, settings, make_key, tiny_model_dir
+):
     key = make_key()
     mine = "whsec_my_own_secret_0123456789"
-    body = run_spec(tiny_model_dir, upload(api, key, copy_rows(4), filename="t.jsonl"),
-                    SPEC_DEFAULTS, reward=EXACT_MATCH, webhook_secret=mine)
+    body = run_spec(
+        tiny_model_dir,
+        upload(api, key, copy_rows(4), filename="t.jsonl"),
+        SPEC_DEFAULTS,
+        reward=EXACT_MATCH,
+        webhook_secret=mine,
+    )
     created = api.post("/v1/runs", headers=auth(key), json=body)
     assert created.status_code == 201 and created.json()["webhook_secret"] == mine
     assert "webhook_secret" not in created.json()["spec"]

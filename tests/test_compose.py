@@ -16,8 +16,10 @@ from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-DOCKERFILES = {"api": ROOT / "docker" / "api.Dockerfile",
-               "worker": ROOT / "docker" / "worker.Dockerfile"}
+DOCKERFILES = {
+    "api": ROOT / "docker" / "api.Dockerfile",
+    "worker": ROOT / "docker" / "worker.Dockerfile",
+}
 # Interpolations that must come from the operator's environment, never from the file.
 SECRETS = {"GVPO_SECRET_KEY", "GVPO_API_KEY_PEPPER", "POSTGRES_PASSWORD"}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PEPPER|TOKEN|API_KEY$")
@@ -67,7 +69,7 @@ def gvpo_keys(node) -> set[str]:
 def not_settings(names) -> set[str]:
     """The names that are not a field of Settings (env_prefix GVPO_, case-insensitive)."""
     fields = {name.lower() for name in Settings.model_fields}
-    return {n for n in names if n[len("GVPO_"):].lower() not in fields}
+    return {n for n in names if n[len("GVPO_") :].lower() not in fields}
 
 
 def healthcheck_test(service: dict) -> list[str]:
@@ -161,8 +163,9 @@ def base_image(instrs) -> str:
         if keyword == "FROM":
             tokens = rest.split()
             tokens = [t for t in tokens if not t.startswith("--")]
-            image = re.sub(r"\$\{(\w+)\}|\$(\w+)",
-                           lambda m: args.get(m.group(1) or m.group(2), ""), tokens[0])
+            image = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)", lambda m: args.get(m.group(1) or m.group(2), ""), tokens[0]
+            )
             image = stages.get(image, image)
             if len(tokens) >= 3 and tokens[1].upper() == "AS":
                 stages[tokens[2]] = image
@@ -188,13 +191,16 @@ def test_the_cluster_has_its_services(services):
     assert services["worker"]["build"]["dockerfile"] == "docker/worker.Dockerfile"
 
 
-@pytest.mark.parametrize("name, needles", [
-    ("postgres", ["pg_isready"]),
-    ("redis", ["redis-cli", "ping"]),
-    ("api", ["/healthz"]),
-    ("worker", ["control.ping", "'gvpo@' + socket.gethostname()"]),
-    ("lb", ["/healthz"]),
-])
+@pytest.mark.parametrize(
+    "name, needles",
+    [
+        ("postgres", ["pg_isready"]),
+        ("redis", ["redis-cli", "ping"]),
+        ("api", ["/healthz"]),
+        ("worker", ["control.ping", "'gvpo@' + socket.gethostname()"]),
+        ("lb", ["/healthz"]),
+    ],
+)
 def test_long_running_services_have_health_checks(services, name, needles):
     test = healthcheck_test(services[name])
     text = " ".join(test)
@@ -229,8 +235,12 @@ def test_migrate_is_one_shot_and_gates_api_and_worker(services):
 def test_the_worker_reserves_a_gpu_and_listens_on_its_queues(services):
     worker = services["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])
-               and (d.get("count") == 1 or len(d.get("device_ids", [])) == 1) for d in devices)
+    assert any(
+        d.get("driver") == "nvidia"
+        and "gpu" in d.get("capabilities", [])
+        and (d.get("count") == 1 or len(d.get("device_ids", [])) == 1)
+        for d in devices
+    )
     queues = environment(worker)["GVPO_WORKER_QUEUES"]
     assert "gpu" in re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", queues).split(",")
 
@@ -240,11 +250,13 @@ def test_a_multi_gpu_worker_takes_its_hosts_gpus_on_request(compose, services):
     assert worker["profiles"] == ["multi-gpu"]  # not started by a plain `up`
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert [(d["driver"], d["count"], d["capabilities"]) for d in devices] == [
-        ("nvidia", "all", ["gpu"])]
+        ("nvidia", "all", ["gpu"])
+    ]
     env = environment(worker)
     assert env["GVPO_WORKER_QUEUES"] == "${MULTI_GPU_QUEUES:-multi-gpu}"
     assert {k: v for k, v in env.items() if k != "GVPO_WORKER_QUEUES"} == {
-        k: v for k, v in environment(single).items() if k != "GVPO_WORKER_QUEUES"}
+        k: v for k, v in environment(single).items() if k != "GVPO_WORKER_QUEUES"
+    }
     assert worker["healthcheck"] == single["healthcheck"]
     volumes = compose.get("volumes") or {}
     assert named_volume_at(worker, "/data", volumes) == named_volume_at(single, "/data", volumes)
@@ -264,8 +276,9 @@ def test_api_replicas_scale_behind_the_front_door(services):
     # N replicas cannot all bind a host port: they publish none, the front door does.
     assert "ports" not in api
     assert api.get("deploy", {}).get("replicas", 1) >= 1
-    published = {str(p).split(":")[-1] if not isinstance(p, dict) else str(p["target"])
-                 for p in lb["ports"]}
+    published = {
+        str(p).split(":")[-1] if not isinstance(p, dict) else str(p["target"]) for p in lb["ports"]
+    }
     assert published == {"8000", "50051"}
     env = environment(api)
     assert env["GVPO_API_HOST"] == "0.0.0.0"
@@ -307,8 +320,14 @@ def test_secrets_are_required_and_nothing_else_is_silently_empty():
 
 def test_every_gvpo_variable_is_a_setting(compose):
     keys = gvpo_keys(compose)
-    assert {"GVPO_DATABASE_URL", "GVPO_BROKER_URL", "GVPO_DATA_DIR", "GVPO_SECRET_KEY",
-            "GVPO_API_KEY_PEPPER", "GVPO_WORKER_QUEUES"} <= keys
+    assert {
+        "GVPO_DATABASE_URL",
+        "GVPO_BROKER_URL",
+        "GVPO_DATA_DIR",
+        "GVPO_SECRET_KEY",
+        "GVPO_API_KEY_PEPPER",
+        "GVPO_WORKER_QUEUES",
+    } <= keys
     assert not_settings(keys) == set()
 
 
@@ -322,8 +341,7 @@ def test_the_settings_check_catches_an_unknown_variable(compose):
     assert not_settings(["gvpo_lease_seconds".upper(), "GVPO_Data_Dir"]) == set()
     dockerfile = DOCKERFILES["api"].read_text() + "ENV GVPO_NOT_A_SETTING=1 \\\n    GVPO_X=2\n"
     env = dockerfile_env(instructions(dockerfile))
-    assert not_settings(k for k in env if k.startswith("GVPO_")) == {"GVPO_NOT_A_SETTING",
-                                                                      "GVPO_X"}
+    assert not_settings(k for k in env if k.startswith("GVPO_")) == {"GVPO_NOT_A_SETTING", "GVPO_X"}
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------
@@ -357,10 +375,13 @@ def test_the_api_image_has_no_model_library():
     instrs = instructions(DOCKERFILES["api"])
     assert base_image(instrs).startswith("python:3.11")
     installs = [args for keyword, args in instrs if keyword == "RUN" and "pip install" in args]
-    assert any("-c constraints.txt '.[s3]'" in r  # s3: checkpoints in an object store
-               for r in installs)
-    assert not any(re.search(r"\.\[[^\]]*(gpu|cpu|worker)", r) or "pytorch.org" in r
-                   for r in installs)
+    assert any(
+        "-c constraints.txt '.[s3]'" in r  # s3: checkpoints in an object store
+        for r in installs
+    )
+    assert not any(
+        re.search(r"\.\[[^\]]*(gpu|cpu|worker)", r) or "pytorch.org" in r for r in installs
+    )
     assert any("find_spec(m) for m in ('torch', 'transformers', 'vllm')" in r for r in installs)
     env = dockerfile_env(instrs)
     assert env["GVPO_API_HOST"] == "0.0.0.0"
@@ -379,8 +400,11 @@ def test_the_worker_image_is_cuda_with_the_gpu_extra():
 
 
 def test_the_build_context_keeps_what_the_images_copy():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert dockerignored(".venv", patterns) and dockerignored(".venv-bench", patterns)
     assert dockerignored(".git", patterns) and dockerignored(".gvpo", patterns)
     for path in DOCKERFILES.values():

@@ -5,7 +5,6 @@ import hashlib
 
 import pytest
 from click.testing import CliRunner
-from conftest import CLUSTER_SECRETS
 
 from service.auth.service import authenticate, create_api_key
 from service.cli import main
@@ -14,11 +13,16 @@ from service.db import session_scope
 from service.errors import Unauthorized
 from service.main import UnsafeSettings, create_app
 
+from conftest import CLUSTER_SECRETS
+
 PG = "postgresql+psycopg://gvpo@db.internal/gvpo"
 
 
-@pytest.mark.parametrize("where", [{"database_url": PG}, {"broker_url": "redis://redis:6379/0"}],
-                         ids=["postgres", "redis"])
+@pytest.mark.parametrize(
+    "where",
+    [{"database_url": PG}, {"broker_url": "redis://redis:6379/0"}],
+    ids=["postgres", "redis"],
+)
 def test_the_api_refuses_a_cluster_with_default_secrets(tmp_path, where):
     settings = Settings(data_dir=tmp_path, **where)
     assert not settings.embedded
@@ -26,8 +30,9 @@ def test_the_api_refuses_a_cluster_with_default_secrets(tmp_path, where):
         create_app(settings)
     message = str(refused.value)
     assert "GVPO_SECRET_KEY is not set" in message and "GVPO_API_KEY_PEPPER is not set" in message
-    short = settings.model_copy(update={"secret_key": "x" * 31, **{
-        "api_key_pepper": CLUSTER_SECRETS["api_key_pepper"]}})
+    short = settings.model_copy(
+        update={"secret_key": "x" * 31, **{"api_key_pepper": CLUSTER_SECRETS["api_key_pepper"]}}
+    )
     with pytest.raises(UnsafeSettings, match="GVPO_SECRET_KEY is shorter than 32 characters"):
         create_app(short)
     create_app(settings.model_copy(update=CLUSTER_SECRETS))  # set: it starts
@@ -42,8 +47,12 @@ def test_the_embedded_stack_needs_no_secrets(tmp_path):
 
 
 def test_gvpo_api_and_api_key_create_say_what_to_set(tmp_path):
-    env = {"GVPO_DATA_DIR": str(tmp_path), "GVPO_DATABASE_URL": PG,
-           "GVPO_SECRET_KEY": "", "GVPO_API_KEY_PEPPER": ""}
+    env = {
+        "GVPO_DATA_DIR": str(tmp_path),
+        "GVPO_DATABASE_URL": PG,
+        "GVPO_SECRET_KEY": "",
+        "GVPO_API_KEY_PEPPER": "",
+    }
     get_settings.cache_clear()
     try:
         api = CliRunner().invoke(main, ["api"], env=env)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import expect
+
 from browser import chromium_page
 from factories import DROP, STACK_RUN, WORKER_S, auth, copy_rows, run_spec, upload, wait_for_run
-from playwright.sync_api import expect
 from services import cli, stack_settings, start_stack
 
 pytestmark = pytest.mark.slow
@@ -29,9 +30,14 @@ XSS = '<img src=x onerror="window.injected = true">'
 
 def chart_datasets(page, chart_id: str) -> dict[str, int]:
     """Points of each dataset Chart.js draws in that chart, by label."""
-    return dict(page.evaluate("""id => window.Chart
+    return dict(
+        page.evaluate(
+            """id => window.Chart
         .getChart(document.querySelector(`#${id} canvas`))
-        .data.datasets.map(d => [d.label, d.data.length])""", chart_id))
+        .data.datasets.map(d => [d.label, d.data.length])""",
+            chart_id,
+        )
+    )
 
 
 @pytest.fixture
@@ -48,12 +54,24 @@ def submit_runs(http: httpx.Client, model_dir: Path) -> dict[str, str]:
     running; and a run named with HTML markup, parked on a queue no worker reads."""
     file_id = upload(http, None, copy_rows(32), filename="copy.jsonl")
     base = (STACK_RUN, {"rollout": {"engine": "hf"}})  # no vLLM start-up here
-    grpo = run_spec(model_dir, file_id, *base, name="copy-grpo", training={"steps": 40},
-                    algorithm={"name": "grpo", "beta": DROP, "reference": DROP})
+    grpo = run_spec(
+        model_dir,
+        file_id,
+        *base,
+        name="copy-grpo",
+        training={"steps": 40},
+        algorithm={"name": "grpo", "beta": DROP, "reference": DROP},
+    )
     ids = {"grpo": http.post("/v1/runs", json=grpo).json()["id"]}
     assert wait_for_run(http, ids["grpo"], {"succeeded", "failed"})["status"] == "succeeded"
-    gvpo = run_spec(model_dir, file_id, *base, name="copy-gvpo", training={"steps": 3000},
-                    checkpoint={"every_steps": 20, "keep_last": None})
+    gvpo = run_spec(
+        model_dir,
+        file_id,
+        *base,
+        name="copy-gvpo",
+        training={"steps": 3000},
+        checkpoint={"every_steps": 20, "keep_last": None},
+    )
     ids["gvpo"] = http.post("/v1/runs", json=gvpo).json()["id"]
     markup = run_spec(model_dir, file_id, *base, name=XSS, resources={"queue": "parked"})
     ids["markup"] = http.post("/v1/runs", json=markup).json()["id"]
@@ -110,11 +128,14 @@ def watch_the_curve_grow(browser, run_id: str) -> None:
     reward = chart_datasets(page, "chart-reward")
     assert seen[0] < seen[1] < seen[2] <= reward["reward/mean"]
     assert reward["± std upper"] == reward["± std lower"] > 0  # the reward/std band
-    calls = [u for u in browser.requests  # the run page's, not the runs table's
-             if f"{run_id}/metrics?" in u and "kl%2Fref" in u]
+    calls = [
+        u
+        for u in browser.requests  # the run page's, not the runs table's
+        if f"{run_id}/metrics?" in u and "kl%2Fref" in u
+    ]
     whole = list(itertools.takewhile(lambda u: "since_step=" not in u, calls))
     assert whole and len(calls) - len(whole) >= 2
-    assert all("since_step=" in u for u in calls[len(whole):])
+    assert all("since_step=" in u for u in calls[len(whole) :])
     assert chart_datasets(page, "chart-loss")["loss"] > 0
     assert chart_datasets(page, "chart-kl")["kl/ref"] > 0
     expect(page.locator("#no-eval")).to_have_text("no eval metrics")
@@ -205,7 +226,8 @@ def test_dashboard_on_a_live_stack(stack, tiny_model_dir, tmp_path):
         # an id this project does not have: the API's message
         browser.page.goto(f"{stack.url}/dashboard/#/runs/run_elsewhere")
         expect(browser.page.locator("#flash")).to_contain_text(
-            "no run 'run_elsewhere' in this project")
+            "no run 'run_elsewhere' in this project"
+        )
         assert browser.errors == []
         foreign = [u for u in browser.requests if not u.startswith((stack.url, "data:"))]
         assert foreign == [], foreign  # everything, Chart.js included, from our own server

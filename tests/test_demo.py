@@ -11,9 +11,19 @@ pytestmark = pytest.mark.slow
 
 def test_demo_learns(tmp_path):
     env_cmd = [sys.executable, "-m", "service.cli", "demo"]
-    out = subprocess.run(env_cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-                              "COLUMNS": "120", "GVPO_DATA_DIR": str(tmp_path / ".gvpo")})
+    out = subprocess.run(
+        env_cmd,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "OMP_NUM_THREADS": "1",
+            "COLUMNS": "120",
+            "GVPO_DATA_DIR": str(tmp_path / ".gvpo"),
+        },
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     match = re.search(r"first 10% of steps ([\d.]+) -> last 10% ([\d.]+)", out.stdout)
     assert match, out.stdout[-3000:]

@@ -8,13 +8,14 @@ from datetime import datetime
 
 import pytest
 from fastapi.testclient import TestClient
-from factories import assert_error, auth, submit
 
 from service.checkpoints.service import DOWNLOAD_LINK_TTL_S, download_token
 from service.client import Client
 from service.db import session_scope
 from service.models import Run
 from workers.execute import execute_run
+
+from factories import assert_error, auth, submit
 
 pytestmark = pytest.mark.both_backends
 
@@ -70,11 +71,13 @@ def test_expired_tampered_and_misused_tokens_are_401(api, settings, trained):
     url = f"/v1/runs/{run_id}/checkpoints/{last}/download"
 
     def get(token: str, ckpt: str = last, fmt: str = "stored"):
-        return api.get(f"/v1/runs/{run_id}/checkpoints/{ckpt}/download",
-                       params={"format": fmt, "token": token})
+        return api.get(
+            f"/v1/runs/{run_id}/checkpoints/{ckpt}/download", params={"format": fmt, "token": token}
+        )
 
     sign = lambda ckpt, expires, fmt="stored": download_token(  # noqa: E731
-        settings.resolved_secret_key, project_id, run_id, ckpt, fmt, expires)
+        settings.resolved_secret_key, project_id, run_id, ckpt, fmt, expires
+    )
     now = int(time.time())
     assert get(sign(last, now + 60)).status_code == 200
 
@@ -82,9 +85,11 @@ def test_expired_tampered_and_misused_tokens_are_401(api, settings, trained):
     good = sign(last, now + 60)
     expires, signature = good.split(".")
     flipped = signature[:-1] + ("0" if signature[-1] != "0" else "1")
-    for bad in (f"{expires}.{flipped}",                # signature changed
-                f"{int(expires) + 3600}.{signature}",  # expiry pushed back
-                sign(first, now + 60)):                # issued for the other checkpoint
+    for bad in (
+        f"{expires}.{flipped}",  # signature changed
+        f"{int(expires) + 3600}.{signature}",  # expiry pushed back
+        sign(first, now + 60),
+    ):  # issued for the other checkpoint
         assert_error(get(bad), 401, "unauthorized", "invalid download token")
     assert_error(get(good, ckpt=first), 401, "unauthorized", "invalid download token")
     assert_error(get(good, fmt="merged"), 401, "unauthorized", "invalid download token")
@@ -104,8 +109,12 @@ def test_another_projects_checkpoint_gets_no_link(api, make_key, trained):
     assert_error(resp, 404, "not_found", run_id)
     resp = api.post(f"/v1/runs/{run_id}/checkpoints/ckpt_nope/download-url", headers=auth(key))
     assert_error(resp, 404, "not_found", "ckpt_nope")
-    resp = api.post(f"/v1/runs/{run_id}/checkpoints/{ckpt}/download-url",
-                    params={"format": "zip"}, headers=auth(key))
+    resp = api.post(
+        f"/v1/runs/{run_id}/checkpoints/{ckpt}/download-url",
+        params={"format": "zip"},
+        headers=auth(key),
+    )
     assert_error(resp, 422, "invalid_request", "format")
-    assert_error(api.post(f"/v1/runs/{run_id}/checkpoints/{ckpt}/download-url"), 401,
-                 "unauthorized")
+    assert_error(
+        api.post(f"/v1/runs/{run_id}/checkpoints/{ckpt}/download-url"), 401, "unauthorized"
+    )

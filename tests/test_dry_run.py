@@ -4,13 +4,14 @@ the models' own forward passes; and the answers when no worker can answer."""
 
 import pytest
 import torch
-from conftest import CLUSTER_SECRETS
-from factories import WORKER_S, assert_error, auth, submit, wait_until
+from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.db import session_scope
 from service.models import Checkpoint, Run
-from sqlalchemy import select
+
+from conftest import CLUSTER_SECRETS
+from factories import WORKER_S, assert_error, auth, submit, wait_until
 
 pytestmark = pytest.mark.both_backends
 
@@ -23,11 +24,19 @@ BETA = 0.2
 def trained_run(settings, tiny_model_dir, make_key, **overrides) -> tuple[str, str]:
     """A run the worker trained (checkpoints at steps 3 and 6) and a key of its project."""
     # a reward most random completions earn and some miss, so that groups train
-    run_id = submit(settings, tiny_model_dir, optimizer={"lr": 1e-2},
-                    reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
-                    checkpoint={"keep_last": None}, **overrides)
-    ended = wait_until(lambda: run_status(settings, run_id) in ("succeeded", "failed"),
-                       2 * WORKER_S, f"the worker to finish run {run_id}")
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        optimizer={"lr": 1e-2},
+        reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
+        checkpoint={"keep_last": None},
+        **overrides,
+    )
+    ended = wait_until(
+        lambda: run_status(settings, run_id) in ("succeeded", "failed"),
+        2 * WORKER_S,
+        f"the worker to finish run {run_id}",
+    )
     assert ended and run_status(settings, run_id) == "succeeded"
     return run_id, make_key("loop")  # submit() made the project "loop"
 
@@ -48,8 +57,10 @@ def logprob(model, tokenizer, prompt: str, completion: str) -> float:
 
 
 def by_hand(policy, reference, tokenizer) -> tuple[list[float], list[float], float]:
-    s = [logprob(policy, tokenizer, PROMPT, c) - logprob(reference, tokenizer, PROMPT, c)
-         for c in COMPLETIONS]
+    s = [
+        logprob(policy, tokenizer, PROMPT, c) - logprob(reference, tokenizer, PROMPT, c)
+        for c in COMPLETIONS
+    ]
     k = len(s)
     s_mean, r_mean = sum(s) / k, sum(REWARDS) / k
     w = [(r - r_mean) - BETA * (si - s_mean) for r, si in zip(REWARDS, s, strict=True)]
@@ -58,15 +69,24 @@ def by_hand(policy, reference, tokenizer) -> tuple[list[float], list[float], flo
 
 
 def body(run_id: str, checkpoint_id: str | None = None, **changes) -> dict:
-    return {"model": {"run_id": run_id, "checkpoint_id": checkpoint_id}, "prompt": PROMPT,
-            "completions": COMPLETIONS, "rewards": REWARDS, "beta": BETA, **changes}
+    return {
+        "model": {"run_id": run_id, "checkpoint_id": checkpoint_id},
+        "prompt": PROMPT,
+        "completions": COMPLETIONS,
+        "rewards": REWARDS,
+        "beta": BETA,
+        **changes,
+    }
 
 
 def test_weights_and_loss_match_the_formula(api, worker, settings, tiny_model_dir, make_key):
     run_id, key = trained_run(settings, tiny_model_dir, make_key)
     with session_scope(settings.resolved_database_url) as session:
-        ckpts = session.execute(select(Checkpoint.id, Checkpoint.step, Checkpoint.path).where(
-            Checkpoint.run_id == run_id).order_by(Checkpoint.step)).all()
+        ckpts = session.execute(
+            select(Checkpoint.id, Checkpoint.step, Checkpoint.path)
+            .where(Checkpoint.run_id == run_id)
+            .order_by(Checkpoint.step)
+        ).all()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     for ckpt_id, step, path in ckpts:
@@ -90,10 +110,12 @@ def test_weights_and_loss_match_the_formula(api, worker, settings, tiny_model_di
     assert latest["checkpoint_id"] == ckpts[-1][0]
 
 
-def test_a_lora_checkpoint_is_scored_against_its_base(api, worker, settings, tiny_model_dir,
-                                                      make_key):
-    run_id, key = trained_run(settings, tiny_model_dir, make_key, model={"lora": {"r": 4,
-                                                                                  "alpha": 8}})
+def test_a_lora_checkpoint_is_scored_against_its_base(
+    api, worker, settings, tiny_model_dir, make_key
+):
+    run_id, key = trained_run(
+        settings, tiny_model_dir, make_key, model={"lora": {"r": 4, "alpha": 8}}
+    )
     resp = api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id))
     assert resp.status_code == 200, resp.text
     got = resp.json()
@@ -110,60 +132,88 @@ def test_a_lora_checkpoint_is_scored_against_its_base(api, worker, settings, tin
     assert got["loss"] == pytest.approx(loss, rel=1e-4)
 
 
-@pytest.mark.parametrize(("changes", "field"), [
-    ({"rewards": [1.0, 0.0]}, "give one reward per completion"),
-    ({"completions": ["only one"], "rewards": [1.0]}, "completions"),
-    ({"beta": 0}, "beta"),
-    ({"rewards": [1.0, "nan", 0.0, 0.0]}, "rewards"),
-    ({"temperature": 1.0}, "temperature"),
-], ids=["reward_count", "one_completion", "beta", "nan_reward", "unknown_field"])
-def test_a_bad_group_is_422_naming_the_problem(api, settings, tiny_model_dir, make_key, changes,
-                                               field):
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"rewards": [1.0, 0.0]}, "give one reward per completion"),
+        ({"completions": ["only one"], "rewards": [1.0]}, "completions"),
+        ({"beta": 0}, "beta"),
+        ({"rewards": [1.0, "nan", 0.0, 0.0]}, "rewards"),
+        ({"temperature": 1.0}, "temperature"),
+    ],
+    ids=["reward_count", "one_completion", "beta", "nan_reward", "unknown_field"],
+)
+def test_a_bad_group_is_422_naming_the_problem(
+    api, settings, tiny_model_dir, make_key, changes, field
+):
     run_id = submit(settings, tiny_model_dir)
     key = make_key("loop")
-    assert_error(api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id, **changes)),
-                 422, "invalid_request", field)
+    assert_error(
+        api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id, **changes)),
+        422,
+        "invalid_request",
+        field,
+    )
 
 
-def test_runs_of_other_projects_and_runs_without_checkpoints(api, settings, tiny_model_dir,
-                                                             make_key):
+def test_runs_of_other_projects_and_runs_without_checkpoints(
+    api, settings, tiny_model_dir, make_key
+):
     run_id = submit(settings, tiny_model_dir)  # queued: no checkpoint yet
     key, stranger = make_key("loop"), make_key("team-b")
-    assert_error(api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id)),
-                 409, "conflict", "has no checkpoint yet")
-    assert_error(api.post("/v1/gvpo:dry_run", headers=auth(stranger), json=body(run_id)),
-                 404, "not_found")
-    assert_error(api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id, "ckpt_nope")),
-                 404, "not_found", "ckpt_nope")
+    assert_error(
+        api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id)),
+        409,
+        "conflict",
+        "has no checkpoint yet",
+    )
+    assert_error(
+        api.post("/v1/gvpo:dry_run", headers=auth(stranger), json=body(run_id)), 404, "not_found"
+    )
+    assert_error(
+        api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id, "ckpt_nope")),
+        404,
+        "not_found",
+        "ckpt_nope",
+    )
     assert api.post("/v1/gvpo:dry_run", json=body(run_id)).status_code == 401
     with session_scope(settings.resolved_database_url) as session:
         assert session.get(Run, run_id).status == "queued"  # a dry run changes nothing
 
 
-def test_a_group_too_long_for_the_dry_run_is_422_from_the_worker(api, worker, settings,
-                                                                  tiny_model_dir, make_key):
+def test_a_group_too_long_for_the_dry_run_is_422_from_the_worker(
+    api, worker, settings, tiny_model_dir, make_key
+):
     run_id, key = trained_run(settings, tiny_model_dir, make_key, training={"steps": 3})
-    resp = api.post("/v1/gvpo:dry_run", headers=auth(key),
-                    json=body(run_id, completions=["x" * 40_000, "y"], rewards=[1.0, 0.0]))
+    resp = api.post(
+        "/v1/gvpo:dry_run",
+        headers=auth(key),
+        json=body(run_id, completions=["x" * 40_000, "y"], rewards=[1.0, 0.0]),
+    )
     error = assert_error(resp, 422, "invalid_request", "at most 65536")
     assert [f["field"] for f in error["details"]["fields"]] == ["completions"]
 
 
-def test_without_a_worker_the_dry_run_is_a_504_naming_the_queue(settings, tiny_model_dir,
-                                                                 make_key):
+def test_without_a_worker_the_dry_run_is_a_504_naming_the_queue(settings, tiny_model_dir, make_key):
     from fastapi.testclient import TestClient
 
     from service.main import create_app
 
     run_id = submit(settings, tiny_model_dir)
     with session_scope(settings.resolved_database_url) as session:
-        session.add(Checkpoint(id="ckpt_x", run_id=run_id, step=1, path=str(tiny_model_dir),
-                               bytes=1))
+        session.add(
+            Checkpoint(id="ckpt_x", run_id=run_id, step=1, path=str(tiny_model_dir), bytes=1)
+        )
     impatient = settings.model_copy(update={"worker_answer_timeout_s": 1.0})
     with TestClient(create_app(impatient)) as api:
         resp = api.post("/v1/gvpo:dry_run", headers=auth(make_key("loop")), json=body(run_id))
-    assert_error(resp, 504, "worker_timeout", "no worker on queue 'default' answered the dry run",
-                 "within 1 s")
+    assert_error(
+        resp,
+        504,
+        "worker_timeout",
+        "no worker on queue 'default' answered the dry run",
+        "within 1 s",
+    )
 
 
 def test_with_the_broker_down_the_dry_run_is_a_503(settings, tiny_model_dir):
@@ -175,10 +225,16 @@ def test_with_the_broker_down_the_dry_run_is_a_503(settings, tiny_model_dir):
 
     run_id = submit(settings, tiny_model_dir)
     with session_scope(settings.resolved_database_url) as session:
-        session.add(Checkpoint(id="ckpt_x", run_id=run_id, step=1, path=str(tiny_model_dir),
-                               bytes=1))
-    down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{free_port()}/0",
-                                       "reaper_interval_s": 0, **CLUSTER_SECRETS})
+        session.add(
+            Checkpoint(id="ckpt_x", run_id=run_id, step=1, path=str(tiny_model_dir), bytes=1)
+        )
+    down = settings.model_copy(
+        update={
+            "broker_url": f"redis://127.0.0.1:{free_port()}/0",
+            "reaper_interval_s": 0,
+            **CLUSTER_SECRETS,
+        }
+    )
     with session_scope(settings.resolved_database_url) as session:  # a key under down's pepper
         key = create_api_key(session, "loop", down.api_key_pepper)[1]
     with TestClient(create_app(down)) as api:

@@ -11,28 +11,51 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from conftest import BACKENDS, backend_settings
-from factories import (DROP, SERVER_START_S, STACK_RUN, WORKER_S, copy_rows, post_file, run_spec,
-                       wait_for_run, wait_until, write_jsonl)
-from services import (ATTEMPTS, cli, stack_project, stack_settings, start_stack,
-                      wait_grpc_serving)
 
 from service.stack import free_port, stack_env
 from workers.rollout.vllm import vllm_installed
 
+from conftest import BACKENDS, backend_settings
+from factories import (
+    DROP,
+    SERVER_START_S,
+    STACK_RUN,
+    WORKER_S,
+    copy_rows,
+    post_file,
+    run_spec,
+    wait_for_run,
+    wait_until,
+    write_jsonl,
+)
+from services import ATTEMPTS, cli, stack_project, stack_settings, start_stack, wait_grpc_serving
+
 pytestmark = pytest.mark.slow
 
-STANDARD_METRICS = ["reward/mean", "reward/std", "loss", "kl/ref", "logratio/mean", "entropy",
-                    "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
-                    "time/learn_s", "throughput/tokens_per_s"]
+STANDARD_METRICS = [
+    "reward/mean",
+    "reward/std",
+    "loss",
+    "kl/ref",
+    "logratio/mean",
+    "entropy",
+    "response_length/mean",
+    "grad_norm",
+    "lr",
+    "time/rollout_s",
+    "time/reward_s",
+    "time/learn_s",
+    "throughput/tokens_per_s",
+]
 ENDED = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def embedded(request, tmp_path_factory):
     """The stack, once per back end (PostgreSQL + Redis: a database of the session's cluster)."""
-    settings = stack_settings(tmp_path_factory.mktemp("stack"),
-                              **backend_settings(request, request.param))
+    settings = stack_settings(
+        tmp_path_factory.mktemp("stack"), **backend_settings(request, request.param)
+    )
     cli(settings, "db", "upgrade")
     stack = start_stack(settings, settings.resolved_data_dir / "logs")
     yield stack
@@ -52,8 +75,9 @@ def trained(embedded, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     """A project's client, its 40-row training file and a run on it trained to its end by the
     worker process (once per back end)."""
     key = cli(embedded.settings, "api-key", "create", "--project", "acceptance")
-    http = httpx.Client(base_url=embedded.url, headers={"Authorization": f"Bearer {key}"},
-                        timeout=30)
+    http = httpx.Client(
+        base_url=embedded.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
     data = write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", copy_rows(40))
     upload = post_file(http, None, data.read_bytes())
     assert upload.status_code == 201 and upload.json()["rows"] == 40
@@ -85,9 +109,13 @@ def test_the_worker_rolls_out_with_the_auto_engine_in_step_with_the_learner(trai
 
 
 def test_a_finished_run_shows_its_last_steps_samples(trained):
-    samples = trained.http.get(f"/v1/runs/{trained.run['id']}/samples",
-                               params={"step": 8}).json()
-    assert len(samples["data"]) == 16 and {s["group_index"] for s in samples["data"]} == {0, 1, 2, 3}
+    samples = trained.http.get(f"/v1/runs/{trained.run['id']}/samples", params={"step": 8}).json()
+    assert len(samples["data"]) == 16 and {s["group_index"] for s in samples["data"]} == {
+        0,
+        1,
+        2,
+        3,
+    }
 
 
 def test_the_last_checkpoint_downloads_as_a_model_that_generates(trained, tmp_path):
@@ -113,8 +141,9 @@ def test_the_last_checkpoint_downloads_as_a_model_that_generates(trained, tmp_pa
 def rescored(trained) -> dict:
     """The trained run re-scored with exact_match by the worker: the finished rescore."""
     http, run = trained.http, trained.run
-    rescore = http.post(f"/v1/runs/{run['id']}/rescore",
-                        json={"reward": {"type": "builtin", "name": "exact_match"}})
+    rescore = http.post(
+        f"/v1/runs/{run['id']}/rescore", json={"reward": {"type": "builtin", "name": "exact_match"}}
+    )
     assert rescore.status_code == 202, rescore.text
     url = f"/v1/runs/{run['id']}/rescores/{rescore.json()['id']}"
 
@@ -134,21 +163,34 @@ def test_a_run_goes_on_from_the_checkpoint_with_rescored_and_posted_groups(train
     on a group posted to it, with no rollouts."""
     http, run = trained.http, trained.run
     ckpt_id = http.get(f"/v1/runs/{run['id']}/checkpoints").json()["data"][-1]["id"]
-    body = spec(run["spec"]["model"]["path"], trained.file_id,
-                model={"path": DROP, "checkpoint": ckpt_id}, rollout={"engine": "hf"},
-                dataset={"offpolicy_file": rescored["file_id"]},
-                training={"steps": 2, "offpolicy_fraction": 1.0})
+    body = spec(
+        run["spec"]["model"]["path"],
+        trained.file_id,
+        model={"path": DROP, "checkpoint": ckpt_id},
+        rollout={"engine": "hf"},
+        dataset={"offpolicy_file": rescored["file_id"]},
+        training={"steps": 2, "offpolicy_fraction": 1.0},
+    )
     created = http.post("/v1/runs", json=body)
     assert created.status_code == 201, created.text
-    posted = {"prompt": "abc=", "answer": "abc", "completions": ["abc", "ab", "b", "abcd"],
-              "source": "teacher"}
-    assert http.post(f"/v1/runs/{created.json()['id']}/groups",
-                     json={"groups": [posted]}).status_code == 202
+    posted = {
+        "prompt": "abc=",
+        "answer": "abc",
+        "completions": ["abc", "ab", "b", "abcd"],
+        "source": "teacher",
+    }
+    assert (
+        http.post(f"/v1/runs/{created.json()['id']}/groups", json={"groups": [posted]}).status_code
+        == 202
+    )
     second = wait_for_run(http, created.json()["id"], ENDED)
     assert second["status"] == "succeeded", second["error"]
     assert second["tokens_generated"] == 0
-    sources = {s["source"] for step in (1, 2) for s in http.get(
-        f"/v1/runs/{second['id']}/samples", params={"step": step}).json()["data"]}
+    sources = {
+        s["source"]
+        for step in (1, 2)
+        for s in http.get(f"/v1/runs/{second['id']}/samples", params={"step": step}).json()["data"]
+    }
     assert sources == {"teacher", run["id"]}
 
 
@@ -172,20 +214,25 @@ def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir):
         runs = runs_pb2_grpc.RunsStub(channel)
         metadata = (("authorization", f"Bearer {key}"),)
         run = runs.CreateRun(runs_pb2.CreateRunRequest(spec=body), metadata=metadata).run
-        watch = subprocess.Popen([sys.executable, "-m", "service.cli", "runs", "watch", run.id],
-                                 env={**stack_env(embedded.settings), "GVPO_API_KEY": key,
-                                      "COLUMNS": "160"},
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        updates = list(runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run.id), metadata=metadata,
-                                     timeout=180))
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "runs", "watch", run.id],
+            env={**stack_env(embedded.settings), "GVPO_API_KEY": key, "COLUMNS": "160"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        updates = list(
+            runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run.id), metadata=metadata, timeout=180)
+        )
     shown, _ = watch.communicate(timeout=WORKER_S)
     assert watch.returncode == 0, shown
     assert "run.started" in shown and "run.succeeded" in shown and "8/8" in shown, shown
     assert "reward " in shown and "loss " in shown, shown
 
     assert [u.run for u in updates if u.HasField("run")][-1].status == "succeeded"
-    streamed = {u.metrics.step: u.metrics.values["reward/mean"]
-                for u in updates if u.HasField("metrics")}
+    streamed = {
+        u.metrics.step: u.metrics.values["reward/mean"] for u in updates if u.HasField("metrics")
+    }
     stored = http.get(f"/v1/runs/{run.id}/metrics", params={"names": "reward/mean"}).json()
     assert streamed == {step: value for step, value in stored["metrics"]["reward/mean"]}
     assert [u.event.type for u in updates if u.HasField("event")][-1] == "run.succeeded"
@@ -195,10 +242,15 @@ def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     http, file_id = stack_project(embedded, "variants")
-    grpo = spec(tiny_model_dir, file_id, training={"steps": 3},
-                algorithm={"name": "grpo", "group_size": 4, "beta": DROP, "reference": DROP})
-    lora = spec(tiny_model_dir, file_id, training={"steps": 4},
-                model={"lora": {"r": 4, "alpha": 8}})
+    grpo = spec(
+        tiny_model_dir,
+        file_id,
+        training={"steps": 3},
+        algorithm={"name": "grpo", "group_size": 4, "beta": DROP, "reference": DROP},
+    )
+    lora = spec(
+        tiny_model_dir, file_id, training={"steps": 4}, model={"lora": {"r": 4, "alpha": 8}}
+    )
     runs = [http.post("/v1/runs", json=body).json() for body in (grpo, lora)]
     for run in runs:
         done = wait_for_run(http, run["id"], {"succeeded", "failed"})
@@ -220,8 +272,12 @@ def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir):
     """The Celery pool child (daemonic: no multiprocessing children) starts torchrun; each rank
     rolls out with its own engine (`auto`: vLLM where installed) and rank 0 records."""
     http, file_id = stack_project(embedded, "two-procs")
-    body = spec(tiny_model_dir, file_id, training={"steps": 4},
-                resources={"processes": 2, "strategy": "fsdp"})
+    body = spec(
+        tiny_model_dir,
+        file_id,
+        training={"steps": 4},
+        resources={"processes": 2, "strategy": "fsdp"},
+    )
     run = wait_for_run(http, http.post("/v1/runs", json=body).json()["id"], ENDED)
     assert run["status"] == "succeeded", run["error"]
     events = http.get(f"/v1/runs/{run['id']}/events").json()["data"]
@@ -256,19 +312,29 @@ def test_a_missing_model_is_refused_or_fails_the_run_saying_why(embedded, tmp_pa
 
 def test_cancel_a_running_run(embedded, tiny_model_dir):
     http, file_id = stack_project(embedded, "cancel")
-    long = http.post("/v1/runs", json=spec(tiny_model_dir, file_id,
-                                           training={"steps": 100000})).json()
-    wait_until(lambda: http.get(f"/v1/runs/{long['id']}").json()["step"] >= 2, WORKER_S,
-               "the run to reach step 2", every=0.2)
+    long = http.post(
+        "/v1/runs", json=spec(tiny_model_dir, file_id, training={"steps": 100000})
+    ).json()
+    wait_until(
+        lambda: http.get(f"/v1/runs/{long['id']}").json()["step"] >= 2,
+        WORKER_S,
+        "the run to reach step 2",
+        every=0.2,
+    )
     # Prometheus, scraped from the API while the worker trains
     from prometheus_client.parser import text_string_to_metric_families
 
-    scraped = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in text_string_to_metric_families(httpx.get(f"{embedded.url}/metrics").text)
-               for s in f.samples}
+    scraped = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(httpx.get(f"{embedded.url}/metrics").text)
+        for s in f.samples
+    }
     assert scraped[("gvpo_runs", (("state", "running"),))] >= 1
-    ages = [v for (name, labels), v in scraped.items()
-            if name == "gvpo_worker_heartbeat_age_seconds" and ("run_id", long["id"]) in labels]
+    ages = [
+        v
+        for (name, labels), v in scraped.items()
+        if name == "gvpo_worker_heartbeat_age_seconds" and ("run_id", long["id"]) in labels
+    ]
     assert len(ages) == 1 and 0 <= ages[0] < embedded.settings.lease_seconds
     learn = scraped[("gvpo_step_phase_seconds", (("phase", "learn"), ("run_id", long["id"])))]
     assert 0 < learn < 60
@@ -304,15 +370,19 @@ def gvpo_up(settings) -> tuple[subprocess.Popen, str]:
     again when a process took it before the API could bind it."""
     for attempt in range(1, ATTEMPTS + 1):
         env = stack_env(settings.model_copy(update={"grpc_port": free_port()}))
-        up = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True)
+        reader = threading.Thread(target=lines.extend, args=(up.stdout,), daemon=True)
         reader.start()
 
-        def up_or_gone() -> str | None:
-            said = next((line for line in list(lines) if line.startswith("gvpo is up: API ")),
-                        None)
+        def up_or_gone(lines: list[str] = lines, up: subprocess.Popen = up) -> str | None:
+            said = next((line for line in list(lines) if line.startswith("gvpo is up: API ")), None)
             return said or (None if up.poll() is None else "exited")
 
         said = wait_until(up_or_gone, 4 * SERVER_START_S, "gvpo up to say it is up")
@@ -331,8 +401,11 @@ def test_gvpo_up_stops_cleanly_on_ctrl_c(tmp_path):
     assert len(stack) >= 4  # gvpo up, the API, the worker and its pool child
     up.send_signal(signal.SIGINT)
     assert up.wait(timeout=60) == 0  # the stack stops its children within their grace
-    wait_until(lambda: not stack & _process_tree(1), 30,  # none of them is left anywhere
-               "every process of the stack to exit")
+    wait_until(
+        lambda: not stack & _process_tree(1),
+        30,  # none of them is left anywhere
+        "every process of the stack to exit",
+    )
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/readyz", timeout=1)
 
@@ -355,9 +428,12 @@ def cli_project(embedded, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
-            timeout=300, env={**stack_env(client), "GVPO_API_KEY": key,
-                              "GVPO_API_URL": embedded.url})
+            [sys.executable, "-m", "service.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**stack_env(client), "GVPO_API_KEY": key, "GVPO_API_URL": embedded.url},
+        )
 
     data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
     uploaded = run("files", "upload", str(data))
@@ -405,8 +481,15 @@ def test_the_cli_rescores_a_run_and_posts_its_groups_to_another(cli_project, tin
     assert run("files", "download", result["file_id"], str(groups)).returncode == 0
     assert len(groups.read_text().splitlines()) == 3 * 4
     spec_path = tmp_path / "offpolicy-run.yaml"
-    spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, cli_project.file_id, training={
-        "steps": 3, "offpolicy_fraction": 0.5})))
+    spec_path.write_text(
+        yaml.safe_dump(
+            spec(
+                tiny_model_dir,
+                cli_project.file_id,
+                training={"steps": 3, "offpolicy_fraction": 0.5},
+            )
+        )
+    )
     paused_run = json.loads(run("submit", str(spec_path)).stdout)["id"]
     run("runs", "pause", paused_run)
     added = run("runs", "add-groups", paused_run, str(groups))
@@ -417,11 +500,19 @@ def test_the_cli_rescores_a_run_and_posts_its_groups_to_another(cli_project, tin
 def test_a_dry_run_is_answered_by_the_worker_while_the_api_stays_responsive(embedded, trained):
     """POST /v1/gvpo:dry_run goes to the worker (the API process loads no model); while it
     waits, the API answers its health checks."""
-    body = {"model": {"run_id": trained.run["id"]}, "prompt": "abc=",
-            "completions": ["abc", "xy"], "rewards": [1.0, 0.0], "beta": 0.1}
+    body = {
+        "model": {"run_id": trained.run["id"]},
+        "prompt": "abc=",
+        "completions": ["abc", "xy"],
+        "rewards": [1.0, 0.0],
+        "beta": 0.1,
+    }
     answer: dict = {}
-    asking = threading.Thread(target=lambda: answer.update(
-        dry=trained.http.post("/v1/gvpo:dry_run", json=body, timeout=2 * WORKER_S)))
+    asking = threading.Thread(
+        target=lambda: answer.update(
+            dry=trained.http.post("/v1/gvpo:dry_run", json=body, timeout=2 * WORKER_S)
+        )
+    )
     asking.start()
     health = []
     with httpx.Client(base_url=embedded.url, timeout=10) as probe:

@@ -7,14 +7,23 @@ from contextlib import ExitStack
 from datetime import timedelta
 
 import pytest
-from conftest import CLUSTER_SECRETS, backend_settings
-from factories import (STACK_RUN, WORKER_S, auth, copy_rows, run_spec, upload, wait_for_run,
-                       wait_until)
-from services import cli, closed_port, stack_project, stack_settings, start_redis, start_stack
 
 from service.db import session_scope
 from service.models import Run
 from service.runs.reaper import reap_runs
+
+from conftest import CLUSTER_SECRETS, backend_settings
+from factories import (
+    STACK_RUN,
+    WORKER_S,
+    auth,
+    copy_rows,
+    run_spec,
+    upload,
+    wait_for_run,
+    wait_until,
+)
+from services import cli, closed_port, stack_project, stack_settings, start_redis, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -22,19 +31,30 @@ STEPS = 300
 
 
 @pytest.mark.both_backends
-def test_worker_killed_mid_run_resumes_on_a_new_worker(tmp_path, tiny_model_dir, request,
-                                                       backend):
-    settings = stack_settings(tmp_path / "faults", lease_seconds=3.0, reaper_interval_s=1.0,
-                              **backend_settings(request, backend))
+def test_worker_killed_mid_run_resumes_on_a_new_worker(tmp_path, tiny_model_dir, request, backend):
+    settings = stack_settings(
+        tmp_path / "faults",
+        lease_seconds=3.0,
+        reaper_interval_s=1.0,
+        **backend_settings(request, backend),
+    )
     cli(settings, "db", "upgrade")
     stack = start_stack(settings, settings.resolved_data_dir / "logs")
     try:
         http, file_id = stack_project(stack, "faults")
-        body = run_spec(tiny_model_dir, file_id, STACK_RUN, training={"steps": STEPS},
-                        checkpoint={"every_steps": 25, "keep_last": None})
+        body = run_spec(
+            tiny_model_dir,
+            file_id,
+            STACK_RUN,
+            training={"steps": STEPS},
+            checkpoint={"every_steps": 25, "keep_last": None},
+        )
         run_id = http.post("/v1/runs", json=body).json()["id"]
-        wait_until(lambda: http.get(f"/v1/runs/{run_id}/checkpoints").json()["data"], WORKER_S,
-                   "a checkpoint before the kill")
+        wait_until(
+            lambda: http.get(f"/v1/runs/{run_id}/checkpoints").json()["data"],
+            WORKER_S,
+            "a checkpoint before the kill",
+        )
 
         worker = stack.procs["worker"]
         os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool child, no clean-up
@@ -67,8 +87,12 @@ def published_at(settings, run_id: str):
 def test_run_submitted_while_the_broker_is_down_is_published_when_it_is_back(tmp_path):
     broker_down = ExitStack()
     port = broker_down.enter_context(closed_port())  # refused, and kept for redis meanwhile
-    settings = stack_settings(tmp_path / "outage", broker_url=f"redis://127.0.0.1:{port}/0",
-                              reaper_interval_s=0, **CLUSTER_SECRETS)
+    settings = stack_settings(
+        tmp_path / "outage",
+        broker_url=f"redis://127.0.0.1:{port}/0",
+        reaper_interval_s=0,
+        **CLUSTER_SECRETS,
+    )
     cli(settings, "db", "upgrade")
     key = cli(settings, "api-key", "create", "--project", "outage")
     from fastapi.testclient import TestClient

@@ -14,23 +14,24 @@ from types import SimpleNamespace
 import grpc
 import httpx
 import pytest
-from conftest import BACKENDS, new_settings, release
-from factories import SERVER_START_S, WORKER_S, copy_rows, jsonl, run_spec, wait_until
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from reward_server import Behaviour, RewardServer
-from services import serve_api
 
 from gvpo.v1 import rewards_pb2, rewards_pb2_grpc, runs_pb2, runs_pb2_grpc
 from service.auth.service import create_api_key
+from service.contract.signing import sign
 from service.db import session_scope
 from service.files.service import create_file
 from service.main import create_app
-from service.contract.signing import sign
 from service.stack import free_port
 from workers.execute import execute_run
+
+from conftest import BACKENDS, new_settings, release
+from factories import SERVER_START_S, WORKER_S, copy_rows, jsonl, run_spec, wait_until
+from reward_server import Behaviour, RewardServer
+from services import serve_api
 
 pytestmark = pytest.mark.both_backends
 
@@ -66,8 +67,9 @@ def project(settings, name: str = "grpc-team") -> tuple[str, str]:
     """A new API key and a 32-row training file of its project: (key, file id)."""
     with session_scope(settings.resolved_database_url) as session:
         owner, key = create_api_key(session, name, settings.api_key_pepper)
-        file = create_file(session, settings, owner, io.BytesIO(jsonl(copy_rows(32))),
-                           "copy.jsonl", "train")
+        file = create_file(
+            session, settings, owner, io.BytesIO(jsonl(copy_rows(32))), "copy.jsonl", "train"
+        )
         return key, file.id
 
 
@@ -109,23 +111,29 @@ def watched(request, tmp_path_factory, tiny_model_dir):
             run_id = callback_url.rstrip("/").split("/")[-2]
             answer = rewards.SubmitRewards(
                 rewards_pb2.SubmitRewardsRequest(run_id=run_id, body=body),
-                metadata=(("gvpo-signature", signature),))
+                metadata=(("gvpo-signature", signature),),
+            )
             assert answer.complete and answer.accepted > 0
             return 200
 
         behaviour = Behaviour(mode="async", send_callback=submit_over_grpc)
         with RewardServer(behaviour) as reward_model:
-            hook = {"type": "webhook", "url": reward_model.url, "mode": "async",
-                    "timeout_s": 10}
-            created = runs.CreateRun(runs_pb2.CreateRunRequest(
-                spec=spec(tiny_model_dir, file_id, reward=hook), idempotency_key="k1"),
-                metadata=bearer(key))
+            hook = {"type": "webhook", "url": reward_model.url, "mode": "async", "timeout_s": 10}
+            created = runs.CreateRun(
+                runs_pb2.CreateRunRequest(
+                    spec=spec(tiny_model_dir, file_id, reward=hook), idempotency_key="k1"
+                ),
+                metadata=bearer(key),
+            )
             behaviour.secret = created.webhook_secret
             updates, listening = [], threading.Event()
 
             def watch() -> None:
-                for update in runs.WatchRun(runs_pb2.WatchRunRequest(run_id=created.run.id),
-                                            metadata=bearer(key), timeout=WORKER_S):
+                for update in runs.WatchRun(
+                    runs_pb2.WatchRunRequest(run_id=created.run.id),
+                    metadata=bearer(key),
+                    timeout=WORKER_S,
+                ):
                     updates.append(update)
                     listening.set()
 
@@ -135,8 +143,16 @@ def watched(request, tmp_path_factory, tiny_model_dir):
             outcome = execute_run(server, created.run.id, "worker-a")
             watcher.join(timeout=WORKER_S)
             assert not watcher.is_alive(), "the stream did not end with the run"
-        yield SimpleNamespace(runs=runs, key=key, hook=hook, file_id=file_id, created=created,
-                              outcome=outcome, updates=updates, behaviour=behaviour)
+        yield SimpleNamespace(
+            runs=runs,
+            key=key,
+            hook=hook,
+            file_id=file_id,
+            created=created,
+            outcome=outcome,
+            updates=updates,
+            behaviour=behaviour,
+        )
     release(settings)
 
 
@@ -150,7 +166,8 @@ def test_create_run_answers_the_queued_run_with_its_secret(watched):
 def test_rewards_sent_back_over_grpc_train_the_run_to_success(watched):
     run_id = watched.created.run.id
     assert watched.outcome == "succeeded", watched.runs.GetRun(
-        runs_pb2.GetRunRequest(run_id=run_id), metadata=bearer(watched.key)).error
+        runs_pb2.GetRunRequest(run_id=run_id), metadata=bearer(watched.key)
+    ).error
     assert set(watched.behaviour.callback_statuses) == {200}  # every reward arrived over gRPC
 
 
@@ -171,19 +188,29 @@ def test_watch_run_streams_the_run_from_queued_to_its_end(watched):
 
 def test_a_replayed_create_answers_the_same_run_without_its_secret(watched, tiny_model_dir):
     runs, run_id = watched.runs, watched.created.run.id
-    again = runs.CreateRun(runs_pb2.CreateRunRequest(
-        spec=spec(tiny_model_dir, watched.file_id, reward=watched.hook), idempotency_key="k1"),
-        metadata=bearer(watched.key))
+    again = runs.CreateRun(
+        runs_pb2.CreateRunRequest(
+            spec=spec(tiny_model_dir, watched.file_id, reward=watched.hook), idempotency_key="k1"
+        ),
+        metadata=bearer(watched.key),
+    )
     assert not again.created and again.run.id == run_id and again.webhook_secret == ""
-    assert runs.GetRun(runs_pb2.GetRunRequest(run_id=run_id), metadata=bearer(watched.key)) \
-        .status == "succeeded"
+    assert (
+        runs.GetRun(runs_pb2.GetRunRequest(run_id=run_id), metadata=bearer(watched.key)).status
+        == "succeeded"
+    )
 
 
 def test_a_watch_started_after_the_end_replays_from_its_cursors_then_ends(watched):
-    late = list(watched.runs.WatchRun(
-        runs_pb2.WatchRunRequest(run_id=watched.created.run.id, since_step=3,
-                                 after_event_id=10**9),
-        metadata=bearer(watched.key), timeout=30))
+    late = list(
+        watched.runs.WatchRun(
+            runs_pb2.WatchRunRequest(
+                run_id=watched.created.run.id, since_step=3, after_event_id=10**9
+            ),
+            metadata=bearer(watched.key),
+            timeout=30,
+        )
+    )
     assert [u.WhichOneof("update") for u in late] == ["run", "metrics"]
     assert late[1].metrics.step == 4
 
@@ -197,8 +224,9 @@ def stubs(channel):
 
 
 def created_run(runs, key: str, model_dir, file_id: str):
-    return runs.CreateRun(runs_pb2.CreateRunRequest(spec=spec(model_dir, file_id)),
-                          metadata=bearer(key)).run
+    return runs.CreateRun(
+        runs_pb2.CreateRunRequest(spec=spec(model_dir, file_id)), metadata=bearer(key)
+    ).run
 
 
 def test_calls_without_a_valid_key_are_unauthenticated(server, stubs, tiny_model_dir):
@@ -221,8 +249,11 @@ def test_another_projects_run_is_not_found(server, stubs, tiny_model_dir):
     for call in (runs.GetRun, runs.CancelRun, runs.PauseRun):
         error = error_of(call, runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(other_key))
         assert error.code() == grpc.StatusCode.NOT_FOUND and run.id in error.details()
-    error = error_of(lambda r, **kw: list(runs.WatchRun(r, **kw)),
-                     runs_pb2.WatchRunRequest(run_id=run.id), metadata=bearer(other_key))
+    error = error_of(
+        lambda r, **kw: list(runs.WatchRun(r, **kw)),
+        runs_pb2.WatchRunRequest(run_id=run.id),
+        metadata=bearer(other_key),
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -240,8 +271,10 @@ def test_bad_requests_are_invalid_argument_naming_the_fields(server, stubs, tiny
     error = error_of(runs.CreateRun, runs_pb2.CreateRunRequest(spec=bad), metadata=bearer(key))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "dataset.train_file" in error.details()
-    for request in (runs_pb2.ListRunsRequest(page_size=1000),
-                    runs_pb2.ListRunsRequest(status="bogus")):
+    for request in (
+        runs_pb2.ListRunsRequest(page_size=1000),
+        runs_pb2.ListRunsRequest(status="bogus"),
+    ):
         error = error_of(runs.ListRuns, request, metadata=bearer(key))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
@@ -250,12 +283,18 @@ def test_pause_resume_cancel_and_a_second_cancel_refused(server, stubs, tiny_mod
     runs, _ = stubs
     key, file_id = project(server)
     run = created_run(runs, key, tiny_model_dir, file_id)
-    assert runs.PauseRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status \
+    assert (
+        runs.PauseRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status
         == "paused"
-    assert runs.ResumeRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status \
+    )
+    assert (
+        runs.ResumeRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status
         == "queued"
-    assert runs.CancelRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status \
+    )
+    assert (
+        runs.CancelRun(runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key)).status
         == "cancelled"
+    )
     error = error_of(runs.CancelRun, runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(key))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert trailing(error)["gvpo-error-code"] == "conflict"
@@ -269,26 +308,33 @@ def test_list_runs_pages_newest_first_and_filters_by_status(server, stubs, tiny_
     second = created_run(runs, key, tiny_model_dir, file_id)
     page = runs.ListRuns(runs_pb2.ListRunsRequest(page_size=1), metadata=bearer(key))
     assert [r.id for r in page.runs] == [second.id] and page.next_page_token
-    page = runs.ListRuns(runs_pb2.ListRunsRequest(page_size=1, page_token=page.next_page_token),
-                         metadata=bearer(key))
+    page = runs.ListRuns(
+        runs_pb2.ListRunsRequest(page_size=1, page_token=page.next_page_token), metadata=bearer(key)
+    )
     assert [r.id for r in page.runs] == [run.id] and page.next_page_token == ""
-    assert [r.id for r in runs.ListRuns(runs_pb2.ListRunsRequest(status="cancelled"),
-                                        metadata=bearer(key)).runs] == [run.id]
+    assert [
+        r.id
+        for r in runs.ListRuns(
+            runs_pb2.ListRunsRequest(status="cancelled"), metadata=bearer(key)
+        ).runs
+    ] == [run.id]
 
 
-def test_reward_callbacks_are_signed_with_the_runs_secret_not_a_key(server, stubs,
-                                                                    tiny_model_dir):
+def test_reward_callbacks_are_signed_with_the_runs_secret_not_a_key(server, stubs, tiny_model_dir):
     runs, rewards = stubs
     key, file_id = project(server)
     run = created_run(runs, key, tiny_model_dir, file_id)
     body = json.dumps({"request_id": "rq_x", "rewards": []}).encode()
     for metadata in ((), (("gvpo-signature", sign("whsec_not_the_secret", body)),)):
-        error = error_of(rewards.SubmitRewards,
-                         rewards_pb2.SubmitRewardsRequest(run_id=run.id, body=body),
-                         metadata=metadata)
+        error = error_of(
+            rewards.SubmitRewards,
+            rewards_pb2.SubmitRewardsRequest(run_id=run.id, body=body),
+            metadata=metadata,
+        )
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    error = error_of(rewards.SubmitRewards,
-                     rewards_pb2.SubmitRewardsRequest(run_id="run_nope", body=body))
+    error = error_of(
+        rewards.SubmitRewards, rewards_pb2.SubmitRewardsRequest(run_id="run_nope", body=body)
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -297,13 +343,16 @@ def grpc_counts(settings) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     scraped = httpx.get(f"http://127.0.0.1:{settings.api_port}/metrics").text
-    return {(s.labels["method"], s.labels["code"]): s.value
-            for f in text_string_to_metric_families(scraped) if f.name == "gvpo_grpc_requests"
-            for s in f.samples if s.name == "gvpo_grpc_requests_total"}
+    return {
+        (s.labels["method"], s.labels["code"]): s.value
+        for f in text_string_to_metric_families(scraped)
+        if f.name == "gvpo_grpc_requests"
+        for s in f.samples
+        if s.name == "gvpo_grpc_requests_total"
+    }
 
 
-def test_every_call_is_counted_in_prometheus_by_method_and_status(server, stubs,
-                                                                  tiny_model_dir):
+def test_every_call_is_counted_in_prometheus_by_method_and_status(server, stubs, tiny_model_dir):
     runs, rewards = stubs
     key, file_id = project(server)
     other_key, _ = project(server, "another-team")
@@ -312,12 +361,18 @@ def test_every_call_is_counted_in_prometheus_by_method_and_status(server, stubs,
     for metadata in ((), bearer("gvpo_sk_wrong"), (("authorization", "Basic x"),)):
         error_of(runs.GetRun, runs_pb2.GetRunRequest(run_id=run.id), metadata=metadata)
     error_of(runs.GetRun, runs_pb2.GetRunRequest(run_id=run.id), metadata=bearer(other_key))
-    error_of(lambda r, **kw: list(runs.WatchRun(r, **kw)),
-             runs_pb2.WatchRunRequest(run_id=run.id), metadata=bearer(other_key))
+    error_of(
+        lambda r, **kw: list(runs.WatchRun(r, **kw)),
+        runs_pb2.WatchRunRequest(run_id=run.id),
+        metadata=bearer(other_key),
+    )
     body = json.dumps({"request_id": "rq_x", "rewards": []}).encode()
     for metadata in ((), (("gvpo-signature", sign("whsec_not_the_secret", body)),)):
-        error_of(rewards.SubmitRewards, rewards_pb2.SubmitRewardsRequest(run_id=run.id, body=body),
-                 metadata=metadata)
+        error_of(
+            rewards.SubmitRewards,
+            rewards_pb2.SubmitRewardsRequest(run_id=run.id, body=body),
+            metadata=metadata,
+        )
     # A watch of a run that is still queued, stopped by its client.
     watch = runs.WatchRun(runs_pb2.WatchRunRequest(run_id=queued.id), metadata=bearer(key))
     assert next(watch).run.status == "queued"
@@ -346,8 +401,9 @@ def test_reward_callback_rules_over_grpc(server, channel, tiny_model_dir):
 
     runs, rewards = runs_pb2_grpc.RunsStub(channel), rewards_pb2_grpc.RewardsStub(channel)
     key, file_id = project(server)
-    created = runs.CreateRun(runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, file_id)),
-                             metadata=bearer(key))
+    created = runs.CreateRun(
+        runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, file_id)), metadata=bearer(key)
+    )
     run_id, secret = created.run.id, created.webhook_secret
     recorder = RunRecorder(server, run_id, "worker-a")
     recorder.claim()
@@ -356,11 +412,15 @@ def test_reward_callback_rules_over_grpc(server, channel, tiny_model_dir):
 
     def submit(rewards_list) -> rewards_pb2.SubmitRewardsResponse:
         body = json.dumps({"request_id": request_id, "rewards": rewards_list}).encode()
-        return rewards.SubmitRewards(rewards_pb2.SubmitRewardsRequest(run_id=run_id, body=body),
-                                     metadata=(("gvpo-signature", sign(secret, body)),))
+        return rewards.SubmitRewards(
+            rewards_pb2.SubmitRewardsRequest(run_id=run_id, body=body),
+            metadata=(("gvpo-signature", sign(secret, body)),),
+        )
 
-    for wrong in ([{"sample_id": "smp_zzz", "reward": 1.0}],
-                  [{"sample_id": "smp_a", "reward": "high"}]):
+    for wrong in (
+        [{"sample_id": "smp_zzz", "reward": 1.0}],
+        [{"sample_id": "smp_a", "reward": "high"}],
+    ):
         error = error_of(submit, wrong)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     first = submit([{"sample_id": "smp_a", "reward": 0.5}])
@@ -372,8 +432,9 @@ def test_reward_callback_rules_over_grpc(server, channel, tiny_model_dir):
     assert (last.accepted, last.complete) == (1, True)
 
     huge = b" " * (server.max_callback_bytes + 128 * 1024)
-    error = error_of(rewards.SubmitRewards,
-                     rewards_pb2.SubmitRewardsRequest(run_id=run_id, body=huge))
+    error = error_of(
+        rewards.SubmitRewards, rewards_pb2.SubmitRewardsRequest(run_id=run_id, body=huge)
+    )
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with session_scope(server.resolved_database_url) as session:
         stored = session.scalar(select(RewardRequest).where(RewardRequest.run_id == run_id))
@@ -389,23 +450,33 @@ def test_health_says_serving_for_each_service_once_ready(server, channel):
     known = (health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING)
 
     def statuses() -> dict:
-        answers = {s: health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status
-                   for s in services}
+        answers = {
+            s: health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status
+            for s in services
+        }
         assert set(answers.values()) <= set(known), answers
         return answers
 
-    wait_until(lambda: set(statuses().values()) == {health_pb2.HealthCheckResponse.SERVING},
-               SERVER_START_S, "every service to say SERVING")
+    wait_until(
+        lambda: set(statuses().values()) == {health_pb2.HealthCheckResponse.SERVING},
+        SERVER_START_S,
+        "every service to say SERVING",
+    )
     error = error_of(health.Check, health_pb2.HealthCheckRequest(service="nope"), timeout=10)
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_reflection_lists_and_describes_the_services(server, channel):
     reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-    answers = reflect.ServerReflectionInfo(iter([
-        reflection_pb2.ServerReflectionRequest(list_services=""),
-        reflection_pb2.ServerReflectionRequest(file_containing_symbol="gvpo.v1.Runs"),
-    ]), timeout=10)
+    answers = reflect.ServerReflectionInfo(
+        iter(
+            [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="gvpo.v1.Runs"),
+            ]
+        ),
+        timeout=10,
+    )
     listed, described = list(answers)
     names = {s.name for s in listed.list_services_response.service}
     assert {"gvpo.v1.Runs", "gvpo.v1.Rewards", "grpc.health.v1.Health"} <= names
@@ -416,9 +487,8 @@ def test_a_taken_grpc_port_stops_the_api_with_a_clear_message(server):
     from fastapi.testclient import TestClient
 
     clash = server.model_copy(update={"api_port": free_port()})  # the same gRPC port
-    with pytest.raises(RuntimeError) as info:
-        with TestClient(create_app(clash)):
-            pass
+    with pytest.raises(RuntimeError) as info, TestClient(create_app(clash)):
+        pass
     assert f"cannot serve gRPC on 127.0.0.1:{server.grpc_port} (GVPO_GRPC_PORT)" in str(info.value)
 
 
@@ -430,9 +500,12 @@ def test_generated_code_matches_the_proto_files(tmp_path):
     copy = tmp_path / "repo"
     shutil.copytree(REPO / "proto", copy / "proto", ignore=shutil.ignore_patterns("__pycache__"))
     runs_proto = copy / "proto" / "gvpo" / "v1" / "runs.proto"
-    runs_proto.write_text(runs_proto.read_text().replace(
-        "message GetRunRequest {\n  string run_id = 1;\n",
-        "message GetRunRequest {\n  string run_id = 1;\n  bool verbose = 2;\n"))
+    runs_proto.write_text(
+        runs_proto.read_text().replace(
+            "message GetRunRequest {\n  string run_id = 1;\n",
+            "message GetRunRequest {\n  string run_id = 1;\n  bool verbose = 2;\n",
+        )
+    )
     drift = subprocess.run(check, cwd=copy, capture_output=True, text=True)
     assert drift.returncode == 1 and "runs_pb2.py" in drift.stderr, drift.stderr
     assert "rewards_pb2.py" not in drift.stderr

@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from factories import DROP, run_spec, set_constant_logits
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.contract.spec import RunSpec, SamplingSpec
@@ -13,6 +12,8 @@ from workers.learner.learner import GroupBatch, Learner, LearnerConfig
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.learner.losses import gvpo_loss, gvpo_weights
 from workers.rollout.hf import HFRolloutEngine
+
+from factories import DROP, run_spec, set_constant_logits
 
 CPU = torch.device("cpu")
 PAD, EOS = 0, 2
@@ -92,7 +93,7 @@ def test_sequence_logprobs_match_manual_and_ignore_padding(model, tokenizer):
     assert batch.completion_mask.sum(dim=1).tolist() == [7, 3]
     with torch.no_grad():
         padded = sequence_logprobs(model, batch).summed
-    for row, (p, c) in enumerate(zip(prompts, comps)):
+    for row, (p, c) in enumerate(zip(prompts, comps, strict=True)):
         torch.testing.assert_close(padded[row], manual_logp(model, p, c), atol=1e-5, rtol=1e-5)
         with torch.no_grad():
             alone = sequence_logprobs(model, build_batch([p], [c], PAD, CPU)).summed[0]
@@ -142,7 +143,9 @@ def test_zero_variance_groups_train_when_not_skipped(model, tokenizer, tiny_mode
 @pytest.mark.parametrize("reference", ["initial", "sampling"])
 def test_rewarded_completion_gains_probability(model, tokenizer, tiny_model_dir, reference):
     torch.manual_seed(0)
-    spec = make_spec(tiny_model_dir, algorithm={"reference": reference}, training={"mini_batches": 1})
+    spec = make_spec(
+        tiny_model_dir, algorithm={"reference": reference}, training={"mini_batches": 1}
+    )
     learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     batch = make_batch(tokenizer, rewards=[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
     winners = torch.tensor([0, 2])
@@ -165,14 +168,20 @@ def test_micro_batching_gives_the_same_update(model, tokenizer, tiny_model_dir, 
     gradients and the same parameter update."""
     torch.manual_seed(0)
     twin = copy.deepcopy(model)
-    batch = make_batch(tokenizer, rewards=REWARDS + [[0.2, 0.0, 0.0, 1.0], [0.0, 0.5, 1.0, 0.5]],
-                       prompts=PROMPTS + ["12+7=", "q="],
-                       completions=COMPLETIONS + [["19", "1", "7", "20"], ["a", "bb", "ccc", "d"]])
+    batch = make_batch(
+        tokenizer,
+        rewards=REWARDS + [[0.2, 0.0, 0.0, 1.0], [0.0, 0.5, 1.0, 0.5]],
+        prompts=PROMPTS + ["12+7=", "q="],
+        completions=COMPLETIONS + [["19", "1", "7", "20"], ["a", "bb", "ccc", "d"]],
+    )
     learners = []
     for m, budget in ((model, 1), (twin, None)):
-        spec = make_spec(tiny_model_dir, algorithm={"name": algorithm, "reference": "initial"},
-                         training={"mini_batches": 1, "micro_batch_tokens": budget},
-                         optimizer={"grad_clip": None})
+        spec = make_spec(
+            tiny_model_dir,
+            algorithm={"name": algorithm, "reference": "initial"},
+            training={"mini_batches": 1, "micro_batch_tokens": budget},
+            optimizer={"grad_clip": None},
+        )
         learners.append(Learner(m, LearnerConfig.of(spec), CPU, PAD))
     assert len(learners[0].micro_batches(batch, [0, 1, 2, 3])) == 4
     assert len(learners[1].micro_batches(batch, [0, 1, 2, 3])) == 1
@@ -190,14 +199,23 @@ def test_token_budget_packs_whole_groups(model, tokenizer, tiny_model_dir):
     spec = make_spec(tiny_model_dir, training={"micro_batch_tokens": 60})
     batch = make_batch(tokenizer)  # group 0: 4*4 + 14 = 30 tokens, group 1: 4*6 + 17 = 41
     assert [batch.group_tokens(g) for g in (0, 1)] == [30, 41]
-    assert Learner(model, LearnerConfig.of(spec), CPU, PAD).micro_batches(batch, [0, 1, 0]) == [[0], [1], [0]]
+    assert Learner(model, LearnerConfig.of(spec), CPU, PAD).micro_batches(batch, [0, 1, 0]) == [
+        [0],
+        [1],
+        [0],
+    ]
     spec = make_spec(tiny_model_dir, training={"micro_batch_tokens": 72})
-    assert Learner(model, LearnerConfig.of(spec), CPU, PAD).micro_batches(batch, [0, 1, 0]) == [[0, 1], [0]]
+    assert Learner(model, LearnerConfig.of(spec), CPU, PAD).micro_batches(batch, [0, 1, 0]) == [
+        [0, 1],
+        [0],
+    ]
 
 
 def test_sampling_reference_is_the_pre_update_policy(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
-    spec = make_spec(tiny_model_dir, algorithm={"reference": "sampling"}, training={"mini_batches": 1})
+    spec = make_spec(
+        tiny_model_dir, algorithm={"reference": "sampling"}, training={"mini_batches": 1}
+    )
     stats = Learner(model, LearnerConfig.of(spec), CPU, PAD).learn(make_batch(tokenizer), step=1)
     assert abs(stats.logratio_mean) < 1e-5
     assert abs(stats.kl_ref) < 1e-5
@@ -207,7 +225,9 @@ def test_sampling_reference_holds_across_the_steps_mini_batches(model, tokenizer
     """The second mini-batch is scored against the policy that sampled the step, not against
     the policy after the first update: its KL term is non-zero."""
     torch.manual_seed(0)
-    spec = make_spec(tiny_model_dir, algorithm={"reference": "sampling"}, training={"mini_batches": 2})
+    spec = make_spec(
+        tiny_model_dir, algorithm={"reference": "sampling"}, training={"mini_batches": 2}
+    )
     stats = Learner(model, LearnerConfig.of(spec), CPU, PAD).learn(make_batch(tokenizer), step=1)
     assert stats.updates == 2
     assert stats.kl_ref > 1e-6 and abs(stats.logratio_mean) > 1e-5
@@ -215,7 +235,9 @@ def test_sampling_reference_holds_across_the_steps_mini_batches(model, tokenizer
 
 def test_initial_reference_accumulates_kl(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
-    spec = make_spec(tiny_model_dir, algorithm={"reference": "initial"}, training={"mini_batches": 1})
+    spec = make_spec(
+        tiny_model_dir, algorithm={"reference": "initial"}, training={"mini_batches": 1}
+    )
     learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     first = learner.learn(make_batch(tokenizer), step=1)
     assert abs(first.kl_ref) < 1e-5  # the frozen copy equals the policy before the first update
@@ -233,7 +255,9 @@ def test_warmup_ramps_linearly_then_holds(model, tiny_model_dir, tokenizer):
     torch.manual_seed(0)
     learner.learn(make_batch(tokenizer), step=2)
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
-    no_warmup = Learner(model, LearnerConfig.of(make_spec(tiny_model_dir, optimizer={"lr": 1e-3})), CPU, PAD)
+    no_warmup = Learner(
+        model, LearnerConfig.of(make_spec(tiny_model_dir, optimizer={"lr": 1e-3})), CPU, PAD
+    )
     assert no_warmup.lr_at(1) == pytest.approx(1e-3)
 
 
@@ -257,9 +281,9 @@ def test_loss_gradient_is_weighted_sum_of_logprob_gradients(model, tokenizer):
     expected = [torch.zeros_like(p) for p in params]
     for i, comp in enumerate(comps):
         logp_i = sequence_logprobs(model, build_batch([prompt], [comp], PAD, CPU)).summed[0]
-        for acc, g in zip(expected, torch.autograd.grad(logp_i, params)):
+        for acc, g in zip(expected, torch.autograd.grad(logp_i, params), strict=True):
             acc -= beta / (1 * (k - 1)) * w[i] * g
-    for got, want in zip(loss_grads, expected):
+    for got, want in zip(loss_grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -288,8 +312,11 @@ def test_hf_engine_does_not_hide_special_tokens_from_rewards(model, tokenizer):
     torch.manual_seed(0)
     bias_logits(model, {tokenizer.bos_token_id: 4.0})
     engine = HFRolloutEngine(model, tokenizer, CPU)
-    texts = [c.text for r in engine.generate(PROMPTS, n=4, sampling=SamplingSpec(max_new_tokens=4))
-             for c in r.completions]
+    texts = [
+        c.text
+        for r in engine.generate(PROMPTS, n=4, sampling=SamplingSpec(max_new_tokens=4))
+        for c in r.completions
+    ]
     # A policy that emits <s> must not get credit for text that decodes to nothing.
     assert any("<s>" in t for t in texts), texts
 
@@ -301,7 +328,7 @@ def test_hf_engine_generate(model, tokenizer):
     rollouts = engine.generate(PROMPTS, n=3, sampling=SamplingSpec(max_new_tokens=5))
     assert len(rollouts) == 2
     reasons = set()
-    for prompt, rollout in zip(PROMPTS, rollouts):
+    for prompt, rollout in zip(PROMPTS, rollouts, strict=True):
         assert rollout.prompt_ids == encode(tokenizer, prompt)
         assert len(rollout.completions) == 3
         for c in rollout.completions:
@@ -328,7 +355,7 @@ def test_hf_engine_stop_string_truncates(model, tokenizer):
                 hits += 1
                 assert c.text == full[: full.index("x")]
                 assert c.finish_reason == "stop"
-                # Only sampled tokens: nothing (e.g. padding) after the token that completed the stop.
+                # Only sampled tokens: nothing (e.g. padding) after the one that completed the stop.
                 assert "x" not in tokenizer.decode(c.token_ids[:-1]), c.token_ids
             else:
                 assert c.text == full
@@ -341,8 +368,12 @@ def test_lora_initial_reference_is_the_base_model_without_a_copy(model, tokenize
     torch.manual_seed(0)
     base = copy.deepcopy(model)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    spec = make_spec(tiny_model_dir, model={"lora": {"r": 4}}, algorithm={"reference": "initial"},
-                     optimizer={"lr": 1e-2})
+    spec = make_spec(
+        tiny_model_dir,
+        model={"lora": {"r": 4}},
+        algorithm={"reference": "initial"},
+        optimizer={"lr": 1e-2},
+    )
     learner = Learner(peft_model, LearnerConfig.of(spec), CPU, PAD)
     assert learner.frozen is None  # no second copy of the weights
     batch = make_batch(tokenizer)
@@ -362,9 +393,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, tiny_model_d
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        spec = make_spec(tiny_model_dir, training={"gradient_checkpointing": checkpointing,
-                                                   "mini_batches": 1},
-                         optimizer={"grad_clip": None})
+        spec = make_spec(
+            tiny_model_dir,
+            training={"gradient_checkpointing": checkpointing, "mini_batches": 1},
+            optimizer={"grad_clip": None},
+        )
         policy, _ = load_policy(spec, CPU)
         assert policy.is_gradient_checkpointing == checkpointing
         Learner(policy, LearnerConfig.of(spec), CPU, PAD).learn(make_batch(tokenizer), step=1)

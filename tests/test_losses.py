@@ -30,11 +30,15 @@ def _random_batch(G=3, k=5, seed=1):
 def _loop_loss(policy, reference, rewards, beta):
     """Direct transcription of the formula, one group and one completion at a time."""
     total = 0.0
-    for p_row, r_row, rew_row in zip(policy.tolist(), reference.tolist(), rewards.tolist()):
+    for p_row, r_row, rew_row in zip(
+        policy.tolist(), reference.tolist(), rewards.tolist(), strict=True
+    ):
         k = len(p_row)
-        s = [p - r for p, r in zip(p_row, r_row)]
+        s = [p - r for p, r in zip(p_row, r_row, strict=True)]
         s_bar, rew_bar = sum(s) / k, sum(rew_row) / k
-        residuals = [beta * (si - s_bar) - (ri - rew_bar) for si, ri in zip(s, rew_row)]
+        residuals = [
+            beta * (si - s_bar) - (ri - rew_bar) for si, ri in zip(s, rew_row, strict=True)
+        ]
         total += 0.5 * sum(x**2 for x in residuals) / (k - 1)
     return total / len(policy)
 
@@ -134,9 +138,16 @@ def _baseline_inputs(beta: float):
     old = torch.tensor([[[-1.0, -2.0], [-0.5 - math.log(1.5), -9.0]]])
     ref = torch.tensor([[[-1.0, -2.0], [-0.5 + math.log(2.0), -9.0]]])
     mask = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
-    return LossInputs(policy_token_logps=policy, old_token_logps=old, ref_token_logps=ref,
-                      mask=mask, rewards=torch.tensor([[1.0, 0.0]]), beta=beta, clip_eps=0.2,
-                      max_new_tokens=4)
+    return LossInputs(
+        policy_token_logps=policy,
+        old_token_logps=old,
+        ref_token_logps=ref,
+        mask=mask,
+        rewards=torch.tensor([[1.0, 0.0]]),
+        beta=beta,
+        clip_eps=0.2,
+        max_new_tokens=4,
+    )
 
 
 K3_LN2 = 2.0 - math.log(2.0) - 1.0  # k3 KL at log(pi_ref/pi) = ln 2
@@ -156,7 +167,8 @@ def test_grpo_hand_computed():
 
 def test_dr_grpo_hand_computed():
     # advantages ±0.5 (no std); token sums divided by max_new_tokens = 4
-    # completion 0: 2 tokens * -0.5 = -1.0 -> -0.25; completion 1: -min(-0.75, -0.6) = 0.75 -> 0.1875
+    # completion 0: 2 tokens * -0.5 = -1.0 -> -0.25;
+    # completion 1: -min(-0.75, -0.6) = 0.75 -> 0.1875
     got = get_loss("dr_grpo").per_group(_baseline_inputs(beta=0.0))
     torch.testing.assert_close(got, torch.tensor([(-0.25 + 0.1875) / 2]))
 
@@ -175,8 +187,9 @@ def test_gvpo_objective_matches_gvpo_loss():
     x = _baseline_inputs(beta=0.1)
     policy = (x.policy_token_logps * x.mask).sum(-1)
     reference = (x.ref_token_logps * x.mask).sum(-1)
-    torch.testing.assert_close(get_loss("gvpo").per_group(x).mean(),
-                               gvpo_loss(policy, reference, x.rewards, 0.1))
+    torch.testing.assert_close(
+        get_loss("gvpo").per_group(x).mean(), gvpo_loss(policy, reference, x.rewards, 0.1)
+    )
 
 
 # --- convergence to pi* ∝ pi_ref * exp(R / beta) on a tabular softmax policy ---------------

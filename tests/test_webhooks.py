@@ -1,15 +1,24 @@
 """Sync reward webhooks against a real reward server over loopback HTTP."""
 
 import pytest
-from factories import (SERVER_START_S, SPEC_DEFAULTS, assert_error, copy_rows, run_spec, submit,
-                       upload, wait_until)
-from reward_server import Behaviour, RewardServer
-from services import closed_port, loopback_socket
 from sqlalchemy import select
 
 from service.db import session_scope
 from service.models import Checkpoint, Run, RunEvent, Sample
 from workers.execute import execute_run
+
+from factories import (
+    SERVER_START_S,
+    SPEC_DEFAULTS,
+    assert_error,
+    copy_rows,
+    run_spec,
+    submit,
+    upload,
+    wait_until,
+)
+from reward_server import Behaviour, RewardServer
+from services import closed_port, loopback_socket
 
 pytestmark = pytest.mark.both_backends
 
@@ -28,15 +37,17 @@ def webhook_run(settings, model_dir, url: str, **reward) -> tuple[str, str]:
 
 def run_events(settings, run_id: str) -> list[RunEvent]:
     with session_scope(settings.resolved_database_url) as session:
-        return list(session.scalars(select(RunEvent).where(RunEvent.run_id == run_id)
-                                    .order_by(RunEvent.id)))
+        return list(
+            session.scalars(select(RunEvent).where(RunEvent.run_id == run_id).order_by(RunEvent.id))
+        )
 
 
 def test_sync_webhook_rewards_are_the_servers(hooks_settings, tiny_model_dir):
     behaviour = Behaviour()
     with RewardServer(behaviour) as server:
-        run_id, behaviour.secret = webhook_run(hooks_settings, tiny_model_dir, server.url,
-                                               max_items_per_request=3)
+        run_id, behaviour.secret = webhook_run(
+            hooks_settings, tiny_model_dir, server.url, max_items_per_request=3
+        )
         assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
     with session_scope(hooks_settings.resolved_database_url) as session:
         samples = session.scalars(select(Sample).where(Sample.run_id == run_id)).all()
@@ -59,11 +70,13 @@ def test_a_flaky_reward_model_is_retried(hooks_settings, tiny_model_dir):
 
 
 def test_a_reward_model_that_stays_down_fails_the_run_and_keeps_checkpoints(
-        hooks_settings, tiny_model_dir):
+    hooks_settings, tiny_model_dir
+):
     behaviour = Behaviour(fail_after=3, retry_after=None)  # steps 1-3 are scored, then down
     with RewardServer(behaviour) as server:
-        run_id, behaviour.secret = webhook_run(hooks_settings, tiny_model_dir, server.url,
-                                               max_attempts=3)
+        run_id, behaviour.secret = webhook_run(
+            hooks_settings, tiny_model_dir, server.url, max_attempts=3
+        )
         assert execute_run(hooks_settings, run_id, "worker-a") == "failed"
     with session_scope(hooks_settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
@@ -75,10 +88,15 @@ def test_a_reward_model_that_stays_down_fails_the_run_and_keeps_checkpoints(
     assert events[-1].type == "run.failed" and server.url in events[-1].message
 
 
-@pytest.mark.parametrize(("lie", "needle"), [
-    ("nan", "non-finite"), ("unknown_id", "unknown or repeated sample_id"),
-    ("missing", "without a reward"), ("status_404", "HTTP 404"),
-])
+@pytest.mark.parametrize(
+    ("lie", "needle"),
+    [
+        ("nan", "non-finite"),
+        ("unknown_id", "unknown or repeated sample_id"),
+        ("missing", "without a reward"),
+        ("status_404", "HTTP 404"),
+    ],
+)
 def test_a_lying_reward_model_fails_fast(hooks_settings, tiny_model_dir, lie, needle):
     behaviour = Behaviour(lie=lie)
     with RewardServer(behaviour) as server:
@@ -106,37 +124,53 @@ def _create(api, key: str, model_dir, reward: dict):
     return api.post("/v1/runs", headers=auth(key), json=body)
 
 
-@pytest.mark.parametrize(("url", "field"), [
-    ("http://127.0.0.1:9/score", "reward.url"), ("http://10.1.2.3/score", "reward.url"),
-    ("http://169.254.169.254/latest", "reward.url"), ("http://localhost/score", "reward.url"),
-    ("ftp://example.org/x", "reward.url"),
-])
-def test_private_webhook_urls_are_refused_at_submission(api, make_key, tiny_model_dir, url,
-                                                        field):
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("http://127.0.0.1:9/score", "reward.url"),
+        ("http://10.1.2.3/score", "reward.url"),
+        ("http://169.254.169.254/latest", "reward.url"),
+        ("http://localhost/score", "reward.url"),
+        ("ftp://example.org/x", "reward.url"),
+    ],
+)
+def test_private_webhook_urls_are_refused_at_submission(api, make_key, tiny_model_dir, url, field):
     resp = _create(api, make_key(), tiny_model_dir, {"type": "webhook", "url": url})
     assert_error(resp, 422, "invalid_request")
     assert [f["field"] for f in resp.json()["error"]["details"]["fields"]] == [field]
-    composite = {"type": "composite", "components": [
-        {"type": "builtin", "name": "exact_match"}, {"type": "webhook", "url": url}]}
+    composite = {
+        "type": "composite",
+        "components": [{"type": "builtin", "name": "exact_match"}, {"type": "webhook", "url": url}],
+    }
     resp = _create(api, make_key(), tiny_model_dir, composite)
     assert [f["field"] for f in resp.json()["error"]["details"]["fields"]] == [
-        "reward.components.1.url"]
+        "reward.components.1.url"
+    ]
 
 
-def test_public_and_allowed_private_webhook_urls_are_accepted(settings, make_key,
-                                                              tiny_model_dir):
+def test_public_and_allowed_private_webhook_urls_are_accepted(settings, make_key, tiny_model_dir):
     from fastapi.testclient import TestClient
 
     from service.main import create_app
 
     with TestClient(create_app(settings)) as api:
-        assert _create(api, make_key(), tiny_model_dir,
-                       {"type": "webhook", "url": "https://93.184.215.14/score"}
-                       ).status_code == 201
+        assert (
+            _create(
+                api,
+                make_key(),
+                tiny_model_dir,
+                {"type": "webhook", "url": "https://93.184.215.14/score"},
+            ).status_code
+            == 201
+        )
     allowed = settings.model_copy(update={"webhook_allow_private": True})
     with TestClient(create_app(allowed)) as api:
-        assert _create(api, make_key(), tiny_model_dir,
-                       {"type": "webhook", "url": "http://127.0.0.1:9/x"}).status_code == 201
+        assert (
+            _create(
+                api, make_key(), tiny_model_dir, {"type": "webhook", "url": "http://127.0.0.1:9/x"}
+            ).status_code
+            == 201
+        )
 
 
 def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_model_dir):
@@ -153,11 +187,22 @@ def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_mo
     root = Path(__file__).resolve().parents[1]
     with sock:
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "examples.reward_server:app",
-             "--fd", str(sock.fileno())], pass_fds=(sock.fileno(),),
-            cwd=root, env={**os.environ, "REWARD_WEBHOOK_SECRET": secret},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "examples.reward_server:app",
+                "--fd",
+                str(sock.fileno()),
+            ],
+            pass_fds=(sock.fileno(),),
+            cwd=root,
+            env={**os.environ, "REWARD_WEBHOOK_SECRET": secret},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     try:
+
         def answers() -> int | None:
             assert server.poll() is None, f"the reference server exited ({server.returncode})"
             try:
@@ -176,8 +221,9 @@ def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_mo
     assert samples and all(s.reward == float(s.completion.strip() == s.answer) for s in samples)
 
 
-def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_settings, make_key,
-                                                                       tiny_model_dir):
+def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(
+    hooks_settings, make_key, tiny_model_dir
+):
     """probe: true asks the URL for any answer at submission (a HEAD: no data, no signature);
     without it, nothing is sent before the run."""
     from fastapi.testclient import TestClient
@@ -185,8 +231,11 @@ def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_set
     from service.main import create_app
 
     behaviour = Behaviour()
-    with TestClient(create_app(hooks_settings)) as api, RewardServer(behaviour) as server, \
-            closed_port() as port:
+    with (
+        TestClient(create_app(hooks_settings)) as api,
+        RewardServer(behaviour) as server,
+        closed_port() as port,
+    ):
         closed = f"http://127.0.0.1:{port}/score"  # nothing listens there
         key = make_key()
         hook = {"type": "webhook", "url": server.url, "probe": True}
@@ -195,8 +244,10 @@ def test_an_optional_probe_refuses_a_reward_url_that_cannot_be_reached(hooks_set
         resp = _create(api, key, tiny_model_dir, {**hook, "url": closed})
         error = assert_error(resp, 422, "invalid_request", "could not be reached")
         assert [f["field"] for f in error["details"]["fields"]] == ["reward.url"]
-        composite = {"type": "composite", "components": [
-            {"type": "builtin", "name": "exact_match"}, {**hook, "url": closed}]}
+        composite = {
+            "type": "composite",
+            "components": [{"type": "builtin", "name": "exact_match"}, {**hook, "url": closed}],
+        }
         error = assert_error(_create(api, key, tiny_model_dir, composite), 422, "invalid_request")
         assert [f["field"] for f in error["details"]["fields"]] == ["reward.components.1.url"]
         unprobed = {**hook, "url": closed, "probe": False}
