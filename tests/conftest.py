@@ -157,13 +157,3 @@ def postgres():
     yield server
     server.stop("immediate")
     shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def worker(settings, tmp_path):
-    """A real worker process (`gvpo worker`: Celery, prefork) on the test's database and broker,
-    ready to take tasks; stopped after the test."""
-    from services import running_worker
-
-    with running_worker(settings, tmp_path / "worker.log") as proc:
-        yield proc

@@ -88,6 +88,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 DROP = object()  # in run_spec() changes: remove this key
 EXACT_MATCH = {"type": "builtin", "name": "exact_match"}
+# DESIGN.md's standard metric names: every step records each of them.
+STANDARD_METRICS = (
+    "reward/mean",
+    "reward/std",
+    "loss",
+    "kl/ref",
+    "logratio/mean",
+    "entropy",
+    "response_length/mean",
+    "grad_norm",
+    "lr",
+    "time/rollout_s",
+    "time/reward_s",
+    "time/learn_s",
+    "throughput/tokens_per_s",
+)
 
 # The copy task at a size that trains in seconds on a CPU.
 COPY_TASK = {

@@ -2,16 +2,22 @@
 computed by a real worker process and checked against the formula computed here by hand from
 the models' own forward passes; and the answers when no worker can answer."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from sqlalchemy import select
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from service.auth.service import create_api_key
 from service.db import session_scope
+from service.main import create_app
 from service.models import Checkpoint, Run
 
-from conftest import CLUSTER_SECRETS
+from conftest import BACKENDS, CLUSTER_SECRETS, new_settings, release
 from factories import WORKER_S, assert_error, auth, submit, wait_until
+from services import closed_port, running_worker
 
 pytestmark = pytest.mark.both_backends
 
@@ -21,8 +27,8 @@ REWARDS = [1.0, 0.0, 0.5, 0.25]
 BETA = 0.2
 
 
-def trained_run(settings, tiny_model_dir, make_key, **overrides) -> tuple[str, str]:
-    """A run the worker trained (checkpoints at steps 3 and 6) and a key of its project."""
+def trained_run(settings, tiny_model_dir, **overrides) -> str:
+    """A run the worker trained (checkpoints at steps 3 and 6), in the project "loop"."""
     # a reward most random completions earn and some miss, so that groups train
     run_id = submit(
         settings,
@@ -38,7 +44,22 @@ def trained_run(settings, tiny_model_dir, make_key, **overrides) -> tuple[str, s
         f"the worker to finish run {run_id}",
     )
     assert ended and run_status(settings, run_id) == "succeeded"
-    return run_id, make_key("loop")  # submit() made the project "loop"
+    return run_id
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def served(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
+    """A worker process on a fresh database (once per back end), a full and a LoRA run it
+    trained, an API over them and a key of the runs' project."""
+    root = tmp_path_factory.mktemp("dry-run")
+    settings = new_settings(root, request.param, request)
+    with running_worker(settings, root / "worker.log"), TestClient(create_app(settings)) as api:
+        full = trained_run(settings, tiny_model_dir)
+        lora = trained_run(settings, tiny_model_dir, model={"lora": {"r": 4, "alpha": 8}})
+        with session_scope(settings.resolved_database_url) as session:
+            key = create_api_key(session, "loop", settings.api_key_pepper)[1]
+        yield SimpleNamespace(api=api, settings=settings, key=key, full=full, lora=lora)
+    release(settings)
 
 
 def run_status(settings, run_id: str) -> str:
@@ -79,9 +100,9 @@ def body(run_id: str, checkpoint_id: str | None = None, **changes) -> dict:
     }
 
 
-def test_weights_and_loss_match_the_formula(api, worker, settings, tiny_model_dir, make_key):
-    run_id, key = trained_run(settings, tiny_model_dir, make_key)
-    with session_scope(settings.resolved_database_url) as session:
+def test_weights_and_loss_match_the_formula(served, tiny_model_dir):
+    api, key, run_id = served.api, served.key, served.full
+    with session_scope(served.settings.resolved_database_url) as session:
         ckpts = session.execute(
             select(Checkpoint.id, Checkpoint.step, Checkpoint.path)
             .where(Checkpoint.run_id == run_id)
@@ -110,18 +131,13 @@ def test_weights_and_loss_match_the_formula(api, worker, settings, tiny_model_di
     assert latest["checkpoint_id"] == ckpts[-1][0]
 
 
-def test_a_lora_checkpoint_is_scored_against_its_base(
-    api, worker, settings, tiny_model_dir, make_key
-):
-    run_id, key = trained_run(
-        settings, tiny_model_dir, make_key, model={"lora": {"r": 4, "alpha": 8}}
-    )
-    resp = api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id))
+def test_a_lora_checkpoint_is_scored_against_its_base(served, tiny_model_dir):
+    resp = served.api.post("/v1/gvpo:dry_run", headers=auth(served.key), json=body(served.lora))
     assert resp.status_code == 200, resp.text
     got = resp.json()
     from peft import PeftModel
 
-    with session_scope(settings.resolved_database_url) as session:
+    with session_scope(served.settings.resolved_database_url) as session:
         path = session.get(Checkpoint, got["checkpoint_id"]).path
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -181,23 +197,17 @@ def test_runs_of_other_projects_and_runs_without_checkpoints(
         assert session.get(Run, run_id).status == "queued"  # a dry run changes nothing
 
 
-def test_a_group_too_long_for_the_dry_run_is_422_from_the_worker(
-    api, worker, settings, tiny_model_dir, make_key
-):
-    run_id, key = trained_run(settings, tiny_model_dir, make_key, training={"steps": 3})
-    resp = api.post(
+def test_a_group_too_long_for_the_dry_run_is_422_from_the_worker(served):
+    resp = served.api.post(
         "/v1/gvpo:dry_run",
-        headers=auth(key),
-        json=body(run_id, completions=["x" * 40_000, "y"], rewards=[1.0, 0.0]),
+        headers=auth(served.key),
+        json=body(served.full, completions=["x" * 40_000, "y"], rewards=[1.0, 0.0]),
     )
     error = assert_error(resp, 422, "invalid_request", "at most 65536")
     assert [f["field"] for f in error["details"]["fields"]] == ["completions"]
 
 
 def test_without_a_worker_the_dry_run_is_a_504_naming_the_queue(settings, tiny_model_dir, make_key):
-    from fastapi.testclient import TestClient
-
-    from service.main import create_app
 
     run_id = submit(settings, tiny_model_dir)
     with session_scope(settings.resolved_database_url) as session:
@@ -217,26 +227,21 @@ def test_without_a_worker_the_dry_run_is_a_504_naming_the_queue(settings, tiny_m
 
 
 def test_with_the_broker_down_the_dry_run_is_a_503(settings, tiny_model_dir):
-    from fastapi.testclient import TestClient
-
-    from service.auth.service import create_api_key
-    from service.main import create_app
-    from service.stack import free_port
-
     run_id = submit(settings, tiny_model_dir)
     with session_scope(settings.resolved_database_url) as session:
         session.add(
             Checkpoint(id="ckpt_x", run_id=run_id, step=1, path=str(tiny_model_dir), bytes=1)
         )
-    down = settings.model_copy(
-        update={
-            "broker_url": f"redis://127.0.0.1:{free_port()}/0",
-            "reaper_interval_s": 0,
-            **CLUSTER_SECRETS,
-        }
-    )
-    with session_scope(settings.resolved_database_url) as session:  # a key under down's pepper
-        key = create_api_key(session, "loop", down.api_key_pepper)[1]
-    with TestClient(create_app(down)) as api:
-        resp = api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id))
+    with closed_port() as port:  # a Redis broker nobody answers
+        down = settings.model_copy(
+            update={
+                "broker_url": f"redis://127.0.0.1:{port}/0",
+                "reaper_interval_s": 0,
+                **CLUSTER_SECRETS,
+            }
+        )
+        with session_scope(settings.resolved_database_url) as session:  # a key, down's pepper
+            key = create_api_key(session, "loop", down.api_key_pepper)[1]
+        with TestClient(create_app(down)) as api:
+            resp = api.post("/v1/gvpo:dry_run", headers=auth(key), json=body(run_id))
     assert_error(resp, 503, "unavailable", "the broker cannot be reached")

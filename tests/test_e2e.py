@@ -20,6 +20,7 @@ from factories import (
     DROP,
     SERVER_START_S,
     STACK_RUN,
+    STANDARD_METRICS,
     WORKER_S,
     copy_rows,
     post_file,
@@ -32,21 +33,6 @@ from services import ATTEMPTS, cli, stack_project, stack_settings, start_stack, 
 
 pytestmark = pytest.mark.slow
 
-STANDARD_METRICS = [
-    "reward/mean",
-    "reward/std",
-    "loss",
-    "kl/ref",
-    "logratio/mean",
-    "entropy",
-    "response_length/mean",
-    "grad_norm",
-    "lr",
-    "time/rollout_s",
-    "time/reward_s",
-    "time/learn_s",
-    "throughput/tokens_per_s",
-]
 ENDED = {"succeeded", "failed", "cancelled"}
 
 

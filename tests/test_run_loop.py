@@ -15,26 +15,11 @@ from service.runs.service import cancel_run
 from workers.execute import execute_run
 from workers.records import RunRecorder
 
-from factories import WORKER_S, submit
+from factories import STANDARD_METRICS, WORKER_S, submit
 
 pytestmark = pytest.mark.both_backends
 
-STANDARD_METRICS = {
-    "reward/mean",
-    "reward/std",
-    "loss",
-    "kl/ref",
-    "logratio/mean",
-    "entropy",
-    "response_length/mean",
-    "grad_norm",
-    "lr",
-    "time/rollout_s",
-    "time/reward_s",
-    "time/learn_s",
-    "throughput/tokens_per_s",
-    "groups/zero_variance_frac",
-}
+STEP_METRICS = {*STANDARD_METRICS, "groups/zero_variance_frac"}
 
 
 def events(settings, run_id) -> list[RunEvent]:
@@ -59,7 +44,7 @@ def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
     assert (run.status, run.step, run.lease_owner) == ("succeeded", 6, None)
     assert run.samples_generated == 6 * 2 * 4 and run.tokens_generated > 0
     with session_scope(settings.resolved_database_url) as session:
-        for name in STANDARD_METRICS:
+        for name in STEP_METRICS:
             steps = session.scalars(
                 select(Metric.step)
                 .where(Metric.run_id == run_id, Metric.name == name)

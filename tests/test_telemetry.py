@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.db import session_scope
 from service.main import create_app
-from service.runs.service import add_event
+from service.models.run_event import add_event
 from workers.records import RunRecorder
 
 from factories import auth, submit

@@ -23,25 +23,15 @@ from service.contract.events import ENDED, EventLevel, EventType
 from service.contract.files import read_rows
 from service.contract.states import TERMINAL, TRANSITIONS, RunStatus, sources
 from service.db import session_scope
-from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunEvent, RunGroup, Sample
+from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunGroup, Sample
 from service.models.base import utcnow
+from service.models.run_event import add_event
 from workers.errors import RunError
 
 
 def _insert(session: Session, model):
     dialect = session.get_bind().dialect.name
     return (postgresql if dialect == "postgresql" else sqlite).insert(model)
-
-
-def add_event(
-    session: Session,
-    run_id: str,
-    type_: EventType,
-    message: str,
-    level: EventLevel = EventLevel.INFO,
-    data: dict | None = None,
-) -> None:
-    session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))
 
 
 log = logging.getLogger(__name__)

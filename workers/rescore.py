@@ -25,10 +25,11 @@ from service.contract.states import RescoreStatus
 from service.db import session_scope
 from service.models import File, Rescore, RewardHistory, Run, Sample
 from service.models.base import new_id, utcnow
+from service.models.run_event import add_event
 from workers.data import Example
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat
-from workers.records import RunRecorder, add_event
+from workers.records import RunRecorder
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Completion, Rollout

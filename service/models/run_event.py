@@ -2,8 +2,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Integer, String, Text
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from service.contract.events import EventLevel, EventType
 from service.models.base import Base, UTCDateTime, utcnow
 
 
@@ -15,6 +16,18 @@ class RunEvent(Base):
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     type: Mapped[str] = mapped_column(String(64))
-    level: Mapped[str] = mapped_column(String(16), default="info")
+    level: Mapped[str] = mapped_column(String(16), default=EventLevel.INFO)
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+def add_event(
+    session: Session,
+    run_id: str,
+    type_: EventType,
+    message: str,
+    level: EventLevel = EventLevel.INFO,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Record an event of the run in the session's transaction (the API's and the workers')."""
+    session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))

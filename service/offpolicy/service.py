@@ -18,9 +18,10 @@ from service.contract.spec import RunSpec, offpolicy_per_engine
 from service.contract.states import TERMINAL
 from service.errors import Conflict, InvalidSpec
 from service.models import Project, Run, RunGroup
+from service.models.run_event import add_event
 from service.offpolicy.schemas import GroupsStatus
 from service.runs.preflight import check_posted_groups
-from service.runs.service import add_event, get_run, run_spec
+from service.runs.service import get_run, run_spec
 
 MAX_PENDING = 100_000  # posted groups a run holds untrained
 

@@ -24,8 +24,9 @@ from service.dispatch import enqueue
 from service.errors import Conflict, NotFound
 from service.models import Project, Rescore, Run, Sample
 from service.models.base import utcnow
+from service.models.run_event import add_event
 from service.rescores.schemas import RescoreCreate
-from service.runs.service import add_event, check_webhooks, get_run
+from service.runs.service import check_webhooks, get_run
 
 
 def create_rescore(

@@ -17,7 +17,8 @@ from service.contract.signing import SignatureError, is_reward, new_secret, veri
 from service.errors import BadRequest, Conflict, NotFound, Unauthorized
 from service.models import Project, RewardRequest, Run
 from service.models.base import utcnow
-from service.runs.service import add_event, get_run
+from service.models.run_event import add_event
+from service.runs.service import get_run
 
 
 def accepted_secrets(run: Run) -> list[str]:

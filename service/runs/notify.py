@@ -36,7 +36,7 @@ from service.contract.webhooks import RunNotification, RunSummary
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
-from service.runs.service import add_event
+from service.models.run_event import add_event
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ from service.contract.tasks import queue_of
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
+from service.models.run_event import add_event
 from service.rescores.service import reap_rescores
-from service.runs.service import add_event, dispatch_run
+from service.runs.service import dispatch_run
 
 log = logging.getLogger(__name__)
 

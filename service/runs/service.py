@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.contract import storage
-from service.contract.events import EventLevel, EventType
+from service.contract.events import EventType
 from service.contract.files import FilePurpose, numbered_rows
 from service.contract.groups import fit_problem
 from service.contract.outbound import unreachable, webhook_url_problem
@@ -27,18 +27,8 @@ from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.service import get_file
 from service.models import Checkpoint, Project, Run, RunEvent
 from service.models.base import utcnow
+from service.models.run_event import add_event
 from service.runs.preflight import check_model
-
-
-def add_event(
-    session: Session,
-    run_id: str,
-    type_: EventType,
-    message: str,
-    level: EventLevel = EventLevel.INFO,
-    data: dict[str, Any] | None = None,
-) -> None:
-    session.add(RunEvent(run_id=run_id, type=type_, message=message, level=level, data=data))
 
 
 def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
