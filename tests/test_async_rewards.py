@@ -91,7 +91,7 @@ def test_a_missing_callback_is_resent_then_fails_the_run(api_server, tiny_model_
             api_server, tiny_model_dir, server.url, timeout_s=0.5, max_attempts=2
         )
         assert execute_run(api_server, run_id, "worker-a") == "failed"
-    assert loaded_to_failed_s(api_server, run_id) < 10
+    assert loaded_to_failed_s(api_server, run_id) < 30  # 2 x 0.5 s, far from the 5 x 10 s default
     assert behaviour.calls == 2  # sent, then re-sent once after the deadline
     with session_scope(api_server.resolved_database_url) as session:
         run = session.get(Run, run_id)
@@ -100,15 +100,20 @@ def test_a_missing_callback_is_resent_then_fails_the_run(api_server, tiny_model_
     assert types.count("reward.retry") == 1
 
 
+# Longer than a loaded machine takes for the tiny model's other phases (a rollout that ran past
+# it would fail the run naming the rollout), far shorter than the reward model's 20 x 2 s.
+STEP_TIMEOUT_S = 10.0
+
+
 def hung_reward_run(settings, model_dir, server: RewardServer) -> str:
-    """A run whose reward model never calls back (it would be re-sent 20 x 2 s) under a 3 s
-    step timeout."""
+    """A run whose reward model never calls back (it would be re-sent 20 x 2 s) under a
+    STEP_TIMEOUT_S step timeout."""
     run_id, server.behaviour.secret = async_run(
         settings, model_dir, server.url, timeout_s=2, max_attempts=20
     )
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
-        run.spec = {**run.spec, "resources": {"step_timeout_s": 3.0}}
+        run.spec = {**run.spec, "resources": {"step_timeout_s": STEP_TIMEOUT_S}}
     return run_id
 
 
@@ -128,7 +133,8 @@ def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server
     with RewardServer(Behaviour(mode="async", call_back=False)) as server:
         run_id = hung_reward_run(api_server, tiny_model_dir, server)
         assert execute_run(api_server, run_id, "worker-a") == "failed"
-    assert loaded_to_failed_s(api_server, run_id) < 10  # the limit plus a heartbeat, not 20 x 2 s
+    # the limit and a heartbeat or two, not the 20 x 2 s of re-sends
+    assert loaded_to_failed_s(api_server, run_id) < STEP_TIMEOUT_S + 10
     run, failed = failure_of(api_server, run_id)
     assert run.status == "failed" and "reward phase" in run.error and "step 1" in run.error
     assert failed.type == "run.failed" and failed.data == {"phase": "reward", "step": 1}

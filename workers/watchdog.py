@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 GRACE_S = 30.0
 
@@ -26,12 +27,25 @@ class StepTimeout(Exception):
         self.phase, self.step = phase, step
 
 
+@dataclass(frozen=True)
+class _Phase:
+    name: str
+    step: int
+    since: float  # time.monotonic() when it began
+
+
 class Watchdog:
+    """The phase a step is in. It is one immutable value, replaced whole, so the heartbeat thread
+    and the signal handler read it consistently without a lock (a handler that waited for a
+    lock the interrupted thread holds would never return)."""
+
     def __init__(self, limit_s: float | None) -> None:
         self.limit_s = limit_s
-        self.phase: str | None = None
-        self.step, self.since, self.fired_at = 0, 0.0, None
-        self.lock = threading.Lock()
+        self.current: _Phase | None = None
+        # The phase an interrupt was sent for, and when: each phase gets its own interrupt, so
+        # one that ended before its interrupt landed does not doom the next to the hard stop.
+        self.fired: _Phase | None = None
+        self.fired_at = 0.0
         self.interruptible = False
 
     def arm(self) -> None:
@@ -47,32 +61,32 @@ class Watchdog:
             self.interruptible = False
 
     def enter(self, phase: str, step: int) -> None:
-        with self.lock:
-            self.phase, self.step, self.since = phase, step, time.monotonic()
+        self.current = _Phase(phase, step, time.monotonic())
 
     def leave(self) -> None:
-        with self.lock:
-            self.phase = None
+        self.current = None
 
-    def overdue(self) -> StepTimeout | None:
-        with self.lock:
-            if self.limit_s is None or self.phase is None:
-                return None
-            if time.monotonic() - self.since <= self.limit_s:
-                return None
-            return StepTimeout(self.phase, self.step, self.limit_s)
+    def overdue(self, phase: "_Phase | None" = None) -> StepTimeout | None:
+        """The timeout of `phase` (default: the current one) if it has run past the limit."""
+        phase = phase or self.current
+        if self.limit_s is None or phase is None:
+            return None
+        if time.monotonic() - phase.since <= self.limit_s:
+            return None
+        return StepTimeout(phase.name, phase.step, self.limit_s)
 
     def check(self, fail_run: Callable[[StepTimeout], None]) -> None:
         """Called by the heartbeat thread: interrupt an overdue phase; end the process if the
         interrupt did not get through within GRACE_S."""
-        timeout = self.overdue()
+        phase = self.current
+        timeout = self.overdue(phase)
         if timeout is None:
             return
         now = time.monotonic()
-        if self.fired_at is None and self.interruptible:
-            self.fired_at = now
+        if self.interruptible and self.fired is not phase:
+            self.fired, self.fired_at = phase, now
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-        elif self.fired_at is None or now - self.fired_at > GRACE_S:
+        elif not self.interruptible or now - self.fired_at > GRACE_S:
             fail_run(timeout)
             os._exit(1)
 

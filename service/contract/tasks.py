@@ -98,8 +98,8 @@ def celery_app(settings: BrokerSettings, include: tuple[str, ...] = ()) -> Celer
     )
     if settings.broker_url.startswith("filesystem"):
         app.conf.broker_transport_options = _filesystem_options(settings.broker_dir)
-    if backend and backend.startswith("file://"):
-        Path(settings.broker_dir / "results").mkdir(parents=True, exist_ok=True)
+    if backend and backend.startswith("file://"):  # Celery expects the folder to be there
+        Path(backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     return app
 
 
