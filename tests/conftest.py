@@ -108,11 +108,16 @@ def new_settings(root: Path, backend: str, request) -> Settings:
 
 
 def release(settings: Settings) -> None:
-    """Close the settings' database connections (one PostgreSQL cluster serves every test)."""
-    if not settings.resolved_database_url.startswith("sqlite"):
+    """Close the settings' database connections and drop a PostgreSQL test database (one cluster
+    serves every test: dropping each as it ends keeps its disk, and its teardown, small)."""
+    url = settings.resolved_database_url
+    if not url.startswith("sqlite"):
         from service.db import get_engine
 
-        get_engine(settings.resolved_database_url).dispose()
+        from services import drop_database
+
+        get_engine(url).dispose()
+        drop_database(url)
 
 
 @pytest.fixture
