@@ -65,16 +65,6 @@ def sources(target: RunStatus) -> frozenset[RunStatus]:
     return frozenset(status for status, targets in TRANSITIONS.items() if target in targets)
 
 
-class IllegalTransition(ValueError):
-    """A move the table does not allow."""
-
-
-def check_move(current: str, target: RunStatus) -> None:
-    """IllegalTransition unless a run that is `current` may become `target`."""
-    if target not in TRANSITIONS[RunStatus(current)]:
-        raise IllegalTransition(f"a {current} run cannot become {target}")
-
-
 class RescoreStatus(StrEnum):
     """A rescore (service/rescores): queued until a worker claims it, then running (back to
     queued when its lease expires), and it ends succeeded or failed."""
