@@ -199,8 +199,9 @@ def _binary(name: str) -> str:
 
 
 # A cluster the tests throw away need not survive a power cut: no fsync, so that creating a
-# test's database and dropping it cost milliseconds, not seconds.
-THROWAWAY = "-c fsync=off -c full_page_writes=off -c synchronous_commit=off"
+# test's database and dropping it cost milliseconds, not seconds. Commits stay synchronous: a
+# server killed mid-run (test_db_outage) must still keep every commit it acknowledged.
+THROWAWAY = "-c fsync=off -c full_page_writes=off"
 
 
 class Postgres:
