@@ -20,13 +20,16 @@ log = logging.getLogger(__name__)
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
 
-def enqueue(settings: Settings, task: str, row_id: str, queue: str) -> bool:
-    """Publish `task` for the row `row_id`; False if the broker is unreachable (the row stays
-    queued for the reaper to publish)."""
+def enqueue(
+    settings: Settings, task: str, row_id: str, queue: str, task_id: str | None = None
+) -> bool:
+    """Publish `task` for the row `row_id` (as `task_id` when given); False if the broker is
+    unreachable (the row stays queued for the reaper to publish)."""
     try:
         publisher(settings).send_task(
             task,
             args=[row_id],
+            task_id=task_id,
             queue=queue,
             ignore_result=True,
             retry=True,

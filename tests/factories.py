@@ -267,6 +267,11 @@ def assert_error(resp, status: int, code: str, *needles: str) -> dict:
 def broker_run_ids(settings, queue: str = "default") -> list[str]:
     """Run ids of the task messages waiting in the broker: the filesystem broker's queue
     folder (every queue), or the Redis list of `queue`, oldest first."""
+    return [run_id for run_id, _task_id in broker_messages(settings, queue)]
+
+
+def broker_messages(settings, queue: str = "default") -> list[tuple[str, str]]:
+    """(run id, task id) of the task messages waiting in the broker (see broker_run_ids)."""
     import base64
 
     if settings.broker_url.startswith("redis"):
@@ -276,11 +281,12 @@ def broker_run_ids(settings, queue: str = "default") -> list[str]:
         raw = reversed(redis.Redis.from_url(settings.broker_url).lrange(queue, 0, -1))
     else:
         raw = (m.read_text() for m in sorted((settings.broker_dir / "queue").glob("*.msg")))
-    ids = []
+    messages = []
     for message in raw:
-        args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(message)["body"]))
-        ids.append(args[0])
-    return ids
+        envelope = json.loads(message)
+        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        messages.append((args[0], envelope["headers"]["id"]))
+    return messages
 
 
 # ---------------------------------------------------------------- models

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from service.db import session_scope
 from service.models import Checkpoint, Project, Run, RunEvent
 from service.models.base import utcnow
-from service.runs import service
+from service.runs import control
 from workers.execute import execute_run
 
 from factories import WORKER_S, submit, wait_until
@@ -25,7 +25,7 @@ def act(settings, action: str, run_id: str) -> Run:
     """pause_run / resume_run / cancel_run as the API calls them, committed."""
     with session_scope(settings.resolved_database_url) as session:
         project = session.get(Project, session.get(Run, run_id).project_id)
-        fn = getattr(service, f"{action}_run")
+        fn = getattr(control, f"{action}_run")
         args = (
             (session, settings, project, run_id)
             if action == "resume"

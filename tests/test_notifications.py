@@ -20,8 +20,8 @@ from service.contract.signing import HEADER, SignatureError, verify
 from service.db import session_scope
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow
+from service.runs.control import cancel_run
 from service.runs.notify import EVENT_ID_HEADER, Outcome, claim, deliver, deliver_due, record
-from service.runs.service import cancel_run
 from workers.execute import execute_run
 
 from factories import (

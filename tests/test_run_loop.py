@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from service.db import session_scope
 from service.models import Checkpoint, Metric, Run, RunEvent, Sample
-from service.runs.service import cancel_run
+from service.runs.control import cancel_run
 from workers.execute import execute_run
 from workers.records import RunRecorder
 

@@ -7,7 +7,7 @@ from service.contract.events import EventType
 from service.contract.states import ACTIONS, TERMINAL, TRANSITIONS, RunStatus
 from service.db import session_scope
 from service.models import Project, Run, RunEvent
-from service.runs.service import cancel_run
+from service.runs.control import cancel_run
 from workers.records import RunRecorder
 
 from factories import submit

@@ -27,12 +27,12 @@ log = logging.getLogger(__name__)
 STOPS = {Cancelled: RunStatus.CANCELLED, Paused: RunStatus.PAUSED, LeaseLost: LEASE_LOST}
 
 
-def execute_run(settings: Settings, run_id: str, worker_id: str) -> str:
-    """Run `run_id` if this worker can claim it; returns the final status or why it skipped."""
+def execute_run(settings: Settings, run_id: str, worker_id: str, task_id: str | None = None) -> str:
+    """Run `run_id` if this worker can claim it (with the message `task_id`, when one was
+    delivered); returns the final status or why it skipped."""
     recorder = RunRecorder(settings, run_id, worker_id)
-    spec, why = recorder.claim()
+    spec, why = recorder.claim(task_id)
     if spec is None:
-        log.info("skipping run %s: %s", run_id, why)
         return f"skipped: {why}"
     try:
         run_spec = RunSpec.model_validate(spec)

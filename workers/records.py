@@ -21,7 +21,7 @@ from service.config import Settings
 from service.contract import storage
 from service.contract.events import ENDED, EventLevel, EventType
 from service.contract.files import read_rows
-from service.contract.states import TERMINAL, TRANSITIONS, RunStatus, sources
+from service.contract.states import TERMINAL, RunStatus, sources
 from service.db import session_scope
 from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunGroup, Sample
 from service.models.base import utcnow
@@ -83,55 +83,102 @@ class RunRecorder:
     def _lease_until(self):
         return utcnow() + timedelta(seconds=self.settings.lease_seconds)
 
-    def claim(self) -> tuple[dict[str, Any] | None, str]:
-        """Take the run's lease and return its spec; (None, why) if the run is finished or
-        another live worker owns it.
+    def claim(self, task_id: str | None = None) -> tuple[dict[str, Any] | None, str]:
+        """Take the run's lease and return its spec; (None, why) when it cannot start (see
+        `unstartable`).
 
         One conditional UPDATE (compare-and-set), so two deliveries racing for the same run
         cannot both win, on SQLite as on PostgreSQL.
         """
-        now = utcnow()
+        for _ in range(2):  # once more if the run was resumed while we looked
+            with session_scope(self.url) as session:
+                if self._take(session, task_id):
+                    return self._started(session), ""
+            if why := self.unstartable(task_id):
+                return self.skip(why)
+        return self.skip("the run kept changing state; a later message starts it")
+
+    def unstartable(self, task_id: str | None = None) -> str | None:
+        """Why the run cannot start now, found without taking its lease (a worker asks before
+        it loads any model library); None when it may. With `task_id`, the delivered message:
+        one the run's dispatch_id does not name is superseded, and one that finds the run
+        paused is used up (its resume publishes a new one)."""
         with session_scope(self.url) as session:
-            taken = (
-                session.execute(
-                    update(Run)
-                    # a paused run waits for /resume, which queues it again
-                    .where(
-                        Run.id == self.run_id,
-                        Run.status.in_(sources(RunStatus.RUNNING)),
-                        or_(
-                            Run.lease_owner.is_(None),
-                            Run.lease_owner == self.worker_id,
-                            Run.lease_expires_at < now,
-                        ),
-                    )
-                    .values(
-                        status=RunStatus.RUNNING,
-                        lease_owner=self.worker_id,
-                        lease_expires_at=self._lease_until(),
-                        started_at=func.coalesce(Run.started_at, now),
-                        attempts=Run.attempts + 1,
-                    )
-                ).rowcount
-                == 1
-            )
             run = session.get(Run, self.run_id)
-            if not taken:
-                if run is None:
-                    return None, "no such run"
-                if run.status in TERMINAL:
-                    return None, f"run is already {run.status}"
-                if run.status == RunStatus.PAUSED:
-                    return None, "run is paused"
-                return None, f"run is leased by {run.lease_owner} until {run.lease_expires_at}"
-            add_event(
-                session,
-                run.id,
-                EventType.RUN_STARTED,
-                f"worker {self.worker_id} started the run",
-                data={"attempt": run.attempts},
-            )
-            return dict(run.spec), ""
+            if run is None:
+                return "no such run"
+            if task_id is not None and run.dispatch_id not in (None, task_id):
+                return f"superseded by task {run.dispatch_id}"
+            if run.status in TERMINAL:
+                return f"run is already {run.status}"
+            if run.status == RunStatus.PAUSED and (
+                task_id is None or run.dispatch_id is None or self._consumed(session, task_id)
+            ):
+                return "run is paused"
+            held = run.lease_owner not in (None, self.worker_id)
+            if run.status == RunStatus.RUNNING and held and run.lease_expires_at > utcnow():
+                return f"run is leased by {run.lease_owner} until {run.lease_expires_at}"
+        return None
+
+    def skip(self, why: str) -> tuple[None, str]:
+        log.info("skipping run %s: %s", self.run_id, why)
+        return None, why
+
+    def _take(self, session: Session, task_id: str | None) -> bool:
+        now = utcnow()
+        by_message = [or_(Run.dispatch_id.is_(None), Run.dispatch_id == task_id)] if task_id else []
+        return (
+            session.execute(
+                update(Run)
+                # a paused run waits for /resume, which queues it again
+                .where(
+                    Run.id == self.run_id,
+                    Run.status.in_(sources(RunStatus.RUNNING)),
+                    or_(
+                        Run.lease_owner.is_(None),
+                        Run.lease_owner == self.worker_id,
+                        Run.lease_expires_at < now,
+                    ),
+                    *by_message,
+                )
+                .values(
+                    status=RunStatus.RUNNING,
+                    lease_owner=self.worker_id,
+                    lease_expires_at=self._lease_until(),
+                    started_at=func.coalesce(Run.started_at, now),
+                    attempts=Run.attempts + 1,
+                    dispatch_id=None,
+                )
+            ).rowcount
+            == 1
+        )
+
+    def _consumed(self, session: Session, task_id: str) -> bool:
+        """Mark the run's message `task_id` used (it could not start the run); False when the
+        run was queued again meanwhile, keeping that message to start it."""
+        return (
+            session.execute(
+                update(Run)
+                .where(
+                    Run.id == self.run_id,
+                    Run.dispatch_id == task_id,
+                    Run.status != RunStatus.QUEUED,
+                )
+                .values(dispatch_id=None)
+            ).rowcount
+            == 1
+        )
+
+    def _started(self, session: Session) -> dict[str, Any]:
+        run = session.get(Run, self.run_id)
+        add_event(
+            session,
+            run.id,
+            EventType.RUN_STARTED,
+            f"worker {self.worker_id} started the run",
+            data={"attempt": run.attempts},
+        )
+        return dict(run.spec)
 
     def renew_lease(self) -> bool:
         """Heartbeat; False when the lease was lost (another worker took the run)."""
@@ -328,11 +375,17 @@ class RunRecorder:
     def _move(self, session: Session, status: RunStatus) -> Run | None:
         """The run, moved to `status` and its lease given up; None (nothing written) when the
         contract does not allow it: another actor ended or requeued the run meanwhile."""
+        moved = session.execute(
+            update(Run)
+            .where(Run.id == self.run_id, Run.status.in_(sources(status)))
+            .values(status=status, lease_owner=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
         run = session.get(Run, self.run_id)
-        if status not in TRANSITIONS[RunStatus(run.status)]:
+        session.refresh(run)
+        if not moved:
             log.warning("run %s is %s; not marking it %s", self.run_id, run.status, status)
             return None
-        run.status, run.lease_owner, run.lease_expires_at = status, None, None
         return run
 
     @_retrying

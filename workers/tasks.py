@@ -15,13 +15,20 @@ from service.contract.tasks import (
     DryRunTask,
     MergeTask,
 )
+from workers.records import RunRecorder
 
 
 @shared_task(name=RUN_TASK, bind=True, acks_late=True)
 def run_task(self, run_id: str) -> str:
-    from workers.execute import execute_run  # torch loads in the worker child, not at import
+    settings, worker_id = get_settings(), _worker_id(self)
+    # Asked before any model library loads (and before the lease, which the heartbeat keeps
+    # only once training starts): a message that cannot start the run, superseded by a newer
+    # one or finding the run paused, ended or taken, is done with in milliseconds.
+    if why := RunRecorder(settings, run_id, worker_id).unstartable(self.request.id):
+        return f"skipped: {why}"
+    from workers.execute import execute_run  # torch loads here, in the worker's child
 
-    return execute_run(get_settings(), run_id, _worker_id(self))
+    return execute_run(settings, run_id, worker_id, self.request.id)
 
 
 @shared_task(name=RESCORE_TASK, bind=True, acks_late=True)

@@ -20,7 +20,7 @@ from service.contract.states import STATES
 from service.errors import InvalidSpec, invalid_spec
 from service.metrics.schemas import StepMetrics
 from service.models import Run
-from service.runs import service, stream
+from service.runs import control, service, stream
 from service.runs.schemas import EventRead, RunRead
 
 MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE, MAX_IDEMPOTENCY_KEY = 100, 20, 200
@@ -157,14 +157,14 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
         return await rpc.call(context, self.settings, page)
 
     async def CancelRun(self, request, context) -> pb.Run:
-        return await self._one(context, lambda s, p: service.cancel_run(s, p, request.run_id))
+        return await self._one(context, lambda s, p: control.cancel_run(s, p, request.run_id))
 
     async def PauseRun(self, request, context) -> pb.Run:
-        return await self._one(context, lambda s, p: service.pause_run(s, p, request.run_id))
+        return await self._one(context, lambda s, p: control.pause_run(s, p, request.run_id))
 
     async def ResumeRun(self, request, context) -> pb.Run:
         return await self._one(
-            context, lambda s, p: service.resume_run(s, self.settings, p, request.run_id)
+            context, lambda s, p: control.resume_run(s, self.settings, p, request.run_id)
         )
 
     async def _one(self, context, op) -> pb.Run:

@@ -6,7 +6,7 @@ from fastapi.responses import StreamingResponse
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
 from service.deps import DB_INT_MAX, ProjectDep, SessionDep, SettingsDep
-from service.runs import service, stream
+from service.runs import control, service, stream
 from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead, RunStates
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -64,19 +64,19 @@ def get_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
 
 @router.post("/{run_id}/cancel", response_model=RunRead)
 def cancel_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
-    return RunRead.model_validate(service.cancel_run(session, project, run_id))
+    return RunRead.model_validate(control.cancel_run(session, project, run_id))
 
 
 @router.post("/{run_id}/pause", response_model=RunRead)
 def pause_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
-    return RunRead.model_validate(service.pause_run(session, project, run_id))
+    return RunRead.model_validate(control.pause_run(session, project, run_id))
 
 
 @router.post("/{run_id}/resume", response_model=RunRead)
 def resume_run(
     run_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep
 ) -> RunRead:
-    return RunRead.model_validate(service.resume_run(session, settings, project, run_id))
+    return RunRead.model_validate(control.resume_run(session, settings, project, run_id))
 
 
 @router.get(

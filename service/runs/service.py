@@ -5,7 +5,7 @@ import json
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,15 +18,15 @@ from service.contract.outbound import unreachable, webhook_url_problem
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward
 from service.contract.signing import new_secret
 from service.contract.spec import RunSpec
-from service.contract.states import ACTIONS, TERMINAL, NotifyState, RunStatus
+from service.contract.states import TERMINAL, NotifyState, RunStatus
 from service.contract.storage import CheckpointKind
-from service.contract.tasks import RUN_TASK, queue_of
+from service.contract.tasks import RUN_TASK
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.service import get_file
 from service.models import Checkpoint, Project, Run, RunEvent
-from service.models.base import utcnow
+from service.models.base import new_id, utcnow
 from service.models.run_event import add_event
 from service.runs.preflight import check_model
 
@@ -251,14 +251,28 @@ def create_run(
 
 
 def dispatch_run(settings: Settings, run_id: str, queue: str) -> bool:
-    """Publish the run's task and note when; False (the run stays queued, unpublished, for the
-    reaper to retry) when the broker is unreachable."""
-    if not enqueue(settings, RUN_TASK, run_id, queue):
+    """Publish a task to start the queued run, and note when; False when the run is no longer
+    queued, or when the broker is unreachable (the run stays queued, unpublished, for the reaper
+    to retry).
+
+    The run's dispatch_id names the new message before it is published: a worker that receives
+    any other (an older one this supersedes) exits at once, so a run has one live message."""
+    task_id = new_id("task")
+    url = settings.resolved_database_url
+    with session_scope(url) as session:
+        named = session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == RunStatus.QUEUED)
+            .values(dispatch_id=task_id, dispatched_at=None)
+        ).rowcount
+    if not named or not enqueue(settings, RUN_TASK, run_id, queue, task_id):
         return False
-    with session_scope(settings.resolved_database_url) as session:
-        run = session.get(Run, run_id)
-        if run is not None and run.dispatched_at is None:
-            run.dispatched_at = utcnow()
+    with session_scope(url) as session:
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.dispatch_id == task_id)
+            .values(dispatched_at=utcnow())
+        )
     return True
 
 
@@ -296,69 +310,6 @@ def list_runs(
         stmt = stmt.where(Run.id < after)
     rows = list(session.scalars(stmt.order_by(Run.id.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
-
-
-def _refused(run: Run, action: str) -> Conflict:
-    """409 for `action` (pause, resume) asked of a run in a state that does not allow it."""
-    allowed = " or ".join(status for status in RunStatus if status in ACTIONS[action])
-    return Conflict(f"run {run.id} is {run.status}; only a {allowed} run can be {action}d")
-
-
-def cancel_run(session: Session, project: Project, run_id: str) -> Run:
-    run = get_run(session, project, run_id)
-    if run.status not in ACTIONS["cancel"]:
-        raise Conflict(f"run {run_id} is already {run.status}; it cannot be cancelled")
-    if run.status != RunStatus.RUNNING:
-        # No worker owns it: cancel now; a later delivery of its task sees the state and exits.
-        add_event(session, run.id, EventType.RUN_CANCELLED, f"run cancelled while {run.status}")
-        run.status, run.finished_at = RunStatus.CANCELLED, utcnow()
-    elif not run.cancel_requested:
-        # A running loop checks this flag between steps and stops cooperatively.
-        run.cancel_requested = True
-        add_event(
-            session,
-            run.id,
-            EventType.RUN_CANCEL_REQUESTED,
-            "cancel requested; stops after this step",
-        )
-    session.flush()
-    return run
-
-
-def pause_run(session: Session, project: Project, run_id: str) -> Run:
-    run = get_run(session, project, run_id)
-    if run.status not in ACTIONS["pause"]:
-        raise _refused(run, "pause")
-    if run.status == RunStatus.QUEUED:
-        run.status = RunStatus.PAUSED
-        add_event(session, run.id, EventType.RUN_PAUSED, "run paused before it started")
-    elif not run.pause_requested:
-        # The loop checks this between steps: it writes a checkpoint, frees the worker and exits.
-        run.pause_requested = True
-        add_event(
-            session,
-            run.id,
-            EventType.RUN_PAUSE_REQUESTED,
-            "pause requested; the run checkpoints and stops after this step",
-        )
-    session.flush()
-    return run
-
-
-def resume_run(session: Session, settings: Settings, project: Project, run_id: str) -> Run:
-    run = get_run(session, project, run_id)
-    if run.status not in ACTIONS["resume"]:
-        raise _refused(run, "resume")
-    run.status, run.pause_requested, run.dispatched_at = RunStatus.QUEUED, False, None
-    add_event(
-        session,
-        run.id,
-        EventType.RUN_RESUME_REQUESTED,
-        f"run queued again; it continues after step {run.step}",
-    )
-    session.flush()
-    after_commit(session, lambda: dispatch_run(settings, run.id, queue_of(run.spec)))
-    return run
 
 
 def list_events(
