@@ -14,6 +14,7 @@ from service import dashboard, telemetry
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
 from service.diagnostics.routes import router as diagnostics_router
+from service.edge import Edge
 from service.errors import ServiceError, classify, invalid_spec
 from service.files.routes import router as files_router
 from service.grpc_server import GrpcServer
@@ -124,4 +125,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     telemetry.install(app, app.state.settings)
     dashboard.install(app)
+    app.add_middleware(Edge)  # outermost: before any route or other middleware
     return app

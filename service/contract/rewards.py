@@ -10,7 +10,9 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from service.contract.limits import MAX_PATTERNS, MAX_TEXT, Strict
 
 
 def finite(v: float) -> float:
@@ -19,15 +21,14 @@ def finite(v: float) -> float:
     return v
 
 
-class RewardParams(BaseModel):
+class RewardParams(Strict):
     """No parameters (the default)."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class RegexParams(RewardParams):
-    pattern: str | list[str] = Field(
-        description="one pattern: 1.0 if it matches; a list: the share of patterns that match"
+    pattern: str | list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(
+        max_length=MAX_PATTERNS,
+        description="one pattern: 1.0 if it matches; a list: the share of patterns that match",
     )
 
     @field_validator("pattern")
@@ -47,7 +48,7 @@ class RegexParams(RewardParams):
 
 
 class LengthPenaltyParams(RewardParams):
-    target: int = Field(ge=1, description="characters allowed without penalty")
+    target: int = Field(ge=1, le=10_000_000, description="characters allowed without penalty")
     scale: float = Field(1.0, gt=0, description="penalty per target-length of excess")
 
 
@@ -71,11 +72,9 @@ def reward_params(name: str) -> type[RewardParams]:
         ) from None
 
 
-class BuiltinReward(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class BuiltinReward(Strict):
     type: Literal["builtin"]
-    name: str
+    name: str = Field(max_length=MAX_TEXT)
     params: dict[str, Any] = Field(default_factory=dict, description="the reward's own settings")
 
     @field_validator("name")
@@ -96,10 +95,8 @@ class BuiltinReward(BaseModel):
         return self
 
 
-class WebhookReward(BaseModel):
+class WebhookReward(Strict):
     """An external reward model, called with signed POSTs (DESIGN.md, reward webhook protocol)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["webhook"]
     url: str = Field(min_length=1, max_length=2048)
@@ -118,10 +115,13 @@ class WebhookReward(BaseModel):
         return "webhook"
 
 
-class _Weighted(BaseModel):
+class _Weighted(Strict):
     weight: float = Field(1.0, description="its share of the composite reward")
     label: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.-]+$", description="metric name part: reward/<label>/mean"
+        None,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="metric name part: reward/<label>/mean",
     )
 
     _weight_finite = field_validator("weight")(finite)
@@ -135,14 +135,12 @@ class WeightedWebhook(WebhookReward, _Weighted):
     pass
 
 
-class CompositeReward(BaseModel):
+class CompositeReward(Strict):
     """A weighted sum of rewards; each component is also reported as reward/<label>/mean."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["composite"]
     components: list[Annotated[WeightedBuiltin | WeightedWebhook, Field(discriminator="type")]] = (
-        Field(min_length=1)
+        Field(min_length=1, max_length=32)
     )
 
     def labels(self) -> list[str]:

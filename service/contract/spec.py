@@ -5,11 +5,9 @@ rejected, so a typo never silently falls back to a default. Parts of DESIGN.md t
 does not run yet are refused with a message saying so, never accepted and ignored.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationInfo,
@@ -17,24 +15,39 @@ from pydantic import (
     model_validator,
 )
 
+from service.contract.limits import (
+    INT32_MAX,
+    MAX_BATCH_TOKENS,
+    MAX_EVAL_PROMPTS,
+    MAX_GROUP_SIZE,
+    MAX_ID,
+    MAX_KEPT_CHECKPOINTS,
+    MAX_LORA_RANK,
+    MAX_PATH,
+    MAX_PROMPTS_PER_STEP,
+    MAX_STEPS,
+    MAX_STOP_STRINGS,
+    MAX_TEXT,
+    MAX_TOKENS,
+)
+from service.contract.limits import Strict as _Strict
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, finite
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 class LoraSpec(_Strict):
-    r: int = Field(16, gt=0)
+    r: int = Field(16, gt=0, le=MAX_LORA_RANK)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+    target_modules: Text | list[Text] = Field("all-linear", max_length=MAX_TEXT)
 
 
 class ModelSpec(_Strict):
     checkpoint: str | None = Field(
         None,
         min_length=1,
+        max_length=MAX_ID,
         description="start from this checkpoint of one of the project's ended runs (ckpt_...): "
         "its weights, or its LoRA adapter over its run's model; the service then "
         "fills in path (and adapter, lora) from that run",
@@ -42,6 +55,7 @@ class ModelSpec(_Strict):
     path: str | None = Field(
         None,
         min_length=1,
+        max_length=MAX_PATH,
         validate_default=True,
         description="local directory (or hub id where reachable); with checkpoint, set by the "
         "service",
@@ -49,6 +63,7 @@ class ModelSpec(_Strict):
     adapter: str | None = Field(
         None,
         min_length=1,
+        max_length=MAX_PATH,
         description="a PEFT LoRA adapter to go on training instead of a fresh one (set from a "
         "LoRA checkpoint; needs model.lora)",
     )
@@ -75,17 +90,19 @@ class ModelSpec(_Strict):
 
 
 class DatasetSpec(_Strict):
-    train_file: str = Field(min_length=1)
+    train_file: str = Field(min_length=1, max_length=MAX_ID)
     eval_file: str | None = Field(
         None,
         min_length=1,
+        max_length=MAX_ID,
         description="JSONL with the same fields: evaluated every eval.every_steps and at the end",
     )
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
+    prompt_field: Text = "prompt"
+    answer_field: Text = "answer"
     offpolicy_file: str | None = Field(
         None,
         min_length=1,
+        max_length=MAX_ID,
         description="a file of purpose offpolicy: groups of completions made elsewhere, mixed "
         "into training by training.offpolicy_fraction",
     )
@@ -101,7 +118,7 @@ class AlgorithmSpec(_Strict):
 
     name: Literal["gvpo", "grpo", "dr_grpo"] = "gvpo"
     beta: float = Field(0.1, ge=0, description="KL strength; the paper's default is 0.1")
-    group_size: int = Field(8, ge=2, le=512, description="k completions per prompt")
+    group_size: int = Field(8, ge=2, le=MAX_GROUP_SIZE, description="k completions per prompt")
     reference: Literal["sampling", "initial"] = "sampling"
     clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo/dr_grpo ratio clip")
     skip_zero_variance: bool = True
@@ -118,8 +135,8 @@ class AlgorithmSpec(_Strict):
 class SamplingSpec(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(1024, ge=1)
-    stop: list[str] = Field(default_factory=list)
+    max_new_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
+    stop: list[Text] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
 
     _t_finite = field_validator("temperature")(finite)
 
@@ -140,7 +157,9 @@ class RolloutSpec(_Strict):
     kv_cache_gib: float | None = Field(
         None, gt=0, description="a fixed KV cache size instead of the share (default 1 on CPU)"
     )
-    max_model_len: int | None = Field(None, ge=16, description="default: the model's own limit")
+    max_model_len: int | None = Field(
+        None, ge=16, le=MAX_TOKENS, description="default: the model's own limit"
+    )
     sleep_between_steps: bool = Field(
         True, description="free vLLM's GPU memory while the learner trains (CUDA only)"
     )
@@ -165,24 +184,29 @@ class OptimizerSpec(_Strict):
     lr: float = Field(1e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
 
     _lr_finite = field_validator("lr")(finite)
 
 
 class TrainingSpec(_Strict):
-    steps: int = Field(200, ge=1)
-    prompts_per_step: int = Field(64, ge=1)
+    steps: int = Field(200, ge=1, le=MAX_STEPS)
+    prompts_per_step: int = Field(64, ge=1, le=MAX_PROMPTS_PER_STEP)
     mini_batches: int = Field(
-        4, ge=1, validate_default=True, description="optimizer updates per step, split by group"
+        4,
+        ge=1,
+        le=MAX_PROMPTS_PER_STEP,
+        validate_default=True,
+        description="optimizer updates per step, split by group",
     )
     micro_batch_tokens: int | None = Field(
         None,
         ge=1,
+        le=MAX_BATCH_TOKENS,
         description="token budget of one forward/backward pass (whole groups are packed up to "
         "it; a larger group gets a pass of its own); null = the whole mini-batch at once",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=INT32_MAX)
     offpolicy_fraction: float = Field(
         0.0,
         ge=0,
@@ -211,11 +235,14 @@ class TrainingSpec(_Strict):
 class EvalSpec(_Strict):
     """Applies when dataset.eval_file is set."""
 
-    every_steps: int = Field(20, ge=1)
-    samples_per_prompt: int = Field(4, ge=1, description="n: completions sampled per eval prompt")
+    every_steps: int = Field(20, ge=1, le=MAX_STEPS)
+    samples_per_prompt: int = Field(
+        4, ge=1, le=MAX_GROUP_SIZE, description="n: completions sampled per eval prompt"
+    )
     k: int | None = Field(
         None,
         ge=1,
+        le=MAX_GROUP_SIZE,
         validate_default=True,
         description="the k of eval/pass@k, at most samples_per_prompt (default: equal to it)",
     )
@@ -223,7 +250,10 @@ class EvalSpec(_Strict):
         1.0, allow_inf_nan=False, description="a completion passes when its reward is at least this"
     )
     max_prompts: int | None = Field(
-        None, ge=1, description="evaluate the first this many rows (default: all)"
+        None,
+        ge=1,
+        le=MAX_EVAL_PROMPTS,
+        description="evaluate the first this many rows (default: all)",
     )
 
     @field_validator("k")
@@ -243,15 +273,17 @@ class EvalSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    every_steps: int = Field(20, ge=1)
-    keep_last: int | None = Field(3, ge=1, description="null keeps every checkpoint")
+    every_steps: int = Field(20, ge=1, le=MAX_STEPS)
+    keep_last: int | None = Field(
+        3, ge=1, le=MAX_KEPT_CHECKPOINTS, description="null keeps every checkpoint"
+    )
 
 
 MAX_RANKS = 8  # one worker machine: the launcher starts ranks on its own node only
 
 
 class ResourcesSpec(_Strict):
-    queue: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    queue: str = Field("default", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.-]+$")
     gpus: int = Field(
         0,
         ge=0,
