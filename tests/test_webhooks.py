@@ -132,6 +132,13 @@ def _create(api, key: str, model_dir, reward: dict):
         ("http://169.254.169.254/latest", "reward.url"),
         ("http://localhost/score", "reward.url"),
         ("ftp://example.org/x", "reward.url"),
+        # IPv6 forms that embed or map to a private IPv4 address
+        ("http://[::ffff:127.0.0.1]/score", "reward.url"),  # IPv4-mapped
+        ("http://[2002:a01:203::1]/score", "reward.url"),  # 6to4 of 10.1.2.3
+        ("http://[64:ff9b::a9fe:a9fe]/latest", "reward.url"),  # NAT64 of 169.254.169.254
+        ("http://[64:ff9b:1::1]/score", "reward.url"),  # NAT64 local use
+        ("http://[::7f00:1]/score", "reward.url"),  # IPv4-compatible 127.0.0.1
+        ("http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/x", "reward.url"),  # Teredo
     ],
 )
 def test_private_webhook_urls_are_refused_at_submission(api, make_key, tiny_model_dir, url, field):

@@ -116,14 +116,37 @@ def webhook_url_problem(url: str, allow_private: bool) -> str | None:
     if allow_private:
         return None
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0])
-        if not address.is_global or address.is_multicast:
+        address = ipaddress.ip_address(sockaddr[0].split("%")[0])
+        if not public(address):
             return (
                 f"host {parts.hostname!r} resolves to {address}, a loopback, private, "
-                "link-local or reserved address; webhook URLs must be public "
-                "(GVPO_WEBHOOK_ALLOW_PRIVATE=true allows them)"
+                "link-local or reserved address (or an IPv6 form of one); webhook URLs must be "
+                "public (GVPO_WEBHOOK_ALLOW_PRIVATE=true allows them)"
             )
     return None
+
+
+# IPv6 ranges that carry an IPv4 address in their last 32 bits: NAT64's well-known prefix and
+# the deprecated IPv4-compatible form. NAT64's local-use prefix (RFC 8215) is never public.
+_LAST_32_BITS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `address` is a public unicast address: for IPv6, also every IPv4 address it
+    embeds or maps to (IPv4-mapped, 6to4, Teredo, NAT64, IPv4-compatible) must be public, or
+    a gateway would carry the call to a private one."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv4Address):
+        return True
+    if address in _NAT64_LOCAL:
+        return False
+    embedded = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    embedded += [
+        ipaddress.IPv4Address(address.packed[12:]) for net in _LAST_32_BITS if address in net
+    ]
+    return all(public(v4) for v4 in embedded if v4 is not None)
 
 
 PROBE_TIMEOUT_S = 5.0
