@@ -180,9 +180,7 @@ def files_download(file_id: str, dest: Path) -> None:
 @click.option("--wait", is_flag=True, help="follow the run until it finishes")
 def submit(spec_path: str, idempotency_key: str | None, wait: bool) -> None:
     """Submit a run spec (YAML or JSON)."""
-    import yaml
-
-    spec = yaml.safe_load(Path(spec_path).read_text())
+    spec = _read_document(spec_path)
     with _client() as client:
         run = client.create_run(spec, idempotency_key)
         _print_json(run)
@@ -278,9 +276,7 @@ def runs_add_groups(run_id: str, path: str) -> None:
 def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
     """Re-score an ended run's samples with the reward in REWARD_PATH (YAML or JSON, a run
     spec's `reward`); the re-scored groups become an offpolicy file (its file_id)."""
-    import yaml
-
-    reward = yaml.safe_load(Path(reward_path).read_text())
+    reward = _read_document(reward_path)
     with _client() as client:
         rescore = client.rescore(run_id, reward)
         while wait and rescore["status"] in RESCORE_ACTIVE:
@@ -307,3 +303,37 @@ def run() -> None:
 
 if __name__ == "__main__":
     run()
+
+
+MAX_DOCUMENT_BYTES = 16 * 2**20
+MAX_DOCUMENT_NODES = 1_000_000
+
+
+def _read_document(path: str):
+    """A YAML (or JSON) file as data, refused with a message when it is larger than a spec can
+    be: over 16 MiB, or more than a million values once its aliases are expanded (an alias bomb
+    is a few lines that expand to billions when sent)."""
+    import yaml
+
+    if Path(path).stat().st_size > MAX_DOCUMENT_BYTES:
+        raise click.ClickException(f"{path} is larger than {MAX_DOCUMENT_BYTES >> 20} MiB")
+    try:
+        document = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise click.ClickException(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise click.ClickException(f"{path} nests too deeply to be a spec") from None
+    waiting, seen = [document], 0  # walked without recursion: a document may nest deeply
+    while waiting:
+        node = waiting.pop()
+        seen += 1
+        if seen > MAX_DOCUMENT_NODES:
+            raise click.ClickException(
+                f"{path} expands to more than {MAX_DOCUMENT_NODES:,} values "
+                "(YAML aliases repeated within each other, or one that contains itself?)"
+            )
+        if isinstance(node, dict):
+            waiting.extend(node.values())
+        elif isinstance(node, list):
+            waiting.extend(node)
+    return document
