@@ -32,6 +32,11 @@ class Page:
         self.errors: list[str] = []
         self.requests: list[str] = []
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        # what the content security policy blocked (Chromium reports it on the console)
+        page.on(
+            "console",
+            lambda msg: "Content Security Policy" in msg.text and self.errors.append(msg.text),
+        )
         page.on("request", lambda request: self.requests.append(request.url))
 
     def screenshot(self, name: str) -> Path:

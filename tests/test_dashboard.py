@@ -119,10 +119,13 @@ def watch_the_curve_grow(browser, run_id: str) -> None:
     page.locator(f'tr[data-run-id="{run_id}"] a').click()
     header = page.locator("#run-header")
     expect(header).to_have_attribute("data-state", "running")
-    page.wait_for_function(f"Number({POINTS}) > 0")
+    # predicates as functions: an expression string would be eval'd in the page, which the
+    # dashboard's content security policy forbids
+    more_than = f"(n) => Number({POINTS}) > n"
+    page.wait_for_function(more_than, arg=0)
     seen = [int(page.evaluate(POINTS))]
     for _ in range(2):
-        page.wait_for_function(f"Number({POINTS}) > {seen[-1]}", timeout=STEP_MS)
+        page.wait_for_function(more_than, arg=seen[-1], timeout=STEP_MS)
         seen.append(int(page.evaluate(POINTS)))
         expect(header).to_have_attribute("data-state", "running")
     reward = chart_datasets(page, "chart-reward")

@@ -56,11 +56,3 @@ def test_a_spec_past_a_limit_is_a_422_naming_it(api, make_key, tiny_model_dir, c
     body = run_spec(str(tiny_model_dir), train_file, base, change)
     assert_error(api.post("/v1/runs", headers=auth(key), json=body), 422, "invalid_request", needle)
     assert api.get("/v1/runs", headers=auth(key)).json()["data"] == []  # nothing stored
-
-
-@pytest.mark.both_backends
-@pytest.mark.parametrize(
-    "path", ["/v1/runs/run_a%00b", "/v1/files/file_%00", "/v1/runs/run_x/events?after=1%00"]
-)
-def test_nul_in_an_id_or_a_query_is_a_400_naming_it(api, make_key, path):
-    assert_error(api.get(path, headers=auth(make_key())), 400, "bad_request", "NUL")

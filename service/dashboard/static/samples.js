@@ -22,7 +22,7 @@ function groupBox(group, rows) {
 
 export function samplesPanel(main, runId) {
   let latest = 0;
-  const step = h("input", { id: "sample-step", type: "number", min: 1, step: 1, placeholder: "latest", style: "width: 7em" });
+  const step = h("input", { id: "sample-step", type: "number", min: 1, step: 1, placeholder: "latest" });
   const info = h("span", { id: "samples-info", class: "muted" });
   const list = h("div", { id: "samples" });
   const go = (s) => {
