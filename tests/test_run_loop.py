@@ -1,6 +1,7 @@
 """The run loop in-process (no Celery): records, checkpoints, failures, cancel, leases."""
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def test_missing_model_path_fails_with_an_event(settings, tmp_path):
     last = events(settings, run_id)[-1]
     assert (last.type, last.level) == ("run.failed", "error")
     assert str(missing) in last.message
+
+
+def test_an_unexpected_failure_names_an_error_id_and_keeps_the_traceback_in_the_log(
+    settings, tiny_model_dir, tmp_path, caplog
+):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")  # fails inside the loader
+    run_id = submit(settings.model_copy(update={"model_path_check": "off"}), broken)
+    assert execute_run(settings, run_id, "worker-a") == "failed"
+    last = events(settings, run_id)[-1]
+    assert last.type == "run.failed" and set(last.data) == {"exception", "error_id"}
+    error_id = last.data["error_id"]
+    assert error_id.startswith("err_") and error_id not in last.message
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and logged[0].exc_info  # the traceback: in the worker's log only
 
 
 def test_cancel_is_honoured_between_steps(settings, tiny_model_dir):

@@ -6,7 +6,6 @@ listed. A cancel, a pause or a lost lease ends it the way the user or the lease 
 """
 
 import logging
-import traceback
 
 from pydantic import ValidationError
 
@@ -14,6 +13,7 @@ from service.config import Settings
 from service.contract.events import EventLevel
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
+from service.models.base import new_id
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat, record_timeout
 from workers.launcher import LEASE_LOST, launch
@@ -85,9 +85,11 @@ def drive(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks
         message = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
         if ranks.world > 1 and not isinstance(exc, RunError):  # e.g. another rank died
             message = f"training process 0 of {ranks.world}: {message}"
-        log.exception("run %s failed", recorder.run_id)
-        tail = traceback.format_exc().splitlines()[-12:]
-        recorder.fail(message, {"exception": type(exc).__name__, "traceback": tail})
+        # The traceback (server paths, code) stays in the worker's log, found by the error id
+        # that the run's failure event carries.
+        error_id = new_id("err")
+        log.exception("run %s failed (error %s)", recorder.run_id, error_id)
+        recorder.fail(message, {"exception": type(exc).__name__, "error_id": error_id})
         return RunStatus.FAILED
     finally:
         heartbeat.stopped.set()
