@@ -76,3 +76,20 @@ def test_api_keys_are_stored_as_a_peppered_hash(settings):
 
         stored = session.query(ApiKey).filter_by(project_id=project.id).one().key_hash
     assert stored != hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_the_data_folder_and_the_database_file_are_the_owners_alone(tmp_path):
+    import stat
+
+    from service.migrate import prepare
+
+    data = tmp_path / "gvpo"
+    data.mkdir()
+    data.chmod(0o755)  # made earlier, under a looser umask
+    settings = Settings(data_dir=data)
+    prepare(settings)
+    settings.resolved_secret_key  # noqa: B018 (made on first use)
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    assert mode(data) == 0o700
+    assert mode(data / "gvpo.db") == 0o600
+    assert mode(data / "secret_key") == 0o600
