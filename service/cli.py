@@ -87,6 +87,7 @@ def api() -> None:
     """Run only the API server: REST on GVPO_API_PORT, gRPC on GVPO_GRPC_PORT (GVPO_API_HOST)."""
     import uvicorn
 
+    from service.edge import SERVER
     from service.main import UnsafeSettings, create_app
 
     settings = _settings()
@@ -94,7 +95,7 @@ def api() -> None:
         app = create_app(settings)
     except UnsafeSettings as exc:
         raise click.ClickException(str(exc)) from None
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info", **SERVER)
 
 
 @main.command()
@@ -291,20 +292,6 @@ def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
         sys.exit(1 if rescore["status"] == RescoreStatus.FAILED else 0)
 
 
-def run() -> None:
-    from service.client import ApiError
-
-    try:
-        main(standalone_mode=True)
-    except ApiError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    run()
-
-
 MAX_DOCUMENT_BYTES = 16 * 2**20
 MAX_DOCUMENT_NODES = 1_000_000
 
@@ -337,3 +324,17 @@ def _read_document(path: str):
         elif isinstance(node, list):
             waiting.extend(node)
     return document
+
+
+def run() -> None:
+    from service.client import ApiError
+
+    try:
+        main(standalone_mode=True)
+    except ApiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

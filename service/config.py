@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for S3). Unset: the data dir",
     )
     max_upload_bytes: int = 512 * 1024 * 1024
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        description="largest body of any other request (a run spec, posted groups); 413 above, "
+        "refused from Content-Length before it is read",
+    )
     max_callback_bytes: int = Field(
         default=16 * 1024 * 1024, description="largest reward callback body accepted (413 above)"
     )

@@ -52,9 +52,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error"
+    )
     message = str(exc.detail)
-    if code != "http_error":  # routing errors: say which route was asked for
+    if exc.status_code in (404, 405):  # routing errors: say which route was asked for
         message = f"{message}: no route {request.method} {request.url.path}"
     return JSONResponse(error_body(code, message), status_code=exc.status_code)
 
@@ -125,5 +127,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     telemetry.install(app, app.state.settings)
     dashboard.install(app)
-    app.add_middleware(Edge)  # outermost: before any route or other middleware
+    app.add_middleware(Edge, settings=settings)  # outermost: before any route or other middleware
     return app

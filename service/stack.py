@@ -47,13 +47,15 @@ def serve_api(fd: int) -> None:
     import uvicorn
 
     from service.config import get_settings
+    from service.edge import SERVER
     from service.main import UnsafeSettings, create_app
 
     try:
         app = create_app(get_settings())
     except UnsafeSettings as exc:
         sys.exit(f"Error: {exc}")
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[socket.socket(fileno=fd)])
+    config = uvicorn.Config(app, log_level="info", **SERVER)
+    uvicorn.Server(config).run(sockets=[socket.socket(fileno=fd)])
 
 
 def stack_env(settings: Settings) -> dict[str, str]:

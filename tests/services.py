@@ -72,12 +72,16 @@ class ThreadServer:
     given, else with any status."""
 
     def __init__(
-        self, app, sock: socket.socket | None = None, ready_path: str | None = None
+        self,
+        app,
+        sock: socket.socket | None = None,
+        ready_path: str | None = None,
+        **config,
     ) -> None:
         self.socket = sock or loopback_socket()
         self.port = self.socket.getsockname()[1]
         self.ready_path = ready_path
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
         )
@@ -118,6 +122,7 @@ def serve_api(settings: Settings, grpc: bool = False, **changes):
     applied and api_port the port it serves on, which reward callbacks reach. grpc: its gRPC
     server too, on grpc_port (a number the app binds itself: tried again on another one when
     a process took it meanwhile)."""
+    from service.edge import SERVER
     from service.main import create_app
 
     for attempt in range(1, ATTEMPTS + 1):
@@ -126,7 +131,7 @@ def serve_api(settings: Settings, grpc: bool = False, **changes):
         if grpc:
             update["grpc_port"] = free_port()
         live = settings.model_copy(update=update)
-        server = ThreadServer(create_app(live), sock, ready_path="/readyz")
+        server = ThreadServer(create_app(live), sock, ready_path="/readyz", **SERVER)
         try:
             server.start()
             break

@@ -30,3 +30,23 @@ def test_a_document_no_spec_could_be_is_refused_before_sending(tmp_path, command
     result = CliRunner().invoke(main, [*command, str(document)], env=env)
     assert result.exit_code == 1, result.output
     assert needle in result.output
+
+
+def test_the_installed_command_refuses_it_too(tmp_path):
+    """Through `python -m service.cli`, as a user's shell runs it (the whole module loaded)."""
+    import os
+    import subprocess
+    import sys
+
+    document = tmp_path / "bomb.yaml"
+    document.write_text(LAUGHS)
+    env = {**os.environ, "GVPO_API_URL": "http://127.0.0.1:9", "GVPO_API_KEY": "gvpo_sk_unused"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "submit", str(document)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "expands to more than 1,000,000 values" in done.stderr
