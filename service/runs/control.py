@@ -47,6 +47,16 @@ def _refused(run: Run, action: str) -> Conflict:
     return Conflict(f"run {run.id} is {run.status}; only a {allowed} run can be {action}d")
 
 
+def _ask_the_worker(session: Session, run: Run, flag: str, event: EventType, message: str) -> bool:
+    """Set `flag` (cancel_requested, pause_requested) of a running run, for its worker to honour
+    between steps. True when the run is running with the flag set: by this request (which
+    records `event`), or by an earlier one (the same answer again)."""
+    running = frozenset({RunStatus.RUNNING})
+    if _swap(session, run, running, ~getattr(Run, flag), **{flag: True}):
+        add_event(session, run.id, event, message)
+    return run.status == RunStatus.RUNNING and getattr(run, flag)
+
+
 def _unsettled(run: Run, action: str) -> Conflict:
     return Conflict(f"run {run.id} kept changing state ({run.status} now); {action} it again")
 
@@ -61,16 +71,8 @@ def cancel_run(session: Session, project: Project, run_id: str) -> Run:
             add_event(session, run.id, EventType.RUN_CANCELLED, f"run cancelled while {was}")
             return run
         # A running loop checks this flag between steps and stops cooperatively.
-        running = frozenset({RunStatus.RUNNING})
-        if _swap(session, run, running, ~Run.cancel_requested, cancel_requested=True):
-            add_event(
-                session,
-                run.id,
-                EventType.RUN_CANCEL_REQUESTED,
-                "cancel requested; stops after this step",
-            )
-            return run
-        if run.status == RunStatus.RUNNING:  # asked already: the same answer again
+        asked = "cancel requested; stops after this step"
+        if _ask_the_worker(session, run, "cancel_requested", EventType.RUN_CANCEL_REQUESTED, asked):
             return run
         if run.status in TERMINAL:
             raise Conflict(f"run {run_id} is already {run.status}; it cannot be cancelled")
@@ -84,16 +86,8 @@ def pause_run(session: Session, project: Project, run_id: str) -> Run:
             add_event(session, run.id, EventType.RUN_PAUSED, "run paused before it started")
             return run
         # The loop checks this between steps: it writes a checkpoint, frees the worker and exits.
-        running = frozenset({RunStatus.RUNNING})
-        if _swap(session, run, running, ~Run.pause_requested, pause_requested=True):
-            add_event(
-                session,
-                run.id,
-                EventType.RUN_PAUSE_REQUESTED,
-                "pause requested; the run checkpoints and stops after this step",
-            )
-            return run
-        if run.status == RunStatus.RUNNING:  # asked already: the same answer again
+        asked = "pause requested; the run checkpoints and stops after this step"
+        if _ask_the_worker(session, run, "pause_requested", EventType.RUN_PAUSE_REQUESTED, asked):
             return run
         if run.status not in ACTIONS["pause"]:
             raise _refused(run, "pause")
