@@ -99,3 +99,11 @@ def invalid_spec(errors: list[dict[str, Any]], body: object) -> InvalidSpec:
     return InvalidSpec(
         [{"field": field_name(tuple(e["loc"]), body), "message": e["msg"]} for e in errors]
     )
+
+
+def unstorable(exc: Exception) -> BadRequest:
+    """The database refused a value of the request (sqlalchemy's DataError: text with NUL, a
+    number out of its column's range): the request's fault, answered as a 400. Only the
+    database's own first line is shown, not the statement."""
+    reason = str(getattr(exc, "orig", exc)).splitlines()[0]
+    return BadRequest(f"a value in the request cannot be stored: {reason}")

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import dashboard, telemetry
@@ -15,7 +16,7 @@ from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
 from service.diagnostics.routes import router as diagnostics_router
 from service.edge import Edge
-from service.errors import ServiceError, classify, invalid_spec
+from service.errors import ServiceError, classify, invalid_spec, unstorable
 from service.files.routes import router as files_router
 from service.grpc_server import GrpcServer
 from service.health import router as health_router
@@ -42,6 +43,10 @@ def error_body(code: str, message: str, details: dict | None = None) -> dict:
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     status, code, _ = classify(exc)
     return JSONResponse(error_body(code, exc.message, exc.details), status_code=status)
+
+
+async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+    return await _service_error(request, unstorable(exc))
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -109,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     for router in (

@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
 from service.auth.service import authenticate
 from service.config import Settings
 from service.db import session_scope
-from service.errors import ServiceError, classify
+from service.errors import ServiceError, classify, unstorable
 from service.models import Project
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ async def call(
         return await asyncio.to_thread(in_session)
     except ServiceError as exc:
         await abort(context, exc)
+    except DataError as exc:
+        await abort(context, unstorable(exc))
     except Exception:
         log.exception("unhandled error in a gRPC call")
         await context.abort(grpc.StatusCode.INTERNAL, "internal server error")

@@ -341,6 +341,11 @@ def test_callbacks_merge_and_duplicates_are_accepted_once(api, settings, pending
         ("unknown_sample", 400, "unknown sample_id"),
         ("nan", 400, "finite"),
         ("not_json", 400, "not JSON"),
+        ("deep_json", 400, "nests too deeply"),
+        ("huge_number", 400, "not JSON"),
+        ("odd_stamp", 401, "malformed"),
+        ("long_stamp", 401, "malformed"),
+        ("non_hex_signature", 401, "malformed"),
         ("conflict", 409, "already has reward 0.5"),
     ],
 )
@@ -362,6 +367,25 @@ def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, ca
         resp = post(api, run_id, secret, [{"sample_id": "smp_b", "reward": math.nan}])
     elif case == "not_json":
         resp = post(api, run_id, secret, [], raw=b"{not json")
+    elif case == "deep_json":
+        resp = post(api, run_id, secret, [], raw=b"[" * 100_000 + b"]" * 100_000)
+    elif case == "huge_number":
+        huge = b'{"request_id": "rq_1", "x": ' + b"9" * 5000 + b"}"  # past int()'s 4,300 digits
+        resp = post(api, run_id, secret, [], raw=huge)
+    elif case in ("odd_stamp", "long_stamp", "non_hex_signature"):
+        body = json.dumps({"request_id": "rq_1", "rewards": good}).encode()
+        stamp, digest = sign(secret, body).removeprefix("t=").split(",v1=")
+        superscript_two, accented = "\u00b2", "\u00e9" * 64  # isdigit() but not int(); not hex
+        header = {
+            "odd_stamp": f"t={superscript_two},v1={digest}",
+            "long_stamp": f"t={'9' * 400},v1={digest}",
+            "non_hex_signature": f"t={stamp},v1={accented}",
+        }[case]
+        resp = api.post(
+            f"/v1/runs/{run_id}/rewards",
+            content=body,
+            headers={"Content-Type": "application/json", HEADER: header.encode()},
+        )
     else:
         resp = post(
             api,

@@ -98,3 +98,15 @@ def test_a_huge_header_is_refused_and_others_are_answered_meanwhile(settings):
         assert refused or answer.startswith(b"HTTP/1.1 4"), answer[:200]
         other = httpx.get(f"http://127.0.0.1:{live.api_port}/healthz", timeout=WAIT_S)
         assert other.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"training": {"steps": ' + b"9" * 5000 + b"}}"],
+    ids=["deep", "5000-digit number"],
+)
+@pytest.mark.parametrize("path", ["/v1/runs", "/v1/runs/run_x/groups", "/v1/gvpo:dry_run"])
+def test_json_no_request_could_be_is_a_4xx(api, make_key, body, path):
+    headers = {**auth(make_key()), "Content-Type": "application/json"}
+    resp = api.post(path, content=body, headers=headers)
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])

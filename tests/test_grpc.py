@@ -257,6 +257,15 @@ def test_another_projects_run_is_not_found(server, stubs, tiny_model_dir):
     assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_an_id_no_run_could_have_is_invalid_argument_or_not_found(server, stubs):
+    """NUL in an id: PostgreSQL cannot even look it up (its text holds no NUL); never INTERNAL."""
+    runs, _ = stubs
+    key, _ = project(server)
+    for call in (runs.GetRun, runs.CancelRun, runs.PauseRun):
+        error = error_of(call, runs_pb2.GetRunRequest(run_id="run_a\x00b"), metadata=bearer(key))
+        assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+
+
 def test_bad_requests_are_invalid_argument_naming_the_fields(server, stubs, tiny_model_dir):
     runs, _ = stubs
     key, file_id = project(server)

@@ -9,12 +9,15 @@ same way, and both sides check with `verify`. Reward models can import this modu
 import hashlib
 import hmac
 import math
+import re
 import secrets
 import time
 
 HEADER = "GVPO-Signature"
 REQUEST_ID_HEADER = "GVPO-Request-Id"
 TOLERANCE_S = 300
+STAMP = re.compile(r"[0-9]{1,12}")
+DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class SignatureError(ValueError):
@@ -55,12 +58,14 @@ def verify(
         raise SignatureError(f"missing {HEADER} header")
     pairs = [part.strip().split("=", 1) for part in header.split(",") if "=" in part]
     stamps = [v for k, v in pairs if k == "t"]
-    signatures = [v for k, v in pairs if k == "v1"]
-    if len(stamps) != 1 or not stamps[0].isdigit():
+    # Only what a signer writes: ASCII digits of a plausible time, and hex digests. Anything
+    # else (a superscript digit, 400 digits, non-ASCII hex) is malformed, not a server error.
+    signatures = [v for k, v in pairs if k == "v1" and DIGEST.fullmatch(v)]
+    if len(stamps) != 1 or not STAMP.fullmatch(stamps[0]):
         raise SignatureError(f"malformed {HEADER} header: expected t=<unix seconds>,v1=<hex>")
     timestamp = int(stamps[0])
     if not signatures:
-        raise SignatureError(f"malformed {HEADER} header: no v1 signature")
+        raise SignatureError(f"malformed {HEADER} header: no v1 signature of 64 hex digits")
     age = (time.time() if now is None else now) - timestamp
     if abs(age) > tolerance_s:
         raise SignatureError(

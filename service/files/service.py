@@ -47,6 +47,11 @@ def validate_jsonl(path: Path) -> tuple[int, list[str]]:
                     f"line {number} is not valid JSON: {exc.msg} (column {exc.colno})",
                     {"line": number},
                 ) from None
+            except ValueError as exc:  # a number past Python's digit limit
+                problem = f"line {number} is not usable JSON: {exc}"
+                raise BadRequest(problem, {"line": number}) from None
+            except RecursionError:
+                raise BadRequest(f"line {number} nests too deeply", {"line": number}) from None
             if not isinstance(row, dict):
                 raise BadRequest(
                     f"line {number} must be a JSON object, got {type(row).__name__}",

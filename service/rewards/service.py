@@ -35,8 +35,10 @@ def accepted_secrets(run: Run) -> list[str]:
 def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or a number past Python's digit limit
         raise BadRequest(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body is not JSON a callback could be: it nests too deeply") from None
     if (
         not isinstance(body, dict)
         or not isinstance(body.get("request_id"), str)
