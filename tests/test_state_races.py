@@ -60,7 +60,7 @@ def deliver(settings, run_id: str) -> str:
     return "trained"
 
 
-def race(settings, runs: list[str], work: list[tuple]) -> Counter:
+def race(settings, work: list[tuple]) -> Counter:
     with ThreadPoolExecutor(THREADS) as pool:
         return Counter(pool.map(lambda job: job[0](settings, *job[1:]), work))
 
@@ -84,7 +84,7 @@ def test_random_concurrent_changes_never_undo_a_cancel_nor_add_messages(settings
     rng = random.Random(20261202)
     work = [(change, rng.choice(ACTIONS), rng.choice(runs)) for _ in range(CHANGES)]
 
-    answers = race(settings, runs, work)
+    answers = race(settings, work)
 
     assert answers["200"] and answers["409"], answers
     check_histories(settings, runs)
@@ -104,7 +104,7 @@ def test_workers_racing_the_api_leave_every_queued_run_its_one_live_message(
         for _ in range(CHANGES)
     ]
 
-    answers = race(settings, runs, work)
+    answers = race(settings, work)
 
     assert answers["trained"] and answers["skipped"], answers
     check_histories(settings, runs)
