@@ -152,6 +152,56 @@ def api_key_create(project: str) -> None:
     click.echo(key)
 
 
+@main.group("models")
+def models_group() -> None:
+    """Base models any project may train (admin): runs name them in model.path."""
+
+
+def _registry(action):
+    """Run `action(session, settings)` on this machine's database; a refusal is an error
+    message, not a traceback."""
+    from service.db import session_scope
+    from service.errors import ServiceError
+
+    settings = _settings()
+    prepare(settings)
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            return action(session, settings)
+    except ServiceError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@models_group.command("add")
+@click.argument("name")
+@click.argument("path")
+def models_add(name: str, path: str) -> None:
+    """Register the model folder PATH as NAME (again: move NAME to PATH)."""
+    from service.registry.service import register_model
+
+    folder = _registry(lambda session, settings: register_model(session, settings, name, path).path)
+    click.echo(f"{name} -> {folder}")
+
+
+@models_group.command("list")
+def models_list() -> None:
+    """The registered base models and their folders."""
+    from service.registry.service import list_models
+
+    for name, path in _registry(lambda s, _: [(m.name, m.path) for m in list_models(s)]):
+        click.echo(f"{name}\t{path}")
+
+
+@models_group.command("remove")
+@click.argument("name")
+def models_remove(name: str) -> None:
+    """Unregister NAME (runs already submitted with it keep it)."""
+    from service.registry.service import remove_model
+
+    _registry(lambda session, _: remove_model(session, name))
+    click.echo(f"removed {name}")
+
+
 @main.group("files")
 def files_group() -> None:
     """Dataset files."""

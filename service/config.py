@@ -6,6 +6,7 @@ file-backed Celery broker), so a fresh checkout runs with no external server.
 
 import os
 import secrets
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -83,6 +84,20 @@ class Settings(BaseSettings):
         "on the embedded stack (the worker shares its machine) and left to the "
         "worker in a cluster, as is a hub id; strict: such a path is always refused "
         "(the API mounts the workers' model volume); off: no model checks",
+    )
+    model_roots: str | None = Field(
+        default=None,
+        description="folders (separated by ':') under which a run's model.path or model.adapter "
+        "may name a model; the data directory is never one. Unset: on the embedded stack, "
+        "the directory it was started in, your home directory and the system temp directory; "
+        "in a cluster, none (registered base models, hub ids and the project's own "
+        "checkpoints only)",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        repr=False,
+        description="the bearer token Prometheus sends to GET /metrics; unset, only clients "
+        "on this machine (loopback) may read it",
     )
     worker_queues: str = "default,gpu,cpu"
     torch_threads: int = Field(
@@ -166,6 +181,14 @@ class Settings(BaseSettings):
             finally:
                 tmp.unlink()
         return path.read_text().strip().encode()
+
+    @property
+    def resolved_model_roots(self) -> list[Path]:
+        if self.model_roots is not None:
+            return [Path(p).expanduser() for p in self.model_roots.split(os.pathsep) if p]
+        if not self.embedded:
+            return []
+        return [Path.cwd(), Path.home(), Path(tempfile.gettempdir())]
 
     @property
     def resolved_data_dir(self) -> Path:

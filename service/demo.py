@@ -20,6 +20,7 @@ from service.stack import Stack, free_port
 
 LETTERS = "abcdefghij"
 DEMO_STEPS = 1000
+MODEL = "tiny-demo"  # the name the demo registers its model under
 
 
 def write_dataset(path: Path, rows: int = 500, seed: int = 0) -> Path:
@@ -32,10 +33,10 @@ def write_dataset(path: Path, rows: int = 500, seed: int = 0) -> Path:
     return path
 
 
-def demo_spec(model_dir: Path, train_file: str, steps: int) -> dict:
+def demo_spec(model: str, train_file: str, steps: int) -> dict:
     return {
         "name": "demo-copy3-gvpo",
-        "model": {"path": str(model_dir), "dtype": "float32"},
+        "model": {"path": model, "dtype": "float32"},
         "dataset": {"train_file": train_file},
         "algorithm": {"name": "gvpo", "beta": 0.02, "group_size": 8, "reference": "initial"},
         "sampling": {"temperature": 1.0, "max_new_tokens": 5},
@@ -60,22 +61,26 @@ def reward_curve(points: list[list[float]], rows: int = 20, width: int = 40) -> 
     return lines
 
 
-def _prepare(settings: Settings, console: Console) -> tuple[Path, Path, str]:
+def _prepare(settings: Settings, console: Console) -> tuple[Path, str]:
     from service.auth.service import create_api_key
     from service.db import session_scope
     from service.migrate import prepare
+    from service.registry.service import register_model
     from workers.tiny_model import make_tiny_model
 
     prepare(settings)
     demo_dir = settings.resolved_data_dir / "demo"
-    model_dir = demo_dir / "tiny-model"
+    # Beside the data directory, never in it: no run may load a model from there.
+    model_dir = settings.resolved_data_dir.with_name(f"{settings.data_dir.name}-models") / MODEL
     if not (model_dir / "config.json").exists():
         console.log(f"building the offline tiny model in {model_dir}")
         make_tiny_model(model_dir, seed=0)
     dataset = write_dataset(demo_dir / "copy3.jsonl")
     with session_scope(settings.resolved_database_url) as session:
+        register_model(session, settings, MODEL, str(model_dir))
         _, key = create_api_key(session, "demo", settings.api_key_pepper)
-    return model_dir, dataset, key
+    console.log(f"registered it as the base model {MODEL!r} (gvpo models list)")
+    return dataset, key
 
 
 def run_demo(settings: Settings, steps: int | None = None, port: int | None = None) -> int:
@@ -86,13 +91,13 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
     settings = settings.model_copy(
         update={"api_port": port or free_port(), "grpc_port": free_port()}
     )
-    model_dir, dataset, key = _prepare(settings, console)
+    dataset, key = _prepare(settings, console)
     log_dir = settings.resolved_data_dir / "logs"
     console.log(f"starting the API on port {settings.api_port} and a worker (logs in {log_dir})")
     with Stack(settings, log_dir=log_dir) as stack, Client(stack.url, key) as client:
         uploaded = client.upload_file(dataset)
         console.log(f"uploaded {uploaded['rows']} rows as {uploaded['id']}")
-        run = client.create_run(demo_spec(model_dir, uploaded["id"], steps or DEMO_STEPS))
+        run = client.create_run(demo_spec(MODEL, uploaded["id"], steps or DEMO_STEPS))
         console.log(f"submitted {run['id']}: GVPO, k=8, 8 prompts/step, {run['total_steps']} steps")
         run = follow_run(client, run["id"], console)
         curves = client.metrics(run["id"], ["reward/mean", "rollout/logprob_diff_max"])
@@ -121,6 +126,15 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
         )
     )
     final = checkpoints[-1]
-    console.print(f"final checkpoint (step {final['step']}): {final['path']}")
-    console.print(f"load it with: AutoModelForCausalLM.from_pretrained({final['path']!r})")
+    folder = _checkpoint_folder(settings, final["id"])  # the operator's view: the API hides it
+    console.print(f"final checkpoint (step {final['step']}): {final['id']} in {folder}")
+    console.print(f"load it with: AutoModelForCausalLM.from_pretrained({folder!r})")
     return 0
+
+
+def _checkpoint_folder(settings: Settings, ckpt_id: str) -> str:
+    from service.db import session_scope
+    from service.models import Checkpoint
+
+    with session_scope(settings.resolved_database_url) as session:
+        return session.get(Checkpoint, ckpt_id).path

@@ -77,11 +77,14 @@ def stack_env(settings: Settings) -> dict[str, str]:
     )
     if settings.checkpoint_url:
         env["GVPO_CHECKPOINT_URL"] = settings.checkpoint_url
+    if settings.model_roots is not None:
+        env["GVPO_MODEL_ROOTS"] = settings.model_roots
     # A cluster's secrets (the embedded stack makes its own); never put into the environment
     # when unset, so a child never sees an empty value.
     for name, value in (
         ("GVPO_SECRET_KEY", settings.secret_key),
         ("GVPO_API_KEY_PEPPER", settings.api_key_pepper),
+        ("GVPO_METRICS_TOKEN", settings.metrics_token),
     ):
         if value:
             env[name] = value

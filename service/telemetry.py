@@ -11,12 +11,15 @@ Per-run series cover running runs only, which keeps their number bounded.
 """
 
 import asyncio
+import hmac
+import ipaddress
 import time
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Annotated
 
 import grpc
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Header, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -27,6 +30,7 @@ from service.contract.events import EventType
 from service.contract.states import RunStatus
 from service.contract.tasks import queue_of
 from service.db import session_scope
+from service.errors import Unauthorized
 from service.models import Metric, Run, RunEvent
 from service.models.base import utcnow
 
@@ -257,5 +261,26 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 
 @router.get("/metrics", include_in_schema=False)
-def prometheus_metrics(request: Request) -> Response:
+def prometheus_metrics(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Response:
+    """For the operator only: it names every running run. With GVPO_METRICS_TOKEN set, the
+    scraper sends it as a bearer token; unset, only a client on this machine may read it."""
+    token = request.app.state.settings.metrics_token
+    if token:  # an empty value (compose passes one through) is no token
+        scheme, _, sent = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent.encode(), token.encode()):
+            raise Unauthorized("GET /metrics needs the operator's metrics token (Bearer)")
+    elif not _on_this_machine(request):
+        raise Unauthorized(
+            "GET /metrics is for the operator: set GVPO_METRICS_TOKEN and send it as a bearer "
+            "token, or scrape from this machine"
+        )
     return Response(generate_latest(request.app.state.prometheus), media_type=CONTENT_TYPE_LATEST)
+
+
+def _on_this_machine(request: Request) -> bool:
+    try:
+        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:  # not an address (a test client's name)
+        return False

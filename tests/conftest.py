@@ -9,6 +9,7 @@ started for the session, with a database cloned from a migrated template per tes
 
 import itertools
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: small models, few cores
 
@@ -88,7 +89,14 @@ def backend_settings(request, backend: str) -> dict:
     pg, redis_url = request.getfixturevalue("cluster_servers")
     redis.Redis.from_url(redis_url).flushall()  # no task or result from an earlier test
     database = pg.create_database(f"test_{next(_databases)}", template=TEMPLATE_DB)
-    return {"database_url": database, "broker_url": f"{redis_url}/0", **CLUSTER_SECRETS}
+    # A cluster has no model roots unless the operator names them: the tests' models are
+    # built in the temp directory.
+    return {
+        "database_url": database,
+        "broker_url": f"{redis_url}/0",
+        "model_roots": tempfile.gettempdir(),
+        **CLUSTER_SECRETS,
+    }
 
 
 def new_settings(root: Path, backend: str, request) -> Settings:

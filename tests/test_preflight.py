@@ -8,6 +8,7 @@ prompt's length in characters is its length in tokens.
 
 import json
 import shutil
+import tempfile
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,6 +21,9 @@ from service.runs.preflight import check_model, context_length
 from factories import DROP, EXACT_MATCH, assert_error, auth, broker_run_ids, jsonl, run_spec, upload
 
 CONTEXT = 64  # small_model's max_position_embeddings
+
+# A missing folder under the embedded stack's model roots (its temp directory among them).
+MISSING = f"{tempfile.gettempdir()}/no/such/model"
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +153,10 @@ def test_a_model_without_its_tokenizer_is_422_on_model_path(
     assert [f["field"] for f in fields] == ["model.path"]
 
 
-@pytest.mark.parametrize("path", ["/no/such/model", "./no-such-model", "~/no-such-model"])
+# Under the embedded stack's model roots: its temp directory, its current directory, home.
+@pytest.mark.parametrize(
+    "path", [MISSING, "./no-such-model", "~/no-such-model"]
+)
 def test_a_local_path_missing_on_the_embedded_stack_is_422(api, make_key, settings, path):
     key = make_key()
     fields = refused(
@@ -192,7 +199,7 @@ def test_strict_refuses_a_missing_local_path_and_leaves_hub_ids(settings, make_k
     key = make_key()
     with mode_api(settings, "strict") as api:
         train = upload(api, key, rows("abc="))
-        refused(api, key, body("/no/such/model", train), "no such directory", "strict")
+        refused(api, key, body(MISSING, train), "no such directory", "strict")
         queued(api, key, body("org/model", train))
 
 
@@ -202,7 +209,7 @@ def test_off_checks_nothing(settings, make_key, tiny_model_dir, small_model, tmp
     (broken / "config.json").write_text("{not json")
     with mode_api(settings, "off") as api:
         train = upload(api, key, rows("a" * 100))
-        for model in ("/no/such/model", broken, small_model):
+        for model in (MISSING, broken, small_model):
             queued(
                 api,
                 key,
@@ -233,12 +240,13 @@ def test_in_a_cluster_auto_leaves_an_unseen_path_to_the_worker_and_strict_refuse
         }
     )
     assert not cluster("auto").embedded
-    check_model(cluster("auto"), None, None, spec)  # no session needed: nothing is read
+    shown = {"path": "the model"}
+    check_model(cluster("auto"), None, None, spec, shown)  # no session needed: nothing is read
     with pytest.raises(InvalidSpec) as refusal:
-        check_model(cluster("strict"), None, None, spec)
+        check_model(cluster("strict"), None, None, spec, shown)
     assert [f["field"] for f in refusal.value.details["fields"]] == ["model.path"]
     hub = spec.model_copy(update={"model": spec.model.model_copy(update={"path": "org/m"})})
-    check_model(cluster("strict"), None, None, hub)
+    check_model(cluster("strict"), None, None, hub, shown)
 
 
 def test_max_model_len_above_the_models_context_is_422(api, make_key, small_model):

@@ -329,15 +329,18 @@ def going_on(request, tmp_path_factory, tiny_model_dir) -> SimpleNamespace:
 
 
 def test_a_new_run_from_a_checkpoint_takes_its_model(going_on, tiny_model_dir):
+    """The run loads the checkpoint's folders, which its spec, as the project sees it, never
+    shows: it names the checkpoint (and, for a LoRA adapter, the settings it goes on with)."""
     model, ckpt = going_on.new["spec"]["model"], going_on.ckpt
+    with session_scope(going_on.settings.resolved_database_url) as session:
+        source = session.get(Run, going_on.new["id"]).model_source
+    assert (model["checkpoint"], model["path"], model["adapter"]) == (ckpt.id, None, None)
     if going_on.lora:  # the adapter goes on training over the first run's model, with its settings
-        assert (model["path"], model["adapter"], model["lora"]["r"]) == (
-            str(tiny_model_dir),
-            ckpt.path,
-            4,
-        )
+        assert model["lora"]["r"] == 4
+        assert source == {"path": str(tiny_model_dir), "adapter": ckpt.path}
     else:  # the checkpoint's whole model is where the new run starts
-        assert (model["path"], model["adapter"], model["lora"]) == (ckpt.path, None, None)
+        assert model["lora"] is None
+        assert source == {"path": ckpt.path, "adapter": None}
 
 
 def test_the_new_run_starts_from_the_checkpoints_weights(going_on):
@@ -345,12 +348,14 @@ def test_the_new_run_starts_from_the_checkpoints_weights(going_on):
 
     from service.contract.spec import RunSpec
     from workers.model_loading import load_policy
+    from workers.model_source import loaded_spec
 
-    spec, ckpt = going_on.new["spec"], going_on.ckpt
-    start, _ = load_policy(RunSpec.model_validate(spec), torch.device("cpu"))
+    ckpt = going_on.ckpt
+    spec = loaded_spec(going_on.settings, going_on.new["id"], going_on.new["spec"])
+    start, _ = load_policy(spec, torch.device("cpu"))
     trained, _ = load_policy(
         RunSpec.model_validate(
-            {**spec, "model": {"path": spec["model"]["path"], "lora": spec["model"]["lora"]}}
+            {**spec.model_dump(), "model": {"path": spec.model.path, "lora": spec.model.lora}}
         ),
         torch.device("cpu"),
         ckpt.path,
@@ -442,7 +447,7 @@ def test_vllm_samples_from_the_adapter_the_run_goes_on_with(settings, tiny_model
     run_id = submit(
         settings,
         tiny_model_dir,
-        model={"path": str(tiny_model_dir), "adapter": ckpt.path, "lora": {"r": 4}},
+        model={"path": DROP, "checkpoint": ckpt.id},
         algorithm={"group_size": K, "reference": "sampling"},
         rollout={"engine": "vllm"},
         training={"steps": 2},

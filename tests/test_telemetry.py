@@ -2,6 +2,7 @@
 run read from the database: runs by state, queue depth, worker heartbeats, step phase timings,
 reward webhook retries."""
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,13 +12,17 @@ from service.main import create_app
 from service.models.run_event import add_event
 from workers.records import RunRecorder
 
-from factories import auth, submit
+from factories import assert_error, auth, submit
+from services import serve_api
 
 pytestmark = pytest.mark.both_backends
 
 
+TOKEN = "metrics-token-for-the-tests"
+
+
 def scrape(api) -> dict[tuple[str, tuple], float]:
-    resp = api.get("/metrics")
+    resp = api.get("/metrics", headers=auth(TOKEN))
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -59,7 +64,8 @@ def test_metrics_report_runs_queues_heartbeats_steps_and_requests(
     with session_scope(settings.resolved_database_url) as session:
         add_event(session, running, "reward.retry", "webhook 503; retrying", "warning")
 
-    with TestClient(create_app(settings.model_copy(update={"reaper_interval_s": 0}))) as api:
+    operator = {"reaper_interval_s": 0, "metrics_token": TOKEN}
+    with TestClient(create_app(settings.model_copy(update=operator))) as api:
         key = make_key()
         assert api.get(f"/v1/runs/{running}", headers=auth(key)).status_code == 404
         m = scrape(api)
@@ -91,3 +97,16 @@ def test_metrics_report_runs_queues_heartbeats_steps_and_requests(
         ]
         == 1
     )
+
+
+def test_metrics_are_for_the_operator_only(settings, make_key):
+    """/metrics names every running run: a tenant's API key does not open it, the operator's
+    token does; with no token set, only a client on this machine (loopback) may read it."""
+    with TestClient(create_app(settings.model_copy(update={"metrics_token": TOKEN}))) as api:
+        for headers in ({}, auth(make_key()), auth(TOKEN + "x"), {"Authorization": TOKEN}):
+            assert_error(api.get("/metrics", headers=headers), 401, "unauthorized", "token")
+        assert api.get("/metrics", headers=auth(TOKEN)).status_code == 200
+    with TestClient(create_app(settings)) as api:  # the test client is no loopback address
+        assert_error(api.get("/metrics"), 401, "unauthorized", "GVPO_METRICS_TOKEN")
+    with serve_api(settings) as live:
+        assert httpx.get(f"http://127.0.0.1:{live.api_port}/metrics").status_code == 200

@@ -9,6 +9,7 @@ code: the same log-prob routine and the GVPO weights and loss of learner/losses.
 are loaded on this worker's CPU for the one request, in float32.
 """
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -24,8 +25,12 @@ from service.contract.tasks import (
     TaskAnswer,
     TaskProblem,
 )
+from workers.errors import RunError
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.learner.losses import gvpo_loss, gvpo_weights
+from workers.model_source import loadable
+
+log = logging.getLogger(__name__)
 
 
 class _Refused(Exception):
@@ -52,23 +57,24 @@ def _load(task: DryRunTask, source: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
+        base_model = loadable(task.base_model)
         tokenizer = AutoTokenizer.from_pretrained(source)
         if task.checkpoint_kind == CheckpointKind.LORA_ADAPTER:
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(task.base_model, dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
             policy, reference = PeftModel.from_pretrained(base, source), None
         else:
             policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-            reference = AutoModelForCausalLM.from_pretrained(
-                task.base_model, dtype=torch.float32
-            ).eval()
-    except (OSError, ValueError) as exc:
+            reference = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
+    except (OSError, ValueError, RunError) as exc:
+        # What the libraries say names server paths: the worker's log keeps it.
+        log.warning("dry run of checkpoint %s: %s", task.checkpoint_id, exc)
         raise _Refused(
             TaskProblem(
                 kind="conflict",
                 message=f"the worker cannot load checkpoint {task.checkpoint_id} "
-                f"or the run's starting model {task.base_model!r}: {exc}",
+                f"or the run's starting model ({type(exc).__name__})",
             )
         ) from exc
     if tokenizer.pad_token_id is None:

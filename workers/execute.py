@@ -17,6 +17,7 @@ from service.models.base import new_id
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat, record_timeout
 from workers.launcher import LEASE_LOST, launch
+from workers.model_source import loaded_spec
 from workers.ranks import Ranks
 from workers.records import RunRecorder
 from workers.run_loop import Cancelled, LeaseLost, Paused, RunLoop
@@ -35,7 +36,7 @@ def execute_run(settings: Settings, run_id: str, worker_id: str, task_id: str | 
     if spec is None:
         return f"skipped: {why}"
     try:
-        run_spec = RunSpec.model_validate(spec)
+        run_spec = loaded_spec(settings, run_id, spec)
     except ValidationError as exc:  # stored under an older, looser version of the rules
         recorder.finish(
             RunStatus.FAILED,
@@ -43,6 +44,9 @@ def execute_run(settings: Settings, run_id: str, worker_id: str, task_id: str | 
             EventLevel.ERROR,
             error=f"invalid spec: {exc}",
         )
+        return RunStatus.FAILED
+    except RunError as exc:  # a model folder the run may not load
+        recorder.finish(RunStatus.FAILED, str(exc), EventLevel.ERROR, error=str(exc))
         return RunStatus.FAILED
     if run_spec.resources.ranks > 1:
         return launch(settings, recorder, run_spec)

@@ -310,13 +310,14 @@ class RunRecorder:
     def record_checkpoint(
         self, step: int, path: str, size: int, kind: str, keep_last: int | None
     ) -> None:
+        ckpt_id = f"ckpt_{self.run_id[4:]}_{step}"
         with session_scope(self.url) as session:
             upsert(
                 session,
                 Checkpoint,
                 [
                     {
-                        "id": f"ckpt_{self.run_id[4:]}_{step}",
+                        "id": ckpt_id,
                         "run_id": self.run_id,
                         "step": step,
                         "path": str(path),
@@ -333,7 +334,7 @@ class RunRecorder:
                 self.run_id,
                 EventType.CHECKPOINT_SAVED,
                 f"checkpoint at step {step}",
-                data={"step": step, "path": str(path), "bytes": size},
+                data={"step": step, "checkpoint_id": ckpt_id, "bytes": size},
             )
             if keep_last:
                 self._prune(session, keep_last)

@@ -27,6 +27,7 @@ from workers.heartbeat import Heartbeat
 from workers.learner.checkpoint import load_training_state, restore_rng, rng_state
 from workers.learner.learner import GroupBatch, Learner, LearnerConfig, LearnStats
 from workers.model_loading import load_policy, pick_device, pick_dtype
+from workers.model_source import fetch_hub_models
 from workers.offpolicy import Slot, as_rollout, draw_slots, load_groups, sampled_by_run, score_slots
 from workers.ranks import Ranks
 from workers.records import RunRecorder
@@ -85,7 +86,7 @@ class RunLoop:
         self.device = pick_device(spec)
         resume = self.checkpoints.latest()  # (step, path) when an earlier attempt died
         local = resume and self.checkpoints.resume_copy(*resume)
-        self.spec = spec = self.checkpoints.local_model(spec)
+        self.spec = spec = fetch_hub_models(self.checkpoints.local_model(spec))
         self._load_model(local)
         # The engine starts from spec.model.path: the same weights, unless resuming or going on
         # with an adapter.
@@ -169,7 +170,7 @@ class RunLoop:
             self.recorder.event(
                 EventType.RUN_RESUMED,
                 f"resumed from the checkpoint at step {step}",
-                data={"step": step, "path": str(path)},
+                data={"step": step},
             )
 
     def _announce(self) -> None:
@@ -177,7 +178,7 @@ class RunLoop:
         where = f"{world} processes on {self.device}" if world > 1 else str(self.device)
         self.recorder.event(
             EventType.RUN_MODEL_LOADED,
-            f"loaded {self.spec.model.path} on {where}; rollouts with {self.engine.name}",
+            f"loaded the model on {where}; rollouts with {self.engine.name}",
             data={
                 "device": str(self.device),
                 "rollout_engine": self.engine.name,

@@ -13,7 +13,6 @@ class CheckpointRead(BaseModel):
     object: Literal["checkpoint"] = "checkpoint"
     run_id: str
     step: int
-    path: str
     bytes: int
     kind: CheckpointKind
     created_at: datetime

@@ -5,6 +5,7 @@ from service.models.checkpoint import Checkpoint
 from service.models.file import File
 from service.models.metric import Metric
 from service.models.project import ApiKey, Project
+from service.models.registered_model import RegisteredModel
 from service.models.rescore import Rescore, RewardHistory
 from service.models.reward_request import RewardRequest
 from service.models.run import Run
@@ -19,6 +20,7 @@ __all__ = [
     "File",
     "Metric",
     "Project",
+    "RegisteredModel",
     "Rescore",
     "RewardHistory",
     "RewardRequest",

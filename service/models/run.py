@@ -16,7 +16,11 @@ class Run(Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     name: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True, default=RunStatus.QUEUED)
+    # The spec as the tenant wrote it (with model.checkpoint, no server path in it).
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Where the worker loads the model from, authorised at submission: {"path", "adapter"},
+    # the folders of a registered model or a checkpoint. Never shown to the tenant.
+    model_source: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     webhook_secret: Mapped[str] = mapped_column(String(80))
     # After a rotation the previous secret still verifies callbacks until this moment.
     previous_webhook_secret: Mapped[str | None] = mapped_column(String(80))

@@ -22,6 +22,7 @@ from service.models.run_event import add_event
 from service.offpolicy.schemas import GroupsStatus
 from service.runs.preflight import check_posted_groups
 from service.runs.service import get_run, run_spec
+from service.runs.sources import loaded_spec
 
 MAX_PENDING = 100_000  # posted groups a run holds untrained
 
@@ -85,7 +86,7 @@ def post_groups(
     ]
     if bad:
         raise InvalidSpec(bad)
-    check_posted_groups(settings, spec, groups)
+    check_posted_groups(settings, loaded_spec(spec, run), groups)
     pending, _ = _counts(session, run.id)
     if pending + len(groups) > MAX_PENDING:
         raise Conflict(

@@ -32,13 +32,13 @@ from tokenizers import Tokenizer
 
 from service.config import Settings
 from service.contract.files import numbered_rows
+from service.contract.sources import is_local
 from service.contract.spec import RunSpec
 from service.errors import InvalidSpec
 from service.files.service import get_file
 from service.models import File, Project
 
 FIELD = "model.path"
-LOCAL_PREFIXES = ("/", "./", "../", "~")  # as the worker tells a local path from a hub id
 # Config keys that hold a context length, as vLLM reads them: the smallest one present wins.
 CONTEXT_KEYS = (
     "max_position_embeddings",
@@ -57,6 +57,7 @@ STRETCHING_ROPE = ("linear", "dynamic")
 TOKENIZE_BATCH = 1024
 MODEL_FILES = "config.json, tokenizer files and weights"
 MAX_REASON_CHARS = 300
+RUN_MODEL = {"path": "the run's model", "adapter": "the run's adapter"}  # in messages
 # What a slow (Python) tokenizer reads when a model has no tokenizer.json: transformers converts
 # it on the worker; the API, which reads only tokenizer.json, then leaves the budgets to it.
 SLOW_TOKENIZER_FILES = (
@@ -72,30 +73,33 @@ def _problem(field: str, message: str) -> dict[str, str]:
     return {"field": field, "message": message}
 
 
-def check_model(settings: Settings, session: Session, project: Project, spec: RunSpec) -> None:
+def check_model(
+    settings: Settings, session: Session, project: Project, spec: RunSpec, shown: dict[str, str]
+) -> None:
     """InvalidSpec listing every problem of the run's model and token budgets; nothing to say
-    when the API cannot see the model and need not (settings.model_path_check)."""
-    if (seen := _seen_model(settings, spec)) is None:
+    when the API cannot see the model and need not (settings.model_path_check). `spec` has the
+    model's folders filled in (runs/sources.py); messages name them as `shown` says."""
+    if (seen := _seen_model(settings, spec, shown)) is None:
         return
     config, tokenizer = seen
     if problems := _budget_problems(session, project, spec, context_length(config), tokenizer):
         raise InvalidSpec(problems)
 
 
-def _seen_model(settings: Settings, spec: RunSpec) -> tuple | None:
+def _seen_model(settings: Settings, spec: RunSpec, shown: dict[str, str]) -> tuple | None:
     """(config, tokenizer) of the run's model where the API sees it and should look, else None;
     InvalidSpec for a model that cannot load, or a path the worker could not see either."""
     path = spec.model.path
     if path is None or settings.model_path_check == "off":
         return None
-    if problem := _adapter_problem(settings, spec.model.adapter):
+    if problem := _adapter_problem(settings, spec.model.adapter, shown.get("adapter")):
         raise InvalidSpec([problem])
     directory, kind = _locate(path)
     if kind != "directory":
-        if problem := _unseen_path_problem(settings, path, kind):
+        if problem := _unseen_path_problem(settings, path, shown["path"], kind):
             raise InvalidSpec([problem])
         return None
-    return _load(path, directory)
+    return _load(shown["path"], directory)
 
 
 def _locate(path: str) -> tuple[Path, str]:
@@ -107,7 +111,7 @@ def _locate(path: str) -> tuple[Path, str]:
         return Path(path), "missing"
 
 
-def _adapter_problem(settings: Settings, adapter: str | None) -> dict | None:
+def _adapter_problem(settings: Settings, adapter: str | None, shown: str | None) -> dict | None:
     """model.adapter, where the API can see it: a PEFT adapter's folder."""
     if adapter is None:
         return None
@@ -116,6 +120,7 @@ def _adapter_problem(settings: Settings, adapter: str | None) -> dict | None:
         return _unseen_path_problem(
             settings,
             adapter,
+            shown,
             kind,
             "model.adapter",
             "adapter_config.json and the adapter's weights",
@@ -123,29 +128,35 @@ def _adapter_problem(settings: Settings, adapter: str | None) -> dict | None:
     if not (directory / "adapter_config.json").is_file():
         return _problem(
             "model.adapter",
-            f"{adapter!r} has no adapter_config.json; give the "
+            f"{shown} has no adapter_config.json; give the "
             "folder a PEFT model's save_pretrained wrote (a run's LoRA checkpoint)",
         )
     return None
 
 
 def _unseen_path_problem(
-    settings: Settings, path: str, kind: str, field: str = FIELD, files: str = MODEL_FILES
+    settings: Settings,
+    path: str,
+    shown: str,
+    kind: str,
+    field: str = FIELD,
+    files: str = MODEL_FILES,
 ) -> dict | None:
-    """A model path that is no directory here: a problem when the worker cannot see it either
-    (the embedded stack shares this machine) or when the settings demand that the API see
-    every local path; None for a hub id or a path on a cluster's worker volume."""
+    """A model path (the folder, authorised; `shown` how the tenant knows it) that is no
+    directory here: a problem when the worker cannot see it either (the embedded stack shares
+    this machine) or when the settings demand that the API see every local path; None for a
+    hub id or a path on a cluster's worker volume."""
     if kind == "file":
-        return _problem(field, f"{path!r} is a file; give the directory ({files})")
+        return _problem(field, f"{shown} is a file; give the directory ({files})")
     strict = settings.model_path_check == "strict"
-    if not path.startswith(LOCAL_PREFIXES) or not (strict or settings.embedded):
+    if not is_local(path) or not (strict or settings.embedded):
         return None
     why = (
         "GVPO_MODEL_PATH_CHECK is strict: the API must see every local model path"
         if strict
         else "the API and the worker share this machine, so the worker cannot see it either"
     )
-    return _problem(field, f"no such directory {path!r} ({why}); give a directory with {files}")
+    return _problem(field, f"no such directory: {shown} ({why}); give a directory with {files}")
 
 
 def _reason(exc: Exception) -> str:
@@ -154,8 +165,9 @@ def _reason(exc: Exception) -> str:
 
 
 def _load(path: str, directory: Path) -> tuple[dict, Tokenizer | None]:
-    """(config.json, tokenizer) as the worker will find them, with no remote code and no
-    downloads; InvalidSpec on model.path saying what stops them. The tokenizer is None when the
+    """(config.json, tokenizer) of `directory` (`path` names it in messages) as the worker will
+    find them, with no remote code and no downloads; InvalidSpec on model.path saying what
+    stops them. The tokenizer is None when the
     model has only a slow tokenizer's files (no tokenizer.json), which the API does not read."""
 
     def refuse(message: str) -> InvalidSpec:
@@ -164,24 +176,24 @@ def _load(path: str, directory: Path) -> tuple[dict, Tokenizer | None]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise refuse(
-            f"{path!r} has no config.json, so transformers cannot load it as a model; "
+            f"{path} has no config.json, so transformers cannot load it as a model; "
             f"give the directory written by save_pretrained ({MODEL_FILES})"
         )
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise refuse(
-            f"config.json in {path!r} is not valid JSON ({_reason(exc)}); replace it "
+            f"config.json in {path} is not valid JSON ({_reason(exc)}); replace it "
             "with the model's own config.json"
         ) from None
     if not isinstance(config, dict):
         raise refuse(
-            f"config.json in {path!r} is a JSON {type(config).__name__}, not an object; "
+            f"config.json in {path} is a JSON {type(config).__name__}, not an object; "
             "replace it with the model's own config.json"
         )
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise refuse(
-            f"config.json in {path!r} has no model_type, so transformers cannot tell "
+            f"config.json in {path} has no model_type, so transformers cannot tell "
             "which architecture to build; replace it with the model's own config.json"
         )
     return config, _tokenizer(path, directory, refuse)
@@ -198,13 +210,13 @@ def _tokenizer(
             return Tokenizer.from_file(str(fast))
         except Exception as exc:  # tokenizers raises its own Exception subclasses
             raise refuse(
-                f"cannot load the tokenizer in {path!r} (tokenizer.json): "
+                f"cannot load the tokenizer in {path} (tokenizer.json): "
                 f"{_reason(exc)}; the directory needs the model's tokenizer files"
             ) from None
     if any((directory / name).is_file() for name in SLOW_TOKENIZER_FILES):
         return None
     raise refuse(
-        f"cannot load the tokenizer in {path!r}: it has no tokenizer.json (nor a slow "
+        f"cannot load the tokenizer in {path}: it has no tokenizer.json (nor a slow "
         "tokenizer's files); the directory needs the model's tokenizer files"
     )
 
@@ -305,8 +317,9 @@ def _limit(spec: RunSpec, context: int | None) -> "_Limit | None":
 
 def check_posted_groups(settings: Settings, spec: RunSpec, groups: list[dict]) -> None:
     """Groups posted to a run against its token limit, as check_model checks its offpolicy
-    file (InvalidSpec naming groups.<i>); nothing when the API cannot see the model."""
-    if (seen := _seen_model(settings, spec)) is None:
+    file (InvalidSpec naming groups.<i>); nothing when the API cannot see the model. `spec`
+    has the run's model folders filled in."""
+    if (seen := _seen_model(settings, spec, RUN_MODEL)) is None:
         return
     config, tokenizer = seen
     if (limit := _limit(spec, context_length(config))) is None or tokenizer is None:

@@ -10,7 +10,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.contract import storage
 from service.contract.events import EventType
 from service.contract.files import FilePurpose, numbered_rows
 from service.contract.groups import fit_problem
@@ -18,17 +17,17 @@ from service.contract.outbound import unreachable, webhook_url_problem
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward
 from service.contract.signing import new_secret
 from service.contract.spec import RunSpec
-from service.contract.states import TERMINAL, NotifyState, RunStatus
-from service.contract.storage import CheckpointKind
+from service.contract.states import NotifyState, RunStatus
 from service.contract.tasks import RUN_TASK
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.service import get_file
-from service.models import Checkpoint, Project, Run, RunEvent
+from service.models import Project, Run, RunEvent
 from service.models.base import new_id, utcnow
 from service.models.run_event import add_event
 from service.runs.preflight import check_model
+from service.runs.sources import resolve_model
 
 
 def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
@@ -82,72 +81,6 @@ def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> li
         if problem := fit_problem(row, k, ranks):
             return [{"field": field, "message": f"line {number} of file {file.id} {problem}"}]
     return []
-
-
-def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> RunSpec:
-    """With model.checkpoint, the spec with the model that checkpoint holds: a whole model's
-    folder as model.path, or a LoRA adapter (model.adapter) over its run's model.path and
-    model.lora. The checkpoint's run must have ended, or its keep_last could delete it."""
-    model = spec.model
-    if model.checkpoint is None:
-        return spec
-    ckpt = session.get(Checkpoint, model.checkpoint)
-    source = ckpt and session.get(Run, ckpt.run_id)
-    if source is None or source.project_id != project.id:
-        raise InvalidSpec(
-            [
-                {
-                    "field": "model.checkpoint",
-                    "message": f"no checkpoint {model.checkpoint!r} in this project",
-                }
-            ]
-        )
-    bad = []
-    if source.status not in TERMINAL:
-        bad.append(
-            {
-                "field": "model.checkpoint",
-                "message": f"checkpoint {ckpt.id} belongs to "
-                f"run {source.id}, which is {source.status}: its keep_last may still delete "
-                "it; start from it once that run has ended",
-            }
-        )
-    elif not storage.exists(ckpt.path):
-        bad.append(
-            {
-                "field": "model.checkpoint",
-                "message": f"checkpoint {ckpt.id} has no files left at {ckpt.path}",
-            }
-        )
-    bad += [
-        {"field": f"model.{name}", "message": "leave it out with model.checkpoint, which sets it"}
-        for name in ("path", "adapter")
-        if getattr(model, name) is not None
-    ]
-    trained = run_spec(source).model
-    filled = {"path": ckpt.path}
-    if ckpt.kind == CheckpointKind.LORA_ADAPTER:
-        filled = {"path": trained.path, "adapter": ckpt.path, "lora": trained.lora}
-        if "lora" in model.model_fields_set and model.lora != trained.lora:
-            bad.append(
-                {
-                    "field": "model.lora",
-                    "message": f"checkpoint {ckpt.id} is a LoRA "
-                    "adapter, trained on with its own settings: leave model.lora out",
-                }
-            )
-    if bad:
-        raise InvalidSpec(bad)
-    try:
-        return RunSpec.model_validate(
-            {
-                **spec.model_dump(),
-                "model": {**model.model_dump(), **filled},
-                "webhook_secret": spec.webhook_secret,
-            }
-        )
-    except ValidationError as exc:  # a rule the filled-in model breaks (LoRA and fsdp, say)
-        raise invalid_spec(exc.errors(), spec.model_dump()) from None
 
 
 def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | None = None) -> None:
@@ -216,15 +149,17 @@ def create_run(
     digest = _request_hash(spec)
     if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
         return existing, False
-    spec = _from_checkpoint(session, project, spec)
+    resolved = resolve_model(session, settings, project, spec)
+    spec = resolved.public
     _check_dataset(session, project, spec)
-    check_model(settings, session, project, spec)
+    check_model(settings, session, project, resolved.spec, resolved.shown)
     check_webhooks(settings, spec.reward, spec.notify_url)
     stored = _stored_spec(spec)
     run = Run(
         project_id=project.id,
         name=spec.name,
         spec=stored,
+        model_source=resolved.source,
         webhook_secret=(
             spec.webhook_secret.get_secret_value() if spec.webhook_secret else new_secret()
         ),

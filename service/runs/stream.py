@@ -16,12 +16,12 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from service.config import Settings
+from service.contract.states import TERMINAL
 from service.db import session_scope
 from service.metrics.schemas import StepMetrics
 from service.metrics.service import step_metrics
 from service.models import Run, RunEvent
 from service.runs.schemas import EventRead, RunRead
-from service.runs.service import TERMINAL
 
 POLL_S = 0.5
 KEEPALIVE_S = 15.0

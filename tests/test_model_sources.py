@@ -1,0 +1,205 @@
+"""A hostile tenant and model weights: project B tries every spec field that names weights with
+project A's checkpoint folders, and learns nothing about which server paths exist; the worker
+refuses the same folders on its own before it loads a byte; project A's own responses carry no
+server path; the operator's registered base models work for every project."""
+
+import os
+import shutil
+import tempfile
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import update
+
+from service.contract.sources import refusal
+from service.contract.states import RunStatus
+from service.contract.storage import CheckpointKind
+from service.db import session_scope
+from service.models import Run
+from workers.errors import RunError
+from workers.model_source import loadable, loaded_spec
+from workers.records import RunRecorder
+
+from factories import assert_error, auth, copy_rows, run_spec, submit, upload
+from services import cli
+
+pytestmark = pytest.mark.both_backends
+
+
+@pytest.fixture
+def a_checkpoint(settings, tiny_model_dir) -> SimpleNamespace:
+    """Project "loop" (A): an ended run with a whole-model checkpoint where workers keep them."""
+    run_id = submit(settings, tiny_model_dir)
+    folder = settings.runs_dir / run_id / "checkpoints" / "step_000001"
+    shutil.copytree(tiny_model_dir, folder)
+    recorder = RunRecorder(settings, run_id, "worker-a")
+    recorder.claim()
+    recorder.record_checkpoint(1, str(folder), 1, CheckpointKind.FULL, None)
+    recorder.finish(RunStatus.SUCCEEDED, "done")
+    return SimpleNamespace(run_id=run_id, folder=folder, id=f"ckpt_{run_id[4:]}_1")
+
+
+def forms_of(folder, settings, tmp_path) -> list[str]:
+    """Ways to write a folder of the data directory: as it is, relative to here, through `..`
+    from a model root, through a symbolic link under a root, as a URL; the data directory."""
+    link = tmp_path / "innocent-looking-model"
+    link.symlink_to(folder)
+    relative = os.path.relpath(folder)
+    return [
+        str(folder),
+        relative if relative.startswith(".") else f"./{relative}",
+        f"{tempfile.gettempdir()}/../{str(folder).lstrip('/')}",
+        str(link),
+        f"file://{folder}",
+        str(settings.resolved_data_dir),
+        str(folder.parent),
+    ]
+
+
+def test_no_field_loads_another_projects_weights(
+    api, make_key, settings, a_checkpoint, tiny_model_dir, tmp_path
+):
+    b = make_key("team-b")
+    train = upload(api, b, copy_rows(8))
+
+    def refused(model: dict, field: str) -> dict:
+        body = {**run_spec("", train), "model": model}
+        error = assert_error(
+            api.post("/v1/runs", headers=auth(b), json=body), 422, "invalid_request"
+        )
+        assert [f["field"] for f in error["details"]["fields"]] == [field], error
+        return error
+
+    for form in forms_of(a_checkpoint.folder, settings, tmp_path):
+        refused({"path": form}, "model.path")
+        refused({"path": str(tiny_model_dir), "adapter": form, "lora": {}}, "model.adapter")
+    error = refused({"checkpoint": a_checkpoint.id}, "model.checkpoint")
+    assert error["message"].endswith(f"no checkpoint {a_checkpoint.id!r} in this project")
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.query(Run).count() == 1  # A's run only
+
+
+def test_a_refusal_says_the_same_whether_the_path_exists(api, make_key, settings, a_checkpoint):
+    b = make_key("team-b")
+    train = upload(api, b, copy_rows(8))
+    folder = str(a_checkpoint.folder)
+    bodies = [
+        api.post("/v1/runs", headers=auth(b), json=run_spec(path, train)).json()
+        for path in (folder, f"{folder}-missing", "/etc", "/no/such/folder")
+    ]
+    assert all(body == bodies[0] for body in bodies), bodies
+    (problem,) = bodies[0]["error"]["details"]["fields"]
+    assert problem["message"] == refusal("model.path")
+    assert str(settings.resolved_data_dir) not in str(bodies[0])
+
+
+def test_the_projects_own_responses_carry_no_server_path(api, make_key, settings, a_checkpoint):
+    a = make_key("loop")  # submit()'s project
+    run = api.get(f"/v1/runs/{a_checkpoint.run_id}", headers=auth(a)).json()
+    train = run["spec"]["dataset"]["train_file"]
+    body = {**run_spec("", train), "model": {"checkpoint": a_checkpoint.id}}
+    started = api.post("/v1/runs", headers=auth(a), json=body)
+    assert started.status_code == 201, started.text
+    assert started.json()["spec"]["model"]["path"] is None
+    data_dir = str(settings.resolved_data_dir)
+    for path in (
+        "/v1/runs",
+        f"/v1/runs/{started.json()['id']}",
+        f"/v1/runs/{a_checkpoint.run_id}/checkpoints",
+        f"/v1/runs/{a_checkpoint.run_id}/events",
+    ):
+        resp = api.get(path, headers=auth(a))
+        assert resp.status_code == 200 and data_dir not in resp.text, (path, resp.text)
+
+
+def test_the_worker_checks_the_folders_again(settings, tiny_model_dir, a_checkpoint, tmp_path):
+    """A run whose recorded folders name another project's checkpoint (recorded under older
+    rules, say, or a link made since) fails before its worker reads them."""
+    own = a_checkpoint.run_id
+    record = run_of(settings, own)
+    assert loaded_spec(settings, own, record).model.path == str(tiny_model_dir)
+    theirs = submit_as(settings, tiny_model_dir, "team-b")
+    for folder in forms_of(a_checkpoint.folder, settings, tmp_path)[:4]:
+        with session_scope(settings.resolved_database_url) as session:
+            session.execute(
+                update(Run).where(Run.id == theirs).values(model_source={"path": folder})
+            )
+        with pytest.raises(RunError, match="registered"):
+            loaded_spec(settings, theirs, run_of(settings, theirs))
+    # A's own run from its own checkpoint passes.
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(
+            update(Run)
+            .where(Run.id == own)
+            .values(model_source={"path": str(a_checkpoint.folder), "adapter": None})
+        )
+    assert loaded_spec(settings, own, record).model.path == str(a_checkpoint.folder)
+
+
+def run_of(settings, run_id: str) -> dict:
+    with session_scope(settings.resolved_database_url) as session:
+        return dict(session.get(Run, run_id).spec)
+
+
+def submit_as(settings, model_dir, project: str) -> str:
+    """A queued run of `project` (submit() makes them for project "loop")."""
+    run_id = submit(settings, model_dir)
+    with session_scope(settings.resolved_database_url) as session:
+        from service.models import Project
+
+        other = session.query(Project).filter_by(name=project).one_or_none() or Project(
+            name=project
+        )
+        session.add(other)
+        session.flush()
+        session.get(Run, run_id).project_id = other.id
+    return run_id
+
+
+def test_a_hub_id_is_never_read_as_a_folder_of_the_worker(settings, tiny_model_dir, monkeypatch):
+    """`runs/<id>` is a well-formed hub id: relative to a worker in the data directory it would
+    be a run's folder; the worker asks the hub (here unreachable) instead."""
+    shutil.copytree(tiny_model_dir, settings.runs_dir / "run_x")
+    monkeypatch.chdir(settings.resolved_data_dir)
+    with pytest.raises(RunError, match="cannot fetch model 'runs/run_x' from the hub"):
+        loadable("runs/run_x")
+
+
+def test_registered_base_models(api, make_key, settings, tiny_model_dir, tmp_path):
+    """`gvpo models add` registers a folder by name; every project's runs may name it, and see
+    the name only. The data directory cannot be registered."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "operators-models" / "tiny")
+    assert cli(settings, "models", "add", "tiny-base", str(model)).endswith(str(model))
+    assert cli(settings, "models", "list") == f"tiny-base\t{model}"
+    key = make_key("team-b")
+    train = upload(api, key, copy_rows(8))
+    created = api.post("/v1/runs", headers=auth(key), json=run_spec("tiny-base", train))
+    assert created.status_code == 201, created.text
+    assert created.json()["spec"]["model"]["path"] == "tiny-base"
+    assert str(model) not in created.text
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.get(Run, created.json()["id"]).model_source["path"] == str(model)
+    refused = subprocess_error(settings, "models", "add", "x", str(settings.runs_dir))
+    assert "inside the data directory" in refused
+    cli(settings, "models", "remove", "tiny-base")
+    # Unregistered, the name reads as a hub id: nothing on this machine stands behind it.
+    again = api.post("/v1/runs", headers=auth(key), json=run_spec("tiny-base", train))
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.get(Run, again.json()["id"]).model_source["path"] == "tiny-base"
+
+
+def subprocess_error(settings, *args: str) -> str:
+    import subprocess
+    import sys
+
+    from service.stack import stack_env
+
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=stack_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    return out.stderr
