@@ -1,5 +1,7 @@
 """Sync reward webhooks against a real reward server over loopback HTTP."""
 
+import socket
+
 import pytest
 from sqlalchemy import select
 
@@ -17,6 +19,7 @@ from factories import (
     upload,
     wait_until,
 )
+from rebinding import FakeDNS
 from reward_server import Behaviour, RewardServer
 from services import closed_port, loopback_socket
 
@@ -57,6 +60,19 @@ def test_sync_webhook_rewards_are_the_servers(hooks_settings, tiny_model_dir):
         assert s.reward == pytest.approx(behaviour.rewards[sid])
     assert len(behaviour.request_ids) == 6 * 3  # 8 items a step in batches of 3
     assert len(set(behaviour.request_ids)) == len(behaviour.request_ids)
+
+
+def test_each_reward_request_looks_the_host_up_once(hooks_settings, tiny_model_dir, monkeypatch):
+    """The check and the connection use one lookup (tests/test_outbound.py shows a rebinding
+    name cannot move the connection): the submission's, then one per request."""
+    dns = FakeDNS({"rm.test": [("127.0.0.1",)]})
+    monkeypatch.setattr(socket, "getaddrinfo", dns)
+    behaviour = Behaviour()
+    with RewardServer(behaviour) as server:
+        url = server.url.replace("127.0.0.1", "rm.test")
+        run_id, behaviour.secret = webhook_run(hooks_settings, tiny_model_dir, url)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
+    assert behaviour.calls > 0 and dns.lookups["rm.test"] == 1 + behaviour.calls
 
 
 def test_a_flaky_reward_model_is_retried(hooks_settings, tiny_model_dir):

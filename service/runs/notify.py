@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-import httpx
 from sqlalchemy import or_, select, update
 
 from service.config import Settings
 from service.contract.events import ENDED, EventLevel, EventType
-from service.contract.outbound import Transient, post_signed, webhook_url_problem
+from service.contract.outbound import OutboundClient, Refused, Transient, post_signed
 from service.contract.states import TERMINAL, NotifyState, RunStatus
 from service.contract.webhooks import RunNotification, RunSummary
 from service.db import session_scope
@@ -123,9 +122,7 @@ def claim(settings: Settings, run_id: str) -> Claim | None:
 
 def send(settings: Settings, c: Claim) -> Outcome:
     """One signed POST of the claimed notification."""
-    if problem := webhook_url_problem(c.url, settings.webhook_allow_private):
-        return Outcome("retry", f"may not be called: {problem}")
-    with httpx.Client(timeout=settings.notify_timeout_s, follow_redirects=False) as client:
+    with OutboundClient(settings.webhook_allow_private, settings.notify_timeout_s) as client:
         try:
             answer = post_signed(
                 client,
@@ -136,6 +133,8 @@ def send(settings: Settings, c: Claim) -> Outcome:
                 MAX_RESPONSE_BYTES,
                 settings.notify_timeout_s,
             )
+        except Refused as exc:
+            return Outcome("retry", f"may not be called: {exc}")
         except Transient as exc:
             return Outcome("retry", exc.answer, None, exc.retry_after)
     if 200 <= answer.status < 300:

@@ -105,7 +105,7 @@ def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | Non
         bad = [
             {"field": f"{where}.url", "message": problem}
             for where, hook in hooks
-            if hook.probe and (problem := unreachable(hook.url))
+            if hook.probe and (problem := unreachable(hook.url, settings.webhook_allow_private))
         ]
     if bad:
         raise InvalidSpec(bad)

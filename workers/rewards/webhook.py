@@ -19,11 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import httpx
 import torch
 
 from service.contract.events import EventLevel, EventType
-from service.contract.outbound import Transient, post_signed, webhook_url_problem
+from service.contract.outbound import OutboundClient, Refused, Transient, post_signed
 from service.contract.rewards import WebhookReward
 from service.contract.signing import REQUEST_ID_HEADER, is_reward
 from service.contract.webhooks import RewardItem, RewardRequest
@@ -124,7 +123,7 @@ class WebhookScorer:
             f"rq_{run}_{batch}_{n}_{attempt}": items[start : start + size]
             for n, start in enumerate(range(0, len(items), size))
         }
-        with httpx.Client(timeout=self.spec.timeout_s, follow_redirects=False) as client:
+        with OutboundClient(self.ctx.allow_private, self.spec.timeout_s) as client:
             if self.spec.mode == "async":
                 rewards = self._collect_async(client, head, requests)
             else:
@@ -152,7 +151,7 @@ class WebhookScorer:
         )
 
     def _collect_async(
-        self, client: httpx.Client, head: dict, requests: dict[str, list[RewardItem]]
+        self, client: OutboundClient, head: dict, requests: dict[str, list[RewardItem]]
     ) -> dict[str, float]:
         rewards: dict[str, float] = {}
         pending: dict[str, tuple[float, int]] = {}  # request id -> (deadline, sends)
@@ -192,21 +191,21 @@ class WebhookScorer:
         return rewards
 
     def _send_async(
-        self, client: httpx.Client, head: dict, request_id: str, chunk: list[RewardItem]
+        self, client: OutboundClient, head: dict, request_id: str, chunk: list[RewardItem]
     ) -> dict[str, float] | None:
         """POST one async request; its rewards if the model answered at once, else None (202)."""
         answer = self._post_with_retries(client, self._body(request_id, head, chunk), request_id)
         return None if answer is ACCEPTED else self._parse(answer, chunk)
 
-    def _post_with_retries(self, client: httpx.Client, body: bytes, request_id: str) -> object:
+    def _post_with_retries(self, client: OutboundClient, body: bytes, request_id: str) -> object:
         url, tries = self.spec.url, self.spec.max_attempts
         for attempt in range(1, tries + 1):
-            if problem := webhook_url_problem(url, self.ctx.allow_private):
-                raise RunError(f"reward webhook {url} may not be called: {problem}")
             try:
                 return self._post(client, body, request_id)
             except Transient as exc:
                 last = exc
+            except Refused as exc:
+                raise RunError(f"reward webhook {url} may not be called: {exc}") from None
             if attempt == tries:
                 break
             delay = last.retry_after
@@ -228,7 +227,7 @@ class WebhookScorer:
             f"reward webhook {url} failed after {tries} tries; last answer: {last.answer}"
         )
 
-    def _post(self, client: httpx.Client, body: bytes, request_id: str) -> object:
+    def _post(self, client: OutboundClient, body: bytes, request_id: str) -> object:
         """One signed POST: the parsed JSON of a 200, ACCEPTED for an async 202."""
         answer = post_signed(
             client,
