@@ -100,6 +100,7 @@ def body(run_id: str, checkpoint_id: str | None = None, **changes) -> dict:
     }
 
 
+@pytest.mark.one_backend("sqlite")  # arithmetic on the worker
 def test_weights_and_loss_match_the_formula(served, tiny_model_dir):
     api, key, run_id = served.api, served.key, served.full
     with session_scope(served.settings.resolved_database_url) as session:
@@ -131,6 +132,7 @@ def test_weights_and_loss_match_the_formula(served, tiny_model_dir):
     assert latest["checkpoint_id"] == ckpts[-1][0]
 
 
+@pytest.mark.one_backend("sqlite")  # arithmetic on the worker
 def test_a_lora_checkpoint_is_scored_against_its_base(served, tiny_model_dir):
     resp = served.api.post("/v1/gvpo:dry_run", headers=auth(served.key), json=body(served.lora))
     assert resp.status_code == 200, resp.text
@@ -197,6 +199,7 @@ def test_runs_of_other_projects_and_runs_without_checkpoints(
         assert session.get(Run, run_id).status == "queued"  # a dry run changes nothing
 
 
+@pytest.mark.one_backend("sqlite")  # arithmetic on the worker
 def test_a_group_too_long_for_the_dry_run_is_422_from_the_worker(served):
     resp = served.api.post(
         "/v1/gvpo:dry_run",

@@ -183,6 +183,7 @@ def test_a_run_goes_on_from_the_checkpoint_with_rescored_and_posted_groups(train
 # ---------------------------------------------------------------- more of the stack
 
 
+@pytest.mark.one_backend("sqlite")  # the subject is the worker, not the database
 def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir):
     """The API process serves gRPC beside REST: a run created over gRPC is watched to its end
     over gRPC while `gvpo runs watch` follows the same run over SSE."""
@@ -224,6 +225,7 @@ def test_grpc_and_the_cli_follow_a_run_live(embedded, tiny_model_dir):
     assert [u.event.type for u in updates if u.HasField("event")][-1] == "run.succeeded"
 
 
+@pytest.mark.one_backend("postgres")  # the subject is the worker, not the database
 def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -254,6 +256,7 @@ def test_grpo_and_lora_runs_through_the_same_api(embedded, tiny_model_dir, tmp_p
     AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / ckpt["id"])
 
 
+@pytest.mark.one_backend("postgres")  # the subject is the worker, not the database
 def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir):
     """The Celery pool child (daemonic: no multiprocessing children) starts torchrun; each rank
     rolls out with its own engine (`auto`: vLLM where installed) and rank 0 records."""

@@ -34,7 +34,7 @@ def _problem(name: str, message: str) -> dict[str, str]:
     return {"field": f"model.{name}", "message": message}
 
 
-def _authorised(session: Session, settings: Settings, name: str, value: str) -> str | None:
+def _authorised(session: Session, settings: Settings, value: str) -> str | None:
     """The folder (or hub id) `value` stands for, when the tenant may name it; else None."""
     if (registered := session.get(RegisteredModel, value)) is not None:
         return registered.path
@@ -55,7 +55,7 @@ def resolve_model(
     source, bad = {}, []
     for name in SOURCE_FIELDS:
         value = getattr(spec.model, name)
-        source[name] = value and _authorised(session, settings, name, value)
+        source[name] = value and _authorised(session, settings, value)
         if value is not None and source[name] is None:
             bad.append(_problem(name, refusal(f"model.{name}")))
     if bad:
