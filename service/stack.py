@@ -82,6 +82,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
     for name, value in (
         ("GVPO_SECRET_KEY", settings.secret_key),
         ("GVPO_API_KEY_PEPPER", settings.api_key_pepper),
+        ("GVPO_ENCRYPTION_KEY", settings.encryption_key),
     ):
         if value:
             env[name] = value

@@ -35,6 +35,7 @@ TEMPLATE_DB = "gvpo_template"
 CLUSTER_SECRETS = {
     "secret_key": "test-secret-key-" + "s" * 32,
     "api_key_pepper": "test-api-key-pepper-" + "p" * 32,
+    "encryption_key": "test-encryption-key-" + "e" * 32,
 }
 _databases = itertools.count()
 
