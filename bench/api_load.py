@@ -234,7 +234,7 @@ def open_requests_for(settings, run_id: str, count: int) -> str:
                     completed_at=utcnow() if done else None,
                 )
             )
-        return run.webhook_secret
+        return settings.sealer.open(run.webhook_secret_encrypted)
 
 
 def completed_requests(settings, run_id: str) -> int:

@@ -130,6 +130,23 @@ def db_upgrade() -> None:
     click.echo(f"database at head: {settings.resolved_database_url}")
 
 
+@db_group.command("reencrypt")
+def db_reencrypt() -> None:
+    """Re-encrypt the stored webhook secrets under the first GVPO_ENCRYPTION_KEY, after which
+    the older keys listed after it can be dropped."""
+    from service.contract.sealing import SealingError
+    from service.db import session_scope
+    from service.rewards.service import reencrypt_secrets
+
+    settings = _settings()
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            done = reencrypt_secrets(session, settings.sealer)
+    except SealingError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"re-encrypted the webhook secrets of {done} runs under the newest key")
+
+
 @main.group("api-key")
 def api_key_group() -> None:
     """API keys (admin)."""

@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.contract.sealing import SETTING as ENCRYPTION_KEY_SETTING
+from service.contract.sealing import Sealer, SealingError, sealer_for
+
 MIN_SECRET_CHARS = 32
 
 
@@ -58,6 +61,14 @@ class Settings(BaseSettings):
         repr=False,
         description="server-side secret mixed into stored API-key hashes (HMAC); every API "
         "replica needs the same one",
+    )
+    encryption_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="encrypts the run webhook secrets stored in the database; the API, every "
+        "worker and the migrations need the same one. Several, comma-separated, newest first, "
+        "while the key is rotated (`gvpo db reencrypt` then moves every secret to the first). "
+        "Default: a random key kept in <data_dir>/encryption_key (embedded stack only)",
     )
     api_key: str | None = None
     checkpoint_url: str | None = Field(
@@ -154,24 +165,65 @@ class Settings(BaseSettings):
         if self.embedded:
             return []
         too_short = f"shorter than {MIN_SECRET_CHARS} characters"
+        keys = self._encryption_keys()
         return [
             f"{name} is {too_short if value else 'not set'}: {why}. Set it to a random "
-            "value (e.g. `openssl rand -hex 32`), the same on every API replica"
-            for name, value, why in (
-                ("GVPO_SECRET_KEY", self.secret_key, "it signs checkpoint download links"),
-                ("GVPO_API_KEY_PEPPER", self.api_key_pepper, "it keys the stored API-key hashes"),
+            f"value (e.g. `openssl rand -hex 32`), the same on every {where}"
+            for name, value, why, where in (
+                (
+                    "GVPO_SECRET_KEY",
+                    self.secret_key,
+                    "it signs checkpoint download links",
+                    "API replica",
+                ),
+                (
+                    "GVPO_API_KEY_PEPPER",
+                    self.api_key_pepper,
+                    "it keys the stored API-key hashes",
+                    "API replica",
+                ),
+                (
+                    ENCRYPTION_KEY_SETTING,
+                    min(keys, key=len) if keys else None,  # each listed key counts
+                    "it encrypts the webhook secrets stored in the database",
+                    "API replica and worker",
+                ),
             )
             if not value or len(value) < MIN_SECRET_CHARS
         ]
+
+    def _encryption_keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in (self.encryption_key or "").split(",") if k.strip())
+
+    @property
+    def sealer(self) -> Sealer:
+        """Encrypts and decrypts the stored webhook secrets (service/contract/sealing.py).
+        Without GVPO_ENCRYPTION_KEY the embedded stack keeps a random key in its data dir; a
+        cluster has no such default (each replica and worker would make its own), so there
+        it is an error, never plain text."""
+        if keys := self._encryption_keys():
+            return sealer_for(keys)
+        if not self.embedded:
+            raise SealingError(
+                f"{ENCRYPTION_KEY_SETTING} is not set: outside the embedded stack the webhook "
+                "secrets stored in the database are encrypted with it. Set it to a random value "
+                "(e.g. `openssl rand -hex 32`), the same for the API, every worker and "
+                "`gvpo db upgrade`"
+            )
+        return sealer_for((self._kept_key("encryption_key").decode(),))
 
     @property
     def resolved_secret_key(self) -> bytes:
         if self.secret_key:
             return self.secret_key.encode()
-        path = self.resolved_data_dir / "secret_key"
+        return self._kept_key("secret_key")
+
+    def _kept_key(self, name: str) -> bytes:
+        """A random key made once and kept in <data_dir>/<name> (the embedded stack's default)."""
+        path = self.resolved_data_dir / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".secret_key.{os.getpid()}")
+            tmp = path.with_name(f".{name}.{os.getpid()}")
             tmp.write_text(secrets.token_hex(32))
             tmp.chmod(0o600)
             try:  # link is atomic: processes starting together all keep the first key written

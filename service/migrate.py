@@ -10,15 +10,18 @@ from sqlalchemy.engine import make_url
 from service.config import Settings
 
 
-def alembic_config(url: str) -> Config:
+def alembic_config(url: str, settings: Settings | None = None) -> Config:
+    """Migrations of the database at `url`; those that encrypt stored secrets take the key from
+    `settings` (default: the GVPO_* environment)."""
     cfg = Config()
     cfg.set_main_option("script_location", str(files("migrations")))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["settings"] = settings
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+def upgrade(url: str, revision: str = "head", settings: Settings | None = None) -> None:
+    command.upgrade(alembic_config(url, settings), revision)
 
 
 def prepare(settings: Settings) -> None:
@@ -28,7 +31,7 @@ def prepare(settings: Settings) -> None:
     data = settings.resolved_data_dir
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     data.chmod(0o700)  # one made before, or by a looser umask
-    upgrade(settings.resolved_database_url)
+    upgrade(settings.resolved_database_url, settings=settings)
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).chmod(0o600)

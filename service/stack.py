@@ -85,6 +85,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
         ("GVPO_SECRET_KEY", settings.secret_key),
         ("GVPO_API_KEY_PEPPER", settings.api_key_pepper),
         ("GVPO_METRICS_TOKEN", settings.metrics_token),
+        ("GVPO_ENCRYPTION_KEY", settings.encryption_key),
     ):
         if value:
             env[name] = value

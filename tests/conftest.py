@@ -36,6 +36,7 @@ TEMPLATE_DB = "gvpo_template"
 CLUSTER_SECRETS = {
     "secret_key": "test-secret-key-" + "s" * 32,
     "api_key_pepper": "test-api-key-pepper-" + "p" * 32,
+    "encryption_key": "test-encryption-key-" + "e" * 32,
 }
 _databases = itertools.count()
 
@@ -49,8 +50,9 @@ def pytest_generate_tests(metafunc):
 
 def pytest_collection_modifyitems(config, items):
     """A test marked one_backend(name) whose back end (a parameter, of `backend` or of a
-    fixture parametrised over BACKENDS) is another is deselected: a slow end-to-end test whose subject does not depend on the
-    database runs once, where it matters most. The report counts them as deselected."""
+    fixture parametrised over BACKENDS) is another is deselected: a slow end-to-end test
+    whose subject does not depend on the database runs once, where it matters most. The
+    report counts them as deselected."""
     keep, drop = [], []
     for item in items:
         marker = item.get_closest_marker("one_backend")

@@ -211,6 +211,15 @@ def submit(
         return run.id
 
 
+def webhook_secret(settings, run_id: str) -> str:
+    """A run's webhook secret in clear (the database keeps it encrypted)."""
+    from service.models import Run
+
+    with session_scope(settings.resolved_database_url) as session:
+        stored = session.get(Run, run_id).webhook_secret_encrypted
+    return settings.sealer.open(stored)
+
+
 # ---------------------------------------------------------------- HTTP
 
 

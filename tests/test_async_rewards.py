@@ -25,6 +25,7 @@ from factories import (
     run_spec,
     submit,
     upload,
+    webhook_secret,
 )
 from reward_server import Behaviour, RewardServer
 from services import serve_api
@@ -42,8 +43,7 @@ def api_server(settings):
 def async_run(settings, model_dir, url: str, **reward) -> tuple[str, str]:
     spec = {"type": "webhook", "url": url, "mode": "async", "timeout_s": 10, **reward}
     run_id = submit(settings, model_dir, reward=spec)
-    with session_scope(settings.resolved_database_url) as session:
-        return run_id, session.get(Run, run_id).webhook_secret
+    return run_id, webhook_secret(settings, run_id)
 
 
 def loaded_to_failed_s(settings, run_id: str) -> float:
@@ -180,8 +180,7 @@ def test_concurrent_partial_callbacks_lose_no_reward(api_server, tiny_model_dir)
 
     run_id = submit(api_server, tiny_model_dir)
     recorder = RunRecorder(api_server, run_id, "worker-a")
-    with session_scope(api_server.resolved_database_url) as session:
-        secret = session.get(Run, run_id).webhook_secret
+    secret = webhook_secret(api_server, run_id)
     requests = {f"rq_{n}": [f"smp_{n}_{i}" for i in range(8)] for n in range(25)}
     for request_id, sample_ids in requests.items():
         recorder.open_reward_request(request_id, 1, sample_ids)
@@ -220,8 +219,7 @@ def test_conflicting_callbacks_racing_for_one_reward_store_exactly_one(api_serve
 
     run_id = submit(api_server, tiny_model_dir)
     RunRecorder(api_server, run_id, "worker-a").open_reward_request("rq_race", 1, ["smp_x"])
-    with session_scope(api_server.resolved_database_url) as session:
-        secret = session.get(Run, run_id).webhook_secret
+    secret = webhook_secret(api_server, run_id)
     values = [0.5] * 8 + [round(0.1 * n, 1) for n in range(8)]  # 0.5 appears 9 times
 
     def call_back(value: float) -> tuple[int, int | None]:
@@ -254,8 +252,7 @@ def test_callback_over_the_size_limit_is_413_before_it_is_read(settings, tiny_mo
     from fastapi.testclient import TestClient
 
     run_id = submit(settings, tiny_model_dir)
-    with session_scope(settings.resolved_database_url) as session:
-        secret = session.get(Run, run_id).webhook_secret
+    secret = webhook_secret(settings, run_id)
     small = settings.model_copy(update={"max_callback_bytes": 2000, "reaper_interval_s": 0})
     items = [{"sample_id": f"smp_{i}", "reward": 0.5} for i in range(100)]
     body = json.dumps({"request_id": "rq_1", "rewards": items}).encode()
@@ -279,8 +276,7 @@ def pending(settings, tiny_model_dir):
     """A run with one open async request of two samples."""
     run_id = submit(settings, tiny_model_dir)
     RunRecorder(settings, run_id, "worker-a").open_reward_request("rq_1", 1, ["smp_a", "smp_b"])
-    with session_scope(settings.resolved_database_url) as session:
-        return run_id, session.get(Run, run_id).webhook_secret
+    return run_id, webhook_secret(settings, run_id)
 
 
 def post(

@@ -21,8 +21,8 @@ DOCKERFILES = {
     "worker": ROOT / "docker" / "worker.Dockerfile",
 }
 # Interpolations that must come from the operator's environment, never from the file.
-SECRETS = {"GVPO_SECRET_KEY", "GVPO_API_KEY_PEPPER", "POSTGRES_PASSWORD"}
-SECRET_NAME = re.compile(r"SECRET|PASSWORD|PEPPER|TOKEN|API_KEY$")
+SECRETS = {"GVPO_SECRET_KEY", "GVPO_API_KEY_PEPPER", "GVPO_ENCRYPTION_KEY", "POSTGRES_PASSWORD"}
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|PEPPER|TOKEN|API_KEY$|ENCRYPTION_KEY")
 REQUIRED = re.compile(r"^\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*):\?[^}]+\}$")
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<rest>[^}]*)\}")
 
@@ -302,6 +302,16 @@ def test_no_service_has_a_hard_coded_secret(services):
             assert password and REQUIRED.match(password["pw"]), (name, url)
 
 
+def test_migrate_api_and_worker_share_the_encryption_key(services):
+    """The migration encrypts the stored webhook secrets, the API and the worker open them:
+    all three need the one key, from the operator's environment."""
+    keys = {
+        name: environment(services[name]).get("GVPO_ENCRYPTION_KEY")
+        for name in ("migrate", "api", "worker")
+    }
+    assert len(set(keys.values())) == 1 and REQUIRED.match(keys["api"]), keys
+
+
 def test_secrets_are_required_and_nothing_else_is_silently_empty():
     """`docker compose up` refuses to start without the secrets (`${NAME:?message}`), and every
     other interpolation has a default, so no setting is ever quietly set to ''."""
@@ -326,6 +336,7 @@ def test_every_gvpo_variable_is_a_setting(compose):
         "GVPO_DATA_DIR",
         "GVPO_SECRET_KEY",
         "GVPO_API_KEY_PEPPER",
+        "GVPO_ENCRYPTION_KEY",
         "GVPO_WORKER_QUEUES",
     } <= keys
     assert not_settings(keys) == set()

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from service.auth.service import authenticate, create_api_key
 from service.cli import main
 from service.config import Settings, get_settings
+from service.contract.sealing import SealingError
 from service.db import session_scope
 from service.errors import Unauthorized
 from service.main import UnsafeSettings, create_app
@@ -30,11 +31,16 @@ def test_the_api_refuses_a_cluster_with_default_secrets(tmp_path, where):
         create_app(settings)
     message = str(refused.value)
     assert "GVPO_SECRET_KEY is not set" in message and "GVPO_API_KEY_PEPPER is not set" in message
+    assert "GVPO_ENCRYPTION_KEY is not set: it encrypts the webhook secrets" in message
     short = settings.model_copy(
         update={"secret_key": "x" * 31, **{"api_key_pepper": CLUSTER_SECRETS["api_key_pepper"]}}
     )
     with pytest.raises(UnsafeSettings, match="GVPO_SECRET_KEY is shorter than 32 characters"):
         create_app(short)
+    # every key listed for a key rotation counts
+    rotating = {**CLUSTER_SECRETS, "encryption_key": CLUSTER_SECRETS["encryption_key"] + ",old"}
+    with pytest.raises(UnsafeSettings, match="GVPO_ENCRYPTION_KEY is shorter than 32 characters"):
+        create_app(settings.model_copy(update=rotating))
     create_app(settings.model_copy(update=CLUSTER_SECRETS))  # set: it starts
 
 
@@ -44,6 +50,22 @@ def test_the_embedded_stack_needs_no_secrets(tmp_path):
     create_app(settings)
     assert len(settings.resolved_secret_key) == 64  # made once, kept under the data dir
     assert settings.resolved_secret_key == Settings(data_dir=tmp_path).resolved_secret_key
+    sealed = settings.sealer.seal("whsec_x")  # its own key, also kept under the data dir
+    assert Settings(data_dir=tmp_path).sealer.open(sealed) == "whsec_x"
+    assert (tmp_path / "encryption_key").read_bytes() != (tmp_path / "secret_key").read_bytes()
+
+
+def test_a_cluster_without_an_encryption_key_never_stores_a_secret_in_clear(tmp_path):
+    """No key, no default: each replica and worker would make its own. The sealer refuses,
+    and so does a worker at start."""
+    from workers.worker import run_worker
+
+    cluster = Settings(data_dir=tmp_path, database_url=PG)
+    with pytest.raises(SealingError, match="GVPO_ENCRYPTION_KEY is not set"):
+        cluster.sealer.seal("whsec_x")
+    with pytest.raises(SealingError, match="GVPO_ENCRYPTION_KEY is not set"):
+        run_worker(cluster)
+    assert not (tmp_path / "encryption_key").exists()
 
 
 def test_gvpo_api_and_api_key_create_say_what_to_set(tmp_path):
@@ -89,7 +111,9 @@ def test_the_data_folder_and_the_database_file_are_the_owners_alone(tmp_path):
     settings = Settings(data_dir=data)
     prepare(settings)
     settings.resolved_secret_key  # noqa: B018 (made on first use)
+    settings.sealer  # noqa: B018
     mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
     assert mode(data) == 0o700
     assert mode(data / "gvpo.db") == 0o600
     assert mode(data / "secret_key") == 0o600
+    assert mode(data / "encryption_key") == 0o600

@@ -8,11 +8,11 @@ import torch
 from sqlalchemy import select
 
 from service.db import session_scope
-from service.models import Metric, Run, RunEvent
+from service.models import Metric, RunEvent
 from workers.evaluation import eval_metrics, pass_at_k
 from workers.execute import execute_run
 
-from factories import copy_rows, submit
+from factories import copy_rows, submit, webhook_secret
 from reward_server import Behaviour, RewardServer
 
 EVAL_METRICS = ["eval/pass@1", "eval/pass@k", "eval/reward_mean"]
@@ -146,8 +146,7 @@ def test_a_webhook_scores_eval_completions_as_their_own_batch(settings, tiny_mod
             training={"steps": 4},
             eval={"every_steps": 2, "samples_per_prompt": 2},
         )
-        with session_scope(settings.resolved_database_url) as session:
-            behaviour.secret = session.get(Run, run_id).webhook_secret
+        behaviour.secret = webhook_secret(settings, run_id)
         assert execute_run(settings, run_id, "worker-a") == "succeeded"
     # 4 training steps and 2 evaluations (after steps 2 and 4), one request each
     assert behaviour.purposes == ["train", "train", "eval", "train", "train", "eval"]

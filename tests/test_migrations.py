@@ -8,8 +8,10 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, pool
+from sqlalchemy import create_engine, inspect, pool, text
 
+from service.config import Settings
+from service.contract.sealing import SealingError
 from service.migrate import alembic_config, upgrade
 from service.models import Base
 
@@ -63,6 +65,72 @@ def test_downgrade_to_base_and_back(empty_database):
     command.downgrade(alembic_config(url), "base")
     assert tables(url) <= {"alembic_version"}
     upgrade(url)
+    assert schema_diff(url) == []
+
+
+# Two runs as revision 0009 stored them, webhook secrets in clear: one mid-rotation.
+SECRETS_0009 = {
+    "run_a": ("whsec_current_secret_of_run_a_0123456789", "whsec_previous_of_run_a_0123456789"),
+    "run_b": ("whsec_current_secret_of_run_b_0123456789", None),
+}
+
+
+def runs_at_0009(url: str) -> None:
+    upgrade(url, "0009")
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO projects (id, name, created_at) VALUES ('prj_1', 'p', :now)"),
+            {"now": "2026-12-01 00:00:00"},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO runs (id, project_id, status, spec, webhook_secret, "
+                "previous_webhook_secret, step, total_steps, cancel_requested, pause_requested, "
+                "tokens_generated, samples_generated, attempts, created_at) VALUES (:id, "
+                "'prj_1', 'queued', '{}', :current, :previous, 0, 1, false, false, 0, 0, 0, :now)"
+            ),
+            [
+                {"id": run_id, "current": current, "previous": previous, "now": "2026-12-01"}
+                for run_id, (current, previous) in SECRETS_0009.items()
+            ],
+        )
+
+
+def stored_secrets(url: str, *columns: str) -> dict[str, tuple]:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT id, {', '.join(columns)} FROM runs")).all()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def test_0010_encrypts_the_stored_webhook_secrets_and_its_downgrade_decrypts_them(
+    empty_database, tmp_path
+):
+    url = empty_database()
+    runs_at_0009(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, encryption_key="k" * 32)
+    upgrade(url, settings=settings)
+    assert schema_diff(url) == []
+    encrypted = stored_secrets(url, "webhook_secret_encrypted", "previous_webhook_secret_encrypted")
+    for run_id, plain in SECRETS_0009.items():
+        sealed = encrypted[run_id]
+        assert not any(p and p in s for p, s in zip(plain, sealed, strict=True))
+        assert tuple(s and settings.sealer.open(s) for s in sealed) == plain
+    command.downgrade(alembic_config(url, settings), "0009")
+    assert stored_secrets(url, "webhook_secret", "previous_webhook_secret") == SECRETS_0009
+
+
+def test_0010_refuses_to_run_without_a_key_where_there_is_no_default(empty_database, tmp_path):
+    """A cluster (here: a Redis broker) has no key kept in its data dir: the migration stops,
+    saying what to set, and leaves the secrets as they were."""
+    url = empty_database()
+    runs_at_0009(url)
+    cluster = Settings(data_dir=tmp_path, database_url=url, broker_url="redis://redis:6379/0")
+    with pytest.raises(SealingError, match="GVPO_ENCRYPTION_KEY is not set"):
+        upgrade(url, settings=cluster)
+    assert stored_secrets(url, "webhook_secret", "previous_webhook_secret") == SECRETS_0009
+    upgrade(url, settings=cluster.model_copy(update={"encryption_key": "k" * 32}))
     assert schema_diff(url) == []
 
 

@@ -19,7 +19,7 @@ from workers.rewards.builtin import char_accuracy, exact_match
 from workers.rollout.vllm import vllm_installed
 
 from conftest import BACKENDS, new_settings, release
-from factories import DROP, EXACT_MATCH, assert_error, auth, run_spec, submit
+from factories import DROP, EXACT_MATCH, assert_error, auth, run_spec, submit, webhook_secret
 from reward_server import Behaviour, RewardServer, score
 
 STEPS, PROMPTS, K = 6, 2, 4  # submit()'s run
@@ -214,8 +214,7 @@ def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_di
 
     with serve_api(settings, webhook_allow_private=True) as hooks:  # where callbacks go
         run_id = finished_run(hooks, tiny_model_dir)
-        with session_scope(hooks.resolved_database_url) as session:
-            behaviour = Behaviour(secret=session.get(Run, run_id).webhook_secret, mode=mode)
+        behaviour = Behaviour(secret=webhook_secret(hooks, run_id), mode=mode)
         key = make_key("loop")
         with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
             result = rescore(
@@ -241,10 +240,7 @@ def test_a_failing_reward_fails_the_rescore_and_keeps_the_applied_steps(
     hooks = settings.model_copy(update={"webhook_allow_private": True})
     run_id = finished_run(hooks, tiny_model_dir)
     before = samples(hooks, run_id)
-    with session_scope(hooks.resolved_database_url) as session:
-        behaviour = Behaviour(
-            secret=session.get(Run, run_id).webhook_secret, fail_after=2, retry_after="0"
-        )
+    behaviour = Behaviour(secret=webhook_secret(hooks, run_id), fail_after=2, retry_after="0")
     key = make_key("loop")
     with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
         resp = api.post(

@@ -18,6 +18,7 @@ from factories import (
     submit,
     upload,
     wait_until,
+    webhook_secret,
 )
 from rebinding import FakeDNS
 from reward_server import Behaviour, RewardServer
@@ -34,8 +35,7 @@ def hooks_settings(settings):
 def webhook_run(settings, model_dir, url: str, **reward) -> tuple[str, str]:
     spec = {"type": "webhook", "url": url, "mode": "sync", "timeout_s": 10, **reward}
     run_id = submit(settings, model_dir, reward=spec)
-    with session_scope(settings.resolved_database_url) as session:
-        return run_id, session.get(Run, run_id).webhook_secret
+    return run_id, webhook_secret(settings, run_id)
 
 
 def run_events(settings, run_id: str) -> list[RunEvent]:

@@ -202,8 +202,12 @@ class RunRecorder:
 
     @_retrying
     def webhook_secret(self) -> str:
+        """The run's current secret in clear, read per request: a rotation applies at once."""
         with session_scope(self.url) as session:
-            return session.scalar(select(Run.webhook_secret).where(Run.id == self.run_id))
+            stored = session.scalar(
+                select(Run.webhook_secret_encrypted).where(Run.id == self.run_id)
+            )
+        return self.settings.sealer.open(stored)
 
     @_retrying
     def open_reward_request(self, request_id: str, step: int, sample_ids: list[str]) -> None:

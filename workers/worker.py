@@ -7,6 +7,9 @@ from workers.celery_app import create_celery_app
 
 
 def run_worker(settings: Settings, queues: str | None = None, loglevel: str = "INFO") -> None:
+    # Fail here, not in a run's first reward request, when a cluster worker lacks the key that
+    # opens the stored webhook secrets (GVPO_ENCRYPTION_KEY).
+    settings.sealer  # noqa: B018
     app = create_celery_app(settings)
     app.worker_main(
         [

@@ -21,9 +21,11 @@ class Run(Base):
     # Where the worker loads the model from, authorised at submission: {"path", "adapter"},
     # the folders of a registered model or a checkpoint. Never shown to the tenant.
     model_source: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    webhook_secret: Mapped[str] = mapped_column(String(80))
+    # The webhook secrets, encrypted (settings.sealer): only the creation and the rotation
+    # responses ever show one in clear.
+    webhook_secret_encrypted: Mapped[str] = mapped_column(Text)
     # After a rotation the previous secret still verifies callbacks until this moment.
-    previous_webhook_secret: Mapped[str | None] = mapped_column(String(80))
+    previous_webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
     previous_secret_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))

@@ -32,6 +32,7 @@ def reward_callback(
     run_id: str,
     raw: Annotated[bytes, Depends(_raw_body)],
     session: SessionDep,
+    settings: SettingsDep,
     signature: Annotated[str | None, Header(alias=HEADER)] = None,
 ) -> CallbackAccepted:
     """Async reward callback from a reward model, signed with the run's webhook secret
@@ -39,7 +40,7 @@ def reward_callback(
 
     A plain (threadpool) handler: database work must never block the event loop, or a callback
     waiting on a lock would stop another request's commit from running."""
-    return CallbackAccepted(**service.accept_callback(session, run_id, raw, signature))
+    return CallbackAccepted(**service.accept_callback(session, settings, run_id, raw, signature))
 
 
 @router.post("/{run_id}/webhook-secret/rotate", response_model=SecretRotated)

@@ -8,28 +8,35 @@ accepted once), and any disagreement is refused as a whole (409) so nothing chan
 import json
 from datetime import timedelta
 
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from service.config import Settings
 from service.contract.events import EventType
+from service.contract.sealing import Sealer, SealingError
 from service.contract.signing import SignatureError, is_reward, new_secret, verify
-from service.errors import BadRequest, Conflict, NotFound, Unauthorized
+from service.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unauthorized
 from service.models import Project, RewardRequest, Run
 from service.models.base import utcnow
 from service.models.run_event import add_event
 from service.runs.service import get_run
 
 
-def accepted_secrets(run: Run) -> list[str]:
-    keys = [run.webhook_secret]
+def accepted_secrets(sealer: Sealer, run: Run) -> list[str]:
+    """The secrets a callback may be signed with, in clear: the run's, and the one it replaced
+    during the rotation's grace period."""
+    stored = [run.webhook_secret_encrypted]
     if (
-        run.previous_webhook_secret
+        run.previous_webhook_secret_encrypted
         and run.previous_secret_expires_at
         and run.previous_secret_expires_at > utcnow()
     ):
-        keys.append(run.previous_webhook_secret)
-    return keys
+        stored.append(run.previous_webhook_secret_encrypted)
+    try:
+        return [sealer.open(s) for s in stored]
+    except SealingError as exc:  # the server's configuration, not the caller's fault
+        raise ServiceUnavailable(f"run {run.id}'s webhook secret cannot be read: {exc}") from None
 
 
 def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
@@ -63,24 +70,28 @@ def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
 MERGE_ATTEMPTS = 50
 
 
-def accept_callback(session: Session, run_id: str, raw: bytes, signature: str | None) -> dict:
+def accept_callback(
+    session: Session, settings: Settings, run_id: str, raw: bytes, signature: str | None
+) -> dict:
     """Verify and merge one callback. Concurrent callbacks for the same request are merged one
     at a time: a write that lost the race (the request's version moved) is rolled back and the
     callback merged again on top of the winner's rewards."""
     for _ in range(MERGE_ATTEMPTS - 1):
         try:
-            return _merge_callback(session, run_id, raw, signature)
+            return _merge_callback(session, settings, run_id, raw, signature)
         except StaleDataError:
             session.rollback()
-    return _merge_callback(session, run_id, raw, signature)
+    return _merge_callback(session, settings, run_id, raw, signature)
 
 
-def _merge_callback(session: Session, run_id: str, raw: bytes, signature: str | None) -> dict:
+def _merge_callback(
+    session: Session, settings: Settings, run_id: str, raw: bytes, signature: str | None
+) -> dict:
     run = session.get(Run, run_id)
     if run is None:
         raise NotFound(f"no run {run_id!r}")
     try:
-        verify(accepted_secrets(run), signature, raw)
+        verify(accepted_secrets(settings.sealer, run), signature, raw)
     except SignatureError as exc:
         raise Unauthorized(f"bad webhook signature: {exc}") from None
     request_id, pairs = _parse(raw)
@@ -115,8 +126,10 @@ def _merge_callback(session: Session, run_id: str, raw: bytes, signature: str | 
 def rotate_secret(session: Session, settings: Settings, project: Project, run_id: str) -> dict:
     run = get_run(session, project, run_id)
     expires = utcnow() + timedelta(seconds=settings.webhook_secret_grace_s)
-    run.previous_webhook_secret, run.previous_secret_expires_at = run.webhook_secret, expires
-    run.webhook_secret = new_secret()
+    secret = new_secret()
+    run.previous_webhook_secret_encrypted = run.webhook_secret_encrypted
+    run.previous_secret_expires_at = expires
+    run.webhook_secret_encrypted = settings.sealer.seal(secret)
     add_event(
         session,
         run.id,
@@ -126,6 +139,33 @@ def rotate_secret(session: Session, settings: Settings, project: Project, run_id
     session.flush()
     return {
         "run_id": run.id,
-        "webhook_secret": run.webhook_secret,
+        "webhook_secret": secret,
         "previous_secret_expires_at": expires,
     }
+
+
+def reencrypt_secrets(session: Session, sealer: Sealer) -> int:
+    """Re-encrypt every stored webhook secret under the newest key (the end of a key rotation:
+    the older keys can then be dropped); how many runs were rewritten. Each row is written only
+    if its secrets did not change meanwhile (a webhook secret rotation sealed them anew)."""
+    rows = session.execute(
+        select(Run.id, Run.webhook_secret_encrypted, Run.previous_webhook_secret_encrypted)
+    ).all()
+    done = 0
+    for run_id, current, previous in rows:
+        done += session.execute(
+            update(Run)
+            .where(
+                Run.id == run_id,
+                Run.webhook_secret_encrypted == current,
+                Run.previous_webhook_secret_encrypted.is_(None)
+                if previous is None
+                else Run.previous_webhook_secret_encrypted == previous,
+            )
+            .values(
+                webhook_secret_encrypted=sealer.reseal(current),
+                previous_webhook_secret_encrypted=previous and sealer.reseal(previous),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    return done

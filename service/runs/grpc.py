@@ -130,11 +130,9 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
                         }
                     ]
                 )
-            run, created = service.create_run(session, self.settings, owner, _spec(request), key)
+            run, secret = service.create_run(session, self.settings, owner, _spec(request), key)
             return pb.CreateRunResponse(
-                run=run_message(run),
-                created=created,
-                webhook_secret=run.webhook_secret if created else "",
+                run=run_message(run), created=secret is not None, webhook_secret=secret or ""
             )
 
         return await rpc.call(context, self.settings, create)

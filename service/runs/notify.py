@@ -114,7 +114,7 @@ def claim(settings: Settings, run_id: str) -> Claim | None:
             until,
             run.notify_attempts,
             run.spec["notify_url"],
-            run.webhook_secret,
+            settings.sealer.open(run.webhook_secret_encrypted),
             event_id,
             body.model_dump_json().encode(),
         )

@@ -31,12 +31,10 @@ def create_run(
 ) -> RunCreated:
     """Create a run. The response carries the run's webhook_secret, once; replays of the same
     Idempotency-Key with the same body return the same run (200, webhook_secret null)."""
-    run, created = service.create_run(session, settings, project, spec, idempotency_key)
-    out = RunCreated.model_validate(run)
-    if not created:
+    run, secret = service.create_run(session, settings, project, spec, idempotency_key)
+    if secret is None:  # the secret is shown once; rotate it if it was lost
         response.status_code = 200
-        out.webhook_secret = None  # the secret is shown once; rotate it if it was lost
-    return out
+    return RunCreated(**RunRead.model_validate(run).model_dump(), webhook_secret=secret)
 
 
 @router.get("", response_model=RunList)

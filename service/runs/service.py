@@ -144,25 +144,25 @@ def create_run(
     project: Project,
     spec: RunSpec,
     idempotency_key: str | None,
-) -> tuple[Run, bool]:
-    """Record a queued run and enqueue it after commit. Returns (run, created)."""
+) -> tuple[Run, str | None]:
+    """Record a queued run and enqueue it after commit. Returns the run and its webhook secret
+    in clear, shown this once (None: a replay, which returns the run made before)."""
     digest = _request_hash(spec)
     if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
-        return existing, False
+        return existing, None
     resolved = resolve_model(session, settings, project, spec)
     spec = resolved.public
     _check_dataset(session, project, spec)
     check_model(settings, session, project, resolved.spec, resolved.shown)
     check_webhooks(settings, spec.reward, spec.notify_url)
     stored = _stored_spec(spec)
+    secret = spec.webhook_secret.get_secret_value() if spec.webhook_secret else new_secret()
     run = Run(
         project_id=project.id,
         name=spec.name,
         spec=stored,
         model_source=resolved.source,
-        webhook_secret=(
-            spec.webhook_secret.get_secret_value() if spec.webhook_secret else new_secret()
-        ),
+        webhook_secret_encrypted=settings.sealer.seal(secret),
         idempotency_key=idempotency_key,
         request_hash=digest,
         total_steps=spec.training.steps,
@@ -176,13 +176,13 @@ def create_run(
         # Nothing else was written in this transaction, so rolling it back loses nothing.
         session.rollback()
         if idempotency_key and (existing := _replay(session, project, idempotency_key, digest)):
-            return existing, False
+            return existing, None
         raise
     add_event(
         session, run.id, EventType.RUN_QUEUED, f"run queued on queue {spec.resources.queue!r}"
     )
     after_commit(session, lambda: dispatch_run(settings, run.id, spec.resources.queue))
-    return run, True
+    return run, secret
 
 
 def dispatch_run(settings: Settings, run_id: str, queue: str) -> bool:
