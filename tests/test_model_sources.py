@@ -112,6 +112,27 @@ def test_the_projects_own_responses_carry_no_server_path(api, make_key, settings
         assert resp.status_code == 200 and data_dir not in resp.text, (path, resp.text)
 
 
+def test_a_failure_names_no_server_folder(api, make_key, settings, a_checkpoint):
+    """A run from the project's checkpoint whose files went missing fails on the worker: its
+    event and error name the folder as the project knows it, not where the server keeps it."""
+    from workers.execute import execute_run
+
+    key = make_key("loop")
+    train = api.get(f"/v1/runs/{a_checkpoint.run_id}", headers=auth(key)).json()
+    body = {
+        **run_spec("", train["spec"]["dataset"]["train_file"]),
+        "model": {"checkpoint": a_checkpoint.id},
+    }
+    started = api.post("/v1/runs", headers=auth(key), json=body).json()["id"]
+    shutil.rmtree(a_checkpoint.folder)
+    assert execute_run(settings, started, "worker-a") == RunStatus.FAILED
+    run = api.get(f"/v1/runs/{started}", headers=auth(key))
+    events = api.get(f"/v1/runs/{started}/events", headers=auth(key))
+    assert "<model.path>" in run.json()["error"], run.text
+    for resp in (run, events):
+        assert str(settings.resolved_data_dir) not in resp.text, resp.text
+
+
 def test_the_worker_checks_the_folders_again(settings, tiny_model_dir, a_checkpoint, tmp_path):
     """A run whose recorded folders name another project's checkpoint (recorded under older
     rules, say, or a link made since) fails before its worker reads them."""

@@ -328,6 +328,7 @@ def _create(api, key: str, model_dir, **extra):
     ("url", "needle"),
     [
         ("ftp://example.org/x", "not an http(s) URL"),
+        ("https://token@example.org/hook", "credentials"),
         ("http://10.1.2.3/hook", "private"),
         ("http://127.0.0.1:9/hook", "loopback"),
     ],

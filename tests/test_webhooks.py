@@ -148,6 +148,7 @@ def _create(api, key: str, model_dir, reward: dict):
         ("http://169.254.169.254/latest", "reward.url"),
         ("http://localhost/score", "reward.url"),
         ("ftp://example.org/x", "reward.url"),
+        ("https://user:password@example.org/score", "reward.url"),  # stored with the spec
         # IPv6 forms that embed or map to a private IPv4 address
         ("http://[::ffff:127.0.0.1]/score", "reward.url"),  # IPv4-mapped
         ("http://[2002:a01:203::1]/score", "reward.url"),  # 6to4 of 10.1.2.3

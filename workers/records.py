@@ -150,7 +150,21 @@ class RunRecorder(Claiming):
         data: dict | None = None,
     ) -> None:
         with session_scope(self.url) as session:
-            add_event(session, self.run_id, type_, message, level, data)
+            add_event(session, self.run_id, type_, self._shown(session, message), level, data)
+
+    def _shown(self, session: Session, text: str) -> str:
+        """`text` (an event, an error) as the tenant may read it: the data directory, and the
+        folders the run's model loads from that its spec does not show (a checkpoint's, a
+        registered model's), named instead of spelt out."""
+        run = session.get(Run, self.run_id)
+        model = run.spec.get("model", {}) if run else {}
+        names = {str(self.settings.resolved_data_dir): "<data dir>"}
+        for field, folder in ((run and run.model_source) or {}).items():
+            if folder and folder != model.get(field):
+                names[folder] = f"<model.{field}>"
+        for folder in sorted(names, key=len, reverse=True):  # a checkpoint's before the data dir
+            text = text.replace(folder, names[folder])
+        return text
 
     @_retrying
     def record_step(
@@ -321,7 +335,9 @@ class RunRecorder(Claiming):
         with session_scope(self.url) as session:
             if (run := self._move(session, status)) is None:
                 return
-            run.finished_at, run.error = utcnow(), error
+            run.finished_at = utcnow()
+            run.error = error and self._shown(session, error)
+            message = self._shown(session, message)
             add_event(session, self.run_id, ENDED[status], message, level, data)
 
     def fail(self, message: str, data: dict | None = None) -> None:

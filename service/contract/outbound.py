@@ -87,6 +87,11 @@ def pin(url: str, allow_private: bool) -> Target:
         raise Refused(f"{url!r} is not an http(s) URL with a host ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.raw_host:
         raise Refused(f"{url!r} is not an http(s) URL with a host")
+    if parsed.userinfo:  # it would be kept in the run's spec and shown with it
+        raise Refused(
+            "the URL carries credentials (user:password@), which would be stored and shown "
+            "with the run's spec: drop them and check the GVPO-Signature header instead"
+        )
     host = parsed.raw_host.decode("ascii")
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
