@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.contract.files import FilePurpose, numbered_rows, scalar_fields
 from service.contract.groups import group_problem
+from service.contract.limits import MAX_FILENAME
 from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.models import File, Project
 from service.models.base import new_id
@@ -75,6 +76,11 @@ def create_file(
 ) -> File:
     if purpose not in PURPOSES:
         raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}")
+    if filename and (len(filename) > MAX_FILENAME or "\x00" in filename):
+        raise BadRequest(
+            f"the file's name must be at most {MAX_FILENAME} characters, without NUL; "
+            f"got {len(filename)} characters"
+        )
     file_id, dest = _new_path(settings)
     try:
         _copy_limited(src, dest, settings.max_upload_bytes)

@@ -22,7 +22,9 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServicer):
             context,
             self.settings,
             lambda session: pb.SubmitRewardsResponse(
-                **service.accept_callback(session, request.run_id, request.body, signature)
+                **service.accept_callback(
+                    session, rpc.checked(rpc.RunRef, request).run_id, request.body, signature
+                )
             ),
         )
 
