@@ -40,18 +40,24 @@ MAX_REWARD = 1e9
 MAX_BETA = 1e4
 
 
-def _no_nul(value: Any) -> Any:
-    # A loop, not recursion: free-form parts (posted groups) may nest as deep as JSON allows,
-    # and a RecursionError inside validation would be a server error.
+def has_nul(value: Any) -> bool:
+    """Whether any text in `value` (a string, or lists and dicts of them) holds NUL. A loop, not
+    recursion: free-form parts (posted groups, file rows) may nest as deep as JSON allows."""
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str) and "\x00" in item:
-            raise ValueError("must not contain the NUL character (\\u0000)")
+            return True
         if isinstance(item, dict):
             pending += [*item.keys(), *item.values()]
         elif isinstance(item, list | tuple):
             pending += item
+    return False
+
+
+def _no_nul(value: Any) -> Any:
+    if has_nul(value):
+        raise ValueError("must not contain the NUL character (\\u0000)")
     return value
 
 

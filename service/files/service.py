@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.contract.files import FilePurpose, numbered_rows, scalar_fields
 from service.contract.groups import group_problem
-from service.contract.limits import MAX_FILENAME
+from service.contract.limits import MAX_FILENAME, has_nul
 from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.models import File, Project
 from service.models.base import new_id
@@ -56,6 +56,12 @@ def validate_jsonl(path: Path) -> tuple[int, list[str]]:
             if not isinstance(row, dict):
                 raise BadRequest(
                     f"line {number} must be a JSON object, got {type(row).__name__}",
+                    {"line": number},
+                )
+            if has_nul(row):
+                raise BadRequest(
+                    f"line {number} holds the NUL character (\\u0000), which the database "
+                    "cannot store",
                     {"line": number},
                 )
             keys = set(scalar_fields(row))
