@@ -3,17 +3,19 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 from sqlalchemy.orm import Session
 
 from service.auth.service import authenticate
 from service.config import Settings
+from service.contract.limits import MAX_CREDENTIAL, MAX_ID
 from service.db import session_scope
 from service.models import Project
 
-# The largest integer the databases store (SQLite INTEGER, PostgreSQL BIGINT): a larger step or
-# cursor in a query would fail in the driver instead of matching nothing.
-DB_INT_MAX = 2**63 - 1
+# An id in a path: one longer than any the service makes is refused (422) before any lookup.
+PathId = Annotated[str, Path(max_length=MAX_ID)]
+# An API key ("Bearer gvpo_sk_..."): hashed and compared, never stored.
+AuthorizationHeader = Annotated[str | None, Header(max_length=MAX_CREDENTIAL)]
 
 
 def _settings(request: Request) -> Settings:
@@ -36,7 +38,7 @@ SessionDep = Annotated[Session, Depends(_session, scope="function")]
 def _project(
     session: SessionDep,
     settings: SettingsDep,
-    authorization: Annotated[str | None, Header()] = None,
+    authorization: AuthorizationHeader = None,
 ) -> Project:
     return authenticate(session, authorization, settings.api_key_pepper)
 

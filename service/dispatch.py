@@ -20,6 +20,20 @@ log = logging.getLogger(__name__)
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
 
+def prepare(settings: Settings) -> None:
+    """Build this process's publisher now, with what Celery and kombu otherwise make or import
+    only on first use (the AMQP helpers and router, the producer pool, the transport's and the
+    result backend's modules: some 170 modules with Redis). The API calls it at start-up, so
+    that a fresh API's first requests, each in its own thread, do not all do it at once.
+    Connects to nothing: a broker that is down is found when a task is published."""
+    app = publisher(settings)
+    _ = app.amqp.router, app.producer_pool  # lazy properties: reading one builds it
+    with app.connection_for_write() as connection:
+        _ = connection.transport
+    if result_backend_url(settings) is not None:
+        _ = app.backend
+
+
 def enqueue(
     settings: Settings, task: str, row_id: str, queue: str, task_id: str | None = None
 ) -> bool:

@@ -11,9 +11,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import dashboard, telemetry
+from service import dashboard, dispatch, telemetry
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
+from service.db import get_sessionmaker
 from service.diagnostics.routes import router as diagnostics_router
 from service.edge import Edge
 from service.errors import ServiceError, classify, invalid_spec, unstorable
@@ -74,6 +75,10 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
     settings = app.state.settings
+    # What requests share and would otherwise build on first use, built once before the first
+    # request: the database engine (with its dialect's modules) and the broker's publisher.
+    get_sessionmaker(settings.resolved_database_url)
+    dispatch.prepare(settings)
     # Two background threads per API process, each on its own interval (0 turns it off), so a
     # slow notification receiver never delays reaping.
     stopped = threading.Event()

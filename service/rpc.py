@@ -8,18 +8,21 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+from pydantic import Field, ValidationError
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
 from service.auth.service import authenticate
 from service.config import Settings
+from service.contract.limits import MAX_ID, Strict
 from service.db import session_scope
-from service.errors import ServiceError, classify, unstorable
+from service.errors import ServiceError, classify, invalid_spec, unstorable
 from service.models import Project
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Strict)
 
 # Trailing metadata on an error: the REST error's code, and its details as JSON.
 ERROR_CODE_KEY = "gvpo-error-code"
@@ -37,6 +40,22 @@ def authenticated(
     return lambda session: authenticate(
         session, metadata(context, "authorization"), settings.api_key_pepper
     )
+
+
+class RunRef(Strict):
+    """A request's run_id, with the limit a REST path's id has."""
+
+    run_id: str = Field(max_length=MAX_ID)
+
+
+def checked(model: type[M], request) -> M:
+    """The fields of the request message that `model` names, validated against the limits of
+    the REST routes' parameters; InvalidSpec (INVALID_ARGUMENT) naming each bad one."""
+    values = {name: getattr(request, name) for name in model.model_fields}
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise invalid_spec(exc.errors(), values) from None
 
 
 async def call(

@@ -130,6 +130,7 @@ def test_upload_lists_and_shows_a_jsonl_file(api, make_key):
         (b'{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n', "train", ["line 2", "UTF-8"], 2),
         (b'{"prompt": "a"}\n{"n": ' + b"9" * 5000 + b"}\n", "train", ["line 2", "digits"], 2),
         (b'{"prompt": "a"}\n' + b"[" * 100_000 + b"]" * 100_000, "train", ["line 2", "deeply"], 2),
+        (b'{"prompt": "a"}\n{"prompt": "b\\u0000"}\n', "train", ["line 2", "NUL"], 2),
         (b"", "train", ["no rows"], None),
         (b"\n  \n", "train", ["no rows"], None),
         (jsonl(copy_rows(2)), "finetune", ["purpose", "'finetune'"], None),

@@ -1,13 +1,27 @@
 """Property-based: schemathesis generates requests for every operation in our OpenAPI schema
-(bodies, queries and path ids, valid and not) and sends them to the app with a valid API key,
-once as generated (unknown ids) and once aimed at a real file and run of the key's project. No
-request may get a 5xx, and each documented response must match the schema."""
+(bodies, queries, headers and path ids) and sends them to the app. No request may get a 5xx.
+
+- Requests that fit the schema, with a valid API key: once as generated (unknown ids) and once
+  aimed at a real file and run of the key's project; each documented response must match the
+  schema.
+- Requests that break it (schemathesis' negative mode: wrong types, values past the bounds,
+  missing parts), with a valid key: refused with a 4xx.
+- Requests without a key, and with a key that is no key of ours, fitting the schema or not:
+  refused with a 4xx.
+
+Few examples per operation, derandomized: the same requests on every run.
+"""
+
+import itertools
+from collections.abc import Callable
 
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
@@ -51,6 +65,40 @@ def aim(case, ids: dict[str, str]) -> None:
         case.body["dataset"]["train_file"] = ids["file_id"]
 
 
+def fuzz(
+    app,
+    mode: GenerationMode,
+    headers: Callable[[object], dict[str, str]],
+    checks: list,
+    examples: int,
+    ids: dict[str, str] | None = None,
+) -> set[int]:
+    """Send `examples` generated requests to every operation, with the headers that
+    `headers(case)` gives; the statuses answered."""
+    statuses = set()
+    for operation in operations(app):
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @hypothesis_settings(
+            max_examples=examples,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def one(case):
+            aim(case, ids or {})
+            response = case.call_and_validate(headers=headers(case), checks=checks)
+            statuses.add(response.status_code)
+
+        try:
+            one()
+        except Unsatisfiable:  # nothing to break: an operation without parameters or body
+            if mode == GenerationMode.POSITIVE:
+                raise
+    return statuses
+
+
 def test_every_operation_is_in_the_schema(app):
     labels = {op.label for op in operations(app)}
     assert {
@@ -67,22 +115,39 @@ def test_every_operation_is_in_the_schema(app):
 def test_no_server_error_and_responses_match_the_schema(app, make_key, tiny_model_dir, target):
     key = make_key()
     ids = real_ids(app, key, tiny_model_dir) if target == "real ids" else {}
-    statuses = set()
-    for operation in operations(app):
-
-        @given(case=operation.as_strategy())
-        @hypothesis_settings(
-            max_examples=30,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        def fuzz(case):
-            aim(case, ids)
-            response = case.call_and_validate(headers=auth(key), checks=CHECKS)
-            statuses.add(response.status_code)
-
-        fuzz()
+    statuses = fuzz(app, GenerationMode.POSITIVE, lambda _: auth(key), CHECKS, 30, ids)
     if ids:  # the aimed requests reached the handlers' own rules, not only the 404
         assert {200, 409, 422} <= statuses
+
+
+@pytest.mark.both_backends  # values no schema allows reach the database's lookups
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_requests_that_break_the_schema_are_refused_never_a_server_error(app, make_key):
+    key = make_key()
+    statuses = fuzz(app, GenerationMode.NEGATIVE, lambda _: auth(key), [not_a_server_error], 10)
+    assert 422 in statuses
+
+
+def without_a_valid_key() -> Callable[[object], dict[str, str]]:
+    """Headers for one request after another: no Authorization header, then a key that is no
+    key of ours, in turn."""
+    sent = itertools.count()
+
+    def headers(case) -> dict[str, str]:
+        if next(sent) % 2:
+            return auth("gvpo_sk_" + "x" * 43)
+        for name in [h for h in case.headers or {} if h.lower() == "authorization"]:
+            del case.headers[name]  # a generated Authorization header would be a key of sorts
+        return {}
+
+    return headers
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize(
+    "mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["fitting", "breaking"]
+)
+def test_requests_without_a_valid_key_are_refused_never_a_server_error(app, make_key, mode):
+    make_key()  # a project with a key exists: another key is refused all the same
+    statuses = fuzz(app, mode, without_a_valid_key(), [not_a_server_error], 6)
+    assert 401 in statuses

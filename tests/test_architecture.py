@@ -24,6 +24,9 @@ HEAVY = ("torch", "transformers", "vllm", "peft", "workers")
 WORKER_MAY_IMPORT = ("service.contract", "service.models", "service.config", "service.db")
 # CLI commands that run worker code in the CLI's process, importing it inside the command.
 LAZY_WORKER_IMPORTS = {"service/cli.py", "service/demo.py"}
+# The command-line programs, which import what a command needs when it runs; nothing else of the
+# service imports inside a function (see test_the_service_imports_only_at_module_level).
+PROGRAMS = {"service/cli.py", "service/demo.py", "service/stack.py"}
 
 
 def modules(package: str) -> Iterator[tuple[str, Path]]:
@@ -64,6 +67,20 @@ def test_the_service_imports_no_worker_code():
         for name, top_level in imports(path):
             if within(name, "workers") and (top_level or rel not in LAZY_WORKER_IMPORTS):
                 bad.append((rel, name))
+    assert bad == []
+
+
+def test_the_service_imports_only_at_module_level():
+    """An import inside a function runs on the first request that reaches it, in as many
+    threads as there are such requests at once: a fresh API's first concurrent submissions got
+    500s from a module loaded on the request path. Everything is imported when the app is."""
+    bad = [
+        (rel, name)
+        for rel, path in modules("service")
+        if rel not in PROGRAMS
+        for name, top_level in imports(path)
+        if not top_level
+    ]
     assert bad == []
 
 

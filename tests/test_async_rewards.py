@@ -8,6 +8,7 @@ import time
 import pytest
 from sqlalchemy import select
 
+from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
 from service.contract.signing import HEADER, sign
 from service.db import session_scope
 from service.main import create_app
@@ -336,6 +337,9 @@ def test_callbacks_merge_and_duplicates_are_accepted_once(api, settings, pending
         ("unknown_request", 400, "unknown request_id"),
         ("unknown_sample", 400, "unknown sample_id"),
         ("nan", 400, "finite"),
+        ("reward_past_any_float", 400, "finite"),
+        ("more_rewards_than_a_request_has", 400, "at most a request's items"),
+        ("request_id_longer_than_any", 400, "request_id is longer"),
         ("not_json", 400, "not JSON"),
         ("deep_json", 400, "nests too deeply"),
         ("huge_number", 400, "not JSON"),
@@ -361,6 +365,12 @@ def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, ca
         resp = post(api, run_id, secret, [{"sample_id": "smp_zzz", "reward": 1.0}])
     elif case == "nan":
         resp = post(api, run_id, secret, [{"sample_id": "smp_b", "reward": math.nan}])
+    elif case == "reward_past_any_float":  # a JSON integer no float holds
+        resp = post(api, run_id, secret, [{"sample_id": "smp_b", "reward": 10**400}])
+    elif case == "more_rewards_than_a_request_has":
+        resp = post(api, run_id, secret, good * (MAX_ITEMS_PER_REQUEST + 1))
+    elif case == "request_id_longer_than_any":
+        resp = post(api, run_id, secret, good, request_id="rq_" + "x" * MAX_WEBHOOK_ID)
     elif case == "not_json":
         resp = post(api, run_id, secret, [], raw=b"{not json")
     elif case == "deep_json":

@@ -288,6 +288,42 @@ def test_bad_requests_are_invalid_argument_naming_the_fields(server, stubs, tiny
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_fields_past_the_rest_routes_limits_are_invalid_argument_naming_them(
+    server, stubs, tiny_model_dir
+):
+    """The limits of the REST paths, queries and headers, on the same fields over gRPC."""
+    runs, rewards = stubs
+    key, file_id = project(server)
+    run = created_run(runs, key, tiny_model_dir, file_id)
+    long_id = "run_" + "x" * 61
+    calls = [
+        (runs.GetRun, runs_pb2.GetRunRequest(run_id=long_id), "run_id"),
+        (runs.CancelRun, runs_pb2.GetRunRequest(run_id=long_id), "run_id"),
+        (runs.ListRuns, runs_pb2.ListRunsRequest(page_token=long_id), "page_token"),
+        (
+            runs.CreateRun,
+            runs_pb2.CreateRunRequest(
+                spec=spec(tiny_model_dir, file_id), idempotency_key="k" * 201
+            ),
+            "idempotency_key",
+        ),
+        (rewards.SubmitRewards, rewards_pb2.SubmitRewardsRequest(run_id=long_id), "run_id"),
+    ]
+    for call, request, field in calls:
+        error = error_of(call, request, metadata=bearer(key))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, error)
+        assert field in error.details()
+    for cursors, field in (
+        ({"after_event_id": -1}, "after_event_id"),
+        ({"since_step": 2**31}, "since_step"),
+    ):
+        stream = runs.WatchRun(
+            runs_pb2.WatchRunRequest(run_id=run.id, **cursors), metadata=bearer(key)
+        )
+        error = error_of(list, stream)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.details()
+
+
 def test_pause_resume_cancel_and_a_second_cancel_refused(server, stubs, tiny_model_dir):
     runs, _ = stubs
     key, file_id = project(server)

@@ -1,12 +1,12 @@
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query
+from fastapi import APIRouter, BackgroundTasks, Depends, Query
 from fastapi.responses import FileResponse
 
 from service.auth.service import authenticate
 from service.checkpoints import service
 from service.checkpoints.schemas import CheckpointList, CheckpointRead, DownloadLink
-from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.deps import AuthorizationHeader, PathId, ProjectDep, SessionDep, SettingsDep
 from service.models import Project
 
 router = APIRouter(prefix="/v1/runs", tags=["checkpoints"])
@@ -21,8 +21,8 @@ DownloadFormat = Annotated[
 
 
 def _key_or_token(
-    run_id: str,
-    ckpt_id: str,
+    run_id: PathId,
+    ckpt_id: PathId,
     session: SessionDep,
     settings: SettingsDep,
     format: DownloadFormat = "stored",
@@ -33,7 +33,7 @@ def _key_or_token(
             description="a signed link's token (POST .../download-url), in place of the API key",
         ),
     ] = None,
-    authorization: Annotated[str | None, Header()] = None,
+    authorization: AuthorizationHeader = None,
 ) -> Project:
     if token is None:
         return authenticate(session, authorization, settings.api_key_pepper)
@@ -41,15 +41,15 @@ def _key_or_token(
 
 
 @router.get("/{run_id}/checkpoints", response_model=CheckpointList)
-def list_checkpoints(run_id: str, session: SessionDep, project: ProjectDep) -> CheckpointList:
+def list_checkpoints(run_id: PathId, session: SessionDep, project: ProjectDep) -> CheckpointList:
     rows = service.list_checkpoints(session, project, run_id)
     return CheckpointList(data=[CheckpointRead.model_validate(c) for c in rows])
 
 
 @router.post("/{run_id}/checkpoints/{ckpt_id}/download-url", response_model=DownloadLink)
 def download_url(
-    run_id: str,
-    ckpt_id: str,
+    run_id: PathId,
+    ckpt_id: PathId,
     session: SessionDep,
     settings: SettingsDep,
     project: ProjectDep,
@@ -63,8 +63,8 @@ def download_url(
 
 @router.get("/{run_id}/checkpoints/{ckpt_id}/download", response_class=FileResponse)
 def download_checkpoint(
-    run_id: str,
-    ckpt_id: str,
+    run_id: PathId,
+    ckpt_id: PathId,
     session: SessionDep,
     settings: SettingsDep,
     cleanup: BackgroundTasks,

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from service.contract.limits import MAX_PATTERNS, MAX_TEXT, Strict
+from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_PATTERNS, MAX_TEXT, Strict
 
 
 def finite(v: float) -> float:
@@ -103,7 +103,7 @@ class WebhookReward(Strict):
     mode: Literal["sync", "async"] = "sync"
     timeout_s: float = Field(60.0, gt=0, le=3600, description="per request; async: the deadline")
     max_attempts: int = Field(5, ge=1, le=20)
-    max_items_per_request: int = Field(256, ge=1, le=10000)
+    max_items_per_request: int = Field(256, ge=1, le=MAX_ITEMS_PER_REQUEST)
     probe: bool = Field(
         False,
         description="at submission, check that the URL answers at all (any HTTP status) "

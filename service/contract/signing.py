@@ -25,8 +25,14 @@ class SignatureError(ValueError):
 
 
 def is_reward(value: object) -> bool:
-    """A reward in either direction of the protocol: a finite JSON number (not a boolean)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A reward in either direction of the protocol: a finite JSON number (not a boolean), one
+    that a float holds (JSON integers have no limit: 10**400 is none)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past the largest float
+        return False
 
 
 def new_secret() -> str:

@@ -18,6 +18,7 @@ from pydantic import (
 from service.contract.limits import (
     INT32_MAX,
     MAX_BATCH_TOKENS,
+    MAX_BETA,
     MAX_EVAL_PROMPTS,
     MAX_GROUP_SIZE,
     MAX_ID,
@@ -40,7 +41,7 @@ class LoraSpec(_Strict):
     r: int = Field(16, gt=0, le=MAX_LORA_RANK)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: Text | list[Text] = Field("all-linear", max_length=MAX_TEXT)
+    target_modules: Text | Annotated[list[Text], Field(max_length=MAX_TEXT)] = "all-linear"
 
 
 class ModelSpec(_Strict):
@@ -117,7 +118,9 @@ class AlgorithmSpec(_Strict):
     (no KL penalty, TRL's default)."""
 
     name: Literal["gvpo", "grpo", "dr_grpo"] = "gvpo"
-    beta: float = Field(0.1, ge=0, description="KL strength; the paper's default is 0.1")
+    beta: float = Field(
+        0.1, ge=0, le=MAX_BETA, description="KL strength; the paper's default is 0.1"
+    )
     group_size: int = Field(8, ge=2, le=MAX_GROUP_SIZE, description="k completions per prompt")
     reference: Literal["sampling", "initial"] = "sampling"
     clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo/dr_grpo ratio clip")

@@ -14,6 +14,7 @@ import shutil
 from enum import StrEnum
 from pathlib import Path
 
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -32,8 +33,6 @@ def is_remote(path_or_url: str | Path) -> bool:
 
 
 def _fs(url: str):
-    from fsspec.core import url_to_fs
-
     # A fresh instance per call: fsspec's instance cache would keep a client built from an
     # older environment (endpoint, credentials), and checkpoints are written rarely.
     fs, root = url_to_fs(url, skip_instance_cache=True)

@@ -8,13 +8,14 @@ these models; receivers (a reward model written in Python, the tests) can valida
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.contract.events import EventType
+from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
 from service.contract.states import RunStatus
 
 # A reward in either direction: a finite JSON number, not a boolean (signing.is_reward).
-Reward = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False)]
+Reward = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 class RewardItem(BaseModel):
@@ -40,22 +41,21 @@ class RewardRequest(BaseModel):
 
 
 class RewardValue(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    sample_id: str
+    # Reward models are other people's code: fields of their own are ignored, not refused.
+    sample_id: str = Field(max_length=MAX_WEBHOOK_ID)
     reward: Reward
 
 
 class RewardAnswer(BaseModel):
     """A sync reward model's 200 body: a reward for every item of the request."""
 
-    rewards: list[RewardValue]
+    rewards: list[RewardValue] = Field(max_length=MAX_ITEMS_PER_REQUEST)
 
 
 class RewardCallback(RewardAnswer):
     """An async reward model's later POST to callback_url: all or part of a request's rewards."""
 
-    request_id: str
+    request_id: str = Field(max_length=MAX_WEBHOOK_ID)
 
 
 class RunSummary(BaseModel):

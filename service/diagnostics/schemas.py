@@ -2,36 +2,35 @@
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from service.contract.limits import MAX_BETA, MAX_ID, MAX_PROMPT_CHARS, MAX_REWARD, Strict
 from service.contract.tasks import DryRunCompletion
 
 MAX_COMPLETIONS = 64
 
 
-class DryRunModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    run_id: str = Field(min_length=1, max_length=100)
+class DryRunModel(Strict):
+    run_id: str = Field(min_length=1, max_length=MAX_ID)
     checkpoint_id: str | None = Field(
-        None, max_length=100, description="the run's checkpoint to score with (default: its latest)"
+        None,
+        max_length=MAX_ID,
+        description="the run's checkpoint to score with (default: its latest)",
     )
 
 
-class DryRunRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DryRunRequest(Strict):
     model: DryRunModel = Field(
         description="pi_theta: a run's checkpoint; pi_ref is the model the run started from"
     )
-    prompt: str = Field(min_length=1, max_length=100_000)
-    completions: list[str] = Field(
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    completions: list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]] = Field(
         min_length=2, max_length=MAX_COMPLETIONS, description="the group's k completions"
     )
-    rewards: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+    rewards: list[Annotated[float, Field(ge=-MAX_REWARD, le=MAX_REWARD)]] = Field(
         min_length=2, max_length=MAX_COMPLETIONS, description="one per completion"
     )
-    beta: float = Field(0.1, gt=0, allow_inf_nan=False)
+    beta: float = Field(0.1, gt=0, le=MAX_BETA)
 
     @model_validator(mode="after")
     def _one_reward_each(self) -> "DryRunRequest":

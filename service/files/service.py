@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.contract.files import FilePurpose, numbered_rows, scalar_fields
 from service.contract.groups import group_problem
+from service.contract.limits import MAX_FILENAME, has_nul
 from service.errors import BadRequest, NotFound, PayloadTooLarge
 from service.models import File, Project
 from service.models.base import new_id
@@ -57,6 +58,12 @@ def validate_jsonl(path: Path) -> tuple[int, list[str]]:
                     f"line {number} must be a JSON object, got {type(row).__name__}",
                     {"line": number},
                 )
+            if has_nul(row):
+                raise BadRequest(
+                    f"line {number} holds the NUL character (\\u0000), which the database "
+                    "cannot store",
+                    {"line": number},
+                )
             keys = set(scalar_fields(row))
             common = keys if common is None else common & keys
             rows += 1
@@ -75,6 +82,11 @@ def create_file(
 ) -> File:
     if purpose not in PURPOSES:
         raise BadRequest(f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}")
+    if filename and (len(filename) > MAX_FILENAME or "\x00" in filename):
+        raise BadRequest(
+            f"the file's name must be at most {MAX_FILENAME} characters, without NUL; "
+            f"got {len(filename)} characters"
+        )
     file_id, dest = _new_path(settings)
     try:
         _copy_limited(src, dest, settings.max_upload_bytes)

@@ -2,7 +2,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from service.deps import DB_INT_MAX, ProjectDep, SessionDep
+from service.contract.limits import INT32_MAX, MAX_QUERY_TEXT
+from service.deps import PathId, ProjectDep, SessionDep
 from service.metrics import service
 from service.metrics.schemas import MetricSeries, SampleList, SampleRead
 
@@ -11,11 +12,13 @@ router = APIRouter(prefix="/v1/runs", tags=["metrics"])
 
 @router.get("/{run_id}/metrics", response_model=MetricSeries)
 def get_metrics(
-    run_id: str,
+    run_id: PathId,
     session: SessionDep,
     project: ProjectDep,
-    names: Annotated[str | None, Query(description="comma-separated metric names")] = None,
-    since_step: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
+    names: Annotated[
+        str | None, Query(max_length=MAX_QUERY_TEXT, description="comma-separated metric names")
+    ] = None,
+    since_step: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
 ) -> MetricSeries:
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
     series = service.metric_series(session, project, run_id, wanted, since_step)
@@ -24,11 +27,11 @@ def get_metrics(
 
 @router.get("/{run_id}/samples", response_model=SampleList)
 def get_samples(
-    run_id: str,
+    run_id: PathId,
     session: SessionDep,
     project: ProjectDep,
     step: Annotated[
-        int | None, Query(ge=0, le=DB_INT_MAX, description="default: the latest step")
+        int | None, Query(ge=0, le=INT32_MAX, description="default: the latest step")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ) -> SampleList:

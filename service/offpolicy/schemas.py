@@ -2,10 +2,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.contract.limits import Strict
+
 MAX_GROUPS_PER_REQUEST = 1000
 
 
-class GroupsPost(BaseModel):
+class GroupsPost(Strict):
+    """Each group is checked as an offpolicy file's line is (service/contract/groups.py); its
+    text is bounded by the request's size and, where the API sees the model, by its context."""
+
     groups: list[dict[str, Any]] = Field(
         min_length=1,
         max_length=MAX_GROUPS_PER_REQUEST,

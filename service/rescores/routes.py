@@ -1,6 +1,6 @@
 from fastapi import APIRouter
 
-from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
 from service.rescores import service
 from service.rescores.schemas import RescoreCreate, RescoreList, RescoreRead
 
@@ -9,7 +9,7 @@ router = APIRouter(prefix="/v1/runs", tags=["rescores"])
 
 @router.post("/{run_id}/rescore", status_code=202, response_model=RescoreRead)
 def create_rescore(
-    run_id: str,
+    run_id: PathId,
     body: RescoreCreate,
     session: SessionDep,
     project: ProjectDep,
@@ -24,7 +24,7 @@ def create_rescore(
 
 
 @router.get("/{run_id}/rescores", response_model=RescoreList)
-def list_rescores(run_id: str, session: SessionDep, project: ProjectDep) -> RescoreList:
+def list_rescores(run_id: PathId, session: SessionDep, project: ProjectDep) -> RescoreList:
     return RescoreList(
         data=[
             RescoreRead.model_validate(r) for r in service.list_rescores(session, project, run_id)
@@ -34,6 +34,6 @@ def list_rescores(run_id: str, session: SessionDep, project: ProjectDep) -> Resc
 
 @router.get("/{run_id}/rescores/{rescore_id}", response_model=RescoreRead)
 def get_rescore(
-    run_id: str, rescore_id: str, session: SessionDep, project: ProjectDep
+    run_id: PathId, rescore_id: PathId, session: SessionDep, project: ProjectDep
 ) -> RescoreRead:
     return RescoreRead.model_validate(service.get_rescore(session, project, run_id, rescore_id))

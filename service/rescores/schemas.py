@@ -3,12 +3,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.contract.limits import Strict
 from service.contract.rewards import RewardSpec
 
 
-class RescoreCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RescoreCreate(Strict):
     reward: RewardSpec = Field(description="the new reward, as a run spec's `reward`")
 
 

@@ -23,7 +23,11 @@ class RewardsServicer(rewards_pb2_grpc.RewardsServicer):
             self.settings,
             lambda session: pb.SubmitRewardsResponse(
                 **service.accept_callback(
-                    session, self.settings, request.run_id, request.body, signature
+                    session,
+                    self.settings,
+                    rpc.checked(rpc.RunRef, request).run_id,
+                    request.body,
+                    signature,
                 )
             ),
         )

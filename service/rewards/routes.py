@@ -1,14 +1,39 @@
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 
+from service.contract.limits import MAX_CREDENTIAL
 from service.contract.signing import HEADER
-from service.deps import ProjectDep, SessionDep, SettingsDep
+from service.contract.webhooks import RewardCallback
+from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
 from service.errors import PayloadTooLarge
 from service.rewards import service
 from service.rewards.schemas import CallbackAccepted, SecretRotated
 
 router = APIRouter(prefix="/v1/runs", tags=["rewards"])
+
+
+def _inlined(schema: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        if "$ref" in schema:
+            return _inlined(defs[schema["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inlined(v, defs) for k, v in schema.items() if k != "$defs"}
+    return [_inlined(v, defs) for v in schema] if isinstance(schema, list) else schema
+
+
+# The callback's body, for the OpenAPI document: the route reads the raw bytes (the signature
+# covers them exactly), so FastAPI cannot describe it from a parameter.
+_CALLBACK_SCHEMA = RewardCallback.model_json_schema()
+CALLBACK_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": _inlined(_CALLBACK_SCHEMA, _CALLBACK_SCHEMA.get("$defs", {}))
+            }
+        },
+    }
+}
 
 
 async def _raw_body(request: Request, settings: SettingsDep) -> bytes:
@@ -27,13 +52,13 @@ async def _raw_body(request: Request, settings: SettingsDep) -> bytes:
     return bytes(body)
 
 
-@router.post("/{run_id}/rewards", response_model=CallbackAccepted)
+@router.post("/{run_id}/rewards", response_model=CallbackAccepted, openapi_extra=CALLBACK_BODY)
 def reward_callback(
-    run_id: str,
+    run_id: PathId,
     raw: Annotated[bytes, Depends(_raw_body)],
     session: SessionDep,
     settings: SettingsDep,
-    signature: Annotated[str | None, Header(alias=HEADER)] = None,
+    signature: Annotated[str | None, Header(alias=HEADER, max_length=MAX_CREDENTIAL)] = None,
 ) -> CallbackAccepted:
     """Async reward callback from a reward model, signed with the run's webhook secret
     (no API key): {"request_id": "rq_…", "rewards": [{"sample_id": "smp_…", "reward": 0.5}]}.
@@ -45,7 +70,7 @@ def reward_callback(
 
 @router.post("/{run_id}/webhook-secret/rotate", response_model=SecretRotated)
 def rotate_webhook_secret(
-    run_id: str,
+    run_id: PathId,
     session: SessionDep,
     project: ProjectDep,
     settings: SettingsDep,

@@ -14,6 +14,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from service.config import Settings
 from service.contract.events import EventType
+from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
 from service.contract.sealing import Sealer, SealingError
 from service.contract.signing import SignatureError, is_reward, new_secret, verify
 from service.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unauthorized
@@ -52,12 +53,22 @@ def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
         or not isinstance(body.get("rewards"), list)
     ):
         raise BadRequest('expected {"request_id": "...", "rewards": [{"sample_id", "reward"}]}')
+    if len(body["request_id"]) > MAX_WEBHOOK_ID:
+        raise BadRequest(f"request_id is longer than any request's ({MAX_WEBHOOK_ID} characters)")
+    if len(body["rewards"]) > MAX_ITEMS_PER_REQUEST:
+        raise BadRequest(
+            f"{len(body['rewards'])} rewards: a callback carries at most a request's items "
+            f"({MAX_ITEMS_PER_REQUEST})"
+        )
     pairs = []
     for n, row in enumerate(body["rewards"]):
         sid = row.get("sample_id") if isinstance(row, dict) else None
         value = row.get("reward") if isinstance(row, dict) else None
-        if not isinstance(sid, str):
-            raise BadRequest(f"rewards[{n}] has no sample_id", {"index": n})
+        if not isinstance(sid, str) or len(sid) > MAX_WEBHOOK_ID:
+            raise BadRequest(
+                f"rewards[{n}] has no sample_id (a string of at most {MAX_WEBHOOK_ID} characters)",
+                {"index": n},
+            )
         if not is_reward(value):
             raise BadRequest(
                 f"rewards[{n}] ({sid}): reward must be a finite number, got {value!r}",

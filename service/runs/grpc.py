@@ -8,13 +8,14 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from sqlalchemy.orm import Session
 
 from gvpo.v1 import runs_pb2 as pb
 from gvpo.v1 import runs_pb2_grpc
 from service import rpc
 from service.config import Settings
+from service.contract.limits import INT32_MAX, MAX_ID, MAX_IDEMPOTENCY_KEY, MAX_RUNS_PAGE, Strict
 from service.contract.spec import RunSpec
 from service.contract.states import STATES
 from service.errors import InvalidSpec, invalid_spec
@@ -23,7 +24,21 @@ from service.models import Run
 from service.runs import control, service, stream
 from service.runs.schemas import EventRead, RunRead
 
-MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE, MAX_IDEMPOTENCY_KEY = 100, 20, 200
+DEFAULT_PAGE_SIZE = 20
+
+
+# The scalar fields of the requests, with the limits that the REST routes' parameters have.
+class WatchFields(rpc.RunRef):
+    after_event_id: int = Field(ge=0, le=INT32_MAX)
+    since_step: int = Field(ge=0, le=INT32_MAX)
+
+
+class CreateFields(Strict):
+    idempotency_key: str = Field(max_length=MAX_IDEMPOTENCY_KEY)
+
+
+class ListFields(Strict):
+    page_token: str = Field(max_length=MAX_ID)
 
 
 def _timestamp(when: datetime | None) -> Timestamp | None:
@@ -88,13 +103,14 @@ def _spec(request: pb.CreateRunRequest) -> RunSpec:
 
 def _list_args(request: pb.ListRunsRequest) -> int:
     """The page size, once page_size and the status filter are checked."""
+    rpc.checked(ListFields, request)
     size = request.page_size or DEFAULT_PAGE_SIZE
-    if not 1 <= size <= MAX_PAGE_SIZE:
+    if not 1 <= size <= MAX_RUNS_PAGE:
         raise InvalidSpec(
             [
                 {
                     "field": "page_size",
-                    "message": f"must be between 1 and {MAX_PAGE_SIZE}, got {size}",
+                    "message": f"must be between 1 and {MAX_RUNS_PAGE}, got {size}",
                 }
             ]
         )
@@ -117,19 +133,10 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
 
     async def CreateRun(self, request, context) -> pb.CreateRunResponse:
         project = rpc.authenticated(context, self.settings)
-        key = request.idempotency_key or None
 
         def create(session: Session) -> pb.CreateRunResponse:
             owner = project(session)  # unauthenticated callers learn nothing about their spec
-            if key and len(key) > MAX_IDEMPOTENCY_KEY:
-                raise InvalidSpec(
-                    [
-                        {
-                            "field": "idempotency_key",
-                            "message": f"at most {MAX_IDEMPOTENCY_KEY} characters",
-                        }
-                    ]
-                )
+            key = rpc.checked(CreateFields, request).idempotency_key or None
             run, secret = service.create_run(session, self.settings, owner, _spec(request), key)
             return pb.CreateRunResponse(
                 run=run_message(run), created=secret is not None, webhook_secret=secret or ""
@@ -138,7 +145,7 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
         return await rpc.call(context, self.settings, create)
 
     async def GetRun(self, request, context) -> pb.Run:
-        return await self._one(context, lambda s, p: service.get_run(s, p, request.run_id))
+        return await self._one(context, request, service.get_run)
 
     async def ListRuns(self, request, context) -> pb.ListRunsResponse:
         project = rpc.authenticated(context, self.settings)
@@ -155,36 +162,43 @@ class RunsServicer(runs_pb2_grpc.RunsServicer):
         return await rpc.call(context, self.settings, page)
 
     async def CancelRun(self, request, context) -> pb.Run:
-        return await self._one(context, lambda s, p: control.cancel_run(s, p, request.run_id))
+        return await self._one(context, request, control.cancel_run)
 
     async def PauseRun(self, request, context) -> pb.Run:
-        return await self._one(context, lambda s, p: control.pause_run(s, p, request.run_id))
+        return await self._one(context, request, control.pause_run)
 
     async def ResumeRun(self, request, context) -> pb.Run:
         return await self._one(
-            context, lambda s, p: control.resume_run(s, self.settings, p, request.run_id)
+            context, request, lambda s, p, run_id: control.resume_run(s, self.settings, p, run_id)
         )
 
-    async def _one(self, context, op) -> pb.Run:
+    async def _one(self, context, request, op) -> pb.Run:
+        """op(session, project, run_id) on the request's run, as a Run message."""
         project = rpc.authenticated(context, self.settings)
-        return await rpc.call(
-            context, self.settings, lambda session: run_message(op(session, project(session)))
-        )
+
+        def one(session: Session) -> pb.Run:
+            owner = project(session)
+            return run_message(op(session, owner, rpc.checked(rpc.RunRef, request).run_id))
+
+        return await rpc.call(context, self.settings, one)
 
     async def WatchRun(self, request, context) -> AsyncIterator[pb.RunUpdate]:
         project = rpc.authenticated(context, self.settings)
+
         # Only the ownership check here: the follower's first update is the run itself.
-        await rpc.call(
-            context,
-            self.settings,
-            lambda session: service.get_run(session, project(session), request.run_id).id,
-        )
+        def owned(session: Session) -> WatchFields:
+            owner = project(session)
+            fields = rpc.checked(WatchFields, request)
+            service.get_run(session, owner, fields.run_id)
+            return fields
+
+        fields = await rpc.call(context, self.settings, owned)
 
         async def gone() -> bool:
             return context.cancelled()
 
         async for item in stream.follow(
-            self.settings, request.run_id, request.after_event_id, request.since_step, gone
+            self.settings, fields.run_id, fields.after_event_id, fields.since_step, gone
         ):
             if item is not None:  # gRPC keeps idle streams open with its own pings
                 yield update_message(item)

@@ -3,9 +3,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.contract.limits import INT32_MAX, MAX_ID, MAX_IDEMPOTENCY_KEY, MAX_RUNS_PAGE
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
-from service.deps import DB_INT_MAX, ProjectDep, SessionDep, SettingsDep
+from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
 from service.runs import control, service, stream
 from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead, RunStates
 
@@ -27,7 +28,7 @@ def create_run(
     session: SessionDep,
     project: ProjectDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=MAX_IDEMPOTENCY_KEY)] = None,
 ) -> RunCreated:
     """Create a run. The response carries the run's webhook_secret, once; replays of the same
     Idempotency-Key with the same body return the same run (200, webhook_secret null)."""
@@ -42,9 +43,10 @@ def list_runs(
     session: SessionDep,
     project: ProjectDep,
     status: Annotated[RunStatus | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: Annotated[int, Query(ge=1, le=MAX_RUNS_PAGE)] = 20,
     after: Annotated[
-        str | None, Query(description="cursor: the last run id of the previous page")
+        str | None,
+        Query(max_length=MAX_ID, description="cursor: the last run id of the previous page"),
     ] = None,
 ) -> RunList:
     rows, has_more = service.list_runs(session, project, status, limit, after)
@@ -56,23 +58,23 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunRead)
-def get_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
+def get_run(run_id: PathId, session: SessionDep, project: ProjectDep) -> RunRead:
     return RunRead.model_validate(service.get_run(session, project, run_id))
 
 
 @router.post("/{run_id}/cancel", response_model=RunRead)
-def cancel_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
+def cancel_run(run_id: PathId, session: SessionDep, project: ProjectDep) -> RunRead:
     return RunRead.model_validate(control.cancel_run(session, project, run_id))
 
 
 @router.post("/{run_id}/pause", response_model=RunRead)
-def pause_run(run_id: str, session: SessionDep, project: ProjectDep) -> RunRead:
+def pause_run(run_id: PathId, session: SessionDep, project: ProjectDep) -> RunRead:
     return RunRead.model_validate(control.pause_run(session, project, run_id))
 
 
 @router.post("/{run_id}/resume", response_model=RunRead)
 def resume_run(
-    run_id: str, session: SessionDep, settings: SettingsDep, project: ProjectDep
+    run_id: PathId, session: SessionDep, settings: SettingsDep, project: ProjectDep
 ) -> RunRead:
     return RunRead.model_validate(control.resume_run(session, settings, project, run_id))
 
@@ -88,13 +90,13 @@ def resume_run(
     },
 )
 def stream_events(
-    run_id: str,
+    run_id: PathId,
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
     project: ProjectDep,
-    last_event_id: Annotated[int | None, Header(ge=0, le=DB_INT_MAX)] = None,
-    after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
+    last_event_id: Annotated[int | None, Header(ge=0, le=INT32_MAX)] = None,
+    after: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
     metrics: Annotated[
         bool,
         Query(
@@ -103,7 +105,7 @@ def stream_events(
         ),
     ] = False,
     since_step: Annotated[
-        int, Query(ge=0, le=DB_INT_MAX, description="with metrics: only steps after this one")
+        int, Query(ge=0, le=INT32_MAX, description="with metrics: only steps after this one")
     ] = 0,
 ) -> StreamingResponse:
     """The run's events as Server-Sent Events until the run ends. Reconnect with
@@ -121,10 +123,10 @@ def stream_events(
 
 @router.get("/{run_id}/events", response_model=EventList)
 def list_events(
-    run_id: str,
+    run_id: PathId,
     session: SessionDep,
     project: ProjectDep,
-    after: Annotated[int | None, Query(ge=0, le=DB_INT_MAX)] = None,
+    after: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventList:
     rows, has_more = service.list_events(session, project, run_id, after, limit)
