@@ -185,7 +185,7 @@ def create(settings, file_id: str, name: str, webhook: bool) -> str:
     )
     spec = {
         "name": name,
-        "model": {"path": "/nonexistent/bench-model"},
+        "model": {"path": "bench/never-loaded"},  # a hub id: the API reads no model
         "reward": reward,
         "dataset": {"train_file": file_id},
         "algorithm": {"group_size": GROUP_SIZE},

@@ -38,6 +38,9 @@ CLUSTER_SECRETS = {
     "api_key_pepper": "test-api-key-pepper-" + "p" * 32,
     "encryption_key": "test-encryption-key-" + "e" * 32,
 }
+# What the tests' clusters set: those secrets, and a model root (a cluster has none by default)
+# where the tests build their models.
+CLUSTER = {**CLUSTER_SECRETS, "model_roots": tempfile.gettempdir()}
 _databases = itertools.count()
 
 
@@ -106,14 +109,7 @@ def backend_settings(request, backend: str) -> dict:
     pg, redis_url = request.getfixturevalue("cluster_servers")
     redis.Redis.from_url(redis_url).flushall()  # no task or result from an earlier test
     database = pg.create_database(f"test_{next(_databases)}", template=TEMPLATE_DB)
-    # A cluster has no model roots unless the operator names them: the tests' models are
-    # built in the temp directory.
-    return {
-        "database_url": database,
-        "broker_url": f"{redis_url}/0",
-        "model_roots": tempfile.gettempdir(),
-        **CLUSTER_SECRETS,
-    }
+    return {"database_url": database, "broker_url": f"{redis_url}/0", **CLUSTER}
 
 
 def new_settings(root: Path, backend: str, request) -> Settings:

@@ -9,7 +9,7 @@ from service.db import session_scope
 from service.migrate import upgrade
 from service.models import Metric, Run
 
-from conftest import CLUSTER_SECRETS
+from conftest import CLUSTER
 from factories import WORKER_S, submit, wait_until
 
 STEPS = 300
@@ -22,7 +22,8 @@ def test_worker_waits_out_a_database_outage(tmp_path, tiny_model_dir, postgres, 
         heartbeat_seconds=0.5,
         lease_seconds=60,
         db_retry_s=60,
-        encryption_key=CLUSTER_SECRETS["encryption_key"],  # PostgreSQL: a cluster's key
+        encryption_key=CLUSTER["encryption_key"],  # PostgreSQL: a cluster's key and roots
+        model_roots=CLUSTER["model_roots"],
     )
     settings.resolved_data_dir.mkdir(parents=True)
     upgrade(settings.resolved_database_url)

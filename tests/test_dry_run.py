@@ -15,7 +15,7 @@ from service.db import session_scope
 from service.main import create_app
 from service.models import Checkpoint, Run
 
-from conftest import BACKENDS, CLUSTER_SECRETS, new_settings, release
+from conftest import BACKENDS, CLUSTER, new_settings, release
 from factories import WORKER_S, assert_error, auth, submit, wait_until
 from services import closed_port, running_worker
 
@@ -240,7 +240,7 @@ def test_with_the_broker_down_the_dry_run_is_a_503(settings, tiny_model_dir):
             update={
                 "broker_url": f"redis://127.0.0.1:{port}/0",
                 "reaper_interval_s": 0,
-                **CLUSTER_SECRETS,
+                **CLUSTER,
             }
         )
         with session_scope(settings.resolved_database_url) as session:  # a key, down's pepper

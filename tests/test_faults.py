@@ -12,7 +12,7 @@ from service.db import session_scope
 from service.models import Run
 from service.runs.reaper import reap_runs
 
-from conftest import CLUSTER_SECRETS, backend_settings
+from conftest import CLUSTER, backend_settings
 from factories import (
     STACK_RUN,
     WORKER_S,
@@ -91,7 +91,7 @@ def test_run_submitted_while_the_broker_is_down_is_published_when_it_is_back(tmp
         tmp_path / "outage",
         broker_url=f"redis://127.0.0.1:{port}/0",
         reaper_interval_s=0,
-        **CLUSTER_SECRETS,
+        **CLUSTER,
     )
     cli(settings, "db", "upgrade")
     key = cli(settings, "api-key", "create", "--project", "outage")
@@ -101,7 +101,7 @@ def test_run_submitted_while_the_broker_is_down_is_published_when_it_is_back(tmp
 
     with TestClient(create_app(settings), headers=auth(key)) as api:
         file_id = upload(api, None, copy_rows(4), filename="t.jsonl")
-        created = api.post("/v1/runs", json=run_spec("/models/unused", file_id, STACK_RUN))
+        created = api.post("/v1/runs", json=run_spec("org/unused", file_id, STACK_RUN))  # hub id
         assert created.status_code == 201  # no broker yet
         run_id = created.json()["id"]
         assert published_at(settings, run_id) is None

@@ -24,7 +24,7 @@ from service.runs.control import cancel_run
 from service.runs.notify import EVENT_ID_HEADER, Outcome, claim, deliver, deliver_due, record
 from workers.execute import execute_run
 
-from conftest import CLUSTER_SECRETS
+from conftest import CLUSTER
 from factories import (
     EXACT_MATCH,
     SERVER_START_S,
@@ -100,7 +100,7 @@ def db_settings(request, nsettings):
 
     url = request.getfixturevalue("postgres").url
     upgrade(url)
-    return nsettings.model_copy(update={"database_url": url, **CLUSTER_SECRETS})
+    return nsettings.model_copy(update={"database_url": url, **CLUSTER})
 
 
 def new_run(settings, model_dir, url: str, **overrides) -> str:
