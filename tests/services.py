@@ -147,17 +147,29 @@ def serve_api(settings: Settings, grpc: bool = False, **changes):
 # ---------------------------------------------------------------- the embedded stack
 
 
-def cli(settings: Settings, *args: str) -> str:
-    """`gvpo ARGS` with these settings; its standard output."""
-    out = subprocess.run(
+def _gvpo(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
         env=stack_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
+
+
+def cli(settings: Settings, *args: str) -> str:
+    """`gvpo ARGS` with these settings; its standard output."""
+    out = _gvpo(settings, *args)
+    assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+def cli_refusal(settings: Settings, *args: str) -> str:
+    """The standard error of `gvpo ARGS`, which must fail as a user should see it: a message,
+    no traceback."""
+    out = _gvpo(settings, *args)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    return out.stderr
 
 
 def stack_settings(root: Path, **changes) -> Settings:

@@ -21,7 +21,7 @@ from workers.model_source import loadable, loaded_spec
 from workers.records import RunRecorder
 
 from factories import assert_error, auth, copy_rows, run_spec, submit, upload
-from services import cli
+from services import cli, cli_refusal
 
 pytestmark = pytest.mark.both_backends
 
@@ -200,27 +200,10 @@ def test_registered_base_models(api, make_key, settings, tiny_model_dir, tmp_pat
     assert str(model) not in created.text
     with session_scope(settings.resolved_database_url) as session:
         assert session.get(Run, created.json()["id"]).model_source["path"] == str(model)
-    refused = subprocess_error(settings, "models", "add", "x", str(settings.runs_dir))
+    refused = cli_refusal(settings, "models", "add", "x", str(settings.runs_dir))
     assert "inside the data directory" in refused
     cli(settings, "models", "remove", "tiny-base")
     # Unregistered, the name reads as a hub id: nothing on this machine stands behind it.
     again = api.post("/v1/runs", headers=auth(key), json=run_spec("tiny-base", train))
     with session_scope(settings.resolved_database_url) as session:
         assert session.get(Run, again.json()["id"]).model_source["path"] == "tiny-base"
-
-
-def subprocess_error(settings, *args: str) -> str:
-    import subprocess
-    import sys
-
-    from service.stack import stack_env
-
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=stack_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
-    return out.stderr
