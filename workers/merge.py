@@ -5,12 +5,15 @@ Written beside the checkpoint in the same store (storage.merged_path), where the
 written once: a merge already there is kept, and it is removed with its checkpoint.
 """
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 from service.contract import storage
 from service.contract.tasks import MergeTask, TaskAnswer, TaskProblem
+
+log = logging.getLogger(__name__)
 
 
 def merge_checkpoint(task: MergeTask) -> TaskAnswer:
@@ -22,12 +25,14 @@ def merge_checkpoint(task: MergeTask) -> TaskAnswer:
         try:
             _merge(source, out)
         except (OSError, ValueError) as exc:  # the base model is not on this worker
+            # What the libraries say names server folders: the worker's log keeps it.
+            log.warning("merging checkpoint %s: %s", task.checkpoint_id, exc)
             return TaskAnswer(
                 problem=TaskProblem(
                     kind="conflict",
-                    message=f"cannot merge checkpoint {task.checkpoint_id}: its "
-                    f"base model could not be loaded by the worker ({exc}); download the adapter "
-                    "instead",
+                    message=f"cannot merge checkpoint {task.checkpoint_id}: its base model "
+                    f"could not be loaded by the worker ({type(exc).__name__}); download the "
+                    "adapter instead",
                 )
             )
         _put(out, task.target)

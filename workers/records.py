@@ -153,12 +153,14 @@ class RunRecorder(Claiming):
             add_event(session, self.run_id, type_, self._shown(session, message), level, data)
 
     def _shown(self, session: Session, text: str) -> str:
-        """`text` (an event, an error) as the tenant may read it: the data directory, and the
-        folders the run's model loads from that its spec does not show (a checkpoint's, a
-        registered model's), named instead of spelt out."""
+        """`text` (an event, an error) as the tenant may read it: the data directory, the
+        checkpoint store, and the folders the run's model loads from that its spec does not
+        show (a checkpoint's, a registered model's), named instead of spelt out."""
         run = session.get(Run, self.run_id)
         model = run.spec.get("model", {}) if run else {}
         names = {str(self.settings.resolved_data_dir): "<data dir>"}
+        if self.settings.checkpoint_url:
+            names[self.settings.checkpoint_url.rstrip("/")] = "<checkpoint store>"
         for field, folder in ((run and run.model_source) or {}).items():
             if folder and folder != model.get(field):
                 names[folder] = f"<model.{field}>"

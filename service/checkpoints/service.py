@@ -38,7 +38,7 @@ def get_checkpoint(session: Session, project: Project, run_id: str, ckpt_id: str
     if ckpt is None or ckpt.run_id != run_id:
         raise NotFound(f"no checkpoint {ckpt_id!r} in run {run_id}")
     if not storage.exists(ckpt.path):
-        raise NotFound(f"checkpoint {ckpt_id} is recorded but its files are gone from {ckpt.path}")
+        raise NotFound(f"checkpoint {ckpt_id} is recorded but its files are gone")
     return ckpt
 
 
