@@ -96,7 +96,7 @@ class BuiltinReward(Strict):
 
 
 class WebhookReward(Strict):
-    """An external reward model, called with signed POSTs (DESIGN.md, reward webhook protocol)."""
+    """An external reward model, called with signed POSTs (the reward webhook protocol)."""
 
     type: Literal["webhook"]
     url: str = Field(min_length=1, max_length=2048)
