@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Small models on 2 cores run 10-40x faster single-threaded.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test bench install install-dev install-gpu services clean
+.PHONY: demo test docs bench install install-dev install-gpu services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ services:
 test: install-dev services
 	$(BIN)/python -m pytest
 
+# The manual as a site in site/ (mkdocs.yml); strict, so a broken link or anchor fails the build.
+# mkdocs-material prints a notice about its end of life (May 2027) on every build unless told not to.
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 # Side by side, one thread: the learner and a whole training step against TRL's GRPOTrainer, and
 # vLLM rollouts against transformers generate() (a separate venv keeps TRL out of .venv); then the
 # API under locust load beside a bare FastAPI endpoint.
@@ -61,4 +66,4 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/api_load.py
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .gvpo
+	rm -rf $(VENV) $(BENCH_VENV) .gvpo site
