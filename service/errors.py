@@ -4,6 +4,8 @@ from typing import Any
 
 from grpc import StatusCode
 
+from service.validation import describe
+
 
 class ServiceError(Exception):
     """A failure the caller can act on; rendered as {"error": {"code", "message", "details"}}."""
@@ -76,29 +78,10 @@ def classify(exc: ServiceError) -> tuple[int, str, StatusCode]:
     return UNEXPECTED
 
 
-def field_name(loc: tuple, body: object) -> str:
-    """A pydantic error location as the client wrote the field: ("body", "algorithm", "beta")
-    (FastAPI) or ("algorithm", "beta") (a validated document) -> "algorithm.beta".
-
-    Tagged unions (reward: {type: builtin, ...}) put the tag into pydantic's location; it is
-    dropped so the name matches a key path in the submitted document.
-    """
-    source = loc[0] if loc and loc[0] in ("body", "query", "path", "header") else None
-    parts = list(loc[1:] if source else loc)
-    named, node = [], body if source in (None, "body") else None
-    for part in parts:
-        if isinstance(node, dict) and part not in node and node.get("type") == part:
-            continue
-        named.append(str(part))
-        node = node.get(part) if isinstance(node, dict) else None
-    return ".".join(named) or "body"
-
-
-def invalid_spec(errors: list[dict[str, Any]], body: object) -> InvalidSpec:
-    """pydantic's errors for `body` as one InvalidSpec naming each bad field."""
-    return InvalidSpec(
-        [{"field": field_name(tuple(e["loc"]), body), "message": e["msg"]} for e in errors]
-    )
+def invalid_spec(errors: list[dict[str, Any]], body: object, model: Any = None) -> InvalidSpec:
+    """pydantic's errors for `body` as one InvalidSpec naming each bad field (`model`: the type
+    `body` was validated as, for the field an unknown one is closest to)."""
+    return InvalidSpec(describe(errors, body, model))
 
 
 def unstorable(exc: Exception) -> BadRequest:

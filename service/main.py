@@ -50,8 +50,11 @@ async def _data_error(request: Request, exc: DataError) -> JSONResponse:
     return await _service_error(request, unstorable(exc))
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    error = invalid_spec(list(exc.errors()), exc.body)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # The route's body type: an unknown field of the body is answered with the closest known one.
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    model = body_field.field_info.annotation if body_field else None
+    error = invalid_spec(list(exc.errors()), exc.body, model)
     return JSONResponse(
         error_body("invalid_request", error.message, error.details), status_code=422
     )

@@ -241,6 +241,28 @@ def test_invalid_spec_is_422_naming_each_field(api, make_key, settings, override
     assert run_ids(api, key) == [] and broker_run_ids(settings) == []
 
 
+def test_a_422_names_each_field_once_in_the_users_words(api, make_key):
+    """An unknown field, at any depth and inside a tagged union, with the field of its level it
+    is closest to; a value that fits no branch of a union named once, as one field; a rule's
+    message without pydantic's "Value error," in front."""
+    key = make_key()
+    body = spec(
+        upload(api, key, ROWS),
+        algorithm={"betta": 0.1},
+        reward={**EXACT_MATCH, "nmae": "x"},
+        model={"path": DROP, "lora": {"target_modules": 5}},
+    )
+    error = assert_error(api.post("/v1/runs", headers=auth(key), json=body), 422, "invalid_request")
+    assert {f["field"]: f["message"] for f in error["details"]["fields"]} == {
+        "model.path": "Field required (the model's directory or hub id; or set model.checkpoint "
+        "to start from a checkpoint)",
+        "model.lora.target_modules": "Input should be a valid string or a valid list",
+        "reward.nmae": "unknown field (did you mean name?)",
+        "algorithm.betta": "unknown field (did you mean beta?)",
+    }
+    assert "Extra inputs" not in error["message"] and "Value error" not in error["message"]
+
+
 @pytest.mark.parametrize(
     "resources, rollout, says",
     [

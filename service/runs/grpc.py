@@ -98,7 +98,7 @@ def _spec(request: pb.CreateRunRequest) -> RunSpec:
     try:
         return RunSpec.model_validate(document)
     except ValidationError as exc:
-        raise invalid_spec(exc.errors(), document) from None
+        raise invalid_spec(exc.errors(), document, RunSpec) from None
 
 
 def _list_args(request: pb.ListRunsRequest) -> int:
