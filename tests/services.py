@@ -186,11 +186,14 @@ def start_stack(settings: Settings, log_dir: Path) -> Stack:
         stack = Stack(settings.model_copy(update={"grpc_port": free_port()}), log_dir=log_dir)
         try:
             return stack.start(ready_timeout=4 * SERVER_START_S)
-        except RuntimeError:
-            with log.open("rb") as fh:
-                fh.seek(seen)
-                taken = b"cannot serve gRPC" in fh.read()
-            if not taken or attempt == ATTEMPTS:
+        except RuntimeError as exc:
+            # taken before the stack started (its check) or while the API child bound it
+            said = str(exc).encode()
+            if log.exists():
+                with log.open("rb") as fh:
+                    fh.seek(seen)
+                    said += fh.read()
+            if b"cannot serve gRPC" not in said or attempt == ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
 
@@ -201,6 +204,57 @@ def stack_project(stack: Stack, name: str, rows: int = 16) -> tuple[httpx.Client
     key = cli(stack.settings, "api-key", "create", "--project", name)
     http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=60)
     return http, upload(http, None, copy_rows(rows), filename="t.jsonl")
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and every live process below it. (Found by parent pid: the environment cannot
+    mark them, since Celery's setproctitle reuses the memory /proc/PID/environ reads from.)"""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                # after the parenthesised command name: state, then the parent's pid
+                state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                if state != "Z":  # a zombie has exited; it only waits to be reaped
+                    parents[int(proc.name)] = int(ppid)
+        except (OSError, ValueError):
+            continue
+    tree, grew = {root} & parents.keys(), True
+    while grew:
+        below = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= below
+        grew = bool(below)
+    return tree
+
+
+def gvpo_up(settings) -> tuple[subprocess.Popen, str]:
+    """`gvpo up` with these settings, once it says it is up: (its process, the API's URL). Its
+    API listens on a port the system assigns (api_port 0); its gRPC port, a number, is chosen
+    again when a process took it before the API could bind it."""
+    for attempt in range(1, ATTEMPTS + 1):
+        env = stack_env(settings.model_copy(update={"grpc_port": free_port()}))
+        up = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lines.extend, args=(up.stdout,), daemon=True)
+        reader.start()
+
+        def up_or_gone(lines: list[str] = lines, up: subprocess.Popen = up) -> str | None:
+            said = next((line for line in list(lines) if line.startswith("gvpo is up: API ")), None)
+            return said or (None if up.poll() is None else "exited")
+
+        said = wait_until(up_or_gone, 4 * SERVER_START_S, "gvpo up to say it is up")
+        if said != "exited":
+            return up, said.removeprefix("gvpo is up: API ").split()[0]
+        reader.join(10)
+        if "cannot serve gRPC" not in "".join(lines) or attempt == ATTEMPTS:
+            raise AssertionError(f"gvpo up exited ({up.returncode}):\n{''.join(lines)}")
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- programs on a port number
