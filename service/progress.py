@@ -23,7 +23,9 @@ def _describe(rewards: deque, latest: dict[str, float]) -> str:
 def follow_run(client: Client, run_id: str, console: Console | None = None) -> dict:
     """Show progress until the run finishes; prints its events as they arrive. Returns the run.
 
-    The reward shown is the mean of reward/mean over the last 10 steps."""
+    The reward shown is the mean of reward/mean over the last 10 steps. An API that cannot be
+    reached, or a run it does not have, fails at once; a stream that breaks later is resumed."""
+    client.get_run(run_id)
     console = console or Console(log_path=False)
     columns = (
         TextColumn("[bold]{task.description}"),

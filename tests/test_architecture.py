@@ -23,10 +23,14 @@ HEAVY = ("torch", "transformers", "vllm", "peft", "workers")
 # What the worker may import from the service side.
 WORKER_MAY_IMPORT = ("service.contract", "service.models", "service.config", "service.db")
 # CLI commands that run worker code in the CLI's process, importing it inside the command.
-LAZY_WORKER_IMPORTS = {"service/cli.py", "service/demo.py"}
+LAZY_WORKER_IMPORTS = {"service/cli/server.py", "service/demo.py"}
 # The command-line programs, which import what a command needs when it runs; nothing else of the
 # service imports inside a function (see test_the_service_imports_only_at_module_level).
-PROGRAMS = {"service/cli.py", "service/demo.py", "service/stack.py"}
+PROGRAMS = {
+    *(p.relative_to(ROOT).as_posix() for p in (ROOT / "service" / "cli").glob("*.py")),
+    "service/demo.py",
+    "service/stack.py",
+}
 
 
 def modules(package: str) -> Iterator[tuple[str, Path]]:

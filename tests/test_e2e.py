@@ -12,13 +12,12 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from service.stack import free_port, stack_env
+from service.stack import stack_env
 from workers.rollout.vllm import vllm_installed
 
 from conftest import BACKENDS, backend_settings
 from factories import (
     DROP,
-    SERVER_START_S,
     STACK_RUN,
     STANDARD_METRICS,
     WORKER_S,
@@ -29,7 +28,15 @@ from factories import (
     wait_until,
     write_jsonl,
 )
-from services import ATTEMPTS, cli, stack_project, stack_settings, start_stack, wait_grpc_serving
+from services import (
+    cli,
+    gvpo_up,
+    process_tree,
+    stack_project,
+    stack_settings,
+    start_stack,
+    wait_grpc_serving,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -332,66 +339,15 @@ def test_cancel_a_running_run(embedded, tiny_model_dir):
     assert run["status"] == "cancelled" and 2 <= run["step"] < 100000
 
 
-def _process_tree(root: int) -> set[int]:
-    """`root` and every live process below it. (Found by parent pid: the environment cannot
-    mark them, since Celery's setproctitle reuses the memory /proc/PID/environ reads from.)"""
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit():
-                # after the parenthesised command name: state, then the parent's pid
-                state, ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-                if state != "Z":  # a zombie has exited; it only waits to be reaped
-                    parents[int(proc.name)] = int(ppid)
-        except (OSError, ValueError):
-            continue
-    tree, grew = {root} & parents.keys(), True
-    while grew:
-        below = {pid for pid, ppid in parents.items() if ppid in tree} - tree
-        tree |= below
-        grew = bool(below)
-    return tree
-
-
-def gvpo_up(settings) -> tuple[subprocess.Popen, str]:
-    """`gvpo up` with these settings, once it says it is up: (its process, the API's URL). Its
-    API listens on a port the system assigns (api_port 0); its gRPC port, a number, is chosen
-    again when a process took it before the API could bind it."""
-    for attempt in range(1, ATTEMPTS + 1):
-        env = stack_env(settings.model_copy(update={"grpc_port": free_port()}))
-        up = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "up"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        lines: list[str] = []
-        reader = threading.Thread(target=lines.extend, args=(up.stdout,), daemon=True)
-        reader.start()
-
-        def up_or_gone(lines: list[str] = lines, up: subprocess.Popen = up) -> str | None:
-            said = next((line for line in list(lines) if line.startswith("gvpo is up: API ")), None)
-            return said or (None if up.poll() is None else "exited")
-
-        said = wait_until(up_or_gone, 4 * SERVER_START_S, "gvpo up to say it is up")
-        if said != "exited":
-            return up, said.removeprefix("gvpo is up: API ").split()[0]
-        reader.join(10)
-        if "cannot serve gRPC" not in "".join(lines) or attempt == ATTEMPTS:
-            raise AssertionError(f"gvpo up exited ({up.returncode}):\n{''.join(lines)}")
-    raise AssertionError("unreachable")
-
-
 def test_gvpo_up_stops_cleanly_on_ctrl_c(tmp_path):
     up, url = gvpo_up(stack_settings(tmp_path / "up-stack"))
     assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-    stack = _process_tree(up.pid)
+    stack = process_tree(up.pid)
     assert len(stack) >= 4  # gvpo up, the API, the worker and its pool child
     up.send_signal(signal.SIGINT)
     assert up.wait(timeout=60) == 0  # the stack stops its children within their grace
     wait_until(
-        lambda: not stack & _process_tree(1),
+        lambda: not stack & process_tree(1),
         30,  # none of them is left anywhere
         "every process of the stack to exit",
     )
@@ -443,12 +399,13 @@ def test_the_cli_lists_the_run_it_submitted_and_waited_for(cli_project):
 
 def test_the_cli_names_the_apis_refusals_on_stderr(cli_project):
     bad = cli_project.run("runs", "show", "run_does_not_exist")
-    assert bad.returncode == 2 and "404 not_found" in bad.stderr
+    assert bad.returncode == 1 and "404 not_found" in bad.stderr
     # a finished run can be neither paused nor resumed (409)
     paused = cli_project.run("runs", "pause", cli_project.run_id)
-    assert paused.returncode == 2 and "409 conflict" in paused.stderr
+    assert paused.returncode == 1 and "409 conflict" in paused.stderr
     resumed = cli_project.run("runs", "resume", cli_project.run_id)
-    assert resumed.returncode == 2 and "only a paused run" in resumed.stderr
+    assert resumed.returncode == 1 and "only a paused run" in resumed.stderr
+    assert "Traceback" not in bad.stderr + paused.stderr + resumed.stderr
 
 
 def test_the_cli_rescores_a_run_and_posts_its_groups_to_another(cli_project, tiny_model_dir):

@@ -1,0 +1,45 @@
+"""The `gvpo` command: the embedded stack and the servers (server.py), the operator's commands
+on this machine's database (admin.py), and an API client (remote.py). Every command runs inside
+one error boundary (boundary.py): a user sees a message and an exit code, never a traceback."""
+
+import click
+
+from service.cli import admin, remote, server
+from service.cli.boundary import Gvpo
+
+DISTRIBUTION = "gvpo-service"  # pyproject's project name: the version installed
+
+
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version(DISTRIBUTION)
+    except PackageNotFoundError:
+        installed = f"unknown ({DISTRIBUTION} is not installed, only on the path)"
+    click.echo(f"gvpo {installed}")
+    ctx.exit()
+
+
+@click.group(cls=Gvpo)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the installed version and exit.",
+)
+def main() -> None:
+    """GVPO post-training service. GVPO_DEBUG=1 shows the traceback of an error."""
+
+
+for command in (*server.COMMANDS, *admin.COMMANDS, *remote.COMMANDS):
+    main.add_command(command)
+
+
+def run() -> None:
+    """The `gvpo` entry point."""
+    main()

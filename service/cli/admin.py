@@ -1,0 +1,112 @@
+"""The operator's commands, on this machine's database: migrations, the webhook secrets'
+encryption key, API keys and the registered base models."""
+
+import click
+
+from service.config import get_settings
+from service.migrate import prepare
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database administration."""
+
+
+@db_group.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations up to the latest schema."""
+    settings = get_settings()
+    prepare(settings)
+    click.echo(f"database at head: {settings.resolved_database_url}")
+
+
+@db_group.command("reencrypt")
+def db_reencrypt() -> None:
+    """Re-encrypt the stored webhook secrets under the first GVPO_ENCRYPTION_KEY, after which
+    the older keys listed after it can be dropped."""
+    from service.contract.sealing import SealingError
+    from service.db import session_scope
+    from service.rewards.service import reencrypt_secrets
+
+    settings = get_settings()
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            done = reencrypt_secrets(session, settings.sealer)
+    except SealingError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"re-encrypted the webhook secrets of {done} runs under the newest key")
+
+
+@click.group("api-key")
+def api_key_group() -> None:
+    """API keys (admin)."""
+
+
+@api_key_group.command("create")
+@click.option("--project", required=True, help="project name (created if new)")
+def api_key_create(project: str) -> None:
+    """Make a project's API key; it is printed once and only its hash is stored."""
+    from service.auth.service import create_api_key
+    from service.db import session_scope
+
+    settings = get_settings()
+    if problems := [p for p in settings.unsafe_secrets() if "PEPPER" in p]:
+        raise click.ClickException(problems[0])  # a key made now would never match later
+    prepare(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        proj, key = create_api_key(session, project, settings.api_key_pepper)
+    click.echo(f"project {proj.name} ({proj.id}); API key (shown once):", err=True)
+    click.echo(key)
+
+
+@click.group("models")
+def models_group() -> None:
+    """Base models any project may train (admin): runs name them in model.path."""
+
+
+def _registry(action):
+    """Run `action(session, settings)` on this machine's database; a refusal is an error
+    message, not a traceback."""
+    from service.db import session_scope
+    from service.errors import ServiceError
+
+    settings = get_settings()
+    prepare(settings)
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            return action(session, settings)
+    except ServiceError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+@models_group.command("add")
+@click.argument("name")
+@click.argument("path")
+def models_add(name: str, path: str) -> None:
+    """Register the model folder PATH as NAME (again: move NAME to PATH)."""
+    from service.registry.service import register_model
+
+    folder = _registry(lambda session, settings: register_model(session, settings, name, path).path)
+    click.echo(f"{name} -> {folder}")
+
+
+@models_group.command("list")
+def models_list() -> None:
+    """The registered base models and their folders."""
+    from service.registry.service import list_models
+
+    for name, path in _registry(lambda s, _: [(m.name, m.path) for m in list_models(s)]):
+        click.echo(f"{name}\t{path}")
+
+
+@models_group.command("remove")
+@click.argument("name")
+def models_remove(name: str) -> None:
+    """Unregister NAME (runs already submitted with it keep it)."""
+    from service.registry.service import remove_model
+
+    _registry(lambda session, _: remove_model(session, name))
+    click.echo(f"removed {name}")
+
+
+COMMANDS = (db_group, api_key_group, models_group)

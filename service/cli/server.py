@@ -1,0 +1,109 @@
+"""The commands that run the service on this machine: the embedded stack (`gvpo up`), the API or
+a worker alone, the demo, and the offline tiny model."""
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from service.cli.boundary import CliError
+from service.config import get_settings
+from service.migrate import prepare
+
+
+@click.command()
+@click.option("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+@click.option("--port", type=int, default=None, help="API port (default: a free one)")
+def demo(steps: int | None, port: int | None) -> None:
+    """Train the offline tiny model with GVPO through the API, worker and database."""
+    from service.demo import run_demo
+
+    sys.exit(run_demo(get_settings(), steps=steps, port=port))
+
+
+def _raise_interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@click.command()
+def up() -> None:
+    """Run the embedded stack (API + worker, SQLite, file broker) until Ctrl-C or SIGTERM.
+
+    It refuses at once, starting nothing, when another stack uses its data directory or its
+    ports are taken. The API's and the worker's own output goes to <data dir>/logs."""
+    from service.stack import Stack
+
+    settings = get_settings()
+    # Also when started in the background (where SIGINT is inherited as ignored) or by a
+    # supervisor that sends SIGTERM: both stop the children before exiting.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupt)
+    stack = Stack(settings, log_dir=settings.resolved_data_dir / "logs")
+    try:
+        stack.claim()  # the data directory and the ports, before anything starts
+        prepare(settings)
+        stack.start()
+        _say_up(stack)
+        while not (exited := stack.exited()):
+            time.sleep(0.5)
+        raise CliError(f"{exited}; the stack stopped")
+    except KeyboardInterrupt:
+        click.echo("\nstopping…", err=True)
+    finally:
+        stack.stop()
+
+
+def _say_up(stack) -> None:
+    """Where the stack serves, keeps its data and writes its logs: once, when it is ready."""
+    settings, url = stack.settings, stack.url
+    grpc = (
+        f"gRPC {settings.api_host}:{settings.grpc_port}"
+        if settings.grpc_port
+        else "gRPC off (GVPO_GRPC_PORT=0)"
+    )
+    click.echo(
+        f"gvpo is up: API {url} (docs at {url}/docs, dashboard at {url}/dashboard), {grpc}\n"
+        f"  data directory: {settings.resolved_data_dir}\n"
+        f"  logs: {stack.log('api')}, {stack.log('worker')}\n"
+        "Ctrl-C stops it."
+    )
+
+
+@click.command()
+def api() -> None:
+    """Run only the API server: REST on GVPO_API_PORT, gRPC on GVPO_GRPC_PORT (GVPO_API_HOST)."""
+    import uvicorn
+
+    from service.edge import SERVER
+    from service.main import UnsafeSettings, create_app
+
+    settings = get_settings()
+    try:
+        app = create_app(settings)
+    except UnsafeSettings as exc:
+        raise click.ClickException(str(exc)) from None
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info", **SERVER)
+
+
+@click.command()
+@click.option("--queues", default=None, help="comma-separated queues (default GVPO_WORKER_QUEUES)")
+def worker(queues: str | None) -> None:
+    """Run only a worker (one run at a time)."""
+    from workers.worker import run_worker
+
+    run_worker(get_settings(), queues)
+
+
+@click.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0)
+def make_tiny_model_cmd(directory: Path, seed: int) -> None:
+    """Write an offline tiny Llama-architecture model and character tokenizer."""
+    from workers.tiny_model import make_tiny_model
+
+    click.echo(str(make_tiny_model(directory, seed=seed)))
+
+
+COMMANDS = (up, api, worker, demo, make_tiny_model_cmd)
