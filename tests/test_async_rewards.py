@@ -128,6 +128,7 @@ def failure_of(settings, run_id) -> tuple[Run, RunEvent]:
     return run, last
 
 
+@pytest.mark.one_backend("sqlite")  # the watchdog's, not the database's
 def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server, tiny_model_dir):
     """The watchdog: the reward model never calls back and would be re-sent for a minute; the
     run fails after step_timeout_s instead, and the event names the phase that hung."""
@@ -141,6 +142,7 @@ def test_a_reward_phase_past_the_step_timeout_fails_the_run_naming_it(api_server
     assert failed.type == "run.failed" and failed.data == {"phase": "reward", "step": 1}
 
 
+@pytest.mark.one_backend("sqlite")  # the watchdog's, not the database's
 def test_a_hung_phase_that_cannot_be_interrupted_ends_the_process(api_server, tiny_model_dir):
     """The watchdog's last resort: off the main thread there is no interrupt, so it records the
     failure and ends the worker process (Celery starts a fresh one)."""

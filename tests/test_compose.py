@@ -21,7 +21,13 @@ DOCKERFILES = {
     "worker": ROOT / "docker" / "worker.Dockerfile",
 }
 # Interpolations that must come from the operator's environment, never from the file.
-SECRETS = {"GVPO_SECRET_KEY", "GVPO_API_KEY_PEPPER", "GVPO_ENCRYPTION_KEY", "POSTGRES_PASSWORD"}
+SECRETS = {
+    "GVPO_SECRET_KEY",
+    "GVPO_API_KEY_PEPPER",
+    "GVPO_ENCRYPTION_KEY",
+    "GVPO_METRICS_TOKEN",
+    "POSTGRES_PASSWORD",
+}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PEPPER|TOKEN|API_KEY$|ENCRYPTION_KEY")
 REQUIRED = re.compile(r"^\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*):\?[^}]+\}$")
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<rest>[^}]*)\}")

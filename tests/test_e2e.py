@@ -289,6 +289,7 @@ def test_a_run_on_two_processes_through_the_worker(embedded, tiny_model_dir):
     assert sorted({s["group_index"] for s in samples}) == [0, 1, 2, 3]  # both ranks' groups
 
 
+@pytest.mark.one_backend("sqlite")  # the worker's answer
 def test_a_missing_model_is_refused_or_fails_the_run_saying_why(embedded, tmp_path):
     http, file_id = stack_project(embedded, "faults")
 
@@ -392,11 +393,13 @@ def cli_project(embedded, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(run=run, file_id=file_id, run_id=run_id, tmp_path=tmp_path)
 
 
+@pytest.mark.one_backend("sqlite")  # the CLI is a client of the API
 def test_the_cli_lists_the_run_it_submitted_and_waited_for(cli_project):
     listed = cli_project.run("runs", "list")
     assert cli_project.run_id in listed.stdout and "succeeded" in listed.stdout
 
 
+@pytest.mark.one_backend("sqlite")  # the CLI is a client of the API
 def test_the_cli_names_the_apis_refusals_on_stderr(cli_project):
     bad = cli_project.run("runs", "show", "run_does_not_exist")
     assert bad.returncode == 1 and "404 not_found" in bad.stderr
@@ -408,6 +411,7 @@ def test_the_cli_names_the_apis_refusals_on_stderr(cli_project):
     assert "Traceback" not in bad.stderr + paused.stderr + resumed.stderr
 
 
+@pytest.mark.one_backend("sqlite")  # the CLI is a client of the API
 def test_the_cli_rescores_a_run_and_posts_its_groups_to_another(cli_project, tiny_model_dir):
     """Re-score the finished run by the worker, download its groups, and post them to a new
     run that has off-policy slots (paused before its first step: the groups wait for its
