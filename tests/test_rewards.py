@@ -50,6 +50,8 @@ def test_regex_one_pattern_or_the_share_of_several():
     assert reward(
         "regex", "<think>x</think> 12", None, pattern=["<think>", "</think>", r"Answer:"]
     ) == pytest.approx(2 / 3)
+    long = r"(?:Answer|Result|Final answer|The answer is): *-?\d+(?:\.\d+)?(?: units)?"
+    assert len(long) > 64 and reward("regex", "Result: 12", None, pattern=long) == 1.0
 
 
 def test_length_penalty_only_past_the_target():

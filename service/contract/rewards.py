@@ -26,9 +26,14 @@ class RewardParams(Strict):
 
 
 class RegexParams(RewardParams):
-    pattern: str | list[Annotated[str, Field(max_length=MAX_TEXT)]] = Field(
-        max_length=MAX_PATTERNS,
-        description="one pattern: 1.0 if it matches; a list: the share of patterns that match",
+    # The bounds on each branch: a list's length is not a pattern's.
+    pattern: (
+        Annotated[str, Field(max_length=MAX_TEXT)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=MAX_TEXT)]], Field(max_length=MAX_PATTERNS)
+        ]
+    ) = Field(
+        description="one pattern: 1.0 if it matches; a list: the share of patterns that match"
     )
 
     @field_validator("pattern")
