@@ -208,6 +208,9 @@ def test_ctrl_c_stops_watching_and_says_how_to_come_back(live):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a suite started in the background (CI, `make test &`) has SIGINT
+        # ignored, and a child would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_until(lambda: _connected(watch.pid, live.port), CLI_S, "gvpo runs watch to connect")
