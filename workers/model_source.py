@@ -31,7 +31,7 @@ def loaded_spec(settings: Settings, run_id: str, spec: dict[str, Any]) -> RunSpe
     this project's to load (pydantic's ValidationError for a spec today's rules refuse)."""
     with session_scope(settings.resolved_database_url) as session:
         run = session.get(Run, run_id)
-        source = run.model_source or {name: spec["model"].get(name) for name in SOURCE_FIELDS}
+        source = run.model_folders
         for name in SOURCE_FIELDS:
             if (value := source.get(name)) and not _allowed(settings, session, run, value):
                 raise RunError(f"run refused: {refusal(f'model.{name}')}")

@@ -80,6 +80,7 @@ class RunRecorder(Claiming):
     def __init__(self, settings: Settings, run_id: str, worker_id: str) -> None:
         self.settings, self.run_id, self.worker_id = settings, run_id, worker_id
         self.url = settings.resolved_database_url
+        self._private: list[tuple[str, str]] | None = None  # see _shown
 
     def renew_lease(self) -> bool:
         """Heartbeat; False when the lease was lost (another worker took the run)."""
@@ -156,16 +157,19 @@ class RunRecorder(Claiming):
         """`text` (an event, an error) as the tenant may read it: the data directory, the
         checkpoint store, and the folders the run's model loads from that its spec does not
         show (a checkpoint's, a registered model's), named instead of spelt out."""
-        run = session.get(Run, self.run_id)
-        model = run.spec.get("model", {}) if run else {}
-        names = {str(self.settings.resolved_data_dir): "<data dir>"}
-        if self.settings.checkpoint_url:
-            names[self.settings.checkpoint_url.rstrip("/")] = "<checkpoint store>"
-        for field, folder in ((run and run.model_source) or {}).items():
-            if folder and folder != model.get(field):
-                names[folder] = f"<model.{field}>"
-        for folder in sorted(names, key=len, reverse=True):  # a checkpoint's before the data dir
-            text = text.replace(folder, names[folder])
+        if self._private is None:  # a run's folders do not change: read them once
+            run = session.get(Run, self.run_id)
+            model = run.spec.get("model", {}) if run else {}
+            names = {str(self.settings.resolved_data_dir): "<data dir>"}
+            if self.settings.checkpoint_url:
+                names[self.settings.checkpoint_url.rstrip("/")] = "<checkpoint store>"
+            for field, folder in ((run and run.model_source) or {}).items():
+                if folder and folder != model.get(field):
+                    names[folder] = f"<model.{field}>"
+            # longest first: a checkpoint's folder before the data dir that holds it
+            self._private = sorted(names.items(), key=lambda item: len(item[0]), reverse=True)
+        for folder, name in self._private:
+            text = text.replace(folder, name)
         return text
 
     @_retrying

@@ -19,7 +19,6 @@ from service.dispatch import ask_worker
 from service.errors import Conflict
 from service.models import Checkpoint, Project
 from service.runs.service import get_run
-from service.runs.sources import model_source
 
 MAX_TOKENS = 65_536  # padded prompt + completion tokens over the whole group
 
@@ -41,7 +40,7 @@ def dry_run(
         checkpoint_id=ckpt.id,
         checkpoint_path=ckpt.path,
         checkpoint_kind=ckpt.kind,
-        base_model=model_source(run)["path"],
+        base_model=run.model_folders["path"],
         prompt=req.prompt,
         completions=req.completions,
         rewards=req.rewards,

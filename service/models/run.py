@@ -4,6 +4,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
+from service.contract.sources import SOURCE_FIELDS
 from service.contract.states import RunStatus
 from service.models.base import Base, UTCDateTime, new_id, utcnow
 
@@ -53,3 +54,12 @@ class Run(Base):
     notify_state: Mapped[str | None] = mapped_column(String(16), index=True)
     notify_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     notify_due_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    @property
+    def model_folders(self) -> dict[str, str | None]:
+        """Where the run loads its model from: model_source (a run recorded before that
+        column has the folders in its spec)."""
+        if self.model_source is not None:
+            return dict(self.model_source)
+        model = self.spec.get("model", {})
+        return {name: model.get(name) for name in SOURCE_FIELDS}

@@ -109,7 +109,7 @@ def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> Resol
     public = spec
     if ckpt.kind == CheckpointKind.LORA_ADAPTER:
         lora = RunSpec.model_validate(trained.spec).model.lora
-        source = {"path": model_source(trained)["path"], "adapter": ckpt.path}
+        source = {"path": trained.model_folders["path"], "adapter": ckpt.path}
         shown = {"path": f"the base model of checkpoint {ckpt.id}", "adapter": shown["path"]}
         if "lora" in model.model_fields_set and model.lora != lora:
             bad.append(
@@ -125,15 +125,6 @@ def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> Resol
     return Resolved(_filled(public, source), public, source, shown)
 
 
-def model_source(run: Run) -> dict[str, str | None]:
-    """The folders a run loads its model from (a run recorded before they were kept apart
-    has them in its spec)."""
-    if run.model_source is not None:
-        return dict(run.model_source)
-    model = run.spec.get("model", {})
-    return {name: model.get(name) for name in SOURCE_FIELDS}
-
-
 def loaded_spec(spec: RunSpec, run: Run) -> RunSpec:
     """A run's validated spec with the folders its worker loads filled in."""
-    return spec.model_copy(update={"model": spec.model.model_copy(update=model_source(run))})
+    return spec.model_copy(update={"model": spec.model.model_copy(update=run.model_folders)})
