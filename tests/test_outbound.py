@@ -15,7 +15,7 @@ from service.contract.outbound import (
     post_signed,
     unreachable,
 )
-from service.contract.signing import HEADER
+from gvpo_client.signing import HEADER
 from service.runs.notify import Claim, send
 
 from rebinding import FakeDNS, Receiver, loopback_v6, self_signed

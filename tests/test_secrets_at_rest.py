@@ -13,7 +13,7 @@ from sqlalchemy import text
 from service.cli import main
 from service.config import get_settings
 from service.contract.sealing import SealingError
-from service.contract.signing import HEADER, sign
+from gvpo_client.signing import HEADER, sign
 from service.db import session_scope
 from service.main import create_app
 from service.models import Project, Run

@@ -1,6 +1,6 @@
 """A small Python client for the gvpo-service REST API (used by the CLI, the demo and tests).
 
-from service.client import Client
+from gvpo_client import Client
 client = Client("http://127.0.0.1:8000", api_key)
 f = client.upload_file("train.jsonl")
 run = client.create_run({"model": {"path": ...}, "dataset": {"train_file": f["id"]}, ...})
@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 
-from service.contract.states import TERMINAL
+# The statuses a run never leaves (service/contract/states.py; a test keeps them equal).
+TERMINAL = ("succeeded", "failed", "cancelled")
+
 
 
 class ApiError(Exception):
