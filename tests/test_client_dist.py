@@ -9,8 +9,17 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
+
+from gvpo_client import schemas
+from service.checkpoints.schemas import CheckpointRead, DownloadLink
+from service.files.schemas import FileRead
+from service.metrics.schemas import ReplacedReward, SampleList, SampleRead, StepMetrics
+from service.offpolicy.schemas import GroupsStatus
+from service.rescores.schemas import RescoreRead
+from service.runs.schemas import EventRead, RunCreated, RunList, RunRead
 
 from factories import WORKER_S, copy_rows, run_spec, write_jsonl
 from services import cli, stack_settings, start_stack
@@ -80,6 +89,31 @@ def test_the_client_is_released_with_the_services_version():
         return tomllib.loads(pyproject.read_text())["project"]["version"]
 
     assert version(ROOT / "client" / "pyproject.toml") == version(ROOT / "pyproject.toml")
+
+
+# The client's declaration of each answer, and the API's schema of it.
+ANSWERS = [
+    (schemas.File, FileRead),
+    (schemas.Run, RunRead),
+    (schemas.RunCreated, RunCreated),
+    (schemas.RunList, RunList),
+    (schemas.Event, EventRead),
+    (schemas.StepMetrics, StepMetrics),
+    (schemas.ReplacedReward, ReplacedReward),
+    (schemas.Sample, SampleRead),
+    (schemas.Samples, SampleList),
+    (schemas.Checkpoint, CheckpointRead),
+    (schemas.DownloadLink, DownloadLink),
+    (schemas.GroupsStatus, GroupsStatus),
+    (schemas.Rescore, RescoreRead),
+]
+
+
+@pytest.mark.parametrize(("declared", "served"), ANSWERS, ids=lambda c: c.__name__)
+def test_the_client_declares_each_answer_with_the_apis_fields(declared, served):
+    """The client cannot import the API's schemas (it installs without them): its copy of
+    their field names is checked here instead."""
+    assert set(get_type_hints(declared)) == set(served.model_fields)
 
 
 def _alone(env_dir: Path) -> dict[str, str]:
