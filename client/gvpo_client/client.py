@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import httpx
 
@@ -90,16 +90,19 @@ class Client:
         """Upload a JSONL file; purpose is train, eval or offpolicy. The API checks every row
         and refuses the file (ApiError 422) naming the first bad one."""
         with open(path, "rb") as fh:
-            return self._request(
-                "POST",
-                "/v1/files",
-                data={"purpose": purpose},
-                files={"file": (Path(path).name, fh, "application/jsonl")},
+            return cast(
+                File,
+                self._request(
+                    "POST",
+                    "/v1/files",
+                    data={"purpose": purpose},
+                    files={"file": (Path(path).name, fh, "application/jsonl")},
+                ),
             )
 
     def list_files(self) -> list[File]:
         """The project's files, newest first."""
-        return self._request("GET", "/v1/files")["data"]
+        return cast(list[File], self._request("GET", "/v1/files")["data"])
 
     def file_content(self, file_id: str) -> bytes:
         """The file's bytes, as uploaded (or as a rescore wrote it)."""
@@ -114,10 +117,10 @@ class Client:
         """Submit a run spec (the manual's run-spec page); the run is queued. With an
         idempotency key, submitting the same spec again answers the same run."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._request("POST", "/v1/runs", json=spec, headers=headers)
+        return cast(RunCreated, self._request("POST", "/v1/runs", json=spec, headers=headers))
 
     def get_run(self, run_id: str) -> Run:
-        return self._request("GET", f"/v1/runs/{run_id}")
+        return cast(Run, self._request("GET", f"/v1/runs/{run_id}"))
 
     def list_runs(
         self, status: str | None = None, limit: int = 20, after: str | None = None
@@ -125,20 +128,20 @@ class Client:
         """A page of the project's runs, newest first (of one status, when given); the next
         page is list_runs(after=page["next_cursor"]) while page["has_more"]."""
         params = {k: v for k, v in {"status": status, "limit": limit, "after": after}.items() if v}
-        return self._request("GET", "/v1/runs", params=params)
+        return cast(RunList, self._request("GET", "/v1/runs", params=params))
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancel the run: at once when queued or paused, else its worker stops between steps
         (cancel_requested is true until then)."""
-        return self._request("POST", f"/v1/runs/{run_id}/cancel")
+        return cast(Run, self._request("POST", f"/v1/runs/{run_id}/cancel"))
 
     def pause_run(self, run_id: str) -> Run:
         """Pause a queued or running run (a running one checkpoints and frees its worker after the
         current step); resume_run() continues it from that checkpoint."""
-        return self._request("POST", f"/v1/runs/{run_id}/pause")
+        return cast(Run, self._request("POST", f"/v1/runs/{run_id}/pause"))
 
     def resume_run(self, run_id: str) -> Run:
-        return self._request("POST", f"/v1/runs/{run_id}/resume")
+        return cast(Run, self._request("POST", f"/v1/runs/{run_id}/resume"))
 
     def wait(
         self,
@@ -184,7 +187,7 @@ class Client:
         step, and (event type, Event) per event. Resume a broken stream with the last event id
         and step seen."""
         headers = {"Last-Event-ID": str(after_event)} if after_event is not None else {}
-        params = {"metrics": "true", "since_step": since_step}
+        params: dict[str, str | int] = {"metrics": "true", "since_step": since_step}
         # The server sends a keep-alive at least every 15 s, so a silent minute means it is gone.
         with self.http.stream(
             "GET",
@@ -210,26 +213,30 @@ class Client:
         self, run_id: str, names: list[str] | None = None, since_step: int | None = None
     ) -> Metrics:
         """The run's metric curves, name -> [[step, value], ...]: every metric, or those
-        named; the steps after `since_step` only, when given."""
+        named; from step `since_step` on, when given."""
         params: dict[str, Any] = {}
         if names:
             params["names"] = ",".join(names)
         if since_step is not None:
             params["since_step"] = since_step
-        return self._request("GET", f"/v1/runs/{run_id}/metrics", params=params)["metrics"]
+        return cast(
+            Metrics, self._request("GET", f"/v1/runs/{run_id}/metrics", params=params)["metrics"]
+        )
 
     def samples(self, run_id: str, step: int | None = None, limit: int | None = None) -> Samples:
         """One step's samples (the latest step's when `step` is None): each prompt, completion
         and reward, with rewards re-scorings replaced; at most `limit` (the API's default:
         1000)."""
         params = {k: v for k, v in {"step": step, "limit": limit}.items() if v is not None}
-        return self._request("GET", f"/v1/runs/{run_id}/samples", params=params)
+        return cast(Samples, self._request("GET", f"/v1/runs/{run_id}/samples", params=params))
 
     # ------------------------------------------------------------ checkpoints
 
     def checkpoints(self, run_id: str) -> list[Checkpoint]:
         """The run's kept checkpoints, oldest step first."""
-        return self._request("GET", f"/v1/runs/{run_id}/checkpoints")["data"]
+        return cast(
+            list[Checkpoint], self._request("GET", f"/v1/runs/{run_id}/checkpoints")["data"]
+        )
 
     def download_checkpoint(
         self,
@@ -257,11 +264,8 @@ class Client:
     ) -> DownloadLink:
         """A signed link to the checkpoint's archive, usable without the API key for 10 minutes:
         {"url": <path on the API's origin>, "expires_at": ...}."""
-        return self._request(
-            "POST",
-            f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download-url",
-            params={"format": format},
-        )
+        url = f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download-url"
+        return cast(DownloadLink, self._request("POST", url, params={"format": format}))
 
     # ------------------------------------------------------------ off-policy groups, re-scoring
 
@@ -269,12 +273,17 @@ class Client:
         """Add off-policy groups ({"prompt", "completions", "rewards"?, ...}, as in an offpolicy
         file; up to 1,000 a request) to a queued, running or paused run: its next steps train
         on them."""
-        return self._request("POST", f"/v1/runs/{run_id}/groups", json={"groups": groups})
+        return cast(
+            GroupsStatus,
+            self._request("POST", f"/v1/runs/{run_id}/groups", json={"groups": groups}),
+        )
 
     def rescore(self, run_id: str, reward: dict[str, Any]) -> Rescore:
         """Score a finished run's samples again with `reward` (a run spec's reward section);
         poll get_rescore() until it has succeeded or failed."""
-        return self._request("POST", f"/v1/runs/{run_id}/rescore", json={"reward": reward})
+        return cast(
+            Rescore, self._request("POST", f"/v1/runs/{run_id}/rescore", json={"reward": reward})
+        )
 
     def get_rescore(self, run_id: str, rescore_id: str) -> Rescore:
-        return self._request("GET", f"/v1/runs/{run_id}/rescores/{rescore_id}")
+        return cast(Rescore, self._request("GET", f"/v1/runs/{run_id}/rescores/{rescore_id}"))
