@@ -8,7 +8,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from service.client import Client
+from gvpo_client import Client
 
 SHOWN = (("loss", "loss"), ("kl/ref", "kl"), ("throughput/tokens_per_s", "tok/s"))
 RECONNECTS = 20
