@@ -3,8 +3,33 @@
 from typing import Any
 
 from grpc import StatusCode
+from pydantic import BaseModel, Field
 
 from service.validation import describe
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, for programs: invalid_request, not_found, ...")
+    message: str = Field(description="for people: what went wrong and what to do")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="for a 422, `fields`: each bad field and why"
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every failed request, whatever its status."""
+
+    error: ErrorDetail
+
+
+# Declared on every route: FastAPI's own 422 schema (HTTPValidationError) is not what we send.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        ("4XX", "the request cannot be served as it is; error.message says why"),
+        ("5XX", "the service or a worker failed; the request may be retried"),
+    )
+}
 
 
 class ServiceError(Exception):

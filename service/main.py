@@ -11,13 +11,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import dashboard, dispatch, telemetry
+from service import __version__, dashboard, dispatch, telemetry
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
 from service.db import get_sessionmaker
 from service.diagnostics.routes import router as diagnostics_router
 from service.edge import Edge
-from service.errors import ServiceError, classify, invalid_spec, unstorable
+from service.errors import ERROR_RESPONSES, ServiceError, classify, invalid_spec, unstorable
 from service.files.routes import router as files_router
 from service.grpc_server import GrpcServer
 from service.health import router as health_router
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app = FastAPI(
         title="gvpo-service",
-        version="0.1.0",
+        version=__version__,
         summary="GVPO post-training as a service",
         lifespan=_lifespan,
     )
@@ -125,8 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(health_router)  # /readyz's 503 is its own report, not an error
     for router in (
-        health_router,
         files_router,
         runs_router,
         metrics_router,
@@ -138,7 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         states_router,
         telemetry.router,
     ):
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     telemetry.install(app, app.state.settings)
     dashboard.install(app)
     app.add_middleware(Edge, settings=settings)  # outermost: before any route or other middleware

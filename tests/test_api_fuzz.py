@@ -110,6 +110,21 @@ def test_every_operation_is_in_the_schema(app):
     } <= labels
 
 
+def test_the_schema_declares_the_error_body_the_api_sends(app):
+    # Not FastAPI's own 422 body (HTTPValidationError): a client generated from the document
+    # must parse the {"error": ...} envelope of every failure.
+    document = app.openapi()
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    envelope = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations_of_path in document["paths"].items():
+        for method, operation in operations_of_path.items():
+            if path in ("/healthz", "/readyz"):
+                continue
+            for status in ("4XX", "5XX"):
+                body = operation["responses"][status]["content"]["application/json"]
+                assert body["schema"] == envelope, (method, path, status)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("target", ["generated ids", "real ids"])
 def test_no_server_error_and_responses_match_the_schema(app, make_key, tiny_model_dir, target):

@@ -4,22 +4,15 @@ one error boundary (boundary.py): a user sees a message and an exit code, never 
 
 import click
 
+from service import __version__
 from service.cli import admin, remote, server
 from service.cli.boundary import Gvpo
-
-DISTRIBUTION = "gvpo-service"  # pyproject's project name: the version installed
 
 
 def _print_version(ctx: click.Context, _param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        installed = version(DISTRIBUTION)
-    except PackageNotFoundError:
-        installed = f"unknown ({DISTRIBUTION} is not installed, only on the path)"
-    click.echo(f"gvpo {installed}")
+    click.echo(f"gvpo {__version__}")
     ctx.exit()
 
 
