@@ -296,22 +296,18 @@ def test_a_reader_that_leaves_ends_the_command_quietly(stack, user):
     assert listing.returncode == BROKEN_PIPE and said == b"", said
 
 
+def completion(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=CLI_S,
+    )
+
+
 def test_shell_completion_scripts_are_printed():
-    env = {**os.environ, "_GVPO_COMPLETE": "bash_source"}
-    script = subprocess.run(
-        [sys.executable, "-m", "service.cli"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLI_S,
-    )
+    script = completion(_GVPO_COMPLETE="bash_source")
     assert script.returncode == 0 and "_gvpo_completion()" in script.stdout, script.stderr
-    env.update(_GVPO_COMPLETE="bash_complete", COMP_WORDS="gvpo runs l", COMP_CWORD="2")
-    words = subprocess.run(
-        [sys.executable, "-m", "service.cli"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=CLI_S,
-    )
+    words = completion(_GVPO_COMPLETE="bash_complete", COMP_WORDS="gvpo runs l", COMP_CWORD="2")
     assert words.stdout.split() == ["plain,list", "plain,logs"]

@@ -3,7 +3,7 @@ encryption key, API keys and the registered base models."""
 
 import click
 
-from service.cli.output import json_option, local_time, print_json, table
+from service.cli.output import json_option, listing, local_time
 from service.config import get_settings
 from service.migrate import prepare
 
@@ -79,20 +79,16 @@ def api_key_list(project: str | None, as_json: bool) -> None:
             for key, name in list_api_keys(session, project)
         ]
     )
-    if as_json:
-        print_json(keys)
-        return
-    table(
+    listing(
+        keys,
+        as_json,
         ["ID", "PROJECT", "PREFIX", "CREATED", "REVOKED"],
-        [
-            [
-                k["id"],
-                k["project"],
-                k["prefix"] + "…",
-                local_time(k["created_at"]),
-                local_time(k["revoked_at"]) if k["revoked_at"] else "-",
-            ]
-            for k in keys
+        lambda k: [
+            k["id"],
+            k["project"],
+            k["prefix"] + "…",
+            local_time(k["created_at"]),
+            local_time(k["revoked_at"]) if k["revoked_at"] else "-",
         ],
         "no API keys: `gvpo api-key create --project NAME` makes one",
     )

@@ -28,6 +28,21 @@ def table(headers: list[str], rows: list[list], empty: str) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
+def answer(item: dict, as_json: bool, quiet: bool, said: str) -> None:
+    """What a command made: the API's object (--json), its id alone (-q), or `said`."""
+    click.echo(
+        json.dumps(item, indent=2, default=str) if as_json else item["id"] if quiet else said
+    )
+
+
+def listing(items: list[dict], as_json: bool, headers: list[str], row, empty: str) -> None:
+    """`items` as the API's JSON list, or as a table of `row(item)` under `headers`."""
+    if as_json:
+        print_json(items)
+    else:
+        table(headers, [row(item) for item in items], empty)
+
+
 def cell(value) -> str:
     if value is None:
         return "-"

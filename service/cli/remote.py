@@ -10,13 +10,14 @@ from service.cli.boundary import INTERRUPTED, CliError
 from service.cli.documents import read_document, read_jsonl
 from service.cli.output import (
     age,
+    answer,
     cell,
     json_option,
+    listing,
     local_time,
     print_json,
     quiet_option,
     size,
-    table,
 )
 from service.config import get_settings
 from service.contract.files import FilePurpose
@@ -75,15 +76,11 @@ def files_upload(path: str, purpose: str, quiet: bool, as_json: bool) -> None:
     """Upload a JSONL dataset; prints its id (`dataset.train_file` of a run spec)."""
     with connect() as client:
         uploaded = client.upload_file(path, purpose)
-    if as_json:
-        print_json(uploaded)
-    elif quiet:
-        click.echo(uploaded["id"])
-    else:
-        click.echo(
-            f"uploaded {uploaded['filename']} as {uploaded['id']} "
-            f"({uploaded['rows']} rows, purpose {uploaded['purpose']})"
-        )
+    said = (
+        f"uploaded {uploaded['filename']} as {uploaded['id']} "
+        f"({uploaded['rows']} rows, purpose {uploaded['purpose']})"
+    )
+    answer(uploaded, as_json, quiet, said)
 
 
 @files_group.command("list")
@@ -92,21 +89,17 @@ def files_list(as_json: bool) -> None:
     """The project's files."""
     with connect() as client:
         files = client.list_files()
-    if as_json:
-        print_json(files)
-        return
-    table(
+    listing(
+        files,
+        as_json,
         ["ID", "FILENAME", "PURPOSE", "ROWS", "SIZE", "CREATED"],
-        [
-            [
-                f["id"],
-                f["filename"],
-                f["purpose"],
-                f["rows"],
-                size(f["bytes"]),
-                age(f["created_at"]),
-            ]
-            for f in files
+        lambda f: [
+            f["id"],
+            f["filename"],
+            f["purpose"],
+            f["rows"],
+            size(f["bytes"]),
+            age(f["created_at"]),
         ],
         "no files yet: `gvpo files upload PATH` adds one",
     )
@@ -136,15 +129,10 @@ def submit(
     spec = read_document(spec_path)
     with connect() as client:
         run = client.create_run(spec, idempotency_key)
-        if as_json:
-            print_json(run)
-        elif quiet:
-            click.echo(run["id"])
-        else:
-            named = f" ({run['name']})" if run["name"] else ""
-            click.echo(f"submitted {run['id']}{named}: {run['status']}")
-            if not wait:
-                click.echo(f"watch it: gvpo runs watch {run['id']}", err=True)
+        named = f" ({run['name']})" if run["name"] else ""
+        answer(run, as_json, quiet, f"submitted {run['id']}{named}: {run['status']}")
+        if not (wait or as_json or quiet):
+            click.echo(f"watch it: gvpo runs watch {run['id']}", err=True)
         if wait:
             sys.exit(_follow(client, run["id"], stderr=True))
 
@@ -162,21 +150,17 @@ def runs_list(status: str | None, limit: int, as_json: bool) -> None:
     """The project's runs, newest first."""
     with connect() as client:
         runs = client.list_runs(status=status, limit=limit)["data"]
-    if as_json:
-        print_json(runs)
-        return
-    table(
+    listing(
+        runs,
+        as_json,
         ["ID", "NAME", "STATUS", "STEP", "REWARD", "AGE"],
-        [
-            [
-                r["id"],
-                r["name"],
-                r["status"],
-                f"{r['step']}/{r['total_steps']}",
-                r.get("reward"),
-                age(r["created_at"]),
-            ]
-            for r in runs
+        lambda r: [
+            r["id"],
+            r["name"],
+            r["status"],
+            f"{r['step']}/{r['total_steps']}",
+            r.get("reward"),
+            age(r["created_at"]),
         ],
         "no runs" + (f" {status}" if status else "") + ": `gvpo submit SPEC` starts one",
     )

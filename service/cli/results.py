@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from service.cli.boundary import INTERRUPTED, CliError
-from service.cli.output import age, json_option, local_time, print_json, size, table
+from service.cli.output import age, json_option, listing, local_time, print_json, size, table
 from service.cli.remote import connect, runs_group
 from service.contract.states import TERMINAL, RunStatus
 
@@ -164,15 +164,11 @@ def checkpoints_list(run_id: str, as_json: bool) -> None:
     """A run's checkpoints, oldest first."""
     with connect() as api:
         checkpoints = api.checkpoints(run_id)
-    if as_json:
-        print_json(checkpoints)
-        return
-    table(
+    listing(
+        checkpoints,
+        as_json,
         ["ID", "STEP", "KIND", "SIZE", "CREATED"],
-        [
-            [c["id"], c["step"], c["kind"], size(c["bytes"]), age(c["created_at"])]
-            for c in checkpoints
-        ],
+        lambda c: [c["id"], c["step"], c["kind"], size(c["bytes"]), age(c["created_at"])],
         f"{run_id} has no checkpoint yet",
     )
 
