@@ -307,7 +307,7 @@ def load(args) -> dict:
     from locust import FastHttpUser, constant, task
     from locust.env import Environment
 
-    from service.contract.signing import HEADER, sign
+    from gvpo_client.signing import HEADER, sign
 
     target, scenario = json.loads(os.environ.get(TARGET_ENV, "{}")), args.load
     counter = itertools.count()

@@ -22,6 +22,7 @@ COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
 COPY proto ./proto
+COPY client ./client
 RUN pip install --no-deps -c constraints.txt . \
  && python -c "import importlib.util as u, service.main, migrations, gvpo.v1; assert not any(u.find_spec(m) for m in ('torch', 'transformers', 'vllm')), 'a model library in the API image'"
 

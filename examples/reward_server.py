@@ -19,7 +19,7 @@ import httpx
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from service.contract.signing import HEADER, SignatureError, sign, verify
+from gvpo_client.signing import HEADER, SignatureError, sign, verify
 
 SECRET = os.environ.get("REWARD_WEBHOOK_SECRET", "")
 MODE = os.environ.get("REWARD_MODE", "sync")

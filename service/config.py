@@ -223,15 +223,18 @@ class Settings(BaseSettings):
         path = self.resolved_data_dir / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{name}.{os.getpid()}")
-            tmp.write_text(secrets.token_hex(32))
-            tmp.chmod(0o600)
-            try:  # link is atomic: processes starting together all keep the first key written
+            # A temporary file of its own (made 0600) for each caller, then a link, which is
+            # atomic: the processes and the request threads that start together all keep the
+            # first key written.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")
+            try:
+                with os.fdopen(fd, "w") as out:
+                    out.write(secrets.token_hex(32))
                 os.link(tmp, path)
             except FileExistsError:
                 pass
             finally:
-                tmp.unlink()
+                os.unlink(tmp)
         return path.read_text().strip().encode()
 
     @property

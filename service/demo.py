@@ -84,7 +84,7 @@ def _prepare(settings: Settings, console: Console) -> tuple[Path, str]:
 
 
 def run_demo(settings: Settings, steps: int | None = None, port: int | None = None) -> int:
-    from service.client import Client
+    from gvpo_client import Client
     from service.progress import follow_run
 
     console = Console()

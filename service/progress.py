@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column
 from rich.text import Text
 
-from service.client import Client
+from gvpo_client import Client
 from service.contract.metrics import REWARD_MEAN
 from service.contract.states import RunStatus
 
@@ -109,7 +109,6 @@ def follow_run(client: Client, run_id: str, console: Console | None = None) -> d
         if run["status"] != RunStatus.PAUSED:
             run = client.get_run(run_id)
         # A paused run's stream stays open, so the events up to the pause are read here.
-        while batch := client.events(run_id, after):
-            for event in batch:
-                show_event(event)
+        for event in client.events(run_id, after):
+            show_event(event)
     return run

@@ -10,7 +10,7 @@ import httpx
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.contract.signing import HEADER, REQUEST_ID_HEADER, SignatureError, sign, verify
+from gvpo_client.signing import HEADER, REQUEST_ID_HEADER, SignatureError, sign, verify
 
 from services import ThreadServer
 

@@ -1,7 +1,8 @@
 """The shape the code must keep (STYLE.md): one contract package that both sides import and
 that imports neither; an API that never loads a model library; a worker that reaches into the
 service only for the contract, the ORM models, the settings and the database session; no
-import cycles among the worker's modules; and run states spelled out in the contract alone.
+import cycles among the worker's modules; run states spelled out in the contract alone; and a
+client (client/gvpo_client, installed alone) that needs nothing but httpx.
 
 Imports are read from the source (ast), so a lazy import inside a function counts too.
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from service.contract.states import NotifyState, RescoreStatus, RunStatus
+from gvpo_client import TERMINAL as CLIENT_TERMINAL
+from service.contract.states import TERMINAL, NotifyState, RescoreStatus, RunStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "vllm", "peft", "workers")
@@ -31,6 +33,10 @@ PROGRAMS = {
     "service/demo.py",
     "service/stack.py",
 }
+
+
+# What gvpo-client depends on (client/pyproject.toml), besides the standard library.
+CLIENT_MAY_IMPORT = ("gvpo_client", "httpx")
 
 
 def modules(package: str) -> Iterator[tuple[str, Path]]:
@@ -61,6 +67,19 @@ def test_the_contract_imports_neither_side():
         for rel, path in modules("service/contract")
         for name, _ in imports(path)
         if within(name, "service", "workers") and not within(name, "service.contract")
+    ]
+    assert bad == []
+
+
+def test_the_client_imports_only_itself_httpx_and_the_standard_library():
+    """gvpo-client installs without the service (its own distribution, httpx alone): an import
+    of the service, the workers or the gRPC stubs would fail there."""
+    bad = [
+        (rel, name)
+        for rel, path in modules("client/gvpo_client")
+        for name, _ in imports(path)
+        if not within(name, *CLIENT_MAY_IMPORT)
+        and name.split(".")[0] not in sys.stdlib_module_names
     ]
     assert bad == []
 
@@ -184,6 +203,13 @@ def state_literals(path: Path) -> Iterator[tuple[int, str]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and node.value in STATE_NAMES and id(node) not in keys:
             yield node.lineno, node.value
+
+
+def test_the_clients_terminal_statuses_are_the_contracts():
+    """The one copy of a state outside the contract: the client, installed without the
+    service, keeps the statuses Client.wait stops at."""
+    assert len(CLIENT_TERMINAL) == len(set(CLIENT_TERMINAL))
+    assert set(CLIENT_TERMINAL) == TERMINAL
 
 
 def test_state_names_appear_only_in_the_contract():

@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy import select
 
+from gvpo_client.signing import HEADER, sign
 from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
-from service.contract.signing import HEADER, sign
 from service.db import session_scope
 from service.main import create_app
 from service.models import RewardRequest, Run, RunEvent, Sample

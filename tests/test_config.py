@@ -2,6 +2,8 @@
 outside the embedded stack while they are left to their defaults."""
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from click.testing import CliRunner
@@ -15,6 +17,8 @@ from service.errors import Unauthorized
 from service.main import UnsafeSettings, create_app
 
 from conftest import CLUSTER_SECRETS
+
+THREADS = 16
 
 PG = "postgresql+psycopg://gvpo@db.internal/gvpo"
 
@@ -53,6 +57,25 @@ def test_the_embedded_stack_needs_no_secrets(tmp_path):
     sealed = settings.sealer.seal("whsec_x")  # its own key, also kept under the data dir
     assert Settings(data_dir=tmp_path).sealer.open(sealed) == "whsec_x"
     assert (tmp_path / "encryption_key").read_bytes() != (tmp_path / "secret_key").read_bytes()
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_threads_making_the_kept_keys_at_once_all_get_the_first_one(tmp_path, attempt):
+    # The API's request threads make the keys on first use: the first submissions to a fresh
+    # embedded API all do at once (one of them used to lose its temporary file to another).
+    settings = Settings(data_dir=tmp_path)
+    start = threading.Barrier(THREADS)
+
+    def keys(_):
+        start.wait(timeout=60)
+        return settings.resolved_secret_key, settings.sealer.seal("whsec_x")
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        made = list(pool.map(keys, range(THREADS)))
+    assert {secret for secret, _ in made} == {(tmp_path / "secret_key").read_bytes()}
+    reader = Settings(data_dir=tmp_path).sealer
+    assert {reader.open(sealed) for _, sealed in made} == {"whsec_x"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encryption_key", "secret_key"]
 
 
 def test_a_cluster_without_an_encryption_key_never_stores_a_secret_in_clear(tmp_path):

@@ -9,8 +9,8 @@ from datetime import datetime
 import pytest
 from fastapi.testclient import TestClient
 
+from gvpo_client import Client
 from service.checkpoints.service import DOWNLOAD_LINK_TTL_S, download_token
-from service.client import Client
 from service.db import session_scope
 from service.models import Run
 from workers.execute import execute_run

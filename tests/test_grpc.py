@@ -20,8 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gvpo.v1 import rewards_pb2, rewards_pb2_grpc, runs_pb2, runs_pb2_grpc
+from gvpo_client.signing import sign
 from service.auth.service import create_api_key
-from service.contract.signing import sign
 from service.db import session_scope
 from service.files.service import create_file
 from service.main import create_app

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select, update
 
-from service.contract.signing import HEADER, SignatureError, verify
+from gvpo_client.signing import HEADER, SignatureError, verify
 from service.db import session_scope
 from service.models import Project, Run, RunEvent
 from service.models.base import utcnow

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from gvpo_client.signing import HEADER
 from service.config import Settings
 from service.contract.outbound import (
     OutboundClient,
@@ -15,7 +16,6 @@ from service.contract.outbound import (
     post_signed,
     unreachable,
 )
-from service.contract.signing import HEADER
 from service.runs.notify import Claim, send
 
 from rebinding import FakeDNS, Receiver, loopback_v6, self_signed

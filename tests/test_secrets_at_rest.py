@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
+from gvpo_client.signing import HEADER, sign
 from service.cli import main
 from service.config import get_settings
 from service.contract.sealing import SealingError
-from service.contract.signing import HEADER, sign
 from service.db import session_scope
 from service.main import create_app
 from service.models import Project, Run

@@ -59,7 +59,7 @@ def describe(exc: BaseException) -> CliError:
     from pydantic import ValidationError
     from sqlalchemy.exc import OperationalError
 
-    from service.client import ApiError
+    from gvpo_client import ApiError
     from service.stack import StackError
 
     if isinstance(exc, KeyboardInterrupt):

@@ -27,7 +27,7 @@ GROUPS_PER_REQUEST = 1000  # the API's limit for one POST .../groups
 
 
 def connect():
-    from service.client import Client
+    from gvpo_client import Client
 
     settings = get_settings()
     if not settings.api_key:

@@ -57,10 +57,9 @@ def runs_logs(run_id: str, follow: bool, as_json: bool) -> None:
         after = None
         while True:
             run = api.get_run(run_id) if follow else None
-            while batch := api.events(run_id, after):  # the events up to the state just read
-                for event in batch:
-                    _show_event(event, as_json)
-                after = batch[-1]["id"]
+            for event in api.events(run_id, after):  # those up to the state just read
+                _show_event(event, as_json)
+                after = event["id"]
             if run is None or run["status"] in TERMINAL:
                 return
             if run["status"] == RunStatus.PAUSED:

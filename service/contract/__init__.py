@@ -7,8 +7,9 @@ can import it without a model library and the worker without the web service.
 - states.py: run (and rescore, notification) states and their legal moves; events.py: the
   types of run events.
 - tasks.py: the broker, the task names and the payloads of the tasks that answer requests.
-- signing.py, webhooks.py, outbound.py: the webhook protocol: signatures, bodies, and calling
-  a URL safely.
+- webhooks.py, outbound.py: the webhook protocol: bodies, and calling a URL safely. Its
+  signatures are gvpo_client.signing, in the client's distribution, which a reward model
+  installs alone.
 - groups.py: off-policy groups; files.py: dataset files (JSONL) and their purposes;
   storage.py: where checkpoints are kept.
 """

@@ -12,7 +12,7 @@ logs, an older checkpoint), for the whole group or per completion: a group may m
 
 import re
 
-from service.contract.signing import is_reward
+from gvpo_client.signing import is_reward
 
 SOURCE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_SOURCE = "offpolicy"  # a group's source when it names none

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from service.contract.signing import HEADER, sign
+from gvpo_client.signing import HEADER, sign
 
 RETRY_AFTER_CAP_S = 300.0
 PROBE_TIMEOUT_S = 5.0

@@ -1,7 +1,7 @@
 """The bodies of the webhook protocol (DESIGN.md): what the worker sends a reward model, what the
 reward model answers or calls back with, and the notification a run's notify_url receives.
 
-Every body is signed as service/contract/signing.py says. The worker builds its requests from
+Every body is signed as gvpo_client.signing says. The worker builds its requests from
 these models; receivers (a reward model written in Python, the tests) can validate with them.
 """
 

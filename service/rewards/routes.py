@@ -2,8 +2,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 
+from gvpo_client.signing import HEADER
 from service.contract.limits import MAX_CREDENTIAL
-from service.contract.signing import HEADER
 from service.contract.webhooks import RewardCallback
 from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
 from service.errors import PayloadTooLarge

@@ -12,11 +12,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
+from gvpo_client.signing import SignatureError, is_reward, new_secret, verify
 from service.config import Settings
 from service.contract.events import EventType
 from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
 from service.contract.sealing import Sealer, SealingError
-from service.contract.signing import SignatureError, is_reward, new_secret, verify
 from service.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unauthorized
 from service.models import Project, RewardRequest, Run
 from service.models.base import utcnow

@@ -9,13 +9,13 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from gvpo_client.signing import new_secret
 from service.config import Settings
 from service.contract.events import EventType
 from service.contract.files import FilePurpose, numbered_rows
 from service.contract.groups import fit_problem
 from service.contract.outbound import unreachable, webhook_url_problem
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward
-from service.contract.signing import new_secret
 from service.contract.spec import RunSpec
 from service.contract.states import NotifyState, RunStatus
 from service.contract.tasks import RUN_TASK

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from gvpo_client.signing import REQUEST_ID_HEADER, is_reward
 from service.contract.events import EventLevel, EventType
 from service.contract.outbound import OutboundClient, Refused, Transient, post_signed
 from service.contract.rewards import WebhookReward
-from service.contract.signing import REQUEST_ID_HEADER, is_reward
 from service.contract.webhooks import RewardItem, RewardRequest
 from workers.data import Example
 from workers.errors import RunError

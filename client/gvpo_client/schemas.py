@@ -1,0 +1,153 @@
+"""The API's answers as the client returns them: plain dicts parsed from JSON, declared here as
+TypedDicts for type checkers and editors. Field for field they are the API's schemas
+(service/*/schemas.py, and the REST reference of the manual); times are ISO 8601 strings.
+
+A newer server may add fields; nothing here rejects them, since nothing is checked at run time.
+"""
+
+from typing import Any, Literal, TypedDict
+
+
+class File(TypedDict):
+    """POST /v1/files, GET /v1/files/{id}: an uploaded JSONL file."""
+
+    id: str
+    object: Literal["file"]
+    filename: str
+    purpose: str  # train, eval or offpolicy
+    bytes: int
+    rows: int
+    fields: list[str]  # the keys of its rows
+    created_at: str
+
+
+class Run(TypedDict):
+    """GET /v1/runs/{id}: a run and where it stands."""
+
+    id: str
+    object: Literal["run"]
+    name: str | None
+    status: str  # one of GET /v1/run-states' states; TERMINAL holds those it never leaves
+    step: int  # steps finished
+    total_steps: int
+    cancel_requested: bool
+    tokens_generated: int
+    samples_generated: int
+    reward: float | None  # the mean reward (reward/mean) of its last recorded step
+    error: str | None  # why it failed
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    spec: dict[str, Any]  # the run spec as the API completed it with its defaults
+
+
+class RunCreated(Run):
+    """POST /v1/runs: the run, and once only the secret its webhooks are signed with (null on an
+    idempotent replay)."""
+
+    webhook_secret: str | None
+
+
+class RunList(TypedDict):
+    """GET /v1/runs: a page of runs, newest first; pass next_cursor as `after` for the next."""
+
+    object: Literal["list"]
+    data: list[Run]
+    has_more: bool
+    next_cursor: str | None
+
+
+class Event(TypedDict):
+    """GET /v1/runs/{id}/events: one thing that happened to a run."""
+
+    id: int  # increasing: the stream resumes after the last one seen
+    created_at: str
+    type: str  # run.queued, run.model_loaded, checkpoint.saved, ...
+    level: str  # info, warning or error
+    message: str
+    data: dict[str, Any] | None
+
+
+class StepMetrics(TypedDict):
+    """A finished step's metrics, as Client.follow streams them."""
+
+    step: int
+    values: dict[str, float]
+
+
+# GET /v1/runs/{id}/metrics: name -> [[step, value], ...], oldest step first.
+Metrics = dict[str, list[list[float]]]
+
+
+class ReplacedReward(TypedDict):
+    reward: float
+    rescore_id: str  # the rescore that replaced it
+    replaced_at: str
+
+
+class Sample(TypedDict):
+    step: int
+    group_index: int
+    sample_index: int
+    prompt: str
+    completion: str
+    answer: str | None
+    reward: float
+    source: str  # "policy": sampled by the run; else the off-policy group's source
+    reward_history: list[ReplacedReward]  # rewards re-scorings replaced, oldest first
+
+
+class Samples(TypedDict):
+    """GET /v1/runs/{id}/samples: one step's samples (the latest step's when none is named)."""
+
+    object: Literal["list"]
+    step: int | None  # None: the run has no sample yet
+    data: list[Sample]
+
+
+class Checkpoint(TypedDict):
+    """GET /v1/runs/{id}/checkpoints: a saved model."""
+
+    id: str
+    object: Literal["checkpoint"]
+    run_id: str
+    step: int
+    bytes: int
+    kind: str  # "full": a whole model; "lora_adapter": an adapter over the run's model.path
+    created_at: str
+
+
+class DownloadLink(TypedDict):
+    url: str  # path and query on the API's origin; GET it without an API key
+    expires_at: str
+
+
+class GroupsStatus(TypedDict):
+    """POST /v1/runs/{id}/groups: what became of posted off-policy groups."""
+
+    object: Literal["run.groups"]
+    run_id: str
+    accepted: int  # groups this request added
+    pending: int  # posted groups no step has taken yet
+    trained: int  # posted groups taken by a step
+    slots_per_step: int
+
+
+class Rescore(TypedDict):
+    """POST /v1/runs/{id}/rescore, GET /v1/runs/{id}/rescores/{rescore}: a finished run's
+    samples scored again with another reward."""
+
+    id: str
+    object: Literal["rescore"]
+    run_id: str
+    status: str  # queued, running, succeeded or failed
+    reward: dict[str, Any]
+    samples_total: int
+    samples_scored: int
+    reward_mean_before: float | None
+    reward_mean_after: float | None
+    file_id: str | None  # once succeeded: the groups with their new rewards (purpose offpolicy)
+    error: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
