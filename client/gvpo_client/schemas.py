@@ -33,6 +33,7 @@ class Run(TypedDict):
     cancel_requested: bool
     tokens_generated: int
     samples_generated: int
+    reward: float | None  # the mean reward (reward/mean) of its last recorded step
     error: str | None  # why it failed
     created_at: str
     started_at: str | None

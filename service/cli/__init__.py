@@ -1,11 +1,12 @@
 """The `gvpo` command: the embedded stack and the servers (server.py), the operator's commands
-on this machine's database (admin.py), and an API client (remote.py). Every command runs inside
-one error boundary (boundary.py): a user sees a message and an exit code, never a traceback."""
+on this machine's database (admin.py), and an API client (remote.py; results.py reads what a
+run recorded). Every command runs inside one error boundary (boundary.py): a user sees a
+message and an exit code, never a traceback."""
 
 import click
 
 from service import __version__
-from service.cli import admin, remote, server
+from service.cli import admin, remote, results, server
 from service.cli.boundary import Gvpo
 
 
@@ -29,10 +30,11 @@ def main() -> None:
     """GVPO post-training service. GVPO_DEBUG=1 shows the traceback of an error."""
 
 
-for command in (*server.COMMANDS, *admin.COMMANDS, *remote.COMMANDS):
+for command in (*server.COMMANDS, *admin.COMMANDS, *remote.COMMANDS, *results.COMMANDS):
     main.add_command(command)
 
 
 def run() -> None:
-    """The `gvpo` entry point."""
-    main()
+    """The `gvpo` entry point (also of `python -m service.cli`: its usage lines and its shell
+    completion, _GVPO_COMPLETE, say gvpo too)."""
+    main(prog_name="gvpo")
