@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from service.contract.sources import with_absolute_paths
 from service.contract.states import TERMINAL
 
 
@@ -75,8 +76,10 @@ class Client:
 
     # runs
     def create_run(self, spec: dict, idempotency_key: str | None = None) -> dict:
+        """A relative model folder (./tiny) is made absolute here, where the caller means it:
+        the API refuses one, which it would read against its own directory."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._request("POST", "/v1/runs", json=spec, headers=headers)
+        return self._request("POST", "/v1/runs", json=with_absolute_paths(spec), headers=headers)
 
     def get_run(self, run_id: str) -> dict:
         return self._request("GET", f"/v1/runs/{run_id}")

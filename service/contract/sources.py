@@ -4,10 +4,16 @@ it loads anything apply these same rules.
 A run's model.path and model.adapter, as a tenant writes them, are each one of:
 
 - the name of a base model the operator registered (`gvpo models add NAME PATH`);
-- a folder under one of the operator's model roots (GVPO_MODEL_ROOTS). The data directory is
-  never one, even inside a root: every project's uploads and checkpoints live there;
+- a folder under one of the operator's model roots (GVPO_MODEL_ROOTS), as an absolute path. The
+  data directory is never one, even inside a root: every project's uploads and checkpoints
+  live there;
 - a hub id (`name` or `org/name`), which a worker fetches from the hub or its cache and never
   reads as a folder of the server's, so `runs/...` cannot name a folder relative to a worker.
+
+A bare name (`tiny`) is a registered model or a hub id, never a folder: `./tiny` is one. A path
+relative to where it is read (`./tiny`, `../x`, `~/x`, `tiny/`, `a/b/c`) would be read against
+the server's current or home directory, not the submitter's: the API refuses it, saying so, and
+the CLI and the Python client make it absolute where the user submits (with_absolute_paths).
 
 model.checkpoint names one of the project's own checkpoints: the service finds its folder and
 keeps it off the tenant's spec (runs.model_source), so no tenant sees a server path.
@@ -21,13 +27,23 @@ from collections.abc import Iterable
 from pathlib import Path
 
 LOCAL_PREFIXES = ("/", "./", "../", "~")  # a local folder, as the tenant writes it
+DOTS = (".", "..")
 # Hugging Face repo ids: a name, or an owner and a name (their own validator's alphabet).
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
 SOURCE_FIELDS = ("path", "adapter")  # the fields of model that name weights
 
 
 def is_local(value: str) -> bool:
-    return value.startswith(LOCAL_PREFIXES)
+    """A folder, absolute or relative: a local prefix, or a `/` no hub id or URL has (`tiny/`,
+    `a/b/c`). `org/name` stays a hub id."""
+    if value.startswith(LOCAL_PREFIXES) or value in DOTS:
+        return True
+    return "/" in value and "://" not in value and not is_hub_id(value)
+
+
+def is_relative(value: str) -> bool:
+    """A folder named relative to where it is read: a current directory, or `~`'s home."""
+    return is_local(value) and not value.startswith("/")
 
 
 def is_hub_id(value: str) -> bool:
@@ -53,6 +69,31 @@ def under_roots(value: str, roots: Iterable[Path], data_dir: Path) -> bool:
     if inside(path, canonical(data_dir)):
         return False
     return any(inside(path, canonical(root)) for root in roots)
+
+
+def with_absolute_paths(spec: dict, cwd: str | Path | None = None) -> dict:
+    """`spec` (a run spec as sent, unvalidated) with each relative folder among its model's
+    sources made absolute against `cwd` (default: the current directory), `~` expanded; all
+    else as it is, for the API to judge."""
+    model = spec.get("model")
+    if not isinstance(model, dict):
+        return spec
+    here = Path.cwd() if cwd is None else Path(cwd)
+    absolute = {
+        name: os.path.normpath(here / os.path.expanduser(value))
+        for name in SOURCE_FIELDS
+        if isinstance(value := model.get(name), str) and is_relative(value)
+    }
+    return {**spec, "model": {**model, **absolute}} if absolute else spec
+
+
+def relative_refusal(field: str) -> str:
+    """Said of a relative folder, whether or not it exists: the string alone decides."""
+    return (
+        f"{field} must be an absolute path: a relative one (./, ../, ~, or a folder/ with a "
+        "slash) would be resolved on the server, not where you are; the gvpo CLI makes it "
+        "absolute for you (a bare name is a registered model or a hub id)"
+    )
 
 
 def refusal(field: str) -> str:
