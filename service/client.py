@@ -159,7 +159,7 @@ class Client:
         with self.http.stream("GET", url, params={"format": format}) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                raise ApiError(resp.status_code, "download_failed", resp.text[:500])
+                self._raise(resp)
             with dest.open("wb") as out:
                 for chunk in resp.iter_bytes():
                     out.write(chunk)

@@ -382,14 +382,14 @@ def cli_project(embedded, tiny_model_dir, tmp_path_factory) -> SimpleNamespace:
         )
 
     data = write_jsonl(tmp_path / "train.jsonl", copy_rows(16))
-    uploaded = run("files", "upload", str(data))
+    uploaded = run("files", "upload", str(data), "--json")
     assert uploaded.returncode == 0, uploaded.stderr
     file_id = json.loads(uploaded.stdout)["id"]
     spec_path = tmp_path / "run.yaml"
     spec_path.write_text(yaml.safe_dump(spec(tiny_model_dir, file_id, training={"steps": 3})))
-    submitted = run("submit", str(spec_path), "--wait")
+    submitted = run("submit", str(spec_path), "--wait", "-q")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    run_id = json.JSONDecoder().raw_decode(submitted.stdout)[0]["id"]  # progress follows the JSON
+    run_id = submitted.stdout.split()[0]  # the id, then the progress
     return SimpleNamespace(run=run, file_id=file_id, run_id=run_id, tmp_path=tmp_path)
 
 
@@ -440,7 +440,7 @@ def test_the_cli_rescores_a_run_and_posts_its_groups_to_another(cli_project, tin
             )
         )
     )
-    paused_run = json.loads(run("submit", str(spec_path)).stdout)["id"]
+    paused_run = run("submit", str(spec_path), "-q").stdout.strip()
     run("runs", "pause", paused_run)
     added = run("runs", "add-groups", paused_run, str(groups))
     assert added.returncode == 0, added.stderr

@@ -134,6 +134,26 @@ def test_0010_refuses_to_run_without_a_key_where_there_is_no_default(empty_datab
     assert schema_diff(url) == []
 
 
+def test_0012_gives_each_recorded_run_the_reward_of_its_last_step(empty_database, tmp_path):
+    url = empty_database()
+    runs_at_0009(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, encryption_key="k" * 32)
+    upgrade(url, "0011", settings=settings)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET step = 2 WHERE id = 'run_a'"))
+        conn.execute(
+            text("INSERT INTO metrics (run_id, name, step, value) VALUES (:run, :name, :step, :v)"),
+            [
+                {"run": "run_a", "name": "reward/mean", "step": 1, "v": 0.25},
+                {"run": "run_a", "name": "reward/mean", "step": 2, "v": 0.5},
+                {"run": "run_a", "name": "loss", "step": 2, "v": 3.0},
+            ],
+        )
+    upgrade(url, settings=settings)
+    assert stored_secrets(url, "reward") == {"run_a": (0.5,), "run_b": (None,)}
+
+
 def test_gvpo_db_upgrade_command(tmp_path):
     from click.testing import CliRunner
 

@@ -19,6 +19,7 @@ from service.config import Settings
 from service.contract import storage
 from service.contract.events import ENDED, EventLevel, EventType
 from service.contract.files import read_rows
+from service.contract.metrics import REWARD_MEAN
 from service.contract.states import RunStatus, sources
 from service.db import session_scope
 from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunGroup, Sample
@@ -194,6 +195,8 @@ class RunRecorder(Claiming):
             if run.step < step:  # a replayed step does not count its tokens twice
                 run.tokens_generated += tokens
                 run.samples_generated += len(samples)
+            if run.step <= step:
+                run.reward = metrics.get(REWARD_MEAN)
             run.step = max(run.step, step)
 
     @_retrying

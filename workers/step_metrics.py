@@ -7,6 +7,7 @@ Pure functions of what the step produced; the run loop hands the result to the r
 import math
 from dataclasses import dataclass
 
+from service.contract.metrics import REWARD_MEAN
 from workers.learner.learner import LearnStats
 from workers.offpolicy import Slot, per_source, sampled_by_run, slot_sources
 from workers.rewards.base import Scores
@@ -41,7 +42,7 @@ def step_record(
         for c in r.completions[k - sampled_by_run(group, k) :]
     )
     metrics = {
-        "reward/mean": rewards.mean().item(),
+        REWARD_MEAN: rewards.mean().item(),
         "reward/std": rewards.std().item(),
         "loss": stats.loss,
         "kl/ref": stats.kl_ref,

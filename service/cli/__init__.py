@@ -1,10 +1,11 @@
 """The `gvpo` command: the embedded stack and the servers (server.py), the operator's commands
-on this machine's database (admin.py), and an API client (remote.py). Every command runs inside
-one error boundary (boundary.py): a user sees a message and an exit code, never a traceback."""
+on this machine's database (admin.py), and an API client (remote.py; results.py reads what a
+run recorded). Every command runs inside one error boundary (boundary.py): a user sees a
+message and an exit code, never a traceback."""
 
 import click
 
-from service.cli import admin, remote, server
+from service.cli import admin, remote, results, server
 from service.cli.boundary import Gvpo
 
 DISTRIBUTION = "gvpo-service"  # pyproject's project name: the version installed
@@ -36,7 +37,7 @@ def main() -> None:
     """GVPO post-training service. GVPO_DEBUG=1 shows the traceback of an error."""
 
 
-for command in (*server.COMMANDS, *admin.COMMANDS, *remote.COMMANDS):
+for command in (*server.COMMANDS, *admin.COMMANDS, *remote.COMMANDS, *results.COMMANDS):
     main.add_command(command)
 
 

@@ -1,6 +1,5 @@
 """The API client's commands (GVPO_API_URL, GVPO_API_KEY): files, runs, and following a run."""
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -9,6 +8,16 @@ import click
 
 from service.cli.boundary import INTERRUPTED, CliError
 from service.cli.documents import read_document, read_jsonl
+from service.cli.output import (
+    age,
+    cell,
+    json_option,
+    local_time,
+    print_json,
+    quiet_option,
+    size,
+    table,
+)
 from service.config import get_settings
 from service.contract.files import FilePurpose
 from service.contract.states import RESCORE_ACTIVE, RescoreStatus, RunStatus
@@ -16,7 +25,7 @@ from service.contract.states import RESCORE_ACTIVE, RescoreStatus, RunStatus
 GROUPS_PER_REQUEST = 1000  # the API's limit for one POST .../groups
 
 
-def _client():
+def connect():
     from service.client import Client
 
     settings = get_settings()
@@ -28,22 +37,27 @@ def _client():
     return Client(settings.resolved_api_url, settings.api_key)
 
 
-def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+def _follow(client, run_id: str, stderr: bool = False) -> int:
+    """Show the run until it ends or is paused (on standard error when `stderr`: after a
+    command's answer); its exit code (0: it succeeded, or it is paused). Ctrl-C stops watching,
+    not the run."""
+    from rich.console import Console
 
-
-def _follow(client, run_id: str) -> int:
-    """Show the run until it ends; its exit code (0: it succeeded). Ctrl-C stops watching, not
-    the run."""
     from service.progress import follow_run
 
     try:
-        run = follow_run(client, run_id)
+        run = follow_run(client, run_id, Console(log_path=False, stderr=stderr))
     except KeyboardInterrupt:
         raise CliError(
             f"stopped watching; the run goes on: re-attach with `gvpo runs watch {run_id}`",
             INTERRUPTED,
         ) from None
+    if run["status"] == RunStatus.PAUSED:
+        click.echo(
+            f"{run_id} is paused at step {run['step']}; `gvpo runs resume {run_id}` continues it",
+            err=True,
+        )
+        return 0
     return 0 if run["status"] == RunStatus.SUCCEEDED else 1
 
 
@@ -55,9 +69,47 @@ def files_group() -> None:
 @files_group.command("upload")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--purpose", default="train", type=click.Choice([p.value for p in FilePurpose]))
-def files_upload(path: str, purpose: str) -> None:
-    with _client() as client:
-        _print_json(client.upload_file(path, purpose))
+@quiet_option
+@json_option
+def files_upload(path: str, purpose: str, quiet: bool, as_json: bool) -> None:
+    """Upload a JSONL dataset; prints its id (`dataset.train_file` of a run spec)."""
+    with connect() as client:
+        uploaded = client.upload_file(path, purpose)
+    if as_json:
+        print_json(uploaded)
+    elif quiet:
+        click.echo(uploaded["id"])
+    else:
+        click.echo(
+            f"uploaded {uploaded['filename']} as {uploaded['id']} "
+            f"({uploaded['rows']} rows, purpose {uploaded['purpose']})"
+        )
+
+
+@files_group.command("list")
+@json_option
+def files_list(as_json: bool) -> None:
+    """The project's files."""
+    with connect() as client:
+        files = client.list_files()
+    if as_json:
+        print_json(files)
+        return
+    table(
+        ["ID", "FILENAME", "PURPOSE", "ROWS", "SIZE", "CREATED"],
+        [
+            [
+                f["id"],
+                f["filename"],
+                f["purpose"],
+                f["rows"],
+                size(f["bytes"]),
+                age(f["created_at"]),
+            ]
+            for f in files
+        ],
+        "no files yet: `gvpo files upload PATH` adds one",
+    )
 
 
 @files_group.command("download")
@@ -65,7 +117,7 @@ def files_upload(path: str, purpose: str) -> None:
 @click.argument("dest", type=click.Path(dir_okay=False, path_type=Path))
 def files_download(file_id: str, dest: Path) -> None:
     """Write a file's JSONL to DEST (a rescore's groups, say)."""
-    with _client() as client:
+    with connect() as client:
         dest.write_bytes(client.file_content(file_id))
     click.echo(str(dest))
 
@@ -74,14 +126,27 @@ def files_download(file_id: str, dest: Path) -> None:
 @click.argument("spec_path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--idempotency-key", default=None)
 @click.option("--wait", is_flag=True, help="follow the run until it finishes")
-def submit(spec_path: str, idempotency_key: str | None, wait: bool) -> None:
-    """Submit a run spec (YAML or JSON)."""
+@quiet_option
+@json_option
+def submit(
+    spec_path: str, idempotency_key: str | None, wait: bool, quiet: bool, as_json: bool
+) -> None:
+    """Submit a run spec (YAML or JSON); prints the run's id (with --json, the run, and its
+    webhook secret, shown this once)."""
     spec = read_document(spec_path)
-    with _client() as client:
+    with connect() as client:
         run = client.create_run(spec, idempotency_key)
-        _print_json(run)
+        if as_json:
+            print_json(run)
+        elif quiet:
+            click.echo(run["id"])
+        else:
+            named = f" ({run['name']})" if run["name"] else ""
+            click.echo(f"submitted {run['id']}{named}: {run['status']}")
+            if not wait:
+                click.echo(f"watch it: gvpo runs watch {run['id']}", err=True)
         if wait:
-            sys.exit(_follow(client, run["id"]))
+            sys.exit(_follow(client, run["id"], stderr=True))
 
 
 @click.group("runs")
@@ -90,22 +155,63 @@ def runs_group() -> None:
 
 
 @runs_group.command("list")
-@click.option("--status", default=None)
-@click.option("--limit", type=int, default=20)
-def runs_list(status: str | None, limit: int) -> None:
-    with _client() as client:
-        for run in client.list_runs(status=status, limit=limit)["data"]:
-            click.echo(
-                f"{run['id']}  {run['status']:<10} step {run['step']}/{run['total_steps']}"
-                f"  {run['name'] or ''}"
-            )
+@click.option("--status", default=None, type=click.Choice([s.value for s in RunStatus]))
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@json_option
+def runs_list(status: str | None, limit: int, as_json: bool) -> None:
+    """The project's runs, newest first."""
+    with connect() as client:
+        runs = client.list_runs(status=status, limit=limit)["data"]
+    if as_json:
+        print_json(runs)
+        return
+    table(
+        ["ID", "NAME", "STATUS", "STEP", "REWARD", "AGE"],
+        [
+            [
+                r["id"],
+                r["name"],
+                r["status"],
+                f"{r['step']}/{r['total_steps']}",
+                r.get("reward"),
+                age(r["created_at"]),
+            ]
+            for r in runs
+        ],
+        "no runs" + (f" {status}" if status else "") + ": `gvpo submit SPEC` starts one",
+    )
 
 
 @runs_group.command("show")
 @click.argument("run_id")
-def runs_show(run_id: str) -> None:
-    with _client() as client:
-        _print_json(client.get_run(run_id))
+@json_option
+def runs_show(run_id: str, as_json: bool) -> None:
+    """A run's state: status, step, reward, times, error and checkpoints."""
+    with connect() as client:
+        run = client.get_run(run_id)
+        if as_json:
+            print_json(run)
+            return
+        checkpoints = client.checkpoints(run_id)
+    lines = [
+        ("run", f"{run['id']}" + (f" ({run['name']})" if run["name"] else "")),
+        ("status", run["status"] + (" (cancel requested)" if run["cancel_requested"] else "")),
+        ("step", f"{run['step']}/{run['total_steps']}"),
+        (
+            "reward",
+            cell(run.get("reward"))
+            + ("  (the last step's mean)" if run.get("reward") is not None else ""),
+        ),
+        ("samples", f"{run['samples_generated']} ({run['tokens_generated']} tokens)"),
+        ("created", f"{local_time(run['created_at'])} ({age(run['created_at'])})"),
+        ("started", local_time(run["started_at"])),
+        ("finished", local_time(run["finished_at"])),
+        ("checkpoints", str(len(checkpoints))),
+    ]
+    if run["error"]:
+        lines.append(("error", run["error"]))
+    for label, value in lines:
+        click.echo(f"{label + ':':<13}{value}")
 
 
 @runs_group.command("watch")
@@ -113,30 +219,45 @@ def runs_show(run_id: str) -> None:
 def runs_watch(run_id: str) -> None:
     """Follow a run live: progress, latest metrics and events, until it ends (exit 0 if it
     succeeded). Ctrl-C stops watching; the run goes on."""
-    with _client() as client:
+    with connect() as client:
         sys.exit(_follow(client, run_id))
+
+
+def _control(action: str, run_id: str, as_json: bool) -> None:
+    with connect() as client:
+        run = getattr(client, f"{action}_run")(run_id)
+    if as_json:
+        print_json(run)
+        return
+    requested = run["cancel_requested"] if action == "cancel" else False
+    click.echo(
+        f"{run['id']}: {run['status']} at step {run['step']}/{run['total_steps']}"
+        + (" (cancel requested: its worker stops after this step)" if requested else "")
+    )
 
 
 @runs_group.command("cancel")
 @click.argument("run_id")
-def runs_cancel(run_id: str) -> None:
-    with _client() as client:
-        _print_json(client.cancel_run(run_id))
+@json_option
+def runs_cancel(run_id: str, as_json: bool) -> None:
+    """Stop a run for good (a running one after its current step)."""
+    _control("cancel", run_id, as_json)
 
 
 @runs_group.command("pause")
 @click.argument("run_id")
-def runs_pause(run_id: str) -> None:
+@json_option
+def runs_pause(run_id: str, as_json: bool) -> None:
     """Checkpoint after the current step and free the worker; `resume` continues."""
-    with _client() as client:
-        _print_json(client.pause_run(run_id))
+    _control("pause", run_id, as_json)
 
 
 @runs_group.command("resume")
 @click.argument("run_id")
-def runs_resume(run_id: str) -> None:
-    with _client() as client:
-        _print_json(client.resume_run(run_id))
+@json_option
+def runs_resume(run_id: str, as_json: bool) -> None:
+    """Queue a paused run again: it continues from its last checkpoint."""
+    _control("resume", run_id, as_json)
 
 
 @runs_group.command("add-groups")
@@ -146,7 +267,7 @@ def runs_add_groups(run_id: str, path: str) -> None:
     """Post the off-policy groups of a JSONL file (one per line, as in a file of purpose
     offpolicy) to a run, for its off-policy slots."""
     rows = read_jsonl(path)
-    with _client() as client:
+    with connect() as client:
         for start in range(0, len(rows), GROUPS_PER_REQUEST):
             status = client.post_groups(run_id, rows[start : start + GROUPS_PER_REQUEST])
             click.echo(
@@ -164,7 +285,7 @@ def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
     """Re-score an ended run's samples with the reward in REWARD_PATH (YAML or JSON, a run
     spec's `reward`); the re-scored groups become an offpolicy file (its file_id)."""
     reward = read_document(reward_path)
-    with _client() as client:
+    with connect() as client:
         rescore = client.rescore(run_id, reward)
         while wait and rescore["status"] in RESCORE_ACTIVE:
             click.echo(
@@ -174,7 +295,7 @@ def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
             )
             time.sleep(1.0)
             rescore = client.get_rescore(run_id, rescore["id"])
-        _print_json(rescore)
+        print_json(rescore)
         sys.exit(1 if rescore["status"] == RescoreStatus.FAILED else 0)
 
 

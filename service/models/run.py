@@ -1,7 +1,7 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Double, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.contract.sources import SOURCE_FIELDS
@@ -37,6 +37,9 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     tokens_generated: Mapped[int] = mapped_column(BigInteger, default=0)
     samples_generated: Mapped[int] = mapped_column(BigInteger, default=0)
+    # reward/mean of the step `step` names, written with it: a listing shows each run's reward
+    # without reading the metrics table.
+    reward: Mapped[float | None] = mapped_column(Double)
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -68,6 +68,7 @@ def run_message(run: Run | RunRead) -> pb.Run:
         cancel_requested=r.cancel_requested,
         tokens_generated=r.tokens_generated,
         samples_generated=r.samples_generated,
+        reward=r.reward,
         error=r.error or "",
         created_at=_timestamp(r.created_at),
         started_at=_timestamp(r.started_at),

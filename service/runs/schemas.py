@@ -19,6 +19,10 @@ class RunRead(BaseModel):
     cancel_requested: bool
     tokens_generated: int
     samples_generated: int
+    reward: float | None = Field(
+        description="the mean reward (metric reward/mean) of the run's last recorded step; "
+        "null before its first step"
+    )
     error: str | None
     created_at: datetime
     started_at: datetime | None
