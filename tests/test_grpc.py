@@ -176,6 +176,7 @@ def test_watch_run_streams_the_run_from_queued_to_its_end(watched):
     updates = watched.updates
     kinds = [u.WhichOneof("update") for u in updates]
     assert kinds[0] == "run" and updates[0].run.status == "queued"
+    assert not updates[0].run.HasField("reward")  # no step yet
     events = [u.event.type for u in updates if u.HasField("event")]
     assert events[0] == "run.queued" and events[1] == "run.started"
     assert events[-1] == "run.succeeded"
@@ -185,6 +186,7 @@ def test_watch_run_streams_the_run_from_queued_to_its_end(watched):
     states = [u.run for u in updates if u.HasField("run")]
     assert states[-1].status == "succeeded" and states[-1].step == 4
     assert states[-1].HasField("finished_at")
+    assert states[-1].reward == pytest.approx(steps[-1].values["reward/mean"])
 
 
 def test_a_replayed_create_answers_the_same_run_without_its_secret(watched, tiny_model_dir):

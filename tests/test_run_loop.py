@@ -53,6 +53,9 @@ def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
             ).all()
             assert steps == [1, 2, 3, 4, 5, 6], name
         assert session.scalar(select(func.count()).select_from(Sample)) == 48
+        last_reward = session.get(Metric, (run_id, "reward/mean", 6)).value
+    assert run.reward == last_reward  # the run carries its last step's mean reward
+    with session_scope(settings.resolved_database_url) as session:
         ckpts = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()
     assert [c.step for c in ckpts] == [6]  # keep_last=1 pruned step 3, files included
     ckpt_dir = Path(ckpts[0].path)

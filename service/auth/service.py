@@ -11,8 +11,9 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.errors import Unauthorized
+from service.errors import NotFound, Unauthorized
 from service.models import ApiKey, Project
+from service.models.base import utcnow
 
 KEY_PREFIX = "gvpo_sk_"
 
@@ -41,6 +42,33 @@ def create_api_key(
     session.add(ApiKey(project_id=project.id, key_hash=_hash(key, pepper), prefix=key[:16]))
     session.flush()
     return project, key
+
+
+def list_api_keys(session: Session, project_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every key (of one project when named), oldest first, with its project's name."""
+    query = (
+        select(ApiKey, Project.name)
+        .join(Project, Project.id == ApiKey.project_id)
+        .order_by(ApiKey.created_at, ApiKey.id)
+    )
+    if project_name is not None:
+        if session.scalar(select(Project.id).where(Project.name == project_name)) is None:
+            raise NotFound(f"no project named {project_name!r}")
+        query = query.where(Project.name == project_name)
+    return [(key, name) for key, name in session.execute(query).all()]
+
+
+def revoke_api_key(session: Session, key_id: str) -> tuple[ApiKey, bool]:
+    """Refuse the key from now on; (the key, whether this call revoked it: False if it already
+    was)."""
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"no API key {key_id!r} (`gvpo api-key list` shows their ids)")
+    if key.revoked_at is not None:
+        return key, False
+    key.revoked_at = utcnow()
+    session.flush()
+    return key, True
 
 
 def authenticate(session: Session, authorization: str | None, pepper: str | None = None) -> Project:

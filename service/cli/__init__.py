@@ -42,5 +42,6 @@ for command in (*server.COMMANDS, *admin.COMMANDS, *remote.COMMANDS, *results.CO
 
 
 def run() -> None:
-    """The `gvpo` entry point."""
-    main()
+    """The `gvpo` entry point (also of `python -m service.cli`: its usage lines and its shell
+    completion, _GVPO_COMPLETE, say gvpo too)."""
+    main(prog_name="gvpo")

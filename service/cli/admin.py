@@ -3,6 +3,7 @@ encryption key, API keys and the registered base models."""
 
 import click
 
+from service.cli.output import json_option, local_time, print_json, table
 from service.config import get_settings
 from service.migrate import prepare
 
@@ -59,12 +60,60 @@ def api_key_create(project: str) -> None:
     click.echo(key)
 
 
+@api_key_group.command("list")
+@click.option("--project", default=None, help="only this project's keys")
+@json_option
+def api_key_list(project: str | None, as_json: bool) -> None:
+    """The API keys (never the keys themselves: their first characters), oldest first."""
+    from service.auth.service import list_api_keys
+
+    keys = _admin(
+        lambda session, _: [
+            {
+                "id": key.id,
+                "project": name,
+                "prefix": key.prefix,
+                "created_at": key.created_at.isoformat(),
+                "revoked_at": key.revoked_at and key.revoked_at.isoformat(),
+            }
+            for key, name in list_api_keys(session, project)
+        ]
+    )
+    if as_json:
+        print_json(keys)
+        return
+    table(
+        ["ID", "PROJECT", "PREFIX", "CREATED", "REVOKED"],
+        [
+            [
+                k["id"],
+                k["project"],
+                k["prefix"] + "…",
+                local_time(k["created_at"]),
+                local_time(k["revoked_at"]) if k["revoked_at"] else "-",
+            ]
+            for k in keys
+        ],
+        "no API keys: `gvpo api-key create --project NAME` makes one",
+    )
+
+
+@api_key_group.command("revoke")
+@click.argument("key_id")
+def api_key_revoke(key_id: str) -> None:
+    """Refuse the key KEY_ID (an id from `gvpo api-key list`) from now on."""
+    from service.auth.service import revoke_api_key
+
+    revoked = _admin(lambda session, _: revoke_api_key(session, key_id)[1])
+    click.echo(f"revoked {key_id}" if revoked else f"{key_id} was already revoked")
+
+
 @click.group("models")
 def models_group() -> None:
     """Base models any project may train (admin): runs name them in model.path."""
 
 
-def _registry(action):
+def _admin(action):
     """Run `action(session, settings)` on this machine's database; a refusal is an error
     message, not a traceback."""
     from service.db import session_scope
@@ -86,7 +135,7 @@ def models_add(name: str, path: str) -> None:
     """Register the model folder PATH as NAME (again: move NAME to PATH)."""
     from service.registry.service import register_model
 
-    folder = _registry(lambda session, settings: register_model(session, settings, name, path).path)
+    folder = _admin(lambda session, settings: register_model(session, settings, name, path).path)
     click.echo(f"{name} -> {folder}")
 
 
@@ -95,7 +144,7 @@ def models_list() -> None:
     """The registered base models and their folders."""
     from service.registry.service import list_models
 
-    for name, path in _registry(lambda s, _: [(m.name, m.path) for m in list_models(s)]):
+    for name, path in _admin(lambda s, _: [(m.name, m.path) for m in list_models(s)]):
         click.echo(f"{name}\t{path}")
 
 
@@ -105,7 +154,7 @@ def models_remove(name: str) -> None:
     """Unregister NAME (runs already submitted with it keep it)."""
     from service.registry.service import remove_model
 
-    _registry(lambda session, _: remove_model(session, name))
+    _admin(lambda session, _: remove_model(session, name))
     click.echo(f"removed {name}")
 
 

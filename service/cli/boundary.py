@@ -1,6 +1,7 @@
 """The `gvpo` command's one error boundary: whatever a command raises reaches the user as a line
 or two that say what happened and what to do, never as a traceback, with an exit code: 1 an
-error, 2 a usage mistake (click's own), 130 Ctrl-C. GVPO_DEBUG=1 prints the traceback first."""
+error, 2 a usage mistake (click's own), 130 Ctrl-C, 141 (silently) a reader of its output that
+went away. GVPO_DEBUG=1 prints the traceback first."""
 
 import os
 import sys
@@ -10,6 +11,7 @@ import click
 
 DEBUG = "GVPO_DEBUG"
 INTERRUPTED = 130  # 128 + SIGINT: what a shell reports of a program Ctrl-C stopped
+BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports of a program whose reader went away
 
 
 class CliError(click.ClickException):
@@ -35,6 +37,12 @@ class Gvpo(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except BrokenPipeError:
+            # The reader left (`gvpo runs list | head -1`): nothing is wrong and no one is
+            # there to tell. Standard output goes nowhere from now on, so that flushing it at
+            # exit does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise click.exceptions.Exit(BROKEN_PIPE) from None
         except BaseException as exc:  # KeyboardInterrupt too
             if debugging():
                 traceback.print_exception(exc)
