@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gvpo.v1 import rewards_pb2, rewards_pb2_grpc, runs_pb2, runs_pb2_grpc
 from gvpo_client.signing import sign
 from service.auth.service import create_api_key
+from service.contract.sources import relative_refusal
 from service.db import session_scope
 from service.files.service import create_file
 from service.main import create_app
@@ -282,6 +283,10 @@ def test_bad_requests_are_invalid_argument_naming_the_fields(server, stubs, tiny
     error = error_of(runs.CreateRun, runs_pb2.CreateRunRequest(spec=bad), metadata=bearer(key))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "dataset.train_file" in error.details()
+    bad = spec("./tiny", file_id)  # read on the server, not where the caller is
+    error = error_of(runs.CreateRun, runs_pb2.CreateRunRequest(spec=bad), metadata=bearer(key))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert relative_refusal("model.path") in error.details()
     for request in (
         runs_pb2.ListRunsRequest(page_size=1000),
         runs_pb2.ListRunsRequest(status="bogus"),

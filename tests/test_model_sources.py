@@ -1,27 +1,34 @@
 """A hostile tenant and model weights: project B tries every spec field that names weights with
 project A's checkpoint folders, and learns nothing about which server paths exist; the worker
 refuses the same folders on its own before it loads a byte; project A's own responses carry no
-server path; the operator's registered base models work for every project."""
+server path; the operator's registered base models work for every project. A relative folder
+is refused for being one (it would be read on the server, not where the tenant is), and the CLI
+sends it absolute."""
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from sqlalchemy import update
 
-from service.contract.sources import refusal
+from service.contract.sources import refusal, relative_refusal
 from service.contract.states import RunStatus
 from service.contract.storage import CheckpointKind
 from service.db import session_scope
 from service.models import Run
+from service.stack import stack_env
 from workers.errors import RunError
 from workers.model_source import loadable, loaded_spec
 from workers.records import RunRecorder
 
 from factories import assert_error, auth, copy_rows, run_spec, submit, upload
-from services import cli, cli_refusal
+from services import cli, cli_refusal, serve_api
 
 pytestmark = pytest.mark.both_backends
 
@@ -207,3 +214,79 @@ def test_registered_base_models(api, make_key, settings, tiny_model_dir, tmp_pat
     again = api.post("/v1/runs", headers=auth(key), json=run_spec("tiny-base", train))
     with session_scope(settings.resolved_database_url) as session:
         assert session.get(Run, again.json()["id"]).model_source["path"] == "tiny-base"
+
+
+def test_a_relative_folder_is_refused_for_being_one(
+    api, make_key, settings, tiny_model_dir, monkeypatch
+):
+    """Each form, in model.path and model.adapter, whether or not the folder exists relative
+    to the API's directory: one message, which says why; nothing is recorded."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    key = make_key()
+    train = upload(api, key, copy_rows(8))
+    name, up = tiny_model_dir.name, f"../{tiny_model_dir.parent.name}"
+    forms = [f"./{name}", f"{name}/", f"{up}/{name}", ".", "~", "~/x", "./missing", "a/b/c"]
+    bodies = []
+    for form in forms:
+        for model, field in (
+            ({"path": form}, "model.path"),
+            ({"path": str(tiny_model_dir), "adapter": form, "lora": {}}, "model.adapter"),
+        ):
+            resp = api.post(
+                "/v1/runs", headers=auth(key), json={**run_spec("", train), "model": model}
+            )
+            error = assert_error(resp, 422, "invalid_request", "must be an absolute path")
+            assert error["details"]["fields"] == [
+                {"field": field, "message": relative_refusal(field)}
+            ], (form, error)
+            bodies.append((field, resp.json()))
+    for field in ("model.path", "model.adapter"):
+        assert len({str(body) for f, body in bodies if f == field}) == 1
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.query(Run).count() == 0
+
+
+def test_a_bare_name_is_a_hub_id_even_beside_a_folder_of_that_name(
+    api, make_key, settings, tiny_model_dir, monkeypatch
+):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    key = make_key()
+    train = upload(api, key, copy_rows(8))
+    created = api.post("/v1/runs", headers=auth(key), json=run_spec(tiny_model_dir.name, train))
+    assert created.status_code == 201, created.text
+    with session_scope(settings.resolved_database_url) as session:
+        source = session.get(Run, created.json()["id"]).model_source
+    assert source["path"] == tiny_model_dir.name
+
+
+@pytest.mark.one_backend("sqlite")  # the CLI's, not the database's
+def test_the_cli_sends_a_relative_folder_absolute_from_where_it_runs(
+    settings, make_key, tiny_model_dir, tmp_path
+):
+    """`gvpo submit ../specs/run.yaml` in work/, the spec saying ./tiny: the run is recorded with
+    work/tiny (the current directory's, not the spec file's or the API's)."""
+    work, specs = tmp_path / "work", tmp_path / "specs"
+    shutil.copytree(tiny_model_dir, work / "tiny")
+    specs.mkdir()
+    with serve_api(settings) as live:
+        url = f"http://127.0.0.1:{live.api_port}"
+        key = make_key()
+        with httpx.Client(base_url=url, headers=auth(key), timeout=60) as http:
+            train = upload(http, None, copy_rows(8))
+            (specs / "run.yaml").write_text(
+                json.dumps({**run_spec("./tiny", train), "name": "relative"})  # JSON is YAML
+            )
+            out = subprocess.run(
+                [sys.executable, "-m", "service.cli", "submit", "../specs/run.yaml"],
+                cwd=work,
+                env={**stack_env(live), "GVPO_API_URL": url, "GVPO_API_KEY": key},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert out.returncode == 0, out.stderr
+            run = http.get("/v1/runs", params={"limit": 1}).json()["data"][0]
+    expected = str(work.resolve() / "tiny")
+    assert run["name"] == "relative" and run["spec"]["model"]["path"] == expected, run
+    with session_scope(settings.resolved_database_url) as session:
+        assert session.get(Run, run["id"]).model_source["path"] == expected

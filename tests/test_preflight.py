@@ -7,6 +7,7 @@ prompt's length in characters is its length in tokens.
 """
 
 import json
+import os
 import shutil
 import tempfile
 
@@ -154,7 +155,11 @@ def test_a_model_without_its_tokenizer_is_422_on_model_path(
 
 
 # Under the embedded stack's model roots: its temp directory, its current directory, home.
-@pytest.mark.parametrize("path", [MISSING, "./no-such-model", "~/no-such-model"])
+@pytest.mark.parametrize(
+    "path",
+    [MISSING, os.path.abspath("no-such-model"), os.path.expanduser("~/no-such-model")],
+    ids=["temp", "current", "home"],
+)
 def test_a_local_path_missing_on_the_embedded_stack_is_422(api, make_key, settings, path):
     key = make_key()
     fields = refused(

@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from gvpo_client.paths import SOURCE_FIELDS, is_hub_id, is_local
 from service.config import Settings
-from service.contract.sources import SOURCE_FIELDS, is_hub_id, is_local, refusal, under_roots
+from service.contract.sources import refusal, under_roots
 from service.contract.spec import RunSpec
 from service.db import session_scope
 from service.models import Checkpoint, RegisteredModel, Run

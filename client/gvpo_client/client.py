@@ -19,6 +19,7 @@ from typing import Any, Literal, cast
 
 import httpx
 
+from gvpo_client.paths import with_absolute_paths
 from gvpo_client.schemas import (
     Checkpoint,
     DownloadLink,
@@ -115,9 +116,12 @@ class Client:
 
     def create_run(self, spec: dict[str, Any], idempotency_key: str | None = None) -> RunCreated:
         """Submit a run spec (the manual's run-spec page); the run is queued. With an
-        idempotency key, submitting the same spec again answers the same run."""
+        idempotency key, submitting the same spec again answers the same run. A relative model
+        folder (./tiny) is sent absolute against the current directory, where the caller means
+        it: the API refuses one, which it would read against its own directory."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return cast(RunCreated, self._request("POST", "/v1/runs", json=spec, headers=headers))
+        sent = with_absolute_paths(spec)
+        return cast(RunCreated, self._request("POST", "/v1/runs", json=sent, headers=headers))
 
     def get_run(self, run_id: str) -> Run:
         return cast(Run, self._request("GET", f"/v1/runs/{run_id}"))

@@ -1,5 +1,5 @@
 """The commands that run the service on this machine: the embedded stack (`gvpo up`), the API or
-a worker alone, the demo, and the offline tiny model."""
+a worker alone, the demo, and the offline tiny model and its task's dataset."""
 
 import signal
 import sys
@@ -106,4 +106,16 @@ def make_tiny_model_cmd(directory: Path, seed: int) -> None:
     click.echo(str(make_tiny_model(directory, seed=seed)))
 
 
-COMMANDS = (up, api, worker, demo, make_tiny_model_cmd)
+@click.command("make-copy-dataset")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--rows", type=click.IntRange(1), default=500, show_default=True)
+@click.option("--seed", type=int, default=0)
+def make_copy_dataset_cmd(path: Path, rows: int, seed: int) -> None:
+    """Write the demo's training file: JSONL rows like {"prompt": "bdj=", "answer": "bdj"}, a
+    task the tiny model learns in a few hundred steps."""
+    from service.demo import write_dataset
+
+    click.echo(str(write_dataset(path, rows=rows, seed=seed)))
+
+
+COMMANDS = (up, api, worker, demo, make_tiny_model_cmd, make_copy_dataset_cmd)

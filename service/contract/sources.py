@@ -4,34 +4,29 @@ it loads anything apply these same rules.
 A run's model.path and model.adapter, as a tenant writes them, are each one of:
 
 - the name of a base model the operator registered (`gvpo models add NAME PATH`);
-- a folder under one of the operator's model roots (GVPO_MODEL_ROOTS). The data directory is
-  never one, even inside a root: every project's uploads and checkpoints live there;
+- a folder under one of the operator's model roots (GVPO_MODEL_ROOTS), as an absolute path. The
+  data directory is never one, even inside a root: every project's uploads and checkpoints
+  live there;
 - a hub id (`name` or `org/name`), which a worker fetches from the hub or its cache and never
   reads as a folder of the server's, so `runs/...` cannot name a folder relative to a worker.
+
+A bare name (`tiny`) is a registered model or a hub id, never a folder: `./tiny` is one. A path
+relative to where it is read (`./tiny`, `../x`, `~/x`, `tiny/`, `a/b/c`) would be read against
+the server's current or home directory, not the submitter's: the API refuses it, saying so, and
+the CLI and the Python client make it absolute where the user submits
+(gvpo_client.paths.with_absolute_paths).
 
 model.checkpoint names one of the project's own checkpoints: the service finds its folder and
 keeps it off the tenant's spec (runs.model_source), so no tenant sees a server path.
 
-A refusal says the same for a path that exists and one that does not.
+A refusal says the same for a path that exists and one that does not. The forms a source is
+written in (a folder, relative or not; a hub id) are the client's too, which sends a relative
+folder absolute: they are gvpo_client.paths.
 """
 
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
-
-LOCAL_PREFIXES = ("/", "./", "../", "~")  # a local folder, as the tenant writes it
-# Hugging Face repo ids: a name, or an owner and a name (their own validator's alphabet).
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?")
-SOURCE_FIELDS = ("path", "adapter")  # the fields of model that name weights
-
-
-def is_local(value: str) -> bool:
-    return value.startswith(LOCAL_PREFIXES)
-
-
-def is_hub_id(value: str) -> bool:
-    return bool(HUB_ID.fullmatch(value)) and ".." not in value and not value.endswith(".")
 
 
 def canonical(value: str | Path) -> Path:
@@ -53,6 +48,15 @@ def under_roots(value: str, roots: Iterable[Path], data_dir: Path) -> bool:
     if inside(path, canonical(data_dir)):
         return False
     return any(inside(path, canonical(root)) for root in roots)
+
+
+def relative_refusal(field: str) -> str:
+    """Said of a relative folder, whether or not it exists: the string alone decides."""
+    return (
+        f"{field} must be an absolute path: a relative one (./, ../, ~, or a folder/ with a "
+        "slash) would be resolved on the server, not where you are; the gvpo CLI makes it "
+        "absolute for you (a bare name is a registered model or a hub id)"
+    )
 
 
 def refusal(field: str) -> str:

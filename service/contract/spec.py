@@ -58,8 +58,8 @@ class ModelSpec(_Strict):
         min_length=1,
         max_length=MAX_PATH,
         validate_default=True,
-        description="local directory (or hub id where reachable); with checkpoint, set by the "
-        "service",
+        description="an absolute local directory (the gvpo CLI makes a relative one absolute), "
+        "a registered model's name, or a hub id; with checkpoint, set by the service",
     )
     adapter: str | None = Field(
         None,

@@ -4,7 +4,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Double, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.contract.sources import SOURCE_FIELDS
+from gvpo_client.paths import SOURCE_FIELDS
 from service.contract.states import RunStatus
 from service.models.base import Base, UTCDateTime, new_id, utcnow
 

@@ -30,9 +30,9 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 from tokenizers import Tokenizer
 
+from gvpo_client.paths import is_local
 from service.config import Settings
 from service.contract.files import numbered_rows
-from service.contract.sources import is_local
 from service.contract.spec import RunSpec
 from service.errors import InvalidSpec
 from service.files.service import get_file

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
+from gvpo_client.paths import SOURCE_FIELDS, is_hub_id, is_local, is_relative
 from service.config import Settings
 from service.contract import storage
-from service.contract.sources import SOURCE_FIELDS, is_hub_id, is_local, refusal, under_roots
+from service.contract.sources import refusal, relative_refusal, under_roots
 from service.contract.spec import RunSpec
 from service.contract.states import TERMINAL
 from service.contract.storage import CheckpointKind
@@ -49,12 +50,15 @@ def resolve_model(
     session: Session, settings: Settings, project: Project, spec: RunSpec
 ) -> Resolved:
     """InvalidSpec for a model the project may not load, the same for any path it names,
-    whether or not it exists."""
+    whether or not it exists; a relative path is refused for being one, before any look."""
     if spec.model.checkpoint is not None:
         return _from_checkpoint(session, project, spec)
     source, bad = {}, []
     for name in SOURCE_FIELDS:
         value = getattr(spec.model, name)
+        if value is not None and is_relative(value):
+            bad.append(_problem(name, relative_refusal(f"model.{name}")))
+            continue
         source[name] = value and _authorised(session, settings, value)
         if value is not None and source[name] is None:
             bad.append(_problem(name, refusal(f"model.{name}")))
