@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 from sqlalchemy import update
 
+from gvpo_client.paths import with_absolute_paths
 from service.contract.sources import refusal, relative_refusal
 from service.contract.states import RunStatus
 from service.contract.storage import CheckpointKind
@@ -290,3 +292,23 @@ def test_the_cli_sends_a_relative_folder_absolute_from_where_it_runs(
     assert run["name"] == "relative" and run["spec"]["model"]["path"] == expected, run
     with session_scope(settings.resolved_database_url) as session:
         assert session.get(Run, run["id"]).model_source["path"] == expected
+
+
+def test_the_python_client_sends_each_relative_folder_absolute_and_nothing_else(tmp_path):
+    sent = {
+        "./tiny": str(tmp_path / "tiny"),
+        "tiny/": str(tmp_path / "tiny"),
+        "../x": str(tmp_path.parent / "x"),
+        "~/x": str(Path.home() / "x"),
+        "/abs/tiny": "/abs/tiny",  # absolute already
+        "tiny": "tiny",  # a registered model or a hub id
+        "org/name": "org/name",
+        "s3://bucket/m": "s3://bucket/m",  # refused by the API, not rewritten
+    }
+    for form, absolute in sent.items():
+        spec = {"name": "x", "model": {"path": form, "adapter": form}}
+        assert with_absolute_paths(spec, tmp_path) == {
+            "name": "x",
+            "model": {"path": absolute, "adapter": absolute},
+        }, form
+    assert with_absolute_paths({"model": "./tiny"}) == {"model": "./tiny"}  # the API says why
