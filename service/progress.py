@@ -21,10 +21,14 @@ from service.contract.states import RunStatus
 SHOWN = (("loss", "loss"), ("kl/ref", "kl"), ("throughput/tokens_per_s", "tok/s"))
 RECONNECTS = 20
 WIDE = 140  # columns: narrower, one line of text (cut to fit) in place of the bar
+# The reward shown is smoothed over this many steps, and says so: the run's own `reward` (runs
+# list, runs show) is its last step's alone, which a few prompts a step make noisy.
+SMOOTHING = 10
 
 
 def _describe(rewards: deque, latest: dict[str, float]) -> str:
-    parts = [f"reward {sum(rewards) / len(rewards):.3f}" if rewards else "reward –"]
+    mean = f"{sum(rewards) / len(rewards):.3f}" if rewards else "–"
+    parts = [f"reward {mean} ({SMOOTHING}-step mean)"]
     parts += [f"{label} {latest[name]:.4g}" for name, label in SHOWN if name in latest]
     return " · ".join(parts)
 
@@ -62,10 +66,10 @@ def follow_run(client: Client, run_id: str, console: Console | None = None) -> d
     """Show progress until the run ends or is paused; prints its events as they arrive.
     Returns the run.
 
-    The reward shown is the mean of reward/mean over the last 10 steps. An API that cannot be
+    The reward shown is the mean of reward/mean over the last SMOOTHING steps. An API that cannot be
     reached, or a run it does not have, fails at once; a stream that breaks later is resumed."""
     console = console or Console(log_path=False)
-    after, since, rewards, latest = None, 0, deque(maxlen=10), {}
+    after, since, rewards, latest = None, 0, deque(maxlen=SMOOTHING), {}
     run = client.get_run(run_id)
 
     def show_event(event: dict) -> None:
