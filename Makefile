@@ -41,8 +41,11 @@ demo: install
 services:
 	bash .ci/ensure-services
 
+# Two processes, each taking whole test files (a file's module-scoped servers and engines start
+# once): most of a test's time is spent waiting on the worker processes it starts.
+TEST_PROCESSES ?= 2
 test: install-dev services
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 # The manual as a site in site/ (mkdocs.yml); strict, so a broken link or anchor fails the build.
 # mkdocs-material prints a notice about its end of life (May 2027) on every build unless told not to.
