@@ -101,8 +101,11 @@ def worker(queues: str | None) -> None:
 @click.option("--seed", type=int, default=0)
 def make_tiny_model_cmd(directory: Path, seed: int) -> None:
     """Write an offline tiny Llama-architecture model and character tokenizer."""
+    from transformers.utils import logging as hf_logging
+
     from workers.tiny_model import make_tiny_model
 
+    hf_logging.disable_progress_bar()  # a few MB written at once: a progress bar is noise
     click.echo(str(make_tiny_model(directory, seed=seed)))
 
 
