@@ -19,12 +19,22 @@ from starlette.responses import PlainTextResponse
 
 from service.auth.service import create_api_key
 from service.config import Settings
+from service.contract.states import TERMINAL
 from service.db import session_scope
 from service.migrate import upgrade
 from service.models import Run
 from service.stack import stack_env
 
-from factories import wait_until
+from factories import (
+    STACK_RUN,
+    WORKER_S,
+    auth,
+    copy_rows,
+    run_spec,
+    upload,
+    wait_for_run,
+    wait_until,
+)
 from services import (
     ThreadServer,
     closed_port,
@@ -229,37 +239,63 @@ def test_ctrl_c_stops_watching_and_says_how_to_come_back(live):
 # ---------------------------------------------------------------- `gvpo up`
 
 
-def test_a_second_gvpo_up_on_a_taken_folder_or_port_refuses_at_once(tmp_path):
+def test_a_second_gvpo_up_on_a_taken_folder_or_port_refuses_at_once(tmp_path, tiny_model_dir):
     """It starts nothing (no second worker on the data directory, no log), and the first
-    stack serves on, its processes untouched."""
+    stack serves on, its processes untouched: the run it is training trains on."""
     first = stack_settings(tmp_path / "first")
     up, url = gvpo_up(first)
     try:
-        stack = process_tree(up.pid)
-        port = int(url.rsplit(":", 1)[1])
-        again = [
-            (first, "another gvpo up (pid "),  # the same folder, on any port
-            (
-                stack_settings(tmp_path / "second").model_copy(update={"api_port": port}),
-                f"cannot serve the API on 127.0.0.1:{port}: another process listens there",
-            ),
-        ]
-        for settings, says in again:
-            started = time.monotonic()
-            said = refused(
-                subprocess.run(
-                    [sys.executable, "-m", "service.cli", "up"],
-                    env=stack_env(settings.model_copy(update={"grpc_port": 0})),
-                    capture_output=True,
-                    text=True,
-                    timeout=CLI_S,
-                )
+        with session_scope(first.resolved_database_url) as session:
+            _, key = create_api_key(session, "first", first.api_key_pepper)
+        with httpx.Client(base_url=url, headers=auth(key), timeout=CLI_S) as http:
+            train = upload(http, None, copy_rows(8))
+            spec = run_spec(
+                tiny_model_dir, train, STACK_RUN, training={"steps": 400}, rollout={"engine": "hf"}
             )
-            assert says in said, said
-            assert time.monotonic() - started < CLI_S / 2
-        assert not (tmp_path / "second" / "logs").exists()
-        assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-        assert process_tree(up.pid) == stack
+            run = http.post("/v1/runs", json=spec).json()
+            wait_until(
+                lambda: http.get(f"/v1/runs/{run['id']}").json()["step"] > 0,
+                WORKER_S,
+                "the first stack's run to train",
+                every=0.3,
+            )
+            stack = process_tree(up.pid)
+            port = int(url.rsplit(":", 1)[1])
+            again = [
+                (first, "another gvpo up (pid "),  # the same folder, on any port
+                (
+                    stack_settings(tmp_path / "second").model_copy(update={"api_port": port}),
+                    f"cannot serve the API on 127.0.0.1:{port}: another process listens there",
+                ),
+            ]
+            for settings, says in again:
+                started = time.monotonic()
+                said = refused(
+                    subprocess.run(
+                        [sys.executable, "-m", "service.cli", "up"],
+                        env=stack_env(settings.model_copy(update={"grpc_port": 0})),
+                        capture_output=True,
+                        text=True,
+                        timeout=CLI_S,
+                    )
+                )
+                assert says in said, said
+                assert time.monotonic() - started < CLI_S / 2
+            assert not (tmp_path / "second" / "logs").exists()
+            assert http.get("/readyz").status_code == 200
+            assert process_tree(up.pid) == stack
+            # Still its first worker's, training on; 400 steps outlast the refusals by far, and
+            # a cancel ends the run then.
+            before = http.get(f"/v1/runs/{run['id']}").json()["step"]
+            wait_until(
+                lambda: http.get(f"/v1/runs/{run['id']}").json()["step"] > before,
+                WORKER_S,
+                "the first stack's run to train on",
+                every=0.3,
+            )
+            assert http.post(f"/v1/runs/{run['id']}/cancel").status_code == 200
+            ended = wait_for_run(http, run["id"], TERMINAL, timeout=WORKER_S)
+            assert ended["status"] == "cancelled" and ended["error"] is None, ended
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0
