@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import __version__, dashboard, dispatch, telemetry
+from service import dashboard, dispatch, installed_version, telemetry
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
 from service.db import get_sessionmaker
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     app = FastAPI(
         title="gvpo-service",
-        version=__version__,
+        version=installed_version(),
         summary="GVPO post-training as a service",
         lifespan=_lifespan,
     )

@@ -6,7 +6,7 @@ it stopped. Following stops when the run ends, or when it is paused (it may neve
 import time
 from collections import deque
 from contextlib import closing
-from datetime import UTC, datetime
+from datetime import datetime
 
 import httpx
 from rich.console import Console
@@ -15,6 +15,7 @@ from rich.table import Column
 from rich.text import Text
 
 from gvpo_client import Client
+from service.cli.output import when
 from service.contract.metrics import REWARD_MEAN
 from service.contract.states import RunStatus
 
@@ -51,8 +52,7 @@ def _columns(width: int) -> tuple:
 
 def _event_line(event: dict) -> Text:
     """An event at its own time (this machine's clock time; with the date when not today)."""
-    stamp = datetime.fromisoformat(event["created_at"])
-    local = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).astimezone()
+    local = when(event["created_at"]).astimezone()
     shown = local.strftime(
         "%H:%M:%S" if local.date() == datetime.now().date() else "%m-%d %H:%M:%S"
     )
@@ -66,8 +66,9 @@ def follow_run(client: Client, run_id: str, console: Console | None = None) -> d
     """Show progress until the run ends or is paused; prints its events as they arrive.
     Returns the run.
 
-    The reward shown is the mean of reward/mean over the last SMOOTHING steps. An API that cannot be
-    reached, or a run it does not have, fails at once; a stream that breaks later is resumed."""
+    The reward shown is the mean of reward/mean over the last SMOOTHING steps. An API that
+    cannot be reached, or a run it does not have, fails at once; a stream that breaks later is
+    resumed."""
     console = console or Console(log_path=False)
     after, since, rewards, latest = None, 0, deque(maxlen=SMOOTHING), {}
     run = client.get_run(run_id)

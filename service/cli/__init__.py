@@ -5,7 +5,7 @@ message and an exit code, never a traceback."""
 
 import click
 
-from service import __version__
+from service import installed_version
 from service.cli import admin, remote, results, server
 from service.cli.boundary import Gvpo
 
@@ -13,7 +13,7 @@ from service.cli.boundary import Gvpo
 def _print_version(ctx: click.Context, _param, value: bool) -> None:
     if not value or ctx.resilient_parsing:
         return
-    click.echo(f"gvpo {__version__}")
+    click.echo(f"gvpo {installed_version()}")
     ctx.exit()
 
 

@@ -43,6 +43,13 @@ def listing(items: list[dict], as_json: bool, headers: list[str], row, empty: st
         table(headers, [row(item) for item in items], empty)
 
 
+def paused(run: dict) -> str:
+    """What following a run says when it stops at a pause."""
+    return (
+        f"{run['id']} is paused at step {run['step']}; `gvpo runs resume {run['id']}` continues it"
+    )
+
+
 def cell(value) -> str:
     if value is None:
         return "-"

@@ -15,6 +15,7 @@ from service.cli.output import (
     json_option,
     listing,
     local_time,
+    paused,
     print_json,
     quiet_option,
     size,
@@ -54,10 +55,7 @@ def _follow(client, run_id: str, stderr: bool = False) -> int:
             INTERRUPTED,
         ) from None
     if run["status"] == RunStatus.PAUSED:
-        click.echo(
-            f"{run_id} is paused at step {run['step']}; `gvpo runs resume {run_id}` continues it",
-            err=True,
-        )
+        click.echo(paused(run), err=True)
         return 0
     return 0 if run["status"] == RunStatus.SUCCEEDED else 1
 

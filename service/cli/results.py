@@ -15,7 +15,16 @@ from pathlib import Path
 import click
 
 from service.cli.boundary import INTERRUPTED, CliError
-from service.cli.output import age, json_option, listing, local_time, print_json, size, table
+from service.cli.output import (
+    age,
+    json_option,
+    listing,
+    local_time,
+    paused,
+    print_json,
+    size,
+    table,
+)
 from service.cli.remote import connect, runs_group
 from service.contract.states import TERMINAL, RunStatus
 
@@ -63,11 +72,7 @@ def runs_logs(run_id: str, follow: bool, as_json: bool) -> None:
             if run is None or run["status"] in TERMINAL:
                 return
             if run["status"] == RunStatus.PAUSED:
-                click.echo(
-                    f"{run_id} is paused at step {run['step']}; `gvpo runs resume {run_id}` "
-                    "continues it",
-                    err=True,
-                )
+                click.echo(paused(run), err=True)
                 return
             time.sleep(POLL_S)
 
@@ -187,8 +192,8 @@ def checkpoints_download(run_id: str, ckpt_id: str | None, merged: bool, folder:
     """Download a checkpoint (default: the run's latest) and unpack it into a folder that
     transformers (or PEFT, for an adapter) loads; prints the folder."""
     with connect() as api:
-        checkpoints = api.checkpoints(run_id)
         if ckpt_id is None:
+            checkpoints = api.checkpoints(run_id)
             if not checkpoints:
                 raise CliError(f"{run_id} has no checkpoint yet")
             ckpt_id = max(checkpoints, key=lambda c: c["step"])["id"]
