@@ -53,6 +53,21 @@ def _arithmetic_row(rng: random.Random, p: ArithmeticParams) -> dict:
     return {"prompt": f"{a}{op}{b}=", "answer": str(a + b if op == "+" else a - b)}
 
 
+@dataclass(frozen=True)
+class CopyParams(TaskParams):
+    """The demo's task: copy a string of `length` letters, "bdj=" -> "bdj" (partial credit)."""
+
+    train_rows: int = 500
+    eval_rows: int = 200
+    length: int = 3
+    letters: str = "abcdefghij"
+
+
+def _copy_row(rng: random.Random, p: CopyParams) -> dict:
+    word = "".join(rng.choice(p.letters) for _ in range(p.length))
+    return {"prompt": f"{word}=", "answer": word}
+
+
 def _reverse_row(rng: random.Random, p: ReverseParams) -> dict:
     word = "".join(rng.choice(p.letters) for _ in range(rng.randint(p.min_len, p.max_len)))
     return {"prompt": f"{word}>", "answer": word[::-1]}
@@ -64,6 +79,7 @@ class Task:
     params: TaskParams
     row: Callable[[random.Random, TaskParams], dict]
     max_new_tokens: int  # room for the longest answer plus EOS, with slack to overrun
+    reward: str = REWARD  # the built-in reward that scores it; a completion passes at 1.0
 
     def key(self) -> dict:
         """What determines the rows: part of a warm-start cache key."""
@@ -93,6 +109,8 @@ class Task:
 TASKS: dict[str, Task] = {
     "arithmetic": Task("arithmetic", ArithmeticParams(), _arithmetic_row, max_new_tokens=8),
     "reverse": Task("reverse", ReverseParams(), _reverse_row, max_new_tokens=10),
+    # Not warm-started: the demo trains it from the untrained tiny model.
+    "copy": Task("copy", CopyParams(), _copy_row, max_new_tokens=5, reward="char_accuracy"),
 }
 
 
@@ -102,7 +120,7 @@ def get_task(name: str, **overrides) -> Task:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
     task = TASKS[name]
     params = type(task.params)(**{**asdict(task.params), **overrides})
-    return Task(task.name, params, task.row, task.max_new_tokens)
+    return Task(task.name, params, task.row, task.max_new_tokens, task.reward)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -19,7 +19,7 @@ from service.contract.states import RunStatus
 from service.stack import Stack, free_port
 
 LETTERS = "abcdefghij"
-DEMO_STEPS = 1000
+DEMO_STEPS = 400
 MODEL = "tiny-demo"  # the name the demo registers its model under
 
 
@@ -38,7 +38,7 @@ def demo_spec(model: str, train_file: str, steps: int) -> dict:
         "name": "demo-copy3-gvpo",
         "model": {"path": model, "dtype": "float32"},
         "dataset": {"train_file": train_file},
-        "algorithm": {"name": "gvpo", "beta": 0.02, "group_size": 8, "reference": "initial"},
+        "algorithm": {"name": "gvpo", "beta": 0.02, "group_size": 16, "reference": "initial"},
         "sampling": {"temperature": 1.0, "max_new_tokens": 5},
         "optimizer": {"lr": 1e-3, "grad_clip": 1.0},
         "training": {"steps": steps, "prompts_per_step": 8, "mini_batches": 1, "seed": 0},
@@ -98,7 +98,11 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
         uploaded = client.upload_file(dataset)
         console.log(f"uploaded {uploaded['rows']} rows as {uploaded['id']}")
         run = client.create_run(demo_spec(MODEL, uploaded["id"], steps or DEMO_STEPS))
-        console.log(f"submitted {run['id']}: GVPO, k=8, 8 prompts/step, {run['total_steps']} steps")
+        spec = run["spec"]
+        console.log(
+            f"submitted {run['id']}: GVPO, k={spec['algorithm']['group_size']}, "
+            f"{spec['training']['prompts_per_step']} prompts/step, {run['total_steps']} steps"
+        )
         run = follow_run(client, run["id"], console)
         curves = client.metrics(run["id"], ["reward/mean", "rollout/logprob_diff_max"])
         curve = curves.get("reward/mean", [])
