@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Small models on 2 cores run 10-40x faster single-threaded.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test docs bench install install-dev install-gpu services clean
+.PHONY: demo test docs bench bench-algorithms install install-dev install-gpu services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/rollout.py --threads 1
 	$(BENCH_VENV)/bin/python bench/e2e.py --threads 1
 	$(BENCH_VENV)/bin/python bench/api_load.py
+
+# GVPO against GRPO and Dr. GRPO (bench/algorithms.py): about 35 min on 2 cores for the default
+# grid; it rewrites the table in docs/algorithms.md and the plots in docs/img/.
+bench-algorithms: install-dev
+	$(BIN)/python bench/algorithms.py
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .gvpo site

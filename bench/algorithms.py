@@ -32,9 +32,29 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import matplotlib
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench.tasks import get_task  # noqa: E402
+from bench.warmstart import warmstart  # noqa: E402
+from service.contract.rewards import BUILTIN_REWARDS  # noqa: E402
+from service.contract.spec import AlgorithmSpec, OptimizerSpec, SamplingSpec  # noqa: E402
+from workers.data import PromptSampler, load_examples  # noqa: E402
+from workers.evaluation import eval_metrics  # noqa: E402
+from workers.learner.learner import GroupBatch, Learner, LearnerConfig  # noqa: E402
+from workers.learner.logprobs import build_batch, sequence_logprobs  # noqa: E402
+from workers.rewards.builtin import get_reward  # noqa: E402
+from workers.rollout.hf import HFRolloutEngine  # noqa: E402
+from workers.tiny_model import make_tiny_model  # noqa: E402
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 DOC = ROOT / "docs" / "algorithms.md"
@@ -94,12 +114,17 @@ LRS = (3e-5, 1e-4)
 
 
 def default_arms(lrs=LRS) -> tuple[Arm, ...]:
+    """GVPO's three choices, each varied with the others fixed (reference: the two arms at
+    beta 0.1 keeping zero-variance groups; beta: the two with the initial reference keeping
+    them; zero-variance groups: both pairs that differ in that alone), beside GRPO and Dr. GRPO
+    without and with their KL term. The first arm is the service's defaults before this study;
+    the second is the authors' released code (sampling reference, every group kept)."""
     return (
-        Arm("gvpo", 0.01, "sampling", lrs=lrs),
         Arm("gvpo", 0.1, "sampling", lrs=lrs),
-        Arm("gvpo", 0.01, "initial", lrs=lrs),
-        Arm("gvpo", 0.1, "initial", lrs=lrs),
+        Arm("gvpo", 0.1, "sampling", skip_zero_variance=False, lrs=lrs),
+        Arm("gvpo", 0.1, "initial", skip_zero_variance=False, lrs=lrs),
         Arm("gvpo", 0.01, "initial", skip_zero_variance=False, lrs=lrs),
+        Arm("gvpo", 0.01, "initial", lrs=lrs),
         Arm("grpo", 0.0, lrs=lrs),
         Arm("grpo", 0.04, lrs=lrs),
         Arm("dr_grpo", 0.0, lrs=lrs),
@@ -107,8 +132,9 @@ def default_arms(lrs=LRS) -> tuple[Arm, ...]:
     )
 
 
-def full_arms() -> tuple[Arm, ...]:
-    lrs = (1e-4, 3e-4, 1e-3, 3e-3)
+def full_arms(lrs: tuple[float, ...]) -> tuple[Arm, ...]:
+    """The default arms at four learning rates, and GVPO at three more betas with every
+    reference, zero-variance and mini-batch choice."""
     extra = [
         Arm("gvpo", beta, ref, zv, mb, lrs)
         for beta in (0.003, 0.03, 0.3)
@@ -120,42 +146,32 @@ def full_arms() -> tuple[Arm, ...]:
 
 
 def study_for(task: str, full: bool, seeds: int) -> Study:
-    arms = full_arms() if full else default_arms()
-    if task == "copy":  # the demo's shape: 8 prompts x 8 completions, 250 steps, one update each
-        return Study(task, 250, 8, 8, 50, 8, 200, 1, tuple(range(seeds)), arms)
+    if task == "copy":
+        # The demo's shape (8 prompts x 16 completions, one update a step, 250 steps) from the
+        # untrained model, which needs larger steps than a warm-started one.
+        arms = full_arms((2.5e-4, 5e-4, 1e-3, 2e-3)) if full else default_arms((5e-4, 1e-3))
+        return Study(task, 250, 8, 16, 50, 8, 200, 1, tuple(range(seeds)), arms)
+    arms = full_arms((1e-5, 3e-5, 1e-4, 3e-4)) if full else default_arms()
     return Study(task, 200, 16, 8, 100, 8, 200, 4, tuple(range(seeds)), arms)
 
 
-# --- one run (in a worker process) ---------------------------------------------------------------
+# --- one run (in a worker process) -------------------------------------------------------------
 
 
-def starting_model(task: str, seed: int) -> Path:
+def starting_model(task: str, seed: int, cache: Path) -> Path:
     """The folder every arm starts from: the warm-started model, or for copy the demo's tiny
-    model untrained."""
+    model untrained (built in `cache`)."""
     if task == "copy":
-        from workers.tiny_model import make_tiny_model
-
-        folder = CACHE / "algorithms" / "copy-start"
+        folder = cache / "copy-start"
         if not (folder / "config.json").exists():
             tmp = folder.with_name(f".copy-start.{os.getpid()}")
-            make_tiny_model(tmp)
+            make_tiny_model(tmp, seed=0)  # as `gvpo demo` builds it
             tmp.rename(folder)
         return folder
-    from bench.warmstart import warmstart
-
     return warmstart(task, seed)
 
 
 def run(job: Job) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from bench.tasks import get_task
-    from service.contract.spec import AlgorithmSpec, OptimizerSpec, SamplingSpec
-    from workers.data import PromptSampler, load_examples
-    from workers.learner.learner import GroupBatch, Learner, LearnerConfig
-    from workers.rollout.hf import HFRolloutEngine
-
     torch.set_num_threads(1)
     study, arm = job.study, job.arm
     task = get_task(study.task)
@@ -192,9 +208,7 @@ def run(job: Job) -> dict:
         began = time.perf_counter()
         examples = sampler.next(study.prompts_per_step)
         rollouts = engine.generate([e.prompt for e in examples], study.group_size, sampling)
-        rewards = torch.tensor(
-            [[score(c.text, e.answer) for c in r.completions] for r, e in zip(rollouts, examples)]
-        )
+        rewards = scored(score, rollouts, [e.answer for e in examples])
         batch = GroupBatch(
             [r.prompt_ids for r in rollouts],
             [[c.token_ids for c in r.completions] for r in rollouts],
@@ -224,23 +238,26 @@ def run(job: Job) -> dict:
 
 
 def scorer(reward: str):
-    from service.contract.rewards import BUILTIN_REWARDS
-    from workers.rewards.builtin import get_reward
 
     fn, params = get_reward(reward).fn, BUILTIN_REWARDS[reward]()
     return lambda text, answer: fn(text, answer, params)
+
+
+def scored(score, rollouts, answers: list[str]):
+    """(P, k) rewards of each prompt's completions against its answer."""
+
+    return torch.tensor(
+        [
+            [score(c.text, answer) for c in rollout.completions]
+            for rollout, answer in zip(rollouts, answers, strict=True)
+        ]
+    )
 
 
 def evaluate(model, start, tokenizer, rows, study: Study, task, score, seed: int, step: int):
     """Held-out pass@1 / pass@n and mean reward from n samples per prompt at temperature 1
     (its own RNG stream, so evaluating never shifts training), and KL(policy || start) per
     completion: the mean over those samples of log pi(y|x) - log pi_start(y|x)."""
-    import torch
-
-    from service.contract.spec import SamplingSpec
-    from workers.evaluation import eval_metrics
-    from workers.learner.logprobs import build_batch, sequence_logprobs
-    from workers.rollout.hf import HFRolloutEngine
 
     n = study.eval_samples
     sampling = SamplingSpec(temperature=1.0, max_new_tokens=task.max_new_tokens)
@@ -249,15 +266,14 @@ def evaluate(model, start, tokenizer, rows, study: Study, task, score, seed: int
         rollouts = HFRolloutEngine(model, tokenizer, torch.device("cpu")).generate(
             [r["prompt"] for r in rows], n, sampling
         )
-        rewards = torch.tensor(
-            [[score(c.text, r["answer"]) for c in ro.completions] for ro, r in zip(rollouts, rows)]
-        )
+        rewards = scored(score, rollouts, [r["answer"] for r in rows])
         prompts = [ro.prompt_ids for ro in rollouts for _ in ro.completions]
         completions = [c.token_ids for ro in rollouts for c in ro.completions]
         batch = build_batch(prompts, completions, tokenizer.pad_token_id, torch.device("cpu"))
         was_training = model.training
         model.eval()
-        kl = (sequence_logprobs(model, batch).summed - sequence_logprobs(start, batch).summed).mean()
+        logps = sequence_logprobs(model, batch).summed
+        kl = (logps - sequence_logprobs(start, batch).summed).mean()
         model.train(was_training)
     metrics = eval_metrics(rewards, 1.0, n)
     return {
@@ -277,7 +293,7 @@ def _work(job: Job) -> dict:
                 "seed": job.seed, "error": f"{type(exc).__name__}: {exc}"}  # fmt: skip
 
 
-# --- summaries -------------------------------------------------------------------------------------
+# --- summaries --------------------------------------------------------------------------------
 
 
 def smooth(values: list[float], window: int = 10) -> list[float]:
@@ -297,11 +313,11 @@ def run_summary(r: dict, study: Study) -> dict:
     rewards = [c[2] for c in curve]
     tail = max(1, len(rewards) // 10)
     first, final = statistics.fmean(rewards[:tail]), statistics.fmean(rewards[-tail:])
-    smoothed = smooth(rewards, tail)
     to_90 = None
     if final > first:  # the first full window whose mean is 90% of the way from first to final
         goal = first + 0.9 * (final - first)
-        to_90 = next(c[0] for c, s in zip(curve[tail - 1 :], smoothed[tail - 1 :]) if s >= goal)
+        windows = smooth(rewards, tail)[tail - 1 :]
+        to_90 = next(c[0] for c, m in zip(curve[tail - 1 :], windows, strict=True) if m >= goal)
     norms = [c[3] for c in curve if math.isfinite(c[3])]
     median = statistics.median(norms) if norms else math.nan
     last = r["evals"][-1]
@@ -396,16 +412,10 @@ def best_per_arm(results: list[dict]) -> dict[str, list[dict]]:
 def plot(results: list[dict], study: Study, out: Path) -> list[Path]:
     """Reward vs steps and vs train seconds, and held-out pass@1 vs steps: each arm at its best
     learning rate, the mean over seeds with the seeds' min..max shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     best = best_per_arm(results)
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(best), 2)))
-    for colour, (label, runs) in zip(colours, sorted(best.items())):
+    for colour, (label, runs) in zip(colours, sorted(best.items()), strict=False):
         length = min(len(r["curve"]) for r in runs)
         steps = np.array([c[0] for c in runs[0]["curve"][:length]])
         rewards = np.array([smooth([c[2] for c in r["curve"][:length]]) for r in runs])
@@ -419,7 +429,7 @@ def plot(results: list[dict], study: Study, out: Path) -> list[Path]:
         axes[2].errorbar(eval_steps, p1.mean(0), yerr=p1.std(0), color=colour, capsize=3)
     titles = ("training reward (10-step mean) vs step", "training reward vs train seconds",
               "held-out pass@1 vs step (mean ± std over seeds)")  # fmt: skip
-    for ax, title, xlabel in zip(axes, titles, ("step", "seconds", "step")):
+    for ax, title, xlabel in zip(axes, titles, ("step", "seconds", "step"), strict=True):
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -437,7 +447,6 @@ def plot(results: list[dict], study: Study, out: Path) -> list[Path]:
 
 
 def report(results: list[dict], study: Study, command: str, wall: float, jobs: int) -> str:
-    import torch
 
     best = best_per_arm(results)
     n = study.eval_samples
@@ -482,18 +491,16 @@ def select(arms: tuple[Arm, ...], wanted: str | None) -> list[Arm]:
         return list(arms)
     texts = [w.strip() for w in wanted.split(",") if w.strip()]
     labels = {a.label for a in arms}
-    return [
-        a for a in arms if any(a.label == w if w in labels else w in a.label for w in texts)
-    ]
+    return [a for a in arms if any(a.label == w if w in labels else w in a.label for w in texts)]
 
 
-# --- the command -----------------------------------------------------------------------------------
+# --- the command ------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--task", default="arithmetic", choices=["arithmetic", "copy", "reverse"])
-    ap.add_argument("--full", action="store_true", help="the wider grid (hours on 2 cores)")
+    ap.add_argument("--full", action="store_true", help="the wider grid (about 4 hours on 2 cores)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--steps", type=int, help="override the task's steps (a quick look)")
@@ -518,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    start = str(starting_model(study.task, study.warm_seed))
+    start = str(starting_model(study.task, study.warm_seed, args.out))
     jobs = [Job(study, a, lr, s, start) for a in arms for lr in a.lrs for s in study.seeds]
     print(f"{len(jobs)} runs ({len(arms)} arms, seeds {list(study.seeds)}), {args.jobs} at a time")
     began = time.monotonic()
@@ -527,14 +534,16 @@ def main(argv: list[str] | None = None) -> None:
         for i, r in enumerate(pool.imap_unordered(_work, jobs), 1):
             results.append(r)
             what = r.get("error") or f"pass@1 {r['evals'][-1]['pass@1']:.3f}"
-            print(f"[{i}/{len(jobs)} {time.monotonic() - began:5.0f} s] "
-                  f"{r['arm']['label']} lr {r['lr']:g} seed {r['seed']}: {what}", flush=True)  # fmt: skip
+            label = f"{r['arm']['label']} lr {r['lr']:g} seed {r['seed']}"
+            elapsed = time.monotonic() - began
+            print(f"[{i}/{len(jobs)} {elapsed:5.0f} s] {label}: {what}", flush=True)
     wall = time.monotonic() - began
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"study": asdict(study), "wall_seconds": wall, "results": results}
     (args.out / f"{study.task}.json").write_text(json.dumps(record) + "\n")
     plot(results, study, args.img)
-    command = shlex.join(["python", "bench/algorithms.py", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "bench/algorithms.py", *given])
     text = report(results, study, command, wall, args.jobs)
     write_block(args.doc, study.task, text)
     print(text)

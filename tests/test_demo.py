@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from service.demo import DEMO_STEPS
+
 pytestmark = pytest.mark.slow
 
 
@@ -29,4 +31,4 @@ def test_demo_learns(tmp_path):
     assert match, out.stdout[-3000:]
     first, last = map(float, match.groups())
     assert first <= 0.3 and last >= 0.7, (first, last)
-    assert "final checkpoint (step 1000)" in out.stdout
+    assert f"final checkpoint (step {DEMO_STEPS})" in out.stdout
