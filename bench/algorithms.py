@@ -330,6 +330,8 @@ def run_summary(r: dict, study: Study) -> dict:
         "kl": last["kl_to_start"],
         "to_90": to_90,
         "spikes": sum(g > 5 * median for g in norms),
+        # share of steps whose update the clip scaled down
+        "clipped": sum(g > (study.grad_clip or math.inf) for g in norms) / max(len(norms), 1),
         "norm_max_med": max(norms) / median if norms and median > 0 else math.nan,
         "seconds": r["train_seconds"],
         "diverged": r["diverged"],
@@ -369,8 +371,8 @@ def table(rows: list[dict], study: Study) -> str:
     n = study.eval_samples
     head = (
         f"| arm | lr | held-out pass@1 | pass@{n} | train reward (last 10%) | KL to start "
-        "| steps to 90% | grad-norm spikes | train s | seeds |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| steps to 90% | grad-norm spikes | steps clipped | train s | seeds |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for row in sorted(rows, key=lambda r: -_mean(r, "pass@1")):
@@ -386,6 +388,7 @@ def table(rows: list[dict], study: Study) -> str:
             f"| {spread([r['kl'] for r in runs], 2)} "
             f"| {spread([r['to_90'] for r in runs], 0)} "
             f"| {sum(r['spikes'] for r in runs)} "
+            f"| {spread([100 * r['clipped'] for r in runs], 0)}% "
             f"| {spread([r['seconds'] for r in runs], 0)} | {seeds} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -511,7 +514,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--doc", type=Path, default=DOC, help="the page whose block is replaced")
     ap.add_argument("--img", type=Path, default=IMG)
     ap.add_argument("--out", type=Path, default=CACHE / "algorithms")
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: rewrite the docs block and plots from the task's saved results",
+    )
     args = ap.parse_args(argv)
+    if args.report:
+        record = json.loads((args.out / f"{args.task}.json").read_text())
+        publish(record, study_from(record["study"]), args.doc, args.img)
+        return
 
     study = study_for(args.task, args.full, args.seeds)
     if args.steps:
@@ -537,16 +549,32 @@ def main(argv: list[str] | None = None) -> None:
             label = f"{r['arm']['label']} lr {r['lr']:g} seed {r['seed']}"
             elapsed = time.monotonic() - began
             print(f"[{i}/{len(jobs)} {elapsed:5.0f} s] {label}: {what}", flush=True)
-    wall = time.monotonic() - began
-    args.out.mkdir(parents=True, exist_ok=True)
-    record = {"study": asdict(study), "wall_seconds": wall, "results": results}
-    (args.out / f"{study.task}.json").write_text(json.dumps(record) + "\n")
-    plot(results, study, args.img)
     given = sys.argv[1:] if argv is None else argv
-    command = shlex.join(["python", "bench/algorithms.py", *given])
-    text = report(results, study, command, wall, args.jobs)
-    write_block(args.doc, study.task, text)
-    print(text)
+    record = {
+        "study": asdict(study),
+        "command": shlex.join(["python", "bench/algorithms.py", *given]),
+        "jobs": args.jobs,
+        "wall_seconds": time.monotonic() - began,
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{study.task}.json").write_text(json.dumps(record) + "\n")
+    print(publish(record, study, args.doc, args.img))
+
+
+def study_from(saved: dict) -> Study:
+    arms = tuple(Arm(**{**a, "lrs": tuple(a["lrs"])}) for a in saved["arms"])
+    return Study(**{**saved, "seeds": tuple(saved["seeds"]), "arms": arms})
+
+
+def publish(record: dict, study: Study, doc: Path, img: Path) -> str:
+    """The plots, and the task's block of the page; returns the block's text."""
+    plot(record["results"], study, img)
+    text = report(
+        record["results"], study, record["command"], record["wall_seconds"], record["jobs"]
+    )
+    write_block(doc, study.task, text)
+    return text
 
 
 if __name__ == "__main__":

@@ -57,6 +57,13 @@ def test_two_arms_run_end_to_end_and_fill_the_docs_block(tmp_path):
     assert "python bench/algorithms.py --task copy" in page
     for ext in ("png", "svg"):
         assert (tmp_path / "img" / f"algorithms-copy.{ext}").stat().st_size > 1000
+    # --report rewrites the same block from the saved results, running nothing
+    again = tmp_path / "again.md"
+    main(["--task", "copy", "--report", "--doc", str(again), "--out", str(tmp_path / "out"),
+          "--img", str(tmp_path / "img2")])  # fmt: skip
+    block = page[page.index("<!-- algorithms:copy:begin -->") : page.index("prose after")]
+    assert again.read_text() == block.rstrip("\n") + "\n"
+    assert (tmp_path / "img2" / "algorithms-copy.svg").exists()
 
 
 def test_steps_to_90_percent_is_the_first_full_window_that_far_from_start_to_final():
@@ -67,10 +74,11 @@ def test_steps_to_90_percent_is_the_first_full_window_that_far_from_start_to_fin
     assert run_summary(_run([0.5] * 20), _study())["to_90"] is None  # no gain, no time to it
 
 
-def test_a_grad_norm_past_five_medians_is_a_spike():
+def test_a_grad_norm_past_five_medians_is_a_spike_and_past_the_clip_is_clipped():
     norms = [1.0] * 18 + [5.5, 50.0]
     summary = run_summary(_run([0.1] * 20, norms), _study())
     assert summary["spikes"] == 2 and summary["norm_max_med"] == pytest.approx(50.0)
+    assert summary["clipped"] == pytest.approx(2 / 20)  # past the study's clip of 1.0
     assert run_summary(_run([0.1] * 20, [1.0] * 19 + [4.9]), _study())["spikes"] == 0
 
 
