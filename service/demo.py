@@ -1,10 +1,11 @@
 """`gvpo demo`: the main job end to end on the embedded stack, on a task a tiny model learns fast.
 
 The task: copy a 3-letter string ("bdj=" -> "bdj") with partial credit (char_accuracy). The
-tiny model starts from random weights, so early rewards are near zero. The run uses the paper's
-reference (a frozen copy of the initial model) with a small beta: the KL anchor keeps each group
-diverse long enough to learn; the sampling-policy reference collapsed to one output per prompt
-on this task in our trials.
+tiny model starts from random weights, so early rewards are near zero. The run uses GVPO's
+defaults, chosen by the algorithm study (docs/algorithms.md): the initial model as reference
+with a small beta, whose KL anchor keeps each group diverse long enough to learn (the
+sampling-policy reference collapsed to one output per prompt on this task), and 16 completions
+per prompt.
 """
 
 import json
@@ -38,7 +39,9 @@ def demo_spec(model: str, train_file: str, steps: int) -> dict:
         "name": "demo-copy3-gvpo",
         "model": {"path": model, "dtype": "float32"},
         "dataset": {"train_file": train_file},
-        "algorithm": {"name": "gvpo", "beta": 0.02, "group_size": 16, "reference": "initial"},
+        # GVPO's defaults (beta 0.01, the initial model as reference, every group trained);
+        # 16 completions a prompt: at 8 the reward was still about 0.45 after 250 steps
+        "algorithm": {"name": "gvpo", "group_size": 16},
         "sampling": {"temperature": 1.0, "max_new_tokens": 5},
         "optimizer": {"lr": 1e-3, "grad_clip": 1.0},
         "training": {"steps": steps, "prompts_per_step": 8, "mini_batches": 1, "seed": 0},

@@ -119,7 +119,8 @@ def test_learn_changes_parameters(model, tokenizer, tiny_model_dir, mini_batches
 
 def test_zero_variance_groups_are_skipped(model, tokenizer, tiny_model_dir):
     torch.manual_seed(0)
-    learner = Learner(model, LearnerConfig.of(make_spec(tiny_model_dir)), CPU, PAD)
+    spec = make_spec(tiny_model_dir, algorithm={"skip_zero_variance": True})
+    learner = Learner(model, LearnerConfig.of(spec), CPU, PAD)
     before = snapshot(model)
     stats = learner.learn(make_batch(tokenizer, rewards=[[1.0] * 4, [0.3] * 4]), step=1)
     assert not changed(before, model)
