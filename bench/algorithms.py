@@ -128,10 +128,12 @@ def default_arms(lrs=LRS) -> tuple[Arm, ...]:
         Arm("gvpo", 0.1, "initial", skip_zero_variance=False, lrs=lrs),
         Arm("gvpo", 0.01, "initial", skip_zero_variance=False, lrs=lrs),
         Arm("gvpo", 0.01, "initial", lrs=lrs),
-        Arm("grpo", 0.0, lrs=lrs),
-        Arm("grpo", 0.04, lrs=lrs),
-        Arm("dr_grpo", 0.0, lrs=lrs),
-        Arm("dr_grpo", 0.04, lrs=lrs),
+        # The baselines' KL term is to the starting model, as TRL's reference model is (with
+        # the sampling policy as reference it would vanish at one update a step).
+        Arm("grpo", 0.0, "initial", lrs=lrs),
+        Arm("grpo", 0.04, "initial", lrs=lrs),
+        Arm("dr_grpo", 0.0, "initial", lrs=lrs),
+        Arm("dr_grpo", 0.04, "initial", lrs=lrs),
     )
 
 
@@ -521,6 +523,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--img", type=Path, default=IMG)
     ap.add_argument("--out", type=Path, default=CACHE / "algorithms")
     ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the saved results of the arms not run this time (rerun a part of the grid)",
+    )
+    ap.add_argument(
         "--report",
         action="store_true",
         help="run nothing: rewrite the docs block and plots from the task's saved results",
@@ -563,9 +570,29 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": time.monotonic() - began,
         "results": results,
     }
+    saved = args.out / f"{study.task}.json"
+    if args.merge and saved.exists():
+        record, study = merged(json.loads(saved.read_text()), record)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{study.task}.json").write_text(json.dumps(record) + "\n")
     print(publish(record, study, args.doc, args.img))
+
+
+def merged(old: dict, new: dict) -> tuple[dict, Study]:
+    """The saved results with this run's arms replaced by what they gave now (each run is
+    deterministic for its arm, learning rate and seed, so this equals one run of both)."""
+    rerun = {Arm(**{**a, "lrs": ()}).label for a in new["study"]["arms"]}
+    kept = [r for r in old["results"] if r["arm"]["label"] not in rerun]
+    arms = [a for a in old["study"]["arms"] if Arm(**{**a, "lrs": ()}).label not in rerun]
+    study = {**old["study"], "arms": arms + new["study"]["arms"]}
+    record = {
+        "study": study,
+        "command": f"{old['command']}, then {new['command']}",
+        "jobs": new["jobs"],
+        "wall_seconds": old["wall_seconds"] + new["wall_seconds"],
+        "results": kept + new["results"],
+    }
+    return record, study_from(study)
 
 
 def study_from(saved: dict) -> Study:

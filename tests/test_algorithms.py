@@ -2,10 +2,20 @@
 processes, the table with every seed, the plots, the docs block), and its summaries by hand."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
-from bench.algorithms import Arm, Study, default_arms, main, run_summary, select, write_block
+from bench.algorithms import (
+    Arm,
+    Study,
+    default_arms,
+    main,
+    merged,
+    run_summary,
+    select,
+    write_block,
+)
 
 
 def _study(steps: int = 20) -> Study:
@@ -114,3 +124,25 @@ def test_a_page_without_the_block_gets_it_appended_and_a_second_write_replaces_i
 def test_arm_labels_name_what_differs():
     assert Arm("gvpo", 0.1, "initial", False).label == "gvpo b=0.1 ref=initial keep0"
     assert Arm("dr_grpo", 0.0, mini_batches=4).label == "dr_grpo b=0 mb=4"
+
+
+def test_a_merged_rerun_replaces_only_the_arms_it_ran():
+    a, b = Arm("gvpo", 0.01, "initial", lrs=(1e-3,)), Arm("grpo", 0.0, "initial", lrs=(1e-3,))
+    study = asdict(Study("copy", 4, 2, 4, 1, 4, 10, 1, (0,), (a, b)))
+
+    def result(arm, pass1):
+        return {"arm": asdict(arm) | {"label": arm.label}, "lr": 1e-3, "seed": 0, "p": pass1}
+
+    command = "python bench/algorithms.py"
+    old = {"study": study, "command": command, "jobs": 2, "wall_seconds": 10.0,
+           "results": [result(a, 0.1), result(b, 0.2)]}  # fmt: skip
+    new = {"study": {**study, "arms": [asdict(b)]}, "command": f"{command} --arms grpo --merge",
+           "jobs": 2, "wall_seconds": 5.0, "results": [result(b, 0.3)]}  # fmt: skip
+    record, merged_study = merged(old, new)
+    assert sorted((r["arm"]["label"], r["p"]) for r in record["results"]) == [
+        ("grpo b=0", 0.3),
+        ("gvpo b=0.01 ref=initial skip0", 0.1),
+    ]
+    assert [arm.label for arm in merged_study.arms] == [a.label, b.label]
+    assert record["command"] == "python bench/algorithms.py, then " + new["command"]
+    assert record["wall_seconds"] == 15.0
