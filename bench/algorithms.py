@@ -570,10 +570,12 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": time.monotonic() - began,
         "results": results,
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+    # this run alone first: what a failure below would otherwise lose
+    (args.out / f"{study.task}.last-run.json").write_text(json.dumps(record) + "\n")
     saved = args.out / f"{study.task}.json"
     if args.merge and saved.exists():
         record, study = merged(json.loads(saved.read_text()), record)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{study.task}.json").write_text(json.dumps(record) + "\n")
     print(publish(record, study, args.doc, args.img))
 
@@ -584,7 +586,7 @@ def merged(old: dict, new: dict) -> tuple[dict, Study]:
     rerun = {Arm(**{**a, "lrs": ()}).label for a in new["study"]["arms"]}
     kept = [r for r in old["results"] if r["arm"]["label"] not in rerun]
     arms = [a for a in old["study"]["arms"] if Arm(**{**a, "lrs": ()}).label not in rerun]
-    study = {**old["study"], "arms": arms + new["study"]["arms"]}
+    study = {**old["study"], "arms": [*arms, *new["study"]["arms"]]}
     record = {
         "study": study,
         "command": f"{old['command']}, then {new['command']}",

@@ -129,6 +129,7 @@ def test_arm_labels_name_what_differs():
 def test_a_merged_rerun_replaces_only_the_arms_it_ran():
     a, b = Arm("gvpo", 0.01, "initial", lrs=(1e-3,)), Arm("grpo", 0.0, "initial", lrs=(1e-3,))
     study = asdict(Study("copy", 4, 2, 4, 1, 4, 10, 1, (0,), (a, b)))
+    rerun = asdict(Study("copy", 4, 2, 4, 1, 4, 10, 1, (0,), (b,)))  # tuples, as saved by main
 
     def result(arm, pass1):
         return {"arm": asdict(arm) | {"label": arm.label}, "lr": 1e-3, "seed": 0, "p": pass1}
@@ -136,7 +137,7 @@ def test_a_merged_rerun_replaces_only_the_arms_it_ran():
     command = "python bench/algorithms.py"
     old = {"study": study, "command": command, "jobs": 2, "wall_seconds": 10.0,
            "results": [result(a, 0.1), result(b, 0.2)]}  # fmt: skip
-    new = {"study": {**study, "arms": [asdict(b)]}, "command": f"{command} --arms grpo --merge",
+    new = {"study": rerun, "command": f"{command} --arms grpo --merge",
            "jobs": 2, "wall_seconds": 5.0, "results": [result(b, 0.3)]}  # fmt: skip
     record, merged_study = merged(old, new)
     assert sorted((r["arm"]["label"], r["p"]) for r in record["results"]) == [

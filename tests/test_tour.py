@@ -25,7 +25,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## A five-minute tour"
 FENCED = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 RUNS = {"bash", "python"}
-TOUR_S = 900  # the whole tour on a loaded 2-core machine: a model load and 300 steps
+TOUR_S = 900  # the whole tour on a loaded 2-core machine: a model load and 250 steps
 STOP_S = 60
 
 
