@@ -457,12 +457,13 @@ def plot(results: list[dict], study: Study, out: Path) -> list[Path]:
     return paths
 
 
-def report(results: list[dict], study: Study, command: str, wall: float, jobs: int) -> str:
-
+def report(results: list[dict], study: Study, made_by: list, jobs: int) -> str:
+    """The docs block; `made_by`: [command, seconds] of each run whose results it shows."""
     best = best_per_arm(results)
     n = study.eval_samples
+    commands = ", then ".join(f"`{command}` ({wall / 60:.1f} min)" for command, wall in made_by)
     lines = [
-        f"Made by `{command}` in {wall / 60:.1f} min on {jobs} process(es) of one torch thread "
+        f"Made by {commands} on {jobs} process(es) of one torch thread "
         f"each ({os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}). "
         f"{study.steps} steps x {study.prompts_per_step} prompts x {study.group_size} completions "
         f"per run; held-out set {study.eval_rows} prompts x {n} samples at temperature 1; seeds "
@@ -565,9 +566,10 @@ def main(argv: list[str] | None = None) -> None:
     given = sys.argv[1:] if argv is None else argv
     record = {
         "study": asdict(study),
-        "command": shlex.join(["python", "bench/algorithms.py", *given]),
+        "made_by": [
+            [shlex.join(["python", "bench/algorithms.py", *given]), time.monotonic() - began]
+        ],
         "jobs": args.jobs,
-        "wall_seconds": time.monotonic() - began,
         "results": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -589,9 +591,8 @@ def merged(old: dict, new: dict) -> tuple[dict, Study]:
     study = {**old["study"], "arms": [*arms, *new["study"]["arms"]]}
     record = {
         "study": study,
-        "command": f"{old['command']}, then {new['command']}",
+        "made_by": old["made_by"] + new["made_by"],
         "jobs": new["jobs"],
-        "wall_seconds": old["wall_seconds"] + new["wall_seconds"],
         "results": kept + new["results"],
     }
     return record, study_from(study)
@@ -605,9 +606,7 @@ def study_from(saved: dict) -> Study:
 def publish(record: dict, study: Study, doc: Path, img: Path) -> str:
     """The plots, and the task's block of the page; returns the block's text."""
     plot(record["results"], study, img)
-    text = report(
-        record["results"], study, record["command"], record["wall_seconds"], record["jobs"]
-    )
+    text = report(record["results"], study, record["made_by"], record["jobs"])
     write_block(doc, study.task, text)
     return text
 

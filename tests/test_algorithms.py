@@ -135,15 +135,14 @@ def test_a_merged_rerun_replaces_only_the_arms_it_ran():
         return {"arm": asdict(arm) | {"label": arm.label}, "lr": 1e-3, "seed": 0, "p": pass1}
 
     command = "python bench/algorithms.py"
-    old = {"study": study, "command": command, "jobs": 2, "wall_seconds": 10.0,
+    old = {"study": study, "made_by": [[command, 10.0]], "jobs": 2,
            "results": [result(a, 0.1), result(b, 0.2)]}  # fmt: skip
-    new = {"study": rerun, "command": f"{command} --arms grpo --merge",
-           "jobs": 2, "wall_seconds": 5.0, "results": [result(b, 0.3)]}  # fmt: skip
+    new = {"study": rerun, "made_by": [[f"{command} --arms grpo --merge", 5.0]], "jobs": 2,
+           "results": [result(b, 0.3)]}  # fmt: skip
     record, merged_study = merged(old, new)
     assert sorted((r["arm"]["label"], r["p"]) for r in record["results"]) == [
         ("grpo b=0", 0.3),
         ("gvpo b=0.01 ref=initial skip0", 0.1),
     ]
     assert [arm.label for arm in merged_study.arms] == [a.label, b.label]
-    assert record["command"] == "python bench/algorithms.py, then " + new["command"]
-    assert record["wall_seconds"] == 15.0
+    assert record["made_by"] == [[command, 10.0], [f"{command} --arms grpo --merge", 5.0]]
