@@ -333,7 +333,7 @@ def test_valid_run_is_queued_and_enqueued_once(api, make_key, settings):
     assert run["webhook_secret"].startswith("whsec_")
     assert (run["step"], run["total_steps"], run["finished_at"]) == (0, 3, None)
     assert run["spec"]["dataset"]["train_file"] == file_id
-    assert run["spec"]["algorithm"]["reference"] == "sampling"  # defaults are filled in
+    assert run["spec"]["algorithm"]["reference"] == "initial"  # defaults are filled in
 
     shown = api.get(f"/v1/runs/{run['id']}", headers=auth(key))
     assert shown.status_code == 200

@@ -40,7 +40,13 @@ def make_learner(
             "model": {"path": model_dir},
             "dataset": {"train_file": "x"},
             "reward": {"type": "builtin", "name": "char_accuracy"},
-            "algorithm": {"name": algorithm, "reference": "initial", "beta": 0.1},
+            # groups with equal rewards skipped: each rank must count the ones it leaves out
+            "algorithm": {
+                "name": algorithm,
+                "reference": "initial",
+                "beta": 0.1,
+                "skip_zero_variance": True,
+            },
             "optimizer": {"lr": 1e-3, "grad_clip": None},
             "training": {"mini_batches": 1, "micro_batch_tokens": micro_batch_tokens},
             "resources": resources or {},

@@ -416,3 +416,12 @@ def test_hf_engine_samples_from_the_whole_distribution(model, tokenizer):
     engine = HFRolloutEngine(model, tokenizer, CPU)
     rollouts = engine.generate(["abc"], 128, SamplingSpec(max_new_tokens=8))
     assert len({t for c in rollouts[0].completions for t in c.token_ids}) >= 90
+
+
+def test_the_default_reference_is_the_start_or_the_sampler_for_an_adapter_to_go_on(tiny_model_dir):
+    assert make_spec(tiny_model_dir).algorithm.reference == "initial"
+    # the base model without the adapter is not where such a run starts: sample-time reference
+    adapter = {"adapter": str(tiny_model_dir), "lora": {}}
+    assert make_spec(tiny_model_dir, model=adapter).algorithm.reference == "sampling"
+    with pytest.raises(ValueError, match="reference 'initial' with a LoRA adapter"):
+        make_spec(tiny_model_dir, model=adapter, algorithm={"reference": "initial"})

@@ -129,7 +129,8 @@ class AlgorithmSpec(_Strict):
     reference: Literal["sampling", "initial"] = Field(
         "initial",
         description="pi_ref: the starting model (initial; a frozen copy, or the adapter switched "
-        "off with LoRA) or the policy that sampled the step (sampling, the authors' code)",
+        "off with LoRA) or the policy that sampled the step (sampling, the authors' code); "
+        "default initial, or sampling for a run that goes on training a LoRA adapter",
     )
     clip_eps: float = Field(0.2, gt=0, lt=1, description="grpo/dr_grpo ratio clip")
     skip_zero_variance: bool = Field(
@@ -367,7 +368,7 @@ class RunSpec(_Strict):
     )
     model: ModelSpec
     dataset: DatasetSpec
-    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec)
+    algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec, validate_default=True)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -380,8 +381,12 @@ class RunSpec(_Strict):
     @field_validator("algorithm")
     @classmethod
     def _reference_with_an_adapter(cls, v: AlgorithmSpec, info: ValidationInfo) -> AlgorithmSpec:
+        """With a LoRA adapter to go on training, the default reference is the sampling
+        policy; asking for the initial one is an error."""
         model = info.data.get("model")
         if model is not None and model.adapter is not None and v.reference == "initial":
+            if "reference" not in v.model_fields_set:
+                return v.model_copy(update={"reference": "sampling"})
             raise ValueError(
                 "reference 'initial' with a LoRA adapter to go on training "
                 "(model.adapter, or a LoRA model.checkpoint) would take the base "

@@ -70,11 +70,12 @@ def resolve_model(
 
 def _filled(spec: RunSpec, update: dict) -> RunSpec:
     """`spec` with model fields replaced, validated again (a rule the filled-in model breaks,
-    LoRA with fsdp say, is the submitter's to fix)."""
+    LoRA with fsdp say, is the submitter's to fix). Only what the submitter set is carried
+    over, so a default that depends on the model (the reference with an adapter) follows it."""
     try:
         return RunSpec.model_validate(
             {
-                **spec.model_dump(),
+                **spec.model_dump(exclude_unset=True),
                 "model": {**spec.model.model_dump(), **update},
                 "webhook_secret": spec.webhook_secret,
             }
@@ -126,7 +127,10 @@ def _from_checkpoint(session: Session, project: Project, spec: RunSpec) -> Resol
         public = _filled(spec, {"lora": lora})
     if bad:
         raise InvalidSpec(bad)
-    return Resolved(_filled(public, source), public, source, shown)
+    resolved = _filled(public, source)
+    # The run's own spec keeps the settings its folders decided (the reference over an adapter)
+    public = public.model_copy(update={"algorithm": resolved.algorithm})
+    return Resolved(resolved, public, source, shown)
 
 
 def loaded_spec(spec: RunSpec, run: Run) -> RunSpec:
