@@ -29,7 +29,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -110,7 +110,6 @@ class Job:
     lr: float
     seed: int
     start: str  # the starting model's folder
-    curve: list = field(default_factory=list)
 
 
 LRS = (3e-5, 1e-4)
@@ -208,7 +207,7 @@ def run(job: Job) -> dict:
     score = scorer(task.reward)
 
     evals = [evaluate(model, start, tokenizer, eval_rows, study, task, score, job.seed, 0)]
-    train_s = 0.0
+    train_s, curve = 0.0, []
     for step in range(1, study.steps + 1):
         began = time.perf_counter()
         examples = sampler.next(study.prompts_per_step)
@@ -221,7 +220,7 @@ def run(job: Job) -> dict:
         )
         stats = learner.learn(batch, step)
         train_s += time.perf_counter() - began
-        job.curve.append(
+        curve.append(
             [step, round(train_s, 3), float(rewards.mean()), stats.grad_norm, stats.kl_ref,
              stats.zero_variance_frac, stats.loss]
         )  # fmt: skip
@@ -235,10 +234,10 @@ def run(job: Job) -> dict:
         "arm": asdict(arm) | {"label": arm.label},
         "lr": job.lr,
         "seed": job.seed,
-        "curve": job.curve,  # [step, train s, reward mean, grad norm, kl to ref, zero-var, loss]
+        "curve": curve,  # [step, train s, reward mean, grad norm, kl to ref, zero-var, loss]
         "evals": evals,
         "train_seconds": round(train_s, 1),
-        "diverged": not math.isfinite(job.curve[-1][-1]),
+        "diverged": not math.isfinite(curve[-1][-1]),
     }
 
 
