@@ -25,6 +25,7 @@ from service.contract.limits import (
     MAX_KEPT_CHECKPOINTS,
     MAX_LORA_RANK,
     MAX_PATH,
+    MAX_PROMPT_CHARS,
     MAX_PROMPTS_PER_STEP,
     MAX_STEPS,
     MAX_STOP_STRINGS,
@@ -32,6 +33,7 @@ from service.contract.limits import (
     MAX_TOKENS,
 )
 from service.contract.limits import Strict as _Strict
+from service.contract.environments import EnvironmentSpec, WebhookEnvironment
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, finite
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
@@ -72,6 +74,12 @@ class ModelSpec(_Strict):
         "auto", description="auto = bfloat16 on GPU, float32 on CPU"
     )
     lora: LoraSpec | None = Field(None, description="null = full fine-tune")
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="a Jinja chat template for chat rows, instead of the tokenizer's own",
+    )
 
     @field_validator("path")
     @classmethod
@@ -374,6 +382,9 @@ class RunSpec(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     reward: RewardSpec
+    environment: EnvironmentSpec | None = Field(
+        None, description="multi-turn episodes: a webhook or built-in environment"
+    )
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, validate_default=True)
@@ -402,10 +413,13 @@ class RunSpec(_Strict):
     ) -> ResourcesSpec:
         reward, limit = info.data.get("reward"), v.step_timeout_s
         parts = reward.components if isinstance(reward, CompositeReward) else [reward]
-        for hook in (p for p in parts if isinstance(p, WebhookReward)):
+        hooks = [("reward", p) for p in parts if isinstance(p, WebhookReward)]
+        if isinstance(env := info.data.get("environment"), WebhookEnvironment):
+            hooks.append(("environment", env))
+        for kind, hook in hooks:
             if limit is not None and hook.timeout_s >= limit:
                 raise ValueError(
-                    f"step_timeout_s ({limit:g} s) must exceed the reward webhook's timeout_s "
+                    f"step_timeout_s ({limit:g} s) must exceed the {kind} webhook's timeout_s "
                     f"({hook.timeout_s:g} s), or one slow answer fails the run"
                 )
         return v
