@@ -179,12 +179,13 @@ def submit(
     reward: dict | None = None,
     eval_rows: list | None = None,
     offpolicy_rows: list | None = None,
+    train_rows: list | None = None,
     **sections,
 ) -> str:
     """A queued run of project "loop" on 32 rows of the copy task, created straight through
     the service layer; returns its id. The spec is run_spec(..., SUBMITTED, **sections), with
     `reward` in place of char_accuracy when given. `eval_rows`, `offpolicy_rows`: uploaded as
-    the run's dataset.eval_file / offpolicy_file."""
+    the run's dataset.eval_file / offpolicy_file; `train_rows` instead of the copy task's."""
     with session_scope(settings.resolved_database_url) as session:
         project, _ = create_api_key(session, "loop", settings.api_key_pepper)
 
@@ -193,7 +194,7 @@ def submit(
                 session, settings, project, io.BytesIO(jsonl(rows)), name, purpose
             ).id
 
-        train_file = stored(copy_rows(32), "train", "copy.jsonl")
+        train_file = stored(train_rows or copy_rows(32), "train", "train.jsonl")
         files = {
             f"{purpose}_file": stored(rows, purpose, f"{purpose}.jsonl")
             for rows, purpose in ((eval_rows, "eval"), (offpolicy_rows, "offpolicy"))

@@ -1,14 +1,41 @@
 """Prompt sampling: a seeded shuffle per epoch, with a cursor that checkpoints can store."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from service.contract.chat import is_chat, row_item
 
-@dataclass
+
+@dataclass(frozen=True)
 class Example:
-    prompt: str
+    """One dataset row: a plain prompt, or chat messages (with tools) to render."""
+
+    prompt: str  # the plain prompt, or the rendered chat prompt (what samples show)
     answer: str | None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    item: dict[str, Any] = field(default_factory=dict)  # the row's other fields
+
+    @property
+    def conversation(self) -> list[dict[str, Any]]:
+        """The row as chat messages (a plain prompt is one user message)."""
+        return (
+            self.messages
+            if self.messages is not None
+            else [{"role": "user", "content": self.prompt}]
+        )
+
+
+def example_of(row: dict, prompt_field: str, answer_field: str, number: int) -> Example:
+    answer = row.get(answer_field)
+    answer = None if answer is None else str(answer)
+    if is_chat(row):
+        return Example("", answer, row["messages"], row.get("tools"), row_item(row))
+    if prompt_field not in row:
+        raise ValueError(f"row {number} has neither 'messages' nor the field {prompt_field!r}")
+    return Example(str(row[prompt_field]), answer, item=row_item(row))
 
 
 class PromptSampler:
@@ -41,10 +68,7 @@ class PromptSampler:
 
 
 def load_examples(rows: list[dict], prompt_field: str, answer_field: str) -> list[Example]:
-    examples = []
-    for number, row in enumerate(rows, start=1):
-        if prompt_field not in row:
-            raise ValueError(f"training row {number} has no field {prompt_field!r}")
-        answer = row.get(answer_field)
-        examples.append(Example(str(row[prompt_field]), None if answer is None else str(answer)))
-    return examples
+    return [
+        example_of(row, prompt_field, answer_field, number)
+        for number, row in enumerate(rows, start=1)
+    ]

@@ -126,14 +126,17 @@ def draw_slots(
 
 
 def score_slots(scorer: Scorer, step: int, slots: list[Slot], rollouts: list[Rollout]) -> Scores:
-    """(G, k) rewards: an off-policy group's own where it has them, else the run's reward
-    (composite components are then over the groups it scored)."""
+    """(G, k) rewards: an off-policy group's own where it has them, an episode's environment's
+    where it gave one, else the run's reward (composite components are then over the groups it
+    scored)."""
     k = len(rollouts[0].completions)
     rewards = torch.zeros(len(slots), k)  # (G, k)
     need = []
     for i, (_, group) in enumerate(slots):
         if group is not None and group.rewards is not None:
             rewards[i] = torch.tensor(group.rewards, dtype=torch.float32)
+        elif (given := environment_rewards(rollouts[i])) is not None:
+            rewards[i] = torch.tensor(given, dtype=torch.float32)
         else:
             need.append(i)
     if not need:
@@ -142,4 +145,14 @@ def score_slots(scorer: Scorer, step: int, slots: list[Slot], rollouts: list[Rol
         step, [slots[i][0] for i in need], [rollouts[i] for i in need], groups=need
     )
     rewards[need] = scored.rewards
+    for i in need:  # episodes the environment scored keep its reward
+        for j, c in enumerate(rollouts[i].completions):
+            if c.reward is not None:
+                rewards[i, j] = c.reward
     return Scores(rewards, scored.components)
+
+
+def environment_rewards(rollout: Rollout) -> list[float] | None:
+    """A group of episodes' rewards when the environment gave each of them one, else None."""
+    given = [c.reward for c in rollout.completions]
+    return given if all(r is not None for r in given) else None

@@ -189,7 +189,7 @@ class RunRecorder(Claiming):
                 Sample,
                 sample_rows,
                 ["run_id", "step", "group_index", "sample_index"],
-                ["prompt", "completion", "answer", "reward", "source"],
+                ["prompt", "completion", "answer", "reward", "source", "episode"],
             )
             run = session.get(Run, self.run_id)
             if run.step < step:  # a replayed step does not count its tokens twice

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
@@ -19,8 +20,11 @@ from service.config import Settings
 from service.contract.events import EventLevel, EventType
 from service.contract.spec import RunSpec, offpolicy_per_engine
 from service.contract.states import RunStatus
+from workers.chat import ChatTemplateError, Renderer
 from workers.checkpointing import RunCheckpoints
 from workers.data import Example, PromptSampler, load_examples
+from workers.environments.builtin import build_environment
+from workers.episodes import EpisodeRunner
 from workers.errors import RunError
 from workers.evaluation import eval_metrics
 from workers.heartbeat import Heartbeat
@@ -100,6 +104,8 @@ class RunLoop:
         )
         webhooks = WebhookContext.of_run(self.settings, self.recorder)
         self.scorer = build_scorer(spec.reward, webhooks) if self.lead else None
+        self.renderer = Renderer(self.tokenizer, self.engine_eos, spec.model.chat_template)
+        self.episodes = self._episode_runner()
         self.diff_warn = spec.rollout.logprob_diff_warn or (
             1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0
         )
@@ -129,7 +135,18 @@ class RunLoop:
         self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(
             self.model, self.tokenizer, self.device, synced=spec.resources.strategy == "fsdp"
         )
-        self.eos_id = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)[0]
+        self.engine_eos = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)
+        self.eos_id = self.engine_eos[0]
+
+    def _episode_runner(self) -> EpisodeRunner | None:
+        """With an environment, rollouts are episodes (played by the lead: one process)."""
+        spec = self.spec.environment
+        if spec is None:
+            return None
+        webhooks = WebhookContext.of_run(self.settings, self.recorder)
+        hidden = (str(self.settings.data_dir.resolve()),)
+        environment = build_environment(spec, self.spec.dataset.answer_field, webhooks, hidden)
+        return EpisodeRunner(self.engine, self.renderer, environment, spec, self.recorder.run_id)
 
     def _load_data(self) -> None:
         """The prompt sampler, the eval prompts and the off-policy groups of the spec's files."""
@@ -146,7 +163,13 @@ class RunLoop:
     def _examples(self, field: str) -> list[Example]:
         ds = self.spec.dataset
         rows = self.recorder.dataset_rows(field, getattr(ds, field))
-        return load_examples(rows, ds.prompt_field, ds.answer_field)
+        examples = load_examples(rows, ds.prompt_field, ds.answer_field)
+        try:  # a chat row's prompt, as samples and reward requests show it: rendered
+            return [
+                replace(e, prompt=self.renderer.prompt(e)[0]) if e.messages else e for e in examples
+            ]
+        except ChatTemplateError as exc:
+            raise RunError(f"dataset.{field}: {exc}") from None
 
     def _initial_model(self):
         """reference="initial" after a resume: the starting weights, not the checkpoint's."""
@@ -210,6 +233,8 @@ class RunLoop:
                 if step % every == 0 or step == total:
                     self._checkpoint(step)
         finally:
+            if self.episodes is not None:
+                self.episodes.environment.close()
             self.engine.close()
         if self.lead:
             self.recorder.finish(RunStatus.SUCCEEDED, f"run finished after {total} steps")
@@ -247,7 +272,7 @@ class RunLoop:
             if any(sampled_by_run(group, k) for _, group in slots):  # whole groups sample nothing
                 self._sync_engine()  # once per step: nothing samples between the step's updates
         with self._phase("rollout", step, times):
-            rollouts, mine = self._roll_out(slots)
+            rollouts, mine = self._roll_out(step, slots)
         with self._phase("reward", step, times):
             scores = self._rewards(step, slots, rollouts)
         with self._phase("learn", step, times):
@@ -270,14 +295,14 @@ class RunLoop:
             self.sampler, self.groups, posted, off, training.prompts_per_step, engines
         )
 
-    def _roll_out(self, slots: list[Slot]) -> tuple[list[Rollout], list[Rollout]]:
+    def _roll_out(self, step: int, slots: list[Slot]) -> tuple[list[Rollout], list[Rollout]]:
         """(every group's rollout, on the lead; this rank's groups' rollouts). This rank's engine
         samples fresh completions for its share's prompts; off-policy groups come as given
         (one of fewer than k topped up with fresh ones)."""
         k = self.spec.algorithm.group_size
         share = self.ranks.engine_share(slots)
-        fresh = [example.prompt for example, group in share if sampled_by_run(group, k)]
-        made = iter(self.engine.generate(fresh, k, self.spec.sampling) if fresh else [])
+        fresh = [i for i, (_, group) in enumerate(share) if sampled_by_run(group, k)]
+        made = iter(self._generate(step, [share[i][0] for i in fresh], k, groups=fresh))
         generated = [
             next(made)
             if group is None
@@ -289,6 +314,25 @@ class RunLoop:
         self.engine.offload()
         return self.ranks.gather_engines(generated), self.ranks.own_part(generated)
 
+    def _generate(
+        self,
+        step: int,
+        examples: list[Example],
+        n: int,
+        purpose: str = "train",
+        groups: list[int] | None = None,
+    ) -> list[Rollout]:
+        """n completions of each example, or n episodes with an environment."""
+        if not examples:
+            return []
+        if self.episodes is not None:
+            try:
+                return self.episodes.run(step, examples, n, self.spec.sampling, purpose, groups)
+            except ChatTemplateError as exc:
+                raise RunError(str(exc)) from None
+        prompts = [self.renderer.prompt(e)[1] for e in examples]
+        return self.engine.generate(prompts, n, self.spec.sampling)
+
     def _rewards(self, step: int, slots: list[Slot], rollouts: list[Rollout]) -> Scores:
         """(G, k) rewards of every group, scored once by the lead and shared with every rank."""
         return self.ranks.share(
@@ -299,11 +343,13 @@ class RunLoop:
         """One learner step on this rank's groups (statistics summed over the ranks)."""
         rewards = self.ranks.shard(scores.rewards)  # (G / ranks, k): this rank's groups
         reported = any(c.logprobs is not None for r in mine for c in r.completions)
+        masked = any(c.mask is not None for r in mine for c in r.completions)
         batch = GroupBatch(
             [r.prompt_ids for r in mine],
             [[c.token_ids for c in r.completions] for r in mine],
             rewards,
             [[c.logprobs for c in r.completions] for r in mine] if reported else None,
+            [[c.mask for c in r.completions] for r in mine] if masked else None,
         )
         stats = self.learner.learn(batch, step)
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
@@ -327,6 +373,9 @@ class RunLoop:
         record = step_record(
             slots, rollouts, scores, stats, self.learner.lr_at(step), times, posted
         )
+        if self.episodes is not None:  # part of time/rollout_s: the environment's answers
+            record.metrics["time/environment_s"] = self.episodes.environment_s
+            self.episodes.environment_s = 0.0
         self.recorder.record_step(step, record.metrics, record.samples, record.tokens_generated)
 
     def _sync_engine(self) -> None:
@@ -343,12 +392,12 @@ class RunLoop:
         self.watchdog.enter("eval", step)
         self._sync_engine()
         padded = examples + examples[-1:] * (-len(examples) % self.ranks.engines)  # equal shares
-        generated = self.engine.generate(
-            [e.prompt for e in self.ranks.engine_share(padded)],
-            spec.samples_per_prompt,
-            self.spec.sampling,
+        generated = self._generate(
+            step, self.ranks.engine_share(padded), spec.samples_per_prompt, "eval"
         )
         self.engine.offload()
+        if self.episodes is not None:
+            self.episodes.environment_s = 0.0  # the step's figure is the training rollout's
         rollouts = self.ranks.gather_engines(generated)[: len(examples)]
         if self.lead:
             scores = self.scorer.score(step, examples, rollouts, purpose="eval")

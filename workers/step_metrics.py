@@ -8,10 +8,13 @@ import math
 from dataclasses import dataclass
 
 from service.contract.metrics import REWARD_MEAN
+from workers.episodes import TRUNCATED
 from workers.learner.learner import LearnStats
 from workers.offpolicy import Slot, per_source, sampled_by_run, slot_sources
 from workers.rewards.base import Scores
-from workers.rollout.base import Rollout
+from workers.rollout.base import Completion, Rollout
+
+TURN_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,9 @@ def step_record(
     rewards = scores.rewards  # (G, k)
     k = rewards.shape[1]
     sources = [slot_sources(group, k) for _, group in slots]
-    lengths = [len(c.token_ids) for r in rollouts for c in r.completions]
+    lengths = [c.sampled_tokens for r in rollouts for c in r.completions]
     sampled = sum(
-        len(c.token_ids)
+        c.sampled_tokens
         for (_, group), r in zip(slots, rollouts, strict=True)
         for c in r.completions[k - sampled_by_run(group, k) :]
     )
@@ -59,6 +62,7 @@ def step_record(
         "throughput/tokens_per_s": sampled / max(sum(times.values()), 1e-9),
         **{f"reward/{label}/mean": part.mean().item() for label, part in scores.components.items()},
     }
+    metrics |= episode_metrics(rollouts)
     if posted_groups is not None:
         metrics |= per_source(rewards, sources)
         metrics["offpolicy/posted_groups"] = float(posted_groups)
@@ -73,8 +77,41 @@ def step_record(
             "answer": e.answer,
             "reward": float(rewards[g, i]),
             "source": sources[g][i],
+            "episode": episode_record(c),
         }
         for g, ((e, _), r) in enumerate(zip(slots, rollouts, strict=True))
         for i, c in enumerate(r.completions)
     ]
     return StepRecord(metrics, samples, sampled)
+
+
+def episode_metrics(rollouts: list[Rollout]) -> dict[str, float]:
+    """episode/turns_mean and episode/truncated_frac over a step's episodes (none: {})."""
+    episodes = [c for r in rollouts for c in r.completions if c.turns is not None]
+    if not episodes:
+        return {}
+    turns = [sum(t.trained for t in c.turns) for c in episodes]
+    truncated = [c.finish_reason in TRUNCATED for c in episodes]
+    return {
+        "episode/turns_mean": sum(turns) / len(turns),
+        "episode/truncated_frac": sum(truncated) / len(truncated),
+    }
+
+
+def episode_record(c: Completion) -> dict | None:
+    """A sample's `episode` (service/metrics/schemas.py EpisodeRead), for a multi-turn one."""
+    if c.turns is None:
+        return None
+    return {
+        "turns": [
+            {
+                **{key: t.message.get(key) for key in TURN_KEYS},
+                "tokens": t.tokens,
+                "trained": t.trained,
+            }
+            for t in c.turns
+        ],
+        "end": c.finish_reason,
+        "trained_tokens": c.sampled_tokens,
+        "tokens": len(c.token_ids),
+    }

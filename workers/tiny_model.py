@@ -9,7 +9,8 @@ while keeping head_dim >= 32 so vLLM can serve it too.
 The model is Llama (not Qwen2: AutoTokenizer swaps in a byte-level
 pre-tokenizer for Qwen2 configs). The tokenizer maps each printable ASCII
 character to exactly one token, adds no special tokens when encoding and
-decodes by plain concatenation, so ``decode(encode(s)) == s`` for such text.
+decodes by plain concatenation, so ``decode(encode(s)) == s`` for such text. It carries a
+compact chat template, so chat rows and episodes run offline too.
 """
 
 from __future__ import annotations
@@ -30,16 +31,35 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)  # ids 0, 1, 2, 3
 CHARACTERS = tuple(c for c in string.printable if c not in "\x0b\x0c\r")
 MIN_HEAD_DIM = 32  # vLLM's attention kernels need at least this
+# Short, so that conversations fit the tiny context: one letter per role ("s:", "u:", "a:",
+# "t:"), a line per message, an assistant turn closed by EOS; tools (when given) as a
+# system line of their JSON, tool calls in <tool_call> tags as Hermes-style templates write them.
+CHAT_TEMPLATE = (
+    "{%- if tools %}s:tools {{ tools | tojson }}{{ '\\n' }}{% endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "a:{{ m.content or '' }}"
+    "{%- for c in m.tool_calls or [] -%}"
+    '<tool_call>{"name": {{ c.function.name | tojson }}, "arguments": '
+    "{{ c.function.arguments }}}</tool_call>"
+    "{%- endfor -%}"
+    "{{ eos_token }}{{ '\\n' }}"
+    "{%- else -%}"
+    "{{ m.role[0] }}:{{ m.content }}{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}a:{% endif -%}"
+)
 
 
 def build_tokenizer(max_positions: int = 256) -> PreTrainedTokenizerFast:
-    """One token per character; unknown characters map to <unk>."""
+    """One token per character; unknown characters map to <unk>; a chat template."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # An empty pattern with "isolated" splits the text into single characters.
     backend.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     backend.decoder = decoders.Fuse()  # concatenate, no spaces in between
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS,
         eos_token=EOS,
@@ -49,6 +69,8 @@ def build_tokenizer(max_positions: int = 256) -> PreTrainedTokenizerFast:
         model_max_length=max_positions,
         clean_up_tokenization_spaces=False,  # keep " ," etc. verbatim
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def _head_dim(hidden_size: int, num_heads: int) -> int:

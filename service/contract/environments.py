@@ -32,8 +32,7 @@ class SecretCodeParams(EnvironmentParams):
     reveal: str = Field(
         "The code is {answer}.",
         max_length=MAX_TEXT,
-        description="what the environment says after the first turn; {answer} is the row's "
-        "answer",
+        description="what the environment says after the first turn; {answer} is the row's answer",
     )
 
 

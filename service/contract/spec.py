@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from service.contract.environments import EnvironmentSpec, WebhookEnvironment
 from service.contract.limits import (
     INT32_MAX,
     MAX_BATCH_TOKENS,
@@ -33,7 +34,6 @@ from service.contract.limits import (
     MAX_TOKENS,
 )
 from service.contract.limits import Strict as _Strict
-from service.contract.environments import EnvironmentSpec, WebhookEnvironment
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, finite
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
@@ -433,6 +433,11 @@ class RunSpec(_Strict):
             raise ValueError(
                 "strategy 'fsdp' is for full fine-tuning: a LoRA adapter is small, "
                 "so train it with 'ddp' (or set model.lora to null)"
+            )
+        if info.data.get("environment") is not None and v.ranks > 1:
+            raise ValueError(
+                f"an environment's episodes are played by one training process for now; this "
+                f"run has {v.ranks} (resources.gpus / resources.processes)"
             )
         tp = rollout.tensor_parallel_size if rollout else 1
         if tp > 1 and rollout.engine == "hf":

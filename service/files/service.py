@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
+from service.contract.chat import chat_problem, is_chat
 from service.contract.files import FilePurpose, numbered_rows, scalar_fields
 from service.contract.groups import group_problem
 from service.contract.limits import MAX_FILENAME, has_nul
@@ -64,7 +65,9 @@ def validate_jsonl(path: Path) -> tuple[int, list[str]]:
                     "cannot store",
                     {"line": number},
                 )
-            keys = set(scalar_fields(row))
+            if is_chat(row) and (problem := chat_problem(row)):
+                raise BadRequest(f"line {number} is not a chat row: {problem}", {"line": number})
+            keys = set(scalar_fields(row)) | ({"messages"} if is_chat(row) else set())
             common = keys if common is None else common & keys
             rows += 1
     if rows == 0:

@@ -28,6 +28,29 @@ class ReplacedReward(BaseModel):
     replaced_at: datetime
 
 
+class EpisodeTurn(BaseModel):
+    role: Literal["assistant", "user", "tool"]
+    content: str
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    tokens: int = Field(description="its token ids in the episode (sampled, for an assistant turn)")
+    trained: bool = Field(
+        description="true: the policy sampled these tokens and they carry the loss's "
+        "log-ratio; false: the template's and the environment's tokens, masked"
+    )
+
+
+class EpisodeRead(BaseModel):
+    """A multi-turn sample: the conversation after its prompt, turn by turn."""
+
+    turns: list[EpisodeTurn]
+    end: Literal["done", "max_turns", "max_episode_tokens"] = Field(
+        description="done: the environment ended it; otherwise truncated at that limit"
+    )
+    trained_tokens: int
+    tokens: int
+
+
 class SampleRead(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -40,6 +63,9 @@ class SampleRead(BaseModel):
     reward: float
     source: str = Field(
         description='"policy": sampled by the run; else the off-policy group\'s source'
+    )
+    episode: EpisodeRead | None = Field(
+        None, description="a multi-turn episode's turns (completion: its last assistant turn)"
     )
     reward_history: list[ReplacedReward] = Field(
         default_factory=list,

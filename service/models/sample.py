@@ -1,4 +1,6 @@
-from sqlalchemy import Double, ForeignKey, Integer, String, Text, UniqueConstraint
+from typing import Any
+
+from sqlalchemy import JSON, Double, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from service.contract.groups import POLICY
@@ -20,6 +22,9 @@ class Sample(Base):
     answer: Mapped[str | None] = mapped_column(Text)
     reward: Mapped[float] = mapped_column(Double)
     # POLICY (sampled by the run) or an off-policy group's source
+    # A multi-turn episode's turns and end (service/metrics/schemas.py EpisodeRead); None for
+    # a single completion.
+    episode: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     source: Mapped[str] = mapped_column(String(64), server_default=POLICY, default=POLICY)
     # What re-scorings replaced, oldest first.
     reward_history: Mapped[list[RewardHistory]] = relationship(

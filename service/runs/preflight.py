@@ -32,6 +32,7 @@ from tokenizers import Tokenizer
 
 from gvpo_client.paths import is_local
 from service.config import Settings
+from service.contract.chat import is_chat
 from service.contract.files import numbered_rows
 from service.contract.spec import RunSpec
 from service.errors import InvalidSpec
@@ -344,6 +345,14 @@ def _token_counts(
     return counts
 
 
+def _prompt_text(row: dict, field: str) -> str:
+    """A row's prompt; for a chat row its messages' text, which the chat template's rendering
+    only lengthens (the API does not render templates: the worker does)."""
+    if is_chat(row):
+        return "\n".join(m.get("content") or "" for m in row["messages"])
+    return str(row[field])
+
+
 def _prompt_problems(
     file: File, attr: str, spec: RunSpec, tokenizer: Tokenizer, limit: _Limit
 ) -> list[dict]:
@@ -355,7 +364,7 @@ def _prompt_problems(
     if not rows:
         return []
     field = spec.dataset.prompt_field
-    counts = _token_counts(tokenizer, [str(row[field]) for _, row in rows])
+    counts = _token_counts(tokenizer, [_prompt_text(row, field) for _, row in rows])
     longest = max(range(len(counts)), key=counts.__getitem__)  # the first of the longest
     tokens, line, new = counts[longest], rows[longest][0], spec.sampling.max_new_tokens
     where = f"line {line} of file {file.id} (dataset.{attr})"

@@ -32,7 +32,7 @@ from service.runs.sources import resolve_model
 
 def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
     """The training (and eval) file: the project's own, with the prompt and answer fields in
-    every row."""
+    every row, or chat rows."""
     ds = spec.dataset
     bad = []
     for kind in ("train_file", "eval_file"):
@@ -43,13 +43,21 @@ def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
         except NotFound as exc:
             bad.append({"field": f"dataset.{kind}", "message": exc.message})
             continue
+        # Chat rows hold their prompt in `messages`; their answer is optional (an environment
+        # or a reward webhook may score without one).
+        needed = (
+            [("prompt_field", ds.prompt_field), ("answer_field", ds.answer_field)]
+            if "messages" not in file.fields
+            else []
+        )
         bad += [
             {
                 "field": f"dataset.{attr}",
-                "message": f"file {file.id} has no field {name!r} in "
-                f"every row (fields present in every row: {', '.join(file.fields) or 'none'})",
+                "message": f"file {file.id} has no field {name!r} in every row (fields "
+                f"present in every row: {', '.join(file.fields) or 'none'}; or give chat "
+                "rows with 'messages')",
             }
-            for attr, name in (("prompt_field", ds.prompt_field), ("answer_field", ds.answer_field))
+            for attr, name in needed
             if name not in file.fields
         ]
     bad += _offpolicy_problems(session, project, spec)

@@ -12,6 +12,9 @@ policy that sampled the batch.
   authors' code: log-probs taken before the first update of the step, so the KL term acts across
   the step's mini-batches) or the starting model (reference="initial": a frozen copy, or with
   LoRA the same model with its adapter disabled).
+- Episodes (multi-turn): a completion holds every token after the prompt, and its mask keeps
+  only those the policy sampled, so s_i sums over the sampled tokens of all turns; template
+  and environment tokens are context, never trained.
 - Groups whose rewards are all equal carry no reward signal and are skipped by default.
 - The step's groups are split into `mini_batches` optimizer updates. Each update runs in
   micro-batches packed with whole groups up to `micro_batch_tokens`; per-group losses are summed
@@ -44,7 +47,7 @@ class LearnerConfig:
     optimizer: OptimizerSpec
     mini_batches: int  # optimizer updates per step
     micro_batch_tokens: int | None  # forward/backward budget; None = a mini-batch at once
-    max_new_tokens: int  # dr_grpo's constant length normaliser
+    max_new_tokens: int  # dr_grpo's constant length normaliser (an episode's token budget)
     sharded: bool = False  # FSDP over the data-parallel ranks
 
     @classmethod
@@ -54,7 +57,9 @@ class LearnerConfig:
             spec.optimizer,
             spec.training.mini_batches,
             spec.training.micro_batch_tokens,
-            spec.sampling.max_new_tokens,
+            spec.environment.max_episode_tokens
+            if spec.environment
+            else spec.sampling.max_new_tokens,
             sharded=spec.resources.strategy == "fsdp",
         )
 
@@ -67,6 +72,9 @@ class GroupBatch:
     # (G, k, tokens): the rollout engine's log-prob of each sampled token, where it reports them
     # (None for a completion it did not sample: an off-policy group's)
     sampling_logps: list[list[list[float] | None]] | None = None
+    # (G, k, tokens): 1 on the tokens the policy sampled, for episodes, whose completions hold
+    # template and environment tokens too (None: every completion token is sampled)
+    masks: list[list[list[int] | None]] | None = None
 
     def group_tokens(self, g: int) -> int:
         return sum(len(self.prompt_ids[g]) + len(c) for c in self.completion_ids[g])
@@ -266,7 +274,8 @@ class Learner:
     def _sequences(self, batch: GroupBatch, groups: list[int]):
         prompts = [batch.prompt_ids[g] for g in groups for _ in batch.completion_ids[g]]
         comps = [c for g in groups for c in batch.completion_ids[g]]
-        return build_batch(prompts, comps, self.pad_id, self.device)
+        masks = [m for g in groups for m in batch.masks[g]] if batch.masks else None
+        return build_batch(prompts, comps, self.pad_id, self.device, masks)
 
     @contextmanager
     def _reference_model(self):

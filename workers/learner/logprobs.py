@@ -16,7 +16,7 @@ class SequenceBatch:
     input_ids: torch.Tensor  # (B, P + C): left-padded prompt, then right-padded completion
     attention_mask: torch.Tensor  # (B, P + C)
     position_ids: torch.Tensor  # (B, P + C) counting real tokens only
-    completion_mask: torch.Tensor  # (B, C) 1 on completion tokens
+    completion_mask: torch.Tensor  # (B, C) 1 on completion tokens that carry the loss
     prompt_width: int  # P: completions start at this column
 
 
@@ -25,7 +25,10 @@ def build_batch(
     completions: list[list[int]],
     pad_id: int,
     device: torch.device,
+    masks: list[list[int] | None] | None = None,
 ) -> SequenceBatch:
+    """`masks`: per completion, 1 on the tokens that carry the loss (an episode's sampled ids;
+    None or absent: every token)."""
     width_p = max(len(p) for p in prompts)
     width_c = max(len(c) for c in completions)
     ids = torch.full((len(prompts), width_p + width_c), pad_id, dtype=torch.long)
@@ -36,6 +39,9 @@ def build_batch(
         attn[row, start : width_p + len(c)] = 1
     positions = (attn.cumsum(dim=1) - 1).clamp(min=0)
     comp = attn[:, width_p:].clone()
+    for row, mask in enumerate(masks or []):
+        if mask is not None:
+            comp[row, : len(mask)] = torch.tensor(mask, dtype=comp.dtype)
     return SequenceBatch(
         ids.to(device), attn.to(device), positions.to(device), comp.to(device), width_p
     )

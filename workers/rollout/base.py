@@ -1,4 +1,9 @@
-"""The rollout engine contract: k sampled completions per prompt, with the exact token ids."""
+"""The rollout engine contract: k sampled completions per prompt, with the exact token ids.
+
+A prompt is text (tokenised by the engine's tokenizer, special tokens included, as the learner
+tokenises it) or token ids taken as they are: a rendered chat prompt, or an episode's context,
+whose sampled ids must never be re-tokenised.
+"""
 
 from dataclasses import dataclass
 from typing import Protocol
@@ -12,11 +17,33 @@ class Completion:
     # Exactly the sampled tokens (ending with EOS when the model stopped), so the learner scores
     # what was generated rather than a re-tokenisation of the text.
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    # "stop" (EOS or a stop string) or "length"; an episode's: "done" (the environment ended
+    # it), "max_turns" or "max_episode_tokens" (truncated)
+    finish_reason: str
     # log pi(token | prefix) of each sampled token under the weights that sampled it, before
     # temperature/top-p: the learner recomputes the same numbers as a weight-sync check. None
     # where the engine shares the learner's module and so cannot drift from it.
     logprobs: list[float] | None = None
+    # An episode's (workers/episodes.py): 1 on the tokens the policy sampled, 0 on the
+    # template's and the environment's tokens between its turns, which carry no log-ratio.
+    # None: every token was sampled (a single completion).
+    mask: list[int] | None = None
+    # An episode's turns after its prompt, in order (assistant and environment messages).
+    turns: list["Turn"] | None = None
+    reward: float | None = None  # the environment's, when it gave one with done
+
+    @property
+    def sampled_tokens(self) -> int:
+        return len(self.token_ids) if self.mask is None else sum(self.mask)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of an episode and the token ids it took in the completion."""
+
+    message: dict
+    tokens: int  # its ids in Completion.token_ids (an assistant turn: what the policy sampled)
+    trained: bool  # sampled by the policy (an assistant turn); else rendered, masked
 
 
 @dataclass(frozen=True)
@@ -25,10 +52,17 @@ class Rollout:
     completions: list[Completion]
 
 
+Prompt = str | list[int]
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    return list(prompt) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
+
+
 class RolloutEngine(Protocol):
     name: str
 
-    def generate(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSpec) -> list[Rollout]:
         """n completions for each prompt, in prompt order."""
         ...
 

@@ -8,7 +8,7 @@ paged attention or continuous batching, which is what vLLM is for.
 import torch
 
 from service.contract.spec import SamplingSpec
-from workers.rollout.base import Rollout
+from workers.rollout.base import Prompt, Rollout, prompt_ids
 from workers.rollout.text import CompletionBuilder, eos_token_ids
 
 MAX_SEQUENCES_PER_BATCH = 256
@@ -25,7 +25,7 @@ class HFRolloutEngine:
         self.eos_ids = eos_token_ids(model.generation_config.eos_token_id, tokenizer)
         self.builder = CompletionBuilder(tokenizer, self.eos_ids)
 
-    def generate(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSpec) -> list[Rollout]:
         per_batch = max(1, MAX_SEQUENCES_PER_BATCH // n)
         rollouts: list[Rollout] = []
         for start in range(0, len(prompts), per_batch):
@@ -42,8 +42,10 @@ class HFRolloutEngine:
         """Nothing to release."""
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+    def _generate_batch(
+        self, prompts: list[Prompt], n: int, sampling: SamplingSpec
+    ) -> list[Rollout]:
+        enc = self._left_padded([prompt_ids(self.tokenizer, p) for p in prompts])
         was_training = self.model.training
         self.model.eval()
         try:
@@ -65,11 +67,20 @@ class HFRolloutEngine:
             )
         finally:
             self.model.train(was_training)
-        prompt_len = enc["input_ids"].shape[1]
+        prompt_len = enc["input_ids"].shape[1]  # (B, P) -> (B*n, P + T)
         new_tokens = out[:, prompt_len:].tolist()  # (B*n, T)
         rollouts = []
         for i, prompt_row in enumerate(enc["input_ids"]):
-            prompt_ids = prompt_row[enc["attention_mask"][i].bool()].tolist()
+            ids = prompt_row[enc["attention_mask"][i].bool()].tolist()
             group = [self.builder.build(new_tokens[i * n + j], sampling) for j in range(n)]
-            rollouts.append(Rollout(prompt_ids=prompt_ids, completions=group))
+            rollouts.append(Rollout(prompt_ids=ids, completions=group))
         return rollouts
+
+    def _left_padded(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}

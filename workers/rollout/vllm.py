@@ -33,7 +33,7 @@ from service.contract.spec import RunSpec, SamplingSpec
 from workers.errors import RunError
 from workers.learner.sharding import full
 from workers.ranks import Ranks
-from workers.rollout.base import Rollout
+from workers.rollout.base import Prompt, Rollout, prompt_ids
 from workers.rollout.text import CompletionBuilder, eos_token_ids
 
 CPU_KV_CACHE_GIB = 1.0
@@ -111,7 +111,7 @@ class VLLMRolloutEngine:
         self.builder = CompletionBuilder(tokenizer, self.eos_ids)
         self.sleeping: set[str] = set()  # memory pools freed by sleep(), until woken
 
-    def generate(self, prompts: list[str], n: int, sampling: SamplingSpec) -> list[Rollout]:
+    def generate(self, prompts: list[Prompt], n: int, sampling: SamplingSpec) -> list[Rollout]:
         from vllm import SamplingParams
 
         self._wake(["weights", "kv_cache"])
@@ -126,10 +126,12 @@ class VLLMRolloutEngine:
             skip_special_tokens=False,
             detokenize=bool(sampling.stop),  # the text is decoded by CompletionBuilder
         )
-        # The prompt ids come from our tokenizer, exactly as the learner will see them.
-        prompt_ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        # The prompt ids come from our tokenizer (or the caller), exactly as the learner will
+        # see them; an episode's next turn extends the ids of its last, so vLLM's prefix cache
+        # serves the conversation so far.
+        ids_of = [prompt_ids(self.tokenizer, p) for p in prompts]
         outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False
+            [{"prompt_token_ids": ids} for ids in ids_of], params, use_tqdm=False
         )
         return [
             Rollout(
@@ -139,7 +141,7 @@ class VLLMRolloutEngine:
                     for c in out.outputs
                 ],
             )
-            for ids, out in zip(prompt_ids, outputs, strict=True)
+            for ids, out in zip(ids_of, outputs, strict=True)
         ]
 
     def load_weights(self, model) -> None:
