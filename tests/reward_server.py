@@ -1,5 +1,6 @@
-"""A real reward model over loopback HTTP for the tests: checks signatures, scores, and can be
-told to fail, stall or lie. Runs uvicorn in a thread of the test process (services.ThreadServer)."""
+"""A real reward model over loopback HTTP for the tests: checks signatures (`unsigned`, which
+the environment server shares), scores, and can be told to fail, stall or lie. Runs uvicorn in a
+thread of the test process (services.ThreadServer)."""
 
 import json
 import math
@@ -48,6 +49,15 @@ def post_callback(url: str, body: bytes, signature: str) -> int:
     return resp.status_code
 
 
+def unsigned(secret: str, request: Request, body: bytes) -> Response | None:
+    """The 401 for a request whose GVPO-Signature does not verify with `secret`, else None."""
+    try:
+        verify(secret, request.headers.get(HEADER), body)
+    except SignatureError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=401)
+    return None
+
+
 def make_app(b: Behaviour) -> FastAPI:
     app = FastAPI()
 
@@ -63,10 +73,8 @@ def make_app(b: Behaviour) -> FastAPI:
     @app.post("/score")
     async def score_items(request: Request, background: BackgroundTasks) -> Response:
         body = await request.body()
-        try:
-            verify(b.secret, request.headers.get(HEADER), body)
-        except SignatureError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=401)
+        if refusal := unsigned(b.secret, request, body):
+            return refusal
         b.calls += 1
         failing = b.calls <= b.fail_first or (b.fail_after is not None and b.calls > b.fail_after)
         if failing:

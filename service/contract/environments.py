@@ -10,7 +10,14 @@ exactly these names.
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from service.contract.limits import (
     MAX_ITEMS_PER_REQUEST,
@@ -148,10 +155,16 @@ class EpisodeResult(BaseModel):
     done: bool = False
     reward: Reward | None = None  # only with done: else the run's reward scores the episode
 
-    @model_validator(mode="after")
-    def _reward_when_done(self) -> "EpisodeResult":
-        if self.reward is not None and not self.done:
+    # A field validator, so that the error's location names `reward` (after `done`: it sees it)
+    @field_validator("reward")
+    @classmethod
+    def _reward_when_done(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("done") is False:
             raise ValueError("a reward is given only with done: true")
+        return v
+
+    @model_validator(mode="after")
+    def _goes_on_with_a_message(self) -> "EpisodeResult":
         if not self.done and not self.messages:
             raise ValueError("an episode that goes on needs at least one message")
         return self

@@ -34,6 +34,7 @@ class EventType(StrEnum):
     ROLLOUT_FALLBACK = "rollout.fallback"
     ROLLOUT_LOGPROB_MISMATCH = "rollout.logprob_mismatch"
     REWARD_RETRY = "reward.retry"
+    ENVIRONMENT_RETRY = "environment.retry"
     EVAL_FINAL = "eval.final"
     CHECKPOINT_SAVED = "checkpoint.saved"
     CHECKPOINT_UPLOAD_RETRY = "checkpoint.upload_retry"

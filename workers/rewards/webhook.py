@@ -2,8 +2,9 @@
 
 Each step's completions go out in batches of `max_items_per_request`, each signed with the
 run's secret. Network errors, 5xx and 429 are retried with exponential backoff and full jitter
-(honouring Retry-After) up to `max_attempts`; any other answer that is not a complete, finite
-set of rewards fails the run at once with a message naming the URL, the answer and the tries.
+(honouring Retry-After) up to `max_attempts`, as every webhook of a run is
+(workers/webhook_calls.py); any other answer that is not a complete, finite set of rewards
+fails the run at once with a message naming the URL, the answer and the tries.
 
 In async mode the reward model answers 202 and later POSTs the rewards to the API, which stores
 them on the request's row; the worker waits until every request of the step is complete,
@@ -11,8 +12,6 @@ re-sends a request whose callback has not completed within `timeout_s`, and fail
 `max_attempts` sends. Groups therefore train only when all k rewards are in.
 """
 
-import json
-import random
 import secrets
 import time
 from collections.abc import Callable
@@ -21,21 +20,21 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gvpo_client.signing import REQUEST_ID_HEADER, is_reward
+from gvpo_client.signing import is_reward
 from service.contract.events import EventLevel, EventType
-from service.contract.outbound import OutboundClient, Refused, Transient, post_signed
+from service.contract.outbound import OutboundClient
 from service.contract.rewards import WebhookReward
 from service.contract.webhooks import RewardItem, RewardRequest
 from workers.data import Example
 from workers.errors import RunError
 from workers.rewards.base import Scores
 from workers.rollout.base import Rollout
+from workers.webhook_calls import WebhookCaller
 
 if TYPE_CHECKING:
     from service.config import Settings
     from workers.records import RunRecorder
 
-BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 ACCEPTED = object()  # an async reward model's 202: the rewards will come by callback
 
 
@@ -59,10 +58,15 @@ class WebhookContext:
 
     @classmethod
     def of_run(
-        cls, settings: "Settings", recorder: "RunRecorder", batch_tag: str = ""
+        cls,
+        settings: "Settings",
+        recorder: "RunRecorder",
+        batch_tag: str = "",
+        retry_event: EventType = EventType.REWARD_RETRY,
     ) -> "WebhookContext":
         """The context of `recorder`'s run: its secret, its callback URL, retries recorded as
-        its events, async requests on its rows."""
+        its events (`retry_event`: ENVIRONMENT_RETRY for its environment's webhook), async
+        requests on its rows."""
         run_id = recorder.run_id
         return cls(
             run_id=run_id,
@@ -71,7 +75,7 @@ class WebhookContext:
             allow_private=settings.webhook_allow_private,
             max_response_bytes=settings.webhook_max_response_bytes,
             on_retry=lambda message, data: recorder.event(
-                EventType.REWARD_RETRY, message, EventLevel.WARNING, data
+                retry_event, message, EventLevel.WARNING, data
             ),
             open_request=recorder.open_reward_request,
             results=recorder.reward_results,
@@ -92,6 +96,9 @@ def batch_name(step: int, purpose: str) -> str:
 class WebhookScorer:
     def __init__(self, spec: WebhookReward, ctx: WebhookContext) -> None:
         self.spec, self.ctx = spec, ctx
+        self.caller = WebhookCaller(
+            "reward webhook", spec.url, spec.timeout_s, spec.max_attempts, ctx
+        )
 
     def score(
         self,
@@ -123,15 +130,13 @@ class WebhookScorer:
             f"rq_{run}_{batch}_{n}_{attempt}": items[start : start + size]
             for n, start in enumerate(range(0, len(items), size))
         }
-        with OutboundClient(self.ctx.allow_private, self.spec.timeout_s) as client:
+        with self.caller.client() as client:
             if self.spec.mode == "async":
                 rewards = self._collect_async(client, head, requests)
             else:
                 rewards = {}
                 for request_id, chunk in requests.items():
-                    answer = self._post_with_retries(
-                        client, self._body(request_id, head, chunk), request_id
-                    )
+                    answer = self._post(client, self._body(request_id, head, chunk), request_id)
                     rewards.update(self._parse(answer, chunk))
         k = len(rollouts[0].completions)
         flat = [rewards[item.sample_id] for item in items]
@@ -194,56 +199,13 @@ class WebhookScorer:
         self, client: OutboundClient, head: dict, request_id: str, chunk: list[RewardItem]
     ) -> dict[str, float] | None:
         """POST one async request; its rewards if the model answered at once, else None (202)."""
-        answer = self._post_with_retries(client, self._body(request_id, head, chunk), request_id)
+        answer = self._post(client, self._body(request_id, head, chunk), request_id)
         return None if answer is ACCEPTED else self._parse(answer, chunk)
 
-    def _post_with_retries(self, client: OutboundClient, body: bytes, request_id: str) -> object:
-        url, tries = self.spec.url, self.spec.max_attempts
-        for attempt in range(1, tries + 1):
-            try:
-                return self._post(client, body, request_id)
-            except Transient as exc:
-                last = exc
-            except Refused as exc:
-                raise RunError(f"reward webhook {url} may not be called: {exc}") from None
-            if attempt == tries:
-                break
-            delay = last.retry_after
-            if delay is None:
-                delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
-            self.ctx.on_retry(
-                f"reward webhook {url} answered {last.answer}; retry {attempt} of {tries - 1} "
-                f"in {delay:.1f} s",
-                {
-                    "url": url,
-                    "answer": last.answer,
-                    "attempt": attempt,
-                    "delay_s": delay,
-                    "request_id": request_id,
-                },
-            )
-            self.ctx.sleep(delay)
-        raise RunError(
-            f"reward webhook {url} failed after {tries} tries; last answer: {last.answer}"
-        )
-
     def _post(self, client: OutboundClient, body: bytes, request_id: str) -> object:
-        """One signed POST: the parsed JSON of a 200, ACCEPTED for an async 202."""
-        answer = post_signed(
-            client,
-            self.spec.url,
-            body,
-            self.ctx.secret(),
-            {REQUEST_ID_HEADER: request_id},
-            self.ctx.max_response_bytes,
-            self.spec.timeout_s,
-        )
-        if answer.over_limit:
-            raise RunError(
-                f"reward webhook {self.spec.url} sent more than {self.ctx.max_response_bytes} bytes"
-            )
-        if answer.retryable:
-            raise Transient(answer.describe(), answer.retry_after)
+        """One request, retried as webhooks are: the parsed JSON of a 200, ACCEPTED for an
+        async 202."""
+        answer = self.caller.post(client, body, request_id)
         if answer.status == 202 and self.spec.mode == "async":
             return ACCEPTED
         if answer.status != 200:
@@ -255,13 +217,7 @@ class WebhookScorer:
                 f"({answer.text[:200]!r}); a {self.spec.mode} reward model must answer "
                 f"{expected}"
             )
-        try:
-            return json.loads(answer.text)
-        except json.JSONDecodeError:
-            raise RunError(
-                f"reward webhook {self.spec.url} answered 200 with a body that is "
-                f"not JSON: {answer.text[:200]!r}"
-            ) from None
+        return self.caller.json_of(answer)
 
     def _parse(self, answer: object, chunk: list[RewardItem]) -> dict[str, float]:
         wanted = {item.sample_id for item in chunk}
