@@ -1,0 +1,296 @@
+"""The python_tool environment and its sandbox (workers/sandbox.py): what the policy's code
+cannot do to the host (reach the network, write outside its scratch directory, read the data
+directory, outgrow its processes, time, memory or output), each checked on the host, and the
+environment still answering afterwards; then how the environment reads calls and replies.
+
+Needs bubblewrap (`make services` installs it).
+"""
+
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from service.contract.environments import PythonToolParams
+from workers.environments.base import EpisodeView
+from workers.environments.python_tool import PythonToolEnvironment
+from workers.sandbox import Stop, run_python
+
+from services import process_tree
+
+LIMITS = PythonToolParams(
+    timeout_s=2, cpu_s=1, memory_mb=256, processes=8, file_size_mb=1, max_output_chars=500
+)
+ANSWER = "42\n[exit 0]"
+FORK_BOMB = """
+import os
+while True:
+    try:
+        os.fork()
+    except OSError:
+        pass
+"""
+
+
+@pytest.fixture(scope="module")
+def host_dir():
+    """A directory of the host that anyone may write to, outside the places the sandbox hides
+    by default when the tests can make one there (under / as root), else in the temp dir."""
+    base = "/" if os.access("/", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="gvpo-sandbox-test-", dir=base))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(host_dir) -> Path:
+    """The service's data directory, with a secret anyone on the host may read."""
+    path = host_dir / "data"
+    path.mkdir(mode=0o777)
+    path.chmod(0o777)
+    secret = path / "secret_key"
+    secret.write_text("the service's secret")
+    secret.chmod(0o666)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(data_dir):
+    if shutil.which("bwrap") is None:
+        pytest.fail(
+            "bubblewrap (bwrap) is not installed: run `make services` (.ci/ensure-services)"
+        )
+    environment = PythonToolEnvironment(LIMITS, data_dir=data_dir, concurrency=4)
+    yield environment
+    environment.close()
+
+
+def episode(message: dict, n: int = 0) -> EpisodeView:
+    prompt = {"role": "user", "content": "Compute something."}
+    return EpisodeView(f"ep_{n}", "grp_0", {}, [prompt, message])
+
+
+def tool_call(code: str, call_id: str = "call_1", name: str = "python") -> dict:
+    arguments = json.dumps({"code": code})
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def calling(*calls: dict) -> dict:
+    return {"role": "assistant", "content": "", "tool_calls": list(calls)}
+
+
+def tool(env: PythonToolEnvironment, code: str) -> str:
+    """What the policy reads back after calling the tool with `code`."""
+    (reply,) = env.step(1, 1, [episode(calling(tool_call(code)))], "train")
+    assert not reply.done
+    (message,) = reply.messages
+    return message["content"]
+
+
+def still_answers(env: PythonToolEnvironment) -> bool:
+    return tool(env, "print(6 * 7)") == ANSWER
+
+
+# -- the host is untouched -----------------------------------------------------------------
+
+
+def test_normal_code_prints_its_result(env):
+    assert tool(env, "import math\nprint(math.factorial(5))") == "120\n[exit 0]"
+
+
+def test_a_failing_call_reports_its_traceback_and_exit_code(env):
+    said = tool(env, "1 / 0")
+    assert "ZeroDivisionError" in said and said.endswith("[exit 1]")
+    assert still_answers(env)
+
+
+def test_no_connection_reaches_a_server_on_the_hosts_loopback(env):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        said = tool(env, f"import socket\nsocket.create_connection(('127.0.0.1', {port}), 1)")
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing came
+    assert "ConnectionRefusedError" in said and said.endswith("[exit 1]")
+    assert still_answers(env)
+
+
+def test_no_connection_reaches_a_public_address(env):
+    said = tool(env, "import socket\nsocket.create_connection(('1.1.1.1', 53), 1)")
+    assert "Network is unreachable" in said and said.endswith("[exit 1]")
+    assert still_answers(env)
+
+
+def test_a_write_outside_the_scratch_directory_fails(env, host_dir):
+    kept = host_dir / "kept"
+    kept.write_text("the host's")
+    code = (
+        "import os\n"
+        f"for path in ({str(host_dir / 'new')!r}, '/etc/new', '/usr/new'):\n"
+        "    try:\n"
+        "        open(path, 'w').write('x')\n"
+        "    except OSError as exc:\n"
+        "        print(type(exc).__name__)\n"
+        f"os.remove({str(kept)!r})\n"
+    )
+    said = tool(env, code)
+    assert said.startswith("OSError\nOSError\nOSError\n") and said.endswith("[exit 1]")
+    assert "Read-only file system" in said  # the removal
+    assert not (host_dir / "new").exists() and not Path("/etc/new").exists()
+    assert kept.read_text() == "the host's"
+    assert still_answers(env)
+
+
+def test_the_scratch_directory_is_writable_and_its_files_stay_there(env):
+    code = "open('notes.txt', 'w').write('x')\nprint(open('/tmp/notes.txt').read())"
+    assert tool(env, code) == "x\n[exit 0]"
+    assert tool(env, "import os\nprint(os.path.exists('notes.txt'))") == "False\n[exit 0]"
+
+
+def test_the_data_directory_is_hidden(env, data_dir):
+    said = tool(env, f"print(open({str(data_dir / 'secret_key')!r}).read())")
+    assert "FileNotFoundError" in said and "the service's secret" not in said
+    said = tool(env, f"open({str(data_dir / 'planted')!r}, 'w').write('x')")
+    assert not (data_dir / "planted").exists()
+    assert still_answers(env)
+
+
+def test_the_workers_environment_variables_are_not_passed_on(env, monkeypatch):
+    monkeypatch.setenv("GVPO_SECRET_KEY", "a worker's secret")
+    said = tool(env, "import os\nprint(sorted(os.environ))")
+    assert "GVPO_SECRET_KEY" not in said and said.endswith("[exit 0]")
+
+
+def test_a_fork_bomb_is_stopped_and_leaves_no_process_behind(env):
+    """Its processes never outnumber the limit (RLIMIT_NPROC, counted in the sandbox's user
+    namespace), and none outlives the call."""
+    ours, seen, running = os.getpid(), [], threading.Event()
+    running.set()
+
+    def watch() -> None:
+        while running.is_set():
+            seen.append(len(process_tree(ours)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        said = tool(env, FORK_BOMB)
+    finally:
+        running.clear()
+        watcher.join()
+    assert said.endswith("[killed: time limit 2 s]")
+    # this process, bwrap outside the sandbox and its init inside, then the code's processes
+    assert max(seen) <= 3 + LIMITS.processes
+    assert process_tree(ours) == {ours}
+    assert still_answers(env)
+
+
+def test_an_endless_loop_is_killed_at_the_time_limit(env):
+    started = time.monotonic()
+    said = tool(env, "print('started')\nimport time\nwhile True:\n    time.sleep(0.01)")
+    assert said == "started\n[killed: time limit 2 s]"
+    assert time.monotonic() - started < LIMITS.timeout_s + 1.5
+    assert process_tree(os.getpid()) == {os.getpid()}
+    assert still_answers(env)
+
+
+def test_a_busy_loop_is_stopped_at_the_cpu_limit():
+    limits = LIMITS.model_copy(update={"timeout_s": 10, "cpu_s": 1})
+    result = run_python("while True:\n    pass", limits)
+    assert result.stopped is Stop.CPU and result.elapsed_s < 5
+    assert result.status(limits) == "[killed: CPU time limit 1 s]"
+
+
+def test_a_10_gb_allocation_fails(env):
+    said = tool(env, "data = bytearray(10 * 1024**3)")
+    assert "MemoryError" in said and said.endswith("[out of memory: limit 256 MB]")
+    assert still_answers(env)
+
+
+def test_a_file_past_the_size_limit_is_refused(env):
+    said = tool(env, "open('big', 'wb').write(b'x' * (2 * 1024 * 1024))")
+    assert "File too large" in said and said.endswith("[exit 1]")
+
+
+def test_the_output_is_cut_to_its_limit(env):
+    said = tool(env, "print('start')\nprint('x' * 100_000)\nprint('end')")
+    output, status = said.rsplit("\n", 1)
+    assert status == "[exit 0]"
+    assert output.startswith("start\nxxx") and output.endswith("xxx\nend")
+    assert "bytes of output cut" in output
+    assert len(output) < LIMITS.max_output_chars + 60
+
+
+def test_the_code_reads_the_stdin_it_is_given():
+    result = run_python("print(input().upper())", LIMITS, stdin="hello\n")
+    assert (result.exit_code, result.output) == (0, "HELLO\n")
+
+
+# -- calls and replies -----------------------------------------------------------------------
+
+
+def test_a_tool_call_is_answered_with_its_id_and_the_episode_goes_on(env):
+    (reply,) = env.step(3, 1, [episode(calling(tool_call("print(6 * 7)", "call_7")))], "train")
+    assert reply.messages == [{"role": "tool", "content": ANSWER, "tool_call_id": "call_7"}]
+    assert not reply.done and reply.reward is None
+
+
+def test_a_turn_without_a_call_ends_the_episode(env):
+    (reply,) = env.step(3, 2, [episode({"role": "assistant", "content": "It is 42."})], "train")
+    assert reply.done and reply.messages == [] and reply.reward is None
+
+
+def test_without_done_without_call_a_turn_without_a_call_is_told_to_call(data_dir):
+    params = LIMITS.model_copy(update={"done_without_call": False})
+    environment = PythonToolEnvironment(params, data_dir=data_dir)
+    try:
+        (reply,) = environment.step(
+            1, 1, [episode({"role": "assistant", "content": "Hm."})], "eval"
+        )
+    finally:
+        environment.close()
+    assert not reply.done
+    assert [m["role"] for m in reply.messages] == ["user"]
+
+
+def test_a_fenced_block_runs_when_there_are_no_tool_calls(env):
+    text = "Let me compute.\n```python\nprint(6 * 7)\n```\n"
+    (reply,) = env.step(1, 1, [episode({"role": "assistant", "content": text})], "train")
+    assert reply.messages == [{"role": "tool", "content": ANSWER}] and not reply.done
+
+
+def test_an_unknown_tool_or_bad_arguments_are_told_and_the_episode_goes_on(env):
+    bad_json = {
+        "id": "call_3",
+        "type": "function",
+        "function": {"name": "python", "arguments": "{"},
+    }
+    message = calling(
+        tool_call("print(1)", "call_1", name="shell"),
+        tool_call("print(6 * 7)", "call_2"),
+        bad_json,
+    )
+    (reply,) = env.step(1, 1, [episode(message)], "train")
+    unknown, ran, malformed = reply.messages
+    assert unknown["tool_call_id"] == "call_1" and "unknown tool 'shell'" in unknown["content"]
+    assert ran == {"role": "tool", "content": ANSWER, "tool_call_id": "call_2"}
+    assert malformed["tool_call_id"] == "call_3" and "not JSON" in malformed["content"]
+    assert not reply.done
+
+
+def test_the_episodes_calls_run_at_once(env):
+    """Four episodes of a one-second call each take about a second, not four."""
+    episodes = [
+        episode(calling(tool_call("import time\ntime.sleep(1)\nprint(1)")), n) for n in range(4)
+    ]
+    started = time.monotonic()
+    replies = env.step(1, 1, episodes, "train")
+    assert time.monotonic() - started < 3
+    assert [r.messages[0]["content"] for r in replies] == ["1\n[exit 0]"] * 4
