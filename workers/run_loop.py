@@ -143,8 +143,10 @@ class RunLoop:
         spec = self.spec.environment
         if spec is None:
             return None
-        webhooks = WebhookContext.of_run(self.settings, self.recorder)
-        hidden = (str(self.settings.data_dir.resolve()),)
+        webhooks = WebhookContext.of_run(
+            self.settings, self.recorder, retry_event=EventType.ENVIRONMENT_RETRY
+        )
+        hidden = (str(self.settings.resolved_data_dir),)
         environment = build_environment(spec, self.spec.dataset.answer_field, webhooks, hidden)
         return EpisodeRunner(self.engine, self.renderer, environment, spec, self.recorder.run_id)
 

@@ -3,8 +3,9 @@ factory that builds a run's environment from its spec.
 
 - `secret_code`: a toy task that needs the environment. After the policy's first turn the
   environment reveals the row's answer (a code the prompt never shows); the episode ends after
-  the second turn with reward 1 if that turn starts with the code, else 0. A policy that
-  ignores what it was told can guess only; the tiny model learns it on two cores.
+  the second turn, rewarded with the share of the code's characters that turn repeats in
+  place (1 for the code exactly). A policy that ignores what it was told can only guess; the
+  tiny model learns it on two cores.
 - `python_tool`: the policy's tool calls run Python in a sandbox (python_tool.py).
 """
 
@@ -39,17 +40,24 @@ class SecretCode:
         if turn == 1:
             said = self.params.reveal.format(answer=code)
             return Reply([{"role": "user", "content": said}])
-        answer = episode.messages[-1].get("content") or ""
-        return Reply(done=True, reward=float(bool(code) and answer.strip().startswith(code)))
+        said = episode.messages[-1].get("content") or ""
+        return Reply(done=True, reward=code_match(code, said))
 
     def close(self) -> None:
         """Nothing held."""
 
 
+def code_match(code: str, said: str) -> float:
+    """The share of `code`'s characters that `said` has at the same places (0 for no code)."""
+    if not code:
+        return 0.0
+    return sum(a == b for a, b in zip(code, said, strict=False)) / len(code)
+
+
 def _python_tool(params: EnvironmentParams, answer_field: str, hidden=()) -> Environment:
     from workers.environments.python_tool import PythonToolEnvironment
 
-    return PythonToolEnvironment(params, hidden=hidden)
+    return PythonToolEnvironment(params, hide=hidden)
 
 
 BUILTIN.register("python_tool")(_python_tool)
@@ -68,12 +76,18 @@ def build_environment(
     return BUILTIN.lookup(spec.name)(spec.parsed_params(), answer_field, hidden)
 
 
-def secret_code_rows(n: int, seed: int = 0) -> list[dict]:
-    """Chat rows for `secret_code`: the same question, a one-digit code as the answer."""
+def secret_code_rows(
+    n: int, seed: int = 0, letters: str = "abcdefghij", size: int = 3
+) -> list[dict]:
+    """Chat rows for `secret_code`: the same question for every row, each with its own code
+    of `size` letters as the answer."""
     import random
 
     rng = random.Random(seed)
     return [
-        {"messages": [{"role": "user", "content": "code?"}], "answer": str(rng.randrange(10))}
+        {
+            "messages": [{"role": "user", "content": "code?"}],
+            "answer": "".join(rng.choice(letters) for _ in range(size)),
+        }
         for _ in range(n)
     ]
