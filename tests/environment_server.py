@@ -28,6 +28,7 @@ def result(item: dict, turn: int) -> dict:
 class EnvBehaviour:
     secret: str = ""
     fail_first: int = 0  # answer 503 to the first N signed requests
+    fail_after: int | None = None  # answer 503 to every signed request after the first N
     retry_after: str | None = "0"
     # "reward_not_done" | "missing" | "unknown" | "repeated" | "not_json" | "bad_role" |
     # "oversized"
@@ -59,7 +60,7 @@ def make_app(b: EnvBehaviour) -> FastAPI:
         if refusal := unsigned(b.secret, request, body):
             return refusal
         b.calls += 1
-        if b.calls <= b.fail_first:
+        if b.calls <= b.fail_first or (b.fail_after is not None and b.calls > b.fail_after):
             headers = {"Retry-After": b.retry_after} if b.retry_after else {}
             return JSONResponse({"error": "overloaded"}, status_code=503, headers=headers)
         payload = json.loads(body)

@@ -171,3 +171,13 @@ class EpisodeRunner:
         for i, message in enumerate(reply.messages):
             e.view.messages.append(message)
             e.turns.append(Turn(message, len(rendered) if i == 0 else 0, trained=False))
+
+
+def final_conversation(example: Example, completion: Completion) -> list[dict] | None:
+    """The conversation a reward sees: a chat row's messages and the policy's turn, or an
+    episode's every turn (None for a plain prompt's single completion)."""
+    if completion.turns is not None:
+        return example.conversation + [t.message for t in completion.turns]
+    if example.messages is not None:
+        return example.conversation + [{"role": "assistant", "content": completion.text}]
+    return None

@@ -32,7 +32,8 @@ from workers.heartbeat import Heartbeat
 from workers.records import RunRecorder
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
-from workers.rollout.base import Completion, Rollout
+from workers.rollout.base import Completion, Rollout, Turn
+from workers.step_metrics import TURN_KEYS
 from workers.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def _step_groups(settings: Settings, run_id: str, step: int):
                 Sample.answer,
                 Sample.completion,
                 Sample.reward,
+                Sample.episode,
             )
             .where(Sample.run_id == run_id, Sample.step == step)
             .order_by(Sample.group_index, Sample.sample_index)
@@ -222,12 +224,30 @@ def _step_groups(settings: Settings, run_id: str, step: int):
     for row in rows:
         groups[row.group_index].append(row)
     ordered = [row for group in groups.values() for row in group]
-    examples = [Example(g[0].prompt, g[0].answer) for g in groups.values()]
-    rollouts = [
-        Rollout(prompt_ids=[], completions=[Completion(r.completion, [], "stop") for r in g])
+    # An episode is re-scored on its final conversation: the prompt's messages and every turn.
+    examples = [
+        Example(g[0].prompt, g[0].answer, g[0].episode and g[0].episode["prompt_messages"])
         for g in groups.values()
     ]
+    rollouts = [
+        Rollout(prompt_ids=[], completions=[_recorded(r) for r in g]) for g in groups.values()
+    ]
     return [r.id for r in ordered], [r.reward for r in ordered], examples, rollouts
+
+
+def _recorded(row) -> Completion:
+    """A recorded sample as the scorer takes it (an episode with its turns and end)."""
+    if row.episode is None:
+        return Completion(row.completion, [], "stop")
+    turns = [
+        Turn(
+            {k: v for k, v in t.items() if k in TURN_KEYS and v is not None},
+            t["tokens"],
+            t["trained"],
+        )
+        for t in row.episode["turns"]
+    ]
+    return Completion(row.completion, [], row.episode["end"], turns=turns)
 
 
 def _export(settings: Settings, rescore: Rescore) -> str:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from service.contract.metrics import REWARD_MEAN
+from workers.data import Example
 from workers.episodes import TRUNCATED
 from workers.learner.learner import LearnStats
 from workers.offpolicy import Slot, per_source, sampled_by_run, slot_sources
@@ -77,7 +78,7 @@ def step_record(
             "answer": e.answer,
             "reward": float(rewards[g, i]),
             "source": sources[g][i],
-            "episode": episode_record(c),
+            "episode": episode_record(e, c),
         }
         for g, ((e, _), r) in enumerate(zip(slots, rollouts, strict=True))
         for i, c in enumerate(r.completions)
@@ -98,11 +99,12 @@ def episode_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     }
 
 
-def episode_record(c: Completion) -> dict | None:
+def episode_record(e: Example, c: Completion) -> dict | None:
     """A sample's `episode` (service/metrics/schemas.py EpisodeRead), for a multi-turn one."""
     if c.turns is None:
         return None
     return {
+        "prompt_messages": e.conversation,
         "turns": [
             {
                 **{key: t.message.get(key) for key in TURN_KEYS},

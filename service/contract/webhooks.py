@@ -6,7 +6,7 @@ these models; receivers (a reward model written in Python, the tests) can valida
 """
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,8 +24,12 @@ class RewardItem(BaseModel):
     sample_id: str  # the same on every send of this completion (deduplicate by it)
     group_id: str
     prompt: str
-    completion: str
+    completion: str  # a chat row's: the assistant's text; an episode's: its last assistant turn
     answer: str | None
+    # Chat rows: the whole conversation, ending with the policy's turn (an episode's: every
+    # turn, environment messages included); None for a plain prompt.
+    messages: list[dict[str, Any]] | None = None
+    item: dict[str, Any] | None = None  # a chat row's other fields
 
 
 class RewardRequest(BaseModel):

@@ -43,6 +43,9 @@ class EpisodeTurn(BaseModel):
 class EpisodeRead(BaseModel):
     """A multi-turn sample: the conversation after its prompt, turn by turn."""
 
+    prompt_messages: list[dict] = Field(
+        default_factory=list, description="the row's messages the episode began from"
+    )
     turns: list[EpisodeTurn]
     end: Literal["done", "max_turns", "max_episode_tokens"] = Field(
         description="done: the environment ended it; otherwise truncated at that limit"

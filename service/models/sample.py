@@ -21,10 +21,10 @@ class Sample(Base):
     completion: Mapped[str] = mapped_column(Text)
     answer: Mapped[str | None] = mapped_column(Text)
     reward: Mapped[float] = mapped_column(Double)
-    # POLICY (sampled by the run) or an off-policy group's source
     # A multi-turn episode's turns and end (service/metrics/schemas.py EpisodeRead); None for
     # a single completion.
     episode: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # POLICY (sampled by the run) or an off-policy group's source
     source: Mapped[str] = mapped_column(String(64), server_default=POLICY, default=POLICY)
     # What re-scorings replaced, oldest first.
     reward_history: Mapped[list[RewardHistory]] = relationship(

@@ -26,6 +26,7 @@ from service.contract.outbound import OutboundClient
 from service.contract.rewards import WebhookReward
 from service.contract.webhooks import RewardItem, RewardRequest
 from workers.data import Example
+from workers.episodes import final_conversation
 from workers.errors import RunError
 from workers.rewards.base import Scores
 from workers.rollout.base import Rollout
@@ -119,6 +120,8 @@ class WebhookScorer:
                 prompt=e.prompt,
                 completion=c.text,
                 answer=e.answer,
+                messages=final_conversation(e, c),
+                item=e.item if e.messages is not None else None,
             )
             for g, e, r in zip(numbers, examples, rollouts, strict=True)
             for i, c in enumerate(r.completions)
