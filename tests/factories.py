@@ -319,3 +319,79 @@ def set_constant_logits(model, logits) -> None:
         head = model.get_output_embeddings().weight
         head.zero_()
         head[:, 0] = logits / head.shape[1] ** 0.5  # RMSNorm scales e0 to sqrt(hidden)
+
+
+# ---------------------------------------------------------------- recorded episodes
+
+# A multi-turn run (DESIGN.md §v2.1) whose steps a test writes as its worker would, rather than
+# trains: on a queue no worker reads.
+TOOL_RUN = {
+    "environment": {"type": "builtin", "name": "python_tool", "max_turns": 2},
+    "resources": {"queue": "parked"},
+}
+EPISODE_METRICS = ("episode/turns_mean", "episode/truncated_frac", "time/environment_s")
+
+
+def _call(call_id: str, code: str) -> dict:
+    arguments = json.dumps({"code": code})
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "python", "arguments": arguments},
+    }
+
+
+def tool_episodes() -> list[dict]:
+    """One group's samples as workers/step_metrics.py records them: an episode the environment
+    ended after a tool call and its answer, one cut at max_turns, one at max_episode_tokens."""
+    call = {"role": "assistant", "content": "", "tool_calls": [_call("call_0", "print(6 * 7)")]}
+    answer = {"role": "tool", "content": "42\n", "tool_call_id": "call_0"}
+    episodes = [
+        ([(call, 21), (answer, 11), ({"role": "assistant", "content": "6 * 7 = 42"}, 8)], "done"),
+        ([(call, 21), (answer, 11), (call, 21)], "max_turns"),
+        ([({"role": "assistant", "content": "Let me think. " * 9}, 64)], "max_episode_tokens"),
+    ]
+    samples = []
+    for i, (turns, end) in enumerate(episodes):
+        shown = [
+            {"tool_calls": None, "tool_call_id": None, **message}
+            | {"tokens": n, "trained": message["role"] == "assistant"}
+            for message, n in turns
+        ]
+        samples.append(
+            {
+                "group_index": 0,
+                "sample_index": i,
+                "prompt": "<|user|>What is 6 * 7? Use python.<|assistant|>",
+                "completion": turns[-1][0]["content"],
+                "answer": "42",
+                "reward": float(end == "done"),
+                "episode": {
+                    "turns": shown,
+                    "end": end,
+                    "trained_tokens": sum(t["tokens"] for t in shown if t["trained"]),
+                    "tokens": sum(t["tokens"] for t in shown),
+                },
+            }
+        )
+    return samples
+
+
+def record_episode_steps(settings, run_id: str, steps: int, episodes: bool = True) -> None:
+    """Claim the run, record `steps` steps of tool_episodes() and their metrics through the
+    worker's recorder, and end it succeeded. episodes=False: the same samples as single
+    completions (no `episode`), as a run without an environment records them."""
+    from service.contract.states import RunStatus
+    from workers.records import RunRecorder
+
+    recorder = RunRecorder(settings, run_id, "worker-episodes")
+    assert recorder.claim()[0] is not None
+    samples = tool_episodes()
+    tokens = sum(s["episode"]["trained_tokens"] for s in samples)
+    extra = dict(zip(EPISODE_METRICS, (5 / 3, 2 / 3, 0.2), strict=True))
+    if not episodes:
+        samples, extra = [{**s, "episode": None} for s in samples], {}
+    for step in range(1, steps + 1):
+        metrics = {"reward/mean": 1 / 3, "loss": 0.1 / step, "kl/ref": 0.01 * step, **extra}
+        recorder.record_step(step, metrics, samples, tokens)
+    recorder.finish(RunStatus.SUCCEEDED, f"run succeeded after {steps} steps")

@@ -8,14 +8,18 @@ import pytest
 
 from factories import (
     DROP,
+    EPISODE_METRICS,
     EXACT_MATCH,
+    TOOL_RUN,
     assert_error,
     auth,
     broker_run_ids,
     copy_rows,
     jsonl,
     post_file,
+    record_episode_steps,
     run_spec,
+    tool_episodes,
     upload,
 )
 
@@ -511,6 +515,38 @@ def test_fresh_run_has_empty_metrics_samples_checkpoints(api, make_key):
     assert get("/events", after=first).json() == {"object": "list", "data": [], "has_more": False}
     assert [e["id"] for e in get("/events", after=first - 1).json()["data"]] == [first]
     assert_error(get("/events", after=-1), 422, "invalid_request", "after")
+
+
+def test_samples_of_a_multi_turn_run_show_each_episode_turn_by_turn(api, make_key, settings):
+    key = make_key()
+    run_id = new_run(api, key, upload(api, key, ROWS), **TOOL_RUN)["id"]
+    record_episode_steps(settings, run_id, steps=1)
+    plain_id = new_run(api, key, upload(api, key, ROWS))["id"]
+    record_episode_steps(settings, plain_id, steps=1, episodes=False)
+
+    got = api.get(f"/v1/runs/{run_id}/samples", headers=auth(key)).json()
+    assert got["step"] == 1
+    assert [s["episode"] for s in got["data"]] == [s["episode"] for s in tool_episodes()]
+    done, cut, long = (s["episode"] for s in got["data"])
+    assert [(t["role"], t["trained"]) for t in done["turns"]] == [
+        ("assistant", True),
+        ("tool", False),
+        ("assistant", True),
+    ]
+    assert done["turns"][0]["tool_calls"][0]["function"]["name"] == "python"
+    assert done["turns"][1]["tool_call_id"] == "call_0"
+    assert (done["end"], done["trained_tokens"], done["tokens"]) == ("done", 29, 40)
+    assert (cut["end"], long["end"]) == ("max_turns", "max_episode_tokens")
+    # a single completion has none
+    plain = api.get(f"/v1/runs/{plain_id}/samples", headers=auth(key)).json()["data"]
+    assert plain and all(s["episode"] is None for s in plain)
+
+    # the OpenAPI document says so, and the metrics come back like any other
+    schemas = api.get("/openapi.json").json()["components"]["schemas"]
+    assert {"EpisodeRead", "EpisodeTurn"} <= schemas.keys()
+    names = ",".join(EPISODE_METRICS)
+    series = api.get(f"/v1/runs/{run_id}/metrics", headers=auth(key), params={"names": names})
+    assert series.json()["metrics"].keys() == set(EPISODE_METRICS)
 
 
 # ---------------------------------------------------------------- health and meta

@@ -16,7 +16,14 @@ import pytest
 from gvpo_client import schemas
 from service.checkpoints.schemas import CheckpointRead, DownloadLink
 from service.files.schemas import FileRead
-from service.metrics.schemas import ReplacedReward, SampleList, SampleRead, StepMetrics
+from service.metrics.schemas import (
+    EpisodeRead,
+    EpisodeTurn,
+    ReplacedReward,
+    SampleList,
+    SampleRead,
+    StepMetrics,
+)
 from service.offpolicy.schemas import GroupsStatus
 from service.rescores.schemas import RescoreRead
 from service.runs.schemas import EventRead, RunCreated, RunList, RunRead
@@ -100,6 +107,8 @@ ANSWERS = [
     (schemas.Event, EventRead),
     (schemas.StepMetrics, StepMetrics),
     (schemas.ReplacedReward, ReplacedReward),
+    (schemas.EpisodeTurn, EpisodeTurn),
+    (schemas.Episode, EpisodeRead),
     (schemas.Sample, SampleRead),
     (schemas.Samples, SampleList),
     (schemas.Checkpoint, CheckpointRead),

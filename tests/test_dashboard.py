@@ -1,8 +1,8 @@
 """The dashboard in a real browser (Playwright driving Debian's Chromium) on a live embedded
 stack (API and worker processes): log in with a key, watch a running run's reward curve grow,
 browse its samples, download a checkpoint through a signed link, overlay GVPO and GRPO reward
-curves, and pause, resume and cancel the run. Screenshots of each stage go to
-test-artifacts/dashboard/ at the repository's root."""
+curves, pause, resume and cancel the run, and read a multi-turn run's episodes turn by turn.
+Screenshots of each stage go to test-artifacts/dashboard/ at the repository's root."""
 
 import itertools
 import re
@@ -14,7 +14,19 @@ import pytest
 from playwright.sync_api import expect
 
 from browser import chromium_page
-from factories import DROP, STACK_RUN, WORKER_S, auth, copy_rows, run_spec, upload, wait_for_run
+from factories import (
+    DROP,
+    EPISODE_METRICS,
+    STACK_RUN,
+    TOOL_RUN,
+    WORKER_S,
+    auth,
+    copy_rows,
+    record_episode_steps,
+    run_spec,
+    upload,
+    wait_for_run,
+)
 from services import cli, stack_settings, start_stack
 
 pytestmark = pytest.mark.slow
@@ -142,6 +154,7 @@ def watch_the_curve_grow(browser, run_id: str) -> None:
     assert chart_datasets(page, "chart-loss")["loss"] > 0
     assert chart_datasets(page, "chart-kl")["kl/ref"] > 0
     expect(page.locator("#no-eval")).to_have_text("no eval metrics")
+    expect(page.locator("#chart-turns")).to_have_count(0)  # a run with no environment
     browser.screenshot("02-run-live")
 
 
@@ -213,6 +226,51 @@ def pause_resume_and_cancel(browser, http: httpx.Client, run_id: str) -> None:
     browser.screenshot("06-cancelled")
 
 
+def read_an_episode(browser, http: httpx.Client, stack, model_dir: Path) -> None:
+    """A multi-turn run's samples, turn by turn as the API has them: the policy's turns marked
+    trained, the tool's answers not; tool calls, what ended each episode and its trained
+    tokens. Its episode metrics are drawn beside the others."""
+    file_id = upload(http, None, copy_rows(8), filename="tool.jsonl")
+    spec = run_spec(model_dir, file_id, STACK_RUN, TOOL_RUN, name="python-tool")
+    run_id = http.post("/v1/runs", json=spec).json()["id"]
+    record_episode_steps(stack.settings, run_id, steps=2)
+    samples = http.get(f"/v1/runs/{run_id}/samples").json()["data"]
+
+    page = browser.page
+    page.goto(f"{stack.url}/dashboard/#/runs/{run_id}")
+    expect(page.locator("#run-header")).to_have_attribute("data-state", "succeeded")
+    expect(page.locator("#samples")).to_have_attribute("data-step", "2")
+    rows = page.locator("#samples tr.sample")
+    expect(rows).to_have_count(len(samples))
+    for row, sample in zip(rows.all(), samples, strict=True):
+        turns = row.locator(".turn")
+        expect(turns).to_have_count(len(sample["episode"]["turns"]))
+        for turn, shown in zip(turns.all(), sample["episode"]["turns"], strict=True):
+            expect(turn).to_have_attribute("data-role", shown["role"])
+            expect(turn).to_have_attribute("data-trained", str(shown["trained"]).lower())
+            mark = "trained" if shown["trained"] else "not trained"
+            expect(turn.locator(".train-mark")).to_have_text(f"{mark} · {shown['tokens']} tokens")
+        trained, total = sample["episode"]["trained_tokens"], sample["episode"]["tokens"]
+        expect(row.locator(".episode .tokens")).to_have_text(f"{trained} of {total} tokens trained")
+
+    done, cut, long = (row.locator(".episode") for row in rows.all())
+    expect(done.locator(".end")).to_have_text("done: the environment ended it")
+    expect(cut.locator(".end")).to_have_text("truncated at max_turns = 2")
+    expect(long.locator(".end")).to_have_text("truncated at max_episode_tokens = 4096")
+    expect(done.locator(".turn.trained .tool-call pre")).to_have_text(
+        'python({"code": "print(6 * 7)"})'
+    )
+    expect(done.locator(".turn.masked")).to_contain_text("answers call_0")
+    expect(done.locator(".turn").last).to_contain_text("6 * 7 = 42")
+    charts = ("chart-turns", "chart-truncated", "chart-environment")
+    for chart in charts:
+        expect(page.locator(f"#{chart}")).to_have_attribute("data-points", "2")
+    drawn = {label for chart in charts for label in chart_datasets(page, chart)}
+    assert drawn == set(EPISODE_METRICS), drawn
+    page.locator("#sample-browser").scroll_into_view_if_needed()
+    browser.screenshot("07-episodes")
+
+
 def test_dashboard_on_a_live_stack(stack, tiny_model_dir, tmp_path):
     key = cli(stack.settings, "api-key", "create", "--project", "dashboard")
     http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=30)
@@ -225,6 +283,7 @@ def test_dashboard_on_a_live_stack(stack, tiny_model_dir, tmp_path):
         download_a_checkpoint(browser, tmp_path)
         compare_gvpo_with_grpo(browser, ids)
         pause_resume_and_cancel(browser, http, ids["gvpo"])
+        read_an_episode(browser, http, stack, tiny_model_dir)
 
         # an id this project does not have: the API's message
         browser.page.goto(f"{stack.url}/dashboard/#/runs/run_elsewhere")

@@ -30,7 +30,17 @@ from service.stack import free_port
 from workers.execute import execute_run
 
 from conftest import BACKENDS, new_settings, release
-from factories import SERVER_START_S, WORKER_S, copy_rows, jsonl, run_spec, wait_until
+from factories import (
+    EPISODE_METRICS,
+    SERVER_START_S,
+    TOOL_RUN,
+    WORKER_S,
+    copy_rows,
+    jsonl,
+    record_episode_steps,
+    run_spec,
+    wait_until,
+)
 from reward_server import Behaviour, RewardServer
 from services import serve_api
 
@@ -216,6 +226,27 @@ def test_a_watch_started_after_the_end_replays_from_its_cursors_then_ends(watche
     )
     assert [u.WhichOneof("update") for u in late] == ["run", "metrics"]
     assert late[1].metrics.step == 4
+
+
+def test_a_watch_of_a_multi_turn_run_carries_its_episode_metrics(server, tiny_model_dir):
+    """Samples are not on gRPC; a multi-turn run's own metrics stream like any other."""
+    key, file_id = project(server)
+    with open_channel(server) as channel:
+        runs = runs_pb2_grpc.RunsStub(channel)
+        request = runs_pb2.CreateRunRequest(spec=spec(tiny_model_dir, file_id, **TOOL_RUN))
+        run = runs.CreateRun(request, metadata=bearer(key)).run
+        assert run.spec["environment"]["name"] == "python_tool"
+        record_episode_steps(server, run.id, steps=2)
+        updates = list(
+            runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run.id), metadata=bearer(key), timeout=30)
+        )
+    metrics = [u.metrics for u in updates if u.WhichOneof("update") == "metrics"]
+    assert [m.step for m in metrics] == [1, 2]
+    assert all(set(EPISODE_METRICS) <= set(m.values) for m in metrics)
+    assert metrics[0].values["episode/truncated_frac"] == pytest.approx(2 / 3)
+    events = [u.event.type for u in updates if u.WhichOneof("update") == "event"]
+    states = [u.run.status for u in updates if u.WhichOneof("update") == "run"]
+    assert events[-1] == "run.succeeded" and states[-1] == "succeeded"
 
 
 # ---------------------------------------------------------------- status codes

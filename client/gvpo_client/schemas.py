@@ -85,6 +85,24 @@ class ReplacedReward(TypedDict):
     replaced_at: str
 
 
+class EpisodeTurn(TypedDict):
+    role: Literal["assistant", "user", "tool"]
+    content: str
+    tool_calls: list[dict[str, Any]] | None
+    tool_call_id: str | None
+    tokens: int  # its token ids in the episode (sampled, for an assistant turn)
+    trained: bool  # the policy sampled these tokens (the loss's); else masked
+
+
+class Episode(TypedDict):
+    """A multi-turn sample: the conversation after its prompt, turn by turn."""
+
+    turns: list[EpisodeTurn]
+    end: Literal["done", "max_turns", "max_episode_tokens"]  # done: the environment ended it
+    trained_tokens: int
+    tokens: int
+
+
 class Sample(TypedDict):
     step: int
     group_index: int
@@ -94,6 +112,7 @@ class Sample(TypedDict):
     answer: str | None
     reward: float
     source: str  # "policy": sampled by the run; else the off-policy group's source
+    episode: Episode | None  # a multi-turn episode's turns (completion: its last assistant turn)
     reward_history: list[ReplacedReward]  # rewards re-scorings replaced, oldest first
 
 

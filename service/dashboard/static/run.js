@@ -12,7 +12,14 @@ import { samplesPanel } from "./samples.js";
 import { allows, isLive, isTerminal } from "./states.js";
 
 const EVAL = ["eval/pass@1", "eval/pass@k", "eval/reward_mean"];
-const NAMES = ["reward/mean", "reward/std", "loss", "kl/ref", ...EVAL];
+// A multi-turn run's (one with an environment): drawn beside the others once the run has them.
+const EPISODE_CHARTS = [
+  { id: "chart-turns", title: "assistant turns per episode", series: [{ key: "episode/turns_mean", label: "episode/turns_mean" }] },
+  { id: "chart-truncated", title: "episodes truncated", series: [{ key: "episode/truncated_frac", label: "episode/truncated_frac" }] },
+  { id: "chart-environment", title: "waiting for the environment", yTitle: "s", series: [{ key: "time/environment_s", label: "time/environment_s" }] },
+];
+const EPISODE = EPISODE_CHARTS.flatMap((c) => c.series.map((s) => s.key));
+const NAMES = ["reward/mean", "reward/std", "loss", "kl/ref", ...EVAL, ...EPISODE];
 
 // Built once; update(run) rewrites its values, so a button never changes under the pointer.
 function header(runId, onAction) {
@@ -76,6 +83,7 @@ function curves(parent) {
     new SeriesChart(grid, { id: "chart-kl", title: "KL to the reference", series: [{ key: "kl/ref", label: "kl/ref" }] }),
   ];
   let evalChart = null;
+  let episodeCharts = null;
   let last = -1;
   return {
     async update(runId) {
@@ -85,6 +93,10 @@ function curves(parent) {
         evalBox.replaceChildren();
         evalChart = new SeriesChart(evalBox, { id: "chart-eval", title: "evaluation", series: EVAL.map((n) => ({ key: n, label: n })) });
         charts.push(evalChart);
+      }
+      if (!episodeCharts && EPISODE.some((n) => series[n]?.length)) {
+        episodeCharts = EPISODE_CHARTS.map((c) => new SeriesChart(grid, c));
+        charts.push(...episodeCharts);
       }
       for (const chart of charts) chart.append(series);
       last = Math.max(last, maxStep(series));

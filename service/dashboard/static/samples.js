@@ -1,9 +1,12 @@
-// The sample browser: one step's completions, grouped by prompt group, with their rewards.
+// The sample browser: one step's completions, grouped by prompt group, with their rewards. A
+// multi-turn run's samples are episodes, shown turn by turn (episode.js).
 
 import { api, runPath } from "./api.js";
 import { fmtNum, h, textBlock } from "./dom.js";
+import { episodeBlock } from "./episode.js";
 
-function groupBox(group, rows) {
+// `limits`: the run spec's environment section (null for a run without one).
+function groupBox(group, rows, limits) {
   const mean = rows.reduce((sum, s) => sum + s.reward, 0) / rows.length;
   const first = rows[0];
   return h("div", { class: "group", "data-group": group },
@@ -13,15 +16,18 @@ function groupBox(group, rows) {
       first.answer !== null ? h("span", {}, "answer ", h("code", {}, first.answer)) : null,
       h("span", {}, `mean reward ${fmtNum(mean)}`)),
     h("table", {},
-      h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "completion"), h("th", { class: "num" }, "reward"))),
+      h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, rows.some((s) => s.episode) ? "episode" : "completion"), h("th", { class: "num" }, "reward"))),
       h("tbody", {}, rows.map((s) => h("tr", { class: "sample" },
         h("td", {}, String(s.sample_index)),
-        h("td", { class: "completion" }, textBlock(s.completion)),
+        s.episode
+          ? h("td", { class: "episode-cell" }, episodeBlock(s.episode, limits))
+          : h("td", { class: "completion" }, textBlock(s.completion)),
         h("td", { class: "num reward" }, fmtNum(s.reward)))))));
 }
 
 export function samplesPanel(main, runId) {
   let latest = 0;
+  let limits = null;
   const step = h("input", { id: "sample-step", type: "number", min: 1, step: 1, placeholder: "latest" });
   const info = h("span", { id: "samples-info", class: "muted" });
   const list = h("div", { id: "samples" });
@@ -50,7 +56,7 @@ export function samplesPanel(main, runId) {
       groups.get(s.group_index).push(s);
     }
     list.dataset.step = body.step ?? "";
-    list.replaceChildren(...[...groups].map(([g, rows]) => groupBox(g, rows)));
+    list.replaceChildren(...[...groups].map(([g, rows]) => groupBox(g, rows, limits)));
     info.textContent = body.step === null ? "no samples yet" : `step ${body.step}: ${body.data.length} samples in ${groups.size} groups`;
     if (body.step !== null && !body.data.length) info.textContent = `no samples at step ${step.value}`;
   }
@@ -60,6 +66,7 @@ export function samplesPanel(main, runId) {
     setRun(run) {
       const first = latest === 0;
       latest = run.step;
+      limits = run.spec?.environment ?? null;
       step.max = String(Math.max(1, run.step));
       if (first) show();
     },
