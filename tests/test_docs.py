@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
+from service.contract.environments import BUILTIN_ENVIRONMENTS
 from service.contract.rewards import BUILTIN_REWARDS
 from service.contract.spec import RunSpec
 from service.main import create_app
@@ -88,6 +89,9 @@ def test_the_run_spec_reference_names_every_field(site):
     for name, params in BUILTIN_REWARDS.items():
         assert name in named
         assert {f"reward.params.{p}" for p in params.model_fields} - named == set()
+    for name, params in BUILTIN_ENVIRONMENTS.items():
+        assert name in named
+        assert {f"environment.params.{p}" for p in params.model_fields} - named == set()
 
 
 def test_the_api_reference_names_every_operation(site):

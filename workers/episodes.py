@@ -10,7 +10,8 @@ from its exact context (an extension of its last one, so vLLM's prefix cache reu
 
 After each assistant turn the environment answers every live episode at once. An episode ends
 when the environment says done (with or without a reward), or truncated when it reaches
-`max_turns` assistant turns or has no room left in `max_episode_tokens` for another turn.
+`max_turns` assistant turns or has no room left for another turn, in `max_episode_tokens` or in
+the model's context.
 """
 
 import time
@@ -60,8 +61,11 @@ class EpisodeRunner:
         environment: Environment,
         spec: EnvironmentSpec,
         run_id: str,
+        context_tokens: int | None = None,
     ) -> None:
+        """`context_tokens`: the model's context length (prompt and episode together)."""
         self.engine, self.renderer, self.environment = engine, renderer, environment
+        self.context_tokens = context_tokens
         self.spec, self.run_tag = spec, run_id.removeprefix("run_")
         self.environment_s = 0.0  # time spent waiting for the environment, since last read
 
@@ -112,8 +116,7 @@ class EpisodeRunner:
             live = [e for e in live if e.end is None]
             by_budget: dict[int, list[_Episode]] = {}
             for e in live:
-                room = self.spec.max_episode_tokens - len(e.tokens)
-                by_budget.setdefault(min(sampling.max_new_tokens, room), []).append(e)
+                by_budget.setdefault(min(sampling.max_new_tokens, self._room(e)), []).append(e)
             for room, part in by_budget.items():
                 made = self.engine.generate(
                     [e.prompt_ids + e.tokens for e in part],
@@ -127,6 +130,14 @@ class EpisodeRunner:
             Rollout(prompt_ids=group[0].prompt_ids, completions=[e.completion() for e in group])
             for group in episodes
         ]
+
+    def _room(self, e: _Episode) -> int:
+        """Tokens the episode may still add: within max_episode_tokens, and within the model's
+        context with its prompt."""
+        room = self.spec.max_episode_tokens - len(e.tokens)
+        if self.context_tokens is not None:
+            room = min(room, self.context_tokens - len(e.prompt_ids) - len(e.tokens))
+        return room
 
     def _sampled(self, e: _Episode, c: Completion) -> None:
         """Append one sampled assistant turn, exactly as sampled."""
@@ -161,7 +172,7 @@ class EpisodeRunner:
         rendered = self.renderer.close_turn(e.tokens) + self.renderer.observation(
             reply.messages, None
         )
-        if len(e.tokens) + len(rendered) >= self.spec.max_episode_tokens:
+        if self._room(e) - len(rendered) < 1:
             e.end = MAX_TOKENS  # no room for one more sampled token
             return
         e.tokens += rendered

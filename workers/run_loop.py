@@ -148,7 +148,12 @@ class RunLoop:
         )
         hidden = (str(self.settings.resolved_data_dir),)
         environment = build_environment(spec, self.spec.dataset.answer_field, webhooks, hidden)
-        return EpisodeRunner(self.engine, self.renderer, environment, spec, self.recorder.run_id)
+        context = self.spec.rollout.max_model_len or getattr(
+            self.model.config, "max_position_embeddings", None
+        )
+        return EpisodeRunner(
+            self.engine, self.renderer, environment, spec, self.recorder.run_id, context
+        )
 
     def _load_data(self) -> None:
         """The prompt sampler, the eval prompts and the off-policy groups of the spec's files."""

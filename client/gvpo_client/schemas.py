@@ -97,6 +97,7 @@ class EpisodeTurn(TypedDict):
 class Episode(TypedDict):
     """A multi-turn sample: the conversation after its prompt, turn by turn."""
 
+    prompt_messages: list[dict[str, Any]]  # the row's messages the episode began from
     turns: list[EpisodeTurn]
     end: Literal["done", "max_turns", "max_episode_tokens"]  # done: the environment ended it
     trained_tokens: int

@@ -19,11 +19,13 @@ from schema_text import (
     type_text,
 )
 
+from service.contract.environments import BUILTIN_ENVIRONMENTS
 from service.contract.rewards import BUILTIN_REWARDS
 from service.contract.spec import RunSpec
 
 HEADER = ("field", "type", "default", "rules", "description")
 BUILTIN_ANCHOR = "built-in-rewards"
+ENV_ANCHOR = "built-in-environments"
 
 INTRO = """\
 # Run spec fields
@@ -152,9 +154,14 @@ class RunSpecPage:
         if obj.schema.get("description"):
             lines += [prose(obj.schema["description"]), ""]
         lines += table(HEADER, rows)
-        if obj.variant == "builtin":
+        if obj.variant == "builtin" and obj.path.startswith("reward"):
             lines += [
                 f"`params` depends on `name`: see [Built-in rewards](#{BUILTIN_ANCHOR}).",
+                "",
+            ]
+        elif obj.variant == "builtin":
+            lines += [
+                f"`params` depends on `name`: see [Built-in environments](#{ENV_ANCHOR}).",
                 "",
             ]
         return lines + self.sections(nested, min(level + 1, 6))
@@ -168,13 +175,28 @@ class RunSpecPage:
             "[Rewards](../rewards.md).",
             "",
         ]
-        for name, params in BUILTIN_REWARDS.items():
+        return lines + self.params_tables("reward", BUILTIN_REWARDS)
+
+    def builtin_environments(self) -> list[str]:
+        lines = [
+            f"## Built-in environments {{ #{ENV_ANCHOR} }}",
+            "",
+            "`environment.name` (with `type: builtin`) is one of these, and `params` holds that "
+            "environment's parameters; any other key is refused. What each one does: "
+            "[Chat data and episodes](../episodes.md).",
+            "",
+        ]
+        return lines + self.params_tables("environment", BUILTIN_ENVIRONMENTS)
+
+    def params_tables(self, part: str, builtins: dict) -> list[str]:
+        lines = []
+        for name, params in builtins.items():
             schema = schema_of(params)
-            lines += [f"### `{name}` {{ #reward-{name.replace('_', '-')} }}", ""]
+            lines += [f"### `{name}` {{ #{part}-{name.replace('_', '-')} }}", ""]
             if not schema.get("properties"):
                 lines += ["No parameters: `params` is `{}` or left out.", ""]
                 continue
-            rows, _ = self.rows("reward.params", schema)
+            rows, _ = self.rows(f"{part}.params", schema)
             lines += table(HEADER, rows)
         return lines
 
@@ -182,4 +204,4 @@ class RunSpecPage:
         top_rows, sections = self.rows("", self.schema)
         lines = [INTRO, "## Top level { #top-level }", "", *table(HEADER, top_rows)]
         lines += self.sections(sections, 2)
-        return "\n".join(lines + self.builtin_rewards())
+        return "\n".join(lines + self.builtin_rewards() + self.builtin_environments())

@@ -45,7 +45,10 @@ def code(value: object) -> str:
 def alternatives(node: dict) -> list[dict]:
     """The non-null choices of a node: `T | None` reads as T (nullable is said apart)."""
     choices = node.get("anyOf") or node.get("oneOf") or [node]
-    return [c for c in choices if c.get("type") != "null"]
+    flat = []  # a nullable union (`environment`) nests the union's choices one level down
+    for c in choices:
+        flat += alternatives(c) if c is not node and ("oneOf" in c or "anyOf" in c) else [c]
+    return [c for c in flat if c.get("type") != "null"]
 
 
 def nullable(node: dict) -> bool:

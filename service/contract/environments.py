@@ -37,7 +37,7 @@ class EnvironmentParams(Strict):
 
 class SecretCodeParams(EnvironmentParams):
     reveal: str = Field(
-        "The code is {answer}.",
+        "{answer}",
         max_length=MAX_TEXT,
         description="what the environment says after the first turn; {answer} is the row's answer",
     )
