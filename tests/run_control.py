@@ -14,6 +14,7 @@ from service.db import session_scope
 from service.models import Checkpoint, Project, Run, RunEvent
 from service.models.base import utcnow
 from service.runs import control
+from workers.environments.builtin import secret_code_rows
 from workers.execute import execute_run
 
 from factories import WORKER_S, submit, wait_until
@@ -70,12 +71,22 @@ def wait_for_step(settings, run_id: str, step: int, timeout: float = WORKER_S) -
     )
 
 
-def resumable(settings, tiny_model_dir, reference: str, lora: dict | None) -> str:
+def resumable(
+    settings, tiny_model_dir, reference: str, lora: dict | None, episodes: bool = False
+) -> str:
     """A queued run of RESUMABLE_STEPS steps with a checkpoint at step 3, whose steps are slow
-    enough (~0.1-0.2 s) for a test to kill its worker between checkpoints."""
+    enough (~0.1-0.2 s) for a test to kill its worker between checkpoints; `episodes`: of the
+    built-in secret_code environment, on its chat rows."""
+    sections = {}
+    if episodes:
+        sections = {
+            "environment": {"type": "builtin", "name": "secret_code", "max_turns": 2},
+            "train_rows": secret_code_rows(32),
+        }
     return submit(
         settings,
         tiny_model_dir,
+        **sections,
         model={"lora": lora},
         optimizer={"lr": 1e-2},
         reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},

@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import select
 
 from service.db import session_scope
-from service.models import Checkpoint, Run, RunEvent, Sample
+from service.models import Checkpoint, Metric, Run, RunEvent, Sample
 from workers.execute import execute_run
 
 from environment_server import EnvBehaviour, EnvironmentServer
@@ -117,3 +117,36 @@ def test_a_malformed_environment_answer_fails_the_run_naming_episode_and_field(
         assert needle in run.error, run.error
     assert run.step == 0 and behaviour.calls == 1  # not retried
     assert run_events(hooks_settings, run_id)[-1].type == "run.failed"
+
+
+def test_evaluation_plays_episodes_with_the_environment(hooks_settings, tiny_model_dir):
+    behaviour = EnvBehaviour()
+    with EnvironmentServer(behaviour) as server:
+        spec = {"type": "webhook", "url": server.url, "timeout_s": 10, "max_turns": 3}
+        run_id = submit(
+            hooks_settings,
+            tiny_model_dir,
+            train_rows=CHAT_ROWS,
+            eval_rows=CHAT_ROWS[:3],
+            environment=spec,
+            training={"steps": 2},
+            eval={"every_steps": 2, "samples_per_prompt": 4, "k": 2, "pass_threshold": 0.4},
+        )
+        behaviour.secret = webhook_secret(hooks_settings, run_id)
+        assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
+    evals = [p for p in behaviour.payloads if p["purpose"] == "eval"]
+    assert [p["turn"] for p in evals] == [1, 2] and len(evals[0]["items"]) == 3 * 4
+    assert all("_eval2_" in item["episode_id"] for item in evals[0]["items"])
+    with session_scope(hooks_settings.resolved_database_url) as session:
+        got = {
+            m.name: m.value
+            for m in session.scalars(
+                select(Metric).where(Metric.run_id == run_id, Metric.name.like("eval/%"))
+            )
+        }
+    # every episode ends with the environment's reward, 0.4 (4 messages / 10): each passes
+    assert got == {
+        "eval/reward_mean": pytest.approx(0.4),
+        "eval/pass@1": pytest.approx(1.0),
+        "eval/pass@k": pytest.approx(1.0),
+    }

