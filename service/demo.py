@@ -5,7 +5,8 @@ tiny model starts from random weights, so early rewards are near zero. The run u
 defaults, chosen by the algorithm study (docs/algorithms.md): the initial model as reference
 with a small beta, whose KL anchor keeps each group diverse long enough to learn (the
 sampling-policy reference collapsed to one output per prompt on this task), and 16 completions
-per prompt.
+per prompt. `--task episodes` plays two-turn episodes of the built-in secret_code environment
+instead (docs/episodes.md), with the same settings but for shorter turns.
 """
 
 import json
@@ -34,6 +35,26 @@ def write_dataset(path: Path, rows: int = 500, seed: int = 0) -> Path:
     return path
 
 
+def write_episodes_dataset(path: Path, rows: int = 500, seed: int = 0) -> Path:
+    """secret_code's chat rows: the same question, each row's own code as its answer."""
+    from workers.environments.builtin import secret_code_rows
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in secret_code_rows(rows, seed)))
+    return path
+
+
+def episodes_spec(model: str, train_file: str, steps: int) -> dict:
+    """Two-turn episodes of the built-in secret_code environment: the code the policy must
+    repeat is only in what the environment says after its first turn."""
+    spec = demo_spec(model, train_file, steps)
+    spec["name"] = "demo-secret-code-episodes"
+    spec["sampling"]["max_new_tokens"] = 4
+    spec["environment"] = {"type": "builtin", "name": "secret_code", "max_turns": 2}
+    spec["reward"] = {"type": "builtin", "name": "exact_match"}  # the environment scores
+    return spec
+
+
 def demo_spec(model: str, train_file: str, steps: int) -> dict:
     return {
         "name": "demo-copy3-gvpo",
@@ -50,6 +71,13 @@ def demo_spec(model: str, train_file: str, steps: int) -> dict:
     }
 
 
+# task -> (its dataset writer, its run spec, its default steps)
+TASKS = {
+    "copy": (write_dataset, demo_spec, DEMO_STEPS),
+    "episodes": (write_episodes_dataset, episodes_spec, 500),
+}
+
+
 def reward_curve(points: list[list[float]], rows: int = 20, width: int = 40) -> list[str]:
     """Text chart: the mean reward of each slice of steps, as a bar."""
     if not points:
@@ -64,7 +92,7 @@ def reward_curve(points: list[list[float]], rows: int = 20, width: int = 40) -> 
     return lines
 
 
-def _prepare(settings: Settings, console: Console) -> tuple[Path, str]:
+def _prepare(settings: Settings, console: Console, task: str) -> tuple[Path, str]:
     from service.auth.service import create_api_key
     from service.db import session_scope
     from service.migrate import prepare
@@ -78,7 +106,7 @@ def _prepare(settings: Settings, console: Console) -> tuple[Path, str]:
     if not (model_dir / "config.json").exists():
         console.log(f"building the offline tiny model in {model_dir}")
         make_tiny_model(model_dir, seed=0)
-    dataset = write_dataset(demo_dir / "copy3.jsonl")
+    dataset = TASKS[task][0](demo_dir / f"{task}.jsonl")
     with session_scope(settings.resolved_database_url) as session:
         register_model(session, settings, MODEL, str(model_dir))
         _, key = create_api_key(session, "demo", settings.api_key_pepper)
@@ -86,7 +114,10 @@ def _prepare(settings: Settings, console: Console) -> tuple[Path, str]:
     return dataset, key
 
 
-def run_demo(settings: Settings, steps: int | None = None, port: int | None = None) -> int:
+def run_demo(
+    settings: Settings, steps: int | None = None, port: int | None = None, task: str = "copy"
+) -> int:
+    """`task`: "copy" (the main job) or "episodes" (two-turn episodes with an environment)."""
     from gvpo_client import Client
     from service.progress import follow_run
 
@@ -94,13 +125,14 @@ def run_demo(settings: Settings, steps: int | None = None, port: int | None = No
     settings = settings.model_copy(
         update={"api_port": port or free_port(), "grpc_port": free_port()}
     )
-    dataset, key = _prepare(settings, console)
+    dataset, key = _prepare(settings, console, task)
+    _, make_spec, default_steps = TASKS[task]
     log_dir = settings.resolved_data_dir / "logs"
     console.log(f"starting the API on port {settings.api_port} and a worker (logs in {log_dir})")
     with Stack(settings, log_dir=log_dir) as stack, Client(stack.url, key) as client:
         uploaded = client.upload_file(dataset)
         console.log(f"uploaded {uploaded['rows']} rows as {uploaded['id']}")
-        run = client.create_run(demo_spec(MODEL, uploaded["id"], steps or DEMO_STEPS))
+        run = client.create_run(make_spec(MODEL, uploaded["id"], steps or default_steps))
         spec = run["spec"]
         console.log(
             f"submitted {run['id']}: GVPO, k={spec['algorithm']['group_size']}, "

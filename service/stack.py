@@ -92,6 +92,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
             "GVPO_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
             "GVPO_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
             "GVPO_WORKER_QUEUES": settings.worker_queues,
+            "GVPO_WEBHOOK_ALLOW_PRIVATE": str(settings.webhook_allow_private).lower(),
         }
     )
     if settings.checkpoint_url:

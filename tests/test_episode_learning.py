@@ -28,6 +28,9 @@ STEPS = 500
 # The toy task's settings: short turns, large groups, GVPO's defaults but for the learning rate.
 SECRET_CODE = {
     "algorithm": {"group_size": 16},
+    # transformers: on a CPU a tiny model's steps cost less without vLLM's per-step overhead
+    # (tests/test_vllm_episodes.py plays episodes with vLLM)
+    "rollout": {"engine": "hf"},
     "sampling": {"max_new_tokens": 4},
     "optimizer": {"lr": 1e-3},
     "training": {"steps": STEPS, "prompts_per_step": 8, "mini_batches": 1},

@@ -16,11 +16,18 @@ from service.migrate import prepare
 @click.command()
 @click.option("--steps", type=int, default=None, help="training steps (default: the demo's own)")
 @click.option("--port", type=int, default=None, help="API port (default: a free one)")
-def demo(steps: int | None, port: int | None) -> None:
+@click.option(
+    "--task",
+    type=click.Choice(["copy", "episodes"]),
+    default="copy",
+    show_default=True,
+    help="copy: single completions; episodes: two-turn episodes with the secret_code environment",
+)
+def demo(steps: int | None, port: int | None, task: str) -> None:
     """Train the offline tiny model with GVPO through the API, worker and database."""
     from service.demo import run_demo
 
-    sys.exit(run_demo(get_settings(), steps=steps, port=port))
+    sys.exit(run_demo(get_settings(), steps=steps, port=port, task=task))
 
 
 def _raise_interrupt(signum, _frame) -> None:
