@@ -7,10 +7,16 @@ sampled, plus the template's own tokens that close an assistant turn, plus the r
 the environment's new messages with the next generation prompt. The last two are found by
 rendering a fixed two-message conversation with and without the new part and tokenising the
 difference, so any template that renders a conversation message by message works.
+
+A conversation written elsewhere (an off-policy episode, the dry-run's) is split the same way,
+by rendering each prefix of it and tokenising the difference: its assistant messages become the
+ids a policy would have sampled (what the template renders for them, and its end-of-turn
+token), the rest the ids the run itself would have put between the turns.
 """
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from workers.data import Example
@@ -25,12 +31,24 @@ class ChatTemplateError(ValueError):
     """The chat template cannot render what a run needs; the message says what."""
 
 
+@dataclass(frozen=True)
+class EpisodeIds:
+    """A written episode as the learner takes one (workers/rollout/base.py Completion)."""
+
+    prompt_ids: list[int]  # the prompt with the generation prompt, as Renderer.prompt gives it
+    token_ids: list[int]  # everything after the prompt, up to the last assistant turn's end
+    mask: list[int]  # 1 on the assistant messages' ids, 0 on the template's and the others'
+    turn_tokens: list[int]  # per message: its ids in token_ids (see Turn.tokens)
+
+
 class Renderer:
     """Token ids of prompts and environment turns, by the model's chat template."""
 
     def __init__(self, tokenizer, eos_ids: list[int], chat_template: str | None = None) -> None:
         self.tokenizer, self.eos_ids, self.template = tokenizer, set(eos_ids), chat_template
+        self.eos_id = eos_ids[0]  # what a policy samples to end a turn the template doesn't
         self._turn_end: list[int] | None = None
+        self._turn_end_text: str | None = None
 
     def render(self, messages: list[dict], tools=None, add_generation_prompt=False) -> str:
         try:
@@ -62,14 +80,19 @@ class Renderer:
     def close_turn(self, sampled: list[int]) -> list[int]:
         """The template's tokens after a sampled assistant turn, up to where the next message
         starts: its end-of-turn token when the policy did not sample one, and what follows it."""
-        if self._turn_end is None:
-            full = self.render(_BASE)
-            cut = full.rfind(_BASE[-1]["content"]) + len(_BASE[-1]["content"])
-            self._turn_end = self.encode(full[cut:])
-        end = self._turn_end
+        end = self._end()
         if sampled and sampled[-1] in self.eos_ids:
             return end[1:] if end and end[0] in self.eos_ids else end
         return end
+
+    def _end(self) -> list[int]:
+        """The ids the template puts after an assistant message's content (and its text)."""
+        if self._turn_end is None:
+            full = self.render(_BASE)
+            cut = full.rfind(_BASE[-1]["content"]) + len(_BASE[-1]["content"])
+            self._turn_end_text = full[cut:]
+            self._turn_end = self.encode(self._turn_end_text)
+        return self._turn_end
 
     def observation(self, messages: list[dict], tools=None) -> list[int]:
         """The ids of the environment's new `messages` after a closed assistant turn, with the
@@ -83,6 +106,68 @@ class Renderer:
                 "model.chat_template to one that renders message by message"
             )
         return self.encode(after[len(before) :])
+
+    def episode(self, prompt: list[dict], turns: list[dict], tools=None) -> EpisodeIds:
+        """A conversation written elsewhere as ids: `prompt` rendered with the generation
+        prompt (as prompt(as_chat=True) renders a row of these messages), then `turns` (which
+        start and end with an assistant message) as the run's own episode would hold them. An
+        assistant message is what the template renders for it up to its turn end, then the
+        template's end-of-turn token (EOS where the turn end has none, as a policy stops): the
+        ids a policy samples, trained. The rest of its turn end, and the messages after it
+        rendered with the next generation prompt, are not. The ids stop at the last turn's
+        end-of-turn token, where the run's own episodes stop."""
+        if not turns or turns[0]["role"] != "assistant" or turns[-1]["role"] != "assistant":
+            raise ValueError("an episode starts and ends with an assistant message")
+        end, end_text = self._end(), self._turn_end_text
+        ends_with_eos = bool(end) and end[0] in self.eos_ids
+        text = self.render(prompt, tools, add_generation_prompt=True)
+        out = EpisodeIds(self.encode(text), [], [], [])
+        closed = 0  # the last assistant turn's ids after its end-of-turn token
+        block = 0  # the first message since the last assistant turn
+        for j, message in enumerate(turns):
+            if message["role"] != "assistant":
+                out.turn_tokens.append(0)
+                if turns[j - 1]["role"] == "assistant":
+                    block = j
+                if turns[j + 1]["role"] != "assistant":
+                    continue  # rendered with the messages that follow it
+                # the messages since the last assistant turn, with the next generation prompt
+                after = self.render(prompt + turns[: j + 1], tools, add_generation_prompt=True)
+                rendered = self.encode(_extension(text, after, f"message {j} of the episode"))
+                out.token_ids.extend(rendered)
+                out.mask.extend([0] * len(rendered))
+                out.turn_tokens[block] = closed + len(rendered)  # as episodes.py counts them
+                text = after
+                continue
+            after = self.render(prompt + turns[: j + 1], tools)
+            body = _extension(text, after, f"message {j} of the episode")
+            if not body.endswith(end_text):
+                raise ChatTemplateError(
+                    f"the chat template ends message {j} of the episode (an assistant "
+                    f"message) otherwise than its other assistant turns, with {end_text!r}, "
+                    "so its end-of-turn token cannot be found; set model.chat_template to "
+                    "one that renders message by message"
+                )
+            sampled = self.encode(body[: len(body) - len(end_text)])
+            sampled += end[:1] if ends_with_eos else [self.eos_id]
+            tail = end[1:] if ends_with_eos else end
+            closing = tail if j < len(turns) - 1 else []
+            out.token_ids.extend(sampled + closing)
+            out.mask.extend([1] * len(sampled) + [0] * len(closing))
+            out.turn_tokens.append(len(sampled))
+            closed, text = len(closing), after
+        return out
+
+
+def _extension(before: str, after: str, what: str) -> str:
+    """What `after` (a conversation rendered with one more part) adds to `before`."""
+    if not after.startswith(before):
+        raise ChatTemplateError(
+            f"the chat template renders the conversation before {what} differently once "
+            "that message follows, so the episode cannot be split into turns; set "
+            "model.chat_template to one that renders message by message"
+        )
+    return after[len(before) :]
 
 
 def assistant_message(text: str, call_prefix: str) -> dict[str, Any]:

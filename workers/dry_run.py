@@ -4,7 +4,9 @@ its GVPO weight, and the group's loss.
 
 Prompt and completions are tokenised by the checkpoint's tokenizer (the prompt as the rollout
 engines do, the completions without special tokens), so a completion's tokens are a fresh split
-of its text rather than the ids a sampler produced. The numbers come from the learner's own
+of its text rather than the ids a sampler produced. A group of chat episodes is rendered by the
+run's chat template as the run's off-policy episodes are (workers/chat.py Renderer.episode), and
+only its assistant tokens carry the log-ratio. The numbers come from the learner's own
 code: the same log-prob routine and the GVPO weights and loss of learner/losses.py. The models
 are loaded on this worker's CPU for the one request, in float32.
 """
@@ -25,10 +27,12 @@ from service.contract.tasks import (
     TaskAnswer,
     TaskProblem,
 )
+from workers.chat import ChatTemplateError, Renderer
 from workers.errors import RunError
 from workers.learner.logprobs import build_batch, sequence_logprobs
 from workers.learner.losses import gvpo_loss, gvpo_weights
 from workers.model_source import loadable
+from workers.rollout.text import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +88,17 @@ def _load(task: DryRunTask, source: Path):
 
 @torch.no_grad()
 def _sequence_logps(policy, reference, tokenizer, task: DryRunTask):
-    """Summed completion log-probs under pi_theta and pi_ref, and each completion's tokens."""
-    prompt = tokenizer(task.prompt)["input_ids"]
-    completions = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in task.completions]
+    """Summed completion log-probs under pi_theta and pi_ref, and each completion's tokens
+    (an episode's: the ones that carry the loss)."""
+    masks = None
+    if task.episodes is None:
+        prompt = tokenizer(task.prompt)["input_ids"]
+        completions = [
+            tokenizer(c, add_special_tokens=False)["input_ids"] for c in task.completions or []
+        ]
+    else:
+        prompt, completions, masks = _episodes(policy, tokenizer, task)
+    field = "completions" if task.episodes is None else "episodes"
     total = len(completions) * (len(prompt) + max(len(c) for c in completions))
     if total > task.max_tokens:
         raise _Refused(
@@ -95,15 +107,19 @@ def _sequence_logps(policy, reference, tokenizer, task: DryRunTask):
                 message="the group is too long",
                 fields=[
                     {
-                        "field": "completions",
+                        "field": field,
                         "message": f"the group is {total} tokens (prompt + longest "
-                        f"completion, times k); the dry run takes at most {task.max_tokens}",
+                        f"{field[:-1]}, times k); the dry run takes at most {task.max_tokens}",
                     }
                 ],
             )
         )
     batch = build_batch(
-        [prompt] * len(completions), completions, tokenizer.pad_token_id, torch.device("cpu")
+        [prompt] * len(completions),
+        completions,
+        tokenizer.pad_token_id,
+        torch.device("cpu"),
+        masks,
     )
     logps = sequence_logprobs(policy, batch).summed  # (k,)
     if reference is None:  # LoRA: the base model is the adapter switched off
@@ -111,7 +127,25 @@ def _sequence_logps(policy, reference, tokenizer, task: DryRunTask):
             ref_logps = sequence_logprobs(policy, batch).summed
     else:
         ref_logps = sequence_logprobs(reference, batch).summed
-    return logps, ref_logps, [len(c) for c in completions]
+    tokens = [len(c) for c in completions] if masks is None else [sum(m) for m in masks]
+    return logps, ref_logps, tokens
+
+
+def _episodes(policy, tokenizer, task: DryRunTask):
+    """(prompt ids, each episode's ids after the prompt, their masks) by the run's template."""
+    eos = eos_token_ids(policy.generation_config.eos_token_id, tokenizer)
+    renderer = Renderer(tokenizer, eos, task.chat_template)
+    try:
+        split = [renderer.episode(task.messages, e, task.tools) for e in task.episodes]
+    except ChatTemplateError as exc:
+        raise _Refused(
+            TaskProblem(
+                kind="invalid",
+                message="the run's chat template cannot split the episodes into turns",
+                fields=[{"field": "episodes", "message": str(exc)}],
+            )
+        ) from None
+    return split[0].prompt_ids, [s.token_ids for s in split], [s.mask for s in split]
 
 
 def _output(
@@ -135,7 +169,7 @@ def _output(
                 weight=w,
             )
             for c, r, n, lp, ref, si, w in zip(
-                task.completions,
+                _texts(task),
                 task.rewards,
                 tokens,
                 logps.tolist(),
@@ -146,3 +180,10 @@ def _output(
             )
         ],
     )
+
+
+def _texts(task: DryRunTask) -> list[str]:
+    """Each completion's text; an episode's, its last assistant message's content."""
+    if task.episodes is None:
+        return task.completions or []
+    return [episode[-1].get("content") or "" for episode in task.episodes]

@@ -4,7 +4,10 @@ checkpoint), trained with the same GVPO loss as fresh rollouts and no importance
 GVPO's minimiser, pi* ∝ pi_ref·exp(R/beta), does not depend on which distribution produced a
 group's completions, so a supplied group enters the learner exactly as a sampled one: its
 completions are tokenised from their text (ending with EOS, as a completion the model finished),
-its rewards are used as given or, when the group has none, scored by the run's reward. Each
+its rewards are used as given or, when the group has none, scored by the run's reward. A chat
+group's episodes (service/contract/groups.py) enter as the run's own episodes do: the prompt
+rendered by the chat template exactly as the run renders it, then every message after it, with
+a mask that trains the assistant messages' tokens only (workers/chat.py Renderer.episode). Each
 step takes `offpolicy_per_engine` groups in each rollout engine's share from a seeded shuffle
 of the file (its cursor is checkpointed), and fresh rollouts for the rest of the share. Groups
 posted to a running run (POST /v1/runs/{id}/groups) take those slots before the file does. A
@@ -14,22 +17,24 @@ no engine generates more than another).
 """
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from service.contract.groups import DEFAULT_SOURCE, POLICY
+from service.contract.groups import DEFAULT_SOURCE, POLICY, group_item, group_size, is_chat_group
+from workers.chat import Renderer
 from workers.data import Example, PromptSampler
 from workers.rewards.base import Scorer, Scores
-from workers.rollout.base import Completion, Rollout
+from workers.rollout.base import Completion, Rollout, Turn
 
 
 @dataclass(frozen=True)
 class Group:
     example: Example
-    completions: list[str]
+    completions: list[str]  # a chat group's: each episode's last assistant content
     rewards: list[float] | None
     sources: list[str]  # one per completion
+    episodes: list[list[dict]] | None = None  # a chat group's messages after the prompt
 
 
 # One group of a step: its example, and the Group when it comes from the file (None: the run
@@ -37,19 +42,32 @@ class Group:
 Slot = tuple[Example, Group | None]
 
 
-def load_groups(rows: list[dict]) -> list[Group]:
-    """Rows of an off-policy file (validated at upload: service/files/groups.py)."""
+def load_groups(rows: list[dict], renderer: Renderer | None = None) -> list[Group]:
+    """Rows of an off-policy file (validated at upload: service/contract/groups.py). A chat
+    group's prompt text, what samples and rewards show, is rendered by `renderer` (without
+    one, the messages' contents); ChatTemplateError when the template cannot render it."""
     groups = []
     for row in rows:
         source = row.get("source", DEFAULT_SOURCE)
-        sources = source if isinstance(source, list) else [source] * len(row["completions"])
-        answer = row.get("answer")
+        sources = source if isinstance(source, list) else [source] * group_size(row)
+        answer = None if row.get("answer") is None else str(row["answer"])
+        if not is_chat_group(row):
+            example = Example(row["prompt"], answer)
+            groups.append(Group(example, list(row["completions"]), row.get("rewards"), sources))
+            continue
+        example = Example("", answer, row["messages"], row.get("tools"), group_item(row))
+        text = (
+            renderer.prompt(example, as_chat=True)[0]
+            if renderer is not None
+            else "\n".join(m.get("content") or "" for m in row["messages"])
+        )
         groups.append(
             Group(
-                Example(row["prompt"], None if answer is None else str(answer)),
-                list(row["completions"]),
+                replace(example, prompt=text),
+                [episode[-1].get("content") or "" for episode in row["episodes"]],
                 row.get("rewards"),
                 sources,
+                row["episodes"],
             )
         )
     return groups
@@ -67,23 +85,58 @@ def slot_sources(group: Group | None, k: int) -> list[str]:
     return given + [POLICY] * (k - len(given))
 
 
-def as_rollout(group: Group, tokenizer, eos_id: int, top_up: Rollout | None = None) -> Rollout:
+def as_rollout(
+    group: Group,
+    tokenizer,
+    eos_id: int,
+    top_up: Rollout | None = None,
+    renderer: Renderer | None = None,
+) -> Rollout:
     """The group as the learner takes a rollout: the prompt tokenised as the engines do, each
-    completion's text tokenised and ended with EOS, no sampling log-probs; a group of fewer
-    than k is completed from `top_up`, k completions the run sampled for its prompt (the first
-    ones are used, with their sampled tokens and log-probs)."""
-    given = [
-        Completion(
-            text=text,
-            finish_reason="stop",
-            token_ids=tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id],
-        )
-        for text in group.completions
-    ]
+    completion's text tokenised and ended with EOS, no sampling log-probs; a chat group's
+    episodes by `renderer` (default: the tokenizer's own chat template), masked to their
+    assistant tokens. A group of fewer than k is completed from `top_up`, k completions the
+    run sampled for its prompt (the first ones are used, with their sampled tokens and
+    log-probs)."""
+    if group.episodes is not None:
+        prompt_ids, given = _episodes(group, renderer or Renderer(tokenizer, [eos_id]))
+    else:
+        prompt_ids = tokenizer(group.example.prompt)["input_ids"]
+        given = [
+            Completion(
+                text=text,
+                finish_reason="stop",
+                token_ids=tokenizer(text, add_special_tokens=False)["input_ids"] + [eos_id],
+            )
+            for text in group.completions
+        ]
     if top_up is None:
-        return Rollout(prompt_ids=tokenizer(group.example.prompt)["input_ids"], completions=given)
+        return Rollout(prompt_ids=prompt_ids, completions=given)
     missing = len(top_up.completions) - len(given)
     return Rollout(prompt_ids=top_up.prompt_ids, completions=given + top_up.completions[:missing])
+
+
+def _episodes(group: Group, renderer: Renderer) -> tuple[list[int], list[Completion]]:
+    """(the prompt's ids, a completion per episode) of a chat group: every id after the prompt,
+    trained on the assistant messages' only, with the episode's turns for its samples."""
+    example, completions, prompt_ids = group.example, [], []
+    for text, episode in zip(group.completions, group.episodes or [], strict=True):
+        ids = renderer.episode(example.conversation, episode, example.tools)
+        prompt_ids = ids.prompt_ids
+        turns = [
+            Turn(message, tokens, trained=message["role"] == "assistant")
+            for message, tokens in zip(episode, ids.turn_tokens, strict=True)
+        ]
+        completions.append(
+            Completion(
+                text=text,
+                token_ids=ids.token_ids,
+                finish_reason="stop",
+                mask=ids.mask,
+                turns=turns,
+            )
+        )
+    return prompt_ids, completions
 
 
 def per_source(rewards: torch.Tensor, sources: list[list[str]]) -> dict[str, float]:

@@ -274,9 +274,9 @@ class Client:
     # ------------------------------------------------------------ off-policy groups, re-scoring
 
     def post_groups(self, run_id: str, groups: list[dict[str, Any]]) -> GroupsStatus:
-        """Add off-policy groups ({"prompt", "completions", "rewards"?, ...}, as in an offpolicy
-        file; up to 1,000 a request) to a queued, running or paused run: its next steps train
-        on them."""
+        """Add off-policy groups ({"prompt", "completions", "rewards"?, ...}, or chat episodes
+        {"messages", "episodes", "rewards"?, ...}, as in an offpolicy file; up to 1,000 a
+        request) to a queued, running or paused run: its next steps train on them."""
         return cast(
             GroupsStatus,
             self._request("POST", f"/v1/runs/{run_id}/groups", json={"groups": groups}),

@@ -145,8 +145,12 @@ class DryRunTask(BaseModel):
     checkpoint_path: str  # a local folder or a URL in the checkpoint store
     checkpoint_kind: CheckpointKind
     base_model: str  # the run's model.path: pi_ref, and a LoRA checkpoint's base
-    prompt: str
-    completions: list[str]
+    prompt: str | None = None  # a group as text
+    completions: list[str] | None = None
+    messages: list[dict[str, Any]] | None = None  # a group as chat (rendered by chat_template)
+    tools: list[dict[str, Any]] | None = None
+    episodes: list[list[dict[str, Any]]] | None = None
+    chat_template: str | None = None  # the run's model.chat_template
     rewards: list[float]
     beta: float
     max_tokens: int  # padded prompt + completion tokens over the whole group
@@ -155,7 +159,10 @@ class DryRunTask(BaseModel):
 class DryRunCompletion(BaseModel):
     completion: str
     reward: float
-    tokens: int = Field(description="the completion's tokens, as the run's tokenizer splits it")
+    tokens: int = Field(
+        description="the completion's tokens, as the run's tokenizer splits it; an episode's "
+        "assistant tokens (the ones that carry the loss)"
+    )
     logprob: float = Field(description="log pi_theta(y|x), summed over the completion")
     ref_logprob: float = Field(description="log pi_ref(y|x)")
     log_ratio: float = Field(description="s_i = logprob - ref_logprob")

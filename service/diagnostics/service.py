@@ -18,7 +18,7 @@ from service.diagnostics.schemas import DryRunRequest, DryRunResult
 from service.dispatch import ask_worker
 from service.errors import Conflict
 from service.models import Checkpoint, Project
-from service.runs.service import get_run
+from service.runs.service import get_run, run_spec
 
 MAX_TOKENS = 65_536  # padded prompt + completion tokens over the whole group
 
@@ -43,6 +43,10 @@ def dry_run(
         base_model=run.model_folders["path"],
         prompt=req.prompt,
         completions=req.completions,
+        messages=req.messages,
+        tools=req.tools,
+        episodes=req.episodes,
+        chat_template=run_spec(run).model.chat_template,
         rewards=req.rewards,
         beta=req.beta,
         max_tokens=MAX_TOKENS,

@@ -15,7 +15,10 @@ class GroupsPost(Strict):
         min_length=1,
         max_length=MAX_GROUPS_PER_REQUEST,
         description='groups as in an offpolicy file: {"prompt", "completions": [k strings], '
-        '"rewards"?: [k numbers], "source"?: label or [k labels], "answer"?}',
+        '"rewards"?: [k numbers], "source"?: label or [k labels], "answer"?}, or as chat: '
+        '{"messages": [prompt messages], "tools"?, "episodes": [k lists of messages after '
+        'the prompt, each starting and ending with an assistant message], "rewards"?, '
+        '"source"?, "answer"?, ...}',
     )
 
 

@@ -1,6 +1,6 @@
 """Groups posted to a run while it goes (POST /v1/runs/{id}/groups).
 
-A posted group is an off-policy group like a line of an offpolicy file (service/files/groups.py)
+A posted group is an off-policy group like a line of an offpolicy file (service/contract/groups.py)
 and fills the run's off-policy slots (training.offpolicy_fraction of each step) before the run's
 offpolicy file does: the worker takes them oldest first at the next step. A run that has no
 off-policy slots, or has ended, refuses them (409), since nothing would ever train them.

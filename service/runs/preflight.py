@@ -8,7 +8,8 @@ the run waited in a queue and loaded its weights, is refused at once with a 422 
   sampling.max_new_tokens fits the limit (rollout.max_model_len, else the model's context);
   every off-policy group's prompt plus its longest completion plus EOS fits it too (the learner
   scores those whole sequences), and plus max_new_tokens for a group of fewer than k that the
-  run tops up with its own samples.
+  run tops up with its own samples. A chat group's prompt and episodes are counted by their
+  messages' text, as chat rows' prompts are (the worker renders templates, not the API).
 
 The API sees model.path only where it shares a file system with the workers; a hub id, or a
 cluster's model volume the API does not mount, is left to the worker (settings.model_path_check
@@ -34,6 +35,7 @@ from gvpo_client.paths import is_local
 from service.config import Settings
 from service.contract.chat import is_chat
 from service.contract.files import numbered_rows
+from service.contract.groups import group_size, is_chat_group
 from service.contract.spec import RunSpec
 from service.errors import InvalidSpec
 from service.files.service import get_file
@@ -353,6 +355,20 @@ def _prompt_text(row: dict, field: str) -> str:
     return str(row[field])
 
 
+def _completion_texts(row: dict) -> list[str]:
+    """A group's completions; a chat group's episodes as their messages' text (content and
+    tool calls), which the chat template's rendering only lengthens."""
+    if not is_chat_group(row):
+        return row["completions"]
+    return [
+        "\n".join(
+            (m.get("content") or "") + "".join(json.dumps(c) for c in m.get("tool_calls") or [])
+            for m in episode
+        )
+        for episode in row["episodes"]
+    ]
+
+
 def _prompt_problems(
     file: File, attr: str, spec: RunSpec, tokenizer: Tokenizer, limit: _Limit
 ) -> list[dict]:
@@ -404,14 +420,14 @@ def _group_problems(
     completion with the EOS the learner appends (workers/offpolicy.py), or, for a group of
     fewer than k that the run tops up with its own samples, max_new_tokens if that is more.
     `rows` are (number, group); `where(number)` gives the field and the words for the group."""
-    prompts = _token_counts(tokenizer, [row["prompt"] for _, row in rows])
+    prompts = _token_counts(tokenizer, [_prompt_text(row, "prompt") for _, row in rows])
     flat = _token_counts(
-        tokenizer, [c for _, row in rows for c in row["completions"]], add_special_tokens=False
+        tokenizer, [c for _, row in rows for c in _completion_texts(row)], add_special_tokens=False
     )
     k, new = spec.algorithm.group_size, spec.sampling.max_new_tokens
     worst, start = (0, 0, 0, 0, 0), 0  # (total, line, prompt, completion, topped up)
     for (line, row), prompt in zip(rows, prompts, strict=True):
-        n = len(row["completions"])
+        n = group_size(row)
         completion = max(flat[start : start + n], default=0) + 1  # + EOS
         start += n
         topped = k - n if n < k and new > completion else 0
