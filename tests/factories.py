@@ -367,6 +367,7 @@ def tool_episodes() -> list[dict]:
                 "answer": "42",
                 "reward": float(end == "done"),
                 "episode": {
+                    "prompt_messages": [{"role": "user", "content": "What is 6 * 7? Use python."}],
                     "turns": shown,
                     "end": end,
                     "trained_tokens": sum(t["tokens"] for t in shown if t["trained"]),

@@ -36,6 +36,7 @@ class Behaviour:
     rewards: dict[str, float] = field(default_factory=dict)
     request_ids: list[str] = field(default_factory=list)
     purposes: list[str] = field(default_factory=list)  # each request's "purpose"
+    items: list[dict] = field(default_factory=list)  # every item scored, as sent
     callback_statuses: list[int] = field(default_factory=list)
 
 
@@ -87,6 +88,7 @@ def make_app(b: Behaviour) -> FastAPI:
         b.purposes.append(payload.get("purpose"))
         out = []
         for item in payload["items"]:
+            b.items.append(item)
             b.rewards[item["sample_id"]] = score(item["completion"])
             out.append({"sample_id": item["sample_id"], "reward": b.rewards[item["sample_id"]]})
         if b.mode == "async":

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import pytest
 import yaml
 
@@ -23,7 +24,15 @@ from service.cli.boundary import BROKEN_PIPE, CliError
 from service.cli.results import _unpack
 from service.stack import stack_env
 
-from factories import STANDARD_METRICS, copy_rows, run_spec, write_jsonl
+from factories import (
+    STANDARD_METRICS,
+    TOOL_RUN,
+    auth,
+    copy_rows,
+    record_episode_steps,
+    run_spec,
+    write_jsonl,
+)
 from services import cli, closed_port, stack_settings, start_stack
 
 pytestmark = pytest.mark.slow
@@ -311,3 +320,16 @@ def test_shell_completion_scripts_are_printed():
     assert script.returncode == 0 and "_gvpo_completion()" in script.stdout, script.stderr
     words = completion(_GVPO_COMPLETE="bash_complete", COMP_WORDS="gvpo runs l", COMP_CWORD="2")
     assert words.stdout.split() == ["plain,list", "plain,logs"]
+
+
+def test_runs_samples_shows_an_episode_turn_by_turn(stack, user, tiny_model_dir):
+    http = httpx.Client(base_url=stack.url, headers=auth(user.key), timeout=30)
+    spec = run_spec(tiny_model_dir, user.file_id, **TOOL_RUN)
+    created = http.post("/v1/runs", json=spec)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    record_episode_steps(stack.settings, run_id, steps=1)
+    shown = ok(user.gvpo("runs", "samples", run_id)).splitlines()
+    assert "    1.0000  episode (done, 29 of 40 tokens trained)" in shown
+    assert any(line.strip().startswith("* assistant: [call python(") for line in shown)
+    assert any(line.strip() == "tool: 42" for line in shown)  # not trained: no *

@@ -456,3 +456,34 @@ def test_vllm_samples_from_the_adapter_the_run_goes_on_with(settings, tiny_model
             )
         ).all()
     assert len(gaps) == 2 and max(gaps) < 1e-4
+
+
+def test_rescoring_episodes_sends_the_final_conversation(settings, make_key, tiny_model_dir):
+    """A run of episodes is re-scored on each episode's whole conversation, and its groups are
+    kept as chat groups of their turns."""
+    from workers.environments.builtin import secret_code_rows
+
+    hooks = settings.model_copy(update={"webhook_allow_private": True})
+    run_id = finished_run(
+        hooks,
+        tiny_model_dir,
+        train_rows=secret_code_rows(16),
+        environment={"type": "builtin", "name": "secret_code", "max_turns": 2},
+    )
+    behaviour = Behaviour(secret=webhook_secret(hooks, run_id))
+    key = make_key("loop")
+    with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
+        result = rescore(
+            api, hooks, key, run_id, {"type": "webhook", "url": server.url, "timeout_s": 10}
+        )
+        kept = api.get(f"/v1/files/{result['file_id']}", headers=auth(key)).json()
+    assert result["status"] == "succeeded" and len(behaviour.items) == STEPS * PROMPTS * K
+    for item in behaviour.items:
+        roles = [m["role"] for m in item["messages"]]
+        assert roles == ["user", "assistant", "user", "assistant"]
+        assert item["messages"][2]["content"] == item["answer"]  # what the environment said
+        assert item["completion"] == item["messages"][3]["content"]
+    assert [s.reward for s in samples(hooks, run_id)] == pytest.approx(
+        [score(s.completion) for s in samples(hooks, run_id)]
+    )
+    assert kept["rows"] == STEPS * PROMPTS and kept["purpose"] == "offpolicy"

@@ -264,6 +264,7 @@ def _export(settings: Settings, rescore: Rescore) -> str:
                 Sample.completion,
                 Sample.reward,
                 Sample.source,
+                Sample.episode,
             )
             .where(Sample.run_id == run.id)
             .order_by(Sample.step, Sample.group_index, Sample.sample_index)
@@ -278,11 +279,23 @@ def _export(settings: Settings, rescore: Rescore) -> str:
 
 
 def _group_line(samples: list, run_id: str) -> dict:
-    """One group's samples (rows of samples' columns) as an offpolicy file line."""
+    """One group's samples (rows of samples' columns) as an offpolicy file line (a group of
+    episodes as a chat group)."""
     sources = [run_id if s.source == POLICY else s.source for s in samples]
-    line = {
-        "prompt": samples[0].prompt,
-        "completions": [s.completion for s in samples],
+    if samples[0].episode is not None:  # episodes: a chat group of their turns
+        line = {
+            "messages": samples[0].episode["prompt_messages"],
+            "episodes": [
+                [
+                    {k: v for k, v in t.items() if k in TURN_KEYS and v is not None}
+                    for t in s.episode["turns"]
+                ]
+                for s in samples
+            ],
+        }
+    else:
+        line = {"prompt": samples[0].prompt, "completions": [s.completion for s in samples]}
+    line |= {
         "rewards": [s.reward for s in samples],
         "source": sources[0] if len(set(sources)) == 1 else sources,
     }

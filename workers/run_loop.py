@@ -165,7 +165,16 @@ class RunLoop:
         self.groups = None
         if file_id := spec.dataset.offpolicy_file:
             rows = self.recorder.dataset_rows("offpolicy_file", file_id)
-            self.groups = PromptSampler(load_groups(rows), spec.training.seed)
+            self.groups = PromptSampler(
+                self._groups(rows, "dataset.offpolicy_file"), spec.training.seed
+            )
+
+    def _groups(self, rows: list[dict], where: str) -> list:
+        """Off-policy groups, a chat group's prompt rendered by the run's template."""
+        try:
+            return load_groups(rows, self.renderer)
+        except ChatTemplateError as exc:
+            raise RunError(f"{where}: {exc}") from None
 
     def _examples(self, field: str) -> list[Example]:
         ds = self.spec.dataset
@@ -296,7 +305,7 @@ class RunLoop:
         posted = None
         if self.lead and off:  # the lead reads the groups posted to the run; every rank gets them
             posted = self.recorder.take_groups(step, off * engines, engines)
-        posted = load_groups(self.ranks.share(posted) or [])
+        posted = self._groups(self.ranks.share(posted) or [], "a group posted to the run")
         self.posted_taken = len(posted)
         return draw_slots(
             self.sampler, self.groups, posted, off, training.prompts_per_step, engines
@@ -310,14 +319,21 @@ class RunLoop:
         share = self.ranks.engine_share(slots)
         fresh = [i for i, (_, group) in enumerate(share) if sampled_by_run(group, k)]
         made = iter(self._generate(step, [share[i][0] for i in fresh], k, groups=fresh))
-        generated = [
-            next(made)
-            if group is None
-            else as_rollout(
-                group, self.tokenizer, self.eos_id, next(made) if sampled_by_run(group, k) else None
-            )
-            for _, group in share
-        ]
+        try:
+            generated = [
+                next(made)
+                if group is None
+                else as_rollout(
+                    group,
+                    self.tokenizer,
+                    self.eos_id,
+                    next(made) if sampled_by_run(group, k) else None,
+                    self.renderer,
+                )
+                for _, group in share
+            ]
+        except ChatTemplateError as exc:
+            raise RunError(f"an off-policy group: {exc}") from None
         self.engine.offload()
         return self.ranks.gather_engines(generated), self.ranks.own_part(generated)
 

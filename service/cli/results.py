@@ -131,7 +131,8 @@ def _indented(text: str, indent: str) -> str:
 @click.option("--step", type=click.IntRange(0), default=None, help="default: the latest step")
 @json_option
 def runs_samples(run_id: str, step: int | None, as_json: bool) -> None:
-    """A step's samples by group: the prompt, then each completion with its reward."""
+    """A step's samples by group: the prompt, then each completion (an episode turn by turn,
+    * marking the policy's trained turns) with its reward."""
     with connect() as api:
         answer = api.samples(run_id, step)
     if as_json:
@@ -153,7 +154,27 @@ def runs_samples(run_id: str, step: int | None, as_json: bool) -> None:
             click.echo(f"\ngroup {group}{source}\n  prompt: {_indented(sample['prompt'], '  ')}")
             if sample["answer"] is not None:
                 click.echo(f"  answer: {_indented(sample['answer'], '  ')}")
-        click.echo(f"  {sample['reward']:>8.4f}  {_indented(sample['completion'], ' ' * 12)}")
+        if sample.get("episode"):
+            _echo_episode(sample)
+        else:
+            click.echo(f"  {sample['reward']:>8.4f}  {_indented(sample['completion'], ' ' * 12)}")
+
+
+def _echo_episode(sample: dict) -> None:
+    """An episode turn by turn: `*` marks the policy's (trained) turns."""
+    episode = sample["episode"]
+    click.echo(
+        f"  {sample['reward']:>8.4f}  episode ({episode['end']}, {episode['trained_tokens']} of "
+        f"{episode['tokens']} tokens trained)"
+    )
+    for turn in episode["turns"]:
+        mark = "*" if turn["trained"] else " "
+        calls = [call.get("function", {}) for call in turn.get("tool_calls") or []]
+        text = " ".join(
+            [turn["content"] or ""]
+            + [f"[call {f.get('name')}({f.get('arguments')})]" for f in calls]
+        ).strip()
+        click.echo(f"           {mark} {turn['role']:>9}: {_indented(text, ' ' * 24)}")
 
 
 @click.group("checkpoints")
