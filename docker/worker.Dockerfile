@@ -13,7 +13,8 @@ ENV DEBIAN_FRONTEND=noninteractive
 # Ubuntu 24.04's own Python is 3.12; the pins in constraints.txt installed and ran together on
 # 3.11, which comes from the deadsnakes PPA (as in vLLM's own image). gcc and the Python headers
 # stay in the final image: Triton (under vLLM and torch.compile) compiles a small C launcher the
-# first time it runs a kernel. Apt versions are not pinned: the archives drop superseded ones.
+# first time it runs a kernel. bubblewrap is the python_tool environment's sandbox. Apt versions
+# are not pinned: the archives drop superseded ones.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates software-properties-common \
@@ -21,7 +22,7 @@ RUN apt-get update \
  && apt-get update \
  && apt-get install -y --no-install-recommends \
         "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-dev" "python${PYTHON_VERSION}-venv" \
-        gcc libc6-dev \
+        gcc libc6-dev bubblewrap \
  && apt-get purge -y --auto-remove software-properties-common \
  && rm -rf /var/lib/apt/lists/*
 

@@ -50,6 +50,7 @@ def episodes_spec(model: str, train_file: str, steps: int) -> dict:
     spec = demo_spec(model, train_file, steps)
     spec["name"] = "demo-secret-code-episodes"
     spec["sampling"]["max_new_tokens"] = 4
+    spec["algorithm"]["beta"] = 0.05  # at 0.01 the reward was 0.2 after 500 steps
     spec["environment"] = {"type": "builtin", "name": "secret_code", "max_turns": 2}
     spec["reward"] = {"type": "builtin", "name": "exact_match"}  # the environment scores
     return spec

@@ -477,3 +477,35 @@ def running_worker(settings: Settings, log_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@contextmanager
+def reference_server(app: str, path: str, env: dict[str, str]):
+    """One of examples/'s reference servers (`app`, "module:app"), served by uvicorn in a
+    process of its own with `env` added to its environment; yields its URL + `path` once it
+    answers (an unsigned request: 401)."""
+    sock = loopback_socket()  # bound here, passed down: no race for the port
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}{path}"
+    with sock:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", app, "--fd", str(sock.fileno())],
+            pass_fds=(sock.fileno(),),
+            cwd=Path(__file__).resolve().parents[1],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def answers() -> int | None:
+        assert server.poll() is None, f"the reference server exited ({server.returncode})"
+        try:
+            return httpx.post(url, content=b"{}").status_code
+        except httpx.TransportError:
+            return None
+
+    try:
+        assert wait_until(answers, SERVER_START_S, f"{app} to answer") == 401  # unsigned
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

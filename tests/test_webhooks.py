@@ -10,19 +10,17 @@ from service.models import Checkpoint, Run, RunEvent, Sample
 from workers.execute import execute_run
 
 from factories import (
-    SERVER_START_S,
     SPEC_DEFAULTS,
     assert_error,
     copy_rows,
     run_spec,
     submit,
     upload,
-    wait_until,
     webhook_secret,
 )
 from rebinding import FakeDNS
 from reward_server import Behaviour, RewardServer
-from services import closed_port, loopback_socket
+from services import closed_port, reference_server
 
 pytestmark = pytest.mark.both_backends
 
@@ -198,48 +196,12 @@ def test_public_and_allowed_private_webhook_urls_are_accepted(settings, make_key
 
 
 def test_the_reference_reward_server_works_as_documented(hooks_settings, tiny_model_dir):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import httpx
-
-    sock = loopback_socket()  # served by the reference server: bound here, passed down
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}/score"
-    run_id, secret = webhook_run(hooks_settings, tiny_model_dir, url)
-    root = Path(__file__).resolve().parents[1]
-    with sock:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "examples.reward_server:app",
-                "--fd",
-                str(sock.fileno()),
-            ],
-            pass_fds=(sock.fileno(),),
-            cwd=root,
-            env={**os.environ, "REWARD_WEBHOOK_SECRET": secret},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    try:
-
-        def answers() -> int | None:
-            assert server.poll() is None, f"the reference server exited ({server.returncode})"
-            try:
-                return httpx.post(url, content=b"{}").status_code
-            except httpx.TransportError:
-                return None
-
-        # unsigned: refused
-        assert wait_until(answers, SERVER_START_S, "the reference reward server to answer") == 401
+    secret = "whsec_reference_reward_server_0123"  # brought by the run: the server starts first
+    env = {"REWARD_WEBHOOK_SECRET": secret}
+    with reference_server("examples.reward_server:app", "/score", env) as url:
+        reward = {"type": "webhook", "url": url, "mode": "sync", "timeout_s": 10}
+        run_id = submit(hooks_settings, tiny_model_dir, reward=reward, webhook_secret=secret)
         assert execute_run(hooks_settings, run_id, "worker-a") == "succeeded"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     with session_scope(hooks_settings.resolved_database_url) as session:
         samples = session.scalars(select(Sample).where(Sample.run_id == run_id)).all()
     assert samples and all(s.reward == float(s.completion.strip() == s.answer) for s in samples)

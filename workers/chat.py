@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.data import Example
+from workers.rollout.base import Completion
 
 # A fixed conversation to render differences against: what a template puts after an
 # assistant message, and what it renders for new messages after one.
@@ -198,3 +199,13 @@ def assistant_message(text: str, call_prefix: str) -> dict[str, Any]:
         message["content"] = TOOL_CALL.sub("", text).strip()
         message["tool_calls"] = calls
     return message
+
+
+def final_conversation(example: Example, completion: Completion) -> list[dict] | None:
+    """The conversation a reward sees: a chat row's messages and the policy's turn, or an
+    episode's every turn (None for a plain prompt's single completion)."""
+    if completion.turns is not None:
+        return example.conversation + [t.message for t in completion.turns]
+    if example.messages is not None:
+        return example.conversation + [{"role": "assistant", "content": completion.text}]
+    return None

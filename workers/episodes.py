@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass, field
 
 from service.contract.environments import EnvironmentSpec
-from service.contract.spec import SamplingSpec
+from service.contract.events import EventType
+from service.contract.spec import RunSpec, SamplingSpec
 from workers.chat import Renderer, assistant_message
 from workers.data import Example
 from workers.environments.base import Environment, EpisodeView, Reply
+from workers.environments.builtin import build_environment
 from workers.rollout.base import Completion, Rollout, RolloutEngine, Turn
 
 DONE, MAX_TURNS, MAX_TOKENS = "done", "max_turns", "max_episode_tokens"
@@ -184,11 +186,16 @@ class EpisodeRunner:
             e.turns.append(Turn(message, len(rendered) if i == 0 else 0, trained=False))
 
 
-def final_conversation(example: Example, completion: Completion) -> list[dict] | None:
-    """The conversation a reward sees: a chat row's messages and the policy's turn, or an
-    episode's every turn (None for a plain prompt's single completion)."""
-    if completion.turns is not None:
-        return example.conversation + [t.message for t in completion.turns]
-    if example.messages is not None:
-        return example.conversation + [{"role": "assistant", "content": completion.text}]
-    return None
+def episode_runner(settings, recorder, spec: RunSpec, engine, renderer, model):
+    """The run's EpisodeRunner when it has an environment (else None): a webhook's retries
+    recorded as environment.retry events, a sandbox's view without the data directory, turns
+    bounded by the model's context."""
+    if spec.environment is None:
+        return None
+    from workers.rewards.webhook import WebhookContext
+
+    webhooks = WebhookContext.of_run(settings, recorder, retry_event=EventType.ENVIRONMENT_RETRY)
+    hidden = (str(settings.resolved_data_dir),)
+    environment = build_environment(spec.environment, spec.dataset.answer_field, webhooks, hidden)
+    context = spec.rollout.max_model_len or getattr(model.config, "max_position_embeddings", None)
+    return EpisodeRunner(engine, renderer, environment, spec.environment, recorder.run_id, context)

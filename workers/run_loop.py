@@ -23,8 +23,7 @@ from service.contract.states import RunStatus
 from workers.chat import ChatTemplateError, Renderer
 from workers.checkpointing import RunCheckpoints
 from workers.data import Example, PromptSampler, load_examples
-from workers.environments.builtin import build_environment
-from workers.episodes import EpisodeRunner
+from workers.episodes import episode_runner
 from workers.errors import RunError
 from workers.evaluation import eval_metrics
 from workers.heartbeat import Heartbeat
@@ -105,7 +104,9 @@ class RunLoop:
         webhooks = WebhookContext.of_run(self.settings, self.recorder)
         self.scorer = build_scorer(spec.reward, webhooks) if self.lead else None
         self.renderer = Renderer(self.tokenizer, self.engine_eos, spec.model.chat_template)
-        self.episodes = self._episode_runner()
+        self.episodes = episode_runner(
+            self.settings, self.recorder, spec, self.engine, self.renderer, self.model
+        )
         self.diff_warn = spec.rollout.logprob_diff_warn or (
             1e-3 if pick_dtype(spec, self.device) == torch.float32 else 1.0
         )
@@ -137,23 +138,6 @@ class RunLoop:
         )
         self.engine_eos = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         self.eos_id = self.engine_eos[0]
-
-    def _episode_runner(self) -> EpisodeRunner | None:
-        """With an environment, rollouts are episodes (played by the lead: one process)."""
-        spec = self.spec.environment
-        if spec is None:
-            return None
-        webhooks = WebhookContext.of_run(
-            self.settings, self.recorder, retry_event=EventType.ENVIRONMENT_RETRY
-        )
-        hidden = (str(self.settings.resolved_data_dir),)
-        environment = build_environment(spec, self.spec.dataset.answer_field, webhooks, hidden)
-        context = self.spec.rollout.max_model_len or getattr(
-            self.model.config, "max_position_embeddings", None
-        )
-        return EpisodeRunner(
-            self.engine, self.renderer, environment, spec, self.recorder.run_id, context
-        )
 
     def _load_data(self) -> None:
         """The prompt sampler, the eval prompts and the off-policy groups of the spec's files."""

@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -25,6 +24,7 @@ from service.contract.limits import (
     MAX_TOKENS,
     MAX_WEBHOOK_ID,
     Strict,
+    params_of,
 )
 from service.contract.webhooks import Reward
 
@@ -104,17 +104,11 @@ class BuiltinEnvironment(_Episodes):
 
     @model_validator(mode="after")
     def _params(self) -> "BuiltinEnvironment":
-        try:
-            environment_params(self.name).model_validate(self.params)
-        except ValidationError as exc:
-            listed = "; ".join(
-                f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-            )
-            raise ValueError(f"{self.name}: {listed}") from None
+        params_of(self.name, environment_params(self.name), self.params)
         return self
 
     def parsed_params(self) -> EnvironmentParams:
-        return environment_params(self.name).model_validate(self.params)
+        return params_of(self.name, environment_params(self.name), self.params)
 
 
 EnvironmentSpec = Annotated[WebhookEnvironment | BuiltinEnvironment, Field(discriminator="type")]

@@ -7,7 +7,7 @@ numbers must be finite.
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 INT32_MAX = 2**31 - 1  # the database's integer columns (steps, counts, event ids)
 
@@ -68,3 +68,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     _text_without_nul = field_validator("*")(_no_nul)
+
+
+def params_of(name: str, model: type[BaseModel], params: dict) -> BaseModel:
+    """A built-in's `params` validated as its parameter model; ValueError naming the built-in
+    and each bad field as `params.<field>`."""
+    try:
+        return model.model_validate(params)
+    except ValidationError as exc:
+        listed = "; ".join(
+            f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"{name}: {listed}") from None

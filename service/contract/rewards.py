@@ -10,9 +10,9 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_PATTERNS, MAX_TEXT, Strict
+from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_PATTERNS, MAX_TEXT, Strict, params_of
 
 
 def finite(v: float) -> float:
@@ -90,13 +90,7 @@ class BuiltinReward(Strict):
 
     @model_validator(mode="after")
     def _params(self) -> "BuiltinReward":
-        try:
-            reward_params(self.name).model_validate(self.params)
-        except ValidationError as exc:
-            listed = "; ".join(
-                f"params.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-            )
-            raise ValueError(f"{self.name}: {listed}") from None
+        params_of(self.name, reward_params(self.name), self.params)
         return self
 
 

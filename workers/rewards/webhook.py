@@ -25,8 +25,8 @@ from service.contract.events import EventLevel, EventType
 from service.contract.outbound import OutboundClient
 from service.contract.rewards import WebhookReward
 from service.contract.webhooks import RewardItem, RewardRequest
+from workers.chat import final_conversation
 from workers.data import Example
-from workers.episodes import final_conversation
 from workers.errors import RunError
 from workers.rewards.base import Scores
 from workers.rollout.base import Rollout
