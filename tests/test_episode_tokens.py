@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from scripted_engine import ScriptedEngine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.contract.environments import BuiltinEnvironment
@@ -23,8 +24,6 @@ from workers.data import Example
 from workers.environments.builtin import build_environment
 from workers.episodes import EpisodeRunner
 from workers.learner.learner import GroupBatch, Learner, LearnerConfig
-from workers.rollout.base import Rollout
-from workers.rollout.text import CompletionBuilder
 
 from factories import DROP, run_spec
 
@@ -121,27 +120,6 @@ def test_prompt_and_environment_tokens_carry_no_loss_or_gradient(tiny_model_dir)
     assert any(not torch.allclose(a, b) for a, b in zip(grads, moved_grads, strict=True))
 
 
-class ScriptedEngine:
-    """A rollout engine of our own that 'samples' fixed ids each turn and records the contexts
-    it was given: what the episode runner hands an engine, without a model's randomness."""
-
-    name = "scripted"
-
-    def __init__(self, tokenizer, turns: list[list[int]], eos: int) -> None:
-        self.turns, self.contexts = turns, []
-        self.builder = CompletionBuilder(tokenizer, [eos])
-
-    def generate(self, prompts, n, sampling):
-        self.contexts.append([list(p) for p in prompts])
-        ids = self.turns[len(self.contexts) - 1]
-        return [
-            Rollout(list(p), [self.builder.build(ids, sampling) for _ in range(n)]) for p in prompts
-        ]
-
-    def offload(self) -> None:
-        """Nothing held."""
-
-
 @pytest.fixture(scope="module")
 def merging_tokenizer(tiny_model_dir):
     """The tiny tokenizer with "ab" as one more token: text "ab" encodes as that one id."""
@@ -155,7 +133,8 @@ def test_sampled_ids_are_never_retokenised(merging_tokenizer):
     a, b = (tok.convert_tokens_to_ids(c) for c in "ab")
     eos = tok.eos_token_id
     assert tok(tok.decode([a, b]), add_special_tokens=False)["input_ids"] != [a, b]  # premise
-    engine = ScriptedEngine(tok, [[a, b, eos], [a, b, b, eos]], eos)
+    turns = [[a, b, eos], [a, b, b, eos]]
+    engine = ScriptedEngine(tok, lambda call, row: turns[call], eos)
     renderer = Renderer(tok, [eos])
     spec = BuiltinEnvironment(type="builtin", name="secret_code", max_turns=2)
     runner = EpisodeRunner(engine, renderer, build_environment(spec, "answer"), spec, "run_x")

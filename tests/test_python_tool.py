@@ -188,7 +188,8 @@ def test_a_fork_bomb_is_stopped_and_leaves_no_process_behind(env):
     finally:
         running.clear()
         watcher.join()
-    assert said.endswith("[killed: time limit 2 s]")
+    # stopped by whichever limit it reaches first (CPU time on a machine with cores to spare)
+    assert said.endswith(("[killed: time limit 2 s]", "[killed: CPU time limit 1 s]"))
     # bwrap outside the sandbox and its init inside, then the code's processes
     assert max(seen) <= len(before) + 2 + LIMITS.processes
     gone = wait_until(lambda: process_tree(ours) == before, WORKER_S, "the sandbox to be gone")
@@ -324,3 +325,69 @@ def test_a_run_with_the_python_tool_plays_its_episodes(settings, tiny_model_dir)
     with session_scope(settings.resolved_database_url) as session:
         episodes = session.scalars(select(Sample.episode).where(Sample.run_id == run_id)).all()
     assert episodes and all(e["end"] == "done" and len(e["turns"]) == 1 for e in episodes)
+
+
+HOSTILE = {
+    "network": "import socket\nsocket.create_connection(('1.1.1.1', 53), 1)",
+    "write": "open('/usr/gvpo-was-here', 'w').write('x')",
+    "fork bomb": FORK_BOMB,
+    "endless loop": "while True:\n    pass",
+    "10 GB": "data = bytearray(10 * 1024**3)",
+}
+
+
+def test_in_an_episode_each_refused_attempt_is_reported_and_the_episode_goes_on(
+    tiny_model_dir, data_dir
+):
+    """The episode runner with the policy's turns scripted: each episode's first turn calls the
+    tool with one hostile program, its second answers; every episode reads its refusal back,
+    goes on to its second turn and ends done; the host has no trace."""
+    from scripted_engine import ScriptedEngine
+    from transformers import AutoTokenizer
+
+    from service.contract.environments import BuiltinEnvironment
+    from service.contract.spec import SamplingSpec
+    from workers.chat import Renderer
+    from workers.data import Example
+    from workers.episodes import EpisodeRunner
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    codes = list(HOSTILE.values())
+
+    def script(call: int, row: int) -> list[int]:
+        text = (
+            f'<tool_call>{{"name": "python", "arguments": {json.dumps({"code": codes[row]})}}}'
+            "</tool_call>"
+            if call == 0
+            else "done"
+        )
+        return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    spec = BuiltinEnvironment(
+        type="builtin", name="python_tool", max_turns=3, params=LIMITS.model_dump()
+    )
+    env = PythonToolEnvironment(spec.parsed_params(), data_dir=data_dir)
+    runner = EpisodeRunner(
+        ScriptedEngine(tok, script, tok.eos_token_id),
+        Renderer(tok, [tok.eos_token_id]),
+        env,
+        spec,
+        "run_x",
+        context_tokens=10_000,
+    )
+    examples = [Example("", None, [{"role": "user", "content": name}]) for name in HOSTILE]
+    rollouts = runner.run(1, examples, 1, SamplingSpec(max_new_tokens=400))
+    said = {}
+    for name, rollout in zip(HOSTILE, rollouts, strict=True):
+        (episode,) = rollout.completions
+        roles = [(t.message["role"], t.trained) for t in episode.turns]
+        assert roles == [("assistant", True), ("tool", False), ("assistant", True)], name
+        assert episode.finish_reason == "done" and episode.text == "done"
+        said[name] = episode.turns[1].message["content"]
+    assert "Network is unreachable" in said["network"]
+    assert "Read-only file system" in said["write"] and not Path("/usr/gvpo-was-here").exists()
+    # whichever limit a loaded machine reaches first
+    stopped = ("[killed: time limit 2 s]", "[killed: CPU time limit 1 s]")
+    assert said["fork bomb"].endswith(stopped) and said["endless loop"].endswith(stopped)
+    assert "MemoryError" in said["10 GB"]
+    assert still_answers(env)
