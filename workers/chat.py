@@ -100,13 +100,7 @@ class Renderer:
         next generation prompt."""
         before = self.render(_BASE, tools)
         after = self.render(_BASE + messages, tools, add_generation_prompt=True)
-        if not after.startswith(before):
-            raise ChatTemplateError(
-                "the chat template renders a conversation differently once messages follow "
-                "an assistant turn, so a turn cannot be appended to the sampled tokens; set "
-                "model.chat_template to one that renders message by message"
-            )
-        return self.encode(after[len(before) :])
+        return self.encode(_extension(before, after, "the environment's messages"))
 
     def episode(self, prompt: list[dict], turns: list[dict], tools=None) -> EpisodeIds:
         """A conversation written elsewhere as ids: `prompt` rendered with the generation
@@ -164,9 +158,9 @@ def _extension(before: str, after: str, what: str) -> str:
     """What `after` (a conversation rendered with one more part) adds to `before`."""
     if not after.startswith(before):
         raise ChatTemplateError(
-            f"the chat template renders the conversation before {what} differently once "
-            "that message follows, so the episode cannot be split into turns; set "
-            "model.chat_template to one that renders message by message"
+            f"the chat template renders a conversation differently once it is continued "
+            f"with {what}, so the turns cannot be told apart; set model.chat_template to "
+            "one that renders message by message"
         )
     return after[len(before) :]
 
