@@ -32,3 +32,23 @@ def test_demo_learns(tmp_path):
     first, last = map(float, match.groups())
     assert first <= 0.3 and last >= 0.7, (first, last)
     assert f"final checkpoint (step {DEMO_STEPS})" in out.stdout
+
+
+def test_the_episodes_demo_submits_a_valid_run_of_chat_rows(tmp_path):
+    """`gvpo demo --task episodes`: its rows are chat rows the upload accepts, and its spec a
+    run of the secret_code environment the API accepts (the learning itself is
+    tests/test_episode_learning.py's, with the same settings)."""
+    from service.contract.spec import RunSpec
+    from service.demo import TASKS
+    from service.files.service import validate_jsonl
+
+    write, make_spec, steps = TASKS["episodes"]
+    rows, fields = validate_jsonl(write(tmp_path / "episodes.jsonl"))
+    assert rows == 500 and fields == ["answer", "messages"]
+    spec = RunSpec.model_validate(make_spec("/models/tiny", "file_x", steps))
+    assert spec.environment.name == "secret_code" and spec.environment.max_turns == 2
+    assert (spec.algorithm.beta, spec.optimizer.lr, spec.sampling.max_new_tokens) == (
+        0.05,
+        1e-3,
+        4,
+    )
