@@ -48,6 +48,7 @@ class Renderer:
     def __init__(self, tokenizer, eos_ids: list[int], chat_template: str | None = None) -> None:
         self.tokenizer, self.eos_ids, self.template = tokenizer, set(eos_ids), chat_template
         self.eos_id = eos_ids[0]  # what a policy samples to end a turn the template doesn't
+        self._base: str | None = None  # _BASE rendered: what a turn or messages extend
         self._turn_end: list[int] | None = None
         self._turn_end_text: str | None = None
 
@@ -89,18 +90,22 @@ class Renderer:
     def _end(self) -> list[int]:
         """The ids the template puts after an assistant message's content (and its text)."""
         if self._turn_end is None:
-            full = self.render(_BASE)
+            full = self._base_text()
             cut = full.rfind(_BASE[-1]["content"]) + len(_BASE[-1]["content"])
             self._turn_end_text = full[cut:]
             self._turn_end = self.encode(self._turn_end_text)
         return self._turn_end
 
-    def observation(self, messages: list[dict], tools=None) -> list[int]:
+    def _base_text(self) -> str:
+        if self._base is None:
+            self._base = self.render(_BASE)
+        return self._base
+
+    def observation(self, messages: list[dict]) -> list[int]:
         """The ids of the environment's new `messages` after a closed assistant turn, with the
         next generation prompt."""
-        before = self.render(_BASE, tools)
-        after = self.render(_BASE + messages, tools, add_generation_prompt=True)
-        return self.encode(_extension(before, after, "the environment's messages"))
+        after = self.render(_BASE + messages, add_generation_prompt=True)
+        return self.encode(_extension(self._base_text(), after, "the environment's messages"))
 
     def episode(self, prompt: list[dict], turns: list[dict], tools=None) -> EpisodeIds:
         """A conversation written elsewhere as ids: `prompt` rendered with the generation

@@ -24,6 +24,7 @@ from workers.chat import Renderer, assistant_message
 from workers.data import Example
 from workers.environments.base import Environment, EpisodeView, Reply
 from workers.environments.builtin import build_environment
+from workers.rewards.webhook import WebhookContext, batch_name
 from workers.rollout.base import Completion, Rollout, RolloutEngine, Turn
 
 DONE, MAX_TURNS, MAX_TOKENS = "done", "max_turns", "max_episode_tokens"
@@ -82,7 +83,7 @@ class EpisodeRunner:
     ) -> list[Rollout]:
         """k episodes of each example, played to their end; `groups`: each example's group index
         in the step (ids name it), default 0, 1, ..."""
-        batch = str(step) if purpose == "train" else f"{purpose}{step}"
+        batch = batch_name(step, purpose)
         numbers = groups or range(len(examples))
         episodes: list[list[_Episode]] = []
         for g, example in zip(numbers, examples, strict=True):
@@ -171,9 +172,7 @@ class EpisodeRunner:
         if e.assistant_turns >= self.spec.max_turns:
             e.end = MAX_TURNS
             return
-        rendered = self.renderer.close_turn(e.tokens) + self.renderer.observation(
-            reply.messages, None
-        )
+        rendered = self.renderer.close_turn(e.tokens) + self.renderer.observation(reply.messages)
         if self._room(e) - len(rendered) < 1:
             e.end = MAX_TOKENS  # no room for one more sampled token
             return
@@ -192,8 +191,6 @@ def episode_runner(settings, recorder, spec: RunSpec, engine, renderer, model):
     bounded by the model's context."""
     if spec.environment is None:
         return None
-    from workers.rewards.webhook import WebhookContext
-
     webhooks = WebhookContext.of_run(settings, recorder, retry_event=EventType.ENVIRONMENT_RETRY)
     hidden = (str(settings.resolved_data_dir),)
     environment = build_environment(spec.environment, spec.dataset.answer_field, webhooks, hidden)

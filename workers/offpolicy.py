@@ -42,10 +42,10 @@ class Group:
 Slot = tuple[Example, Group | None]
 
 
-def load_groups(rows: list[dict], renderer: Renderer | None = None) -> list[Group]:
+def load_groups(rows: list[dict], renderer: Renderer) -> list[Group]:
     """Rows of an off-policy file (validated at upload: service/contract/groups.py). A chat
-    group's prompt text, what samples and rewards show, is rendered by `renderer` (without
-    one, the messages' contents); ChatTemplateError when the template cannot render it."""
+    group's prompt text, what samples and rewards show, is rendered by `renderer`;
+    ChatTemplateError when the template cannot render it."""
     groups = []
     for row in rows:
         source = row.get("source", DEFAULT_SOURCE)
@@ -56,14 +56,9 @@ def load_groups(rows: list[dict], renderer: Renderer | None = None) -> list[Grou
             groups.append(Group(example, list(row["completions"]), row.get("rewards"), sources))
             continue
         example = Example("", answer, row["messages"], row.get("tools"), group_item(row))
-        text = (
-            renderer.prompt(example, as_chat=True)[0]
-            if renderer is not None
-            else "\n".join(m.get("content") or "" for m in row["messages"])
-        )
         groups.append(
             Group(
-                replace(example, prompt=text),
+                replace(example, prompt=renderer.prompt(example, as_chat=True)[0]),
                 [episode[-1].get("content") or "" for episode in row["episodes"]],
                 row.get("rewards"),
                 sources,

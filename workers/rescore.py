@@ -33,7 +33,7 @@ from workers.records import RunRecorder
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Completion, Rollout, Turn
-from workers.step_metrics import TURN_KEYS
+from workers.step_metrics import recorded_message
 from workers.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -239,14 +239,7 @@ def _recorded(row) -> Completion:
     """A recorded sample as the scorer takes it (an episode with its turns and end)."""
     if row.episode is None:
         return Completion(row.completion, [], "stop")
-    turns = [
-        Turn(
-            {k: v for k, v in t.items() if k in TURN_KEYS and v is not None},
-            t["tokens"],
-            t["trained"],
-        )
-        for t in row.episode["turns"]
-    ]
+    turns = [Turn(recorded_message(t), t["tokens"], t["trained"]) for t in row.episode["turns"]]
     return Completion(row.completion, [], row.episode["end"], turns=turns)
 
 
@@ -285,13 +278,7 @@ def _group_line(samples: list, run_id: str) -> dict:
     if samples[0].episode is not None:  # episodes: a chat group of their turns
         line = {
             "messages": samples[0].episode["prompt_messages"],
-            "episodes": [
-                [
-                    {k: v for k, v in t.items() if k in TURN_KEYS and v is not None}
-                    for t in s.episode["turns"]
-                ]
-                for s in samples
-            ],
+            "episodes": [[recorded_message(t) for t in s.episode["turns"]] for s in samples],
         }
     else:
         line = {"prompt": samples[0].prompt, "completions": [s.completion for s in samples]}

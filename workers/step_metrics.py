@@ -99,6 +99,11 @@ def episode_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     }
 
 
+def recorded_message(turn: dict) -> dict:
+    """A recorded turn (episode_record's) as the message it was: the keys it had."""
+    return {key: value for key, value in turn.items() if key in TURN_KEYS and value is not None}
+
+
 def episode_record(e: Example, c: Completion) -> dict | None:
     """A sample's `episode` (service/metrics/schemas.py EpisodeRead), for a multi-turn one."""
     if c.turns is None:

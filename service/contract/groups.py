@@ -94,7 +94,11 @@ def _chat_problem(row: dict) -> str | None:
         return "has 'episodes' but no 'messages': a chat group's prompt is its 'messages'"
     if problem := chat_problem(row):
         return problem
-    episodes = row.get("episodes")
+    return episodes_problem(row.get("episodes"))
+
+
+def episodes_problem(episodes: Any) -> str | None:
+    """What is wrong with a group's episodes, or None."""
     if not isinstance(episodes, list) or not episodes:
         return "'episodes' must be a list of at least 1 episode (a list of messages)"
     for index, episode in enumerate(episodes):

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, model_validator
 
 from service.contract.chat import chat_problem
-from service.contract.groups import episode_problem
+from service.contract.groups import episodes_problem
 from service.contract.limits import MAX_BETA, MAX_ID, MAX_PROMPT_CHARS, MAX_REWARD, Strict
 from service.contract.tasks import DryRunCompletion
 
@@ -73,9 +73,8 @@ class DryRunRequest(Strict):
             raise ValueError("a group as chat needs both 'messages' and 'episodes'")
         if chat and (problem := chat_problem({"messages": self.messages, "tools": self.tools})):
             raise ValueError(problem)
-        for index, episode in enumerate(self.episodes or []):
-            if problem := episode_problem(episode):
-                raise ValueError(f"episodes[{index}]{problem}")
+        if chat and (problem := episodes_problem(self.episodes)):
+            raise ValueError(problem)
         k, noun = (len(self.episodes), "episode") if chat else (len(self.completions), "completion")
         if len(self.rewards) != k:
             raise ValueError(

@@ -9,6 +9,7 @@ factory that builds a run's environment from its spec.
 - `python_tool`: the policy's tool calls run Python in a sandbox (python_tool.py).
 """
 
+import random
 from collections.abc import Callable
 
 from service.contract.environments import (
@@ -81,8 +82,6 @@ def secret_code_rows(
 ) -> list[dict]:
     """Chat rows for `secret_code`: the same question for every row, each with its own code
     of `size` letters as the answer."""
-    import random
-
     rng = random.Random(seed)
     return [
         {

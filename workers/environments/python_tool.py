@@ -23,20 +23,6 @@ from workers.environments.base import EpisodeView, Reply
 from workers.sandbox import check_sandbox, run_python
 
 TOOL_NAME = "python"
-# The tool as a dataset row's `tools` declares it (OpenAI's function schema).
-PYTHON_TOOL = {
-    "type": "function",
-    "function": {
-        "name": TOOL_NAME,
-        "description": "Run a Python 3 script in a fresh sandbox (no network, no files kept "
-        "between calls) and return what it printed.",
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "the script"}},
-            "required": ["code"],
-        },
-    },
-}
 FENCED = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL)
 NO_CALL = (
     f'No tool call found. Call the `{TOOL_NAME}` tool with {{"code": ...}}, or write the '
