@@ -240,9 +240,26 @@ class TrainingSpec(_Strict):
         "posted to the run (POST /v1/runs/{id}/groups), then dataset.offpolicy_file, "
         "else fresh rollouts (1 with a file: no rollouts at all)",
     )
+    wait_for_groups: bool = Field(
+        False,
+        description="each step waits until groups posted to the run fill its off-policy slots "
+        "(an agent training from its own traffic) instead of sampling prompts for the slots "
+        "none filled; needs an offpolicy_fraction above 0 (1: the run samples nothing itself)",
+    )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
+
+    @field_validator("wait_for_groups")
+    @classmethod
+    def _waits_for_slots(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("offpolicy_fraction"):
+            raise ValueError(
+                "wait_for_groups waits for posted groups to fill the off-policy slots, and "
+                "offpolicy_fraction is 0 (no slot): set offpolicy_fraction above 0 (1 trains "
+                "only on posted groups)"
+            )
+        return v
 
     @field_validator("mini_batches")
     @classmethod
@@ -300,6 +317,20 @@ class CheckpointSpec(_Strict):
     every_steps: int = Field(20, ge=1, le=MAX_STEPS)
     keep_last: int | None = Field(
         3, ge=1, le=MAX_KEPT_CHECKPOINTS, description="null keeps every checkpoint"
+    )
+
+
+class ServingSpec(_Strict):
+    """The run's weights as a model to sample (DESIGN.md §v2.2): `model: "run_…"` on the
+    OpenAI-compatible endpoints serves the newest weights the run has published."""
+
+    sync_every_steps: int = Field(
+        10,
+        ge=0,
+        le=MAX_STEPS,
+        description="publish the policy's weights (a LoRA merged) every this many steps, and "
+        "at the start, for inference workers serving the run's model to reload; 0 = never (the "
+        "run cannot be served)",
     )
 
 
@@ -387,6 +418,7 @@ class RunSpec(_Strict):
     )
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, validate_default=True)
 
     @field_validator("algorithm")

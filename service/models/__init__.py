@@ -2,7 +2,9 @@
 
 from service.models.base import Base
 from service.models.checkpoint import Checkpoint
+from service.models.completion import Completion
 from service.models.file import File
+from service.models.inference_worker import InferenceWorker
 from service.models.metric import Metric
 from service.models.project import ApiKey, Project
 from service.models.registered_model import RegisteredModel
@@ -17,7 +19,9 @@ __all__ = [
     "ApiKey",
     "Base",
     "Checkpoint",
+    "Completion",
     "File",
+    "InferenceWorker",
     "Metric",
     "Project",
     "RegisteredModel",

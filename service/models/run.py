@@ -40,6 +40,10 @@ class Run(Base):
     # reward/mean of the step `step` names, written with it: a listing shows each run's reward
     # without reading the metrics table.
     reward: Mapped[float | None] = mapped_column(Double)
+    # The newest weights the run published for serving (every serving.sync_every_steps steps):
+    # the step they are from and their folder, a whole model (a LoRA merged).
+    weights_step: Mapped[int | None] = mapped_column(Integer)
+    weights_path: Mapped[str | None] = mapped_column(String(1024))
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
