@@ -4,6 +4,8 @@ Everything defaults to the embedded single-machine stack under ``./.gvpo/`` (SQL
 file-backed Celery broker), so a fresh checkout runs with no external server.
 """
 
+import hashlib
+import hmac
 import os
 import secrets
 import tempfile
@@ -151,6 +153,43 @@ class Settings(BaseSettings):
         ge=0,
         description="first retry delay of a notification; it doubles per try, up to 5 minutes",
     )
+    serve_host: str = Field(
+        default="127.0.0.1",
+        description="the address an inference worker (gvpo serve) listens on and gives the API: "
+        "its control server and the vLLM servers of the models it holds",
+    )
+    serve_port: int = Field(
+        default=0, ge=0, le=65535, description="an inference worker's control port; 0: any free"
+    )
+    serve_memory_gib: float = Field(
+        default=8.0,
+        gt=0,
+        description="memory an inference worker's models may take together (weights + KV cache "
+        "each); past it the least recently used model is unloaded",
+    )
+    serve_kv_cache_gib: float = Field(
+        default=1.0, gt=0, description="KV cache of each model an inference worker holds"
+    )
+    serve_gpu_memory_utilization: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="the share of a GPU an inference worker's vLLM servers may take together",
+    )
+    serve_load_timeout_s: float = Field(
+        default=600.0, gt=0, description="how long loading a model on an inference worker may take"
+    )
+    serve_heartbeat_s: float = Field(
+        default=2.0, gt=0, description="how often an inference worker reports what it holds"
+    )
+    serve_stale_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="an inference worker that has not reported for this long is gone",
+    )
+    serve_in_stack: bool = Field(
+        default=True, description="the embedded stack (gvpo up) runs an inference worker"
+    )
 
     @property
     def embedded(self) -> bool:
@@ -211,6 +250,13 @@ class Settings(BaseSettings):
                 "`gvpo db upgrade`"
             )
         return sealer_for((self._kept_key("encryption_key").decode(),))
+
+    @property
+    def serve_token(self) -> str:
+        """The bearer token between the API and inference workers (their control servers and
+        vLLM servers), derived from the secret key they share."""
+        digest = hmac.new(self.resolved_secret_key, b"gvpo-serve", hashlib.sha256)
+        return digest.hexdigest()
 
     @property
     def resolved_secret_key(self) -> bytes:

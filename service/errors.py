@@ -57,6 +57,10 @@ class Conflict(ServiceError):
     pass
 
 
+class Gone(ServiceError):
+    """What the request names was there once and its files are gone for good."""
+
+
 class PayloadTooLarge(ServiceError):
     pass
 
@@ -87,6 +91,7 @@ ERROR_TABLE: dict[type[ServiceError], tuple[int, str, StatusCode]] = {
     Unauthorized: (401, "unauthorized", StatusCode.UNAUTHENTICATED),
     NotFound: (404, "not_found", StatusCode.NOT_FOUND),
     Conflict: (409, "conflict", StatusCode.FAILED_PRECONDITION),
+    Gone: (410, "gone", StatusCode.NOT_FOUND),
     PayloadTooLarge: (413, "payload_too_large", StatusCode.RESOURCE_EXHAUSTED),
     InvalidSpec: (422, "invalid_request", StatusCode.INVALID_ARGUMENT),
     WorkerFailed: (502, "worker_error", StatusCode.INTERNAL),

@@ -29,6 +29,8 @@ from service.runs.notify import Notifier
 from service.runs.reaper import Reaper
 from service.runs.routes import router as runs_router
 from service.runs.routes import states_router
+from service.serving.routes import router as serving_router
+from service.serving.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ async def _lifespan(app: FastAPI):
         stopped.set()
         if grpc_server:
             await grpc_server.stop()
+        await app.state.serving.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -120,6 +123,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.serving = Router(settings)  # inference: the routes to the models' servers
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)
@@ -136,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         offpolicy_router,
         rescores_router,
         states_router,
+        serving_router,
         telemetry.router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)

@@ -1,4 +1,5 @@
-"""The embedded stack: the API server and one worker as child processes of this one.
+"""The embedded stack: the API server, one worker and one inference worker (gvpo serve; unless
+GVPO_SERVE_IN_STACK is false) as child processes of this one.
 
 Used by `gvpo up` (foreground), `gvpo demo` and the tests. Both children get the same GVPO_*
 environment, so they share the SQLite database and the file-backed broker under data_dir.
@@ -128,7 +129,7 @@ class Stack:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
     def log(self, name: str) -> Path | None:
-        """Where the output of child `name` ("api", "worker") goes (None: this terminal)."""
+        """Where the output of child `name` ("api", "worker", "serve") goes (None: this terminal)."""
         return self.log_dir / f"{name}.log" if self.log_dir else None
 
     def claim(self) -> "Stack":
@@ -202,6 +203,8 @@ class Stack:
             self._api_socket.close()  # the API child serves on its copy
             self._api_socket = None
             self._spawn("worker", ["service.cli", "worker"])
+            if self.settings.serve_in_stack:
+                self._spawn("serve", ["service.cli", "serve"])
             self.wait_ready(ready_timeout)
         except BaseException:
             self.stop(grace=2)  # never leave half a stack running

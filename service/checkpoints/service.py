@@ -54,7 +54,7 @@ def pack_checkpoint(
     """
     source = ckpt.path
     if merged and ckpt.kind == CheckpointKind.LORA_ADAPTER:
-        source = _merged(session, settings, ckpt)
+        source = merged_source(session, settings, ckpt)
     fd, name = tempfile.mkstemp(prefix=f"{ckpt.id}-", suffix=".tar.gz")
     try:
         with (
@@ -69,7 +69,7 @@ def pack_checkpoint(
     return Path(name)
 
 
-def _merged(session: Session, settings: Settings, ckpt: Checkpoint) -> str:
+def merged_source(session: Session, settings: Settings, ckpt: Checkpoint) -> str:
     """Where the LoRA checkpoint's merged whole model is, asking a worker to make it first."""
     target = storage.merged_path(ckpt.path)
     if storage.exists(target):

@@ -103,6 +103,23 @@ def worker(queues: str | None) -> None:
     run_worker(get_settings(), queues)
 
 
+@click.command()
+@click.option(
+    "--memory-gib",
+    type=float,
+    default=None,
+    help="models' memory budget (default GVPO_SERVE_MEMORY_GIB)",
+)
+def serve(memory_gib: float | None) -> None:
+    """Run an inference worker: serves models to the API's OpenAI-compatible endpoints."""
+    from workers.serving.worker import run_inference_worker
+
+    settings = get_settings()
+    if memory_gib is not None:
+        settings = settings.model_copy(update={"serve_memory_gib": memory_gib})
+    run_inference_worker(settings)
+
+
 @click.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0)
@@ -128,4 +145,4 @@ def make_copy_dataset_cmd(path: Path, rows: int, seed: int) -> None:
     click.echo(str(write_dataset(path, rows=rows, seed=seed)))
 
 
-COMMANDS = (up, api, worker, demo, make_tiny_model_cmd, make_copy_dataset_cmd)
+COMMANDS = (up, api, worker, serve, demo, make_tiny_model_cmd, make_copy_dataset_cmd)

@@ -18,7 +18,8 @@ class GroupsPost(Strict):
         '"rewards"?: [k numbers], "source"?: label or [k labels], "answer"?}, or as chat: '
         '{"messages": [prompt messages], "tools"?, "episodes": [k lists of messages after '
         'the prompt, each starting and ending with an assistant message], "rewards"?, '
-        '"source"?, "answer"?, ...}',
+        '"source"?, "answer"?, ...}, or episodes of completions served with metadata.gvpo_episode: '
+        '{"episodes": [{"completion_ids": ["cmpl_…", ...], "reward": number}, ...], "source"?}',
     )
 
 

@@ -20,6 +20,7 @@ from service.errors import Conflict, InvalidSpec
 from service.models import Project, Run, RunGroup
 from service.models.run_event import add_event
 from service.offpolicy.schemas import GroupsStatus
+from service.offpolicy.traffic import is_traffic, resolve_traffic, traffic_problem
 from service.runs.preflight import check_posted_groups
 from service.runs.service import get_run, run_spec
 from service.runs.sources import loaded_spec
@@ -79,14 +80,28 @@ def post_groups(
             "0): submit a run with an offpolicy_fraction above 0 to post groups"
         )
     k, ranks = spec.algorithm.group_size, spec.resources.ranks
+    traffic = [(i, g) for i, g in enumerate(groups) if is_traffic(g)]
     bad = [
         {"field": f"groups.{i}", "message": problem}
         for i, group in enumerate(groups)
-        if (problem := group_problem(group) or fit_problem(group, k, ranks))
+        if (
+            problem := traffic_problem(group, k)
+            if is_traffic(group)
+            else group_problem(group) or fit_problem(group, k, ranks)
+        )
     ]
     if bad:
         raise InvalidSpec(bad)
-    check_posted_groups(settings, loaded_spec(spec, run), groups)
+    if len(traffic) < len(groups):
+        check_posted_groups(
+            settings, loaded_spec(spec, run), [g for g in groups if not is_traffic(g)]
+        )
+    if traffic:
+        stored, bad = resolve_traffic(session, project, run, traffic)
+        if bad:
+            raise InvalidSpec(bad)
+        made = iter(stored)
+        groups = [next(made) if is_traffic(g) else g for g in groups]
     pending, _ = _counts(session, run.id)
     if pending + len(groups) > MAX_PENDING:
         raise Conflict(

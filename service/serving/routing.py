@@ -1,0 +1,131 @@
+"""Which inference worker serves a model, and the HTTP client that reaches it (one per API
+process, on app.state).
+
+Workers report themselves in `inference_workers` (workers/serving/worker.py). A request for a
+model goes to a worker that holds it, else to the one with the most memory free, which loads it
+(the request waits). The answer, the vLLM server's address and the version it holds, is kept
+for ROUTE_TTL_S: after that, or when the model's weights are newer than the version held (a run
+that published), or when the server cannot be reached, the worker is asked again, which also
+keeps the model recently used there.
+"""
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import httpx
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from service.config import Settings
+from service.db import session_scope
+from service.errors import Gone, ServiceUnavailable, WorkerFailed
+from service.models import InferenceWorker
+from service.models.base import utcnow
+from service.serving.models import ServedModel
+
+ROUTE_TTL_S = 5.0
+NO_WORKER = (
+    "no inference worker is running to serve models: start one with `gvpo serve` (the "
+    "embedded stack runs one unless GVPO_SERVE_IN_STACK is false)"
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    url: str  # the vLLM server's
+    version: int
+    until: float  # monotonic
+
+
+@dataclass(frozen=True)
+class _Worker:
+    url: str
+    holds: dict[str, int]  # model -> version
+    free: int  # bytes
+
+
+def _live_workers(settings: Settings) -> list[_Worker]:
+    since = utcnow() - timedelta(seconds=settings.serve_stale_s)
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at >= since))
+        return [
+            _Worker(
+                row.url,
+                {m["model"]: m["version"] for m in row.models},
+                row.memory_bytes - sum(m["bytes"] for m in row.models),
+            )
+            for row in rows
+        ]
+
+
+class Router:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.headers = {"Authorization": f"Bearer {settings.serve_token}"}
+        # Generation may take minutes; connecting may not.
+        self.client = httpx.AsyncClient(
+            headers=self.headers,
+            timeout=httpx.Timeout(settings.serve_load_timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+        )
+        self.routes: dict[str, Route] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    def forget(self, name: str) -> None:
+        self.routes.pop(name, None)
+
+    async def route(self, model: ServedModel) -> Route:
+        if (route := self._cached(model)) is not None:
+            return route
+        lock = self.locks.setdefault(model.name, asyncio.Lock())
+        async with lock:  # one ask per model at a time; the others take its answer
+            if (route := self._cached(model)) is not None:
+                return route
+            route = await self._ask(model)
+            self.routes[model.name] = route
+            return route
+
+    def _cached(self, model: ServedModel) -> Route | None:
+        route = self.routes.get(model.name)
+        if route and route.version >= model.version and route.until > time.monotonic():
+            return route
+        return None
+
+    async def _ask(self, model: ServedModel) -> Route:
+        workers = await run_in_threadpool(_live_workers, self.settings)
+        if not workers:
+            raise ServiceUnavailable(NO_WORKER)
+        # Those holding it first (the newest version first), then the most memory free.
+        workers.sort(
+            key=lambda w: (model.name not in w.holds, -w.holds.get(model.name, 0), -w.free)
+        )
+        body = {"model": model.name, "path": model.path, "version": model.version}
+        failure = NO_WORKER
+        for worker in workers:
+            try:
+                answer = await self.client.post(f"{worker.url}/models", json=body)
+            except httpx.HTTPError as exc:  # gone since its last report: try the next
+                failure = f"the inference worker at {worker.url} did not answer ({exc!r})"
+                continue
+            if answer.status_code == 200:
+                held = answer.json()
+                return Route(held["url"], held["version"], time.monotonic() + ROUTE_TTL_S)
+            message = _message(answer)
+            if answer.status_code == 410:
+                raise Gone(message)
+            if answer.status_code == 502:
+                raise WorkerFailed(message)
+            failure = message  # no room there: another worker may have some
+        raise ServiceUnavailable(failure)
+
+
+def _message(answer: httpx.Response) -> str:
+    try:
+        return answer.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"the inference worker answered {answer.status_code}"

@@ -1,0 +1,160 @@
+"""An inference worker (`gvpo serve`): holds models in vLLM servers and tells the API so.
+
+It runs a small control server, for the API only (the serve token): `POST /models` makes sure a
+model is served at a version (loading, reloading or restarting it; the answer is the vLLM
+server's address), `GET /models` lists what it holds, `DELETE /models/{name}` unloads one. Every
+serve_heartbeat_s it writes its row in `inference_workers` (its address and models); the API
+routes requests by those rows and treats a row older than serve_stale_s as a worker gone. On
+SIGTERM it removes its row and stops its servers.
+"""
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from datetime import timedelta
+from typing import Annotated
+
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import delete
+
+from service.config import Settings
+from service.db import session_scope
+from service.models import InferenceWorker
+from service.models.base import utcnow
+from service.stack import listen_socket
+from workers.records import upsert
+from workers.serving.pool import GIB, DoesNotFit, ModelFilesMissing, ModelPool
+from workers.serving.vllm_server import ServerFailed, ServerOptions
+
+log = logging.getLogger(__name__)
+
+
+class Ensure(BaseModel):
+    model: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str = Field(min_length=1, max_length=1024)
+    version: int = Field(0, ge=0)
+
+
+def _device_options(settings: Settings, token: str) -> ServerOptions:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return ServerOptions(
+        kv_cache_bytes=int(settings.serve_kv_cache_gib * GIB),
+        gpu_memory_utilization=settings.serve_gpu_memory_utilization if gpu else None,
+        token=token,
+        host=settings.serve_host,
+        log_dir=settings.resolved_data_dir / "serving" / "logs",
+    )
+
+
+class InferenceWorkerProcess:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.pool = ModelPool(
+            int(settings.serve_memory_gib * GIB),
+            _device_options(settings, settings.serve_token),
+            settings.resolved_data_dir / "serving" / "cache",
+            settings.serve_load_timeout_s,
+        )
+        self.url = ""
+        self.stopped = threading.Event()
+
+    def app(self) -> FastAPI:
+        token = self.settings.serve_token
+
+        def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
+            if not authorization or not secrets.compare_digest(
+                authorization.encode(), f"Bearer {token}".encode()
+            ):
+                raise HTTPException(401, "this is an inference worker's control server")
+
+        app = FastAPI(title="gvpo inference worker", dependencies=[Depends(authorised)])
+
+        @app.get("/models")
+        def models() -> dict:
+            return {"worker": self.id, "models": self.pool.models()}
+
+        @app.post("/models")
+        def ensure(body: Ensure) -> JSONResponse:
+            try:
+                held = self.pool.ensure(body.model, body.path, body.version)
+            except ModelFilesMissing as exc:
+                return _problem(410, "model_files_gone", str(exc))
+            except DoesNotFit as exc:
+                return _problem(503, "no_room", str(exc))
+            except ServerFailed as exc:
+                return _problem(502, "model_failed", str(exc))
+            finally:
+                self.report()
+            return JSONResponse(held)
+
+        @app.delete("/models/{name}")
+        def unload(name: str) -> dict:
+            unloaded = self.pool.unload(name)
+            self.report()
+            return {"unloaded": unloaded}
+
+        return app
+
+    def report(self) -> None:
+        """Write this worker's row: where it is, what it holds."""
+        now = utcnow()
+        row = {
+            "id": self.id,
+            "url": self.url,
+            "models": self.pool.models(),
+            "memory_bytes": self.pool.budget,
+            "started_at": now,
+            "heartbeat_at": now,
+        }
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                upsert(session, InferenceWorker, [row], ["id"], ["url", "models", "heartbeat_at"])
+        except Exception:  # the database is down: the next beat tries again
+            log.exception("inference worker %s could not report", self.id)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.settings.serve_heartbeat_s):
+            self.report()
+
+    def _forget(self) -> None:
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                session.execute(delete(InferenceWorker).where(InferenceWorker.id == self.id))
+                stale = utcnow() - timedelta(seconds=10 * self.settings.serve_stale_s)
+                session.execute(delete(InferenceWorker).where(InferenceWorker.heartbeat_at < stale))
+        except Exception:
+            log.exception("inference worker %s could not remove its row", self.id)
+
+    def run(self) -> None:
+        s = self.settings
+        sock = listen_socket(s.serve_host, s.serve_port, "an inference worker", "GVPO_SERVE_PORT")
+        host = f"[{s.serve_host}]" if ":" in s.serve_host else s.serve_host
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        self.report()
+        beat = threading.Thread(target=self._beat, name="serve-heartbeat", daemon=True)
+        beat.start()
+        log.info("inference worker %s serving at %s", self.id, self.url)
+        config = uvicorn.Config(self.app(), log_level="warning", access_log=False)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            self.stopped.set()
+            self.pool.close()
+            self._forget()
+
+
+def _problem(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def run_inference_worker(settings: Settings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    InferenceWorkerProcess(settings).run()
