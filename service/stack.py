@@ -129,7 +129,7 @@ class Stack:
         return f"http://{self.settings.api_host}:{self.settings.api_port}"
 
     def log(self, name: str) -> Path | None:
-        """Where the output of child `name` ("api", "worker", "serve") goes (None: this terminal)."""
+        """Where the output of child `name` ("api", "worker", "serve") goes (None: here)."""
         return self.log_dir / f"{name}.log" if self.log_dir else None
 
     def claim(self) -> "Stack":
