@@ -271,12 +271,35 @@ class Client:
         url = f"/v1/runs/{run_id}/checkpoints/{ckpt_id}/download-url"
         return cast(DownloadLink, self._request("POST", url, params={"format": format}))
 
+    # ------------------------------------------------------------ inference
+
+    def models(self) -> list[dict[str, Any]]:
+        """The project's servable models (OpenAI's model objects): runs that publish their
+        weights (run_…) and checkpoints (ckpt_…). Any OpenAI client works as well."""
+        return self._request("GET", "/v1/models")["data"]
+
+    def sample(
+        self, model: str, prompt: str | list[dict[str, Any]], chat: bool = True, **params: Any
+    ) -> dict[str, Any]:
+        """One completion request to `model` (a ckpt_… or run_… id): `prompt` as the user's
+        message (or a list of messages) to /v1/chat/completions, or with chat=False as text to
+        /v1/completions; `params` are OpenAI's (n, max_tokens, temperature, ...). The answer
+        as OpenAI gives it. The first request for a model waits while it loads."""
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            body = {"model": model, "messages": messages, **params}
+            return self._request("POST", "/v1/chat/completions", json=body, timeout=None)
+        body = {"model": model, "prompt": prompt, **params}
+        return self._request("POST", "/v1/completions", json=body, timeout=None)
+
     # ------------------------------------------------------------ off-policy groups, re-scoring
 
     def post_groups(self, run_id: str, groups: list[dict[str, Any]]) -> GroupsStatus:
         """Add off-policy groups ({"prompt", "completions", "rewards"?, ...}, or chat episodes
-        {"messages", "episodes", "rewards"?, ...}, as in an offpolicy file; up to 1,000 a
-        request) to a queued, running or paused run: its next steps train on them."""
+        {"messages", "episodes", "rewards"?, ...}, as in an offpolicy file, or episodes of
+        completions served with metadata.gvpo_episode {"episodes": [{"completion_ids",
+        "reward"}, ...]}; up to 1,000 a request) to a queued, running or paused run: its next
+        steps train on them."""
         return cast(
             GroupsStatus,
             self._request("POST", f"/v1/runs/{run_id}/groups", json={"groups": groups}),

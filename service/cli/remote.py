@@ -281,4 +281,63 @@ def runs_rescore(run_id: str, reward_path: str, wait: bool) -> None:
         sys.exit(1 if rescore["status"] == RescoreStatus.FAILED else 0)
 
 
-COMMANDS = (files_group, submit, runs_group)
+@click.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("-n", "--n", "n", type=click.IntRange(1, 128), default=1, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=1.0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0)
+@click.option("--seed", type=int, default=None)
+@click.option("--system", default=None, help="a system message before the prompt")
+@click.option("--text", is_flag=True, help="the prompt as text (/v1/completions), no chat template")
+@json_option
+def sample(
+    model: str,
+    prompt: str,
+    n: int,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    system: str | None,
+    text: bool,
+    as_json: bool,
+) -> None:
+    """Sample MODEL (a checkpoint ckpt_… or a run run_…, whose newest weights) on PROMPT."""
+    if text and system:
+        raise CliError("--system is a chat message: leave it out with --text")
+    params = {"n": n, "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+    if seed is not None:
+        params["seed"] = seed
+    messages = [{"role": "system", "content": system}] if system else []
+    with connect() as client:
+        if not as_json:
+            click.echo(
+                f"sampling {model} (the first request for a model waits while it loads)", err=True
+            )
+        if text:
+            answer = client.sample(model, prompt, chat=False, **params)
+        else:
+            messages.append({"role": "user", "content": prompt})
+            answer = client.sample(model, messages, **params)
+    if as_json:
+        print_json(answer)
+        return
+    for choice in answer["choices"]:
+        if n > 1:
+            click.echo(f"--- {choice['index'] + 1} ({choice.get('finish_reason')})")
+        message = choice.get("message") or {}
+        click.echo(choice["text"] if text else message.get("content") or "")
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            click.echo(f"[tool call] {function.get('name')}({function.get('arguments')})")
+    usage = answer.get("usage") or {}
+    click.echo(
+        f"{usage.get('prompt_tokens', '?')} prompt tokens, "
+        f"{usage.get('completion_tokens', '?')} sampled",
+        err=True,
+    )
+
+
+COMMANDS = (files_group, submit, runs_group, sample)

@@ -3,8 +3,9 @@
 vLLM is asked for the exact ids (`return_token_ids`): the prompt's, as its chat template and
 tokenizer made them, and each choice's sampled ones. Each choice is stored under an id of its
 own (`cmpl_…`), given back as the choice's `completion_id` and, for the first choice, as the
-response's `id`, so an agent with n = 1 just keeps the response id. What the client did not ask
-for (the token ids, unless it asked) is taken out of the answer again.
+response's `id`, so an agent with n = 1 just keeps the response id; `weights_step` says which of
+the run's steps the weights that served it are from. What the client did not ask for (the token
+ids, unless it asked) is taken out of the answer again.
 """
 
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class Recorder:
             self._hide(choice)
         if self.choices:
             answer["id"] = self._first_id()
+        answer["weights_step"] = self.version
         self._hide(answer)
         return answer
 
@@ -101,6 +103,7 @@ class Recorder:
             self._hide(choice)
         if self.choices:
             event["id"] = self._first_id()
+        event["weights_step"] = self.version
         self._hide(event)
         return event
 
