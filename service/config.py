@@ -158,14 +158,20 @@ class Settings(BaseSettings):
         description="the address an inference worker (gvpo serve) listens on and gives the API: "
         "its control server and the vLLM servers of the models it holds",
     )
+    serve_public_host: str | None = Field(
+        default=None,
+        description="the name the API reaches an inference worker by, when not serve_host (in "
+        "compose: the service's name, while it listens on 0.0.0.0)",
+    )
     serve_port: int = Field(
         default=0, ge=0, le=65535, description="an inference worker's control port; 0: any free"
     )
     serve_memory_gib: float = Field(
         default=8.0,
         gt=0,
-        description="memory an inference worker's models may take together (weights + KV cache "
-        "each); past it the least recently used model is unloaded",
+        description="memory an inference worker's models may take together (weights, KV cache "
+        "and server each; on a GPU at most serve_gpu_memory_utilization of its memory); past it "
+        "the least recently used model is unloaded",
     )
     serve_kv_cache_gib: float = Field(
         default=1.0, gt=0, description="KV cache of each model an inference worker holds"
@@ -174,7 +180,8 @@ class Settings(BaseSettings):
         default=0.9,
         gt=0,
         le=1,
-        description="the share of a GPU an inference worker's vLLM servers may take together",
+        description="the share of a GPU an inference worker's vLLM servers may take together "
+        "(each takes its model's part)",
     )
     serve_load_timeout_s: float = Field(
         default=600.0, gt=0, description="how long loading a model on an inference worker may take"

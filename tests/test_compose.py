@@ -277,6 +277,21 @@ def test_api_and_worker_share_the_data_volume(compose, services):
     assert shared is not None and shared == named_volume_at(worker, data_dir, volumes)
 
 
+def test_the_inference_worker_is_reachable_by_the_api_with_the_shared_secret(compose, services):
+    """The API routes to `gvpo serve` by the address it reports, with a token derived from the
+    secret key: the same key on both sides, a name the API resolves, the published weights and
+    checkpoints on the shared volume."""
+    api, inference = services["api"], services["inference"]
+    env = environment(inference)
+    assert inference["command"] == ["gvpo", "serve"]
+    assert env["GVPO_SECRET_KEY"] == environment(api)["GVPO_SECRET_KEY"]
+    assert env["GVPO_SERVE_HOST"] == "0.0.0.0" and env["GVPO_SERVE_PUBLIC_HOST"] == "inference"
+    assert env["GVPO_SERVE_PORT"] in {str(p) for p in inference["expose"]}
+    volumes = compose.get("volumes") or {}
+    assert named_volume_at(inference, "/data", volumes) == named_volume_at(api, "/data", volumes)
+    assert "gpu" in str(inference["deploy"]["resources"]["reservations"]["devices"])
+
+
 def test_api_replicas_scale_behind_the_front_door(services):
     api, lb = services["api"], services["lb"]
     # N replicas cannot all bind a host port: they publish none, the front door does.

@@ -321,8 +321,8 @@ class CheckpointSpec(_Strict):
 
 
 class ServingSpec(_Strict):
-    """The run's weights as a model to sample (DESIGN.md §v2.2): `model: "run_…"` on the
-    OpenAI-compatible endpoints serves the newest weights the run has published."""
+    """The run's weights as a model to sample: `model: "run_…"` on the OpenAI-compatible
+    endpoints serves the newest weights the run has published."""
 
     sync_every_steps: int = Field(
         10,

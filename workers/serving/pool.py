@@ -87,7 +87,7 @@ class ModelPool:
     def _load(self, name: str, path: str, version: int) -> dict:
         local = self._local(name, path, version)
         need = weights_bytes(local) + self.options.kv_cache_bytes + SERVER_OVERHEAD_BYTES
-        server = VLLMServer(name, local, self.options)
+        server = VLLMServer(name, local, self.options, need)
         held = Held(name, version, server, need)
         self._make_room(held)
         try:

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,10 +25,15 @@ from pathlib import Path
 
 import httpx
 
-from service.stack import free_port
-
 RELOAD_TIMEOUT_S = 600.0
 TOOL_CALL_PARSER = "hermes"  # <tool_call>{...}</tool_call>, as our tiny model's template writes
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on now, for vLLM to bind (it takes a number, not a socket)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 class ServerFailed(RuntimeError):
@@ -37,9 +43,10 @@ class ServerFailed(RuntimeError):
 @dataclass(frozen=True)
 class ServerOptions:
     kv_cache_bytes: int
-    gpu_memory_utilization: float | None  # None: CPU
+    gpu_bytes: int | None  # the GPU's memory; None: CPU
     token: str
-    host: str
+    host: str  # where the server listens
+    public_host: str  # where the API reaches it
     log_dir: Path
 
 
@@ -56,10 +63,11 @@ def model_dtype(path: Path) -> str:
 
 
 class VLLMServer:
-    def __init__(self, name: str, path: Path, options: ServerOptions) -> None:
-        self.name, self.path, self.options = name, path, options
-        self.port = free_port()
-        self.url = f"http://{options.host}:{self.port}"
+    def __init__(self, name: str, path: Path, options: ServerOptions, need: int) -> None:
+        """`need`: the bytes the model is expected to take (its share of a GPU)."""
+        self.name, self.path, self.options, self.need = name, path, options, need
+        self.port = free_port(options.host)
+        self.url = f"http://{options.public_host}:{self.port}"
         self.log = options.log_dir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -90,10 +98,10 @@ class VLLMServer:
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
         ]
-        if o.gpu_memory_utilization is None:
+        if o.gpu_bytes is None:
             command.append("--enforce-eager")  # on CPU, compiling costs more than it saves
-        else:
-            command += ["--gpu-memory-utilization", str(o.gpu_memory_utilization)]
+        else:  # several servers share the GPU: each takes its model's part
+            command += ["--gpu-memory-utilization", f"{min(1.0, self.need / o.gpu_bytes):.4f}"]
         return command
 
     def start(self, timeout: float) -> None:

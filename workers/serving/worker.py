@@ -26,7 +26,6 @@ from service.config import Settings
 from service.db import session_scope
 from service.models import InferenceWorker
 from service.models.base import utcnow
-from service.stack import listen_socket
 from workers.records import upsert
 from workers.serving.pool import GIB, DoesNotFit, ModelFilesMissing, ModelPool
 from workers.serving.vllm_server import ServerFailed, ServerOptions
@@ -40,15 +39,21 @@ class Ensure(BaseModel):
     version: int = Field(0, ge=0)
 
 
-def _device_options(settings: Settings, token: str) -> ServerOptions:
+def _gpu_bytes() -> int | None:
     import torch
 
-    gpu = torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def _device_options(settings: Settings, token: str, gpu_bytes: int | None) -> ServerOptions:
     return ServerOptions(
         kv_cache_bytes=int(settings.serve_kv_cache_gib * GIB),
-        gpu_memory_utilization=settings.serve_gpu_memory_utilization if gpu else None,
+        gpu_bytes=gpu_bytes,
         token=token,
         host=settings.serve_host,
+        public_host=_url_host(settings.serve_public_host or settings.serve_host),
         log_dir=settings.resolved_data_dir / "serving" / "logs",
     )
 
@@ -57,9 +62,13 @@ class InferenceWorkerProcess:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        gpu_bytes = _gpu_bytes()
+        budget = int(settings.serve_memory_gib * GIB)
+        if gpu_bytes is not None:  # on a GPU, the models' weights and caches are in its memory
+            budget = min(budget, int(gpu_bytes * settings.serve_gpu_memory_utilization))
         self.pool = ModelPool(
-            int(settings.serve_memory_gib * GIB),
-            _device_options(settings, settings.serve_token),
+            budget,
+            _device_options(settings, settings.serve_token, gpu_bytes),
             settings.resolved_data_dir / "serving" / "cache",
             settings.serve_load_timeout_s,
         )
@@ -135,8 +144,9 @@ class InferenceWorkerProcess:
 
     def run(self) -> None:
         s = self.settings
-        sock = listen_socket(s.serve_host, s.serve_port, "an inference worker", "GVPO_SERVE_PORT")
-        host = f"[{s.serve_host}]" if ":" in s.serve_host else s.serve_host
+        family = socket.AF_INET6 if ":" in s.serve_host else socket.AF_INET
+        sock = socket.create_server((s.serve_host, s.serve_port), family=family, backlog=2048)
+        host = _url_host(s.serve_public_host or s.serve_host)
         self.url = f"http://{host}:{sock.getsockname()[1]}"
         self.report()
         beat = threading.Thread(target=self._beat, name="serve-heartbeat", daemon=True)
@@ -149,6 +159,10 @@ class InferenceWorkerProcess:
             self.stopped.set()
             self.pool.close()
             self._forget()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _problem(status: int, code: str, message: str) -> JSONResponse:
