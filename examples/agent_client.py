@@ -161,7 +161,8 @@ def main() -> int:
     print(f"the run {run['status']}: {run['step']} steps")
     if staleness:
         print(
-            f"staleness of the trained episodes: mean {sum(staleness) / len(staleness):.2f}, most {max(staleness):.0f} updates"
+            f"staleness of the trained episodes: mean {sum(staleness) / len(staleness):.2f}, "
+            f"most {max(staleness):.0f} updates"
         )
     if len(rounds) >= 2:
         head, tail = rounds[: max(1, len(rounds) // 5)], rounds[-max(1, len(rounds) // 5) :]
