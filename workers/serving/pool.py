@@ -50,10 +50,15 @@ class Held:
 
 class ModelPool:
     def __init__(
-        self, budget_bytes: int, options: ServerOptions, cache: Path, load_timeout: float
+        self,
+        budget_bytes: int,
+        options: ServerOptions,
+        cache: Path,
+        load_timeout: float,
+        server_class: type[VLLMServer] = VLLMServer,
     ) -> None:
         self.budget, self.options, self.cache = budget_bytes, options, cache
-        self.load_timeout = load_timeout
+        self.load_timeout, self.server_class = load_timeout, server_class
         self.held: dict[str, Held] = {}
         self.lock = threading.Lock()  # guards `held` and the per-model locks
         self.loads: dict[str, threading.Lock] = {}
@@ -87,7 +92,7 @@ class ModelPool:
     def _load(self, name: str, path: str, version: int) -> dict:
         local = self._local(name, path, version)
         need = weights_bytes(local) + self.options.kv_cache_bytes + SERVER_OVERHEAD_BYTES
-        server = VLLMServer(name, local, self.options, need)
+        server = self.server_class(name, local, self.options, need)
         held = Held(name, version, server, need)
         self._make_room(held)
         try:
