@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.stack import stack_env
+
 from services import cli, stack_settings, start_stack
 
 pytestmark = pytest.mark.slow
