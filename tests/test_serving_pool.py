@@ -2,7 +2,10 @@
 and unloads within its memory budget. Its servers here are a recording stand-in for vLLM's
 (starting one takes half a minute; tests/test_serving.py starts real ones)."""
 
+import asyncio
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +17,7 @@ from workers.serving.pool import (
     ModelPool,
     weights_bytes,
 )
-from workers.serving.vllm_server import ServerFailed, ServerOptions
+from workers.serving.vllm_server import ServerFailed, ServerOptions, VLLMServer
 
 EVENTS: list[tuple[str, str]] = []
 
@@ -96,6 +99,39 @@ def test_what_cannot_be_loaded_is_named_and_holds_nothing(pool, tiny_model_dir, 
     finally:
         RecordingServer.fail = set()
     assert pool.models() == [] and pool.used() == 0
+
+
+def test_a_vllm_server_is_started_behind_the_serve_token_on_every_route():
+    """vLLM's --api-key leaves /pause and /collective_rpc open: our guard closes every route."""
+
+    async def app(scope, receive, send):
+        pass
+
+    async def answered(path: str, token: str | None) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        scope = {"type": "http", "path": path, "headers": headers, "method": "POST"}
+        await guard(scope, None, send)
+        return sent[0]["status"] if sent else 200
+
+    os.environ[TOKEN_VARIABLE] = "t0ken"
+    try:
+        guard = RequireServeToken(app)
+    finally:
+        del os.environ[TOKEN_VARIABLE]
+    for path in ("/pause", "/collective_rpc", "/v1/chat/completions", "/reset_prefix_cache"):
+        assert asyncio.run(answered(path, None)) == 401
+        assert asyncio.run(answered(path, "wrong")) == 401
+        assert asyncio.run(answered(path, "t0ken")) == 200
+    assert asyncio.run(answered("/health", None)) == 200
+    options = ServerOptions(GIB, None, "t0ken", "127.0.0.1", "127.0.0.1", Path("/tmp"))
+    command = VLLMServer("m", Path("/m"), options, GIB).command()
+    assert "--middleware" in command and "--api-key" not in command
+    assert "workers.serving.guard.RequireServeToken" in command
 
 
 def test_a_stored_model_is_fetched_into_the_cache(pool, tiny_model_dir, tmp_path):

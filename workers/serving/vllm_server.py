@@ -4,7 +4,8 @@ The server is vLLM's (`vllm.entrypoints.openai.api_server`): its chat template h
 call parsing, sampling parameters, log-probs, streaming and token ids (`return_token_ids`) are
 what clients get, with nothing rewritten by us. It listens on the inference worker's address,
 under the model's id as its served name, and answers only requests that carry the serve token
-(settings.serve_token), which the API sends; clients reach it through the API.
+(settings.serve_token, checked on every route by guard.py), which the API sends; clients reach
+it through the API.
 
 A run's model follows the run: newer weights are swapped in place, with no restart, through
 vLLM's dev endpoints: pause (in-flight requests finish first), `reload_weights` from the
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from workers.serving.guard import TOKEN_VARIABLE, RequireServeToken
 
 RELOAD_TIMEOUT_S = 600.0
 TOOL_CALL_PARSER = "hermes"  # <tool_call>{...}</tool_call>, as our tiny model's template writes
@@ -85,8 +88,8 @@ class VLLMServer:
             o.host,
             "--port",
             str(self.port),
-            "--api-key",
-            o.token,
+            "--middleware",
+            f"{RequireServeToken.__module__}.{RequireServeToken.__name__}",
             "--dtype",
             model_dtype(self.path),
             "--kv-cache-memory-bytes",
@@ -108,7 +111,11 @@ class VLLMServer:
         """Start the server and wait until it answers; ServerFailed when it exits first or is
         not up within `timeout` seconds."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")  # reload_weights, reset_prefix_cache
+        env = dict(
+            os.environ,
+            VLLM_SERVER_DEV_MODE="1",  # reload_weights, reset_prefix_cache (behind our guard)
+            **{TOKEN_VARIABLE: self.options.token},
+        )
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 self.command(),
