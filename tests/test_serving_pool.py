@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from workers.serving.guard import TOKEN_VARIABLE, RequireServeToken
 from workers.serving.pool import (
     GIB,
     SERVER_OVERHEAD_BYTES,
