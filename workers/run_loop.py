@@ -351,12 +351,14 @@ class RunLoop:
         rewards = self.ranks.shard(scores.rewards)  # (G / ranks, k): this rank's groups
         reported = any(c.logprobs is not None for r in mine for c in r.completions)
         masked = any(c.mask is not None for r in mine for c in r.completions)
+        segmented = any(c.segments is not None for r in mine for c in r.completions)
         batch = GroupBatch(
             [r.prompt_ids for r in mine],
             [[c.token_ids for c in r.completions] for r in mine],
             rewards,
             [[c.logprobs for c in r.completions] for r in mine] if reported else None,
             [[c.mask for c in r.completions] for r in mine] if masked else None,
+            [[c.segments for c in r.completions] for r in mine] if segmented else None,
         )
         stats = self.learner.learn(batch, step)
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
@@ -378,7 +380,7 @@ class RunLoop:
     ) -> None:
         posted = self.posted_taken if self.spec.training.offpolicy_fraction else None
         record = step_record(
-            slots, rollouts, scores, stats, self.learner.lr_at(step), times, posted
+            step, slots, rollouts, scores, stats, self.learner.lr_at(step), times, posted
         )
         if self.episodes is not None:  # part of time/rollout_s: the environment's answers
             record.metrics["time/environment_s"] = self.episodes.environment_s
