@@ -10,7 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from service.contract.groups import fit_problem, group_problem, group_size, is_chat_group
+from service.contract.groups import (
+    fit_problem,
+    group_problem,
+    group_size,
+    is_chat_group,
+    traffic_problem,
+)
 from service.contract.spec import RunSpec
 from workers.chat import Renderer
 from workers.learner.learner import GroupBatch, Learner, LearnerConfig
@@ -126,12 +132,13 @@ def perturbed(model_dir):
 def test_a_traffic_group_is_classified_and_checked_as_one(tokenizer):
     row = traffic_group(tokenizer)
     assert not is_chat_group(row) and group_size(row) == 3
-    assert group_problem(row) is None
+    assert traffic_problem(row) is None
     assert fit_problem(row, 3, 1) is None
     assert "exactly algorithm.group_size (4)" in fit_problem(row, 4, 1)
     bad = copy.deepcopy(row)
     bad["traffic"][1]["turns"][0]["token_ids"] = ["a"]
-    assert "traffic[1]['turns'][0]" in group_problem(bad)
+    assert "traffic[1]['turns'][0]" in traffic_problem(bad)
+    assert "unknown keys ['traffic']" in group_problem(row)  # never a user's upload
 
 
 def test_extending_turns_join_and_others_start_a_segment(tokenizer):

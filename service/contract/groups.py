@@ -84,17 +84,25 @@ def group_item(row: dict) -> dict[str, Any]:
 
 
 def group_problem(row: dict) -> str | None:
-    """What is wrong with one group row, or None."""
-    if is_traffic_group(row):
-        problem = _traffic_problem(row)
-    else:
-        problem = _chat_problem(row) if is_chat_group(row) else _text_problem(row)
+    """What is wrong with one group row as a user writes it (text or chat), or None. The
+    stored form of served completions is the API's to make, never a user's: see
+    traffic_problem."""
+    problem = _chat_problem(row) if is_chat_group(row) else _text_problem(row)
     if problem:
         return problem
     return _labels_problem(row, group_size(row), _noun(row))
 
 
-def _traffic_problem(row: dict) -> str | None:
+def traffic_problem(row: dict) -> str | None:
+    """What is wrong with a group of served completions in its stored form, or None."""
+    if problem := _traffic_shape_problem(row):
+        return problem
+    return _labels_problem(row, group_size(row), "episode")
+
+
+def _traffic_shape_problem(row: dict) -> str | None:
+    if not is_traffic_group(row):
+        return "has no 'traffic'"
     if unknown := sorted(set(row) - TRAFFIC_KEYS):
         return f"unknown keys {unknown} (a traffic group has {sorted(TRAFFIC_KEYS)})"
     episodes = row["traffic"]
