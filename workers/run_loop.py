@@ -339,7 +339,7 @@ class RunLoop:
                 EventType.RUN_WAITING_FOR_GROUPS,
                 f"step {step} waits for groups posted to the run: {pending} of the {most} "
                 "it trains on are there (training.wait_for_groups)",
-                data=dict(step=step, pending=pending, needed=most),  # GET .../groups' words
+                data=dict(step=step, pending=pending, needed=most),  # as GET .../groups counts
             )
         return "wait", self._stop_request()
 
