@@ -7,7 +7,8 @@ completions are tokenised from their text (ending with EOS, as a completion the 
 its rewards are used as given or, when the group has none, scored by the run's reward. A chat
 group's episodes (service/contract/groups.py) enter as the run's own episodes do: the prompt
 rendered by the chat template exactly as the run renders it, then every message after it, with
-a mask that trains the assistant messages' tokens only (workers/chat.py Renderer.episode). Each
+a mask that trains the assistant messages' tokens only (workers/chat.py Renderer.episode). A
+group of served completions (traffic) enters with its exact token ids (workers/traffic.py). Each
 step takes `offpolicy_per_engine` groups in each rollout engine's share from a seeded shuffle
 of the file (its cursor is checkpointed), and fresh rollouts for the rest of the share. Groups
 posted to a running run (POST /v1/runs/{id}/groups) take those slots before the file does. A
@@ -21,11 +22,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from service.contract.groups import DEFAULT_SOURCE, POLICY, group_item, group_size, is_chat_group
+from service.contract.groups import (
+    DEFAULT_SOURCE,
+    POLICY,
+    group_item,
+    group_size,
+    is_chat_group,
+    is_traffic_group,
+)
 from workers.chat import Renderer
 from workers.data import Example, PromptSampler
 from workers.rewards.base import Scorer, Scores
 from workers.rollout.base import Completion, Rollout, Turn
+from workers.traffic import prompt_text, traffic_rollout
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Group:
     rewards: list[float] | None
     sources: list[str]  # one per completion
     episodes: list[list[dict]] | None = None  # a chat group's messages after the prompt
+    traffic: list[dict] | None = None  # a traffic group's episodes: turns of exact token ids
 
 
 # One group of a step: its example, and the Group when it comes from the file (None: the run
@@ -51,6 +61,9 @@ def load_groups(rows: list[dict], renderer: Renderer) -> list[Group]:
         source = row.get("source", DEFAULT_SOURCE)
         sources = source if isinstance(source, list) else [source] * group_size(row)
         answer = None if row.get("answer") is None else str(row["answer"])
+        if is_traffic_group(row):
+            groups.append(_traffic_group(row, renderer.tokenizer, sources))
+            continue
         if not is_chat_group(row):
             example = Example(row["prompt"], answer)
             groups.append(Group(example, list(row["completions"]), row.get("rewards"), sources))
@@ -66,6 +79,18 @@ def load_groups(rows: list[dict], renderer: Renderer) -> list[Group]:
             )
         )
     return groups
+
+
+def _traffic_group(row: dict, tokenizer, sources: list[str]) -> Group:
+    """A traffic group: its prompt and texts decoded for the samples, its rewards as given."""
+    episodes = row["traffic"]
+    return Group(
+        Example(prompt_text(episodes, tokenizer), None),
+        [c.text for c in traffic_rollout(episodes, tokenizer).completions],
+        [float(e["reward"]) for e in episodes],
+        sources,
+        traffic=episodes,
+    )
 
 
 def sampled_by_run(group: Group | None, k: int) -> int:
@@ -92,7 +117,9 @@ def as_rollout(
     episodes by `renderer` (default: the tokenizer's own chat template), masked to their
     assistant tokens. A group of fewer than k is completed from `top_up`, k completions the
     run sampled for its prompt (the first ones are used, with their sampled tokens and
-    log-probs)."""
+    log-probs). A traffic group is its exact ids (workers/traffic.py)."""
+    if group.traffic is not None:
+        return traffic_rollout(group.traffic, tokenizer)
     if group.episodes is not None:
         prompt_ids, given = _episodes(group, renderer or Renderer(tokenizer, [eos_id]))
     else:

@@ -1,5 +1,5 @@
 """What the worker reads from and writes to the database for a run: lease, status, dataset
-files, per-step records, checkpoints, events.
+files, posted groups, per-step records, checkpoints, published weights, events.
 
 The worker uses the same ORM models as the API, never HTTP to its own service. Per-step writes
 are upserts keyed by (run, step), so a replayed step overwrites rather than duplicates. A status
@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -200,26 +200,41 @@ class RunRecorder(Claiming):
             run.step = max(run.step, step)
 
     @_retrying
-    def take_groups(self, step: int, most: int, multiple: int) -> list[dict]:
+    def take_groups(self, step: int, most: int, multiple: int, whole: bool = False) -> list[dict]:
         """Groups posted to the run for `step`'s off-policy slots, oldest first: at most `most`,
-        a multiple of `multiple` (the rollout engines), marked as taken at `step`. A step
-        replayed after a resume takes again the groups it took before."""
+        a multiple of `multiple` (the rollout engines), marked as taken at `step`; `whole`: all
+        `most` or none (none taken). A step replayed after a resume takes again the groups it
+        took before."""
         with session_scope(self.url) as session:
             rows = list(
                 session.scalars(
                     select(RunGroup)
-                    .where(
-                        RunGroup.run_id == self.run_id,
-                        or_(RunGroup.taken_step.is_(None), RunGroup.taken_step >= step),
-                    )
+                    .where(RunGroup.run_id == self.run_id, self._available(step))
                     .order_by(RunGroup.id)
                     .limit(most)
                 )
             )
             rows = rows[: len(rows) - len(rows) % multiple]
+            if whole and len(rows) < most:
+                return []
             for row in rows:
                 row.taken_step = step
             return [row.body for row in rows]
+
+    @_retrying
+    def pending_groups(self, step: int) -> int:
+        """How many posted groups `step` could take now."""
+        with session_scope(self.url) as session:
+            return session.scalar(
+                select(func.count())
+                .select_from(RunGroup)
+                .where(RunGroup.run_id == self.run_id, self._available(step))
+            )
+
+    @staticmethod
+    def _available(step: int):
+        """A group `step` may take: not taken, or taken by it or a later step (a replay)."""
+        return or_(RunGroup.taken_step.is_(None), RunGroup.taken_step >= step)
 
     @_retrying
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
@@ -266,6 +281,18 @@ class RunRecorder(Claiming):
             )
             if keep_last:
                 self._prune(session, keep_last)
+
+    @_retrying
+    def record_weights(self, step: int, path: str) -> None:
+        """The run's newest weights for serving (workers/publish.py): inference workers serving
+        the run's model reload when they change."""
+        with session_scope(self.url) as session:
+            session.execute(
+                update(Run)
+                .where(Run.id == self.run_id)
+                .values(weights_step=step, weights_path=path)
+                .execution_options(synchronize_session=False)
+            )
 
     @_retrying
     def latest_checkpoint(self) -> tuple[int, str] | None:

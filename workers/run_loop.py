@@ -1,4 +1,5 @@
-"""One run's training loop: rollout -> rewards -> learn -> record -> checkpoint, each step.
+"""One run's training loop: rollout -> rewards -> learn -> publish -> record -> checkpoint,
+each step (publishing the weights for serving every serving.sync_every_steps: publish.py).
 
 The process holds the model in memory for the whole run (execute.py claims the run and turns
 how the loop ends into the run's outcome). Between steps the loop checks whether the lease was
@@ -32,6 +33,7 @@ from workers.learner.learner import GroupBatch, Learner, LearnerConfig, LearnSta
 from workers.model_loading import load_policy, pick_device, pick_dtype
 from workers.model_source import fetch_hub_models
 from workers.offpolicy import Slot, as_rollout, draw_slots, load_groups, sampled_by_run, score_slots
+from workers.publish import WeightsPublisher, publishes, starts_as_its_model
 from workers.ranks import Ranks
 from workers.records import RunRecorder
 from workers.rewards.base import Scores
@@ -43,6 +45,8 @@ from workers.rollout.text import eos_token_ids
 from workers.rollout.vllm import start_vllm
 from workers.step_metrics import step_record
 from workers.watchdog import Watchdog
+
+WAIT_POLL_S = 1.0  # training.wait_for_groups: how often a waiting step looks for groups
 
 
 class LeaseLost(Exception):
@@ -121,6 +125,7 @@ class RunLoop:
         if resume:
             self._resume(*resume, local)
             self.checkpoints.done_with(resume[1], local)
+        self.publisher = WeightsPublisher(self.settings, self.recorder, spec, self.lead)
         if self.lead:
             self._announce()
 
@@ -225,6 +230,7 @@ class RunLoop:
         total = self.spec.training.steps
         every = self.spec.checkpoint.every_steps
         try:
+            self._publish_start()
             for step in range(self.start_step, total + 1):
                 self._check_control(step - 1)
                 self._step(step)
@@ -241,12 +247,16 @@ class RunLoop:
 
     def _check_control(self, done: int) -> None:
         """Between steps (`done` steps finished): stop if the lease was lost or the user asked
-        (the lead looks; every rank follows). A pause first checkpoints the last finished step,
-        unless one is already there."""
-        stop = None
-        if self.lead:
-            stop = "lost" if self.heartbeat.lost.is_set() else self.recorder.requested_stop()
-        stop = self.ranks.share(stop)
+        (the lead looks; every rank follows)."""
+        self._follow(self.ranks.share(self._stop_request() if self.lead else None), done)
+
+    def _stop_request(self) -> str | None:
+        """The lead's look: "lost" (the lease), "cancel" or "pause" (the user), or None."""
+        return "lost" if self.heartbeat.lost.is_set() else self.recorder.requested_stop()
+
+    def _follow(self, stop: str | None, done: int) -> None:
+        """Stop as the lead decided, `done` steps finished. A pause first checkpoints the last
+        finished step, unless one is already there."""
         if stop == "lost":
             raise LeaseLost()
         if stop == "cancel":
@@ -277,6 +287,9 @@ class RunLoop:
             scores = self._rewards(step, slots, rollouts)
         with self._phase("learn", step, times):
             stats = self._learn(step, mine, scores)
+        if publishes(self.spec, step):
+            with self._phase("publish", step, times):
+                self._publish(step)
         self.watchdog.leave()
         if self.lead:
             self._record(step, slots, rollouts, scores, stats, times)
@@ -286,14 +299,49 @@ class RunLoop:
         """The step's prompts and off-policy groups (posted to the run first, then the file's)."""
         training, engines = self.spec.training, self.ranks.engines
         off = offpolicy_per_engine(training, engines) if training.offpolicy_fraction else 0
-        posted = None
-        if self.lead and off:  # the lead reads the groups posted to the run; every rank gets them
-            posted = self.recorder.take_groups(step, off * engines, engines)
-        posted = self._groups(self.ranks.share(posted) or [], "a group posted to the run")
+        posted = self._posted(step, off * engines, engines) if off else []
+        posted = self._groups(posted, "a group posted to the run")
         self.posted_taken = len(posted)
         return draw_slots(
             self.sampler, self.groups, posted, off, training.prompts_per_step, engines
         )
+
+    def _posted(self, step: int, most: int, engines: int) -> list[dict]:
+        """Groups posted to the run for the step's `most` off-policy slots: the lead reads them
+        and every rank gets them. With training.wait_for_groups the step waits until posted
+        groups fill every slot, polling every WAIT_POLL_S; meanwhile a cancel, a pause or a lost
+        lease stops the run at once (the lead decides at each poll, and every rank follows, so
+        no rank sits in a collective for long). The wait is in no phase of the step: the
+        watchdog never times out a run waiting for an agent."""
+        whole, waiting = self.spec.training.wait_for_groups, False
+        while True:
+            decision = None
+            if self.lead:
+                decision = self._groups_or_stop(step, most, engines, whole, waiting)
+            kind, value = self.ranks.share(decision)
+            if kind == "groups":
+                return value
+            self._follow(value, step - 1)
+            waiting = True
+            time.sleep(WAIT_POLL_S)
+
+    def _groups_or_stop(
+        self, step: int, most: int, engines: int, whole: bool, waiting: bool
+    ) -> tuple[str, list[dict] | str | None]:
+        """The lead's decision at one poll: ("groups", the groups taken), or ("wait", what
+        stops the run, if anything). The first wait of a step is announced in an event."""
+        taken = self.recorder.take_groups(step, most, engines, whole)
+        if taken or not whole:
+            return "groups", taken
+        if not waiting:
+            pending = self.recorder.pending_groups(step)
+            self.recorder.event(
+                EventType.RUN_WAITING_FOR_GROUPS,
+                f"step {step} waits for groups posted to the run: {pending} of the {most} "
+                "it trains on are there (training.wait_for_groups)",
+                data=dict(step=step, pending=pending, needed=most),  # as GET .../groups counts
+            )
+        return "wait", self._stop_request()
 
     def _roll_out(self, step: int, slots: list[Slot]) -> tuple[list[Rollout], list[Rollout]]:
         """(every group's rollout, on the lead; this rank's groups' rollouts). This rank's engine
@@ -351,12 +399,14 @@ class RunLoop:
         rewards = self.ranks.shard(scores.rewards)  # (G / ranks, k): this rank's groups
         reported = any(c.logprobs is not None for r in mine for c in r.completions)
         masked = any(c.mask is not None for r in mine for c in r.completions)
+        segmented = any(c.segments is not None for r in mine for c in r.completions)
         batch = GroupBatch(
             [r.prompt_ids for r in mine],
             [[c.token_ids for c in r.completions] for r in mine],
             rewards,
             [[c.logprobs for c in r.completions] for r in mine] if reported else None,
             [[c.mask for c in r.completions] for r in mine] if masked else None,
+            [[c.segments for c in r.completions] for r in mine] if segmented else None,
         )
         stats = self.learner.learn(batch, step)
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
@@ -378,12 +428,29 @@ class RunLoop:
     ) -> None:
         posted = self.posted_taken if self.spec.training.offpolicy_fraction else None
         record = step_record(
-            slots, rollouts, scores, stats, self.learner.lr_at(step), times, posted
+            step, slots, rollouts, scores, stats, self.learner.lr_at(step), times, posted
         )
         if self.episodes is not None:  # part of time/rollout_s: the environment's answers
             record.metrics["time/environment_s"] = self.episodes.environment_s
             self.episodes.environment_s = 0.0
         self.recorder.record_step(step, record.metrics, record.samples, record.tokens_generated)
+
+    def _publish_start(self) -> None:
+        """The weights the run starts from, for serving: step 0's (a fresh run's model folder as
+        it is, when nothing changed it), or those of the checkpoint it resumed from."""
+        if not self.spec.serving.sync_every_steps:
+            return
+        step = self.start_step - 1
+        self.watchdog.enter("publish", step)
+        if step == 0 and starts_as_its_model(self.spec):
+            self.publisher.publish_start()
+        else:
+            self._publish(step)
+        self.watchdog.leave()
+
+    def _publish(self, step: int) -> None:
+        sharded = self.learner.collective.sharded  # every rank gathers, the lead writes
+        self.publisher.publish(step, self.model, self.tokenizer, gather=sharded)
 
     def _sync_engine(self) -> None:
         """Give the rollout engine the policy's weights, if an update changed them since."""

@@ -14,6 +14,7 @@ from workers.learner.learner import LearnStats
 from workers.offpolicy import Slot, per_source, sampled_by_run, slot_sources
 from workers.rewards.base import Scores
 from workers.rollout.base import Completion, Rollout
+from workers.traffic import staleness
 
 TURN_KEYS = ("role", "content", "tool_calls", "tool_call_id")
 
@@ -26,6 +27,7 @@ class StepRecord:
 
 
 def step_record(
+    step: int,
     slots: list[Slot],
     rollouts: list[Rollout],
     scores: Scores,
@@ -34,8 +36,9 @@ def step_record(
     times: dict[str, float],
     posted_groups: int | None,
 ) -> StepRecord:
-    """The step's metrics and samples; `posted_groups`: how many groups posted to the run the
-    step took (None for a run without off-policy slots, which reports no per-source metrics)."""
+    """Step `step`'s metrics and samples; `posted_groups`: how many groups posted to the run
+    the step took (None for a run without off-policy slots, which reports no per-source
+    metrics)."""
     rewards = scores.rewards  # (G, k)
     k = rewards.shape[1]
     sources = [slot_sources(group, k) for _, group in slots]
@@ -67,6 +70,7 @@ def step_record(
     if posted_groups is not None:
         metrics |= per_source(rewards, sources)
         metrics["offpolicy/posted_groups"] = float(posted_groups)
+        metrics |= staleness(step, [g.traffic for _, g in slots if g and g.traffic is not None])
     # Undefined values are left out rather than stored as NaN (R² when no group had spread).
     metrics = {name: v for name, v in metrics.items() if math.isfinite(v)}
     samples = [

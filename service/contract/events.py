@@ -22,6 +22,7 @@ class EventType(StrEnum):
     RUN_LAUNCHED = "run.launched"
     RUN_MODEL_LOADED = "run.model_loaded"
     RUN_RESUMED = "run.resumed"
+    RUN_WAITING_FOR_GROUPS = "run.waiting_for_groups"  # training.wait_for_groups: once a step
     RUN_REQUEUED = "run.requeued"
     RUN_PAUSE_REQUESTED = "run.pause_requested"
     RUN_PAUSED = "run.paused"

@@ -27,6 +27,17 @@ algorithm.group_size is topped up with completions the run samples from its poli
 has no rewards of its own). `source` labels where the completions came from (a teacher,
 production logs, an older checkpoint), for the whole group or per completion: a group may mix
 sources.
+
+Traffic (DESIGN.md §v2.2), the stored form of a group of served completions: posted as
+completion ids, resolved by the API into each episode's turns with their exact token ids,
+
+    {"traffic": [{"turns": [{"completion_id": str, "prompt_ids": [int, ...],
+                             "token_ids": [int, ...], "weights_step": int | None}, ...],
+                  "reward": float}, ...],
+     "source": str}
+
+exactly algorithm.group_size episodes, each of its completions in order; a turn's context is
+its own `prompt_ids` and what it trains is its sampled `token_ids` (workers/traffic.py).
 """
 
 import re
@@ -44,13 +55,27 @@ CHAT_KEYS = {"messages", "tools", "episodes", "rewards", "source"}
 EPISODE_ROLES = ("assistant", "tool", "user")
 
 
+TRAFFIC_KEYS = {"traffic", "source"}
+TURN_KEYS = {"completion_id", "prompt_ids", "token_ids", "weights_step"}
+
+
+def is_traffic_group(row: dict) -> bool:
+    return "traffic" in row
+
+
 def is_chat_group(row: dict) -> bool:
-    return "messages" in row or "episodes" in row
+    return not is_traffic_group(row) and ("messages" in row or "episodes" in row)
 
 
 def group_size(row: dict) -> int:
     """How many completions (or episodes) a valid group has."""
+    if is_traffic_group(row):
+        return len(row["traffic"])
     return len(row["episodes"] if is_chat_group(row) else row["completions"])
+
+
+def _noun(row: dict) -> str:
+    return "completion" if not (is_chat_group(row) or is_traffic_group(row)) else "episode"
 
 
 def group_item(row: dict) -> dict[str, Any]:
@@ -59,12 +84,61 @@ def group_item(row: dict) -> dict[str, Any]:
 
 
 def group_problem(row: dict) -> str | None:
-    """What is wrong with one group row, or None."""
+    """What is wrong with one group row as a user writes it (text or chat), or None. The
+    stored form of served completions is the API's to make, never a user's: see
+    traffic_problem."""
     problem = _chat_problem(row) if is_chat_group(row) else _text_problem(row)
     if problem:
         return problem
-    noun = "episode" if is_chat_group(row) else "completion"
-    return _labels_problem(row, group_size(row), noun)
+    return _labels_problem(row, group_size(row), _noun(row))
+
+
+def traffic_problem(row: dict) -> str | None:
+    """What is wrong with a group of served completions in its stored form, or None."""
+    if problem := _traffic_shape_problem(row):
+        return problem
+    return _labels_problem(row, group_size(row), "episode")
+
+
+def _traffic_shape_problem(row: dict) -> str | None:
+    if not is_traffic_group(row):
+        return "has no 'traffic'"
+    if unknown := sorted(set(row) - TRAFFIC_KEYS):
+        return f"unknown keys {unknown} (a traffic group has {sorted(TRAFFIC_KEYS)})"
+    episodes = row["traffic"]
+    if not isinstance(episodes, list) or not episodes:
+        return "'traffic' must be a list of at least 1 episode"
+    for index, episode in enumerate(episodes):
+        if problem := _traffic_episode_problem(episode):
+            return f"traffic[{index}]{problem}"
+    return None
+
+
+def _traffic_episode_problem(episode: Any) -> str | None:
+    if not isinstance(episode, dict) or set(episode) != {"turns", "reward"}:
+        return " must be {'turns': [...], 'reward': a number}"
+    if not is_reward(episode["reward"]):
+        return " 'reward' must be a finite number"
+    turns = episode["turns"]
+    if not isinstance(turns, list) or not turns:
+        return " 'turns' must be a list of at least 1 completion"
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) != TURN_KEYS:
+            return f"['turns'][{index}] must have exactly {sorted(TURN_KEYS)}"
+        ids_ok = all(
+            isinstance(turn[key], list) and all(_is_id(i) for i in turn[key])
+            for key in ("prompt_ids", "token_ids")
+        )
+        if not ids_ok or not turn["prompt_ids"]:
+            return f"['turns'][{index}] 'prompt_ids' and 'token_ids' must be token ids (prompt: 1+)"
+        step = turn["weights_step"]
+        if step is not None and not _is_id(step):
+            return f"['turns'][{index}] 'weights_step' must be a step number or null"
+    return None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _text_problem(row: dict) -> str | None:
@@ -168,7 +242,12 @@ def fit_problem(row: dict, k: int, processes: int) -> str | None:
     run's reward, so it carries no rewards of its own; and since a step's engines must all
     generate alike, topping up is for runs of one training process."""
     n = group_size(row)
-    noun = "episodes" if is_chat_group(row) else "completions"
+    noun = _noun(row) + "s"
+    if is_traffic_group(row) and n != k:
+        return (
+            f"has {n} {noun}; a group of served completions is scored as given and not "
+            f"topped up, so it has exactly algorithm.group_size ({k})"
+        )
     if n > k:
         return (
             f"has {n} {noun}; algorithm.group_size is {k}, the most a group may have "

@@ -35,7 +35,7 @@ from gvpo_client.paths import is_local
 from service.config import Settings
 from service.contract.chat import is_chat
 from service.contract.files import numbered_rows
-from service.contract.groups import group_size, is_chat_group
+from service.contract.groups import group_size, is_chat_group, is_traffic_group
 from service.contract.spec import RunSpec
 from service.errors import InvalidSpec
 from service.files.service import get_file
@@ -419,7 +419,10 @@ def _group_problems(
     """The longest off-policy group sequence against the limit: its prompt and its longest
     completion with the EOS the learner appends (workers/offpolicy.py), or, for a group of
     fewer than k that the run tops up with its own samples, max_new_tokens if that is more.
-    `rows` are (number, group); `where(number)` gives the field and the words for the group."""
+    `rows` are (number, group); `where(number)` gives the field and the words for the group.
+    Groups of served completions are left out: the run's own model made their ids, within its
+    context."""
+    rows = [(number, row) for number, row in rows if not is_traffic_group(row)]
     prompts = _token_counts(tokenizer, [_prompt_text(row, "prompt") for _, row in rows])
     flat = _token_counts(
         tokenizer, [c for _, row in rows for c in _completion_texts(row)], add_special_tokens=False

@@ -15,6 +15,10 @@ policy that sampled the batch.
 - Episodes (multi-turn): a completion holds every token after the prompt, and its mask keeps
   only those the policy sampled, so s_i sums over the sampled tokens of all turns; template
   and environment tokens are context, never trained.
+- A completion may come in segments, each scored given a prompt of its own (an agent's turns
+  from served traffic whose contexts do not extend one another: workers/traffic.py): one
+  sequence per segment, whose completion log-probs are joined back per completion, so s_i still
+  sums over all of its sampled tokens, each given exactly the context it was sampled in.
 - Groups whose rewards are all equal carry no reward signal and are skipped by default.
 - The step's groups are split into `mini_batches` optimizer updates. Each update runs in
   micro-batches packed with whole groups up to `micro_batch_tokens`; per-group losses are summed
@@ -35,8 +39,9 @@ import torch.distributed as dist
 
 from service.contract.spec import AlgorithmSpec, OptimizerSpec, RunSpec
 from workers.learner import sharding
-from workers.learner.logprobs import build_batch, sequence_logprobs
+from workers.learner.logprobs import build_batch, build_segment_batch, sequence_logprobs
 from workers.learner.losses import LossInputs, get_loss
+from workers.rollout.base import Segment
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,29 @@ class GroupBatch:
     # (G, k, tokens): 1 on the tokens the policy sampled, for episodes, whose completions hold
     # template and environment tokens too (None: every completion token is sampled)
     masks: list[list[list[int] | None]] | None = None
+    # (G, k): a completion's segments, each scored given its own prompt (completion_ids and
+    # masks then hold them joined); None for one that follows its group's prompt
+    segments: list[list[list[Segment] | None]] | None = None
+
+    def pieces(self, g: int, i: int) -> list[Segment]:
+        """Completion i of group g as the segments it is scored in (one, usually)."""
+        if self.segments is not None and self.segments[g][i] is not None:
+            return self.segments[g][i]
+        mask = self.masks[g][i] if self.masks else None
+        return [Segment(self.prompt_ids[g], self.completion_ids[g][i], mask)]
+
+    def segmented(self, groups: list[int]) -> bool:
+        return self.segments is not None and any(
+            s is not None for g in groups for s in self.segments[g]
+        )
 
     def group_tokens(self, g: int) -> int:
+        if self.segmented([g]):
+            return sum(
+                len(s.prompt_ids) + len(s.token_ids)
+                for i in range(len(self.completion_ids[g]))
+                for s in self.pieces(g, i)
+            )
         return sum(len(self.prompt_ids[g]) + len(c) for c in self.completion_ids[g])
 
 
@@ -272,6 +298,11 @@ class Learner:
         return packed + [current] if current else packed
 
     def _sequences(self, batch: GroupBatch, groups: list[int]):
+        """The groups' completions as sequences, a row each; with segments a row per segment,
+        mapped back to a row per completion by sequence_logprobs."""
+        if batch.segmented(groups):
+            pieces = [batch.pieces(g, i) for g in groups for i in range(batch.rewards.shape[1])]
+            return build_segment_batch(pieces, self.pad_id, self.device)
         prompts = [batch.prompt_ids[g] for g in groups for _ in batch.completion_ids[g]]
         comps = [c for g in groups for c in batch.completion_ids[g]]
         masks = [m for g in groups for m in batch.masks[g]] if batch.masks else None

@@ -12,6 +12,16 @@ from service.contract.spec import SamplingSpec
 
 
 @dataclass(frozen=True)
+class Segment:
+    """A piece of a completion scored in a context of its own: `token_ids` given exactly
+    `prompt_ids`, with `mask` (None: every id trains) as Completion.mask."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    mask: list[int] | None = None
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     # Exactly the sampled tokens (ending with EOS when the model stopped), so the learner scores
@@ -31,6 +41,11 @@ class Completion:
     # An episode's turns after its prompt, in order (assistant and environment messages).
     turns: list["Turn"] | None = None
     reward: float | None = None  # the environment's, when it gave one with done
+    # Where the completion is not one sequence after its rollout's prompt (an agent's turns
+    # whose contexts do not extend one another, or an episode with a prompt of its own): its
+    # pieces, each scored given its own prompt. token_ids and mask are then the pieces' joined,
+    # so everything else sees one completion. None: token_ids after the rollout's prompt.
+    segments: list[Segment] | None = None
 
     @property
     def sampled_tokens(self) -> int:
