@@ -3,8 +3,8 @@ model (`model: "run_…"`) from the newest weights it published, and reload when
 newer ones.
 
 With serving.sync_every_steps = N > 0 the lead publishes the policy at the start of the run
-(step 0; after a resume from the checkpoint of step s, at s) and after every step that is a
-multiple of N: a whole model folder that transformers and vLLM load as it is (config,
+(step 0; after a resume from the checkpoint of step s, at s), after every step that is a
+multiple of N, and after its last step: a whole model folder that transformers and vLLM load as it is (config,
 generation config, tokenizer and chat template, model.safetensors), a LoRA adapter merged into
 its base weights, in the policy's dtype. It is written to a temporary sibling and renamed into
 place, so a reader never sees half of one, then recorded as the run's weights_step and
@@ -32,9 +32,10 @@ KEEP = 2  # published folders kept
 
 
 def publishes(spec: RunSpec, step: int) -> bool:
-    """Whether the run publishes its weights after `step` (a step's, not the start's)."""
+    """Whether the run publishes its weights after `step` (a step's, not the start's): every
+    sync_every_steps, and its last, so that a finished run serves its final weights."""
     every = spec.serving.sync_every_steps
-    return every > 0 and step % every == 0
+    return every > 0 and (step % every == 0 or step == spec.training.steps)
 
 
 def starts_as_its_model(spec: RunSpec) -> bool:
