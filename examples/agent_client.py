@@ -43,6 +43,7 @@ def run_spec(model: str, train_file: str, steps: int, k: int, groups: int) -> di
         "model": {"path": model},
         "dataset": {"train_file": train_file},  # the game's prompt; the agent plays it
         "algorithm": {"group_size": k, "beta": 0.05},
+        "sampling": {"max_new_tokens": TURN_TOKENS},  # the run samples nothing itself
         "optimizer": {"lr": 1e-2},
         "training": {
             "steps": steps,

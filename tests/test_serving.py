@@ -33,6 +33,7 @@ LOAD_S = 600.0  # a model's first request: vLLM starts (tens of seconds on a loa
 TRAIN_S = 300.0
 SPEC = {
     "algorithm": {"group_size": K},
+    "sampling": {"max_new_tokens": 8},
     "optimizer": {"lr": 1e-2},  # weights that visibly move in one step
     "training": {
         "steps": 50,
@@ -92,6 +93,7 @@ def served(tmp_path_factory, tiny_model_dir):
     settings = stack_settings(tmp_path_factory.mktemp("stack"))
     cli(settings, "db", "upgrade")
     stack = start_stack(settings, settings.resolved_data_dir / "logs")
+    run_id = None
     try:
         key = cli(settings, "api-key", "create", "--project", "serving")
         http = httpx.Client(base_url=stack.url, headers=auth(key), timeout=60)
@@ -99,9 +101,25 @@ def served(tmp_path_factory, tiny_model_dir):
         body = {"model": {"path": str(tiny_model_dir)}, "dataset": {"train_file": train}, **SPEC}
         created = http.post("/v1/runs", json=body)
         assert created.status_code == 201, created.text
-        yield Served(stack, key, created.json()["id"])
+        run_id = created.json()["id"]
+        yield Served(stack, key, run_id)
     finally:
         stack.stop()
+    # the inference worker's vLLM servers (process groups of their own) end with it
+    if run_id:
+        wait_until(lambda: not serving(run_id), 60, "the vLLM servers to end with the stack")
+
+
+def serving(model: str) -> list[int]:
+    """The processes whose command line serves `model` (vLLM servers of an inference worker)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and model.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def hf_logprobs(folder: str | Path, prompt_ids: list[int], token_ids: list[int]) -> torch.Tensor:

@@ -173,8 +173,15 @@ class ModelPool:
             shutil.rmtree(held.server.path, ignore_errors=True)
 
     def close(self) -> None:
-        for name in list(self.held):
-            self.unload(name)
+        """Stop every server, side by side."""
+        with self.lock:
+            held, self.held = list(self.held.values()), {}
+        stopping = [threading.Thread(target=h.server.stop) for h in held]
+        for thread in stopping:
+            thread.start()
+        for thread, h in zip(stopping, held, strict=True):
+            thread.join()
+            self._forget(h)
 
 
 def weights_bytes(folder: Path) -> int:
