@@ -42,7 +42,7 @@ def run_spec(model: str, train_file: str, steps: int, k: int, groups: int) -> di
         "name": "agent-from-traffic",
         "model": {"path": model},
         "dataset": {"train_file": train_file},  # the game's prompt; the agent plays it
-        "algorithm": {"group_size": k, "beta": 0.05},
+        "algorithm": {"group_size": k},
         "sampling": {"max_new_tokens": TURN_TOKENS},  # the run samples nothing itself
         "optimizer": {"lr": 1e-2},
         "training": {
@@ -67,6 +67,15 @@ def make_run(client: openai.OpenAI, model: str, steps: int, k: int, groups: int)
         "/runs", body=run_spec(model, train.id, steps, k, groups), cast_to=httpx.Response
     )
     return created.json()["id"]
+
+
+def wait_until_served(client: openai.OpenAI, run_id: str, timeout: float = 600.0) -> None:
+    """A run is a model once it has started and published its first weights."""
+    deadline = time.monotonic() + timeout
+    while run_id not in {m.id for m in client.models.list().data}:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{run_id} published no weights in {timeout:.0f} s: is a worker up?")
+        time.sleep(1.0)
 
 
 def play(client: openai.OpenAI, run_id: str, name: str) -> dict:
@@ -115,6 +124,8 @@ def main() -> int:
     api = os.environ.get("GVPO_API_URL", "http://127.0.0.1:8000").rstrip("/")
     client = openai.OpenAI(base_url=f"{api}/v1", api_key=os.environ["GVPO_API_KEY"], timeout=600)
     run_id = args.run or make_run(client, args.model, args.steps, args.k, args.groups)
+    print(f"waiting for {run_id} to start", flush=True)
+    wait_until_served(client, run_id)
     print(f"playing against {run_id}", flush=True)
 
     rounds = []
@@ -123,47 +134,47 @@ def main() -> int:
             run, groups = run_state(client, run_id)
             if run["status"] in ("succeeded", "failed", "cancelled"):
                 break
-            if groups["pending"] > args.ahead * args.groups:  # far enough ahead: wait
+            wanted = run["total_steps"] * args.groups - groups["pending"] - groups["trained"]
+            if groups["pending"] or wanted <= 0:  # the run is busy with what it has
                 time.sleep(0.5)
                 continue
-            if groups["pending"] + groups["trained"] >= run["total_steps"] * args.groups:
-                time.sleep(0.5)  # every step has its groups: wait for the run to take them
-                continue
-            names = [f"r{len(rounds)}-g{g}-e{e}" for g in range(args.groups) for e in range(args.k)]
+            # Play --ahead + 1 steps' worth at once, all served by the weights of now: the run
+            # then trains the last of them --ahead updates after the weights that served it.
+            batch = min(args.ahead + 1, wanted // args.groups)
+            size = args.groups * args.k
+            names = [f"r{len(rounds) + i // size}-{i % size}" for i in range(batch * size)]
             games = list(pool.map(lambda name: play(client, run_id, name), names))
-            posted = [
-                {
-                    "episodes": [
-                        {"completion_ids": g["completion_ids"], "reward": g["reward"]}
-                        for g in games[i * args.k : (i + 1) * args.k]
-                    ]
-                }
-                for i in range(args.groups)
-            ]
-            client.post(f"/runs/{run_id}/groups", body={"groups": posted}, cast_to=httpx.Response)
-            served = sorted({s for g in games for s in g["served_by"]})
-            reward = sum(g["reward"] for g in games) / len(games)
-            rounds.append(
-                {
-                    "round": len(rounds),
-                    "reward": reward,
-                    "served_by": served,
-                    "run_step": run["step"],
-                }
-            )
-            print(
-                f"round {len(rounds) - 1:3d}  reward {reward:.3f}  served by the weights of "
-                f"step {served}  (the run is at step {run['step']})",
-                flush=True,
-            )
+            for r in range(batch):
+                mine = games[r * size : (r + 1) * size]
+                posted = [
+                    {
+                        "episodes": [
+                            {"completion_ids": g["completion_ids"], "reward": g["reward"]}
+                            for g in mine[i * args.k : (i + 1) * args.k]
+                        ]
+                    }
+                    for i in range(args.groups)
+                ]
+                client.post(
+                    f"/runs/{run_id}/groups", body={"groups": posted}, cast_to=httpx.Response
+                )
+                served = sorted({s for g in mine for s in g["served_by"]})
+                reward = sum(g["reward"] for g in mine) / len(mine)
+                rounds.append({"round": len(rounds), "reward": reward, "served_by": served})
+                print(
+                    f"round {len(rounds) - 1:3d}  reward {reward:.3f}  served by the weights of "
+                    f"step {served}, trained at step {groups['trained'] // args.groups + r + 1}",
+                    flush=True,
+                )
 
     metrics = client.get(f"/runs/{run_id}/metrics", cast_to=httpx.Response).json()["metrics"]
     staleness = [v for _, v in metrics.get("offpolicy/staleness_mean", [])]
+    oldest = [v for _, v in metrics.get("offpolicy/staleness_max", [])]
     print(f"the run {run['status']}: {run['step']} steps")
     if staleness:
         print(
             f"staleness of the trained episodes: mean {sum(staleness) / len(staleness):.2f}, "
-            f"most {max(staleness):.0f} updates"
+            f"oldest {max(oldest):.0f} updates"
         )
     if len(rounds) >= 2:
         head, tail = rounds[: max(1, len(rounds) // 5)], rounds[-max(1, len(rounds) // 5) :]
@@ -179,6 +190,7 @@ def main() -> int:
                     "status": run["status"],
                     "rounds": rounds,
                     "staleness": staleness,
+                    "staleness_max": oldest,
                 },
                 out,
             )

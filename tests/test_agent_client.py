@@ -50,7 +50,7 @@ def test_the_agent_raises_its_runs_reward_from_its_own_traffic(tmp_path, tiny_mo
     result = json.loads(out.read_text())
     rewards = [r["reward"] for r in result["rounds"]]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert first < 0.2 and last > first + 0.3, rewards
+    assert first < 0.2 and last >= 0.7, rewards
     # the agent ran ahead of training: steps trained on episodes several syncs old
-    assert max(result["staleness"]) >= 2, result["staleness"]
+    assert max(result["staleness_max"]) >= 2, result["staleness_max"]
     assert "reward: first rounds" in done.stdout
