@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Small models on 2 cores run 10-40x faster single-threaded.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test docs bench bench-algorithms install install-dev install-gpu services clean
+.PHONY: demo test docs bench bench-serving bench-algorithms install install-dev install-gpu services clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,13 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python bench/rollout.py --threads 1
 	$(BENCH_VENV)/bin/python bench/e2e.py --threads 1
 	$(BENCH_VENV)/bin/python bench/api_load.py
+
+# Our OpenAI-compatible endpoint against vLLM's own OpenAI server on the same checkpoint, side by
+# side (bench/serving.py, about 5 min each; the openai SDK comes with vLLM): with vLLM's default
+# placement, then with vLLM's engine processes on a core of their own (--pin).
+bench-serving: install
+	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/serving.py --pin
 
 # GVPO against GRPO and Dr. GRPO (bench/algorithms.py): about 35 min on 2 cores for the default
 # grid; it rewrites the table in docs/algorithms.md and the plots in docs/img/.

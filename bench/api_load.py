@@ -44,7 +44,6 @@ locust CPU warning is reported when it fires.
 import argparse
 import itertools
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -407,12 +406,6 @@ def run_load(args, scenario: str, url: str, target: dict) -> dict:
 # --- the report ----------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(len(ordered) * q / 100) - 1)] if ordered else float("nan")
-
-
 def row(scenario: str, res: dict, ceiling: float | None) -> list[str]:
     n = len(res["times"])
     rate = n / res["window_s"]
@@ -424,7 +417,7 @@ def row(scenario: str, res: dict, ceiling: float | None) -> list[str]:
         f"{n}",
         f"{rate:.0f}",
         f"{statistics.median(res['times']):.1f}" if n else "-",
-        f"{percentile(res['times'], 99):.1f}" if n else "-",
+        f"{common.percentile(res['times'], 99):.1f}" if n else "-",
         f"{res['failures']}",
         odd or "none",
         share,

@@ -3,6 +3,7 @@ and prints one JSON line; the parent prints a markdown table."""
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,3 +67,9 @@ def print_table(caption: str, head: list[str], rows: list[list[str]]) -> None:
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * q / 100) - 1)] if ordered else float("nan")
