@@ -9,7 +9,6 @@ ids are the run's tokenizer's, and the run trains on exactly them. The group is 
 those ids (workers/offpolicy.py reads that form), so training never reads the completions table.
 """
 
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import threading
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated
 
@@ -84,7 +85,18 @@ class InferenceWorkerProcess:
             ):
                 raise HTTPException(401, "this is an inference worker's control server")
 
-        app = FastAPI(title="gvpo inference worker", dependencies=[Depends(authorised)])
+        @asynccontextmanager
+        async def lifespan(_: FastAPI):
+            yield
+            # uvicorn re-raises SIGTERM once it has shut down, so the worker's cleanup runs
+            # here, before that, not after run() returns
+            self.stopped.set()
+            self.pool.close()
+            self._forget()
+
+        app = FastAPI(
+            title="gvpo inference worker", dependencies=[Depends(authorised)], lifespan=lifespan
+        )
 
         @app.get("/models")
         def models() -> dict:
@@ -155,10 +167,9 @@ class InferenceWorkerProcess:
         config = uvicorn.Config(self.app(), log_level="warning", access_log=False)
         try:
             uvicorn.Server(config).run(sockets=[sock])
-        finally:
+        finally:  # when the server failed before its shutdown ran; a second close is a no-op
             self.stopped.set()
             self.pool.close()
-            self._forget()
 
 
 def _url_host(host: str) -> str:
