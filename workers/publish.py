@@ -6,8 +6,8 @@ With serving.sync_every_steps = N > 0 the lead publishes the policy at the start
 (step 0; after a resume from the checkpoint of step s, at s), after every step that is a
 multiple of N, and after its last step: a whole model folder that transformers and vLLM load
 as it is (config, generation config, tokenizer and chat template, model.safetensors), a LoRA
-adapter merged into its base weights, in the policy's dtype. It is written to a temporary sibling and renamed into
-place, so a reader never sees half of one, then recorded as the run's weights_step and
+adapter merged into its base weights, in the policy's dtype. It is written to a temporary
+sibling and renamed into place, so a reader never sees half of one, then recorded as the run's weights_step and
 weights_path. The newest two folders are kept (one being loaded is not pulled away by the
 next), and any of a later step, written before a resume went back, is removed.
 
