@@ -7,9 +7,9 @@ With serving.sync_every_steps = N > 0 the lead publishes the policy at the start
 multiple of N, and after its last step: a whole model folder that transformers and vLLM load
 as it is (config, generation config, tokenizer and chat template, model.safetensors), a LoRA
 adapter merged into its base weights, in the policy's dtype. It is written to a temporary
-sibling and renamed into place, so a reader never sees half of one, then recorded as the run's weights_step and
-weights_path. The newest two folders are kept (one being loaded is not pulled away by the
-next), and any of a later step, written before a resume went back, is removed.
+sibling and renamed into place, so a reader never sees half of one, then recorded as the run's
+weights_step and weights_path. The newest two folders are kept (one being loaded is not pulled
+away by the next), and any of a later step, written before a resume went back, is removed.
 
 A run that starts from exactly spec.model.path (no adapter to go on with, no checkpoint, no
 resume, the model's own chat template) publishes step 0 as that folder itself, copying nothing.
