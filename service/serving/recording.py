@@ -74,38 +74,30 @@ class Recorder:
 
     def whole(self, answer: dict[str, Any]) -> dict[str, Any]:
         """A non-streamed answer: its choices taken, the answer given their ids."""
-        shared_prompt = answer.get("prompt_token_ids")
-        for choice in answer.get("choices") or []:
-            mine = self._choice(choice.get("index", 0))
-            mine.prompt_ids = choice.get("prompt_token_ids") or shared_prompt
-            mine.token_ids = list(choice.get("token_ids") or [])
-            mine.text = [_text(choice)]
-            mine.finish_reason = choice.get("finish_reason")
-            choice["completion_id"] = mine.id
-            self._hide(choice)
-        if self.choices:
-            answer["id"] = self._first_id()
-        answer["weights_step"] = self.version
-        self._hide(answer)
-        return answer
+        return self._take(answer, streamed=False)
 
     def chunk(self, event: dict[str, Any]) -> dict[str, Any]:
         """A streamed chunk: its tokens added to their choices, the chunk given their ids."""
-        shared_prompt = event.get("prompt_token_ids")
-        for choice in event.get("choices") or []:
+        return self._take(event, streamed=True)
+
+    def _take(self, part: dict[str, Any], streamed: bool) -> dict[str, Any]:
+        """An answer (or a chunk of one) added to its choices, each given its id; a whole answer
+        is a single chunk of every choice."""
+        shared_prompt = part.get("prompt_token_ids")
+        for choice in part.get("choices") or []:
             mine = self._choice(choice.get("index", 0))
             if mine.prompt_ids is None:
                 mine.prompt_ids = choice.get("prompt_token_ids") or shared_prompt
             mine.token_ids += choice.get("token_ids") or []
-            mine.text.append(_text(choice, streamed=True))
+            mine.text.append(_text(choice, streamed))
             mine.finish_reason = choice.get("finish_reason") or mine.finish_reason
             choice["completion_id"] = mine.id
             self._hide(choice)
         if self.choices:
-            event["id"] = self._first_id()
-        event["weights_step"] = self.version
-        self._hide(event)
-        return event
+            part["id"] = self._first_id()
+        part["weights_step"] = self.version
+        self._hide(part)
+        return part
 
     def _hide(self, part: dict[str, Any]) -> None:
         if not self.show_ids:
