@@ -33,6 +33,11 @@ def publish(settings, run_id: str, path, step: int = 0) -> None:
         run.weights_path, run.weights_step, run.status = str(path), step, "running"
 
 
+def asked(settings, run_id: str):
+    with session_scope(settings.resolved_database_url) as session:
+        return session.get(Run, run_id).serving_asked_at
+
+
 def checkpoint(settings, run_id: str, path, step: int = 1) -> str:
     with session_scope(settings.resolved_database_url) as session:
         ckpt = Checkpoint(id=f"ckpt_{run_id[4:]}_{step}", run_id=run_id, step=step, path=str(path))
@@ -45,7 +50,9 @@ def checkpoint(settings, run_id: str, path, step: int = 1) -> str:
 def test_which_models_a_project_may_name(api, settings, make_key, tiny_model_dir, tmp_path):
     key, other = make_key("loop"), make_key("other")  # submit() makes its runs in "loop"
     run_id = submit(settings, tiny_model_dir)
+    assert asked(settings, run_id) is None
     assert_error(chat(api, key, run_id), 409, "conflict", "has not started")
+    assert asked(settings, run_id) is not None  # from now on it publishes its weights
     publish(settings, run_id, tiny_model_dir, step=3)
     gone_dir = tmp_path / "gone"
     shutil.copytree(tiny_model_dir, gone_dir)
@@ -72,6 +79,19 @@ def test_which_models_a_project_may_name(api, settings, make_key, tiny_model_dir
     assert_error(
         api.post("/v1/chat/completions", json={"model": ckpt, **CHAT}), 401, "unauthorized"
     )
+    assert asked(settings, no_sync) is None  # it never publishes: nothing to ask for
+
+    # A run nobody asked for publishes nothing but step 0; once it has a checkpoint newer than
+    # what it published, that checkpoint is its model (a finished run: its last one).
+    quiet = submit(settings, tiny_model_dir)
+    publish(settings, quiet, tiny_model_dir, step=0)
+    assert api.get(f"/v1/models/{quiet}", headers=auth(key)).json()["step"] == 0
+    checkpoint(settings, quiet, tiny_model_dir, step=4)
+    assert api.get(f"/v1/models/{quiet}", headers=auth(key)).json()["step"] == 4
+    listed = api.get("/v1/models", headers=auth(key)).json()["data"]
+    assert {m["id"]: m["step"] for m in listed}[quiet] == 4
+    checkpoint(settings, no_sync, tiny_model_dir, step=2)
+    assert api.get(f"/v1/models/{no_sync}", headers=auth(key)).json()["step"] == 2
 
 
 def test_bad_bodies_are_named(api, settings, make_key, tiny_model_dir):

@@ -1,7 +1,7 @@
 """A run that trains an agent from its own traffic: its steps wait for posted groups
 (training.wait_for_groups) and stop promptly when paused or cancelled while waiting, a group of
 served completions trains with its staleness reported, and the run publishes its weights for
-serving (serving.sync_every_steps)."""
+serving (serving.sync_every_steps) once its model is asked for."""
 
 import time
 
@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.contract.spec import RunSpec
 from service.db import session_scope
-from service.models import Checkpoint, Metric, RunEvent, RunGroup, Sample
+from service.models import Checkpoint, Metric, Run, RunEvent, RunGroup, Sample
+from service.models.base import utcnow
 from workers import run_loop
 from workers.execute import execute_run
 from workers.records import RunRecorder
@@ -138,6 +139,32 @@ def test_a_step_waits_for_its_groups_and_a_pause_ends_the_wait(settings, tiny_mo
     assert not (settings.runs_dir / run_id / "weights").exists()
 
 
+def ask_for(settings, run_id: str) -> None:
+    """What a request naming the run as its model does (service/serving/models.py)."""
+    with session_scope(settings.resolved_database_url) as session:
+        session.get(Run, run_id).serving_asked_at = utcnow()
+
+
+def test_a_run_publishes_once_its_model_is_asked_for(settings, tiny_model_dir):
+    """Its own chat template: step 0 is not the model folder as it is, so nothing is published
+    until a request names the run; then after the next step, though sync_every_steps is 10."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    run_id = waiting_run(settings, tiny_model_dir, model={"chat_template": "{{ messages }}"})
+    worker, result = execute_in_thread(settings, run_id, "worker-a")
+    wait_for_waits(settings, run_id, 1)
+    assert run_row(settings, run_id).weights_path is None
+    ask_for(settings, run_id)
+    post(settings, run_id, traffic(tokenizer, weights_step=0))
+    wait_for_waits(settings, run_id, 2)
+    act(settings, "pause", run_id)
+    worker.join(timeout=10)
+    assert result["status"] == "paused"
+    folder = settings.runs_dir / run_id / "weights"
+    row = run_row(settings, run_id)
+    assert (row.weights_step, row.weights_path) == (1, str(folder / "step-000001"))
+    assert [p.name for p in folder.iterdir()] == ["step-000001"]
+
+
 def test_a_cancel_ends_the_wait(settings, tiny_model_dir):
     run_id = waiting_run(settings, tiny_model_dir)
     worker, result = execute_in_thread(settings, run_id, "worker-a")
@@ -166,6 +193,7 @@ def test_a_lora_run_publishes_its_merged_weights_and_keeps_two(settings, tiny_mo
         serving={"sync_every_steps": 1},
         checkpoint={"every_steps": 3, "keep_last": None},
     )
+    ask_for(settings, run_id)
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     row = run_row(settings, run_id)
     folder = settings.runs_dir / run_id / "weights"

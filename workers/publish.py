@@ -2,9 +2,13 @@
 model (`model: "run_…"`) from the newest weights it published, and reload when it publishes
 newer ones.
 
-With serving.sync_every_steps = N > 0 the lead publishes the policy at the start of the run
-(step 0; after a resume from the checkpoint of step s, at s), after every step that is a
-multiple of N, and after its last step: a whole model folder that transformers and vLLM load
+A run publishes only once its model has been asked for (a request naming `run_…` sets
+runs.serving_asked_at): runs nobody serves write nothing beyond their checkpoints, and the API
+serves a finished one from its last checkpoint. With serving.sync_every_steps = N > 0 and its
+model asked for, the lead publishes the policy at the start of the run (step 0; after a resume
+from the checkpoint of step s, at s), after the first step once asked (if it has published
+nothing yet), after every step that is a multiple of N, and after its last step: a whole model
+folder that transformers and vLLM load
 as it is (config, generation config, tokenizer and chat template, model.safetensors), a LoRA
 adapter merged into its base weights, in the policy's dtype. It is written to a temporary
 sibling and renamed into place, so a reader never sees half of one, then recorded as the run's
@@ -12,7 +16,8 @@ weights_step and weights_path. The newest two folders are kept (one being loaded
 away by the next), and any of a later step, written before a resume went back, is removed.
 
 A run that starts from exactly spec.model.path (no adapter to go on with, no checkpoint, no
-resume, the model's own chat template) publishes step 0 as that folder itself, copying nothing.
+resume, the model's own chat template) publishes step 0 as that folder itself, copying nothing,
+asked for or not.
 Under FSDP every rank takes part in gathering the weights; only the lead writes.
 """
 
@@ -32,8 +37,9 @@ KEEP = 2  # published folders kept
 
 
 def publishes(spec: RunSpec, step: int) -> bool:
-    """Whether the run publishes its weights after `step` (a step's, not the start's): every
-    sync_every_steps, and its last, so that a finished run serves its final weights."""
+    """Whether `step` is one the run publishes its weights after, when its model has been asked
+    for (a step's, not the start's): every sync_every_steps, and its last, so that a finished
+    run serves its final weights."""
     every = spec.serving.sync_every_steps
     return every > 0 and (step % every == 0 or step == spec.training.steps)
 

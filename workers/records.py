@@ -295,6 +295,14 @@ class RunRecorder(Claiming):
             )
 
     @_retrying
+    def serving_asked(self) -> bool:
+        """Whether a request has named the run as its model (service/serving/models.py): only
+        then does it publish weights."""
+        with session_scope(self.url) as session:
+            asked = session.scalar(select(Run.serving_asked_at).where(Run.id == self.run_id))
+            return asked is not None
+
+    @_retrying
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """The newest checkpoint whose files are still there (a folder, or a complete upload in
         the object store): where a resumed run continues."""

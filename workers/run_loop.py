@@ -126,6 +126,7 @@ class RunLoop:
             self._resume(*resume, local)
             self.checkpoints.done_with(resume[1], local)
         self.publisher = WeightsPublisher(self.settings, self.recorder, spec, self.lead)
+        self.published: int | None = None  # the step this process last published
         if self.lead:
             self._announce()
 
@@ -287,7 +288,7 @@ class RunLoop:
             scores = self._rewards(step, slots, rollouts)
         with self._phase("learn", step, times):
             stats = self._learn(step, mine, scores)
-        if publishes(self.spec, step):
+        if self._publishes(step):
             with self._phase("publish", step, times):
                 self._publish(step)
         self.watchdog.leave()
@@ -437,20 +438,37 @@ class RunLoop:
 
     def _publish_start(self) -> None:
         """The weights the run starts from, for serving: step 0's (a fresh run's model folder as
-        it is, when nothing changed it), or those of the checkpoint it resumed from."""
+        it is, when nothing changed it: recorded whether asked for or not, as it costs
+        nothing), or those of the checkpoint it resumed from (when its model is asked for)."""
         if not self.spec.serving.sync_every_steps:
             return
         step = self.start_step - 1
         self.watchdog.enter("publish", step)
         if step == 0 and starts_as_its_model(self.spec):
             self.publisher.publish_start()
-        else:
+            self.published = 0
+        elif self._asked():
             self._publish(step)
         self.watchdog.leave()
+
+    def _publishes(self, step: int) -> bool:
+        """Whether to publish after `step`: when its model has been asked for, at the steps
+        publishes() names, and after the first step since it was asked for if this process
+        has published nothing yet."""
+        if not self.spec.serving.sync_every_steps:
+            return False
+        due = publishes(self.spec, step) or self.published is None
+        return due and self._asked()
+
+    def _asked(self) -> bool:
+        """Whether a request has named the run as its model (the lead looks; every rank
+        follows)."""
+        return self.ranks.share(self.recorder.serving_asked() if self.lead else None)
 
     def _publish(self, step: int) -> None:
         sharded = self.learner.collective.sharded  # every rank gathers, the lead writes
         self.publisher.publish(step, self.model, self.tokenizer, gather=sharded)
+        self.published = step
 
     def _sync_engine(self) -> None:
         """Give the rollout engine the policy's weights, if an update changed them since."""

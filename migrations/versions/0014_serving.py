@@ -1,5 +1,5 @@
-"""serving: the weights a run publishes for inference, completions recorded from served traffic,
-and the inference workers that serve models
+"""serving: the weights a run publishes for inference and when its model was first asked for,
+completions recorded from served traffic, and the inference workers that serve models
 
 Revision ID: 0014
 Revises: 0013
@@ -19,6 +19,9 @@ def upgrade() -> None:
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("weights_step", sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column("weights_path", sa.String(length=1024), nullable=True))
+        batch_op.add_column(
+            sa.Column("serving_asked_at", sa.DateTime(timezone=True), nullable=True)
+        )
     op.create_table(
         "completions",
         sa.Column("id", sa.String(length=40), primary_key=True),
@@ -52,5 +55,6 @@ def downgrade() -> None:
     op.drop_index("ix_completions_project_id", "completions")
     op.drop_table("completions")
     with op.batch_alter_table("runs", schema=None) as batch_op:
+        batch_op.drop_column("serving_asked_at")
         batch_op.drop_column("weights_path")
         batch_op.drop_column("weights_step")

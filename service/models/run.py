@@ -44,6 +44,9 @@ class Run(Base):
     # the step they are from and their folder, a whole model (a LoRA merged).
     weights_step: Mapped[int | None] = mapped_column(Integer)
     weights_path: Mapped[str | None] = mapped_column(String(1024))
+    # When a request first named the run as its model: a run publishes weights only from then
+    # on (workers/publish.py), so runs nobody serves write none.
+    serving_asked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -2,27 +2,31 @@
 
 - `ckpt_…`: a checkpoint of one of the project's runs, a LoRA checkpoint merged into its base
   model first (by a worker, once, kept beside it: the merged download's folder).
-- `run_…`: the newest weights the run has published (every serving.sync_every_steps steps and
-  at its start); a later request sees newer ones as the run publishes them.
+- `run_…`: the run's newest weights: those it has published (every serving.sync_every_steps
+  steps), or its newest checkpoint if that is newer; a later request sees newer ones as the run
+  publishes them. Asking for a run's model is what makes it publish (workers/publish.py): a run
+  nobody serves writes no weights beyond its checkpoints, and one that finished unserved is
+  served from its last checkpoint.
 
 Anything else, or another project's id, is a 404; a model whose files are gone a 410; a run
-that has published nothing (yet) a 409 that says why.
+with nothing to serve (yet) a 409 that says why.
 """
 
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.checkpoints.service import merged_source
 from service.config import Settings
 from service.contract import storage
-from service.contract.states import RunStatus
+from service.contract.states import TERMINAL, RunStatus
 from service.contract.storage import CheckpointKind
 from service.errors import Conflict, Gone, NotFound
 from service.models import Checkpoint, Project, Run
+from service.models.base import utcnow
 from service.runs.service import run_spec
 
 OWNER = "gvpo"
@@ -48,7 +52,7 @@ def resolve(session: Session, settings: Settings, project: Project, name: str) -
     if name.startswith("ckpt_"):
         return _checkpoint(session, settings, project, name)
     if name.startswith("run_"):
-        return _run(session, project, name)
+        return _run(session, settings, project, name)
     raise _unknown(name)
 
 
@@ -68,30 +72,76 @@ def _checkpoint(session: Session, settings: Settings, project: Project, name: st
     return ServedModel(name, path, ckpt.step, run.id, ckpt.created_at)
 
 
-def _run(session: Session, project: Project, name: str) -> ServedModel:
+def _run(session: Session, settings: Settings, project: Project, name: str) -> ServedModel:
+    """The run's newest weights: those it published, or its newest checkpoint when that is
+    newer (a run publishes only once its model has been asked for: a finished run nobody
+    served has its final checkpoint)."""
     run = session.get(Run, name)
     if run is None or run.project_id != project.id:
         raise _unknown(name)
+    publishing = run_spec(run).serving.sync_every_steps > 0
+    if publishing:
+        _ask_for(session, run)
+    ckpt = _newest_checkpoint(session, run)
+    if ckpt is not None and ckpt.step > (run.weights_step or -1):
+        served = _checkpoint(session, settings, project, ckpt.id)
+        return ServedModel(name, served.path, ckpt.step, run.id, run.created_at)
     if run.weights_path is None:
-        if not run_spec(run).serving.sync_every_steps:
+        if not publishing:
             raise Conflict(
-                f"run {name} publishes no weights to serve (its serving.sync_every_steps is "
-                "0): serve one of its checkpoints instead"
+                f"run {name} publishes no weights (its serving.sync_every_steps is 0) and has "
+                "no checkpoint yet: serve it once it has one"
             )
         if run.status == RunStatus.QUEUED:
-            raise Conflict(f"run {name} has not started: it publishes its weights when it does")
-        raise Conflict(f"run {name} has published no weights (it stopped before it could)")
+            raise Conflict(f"run {name} has not started: it has no weights to serve yet")
+        if run.status in TERMINAL:
+            raise Conflict(f"run {name} has no weights to serve (it stopped before it had any)")
+        raise Conflict(
+            f"run {name} publishes its weights at the end of its current step (asked for "
+            "now): try again then"
+        )
     if not storage.is_remote(run.weights_path) and not Path(run.weights_path).is_dir():
         raise Gone(f"the weights run {name} published are gone (its data was deleted)")
     return ServedModel(name, run.weights_path, run.weights_step or 0, run.id, run.created_at)
 
 
+def _ask_for(session: Session, run: Run) -> None:
+    """Note that the run's model is wanted: from now on it publishes its weights."""
+    if run.serving_asked_at is None and run.status not in TERMINAL:
+        session.execute(
+            update(Run)
+            .where(Run.id == run.id, Run.serving_asked_at.is_(None))
+            .values(serving_asked_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+
+
+def _newest_checkpoint(session: Session, run: Run) -> Checkpoint | None:
+    return session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.run_id == run.id)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    ).first()
+
+
 def listed(session: Session, project: Project) -> list[ServedModel]:
-    """The project's servable models: runs that have published weights, then checkpoints,
-    newest first (whether their files are still there is checked when one is asked for)."""
-    runs = session.scalars(
-        select(Run)
-        .where(Run.project_id == project.id, Run.weights_path.is_not(None))
+    """The project's servable models: runs that have published weights or have a checkpoint,
+    then checkpoints, newest first (whether their files are still there is checked when one is
+    asked for)."""
+    newest = (
+        select(Checkpoint.run_id, func.max(Checkpoint.step).label("step"))
+        .group_by(Checkpoint.run_id)
+        .subquery()
+    )
+    runs = session.execute(
+        select(Run, newest.c.step)
+        .outerjoin(newest, newest.c.run_id == Run.id)
+        .where(
+            Run.project_id == project.id,
+            or_(Run.weights_path.is_not(None), newest.c.step.is_not(None)),
+        )
         .order_by(Run.created_at.desc())
     )
     ckpts = session.execute(
@@ -101,5 +151,8 @@ def listed(session: Session, project: Project) -> list[ServedModel]:
         .order_by(Checkpoint.created_at.desc())
     )
     return [
-        ServedModel(r.id, r.weights_path, r.weights_step or 0, r.id, r.created_at) for r in runs
+        ServedModel(
+            r.id, r.weights_path or "", max(r.weights_step or 0, step or 0), r.id, r.created_at
+        )
+        for r, step in runs
     ] + [ServedModel(c.id, c.path, c.step, run_id, c.created_at) for c, run_id in ckpts]
