@@ -83,7 +83,7 @@ def _run(session: Session, settings: Settings, project: Project, name: str) -> S
     if publishing:
         _ask_for(session, run)
     ckpt = _newest_checkpoint(session, run)
-    if ckpt is not None and ckpt.step > (run.weights_step or -1):
+    if ckpt is not None and (run.weights_step is None or ckpt.step > run.weights_step):
         served = _checkpoint(session, settings, project, ckpt.id)
         return ServedModel(name, served.path, ckpt.step, run.id, run.created_at)
     if run.weights_path is None:
