@@ -18,7 +18,7 @@ PathId = Annotated[str, Path(max_length=MAX_ID)]
 AuthorizationHeader = Annotated[str | None, Header(max_length=MAX_CREDENTIAL)]
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:  # async: no trip to the threadpool
     return request.app.state.settings
 
 
@@ -44,3 +44,12 @@ def _project(
 
 
 ProjectDep = Annotated[Project, Depends(_project)]
+
+
+async def _recent_project(request: Request, authorization: AuthorizationHeader = None) -> Project:
+    # The inference routes': the key checked within the last seconds is not looked up again
+    # (service/serving/lookups.py), and no session is opened for it.
+    return await request.app.state.lookups.project(authorization)
+
+
+RecentProjectDep = Annotated[Project, Depends(_recent_project)]

@@ -10,22 +10,25 @@ accept is refused here with the API's error body, whatever the route.
   (clickjacking), content types are not sniffed, no referrer leaves; and the dashboard runs
   under a content security policy that allows only its own files (it loads nothing else: its
   chart library is vendored), so injected markup could neither run script nor send data out.
+
+And how the server reads requests (SERVER, for uvicorn): with httptools' parser, which costs a
+fraction of h11's per request and per streamed chunk, and a request head (request line and
+headers) past MAX_HEAD_BYTES refused with a 431 as it arrives. httptools itself has no such
+limit: one 40 MB header line held the server up for everyone.
 """
 
+import json
 import re
 from urllib.parse import unquote_to_bytes
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
 
-# How the API's HTTP server runs: h11, whose parser refuses a request head (request line and
-# headers) past this size with a 431-class error; httptools, uvicorn's faster default, has no
-# such limit, and one 40 MB header held the server up for everyone.
-SERVER = {"http": "h11", "h11_max_incomplete_event_size": 64 * 1024}
-
+MAX_HEAD_BYTES = 64 * 1024
 MULTIPART_OVERHEAD = 1024 * 1024  # an upload's form fields and part headers around the file
 CALLBACK = re.compile(r"^/v1/runs/[^/]+/rewards$")
 
@@ -109,3 +112,59 @@ def _problem(scope: Scope) -> str | None:
     if b"\x00" in unquote_to_bytes(scope.get("query_string", b"")):
         return "the query string contains the NUL character (%00), which no parameter may hold"
     return None
+
+
+class LimitedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a limit on the request head. While a head is being
+    read, the parser is fed no more than the limit allows; past it the request is answered 431
+    and the connection closed, so no header is ever held beyond MAX_HEAD_BYTES (plus the rest
+    of one read that also ended the request before it)."""
+
+    head_read: int | None = 0  # bytes of the current request head fed; None: in a body
+
+    def connection_made(self, transport) -> None:
+        self.head_read = 0
+        super().connection_made(transport)
+
+    def on_headers_complete(self) -> None:
+        self.head_read = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self.head_read = 0  # what follows is the next request's head
+        super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        while self.head_read is not None and data:
+            room = MAX_HEAD_BYTES - self.head_read
+            if room <= 0:
+                self._refuse_head()
+                return
+            piece, data = data[:room], data[room:]
+            self.head_read += len(piece)
+            super().data_received(piece)
+            if self.parser is None or self.transport.is_closing():
+                return
+        if data:
+            super().data_received(data)
+
+    def _refuse_head(self) -> None:
+        message = (
+            f"the request head (request line and headers) is larger than the "
+            f"{MAX_HEAD_BYTES}-byte limit"
+        )
+        body = json.dumps(
+            {"error": {"code": "headers_too_large", "message": message, "details": {}}}
+        ).encode()
+        self.logger.warning("a request head past %d bytes: refused (431)", MAX_HEAD_BYTES)
+        head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+        for name, value in [*self.server_state.default_headers, *EVERY_ANSWER]:
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"content-type: application/json\r\n")
+        head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+
+# How the API's HTTP server runs (uvicorn.run / uvicorn.Config keywords).
+SERVER = {"http": LimitedHttpTools}

@@ -29,6 +29,7 @@ from service.runs.notify import Notifier
 from service.runs.reaper import Reaper
 from service.runs.routes import router as runs_router
 from service.runs.routes import states_router
+from service.serving.lookups import Lookups
 from service.serving.routes import router as serving_router
 from service.serving.routing import Router
 
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.serving = Router(settings)  # inference: the routes to the models' servers
+    app.state.lookups = Lookups(settings)  # inference: keys and models seen in the last seconds
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)

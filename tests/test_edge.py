@@ -1,6 +1,8 @@
 """What every request meets before a route (service/edge.py): NUL in a path or query is a 400
-naming it, and every answer carries the security headers, the dashboard its content policy."""
+naming it, a body past its limit a 413, a request head past 64 KiB a 431, and every answer
+carries the security headers, the dashboard its content policy."""
 
+import json
 import socket
 
 import httpx
@@ -98,6 +100,53 @@ def test_a_huge_header_is_refused_and_others_are_answered_meanwhile(settings):
         assert refused or answer.startswith(b"HTTP/1.1 4"), answer[:200]
         other = httpx.get(f"http://127.0.0.1:{live.api_port}/healthz", timeout=WAIT_S)
         assert other.status_code == 200
+
+
+def _answer(conn: socket.socket, pending: bytearray) -> tuple[bytes, bytes]:
+    """The next answer on a keep-alive connection: (its status line, its body)."""
+    while b"\r\n\r\n" not in pending:
+        chunk = conn.recv(65536)
+        assert chunk, bytes(pending[:300])
+        pending += chunk
+    head, _, rest = bytes(pending).partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        rest += conn.recv(65536)
+    pending[:] = rest[length:]
+    return head.split(b"\r\n", 1)[0], rest[:length]
+
+
+def test_only_a_request_head_counts_against_its_limit_and_past_it_is_a_431(settings, make_key):
+    """On one connection: a 200 KB body sent with its head, a head just under 64 KiB, then
+    one past it, which is refused with the limit named and the connection closed."""
+    key = make_key()
+    post = f"POST /v1/runs HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+    body = b"{" + b" " * 200_000 + b"}"  # JSON whitespace: an empty spec, a 422
+    with (
+        serve_api(settings) as live,
+        socket.create_connection(("127.0.0.1", live.api_port), timeout=WAIT_S) as conn,
+    ):
+        pending = bytearray()
+        conn.sendall(
+            f"{post}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert _answer(conn, pending)[0].startswith(b"HTTP/1.1 422 ")
+        conn.sendall(
+            f"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: {'a' * 65_000}\r\n\r\n".encode()
+        )
+        assert _answer(conn, pending)[0] == b"HTTP/1.1 200 OK"
+        conn.sendall(
+            f"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: {'a' * 66_000}\r\n\r\n".encode()
+        )
+        status, answer = _answer(conn, pending)
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large"
+        assert "65536-byte limit" in json.loads(answer)["error"]["message"]
+        assert conn.recv(65536) == b""  # closed
 
 
 @pytest.mark.parametrize(

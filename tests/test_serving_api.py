@@ -3,19 +3,27 @@ name, what a missing model or a missing inference worker answers, how recorded a
 given their completion ids, and how traffic groups of completion ids are checked and stored.
 tests/test_serving.py serves real models through vLLM."""
 
+import json
 import shutil
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
 
+from service.auth.service import revoke_api_key
 from service.db import session_scope
-from service.models import Checkpoint, Completion, InferenceWorker, Run, RunGroup
+from service.models import ApiKey, Checkpoint, Completion, InferenceWorker, Run, RunGroup
 from service.models.base import utcnow
+from service.serving.lookups import KEY_TTL_S
 from service.serving.models import ServedModel
 from service.serving.recording import Recorder
 
 from factories import assert_error, auth, submit
+from services import ThreadServer
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 K = 4  # submit()'s group size
@@ -285,3 +293,138 @@ def test_traffic_groups_are_checked_and_stored_with_their_ids(
         "token_ids": [3, 4, 2],
         "weights_step": 1,
     }
+
+
+# ---------------------------------------------------------------- relayed to a stand-in for vLLM
+
+WHOLE = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0}]}
+EVENTS = [f'data: {{"object":"chat.completion.chunk","n":{i}}}\n\n'.encode() for i in range(5)]
+VLLM_ERROR = {"object": "error", "message": "max_tokens must be at least 1", "code": 400}
+
+
+class FakeInference:
+    """An inference worker's control server and the vLLM server it names, in one app: what it
+    was asked (the versions, the relayed bodies and their Authorization) is kept. `serving`:
+    the server address the worker gives (a dead one to play a server that went away)."""
+
+    def __init__(self) -> None:
+        self.versions: list[int] = []
+        self.received: list[tuple[bytes, str | None]] = []
+        self.server = ThreadServer(
+            Starlette(
+                routes=[
+                    Route("/models", self.models, methods=["POST"]),
+                    Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                ]
+            )
+        )
+        self.url = self.serving = f"http://127.0.0.1:{self.server.port}"
+
+    async def models(self, request: Request) -> JSONResponse:
+        version = (await request.json())["version"]
+        self.versions.append(version)
+        return JSONResponse({"url": self.serving, "version": version})
+
+    async def chat(self, request: Request):
+        raw = await request.body()
+        self.received.append((raw, request.headers.get("authorization")))
+        body = json.loads(raw)
+        if body["max_tokens"] < 1:
+            return JSONResponse(VLLM_ERROR, status_code=400)
+        if not body.get("stream"):
+            return JSONResponse(WHOLE)
+
+        async def events():
+            for event in EVENTS:
+                yield event
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.fixture
+def inference(settings):
+    fake = FakeInference()
+    with fake.server:
+        with session_scope(settings.resolved_database_url) as session:
+            now = utcnow()
+            session.add(
+                InferenceWorker(
+                    id="fake",
+                    url=fake.url,
+                    models=[],
+                    memory_bytes=2**33,
+                    started_at=now,
+                    heartbeat_at=now + timedelta(days=1),
+                )
+            )
+        yield fake
+
+
+def test_answers_errors_and_streams_are_relayed_as_vllm_sends_them(
+    api, settings, make_key, tiny_model_dir, inference
+):
+    key = make_key("loop")
+    ckpt = checkpoint(settings, submit(settings, tiny_model_dir), tiny_model_dir)
+    raw = b'{"model": "%s", "messages": [], "max_tokens": 4,  "x": "\\u00e9"}' % ckpt.encode()
+    whole = api.post("/v1/chat/completions", headers=auth(key), content=raw)
+    assert whole.status_code == 200 and whole.json() == WHOLE
+    assert inference.received[-1][0] == raw  # as it came, byte for byte
+    assert inference.received[-1][1] == f"Bearer {settings.serve_token}"
+    refused = chat(api, key, ckpt, max_tokens=0)
+    assert refused.status_code == 400 and refused.json() == VLLM_ERROR
+    with api.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers=auth(key),
+        json={"model": ckpt, **CHAT, "stream": True},
+    ) as streamed:
+        assert streamed.headers["content-type"].startswith("text/event-stream")
+        assert streamed.read() == b"".join(EVENTS) + b"data: [DONE]\n\n"
+
+
+def test_a_server_that_stopped_answering_is_asked_for_again(
+    api, settings, make_key, tiny_model_dir, inference
+):
+    key = make_key("loop")
+    ckpt = checkpoint(settings, submit(settings, tiny_model_dir), tiny_model_dir)
+    inference.serving = "http://127.0.0.1:9"  # nothing listens there
+    assert_error(chat(api, key, ckpt), 503, "unavailable", "stopped answering")
+    assert inference.versions == [1, 1]  # asked again after the first try failed
+    inference.serving = inference.url
+    assert chat(api, key, ckpt).status_code == 200
+
+
+def test_a_kept_key_goes_after_its_seconds_and_a_kept_model_when_its_files_do(
+    api, settings, make_key, tiny_model_dir, inference, tmp_path
+):
+    key = make_key("loop")
+    run_id = submit(settings, tiny_model_dir)
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, folder)
+    ckpt = checkpoint(settings, run_id, folder)
+    assert chat(api, key, ckpt).status_code == 200
+    moved = shutil.move(folder, tmp_path / "elsewhere")
+    assert_error(chat(api, key, ckpt), 410, "gone", "files are gone")  # at once
+    shutil.move(moved, folder)
+    assert chat(api, key, ckpt).status_code == 200
+
+    with session_scope(settings.resolved_database_url) as session:
+        revoke_api_key(session, session.scalar(select(ApiKey.id)))
+    assert chat(api, key, ckpt).status_code == 200  # taken for up to KEY_TTL_S
+    kept = api.app.state.lookups.projects
+    later = kept.clock() + KEY_TTL_S
+    kept.clock = lambda: later
+    assert_error(chat(api, key, ckpt), 401, "unauthorized", "invalid API key")
+
+
+def test_a_run_is_served_from_the_weights_it_published_last(
+    api, settings, make_key, tiny_model_dir, inference
+):
+    key = make_key("loop")
+    run_id = submit(settings, tiny_model_dir)
+    publish(settings, run_id, tiny_model_dir, step=1)
+    assert chat(api, key, run_id).status_code == 200
+    publish(settings, run_id, tiny_model_dir, step=2)
+    assert chat(api, key, run_id).status_code == 200
+    assert inference.versions == [1, 2]  # the newer weights, asked for at once

@@ -39,6 +39,9 @@ class ServedModel:
     version: int  # the run step its weights are from
     run_id: str
     created: datetime
+    # A checkpoint's folders (its own, and a LoRA one's merged model): while they are there, it
+    # is what it was (service/serving/lookups.py keeps it a few seconds).
+    folders: tuple[str, ...] = ()
 
 
 def _unknown(name: str) -> NotFound:
@@ -69,7 +72,8 @@ def _checkpoint(session: Session, settings: Settings, project: Project, name: st
     path = ckpt.path
     if ckpt.kind == CheckpointKind.LORA_ADAPTER:
         path = merged_source(session, settings, ckpt)
-    return ServedModel(name, path, ckpt.step, run.id, ckpt.created_at)
+    folders = tuple(dict.fromkeys((ckpt.path, path)))
+    return ServedModel(name, path, ckpt.step, run.id, ckpt.created_at, folders)
 
 
 def _run(session: Session, settings: Settings, project: Project, name: str) -> ServedModel:

@@ -2,7 +2,8 @@
 and POST /v1/completions, with the project's API key, so the official SDK works with only its
 base_url and api_key changed.
 
-The API authenticates, resolves `model` for the project (service/serving/models.py), routes to
+The API authenticates, resolves `model` for the project (service/serving/models.py; a key and a
+checkpoint seen in the last seconds are not looked up again: lookups.py), routes to
 an inference worker holding it (routing.py) and relays the request to vLLM's own OpenAI server
 there, as it came, and vLLM's answer back as it comes: its fields, its errors (OpenAI's shape,
 with their 4xx statuses), its server-sent events. Only a request with metadata.gvpo_episode is
@@ -10,16 +11,18 @@ read on the way (recording.py), to record the exact ids and give each choice its
 """
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
+from service.deps import PathId, ProjectDep, RecentProjectDep, SessionDep, SettingsDep
 from service.errors import BadRequest, ServiceUnavailable
+from service.models import Project
+from service.serving.lookups import Lookups
 from service.serving.models import OWNER, ServedModel, listed, resolve
 from service.serving.recording import Recorder, episode_of
 from service.serving.routing import Router
@@ -27,6 +30,7 @@ from service.serving.routing import Router
 router = APIRouter(prefix="/v1", tags=["inference"])
 
 SSE = "text/event-stream"
+JSON_BODY = {"Content-Type": "application/json"}
 
 
 def _model_object(model: ServedModel) -> dict[str, Any]:
@@ -55,23 +59,23 @@ def get_model(
 
 @router.post("/chat/completions")
 async def chat_completions(
-    request: Request, session: SessionDep, project: ProjectDep, settings: SettingsDep
+    request: Request, project: RecentProjectDep, settings: SettingsDep
 ) -> Response:
     """vLLM's chat completions for the project's model (OpenAI's request and answer)."""
-    return await _relay(request, "/v1/chat/completions", session, project, settings)
+    return await _relay(request, "/v1/chat/completions", project, settings)
 
 
 @router.post("/completions")
 async def completions(
-    request: Request, session: SessionDep, project: ProjectDep, settings: SettingsDep
+    request: Request, project: RecentProjectDep, settings: SettingsDep
 ) -> Response:
     """vLLM's text completions for the project's model (OpenAI's request and answer)."""
-    return await _relay(request, "/v1/completions", session, project, settings)
+    return await _relay(request, "/v1/completions", project, settings)
 
 
-async def _body(request: Request) -> dict[str, Any]:
+def _body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except ValueError as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -83,11 +87,12 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _relay(request: Request, path: str, session, project, settings) -> Response:
-    body = await _body(request)
+async def _relay(request: Request, path: str, project: Project, settings) -> Response:
+    raw = await request.body()  # passed on as it came, unless recorded
+    body = _body(raw)
     episode = episode_of(body)
-    model = await run_in_threadpool(resolve, session, settings, project, body["model"])
-    session.close()  # no database connection held while the model generates
+    lookups: Lookups = request.app.state.lookups
+    model = await lookups.model(project, body["model"])
     router_: Router = request.app.state.serving
     recorder = None
     if episode is not None:
@@ -99,14 +104,12 @@ async def _relay(request: Request, path: str, session, project, settings) -> Res
             show_ids=bool(body.get("return_token_ids")),
         )
         body["return_token_ids"] = True
+        raw = json.dumps(body).encode()
     for attempt in range(2):  # a server unloaded or restarted since the route was cached
         route = await router_.route(model)
         try:
-            upstream = await router_.client.send(
-                router_.client.build_request("POST", route.url + path, json=body),
-                stream=True,
-            )
-        except httpx.TransportError:
+            upstream = await router_.relay().post(route.url + path, data=raw, headers=JSON_BODY)
+        except aiohttp.ClientError:
             router_.forget(model.name)
             if attempt:
                 raise ServiceUnavailable(
@@ -119,45 +122,61 @@ async def _relay(request: Request, path: str, session, project, settings) -> Res
     return await _answer(upstream, recorder)
 
 
-async def _answer(upstream: httpx.Response, recorder: Recorder | None) -> Response:
-    streamed = upstream.headers.get("content-type", "").startswith(SSE)
-    if not streamed or upstream.status_code >= 400:
-        content = await upstream.aread()
-        await upstream.aclose()
-        if recorder is None or upstream.status_code >= 400:
-            return Response(
-                content,
-                status_code=upstream.status_code,
-                media_type=upstream.headers.get("content-type"),
-            )
+async def _answer(upstream: aiohttp.ClientResponse, recorder: Recorder | None) -> Response:
+    content_type = upstream.headers.get("Content-Type")
+    if not (content_type or "").startswith(SSE) or upstream.status >= 400:
+        try:
+            content = await upstream.read()
+        finally:
+            upstream.release()
+        if recorder is None or upstream.status >= 400:
+            return Response(content, status_code=upstream.status, media_type=content_type)
         answer = recorder.whole(json.loads(content))
         await run_in_threadpool(recorder.store)
         return JSONResponse(answer)
     if recorder is None:
-        return StreamingResponse(
-            upstream.aiter_raw(), media_type=SSE, background=BackgroundTask(upstream.aclose)
-        )
-    return StreamingResponse(
-        _recorded_events(upstream, recorder),
-        media_type=SSE,
-        background=BackgroundTask(upstream.aclose),
-    )
+        return StreamingResponse(_passed(upstream), media_type=SSE)
+    return StreamingResponse(_recorded_events(upstream, recorder), media_type=SSE)
 
 
-async def _recorded_events(upstream: httpx.Response, recorder: Recorder):
+async def _passed(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """vLLM's bytes, each read passed on as it comes."""
+    try:
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    finally:
+        upstream.release()  # closes the connection unless the answer was read to its end
+
+
+async def _lines(upstream: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The answer's lines without their ends, however long (aiohttp's own readline has a
+    limit that an event with a long prompt's token ids could pass)."""
+    rest = b""
+    async for chunk in upstream.content.iter_any():
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
+    if rest:
+        yield rest.rstrip(b"\r").decode()
+
+
+async def _recorded_events(upstream: aiohttp.ClientResponse, recorder: Recorder):
     """vLLM's events with each chunk's choices given their completion ids; the completions are
     stored when the stream has ended, before its closing [DONE]."""
-    async for line in upstream.aiter_lines():
-        if not line.startswith("data: "):
-            continue
-        data = line[len("data: ") :]
-        if data.strip() == "[DONE]":
-            await run_in_threadpool(recorder.store)
-            yield b"data: [DONE]\n\n"
-            continue
-        try:
-            event = json.loads(data)
-        except ValueError:
-            yield f"{line}\n\n".encode()
-            continue
-        yield f"data: {json.dumps(recorder.chunk(event))}\n\n".encode()
+    try:
+        async for line in _lines(upstream):
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data.strip() == "[DONE]":
+                await run_in_threadpool(recorder.store)
+                yield b"data: [DONE]\n\n"
+                continue
+            try:
+                event = json.loads(data)
+            except ValueError:
+                yield f"{line}\n\n".encode()
+                continue
+            yield f"data: {json.dumps(recorder.chunk(event))}\n\n".encode()
+    finally:
+        upstream.release()
