@@ -180,12 +180,14 @@ def wait_served(url: str, key: str, model: str) -> float:
 def start_peer(settings, name: str, folder: str, log_dir: Path):
     """vLLM's own server on the folder, as our inference worker would start it."""
     from workers.serving.vllm_server import VLLMServer
-    from workers.serving.worker import _device_options
+    from workers.serving.worker import _device_options, _gpu_bytes
 
-    options = dataclasses.replace(_device_options(settings, secrets.token_hex(16)), log_dir=log_dir)
-    if options.gpu_memory_utilization is not None:  # ours already holds its share of the GPU
+    if _gpu_bytes() is not None:  # ours already holds its share of the GPU
         sys.exit("bench/serving.py runs on CPU machines: both servers would claim the same GPU")
-    server = VLLMServer(name, Path(folder), options)
+    options = dataclasses.replace(
+        _device_options(settings, secrets.token_hex(16), None), log_dir=log_dir
+    )
+    server = VLLMServer(name, Path(folder), options, need=0)  # need: a GPU's share; none here
     started = time.monotonic()
     server.start(LOAD_TIMEOUT_S)
     return server, time.monotonic() - started
