@@ -83,15 +83,14 @@ def _run(session: Session, settings: Settings, project: Project, name: str) -> S
     run = session.get(Run, name)
     if run is None or run.project_id != project.id:
         raise _unknown(name)
-    publishing = run_spec(run).serving.sync_every_steps > 0
-    if publishing:
+    if run.serving_asked_at is None and run.status not in TERMINAL and _publishing(run):
         _ask_for(session, run)
     ckpt = _newest_checkpoint(session, run)
     if ckpt is not None and (run.weights_step is None or ckpt.step > run.weights_step):
         served = _checkpoint(session, settings, project, ckpt.id)
         return ServedModel(name, served.path, ckpt.step, run.id, run.created_at)
     if run.weights_path is None:
-        if not publishing:
+        if not _publishing(run):
             raise Conflict(
                 f"run {name} publishes no weights (its serving.sync_every_steps is 0) and has "
                 "no checkpoint yet: serve it once it has one"
@@ -109,16 +108,20 @@ def _run(session: Session, settings: Settings, project: Project, name: str) -> S
     return ServedModel(name, run.weights_path, run.weights_step or 0, run.id, run.created_at)
 
 
+def _publishing(run: Run) -> bool:
+    """Whether the run publishes weights at all (its spec is read only when this matters)."""
+    return run_spec(run).serving.sync_every_steps > 0
+
+
 def _ask_for(session: Session, run: Run) -> None:
     """Note that the run's model is wanted: from now on it publishes its weights."""
-    if run.serving_asked_at is None and run.status not in TERMINAL:
-        session.execute(
-            update(Run)
-            .where(Run.id == run.id, Run.serving_asked_at.is_(None))
-            .values(serving_asked_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        session.commit()
+    session.execute(
+        update(Run)
+        .where(Run.id == run.id, Run.serving_asked_at.is_(None))
+        .values(serving_asked_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
 
 
 def _newest_checkpoint(session: Session, run: Run) -> Checkpoint | None:
