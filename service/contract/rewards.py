@@ -1,5 +1,6 @@
-"""A run spec's `reward` (RewardSpec): a built-in verifier, a webhook to a reward model, or a
-weighted sum of those; and the built-in rewards' names and parameters.
+"""A run spec's `reward` (RewardSpec): a built-in verifier, a webhook to a reward model, one of
+OpenAI's graders (service/contract/graders.py), or a weighted sum of those; and the built-in
+rewards' names and parameters.
 
 The names and parameter models are the contract: a spec is checked against them when it is
 submitted (the API), and the worker's verifiers (workers/rewards/builtin.py) implement exactly
@@ -12,6 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from service.contract.graders import (
+    CodeTestsGrader,
+    MultiGrader,
+    PythonGrader,
+    ScoreModelGrader,
+    StringCheckGrader,
+    TextSimilarityGrader,
+)
 from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_PATTERNS, MAX_TEXT, Strict, params_of
 
 
@@ -134,18 +143,71 @@ class WeightedWebhook(WebhookReward, _Weighted):
     pass
 
 
+class WeightedStringCheck(StringCheckGrader, _Weighted):
+    pass
+
+
+class WeightedTextSimilarity(TextSimilarityGrader, _Weighted):
+    pass
+
+
+class WeightedScoreModel(ScoreModelGrader, _Weighted):
+    pass
+
+
+class WeightedPython(PythonGrader, _Weighted):
+    pass
+
+
+class WeightedCodeTests(CodeTestsGrader, _Weighted):
+    pass
+
+
+class WeightedMulti(MultiGrader, _Weighted):
+    pass
+
+
+Component = Annotated[
+    WeightedBuiltin
+    | WeightedWebhook
+    | WeightedStringCheck
+    | WeightedTextSimilarity
+    | WeightedScoreModel
+    | WeightedPython
+    | WeightedCodeTests
+    | WeightedMulti,
+    Field(discriminator="type"),
+]
+
+
 class CompositeReward(Strict):
     """A weighted sum of rewards; each component is also reported as reward/<label>/mean."""
 
     type: Literal["composite"]
-    components: list[Annotated[WeightedBuiltin | WeightedWebhook, Field(discriminator="type")]] = (
-        Field(min_length=1, max_length=32)
-    )
+    components: list[Component] = Field(min_length=1, max_length=32)
 
     def labels(self) -> list[str]:
-        """Each component's metric label: its own, else its reward name (numbered if repeated)."""
-        names = [c.label or c.name for c in self.components]
+        """Each component's metric label: its own, else its reward's (a grader's name, a
+        built-in's name, "webhook"), numbered if repeated."""
+        names = [c.label or _reward_label(c) for c in self.components]
         return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
 
 
-RewardSpec = Annotated[BuiltinReward | WebhookReward | CompositeReward, Field(discriminator="type")]
+def _reward_label(reward: Any) -> str:
+    if isinstance(reward, BuiltinReward | WebhookReward):
+        return reward.name
+    return reward.name or reward.type
+
+
+RewardSpec = Annotated[
+    BuiltinReward
+    | WebhookReward
+    | StringCheckGrader
+    | TextSimilarityGrader
+    | ScoreModelGrader
+    | PythonGrader
+    | CodeTestsGrader
+    | MultiGrader
+    | CompositeReward,
+    Field(discriminator="type"),
+]
