@@ -65,7 +65,8 @@ def load_groups(rows: list[dict], renderer: Renderer) -> list[Group]:
             groups.append(_traffic_group(row, renderer.tokenizer, sources))
             continue
         if not is_chat_group(row):
-            example = Example(row["prompt"], answer)
+            item = {k: v for k, v in group_item(row).items() if k != "completions"}
+            example = Example(row["prompt"], answer, item=item)
             groups.append(Group(example, list(row["completions"]), row.get("rewards"), sources))
             continue
         example = Example("", answer, row["messages"], row.get("tools"), group_item(row))
@@ -226,7 +227,7 @@ def score_slots(
         for j, c in enumerate(rollouts[i].completions):
             if c.reward is not None:
                 rewards[i, j] = c.reward
-    return Scores(rewards, scored.components)
+    return Scores(rewards, scored.components, scored.errors)
 
 
 def environment_rewards(rollout: Rollout) -> list[float] | None:

@@ -9,10 +9,25 @@ from workers.data import Example
 from workers.rollout.base import Rollout
 
 
+@dataclass(frozen=True)
+class GradingErrors:
+    """Samples whose reward could not be graded (each then has reward 0): how many, and one
+    of their errors (kind and text) to show (reward/errors and a warning event each step)."""
+
+    count: int = 0
+    kind: str | None = None
+    detail: str | None = None
+
+    def __add__(self, other: "GradingErrors") -> "GradingErrors":
+        shown = self if self.count else other
+        return GradingErrors(self.count + other.count, shown.kind, shown.detail)
+
+
 @dataclass
 class Scores:
     rewards: torch.Tensor  # (G, k)
     components: dict[str, torch.Tensor] = field(default_factory=dict)  # label -> (G, k)
+    errors: GradingErrors = field(default_factory=GradingErrors)
 
 
 class Scorer(Protocol):
