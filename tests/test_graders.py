@@ -103,6 +103,15 @@ def test_a_template_error_is_that_samples_reward_zero_not_an_exception():
     assert [g.error for g in grades] == [None] + [GradeError.INVALID_VARIABLE] * 2
 
 
+@pytest.mark.parametrize(
+    "template", ["{{ 'x' * 10 ** 9 }}", "{{ [1] * 10 ** 8 }}", "{{ 9 ** 99999 }}"]
+)
+def test_a_template_that_would_make_a_huge_value_is_that_samples_error(template):
+    with pytest.raises(TemplateFailure) as failed:
+        Template(template).render(Sample.of("x"), {})
+    assert failed.value.error == GradeError.OTHER and "too big" in failed.value.detail
+
+
 # ---------------------------------------------------------------- string_check
 
 

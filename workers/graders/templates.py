@@ -1,9 +1,10 @@
 """Rendering a grader's `{{ }}` templates for one (sample, item).
 
-Templates render in the contract's sandboxed environment (service.contract.graders
-`template_environment`), with values shown as people who wrote them expect: a string as it is,
-anything else (a number, true/false, null, an object or a list) as JSON. `item.<field>` names
-the row's field even where a mapping has a method of that name (`item.items`, `item.values`).
+Templates render with the options of the contract's sandboxed environment (service.contract.
+graders `template_environment`), refusing besides a value too big to hold, and show values as
+people who wrote them expect: a string as it is, anything else (a number, true/false, null, an
+object or a list) as JSON. `item.<field>` names the row's field even where a mapping has a
+method of that name (`item.items`, `item.values`).
 
 A template that names a field the row (or the sample) lacks is that sample's error, never an
 exception out of grading: INVALID_VARIABLE, or SAMPLE_PARSE when it names `sample.output_json`
@@ -17,11 +18,13 @@ from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from service.contract.graders import template_environment
 from workers.graders.base import Grade, GradeError, Sample
 
 MAX_RENDERED = 1_000_000  # characters of one rendered template: more is the user's error
+MAX_EXPONENT = 10_000
 
 
 class TemplateFailure(Exception):
@@ -78,9 +81,34 @@ def as_text(value: Any) -> Any:
         return value
 
 
+class RenderingEnvironment(ImmutableSandboxedEnvironment):
+    """The contract's sandbox, which also refuses a `*` or `**` that would make a value too big
+    to hold (`{{ "x" * 10 ** 10 }}`): one sample's error, not a worker out of memory."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for items, times in ((left, right), (right, left)):
+                sized = isinstance(items, str | list | tuple) and isinstance(times, int)
+                if sized and len(items) * times > MAX_RENDERED:
+                    raise SecurityError(f"a value of {len(items) * times} items is too big")
+        if operator == "**" and isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"an exponent of {right} is too big")
+        return super().call_binop(context, operator, left, right)
+
+
 @cache
 def environment() -> jinja2.Environment:
-    return template_environment().overlay(finalize=as_text)
+    """Where templates render: the contract's environment's options, values shown by
+    as_text."""
+    contract = template_environment()
+    return RenderingEnvironment(
+        undefined=contract.undefined,
+        autoescape=contract.autoescape,
+        keep_trailing_newline=contract.keep_trailing_newline,
+        finalize=as_text,
+    )
 
 
 def _names_output_json(tree: nodes.Template) -> bool:
@@ -112,7 +140,7 @@ class Template:
 
     def render(self, sample: Sample, item: Mapping[str, Any]) -> str:
         """The template rendered for (sample, item); TemplateFailure says why it cannot be."""
-        if self.needs_json and not _is_json(sample.output_text):
+        if self.needs_json and sample.output_json is None and not _is_json(sample.output_text):
             raise TemplateFailure(
                 GradeError.SAMPLE_PARSE,
                 f"the template {self._shown()} names sample.output_json, and the completion is "
