@@ -1,7 +1,7 @@
 """Runs whose reward is one of OpenAI's graders, on the tiny model: a `multi` grader over a file
 where some rows lack the field a template names (their samples count as reward/errors and
-show in an event, and the run succeeds), and a re-scoring with a grader that reads the rows'
-fields again."""
+show in an event, and the run succeeds), a re-scoring with a grader that reads the rows'
+fields again, and what submission checks of a grader reward."""
 
 import pytest
 from rapidfuzz import fuzz
@@ -125,3 +125,19 @@ def test_a_rescore_with_a_grader_reads_the_rows_fields(settings, graded_run, api
             assert s.reward == pytest.approx(fuzz.ratio(s.completion, s.prompt + s.answer) / 100)
     events = stored(settings, RunEvent, graded_run, RunEvent.type == "reward.grader_errors")
     assert {e.data["purpose"] for e in events} == {"train", "eval", "rescore"}
+
+
+def test_a_graders_endpoint_must_be_one_the_worker_may_call(settings, tiny_model_dir):
+    cosine = {
+        "type": "text_similarity",
+        "input": "{{ sample.output_text }}",
+        "reference": "{{ item.answer }}",
+        "evaluation_metric": "cosine",
+        "embeddings": {"base_url": "http://127.0.0.1:9/v1", "model": "m"},
+    }
+    reward = {"type": "multi", "graders": {"near": cosine}, "calculate_output": "near"}
+    with pytest.raises(InvalidSpec) as refused:
+        submit(settings, tiny_model_dir, reward=reward)
+    (problem,) = refused.value.details["fields"]
+    assert problem["field"] == "reward.graders.near.embeddings.base_url"
+    assert "127.0.0.1" in problem["message"]
