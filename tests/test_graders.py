@@ -443,7 +443,7 @@ def test_a_chat_rows_completion_shows_its_tool_calls():
     assert plain.output_text == said and plain.output_tools == []
 
 
-def test_a_composite_weighs_a_grader_and_counts_its_errors(settings):
+def test_a_composite_weighs_graders_and_counts_each_failed_completion_once(settings):
     from service.contract.rewards import CompositeReward
     from workers.data import Example
     from workers.rewards.scoring import build_scorer
@@ -454,6 +454,7 @@ def test_a_composite_weighs_a_grader_and_counts_its_errors(settings):
             "type": "composite",
             "components": [
                 {**check("{{ item.answer }}"), "weight": 2.0},
+                {**check("{{ item.answer }}", "ne"), "label": "differs"},
                 {"type": "builtin", "name": "exact_match"},
             ],
         }
@@ -465,6 +466,7 @@ def test_a_composite_weighs_a_grader_and_counts_its_errors(settings):
         Rollout([], [Completion("a", [], "stop"), Completion("b", [], "stop")]),
     ]
     scores = scorer.score(1, examples, rollouts)
-    assert scores.rewards.tolist() == [[3.0, 0.0], [0.0, 0.0]]
-    assert set(scores.components) == {"string_check", "exact_match"}
+    assert scores.rewards.tolist() == [[3.0, 1.0], [0.0, 0.0]]
+    assert set(scores.components) == {"string_check", "differs", "exact_match"}
+    # the second group's completions failed in two components: each counts once
     assert scores.errors.count == 2 and scores.errors.kind == "invalid_variable_error"

@@ -223,11 +223,14 @@ def score_slots(
         step, [slots[i][0] for i in need], [rollouts[i] for i in need], purpose, groups=need
     )
     rewards[need] = scored.rewards
+    errors = scored.errors.placed(need, len(slots))
     for i in need:  # episodes the environment scored keep its reward
         for j, c in enumerate(rollouts[i].completions):
             if c.reward is not None:
                 rewards[i, j] = c.reward
-    return Scores(rewards, scored.components, scored.errors)
+                if errors.failed is not None:
+                    errors.failed[i, j] = False
+    return Scores(rewards, scored.components, errors)
 
 
 def environment_rewards(rollout: Rollout) -> list[float] | None:

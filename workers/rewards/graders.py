@@ -50,11 +50,13 @@ def sample_of(example: Example, completion: Completion) -> Sample:
     return Sample.of(completion.text)
 
 
-def errors_of(grades: list[Grade]) -> GradingErrors:
+def errors_of(grades: list[Grade], k: int) -> GradingErrors:
+    """The failed grades of G groups of k completions, in order."""
     failed = [g for g in grades if g.error is not None]
     if not failed:
         return GradingErrors()
-    return GradingErrors(len(failed), str(failed[0].error), failed[0].detail)
+    mask = torch.tensor([g.error is not None for g in grades]).view(-1, k)  # (G, k)
+    return GradingErrors(mask, str(failed[0].error), failed[0].detail)
 
 
 def checked(grade: Grade) -> Grade:
@@ -89,7 +91,7 @@ class GraderScorer:
             name: torch.tensor([g.sub_rewards.get(name, 0.0) for g in grades]).view(-1, k)
             for name in names
         }
-        return Scores(rewards.view(len(rollouts), k), parts, errors_of(grades))  # (G, k)
+        return Scores(rewards.view(len(rollouts), k), parts, errors_of(grades, k))  # (G, k)
 
 
 def record_errors(recorder, step: int, errors: GradingErrors, samples: int, purpose: str) -> None:

@@ -57,7 +57,9 @@ class CompositeScorer:
         total = sum(
             w * components[label] for w, label in zip(self.weights, self.labels, strict=True)
         )
-        errors = sum((s.errors for s in scored.values()), GradingErrors())
+        errors = GradingErrors()
+        for part in scored.values():
+            errors |= part.errors
         return Scores(total, components, errors)
 
 
