@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Small models on 2 cores run 10-40x faster single-threaded.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test docs bench bench-serving bench-algorithms install install-dev install-gpu services clean
+.PHONY: demo test docs bench bench-serving bench-algorithms install install-dev install-gpu services wordnet clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,15 @@ demo: install
 services:
 	bash .ci/ensure-services
 
+# WordNet 3.0 for text_similarity's meteor metric, from the system's packages (which `services`
+# installs), laid out for nltk inside the venv (workers/graders/wordnet.py).
+wordnet: install services
+	$(BIN)/python -m workers.graders.wordnet
+
 # Two processes, each taking whole test files (a file's module-scoped servers and engines start
 # once): most of a test's time is spent waiting on the worker processes it starts.
 TEST_PROCESSES ?= 2
-test: install-dev services
+test: install-dev services wordnet
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 # The manual as a site in site/ (mkdocs.yml); strict, so a broken link or anchor fails the build.

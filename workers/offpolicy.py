@@ -65,7 +65,8 @@ def load_groups(rows: list[dict], renderer: Renderer) -> list[Group]:
             groups.append(_traffic_group(row, renderer.tokenizer, sources))
             continue
         if not is_chat_group(row):
-            example = Example(row["prompt"], answer)
+            item = {k: v for k, v in group_item(row).items() if k != "completions"}
+            example = Example(row["prompt"], answer, item=item)
             groups.append(Group(example, list(row["completions"]), row.get("rewards"), sources))
             continue
         example = Example("", answer, row["messages"], row.get("tools"), group_item(row))
@@ -222,11 +223,14 @@ def score_slots(
         step, [slots[i][0] for i in need], [rollouts[i] for i in need], purpose, groups=need
     )
     rewards[need] = scored.rewards
+    errors = scored.errors.placed(need, len(slots))
     for i in need:  # episodes the environment scored keep its reward
         for j, c in enumerate(rollouts[i].completions):
             if c.reward is not None:
                 rewards[i, j] = c.reward
-    return Scores(rewards, scored.components)
+                if errors.failed is not None:
+                    errors.failed[i, j] = False
+    return Scores(rewards, scored.components, errors)
 
 
 def environment_rewards(rollout: Rollout) -> list[float] | None:

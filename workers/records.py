@@ -104,6 +104,11 @@ class RunRecorder(Claiming):
             )
 
     @_retrying
+    def project_id(self) -> str:
+        with session_scope(self.url) as session:
+            return session.scalar(select(Run.project_id).where(Run.id == self.run_id))
+
+    @_retrying
     def webhook_secret(self) -> str:
         """The run's current secret in clear, read per request: a rotation applies at once."""
         with session_scope(self.url) as session:
@@ -189,7 +194,7 @@ class RunRecorder(Claiming):
                 Sample,
                 sample_rows,
                 ["run_id", "step", "group_index", "sample_index"],
-                ["prompt", "completion", "answer", "reward", "source", "episode"],
+                ["prompt", "completion", "answer", "reward", "source", "episode", "row"],
             )
             run = session.get(Run, self.run_id)
             if run.step < step:  # a replayed step does not count its tokens twice

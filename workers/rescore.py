@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 from sqlalchemy import func, or_, select, update
 
 from service.config import Settings
+from service.contract.chat import is_chat, row_item
 from service.contract.events import EventLevel, EventType
 from service.contract.files import FilePurpose, common_fields, write_rows
 from service.contract.groups import POLICY, group_problem
@@ -30,6 +31,7 @@ from workers.data import Example
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat
 from workers.records import RunRecorder
+from workers.rewards.graders import grading_context, record_errors
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Completion, Rollout, Turn
@@ -188,7 +190,9 @@ def _rescore(settings: Settings, recorder: RescoreRecorder, rescore: Rescore) ->
     """Score every step after the last one applied; returns the file of re-scored groups."""
     run_recorder = RunRecorder(settings, rescore.run_id, recorder.worker_id)
     context = WebhookContext.of_run(settings, run_recorder, batch_tag=f"rescore{rescore.number}s")
-    scorer = build_scorer(REWARD.validate_python(rescore.reward), context)
+    grading = grading_context(settings, run_recorder)
+    scorer = build_scorer(REWARD.validate_python(rescore.reward), context, grading)
+    stored = StoredRows(settings, run_recorder)
     with session_scope(settings.resolved_database_url) as session:
         steps = session.scalars(
             select(Sample.step)
@@ -197,15 +201,48 @@ def _rescore(settings: Settings, recorder: RescoreRecorder, rescore: Rescore) ->
             .order_by(Sample.step)
         ).all()
     for step in steps:
-        ids, old, examples, rollouts = _step_groups(settings, rescore.run_id, step)
-        new = scorer.score(step, examples, rollouts, purpose="rescore").rewards  # (G, k)
-        recorder.apply(step, ids, old, new.flatten().tolist())
+        ids, old, examples, rollouts = _step_groups(settings, rescore.run_id, step, stored)
+        scores = scorer.score(step, examples, rollouts, purpose="rescore")
+        record_errors(run_recorder, step, scores.errors, len(ids), "rescore")
+        recorder.apply(step, ids, old, scores.rewards.flatten().tolist())  # (G, k) flattened
     return _export(settings, rescore)
 
 
-def _step_groups(settings: Settings, run_id: str, step: int):
+class StoredRows:
+    """The examples of stored samples, as the run's scorer had them: a sample keeps the index
+    of its prompt's row in the run's training file (read once, when first needed), so it gets
+    the row's fields as its `item` and a chat row's messages and tools again. A sample with no
+    row (an off-policy group's), or of a run whose file is gone, has its prompt, and its answer
+    as its item's only field (the run's answer field)."""
+
+    def __init__(self, settings: Settings, recorder: RunRecorder) -> None:
+        with session_scope(settings.resolved_database_url) as session:
+            self.dataset = session.get(Run, recorder.run_id).spec["dataset"]
+        self.recorder, self._rows = recorder, None
+
+    def rows(self) -> list[dict]:
+        if self._rows is None:
+            try:
+                self._rows = self.recorder.dataset_rows("train_file", self.dataset["train_file"])
+            except RunError:
+                self._rows = []
+        return self._rows
+
+    def example(self, sample) -> Example:
+        """`sample`: a row of samples' prompt, answer, episode and row columns."""
+        played = sample.episode and sample.episode["prompt_messages"]  # an episode's prompt
+        if sample.row is not None and sample.row < len(rows := self.rows()):
+            row = rows[sample.row]
+            messages = played or (row["messages"] if is_chat(row) else None)
+            tools = row.get("tools") if is_chat(row) else None
+            return Example(sample.prompt, sample.answer, messages, tools, row_item(row), sample.row)
+        item = {} if sample.answer is None else {self.dataset["answer_field"]: sample.answer}
+        return Example(sample.prompt, sample.answer, played, item=item)
+
+
+def _step_groups(settings: Settings, run_id: str, step: int, stored: StoredRows):
     """A step's samples as the scorer takes them: sample ids and rewards in group order, and
-    each group's example and completions."""
+    each group's example (`stored` says how) and completions."""
     with session_scope(settings.resolved_database_url) as session:
         rows = session.execute(
             select(
@@ -216,6 +253,7 @@ def _step_groups(settings: Settings, run_id: str, step: int):
                 Sample.completion,
                 Sample.reward,
                 Sample.episode,
+                Sample.row,
             )
             .where(Sample.run_id == run_id, Sample.step == step)
             .order_by(Sample.group_index, Sample.sample_index)
@@ -225,10 +263,7 @@ def _step_groups(settings: Settings, run_id: str, step: int):
         groups[row.group_index].append(row)
     ordered = [row for group in groups.values() for row in group]
     # An episode is re-scored on its final conversation: the prompt's messages and every turn.
-    examples = [
-        Example(g[0].prompt, g[0].answer, g[0].episode and g[0].episode["prompt_messages"])
-        for g in groups.values()
-    ]
+    examples = [stored.example(g[0]) for g in groups.values()]
     rollouts = [
         Rollout(prompt_ids=[], completions=[_recorded(r) for r in g]) for g in groups.values()
     ]

@@ -37,6 +37,7 @@ from workers.publish import WeightsPublisher, publishes, starts_as_its_model
 from workers.ranks import Ranks
 from workers.records import RunRecorder
 from workers.rewards.base import Scores
+from workers.rewards.graders import grading_context, record_errors
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Rollout, RolloutEngine
@@ -106,7 +107,11 @@ class RunLoop:
             self._initial_model() if resume else None,
         )
         webhooks = WebhookContext.of_run(self.settings, self.recorder)
-        self.scorer = build_scorer(spec.reward, webhooks) if self.lead else None
+        self.scorer = (
+            build_scorer(spec.reward, webhooks, grading_context(self.settings, self.recorder))
+            if self.lead
+            else None
+        )
         self.renderer = Renderer(self.tokenizer, self.engine_eos, spec.model.chat_template)
         self.episodes = episode_runner(
             self.settings, self.recorder, spec, self.engine, self.renderer, self.model
@@ -435,6 +440,7 @@ class RunLoop:
             record.metrics["time/environment_s"] = self.episodes.environment_s
             self.episodes.environment_s = 0.0
         self.recorder.record_step(step, record.metrics, record.samples, record.tokens_generated)
+        record_errors(self.recorder, step, scores.errors, len(record.samples), "train")
 
     def _publish_start(self) -> None:
         """The weights the run starts from, for serving: step 0's (a fresh run's model folder as
@@ -496,6 +502,7 @@ class RunLoop:
             scores = score_slots(self.scorer, step, slots, rollouts, purpose="eval")
             metrics = eval_metrics(scores.rewards, spec.pass_threshold, spec.pass_k)
             self.recorder.record_metrics(step, metrics)
+            record_errors(self.recorder, step, scores.errors, scores.rewards.numel(), "eval")
             if final:
                 self.recorder.event(
                     EventType.EVAL_FINAL,

@@ -7,7 +7,7 @@ Pure functions of what the step produced; the run loop hands the result to the r
 import math
 from dataclasses import dataclass
 
-from service.contract.metrics import REWARD_MEAN
+from service.contract.metrics import REWARD_ERRORS, REWARD_MEAN
 from workers.data import Example
 from workers.episodes import TRUNCATED
 from workers.learner.learner import LearnStats
@@ -51,6 +51,7 @@ def step_record(
     metrics = {
         REWARD_MEAN: rewards.mean().item(),
         "reward/std": rewards.std().item(),
+        REWARD_ERRORS: float(scores.errors.count),
         "loss": stats.loss,
         "kl/ref": stats.kl_ref,
         "logratio/mean": stats.logratio_mean,
@@ -83,6 +84,7 @@ def step_record(
             "reward": float(rewards[g, i]),
             "source": sources[g][i],
             "episode": episode_record(e, c),
+            "row": e.row,
         }
         for g, ((e, _), r) in enumerate(zip(slots, rollouts, strict=True))
         for i, c in enumerate(r.completions)

@@ -35,6 +35,8 @@ class EventType(StrEnum):
     ROLLOUT_FALLBACK = "rollout.fallback"
     ROLLOUT_LOGPROB_MISMATCH = "rollout.logprob_mismatch"
     REWARD_RETRY = "reward.retry"
+    # a step's samples that a grader could not grade (reward 0): how many, and one's error
+    REWARD_GRADER_ERRORS = "reward.grader_errors"
     ENVIRONMENT_RETRY = "environment.retry"
     EVAL_FINAL = "eval.final"
     CHECKPOINT_SAVED = "checkpoint.saved"

@@ -76,6 +76,10 @@ BUILTIN_REWARDS: dict[str, type[RewardParams]] = {
 }
 
 
+# The built-in rewards that compare a completion with its row's answer (dataset.answer_field).
+ANSWER_REWARDS = ("exact_match", "char_accuracy", "math_verify")
+
+
 def reward_params(name: str) -> type[RewardParams]:
     """The parameter model of the built-in reward `name`; ValueError naming the known ones."""
     try:
@@ -211,3 +215,14 @@ RewardSpec = Annotated[
     | CompositeReward,
     Field(discriminator="type"),
 ]
+
+
+def reads_answer(reward: Any) -> bool:
+    """Whether `reward` (a RewardSpec) reads the rows' answer field: a built-in that compares
+    with it, or a webhook (its requests carry the answer). A grader names the row's fields it
+    reads in its templates ({{ item.<field> }}) instead."""
+    parts = reward.components if isinstance(reward, CompositeReward) else [reward]
+    return any(
+        isinstance(p, WebhookReward) or (isinstance(p, BuiltinReward) and p.name in ANSWER_REWARDS)
+        for p in parts
+    )

@@ -24,6 +24,9 @@ class Sample(Base):
     # A multi-turn episode's turns and end (service/metrics/schemas.py EpisodeRead); None for
     # a single completion.
     episode: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The index of its prompt's row in the run's training file (None: an off-policy group's):
+    # a re-scoring grades with the row's fields again.
+    row: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # POLICY (sampled by the run) or an off-policy group's source
     source: Mapped[str] = mapped_column(String(64), server_default=POLICY, default=POLICY)
     # What re-scorings replaced, oldest first.

@@ -13,9 +13,10 @@ from gvpo_client.signing import new_secret
 from service.config import Settings
 from service.contract.events import EventType
 from service.contract.files import FilePurpose, numbered_rows
+from service.contract.graders import MultiGrader, ScoreModelGrader, TextSimilarityGrader
 from service.contract.groups import fit_problem
 from service.contract.outbound import unreachable, webhook_url_problem
-from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward
+from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, reads_answer
 from service.contract.spec import RunSpec
 from service.contract.states import NotifyState, RunStatus
 from service.contract.tasks import RUN_TASK
@@ -44,12 +45,13 @@ def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
             bad.append({"field": f"dataset.{kind}", "message": exc.message})
             continue
         # Chat rows hold their prompt in `messages`; their answer is optional (an environment
-        # or a reward webhook may score without one).
-        needed = (
-            [("prompt_field", ds.prompt_field), ("answer_field", ds.answer_field)]
-            if "messages" not in file.fields
-            else []
-        )
+        # or a reward webhook may score without one). Plain rows need an answer only for a
+        # reward that reads it (a grader reads the fields its templates name).
+        needed = []
+        if "messages" not in file.fields:
+            needed.append(("prompt_field", ds.prompt_field))
+            if reads_answer(spec.reward):
+                needed.append(("answer_field", ds.answer_field))
         bad += [
             {
                 "field": f"dataset.{attr}",
@@ -101,7 +103,7 @@ def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | Non
             for i, c in enumerate(reward.components)
             if isinstance(c, WebhookReward)
         ]
-    urls = [(f"{where}.url", hook.url) for where, hook in hooks]
+    urls = [(f"{where}.url", hook.url) for where, hook in hooks] + grader_urls(reward)
     if notify_url is not None:
         urls.append(("notify_url", notify_url))
     bad = [
@@ -117,6 +119,27 @@ def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | Non
         ]
     if bad:
         raise InvalidSpec(bad)
+
+
+def grader_urls(reward: RewardSpec) -> list[tuple[str, str]]:
+    """(field, URL) of every endpoint the reward's graders call: a text_similarity grader's
+    embeddings, a score_model grader's base_url (in a composite, and in a multi grader)."""
+    parts = [("reward", reward)]
+    if isinstance(reward, CompositeReward):
+        parts = [(f"reward.components.{i}", c) for i, c in enumerate(reward.components)]
+    graders = []
+    for where, part in parts:
+        if isinstance(part, MultiGrader):
+            graders += [(f"{where}.graders.{name}", g) for name, g in part.graders.items()]
+        else:
+            graders.append((where, part))
+    urls = []
+    for where, grader in graders:
+        if isinstance(grader, TextSimilarityGrader) and grader.embeddings is not None:
+            urls.append((f"{where}.embeddings.base_url", grader.embeddings.base_url))
+        if isinstance(grader, ScoreModelGrader) and grader.base_url is not None:
+            urls.append((f"{where}.base_url", grader.base_url))
+    return urls
 
 
 def _stored_spec(spec: RunSpec) -> dict[str, Any]:
