@@ -15,6 +15,7 @@ import math
 import os
 import selectors
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 HARNESS_DIR = Path(__file__).parent / "harness"
 START_S = 30.0  # for the sandbox and its interpreter to start (a loaded machine is slow)
 GRACE_S = 2.0  # past a request's own time limit, before the sandbox is killed
+CLOSE_S = 0.5  # for a harness to exit once its requests end
 MAX_LINE = 64 * 1024 * 1024  # bytes of one answer
 MIN_PER_SANDBOX = 16  # items: fewer share one sandbox rather than start another
 
@@ -129,7 +131,13 @@ class SandboxSession:
         return self._read_line(deadline)
 
     def close(self) -> None:
+        """End the harness: its requests end, so it exits (killed if it has not in
+        CLOSE_S: the code left a thread running, say)."""
         self.selector.close()
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(CLOSE_S)
         stop(self.proc)
 
     def _die(self, killed_for: str | None) -> SandboxDied:
@@ -139,7 +147,7 @@ class SandboxSession:
     def _returncode(self) -> int | None:
         try:
             return self.proc.wait(GRACE_S)
-        except Exception:
+        except subprocess.TimeoutExpired:
             stop(self.proc)
             return None
 
