@@ -25,6 +25,8 @@ from workers.graders.python import PythonSandboxGrader
 from workers.graders.sandboxed import hidden_paths
 from workers.sandbox import SandboxUnavailable
 
+from services import process_tree
+
 TIMEOUT_S = 1.5
 SECRET = "the service's secret"
 HOSTILE = """
@@ -129,9 +131,11 @@ NORMAL = (Sample.of("42"), {"answer": "42"})
 
 def attack(grader: PythonSandboxGrader, item: dict) -> Grade:
     """Grade the attack between two normal pairs, in one batch: the attack is refused or
-    killed (reward 0, an error), the normal pairs around it are graded right; then a normal
-    pair alone, in a new batch."""
+    killed (reward 0, an error), the normal pairs around it are graded right, no process of
+    the sandboxes is left; then a normal pair alone, in a new batch."""
+    ours = process_tree(os.getpid())
     before, hostile, after = grader.grade([NORMAL, (Sample.of("x"), item), NORMAL])
+    assert process_tree(os.getpid()) == ours
     assert (before, after) == (Grade(1.0), Grade(1.0))
     assert hostile.reward == 0.0 and hostile.error is not None, hostile
     assert grader.grade([NORMAL]) == [Grade(1.0)]  # the worker is healthy
@@ -320,6 +324,25 @@ def grade(sample, item):
 """
     grader = PythonSandboxGrader(spec(source))
     assert [g.reward for g in grader.grade([NORMAL] * 3)] == [11.0, 22.0, 33.0]
+
+
+def test_a_grading_whose_sandbox_died_of_what_came_before_is_graded_again_alone():
+    """Every third grading in a sandbox ends it (the grader's own state, not the pair): each
+    such pair is graded again in a fresh sandbox, where it is the first, and gets its reward."""
+    source = """
+import os
+count = 0
+
+def grade(sample, item):
+    global count
+    count += 1
+    if count == 3:
+        os._exit(0)
+    return item["n"]
+"""
+    grader = PythonSandboxGrader(spec(source), workers=1)
+    grades = grader.grade([(Sample.of(""), {"n": n}) for n in range(8)])
+    assert grades == [Grade(float(n)) for n in range(8)]
 
 
 def test_without_a_sandbox_the_grader_is_an_infrastructure_error():

@@ -126,7 +126,7 @@ class SandboxSession:
         """Send `request` and return the answer; SandboxDied when there is none within
         `timeout_s` (then the sandbox is killed) or the sandbox ended."""
         deadline = time.monotonic() + timeout_s
-        data = json.dumps(request, default=str, allow_nan=False).encode() + b"\n"
+        data = json.dumps(request, default=str).encode() + b"\n"
         self._write(data, deadline)
         return self._read_line(deadline)
 
