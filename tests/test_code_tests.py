@@ -181,6 +181,20 @@ def test_assert_tests_may_be_text_one_a_line(grader):
 
 # -- what a program cannot do to the grading -----------------------------------------------
 
+# Writes, where the sandbox's server answers the worker, an answer that says it passed. (The
+# server is not dumpable, so its /proc files are closed to the tests; under a root worker the
+# pipes, the worker's, would refuse a reopening by `nobody` anyway.)
+FORGE = """
+import json, os
+line = json.dumps({"status": "exit", "code": 0, "signal": None, "stdout": "3",
+                   "stdout_cut": False, "stderr": "", "result": "passed", "elapsed_s": 0.0})
+for fd in range(10):
+    try:
+        os.write(os.open(f"/proc/{os.getppid()}/fd/{fd}", os.O_WRONLY), line.encode() + b"\\n")
+    except OSError:
+        pass
+"""
+
 
 @pytest.mark.parametrize(
     "program",
@@ -189,8 +203,9 @@ def test_assert_tests_may_be_text_one_a_line(grader):
         "bytearray(10 * 1024**3)\n",
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
         "import os\nos.write(1, b'x' * (20 * 1024 * 1024))\n",
+        FORGE,
     ],
-    ids=["kills the sandbox", "10 GB", "fork bomb", "floods stdout"],
+    ids=["kills the sandbox", "10 GB", "fork bomb", "floods stdout", "forges an answer"],
 )
 def test_a_hostile_program_fails_and_the_samples_around_it_are_graded(grader, program):
     correct = (Sample.of(fenced(SOLUTIONS["sum correct"])), {"tests": SUM})

@@ -15,6 +15,7 @@ next test.
 """
 
 import contextlib
+import ctypes
 import json
 import math
 import os
@@ -31,6 +32,13 @@ MAX_RESULT = 8 * MB  # bytes of a call's JSON result kept
 MAX_STDERR = 2_000  # bytes of the end of its stderr kept
 RESULT_FD = 3  # where the child writes a call's result, or an assert's "passed"
 PASSED = b"passed"
+PR_SET_DUMPABLE = 4
+
+
+def _dumpable(flag):
+    """Whether other processes of the sandbox's user may open this one's /proc files (its
+    pipes among them) or trace it: never the server's, always a test's (/dev/stdin)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, int(flag), 0, 0, 0)
 
 
 def _pipes():
@@ -93,6 +101,7 @@ def _child(request, stdin_fd, out_w, err_w, res_w):
     status = 70
     try:
         os.setsid()  # one process group to kill
+        _dumpable(True)
         memory = request["memory_mb"] * MB
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         cpu = math.ceil(request["timeout_s"]) + 1
@@ -211,6 +220,7 @@ def _test(request):
 
 
 def main():
+    _dumpable(False)
     requests, answers = _pipes()
     _write_all(answers.fileno(), b'{"started": true}\n')
     for line in requests:
