@@ -251,6 +251,17 @@ def test_the_code_template_can_join_row_fields_and_the_completion():
     assert graded.reward == 1.0
 
 
+def test_the_code_tests_kind_is_registered_and_built_from_the_runs_settings(tmp_path):
+    from service.config import Settings
+    from workers.graders.base import BUILDERS, GradingContext
+
+    settings = Settings(data_dir=tmp_path / "data")
+    grader = BUILDERS["code_tests"](spec(), GradingContext(settings, "team-a"))
+    assert settings.resolved_data_dir in grader.hide
+    (graded,) = grader.grade([(Sample.of(fenced(SOLUTIONS["sum correct"])), {"tests": SUM})])
+    assert graded.reward == 1.0
+
+
 # -- the parts, without a sandbox ------------------------------------------------------------
 
 

@@ -345,6 +345,14 @@ def grade(sample, item):
     assert grades == [Grade(float(n)) for n in range(8)]
 
 
+def test_the_python_kind_is_registered_and_built_from_the_runs_settings(service):
+    from workers.graders.base import BUILDERS, GradingContext
+
+    grader = BUILDERS["python"](spec(HOSTILE), GradingContext(service, "team-a"))
+    assert service.resolved_data_dir in grader.hide
+    assert grader.grade([NORMAL]) == [Grade(1.0)]
+
+
 def test_without_a_sandbox_the_grader_is_an_infrastructure_error():
     with pytest.raises(SandboxUnavailable) as raised:
         PythonSandboxGrader(spec(HOSTILE), python="/no/such/python3")
