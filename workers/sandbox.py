@@ -3,8 +3,9 @@ calls, and any other code a run asks the worker to execute.
 
 What the code sees: the host's root file system read-only, minus the places where machines keep
 state, users' files and checkouts (HIDDEN, the service's data directory and the caller's `hide`
-list, each behind an empty 4 KiB tmpfs); a fresh /proc (only its own processes), a minimal
-/dev, and one writable place, a size-capped tmpfs at /tmp that is also its working directory.
+list, each behind an empty read-only tmpfs, or /dev/null for a file); a fresh /proc (only its
+own processes), a minimal /dev, and one writable place, a size-capped tmpfs at /tmp that is
+also its working directory.
 No network (a new, empty network namespace: not even loopback reaches the host), no inherited
 environment variables, no capabilities, no new user namespaces, its own session (no terminal
 to inject keystrokes into).
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from service.contract.environments import PythonToolParams
 from workers.errors import RunError
@@ -227,6 +228,9 @@ def bwrap_command(
     prefix = Path(python).resolve().parents[1]  # <prefix>/bin/python3.x
     if _under(prefix, hidden):
         argv += ["--ro-bind", str(prefix), str(prefix)]
+    for path in hidden:  # read-only too (after the prefix's mount point is made in one)
+        if path.is_dir():
+            argv += ["--remount-ro", str(path)]
     argv += ["--ro-bind-data", str(code_fd), CODE_PATH, "--chdir", SCRATCH, "--"]
     argv += [
         "prlimit",
@@ -315,6 +319,34 @@ def _outcome(
     return returncode, None, None
 
 
+def _popen(
+    code_file: IO[bytes],
+    limits: Limits,
+    stdin: IO[bytes] | int,
+    *,
+    data_dir: Path | None,
+    hide: Iterable[str | Path],
+    python: str | None,
+) -> subprocess.Popen:
+    """bwrap running the code in `code_file` under `limits`, as the sandbox's user, in a
+    process group of its own; its stdout and stderr are one pipe."""
+    argv = bwrap_command(
+        limits, code_file.fileno(), python=python or default_python(), data_dir=data_dir, hide=hide
+    )
+    user = _sandbox_user()
+    as_user = {} if user is None else {"user": user[0], "group": user[1], "extra_groups": []}
+    return subprocess.Popen(
+        argv,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=ENV,
+        pass_fds=(code_file.fileno(),),
+        start_new_session=True,  # one process group to kill
+        **as_user,
+    )
+
+
 def run_python(
     code: str,
     limits: Limits,
@@ -333,25 +365,7 @@ def run_python(
         code_file.seek(0)
         stdin_file.write(stdin.encode())
         stdin_file.seek(0)
-        argv = bwrap_command(
-            limits,
-            code_file.fileno(),
-            python=python or default_python(),
-            data_dir=data_dir,
-            hide=hide,
-        )
-        user = _sandbox_user()
-        as_user = {} if user is None else {"user": user[0], "group": user[1], "extra_groups": []}
-        proc = subprocess.Popen(
-            argv,
-            stdin=stdin_file,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=ENV,
-            pass_fds=(code_file.fileno(),),
-            start_new_session=True,  # one process group to kill
-            **as_user,
-        )
+        proc = _popen(code_file, limits, stdin_file, data_dir=data_dir, hide=hide, python=python)
     out = _Output(limits.max_output_chars)
     with proc:
         timed_out = _read(proc, out, started + limits.timeout_s)
@@ -367,6 +381,36 @@ def run_python(
     text, cut = out.text()
     exit_code, stopped, sig = _outcome(returncode, timed_out, text)
     return SandboxResult(exit_code, text, stopped, sig, time.monotonic() - started, cut)
+
+
+def start_python(
+    code: str,
+    limits: Limits,
+    *,
+    data_dir: Path | None = None,
+    hide: Iterable[str | Path] = (),
+    python: str | None = None,
+) -> subprocess.Popen:
+    """Start `code` in a new sandbox under `limits` (all but its wall time and output size,
+    which are the caller's to watch) and leave it running: a program to talk to through its
+    stdin and stdout pipes (stderr joins stdout). The caller ends it with stop()."""
+    with tempfile.TemporaryFile() as code_file:
+        code_file.write(code.encode())
+        code_file.seek(0)
+        return _popen(
+            code_file, limits, subprocess.PIPE, data_dir=data_dir, hide=hide, python=python
+        )
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """Kill a sandbox start_python() started, everything in it with it; its exit status."""
+    if proc.poll() is None:  # else its PID namespace, and all in it, ended with it
+        _kill(proc)
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+    return proc.wait()
 
 
 @cache
