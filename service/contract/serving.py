@@ -150,9 +150,9 @@ class Held:
 @dataclass(frozen=True)
 class Refusal:
     """An inference worker's answer other than 200: `gone` (410: the model's files are gone),
-    `failed` (502: it did not load), or `no_room` (another worker may have some)."""
+    `broken` (502: it did not load), or `no_room` (another worker may have some)."""
 
-    kind: Literal["gone", "failed", "no_room"]
+    kind: Literal["gone", "broken", "no_room"]
     message: str
 
 
@@ -164,5 +164,5 @@ def ensure_outcome(status: int, body: Any) -> Held | Refusal:
         message = body["error"]["message"]
     except (KeyError, TypeError):
         message = f"the inference worker answered {status}"
-    kind = {410: "gone", 502: "failed"}.get(status, "no_room")
+    kind = {410: "gone", 502: "broken"}.get(status, "no_room")
     return Refusal(kind, message)  # type: ignore[arg-type]

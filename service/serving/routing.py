@@ -126,7 +126,7 @@ class Router:
                 return Route(outcome.url, outcome.version, time.monotonic() + ROUTE_TTL_S)
             if outcome.kind == "gone":
                 raise Gone(outcome.message)
-            if outcome.kind == "failed":
+            if outcome.kind == "broken":
                 raise WorkerFailed(outcome.message)
             failure = outcome.message  # no room there: another worker may have some
         raise ServiceUnavailable(failure)
