@@ -117,7 +117,8 @@ def test_validate_answers_the_grader_or_names_each_problem(graded):
     ours = graded.http.post("/v1/graders:validate", json={"grader": {**STRING_CHECK, "x": 1}})
     assert ours.status_code == 422 and ours.json()["error"]["details"]["fields"]
 
-    for grader in (judge_grader(graded.ckpt), {**multi, "graders": judge_grader(graded.ckpt)}):
+    in_multi = {**multi, "graders": judge_grader(graded.ckpt), "calculate_output": "judge"}
+    for grader in (judge_grader(graded.ckpt), in_multi):
         with pytest.raises(openai.NotFoundError, match="no model"):  # another project's
             graded.other.fine_tuning.alpha.graders.validate(grader=grader)
         with pytest.raises(openai.NotFoundError, match="no model"):
@@ -214,4 +215,10 @@ def test_a_run_rewarded_by_our_own_judge_succeeds(graded, tiny_model_dir):
     assert run["status"] == "succeeded", run["error"]
     metrics = graded.http.get(f"/v1/runs/{run_id}/metrics").json()["metrics"]
     assert len(metrics["reward/mean"]) == 2
-    assert "reward/errors" in metrics
+    errors = [value for _, value in metrics["reward/errors"]]  # of 2 completions a step
+    assert len(errors) == 2 and all(0 <= e <= 2 for e in errors)
+    events = graded.http.get(f"/v1/runs/{run_id}/events").json()["data"]
+    noted = [e for e in events if e["type"] == "reward.grader_errors"]
+    assert len(noted) == sum(1 for e in errors if e)  # one per step with errors
+    for event in noted:
+        assert event["data"]["kind"] == "model_grader_parse_error", event

@@ -40,7 +40,7 @@ def answer_grade(settings: Settings, task: GradeTask) -> TaskAnswer:
             sub_rewards=grade.sub_rewards,
             token_usage=grade.token_usage,
             model=grade.model,
-            usage=grade.usage,
+            usage=grade.usage or _usage(grade),
             execution_time=time.perf_counter() - started,
         ).model_dump(mode="json")
     )
@@ -49,3 +49,10 @@ def answer_grade(settings: Settings, task: GradeTask) -> TaskAnswer:
 def _server_error(spec) -> GradeError:
     kinds = {spec.type, *(g.type for g in getattr(spec, "graders", {}).values())}
     return GradeError.PYTHON_SERVER if kinds & set(RUNS_CODE) else GradeError.OTHER
+
+
+def _usage(grade: Grade) -> dict[str, dict[str, int]]:
+    """Per model, for a grade that carries only a total (a grader that does not split it)."""
+    if grade.model is None or not grade.token_usage:
+        return {}
+    return {grade.model: {"total_tokens": grade.token_usage}}
