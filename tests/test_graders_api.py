@@ -4,7 +4,8 @@ stack's real processes: the API, a worker that grades, and an inference worker w
 server (the CPU build) serves a checkpoint of the tiny model as a judge. A fake
 OpenAI-compatible judge (tests/judge_server.py) answers chosen scores, fails first or always.
 
-The tiny model's judgements are noise: mostly no number, which must come back as
+In process, with no worker: what the API refuses before grading (a judge's URL that may not
+be called). The tiny model's judgements are noise: mostly no number, which must come back as
 model_grader_parse_error with reward 0 and the tokens it used, never as a failed request.
 """
 
@@ -14,11 +15,9 @@ import httpx
 import openai
 import pytest
 
-from factories import auth, copy_rows, upload, wait_for_run
+from factories import assert_error, auth, copy_rows, upload, wait_for_run
 from judge_server import COMPLETION_TOKENS, PROMPT_TOKENS, JudgeServer, Judging
 from services import cli, stack_settings, start_stack
-
-pytestmark = pytest.mark.slow
 
 LOAD_S = 600.0  # a model's first request: vLLM starts (tens of seconds on a loaded machine)
 TRAIN_S = 300.0
@@ -93,6 +92,7 @@ def sdk(stack, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{stack.url}/v1", api_key=key, timeout=LOAD_S, max_retries=0)
 
 
+@pytest.mark.slow
 def test_validate_answers_the_grader_or_names_each_problem(graded):
     graders = graded.sdk.fine_tuning.alpha.graders
     checked = graders.validate(grader=STRING_CHECK).grader
@@ -125,6 +125,7 @@ def test_validate_answers_the_grader_or_names_each_problem(graded):
             graded.other.fine_tuning.alpha.graders.run(grader=grader, model_sample="abc", item=ITEM)
 
 
+@pytest.mark.slow
 def test_a_judge_at_a_url_grades_one_sample(graded):
     replies = {"abc": '{"result": 0.8}', "abd": "I would say 0.3"}
     judging = Judging(answer=lambda m: replies[m[1]["content"].rsplit(" ", 1)[1]], key=KEY)
@@ -154,6 +155,7 @@ def test_a_judge_at_a_url_grades_one_sample(graded):
     assert ours.status_code == 200 and ours.json()["reward"] == 0.3
 
 
+@pytest.mark.slow
 def test_a_judge_is_retried_on_500_and_one_that_never_answers_is_a_server_error(graded):
     with JudgeServer(Judging(fail_first=2, scores=["1"])) as server:
         grader = judge_grader("fake-judge", base_url=server.url, max_attempts=3)
@@ -175,6 +177,7 @@ def test_a_judge_is_retried_on_500_and_one_that_never_answers_is_a_server_error(
     assert "HTTP 500" in errors.api_model_grader_server_error_details
 
 
+@pytest.mark.slow
 def test_our_own_checkpoint_judges_over_http(graded):
     """The tiny model, served by the inference worker, answers; what it says is noise: a
     score within range, or a parse error with reward 0, each with the tokens it used."""
@@ -195,6 +198,7 @@ def test_our_own_checkpoint_judges_over_http(graded):
             assert 0 <= result.reward <= 10
 
 
+@pytest.mark.slow
 def test_a_run_rewarded_by_our_own_judge_succeeds(graded, tiny_model_dir):
     """The judge in a run: the run's worker asks the inference worker for the checkpoint and
     grades every completion by it; the judge's parse errors are counted, not fatal."""
@@ -222,3 +226,22 @@ def test_a_run_rewarded_by_our_own_judge_succeeds(graded, tiny_model_dir):
     assert len(noted) == sum(1 for e in errors if e)  # one per step with errors
     for event in noted:
         assert event["data"]["kind"] == "model_grader_parse_error", event
+
+
+def test_a_judge_url_that_may_not_be_called_is_named(api, make_key):
+    """Checked in the API as a run's webhooks are (no worker needed: nothing is graded)."""
+    key = make_key()
+    url_judge = judge_grader("m", base_url="http://127.0.0.1:9/v1")
+    multi = {"type": "multi", "graders": {"j": url_judge}, "calculate_output": "j"}
+    for path, body in (
+        ("/v1/graders:validate", {"grader": url_judge}),
+        ("/v1/fine_tuning/alpha/graders/validate", {"grader": multi}),
+        ("/v1/graders:run", {"grader": url_judge, "model_sample": "a"}),
+    ):
+        error = assert_error(
+            api.post(path, headers=auth(key), json=body), 422, "invalid_request", "loopback"
+        )
+        assert error["details"]["fields"][0]["field"] in (
+            "grader.base_url",
+            "grader.graders.j.base_url",
+        )

@@ -15,12 +15,13 @@ router = APIRouter(prefix="/v1", tags=["graders"])
 @router.post("/graders:validate", response_model=GraderValidateResponse)
 @router.post("/fine_tuning/alpha/graders/validate", response_model=GraderValidateResponse)
 def validate(
-    body: GraderValidateRequest, session: SessionDep, project: ProjectDep
+    body: GraderValidateRequest, session: SessionDep, settings: SettingsDep, project: ProjectDep
 ) -> GraderValidateResponse:
     """Check a grader as a run would: its fields, templates (only `item` and `sample`) and
-    formula (422 naming each problem), and that the models of ours it names are this
-    project's (404). The answer is the grader with its defaults filled in."""
-    return service.validate(session, project, body)
+    formula, and that the URLs it would call may be called (422 naming each problem), and
+    that the models of ours it names are this project's (404). The answer is the grader with
+    its defaults filled in."""
+    return service.validate(session, settings, project, body)
 
 
 @router.post("/graders:run", response_model=GraderRunResponse)

@@ -1,22 +1,26 @@
 """Grading one sample, or checking a grader, outside a run.
 
-The API checks the grader (its schema, templates and formulas: the contract) and that every
-model of ours a score_model grader names is one of the caller's (404 otherwise, as serving
-says); to run it, it resolves those models as serving would (409 while a run has nothing to
-serve, 410 when the files are gone), then a worker grades (GRADE_TASK, workers/graders/
+The API checks the grader (its schema, templates and formulas: the contract), that the URLs
+it would call may be called (422, as a run's webhooks), and that every model of ours a
+score_model grader names is one of the caller's (404 otherwise, as serving says). To run
+it, it resolves those models as serving would (409 while a run has nothing to serve, 410
+when the files are gone), then a worker grades (GRADE_TASK, workers/graders/
 single.py) and the API waits for it, as for the loss dry run: 504 when no worker answers in
 time (GVPO_WORKER_ANSWER_TIMEOUT_S, plus GVPO_SERVE_LOAD_TIMEOUT_S when a judge of ours may
 have to load), 503 when the broker is down.
 """
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.contract.graders import MultiGrader, ScoreModelGrader
+from service.contract.graders import MultiGrader, ScoreModelGrader, TextSimilarityGrader
+from service.contract.outbound import webhook_url_problem
 from service.contract.serving import unknown
 from service.contract.tasks import DEFAULT_QUEUE, GRADE_TASK, GradeOutput, GradeTask
 from service.dispatch import ask_worker
-from service.errors import NotFound
+from service.errors import InvalidSpec, NotFound
 from service.graders.schemas import (
     GraderRunErrors,
     GraderRunMetadata,
@@ -35,10 +39,36 @@ DETAILS = {  # the error kinds whose text OpenAI's answer carries, and where
 }
 
 
+def _parts(grader) -> list[tuple[str, Any]]:
+    """(field, grader) of the grader and, for a multi grader, of each of its graders."""
+    if isinstance(grader, MultiGrader):
+        return [(f"grader.graders.{name}", g) for name, g in grader.graders.items()]
+    return [("grader", grader)]
+
+
 def served_judges(grader) -> list[str]:
     """The models of ours (ckpt_…, run_…) that the grader's score_model graders name."""
-    graders = grader.graders.values() if isinstance(grader, MultiGrader) else [grader]
-    return [g.model for g in graders if isinstance(g, ScoreModelGrader) and g.base_url is None]
+    return [
+        g.model for _, g in _parts(grader) if isinstance(g, ScoreModelGrader) and g.base_url is None
+    ]
+
+
+def check_urls(settings: Settings, grader) -> None:
+    """InvalidSpec naming each URL the grader would call (a judge's base_url, an embeddings
+    endpoint) that may not be called: checked as a run's webhooks are at submission."""
+    urls = []
+    for field, g in _parts(grader):
+        if isinstance(g, ScoreModelGrader) and g.base_url is not None:
+            urls.append((f"{field}.base_url", g.base_url))
+        if isinstance(g, TextSimilarityGrader) and g.embeddings is not None:
+            urls.append((f"{field}.embeddings.base_url", g.embeddings.base_url))
+    bad = [
+        {"field": field, "message": problem}
+        for field, url in urls
+        if (problem := webhook_url_problem(url, settings.webhook_allow_private))
+    ]
+    if bad:
+        raise InvalidSpec(bad)
 
 
 def check_judges(session: Session, project: Project, grader) -> None:
@@ -52,8 +82,9 @@ def check_judges(session: Session, project: Project, grader) -> None:
 
 
 def validate(
-    session: Session, project: Project, req: GraderValidateRequest
+    session: Session, settings: Settings, project: Project, req: GraderValidateRequest
 ) -> GraderValidateResponse:
+    check_urls(settings, req.grader)
     check_judges(session, project, req.grader)
     return GraderValidateResponse(grader=req.grader.model_dump(mode="json", exclude_none=True))
 
@@ -61,6 +92,7 @@ def validate(
 def run(
     session: Session, settings: Settings, project: Project, req: GraderRunRequest
 ) -> GraderRunResponse:
+    check_urls(settings, req.grader)
     judges = served_judges(req.grader)
     for name in judges:
         resolve(session, settings, project, name)  # 404, 409 or 410 as serving answers
