@@ -56,15 +56,22 @@ def enqueue(
 
 
 def ask_worker(
-    settings: Settings, task: str, payload: BaseModel, queue: str, what: str
+    settings: Settings,
+    task: str,
+    payload: BaseModel,
+    queue: str,
+    what: str,
+    extra_s: float = 0.0,
 ) -> dict[str, Any]:
     """Have a worker on `queue` run `task` on `payload` and return its result, waiting at most
-    settings.worker_answer_timeout_s. `what` names the request in errors ("the dry run").
+    settings.worker_answer_timeout_s, plus `extra_s` for a task that may wait for a model to
+    load (settings.serve_load_timeout_s: a grader's judge). `what` names the request in errors ("the
+    dry run").
 
     503 when the broker or result backend cannot be reached, 504 when no worker answered in
     time (the task expires then, so a worker that frees up later does not run it for nobody),
     the task's own problem as 409/422, and 502 when the worker broke on it."""
-    timeout = settings.worker_answer_timeout_s
+    timeout = settings.worker_answer_timeout_s + extra_s
     if result_backend_url(settings) is None:
         raise ServiceUnavailable(
             f"{what} needs a worker's answer, and no result backend is "
@@ -88,11 +95,13 @@ def ask_worker(
     try:
         raw = pending.get(timeout=timeout, interval=0.2, propagate=False)
     except ResultTimeout:
+        allowed = "GVPO_WORKER_ANSWER_TIMEOUT_S" + (
+            " + GVPO_SERVE_LOAD_TIMEOUT_S" if extra_s else ""
+        )
         raise GatewayTimeout(
-            f"no worker on queue {queue!r} answered {what} within {timeout:g} s "
-            "(GVPO_WORKER_ANSWER_TIMEOUT_S): each worker takes one task at a time, so one that "
-            "is training a run answers when the run has ended; start a worker on that queue, "
-            "or try again later",
+            f"no worker on queue {queue!r} answered {what} within {timeout:g} s ({allowed}): "
+            "each worker takes one task at a time, so one that is training a run answers when "
+            "the run has ended; start a worker on that queue, or try again later",
             {"queue": queue},
         ) from None
     except Exception as exc:  # the result backend went away while we waited

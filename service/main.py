@@ -19,6 +19,7 @@ from service.diagnostics.routes import router as diagnostics_router
 from service.edge import Edge
 from service.errors import ERROR_RESPONSES, ServiceError, classify, invalid_spec, unstorable
 from service.files.routes import router as files_router
+from service.graders.routes import router as graders_router
 from service.grpc_server import GrpcServer
 from service.health import router as health_router
 from service.metrics.routes import router as metrics_router
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checkpoints_router,
         rewards_router,
         diagnostics_router,
+        graders_router,
         offpolicy_router,
         rescores_router,
         states_router,

@@ -9,10 +9,12 @@ from celery import shared_task
 from service.config import get_settings
 from service.contract.tasks import (
     DRY_RUN_TASK,
+    GRADE_TASK,
     MERGE_TASK,
     RESCORE_TASK,
     RUN_TASK,
     DryRunTask,
+    GradeTask,
     MergeTask,
 )
 from workers.records import RunRecorder
@@ -52,6 +54,13 @@ def merge_task(payload: dict) -> dict:
     from workers.merge import merge_checkpoint
 
     return merge_checkpoint(MergeTask.model_validate(payload)).model_dump(mode="json")
+
+
+@shared_task(name=GRADE_TASK, ignore_result=False)
+def grade_task(payload: dict) -> dict:
+    from workers.graders.single import answer_grade
+
+    return answer_grade(get_settings(), GradeTask.model_validate(payload)).model_dump(mode="json")
 
 
 def _worker_id(task) -> str:

@@ -22,6 +22,15 @@ from workers.errors import RunError
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 
 
+def backoff(attempt: int, retry_after: float | None = None) -> float:
+    """Seconds to wait after failed try `attempt` (1, 2, ...): the server's Retry-After, else
+    exponential backoff with full jitter. A judge's retries (workers/graders/judge.py) wait
+    the same way."""
+    if retry_after is not None:
+        return retry_after
+    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
 class RunSide(Protocol):
     """What a call needs from its run (workers.rewards.webhook.WebhookContext has it)."""
 
@@ -57,9 +66,7 @@ class WebhookCaller:
                 raise RunError(f"{self.kind} {self.url} may not be called: {exc}") from None
             if attempt == tries:
                 break
-            delay = last.retry_after
-            if delay is None:
-                delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+            delay = backoff(attempt, last.retry_after)
             self.run.on_retry(
                 f"{self.kind} {self.url} answered {last.answer}; retry {attempt} of {tries - 1} "
                 f"in {delay:.1f} s",

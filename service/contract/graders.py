@@ -29,6 +29,7 @@ MAX_SOURCE = 256 * 1024  # a python grader's source: OpenAI's limit
 MAX_FORMULA = 1_000
 MAX_SUB_GRADERS = 32
 MAX_JUDGE_MESSAGES = 64
+SERVED_PREFIXES = ("ckpt_", "run_")  # a judge model that this service serves
 NAMESPACES = ("item", "sample")
 SAMPLE_FIELDS = ("output_text", "output_json", "output_tools")
 
@@ -220,6 +221,12 @@ class ScoreModelGrader(_Grader):
     def _key_needs_url(self) -> "ScoreModelGrader":
         if self.api_key_env and not self.base_url:
             raise ValueError("api_key_env is for base_url; our own models need no key here")
+        if not self.base_url and not self.model.startswith(SERVED_PREFIXES):
+            raise ValueError(
+                f"model {self.model!r} is not one of this service's models (a checkpoint "
+                "ckpt_… or a run run_… of this project): to judge with another model, give "
+                "base_url (an OpenAI-compatible endpoint that serves it) and api_key_env"
+            )
         return self
 
 

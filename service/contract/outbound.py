@@ -9,9 +9,11 @@ such call goes through an `OutboundClient`.
   time would let a DNS server answer a public address to the check and a private one to the
   connection (DNS rebinding). The request still carries the URL's Host header and, for https,
   its server name for SNI and certificate verification.
-- One signed POST: the body is signed with the run's secret, redirects are not followed, the
-  answer is read up to a size cap and a deadline, and network errors, timeouts and failed
-  lookups come back as `Transient`; a URL that may not be called raises `Refused`.
+- One POST, signed with the run's secret (webhooks) or carrying the caller's headers (a
+  judge's key): redirects are not followed, the answer is read up to a size cap and a
+  deadline, and network errors, timeouts and failed lookups come back as `Transient`; a URL
+  that may not be called raises `Refused`.
+- A client may be shared by threads (a judge's concurrent requests).
 
 What an answer means (which statuses are final, how long to back off) is the caller's rule.
 """
@@ -19,6 +21,7 @@ What an answer means (which statuses are final, how long to back off) is the cal
 import email.utils
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -136,17 +139,19 @@ class OutboundClient:
     def __init__(self, allow_private: bool, timeout_s: float) -> None:
         self.allow_private, self.timeout_s = allow_private, timeout_s
         self._clients: dict[bytes, httpx.Client] = {}
+        self._lock = threading.Lock()
 
     def _client(self, host: bytes) -> httpx.Client:
         # One connection pool per host name: httpx keys kept-alive connections by address,
         # and a TLS session verified for one name must not carry another name's requests.
-        if host not in self._clients:
-            self._clients[host] = httpx.Client(
-                transport=httpx.HTTPTransport(),  # an explicit transport: no proxy from env
-                timeout=self.timeout_s,
-                follow_redirects=False,
-            )
-        return self._clients[host]
+        with self._lock:
+            if host not in self._clients:
+                self._clients[host] = httpx.Client(
+                    transport=httpx.HTTPTransport(),  # an explicit transport: no proxy from env
+                    timeout=self.timeout_s,
+                    follow_redirects=False,
+                )
+            return self._clients[host]
 
     @contextmanager
     def stream(
@@ -215,7 +220,21 @@ def post_signed(
     Raises Refused when `url` may not be called, Transient on a failed lookup or network
     error, or when no complete answer came within `timeout_s`.
     """
-    headers = {"Content-Type": "application/json", HEADER: sign(secret, body), **headers}
+    signed = {HEADER: sign(secret, body), **headers}
+    return post_json(client, url, body, signed, max_bytes, timeout_s)
+
+
+def post_json(
+    client: OutboundClient,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    max_bytes: int,
+    timeout_s: float,
+) -> Answer:
+    """POST the JSON `body` to `url` with `headers`; the answer, whatever its status. Raises
+    as post_signed does."""
+    headers = {"Content-Type": "application/json", **headers}
     deadline = time.monotonic() + timeout_s
     try:
         with client.stream("POST", url, headers=headers, content=body) as resp:

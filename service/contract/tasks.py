@@ -7,8 +7,8 @@ from the same settings, so they agree on the broker, the result backend and the 
 
 - RUN_TASK and RESCORE_TASK take a row's id and report through the database (the row's status,
   events and metrics); their results are ignored.
-- DRY_RUN_TASK and MERGE_TASK answer a request the API is waiting on: they take a JSON payload
-  and return a `TaskAnswer`, through the result backend.
+- DRY_RUN_TASK, MERGE_TASK and GRADE_TASK answer a request the API is waiting on: they take a
+  JSON payload and return a `TaskAnswer`, through the result backend.
 
 acks_late + prefetch 1: a run's message is acknowledged only when the task returns, and a worker
 never reserves a second task while one is running.
@@ -22,12 +22,14 @@ from typing import Any, Literal, Protocol
 from celery import Celery
 from pydantic import BaseModel, Field
 
+from service.contract.graders import AnyGrader
 from service.contract.storage import CheckpointKind
 
 RUN_TASK = "gvpo.run"
 RESCORE_TASK = "gvpo.rescore"
 DRY_RUN_TASK = "gvpo.dry_run"
 MERGE_TASK = "gvpo.merge_checkpoint"
+GRADE_TASK = "gvpo.grade"
 DEFAULT_QUEUE = "default"
 RESULT_RETRY_POLICY = {
     "max_retries": 2,
@@ -131,7 +133,8 @@ class TaskProblem(BaseModel):
 
 
 class TaskAnswer(BaseModel):
-    """What DRY_RUN_TASK and MERGE_TASK return: a result, or the problem that stopped them."""
+    """What DRY_RUN_TASK, MERGE_TASK and GRADE_TASK return: a result, or the problem that
+    stopped them."""
 
     result: dict[str, Any] | None = None
     problem: TaskProblem | None = None
@@ -187,3 +190,26 @@ class MergeTask(BaseModel):
     checkpoint_id: str
     checkpoint_path: str
     target: str
+
+
+class GradeTask(BaseModel):
+    """GRADE_TASK's payload: one sample graded (POST /v1/graders:run); the API has checked the
+    grader and that the models it names are the project's."""
+
+    project_id: str
+    grader: AnyGrader
+    model_sample: str
+    item: dict[str, Any] = Field(default_factory=dict)
+
+
+class GradeOutput(BaseModel):
+    """GRADE_TASK's result: the sample's grade (workers/graders/base.py's Grade)."""
+
+    reward: float
+    error: str | None = None  # the kind (GradeError's value: OpenAI's metadata.errors name)
+    detail: str | None = None
+    sub_rewards: dict[str, float] = Field(default_factory=dict)
+    token_usage: int = 0
+    model: str | None = None
+    usage: dict[str, dict[str, int]] = Field(default_factory=dict)
+    execution_time: float = Field(description="seconds the grading took on the worker")

@@ -14,7 +14,7 @@ with nothing to serve (yet) a 409 that says why.
 
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from functools import partial
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
@@ -22,7 +22,13 @@ from sqlalchemy.orm import Session
 from service.checkpoints.service import merged_source
 from service.config import Settings
 from service.contract import storage
-from service.contract.states import TERMINAL, RunStatus
+from service.contract.serving import (
+    Unservable,
+    checkpoint_gone,
+    run_weights,
+    unknown,
+    wants_asking,
+)
 from service.contract.storage import CheckpointKind
 from service.errors import Conflict, Gone, NotFound
 from service.models import Checkpoint, Project, Run
@@ -44,31 +50,28 @@ class ServedModel:
     folders: tuple[str, ...] = ()
 
 
-def _unknown(name: str) -> NotFound:
-    return NotFound(
-        f"no model {name!r} in this project: a model is one of its checkpoints (ckpt_…) or "
-        "runs (run_…); GET /v1/models lists them"
-    )
+def _refused(exc: Unservable) -> NotFound | Conflict | Gone:
+    return {"not_found": NotFound, "conflict": Conflict, "gone": Gone}[exc.kind](exc.message)
 
 
 def resolve(session: Session, settings: Settings, project: Project, name: str) -> ServedModel:
-    if name.startswith("ckpt_"):
-        return _checkpoint(session, settings, project, name)
-    if name.startswith("run_"):
-        return _run(session, settings, project, name)
-    raise _unknown(name)
+    try:
+        if name.startswith("ckpt_"):
+            return _checkpoint(session, settings, project, name)
+        if name.startswith("run_"):
+            return _run(session, settings, project, name)
+        raise unknown(name)
+    except Unservable as exc:
+        raise _refused(exc) from None
 
 
 def _checkpoint(session: Session, settings: Settings, project: Project, name: str) -> ServedModel:
     ckpt = session.get(Checkpoint, name)
     run = ckpt and session.get(Run, ckpt.run_id)
     if run is None or run.project_id != project.id:
-        raise _unknown(name)
+        raise unknown(name)
     if not storage.exists(ckpt.path):
-        raise Gone(
-            f"checkpoint {name}'s files are gone (checkpoint.keep_last removed them, or they "
-            f"were deleted): serve a newer checkpoint of run {run.id}, or the run itself"
-        )
+        raise checkpoint_gone(name, run.id)
     path = ckpt.path
     if ckpt.kind == CheckpointKind.LORA_ADAPTER:
         path = merged_source(session, settings, ckpt)
@@ -77,35 +80,28 @@ def _checkpoint(session: Session, settings: Settings, project: Project, name: st
 
 
 def _run(session: Session, settings: Settings, project: Project, name: str) -> ServedModel:
-    """The run's newest weights: those it published, or its newest checkpoint when that is
-    newer (a run publishes only once its model has been asked for: a finished run nobody
-    served has its final checkpoint)."""
+    """The run's newest weights (service.contract.serving.run_weights); a run publishes only
+    once its model has been asked for (a finished run nobody served has its final
+    checkpoint)."""
     run = session.get(Run, name)
     if run is None or run.project_id != project.id:
-        raise _unknown(name)
-    if run.serving_asked_at is None and run.status not in TERMINAL and _publishing(run):
+        raise unknown(name)
+    publishing = partial(_publishing, run)
+    if wants_asking(run.status, run.serving_asked_at is not None, publishing):
         _ask_for(session, run)
     ckpt = _newest_checkpoint(session, run)
-    if ckpt is not None and (run.weights_step is None or ckpt.step > run.weights_step):
-        served = _checkpoint(session, settings, project, ckpt.id)
-        return ServedModel(name, served.path, ckpt.step, run.id, run.created_at)
-    if run.weights_path is None:
-        if not _publishing(run):
-            raise Conflict(
-                f"run {name} publishes no weights (its serving.sync_every_steps is 0) and has "
-                "no checkpoint yet: serve it once it has one"
-            )
-        if run.status == RunStatus.QUEUED:
-            raise Conflict(f"run {name} has not started: it has no weights to serve yet")
-        if run.status in TERMINAL:
-            raise Conflict(f"run {name} has no weights to serve (it stopped before it had any)")
-        raise Conflict(
-            f"run {name} publishes its weights at the end of its current step (asked for "
-            "now): try again then"
-        )
-    if not storage.is_remote(run.weights_path) and not Path(run.weights_path).is_dir():
-        raise Gone(f"the weights run {name} published are gone (its data was deleted)")
-    return ServedModel(name, run.weights_path, run.weights_step or 0, run.id, run.created_at)
+    weights = run_weights(
+        name,
+        run.status,
+        publishing,
+        run.weights_path,
+        run.weights_step,
+        ckpt and (ckpt.id, ckpt.step),
+    )
+    if weights.checkpoint is not None:
+        served = _checkpoint(session, settings, project, weights.checkpoint)
+        return ServedModel(name, served.path, weights.step, run.id, run.created_at)
+    return ServedModel(name, weights.path, weights.step, run.id, run.created_at)
 
 
 def _publishing(run: Run) -> bool:

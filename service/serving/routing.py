@@ -23,6 +23,14 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
+from service.contract.serving import (
+    NO_WORKER,
+    EnsureModel,
+    Held,
+    LiveWorker,
+    by_preference,
+    ensure_outcome,
+)
 from service.db import session_scope
 from service.errors import Gone, ServiceUnavailable, WorkerFailed
 from service.models import InferenceWorker
@@ -32,10 +40,6 @@ from service.serving.models import ServedModel
 ROUTE_TTL_S = 5.0
 # vLLM's server (uvicorn) closes a connection idle for 5 s: one idle longer is not reused.
 RELAY_KEEPALIVE_S = 4.0
-NO_WORKER = (
-    "no inference worker is running to serve models: start one with `gvpo serve` (the "
-    "embedded stack runs one unless GVPO_SERVE_IN_STACK is false)"
-)
 
 
 @dataclass(frozen=True)
@@ -45,25 +49,11 @@ class Route:
     until: float  # monotonic
 
 
-@dataclass(frozen=True)
-class _Worker:
-    url: str
-    holds: dict[str, int]  # model -> version
-    free: int  # bytes
-
-
-def _live_workers(settings: Settings) -> list[_Worker]:
+def _live_workers(settings: Settings) -> list[LiveWorker]:
     since = utcnow() - timedelta(seconds=settings.serve_stale_s)
     with session_scope(settings.resolved_database_url) as session:
         rows = session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at >= since))
-        return [
-            _Worker(
-                row.url,
-                {m["model"]: m["version"] for m in row.models},
-                row.memory_bytes - sum(m["bytes"] for m in row.models),
-            )
-            for row in rows
-        ]
+        return [LiveWorker.of_row(row.url, row.models, row.memory_bytes) for row in rows]
 
 
 class Router:
@@ -123,32 +113,27 @@ class Router:
         workers = await run_in_threadpool(_live_workers, self.settings)
         if not workers:
             raise ServiceUnavailable(NO_WORKER)
-        # Those holding it first (the newest version first), then the most memory free.
-        workers.sort(
-            key=lambda w: (model.name not in w.holds, -w.holds.get(model.name, 0), -w.free)
-        )
-        body = {"model": model.name, "path": model.path, "version": model.version}
+        body = EnsureModel(model=model.name, path=model.path, version=model.version)
         failure = NO_WORKER
-        for worker in workers:
+        for worker in by_preference(workers, model.name):
             try:
-                answer = await self.client.post(f"{worker.url}/models", json=body)
+                answer = await self.client.post(f"{worker.url}/models", json=body.model_dump())
             except httpx.HTTPError as exc:  # gone since its last report: try the next
                 failure = f"the inference worker at {worker.url} did not answer ({exc!r})"
                 continue
-            if answer.status_code == 200:
-                held = answer.json()
-                return Route(held["url"], held["version"], time.monotonic() + ROUTE_TTL_S)
-            message = _message(answer)
-            if answer.status_code == 410:
-                raise Gone(message)
-            if answer.status_code == 502:
-                raise WorkerFailed(message)
-            failure = message  # no room there: another worker may have some
+            outcome = ensure_outcome(answer.status_code, _json(answer))
+            if isinstance(outcome, Held):
+                return Route(outcome.url, outcome.version, time.monotonic() + ROUTE_TTL_S)
+            if outcome.kind == "gone":
+                raise Gone(outcome.message)
+            if outcome.kind == "broken":
+                raise WorkerFailed(outcome.message)
+            failure = outcome.message  # no room there: another worker may have some
         raise ServiceUnavailable(failure)
 
 
-def _message(answer: httpx.Response) -> str:
+def _json(answer: httpx.Response) -> object:
     try:
-        return answer.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return f"the inference worker answered {answer.status_code}"
+        return answer.json()
+    except ValueError:
+        return None

@@ -67,10 +67,24 @@ class Grade:
     sub_rewards: dict[str, float] = field(default_factory=dict)  # a multi grader's parts
     token_usage: int = 0  # a judge's tokens
     model: str | None = None  # the judge that answered
+    # judge model -> {prompt_tokens, completion_tokens, total_tokens} (OpenAI's
+    # model_grader_token_usage_per_model); a multi grader's: its parts' (merged_usage)
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def failed(cls, error: GradeError, detail: str) -> "Grade":
         return cls(0.0, error, detail[-2_000:])
+
+
+def merged_usage(grades: list[Grade]) -> dict[str, dict[str, int]]:
+    """The grades' judges' token usage, summed per model."""
+    total: dict[str, dict[str, int]] = {}
+    for grade in grades:
+        for model, counts in grade.usage.items():
+            mine = total.setdefault(model, {})
+            for name, n in counts.items():
+                mine[name] = mine.get(name, 0) + n
+    return total
 
 
 @dataclass

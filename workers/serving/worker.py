@@ -20,10 +20,10 @@ from typing import Annotated
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from sqlalchemy import delete
 
 from service.config import Settings
+from service.contract.serving import EnsureModel
 from service.db import session_scope
 from service.models import InferenceWorker
 from service.models.base import utcnow
@@ -32,12 +32,6 @@ from workers.serving.pool import GIB, DoesNotFit, ModelFilesMissing, ModelPool
 from workers.serving.vllm_server import ServerFailed, ServerOptions
 
 log = logging.getLogger(__name__)
-
-
-class Ensure(BaseModel):
-    model: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    path: str = Field(min_length=1, max_length=1024)
-    version: int = Field(0, ge=0)
 
 
 def _gpu_bytes() -> int | None:
@@ -103,7 +97,7 @@ class InferenceWorkerProcess:
             return {"worker": self.id, "models": self.pool.models()}
 
         @app.post("/models")
-        def ensure(body: Ensure) -> JSONResponse:
+        def ensure(body: EnsureModel) -> JSONResponse:
             try:
                 held = self.pool.ensure(body.model, body.path, body.version)
             except ModelFilesMissing as exc:
