@@ -379,11 +379,6 @@ def test_a_run_whose_python_grader_misbehaves_on_some_completions_succeeds(
 ):
     """The run's reward is a python grader that raises on some completions and loops on
     others: those are reward 0 and counted (reward/errors > 0), and the run succeeds."""
-    pytest.importorskip(
-        "workers.graders.registry",
-        reason="TODO(lead): needs the core helper's scorer (workers/graders/registry.py), "
-        "which builds graders through workers.graders.base.BUILDERS",
-    )
     from sqlalchemy import select
 
     from service.db import session_scope

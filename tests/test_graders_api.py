@@ -202,9 +202,6 @@ def test_our_own_checkpoint_judges_over_http(graded):
 def test_a_run_rewarded_by_our_own_judge_succeeds(graded, tiny_model_dir):
     """The judge in a run: the run's worker asks the inference worker for the checkpoint and
     grades every completion by it; the judge's parse errors are counted, not fatal."""
-    pytest.importorskip(
-        "workers.graders.registry", reason="runs grade with graders once the scorer builds them"
-    )
     body = {
         "model": {"path": str(tiny_model_dir)},
         "dataset": {"train_file": graded.train},

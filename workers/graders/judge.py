@@ -28,13 +28,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import jinja2
-
 from service.config import Settings
-from service.contract.graders import JudgeMessage, ScoreModelGrader, template_environment
+from service.contract.graders import JudgeMessage, ScoreModelGrader
 from service.contract.outbound import Answer, OutboundClient, Refused, Transient, post_json
 from workers.graders.base import Grade, GradeError, GradingContext, Sample, register
 from workers.graders.served import JudgeFailed, ServedJudge
+from workers.graders.templates import Template, TemplateFailure
 from workers.webhook_calls import backoff
 
 CONCURRENCY = 16  # requests in flight per batch
@@ -104,9 +103,8 @@ Endpoint = UrlJudge | ServedJudge
 class ScoreModel:
     def __init__(self, spec: ScoreModelGrader, context: GradingContext) -> None:
         self.spec, self.context = spec, context
-        env = template_environment()
         self.messages = [
-            (_role(m, served=spec.base_url is None), [env.from_string(t) for t in _texts(m)])
+            (_role(m, served=spec.base_url is None), [Template(t) for t in _texts(m)])
             for m in spec.input
         ]
 
@@ -128,10 +126,10 @@ class ScoreModel:
                 raise batch.failure or exc from None
 
     def request(self, sample: Sample, item: dict[str, Any]) -> bytes:
-        """The chat completion asked of the judge (jinja2 errors for a bad template)."""
-        namespaces = {"item": item, "sample": sample.namespace()}
+        """The chat completion asked of the judge (TemplateFailure for a template that cannot be
+        rendered for this sample)."""
         messages = [
-            {"role": role, "content": "\n".join(t.render(namespaces) for t in texts)}
+            {"role": role, "content": "\n".join(t.render(sample, item) for t in texts)}
             for role, texts in self.messages
         ]
         body: dict[str, Any] = {"model": self.spec.model, "messages": messages}
@@ -174,10 +172,8 @@ class _Batch:
         sample, item = pair
         try:
             body = self.grader.request(sample, item)
-        except jinja2.UndefinedError as exc:
-            return Grade.failed(GradeError.INVALID_VARIABLE, f"a judge message's template: {exc}")
-        except (jinja2.TemplateError, TypeError, ValueError) as exc:
-            return Grade.failed(GradeError.OTHER, f"a judge message's template: {exc}")
+        except TemplateFailure as exc:
+            return exc.grade()
         try:
             return self.read(self.ask(body))
         except JudgeFailed as exc:

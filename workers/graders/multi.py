@@ -21,8 +21,15 @@ import tokenize
 from simpleeval import InvalidExpression, NumberTooHigh, SimpleEval, safe_power
 
 from service.contract.graders import FORMULA_FUNCTIONS, MultiGrader
-from workers.graders.base import Grade, GradeError, GradingContext, Sample, register
-from workers.graders.registry import build_grader
+from workers.graders.base import (
+    BUILDERS,
+    Grade,
+    GradeError,
+    GradingContext,
+    Sample,
+    merged_usage,
+    register,
+)
 
 OPERATORS = {
     ast.Add: operator.add,
@@ -78,7 +85,10 @@ class Formula:
 class Multi:
     def __init__(self, spec: MultiGrader, context: GradingContext) -> None:
         self.formula = Formula(spec.calculate_output)
-        self.graders = {name: build_grader(sub, context) for name, sub in spec.graders.items()}
+        # Every kind is registered by now: workers/graders/registry.py imports them all.
+        self.graders = {
+            name: BUILDERS[sub.type](sub, context) for name, sub in spec.graders.items()
+        }
 
     def grade(self, pairs: list[tuple[Sample, dict]]) -> list[Grade]:
         parts = {name: grader.grade(pairs) for name, grader in self.graders.items()}
@@ -88,7 +98,13 @@ class Multi:
         subs = {name: g.reward for name, g in parts.items()}
         usage = sum(g.token_usage for g in parts.values())
         models = [g.model for g in parts.values() if g.model]
-        grade = Grade(0.0, sub_rewards=subs, token_usage=usage, model=models[0] if models else None)
+        grade = Grade(
+            0.0,
+            sub_rewards=subs,
+            token_usage=usage,
+            model=models[0] if models else None,
+            usage=merged_usage(list(parts.values())),
+        )
         if failed := next(((n, g) for n, g in parts.items() if g.error is not None), None):
             name, sub = failed
             grade.error, grade.detail = sub.error, f"{name}: {sub.detail}"

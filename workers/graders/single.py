@@ -1,15 +1,16 @@
 """One sample graded for POST /v1/graders:run (GRADE_TASK): the grader built as a run builds it
-(BUILDERS), the sample and item as given, the grade in OpenAI's terms. A failure that would
-fail a run (a judge that cannot be reached, no sandbox here) is this answer's error instead:
-model_grader_server_error for a judge, python_grader_server_error for code."""
+(workers/graders/registry.py), the sample and item as given, the grade in OpenAI's terms. A
+failure that would fail a run (a judge that cannot be reached, no sandbox here) is this
+answer's error instead: model_grader_server_error for a judge, python_grader_server_error
+for code."""
 
 import time
 
 from service.config import Settings
-from service.contract.tasks import GradeOutput, GradeTask, TaskAnswer, TaskProblem
+from service.contract.tasks import GradeOutput, GradeTask, TaskAnswer
 from workers.errors import RunError
-from workers.graders import judge  # noqa: F401  (registers score_model)
-from workers.graders.base import BUILDERS, Grade, GradeError, GradingContext, Sample
+from workers.graders.base import Grade, GradeError, GradingContext, Sample
+from workers.graders.registry import build_grader
 from workers.graders.served import JudgeFailed
 
 RUNS_CODE = ("python", "code_tests")
@@ -17,16 +18,9 @@ RUNS_CODE = ("python", "code_tests")
 
 def answer_grade(settings: Settings, task: GradeTask) -> TaskAnswer:
     spec = task.grader
-    builder = BUILDERS.get(spec.type)
-    if builder is None:
-        return TaskAnswer(
-            problem=TaskProblem(
-                kind="conflict", message=f"this worker cannot grade {spec.type} graders yet"
-            )
-        )
     started = time.perf_counter()
     try:
-        grader = builder(spec, GradingContext(settings, task.project_id))
+        grader = build_grader(spec, GradingContext(settings, task.project_id))
         grade = grader.grade([(Sample.of(task.model_sample), task.item)])[0]
     except JudgeFailed as exc:
         grade = Grade.failed(GradeError.MODEL_SERVER, str(exc))
