@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.contract.limits import INT32_MAX, MAX_ID, MAX_RUNS_PAGE
 from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
-from service.fine_tuning import service
+from service.fine_tuning import creation, service
 from service.fine_tuning.schemas import (
     JobCheckpointList,
     JobCreate,
@@ -42,7 +42,7 @@ def create_job(
 ) -> JobRead:
     """Create a job: a GVPO run of the reinforcement method's grader over the training file
     (docs/fine-tuning.md maps each field). 200, as OpenAI answers."""
-    return service.create_job(session, settings, project, body)
+    return creation.create_job(session, settings, project, body)
 
 
 @router.get("", response_model=JobList)
