@@ -23,6 +23,7 @@ from service.contract.limits import (
     MAX_STEPS,
     Strict,
 )
+from service.contract.states import RunStatus
 
 Auto = Literal["auto"]
 MAX_METADATA_KEYS = 16  # OpenAI's limits on metadata
@@ -32,20 +33,15 @@ MAX_SUFFIX = 64
 MAX_MULTIPLIER = 1e4
 
 
-class JobStatus(StrEnum):
-    """A job's status, from its run's (service/fine_tuning/service.py job_status). OpenAI's API
-    also lists `pausing` and `paused`, which its Python SDK's type leaves out (it keeps them
-    as they are); `validating_files` is never answered: the files are checked when the job is
-    created."""
-
-    VALIDATING_FILES = "validating_files"
-    QUEUED = "queued"
-    RUNNING = "running"
-    PAUSING = "pausing"
-    PAUSED = "paused"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+# A job's status: its run's (service/fine_tuning/service.py job_status), and OpenAI's
+# `pausing` (a running run asked to pause) and `validating_files`, which is never answered: the
+# files are checked when the job is created. OpenAI's API lists `pausing` and `paused`; its
+# Python SDK's type leaves them out and keeps them as they come.
+JobStatus = StrEnum(
+    "JobStatus",
+    [("VALIDATING_FILES", "validating_files"), ("PAUSING", "pausing")]
+    + [(status.name, status.value) for status in RunStatus],
+)
 
 
 # ---------------------------------------------------------------- the request
