@@ -472,6 +472,14 @@ def test_a_reinforcement_job_trains_to_its_end_on_the_tiny_model(stack_client, g
     types = [e.data["gvpo_type"] for e in client.fine_tuning.jobs.list_events(job.id)]
     assert types[0] == "run.succeeded" and types[-1] == "run.queued"
     assert "eval.final" in types
+    # the fine-tuned model is a model of the serving API, and a job may go on training it
+    assert client.models.retrieve(done.fine_tuned_model).id == done.fine_tuned_model
+    again = client.fine_tuning.jobs.create(
+        model=done.fine_tuned_model, training_file=train, method=reinforcement(grader, **FAST)
+    )
+    assert again.model == done.fine_tuned_model
+    client.fine_tuning.jobs.cancel(again.id)
+    assert wait_for_job(client, again.id, ENDED).status in {"cancelled", "succeeded"}
 
 
 @slow
