@@ -282,6 +282,23 @@ def test_pause_resume_and_cancel_a_queued_job_and_its_events(sdk):
     assert [e.id for e in later.data] == [e.id for e in events[2:]] and not later.has_more
 
 
+def test_a_running_job_shows_its_estimated_finish_and_is_pausing_once_asked(sdk, settings):
+    client = sdk()
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=upload(client, rft_rows(4)), method=reinforcement(**FAST)
+    )
+    started = utcnow() - timedelta(seconds=60)
+    with session_scope(settings.resolved_database_url) as session:  # as a worker would be
+        run = session.get(Run, job.run_id)
+        run.status, run.step, run.total_steps, run.started_at = "running", 1, 4, started
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.trained_tokens is None
+    expected = started.timestamp() + 4 * 60  # a step a minute, 4 steps
+    assert abs(running.estimated_finish - expected) < 30
+    assert client.fine_tuning.jobs.pause(job.id).status == "pausing"
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "pausing"
+
+
 def ended(settings, run_id: str, status: str, steps: int, error: str | None = None) -> None:
     """Write the run as its worker would have left it: ended at `steps` steps, a checkpoint
     every 2 with the metrics of its step."""
