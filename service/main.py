@@ -19,6 +19,7 @@ from service.diagnostics.routes import router as diagnostics_router
 from service.edge import Edge
 from service.errors import ERROR_RESPONSES, ServiceError, classify, invalid_spec, unstorable
 from service.files.routes import router as files_router
+from service.fine_tuning.routes import router as fine_tuning_router
 from service.graders.routes import router as graders_router
 from service.grpc_server import GrpcServer
 from service.health import router as health_router
@@ -136,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (
         files_router,
         runs_router,
+        fine_tuning_router,
         metrics_router,
         checkpoints_router,
         rewards_router,

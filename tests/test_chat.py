@@ -89,6 +89,19 @@ def test_the_tiny_models_template_renders_chats_and_tools(tiny_model_dir):
     )
 
 
+def test_a_developer_message_reaches_the_template_as_a_system_one(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from workers.data import example_of
+
+    developer = {"role": "developer", "content": "Say a letter."}
+    row = {"messages": [developer, {"role": "user", "content": "q0"}], "answer": "a"}
+    renderer = Renderer(AutoTokenizer.from_pretrained(tiny_model_dir), [2])
+    text, _ = renderer.prompt(example_of(row, "prompt", "answer", 1))
+    assert text == "s:Say a letter.\nu:q0\na:"
+    assert row["messages"][0] == developer  # the row itself is left as it was
+
+
 def test_a_single_turn_chat_run_rewards_the_assistants_text(settings, tiny_model_dir):
     # A reward only a reply that is exactly one "a" earns: the assistant's text alone, not the
     # rendered prompt (which holds "a:") and not the template's end-of-turn token.

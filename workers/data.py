@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from service.contract.chat import is_chat, row_item
+from service.contract.chat import is_chat, row_item, template_messages
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ def example_of(row: dict, prompt_field: str, answer_field: str, number: int) -> 
     answer = row.get(answer_field)
     answer = None if answer is None else str(answer)
     if is_chat(row):
-        return Example("", answer, row["messages"], row.get("tools"), row_item(row), number - 1)
+        messages = template_messages(row["messages"])
+        return Example("", answer, messages, row.get("tools"), row_item(row), number - 1)
     if prompt_field not in row:
         raise ValueError(f"row {number} has neither 'messages' nor the field {prompt_field!r}")
     return Example(str(row[prompt_field]), answer, item=row_item(row), row=number - 1)

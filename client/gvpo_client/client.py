@@ -88,8 +88,8 @@ class Client:
     # ------------------------------------------------------------ files
 
     def upload_file(self, path: str | Path, purpose: str = "train") -> File:
-        """Upload a JSONL file; purpose is train, eval or offpolicy. The API checks every row
-        and refuses the file (ApiError 422) naming the first bad one."""
+        """Upload a JSONL file; purpose is train, eval, offpolicy or fine-tune. The API checks
+        every row and refuses the file (ApiError 422) naming the first bad one."""
         with open(path, "rb") as fh:
             return cast(
                 File,

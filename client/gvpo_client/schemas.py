@@ -14,11 +14,14 @@ class File(TypedDict):
     id: str
     object: Literal["file"]
     filename: str
-    purpose: str  # train, eval or offpolicy
+    purpose: str  # train, eval, offpolicy or fine-tune
     bytes: int
     rows: int
     fields: list[str]  # the keys of its rows
     created_at: str
+    status: Literal["processed"]  # for OpenAI's SDK: an upload is checked before it is recorded
+    status_details: None
+    expires_at: None
 
 
 class Run(TypedDict):

@@ -1,17 +1,19 @@
 """Chat rows (DESIGN.md §v2.1): a train, eval or off-policy row in OpenAI's chat form,
 
-    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
+    {"messages": [{"role": "system"|"developer"|"user"|"assistant"|"tool", "content": str,
                    "tool_calls"?: [...], "tool_call_id"?: str, "name"?: str}],
      "tools"?: [<OpenAI function schemas>], ...any other fields}
 
 rendered by the model tokenizer's chat template. Other fields travel to rewards and
 environments as the episode's `item`. What a message may hold is checked here, once, for the
-upload (a bad line is a 400 naming it) and for the worker.
+upload (a bad line is a 400 naming it) and for the worker. OpenAI's `developer` role (its name
+for instructions to the model) reaches the chat template as `system`, the role templates know.
 """
 
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+TEMPLATE_ROLES = {"developer": "system"}  # a role -> the one chat templates render it as
 MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id", "name"}
 CHAT_KEYS = ("messages", "tools")  # what a chat row's `item` leaves out
 
@@ -60,6 +62,33 @@ def chat_problem(row: dict) -> str | None:
     ):
         return "'tools' must be a list of objects (OpenAI function schemas)"
     return None
+
+
+def fine_tune_problem(row: dict) -> str | None:
+    """What keeps a row of a `fine-tune` file from being a prompt to train on (OpenAI's
+    reinforcement fine-tuning rows: messages the model answers, and any fields the grader
+    reads), or None. The chat row itself is checked by chat_problem."""
+    if not is_chat(row):
+        return (
+            "needs 'messages': a fine-tune row is a chat row, {\"messages\": [...], ...any "
+            "fields the grader reads as item.<field>}"
+        )
+    last = row["messages"][-1] if isinstance(row["messages"], list) and row["messages"] else {}
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        return (
+            "ends with an assistant message: the model writes the next assistant message, so "
+            "a reinforcement fine-tuning row ends with the user's (or developer's) turn; put "
+            "a reference answer in a field of its own for the grader"
+        )
+    return None
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as the chat template gets them: roles it may not know renamed (TEMPLATE_ROLES)."""
+    return [
+        {**m, "role": TEMPLATE_ROLES[m["role"]]} if m.get("role") in TEMPLATE_ROLES else m
+        for m in messages
+    ]
 
 
 def row_item(row: dict) -> dict:

@@ -13,6 +13,9 @@ class FilePurpose(StrEnum):
     TRAIN = "train"  # rows of prompts (and answers)
     EVAL = "eval"  # the same, for evaluation
     OFFPOLICY = "offpolicy"  # groups of completions made elsewhere (service/contract/groups.py)
+    # OpenAI's purpose for fine-tuning data: chat rows (service/contract/chat.py
+    # fine_tune_problem), the prompts of a fine-tuning job (service/fine_tuning) or of a run
+    FINE_TUNE = "fine-tune"
 
 
 def read_rows(path: str | Path) -> list[dict]:

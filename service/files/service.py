@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.contract.chat import chat_problem, is_chat
+from service.contract.chat import chat_problem, fine_tune_problem, is_chat
 from service.contract.files import FilePurpose, numbered_rows, scalar_fields
 from service.contract.groups import group_problem
 from service.contract.limits import MAX_FILENAME, has_nul
@@ -113,6 +113,8 @@ def _record(
         rows, fields = validate_jsonl(dest)
         if purpose == FilePurpose.OFFPOLICY:
             _validate_groups(numbered_rows(dest))
+        elif purpose == FilePurpose.FINE_TUNE:
+            _validate_fine_tune(numbered_rows(dest))
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
@@ -138,6 +140,13 @@ def _validate_groups(rows: list[tuple[int, dict]]) -> None:
             raise BadRequest(
                 f"line {number} is not an off-policy group: {problem}", {"line": number}
             )
+
+
+def _validate_fine_tune(rows: list[tuple[int, dict]]) -> None:
+    """BadRequest naming the first line that is not a fine-tuning prompt row."""
+    for number, row in rows:
+        if problem := fine_tune_problem(row):
+            raise BadRequest(f"line {number} of a fine-tune file {problem}", {"line": number})
 
 
 def get_file(session: Session, project: Project, file_id: str) -> File:

@@ -4,6 +4,7 @@ from service.models.base import Base
 from service.models.checkpoint import Checkpoint
 from service.models.completion import Completion
 from service.models.file import File
+from service.models.fine_tuning_job import FineTuningJob
 from service.models.inference_worker import InferenceWorker
 from service.models.metric import Metric
 from service.models.project import ApiKey, Project
@@ -21,6 +22,7 @@ __all__ = [
     "Checkpoint",
     "Completion",
     "File",
+    "FineTuningJob",
     "InferenceWorker",
     "Metric",
     "Project",

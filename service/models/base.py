@@ -8,9 +8,9 @@ from sqlalchemy import DateTime, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase
 
 
-def new_id(prefix: str) -> str:
+def new_id(prefix: str, sep: str = "_") -> str:
     """Time-ordered ids (ms timestamp then randomness): sorting by id sorts by creation."""
-    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+    return f"{prefix}{sep}{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
 
 
 def utcnow() -> datetime:

@@ -458,3 +458,36 @@ def _group_problems(
             f"{prompt} and {longest}; {limit.remedies(*ways)}",
         )
     ]
+
+
+# What a chat template adds to a conversation's text, at most, as far as completion_room
+# reckons: a header and a footer, and a role marker around each message.
+TEMPLATE_TOKENS = 64
+TEMPLATE_TOKENS_PER_MESSAGE = 8
+
+
+def completion_room(
+    settings: Settings, session: Session, project: Project, spec: RunSpec, shown: dict[str, str]
+) -> dict[str, int] | None:
+    """For each of the spec's train and eval files (dataset.<attr>), the new tokens its longest
+    prompt leaves room for within the run's token limit, a chat template's own tokens reckoned
+    in; None when the API cannot tell (it does not see the model, or reads no tokenizer of it).
+    `spec` and `shown` as for check_model."""
+    if (seen := _seen_model(settings, spec, shown)) is None:
+        return None
+    config, tokenizer = seen
+    if (limit := _limit(spec, context_length(config))) is None or tokenizer is None:
+        return None
+    room = {}
+    for attr in ("train_file", "eval_file"):
+        if (file_id := getattr(spec.dataset, attr)) is None:
+            continue
+        rows = [row for _, row in numbered_rows(get_file(session, project, file_id).path)]
+        texts = [_prompt_text(row, spec.dataset.prompt_field) for row in rows]
+        longest = max(
+            count
+            + (TEMPLATE_TOKENS + TEMPLATE_TOKENS_PER_MESSAGE * len(row["messages"])) * is_chat(row)
+            for count, row in zip(_token_counts(tokenizer, texts), rows, strict=True)
+        )
+        room[attr] = limit.tokens - longest
+    return room
