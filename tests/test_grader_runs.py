@@ -8,7 +8,7 @@ from rapidfuzz import fuzz
 from sqlalchemy import select
 
 from service.db import session_scope
-from service.errors import InvalidSpec
+from service.errors import InvalidSpec, NotFound
 from service.models import Metric, RunEvent, Sample
 from workers.execute import execute_run
 from workers.rescore import execute_rescore
@@ -141,3 +141,15 @@ def test_a_graders_endpoint_must_be_one_the_worker_may_call(settings, tiny_model
     (problem,) = refused.value.details["fields"]
     assert problem["field"] == "reward.graders.near.embeddings.base_url"
     assert "127.0.0.1" in problem["message"]
+
+
+def test_a_run_whose_judge_is_not_one_of_the_projects_models_is_refused(settings, tiny_model_dir):
+    judge = {
+        "type": "score_model",
+        "model": "ckpt_0123456789abcdef01234567_1",
+        "input": [{"role": "user", "content": "Score: {{ sample.output_text }}"}],
+    }
+    reward = {"type": "composite", "components": [{**judge, "weight": 1.0}]}
+    with pytest.raises(NotFound) as refused:
+        submit(settings, tiny_model_dir, reward=reward)
+    assert "ckpt_0123456789abcdef01234567_1" in refused.value.message

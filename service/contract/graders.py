@@ -372,3 +372,40 @@ GRADER_TYPES = (
     CodeTestsGrader,
     MultiGrader,
 )
+
+
+def graders_in(spec: Any, where: str) -> list[tuple[str, Any]]:
+    """(field, grader) of every grader in a reward or a grader, `where` naming its field: a
+    composite's components and a multi grader's graders each named by their own field."""
+    if getattr(spec, "type", None) == "composite":
+        parts = [(f"{where}.components.{i}", c) for i, c in enumerate(spec.components)]
+    else:
+        parts = [(where, spec)]
+    found: list[tuple[str, Any]] = []
+    for field, part in parts:
+        if isinstance(part, MultiGrader):
+            found += [(f"{field}.graders.{name}", g) for name, g in part.graders.items()]
+        elif isinstance(part, GRADER_TYPES):
+            found.append((field, part))
+    return found
+
+
+def called_urls(spec: Any, where: str) -> list[tuple[str, str]]:
+    """(field, URL) of every endpoint the graders in `spec` call: a judge's base_url, the
+    embeddings endpoint of a cosine text_similarity."""
+    urls = []
+    for field, grader in graders_in(spec, where):
+        if isinstance(grader, ScoreModelGrader) and grader.base_url is not None:
+            urls.append((f"{field}.base_url", grader.base_url))
+        if isinstance(grader, TextSimilarityGrader) and grader.embeddings is not None:
+            urls.append((f"{field}.embeddings.base_url", grader.embeddings.base_url))
+    return urls
+
+
+def served_judges(spec: Any) -> list[str]:
+    """The models of ours (ckpt_…, run_…) that the judges in `spec` name."""
+    return [
+        g.model
+        for _, g in graders_in(spec, "")
+        if isinstance(g, ScoreModelGrader) and g.base_url is None
+    ]

@@ -10,17 +10,15 @@ time (GVPO_WORKER_ANSWER_TIMEOUT_S, plus GVPO_SERVE_LOAD_TIMEOUT_S when a judge 
 have to load), 503 when the broker is down.
 """
 
-from typing import Any
-
 from sqlalchemy.orm import Session
 
 from service.config import Settings
-from service.contract.graders import MultiGrader, ScoreModelGrader, TextSimilarityGrader
+from service.contract.graders import called_urls, served_judges
 from service.contract.outbound import webhook_url_problem
-from service.contract.serving import unknown
 from service.contract.tasks import DEFAULT_QUEUE, GRADE_TASK, GradeOutput, GradeTask
 from service.dispatch import ask_worker
-from service.errors import InvalidSpec, NotFound
+from service.errors import InvalidSpec
+from service.graders.judges import check_judges
 from service.graders.schemas import (
     GraderRunErrors,
     GraderRunMetadata,
@@ -29,7 +27,7 @@ from service.graders.schemas import (
     GraderValidateRequest,
     GraderValidateResponse,
 )
-from service.models import Checkpoint, Project, Run
+from service.models import Project
 from service.serving.models import resolve
 
 DETAILS = {  # the error kinds whose text OpenAI's answer carries, and where
@@ -39,46 +37,16 @@ DETAILS = {  # the error kinds whose text OpenAI's answer carries, and where
 }
 
 
-def _parts(grader) -> list[tuple[str, Any]]:
-    """(field, grader) of the grader and, for a multi grader, of each of its graders."""
-    if isinstance(grader, MultiGrader):
-        return [(f"grader.graders.{name}", g) for name, g in grader.graders.items()]
-    return [("grader", grader)]
-
-
-def served_judges(grader) -> list[str]:
-    """The models of ours (ckpt_…, run_…) that the grader's score_model graders name."""
-    return [
-        g.model for _, g in _parts(grader) if isinstance(g, ScoreModelGrader) and g.base_url is None
-    ]
-
-
 def check_urls(settings: Settings, grader) -> None:
     """InvalidSpec naming each URL the grader would call (a judge's base_url, an embeddings
     endpoint) that may not be called: checked as a run's webhooks are at submission."""
-    urls = []
-    for field, g in _parts(grader):
-        if isinstance(g, ScoreModelGrader) and g.base_url is not None:
-            urls.append((f"{field}.base_url", g.base_url))
-        if isinstance(g, TextSimilarityGrader) and g.embeddings is not None:
-            urls.append((f"{field}.embeddings.base_url", g.embeddings.base_url))
     bad = [
         {"field": field, "message": problem}
-        for field, url in urls
+        for field, url in called_urls(grader, "grader")
         if (problem := webhook_url_problem(url, settings.webhook_allow_private))
     ]
     if bad:
         raise InvalidSpec(bad)
-
-
-def check_judges(session: Session, project: Project, grader) -> None:
-    """NotFound unless every model of ours that the grader names is the project's."""
-    for name in served_judges(grader):
-        ckpt = session.get(Checkpoint, name) if name.startswith("ckpt_") else None
-        run_id = ckpt.run_id if ckpt is not None else name
-        run = session.get(Run, run_id) if run_id.startswith("run_") else None
-        if run is None or run.project_id != project.id:
-            raise NotFound(unknown(name).message)
 
 
 def validate(

@@ -22,6 +22,7 @@ from service.contract.tasks import RESCORE_TASK, queue_of
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue
 from service.errors import Conflict, NotFound
+from service.graders.judges import check_judges
 from service.models import Project, Rescore, Run, Sample
 from service.models.base import utcnow
 from service.models.run_event import add_event
@@ -48,6 +49,7 @@ def create_rescore(
             {"rescore_id": active.id},
         )
     check_webhooks(settings, body.reward)
+    check_judges(session, project, body.reward)
     total, mean = session.execute(
         select(func.count(), func.avg(Sample.reward)).where(Sample.run_id == run.id)
     ).one()

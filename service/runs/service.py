@@ -13,7 +13,7 @@ from gvpo_client.signing import new_secret
 from service.config import Settings
 from service.contract.events import EventType
 from service.contract.files import FilePurpose, numbered_rows
-from service.contract.graders import MultiGrader, ScoreModelGrader, TextSimilarityGrader
+from service.contract.graders import called_urls
 from service.contract.groups import fit_problem
 from service.contract.outbound import unreachable, webhook_url_problem
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, reads_answer
@@ -24,6 +24,7 @@ from service.db import after_commit, session_scope
 from service.dispatch import enqueue
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.service import get_file
+from service.graders.judges import check_judges
 from service.models import Project, Run, RunEvent
 from service.models.base import new_id, utcnow
 from service.models.run_event import add_event
@@ -103,7 +104,7 @@ def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | Non
             for i, c in enumerate(reward.components)
             if isinstance(c, WebhookReward)
         ]
-    urls = [(f"{where}.url", hook.url) for where, hook in hooks] + grader_urls(reward)
+    urls = [(f"{where}.url", hook.url) for where, hook in hooks] + called_urls(reward, "reward")
     if notify_url is not None:
         urls.append(("notify_url", notify_url))
     bad = [
@@ -119,27 +120,6 @@ def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | Non
         ]
     if bad:
         raise InvalidSpec(bad)
-
-
-def grader_urls(reward: RewardSpec) -> list[tuple[str, str]]:
-    """(field, URL) of every endpoint the reward's graders call: a text_similarity grader's
-    embeddings, a score_model grader's base_url (in a composite, and in a multi grader)."""
-    parts = [("reward", reward)]
-    if isinstance(reward, CompositeReward):
-        parts = [(f"reward.components.{i}", c) for i, c in enumerate(reward.components)]
-    graders = []
-    for where, part in parts:
-        if isinstance(part, MultiGrader):
-            graders += [(f"{where}.graders.{name}", g) for name, g in part.graders.items()]
-        else:
-            graders.append((where, part))
-    urls = []
-    for where, grader in graders:
-        if isinstance(grader, TextSimilarityGrader) and grader.embeddings is not None:
-            urls.append((f"{where}.embeddings.base_url", grader.embeddings.base_url))
-        if isinstance(grader, ScoreModelGrader) and grader.base_url is not None:
-            urls.append((f"{where}.base_url", grader.base_url))
-    return urls
 
 
 def _stored_spec(spec: RunSpec) -> dict[str, Any]:
@@ -186,6 +166,7 @@ def create_run(
     _check_dataset(session, project, spec)
     check_model(settings, session, project, resolved.spec, resolved.shown)
     check_webhooks(settings, spec.reward, spec.notify_url)
+    check_judges(session, project, spec.reward)
     stored = _stored_spec(spec)
     secret = spec.webhook_secret.get_secret_value() if spec.webhook_secret else new_secret()
     run = Run(
