@@ -22,7 +22,7 @@ from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import Field, field_validator, model_validator
 
-from service.contract.limits import MAX_TEXT, Strict
+from service.contract.limits import INT32_MAX, MAX_TEXT, Strict
 
 MAX_TEMPLATE = 100_000  # characters of one template
 MAX_SOURCE = 256 * 1024  # a python grader's source: OpenAI's limit
@@ -178,7 +178,7 @@ class SamplingParams(Strict):
     reasoning_effort: str | None = Field(
         None, max_length=32, description="accepted; ignored unless the judge's server uses it"
     )
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
 

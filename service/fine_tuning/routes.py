@@ -93,7 +93,9 @@ def list_events(
     project: ProjectDep,
     after: Annotated[
         str | None,
-        Query(pattern=EVENT_ID, description="the last event id of the page before"),
+        Query(
+            pattern=EVENT_ID, max_length=MAX_ID, description="the last event id of the page before"
+        ),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_EVENTS_PAGE)] = 20,
 ) -> JobEventList:

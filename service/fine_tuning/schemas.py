@@ -112,7 +112,7 @@ class JobCreate(Strict):
         None, description="deprecated by OpenAI, and for supervised jobs: refused"
     )
     integrations: list[dict[str, Any]] | None = Field(
-        None, description="none is supported: a non-empty list is refused"
+        None, max_length=16, description="none is supported: a non-empty list is refused"
     )
     metadata: Metadata | None = None
     seed: int | None = Field(None, ge=0, le=INT32_MAX, description="default: a random one")
