@@ -1,7 +1,7 @@
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, UniqueConstraint, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from service.contract.storage import CheckpointKind
 from service.models.base import Base, UTCDateTime, new_id, utcnow
@@ -20,3 +20,13 @@ class Checkpoint(Base):
         String(16), default=CheckpointKind.FULL, server_default=CheckpointKind.FULL
     )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+def newest_checkpoint(session: Session, run_id: str) -> Checkpoint | None:
+    """The run's checkpoint of the highest step, if it has one."""
+    return session.scalars(
+        select(Checkpoint)
+        .where(Checkpoint.run_id == run_id)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    ).first()

@@ -1,8 +1,18 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Double, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Double,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    update,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from gvpo_client.paths import SOURCE_FIELDS
 from service.contract.states import RunStatus
@@ -73,3 +83,14 @@ class Run(Base):
             return dict(self.model_source)
         model = self.spec.get("model", {})
         return {name: model.get(name) for name in SOURCE_FIELDS}
+
+
+def mark_serving_asked(session: Session, run_id: str) -> None:
+    """Note that the run's model has been asked for (once): from now on it publishes its
+    weights. An UPDATE guarded by the column, so that concurrent askers agree on the first."""
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.serving_asked_at.is_(None))
+        .values(serving_asked_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )

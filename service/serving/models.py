@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from service.checkpoints.service import merged_source
@@ -32,7 +32,8 @@ from service.contract.serving import (
 from service.contract.storage import CheckpointKind
 from service.errors import Conflict, Gone, NotFound
 from service.models import Checkpoint, Project, Run
-from service.models.base import utcnow
+from service.models.checkpoint import newest_checkpoint
+from service.models.run import mark_serving_asked
 from service.runs.service import run_spec
 
 OWNER = "gvpo"
@@ -88,8 +89,9 @@ def _run(session: Session, settings: Settings, project: Project, name: str) -> S
         raise unknown(name)
     publishing = partial(_publishing, run)
     if wants_asking(run.status, run.serving_asked_at is not None, publishing):
-        _ask_for(session, run)
-    ckpt = _newest_checkpoint(session, run)
+        mark_serving_asked(session, run.id)
+        session.commit()
+    ckpt = newest_checkpoint(session, run.id)
     weights = run_weights(
         name,
         run.status,
@@ -107,26 +109,6 @@ def _run(session: Session, settings: Settings, project: Project, name: str) -> S
 def _publishing(run: Run) -> bool:
     """Whether the run publishes weights at all (its spec is read only when this matters)."""
     return run_spec(run).serving.sync_every_steps > 0
-
-
-def _ask_for(session: Session, run: Run) -> None:
-    """Note that the run's model is wanted: from now on it publishes its weights."""
-    session.execute(
-        update(Run)
-        .where(Run.id == run.id, Run.serving_asked_at.is_(None))
-        .values(serving_asked_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-
-
-def _newest_checkpoint(session: Session, run: Run) -> Checkpoint | None:
-    return session.scalars(
-        select(Checkpoint)
-        .where(Checkpoint.run_id == run.id)
-        .order_by(Checkpoint.step.desc())
-        .limit(1)
-    ).first()
 
 
 def listed(session: Session, project: Project) -> list[ServedModel]:

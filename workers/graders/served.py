@@ -15,7 +15,7 @@ from datetime import timedelta
 
 import httpx
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from service.config import Settings
 from service.contract import storage
@@ -39,6 +39,8 @@ from service.contract.tasks import MergeTask
 from service.db import session_scope
 from service.models import Checkpoint, InferenceWorker, Run
 from service.models.base import utcnow
+from service.models.checkpoint import newest_checkpoint
+from service.models.run import mark_serving_asked
 from workers.errors import RunError
 from workers.merge import merge_checkpoint
 
@@ -95,25 +97,15 @@ def _run(settings: Settings, project_id: str, name: str) -> EnsureModel:
                 ) from None
 
         if wants_asking(run.status, run.serving_asked_at is not None, publishing):
-            session.execute(  # from now on the run publishes its weights
-                update(Run)
-                .where(Run.id == run.id, Run.serving_asked_at.is_(None))
-                .values(serving_asked_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
-        newest = session.execute(
-            select(Checkpoint.id, Checkpoint.step)
-            .where(Checkpoint.run_id == run.id)
-            .order_by(Checkpoint.step.desc())
-            .limit(1)
-        ).first()
+            mark_serving_asked(session, run.id)
+        newest = newest_checkpoint(session, run.id)
         weights = run_weights(
             name,
             run.status,
             publishing,
             run.weights_path,
             run.weights_step,
-            tuple(newest) if newest else None,
+            newest and (newest.id, newest.step),
         )
     if weights.checkpoint is not None:
         return _checkpoint(settings, project_id, weights.checkpoint, served_as=name)
