@@ -1,9 +1,10 @@
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, BigInteger, String, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from service.contract.serving import LiveWorker
 from service.models.base import Base, UTCDateTime, utcnow
 
 
@@ -21,3 +22,10 @@ class InferenceWorker(Base):
     memory_bytes: Mapped[int] = mapped_column(BigInteger)  # its budget
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+def live_workers(session: Session, stale_s: float) -> list[LiveWorker]:
+    """The inference workers that reported themselves within the last `stale_s` seconds."""
+    since = utcnow() - timedelta(seconds=stale_s)
+    rows = session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at >= since))
+    return [LiveWorker.of_row(row.url, row.models, row.memory_bytes) for row in rows]

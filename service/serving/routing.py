@@ -15,11 +15,9 @@ keeps the model recently used there.
 import asyncio
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 import aiohttp
 import httpx
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from service.config import Settings
@@ -33,8 +31,7 @@ from service.contract.serving import (
 )
 from service.db import session_scope
 from service.errors import Gone, ServiceUnavailable, WorkerFailed
-from service.models import InferenceWorker
-from service.models.base import utcnow
+from service.models.inference_worker import live_workers
 from service.serving.models import ServedModel
 
 ROUTE_TTL_S = 5.0
@@ -50,10 +47,8 @@ class Route:
 
 
 def _live_workers(settings: Settings) -> list[LiveWorker]:
-    since = utcnow() - timedelta(seconds=settings.serve_stale_s)
     with session_scope(settings.resolved_database_url) as session:
-        rows = session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at >= since))
-        return [LiveWorker.of_row(row.url, row.models, row.memory_bytes) for row in rows]
+        return live_workers(session, settings.serve_stale_s)
 
 
 class Router:

@@ -11,11 +11,9 @@ no inference worker with room is a transient failure, retried as a network error
 """
 
 import threading
-from datetime import timedelta
 
 import httpx
 from pydantic import ValidationError
-from sqlalchemy import select
 
 from service.config import Settings
 from service.contract import storage
@@ -37,9 +35,9 @@ from service.contract.spec import RunSpec
 from service.contract.storage import CheckpointKind
 from service.contract.tasks import MergeTask
 from service.db import session_scope
-from service.models import Checkpoint, InferenceWorker, Run
-from service.models.base import utcnow
+from service.models import Checkpoint, Run
 from service.models.checkpoint import newest_checkpoint
+from service.models.inference_worker import live_workers
 from service.models.run import mark_serving_asked
 from workers.errors import RunError
 from workers.merge import merge_checkpoint
@@ -112,11 +110,9 @@ def _run(settings: Settings, project_id: str, name: str) -> EnsureModel:
     return EnsureModel(model=name, path=weights.path, version=weights.step)
 
 
-def live_workers(settings: Settings) -> list[LiveWorker]:
-    since = utcnow() - timedelta(seconds=settings.serve_stale_s)
+def _live_workers(settings: Settings) -> list[LiveWorker]:
     with session_scope(settings.resolved_database_url) as session:
-        rows = session.scalars(select(InferenceWorker).where(InferenceWorker.heartbeat_at >= since))
-        return [LiveWorker.of_row(row.url, row.models, row.memory_bytes) for row in rows]
+        return live_workers(session, settings.serve_stale_s)
 
 
 class ServedJudge:
@@ -173,7 +169,7 @@ class ServedJudge:
             if exc.kind == "conflict":  # e.g. a run before its first weights: it may have some soon
                 raise Transient(exc.message) from None
             raise JudgeFailed(f"{self.describe()}: {exc.message}") from None
-        workers = live_workers(self.settings)
+        workers = _live_workers(self.settings)
         failure = NO_WORKER
         for worker in by_preference(workers, wanted.model):
             try:
