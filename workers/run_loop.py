@@ -1,5 +1,7 @@
 """One run's training loop: rollout -> rewards -> learn -> publish -> record -> checkpoint,
 each step (publishing the weights for serving every serving.sync_every_steps: publish.py).
+With training.max_lag > 0 the rollouts and rewards of the next steps are produced on a thread
+of their own while the learner trains (workers/ahead.py).
 
 The process holds the model in memory for the whole run (execute.py claims the run and turns
 how the loop ends into the run's outcome). Between steps the loop checks whether the lease was
@@ -21,6 +23,17 @@ from service.config import Settings
 from service.contract.events import EventLevel, EventType
 from service.contract.spec import RunSpec, offpolicy_per_engine
 from service.contract.states import RunStatus
+from workers.ahead import (
+    Produced,
+    RolloutsAhead,
+    Snapshot,
+    StopWaiting,
+    behaviour_model,
+    decode,
+    encode,
+    trained_parameters,
+    without_dropout,
+)
 from workers.chat import ChatTemplateError, Renderer
 from workers.checkpointing import RunCheckpoints
 from workers.data import Example, PromptSampler, load_examples
@@ -96,6 +109,8 @@ class RunLoop:
         local = resume and self.checkpoints.resume_copy(*resume)
         self.spec = spec = fetch_hub_models(self.checkpoints.local_model(spec))
         self._load_model(local)
+        if spec.training.max_lag:
+            without_dropout(self.model)  # the learner draws no random numbers (workers/ahead.py)
         # The engine starts from spec.model.path: the same weights, unless resuming or going on
         # with an adapter.
         self.engine_stale = resume is not None or spec.model.adapter is not None
@@ -121,6 +136,7 @@ class RunLoop:
         )
         self.last_diff_warning: int | None = None
         self.start_step, self.checkpointed = 1, 0
+        self.produced_ahead: dict[int, Produced] = {}  # restored from the checkpoint
         self._load_data()
         # Each engine samples its own completions; ranks sharing a tensor-parallel engine must
         # draw the same random numbers, or their shards would compute different sequences.
@@ -132,8 +148,27 @@ class RunLoop:
             self.checkpoints.done_with(resume[1], local)
         self.publisher = WeightsPublisher(self.settings, self.recorder, spec, self.lead)
         self.published: int | None = None  # the step this process last published
+        self.ahead = self._start_ahead() if spec.training.max_lag else None
         if self.lead:
             self._announce()
+
+    def _start_ahead(self) -> RolloutsAhead:
+        """The producer of an async run's steps, and what it samples with: the engine, and where
+        the learner needs the sampling policy's log-probs, a torch copy of the same weights
+        (the transformers engine's own copy serves)."""
+        own = isinstance(self.engine, HFRolloutEngine)
+        self.behaviour = None
+        self.behaviour_copy = False  # a copy of its own, loaded apart from the engine
+        if self.learner.needs_behaviour:
+            self.behaviour = self.engine.model if own else behaviour_model(self.model)
+            self.behaviour_copy = not own
+        self.engine_version = None if self.engine_stale else self.start_step - 1
+        self.snapshot: Snapshot | None = None
+        ahead = RolloutsAhead(
+            self._produce_ahead, self.settings.rollout_threads or self.settings.torch_threads
+        )
+        ahead.restore(self.produced_ahead)
+        return ahead
 
     def _load_model(self, checkpoint) -> None:
         """The policy (from `checkpoint` when resuming) and the rollout engine."""
@@ -145,7 +180,11 @@ class RunLoop:
         self.model, self.tokenizer = load_policy(spec, self.device, checkpoint)
         self.ranks.align(self.model)
         self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(
-            self.model, self.tokenizer, self.device, synced=spec.resources.strategy == "fsdp"
+            self.model,
+            self.tokenizer,
+            self.device,
+            synced=spec.resources.strategy == "fsdp",
+            own_copy=spec.training.max_lag > 0,  # it samples older weights than the learner's
         )
         self.engine_eos = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         self.eos_id = self.engine_eos[0]
@@ -200,6 +239,7 @@ class RunLoop:
         each = state.get("rng_ranks") or [state["rng"]]
         restore_rng(each[self.ranks.rank] if len(each) == self.ranks.world else state["rng"])
         self.start_step, self.checkpointed = step + 1, step
+        self.produced_ahead = {int(s): decode(p) for s, p in state.get("ahead", {}).items()}
         if self.lead:
             self.recorder.event(
                 EventType.RUN_RESUMED,
@@ -245,6 +285,8 @@ class RunLoop:
                 if step % every == 0 or step == total:
                     self._checkpoint(step)
         finally:
+            if self.ahead is not None:
+                self.ahead.close()  # after the job it runs now: it may be using the engine
             if self.episodes is not None:
                 self.episodes.environment.close()
             self.engine.close()
@@ -273,33 +315,136 @@ class RunLoop:
             raise Paused(done)
 
     @contextmanager
-    def _phase(self, name: str, step: int, times: dict[str, float]) -> Iterator[None]:
-        """One phase of a step: watched by the step watchdog, timed as time/<name>_s."""
-        self.watchdog.enter(name, step)
+    def _phase(
+        self, name: str, step: int, times: dict[str, float], watched: bool = True
+    ) -> Iterator[None]:
+        """One phase of a step: watched by the step watchdog (the main thread's phases), timed
+        as time/<name>_s."""
+        if watched:
+            self.watchdog.enter(name, step)
         start = time.perf_counter()
         yield
         times[f"time/{name}_s"] = time.perf_counter() - start
 
     def _step(self, step: int) -> None:
+        if self.ahead is not None:
+            return self._step_ahead(step)
         times: dict[str, float] = {}
+        produced = self._produce(step, times, watched=True)
+        self._train(step, produced, times)
+
+    def _produce(self, step: int, times: dict[str, float], watched: bool) -> Produced:
+        """Step `step`'s groups: drawn, rolled out and rewarded (`watched`: by the main thread,
+        in the watchdog's phases)."""
         slots = self._draw(step)  # the same on every rank
-        with self._phase("weight_sync", step, times):
-            k = self.spec.algorithm.group_size
-            if any(sampled_by_run(group, k) for _, group in slots):  # whole groups sample nothing
-                self._sync_engine()  # once per step: nothing samples between the step's updates
-        with self._phase("rollout", step, times):
+        if watched:
+            with self._phase("weight_sync", step, times):
+                k = self.spec.algorithm.group_size
+                if any(sampled_by_run(group, k) for _, group in slots):  # whole groups: none
+                    self._sync_engine()  # once per step: nothing samples between its updates
+        with self._phase("rollout", step, times, watched):
             rollouts, mine = self._roll_out(step, slots)
-        with self._phase("reward", step, times):
+        with self._phase("reward", step, times, watched):
             scores = self._rewards(step, slots, rollouts)
+        environment_s = 0.0
+        if self.episodes is not None:  # part of time/rollout_s: the environment's answers
+            environment_s, self.episodes.environment_s = self.episodes.environment_s, 0.0
+        return Produced(
+            slots,
+            rollouts,
+            scores,
+            version=step - 1,
+            times=times,
+            posted=self.posted_taken,
+            environment_s=environment_s,
+            mine=mine,
+        )
+
+    def _train(
+        self, step: int, produced: Produced, times: dict[str, float], extra: dict | None = None
+    ) -> None:
+        """Learn from a step's groups, publish, record (`extra`: metrics to add)."""
         with self._phase("learn", step, times):
-            stats = self._learn(step, mine, scores)
+            stats = self._learn(step, produced)
         if self._publishes(step):
             with self._phase("publish", step, times):
                 self._publish(step)
         self.watchdog.leave()
         if self.lead:
-            self._record(step, slots, rollouts, scores, stats, times)
+            self._record(step, produced, stats, times, extra or {})
             self._warn_on_drift(step, stats.logprob_diff_max)
+
+    # -- async (training.max_lag > 0): workers/ahead.py ---------------------------------------
+
+    def _step_ahead(self, step: int) -> None:
+        """Hand the producer the weights after step-1 for step step+max_lag (at the start, for
+        every step up to it), take step `step`'s groups, train."""
+        started = time.perf_counter()
+        last = min(step + self.spec.training.max_lag, self.spec.training.steps)
+        if self.ahead.submitted < last:
+            snapshot = self._snapshot(step - 1)
+            for later in range(self.ahead.submitted + 1, last + 1):
+                self.ahead.submit(later, snapshot)
+        self.watchdog.enter("rollout", step)  # a producer that hangs fails the run as ever
+        idle = time.perf_counter()
+        try:
+            produced = self.ahead.take(step)
+        except StopWaiting as stop:  # asked while it waited for posted groups
+            self._follow(stop.stop, step - 1)
+            raise
+        idle = time.perf_counter() - idle
+        times = dict(produced.times)
+        extra = {
+            "async/lag_mean": float(step - 1 - produced.version),
+            "async/learner_idle_s": idle,
+            "async/rollout_idle_s": self.ahead.idle_s,
+        }
+        self.ahead.idle_s = 0.0
+        self._train(step, produced, times, extra | {"started": started})
+
+    def _snapshot(self, version: int) -> Snapshot:
+        """The learner's weights now (after step `version`), copied once for every job that
+        samples with them."""
+        if self.snapshot is None or self.snapshot.version != version:
+            trained = trained_parameters(self.model) if self.behaviour_copy else None
+            self.snapshot = Snapshot(version, self.engine.snapshot(self.model), trained)
+        return self.snapshot
+
+    def _sample_with(self, snapshot: Snapshot) -> None:
+        """Load the engine (and the copy for the sampling policy's log-probs) with a snapshot's
+        weights, unless it holds them (the producer's, or the learner's while none runs)."""
+        if self.engine_version == snapshot.version:
+            return
+        self.engine.load_snapshot(snapshot.engine)
+        if self.behaviour_copy:
+            self.behaviour.load_state_dict(snapshot.trained, strict=False)
+        self.engine_version = snapshot.version
+
+    def _produce_ahead(self, step: int, snapshot: Snapshot) -> Produced:
+        """The producer's job for step `step` (on its thread)."""
+        times: dict[str, float] = {}
+        with self._phase("weight_sync", step, times, watched=False):
+            self._sample_with(snapshot)
+        produced = self._produce(step, times, watched=False)
+        produced.version, produced.mine = snapshot.version, None
+        if self.behaviour is not None:
+            with self._phase("behaviour_logps", step, times, watched=False):
+                batch = self._batch(produced.rollouts, produced.scores.rewards)
+                produced.behaviour = self.learner.behaviour_logps(self.behaviour, batch)
+        return produced
+
+    def _quiesce(self, step: int) -> dict[int, Produced]:
+        """Wait for every job in flight (a checkpoint or an evaluation after step `step`); the
+        steps produced after it, up to the first that failed."""
+        if self.ahead is None:
+            return {}
+        done = {}
+        for later, future in sorted(self.ahead.futures.items()):
+            try:
+                done[later] = future.result()
+            except Exception:
+                break
+        return {s: p for s, p in done.items() if s > step}
 
     def _draw(self, step: int) -> list[Slot]:
         """The step's prompts and off-policy groups (posted to the run first, then the file's)."""
@@ -327,6 +472,8 @@ class RunLoop:
             kind, value = self.ranks.share(decision)
             if kind == "groups":
                 return value
+            if value and self.ahead is not None:  # the producer's: the learner stops the run
+                raise StopWaiting(value)
             self._follow(value, step - 1)
             waiting = True
             time.sleep(WAIT_POLL_S)
@@ -400,13 +547,11 @@ class RunLoop:
             score_slots(self.scorer, step, slots, rollouts) if self.lead else None
         )
 
-    def _learn(self, step: int, mine: list[Rollout], scores: Scores) -> LearnStats:
-        """One learner step on this rank's groups (statistics summed over the ranks)."""
-        rewards = self.ranks.shard(scores.rewards)  # (G / ranks, k): this rank's groups
+    def _batch(self, mine: list[Rollout], rewards: torch.Tensor) -> GroupBatch:
         reported = any(c.logprobs is not None for r in mine for c in r.completions)
         masked = any(c.mask is not None for r in mine for c in r.completions)
         segmented = any(c.segments is not None for r in mine for c in r.completions)
-        batch = GroupBatch(
+        return GroupBatch(
             [r.prompt_ids for r in mine],
             [[c.token_ids for c in r.completions] for r in mine],
             rewards,
@@ -414,6 +559,18 @@ class RunLoop:
             [[c.mask for c in r.completions] for r in mine] if masked else None,
             [[c.segments for c in r.completions] for r in mine] if segmented else None,
         )
+
+    def _learn(self, step: int, produced: Produced) -> LearnStats:
+        """One learner step on this rank's groups (statistics summed over the ranks)."""
+        rewards = self.ranks.shard(produced.scores.rewards)  # (G / ranks, k): this rank's groups
+        mine = produced.rollouts if produced.mine is None else produced.mine
+        batch = self._batch(mine, rewards)
+        if self.ahead is not None:
+            # The engine's log-probs are checked against the sampling weights' (the learner's
+            # are newer); without those there is nothing to check them against.
+            batch.behaviour_logps = produced.behaviour
+            if produced.behaviour is None:
+                batch.sampling_logps = None
         stats = self.learner.learn(batch, step)
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
         if not math.isfinite(stats.loss):
@@ -426,19 +583,22 @@ class RunLoop:
     def _record(
         self,
         step: int,
-        slots: list[Slot],
-        rollouts: list[Rollout],
-        scores: Scores,
+        produced: Produced,
         stats: LearnStats,
         times: dict[str, float],
+        extra: dict[str, float],
     ) -> None:
-        posted = self.posted_taken if self.spec.training.offpolicy_fraction else None
+        """`extra`: an async step's metrics, and when it started (its time/step_s)."""
+        if (started := extra.pop("started", None)) is not None:
+            times["time/step_s"] = time.perf_counter() - started
+        posted = produced.posted if self.spec.training.offpolicy_fraction else None
+        slots, rollouts, scores = produced.slots, produced.rollouts, produced.scores
         record = step_record(
             step, slots, rollouts, scores, stats, self.learner.lr_at(step), times, posted
         )
+        record.metrics.update(extra)
         if self.episodes is not None:  # part of time/rollout_s: the environment's answers
-            record.metrics["time/environment_s"] = self.episodes.environment_s
-            self.episodes.environment_s = 0.0
+            record.metrics["time/environment_s"] = produced.environment_s
         self.recorder.record_step(step, record.metrics, record.samples, record.tokens_generated)
         record_errors(self.recorder, step, scores.errors, len(record.samples), "train")
 
@@ -488,7 +648,11 @@ class RunLoop:
         and eval/reward_mean at that step (each engine takes a share of the prompts)."""
         spec, examples = self.spec.eval, self.eval_examples
         self.watchdog.enter("eval", step)
-        self._sync_engine()
+        if self.ahead is not None:  # the producer is done with the engine until the next job
+            self._quiesce(step)
+            self._sample_with(self._snapshot(step))
+        else:
+            self._sync_engine()
         padded = examples + examples[-1:] * (-len(examples) % self.ranks.engines)  # equal shares
         generated = self._generate(
             step, self.ranks.engine_share(padded), spec.samples_per_prompt, "eval"
@@ -536,6 +700,7 @@ class RunLoop:
         (under FSDP gathered whole from the shards), and each rank's RNG state, so that a
         resumed rank samples as it would have."""
         self.watchdog.enter("checkpoint", step)
+        ahead = self._quiesce(step)  # before the RNG and the cursors: the producer's are ahead
         rngs = self.ranks.gather(rng_state())
         model_state, optimizer_state = self.learner.checkpoint_state()
         self.checkpointed = step
@@ -546,6 +711,8 @@ class RunLoop:
             extra["offpolicy_cursor"] = self.groups.cursor()
         if self.ranks.world > 1:
             extra["rng_ranks"] = rngs
+        if self.ahead is not None:
+            extra["ahead"] = {str(s): encode(p) for s, p in ahead.items()}
         self.checkpoints.save(
             step, self.spec, self.model, self.tokenizer, extra, optimizer_state, model_state
         )

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 INT32_MAX = 2**31 - 1  # the database's integer columns (steps, counts, event ids)
 
 MAX_STEPS = 1_000_000
+MAX_LAG = 8  # training.max_lag: rollouts generated ahead, each holding a copy of the weights
 MAX_PROMPTS_PER_STEP = 65_536
 MAX_GROUP_SIZE = 512
 MAX_TOKENS = 1_048_576  # max_new_tokens, max_model_len: beyond any model's context today

@@ -24,6 +24,7 @@ from service.contract.limits import (
     MAX_GROUP_SIZE,
     MAX_ID,
     MAX_KEPT_CHECKPOINTS,
+    MAX_LAG,
     MAX_LORA_RANK,
     MAX_PATH,
     MAX_PROMPT_CHARS,
@@ -249,6 +250,14 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
+    max_lag: int = Field(
+        0,
+        ge=0,
+        le=MAX_LAG,
+        description="async GVPO: the rollout engine samples step t's groups with the weights "
+        "of step t-1-max_lag while the learner trains the steps before it (0: each step "
+        "samples with the latest weights, one phase after another)",
+    )
 
     @field_validator("wait_for_groups")
     @classmethod
@@ -465,6 +474,11 @@ class RunSpec(_Strict):
             raise ValueError(
                 "strategy 'fsdp' is for full fine-tuning: a LoRA adapter is small, "
                 "so train it with 'ddp' (or set model.lora to null)"
+            )
+        if training is not None and training.max_lag and v.ranks > 1:
+            raise ValueError(
+                f"training.max_lag runs one training process for now; this run has {v.ranks} "
+                "(resources.gpus / resources.processes): set max_lag to 0 or use one process"
             )
         if info.data.get("environment") is not None and v.ranks > 1:
             raise ValueError(

@@ -19,6 +19,11 @@ policy that sampled the batch.
   from served traffic whose contexts do not extend one another: workers/traffic.py): one
   sequence per segment, whose completion log-probs are joined back per completion, so s_i still
   sums over all of its sampled tokens, each given exactly the context it was sampled in.
+- An async run's batch (training.max_lag, workers/ahead.py) was sampled by older weights than
+  the learner's: the sampling policy's log-probs then come with the batch (behaviour_logps,
+  taken with a copy of those weights), and serve wherever the synchronous loop takes the
+  weights before the step's first update (pi_ref under reference="sampling", GRPO's ratios).
+  GVPO with reference="initial" needs none of them.
 - Groups whose rewards are all equal carry no reward signal and are skipped by default.
 - The step's groups are split into `mini_batches` optimizer updates. Each update runs in
   micro-batches packed with whole groups up to `micro_batch_tokens`; per-group losses are summed
@@ -83,6 +88,10 @@ class GroupBatch:
     # (G, k): a completion's segments, each scored given its own prompt (completion_ids and
     # masks then hold them joined); None for one that follows its group's prompt
     segments: list[list[list[Segment] | None]] | None = None
+    # (G, k, tokens): each completion's token log-probs under the weights that sampled the
+    # step, computed by behaviour_logps() (an async run's, whose batch the learner's current
+    # weights did not sample; None: the weights before the step's first update sampled it)
+    behaviour_logps: list[list[list[float]]] | None = None
 
     def pieces(self, g: int, i: int) -> list[Segment]:
         """Completion i of group g as the segments it is scored in (one, usually)."""
@@ -316,9 +325,37 @@ class Learner:
             with self.model.disable_adapter():
                 yield self.model
 
+    @property
+    def needs_behaviour(self) -> bool:
+        """Whether the learner uses the sampling policy's log-probs (reference "sampling", or a
+        ratio objective): an async run's producer then computes them (behaviour_logps)."""
+        return self.objective.needs_old_logps or self.config.algorithm.reference == "sampling"
+
     @torch.no_grad()
     def _token_logps(self, batch: GroupBatch, plan: list[list[int]], model) -> list[torch.Tensor]:
         return [sequence_logprobs(model, self._sequences(batch, mb)).token_logps for mb in plan]
+
+    def behaviour_logps(self, model, batch: GroupBatch) -> list[list[list[float]]]:
+        """(G, k, tokens): each completion's token log-probs under `model` (a copy of the weights
+        that sampled the batch), as the learner computes them; for GroupBatch.behaviour_logps.
+        Reads the learner's settings only, so another thread may call it while it trains."""
+        groups = list(range(len(batch.prompt_ids)))
+        plan = self.micro_batches(batch, groups)
+        rows = [row for logps in self._token_logps(batch, plan, model) for row in logps.tolist()]
+        k = batch.rewards.shape[1]
+        return [
+            [rows[g * k + i][: len(c)] for i, c in enumerate(batch.completion_ids[g])]
+            for g in groups
+        ]
+
+    def _given_logps(self, batch: GroupBatch, mb: list[int]) -> torch.Tensor:
+        """(B, C) the batch's behaviour log-probs of the micro-batch's completions (padded to
+        the longest; _update fits them to its pass's width)."""
+        rows = [row for g in mb for row in batch.behaviour_logps[g]]
+        out = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), device=self.device)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
+        return out
 
     def _reference_logps(self, batch: GroupBatch, plan: list[list[int]], first: bool) -> _Reference:
         """Everything this update needs from before the step's first update: the sampling
@@ -326,7 +363,9 @@ class Learner:
         initial model's (reference="initial")."""
         sampling = self.config.algorithm.reference == "sampling"
         old: list[torch.Tensor | None] = [None] * len(plan)
-        if (self.objective.needs_old_logps or sampling) and not first:
+        if batch.behaviour_logps is not None:
+            old = [self._given_logps(batch, mb) for mb in plan]
+        elif (self.objective.needs_old_logps or sampling) and not first:
             old = self._token_logps(batch, plan, self.model)
         if sampling:
             return _Reference(old=old, ref=old)
@@ -359,7 +398,10 @@ class Learner:
                     (lp.token_logps.sum() * 0.0).backward()
                 continue
             current = lp.token_logps.detach()
-            before_update = current if first else old
+            if batch.behaviour_logps is not None:
+                old = _fit(old, current.shape)
+                ref = old if self.config.algorithm.reference == "sampling" else ref
+            before_update = current if first and batch.behaviour_logps is None else old
             if batch.sampling_logps is not None and before_update is not None:
                 self._compare_sampling(batch, mb, before_update, lp.mask, tally)
             old = current if old is None else old
@@ -423,3 +465,11 @@ class Learner:
             resid_sq=float((actual - implicit).pow(2).sum()),
             spread_sq=float(actual.pow(2).sum()),
         )
+
+
+def _fit(logps: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(B, C') token log-probs cut or zero-padded to (B, C)."""
+    width = shape[1]
+    if logps.shape[1] >= width:
+        return logps[:, :width]
+    return torch.nn.functional.pad(logps, (0, width - logps.shape[1]))

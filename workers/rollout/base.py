@@ -85,6 +85,15 @@ class RolloutEngine(Protocol):
         """Make the next generate() sample from `model`'s current weights."""
         ...
 
+    def snapshot(self, model) -> object:
+        """A copy of `model`'s current weights that load_snapshot() takes later, after the
+        learner has moved on (async runs, workers/ahead.py)."""
+        ...
+
+    def load_snapshot(self, weights: object) -> None:
+        """Make the next generate() sample with a snapshot's weights."""
+        ...
+
     def offload(self) -> None:
         """Free what generation holds (KV cache, weights) until the next load_weights()."""
         ...

@@ -2,8 +2,12 @@
 
 Sharing the module means generate() always sees the learner's latest weights, so there is
 nothing to sync or offload; the cost is that generation runs at training precision without
-paged attention or continuous batching, which is what vLLM is for.
+paged attention or continuous batching, which is what vLLM is for. An async run's engine
+(training.max_lag, workers/ahead.py) samples with older weights than the learner's while it
+trains, so it holds a copy of the model instead, loaded from snapshots of the learner's.
 """
+
+import copy
 
 import torch
 
@@ -17,10 +21,16 @@ MAX_SEQUENCES_PER_BATCH = 256
 class HFRolloutEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer, device: torch.device, synced: bool = False) -> None:
+    def __init__(
+        self, model, tokenizer, device: torch.device, synced: bool = False, own_copy: bool = False
+    ) -> None:
         """`synced`: the model is sharded (FSDP), so every rank must run the same number of
-        forward passes; ranks that finish early keep stepping until all are done."""
+        forward passes; ranks that finish early keep stepping until all are done. `own_copy`:
+        sample with a copy of `model`, loaded by load_snapshot() (an async run's)."""
+        if own_copy:
+            model = copy.deepcopy(model).eval().requires_grad_(False)
         self.model, self.tokenizer, self.device, self.synced = model, tokenizer, device, synced
+        self.own_copy = own_copy
         self.tokenizer.padding_side = "left"
         self.eos_ids = eos_token_ids(model.generation_config.eos_token_id, tokenizer)
         self.builder = CompletionBuilder(tokenizer, self.eos_ids)
@@ -33,7 +43,16 @@ class HFRolloutEngine:
         return rollouts
 
     def load_weights(self, model) -> None:
-        """Nothing to do: generate() runs the learner's own module."""
+        """Nothing to do when generate() runs the learner's own module."""
+        if self.own_copy:
+            self.load_snapshot(self.snapshot(model))
+
+    def snapshot(self, model) -> dict[str, torch.Tensor]:
+        """A copy of the weights `model` trains (a LoRA adapter's, or all)."""
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_snapshot(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights, strict=False)
 
     def offload(self) -> None:
         """Nothing to free: the model is the learner's."""

@@ -25,7 +25,7 @@ import gc
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -145,10 +145,15 @@ class VLLMRolloutEngine:
         ]
 
     def load_weights(self, model) -> None:
+        self.load_snapshot(policy_weights(model))
+
+    def snapshot(self, model) -> list[tuple[str, torch.Tensor]]:
+        """A copy of `model`'s weights as load_weights() would send them (LoRA merged)."""
+        return [(name, tensor.clone()) for name, tensor in policy_weights(model)]
+
+    def load_snapshot(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         self._wake(["weights"])
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": policy_weights(model)}
-        )
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         self.llm.reset_prefix_cache()
 
     def offload(self) -> None:

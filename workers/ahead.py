@@ -1,0 +1,201 @@
+"""Async GVPO (training.max_lag = N > 0): steps' groups are produced on a thread of their own
+while the learner trains the steps before them (DESIGN.md §v2.4).
+
+The schedule is fixed, so that a run resumed from a checkpoint goes on exactly as one that never
+stopped: step t's groups are sampled with the weights after step max(0, t-1-N), and rewarded,
+while the learner trains steps t-N .. t-1. At the top of step t the learner hands the producer a
+snapshot of its weights (after step t-1) for step t+N, then takes step t's groups.
+
+- One producer thread runs the jobs in step order: load the snapshot into the engine (unless it
+  is already there), draw the step's prompts and groups, roll out, reward. It owns the rollout
+  engine, the prompt sampler and the random number generators between the learner's
+  checkpoints; the learner draws no random numbers (its dropout is switched off), so what the
+  producer samples does not depend on how the two threads interleave.
+- Where the learner needs the sampling policy's own log-probs (reference "sampling", and the
+  GRPO baselines' ratios), the producer computes them right after sampling with a torch copy of
+  the sampling weights, with the learner's code: exact, whatever the engine reports.
+- A checkpoint (and an evaluation, and a pause) first waits for every job in flight; the groups
+  already produced for the steps after the checkpoint are saved in it (as JSON) and taken up
+  again on resume, so the resumed run trains exactly what the uninterrupted one would have.
+- A job that fails (a reward webhook that never answers, a stop asked while waiting for posted
+  groups) fails every job after it: the learner sees the failure when it takes that step.
+"""
+
+import copy
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, fields, is_dataclass
+
+import torch
+
+from workers.data import Example
+from workers.offpolicy import Group, Slot
+from workers.rewards.base import GradingErrors, Scores
+from workers.rollout.base import Completion, Rollout, Segment, Turn
+
+
+@dataclass
+class Produced:
+    """A step's groups as the rollout side made them, ready for the learner."""
+
+    slots: list[Slot]
+    rollouts: list[Rollout]  # every group's
+    scores: Scores
+    version: int  # the step whose weights sampled them (0: the starting weights)
+    times: dict[str, float] = field(default_factory=dict)  # time/<phase>_s of the producer
+    posted: int = 0  # groups posted to the run that the step took
+    environment_s: float = 0.0  # time the environment took to answer (episodes)
+    mine: list[Rollout] | None = None  # this rank's groups' rollouts (None: every group's)
+    # (G, k, tokens): each completion's token log-probs under the weights that sampled it,
+    # computed by the learner's code (None: the learner does not need them)
+    behaviour: list[list[list[float]]] | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The learner's weights after step `version`, copied for the producer."""
+
+    version: int
+    engine: object  # what the engine loads (RolloutEngine.snapshot)
+    trained: dict[str, torch.Tensor] | None  # the policy's trained parameters, for its copy
+
+
+class StopWaiting(Exception):
+    """Raised by a job waiting for posted groups when the run is asked to stop ("cancel",
+    "pause") or lost its lease ("lost"); the learner then stops as it would have."""
+
+    def __init__(self, stop: str) -> None:
+        super().__init__(stop)
+        self.stop = stop
+
+
+class EarlierJobFailed(Exception):
+    """A job not run because one before it failed."""
+
+
+class RolloutsAhead:
+    """The producer thread and the jobs submitted to it, one per step, in step order."""
+
+    def __init__(self, produce: Callable[[int, Snapshot], Produced], threads: int) -> None:
+        """`produce(step, snapshot)` makes a step's groups with the snapshot's weights;
+        `threads`: torch's intra-op threads for the producer (its share of the budget)."""
+        self.produce, self.threads = produce, threads
+        self.jobs: queue.Queue = queue.Queue()
+        self.futures: dict[int, Future] = {}
+        self.submitted = 0  # the last step submitted (or restored)
+        self.idle_s = 0.0  # time the producer waited for a job since the last take()
+        self.failed = False
+        self.thread = threading.Thread(target=self._serve, name="gvpo-rollouts", daemon=True)
+        self.thread.start()
+
+    def restore(self, produced: dict[int, Produced]) -> None:
+        """Steps produced before a checkpoint, taken up on resume."""
+        for step, done in sorted(produced.items()):
+            future: Future = Future()
+            future.set_result(done)
+            self.futures[step] = future
+            self.submitted = max(self.submitted, step)
+
+    def submit(self, step: int, snapshot: Snapshot) -> None:
+        future: Future = Future()
+        self.futures[step] = future
+        self.submitted = step
+        self.jobs.put((step, snapshot, future))
+
+    def take(self, step: int) -> Produced:
+        """Step `step`'s groups, once produced (re-raising the job's failure)."""
+        return self.futures.pop(step).result()
+
+    def drain(self) -> dict[int, Produced]:
+        """Wait for every job in flight; the steps produced and not yet taken."""
+        return {step: future.result() for step, future in sorted(self.futures.items())}
+
+    def close(self) -> None:
+        """Stop after the job running now (the engine may be released only then)."""
+        self.failed = True  # every job still queued is skipped
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _serve(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread's own OpenMP team
+        while True:
+            waited = time.perf_counter()
+            job = self.jobs.get()
+            self.idle_s += time.perf_counter() - waited
+            if job is None:
+                return
+            step, snapshot, future = job
+            if self.failed:
+                future.set_exception(EarlierJobFailed(f"step {step}: an earlier step failed"))
+                continue
+            try:
+                future.set_result(self.produce(step, snapshot))
+            except BaseException as exc:  # handed to the learner, which fails the run with it
+                self.failed = True
+                future.set_exception(exc)
+
+
+def behaviour_model(model):
+    """A frozen torch copy of the policy, which the producer loads with each snapshot's
+    trained parameters."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def trained_parameters(model) -> dict[str, torch.Tensor]:
+    """A copy of the parameters the learner trains (a LoRA adapter's, or every weight)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def without_dropout(model) -> None:
+    """Switch off the model's dropout, so that the learner draws no random numbers (the
+    producer's sampling then does not depend on how the two threads interleave)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+# -- groups produced ahead, in a checkpoint ------------------------------------------------------
+
+_TYPES = {
+    cls.__name__: cls
+    for cls in (Produced, Example, Group, Rollout, Completion, Turn, Segment, Scores, GradingErrors)
+}
+
+
+def encode(value):
+    """Produced (and what it holds) as JSON: dataclasses by type name, tensors as lists."""
+    if is_dataclass(value):
+        return {
+            "__type__": type(value).__name__,
+            **{f.name: encode(getattr(value, f.name)) for f in fields(value)},
+        }
+    if isinstance(value, torch.Tensor):
+        return {"__tensor__": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return {"__tuple__": [encode(v) for v in value]}
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: encode(v) for k, v in value.items()}
+    return value
+
+
+def decode(value):
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return torch.tensor(value["__tensor__"], dtype=getattr(torch, value["dtype"]))
+    if "__tuple__" in value:
+        return tuple(decode(v) for v in value["__tuple__"])
+    if "__type__" in value:
+        cls = _TYPES[value["__type__"]]
+        return cls(**{k: decode(v) for k, v in value.items() if k != "__type__"})
+    return {k: decode(v) for k, v in value.items()}
