@@ -4,6 +4,7 @@
 repository root:
 
     .venv-bench/bin/python bench/e2e.py [--threads 1] [--sizes tiny,50m] [--steps 8] [--warmup 2]
+    .venv-bench/bin/python bench/e2e.py --threads 2 --max-lag 1 [--rollout-threads 1]
 
 What is compared: one training step = rollout (P prompts x k completions of at most L tokens,
 temperature 1, top_p 1, stopping at EOS) + reward + learn + weight sync, on the same saved
@@ -15,7 +16,12 @@ random-init model (float32), the same "copy this string" prompts and the same re
   with beta 0.1 and reference "sampling", group_size k, prompts_per_step P, mini_batches 1, only
   the final checkpoint), run by `workers.execute.execute_run`. A step's seconds are the sum of
   its recorded time/{weight_sync,rollout,reward,learn}_s metrics (so the database writes of
-  metrics and samples between steps are not counted).
+  metrics and samples between steps are not counted). With --max-lag N (async GVPO,
+  training.max_lag) the phases overlap and a step's seconds are its time/step_s instead (its
+  wall time, records included); the thread budget is split: --rollout-threads for the thread
+  that samples, the rest for the learner. "overlap" is then the step's seconds over the larger
+  side, max(sync + rollout + reward, learn): 1.0 when the two sides overlap perfectly, about
+  (a + b) / max(a, b) when they do not overlap at all.
 - trl:  `GRPOTrainer.train()` with use_vllm=False (transformers generate() on the policy
   itself, so there is no weight sync), num_generations k, per_device_train_batch_size P*k,
   max_completion_length L, float32 like ours (bf16=False: TRL's default is bf16 autocast),
@@ -24,7 +30,9 @@ random-init model (float32), the same "copy this string" prompts and the same re
   generation, reward and the update. TRL too stops each completion at EOS (generate() stops
   once every row has; tokens after EOS are masked out).
 
-Each side runs in a fresh subprocess with the same thread count. Reported per side: the median
+Each side runs in a fresh subprocess with the same thread budget (--threads; the process is
+also confined to that many cores, so the budget holds whatever threads a library starts).
+Reported per side: the median
 s/step over the steps left after dropping --warmup steps (ours' first step includes vLLM's
 first-call warm-up, its second the first weight sync; both sides' first update allocates the
 optimizer state); the medians of sync/rollout/reward/learn (TRL: generate() and the reward call
@@ -32,12 +40,16 @@ are timed by wrapping them, learn is the rest of its step); the mean completion 
 sides must do comparable generation work); the share of groups the learner trained on (ours
 skips groups whose k rewards are all equal, TRL trains every group with zero advantage;
 --train-all-groups makes ours train them too); the
-whole run's wall seconds including start-up (the vLLM engine build for ours); and ours/trl.
+whole run's wall seconds including start-up (the vLLM engine build for ours); the reward gained
+(mean reward of the last quarter of the steps minus the first quarter's) and the seconds per
+unit of reward gained (the steps' seconds over that gain; "-" when nothing was gained); and
+ours/trl.
 """
 
 import argparse
 import io
 import json
+import os
 import random
 import statistics
 import sys
@@ -87,7 +99,12 @@ def submit(settings, model_dir: str, P: int, k: int, L: int, args) -> str:
         "sampling": {"max_new_tokens": L, "temperature": 1.0, "top_p": 1.0},
         "rollout": {"engine": "vllm"},
         "optimizer": {"lr": LR, "grad_clip": GRAD_CLIP},
-        "training": {"steps": args.steps, "prompts_per_step": P, "mini_batches": 1},
+        "training": {
+            "steps": args.steps,
+            "prompts_per_step": P,
+            "mini_batches": 1,
+            "max_lag": args.max_lag,
+        },
         "checkpoint": {"every_steps": 10**6, "keep_last": 1},  # only the final one
     }
     with session_scope(settings.resolved_database_url) as session:
@@ -109,7 +126,12 @@ def ours(args, P: int, k: int, L: int) -> dict:
     from workers.execute import execute_run
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        settings = Settings(data_dir=Path(tmp) / "gvpo", torch_threads=args.threads)
+        rollout = args.rollout_threads if args.max_lag else 0
+        settings = Settings(
+            data_dir=Path(tmp) / "gvpo",
+            torch_threads=args.threads - rollout,
+            rollout_threads=rollout or None,
+        )
         prepare(settings)
         run_id = submit(settings, args.model_dir, P, k, L, args)
         start = time.perf_counter()
@@ -123,9 +145,12 @@ def ours(args, P: int, k: int, L: int) -> dict:
                 metrics.setdefault(m.name, {})[m.step] = m.value
     steps = sorted(metrics["time/learn_s"])
     split = {p: [metrics[f"time/{p}_s"][s] for s in steps] for p in PARTS}
+    summed = [sum(split[p][i] for p in PARTS) for i in range(len(steps))]
     return {
-        "times": [sum(split[p][i] for p in PARTS) for i in range(len(steps))],
+        "times": [metrics["time/step_s"][s] for s in steps] if args.max_lag else summed,
         "split": split,
+        "rewards": [metrics["reward/mean"][s] for s in steps],
+        "async": bool(args.max_lag),
         "lengths": [metrics["response_length/mean"][s] for s in steps],
         "wall_s": wall,
         # groups whose k rewards are all equal are skipped by the learner (TRL trains them
@@ -200,12 +225,10 @@ def trl(args, P: int, k: int, L: int) -> dict:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    lengths = [
-        h["completions/mean_length"]
-        for h in trainer.state.log_history
-        if "completions/mean_length" in h
-    ]
-    return {"times": times, "split": split, "lengths": lengths, "wall_s": wall}
+    logged = trainer.state.log_history
+    lengths = [h["completions/mean_length"] for h in logged if "completions/mean_length" in h]
+    rewards = [h["reward"] for h in logged if "reward" in h]
+    return {"times": times, "split": split, "lengths": lengths, "rewards": rewards, "wall_s": wall}
 
 
 def timed(fn, into: list[float]):
@@ -225,6 +248,7 @@ def worker(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    os.sched_setaffinity(0, range(args.threads))  # the budget, whatever threads a library starts
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     P, k, L = SIZES[args.size][1]
@@ -240,7 +264,15 @@ def run_side(args, side: str, size: str, model_dir: str) -> dict:
         size,
         model_dir,
         args.threads,
-        ["--steps", str(args.steps), *(["--train-all-groups"] if args.train_all_groups else [])],
+        [
+            "--steps",
+            str(args.steps),
+            "--max-lag",
+            str(args.max_lag),
+            "--rollout-threads",
+            str(args.rollout_threads),
+            *(["--train-all-groups"] if args.train_all_groups else []),
+        ],
     )
 
 
@@ -253,6 +285,16 @@ def table_rows(size: str, shape: tuple, res: dict, warmup: int) -> list[list[str
             f"{statistics.median(split[p][warmup:]):.2f}" if any(split[p]) else "-" for p in PARTS
         ]
         ratio = f"{med['ours'] / med['trl']:.2f}" if side == "ours" and "trl" in med else ""
+        overlap = "-"
+        if r.get("async"):
+            rollout_side = statistics.median(
+                sum(split[p][i] for p in PARTS if p != "learn")
+                for i in range(warmup, len(r["times"]))
+            )
+            larger = max(rollout_side, statistics.median(split["learn"][warmup:]))
+            overlap = f"{med[side] / larger:.2f}"
+        gain = reward_gain(r["rewards"])
+        per_unit = f"{sum(r['times']) / gain:.1f}" if gain > 0 else "-"
         length = statistics.mean(r["lengths"][warmup:]) if r["lengths"][warmup:] else float("nan")
         trained = f"{statistics.mean(r['trained'][warmup:]):.0%}" if "trained" in r else "100%"
         rows.append(
@@ -265,10 +307,19 @@ def table_rows(size: str, shape: tuple, res: dict, warmup: int) -> list[list[str
                 f"{length:.1f}",
                 trained,
                 f"{r['wall_s']:.1f}",
+                overlap,
+                f"{gain:+.3f}",
+                per_unit,
                 ratio,
             ]
         )
     return rows
+
+
+def reward_gain(rewards: list[float]) -> float:
+    """Mean reward of the last quarter of the steps minus the first quarter's."""
+    quarter = max(1, len(rewards) // 4)
+    return statistics.mean(rewards[-quarter:]) - statistics.mean(rewards[:quarter])
 
 
 def main() -> None:
@@ -279,6 +330,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="training steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
     ap.add_argument(
+        "--max-lag", type=int, default=0, help="ours: training.max_lag (async GVPO; 0: sync)"
+    )
+    ap.add_argument(
+        "--rollout-threads",
+        type=int,
+        default=1,
+        help="ours with --max-lag: the sampling thread's share of --threads (the learner gets "
+        "the rest)",
+    )
+    ap.add_argument(
         "--train-all-groups",
         action="store_true",
         help="ours trains zero-variance groups too (algorithm.skip_zero_variance "
@@ -287,6 +348,8 @@ def main() -> None:
     args = common.parse_or_work(ap, ["ours", "trl"], worker)
     if args.steps <= args.warmup:
         sys.exit("--steps must exceed --warmup")
+    if args.max_lag and not 0 < args.rollout_threads < args.threads:
+        sys.exit("--rollout-threads must leave the learner at least one of --threads")
 
     from transformers.utils import logging as hf_logging
 
@@ -305,6 +368,9 @@ def main() -> None:
         "mean compl. len",
         "groups trained",
         "run wall s",
+        "overlap",
+        "reward gain",
+        "s per unit gained",
         "ours/trl",
     ]
     rows = []
@@ -318,7 +384,13 @@ def main() -> None:
             rows += table_rows(size, shape, res, args.warmup)
             common.check_threads(res, size, args.threads)
     common.print_table(
-        f"cpu float32, {args.threads} thread(s), {args.steps} steps per side, first "
+        f"cpu float32, {args.threads} thread(s) a side"
+        + (
+            f" (ours: {args.rollout_threads} sampling, the rest learning; max_lag {args.max_lag})"
+            if args.max_lag
+            else ""
+        )
+        + f", {args.steps} steps per side, first "
         f"{args.warmup} dropped, median of the rest; run wall = whole run incl. start-up; ours "
         f"{'trains' if args.train_all_groups else 'skips'} zero-variance groups",
         head,

@@ -48,7 +48,7 @@ def traffic(tokenizer, weights_step: int | None = 0) -> dict:
     return {"traffic": episodes, "source": "agent"}
 
 
-def waiting_run(settings, model_dir, **sections) -> str:
+def waiting_run(settings, model_dir, training: dict | None = None, **sections) -> str:
     """2 groups a step, one of them an off-policy slot that waits for a posted group."""
     return submit(
         settings,
@@ -59,6 +59,7 @@ def waiting_run(settings, model_dir, **sections) -> str:
             "mini_batches": 1,
             "offpolicy_fraction": 0.5,
             "wait_for_groups": True,
+            **(training or {}),
         },
         **sections,
     )

@@ -87,6 +87,7 @@ class RolloutsAhead:
         self.futures: dict[int, Future] = {}
         self.submitted = 0  # the last step submitted (or restored)
         self.idle_s = 0.0  # time the producer waited for a job since the last take()
+        self.waiting_for_groups = False  # a job waits for groups posted to the run
         self.failed = False
         self.thread = threading.Thread(target=self._serve, name="gvpo-rollouts", daemon=True)
         self.thread.start()
@@ -105,9 +106,15 @@ class RolloutsAhead:
         self.submitted = step
         self.jobs.put((step, snapshot, future))
 
-    def take(self, step: int) -> Produced:
-        """Step `step`'s groups, once produced (re-raising the job's failure)."""
-        return self.futures.pop(step).result()
+    def take(self, step: int, timeout: float | None = None) -> Produced:
+        """Step `step`'s groups, once produced (re-raising the job's failure); TimeoutError
+        when they are not there within `timeout` seconds (ask again)."""
+        future = self.futures[step]
+        try:
+            return future.result(timeout)
+        finally:
+            if future.done():
+                del self.futures[step]
 
     def drain(self) -> dict[int, Produced]:
         """Wait for every job in flight; the steps produced and not yet taken."""

@@ -385,10 +385,9 @@ class RunLoop:
             snapshot = self._snapshot(step - 1)
             for later in range(self.ahead.submitted + 1, last + 1):
                 self.ahead.submit(later, snapshot)
-        self.watchdog.enter("rollout", step)  # a producer that hangs fails the run as ever
         idle = time.perf_counter()
         try:
-            produced = self.ahead.take(step)
+            produced = self._take(step)
         except StopWaiting as stop:  # asked while it waited for posted groups
             self._follow(stop.stop, step - 1)
             raise
@@ -401,6 +400,23 @@ class RunLoop:
         }
         self.ahead.idle_s = 0.0
         self._train(step, produced, times, extra | {"started": started})
+
+    def _take(self, step: int) -> Produced:
+        """Step `step`'s groups, waited for in the watchdog's rollout phase (a producer that
+        hangs fails the run as in the synchronous loop), except while the producer waits for
+        groups posted to the run, which is no phase (training.wait_for_groups)."""
+        watched = False
+        while True:
+            if self.ahead.waiting_for_groups == watched:  # the phase starts or stops
+                watched = not watched
+                if watched:
+                    self.watchdog.enter("rollout", step)
+                else:
+                    self.watchdog.leave()
+            try:
+                return self.ahead.take(step, timeout=WAIT_POLL_S)
+            except TimeoutError:
+                continue
 
     def _snapshot(self, version: int) -> Snapshot:
         """The learner's weights now (after step `version`), copied once for every job that
@@ -471,11 +487,15 @@ class RunLoop:
                 decision = self._groups_or_stop(step, most, engines, whole, waiting)
             kind, value = self.ranks.share(decision)
             if kind == "groups":
+                if self.ahead is not None:
+                    self.ahead.waiting_for_groups = False
                 return value
             if value and self.ahead is not None:  # the producer's: the learner stops the run
                 raise StopWaiting(value)
             self._follow(value, step - 1)
             waiting = True
+            if self.ahead is not None:
+                self.ahead.waiting_for_groups = True
             time.sleep(WAIT_POLL_S)
 
     def _groups_or_stop(

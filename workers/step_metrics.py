@@ -64,7 +64,9 @@ def step_record(
         "groups/zero_variance_frac": stats.zero_variance_frac,
         "rollout/logprob_diff_max": stats.logprob_diff_max,
         **times,
-        "throughput/tokens_per_s": sampled / max(sum(times.values()), 1e-9),
+        # an async step's phases overlap: its wall time is time/step_s
+        "throughput/tokens_per_s": sampled
+        / max(times.get("time/step_s", sum(times.values())), 1e-9),
         **{f"reward/{label}/mean": part.mean().item() for label, part in scores.components.items()},
     }
     metrics |= episode_metrics(rollouts)
