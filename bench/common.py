@@ -1,5 +1,7 @@
 """What the benchmarks share: each side runs in a fresh subprocess with the same thread count
-and prints one JSON line; the parent prints a markdown table."""
+and prints one JSON line; the parent prints a markdown table. Ours runs the worker's code path
+on a run created through the service layer (`submit_run`, `execute`); TRL runs `GRPOTrainer`
+built by `grpo_trainer` with a built-in reward (`trl_reward`)."""
 
 import argparse
 import json
@@ -73,3 +75,130 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100)."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(len(ordered) * q / 100) - 1)] if ordered else float("nan")
+
+
+# --- ours: a run through the service layer, run by the worker's code path in this process -------
+
+
+def submit_run(settings, spec: dict, rows: list[dict], filename: str) -> str:
+    """Create a run as tests/helpers.py `submit()` does: a project with an API key, `rows`
+    uploaded as its train file, then the run of `spec` (its dataset set to that file)."""
+    import io
+
+    from service.auth.service import create_api_key
+    from service.contract.spec import RunSpec
+    from service.db import session_scope
+    from service.files.service import create_file
+    from service.runs.service import create_run
+
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with session_scope(settings.resolved_database_url) as session:
+        project, _ = create_api_key(session, "bench")
+        file = create_file(session, settings, project, io.BytesIO(data), filename, "train")
+        spec = {**spec, "dataset": {"train_file": file.id}}
+        run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
+        return run.id
+
+
+def execute(settings, run_id: str) -> None:
+    """Run it to the end with `workers.execute.execute_run`; exit with its error unless it
+    succeeded."""
+    from service.contract.states import RunStatus
+    from service.db import session_scope
+    from service.models import Run
+    from workers.execute import execute_run
+
+    status = execute_run(settings, run_id, "bench")
+    if status != RunStatus.SUCCEEDED:
+        with session_scope(settings.resolved_database_url) as session:
+            sys.exit(f"ours: run {status}: {session.get(Run, run_id).error}")
+
+
+def run_metrics(settings, run_id: str) -> dict[str, dict[int, float]]:
+    """The run's metrics: {name: {step: value}}."""
+    from sqlalchemy import select
+
+    from service.db import session_scope
+    from service.models import Metric
+
+    metrics: dict[str, dict[int, float]] = {}
+    with session_scope(settings.resolved_database_url) as session:
+        for m in session.scalars(select(Metric).where(Metric.run_id == run_id)):
+            metrics.setdefault(m.name, {})[m.step] = m.value
+    return metrics
+
+
+# --- TRL ---------------------------------------------------------------------------------------
+
+
+def trl_reward(name: str):
+    """Our built-in reward `name` as a TRL reward function over the rows' `answer` column
+    (TRL logs it under the function's name)."""
+    from service.contract.rewards import BUILTIN_REWARDS
+    from workers.rewards.builtin import get_reward
+
+    score, params = get_reward(name).fn, BUILTIN_REWARDS[name]()
+
+    def reward(completions, answer, **_):
+        return [score(c, a, params) for c, a in zip(completions, answer, strict=True)]
+
+    reward.__name__ = name
+    return reward
+
+
+def grpo_trainer(
+    model_dir: str,
+    rows: list[dict],
+    reward: str,
+    shape: tuple[int, int, int],
+    *,
+    lr: float,
+    grad_clip: float,
+    steps: int,
+    seed: int,
+    callbacks: list,
+):
+    """TRL's GRPOTrainer on `rows` with P prompts x k completions of at most L tokens a step
+    (`shape` = (P, k, L)), temperature 1, top_p 1, a constant learning rate, float32 on CPU, and
+    TRL's defaults otherwise, except those that would make its steps incomparable with ours:
+    no vLLM (transformers generate() on the policy itself, so no weight sync), no gradient
+    checkpointing (on by default in GRPOConfig, off in ours), no saving of its own."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    P, k, L = shape
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        report_to="none",
+        save_strategy="no",
+        per_device_train_batch_size=P * k,
+        num_generations=k,
+        max_completion_length=L,
+        temperature=1.0,
+        top_p=1.0,
+        learning_rate=lr,
+        max_grad_norm=grad_clip,
+        lr_scheduler_type="constant",
+        use_vllm=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        max_steps=steps,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=seed,
+        # GRPOConfig defaults to bf16=True, i.e. bf16 autocast even on CPU; ours runs float32 on
+        # CPU, so TRL does too (on CPUs with bf16 units autocast makes its passes ~2x cheaper).
+        bf16=False,
+    )
+    return GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        reward_funcs=trl_reward(reward),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        callbacks=callbacks,
+    )

@@ -47,8 +47,6 @@ ours/trl.
 """
 
 import argparse
-import io
-import json
 import os
 import random
 import statistics
@@ -78,15 +76,8 @@ def copy_rows(n: int = 64) -> list[dict]:
     return [{"prompt": f"{w}=", "answer": w} for w in words]
 
 
-def submit(settings, model_dir: str, P: int, k: int, L: int, args) -> str:
-    from service.auth.service import create_api_key
-    from service.contract.spec import RunSpec
-    from service.db import session_scope
-    from service.files.service import create_file
-    from service.runs.service import create_run
-
-    data = "".join(json.dumps(r) + "\n" for r in copy_rows()).encode()
-    spec = {
+def spec(model_dir: str, P: int, k: int, L: int, args) -> dict:
+    return {
         "model": {"path": model_dir},
         "reward": {"type": "builtin", "name": "char_accuracy"},
         "algorithm": {
@@ -107,23 +98,11 @@ def submit(settings, model_dir: str, P: int, k: int, L: int, args) -> str:
         },
         "checkpoint": {"every_steps": 10**6, "keep_last": 1},  # only the final one
     }
-    with session_scope(settings.resolved_database_url) as session:
-        project, _ = create_api_key(session, "bench")
-        file = create_file(session, settings, project, io.BytesIO(data), "copy.jsonl", "train")
-        spec["dataset"] = {"train_file": file.id}
-        run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
-        return run.id
 
 
 def ours(args, P: int, k: int, L: int) -> dict:
-    from sqlalchemy import select
-
     from service.config import Settings
-    from service.contract.states import RunStatus
-    from service.db import session_scope
     from service.migrate import prepare
-    from service.models import Metric, Run
-    from workers.execute import execute_run
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         rollout = args.rollout_threads if args.max_lag else 0
@@ -133,16 +112,13 @@ def ours(args, P: int, k: int, L: int) -> dict:
             rollout_threads=rollout or None,
         )
         prepare(settings)
-        run_id = submit(settings, args.model_dir, P, k, L, args)
+        run_id = common.submit_run(
+            settings, spec(args.model_dir, P, k, L, args), copy_rows(), "copy.jsonl"
+        )
         start = time.perf_counter()
-        status = execute_run(settings, run_id, "bench")
+        common.execute(settings, run_id)
         wall = time.perf_counter() - start
-        with session_scope(settings.resolved_database_url) as session:
-            if status != RunStatus.SUCCEEDED:
-                sys.exit(f"ours: run {status}: {session.get(Run, run_id).error}")
-            metrics: dict[str, dict[int, float]] = {}
-            for m in session.scalars(select(Metric).where(Metric.run_id == run_id)):
-                metrics.setdefault(m.name, {})[m.step] = m.value
+        metrics = common.run_metrics(settings, run_id)
     steps = sorted(metrics["time/learn_s"])
     split = {p: [metrics[f"time/{p}_s"][s] for s in steps] for p in PARTS}
     summed = [sum(split[p][i] for p in PARTS) for i in range(len(steps))]
@@ -162,17 +138,7 @@ def ours(args, P: int, k: int, L: int) -> dict:
 
 
 def trl(args, P: int, k: int, L: int) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from workers.rewards.builtin import RewardParams, get_reward
-
-    score = get_reward("char_accuracy").fn
-
-    def char_accuracy(completions, answer, **_):
-        return [score(c, a, RewardParams()) for c, a in zip(completions, answer, strict=True)]
+    from transformers import TrainerCallback
 
     times: list[float] = []
     split: dict[str, list[float]] = {p: [] for p in PARTS}
@@ -187,35 +153,15 @@ def trl(args, P: int, k: int, L: int) -> dict:
             times.append(time.perf_counter() - self.start)
             split["learn"][-1] = times[-1] - split["rollout"][-1] - split["reward"][-1]
 
-    config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-e2e-"),
-        report_to="none",
-        save_strategy="no",
-        per_device_train_batch_size=P * k,
-        num_generations=k,
-        max_completion_length=L,
-        temperature=1.0,
-        top_p=1.0,
-        learning_rate=LR,
-        max_grad_norm=GRAD_CLIP,
-        lr_scheduler_type="constant",
-        use_vllm=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        max_steps=args.steps,
-        logging_steps=1,
-        disable_tqdm=True,
+    trainer = common.grpo_trainer(
+        args.model_dir,
+        copy_rows(),
+        "char_accuracy",
+        (P, k, L),
+        lr=LR,
+        grad_clip=GRAD_CLIP,
+        steps=args.steps,
         seed=0,
-        # GRPOConfig defaults to bf16=True, i.e. bf16 autocast even on CPU; ours runs float32 on
-        # CPU, so TRL does too (on CPUs with bf16 units autocast makes its passes ~2x cheaper).
-        bf16=False,
-    )
-    trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32),
-        reward_funcs=char_accuracy,
-        args=config,
-        train_dataset=Dataset.from_list(copy_rows()),
-        processing_class=AutoTokenizer.from_pretrained(args.model_dir),
         callbacks=[StepTimer()],
     )
     # TRL reports its own timings only to wandb/mlflow/trackio, so the two phases are wrapped;
