@@ -12,8 +12,10 @@ snapshot of its weights (after step t-1) for step t+N, then takes step t's group
   checkpoints; the learner draws no random numbers (its dropout is switched off), so what the
   producer samples does not depend on how the two threads interleave.
 - Where the learner needs the sampling policy's own log-probs (reference "sampling", and the
-  GRPO baselines' ratios), the producer computes them right after sampling with a torch copy of
-  the sampling weights, with the learner's code: exact, whatever the engine reports.
+  GRPO baselines' ratios), the learner computes them with the snapshot that sampled the step
+  put in the policy's place (torch.func.functional_call): exact, whatever the engine reports.
+  The rollout side is usually the longer of the two, so the extra forward pass goes to the
+  learner; a checkpoint computes them for the steps in flight, as it keeps no snapshot.
 - A checkpoint (and an evaluation, and a pause) first waits for every job in flight; the groups
   already produced for the steps after the checkpoint are saved in it (as JSON) and taken up
   again on resume, so the resumed run trains exactly what the uninterrupted one would have.
@@ -21,7 +23,6 @@ snapshot of its weights (after step t-1) for step t+N, then takes step t's group
   groups) fails every job after it: the learner sees the failure when it takes that step.
 """
 
-import copy
 import queue
 import threading
 import time
@@ -143,12 +144,6 @@ class RolloutsAhead:
             except BaseException as exc:  # handed to the learner, which fails the run with it
                 self.failed = True
                 future.set_exception(exc)
-
-
-def behaviour_model(model):
-    """A frozen torch copy of the policy, which the producer loads with each snapshot's
-    trained parameters."""
-    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def trained_parameters(model) -> dict[str, torch.Tensor]:

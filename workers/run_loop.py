@@ -28,7 +28,6 @@ from workers.ahead import (
     RolloutsAhead,
     Snapshot,
     StopWaiting,
-    behaviour_model,
     decode,
     encode,
     trained_parameters,
@@ -153,16 +152,11 @@ class RunLoop:
             self._announce()
 
     def _start_ahead(self) -> RolloutsAhead:
-        """The producer of an async run's steps, and what it samples with: the engine, and where
-        the learner needs the sampling policy's log-probs, a torch copy of the same weights
-        (the transformers engine's own copy serves)."""
-        own = isinstance(self.engine, HFRolloutEngine)
-        self.behaviour = None
-        self.behaviour_copy = False  # a copy of its own, loaded apart from the engine
-        if self.learner.needs_behaviour:
-            self.behaviour = self.engine.model if own else behaviour_model(self.model)
-            self.behaviour_copy = not own
+        """The producer of an async run's steps (workers/ahead.py)."""
         self.engine_version = None if self.engine_stale else self.start_step - 1
+        # the snapshot each step in flight was sampled with, until the learner has the
+        # sampling policy's log-probs from it (when it needs them)
+        self.sampled_with: dict[int, Snapshot] = {}
         self.snapshot: Snapshot | None = None
         ahead = RolloutsAhead(
             self._produce_ahead, self.settings.rollout_threads or self.settings.torch_threads
@@ -422,19 +416,20 @@ class RunLoop:
         """The learner's weights now (after step `version`), copied once for every job that
         samples with them."""
         if self.snapshot is None or self.snapshot.version != version:
-            trained = trained_parameters(self.model) if self.behaviour_copy else None
-            self.snapshot = Snapshot(version, self.engine.snapshot(self.model), trained)
+            engine = self.engine.snapshot(self.model)
+            trained = None
+            if self.learner.needs_behaviour:  # the transformers engine's snapshot is just that
+                own = isinstance(self.engine, HFRolloutEngine)
+                trained = engine if own else trained_parameters(self.model)
+            self.snapshot = Snapshot(version, engine, trained)
         return self.snapshot
 
     def _sample_with(self, snapshot: Snapshot) -> None:
-        """Load the engine (and the copy for the sampling policy's log-probs) with a snapshot's
-        weights, unless it holds them (the producer's, or the learner's while none runs)."""
-        if self.engine_version == snapshot.version:
-            return
-        self.engine.load_snapshot(snapshot.engine)
-        if self.behaviour_copy:
-            self.behaviour.load_state_dict(snapshot.trained, strict=False)
-        self.engine_version = snapshot.version
+        """Load the engine with a snapshot's weights, unless it holds them (the producer's, or
+        the learner's while none runs)."""
+        if self.engine_version != snapshot.version:
+            self.engine.load_snapshot(snapshot.engine)
+            self.engine_version = snapshot.version
 
     def _produce_ahead(self, step: int, snapshot: Snapshot) -> Produced:
         """The producer's job for step `step` (on its thread)."""
@@ -443,11 +438,18 @@ class RunLoop:
             self._sample_with(snapshot)
         produced = self._produce(step, times, watched=False)
         produced.version, produced.mine = snapshot.version, None
-        if self.behaviour is not None:
-            with self._phase("behaviour_logps", step, times, watched=False):
-                batch = self._batch(produced.rollouts, produced.scores.rewards)
-                produced.behaviour = self.learner.behaviour_logps(self.behaviour, batch)
+        if snapshot.trained is not None:
+            self.sampled_with[step] = snapshot
         return produced
+
+    def _behaviour(self, step: int, produced: Produced) -> None:
+        """Give a step in flight the sampling policy's log-probs, when the learner needs them
+        (a checkpoint keeps no snapshot): computed with the snapshot that sampled the step
+        put in the policy's place."""
+        snapshot = self.sampled_with.pop(step, None)
+        if produced.behaviour is None and snapshot is not None:
+            batch = self._batch(produced.rollouts, produced.scores.rewards)
+            produced.behaviour = self.learner.behaviour_logps(snapshot.trained, batch)
 
     def _quiesce(self, step: int) -> dict[int, Produced]:
         """Wait for every job in flight (a checkpoint or an evaluation after step `step`); the
@@ -460,6 +462,8 @@ class RunLoop:
                 done[later] = future.result()
             except Exception:
                 break
+        for later, produced in done.items():
+            self._behaviour(later, produced)
         return {s: p for s, p in done.items() if s > step}
 
     def _draw(self, step: int) -> list[Slot]:
@@ -588,7 +592,11 @@ class RunLoop:
         if self.ahead is not None:
             # The engine's log-probs are checked against the sampling weights' (the learner's
             # are newer); without those there is nothing to check them against.
+            # the sampling policy's log-probs, computed by the learner (its side of the overlap
+            # is usually the shorter) for the groups it trains: part of time/learn_s
             batch.behaviour_logps = produced.behaviour
+            if (snapshot := self.sampled_with.pop(step, None)) and produced.behaviour is None:
+                batch.sampling_weights = snapshot.trained
             if produced.behaviour is None:
                 batch.sampling_logps = None
         stats = self.learner.learn(batch, step)

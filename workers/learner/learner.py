@@ -21,8 +21,9 @@ policy that sampled the batch.
   sums over all of its sampled tokens, each given exactly the context it was sampled in.
 - An async run's batch (training.max_lag, workers/ahead.py) was sampled by older weights than
   the learner's: the sampling policy's log-probs then come with the batch (behaviour_logps,
-  taken with a copy of those weights), and serve wherever the synchronous loop takes the
-  weights before the step's first update (pi_ref under reference="sampling", GRPO's ratios).
+  computed with a copy of those weights put in the policy's place), and serve wherever the
+  synchronous loop takes the weights before the step's first update (pi_ref under
+  reference="sampling", GRPO's ratios).
   GVPO with reference="initial" needs none of them.
 - Groups whose rewards are all equal carry no reward signal and are skipped by default.
 - The step's groups are split into `mini_batches` optimizer updates. Each update runs in
@@ -89,9 +90,17 @@ class GroupBatch:
     # masks then hold them joined); None for one that follows its group's prompt
     segments: list[list[list[Segment] | None]] | None = None
     # (G, k, tokens): each completion's token log-probs under the weights that sampled the
-    # step, computed by behaviour_logps() (an async run's, whose batch the learner's current
-    # weights did not sample; None: the weights before the step's first update sampled it)
+    # step, from behaviour_logps() (an async run's, whose batch the learner's current weights
+    # did not sample; None: the weights before the step's first update sampled it)
     behaviour_logps: list[list[list[float]]] | None = None
+    # or the trained parameters that sampled the step, to compute those log-probs with (for the
+    # groups the learner trains only)
+    sampling_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def lagged(self) -> bool:
+        """Sampled by other weights than the learner's before the step's first update."""
+        return self.behaviour_logps is not None or self.sampling_weights is not None
 
     def pieces(self, g: int, i: int) -> list[Segment]:
         """Completion i of group g as the segments it is scored in (one, usually)."""
@@ -328,25 +337,37 @@ class Learner:
     @property
     def needs_behaviour(self) -> bool:
         """Whether the learner uses the sampling policy's log-probs (reference "sampling", or a
-        ratio objective): an async run's producer then computes them (behaviour_logps)."""
+        ratio objective): an async run's then come from behaviour_logps()."""
         return self.objective.needs_old_logps or self.config.algorithm.reference == "sampling"
 
     @torch.no_grad()
     def _token_logps(self, batch: GroupBatch, plan: list[list[int]], model) -> list[torch.Tensor]:
         return [sequence_logprobs(model, self._sequences(batch, mb)).token_logps for mb in plan]
 
-    def behaviour_logps(self, model, batch: GroupBatch) -> list[list[list[float]]]:
-        """(G, k, tokens): each completion's token log-probs under `model` (a copy of the weights
-        that sampled the batch), as the learner computes them; for GroupBatch.behaviour_logps.
-        Reads the learner's settings only, so another thread may call it while it trains."""
+    def behaviour_logps(
+        self, weights: dict[str, torch.Tensor], batch: GroupBatch
+    ) -> list[list[list[float]]]:
+        """(G, k, tokens): each completion's token log-probs under the policy with `weights` (a
+        copy of the trained parameters that sampled the batch) in place of its own, as the
+        learner computes them; for GroupBatch.behaviour_logps."""
         groups = list(range(len(batch.prompt_ids)))
         plan = self.micro_batches(batch, groups)
-        rows = [row for logps in self._token_logps(batch, plan, model) for row in logps.tolist()]
+
+        logps = self._token_logps(batch, plan, self._with(weights))
+        rows = [row for part in logps for row in part.tolist()]
         k = batch.rewards.shape[1]
         return [
             [rows[g * k + i][: len(c)] for i, c in enumerate(batch.completion_ids[g])]
             for g in groups
         ]
+
+    def _with(self, weights: dict[str, torch.Tensor]):
+        """The policy with `weights` in place of its own parameters of the same names."""
+
+        def forward(**inputs):
+            return torch.func.functional_call(self.model, weights, args=(), kwargs=inputs)
+
+        return forward
 
     def _given_logps(self, batch: GroupBatch, mb: list[int]) -> torch.Tensor:
         """(B, C) the batch's behaviour log-probs of the micro-batch's completions (padded to
@@ -365,6 +386,8 @@ class Learner:
         old: list[torch.Tensor | None] = [None] * len(plan)
         if batch.behaviour_logps is not None:
             old = [self._given_logps(batch, mb) for mb in plan]
+        elif batch.sampling_weights is not None:
+            old = self._token_logps(batch, plan, self._with(batch.sampling_weights))
         elif (self.objective.needs_old_logps or sampling) and not first:
             old = self._token_logps(batch, plan, self.model)
         if sampling:
@@ -398,10 +421,10 @@ class Learner:
                     (lp.token_logps.sum() * 0.0).backward()
                 continue
             current = lp.token_logps.detach()
-            if batch.behaviour_logps is not None:
+            if batch.lagged:
                 old = _fit(old, current.shape)
                 ref = old if self.config.algorithm.reference == "sampling" else ref
-            before_update = current if first and batch.behaviour_logps is None else old
+            before_update = current if first and not batch.lagged else old
             if batch.sampling_logps is not None and before_update is not None:
                 self._compare_sampling(batch, mb, before_update, lp.mask, tally)
             old = current if old is None else old
