@@ -27,7 +27,7 @@ from services import cli, closed_port, stack_project, stack_settings, start_redi
 
 pytestmark = pytest.mark.slow
 
-STEPS = 300
+STEPS = 120  # the kill comes after the first checkpoint (step 10): 110 steps of margin
 
 
 @pytest.mark.both_backends
@@ -47,7 +47,7 @@ def test_worker_killed_mid_run_resumes_on_a_new_worker(tmp_path, tiny_model_dir,
             file_id,
             STACK_RUN,
             training={"steps": STEPS},
-            checkpoint={"every_steps": 25, "keep_last": None},
+            checkpoint={"every_steps": 10, "keep_last": None},
         )
         run_id = http.post("/v1/runs", json=body).json()["id"]
         wait_until(

@@ -451,9 +451,10 @@ class RunLoop:
             batch = self._batch(produced.rollouts, produced.scores.rewards)
             produced.behaviour = self.learner.behaviour_logps(snapshot.trained, batch)
 
-    def _quiesce(self, step: int) -> dict[int, Produced]:
+    def _quiesce(self, step: int, keep: bool = False) -> dict[int, Produced]:
         """Wait for every job in flight (a checkpoint or an evaluation after step `step`); the
-        steps produced after it, up to the first that failed."""
+        steps produced after it, up to the first that failed (`keep`: to be saved, with their
+        sampling policy's log-probs)."""
         if self.ahead is None:
             return {}
         done = {}
@@ -462,7 +463,7 @@ class RunLoop:
                 done[later] = future.result()
             except Exception:
                 break
-        for later, produced in done.items():
+        for later, produced in done.items() if keep else ():
             self._behaviour(later, produced)
         return {s: p for s, p in done.items() if s > step}
 
@@ -728,7 +729,7 @@ class RunLoop:
         (under FSDP gathered whole from the shards), and each rank's RNG state, so that a
         resumed rank samples as it would have."""
         self.watchdog.enter("checkpoint", step)
-        ahead = self._quiesce(step)  # before the RNG and the cursors: the producer's are ahead
+        ahead = self._quiesce(step, keep=True)  # before the RNG and the cursors (the producer's)
         rngs = self.ranks.gather(rng_state())
         model_state, optimizer_state = self.learner.checkpoint_state()
         self.checkpointed = step
