@@ -71,7 +71,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / ".cache" / "async_race.json"
 TASK, SIZE, REWARD = "arithmetic", "small", "exact_match"
 LR, GRAD_CLIP = 1e-4, 1.0
-ROLLOUT_SIDE = ("weight_sync", "rollout", "reward")  # ours' phases on the rollout thread
+# ours' phases on the rollout thread (time/reference_s: pi_ref's log-probs, when it has them)
+ROLLOUT_SIDE = ("weight_sync", "rollout", "reward", "reference")
 
 
 def pin_cores(n: int) -> list[int]:
@@ -172,7 +173,9 @@ def ours(args) -> dict:
             {"step": c.step, "path": c.path, "wall_s": clock.ends[c.step]} for c in saved
         ]
     steps = sorted(metrics["time/learn_s"])
-    rollout_side = [sum(metrics[f"time/{p}_s"][s] for p in ROLLOUT_SIDE) for s in steps]
+    rollout_side = [
+        sum(metrics.get(f"time/{p}_s", {}).get(s, 0.0) for p in ROLLOUT_SIDE) for s in steps
+    ]
     learn = [metrics["time/learn_s"][s] for s in steps]
     # an async step's wall is time/step_s; a synchronous step is its phases one after another
     step_s = metrics.get("time/step_s") or {

@@ -66,7 +66,8 @@ SIZES = {
     "50m": (dict(hidden_size=640, num_layers=10, num_heads=10, intermediate_size=1728), (4, 8, 64)),
 }
 LR, GRAD_CLIP, GVPO_BETA = 1e-6, 1.0, 0.1
-PARTS = ("weight_sync", "rollout", "reward", "learn")
+# an async run's rollout thread may also compute pi_ref's log-probs (time/reference_s)
+PARTS = ("weight_sync", "rollout", "reward", "reference", "learn")
 
 
 def copy_rows(n: int = 64) -> list[dict]:
@@ -120,7 +121,7 @@ def ours(args, P: int, k: int, L: int) -> dict:
         wall = time.perf_counter() - start
         metrics = common.run_metrics(settings, run_id)
     steps = sorted(metrics["time/learn_s"])
-    split = {p: [metrics[f"time/{p}_s"][s] for s in steps] for p in PARTS}
+    split = {p: [metrics.get(f"time/{p}_s", {}).get(s, 0.0) for s in steps] for p in PARTS}
     summed = [sum(split[p][i] for p in PARTS) for i in range(len(steps))]
     return {
         "times": [metrics["time/step_s"][s] for s in steps] if args.max_lag else summed,
@@ -310,6 +311,7 @@ def main() -> None:
         "sync s",
         "rollout s",
         "reward s",
+        "pi_ref s",
         "learn s",
         "mean compl. len",
         "groups trained",

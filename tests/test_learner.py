@@ -425,3 +425,49 @@ def test_the_default_reference_is_the_start_or_the_sampler_for_an_adapter_to_go_
     assert make_spec(tiny_model_dir, model=adapter).algorithm.reference == "sampling"
     with pytest.raises(ValueError, match="reference 'initial' with a LoRA adapter"):
         make_spec(tiny_model_dir, model=adapter, algorithm={"reference": "initial"})
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "given"),
+    [
+        ({"name": "gvpo", "reference": "initial"}, "reference"),
+        ({"name": "gvpo", "reference": "sampling"}, "sampling_weights"),
+        ({"name": "gvpo", "reference": "sampling"}, "behaviour"),
+        ({"name": "grpo", "reference": "initial"}, "sampling_weights"),
+    ],
+)
+def test_log_probs_given_with_the_batch_make_the_same_steps(
+    model, tokenizer, tiny_model_dir, algorithm, given
+):
+    """An async run's batch brings pi_ref's log-probs (computed on the rollout thread) or the
+    sampling policy's (computed from the snapshot that sampled it, or given as computed at a
+    checkpoint): where those are the weights the learner would have used itself, two steps of
+    two mini-batches are the same as without them; where they are other weights' (here:
+    nudged), the steps differ, so the learner does use them."""
+    twins = [copy.deepcopy(model) for _ in range(2)]
+    spec = make_spec(
+        tiny_model_dir, algorithm=algorithm, training={"mini_batches": 2}, optimizer={"lr": 1e-2}
+    )
+    plain, fed, nudged = (Learner(m, LearnerConfig.of(spec), CPU, PAD) for m in (model, *twins))
+
+    def feed(learner: Learner, shift: float) -> GroupBatch:
+        batch = make_batch(tokenizer)
+        weights = {n: p + shift for n, p in snapshot(learner.model).items()}
+        if given == "reference":
+            batch.reference_logps = learner.reference_logps(batch)
+            if shift:
+                batch.reference_logps = learner.behaviour_logps(weights, batch)
+        elif given == "sampling_weights":
+            batch.sampling_weights = weights
+        else:
+            batch.behaviour_logps = learner.behaviour_logps(weights, batch)
+        return batch
+
+    for step in (1, 2):
+        a = plain.learn(make_batch(tokenizer), step)
+        b = fed.learn(feed(fed, 0.0), step)
+        nudged.learn(feed(nudged, 0.05), step)
+        assert a.loss == pytest.approx(b.loss, rel=1e-5, abs=1e-7)
+    for (name, p), q in zip(model.named_parameters(), twins[0].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert changed(snapshot(model), twins[1])

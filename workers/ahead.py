@@ -16,6 +16,9 @@ snapshot of its weights (after step t-1) for step t+N, then takes step t's group
   put in the policy's place (torch.func.functional_call): exact, whatever the engine reports.
   The rollout side is usually the longer of the two, so the extra forward pass goes to the
   learner; a checkpoint computes them for the steps in flight, as it keeps no snapshot.
+- With reference "initial" and a frozen copy of the starting model (no LoRA), the producer
+  also computes pi_ref's log-probs of each step: the copy never changes, so the learner's
+  updates cannot race with it, and the learner is left the policy's passes alone.
 - A checkpoint (and an evaluation, and a pause) first waits for every job in flight; the groups
   already produced for the steps after the checkpoint are saved in it (as JSON) and taken up
   again on resume, so the resumed run trains exactly what the uninterrupted one would have.
@@ -53,6 +56,9 @@ class Produced:
     # (G, k, tokens): each completion's token log-probs under the weights that sampled it,
     # computed by the learner's code (None: the learner does not need them)
     behaviour: list[list[list[float]]] | None = None
+    # (G, k, tokens): pi_ref's token log-probs, where pi_ref is a frozen copy of the starting
+    # model (computed on the rollout side, which is usually the less loaded; None: not)
+    reference: list[list[list[float]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -440,6 +440,10 @@ class RunLoop:
         produced.version, produced.mine = snapshot.version, None
         if snapshot.trained is not None:
             self.sampled_with[step] = snapshot
+        if self.learner.frozen_reference:
+            with self._phase("reference", step, times, watched=False):
+                batch = self._batch(produced.rollouts, produced.scores.rewards)
+                produced.reference = self.learner.reference_logps(batch)
         return produced
 
     def _behaviour(self, step: int, produced: Produced) -> None:
@@ -591,14 +595,14 @@ class RunLoop:
         mine = produced.rollouts if produced.mine is None else produced.mine
         batch = self._batch(mine, rewards)
         if self.ahead is not None:
-            # The engine's log-probs are checked against the sampling weights' (the learner's
-            # are newer); without those there is nothing to check them against.
-            # the sampling policy's log-probs, computed by the learner (its side of the overlap
-            # is usually the shorter) for the groups it trains: part of time/learn_s
+            # The sampling policy's log-probs: computed at a checkpoint, or now by the learner
+            # (its side of the overlap is usually the shorter) for the groups it trains, part
+            # of time/learn_s. pi_ref's, where the rollout thread computed them.
             batch.behaviour_logps = produced.behaviour
+            batch.reference_logps = produced.reference
             if (snapshot := self.sampled_with.pop(step, None)) and produced.behaviour is None:
                 batch.sampling_weights = snapshot.trained
-            if produced.behaviour is None:
+            if not batch.lagged:  # the engine's log-probs are checked against those only
                 batch.sampling_logps = None
         stats = self.learner.learn(batch, step)
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing

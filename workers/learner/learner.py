@@ -96,6 +96,9 @@ class GroupBatch:
     # or the trained parameters that sampled the step, to compute those log-probs with (for the
     # groups the learner trains only)
     sampling_weights: dict[str, torch.Tensor] | None = None
+    # (G, k, tokens): pi_ref's token log-probs under reference="initial", from
+    # reference_logps() (an async run's, computed on the rollout side; None: the learner's)
+    reference_logps: list[list[list[float]]] | None = None
 
     @property
     def lagged(self) -> bool:
@@ -350,10 +353,25 @@ class Learner:
         """(G, k, tokens): each completion's token log-probs under the policy with `weights` (a
         copy of the trained parameters that sampled the batch) in place of its own, as the
         learner computes them; for GroupBatch.behaviour_logps."""
+        return self._all_logps(batch, self._with(weights))
+
+    @property
+    def frozen_reference(self) -> bool:
+        """pi_ref is a frozen copy of the starting model (reference="initial", no LoRA), which
+        another thread may run while the learner trains: see reference_logps()."""
+        return self.frozen is not None and not self.collective.sharded
+
+    def reference_logps(self, batch: GroupBatch) -> list[list[list[float]]]:
+        """(G, k, tokens): pi_ref's token log-probs of every completion, from the frozen copy
+        (frozen_reference), which the learner's updates never touch; for
+        GroupBatch.reference_logps, computed by an async run's rollout thread."""
+        return self._all_logps(batch, self.frozen)
+
+    def _all_logps(self, batch: GroupBatch, model) -> list[list[list[float]]]:
+        """(G, k, tokens): every completion's token log-probs under `model`."""
         groups = list(range(len(batch.prompt_ids)))
         plan = self.micro_batches(batch, groups)
-
-        logps = self._token_logps(batch, plan, self._with(weights))
+        logps = self._token_logps(batch, plan, model)
         rows = [row for part in logps for row in part.tolist()]
         k = batch.rewards.shape[1]
         return [
@@ -369,10 +387,10 @@ class Learner:
 
         return forward
 
-    def _given_logps(self, batch: GroupBatch, mb: list[int]) -> torch.Tensor:
-        """(B, C) the batch's behaviour log-probs of the micro-batch's completions (padded to
+    def _given_logps(self, given: list[list[list[float]]], mb: list[int]) -> torch.Tensor:
+        """(B, C) log-probs given with the batch for the micro-batch's completions (padded to
         the longest; _update fits them to its pass's width)."""
-        rows = [row for g in mb for row in batch.behaviour_logps[g]]
+        rows = [row for g in mb for row in given[g]]
         out = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), device=self.device)
         for i, row in enumerate(rows):
             out[i, : len(row)] = torch.tensor(row, dtype=out.dtype)
@@ -385,13 +403,17 @@ class Learner:
         sampling = self.config.algorithm.reference == "sampling"
         old: list[torch.Tensor | None] = [None] * len(plan)
         if batch.behaviour_logps is not None:
-            old = [self._given_logps(batch, mb) for mb in plan]
+            old = [self._given_logps(batch.behaviour_logps, mb) for mb in plan]
         elif batch.sampling_weights is not None:
             old = self._token_logps(batch, plan, self._with(batch.sampling_weights))
         elif (self.objective.needs_old_logps or sampling) and not first:
             old = self._token_logps(batch, plan, self.model)
         if sampling:
             return _Reference(old=old, ref=old)
+        if batch.reference_logps is not None:
+            return _Reference(
+                old=old, ref=[self._given_logps(batch.reference_logps, mb) for mb in plan]
+            )
         with self._reference_model() as reference:
             ref = self._token_logps(batch, plan, reference)
         return _Reference(old=old, ref=ref)
@@ -424,6 +446,8 @@ class Learner:
             if batch.lagged:
                 old = _fit(old, current.shape)
                 ref = old if self.config.algorithm.reference == "sampling" else ref
+            if batch.reference_logps is not None:
+                ref = _fit(ref, current.shape)
             before_update = current if first and not batch.lagged else old
             if batch.sampling_logps is not None and before_update is not None:
                 self._compare_sampling(batch, mb, before_update, lp.mask, tally)
