@@ -67,7 +67,8 @@ class Snapshot:
 
     version: int
     engine: object  # what the engine loads (RolloutEngine.snapshot)
-    trained: dict[str, torch.Tensor] | None  # the policy's trained parameters, for its copy
+    # the policy's trained parameters, for the sampling policy's log-probs (None: not needed)
+    trained: dict[str, torch.Tensor] | None
 
 
 class StopWaiting(Exception):
@@ -124,8 +125,15 @@ class RolloutsAhead:
                 del self.futures[step]
 
     def drain(self) -> dict[int, Produced]:
-        """Wait for every job in flight; the steps produced and not yet taken."""
-        return {step: future.result() for step, future in sorted(self.futures.items())}
+        """Wait for every job in flight; the steps produced and not yet taken, up to the first
+        that failed (its failure stays for take())."""
+        done = {}
+        for step, future in sorted(self.futures.items()):
+            try:
+                done[step] = future.result()
+            except Exception:
+                break
+        return done
 
     def close(self) -> None:
         """Stop after the job running now (the engine may be released only then)."""

@@ -461,12 +461,7 @@ class RunLoop:
         sampling policy's log-probs)."""
         if self.ahead is None:
             return {}
-        done = {}
-        for later, future in sorted(self.ahead.futures.items()):
-            try:
-                done[later] = future.result()
-            except Exception:
-                break
+        done = self.ahead.drain()
         for later, produced in done.items() if keep else ():
             self._behaviour(later, produced)
         return {s: p for s, p in done.items() if s > step}
