@@ -27,7 +27,6 @@ Results go to bench/.cache/async_parity.json.
 """
 
 import argparse
-import io
 import json
 import math
 import os
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import common
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -67,69 +68,39 @@ def arithmetic_spec(model_dir: str, args) -> dict:
     }
 
 
-def task_files(task: str, tmp: Path) -> tuple[str, Path, Path | None]:
-    """(model folder, train file, eval file) of a task."""
+def task_files(task: str, tmp: Path) -> tuple[str, list[dict], list[dict] | None]:
+    """(model folder, train rows, eval rows) of a task."""
     if task == "copy":
         from service.demo import write_dataset
         from workers.tiny_model import make_tiny_model
 
         model = make_tiny_model(tmp / "tiny", seed=0)
-        return str(model), write_dataset(tmp / "copy.jsonl"), None
+        return str(model), common.read_rows(write_dataset(tmp / "copy.jsonl")), None
     from bench.warmstart import warmstart
 
     folder = warmstart("arithmetic", seed=0, size="small")
-    return str(folder), folder / "train.jsonl", folder / "eval.jsonl"
+    train, evals = (common.read_rows(folder / f"{name}.jsonl") for name in ("train", "eval"))
+    return str(folder), train, evals
 
 
 def one_run(args) -> dict:
-    """A side's subprocess: one run of --task with --max-lag and --seed."""
-    import torch
-    from sqlalchemy import select
-
-    from service.auth.service import create_api_key
-    from service.config import Settings
-    from service.contract.spec import RunSpec
-    from service.db import session_scope
-    from service.files.service import create_file
+    """A run's subprocess: one run of --task with --max-lag and --seed."""
+    common.pin_cores(args.threads)
     from service.migrate import prepare
-    from service.models import Metric, Run
-    from service.runs.service import create_run
-    from workers.execute import execute_run
 
-    os.sched_setaffinity(0, range(args.threads))
-    rollout = args.rollout_threads if args.max_lag else 0
-    torch.set_num_threads(args.threads - rollout)
     with tempfile.TemporaryDirectory(prefix="bench-parity-") as tmp:
         model, train, evals = task_files(args.task, Path(tmp))
         spec = (copy_spec if args.task == "copy" else arithmetic_spec)(model, args)
         spec["training"] |= {"seed": args.seed, "max_lag": args.max_lag}
-        settings = Settings(
-            data_dir=Path(tmp) / "gvpo",
-            torch_threads=args.threads - rollout,
-            rollout_threads=rollout or None,
+        settings = common.worker_settings(
+            Path(tmp) / "gvpo", args.threads, args.rollout_threads, args.max_lag
         )
         prepare(settings)
-        with session_scope(settings.resolved_database_url) as session:
-            project, _ = create_api_key(session, "bench")
-
-            def upload(path: Path, purpose: str) -> str:
-                data = io.BytesIO(path.read_bytes())
-                return create_file(session, settings, project, data, path.name, purpose).id
-
-            spec["dataset"] = {"train_file": upload(train, "train")}
-            if evals is not None:
-                spec["dataset"]["eval_file"] = upload(evals, "eval")
-            run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
-            run_id = run.id
+        run_id = common.submit_run(settings, spec, train, f"{args.task}.jsonl", evals)
         start = time.perf_counter()
-        status = execute_run(settings, run_id, "bench")
+        common.execute(settings, run_id)
         wall = time.perf_counter() - start
-        with session_scope(settings.resolved_database_url) as session:
-            if status != "succeeded":
-                sys.exit(f"run {status}: {session.get(Run, run_id).error}")
-            metrics: dict[str, dict[int, float]] = {}
-            for m in session.scalars(select(Metric).where(Metric.run_id == run_id)):
-                metrics.setdefault(m.name, {})[m.step] = m.value
+        metrics = common.run_metrics(settings, run_id)
     steps = sorted(metrics["reward/mean"])
     if args.max_lag:
         times = [metrics["time/step_s"][s] for s in steps]

@@ -75,20 +75,6 @@ LR, GRAD_CLIP = 1e-4, 1.0
 ROLLOUT_SIDE = ("weight_sync", "rollout", "reward", "reference")
 
 
-def pin_cores(n: int) -> list[int]:
-    """Restrict this process (and every thread it starts later) to the first n cores it may
-    use."""
-    cores = sorted(os.sched_getaffinity(0))[:n]
-    if len(cores) < n:
-        sys.exit(f"--threads {n}: this process may use only {len(cores)} cores")
-    os.sched_setaffinity(0, cores)
-    return cores
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def checkpointed(step: int, args) -> bool:
     return step % args.eval_every == 0 or step == args.steps
 
@@ -146,19 +132,15 @@ class StepClock:
 def ours(args) -> dict:
     from sqlalchemy import select
 
-    from service.config import Settings
     from service.db import session_scope
     from service.migrate import prepare
     from service.models import Checkpoint
 
-    rollout = args.rollout_threads if args.max_lag else 0
-    settings = Settings(
-        data_dir=Path(args.work_dir) / "ours",
-        torch_threads=args.threads - rollout,
-        rollout_threads=rollout or None,
+    settings = common.worker_settings(
+        Path(args.work_dir) / "ours", args.threads, args.rollout_threads, args.max_lag
     )
     prepare(settings)
-    rows = read_rows(Path(args.model_dir) / "train.jsonl")
+    rows = common.read_rows(Path(args.model_dir) / "train.jsonl")
     run_id = common.submit_run(settings, ours_spec(args), rows, "train.jsonl")
     clock = StepClock()
     clock.install()
@@ -189,7 +171,10 @@ def ours(args) -> dict:
         "learn_s": learn,
         "learner_idle_s": [metrics.get("async/learner_idle_s", {}).get(s, 0.0) for s in steps],
         "train_reward": [metrics["reward/mean"][s] for s in steps],
-        "threads": {"learner": settings.torch_threads, "rollout": rollout},
+        "threads": {
+            "learner": settings.torch_threads,
+            "rollout": settings.rollout_threads or 0,
+        },
     }
 
 
@@ -231,7 +216,7 @@ def trl(args) -> dict:
 
     trainer = common.grpo_trainer(
         args.model_dir,
-        read_rows(Path(args.model_dir) / "train.jsonl"),
+        common.read_rows(Path(args.model_dir) / "train.jsonl"),
         REWARD,
         (args.prompts, args.k, args.max_new_tokens),
         lr=LR,
@@ -248,7 +233,7 @@ def trl(args) -> dict:
 
 
 def worker(args) -> dict:
-    cores = pin_cores(args.threads)  # before torch starts any thread
+    cores = common.pin_cores(args.threads)  # before torch starts any thread
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -304,7 +289,7 @@ def race(args, seed: int) -> dict:
     from bench.warmstart import warmstart
 
     start = warmstart(TASK, seed, SIZE)
-    rows = read_rows(start / "eval.jsonl")[: args.eval_prompts]
+    rows = common.read_rows(start / "eval.jsonl")[: args.eval_prompts]
     tokenizer = AutoTokenizer.from_pretrained(start)
     with tempfile.TemporaryDirectory(prefix="bench-race-") as tmp:
         res = {}

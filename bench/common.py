@@ -25,6 +25,22 @@ def parse_or_work(ap: argparse.ArgumentParser, sides: list[str], worker) -> argp
     return args
 
 
+def pin_cores(n: int) -> list[int]:
+    """Restrict this process (and every thread it starts later) to the first n cores it may
+    use: a side's thread budget holds whatever threads a library starts."""
+    cores = sorted(os.sched_getaffinity(0))[:n]
+    if len(cores) < n:
+        sys.exit(f"--threads {n}: this process may use only {len(cores)} cores")
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
+def read_rows(path) -> list[dict]:
+    """A JSONL file's rows."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def run_side(
     script: str, side: str, size: str, model_dir: str, threads: int, extra: list[str]
 ) -> dict:
@@ -80,9 +96,23 @@ def percentile(values: list[float], q: float) -> float:
 # --- ours: a run through the service layer, run by the worker's code path in this process -------
 
 
-def submit_run(settings, spec: dict, rows: list[dict], filename: str) -> str:
+def worker_settings(data_dir, threads: int, rollout_threads: int, max_lag: int):
+    """The worker's settings for a side of `threads` threads: an async run (max_lag > 0) gives
+    `rollout_threads` of them to its rollout thread and the rest to the learner."""
+    from service.config import Settings
+
+    rollout = rollout_threads if max_lag else 0
+    return Settings(
+        data_dir=data_dir, torch_threads=threads - rollout, rollout_threads=rollout or None
+    )
+
+
+def submit_run(
+    settings, spec: dict, rows: list[dict], filename: str, eval_rows: list[dict] | None = None
+) -> str:
     """Create a run as tests/helpers.py `submit()` does: a project with an API key, `rows`
-    uploaded as its train file, then the run of `spec` (its dataset set to that file)."""
+    uploaded as its train file (and `eval_rows` as its eval file), then the run of `spec` (its
+    dataset set to those files)."""
     import io
 
     from service.auth.service import create_api_key
@@ -91,11 +121,17 @@ def submit_run(settings, spec: dict, rows: list[dict], filename: str) -> str:
     from service.files.service import create_file
     from service.runs.service import create_run
 
-    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
     with session_scope(settings.resolved_database_url) as session:
         project, _ = create_api_key(session, "bench")
-        file = create_file(session, settings, project, io.BytesIO(data), filename, "train")
-        spec = {**spec, "dataset": {"train_file": file.id}}
+
+        def upload(rows: list[dict], name: str, purpose: str) -> str:
+            data = io.BytesIO("".join(json.dumps(r) + "\n" for r in rows).encode())
+            return create_file(session, settings, project, data, name, purpose).id
+
+        dataset = {"train_file": upload(rows, filename, "train")}
+        if eval_rows is not None:
+            dataset["eval_file"] = upload(eval_rows, f"eval-{filename}", "eval")
+        spec = {**spec, "dataset": dataset}
         run, _ = create_run(session, settings, project, RunSpec.model_validate(spec), None)
         return run.id
 

@@ -47,7 +47,6 @@ ours/trl.
 """
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -102,15 +101,11 @@ def spec(model_dir: str, P: int, k: int, L: int, args) -> dict:
 
 
 def ours(args, P: int, k: int, L: int) -> dict:
-    from service.config import Settings
     from service.migrate import prepare
 
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-        rollout = args.rollout_threads if args.max_lag else 0
-        settings = Settings(
-            data_dir=Path(tmp) / "gvpo",
-            torch_threads=args.threads - rollout,
-            rollout_threads=rollout or None,
+        settings = common.worker_settings(
+            Path(tmp) / "gvpo", args.threads, args.rollout_threads, args.max_lag
         )
         prepare(settings)
         run_id = common.submit_run(
@@ -195,7 +190,7 @@ def worker(args) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    os.sched_setaffinity(0, range(args.threads))  # the budget, whatever threads a library starts
+    common.pin_cores(args.threads)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     P, k, L = SIZES[args.size][1]

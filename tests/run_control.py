@@ -11,7 +11,7 @@ import threading
 from sqlalchemy import func, select
 
 from service.db import session_scope
-from service.models import Checkpoint, Project, Run, RunEvent
+from service.models import Checkpoint, Metric, Project, Run, RunEvent
 from service.models.base import utcnow
 from service.runs import control
 from workers.environments.builtin import secret_code_rows
@@ -60,6 +60,15 @@ def execute_in_thread(settings, run_id: str, worker_id: str) -> tuple[threading.
     )
     thread.start()
     return thread, result
+
+
+def series(settings, run_id: str, name: str) -> dict[int, float]:
+    """The run's metric `name`: {step: value}."""
+    with session_scope(settings.resolved_database_url) as session:
+        rows = session.execute(
+            select(Metric.step, Metric.value).where(Metric.run_id == run_id, Metric.name == name)
+        ).all()
+    return dict(rows)
 
 
 def wait_for_step(settings, run_id: str, step: int, timeout: float = WORKER_S) -> None:

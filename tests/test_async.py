@@ -8,14 +8,11 @@ import time
 
 import pytest
 from pydantic import ValidationError
-from run_control import act, event_types, execute_in_thread, final_weights, run_row
-from sqlalchemy import select
+from run_control import act, event_types, execute_in_thread, final_weights, run_row, series
 from test_traffic_runs import post, traffic, waiting_run, waits
 from transformers import AutoTokenizer
 
 from service.contract.spec import RunSpec, TrainingSpec
-from service.db import session_scope
-from service.models import Metric
 from workers import run_loop
 from workers.execute import execute_run
 
@@ -42,14 +39,6 @@ def async_run(settings, tiny_model_dir, max_lag: int, steps: int = STEPS, **sect
         eval={"every_steps": 3, "samples_per_prompt": 2, "k": 1},
         **sections,
     )
-
-
-def series(settings, run_id: str, name: str) -> dict[int, float]:
-    with session_scope(settings.resolved_database_url) as session:
-        rows = session.execute(
-            select(Metric.step, Metric.value).where(Metric.run_id == run_id, Metric.name == name)
-        ).all()
-    return dict(rows)
 
 
 def test_a_paused_async_run_ends_as_an_uninterrupted_one(settings, tiny_model_dir):

@@ -9,6 +9,7 @@ from run_control import (
     final_weights,
     kill_after_first_checkpoint,
     resumable,
+    series,
 )
 from sqlalchemy import func, select
 
@@ -81,19 +82,9 @@ def test_resumed_vllm_run_samples_from_the_checkpoint_weights(settings, tiny_mod
     kill_after_first_checkpoint(settings, run_id)
     assert execute_run(settings, run_id, "worker-b") == "succeeded"
 
-    def metric(name: str) -> dict[int, float]:
-        with session_scope(settings.resolved_database_url) as session:
-            return dict(
-                session.execute(
-                    select(Metric.step, Metric.value).where(
-                        Metric.run_id == run_id, Metric.name == name
-                    )
-                ).all()
-            )
-
-    gaps = metric("rollout/logprob_diff_max")
+    gaps = series(settings, run_id, "rollout/logprob_diff_max")
     assert sorted(gaps) == list(range(1, STEPS + 1))
     assert max(gaps[s] for s in range(4, STEPS + 1)) < 1e-4
     if max_lag:
-        lags = metric("async/lag_mean")
+        lags = series(settings, run_id, "async/lag_mean")
         assert lags == {s: float(min(s - 1, max_lag)) for s in range(1, STEPS + 1)}

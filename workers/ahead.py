@@ -160,11 +160,6 @@ class RolloutsAhead:
                 future.set_exception(exc)
 
 
-def trained_parameters(model) -> dict[str, torch.Tensor]:
-    """A copy of the parameters the learner trains (a LoRA adapter's, or every weight)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def without_dropout(model) -> None:
     """Switch off the model's dropout, so that the learner draws no random numbers (the
     producer's sampling then does not depend on how the two threads interleave)."""

@@ -30,7 +30,6 @@ from workers.ahead import (
     StopWaiting,
     decode,
     encode,
-    trained_parameters,
     without_dropout,
 )
 from workers.chat import ChatTemplateError, Renderer
@@ -52,7 +51,7 @@ from workers.rewards.base import Scores
 from workers.rewards.graders import grading_context, record_errors
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
-from workers.rollout.base import Rollout, RolloutEngine
+from workers.rollout.base import Rollout, RolloutEngine, trained_parameters
 from workers.rollout.hf import HFRolloutEngine
 from workers.rollout.text import eos_token_ids
 from workers.rollout.vllm import start_vllm
@@ -355,9 +354,15 @@ class RunLoop:
         )
 
     def _train(
-        self, step: int, produced: Produced, times: dict[str, float], extra: dict | None = None
+        self,
+        step: int,
+        produced: Produced,
+        times: dict[str, float],
+        extra: dict | None = None,
+        started: float | None = None,
     ) -> None:
-        """Learn from a step's groups, publish, record (`extra`: metrics to add)."""
+        """Learn from a step's groups, publish, record (`extra`: metrics to add; `started`: an
+        async step's start, for its time/step_s)."""
         with self._phase("learn", step, times):
             stats = self._learn(step, produced)
         if self._publishes(step):
@@ -365,6 +370,8 @@ class RunLoop:
                 self._publish(step)
         self.watchdog.leave()
         if self.lead:
+            if started is not None:
+                times["time/step_s"] = time.perf_counter() - started
             self._record(step, produced, stats, times, extra or {})
             self._warn_on_drift(step, stats.logprob_diff_max)
 
@@ -393,7 +400,7 @@ class RunLoop:
             "async/rollout_idle_s": self.ahead.idle_s,
         }
         self.ahead.idle_s = 0.0
-        self._train(step, produced, times, extra | {"started": started})
+        self._train(step, produced, times, extra, started)
 
     def _take(self, step: int) -> Produced:
         """Step `step`'s groups, waited for in the watchdog's rollout phase (a producer that
@@ -616,9 +623,7 @@ class RunLoop:
         times: dict[str, float],
         extra: dict[str, float],
     ) -> None:
-        """`extra`: an async step's metrics, and when it started (its time/step_s)."""
-        if (started := extra.pop("started", None)) is not None:
-            times["time/step_s"] = time.perf_counter() - started
+        """`extra`: an async step's metrics."""
         posted = produced.posted if self.spec.training.offpolicy_fraction else None
         slots, rollouts, scores = produced.slots, produced.rollouts, produced.scores
         record = step_record(

@@ -443,11 +443,8 @@ class Learner:
                     (lp.token_logps.sum() * 0.0).backward()
                 continue
             current = lp.token_logps.detach()
-            if batch.lagged:
-                old = _fit(old, current.shape)
-                ref = old if self.config.algorithm.reference == "sampling" else ref
-            if batch.reference_logps is not None:
-                ref = _fit(ref, current.shape)
+            # given with the batch: padded to their own longest row, not to this pass's width
+            old, ref = (None if t is None else _fit(t, current.shape) for t in (old, ref))
             before_update = current if first and not batch.lagged else old
             if batch.sampling_logps is not None and before_update is not None:
                 self._compare_sampling(batch, mb, before_update, lp.mask, tally)
@@ -515,7 +512,7 @@ class Learner:
 
 
 def _fit(logps: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """(B, C') token log-probs cut or zero-padded to (B, C)."""
+    """(B, C') token log-probs cut or zero-padded to (B, C) (as they are when C' = C)."""
     width = shape[1]
     if logps.shape[1] >= width:
         return logps[:, :width]

@@ -8,6 +8,8 @@ whose sampled ids must never be re-tokenised.
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from service.contract.spec import SamplingSpec
 
 
@@ -68,6 +70,13 @@ class Rollout:
 
 
 Prompt = str | list[int]
+
+
+def trained_parameters(model) -> dict[str, torch.Tensor]:
+    """A copy of the parameters a policy trains (a LoRA adapter's, or every weight): what an
+    async run's transformers engine loads, and what the learner computes the sampling policy's
+    log-probs with."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:

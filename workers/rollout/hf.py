@@ -12,7 +12,7 @@ import copy
 import torch
 
 from service.contract.spec import SamplingSpec
-from workers.rollout.base import Prompt, Rollout, prompt_ids
+from workers.rollout.base import Prompt, Rollout, prompt_ids, trained_parameters
 from workers.rollout.text import CompletionBuilder, eos_token_ids
 
 MAX_SEQUENCES_PER_BATCH = 256
@@ -49,7 +49,7 @@ class HFRolloutEngine:
 
     def snapshot(self, model) -> dict[str, torch.Tensor]:
         """A copy of the weights `model` trains (a LoRA adapter's, or all)."""
-        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return trained_parameters(model)
 
     def load_snapshot(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(weights, strict=False)
