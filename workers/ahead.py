@@ -22,6 +22,9 @@ snapshot of its weights (after step t-1) for step t+N, then takes step t's group
 - A checkpoint (and an evaluation, and a pause) first waits for every job in flight; the groups
   already produced for the steps after the checkpoint are saved in it (as JSON) and taken up
   again on resume, so the resumed run trains exactly what the uninterrupted one would have.
+- Under data parallelism every process runs its own producer, which exchanges with the
+  others' over a process group of its own (Ranks.on_own_group); a checkpoint joins every
+  process's groups in flight on the lead, and each takes its own part back on resume.
 - A job that fails (a reward webhook that never answers, a stop asked while waiting for posted
   groups) fails every job after it: the learner sees the failure when it takes that step.
 """
@@ -134,6 +137,13 @@ class RolloutsAhead:
             except Exception:
                 break
         return done
+
+    def failure(self) -> BaseException | None:
+        """The failure of the first job that failed, among those not taken yet."""
+        for _, future in sorted(self.futures.items()):
+            if future.done() and future.exception() is not None:
+                return future.exception()
+        return None
 
     def close(self) -> None:
         """Stop after the job running now (the engine may be released only then)."""

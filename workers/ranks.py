@@ -12,15 +12,24 @@ With vLLM tensor parallel (rollout.tensor_parallel_size = tp > 1) each run of tp
 ranks shares one sharded engine, so those ranks roll out the same prompts and get the same
 completions; each of them then trains its own part of them, and rank 0 keeps one copy.
 
+An async run (training.max_lag) produces its steps on a thread of each process: that thread's
+prompts, completions and rewards go over a process group of its own (on_own_group), while the
+learner's gradients go over the default one. What the lead computes for every rank
+(lead_computes) is shared even when it fails, so that no rank waits for it.
+
 In one process the same calls cost nothing: gather returns [obj] and share returns obj.
 """
 
 import os
+import pickle
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from workers.errors import RunError
 
 T = TypeVar("T")
 
@@ -32,8 +41,23 @@ def _part(items: list[T], parts: int, index: int) -> list[T]:
 
 
 class Ranks:
-    def __init__(self, rank: int = 0, world: int = 1, tp: int = 1) -> None:
-        self.rank, self.world, self.tp = rank, world, tp
+    def __init__(
+        self, rank: int = 0, world: int = 1, tp: int = 1, timeout: timedelta | None = None
+    ) -> None:
+        self.rank, self.world, self.tp, self.timeout = rank, world, tp, timeout
+        self.group = None  # the process group of gather() and share() (None: the default)
+
+    def on_own_group(self) -> "Ranks":
+        """The same ranks exchanging over a process group of their own (gloo: gather() and
+        share() move Python objects), for another thread's collectives: an async run's
+        producer shares prompts and rewards while the learner reduces gradients, and two
+        threads' collectives on one group would interleave. Every rank calls it, in the same
+        order."""
+        if self.world == 1:
+            return self
+        other = Ranks(self.rank, self.world, self.tp, self.timeout)
+        other.group = dist.new_group(backend="gloo", timeout=self.timeout)
+        return other
 
     @property
     def lead(self) -> bool:
@@ -71,7 +95,7 @@ class Ranks:
         if self.world == 1:
             return [obj]
         out: list[Any] | None = [None] * self.world if self.lead else None
-        dist.gather_object(obj, out, dst=0)
+        dist.gather_object(obj, out, dst=0, group=self.group)
         return out
 
     def share(self, obj: T) -> T:
@@ -79,8 +103,27 @@ class Ranks:
         if self.world == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+    def lead_computes(self, compute: Callable[[], T]) -> T:
+        """The lead's `compute()` on every rank. What it raises is raised on every rank (as a
+        RunError with its message where the exception cannot be pickled), so that no rank
+        waits for a result that never comes."""
+        if self.world == 1:
+            return compute()
+        outcome: tuple[str, Any] | None = None
+        if self.lead:
+            try:
+                outcome = ("done", compute())
+            except Exception as exc:
+                outcome = ("raised", exc if _picklable(exc) else RunError(str(exc)))
+                self.share(outcome)
+                raise
+        kind, value = self.share(outcome)
+        if kind == "raised":
+            raise value
+        return value
 
     @torch.no_grad()
     def align(self, model) -> None:
@@ -90,6 +133,14 @@ class Ranks:
             return
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
+
+
+def _picklable(value: object) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:
+        return False
+    return True
 
 
 def join(step_timeout_s: float | None, tp: int) -> Ranks:
@@ -106,4 +157,4 @@ def join(step_timeout_s: float | None, tp: int) -> Ranks:
         backend = "nccl"
     timeout = timedelta(seconds=(step_timeout_s or 7 * 24 * 3600) + 600)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-    return Ranks(rank, world, tp)
+    return Ranks(rank, world, tp, timeout)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -51,7 +52,7 @@ from workers.rewards.base import Scores
 from workers.rewards.graders import grading_context, record_errors
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
-from workers.rollout.base import Rollout, RolloutEngine, trained_parameters
+from workers.rollout.base import Rollout, RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
 from workers.rollout.text import eos_token_ids
 from workers.rollout.vllm import start_vllm
@@ -157,6 +158,9 @@ class RunLoop:
         # sampling policy's log-probs from it (when it needs them)
         self.sampled_with: dict[int, Snapshot] = {}
         self.snapshot: Snapshot | None = None
+        # the producer's prompts, rollouts and rewards go between the ranks over a group of
+        # their own, while the learner's gradients go over the default one
+        self.producer_ranks = self.ranks.on_own_group()
         ahead = RolloutsAhead(
             self._produce_ahead, self.settings.rollout_threads or self.settings.torch_threads
         )
@@ -232,13 +236,31 @@ class RunLoop:
         each = state.get("rng_ranks") or [state["rng"]]
         restore_rng(each[self.ranks.rank] if len(each) == self.ranks.world else state["rng"])
         self.start_step, self.checkpointed = step + 1, step
-        self.produced_ahead = {int(s): decode(p) for s, p in state.get("ahead", {}).items()}
+        self.produced_ahead = {
+            int(s): self._own_part(decode(p)) for s, p in state.get("ahead", {}).items()
+        }
         if self.lead:
             self.recorder.event(
                 EventType.RUN_RESUMED,
                 f"resumed from the checkpoint at step {step}",
                 data={"step": step},
             )
+
+    def _own_part(self, produced: Produced) -> Produced:
+        """A step in flight as the checkpoint saved it (every group's), as this rank produced
+        it: its own groups' rollouts and log-probs (Ranks.shard's part)."""
+        if self.ranks.world == 1:
+            return produced
+
+        def own(rows: list | None) -> list | None:
+            return None if rows is None else self.ranks.shard(rows)
+
+        return replace(
+            produced,
+            mine=own(produced.rollouts),
+            behaviour=own(produced.behaviour),
+            reference=own(produced.reference),
+        )
 
     def _announce(self) -> None:
         world = self.ranks.world
@@ -323,22 +345,24 @@ class RunLoop:
         if self.ahead is not None:
             return self._step_ahead(step)
         times: dict[str, float] = {}
-        produced = self._produce(step, times, watched=True)
+        produced = self._produce(step, times, self.ranks)
         self._train(step, produced, times)
 
-    def _produce(self, step: int, times: dict[str, float], watched: bool) -> Produced:
-        """Step `step`'s groups: drawn, rolled out and rewarded (`watched`: by the main thread,
-        in the watchdog's phases)."""
-        slots = self._draw(step)  # the same on every rank
+    def _produce(
+        self, step: int, times: dict[str, float], ranks: Ranks, watched: bool = True
+    ) -> Produced:
+        """Step `step`'s groups: drawn, rolled out and rewarded, exchanged between the
+        processes over `ranks` (`watched`: by the main thread, in the watchdog's phases)."""
+        slots = self._draw(step, ranks)  # the same on every rank
         if watched:
             with self._phase("weight_sync", step, times):
                 k = self.spec.algorithm.group_size
                 if any(sampled_by_run(group, k) for _, group in slots):  # whole groups: none
                     self._sync_engine()  # once per step: nothing samples between its updates
         with self._phase("rollout", step, times, watched):
-            rollouts, mine = self._roll_out(step, slots)
+            rollouts, mine = self._roll_out(step, slots, ranks)
         with self._phase("reward", step, times, watched):
-            scores = self._rewards(step, slots, rollouts)
+            scores = self._rewards(step, slots, rollouts, ranks)
         environment_s = 0.0
         if self.episodes is not None:  # part of time/rollout_s: the environment's answers
             environment_s, self.episodes.environment_s = self.episodes.environment_s, 0.0
@@ -426,8 +450,8 @@ class RunLoop:
             engine = self.engine.snapshot(self.model)
             trained = None
             if self.learner.needs_behaviour:  # the transformers engine's snapshot is just that
-                own = isinstance(self.engine, HFRolloutEngine)
-                trained = engine if own else trained_parameters(self.model)
+                same = isinstance(self.engine, HFRolloutEngine) and not self.learner.sharded
+                trained = engine if same else self.learner.trained_copy()
             self.snapshot = Snapshot(version, engine, trained)
         return self.snapshot
 
@@ -443,14 +467,15 @@ class RunLoop:
         times: dict[str, float] = {}
         with self._phase("weight_sync", step, times, watched=False):
             self._sample_with(snapshot)
-        produced = self._produce(step, times, watched=False)
-        produced.version, produced.mine = snapshot.version, None
+        produced = self._produce(step, times, self.producer_ranks, watched=False)
+        produced.version = snapshot.version
+        if self.ranks.world == 1:
+            produced.mine = None  # every group's: kept once
         if snapshot.trained is not None:
             self.sampled_with[step] = snapshot
         if self.learner.frozen_reference:
             with self._phase("reference", step, times, watched=False):
-                batch = self._batch(produced.rollouts, produced.scores.rewards)
-                produced.reference = self.learner.reference_logps(batch)
+                produced.reference = self.learner.reference_logps(self._own_batch(produced))
         return produced
 
     def _behaviour(self, step: int, produced: Produced) -> None:
@@ -459,7 +484,7 @@ class RunLoop:
         put in the policy's place."""
         snapshot = self.sampled_with.pop(step, None)
         if produced.behaviour is None and snapshot is not None:
-            batch = self._batch(produced.rollouts, produced.scores.rewards)
+            batch = self._own_batch(produced)
             produced.behaviour = self.learner.behaviour_logps(snapshot.trained, batch)
 
     def _quiesce(self, step: int, keep: bool = False) -> dict[int, Produced]:
@@ -469,22 +494,48 @@ class RunLoop:
         if self.ahead is None:
             return {}
         done = self.ahead.drain()
+        failure = self.ahead.failure()
+        if self.ranks.world > 1 and failure and not isinstance(failure, StopWaiting):
+            # this rank's producer failed (not on a stop, which every rank's gets alike): the
+            # other ranks' producers wait for it in their collectives, so fail now rather
+            # than checkpoint
+            raise failure
         for later, produced in done.items() if keep else ():
             self._behaviour(later, produced)
         return {s: p for s, p in done.items() if s > step}
 
-    def _draw(self, step: int) -> list[Slot]:
+    def _joined(self, ahead: dict[int, Produced]) -> dict[int, Produced]:
+        """The steps in flight as the lead saves them: under data parallelism each rank's
+        log-probs of its own groups, joined in rank order (Ranks.shard's) on the lead; {} on
+        the other ranks."""
+        if self.ranks.world == 1:
+            return ahead
+        parts = self.ranks.gather({s: (p.behaviour, p.reference) for s, p in ahead.items()})
+        if not self.lead:
+            return {}
+
+        def joined(step: int, which: int) -> list | None:
+            if parts[0][step][which] is None:
+                return None
+            return [row for part in parts for row in part[step][which]]
+
+        return {
+            s: replace(p, mine=None, behaviour=joined(s, 0), reference=joined(s, 1))
+            for s, p in ahead.items()
+        }
+
+    def _draw(self, step: int, ranks: Ranks) -> list[Slot]:
         """The step's prompts and off-policy groups (posted to the run first, then the file's)."""
-        training, engines = self.spec.training, self.ranks.engines
+        training, engines = self.spec.training, ranks.engines
         off = offpolicy_per_engine(training, engines) if training.offpolicy_fraction else 0
-        posted = self._posted(step, off * engines, engines) if off else []
+        posted = self._posted(step, off * engines, engines, ranks) if off else []
         posted = self._groups(posted, "a group posted to the run")
         self.posted_taken = len(posted)
         return draw_slots(
             self.sampler, self.groups, posted, off, training.prompts_per_step, engines
         )
 
-    def _posted(self, step: int, most: int, engines: int) -> list[dict]:
+    def _posted(self, step: int, most: int, engines: int, ranks: Ranks) -> list[dict]:
         """Groups posted to the run for the step's `most` off-policy slots: the lead reads them
         and every rank gets them. With training.wait_for_groups the step waits until posted
         groups fill every slot, polling every WAIT_POLL_S; meanwhile a cancel, a pause or a lost
@@ -493,10 +544,9 @@ class RunLoop:
         watchdog never times out a run waiting for an agent."""
         whole, waiting = self.spec.training.wait_for_groups, False
         while True:
-            decision = None
-            if self.lead:
-                decision = self._groups_or_stop(step, most, engines, whole, waiting)
-            kind, value = self.ranks.share(decision)
+            kind, value = ranks.lead_computes(
+                partial(self._groups_or_stop, step, most, engines, whole, waiting)
+            )
             if kind == "groups":
                 if self.ahead is not None:
                     self.ahead.waiting_for_groups = False
@@ -527,12 +577,14 @@ class RunLoop:
             )
         return "wait", self._stop_request()
 
-    def _roll_out(self, step: int, slots: list[Slot]) -> tuple[list[Rollout], list[Rollout]]:
+    def _roll_out(
+        self, step: int, slots: list[Slot], ranks: Ranks
+    ) -> tuple[list[Rollout], list[Rollout]]:
         """(every group's rollout, on the lead; this rank's groups' rollouts). This rank's engine
         samples fresh completions for its share's prompts; off-policy groups come as given
         (one of fewer than k topped up with fresh ones)."""
         k = self.spec.algorithm.group_size
-        share = self.ranks.engine_share(slots)
+        share = ranks.engine_share(slots)
         fresh = [i for i, (_, group) in enumerate(share) if sampled_by_run(group, k)]
         made = iter(self._generate(step, [share[i][0] for i in fresh], k, groups=fresh))
         try:
@@ -551,7 +603,7 @@ class RunLoop:
         except ChatTemplateError as exc:
             raise RunError(f"an off-policy group: {exc}") from None
         self.engine.offload()
-        return self.ranks.gather_engines(generated), self.ranks.own_part(generated)
+        return ranks.gather_engines(generated), ranks.own_part(generated)
 
     def _generate(
         self,
@@ -572,11 +624,11 @@ class RunLoop:
         prompts = [self.renderer.prompt(e)[1] for e in examples]
         return self.engine.generate(prompts, n, self.spec.sampling)
 
-    def _rewards(self, step: int, slots: list[Slot], rollouts: list[Rollout]) -> Scores:
+    def _rewards(
+        self, step: int, slots: list[Slot], rollouts: list[Rollout], ranks: Ranks
+    ) -> Scores:
         """(G, k) rewards of every group, scored once by the lead and shared with every rank."""
-        return self.ranks.share(
-            score_slots(self.scorer, step, slots, rollouts) if self.lead else None
-        )
+        return ranks.lead_computes(lambda: score_slots(self.scorer, step, slots, rollouts))
 
     def _batch(self, mine: list[Rollout], rewards: torch.Tensor) -> GroupBatch:
         reported = any(c.logprobs is not None for r in mine for c in r.completions)
@@ -591,11 +643,14 @@ class RunLoop:
             [[c.segments for c in r.completions] for r in mine] if segmented else None,
         )
 
+    def _own_batch(self, produced: Produced) -> GroupBatch:
+        """This rank's groups of a step."""
+        rewards = self.ranks.shard(produced.scores.rewards)  # (G / ranks, k)
+        return self._batch(produced.rollouts if produced.mine is None else produced.mine, rewards)
+
     def _learn(self, step: int, produced: Produced) -> LearnStats:
         """One learner step on this rank's groups (statistics summed over the ranks)."""
-        rewards = self.ranks.shard(produced.scores.rewards)  # (G / ranks, k): this rank's groups
-        mine = produced.rollouts if produced.mine is None else produced.mine
-        batch = self._batch(mine, rewards)
+        batch = self._own_batch(produced)
         if self.ahead is not None:
             # The sampling policy's log-probs: computed at a checkpoint, or now by the learner
             # (its side of the overlap is usually the shorter) for the groups it trains, part
@@ -733,7 +788,8 @@ class RunLoop:
         (under FSDP gathered whole from the shards), and each rank's RNG state, so that a
         resumed rank samples as it would have."""
         self.watchdog.enter("checkpoint", step)
-        ahead = self._quiesce(step, keep=True)  # before the RNG and the cursors (the producer's)
+        # before the RNG and the cursors (the producer's)
+        ahead = self._joined(self._quiesce(step, keep=True))
         rngs = self.ranks.gather(rng_state())
         model_state, optimizer_state = self.learner.checkpoint_state()
         self.checkpointed = step

@@ -222,7 +222,7 @@ class TrainingSpec(_Strict):
         ge=1,
         le=MAX_PROMPTS_PER_STEP,
         validate_default=True,
-        description="optimizer updates per step, split by group",
+        description="optimizer updates per step, split by group (default 4; 1 when max_lag > 0)",
     )
     micro_batch_tokens: int | None = Field(
         None,
@@ -258,6 +258,16 @@ class TrainingSpec(_Strict):
         "of step t-1-max_lag while the learner trains the steps before it (0: each step "
         "samples with the latest weights, one phase after another)",
     )
+
+    @model_validator(mode="after")
+    def _one_update_a_step_when_async(self) -> "TrainingSpec":
+        """An async step's groups are max_lag steps old when it trains them, and each further
+        update of the step trains them staler still: unless set, mini_batches is then 1 (on
+        the warm-started task, 4 updates a step learned less with a lag than without, one
+        did not: docs/benchmarks.md, "Async GVPO")."""
+        if self.max_lag and "mini_batches" not in self.model_fields_set:
+            self.mini_batches = 1
+        return self
 
     @field_validator("wait_for_groups")
     @classmethod
@@ -475,11 +485,6 @@ class RunSpec(_Strict):
                 "strategy 'fsdp' is for full fine-tuning: a LoRA adapter is small, "
                 "so train it with 'ddp' (or set model.lora to null)"
             )
-        if training is not None and training.max_lag and v.ranks > 1:
-            raise ValueError(
-                f"training.max_lag runs one training process for now; this run has {v.ranks} "
-                "(resources.gpus / resources.processes): set max_lag to 0 or use one process"
-            )
         if info.data.get("environment") is not None and v.ranks > 1:
             raise ValueError(
                 f"an environment's episodes are played by one training process for now; this "
@@ -489,6 +494,13 @@ class RunSpec(_Strict):
         if tp > 1 and rollout.engine == "hf":
             raise ValueError(
                 "rollout.tensor_parallel_size needs vLLM: set rollout.engine to 'vllm' or 'auto'"
+            )
+        if tp > 1 and training is not None and training.max_lag:
+            raise ValueError(
+                f"training.max_lag samples on a thread of its own, which a tensor-parallel vLLM "
+                f"engine (rollout.tensor_parallel_size {tp}) cannot: its shards exchange over "
+                "the training processes' own collectives; set max_lag to 0 or "
+                "tensor_parallel_size to 1"
             )
         if v.ranks % tp:
             raise ValueError(

@@ -36,6 +36,7 @@ policy that sampled the batch.
 
 import copy
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ from service.contract.spec import AlgorithmSpec, OptimizerSpec, RunSpec
 from workers.learner import sharding
 from workers.learner.logprobs import build_batch, build_segment_batch, sequence_logprobs
 from workers.learner.losses import LossInputs, get_loss
-from workers.rollout.base import Segment
+from workers.rollout.base import Segment, trained_parameters
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,20 @@ class Learner:
         """(G, k, tokens): each completion's token log-probs under the policy with `weights` (a
         copy of the trained parameters that sampled the batch) in place of its own, as the
         learner computes them; for GroupBatch.behaviour_logps."""
-        return self._all_logps(batch, self._with(weights))
+        with self._policy_with(weights) as policy:
+            return self._all_logps(batch, policy)
+
+    @property
+    def sharded(self) -> bool:
+        """The policy is sharded over the ranks (FSDP)."""
+        return self.collective.sharded
+
+    def trained_copy(self) -> dict[str, torch.Tensor]:
+        """A copy of the parameters the policy trains, for behaviour_logps() or a batch's
+        sampling_weights later (under FSDP this process's shards)."""
+        if self.collective.sharded:
+            sharding.reshard(self.model)
+        return trained_parameters(self.model)
 
     @property
     def frozen_reference(self) -> bool:
@@ -371,7 +385,10 @@ class Learner:
         """(G, k, tokens): every completion's token log-probs under `model`."""
         groups = list(range(len(batch.prompt_ids)))
         plan = self.micro_batches(batch, groups)
-        logps = self._token_logps(batch, plan, model)
+        real = len(plan)
+        if self.collective.sharded:  # every rank runs as many passes as the busiest one
+            plan += [[0]] * (int(self.collective.max([real])[0]) - real)  # fillers: any group
+        logps = self._token_logps(batch, plan, model)[:real]
         rows = [row for part in logps for row in part.tolist()]
         k = batch.rewards.shape[1]
         return [
@@ -379,13 +396,28 @@ class Learner:
             for g in groups
         ]
 
-    def _with(self, weights: dict[str, torch.Tensor]):
-        """The policy with `weights` in place of its own parameters of the same names."""
-
-        def forward(**inputs):
-            return torch.func.functional_call(self.model, weights, args=(), kwargs=inputs)
-
-        return forward
+    @contextmanager
+    def _policy_with(self, weights: dict[str, torch.Tensor]) -> Iterator:
+        """The policy with `weights` in place of its own parameters of the same names, through
+        torch.func.functional_call; a sharded (FSDP) model's forward gathers its own
+        parameters, so there `weights` (shards) are copied into them and back, between updates
+        on the learner's thread."""
+        if not self.collective.sharded:
+            model = self.model
+            yield lambda **inputs: torch.func.functional_call(model, weights, (), inputs)
+            return
+        sharding.reshard(self.model)  # the shards `weights` holds
+        params = dict(self.model.named_parameters())
+        kept = {name: params[name].detach().clone() for name in weights}
+        try:
+            with torch.no_grad():
+                for name, weight in weights.items():
+                    params[name].copy_(weight)
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for name, weight in kept.items():
+                    params[name].copy_(weight)
 
     def _given_logps(self, given: list[list[list[float]]], mb: list[int]) -> torch.Tensor:
         """(B, C) log-probs given with the batch for the micro-batch's completions (padded to
@@ -405,7 +437,8 @@ class Learner:
         if batch.behaviour_logps is not None:
             old = [self._given_logps(batch.behaviour_logps, mb) for mb in plan]
         elif batch.sampling_weights is not None:
-            old = self._token_logps(batch, plan, self._with(batch.sampling_weights))
+            with self._policy_with(batch.sampling_weights) as policy:
+                old = self._token_logps(batch, plan, policy)
         elif (self.objective.needs_old_logps or sampling) and not first:
             old = self._token_logps(batch, plan, self.model)
         if sampling:

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -35,6 +35,14 @@ def shard(model) -> None:
         if type(module).__name__ in blocks:
             fully_shard(module)
     fully_shard(model)
+
+
+def reshard(model) -> None:
+    """Put every unit's parameters back in their shards: a forward pass without a backward
+    (log-probs under no_grad) leaves the root unit's gathered."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import copy
 import torch
 
 from service.contract.spec import SamplingSpec
+from workers.learner.sharding import full
 from workers.rollout.base import Prompt, Rollout, prompt_ids, trained_parameters
 from workers.rollout.text import CompletionBuilder, eos_token_ids
 
@@ -26,10 +27,12 @@ class HFRolloutEngine:
     ) -> None:
         """`synced`: the model is sharded (FSDP), so every rank must run the same number of
         forward passes; ranks that finish early keep stepping until all are done. `own_copy`:
-        sample with a copy of `model`, loaded by load_snapshot() (an async run's)."""
+        sample with a copy of `model`, loaded by load_snapshot() (an async run's), made before
+        the learner shards the model: whole, so no rank waits for another's passes."""
         if own_copy:
             model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.model, self.tokenizer, self.device, self.synced = model, tokenizer, device, synced
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.synced = synced and not own_copy
         self.own_copy = own_copy
         self.tokenizer.padding_side = "left"
         self.eos_ids = eos_token_ids(model.generation_config.eos_token_id, tokenizer)
@@ -48,8 +51,10 @@ class HFRolloutEngine:
             self.load_snapshot(self.snapshot(model))
 
     def snapshot(self, model) -> dict[str, torch.Tensor]:
-        """A copy of the weights `model` trains (a LoRA adapter's, or all)."""
-        return trained_parameters(model)
+        """A copy of the weights `model` trains (a LoRA adapter's, or all), whole: the copy
+        this engine samples with was made before the learner sharded the model (FSDP), so each
+        shard is gathered (a collective: every rank takes its snapshot at the same step)."""
+        return {name: full(weight) for name, weight in trained_parameters(model).items()}
 
     def load_snapshot(self, weights: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(weights, strict=False)
