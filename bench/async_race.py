@@ -16,10 +16,10 @@ steps and at the last.
 - ours: the real worker code path in-process, as bench/e2e.py runs it: a run created through
   the service layer in a temporary data dir, run by `workers.execute.execute_run`. The spec sets
   only the group size k of the algorithm (the service's defaults otherwise: GVPO, beta 0.01,
-  reference "initial", zero-variance groups kept, 4 optimizer updates a step), training.max_lag
-  (--max-lag 1: step t samples with the weights after step t-2 while the learner trains step
-  t-1), the rollout engine (--engine auto: vLLM, installed here), training.seed s, and
-  checkpoints every --eval-every steps, all kept.
+  reference "initial", zero-variance groups kept, one optimizer update a step with a lag),
+  training.max_lag (--max-lag 1: step t samples with the weights after step t-2 while the
+  learner trains step t-1), the rollout engine (--engine auto: vLLM, installed here),
+  training.seed s, and checkpoints every --eval-every steps, all kept.
 - trl: `GRPOTrainer.train()` as bench/common.py builds it (use_vllm False: transformers
   generate() on the policy itself; TRL's defaults otherwise: beta 0, loss "dapo", one update a
   step; gradient checkpointing off as in ours), seed s, its reward function our exact_match. A

@@ -23,6 +23,7 @@ Under FSDP every rank takes part in gathering the weights; only the lead writes.
 
 import copy
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -102,12 +103,24 @@ def write_model(folder: Path, model, tokenizer, chat_template: str | None) -> No
     """`model` as a plain model folder in `folder`: its (merged) weights by checkpoint name in
     one safetensors file, its config and generation config, and the tokenizer with the chat
     template the run renders with."""
+    write_weights(folder, policy_weights(model), model, tokenizer, chat_template)
+
+
+def write_weights(
+    folder: Path,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    model,
+    tokenizer,
+    chat_template: str | None,
+) -> None:
+    """write_model() with `weights` (policy_weights() of `model`, or a copy of them taken
+    earlier) in place of the model's own."""
     from safetensors.torch import save_file
 
     base = model.get_base_model() if hasattr(model, "peft_config") else model
     tied = _tied_names(base)
     tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in policy_weights(model):
+    for name, tensor in weights:
         if name not in tied:
             tensors[name] = tensor.detach().to("cpu").contiguous()
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})

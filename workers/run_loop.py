@@ -54,6 +54,7 @@ from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Rollout, RolloutEngine
 from workers.rollout.hf import HFRolloutEngine
+from workers.rollout.inference import InferenceRolloutEngine
 from workers.rollout.text import eos_token_ids
 from workers.rollout.vllm import start_vllm
 from workers.step_metrics import step_record
@@ -176,13 +177,19 @@ class RunLoop:
         )
         self.model, self.tokenizer = load_policy(spec, self.device, checkpoint)
         self.ranks.align(self.model)
-        self.engine: RolloutEngine = vllm_engine or HFRolloutEngine(
-            self.model,
-            self.tokenizer,
-            self.device,
-            synced=spec.resources.strategy == "fsdp",
-            own_copy=spec.training.max_lag > 0,  # it samples older weights than the learner's
-        )
+        self.engine: RolloutEngine
+        if spec.rollout.engine == "inference":
+            self.engine = InferenceRolloutEngine(
+                self.settings, self.recorder.run_id, spec, self.model, self.tokenizer
+            )
+        else:
+            self.engine = vllm_engine or HFRolloutEngine(
+                self.model,
+                self.tokenizer,
+                self.device,
+                synced=spec.resources.strategy == "fsdp",
+                own_copy=spec.training.max_lag > 0,  # it samples older weights than the learner's
+            )
         self.engine_eos = eos_token_ids(self.model.generation_config.eos_token_id, self.tokenizer)
         self.eos_id = self.engine_eos[0]
 

@@ -170,8 +170,11 @@ class RolloutSpec(_Strict):
     """vLLM settings apply when the run rolls out with vLLM; the transformers engine ignores
     them."""
 
-    engine: Literal["auto", "vllm", "hf"] = Field(
-        "auto", description="auto = vLLM where installed on the worker, else transformers"
+    engine: Literal["auto", "vllm", "hf", "inference"] = Field(
+        "auto",
+        description="auto = vLLM where installed on the worker, else transformers; inference = "
+        "sampled by an inference worker's vLLM server (gvpo serve), which the run's weights "
+        "are sent to, so that generation runs on another machine",
     )
     gpu_memory_utilization: float = Field(
         0.5,
@@ -491,6 +494,11 @@ class RunSpec(_Strict):
                 f"run has {v.ranks} (resources.gpus / resources.processes)"
             )
         tp = rollout.tensor_parallel_size if rollout else 1
+        if rollout is not None and rollout.engine == "inference" and v.ranks > 1:
+            raise ValueError(
+                f"rollout.engine 'inference' samples for one training process for now; this "
+                f"run has {v.ranks} (resources.gpus / resources.processes)"
+            )
         if tp > 1 and rollout.engine == "hf":
             raise ValueError(
                 "rollout.tensor_parallel_size needs vLLM: set rollout.engine to 'vllm' or 'auto'"

@@ -19,14 +19,10 @@ from service.config import Settings
 from service.contract import storage
 from service.contract.outbound import Answer, Transient, retry_after
 from service.contract.serving import (
-    NO_WORKER,
     EnsureModel,
     Held,
-    LiveWorker,
     Unservable,
-    by_preference,
     checkpoint_gone,
-    ensure_outcome,
     run_weights,
     unknown,
     wants_asking,
@@ -37,10 +33,10 @@ from service.contract.tasks import MergeTask
 from service.db import session_scope
 from service.models import Checkpoint, Run
 from service.models.checkpoint import newest_checkpoint
-from service.models.inference_worker import live_workers
 from service.models.run import mark_serving_asked
 from workers.errors import RunError
 from workers.merge import merge_checkpoint
+from workers.serving.ask import ensure_served
 
 CONNECT_S = 10.0
 
@@ -110,11 +106,6 @@ def _run(settings: Settings, project_id: str, name: str) -> EnsureModel:
     return EnsureModel(model=name, path=weights.path, version=weights.step)
 
 
-def _live_workers(settings: Settings) -> list[LiveWorker]:
-    with session_scope(settings.resolved_database_url) as session:
-        return live_workers(session, settings.serve_stale_s)
-
-
 class ServedJudge:
     """Chat completions of one of the project's models, for one batch (a `with` block)."""
 
@@ -169,24 +160,9 @@ class ServedJudge:
             if exc.kind == "conflict":  # e.g. a run before its first weights: it may have some soon
                 raise Transient(exc.message) from None
             raise JudgeFailed(f"{self.describe()}: {exc.message}") from None
-        workers = _live_workers(self.settings)
-        failure = NO_WORKER
-        for worker in by_preference(workers, wanted.model):
-            try:
-                answer = self.client.post(
-                    f"{worker.url}/models", json=wanted.model_dump(), timeout=self.load_timeout
-                )
-            except httpx.TransportError as exc:
-                failure = f"the inference worker at {worker.url} did not answer ({exc!r})"
-                continue
-            try:
-                body = answer.json()
-            except ValueError:
-                body = None
-            outcome = ensure_outcome(answer.status_code, body)
-            if isinstance(outcome, Held):
-                return outcome.url
-            if outcome.kind != "no_room":  # its files are gone, or it does not load
-                raise JudgeFailed(f"{self.describe()}: {outcome.message}")
-            failure = outcome.message  # another worker may have room
-        raise Transient(failure)
+        outcome = ensure_served(self.client, self.settings, wanted, self.load_timeout)
+        if isinstance(outcome, Held):
+            return outcome.url
+        if outcome.kind != "no_room":  # its files are gone, or it does not load
+            raise JudgeFailed(f"{self.describe()}: {outcome.message}")
+        raise Transient(outcome.message)

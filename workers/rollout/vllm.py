@@ -185,7 +185,7 @@ def start_vllm(
     the run; not under tensor parallel, where ranks sharing an engine must sample alike."""
     choice = spec.rollout.engine
     required = choice == "vllm" or ranks.tp > 1
-    if choice == "hf" or not (required or vllm_installed()):
+    if choice in ("hf", "inference") or not (required or vllm_installed()):
         return None
     if not vllm_installed():
         why = (
