@@ -1,7 +1,7 @@
 """One run's training loop: rollout -> rewards -> learn -> publish -> record -> checkpoint,
 each step (publishing the weights for serving every serving.sync_every_steps: publish.py).
 With training.max_lag > 0 the rollouts and rewards of the next steps are produced on a thread
-of their own while the learner trains (workers/ahead.py).
+of their own while the learner trains (workers/ahead.py; the loop's side: run_ahead.py).
 
 The process holds the model in memory for the whole run (execute.py claims the run and turns
 how the loop ends into the run's outcome). Between steps the loop checks whether the lease was
@@ -24,15 +24,7 @@ from service.config import Settings
 from service.contract.events import EventLevel, EventType
 from service.contract.spec import RunSpec, offpolicy_per_engine
 from service.contract.states import RunStatus
-from workers.ahead import (
-    Produced,
-    RolloutsAhead,
-    Snapshot,
-    StopWaiting,
-    decode,
-    encode,
-    without_dropout,
-)
+from workers.ahead import Produced, StopWaiting, decode, encode, without_dropout
 from workers.chat import ChatTemplateError, Renderer
 from workers.checkpointing import RunCheckpoints
 from workers.data import Example, PromptSampler, load_examples
@@ -57,6 +49,7 @@ from workers.rollout.hf import HFRolloutEngine
 from workers.rollout.inference import InferenceRolloutEngine
 from workers.rollout.text import eos_token_ids
 from workers.rollout.vllm import start_vllm
+from workers.run_ahead import AheadSteps
 from workers.step_metrics import step_record
 from workers.watchdog import Watchdog
 
@@ -77,7 +70,7 @@ class Paused(Exception):
         self.step = step
 
 
-class RunLoop:
+class RunLoop(AheadSteps):
     def __init__(
         self,
         settings: Settings,
@@ -151,22 +144,6 @@ class RunLoop:
         self.ahead = self._start_ahead() if spec.training.max_lag else None
         if self.lead:
             self._announce()
-
-    def _start_ahead(self) -> RolloutsAhead:
-        """The producer of an async run's steps (workers/ahead.py)."""
-        self.engine_version = None if self.engine_stale else self.start_step - 1
-        # the snapshot each step in flight was sampled with, until the learner has the
-        # sampling policy's log-probs from it (when it needs them)
-        self.sampled_with: dict[int, Snapshot] = {}
-        self.snapshot: Snapshot | None = None
-        # the producer's prompts, rollouts and rewards go between the ranks over a group of
-        # their own, while the learner's gradients go over the default one
-        self.producer_ranks = self.ranks.on_own_group()
-        ahead = RolloutsAhead(
-            self._produce_ahead, self.settings.rollout_threads or self.settings.torch_threads
-        )
-        ahead.restore(self.produced_ahead)
-        return ahead
 
     def _load_model(self, checkpoint) -> None:
         """The policy (from `checkpoint` when resuming) and the rollout engine."""
@@ -252,22 +229,6 @@ class RunLoop:
                 f"resumed from the checkpoint at step {step}",
                 data={"step": step},
             )
-
-    def _own_part(self, produced: Produced) -> Produced:
-        """A step in flight as the checkpoint saved it (every group's), as this rank produced
-        it: its own groups' rollouts and log-probs (Ranks.shard's part)."""
-        if self.ranks.world == 1:
-            return produced
-
-        def own(rows: list | None) -> list | None:
-            return None if rows is None else self.ranks.shard(rows)
-
-        return replace(
-            produced,
-            mine=own(produced.rollouts),
-            behaviour=own(produced.behaviour),
-            reference=own(produced.reference),
-        )
 
     def _announce(self) -> None:
         world = self.ranks.world
@@ -405,131 +366,6 @@ class RunLoop:
                 times["time/step_s"] = time.perf_counter() - started
             self._record(step, produced, stats, times, extra or {})
             self._warn_on_drift(step, stats.logprob_diff_max)
-
-    # -- async (training.max_lag > 0): workers/ahead.py ---------------------------------------
-
-    def _step_ahead(self, step: int) -> None:
-        """Hand the producer the weights after step-1 for step step+max_lag (at the start, for
-        every step up to it), take step `step`'s groups, train."""
-        started = time.perf_counter()
-        last = min(step + self.spec.training.max_lag, self.spec.training.steps)
-        if self.ahead.submitted < last:
-            snapshot = self._snapshot(step - 1)
-            for later in range(self.ahead.submitted + 1, last + 1):
-                self.ahead.submit(later, snapshot)
-        idle = time.perf_counter()
-        try:
-            produced = self._take(step)
-        except StopWaiting as stop:  # asked while it waited for posted groups
-            self._follow(stop.stop, step - 1)
-            raise
-        idle = time.perf_counter() - idle
-        times = dict(produced.times)
-        extra = {
-            "async/lag_mean": float(step - 1 - produced.version),
-            "async/learner_idle_s": idle,
-            "async/rollout_idle_s": self.ahead.idle_s,
-        }
-        self.ahead.idle_s = 0.0
-        self._train(step, produced, times, extra, started)
-
-    def _take(self, step: int) -> Produced:
-        """Step `step`'s groups, waited for in the watchdog's rollout phase (a producer that
-        hangs fails the run as in the synchronous loop), except while the producer waits for
-        groups posted to the run, which is no phase (training.wait_for_groups)."""
-        watched = False
-        while True:
-            if self.ahead.waiting_for_groups == watched:  # the phase starts or stops
-                watched = not watched
-                if watched:
-                    self.watchdog.enter("rollout", step)
-                else:
-                    self.watchdog.leave()
-            try:
-                return self.ahead.take(step, timeout=WAIT_POLL_S)
-            except TimeoutError:
-                continue
-
-    def _snapshot(self, version: int) -> Snapshot:
-        """The learner's weights now (after step `version`), copied once for every job that
-        samples with them."""
-        if self.snapshot is None or self.snapshot.version != version:
-            engine = self.engine.snapshot(self.model)
-            trained = None
-            if self.learner.needs_behaviour:  # the transformers engine's snapshot is just that
-                same = isinstance(self.engine, HFRolloutEngine) and not self.learner.sharded
-                trained = engine if same else self.learner.trained_copy()
-            self.snapshot = Snapshot(version, engine, trained)
-        return self.snapshot
-
-    def _sample_with(self, snapshot: Snapshot) -> None:
-        """Load the engine with a snapshot's weights, unless it holds them (the producer's, or
-        the learner's while none runs)."""
-        if self.engine_version != snapshot.version:
-            self.engine.load_snapshot(snapshot.engine)
-            self.engine_version = snapshot.version
-
-    def _produce_ahead(self, step: int, snapshot: Snapshot) -> Produced:
-        """The producer's job for step `step` (on its thread)."""
-        times: dict[str, float] = {}
-        with self._phase("weight_sync", step, times, watched=False):
-            self._sample_with(snapshot)
-        produced = self._produce(step, times, self.producer_ranks, watched=False)
-        produced.version = snapshot.version
-        if self.ranks.world == 1:
-            produced.mine = None  # every group's: kept once
-        if snapshot.trained is not None:
-            self.sampled_with[step] = snapshot
-        if self.learner.frozen_reference:
-            with self._phase("reference", step, times, watched=False):
-                produced.reference = self.learner.reference_logps(self._own_batch(produced))
-        return produced
-
-    def _behaviour(self, step: int, produced: Produced) -> None:
-        """Give a step in flight the sampling policy's log-probs, when the learner needs them
-        (a checkpoint keeps no snapshot): computed with the snapshot that sampled the step
-        put in the policy's place."""
-        snapshot = self.sampled_with.pop(step, None)
-        if produced.behaviour is None and snapshot is not None:
-            batch = self._own_batch(produced)
-            produced.behaviour = self.learner.behaviour_logps(snapshot.trained, batch)
-
-    def _quiesce(self, step: int, keep: bool = False) -> dict[int, Produced]:
-        """Wait for every job in flight (a checkpoint or an evaluation after step `step`); the
-        steps produced after it, up to the first that failed (`keep`: to be saved, with their
-        sampling policy's log-probs)."""
-        if self.ahead is None:
-            return {}
-        done = self.ahead.drain()
-        failure = self.ahead.failure()
-        if self.ranks.world > 1 and failure and not isinstance(failure, StopWaiting):
-            # this rank's producer failed (not on a stop, which every rank's gets alike): the
-            # other ranks' producers wait for it in their collectives, so fail now rather
-            # than checkpoint
-            raise failure
-        for later, produced in done.items() if keep else ():
-            self._behaviour(later, produced)
-        return {s: p for s, p in done.items() if s > step}
-
-    def _joined(self, ahead: dict[int, Produced]) -> dict[int, Produced]:
-        """The steps in flight as the lead saves them: under data parallelism each rank's
-        log-probs of its own groups, joined in rank order (Ranks.shard's) on the lead; {} on
-        the other ranks."""
-        if self.ranks.world == 1:
-            return ahead
-        parts = self.ranks.gather({s: (p.behaviour, p.reference) for s, p in ahead.items()})
-        if not self.lead:
-            return {}
-
-        def joined(step: int, which: int) -> list | None:
-            if parts[0][step][which] is None:
-                return None
-            return [row for part in parts for row in part[step][which]]
-
-        return {
-            s: replace(p, mine=None, behaviour=joined(s, 0), reference=joined(s, 1))
-            for s, p in ahead.items()
-        }
 
     def _draw(self, step: int, ranks: Ranks) -> list[Slot]:
         """The step's prompts and off-policy groups (posted to the run first, then the file's)."""
