@@ -19,6 +19,7 @@ from service.files.schemas import FileRead
 from service.metrics.schemas import (
     EpisodeRead,
     EpisodeTurn,
+    MetricName,
     ReplacedReward,
     SampleList,
     SampleRead,
@@ -53,6 +54,8 @@ with Client(url, key) as client:
     again = client.create_run(spec, idempotency_key="client-dist")
     ended = client.wait(run["id"], timeout=%r, poll_s=0.3)
     metrics = client.metrics(run["id"], ["reward/mean"])
+    timed = client.metrics(run["id"], ["loss"], max_points=16, with_time=True)
+    names = {n["name"]: n["points"] for n in client.metric_names(run["id"])}
     samples = client.samples(run["id"])
     checkpoints = client.checkpoints(run["id"])
     archive = client.download_checkpoint(run["id"], checkpoints[-1]["id"], Path(out) / "c.tar.gz")
@@ -81,6 +84,8 @@ print(json.dumps({
     "same_run": again["id"] == run["id"],
     "run": [ended["status"], ended["step"], ended["error"]],
     "metrics": metrics,
+    "timed": timed,
+    "names": names,
     "samples": [samples["step"], len(samples["data"])],
     "checkpoints": [c["step"] for c in checkpoints],
     "archive": [top, checkpoints[-1]["id"], archive.stat().st_size],
@@ -110,6 +115,7 @@ ANSWERS = [
     (schemas.EpisodeTurn, EpisodeTurn),
     (schemas.Episode, EpisodeRead),
     (schemas.Sample, SampleRead),
+    (schemas.MetricName, MetricName),
     (schemas.Samples, SampleList),
     (schemas.Checkpoint, CheckpointRead),
     (schemas.DownloadLink, DownloadLink),
@@ -222,6 +228,8 @@ def test_the_installed_client_drives_a_run_end_to_end(client_venv, tiny_model_di
     assert out["same_run"]
     assert out["run"] == ["succeeded", 2, None]
     assert [step for step, _ in out["metrics"]["reward/mean"]] == [1, 2]
+    assert [len(point) for point in out["timed"]["loss"]] == [3, 3]
+    assert out["names"]["loss"] == out["names"]["tokens/total"] == 2
     assert out["samples"] == [2, 8]  # 2 prompts of 4 completions
     assert out["checkpoints"] == [2]
     top, ckpt_id, size = out["archive"]

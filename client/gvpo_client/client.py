@@ -26,6 +26,7 @@ from gvpo_client.schemas import (
     Event,
     File,
     GroupsStatus,
+    MetricName,
     Metrics,
     Rescore,
     Run,
@@ -214,17 +215,30 @@ class Client:
                     fields = {}
 
     def metrics(
-        self, run_id: str, names: list[str] | None = None, since_step: int | None = None
+        self,
+        run_id: str,
+        names: list[str] | None = None,
+        since_step: int | None = None,
+        max_points: int | None = None,
+        with_time: bool = False,
     ) -> Metrics:
         """The run's metric curves, name -> [[step, value], ...]: every metric, or those
-        named; from step `since_step` on, when given."""
-        params: dict[str, Any] = {}
-        if names:
-            params["names"] = ",".join(names)
-        if since_step is not None:
-            params["since_step"] = since_step
+        named; from step `since_step` on, when given. `max_points`: a longer series comes as
+        each run of steps' lowest and highest point; `with_time`: points are [step, value,
+        unix seconds recorded]."""
+        params: dict[str, Any] = {"names": ",".join(names) if names else None}
+        params |= {"since_step": since_step, "max_points": max_points}
+        params = {k: v for k, v in params.items() if v is not None}
+        if with_time:
+            params["with_time"] = "true"
         return cast(
             Metrics, self._request("GET", f"/v1/runs/{run_id}/metrics", params=params)["metrics"]
+        )
+
+    def metric_names(self, run_id: str) -> list[MetricName]:
+        """Every series the run has recorded: name, points, first_step, last_step."""
+        return cast(
+            list[MetricName], self._request("GET", f"/v1/runs/{run_id}/metrics/names")["data"]
         )
 
     def samples(self, run_id: str, step: int | None = None, limit: int | None = None) -> Samples:

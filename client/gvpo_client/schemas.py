@@ -78,8 +78,18 @@ class StepMetrics(TypedDict):
     values: dict[str, float]
 
 
-# GET /v1/runs/{id}/metrics: name -> [[step, value], ...], oldest step first.
+# GET /v1/runs/{id}/metrics: name -> [[step, value], ...] ([step, value, time] with_time),
+# oldest step first.
 Metrics = dict[str, list[list[float]]]
+
+
+class MetricName(TypedDict):
+    """GET /v1/runs/{id}/metrics/names: a series the run has recorded."""
+
+    name: str
+    points: int
+    first_step: int
+    last_step: int
 
 
 class ReplacedReward(TypedDict):
@@ -117,6 +127,8 @@ class Sample(TypedDict):
     reward: float
     source: str  # "policy": sampled by the run; else the off-policy group's source
     episode: Episode | None  # a multi-turn episode's turns (completion: its last assistant turn)
+    weight: float | None  # its GVPO weight w_i in the step's loss (None: not trained)
+    logratio: float | None  # its summed log pi/pi_ref s_i (None: not trained)
     reward_history: list[ReplacedReward]  # rewards re-scorings replaced, oldest first
 
 
