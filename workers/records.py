@@ -82,6 +82,8 @@ class RunRecorder(Claiming):
         self.settings, self.run_id, self.worker_id = settings, run_id, worker_id
         self.url = settings.resolved_database_url
         self._private: list[tuple[str, str]] | None = None  # see _shown
+        # The lead's tracking session (workers/tracking/): every metric recorded goes to it.
+        self.tracking = None
 
     def renew_lease(self) -> bool:
         """Heartbeat; False when the lease was lost (another worker took the run)."""
@@ -178,13 +180,16 @@ class RunRecorder(Claiming):
             text = text.replace(folder, name)
         return text
 
-    @_retrying
     def record_step(
-        self,
-        step: int,
-        metrics: dict[str, float],
-        samples: list[dict],
-        tokens: int,
+        self, step: int, metrics: dict[str, float], samples: list[dict], tokens: int
+    ) -> None:
+        self._write_step(step, metrics, samples, tokens)
+        if self.tracking is not None:
+            self.tracking.log_metrics(step, metrics)
+
+    @_retrying
+    def _write_step(
+        self, step: int, metrics: dict[str, float], samples: list[dict], tokens: int
     ) -> None:
         sample_rows = [{"run_id": self.run_id, "step": step, **s} for s in samples]
         with session_scope(self.url) as session:
@@ -241,11 +246,29 @@ class RunRecorder(Claiming):
         """A group `step` may take: not taken, or taken by it or a later step (a replay)."""
         return or_(RunGroup.taken_step.is_(None), RunGroup.taken_step >= step)
 
-    @_retrying
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Metrics of a finished step that come after it (an evaluation): upserted beside it."""
+        self._write_metrics(step, metrics)
+        if self.tracking is not None:
+            self.tracking.log_metrics(step, metrics)
+
+    @_retrying
+    def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
         with session_scope(self.url) as session:
             self._upsert_metrics(session, step, metrics)
+
+    @_retrying
+    def tracking_state(self) -> tuple[dict, dict[str, int]]:
+        """For a tracking session: the run's stored spec, and the last step recorded of each
+        metric so far (an earlier attempt's, which a resumed attempt replays)."""
+        with session_scope(self.url) as session:
+            spec = session.scalar(select(Run.spec).where(Run.id == self.run_id))
+            last = session.execute(
+                select(Metric.name, func.max(Metric.step))
+                .where(Metric.run_id == self.run_id)
+                .group_by(Metric.name)
+            ).all()
+        return dict(spec), dict(last)
 
     def _upsert_metrics(self, session: Session, step: int, metrics: dict[str, float]) -> None:
         rows = [
