@@ -12,7 +12,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from fastapi.testclient import TestClient
 from run_control import (
     RESUMABLE_STEPS,
     event_types,
@@ -22,17 +21,34 @@ from run_control import (
 )
 from sqlalchemy import select
 
-from service.auth.service import create_api_key
 from service.db import session_scope
-from service.main import create_app
 from service.models import RunEvent
 from workers.execute import execute_run
 from workers.tracking.base import tracker_name
 from workers.tracking.tensorboard_sink import tensorboard_dir
 
-from conftest import new_settings, release
-from factories import EXACT_MATCH, SPEC_DEFAULTS, auth, copy_rows, run_spec, submit, upload
-from services import MLFLOW, closed_port, start_mlflow, stop_group
+from factories import (
+    EXACT_MATCH,
+    SPEC_DEFAULTS,
+    STACK_RUN,
+    auth,
+    copy_rows,
+    run_spec,
+    submit,
+    upload,
+    wait_for_run,
+    wait_until,
+)
+from services import (
+    MLFLOW,
+    cli,
+    closed_port,
+    stack_project,
+    stack_settings,
+    start_mlflow,
+    start_stack,
+    stop_group,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -170,40 +186,61 @@ def same_series(got: list, expected: list, rel: float = 1e-9) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tracked(request, tmp_path_factory, tiny_model_dir, mlflow_server, wandb_home):
+def tracked(tmp_path_factory, tiny_model_dir, mlflow_server, wandb_home):
     """A run tracked by MLflow, W&B (offline) and TensorBoard at once, with an evaluation and
-    a checkpoint every 2 steps, executed by a worker to its end; the API's view of it."""
-    settings = new_settings(tmp_path_factory.mktemp("tracked"), "sqlite", request)
-    settings = settings.model_copy(update={"webhook_allow_private": True})  # a loopback server
-    run_id = submit(
-        settings,
-        tiny_model_dir,
-        eval_rows=copy_rows(3),
-        training={"steps": STEPS},
-        eval={"every_steps": 2, "samples_per_prompt": 2},
-        checkpoint={"every_steps": 2, "keep_last": 1},
-        tracking={
-            "mlflow": {"uri": mlflow_server, "experiment": EXPERIMENT},
-            "wandb": {"project": "gvpo-tests", "mode": "offline"},
-            "tensorboard": True,
-        },
-    )
-    assert execute_run(settings, run_id, "worker-t") == "succeeded"
-    with session_scope(settings.resolved_database_url) as session:
-        _, key = create_api_key(session, "loop", settings.api_key_pepper)
-    with TestClient(create_app(settings), headers=auth(key)) as http:
-        run = http.get(f"/v1/runs/{run_id}").json()
-        metrics = http.get(f"/v1/runs/{run_id}/metrics").json()["metrics"]
-        events = http.get(f"/v1/runs/{run_id}/events").json()["data"]
-    yield SimpleNamespace(
-        settings=settings,
-        run=run,
-        metrics=metrics,
-        events=events,
-        folder=settings.runs_dir / run_id,
-        mlflow=mlflow_runs(mlflow_server, run_id, tmp_path_factory.mktemp("download")),
-    )
-    release(settings)
+    a checkpoint every 2 steps, submitted over HTTP to the embedded stack (API and worker
+    processes) and trained to its end; the API's view of it."""
+    settings = stack_settings(tmp_path_factory.mktemp("stack"), webhook_allow_private=True)
+    cli(settings, "db", "upgrade")
+    stack = start_stack(settings, settings.resolved_data_dir / "logs")
+    try:
+        http, train_file = stack_project(stack, "tracked")
+        eval_file = upload(http, None, copy_rows(3), "eval", "eval.jsonl")
+        body = run_spec(
+            tiny_model_dir,
+            train_file,
+            STACK_RUN,
+            training={"steps": STEPS},
+            rollout={"engine": "hf"},
+            dataset={"eval_file": eval_file},
+            eval={"every_steps": 2, "samples_per_prompt": 2},
+            checkpoint={"every_steps": 2, "keep_last": 1},
+            tracking={
+                "mlflow": {"uri": mlflow_server, "experiment": EXPERIMENT},
+                "wandb": {"project": "gvpo-tests", "mode": "offline"},
+                "tensorboard": True,
+            },
+        )
+        created = http.post("/v1/runs", json=body)
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        run = wait_for_run(http, run_id, {"succeeded", "failed", "cancelled"})
+        # the worker ends the trackers' runs just after the run's own end
+        folder = settings.runs_dir / run_id
+        wait_until(
+            lambda: ended(mlflow_server, run_id, folder, tmp_path_factory),
+            60,
+            "the MLflow and W&B runs to end",
+            every=1,
+        )
+        yield SimpleNamespace(
+            run=run,
+            metrics=http.get(f"/v1/runs/{run_id}/metrics").json()["metrics"],
+            events=http.get(f"/v1/runs/{run_id}/events").json()["data"],
+            folder=folder,
+            mlflow=mlflow_runs(mlflow_server, run_id, tmp_path_factory.mktemp("download")),
+        )
+    finally:
+        stack.stop()
+
+
+def ended(url: str, run_id: str, folder: Path, tmp_path_factory) -> bool:
+    """Whether the MLflow run has ended and the W&B run file has its exit record."""
+    kinds = [r.WhichOneof("record_type") for r in wandb_records(folder)]
+    if "exit" not in kinds:
+        return False
+    runs = mlflow_runs(url, run_id, tmp_path_factory.mktemp("poll"))
+    return bool(runs) and runs[0]["status"] != "RUNNING"
 
 
 def test_the_run_records_steps_and_evaluations(tracked):
