@@ -14,10 +14,13 @@ from types import SimpleNamespace
 import pytest
 from run_control import (
     RESUMABLE_STEPS,
+    act,
     event_types,
+    execute_in_thread,
     kill_after_first_checkpoint,
     resumable,
     series,
+    wait_for_step,
 )
 from sqlalchemy import select
 
@@ -31,6 +34,7 @@ from factories import (
     EXACT_MATCH,
     SPEC_DEFAULTS,
     STACK_RUN,
+    WORKER_S,
     auth,
     copy_rows,
     run_spec,
@@ -367,6 +371,34 @@ def test_a_resumed_run_goes_on_with_the_same_mlflow_run_without_repeating_a_step
     assert max(series(loopback, run_id, "loss")) == RESUMABLE_STEPS
     started = _events(loopback, run_id, "tracking.started")
     assert [e.data.get("continued") for e in started if e.data["tracker"] == "mlflow"][-1]
+
+
+def test_a_paused_run_keeps_its_mlflow_run_open_and_goes_on_with_it(
+    loopback, tiny_model_dir, mlflow_server, tmp_path
+):
+    run_id = submit(
+        loopback,
+        tiny_model_dir,
+        training={"steps": 6},
+        checkpoint={"every_steps": 100, "keep_last": None},
+        tracking={"mlflow": {"uri": mlflow_server, "experiment": "paused"}},
+    )
+    worker, result = execute_in_thread(loopback, run_id, "worker-a")
+    wait_for_step(loopback, run_id, 2)
+    act(loopback, "pause", run_id)
+    worker.join(timeout=WORKER_S)
+    assert result["status"] == "paused"
+    (paused,) = mlflow_runs(mlflow_server, run_id, tmp_path / "paused")
+    assert paused["status"] == "RUNNING"  # MLflow has no paused state; the run goes on
+
+    act(loopback, "resume", run_id)
+    assert execute_run(loopback, run_id, "worker-b") == "succeeded"
+    (ended,) = mlflow_runs(mlflow_server, run_id, tmp_path / "ended")
+    assert ended["status"] == "FINISHED"
+    assert [s for s, _ in ended["metrics"]["loss"]] == list(range(1, 7))
+    assert sorted(series(loopback, run_id, "loss").items()) == [
+        tuple(point) for point in ended["metrics"]["loss"]
+    ]
 
 
 @pytest.mark.parametrize(
