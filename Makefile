@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Small models on 2 cores run 10-40x faster single-threaded.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test docs bench bench-serving bench-algorithms install install-dev install-gpu services wordnet clean
+.PHONY: demo test docs bench bench-serving bench-algorithms install install-dev install-gpu services wordnet mlflow-venv clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +46,21 @@ services:
 wordnet: install services
 	$(BIN)/python -m workers.graders.wordnet
 
+# An MLflow tracking server for tests/test_tracking.py, in a venv of its own: the full mlflow's
+# pins (cachetools, pyarrow) clash with vLLM's, and the worker needs no mlflow package (it speaks
+# MLflow's REST API). 3.17.2: 3.18.0 needs an mlflow-tracing 3.18.0 that the index lacks.
+MLFLOW_VENV := .venv-mlflow
+$(MLFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check 'mlflow==3.17.2'
+	touch $@
+
+mlflow-venv: $(MLFLOW_VENV)/.installed
+
 # Two processes, each taking whole test files (a file's module-scoped servers and engines start
 # once): most of a test's time is spent waiting on the worker processes it starts.
 TEST_PROCESSES ?= 2
-test: install-dev services wordnet
+test: install-dev services wordnet mlflow-venv
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 # The manual as a site in site/ (mkdocs.yml); strict, so a broken link or anchor fails the build.
@@ -86,4 +97,4 @@ bench-algorithms: install-dev
 	$(BIN)/python bench/algorithms.py
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .gvpo site
+	rm -rf $(VENV) $(BENCH_VENV) $(MLFLOW_VENV) .gvpo site

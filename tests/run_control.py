@@ -88,13 +88,15 @@ def resumable(
     episodes: bool = False,
     max_lag: int = 0,
     engine: str = "hf",
+    **more: dict,
 ) -> str:
     """A queued run of RESUMABLE_STEPS steps with a checkpoint at step 3, whose steps are slow
     enough (~0.1-0.2 s) for a test to kill its worker between checkpoints; `episodes`: of the
-    built-in secret_code environment, on its chat rows; `max_lag`: async."""
-    sections = {}
+    built-in secret_code environment, on its chat rows; `max_lag`: async; `more`: other
+    sections of the spec."""
+    sections = dict(more)
     if episodes:
-        sections = {
+        sections |= {
             "environment": {"type": "builtin", "name": "secret_code", "max_turns": 2},
             "train_rows": secret_code_rows(32),
         }

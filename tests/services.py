@@ -428,6 +428,64 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise AssertionError("unreachable")
 
 
+# A tracking server of MLflow's own (`make mlflow-venv`): a venv apart, as the full mlflow's
+# pins clash with ours; the worker needs none of it (workers/tracking/mlflow_sink.py).
+MLFLOW = Path(__file__).resolve().parents[1] / ".venv-mlflow" / "bin"
+MLFLOW_START_S = 240.0  # its first start creates its database: half a minute on a busy machine
+
+
+def start_mlflow(root: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free loopback port, its runs in SQLite and its artifacts under
+    `root`, served by itself (mlflow-artifacts:/), once /health answers: (process, URL)."""
+    for attempt in range(1, ATTEMPTS + 1):
+        url = f"http://127.0.0.1:{free_port()}"
+        log = (root / "mlflow.log").open("ab")
+        proc = subprocess.Popen(
+            [
+                str(MLFLOW / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                url.rsplit(":", 1)[1],
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(
+            lambda proc=proc, url=url: proc.poll() is not None or _answers(f"{url}/health", {200}),
+            MLFLOW_START_S,
+            f"mlflow server on {url} to answer (log: {root / 'mlflow.log'})",
+            every=0.5,
+        )
+        if proc.poll() is None:
+            return proc, url
+        if attempt == ATTEMPTS:
+            raise ServerDidNotStart(f"mlflow server could not start on {url}")
+    raise AssertionError("unreachable")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in a session of its own, with its children (mlflow's workers)."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=3)  # a throwaway server: nothing to lose
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def wait_grpc_serving(channel, timeout: float = SERVER_START_S) -> None:
     """Until the gRPC server's health service says SERVING (it says NOT_SERVING from its start
     until its first readiness check of the database and broker passes)."""

@@ -96,6 +96,8 @@ class RunCheckpoints:
         record it (pruning to checkpoint.keep_last)."""
         path = self.run_dir / "checkpoints" / f"step_{step:06d}"
         size = save_checkpoint(path, model, tokenizer, step, extra, optimizer_state, model_state)
+        if self.recorder.tracking is not None:  # before the folder may go to the store
+            self.recorder.tracking.log_checkpoint(step, path)
         kind = CheckpointKind.FULL if spec.model.lora is None else CheckpointKind.LORA_ADAPTER
         where, store_url = str(path), self.settings.checkpoint_url
         if store_url:

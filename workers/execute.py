@@ -10,7 +10,7 @@ import logging
 from pydantic import ValidationError
 
 from service.config import Settings
-from service.contract.events import EventLevel
+from service.contract.events import ENDED, EventLevel
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
 from service.models.base import new_id
@@ -21,6 +21,7 @@ from workers.model_source import loaded_spec
 from workers.ranks import Ranks
 from workers.records import RunRecorder
 from workers.run_loop import Cancelled, LeaseLost, Paused, RunLoop
+from workers.tracking import start_tracking
 from workers.watchdog import StepTimeout, Watchdog
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,19 @@ def drive(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks
             return RunStatus.SUCCEEDED
         except (Cancelled, Paused, LeaseLost) as stop:
             return STOPS[type(stop)]
+    recorder.tracking = start_tracking(settings, recorder, spec)
+    outcome = RunStatus.FAILED
+    try:
+        outcome = _lead(settings, recorder, spec, ranks)
+        return outcome
+    finally:
+        if recorder.tracking is not None:  # the trackers' runs end as the run did
+            recorder.tracking.close(RunStatus(outcome) if outcome in ENDED else None)
+
+
+def _lead(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks) -> str:
+    """The lead's side of drive: the lease's heartbeat and the step watchdog around the loop,
+    and the outcome recorded."""
     watchdog = Watchdog(spec.resources.step_timeout_s)
     watchdog.arm()
     heartbeat = Heartbeat(recorder, settings.heartbeat_seconds, watchdog)

@@ -24,7 +24,7 @@ from service.contract.states import RunStatus, sources
 from service.db import session_scope
 from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunGroup, Sample
 from service.models.base import upsert, utcnow
-from service.models.metric import refresh_rollups
+from service.models.metric import LEVELS, MetricRollup, refresh_rollups
 from service.models.run_event import add_event
 from workers.claiming import Claiming
 from workers.errors import RunError
@@ -66,6 +66,8 @@ class RunRecorder(Claiming):
         self.settings, self.run_id, self.worker_id = settings, run_id, worker_id
         self.url = settings.resolved_database_url
         self._private: list[tuple[str, str]] | None = None  # see _shown
+        # The lead's tracking session (workers/tracking/): every metric recorded goes to it.
+        self.tracking = None
 
     def renew_lease(self) -> bool:
         """Heartbeat; False when the lease was lost (another worker took the run)."""
@@ -162,7 +164,6 @@ class RunRecorder(Claiming):
             text = text.replace(folder, name)
         return text
 
-    @_retrying
     def record_step(
         self,
         step: int,
@@ -171,8 +172,21 @@ class RunRecorder(Claiming):
         tokens: int,
         retention: RetentionSpec | None = None,
     ) -> None:
-        """A step's metrics (with tokens/total) and samples; then, by `retention`, the samples
-        of the step that has just left the kept window go."""
+        written = self._write_step(step, metrics, samples, tokens, retention)
+        if self.tracking is not None:
+            self.tracking.log_metrics(step, written)
+
+    @_retrying
+    def _write_step(
+        self,
+        step: int,
+        metrics: dict[str, float],
+        samples: list[dict],
+        tokens: int,
+        retention: RetentionSpec | None,
+    ) -> dict[str, float]:
+        """A step's metrics (with tokens/total: returned) and samples; then, by `retention`,
+        the samples of the step that has just left the kept window go."""
         sample_rows = [{"run_id": self.run_id, "step": step, **s} for s in samples]
         with session_scope(self.url) as session:
             before = session.scalar(
@@ -212,6 +226,7 @@ class RunRecorder(Claiming):
             if run.step <= step:
                 run.reward = metrics.get(REWARD_MEAN)
             run.step = max(run.step, step)
+        return metrics
 
     @_retrying
     def take_groups(self, step: int, most: int, multiple: int, whole: bool = False) -> list[dict]:
@@ -250,11 +265,29 @@ class RunRecorder(Claiming):
         """A group `step` may take: not taken, or taken by it or a later step (a replay)."""
         return or_(RunGroup.taken_step.is_(None), RunGroup.taken_step >= step)
 
-    @_retrying
     def record_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Metrics of a finished step that come after it (an evaluation): upserted beside it."""
+        self._write_metrics(step, metrics)
+        if self.tracking is not None:
+            self.tracking.log_metrics(step, metrics)
+
+    @_retrying
+    def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
         with session_scope(self.url) as session:
             self._upsert_metrics(session, step, metrics)
+
+    @_retrying
+    def tracking_state(self) -> tuple[dict, dict[str, int]]:
+        """For a tracking session: the run's stored spec, and the last step recorded of each
+        metric so far (an earlier attempt's, which a resumed attempt replays)."""
+        with session_scope(self.url) as session:
+            spec = session.scalar(select(Run.spec).where(Run.id == self.run_id))
+            last = session.execute(  # from the coarsest rollups: a few rows a series
+                select(MetricRollup.name, func.max(MetricRollup.last_step))
+                .where(MetricRollup.run_id == self.run_id, MetricRollup.level == LEVELS)
+                .group_by(MetricRollup.name)
+            ).all()
+        return dict(spec), dict(last)
 
     def _upsert_metrics(self, session: Session, step: int, metrics: dict[str, float]) -> None:
         now = time.time()

@@ -3,7 +3,7 @@ and nothing else. It imports neither side's code (tests/test_architecture.py che
 can import it without a model library and the worker without the web service.
 
 - spec.py: the run spec (POST /v1/runs) and its parts; rewards.py: the built-in rewards' names
-  and parameters.
+  and parameters; tracking.py: the experiment trackers a run may log to.
 - states.py: run (and rescore, notification) states and their legal moves; events.py: the
   types of run events.
 - tasks.py: the broker, the task names and the payloads of the tasks that answer requests.

@@ -42,6 +42,10 @@ class EventType(StrEnum):
     CHECKPOINT_SAVED = "checkpoint.saved"
     CHECKPOINT_UPLOAD_RETRY = "checkpoint.upload_retry"
     GROUPS_POSTED = "groups.posted"
+    # spec.tracking: which tracker run the run logs to (data: tracker, and its run's id/url);
+    # a tracker that failed and was dropped for the rest of the attempt (a warning)
+    TRACKING_STARTED = "tracking.started"
+    TRACKING_FAILED = "tracking.failed"
     WEBHOOK_SECRET_ROTATED = "webhook.secret_rotated"
     # re-scoring an ended run
     RESCORE_QUEUED = "rescore.queued"

@@ -36,6 +36,7 @@ from service.contract.limits import (
 )
 from service.contract.limits import Strict as _Strict
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, finite
+from service.contract.tracking import TrackingSpec
 
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
@@ -468,6 +469,11 @@ class RunSpec(_Strict):
     serving: ServingSpec = Field(default_factory=ServingSpec)
     retention: RetentionSpec = Field(default_factory=RetentionSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, validate_default=True)
+    tracking: TrackingSpec | None = Field(
+        None,
+        description="experiment trackers (MLflow, W&B, TensorBoard) that get a copy of the "
+        "run's metrics, spec and checkpoints; null = none",
+    )
 
     @field_validator("algorithm")
     @classmethod

@@ -20,6 +20,7 @@ from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward,
 from service.contract.spec import RunSpec
 from service.contract.states import NotifyState, RunStatus
 from service.contract.tasks import RUN_TASK
+from service.contract.tracking import TrackingSpec
 from service.db import after_commit, session_scope
 from service.dispatch import enqueue
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
@@ -94,9 +95,15 @@ def _offpolicy_problems(session: Session, project: Project, spec: RunSpec) -> li
     return []
 
 
-def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | None = None) -> None:
-    """The URLs a reward (and a run's notify_url) would call: each may be called, and a
-    webhook with probe set answers."""
+def check_webhooks(
+    settings: Settings,
+    reward: RewardSpec,
+    notify_url: str | None = None,
+    tracking: TrackingSpec | None = None,
+) -> None:
+    """The URLs a reward (and a run's notify_url and MLflow server) would call: each may be
+    called, and a webhook with probe set answers. A tracking server is not probed: one that is
+    down costs the run a warning, not the run."""
     hooks = [("reward", reward)] if isinstance(reward, WebhookReward) else []
     if isinstance(reward, CompositeReward):
         hooks = [
@@ -107,6 +114,8 @@ def check_webhooks(settings: Settings, reward: RewardSpec, notify_url: str | Non
     urls = [(f"{where}.url", hook.url) for where, hook in hooks] + called_urls(reward, "reward")
     if notify_url is not None:
         urls.append(("notify_url", notify_url))
+    if tracking is not None and tracking.mlflow is not None:
+        urls.append(("tracking.mlflow.uri", tracking.mlflow.uri))
     bad = [
         {"field": field, "message": problem}
         for field, url in urls
@@ -165,7 +174,7 @@ def create_run(
     spec = resolved.public
     _check_dataset(session, project, spec)
     check_model(settings, session, project, resolved.spec, resolved.shown)
-    check_webhooks(settings, spec.reward, spec.notify_url)
+    check_webhooks(settings, spec.reward, spec.notify_url, spec.tracking)
     check_judges(session, project, spec.reward)
     stored = _stored_spec(spec)
     secret = spec.webhook_secret.get_secret_value() if spec.webhook_secret else new_secret()
