@@ -502,7 +502,7 @@ def test_fresh_run_has_empty_metrics_samples_checkpoints(api, make_key):
     base = f"/v1/runs/{rid}"
     get = lambda path, **params: api.get(base + path, headers=auth(key), params=params)  # noqa: E731
 
-    assert get("/metrics").json() == {"run_id": rid, "metrics": {}}
+    assert get("/metrics").json() == {"run_id": rid, "metrics": {}, "downsampled": []}
     assert get("/metrics", names="loss,reward/mean", since_step=1).json()["metrics"] == {}
     assert get("/samples").json() == {"object": "list", "step": None, "data": []}
     assert get("/samples", step=3).json()["data"] == []

@@ -154,6 +154,37 @@ def test_0012_gives_each_recorded_run_the_reward_of_its_last_step(empty_database
     assert stored_secrets(url, "reward") == {"run_a": (0.5,), "run_b": (None,)}
 
 
+def test_0017_builds_the_rollups_of_the_recorded_metrics(empty_database, tmp_path):
+    url = empty_database()
+    runs_at_0009(url)
+    settings = Settings(data_dir=tmp_path, database_url=url, encryption_key="k" * 32)
+    upgrade(url, "0016", settings=settings)
+    engine = create_engine(url, poolclass=pool.NullPool)
+    values = {step: (step * 7) % 11 - 5.0 for step in range(1, 41)}
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO metrics (run_id, name, step, value) VALUES ('run_a', 'loss', :s, :v)"
+            ),
+            [{"s": step, "v": v} for step, v in values.items()],
+        )
+    upgrade(url, settings=settings)
+    with engine.begin() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT bucket, count, min_step, min_value, max_step, max_value FROM "
+                "metric_rollups WHERE run_id = 'run_a' AND level = 2 ORDER BY bucket"
+            )
+        ).all()
+    # level 2: buckets of 16 steps (1-15, 16-31, 32-40)
+    for bucket, count, low_step, low, high_step, high in rows:
+        steps = [s for s in values if s // 16 == bucket]
+        assert count == len(steps)
+        assert (low, high) == (min(values[s] for s in steps), max(values[s] for s in steps))
+        assert values[low_step] == low and values[high_step] == high
+    assert [r[0] for r in rows] == [0, 1, 2]
+
+
 def test_gvpo_db_upgrade_command(tmp_path):
     from click.testing import CliRunner
 

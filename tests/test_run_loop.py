@@ -54,6 +54,25 @@ def test_run_records_every_step_and_checkpoints(settings, tiny_model_dir):
             assert steps == [1, 2, 3, 4, 5, 6], name
         assert session.scalar(select(func.count()).select_from(Sample)) == 48
         last_reward = session.get(Metric, (run_id, "reward/mean", 6)).value
+        tokens = session.get(Metric, (run_id, "tokens/total", 6)).value
+        samples = session.scalars(
+            select(Sample).order_by(Sample.step, Sample.group_index, Sample.sample_index)
+        ).all()
+    assert tokens == run.tokens_generated
+    # each completion's GVPO weight is w_i = (R_i - mean R) - beta*(s_i - mean s) of its group
+    groups: dict[tuple[int, int], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.step, s.group_index), []).append(s)
+    trained = [g for g in groups.values() if g[0].weight is not None]
+    assert trained and all(s.logratio is not None for g in trained for s in g)
+    for group in trained:
+        r_mean = sum(s.reward for s in group) / len(group)
+        s_mean = sum(s.logratio for s in group) / len(group)
+        for s in group:
+            expected = (s.reward - r_mean) - 0.05 * (s.logratio - s_mean)  # COPY_TASK beta
+            assert s.weight == pytest.approx(expected, abs=1e-5)
+    skipped = [g for g in groups.values() if g[0].weight is None]
+    assert all(len({s.reward for s in g}) == 1 for g in skipped)  # zero-variance: not trained
     assert run.reward == last_reward  # the run carries its last step's mean reward
     with session_scope(settings.resolved_database_url) as session:
         ckpts = session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id)).all()
@@ -202,7 +221,8 @@ def test_replayed_step_overwrites_instead_of_duplicating(settings, tiny_model_di
     recorder.record_step(1, {"loss": 1.0}, [sample], tokens=3)
     recorder.record_step(1, {"loss": 2.0}, [{**sample, "reward": 0.9}], tokens=3)
     with session_scope(settings.resolved_database_url) as session:
-        assert session.scalars(select(Metric.value).where(Metric.run_id == run_id)).all() == [2.0]
+        values = select(Metric.name, Metric.value).where(Metric.run_id == run_id)
+        assert dict(session.execute(values).all()) == {"loss": 2.0, "tokens/total": 3.0}
         assert session.scalars(select(Sample.reward).where(Sample.run_id == run_id)).all() == [0.9]
         assert session.get(Run, run_id).tokens_generated == 3
 
@@ -245,7 +265,8 @@ def test_concurrent_writes_of_one_step_never_conflict(settings, tiny_model_dir):
         count = session.scalar(
             select(func.count()).select_from(Sample).where(Sample.run_id == run_id)
         )
-    assert sorted(name for name, _ in metrics) == ["loss", "reward/mean"] and count == 64
+    assert sorted(name for name, _ in metrics) == ["loss", "reward/mean", "tokens/total"]
+    assert count == 64
 
 
 def test_large_steps_are_written_in_chunks(settings, tiny_model_dir, backend):

@@ -11,7 +11,6 @@ import logging
 import time
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -19,33 +18,18 @@ from service.config import Settings
 from service.contract import storage
 from service.contract.events import ENDED, EventLevel, EventType
 from service.contract.files import read_rows
-from service.contract.metrics import REWARD_MEAN
+from service.contract.metrics import REWARD_MEAN, TOKENS_TOTAL
+from service.contract.spec import RetentionSpec
 from service.contract.states import RunStatus, sources
 from service.db import session_scope
 from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunGroup, Sample
-from service.models.base import utcnow
+from service.models.base import upsert, utcnow
+from service.models.metric import refresh_rollups
 from service.models.run_event import add_event
 from workers.claiming import Claiming
 from workers.errors import RunError
 
-
-def _insert(session: Session, model):
-    dialect = session.get_bind().dialect.name
-    return (postgresql if dialect == "postgresql" else sqlite).insert(model)
-
-
 log = logging.getLogger(__name__)
-
-UPSERT_CHUNK = 500  # rows per statement: stays under SQLite's bound-parameter limit
-
-
-def upsert(session: Session, model, rows: list[dict], keys: list[str], columns: list[str]) -> None:
-    for start in range(0, len(rows), UPSERT_CHUNK):
-        stmt = _insert(session, model).values(rows[start : start + UPSERT_CHUNK])
-        stmt = stmt.on_conflict_do_update(
-            index_elements=keys, set_={c: getattr(stmt.excluded, c) for c in columns}
-        )
-        session.execute(stmt)
 
 
 def _retrying(method):
@@ -185,17 +169,42 @@ class RunRecorder(Claiming):
         metrics: dict[str, float],
         samples: list[dict],
         tokens: int,
+        retention: RetentionSpec | None = None,
     ) -> None:
+        """A step's metrics (with tokens/total) and samples; then, by `retention`, the samples
+        of the step that has just left the kept window go."""
         sample_rows = [{"run_id": self.run_id, "step": step, **s} for s in samples]
         with session_scope(self.url) as session:
+            before = session.scalar(
+                select(Metric.value)
+                .where(Metric.run_id == self.run_id, Metric.name == TOKENS_TOTAL)
+                .where(Metric.step < step)
+                .order_by(Metric.step.desc())
+                .limit(1)
+            )
+            metrics = {**metrics, TOKENS_TOTAL: (before or 0.0) + tokens}
             self._upsert_metrics(session, step, metrics)
             upsert(
                 session,
                 Sample,
                 sample_rows,
                 ["run_id", "step", "group_index", "sample_index"],
-                ["prompt", "completion", "answer", "reward", "source", "episode", "row"],
+                [
+                    "prompt",
+                    "completion",
+                    "answer",
+                    "reward",
+                    "source",
+                    "episode",
+                    "row",
+                    "weight",
+                    "logratio",
+                ],
             )
+            if retention is not None and (gone := retention.drops(step)) is not None:
+                session.execute(
+                    delete(Sample).where(Sample.run_id == self.run_id, Sample.step == gone)
+                )
             run = session.get(Run, self.run_id)
             if run.step < step:  # a replayed step does not count its tokens twice
                 run.tokens_generated += tokens
@@ -248,11 +257,13 @@ class RunRecorder(Claiming):
             self._upsert_metrics(session, step, metrics)
 
     def _upsert_metrics(self, session: Session, step: int, metrics: dict[str, float]) -> None:
+        now = time.time()
         rows = [
-            {"run_id": self.run_id, "name": name, "step": step, "value": float(value)}
-            for name, value in metrics.items()
+            {"run_id": self.run_id, "name": name, "step": step, "value": float(value), "time": now}
+            for name, value in sorted(metrics.items())  # in key order: see _write in metric.py
         ]
-        upsert(session, Metric, rows, ["run_id", "name", "step"], ["value"])
+        upsert(session, Metric, rows, ["run_id", "name", "step"], ["value", "time"])
+        refresh_rollups(session, self.run_id, {step})
 
     @_retrying
     def record_checkpoint(

@@ -505,6 +505,14 @@ class RunLoop(AheadSteps):
             if not batch.lagged:  # the engine's log-probs are checked against those only
                 batch.sampling_logps = None
         stats = self.learner.learn(batch, step)
+        if self.ranks.world > 1:  # every rank's groups' per-completion values, on the lead
+            parts = self.ranks.gather((stats.logratios, stats.weights))
+            if parts is not None:
+                stats = replace(
+                    stats,
+                    logratios=[row for logratios, _ in parts for row in logratios],
+                    weights=[row for _, weights in parts for row in weights],
+                )
         self.engine_stale |= stats.updates > 0  # a step that trained no group changed nothing
         if not math.isfinite(stats.loss):
             raise RunError(
@@ -530,7 +538,9 @@ class RunLoop(AheadSteps):
         record.metrics.update(extra)
         if self.episodes is not None:  # part of time/rollout_s: the environment's answers
             record.metrics["time/environment_s"] = produced.environment_s
-        self.recorder.record_step(step, record.metrics, record.samples, record.tokens_generated)
+        self.recorder.record_step(
+            step, record.metrics, record.samples, record.tokens_generated, self.spec.retention
+        )
         record_errors(self.recorder, step, scores.errors, len(record.samples), "train")
 
     def _publish_start(self) -> None:

@@ -87,11 +87,19 @@ def step_record(
             "source": sources[g][i],
             "episode": episode_record(e, c),
             "row": e.row,
+            "weight": _at(stats.weights, g, i),
+            "logratio": _at(stats.logratios, g, i),
         }
         for g, ((e, _), r) in enumerate(zip(slots, rollouts, strict=True))
         for i, c in enumerate(r.completions)
     ]
     return StepRecord(metrics, samples, sampled)
+
+
+def _at(values: list[list[float | None]], g: int, i: int) -> float | None:
+    """values[g][i] when the learner measured it (finite), else None."""
+    value = values[g][i] if g < len(values) else None
+    return value if value is not None and math.isfinite(value) else None
 
 
 def episode_metrics(rollouts: list[Rollout]) -> dict[str, float]:

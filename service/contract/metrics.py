@@ -5,3 +5,5 @@ REWARD_MEAN = "reward/mean"  # a step's mean reward over its samples
 REWARD_ERRORS = "reward/errors"  # a step's samples a grader could not grade (reward 0 each)
 LOSS = "loss"  # a step's training loss (a fine-tuning job's checkpoints show it as train_loss)
 EVAL_REWARD_MEAN = "eval/reward_mean"  # the mean reward of an evaluation's completions
+# the tokens the run's engines have sampled up to and including a step (the charts' tokens axis)
+TOKENS_TOTAL = "tokens/total"

@@ -356,6 +356,31 @@ class ServingSpec(_Strict):
     )
 
 
+class RetentionSpec(_Strict):
+    """Which steps' samples stay in the database once the run has moved on (a long run's
+    samples outweigh everything else it records: docs/benchmarks.md, "Metrics at scale")."""
+
+    samples_every_steps: int | None = Field(
+        1,
+        ge=1,
+        le=MAX_STEPS,
+        description="keep the samples of every step that is a multiple of this for good (1 = "
+        "every step); null = none beyond keep_last_steps",
+    )
+    keep_last_steps: int = Field(
+        1,
+        ge=1,
+        le=MAX_STEPS,
+        description="keep the samples of the latest this many steps, whatever their step",
+    )
+
+    def drops(self, latest: int) -> int | None:
+        """The step whose samples go once step `latest` is recorded (None: none goes)."""
+        step = latest - self.keep_last_steps
+        every = self.samples_every_steps
+        return step if step >= 1 and (every is None or step % every) else None
+
+
 MAX_RANKS = 8  # one worker machine: the launcher starts ranks on its own node only
 
 
@@ -441,6 +466,7 @@ class RunSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
+    retention: RetentionSpec = Field(default_factory=RetentionSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, validate_default=True)
 
     @field_validator("algorithm")

@@ -1,16 +1,24 @@
-from typing import Annotated
+import csv
+import io
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from service.contract.limits import INT32_MAX, MAX_QUERY_TEXT
 from service.deps import PathId, ProjectDep, SessionDep
 from service.metrics import service
-from service.metrics.schemas import MetricSeries, SampleList, SampleRead
+from service.metrics.schemas import MetricNameList, MetricSeries, SampleList, SampleRead
+
+MIN_POINTS, MAX_POINTS = 16, 100_000
 
 router = APIRouter(prefix="/v1/runs", tags=["metrics"])
 
 
-@router.get("/{run_id}/metrics", response_model=MetricSeries)
+@router.get(
+    "/{run_id}/metrics",
+    response_model=MetricSeries,
+    responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
+)
 def get_metrics(
     run_id: PathId,
     session: SessionDep,
@@ -19,10 +27,49 @@ def get_metrics(
         str | None, Query(max_length=MAX_QUERY_TEXT, description="comma-separated metric names")
     ] = None,
     since_step: Annotated[int | None, Query(ge=0, le=INT32_MAX)] = None,
-) -> MetricSeries:
+    max_points: Annotated[
+        int | None,
+        Query(
+            ge=MIN_POINTS,
+            le=MAX_POINTS,
+            description="at most this many points per series: a longer series gives each run "
+            "of steps' lowest and highest point (listed in `downsampled`)",
+        ),
+    ] = None,
+    with_time: Annotated[
+        bool, Query(description="points as [step, value, time] (unix seconds recorded)")
+    ] = False,
+    format: Annotated[
+        Literal["json", "csv"], Query(description="csv: rows of name,step,value,time")
+    ] = "json",
+) -> MetricSeries | Response:
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
-    series = service.metric_series(session, project, run_id, wanted, since_step)
-    return MetricSeries(run_id=run_id, metrics=series)
+    series, downsampled = service.metric_series(
+        session, project, run_id, wanted, since_step, max_points
+    )
+    if format == "csv":
+        return Response(_csv(series), media_type="text/csv; charset=utf-8")
+    width = 3 if with_time else 2
+    return MetricSeries(
+        run_id=run_id,
+        metrics={name: [list(p[:width]) for p in points] for name, points in series.items()},
+        downsampled=downsampled,
+    )
+
+
+def _csv(series: dict[str, list]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["name", "step", "value", "time"])
+    for name, points in series.items():
+        writer.writerows([name, *point] for point in points)
+    return out.getvalue()
+
+
+@router.get("/{run_id}/metrics/names", response_model=MetricNameList)
+def get_metric_names(run_id: PathId, session: SessionDep, project: ProjectDep) -> MetricNameList:
+    """Every series the run has recorded, with how many values and over which steps."""
+    return MetricNameList(data=service.metric_names(session, project, run_id))
 
 
 @router.get("/{run_id}/samples", response_model=SampleList)

@@ -3,14 +3,34 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# [step, value]. Declared as a 2-item list rather than a tuple: FastAPI writes a tuple as an
-# array-valued `items`, which OpenAPI 3.1 schema validators reject.
-Point = Annotated[list[int | float], Field(min_length=2, max_length=2)]
+# [step, value], or [step, value, time] with with_time (unix seconds; null for a value
+# recorded before times were kept). Declared as a list rather than a tuple: FastAPI writes a
+# tuple as an array-valued `items`, which OpenAPI 3.1 schema validators reject.
+Point = Annotated[list[int | float | None], Field(min_length=2, max_length=3)]
 
 
 class MetricSeries(BaseModel):
     run_id: str
-    metrics: dict[str, list[Point]] = Field(description="name -> [[step, value], ...]")
+    metrics: dict[str, list[Point]] = Field(
+        description="name -> [[step, value], ...] oldest first ([step, value, time] with_time)"
+    )
+    downsampled: list[str] = Field(
+        default_factory=list,
+        description="series that had more than max_points points: each of their points is the "
+        "lowest or the highest of a run of steps",
+    )
+
+
+class MetricName(BaseModel):
+    name: str
+    points: int = Field(description="values recorded")
+    first_step: int
+    last_step: int
+
+
+class MetricNameList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[MetricName]
 
 
 class StepMetrics(BaseModel):
@@ -69,6 +89,16 @@ class SampleRead(BaseModel):
     )
     episode: EpisodeRead | None = Field(
         None, description="a multi-turn episode's turns (completion: its last assistant turn)"
+    )
+    weight: float | None = Field(
+        None,
+        description="its GVPO weight w_i = (R_i - mean R) - beta*(s_i - mean s) in the step's "
+        "loss (null: its group was not trained, or the loss is not GVPO's)",
+    )
+    logratio: float | None = Field(
+        None,
+        description="s_i: its summed log pi/pi_ref under the policy before the update that "
+        "trained it (null: its group was not trained)",
     )
     reward_history: list[ReplacedReward] = Field(
         default_factory=list,

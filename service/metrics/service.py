@@ -5,9 +5,12 @@ from collections import defaultdict
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from service.metrics.schemas import StepMetrics
-from service.models import Metric, Project, Sample
+from service.metrics.schemas import MetricName, StepMetrics
+from service.models import Metric, MetricRollup, Project, Sample
+from service.models.metric import LEVELS, bucket_of
 from service.runs.service import get_run
+
+Point = tuple[int, float, float | None]  # step, value, unix seconds it was recorded
 
 
 def metric_series(
@@ -16,17 +19,95 @@ def metric_series(
     run_id: str,
     names: list[str] | None,
     since_step: int | None,
-) -> dict[str, list[tuple[int, float]]]:
+    max_points: int | None = None,
+) -> tuple[dict[str, list[Point]], list[str]]:
+    """Each series' points (step, value, time) from `since_step` on, oldest first, and the
+    names of those downsampled: with `max_points`, a series with more points is read from the
+    finest rollup level with at most max_points / 2 buckets in its range, each bucket giving
+    its lowest and highest point, so no extreme is lost."""
     get_run(session, project, run_id)
-    stmt = select(Metric.name, Metric.step, Metric.value).where(Metric.run_id == run_id)
+    start = since_step or 0
+    raw, by_level = list(names or []), defaultdict(list)
+    if max_points is not None:
+        raw = []
+        for name, (count, _, last) in _summary(session, run_id, names).items():
+            level = _level(start, last, max_points) if count > max_points else None
+            (raw.append(name) if level is None else by_level[level].append(name))
+    series: dict[str, list[Point]] = defaultdict(list)
+    if raw or max_points is None:
+        stmt = select(Metric.name, Metric.step, Metric.value, Metric.time).where(
+            Metric.run_id == run_id, Metric.step >= start
+        )
+        if raw:
+            stmt = stmt.where(Metric.name.in_(raw))
+        for name, step, value, time in session.execute(stmt.order_by(Metric.name, Metric.step)):
+            series[name].append((step, value, time))
+    for level, level_names in by_level.items():
+        for name, points in _extremes(session, run_id, level_names, level, start):
+            series[name].extend(points)
+    return dict(series), sorted(n for names in by_level.values() for n in names)
+
+
+def _summary(
+    session: Session, run_id: str, names: list[str] | None
+) -> dict[str, tuple[int, int, int]]:
+    """name -> (points, first step, last step), from the coarsest rollups."""
+    stmt = (
+        select(
+            MetricRollup.name,
+            func.sum(MetricRollup.count),
+            func.min(MetricRollup.first_step),
+            func.max(MetricRollup.last_step),
+        )
+        .where(MetricRollup.run_id == run_id, MetricRollup.level == LEVELS)
+        .group_by(MetricRollup.name)
+        .order_by(MetricRollup.name)
+    )
     if names:
-        stmt = stmt.where(Metric.name.in_(names))
-    if since_step is not None:
-        stmt = stmt.where(Metric.step >= since_step)
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for name, step, value in session.execute(stmt.order_by(Metric.name, Metric.step)):
-        series[name].append((step, value))
-    return dict(series)
+        stmt = stmt.where(MetricRollup.name.in_(names))
+    return {name: (int(n), first, last) for name, n, first, last in session.execute(stmt)}
+
+
+def metric_names(session: Session, project: Project, run_id: str) -> list[MetricName]:
+    get_run(session, project, run_id)
+    return [
+        MetricName(name=name, points=n, first_step=first, last_step=last)
+        for name, (n, first, last) in _summary(session, run_id, None).items()
+    ]
+
+
+def _level(start: int, last: int, max_points: int) -> int | None:
+    """The finest rollup level whose buckets over start..last give at most max_points."""
+    for level in range(1, LEVELS + 1):
+        if 2 * (bucket_of(last, level) - bucket_of(start, level) + 1) <= max_points:
+            return level
+    return LEVELS
+
+
+def _extremes(session: Session, run_id: str, names: list[str], level: int, start: int):
+    """(name, points) of each bucket's lowest and highest point, at `level` from `start`."""
+    rows = session.execute(
+        select(
+            MetricRollup.name,
+            MetricRollup.min_step,
+            MetricRollup.min_value,
+            MetricRollup.min_time,
+            MetricRollup.max_step,
+            MetricRollup.max_value,
+            MetricRollup.max_time,
+        )
+        .where(
+            MetricRollup.run_id == run_id,
+            MetricRollup.level == level,
+            MetricRollup.name.in_(names),
+            MetricRollup.bucket >= bucket_of(start, level),
+        )
+        .order_by(MetricRollup.name, MetricRollup.bucket)
+    )
+    for name, *extremes in rows:
+        low, high = (extremes[0], extremes[1], extremes[2]), (extremes[3], extremes[4], extremes[5])
+        points = [low] if low[0] == high[0] else sorted([low, high])
+        yield name, [p for p in points if p[0] >= start]
 
 
 def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[StepMetrics]:

@@ -1,11 +1,13 @@
 """Declarative base, id generation and a UTC-aware timestamp type shared by the ORM classes."""
 
+import functools
 import secrets
 import time
 from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, TypeDecorator
-from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Session
 
 
 def new_id(prefix: str, sep: str = "_") -> str:
@@ -36,3 +38,20 @@ class UTCDateTime(TypeDecorator):
 
 class Base(DeclarativeBase):
     pass
+
+
+def upsert(session: Session, model, rows: list[dict], keys: list[str], columns: list[str]) -> None:
+    """INSERT ... ON CONFLICT (keys) DO UPDATE columns, on PostgreSQL or SQLite: one statement,
+    built and compiled once, executed for every row (SQLAlchemy batches them)."""
+    if rows:
+        dialect = session.get_bind().dialect.name
+        stmt = _upsert_statement(dialect, model.__table__, tuple(keys), tuple(columns))
+        session.connection().execute(stmt, rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_statement(dialect: str, table, keys: tuple[str, ...], columns: tuple[str, ...]):
+    stmt = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=list(keys), set_={c: getattr(stmt.excluded, c) for c in columns}
+    )

@@ -29,6 +29,11 @@ class Sample(Base):
     row: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # POLICY (sampled by the run) or an off-policy group's source
     source: Mapped[str] = mapped_column(String(64), server_default=POLICY, default=POLICY)
+    # Its GVPO weight w_i = (R_i - mean R) - beta*(s_i - mean s) in the step's loss, and its
+    # summed log-ratio s_i = log pi/pi_ref as the learner measured it before its update (None:
+    # not trained, e.g. a skipped zero-variance group, or another loss's weight)
+    weight: Mapped[float | None] = mapped_column(Double, nullable=True)
+    logratio: Mapped[float | None] = mapped_column(Double, nullable=True)
     # What re-scorings replaced, oldest first.
     reward_history: Mapped[list[RewardHistory]] = relationship(
         order_by=RewardHistory.id, viewonly=True

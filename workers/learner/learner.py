@@ -38,7 +38,7 @@ import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -143,6 +143,11 @@ class LearnStats:
     zero_variance_frac: float
     groups_trained: int
     updates: int
+    # (G, k) per completion of this process's groups, as measured before the update that
+    # trained it (None: not measured, e.g. a skipped zero-variance group): summed log-ratio
+    # s_i = log pi/pi_ref, and its GVPO weight w_i (None under another loss)
+    logratios: list[list[float | None]] = field(default_factory=list)
+    weights: list[list[float | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -201,12 +206,20 @@ class _Tally:
         self.sums = dict.fromkeys(self.FIELDS, 0.0)
         self.grad_norms: list[float] = []
         self.logprob_diff = -math.inf
+        self.per_group: dict[int, tuple[list[float], list[float]]] = {}  # (s_i, w_i) by group
 
     def add(self, **values: float) -> None:
         for key, value in values.items():
             self.sums[key] += value
 
-    def stats(self, collective: _Collective, zv: list[float], updates: int) -> LearnStats:
+    def stats(
+        self,
+        collective: _Collective,
+        zv: list[float],
+        updates: int,
+        shape: tuple[int, int],
+        gvpo: bool,
+    ) -> LearnStats:
         t = dict(zip(self.FIELDS, collective.sum([self.sums[f] for f in self.FIELDS]), strict=True))
         zero_var, groups, trained = collective.sum(zv)
         n, tokens = max(t["s_n"], 1.0), max(t["tokens"], 1.0)
@@ -225,6 +238,11 @@ class _Tally:
             zero_variance_frac=zero_var / max(groups, 1),
             groups_trained=int(trained),
             updates=updates if trained else 0,
+            logratios=[self.per_group.get(g, ([None] * shape[1],))[0] for g in range(shape[0])],
+            weights=[
+                self.per_group[g][1] if gvpo and g in self.per_group else [None] * shape[1]
+                for g in range(shape[0])
+            ],
         )
 
 
@@ -302,7 +320,8 @@ class Learner:
         for i, (plan, reference) in enumerate(zip(plans, references, strict=True)):
             self._update(batch, plan, real[i], reference, bool(trainable), tally, first=i == 0)
         zv = [float(zero_var.sum()), float(len(everything)), float(len(keep) if trainable else 0)]
-        return tally.stats(self.collective, zv, len(plans))
+        gvpo = self.config.algorithm.name == "gvpo"
+        return tally.stats(self.collective, zv, len(plans), tuple(rewards.shape), gvpo)
 
     def micro_batches(self, batch: GroupBatch, groups: list[int]) -> list[list[int]]:
         """Whole groups packed in order up to the token budget (a larger group goes alone)."""
@@ -497,7 +516,7 @@ class Learner:
             loss = self.objective.per_group(inputs).sum() / n_groups
             if train:
                 (loss * self.collective.grad_scale).backward()
-            self._measure(inputs, lp.entropy, float(loss.detach()), tally)
+            self._measure(inputs, lp.entropy, float(loss.detach()), tally, mb)
         if train:
             self.collective.sum_grads(self.params)
             clip = self.config.optimizer.grad_clip or math.inf
@@ -525,7 +544,9 @@ class Learner:
         tally.logprob_diff = max(tally.logprob_diff, gap)
 
     @torch.no_grad()
-    def _measure(self, x: LossInputs, entropy: torch.Tensor, loss: float, tally: _Tally) -> None:
+    def _measure(
+        self, x: LossInputs, entropy: torch.Tensor, loss: float, tally: _Tally, mb: list[int]
+    ) -> None:
         log_ratio = (x.ref_token_logps - x.policy_token_logps.detach()) * x.mask  # log pi_ref/pi
         s = ((x.policy_token_logps.detach() - x.ref_token_logps) * x.mask).sum(dim=-1)  # (g, k)
         r = x.rewards.float()
@@ -542,6 +563,9 @@ class Learner:
             resid_sq=float((actual - implicit).pow(2).sum()),
             spread_sq=float(actual.pow(2).sum()),
         )
+        weights = actual - implicit  # (g, k): GVPO's w_i
+        for row, g in enumerate(mb):
+            tally.per_group[g] = (s[row].tolist(), weights[row].tolist())
 
 
 def _fit(logps: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -26,8 +26,7 @@ from service.config import Settings
 from service.contract.serving import EnsureModel
 from service.db import session_scope
 from service.models import InferenceWorker
-from service.models.base import utcnow
-from workers.records import upsert
+from service.models.base import upsert, utcnow
 from workers.serving.pool import GIB, DoesNotFit, ModelFilesMissing, ModelPool
 from workers.serving.vllm_server import ServerFailed, ServerOptions
 
