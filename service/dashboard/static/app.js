@@ -1,7 +1,7 @@
 // The dashboard's entry point: the API key form and the hash router.
 //   #/runs               runs table
 //   #/runs/<id>          one run
-//   #/compare?runs=a,b   reward curves overlaid
+//   #/compare?runs=a,b   any metric of those runs overlaid, and their specs diffed
 
 import { api, forgetKey, getKey, setKey, setUnauthorizedHandler } from "./api.js";
 import { compareView } from "./compare.js";

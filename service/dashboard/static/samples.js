@@ -20,7 +20,7 @@ function groupBox(group, rows, limits) {
       h("span", {}, `mean reward ${fmtNum(mean)}`)),
     h("table", {},
       h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, rows.some((s) => s.episode) ? "episode" : "completion"), h("th", { class: "num" }, "reward"),
-        h("th", { class: "num", title: "the completion's GVPO weight in the loss: centred reward − β · centred log-ratio" }, "w_i"),
+        h("th", { class: "num symbol", title: "w_i: the completion's GVPO weight in the loss, centred reward − β · centred log-ratio" }, "w", h("sub", {}, "i")),
         h("th", { class: "num", title: "log π/π_ref summed over the completion's tokens" }, "log-ratio"))),
       h("tbody", {}, rows.map((s) => h("tr", { class: "sample" },
         h("td", {}, String(s.sample_index)),
