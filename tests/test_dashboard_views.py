@@ -134,6 +134,17 @@ def open_run(browser, url: str, key: str, run_id: str) -> None:
     more_than = "(n) => Number(document.querySelector('#chart-loss').dataset.points) > n"
     page.wait_for_function(more_than, arg=3, timeout=STEP_MS)
 
+    # the first load of the charts' series is downsampled by the server, with times; later
+    # ones ask only for the steps since the last one seen
+    first = next(u for u in browser.requests if f"{run_id}/metrics?" in u and "kl%2Fref" in u)
+    assert "max_points=1000" in first and "with_time=true" in first, first
+    assert "since_step=" not in first, first
+    with page.expect_request(
+        lambda r: f"{run_id}/metrics?" in r.url and "kl%2Fref" in r.url and "since_step=" in r.url,
+        timeout=STEP_MS,
+    ):
+        pass  # the next poll's
+
 
 def pick_a_metric(browser, http: httpx.Client, run_id: str) -> None:
     """The picker offers every series the API has recorded, grouped by prefix; ticking one
