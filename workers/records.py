@@ -263,7 +263,7 @@ class RunRecorder(Claiming):
             for name, value in sorted(metrics.items())  # in key order: see _write in metric.py
         ]
         upsert(session, Metric, rows, ["run_id", "name", "step"], ["value", "time"])
-        refresh_rollups(session, self.run_id, {step})
+        refresh_rollups(session, self.run_id, sorted(metrics), {step})
 
     @_retrying
     def record_checkpoint(

@@ -25,8 +25,8 @@ def upgrade() -> None:
     op.create_table(
         "metric_rollups",
         sa.Column("run_id", sa.String(length=40), sa.ForeignKey("runs.id"), primary_key=True),
-        sa.Column("name", sa.String(length=128), primary_key=True),
         sa.Column("level", sa.Integer(), primary_key=True),
+        sa.Column("name", sa.String(length=128), primary_key=True),
         sa.Column("bucket", sa.Integer(), primary_key=True),
         sa.Column("count", sa.Integer(), nullable=False),
         sa.Column("first_step", sa.Integer(), nullable=False),

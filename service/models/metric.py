@@ -38,9 +38,10 @@ class MetricRollup(Base):
 
     __tablename__ = "metric_rollups"
 
+    # key order: a level's rows of a run are one range of the index (the reads' and writes')
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), primary_key=True)
     level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
     bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
     first_step: Mapped[int] = mapped_column(Integer)
@@ -54,7 +55,7 @@ class MetricRollup(Base):
 
 
 ROLLUP_FIELDS = [c.name for c in MetricRollup.__table__.columns]
-ROLLUP_KEYS = ["run_id", "name", "level", "bucket"]
+ROLLUP_KEYS = ["run_id", "level", "name", "bucket"]
 BUCKET_FIELDS = ROLLUP_FIELDS[len(ROLLUP_KEYS) :]  # Bucket's, in its order
 BUCKET_COLUMNS = [getattr(MetricRollup, f) for f in BUCKET_FIELDS]
 
@@ -105,29 +106,34 @@ def _row(run_id: str, name: str, level: int, bucket: int, b: Bucket) -> dict:
 def _write(session: Session, rows: list[dict]) -> None:
     """In key order: concurrent writers of one step (a stale worker and its replacement) lock
     the rows in the same order, so they wait for each other instead of deadlocking."""
-    rows.sort(key=lambda r: (r["name"], r["bucket"]))
+    rows.sort(key=lambda r: (r["level"], r["name"], r["bucket"]))
     upsert(session, MetricRollup, rows, ROLLUP_KEYS, BUCKET_FIELDS)
 
 
 # Built once: each refresh only binds values (SQLAlchemy caches their compiled form).
 _POINTS = select(Metric.name, Metric.step, Metric.value, Metric.time).where(
-    Metric.run_id == bindparam("run"), Metric.step.between(bindparam("lo"), bindparam("hi"))
+    Metric.run_id == bindparam("run"),
+    Metric.name.in_(bindparam("names", expanding=True)),
+    Metric.step.between(bindparam("lo"), bindparam("hi")),
 )
 _CHILDREN = select(MetricRollup.name, *BUCKET_COLUMNS).where(
     MetricRollup.run_id == bindparam("run"),
     MetricRollup.level == bindparam("level"),
+    MetricRollup.name.in_(bindparam("names", expanding=True)),
     MetricRollup.bucket.between(bindparam("lo"), bindparam("hi")),
 )
 
 
-def refresh_rollups(session: Session, run_id: str, steps: set[int]) -> None:
-    """Recompute every level's buckets that hold `steps` (just written) from the level below."""
+def refresh_rollups(session: Session, run_id: str, names: list[str], steps: set[int]) -> None:
+    """Recompute every level's buckets of `names` that hold `steps` (just written) from the
+    level below."""
     connection = session.connection()
     for level in range(1, LEVELS + 1):
         children: dict[tuple[str, int], list[Bucket]] = defaultdict(list)
         for first in sorted({bucket_of(s, level) for s in steps}):
             # the FANOUT buckets (at level 1: steps) below this one
-            bounds = {"run": run_id, "lo": first * FANOUT, "hi": first * FANOUT + FANOUT - 1}
+            lo, hi = first * FANOUT, first * FANOUT + FANOUT - 1
+            bounds = {"run": run_id, "names": names, "lo": lo, "hi": hi}
             if level == 1:
                 for name, step, value, time in connection.execute(_POINTS, bounds):
                     children[name, first].append(Bucket.point(step, value, time))
@@ -144,19 +150,19 @@ def refresh_rollups(session: Session, run_id: str, steps: set[int]) -> None:
 
 
 def rebuild_rollups(session: Session, run_id: str) -> None:
-    """Every level of a run's rollups from its metric values (for values written before
-    rollups existed)."""
-    below: dict[tuple[str, int], Bucket] = {
-        (name, step): Bucket.point(step, value, time)
-        for name, step, value, time in session.execute(
-            select(Metric.name, Metric.step, Metric.value, Metric.time).where(
-                Metric.run_id == run_id
+    """Every level of a run's rollups from its metric values, a series at a time (for values
+    written before rollups existed, or loaded in bulk)."""
+    names = session.scalars(select(Metric.name).where(Metric.run_id == run_id).distinct()).all()
+    for name in names:
+        points = session.execute(
+            select(Metric.step, Metric.value, Metric.time).where(
+                Metric.run_id == run_id, Metric.name == name
             )
         )
-    }
-    for level in range(1, LEVELS + 1):
-        parts: dict[tuple[str, int], list[Bucket]] = defaultdict(list)
-        for (name, index), b in below.items():
-            parts[name, index // FANOUT].append(b)
-        below = {key: Bucket.merge(bs) for key, bs in parts.items()}
-        _write(session, [_row(run_id, n, level, i, b) for (n, i), b in below.items()])
+        below = {step: Bucket.point(step, value, time) for step, value, time in points}
+        for level in range(1, LEVELS + 1):
+            parts: dict[int, list[Bucket]] = defaultdict(list)
+            for index, b in below.items():
+                parts[index // FANOUT].append(b)
+            below = {index: Bucket.merge(bs) for index, bs in parts.items()}
+            _write(session, [_row(run_id, name, level, i, b) for i, b in below.items()])
