@@ -370,6 +370,10 @@ def compare_any_metric(browser, http: httpx.Client, ids: dict[str, str]) -> None
     same_names(http, [ids["long"], ids["short"]], page.locator("#compare-metric option"), "value")
     page.select_option("#compare-metric", "loss")
     expect(chart).to_have_attribute("data-metric", "loss")
+    assert page.url.endswith("&metric=loss")  # a link to the view keeps the metric
+    page.reload()
+    expect(chart).to_have_attribute("data-metric", "loss")
+    expect(page.locator("#compare-metric")).to_have_value("loss")
     expect(chart.locator("figcaption")).to_have_text("loss")
     short_label = "beta-0.05 · gvpo"
     page.wait_for_function(

@@ -55,15 +55,18 @@ function summaryTable(section) {
   };
 }
 
-export function compareView(main, ids) {
+export function compareView(main, ids, chosen) {
   picker(main, ids).catch(() => {});
   if (!ids.length) return { dispose() {} };
 
-  let metric = DEFAULT_METRIC;
+  let metric = chosen || DEFAULT_METRIC;
   const section = h("section", { class: "card compare" });
   main.append(section);
   const choice = metricSelect("compare-metric", (name) => {
     metric = name;
+    // the address names the metric (a link to this view shows it), without a new route
+    const listed = ids.map(encodeURIComponent).join(",");
+    window.history.replaceState(null, "", `#/compare?runs=${listed}&metric=${encodeURIComponent(name)}`);
     for (const s of series.values()) s.want([name]);
     redraw();  // empty until the next tick brings the metric's points
     live.now();

@@ -62,9 +62,14 @@ export function metricPicker(parent, onToggle) {
 export function metricSelect(id, onPick) {
   const select = h("select", { id, "aria-label": "metric" });
   select.addEventListener("change", () => onPick(select.value));
+  let offered = "";
   return {
     select,
+    // rebuilt only when the names change: an open menu is not closed under the pointer
     setNames(names, current) {
+      const key = `${names.join("\n")}\n${current}`;
+      if (key === offered) return;
+      offered = key;
       const options = byGroup(names).map(([group, members]) => h("optgroup", { label: group },
         members.map((name) => h("option", { value: name, selected: name === current }, name))));
       select.replaceChildren(...options);
