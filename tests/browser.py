@@ -1,17 +1,22 @@
 """Playwright over Debian's Chromium (no browser download): a page that records what went
-wrong in it, and full-page screenshots into a folder.
+wrong in it, full-page screenshots into a folder, and what Chart.js draws in a chart.
 
 Every wait in the page (an action's, or an `expect`'s for what the page should come to show)
 has a deadline meant for a loaded machine, not Playwright's 5 s: the page shows what the API
 answers, and the API shares the machine with workers and other test runs."""
 
 import contextlib
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
+# The manual's pictures of the dashboard (docs/img/dashboard-*.png) are the browser tests'
+# screenshots: GVPO_DOCS_SCREENSHOTS=1 writes them there too (then check them in).
+DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+VIEWPORT = {"width": 1280, "height": 800}
 PAGE_TIMEOUT_MS = 60_000  # an action or an expectation, unless it says otherwise
 ARGS = [
     "--headless",
@@ -39,10 +44,52 @@ class Page:
         )
         page.on("request", lambda request: self.requests.append(request.url))
 
-    def screenshot(self, name: str) -> Path:
+    def screenshot(self, name: str, element=None, docs: str | None = None) -> Path:
+        """The whole page, or one `element` (a locator); `docs`: also the manual's picture
+        docs/img/dashboard-{docs}.png when GVPO_DOCS_SCREENSHOTS=1."""
         path = self.artifacts / f"{name}.png"
-        self.page.screenshot(path=path, full_page=True)
+        if element is None:
+            self.page.screenshot(path=path, full_page=True)
+        else:
+            element.screenshot(path=path)
+        if docs and os.environ.get("GVPO_DOCS_SCREENSHOTS") == "1":
+            (DOCS_IMG / f"dashboard-{docs}.png").write_bytes(path.read_bytes())
         return path
+
+
+def chart_datasets(page, chart_id: str) -> dict[str, int]:
+    """Points of each dataset Chart.js draws in that chart, by label."""
+    return {label: len(points) for label, points in chart_points(page, chart_id).items()}
+
+
+def chart_points(page, chart_id: str) -> dict[str, list[tuple[float, float, int | None]]]:
+    """(x, y, the step it was recorded at) of each point Chart.js draws in that chart, by
+    dataset label."""
+    drawn = page.evaluate(
+        """id => window.Chart
+        .getChart(document.querySelector(`#${id} canvas`))
+        .data.datasets.map(d => [d.label, d.data.map(p => [p.x, p.y, p.step ?? null])])""",
+        chart_id,
+    )
+    return {label: [tuple(p) for p in points] for label, points in drawn}
+
+
+def chart_axes(page, chart_id: str) -> dict[str, dict]:
+    """Each scale of that chart as Chart.js laid it out: type, min, max, and the user's bounds
+    (the zoom: None when the axis fits the data)."""
+    return page.evaluate(
+        """id => {
+        const chart = window.Chart.getChart(document.querySelector(`#${id} canvas`));
+        const out = {};
+        for (const [name, s] of Object.entries(chart.scales)) {
+            const set = chart.options.scales[name];
+            out[name] = {type: s.type, min: s.min, max: s.max,
+                         user_min: set.min ?? null, user_max: set.max ?? null};
+        }
+        return out;
+    }""",
+        chart_id,
+    )
 
 
 @contextmanager
@@ -59,9 +106,7 @@ def chromium_page(artifacts: Path):
         old.unlink()
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        context = browser.new_context(
-            viewport={"width": 1400, "height": 900}, accept_downloads=True
-        )
+        context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
         page = Page(context.new_page(), artifacts)
         page.page.set_default_timeout(PAGE_TIMEOUT_MS)
         expect.set_options(timeout=PAGE_TIMEOUT_MS)

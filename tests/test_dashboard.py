@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from browser import chromium_page
+from browser import chart_datasets, chromium_page
 from factories import (
     DROP,
     EPISODE_METRICS,
@@ -38,18 +38,6 @@ POINTS = "document.querySelector('#chart-reward').dataset.points"
 WORKER_MS = int(WORKER_S * 1000)
 STEP_MS = 60_000
 XSS = '<img src=x onerror="window.injected = true">'
-
-
-def chart_datasets(page, chart_id: str) -> dict[str, int]:
-    """Points of each dataset Chart.js draws in that chart, by label."""
-    return dict(
-        page.evaluate(
-            """id => window.Chart
-        .getChart(document.querySelector(`#${id} canvas`))
-        .data.datasets.map(d => [d.label, d.data.length])""",
-            chart_id,
-        )
-    )
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 // The dashboard's entry point: the API key form and the hash router.
 //   #/runs               runs table
 //   #/runs/<id>          one run
-//   #/compare?runs=a,b   reward curves overlaid
+//   #/compare?runs=a,b[&metric=m]   a metric of those runs overlaid, and their specs diffed
 
 import { api, forgetKey, getKey, setKey, setUnauthorizedHandler } from "./api.js";
 import { compareView } from "./compare.js";
@@ -61,8 +61,9 @@ function route() {
   if (parts[0] === "runs" && parts[1]) {
     view = runView(main, parts[1]);
   } else if (parts[0] === "compare") {
-    const ids = (new URLSearchParams(query || "").get("runs") || "").split(",").filter(Boolean);
-    view = compareView(main, ids);
+    const params = new URLSearchParams(query || "");
+    const ids = (params.get("runs") || "").split(",").filter(Boolean);
+    view = compareView(main, ids, params.get("metric"));
   } else {
     view = runsView(main);
   }

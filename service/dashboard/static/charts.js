@@ -1,14 +1,27 @@
-// Line charts over metric series ({key: [[step, value], ...]}) with Chart.js (window.Chart, from
-// vendor/). Points are appended as they arrive; nothing is refetched. Each chart's <figure>
-// carries data-points (points of its first series) and data-datasets (series drawn), which the
-// browser test reads.
+// One metric's chart (Chart.js, window.Chart from vendor/): a line per series (one run's metric,
+// or several runs' in compare), redrawn from the raw points whenever they grow or the view's
+// controls change. With smoothing on, each line is drawn smoothed over its raw values, faint
+// (as TensorBoard and W&B do); a band (reward/std) shades the first line ± std.
+// The <figure> carries data-metric, data-points (points of the first line) and data-datasets
+// (lines with points), which the browser test reads, as it reads the datasets themselves.
 
 import { h } from "./dom.js";
+import { X_AXES, drawn, xTick } from "./plot.js";
+import { attachZoom } from "./zoom.js";
 
 const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563"];
+export const RAW = " (raw)";
 const BAND = "± std";
+// Why recorded points draw nothing on this view.
+const NOTHING_DRAWN = (view) => {
+  if (view.log) return "no positive values to draw on a log scale";
+  if (view.axis === "tokens") return "no tokens/total recorded at these steps: nothing to place on a tokens axis";
+  if (view.axis === "time") return "the API gave no times for these points";
+  return "no points in this range";
+};
+const hidden = (text) => text.startsWith(BAND) || text.endsWith(RAW);
 
-function options(yTitle) {
+function options() {
   return {
     animation: false,
     responsive: true,
@@ -18,83 +31,84 @@ function options(yTitle) {
     interaction: { mode: "nearest", axis: "x", intersect: false },
     elements: { point: { radius: 0, hoverRadius: 3 }, line: { borderWidth: 1.6 } },
     scales: {
-      x: { type: "linear", title: { display: true, text: "step" }, ticks: { precision: 0 } },
-      y: { title: { display: Boolean(yTitle), text: yTitle } },
+      x: { type: "linear", title: { display: true, text: "step" } },
+      y: { type: "linear", title: { display: false, text: "" } },
     },
-    plugins: { legend: { labels: { boxWidth: 12, filter: (item) => !item.text.startsWith(BAND) } } },
+    plugins: {
+      legend: { labels: { boxWidth: 12, filter: (item) => !hidden(item.text) } },
+      tooltip: { filter: (item) => !hidden(item.dataset.label), callbacks: { footer: (items) => (items[0] ? `step ${items[0].raw.step}` : "") } },
+    },
   };
 }
 
-export class SeriesChart {
-  // series: [{key, label}]; band: {mean, std} draws mean ± std behind the mean's line
-  constructor(parent, { id, title, yTitle = "", series = [], band = null }) {
+// The band's edges: the drawn mean ± the std recorded at the same step.
+function bandData(mean, std) {
+  const at = new Map(std.map(([step, value]) => [step, value]));
+  const upper = [];
+  const lower = [];
+  for (const p of mean) {
+    const s = at.get(p.step);
+    if (s === undefined) continue;
+    upper.push({ x: p.x, y: p.y + s, step: p.step });
+    lower.push({ x: p.x, y: p.y - s, step: p.step });
+  }
+  return { upper, lower };
+}
+
+export class MetricChart {
+  // onZoom({min, max} | null): a drag, ctrl-wheel or double-click on the chart asked for a range
+  constructor(parent, { id, title, metric, yTitle = "", onZoom = () => {} }) {
     this.canvas = h("canvas");
-    this.figure = h("figure", { class: "chart", id, "data-points": "0", "data-datasets": "0" },
-      h("figcaption", {}, title), h("div", { class: "canvas-box" }, this.canvas));
+    const box = h("div", { class: "canvas-box" }, this.canvas);
+    this.note = h("p", { class: "chart-note muted", hidden: true });
+    this.figure = h("figure", { class: "chart", id, "data-metric": metric ?? "", "data-points": "0", "data-datasets": "0" },
+      h("figcaption", {}, title), box, this.note);
     parent.append(this.figure);
-    this.chart = new window.Chart(this.canvas, { type: "line", data: { datasets: [] }, options: options(yTitle) });
-    this.byKey = new Map();
-    for (const s of series) this.addSeries(s.key, s.label);
-    this.band = null;
-    if (band) {
-      const color = "rgba(37, 99, 235, 0.15)";
-      const edge = { borderWidth: 0, pointRadius: 0, backgroundColor: color };
-      const upper = { label: `${BAND} upper`, data: [], fill: false, ...edge };
-      const lower = { label: `${BAND} lower`, data: [], fill: "-1", ...edge };
-      this.chart.data.datasets.push(upper, lower);
-      this.band = { mean: band.mean, stdName: band.std, upper, lower, std: new Map() };
-    }
+    this.chart = new window.Chart(this.canvas, { type: "line", data: { datasets: [] }, options: options() });
+    this.yTitle = yTitle;
+    this.detachZoom = attachZoom(this.chart, box, onZoom);
   }
 
-  addSeries(key, label) {
-    const color = COLORS[this.byKey.size % COLORS.length];
-    const dataset = { label, data: [], borderColor: color, backgroundColor: color, fill: false };
-    // series lines before the band's edges, so the first dataset is always a series
-    this.chart.data.datasets.splice(this.byKey.size, 0, dataset);
-    this.byKey.set(key, dataset);
-    return dataset;
-  }
-
-  lastStep(key) {
-    const data = this.byKey.get(key)?.data;
-    return data?.length ? data[data.length - 1].x : -1;
-  }
-
-  append(series) {
-    if (this.band) {
-      for (const [step, value] of series[this.band.stdName] || []) this.band.std.set(step, value);
+  // lines: [{key, label, points: [[step, value, t]], run}]; band: std points of lines[0] or null;
+  // view: {axis, smoothing, log, range}
+  render(lines, band, view) {
+    const shown = lines.map((line) => drawn(line.points, { ...view, run: line.run }));
+    const datasets = lines.map((line, i) => {
+      const color = COLORS[i % COLORS.length];
+      return { label: line.label, data: shown[i], borderColor: color, backgroundColor: color, fill: false };
+    });
+    if (view.smoothing > 0) {
+      lines.forEach((line, i) => {
+        const color = `${COLORS[i % COLORS.length]}40`;
+        const raw = drawn(line.points, { ...view, smoothing: 0, run: line.run });
+        datasets.push({ label: `${line.label}${RAW}`, data: raw, borderColor: color, backgroundColor: color, borderWidth: 1, fill: false });
+      });
     }
-    for (const [key, dataset] of this.byKey) {
-      const last = this.lastStep(key);
-      const fresh = (series[key] || []).filter(([step]) => step > last).map(([x, y]) => ({ x, y }));
-      dataset.data.push(...fresh);
-      if (this.band && key === this.band.mean) this.extendBand(fresh);
+    if (band && shown.length) {
+      const { upper, lower } = bandData(shown[0], band);
+      const edge = { borderWidth: 0, pointRadius: 0, backgroundColor: "rgba(37, 99, 235, 0.15)" };
+      datasets.push({ label: `${BAND} upper`, data: upper, fill: false, ...edge },
+        { label: `${BAND} lower`, data: view.log ? lower.filter((p) => p.y > 0) : lower, fill: "-1", ...edge });
     }
+    const { x, y } = this.chart.options.scales;
+    x.title.text = X_AXES[view.axis];
+    x.ticks = { callback: xTick(view.axis) };
+    x.min = view.range?.min;
+    x.max = view.range?.max;
+    y.type = view.log ? "logarithmic" : "linear";
+    y.title = { display: Boolean(this.yTitle), text: this.yTitle };
+    this.chart.data.datasets = datasets;
     this.chart.update("none");
-    this.figure.dataset.points = String(this.chart.data.datasets[0]?.data.length ?? 0);
-    this.figure.dataset.datasets = String([...this.byKey.values()].filter((d) => d.data.length).length);
-  }
-
-  extendBand(points) {
-    for (const { x, y } of points) {
-      const std = this.band.std.get(x);
-      if (std === undefined) continue;
-      this.band.upper.data.push({ x, y: y + std });
-      this.band.lower.data.push({ x, y: y - std });
-      this.band.std.delete(x);
-    }
+    const lost = lines.some((line) => line.points.length) && !shown.some((d) => d.length);
+    this.note.hidden = !lost;
+    this.note.textContent = lost ? NOTHING_DRAWN(view) : "";
+    this.figure.dataset.points = String(shown[0]?.length ?? 0);
+    this.figure.dataset.datasets = String(shown.filter((d) => d.length).length);
   }
 
   destroy() {
+    this.detachZoom();
     this.chart.destroy();
+    this.figure.remove();
   }
-}
-
-// Largest step in a {name: [[step, value], ...]} response, or -1.
-export function maxStep(series) {
-  let last = -1;
-  for (const points of Object.values(series)) {
-    if (points.length) last = Math.max(last, points[points.length - 1][0]);
-  }
-  return last;
 }

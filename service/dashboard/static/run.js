@@ -1,25 +1,16 @@
-// One run: status with cancel / pause / resume, live curves, samples, checkpoints and events.
-// While the run is queued or running, everything polls every 2 s, and the curves ask only for
-// steps they have not drawn yet (since_step).
+// One run: status with cancel / pause / resume, live curves (curves.js), samples, its resolved
+// spec, checkpoints and events. While the run is queued or running, everything polls every 2 s,
+// and the curves ask only for steps they have not drawn yet (since_step).
 
-import { api, metrics, runPath } from "./api.js";
-import { SeriesChart, maxStep } from "./charts.js";
+import { api, runPath } from "./api.js";
 import { checkpointsPanel } from "./checkpoints.js";
+import { configPanel } from "./config.js";
+import { curves } from "./curves.js";
 import { algorithmOf, fmtTime, h, stateBadge } from "./dom.js";
 import { eventsPanel } from "./events.js";
 import { poll } from "./live.js";
 import { samplesPanel } from "./samples.js";
 import { allows, isLive, isTerminal } from "./states.js";
-
-const EVAL = ["eval/pass@1", "eval/pass@k", "eval/reward_mean"];
-// A multi-turn run's (one with an environment): drawn beside the others once the run has them.
-const EPISODE_CHARTS = [
-  { id: "chart-turns", title: "assistant turns per episode", series: [{ key: "episode/turns_mean", label: "episode/turns_mean" }] },
-  { id: "chart-truncated", title: "episodes truncated", series: [{ key: "episode/truncated_frac", label: "episode/truncated_frac" }] },
-  { id: "chart-environment", title: "waiting for the environment", yTitle: "s", series: [{ key: "time/environment_s", label: "time/environment_s" }] },
-];
-const EPISODE = EPISODE_CHARTS.flatMap((c) => c.series.map((s) => s.key));
-const NAMES = ["reward/mean", "reward/std", "loss", "kl/ref", ...EVAL, ...EPISODE];
 
 // Built once; update(run) rewrites its values, so a button never changes under the pointer.
 function header(runId, onAction) {
@@ -73,43 +64,12 @@ function header(runId, onAction) {
   return { section, update };
 }
 
-function curves(parent) {
-  const grid = h("div", { class: "charts" });
-  const evalBox = h("div", { id: "eval-charts" }, h("p", { class: "muted", id: "no-eval" }, "no eval metrics"));
-  parent.append(h("section", { class: "card" }, h("h3", {}, "Curves"), grid, evalBox));
-  const charts = [
-    new SeriesChart(grid, { id: "chart-reward", title: "reward", series: [{ key: "reward/mean", label: "reward/mean" }], band: { mean: "reward/mean", std: "reward/std" } }),
-    new SeriesChart(grid, { id: "chart-loss", title: "loss", series: [{ key: "loss", label: "loss" }] }),
-    new SeriesChart(grid, { id: "chart-kl", title: "KL to the reference", series: [{ key: "kl/ref", label: "kl/ref" }] }),
-  ];
-  let evalChart = null;
-  let episodeCharts = null;
-  let last = -1;
-  return {
-    async update(runId) {
-      // >= the last step drawn: a step's metrics may land after we read the first of them
-      const series = await metrics(runId, NAMES, last < 0 ? null : last);
-      if (!evalChart && EVAL.some((n) => series[n]?.length)) {
-        evalBox.replaceChildren();
-        evalChart = new SeriesChart(evalBox, { id: "chart-eval", title: "evaluation", series: EVAL.map((n) => ({ key: n, label: n })) });
-        charts.push(evalChart);
-      }
-      if (!episodeCharts && EPISODE.some((n) => series[n]?.length)) {
-        episodeCharts = EPISODE_CHARTS.map((c) => new SeriesChart(grid, c));
-        charts.push(...episodeCharts);
-      }
-      for (const chart of charts) chart.append(series);
-      last = Math.max(last, maxStep(series));
-    },
-    destroy: () => charts.forEach((c) => c.destroy()),
-  };
-}
-
 export function runView(main, runId) {
   const head = header(runId, () => live.now());
   main.append(h("p", {}, h("a", { href: "#/runs" }, "← all runs")), head.section);
-  const plots = curves(main);
+  const plots = curves(main, runId);
   const samples = samplesPanel(main, runId);
+  const config = configPanel(main);
   const checkpoints = checkpointsPanel(main, runId);
   const events = eventsPanel(main, runId);
   let run = null;
@@ -122,9 +82,10 @@ export function runView(main, runId) {
     });
     head.update(run);
     samples.setRun(run);
+    config.setRun(run);
     // a run that just ended gets one last full round, then only its status is polled
     if (wasLive || isLive(run)) {
-      await Promise.all([plots.update(runId), events.update(), checkpoints.update()]);
+      await Promise.all([plots.update(true), events.update(), checkpoints.update()]);
     }
   }
 
