@@ -112,9 +112,11 @@ def _extremes(session: Session, run_id: str, names: list[str], level: int, start
 
 def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[StepMetrics]:
     """The metrics of steps after..upto, a step at a time (no project check: callers did it)."""
+    names = list(_summary(session, run_id, None))  # by name: the key's ranges, not a scan
     rows = session.execute(
         select(Metric.step, Metric.name, Metric.value)
-        .where(Metric.run_id == run_id, Metric.step > after, Metric.step <= upto)
+        .where(Metric.run_id == run_id, Metric.name.in_(names))
+        .where(Metric.step > after, Metric.step <= upto)
         .order_by(Metric.step, Metric.name)
     )
     steps: dict[int, dict[str, float]] = defaultdict(dict)
