@@ -39,9 +39,10 @@ Reported per scenario: requests/s (responses received in the measured window / i
 p50 and p99 latency in ms (exact, from every response, not locust's rounded histogram), the
 failures locust counted (connection errors and 4xx/5xx responses), the non-2xx statuses seen (0:
 no response), requests/s as a share of ping's (measured just before, in the same database's
-block), and the CPU used in the window, in % of one core, by the server process, PostgreSQL's
-processes and the load generator. After the run, the number of reward requests the callbacks
-completed in the database is checked against the callbacks sent.
+block), the server process's CPU time per response (what a request costs the server, whatever
+else runs on the machine), and the CPU used in the window, in % of one core, by the server
+process, PostgreSQL's processes and the load generator. After the run, the number of reward
+requests the callbacks completed in the database is checked against the callbacks sent.
 
 Caveat: the load generator, the server and PostgreSQL share this machine's cores (2 on the
 reference machine): the numbers are a lower bound for the server alone; the CPU columns say who
@@ -414,6 +415,7 @@ def row(scenario: str, res: dict, ceiling: float | None) -> list[str]:
         f"{res['failures']}",
         odd or "none",
         share,
+        f"{1000 * cpu['api'] / n:.2f}" if n else "-",
         used,
     ]
 
@@ -428,6 +430,7 @@ HEAD = [
     "failures",
     "non-2xx",
     "req/s vs ping",
+    "server CPU ms/req",
     "CPU % server/postgres/locust",
 ]
 
