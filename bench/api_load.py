@@ -1,19 +1,20 @@
 """Benchmark: requests/s and latency of the API under a closed-loop load, beside a bare FastAPI
-endpoint served the same way (the framework's own ceiling on this machine).
+endpoint served the same way (the framework's own ceiling on this machine), on SQLite and on
+PostgreSQL.
 
 `make bench` runs this in .venv-bench (locust is in the `bench` extra). By hand, from the
 repository root:
 
-    .venv-bench/bin/python bench/api_load.py [--users 16] [--seconds 15] [--warmup 1]
+    .venv-bench/bin/python bench/api_load.py [--databases sqlite,postgresql] [--users 16]
+        [--seconds 15] [--warmup 2] [--load-procs 1] [--profile DIR]
 
-What is measured: locust (FastHttpUser, headless, run programmatically in a fresh subprocess per
-scenario) with --users users and no wait time between requests, over loopback, for --warmup
-seconds (not counted) and then --seconds seconds. Each scenario is a separate locust run; the
-API scenarios all hit the same server process.
+What is measured: locust (FastHttpUser, headless, run programmatically in fresh subprocesses
+per scenario: --load-procs processes sharing --users users) with no wait time between requests,
+over loopback, for --warmup seconds (not counted) and then --seconds seconds. Each scenario is
+a separate locust run; a database's API scenarios all hit the same server process.
 
 - ping:        `GET /ping` of a bare FastAPI app (one plain `def` route returning a small dict,
-               run in the threadpool like the API's handlers), started by
-               `uvicorn.run(app, host, port, log_level="info")`, the call `gvpo api` makes.
+               run in the threadpool like the API's handlers).
 - runs:        `GET /v1/runs?limit=20` (API key auth) in a project of 50 runs.
 - metrics:     `GET /v1/runs/{id}/metrics` of a run with 500 steps x 20 metric names (the names
                the worker records), written through `RunRecorder.record_step`.
@@ -24,27 +25,37 @@ API scenarios all hit the same server process.
 - rewards-dup: the same endpoint, repeating the identical callback of a request already complete
                (the retry path: accepted as a duplicate, 200 with accepted 0, nothing written).
 
-The API is the product's own server command (`python -m service.cli api`, i.e. `gvpo api`:
-uvicorn, one process, access log on, like the bare app) on the default embedded database,
-SQLite (WAL) in a fresh temporary data dir; no worker runs (the run rows only have to exist).
-Both servers' output goes to log files in that dir.
+Both servers run through `service.edge.serve`, the call `gvpo api` makes: one uvicorn process,
+uvicorn's default event loop (uvloop when installed), the API's HTTP protocol (httptools with a
+head limit), the access log on, handlers in AnyIO's threadpool (40 threads). The API is the
+product's own server command (`python -m service.cli api`) on a fresh data dir; no worker runs
+(the run rows only have to exist). sqlite: the embedded database (WAL). postgresql: a
+throwaway PostgreSQL cluster on loopback (tests/services.py `Postgres`) with its default
+settings (fsync on: a commit waits for the disk, as in production) and cluster secrets set, as
+a cluster runs; SQLAlchemy's default pool (5 + 10 overflow connections). Servers' output goes
+to log files in a temporary dir.
 
 Reported per scenario: requests/s (responses received in the measured window / its seconds),
 p50 and p99 latency in ms (exact, from every response, not locust's rounded histogram), the
 failures locust counted (connection errors and 4xx/5xx responses), the non-2xx statuses seen (0:
-no response), and requests/s as a share of ping's. After the run, the number of reward requests
-the callbacks completed in the database is checked against the callbacks sent.
+no response), requests/s as a share of ping's (measured just before, in the same database's
+block), the server process's CPU time per response (what a request costs the server, whatever
+else runs on the machine), and the CPU used in the window, in % of one core, by the server
+process, PostgreSQL's processes and the load generator. After the run, the number of reward
+requests the callbacks completed in the database is checked against the callbacks sent.
 
-Caveat: the load generator and the server share this machine's cores (2 on the reference
-machine): locust (one process, gevent) and uvicorn (one process: event loop + threadpool under
-one GIL) each use about one core, so the numbers are a lower bound for either alone and the
-locust CPU warning is reported when it fires.
+Caveat: the load generator, the server and PostgreSQL share this machine's cores (2 on the
+reference machine): the numbers are a lower bound for the server alone; the CPU columns say who
+used the cores. --profile DIR records the API process with py-spy during each API scenario
+(collapsed stacks, one file per database and scenario; py-spy must be installed).
 """
 
 import argparse
 import itertools
 import json
 import os
+import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,10 +63,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import api_data as data
 import common
+import procs
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 SCENARIOS = {  # name -> what the table shows
     "ping": "GET /ping (bare FastAPI)",
@@ -64,190 +77,9 @@ SCENARIOS = {  # name -> what the table shows
     "rewards": "POST /v1/runs/{id}/rewards (new)",
     "rewards-dup": "POST /v1/runs/{id}/rewards (duplicate)",
 }
-# What the worker records each step (workers/run_loop.py), plus two reward components.
-METRIC_NAMES = [
-    "reward/mean",
-    "reward/std",
-    "loss",
-    "kl/ref",
-    "logratio/mean",
-    "logratio/std",
-    "gvpo/residual_r2",
-    "entropy",
-    "grad_norm",
-    "lr",
-    "response_length/mean",
-    "groups/zero_variance_frac",
-    "rollout/logprob_diff_max",
-    "time/weight_sync_s",
-    "time/rollout_s",
-    "time/reward_s",
-    "time/learn_s",
-    "throughput/tokens_per_s",
-    "reward/correct/mean",
-    "reward/format/mean",
-]
-STEPS, RUNS = 500, 50
-GROUPS, GROUP_SIZE = 16, 8  # per step: one async reward request per group of 8 samples
-DUPLICATES = 64  # completed requests the rewards-dup scenario repeats, round robin
+DATABASES = ("sqlite", "postgresql")
 TARGET_ENV = "GVPO_BENCH_TARGET"  # what a load subprocess needs (API key, run ids, secret), JSON
 DEFAULT_RATE = 3000  # req/s assumed when sizing the open requests without a ping figure
-
-
-# --- the callbacks both sides agree on -----------------------------------------------------------
-
-
-def reward_request(run_id: str, n: int) -> tuple[str, int, list[str]]:
-    """The n-th async request of the run: (request id, step, its sample ids), named as the
-    worker names them (workers/rewards/webhook.py)."""
-    run, step, group = run_id.removeprefix("run_"), n // GROUPS + 1, n % GROUPS
-    return (
-        f"rq_{run}_{step}_{n}_1",
-        step,
-        [f"smp_{run}_{step}_{group}_{i}" for i in range(GROUP_SIZE)],
-    )
-
-
-def callback_body(run_id: str, n: int) -> bytes:
-    """The callback carrying all rewards of request n (always the same values for the same n)."""
-    request_id, _, sample_ids = reward_request(run_id, n)
-    rewards = [{"sample_id": s, "reward": ((n + i) % 11) / 10} for i, s in enumerate(sample_ids)]
-    return json.dumps({"request_id": request_id, "rewards": rewards}).encode()
-
-
-# --- the data ------------------------------------------------------------------------------------
-
-
-def seed(settings, open_requests: int) -> dict:
-    """A migrated data dir with a project of RUNS runs: one with STEPS x METRIC_NAMES metrics,
-    one running with async reward requests open (and DUPLICATES more already complete).
-    Returns what the load needs: the API key, the run ids and the reward run's secret."""
-    from service.auth.service import create_api_key
-    from service.db import session_scope
-    from service.migrate import prepare
-    from workers.records import RunRecorder
-
-    prepare(settings)
-    with session_scope(settings.resolved_database_url) as session:
-        _, key = create_api_key(session, "bench")
-    file_id = upload(settings)
-    runs = [create(settings, file_id, f"bench-{i}", webhook=i == 1) for i in range(RUNS)]
-    metrics_run, rewards_run = runs[0], runs[1]
-    recorder = RunRecorder(settings, metrics_run, "bench")
-    for step in range(1, STEPS + 1):
-        recorder.record_step(
-            step,
-            {name: (step * 7 + i) % 101 / 100 for i, name in enumerate(METRIC_NAMES)},
-            [],
-            64 * 8,
-        )
-    secret = open_requests_for(settings, rewards_run, open_requests)
-    return {
-        "api_key": key,
-        "metrics_run": metrics_run,
-        "rewards_run": rewards_run,
-        "secret": secret,
-        "open": open_requests,
-    }
-
-
-def upload(settings) -> str:
-    import io
-
-    from sqlalchemy import select
-
-    from service.db import session_scope
-    from service.files.service import create_file
-    from service.models import Project
-
-    rows = "".join(
-        json.dumps({"prompt": f"{w:03d}=", "answer": f"{w:03d}"}) + "\n" for w in range(64)
-    ).encode()
-    with session_scope(settings.resolved_database_url) as session:
-        project = session.scalar(select(Project).where(Project.name == "bench"))
-        return create_file(session, settings, project, io.BytesIO(rows), "copy.jsonl", "train").id
-
-
-def create(settings, file_id: str, name: str, webhook: bool) -> str:
-    """A queued run as tests/helpers.py `submit()` makes one (the model path is never loaded)."""
-    from sqlalchemy import select
-
-    from service.contract.spec import RunSpec
-    from service.db import session_scope
-    from service.models import Project
-    from service.runs.service import create_run
-
-    reward = (
-        {"type": "webhook", "url": "http://127.0.0.1:9/reward", "mode": "async"}
-        if webhook
-        else {"type": "builtin", "name": "char_accuracy"}
-    )
-    spec = {
-        "name": name,
-        "model": {"path": "bench/never-loaded"},  # a hub id: the API reads no model
-        "reward": reward,
-        "dataset": {"train_file": file_id},
-        "algorithm": {"group_size": GROUP_SIZE},
-        "training": {"steps": STEPS, "prompts_per_step": GROUPS},
-    }
-    # the model is never loaded, so the API's submission-time model checks are off
-    live = settings.model_copy(update={"webhook_allow_private": True, "model_path_check": "off"})
-    with session_scope(settings.resolved_database_url) as session:
-        project = session.scalar(select(Project).where(Project.name == "bench"))
-        return create_run(session, live, project, RunSpec.model_validate(spec), None)[0].id
-
-
-def open_requests_for(settings, run_id: str, count: int) -> str:
-    """Mark the run running (leased for an hour, so the reaper leaves it alone), open `count`
-    requests as `RunRecorder.open_reward_request` does (in one transaction), and DUPLICATES more
-    already complete; returns the run's webhook secret."""
-    from datetime import timedelta
-
-    from service.contract.states import RunStatus
-    from service.db import session_scope
-    from service.models import RewardRequest, Run
-    from service.models.base import utcnow
-
-    with session_scope(settings.resolved_database_url) as session:
-        run = session.get(Run, run_id)
-        run.status, run.lease_owner = RunStatus.RUNNING, "bench"
-        run.lease_expires_at, run.started_at = utcnow() + timedelta(hours=1), utcnow()
-        for n in range(count + DUPLICATES):
-            request_id, step, sample_ids = reward_request(run_id, n)
-            done = n >= count
-            rewards = (
-                {
-                    r["sample_id"]: r["reward"]
-                    for r in json.loads(callback_body(run_id, n))["rewards"]
-                }
-                if done
-                else {}
-            )
-            session.add(
-                RewardRequest(
-                    id=request_id,
-                    run_id=run_id,
-                    step=step,
-                    sample_ids=sample_ids,
-                    rewards=rewards,
-                    completed_at=utcnow() if done else None,
-                )
-            )
-        return settings.sealer.open(run.webhook_secret_encrypted)
-
-
-def completed_requests(settings, run_id: str) -> int:
-    from sqlalchemy import func, select
-
-    from service.db import session_scope
-    from service.models import RewardRequest
-
-    with session_scope(settings.resolved_database_url) as session:
-        return session.scalar(
-            select(func.count())
-            .select_from(RewardRequest)
-            .where(RewardRequest.run_id == run_id, RewardRequest.completed_at.is_not(None))
-        )
 
 
 # --- the servers ---------------------------------------------------------------------------------
@@ -255,8 +87,9 @@ def completed_requests(settings, run_id: str) -> int:
 
 def serve_bare(port: int) -> None:
     """The ceiling: a FastAPI app with one route, served as `gvpo api` serves the real one."""
-    import uvicorn
     from fastapi import FastAPI
+
+    from service.edge import serve
 
     app = FastAPI()
 
@@ -264,7 +97,25 @@ def serve_bare(port: int) -> None:
     def ping() -> dict:
         return {"ok": True}
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")
+    serve(app, "127.0.0.1", port)
+
+
+def server_settings() -> str:
+    """How both servers run, as the table's caption says it."""
+    import uvicorn
+
+    from service.edge import SERVER
+
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    return (
+        f"uvicorn {uvicorn.__version__}, 1 process, loop {loop}, "
+        f"http {SERVER['http'].__name__} (httptools), access log on, 40 threadpool threads"
+    )
 
 
 def start_server(
@@ -297,11 +148,60 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-# --- the load (one fresh subprocess per scenario) ------------------------------------------------
+class Database:
+    """The database of one block: SQLite in the data dir, or a throwaway PostgreSQL cluster
+    (started on enter, removed on exit); `settings` are the API's for it."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        from service.config import Settings
+        from service.stack import free_port
+
+        self.kind, self.pg, self.pg_root = kind, None, None
+        extra = {}
+        if kind == "postgresql":
+            from services import Postgres
+
+            # under /tmp itself: as root the cluster runs as the postgres user, who must reach it
+            self.pg_root = Path(tempfile.mkdtemp(prefix="bench-api-pg-"))
+            self.pg = Postgres(self.pg_root, options="")  # PostgreSQL's defaults: fsync on
+            self.pg.start()
+            # a cluster must set its secrets (Settings.unsafe_secrets)
+            extra = {
+                name: secrets.token_hex(32)
+                for name in ("secret_key", "api_key_pepper", "encryption_key")
+            }
+            extra["database_url"] = self.pg.url
+        self.settings = Settings(
+            data_dir=tmp / kind, api_port=free_port(), grpc_port=free_port(), **extra
+        )
+
+    def pids(self) -> list[int]:
+        """PostgreSQL's postmaster (its backends are its children); none for SQLite."""
+        if self.pg is None:
+            return []
+        return [int((self.pg.data / "postmaster.pid").read_text().split()[0])]
+
+    def close(self) -> None:
+        if self.pg is not None:
+            self.pg.stop("immediate")
+            shutil.rmtree(self.pg_root, ignore_errors=True)
+
+
+# --- the load (fresh subprocesses per scenario) --------------------------------------------------
+
+
+def tree_cpu(roots: list[int]) -> dict[int, float]:
+    return procs.cpu_seconds([p for root in roots for p in procs.process_tree(root)])
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two readings (processes started in between count whole)."""
+    return sum(used - before.get(pid, 0.0) for pid, used in after.items())
 
 
 def load(args) -> dict:
-    """Run one scenario with locust in this process; returns the latencies and statuses seen."""
+    """Run one scenario's share (part `args.part` of `args.load_procs`) with locust in this process;
+    returns the latencies and statuses seen, and the CPU the watched processes used."""
     import gevent
     from locust import FastHttpUser, constant, task
     from locust.env import Environment
@@ -309,7 +209,7 @@ def load(args) -> dict:
     from gvpo_client.signing import HEADER, sign
 
     target, scenario = json.loads(os.environ.get(TARGET_ENV, "{}")), args.load
-    counter = itertools.count()
+    counter = itertools.count(args.part, args.load_procs)  # the parts number requests apart
     send = sender(scenario, target, counter, HEADER, sign)
 
     class Client(FastHttpUser):
@@ -334,16 +234,21 @@ def load(args) -> dict:
     runner = env.create_local_runner()
     runner.start(args.users, spawn_rate=max(100, args.users))  # all up within the warm-up
     gevent.sleep(args.warmup)
-    seen["measuring"], start = True, time.perf_counter()
+    watched = {side: tree_cpu(pids) for side, pids in target.get("watch", {}).items()}
+    seen["measuring"], start, cpu = True, time.perf_counter(), time.process_time()
     gevent.sleep(args.seconds)
     seen["measuring"], window = False, time.perf_counter() - start
+    cpu = {"load": time.process_time() - cpu}
+    for side, before in watched.items():
+        cpu[side] = cpu_used(before, tree_cpu(target["watch"][side]))
     runner.quit()
     return {
         "times": seen["times"],
         "statuses": seen["statuses"],
         "failures": seen["failures"],
         "window_s": window,
-        "sent": next(counter),
+        "sent": (next(counter) - args.part) // args.load_procs,
+        "cpu_s": cpu,
         "cpu_warning": runner.cpu_warning_emitted,
     }
 
@@ -369,8 +274,8 @@ def sender(scenario: str, target: dict, counter, header: str, sign):
     def callback(client) -> None:
         n = next(counter)
         # rewards: each request called back once, in order; rewards-dup: the completed ones
-        n = n if scenario == "rewards" else target["open"] + n % DUPLICATES
-        body = callback_body(run_id, n)
+        n = n if scenario == "rewards" else target["open"] + n % data.DUPLICATES
+        body = data.callback_body(run_id, n)
         client.post(
             path,
             data=body,
@@ -381,26 +286,110 @@ def sender(scenario: str, target: dict, counter, header: str, sign):
     return callback
 
 
-def run_load(args, scenario: str, url: str, target: dict) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--load",
-        scenario,
-        "--host",
-        url,
-        "--users",
-        str(args.users),
-        "--seconds",
-        str(args.seconds),
-        "--warmup",
-        str(args.warmup),
-    ]
+def run_load(args, scenario: str, url: str, target: dict, profile: Path | None = None) -> dict:
+    """The scenario's load from --load-procs subprocesses at once (each with its share of the
+    users); with `profile`, py-spy records the server meanwhile into that file."""
+    parts = args.load_procs
     env = {**os.environ, TARGET_ENV: json.dumps(target)}  # the key and secret stay out of argv
-    out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, check=True, text=True).stdout
-    res = json.loads(out.strip().splitlines()[-1])
-    res["statuses"] = {int(k): v for k, v in res["statuses"].items()}
+    spy = None
+    if profile is not None:
+        # --gil: samples of the thread holding the GIL, i.e. where the server's Python CPU goes
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        spy = subprocess.Popen(
+            [py_spy, "record", "--pid", str(target["watch"]["api"][0]), "--format", "raw"]
+            + ["--gil", "--duration", str(int(args.warmup + args.seconds))]
+            + ["--output", str(profile)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    loads = []
+    for part in range(parts):
+        users = args.users // parts + (part < args.users % parts)
+        cmd = [sys.executable, __file__, "--load", scenario, "--host", url, "--users", str(users)]
+        cmd += ["--seconds", str(args.seconds), "--warmup", str(args.warmup)]
+        cmd += ["--part", str(part), "--load-procs", str(parts)]
+        loads.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in loads]
+    if any(p.returncode for p in loads):
+        sys.exit(f"a load process of {scenario} failed")
+    if spy is not None:
+        spy.wait()
+    res = {
+        "times": [t for o in outs for t in o["times"]],
+        "statuses": {},
+        "failures": sum(o["failures"] for o in outs),
+        "window_s": max(o["window_s"] for o in outs),
+        "sent": sum(o["sent"] for o in outs),
+        "cpu_warning": any(o["cpu_warning"] for o in outs),
+        # every load process's own; the servers' from the first (all watched the same window)
+        "cpu_s": {**outs[0]["cpu_s"], "load": sum(o["cpu_s"]["load"] for o in outs)},
+    }
+    for o in outs:
+        for status, n in o["statuses"].items():
+            res["statuses"][int(status)] = res["statuses"].get(int(status), 0) + n
     return res
+
+
+# --- one database's block ------------------------------------------------------------------------
+
+
+def run_block(args, kind: str, scenarios: list[str], tmp: Path) -> tuple[dict, list[str]]:
+    """The scenarios on one database: ping against the bare app, then the API's."""
+    from service.stack import free_port, stack_env
+
+    results, notes = {}, []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if "ping" in scenarios:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, __file__, "--serve-bare", str(port)]
+        proc = start_server(cmd, env, url, "/ping", tmp / f"bare-{kind}.log")
+        try:
+            results["ping"] = run_load(args, "ping", url, {"watch": {"api": [proc.pid]}})
+        finally:
+            stop_server(proc)
+    api = [s for s in scenarios if s != "ping"]
+    if not api:
+        return results, notes
+    # enough open requests that the rewards scenario never runs out: the ceiling's rate
+    rate = (
+        len(results["ping"]["times"]) / results["ping"]["window_s"]
+        if "ping" in results
+        else DEFAULT_RATE
+    )
+    db = Database(kind, tmp)
+    try:
+        settings = db.settings
+        target = data.seed(settings, int(rate * (args.warmup + args.seconds) * 1.5) + 1000)
+        url = settings.resolved_api_url
+        proc = start_server(
+            [sys.executable, "-m", "service.cli", "api"],
+            {**stack_env(settings), "PYTHONUNBUFFERED": "1"},
+            url,
+            "/readyz",
+            tmp / f"api-{kind}.log",
+        )
+        target["watch"] = {"api": [proc.pid], "postgres": db.pids()}
+        try:
+            for scenario in api:
+                profile = args.profile / f"{kind}-{scenario}.txt" if args.profile else None
+                results[scenario] = run_load(args, scenario, url, target, profile)
+        finally:
+            stop_server(proc)
+        if "rewards" in results:
+            sent = results["rewards"]["sent"]
+            done = data.completed_requests(settings, target["rewards_run"])
+            notes.append(
+                f"{kind} rewards: {done - data.DUPLICATES} requests completed in the database "
+                f"for {sent} callbacks sent (of {target['open']} open; the last ones in flight "
+                "when the load stopped may be missing either side)"
+            )
+    finally:
+        from service.db import get_engine
+
+        get_engine(db.settings.resolved_database_url).dispose()
+        db.close()
+    return results, notes
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -411,6 +400,11 @@ def row(scenario: str, res: dict, ceiling: float | None) -> list[str]:
     rate = n / res["window_s"]
     odd = ", ".join(f"{k}: {v}" for k, v in sorted(res["statuses"].items()) if not 200 <= k < 300)
     share = f"{rate / ceiling:.1%}" if ceiling else "-"
+    cpu = res["cpu_s"]
+    used = "/".join(
+        f"{100 * cpu[side] / res['window_s']:.0f}" if side in cpu else "-"
+        for side in ("api", "postgres", "load")
+    )
     return [
         scenario,
         SCENARIOS[scenario],
@@ -421,116 +415,84 @@ def row(scenario: str, res: dict, ceiling: float | None) -> list[str]:
         f"{res['failures']}",
         odd or "none",
         share,
+        f"{1000 * cpu['api'] / n:.2f}" if n else "-",
+        used,
     ]
 
 
-def main() -> None:
+HEAD = [
+    "scenario",
+    "request",
+    "requests",
+    "req/s",
+    "p50 ms",
+    "p99 ms",
+    "failures",
+    "non-2xx",
+    "req/s vs ping",
+    "server CPU ms/req",
+    "CPU % server/postgres/locust",
+]
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--databases", default=",".join(DATABASES), help=f"any of {DATABASES}")
     ap.add_argument("--users", type=int, default=16, help="concurrent locust users")
     ap.add_argument("--seconds", type=float, default=15, help="measured seconds per scenario")
     ap.add_argument(
         "--warmup",
         type=float,
-        default=1,
+        default=2,
         help="seconds of load before each measurement starts (not counted)",
     )
+    ap.add_argument("--load-procs", type=int, default=1, help="locust processes sharing the users")
     ap.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help=f"any of {','.join(SCENARIOS)}"
     )
+    ap.add_argument("--profile", type=Path, help="py-spy the API into this folder")
     ap.add_argument("--load", choices=list(SCENARIOS), help=argparse.SUPPRESS)
+    ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--host", help=argparse.SUPPRESS)
     ap.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.serve_bare:
         serve_bare(args.serve_bare)
         return
     if args.load:
         print(json.dumps(load(args)))
         return
-
-    from service.config import Settings
-    from service.stack import free_port, stack_env
-
-    scenarios = args.scenarios.split(",")
-    unknown = set(scenarios) - set(SCENARIOS)
-    if unknown:
-        sys.exit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
-    started, results, notes = time.perf_counter(), {}, []
+    scenarios, kinds = args.scenarios.split(","), args.databases.split(",")
+    if unknown := (set(scenarios) - set(SCENARIOS)) | (set(kinds) - set(DATABASES)):
+        sys.exit(f"unknown scenario(s) or database(s): {', '.join(sorted(unknown))}")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    started, blocks, notes = time.perf_counter(), {}, []
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if "ping" in scenarios:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            proc = start_server(
-                [sys.executable, __file__, "--serve-bare", str(port)],
-                env,
-                url,
-                "/ping",
-                Path(tmp) / "bare.log",
-            )
-            try:
-                results["ping"] = run_load(args, "ping", url, {})
-            finally:
-                stop_server(proc)
-        api = [s for s in scenarios if s != "ping"]
-        if api:
-            # enough open requests that the rewards scenario never runs out: the ceiling's rate
-            rate = (
-                len(results["ping"]["times"]) / results["ping"]["window_s"]
-                if "ping" in results
-                else DEFAULT_RATE
-            )
-            settings = Settings(data_dir=Path(tmp) / "gvpo", api_port=free_port())
-            target = seed(settings, int(rate * (args.warmup + args.seconds) * 1.5) + 1000)
-            url = settings.resolved_api_url
-            proc = start_server(
-                [sys.executable, "-m", "service.cli", "api"],
-                {**stack_env(settings), "PYTHONUNBUFFERED": "1"},
-                url,
-                "/readyz",
-                Path(tmp) / "api.log",
-            )
-            try:
-                for scenario in api:
-                    results[scenario] = run_load(args, scenario, url, target)
-            finally:
-                stop_server(proc)
-            if "rewards" in results:
-                sent, done = (
-                    results["rewards"]["sent"],
-                    completed_requests(settings, target["rewards_run"]),
-                )
-                notes.append(
-                    f"rewards: {done - DUPLICATES} requests completed in the database "
-                    f"for {sent} callbacks sent (of {target['open']} open; the last "
-                    f"ones in flight when the load stopped may be missing either side)"
-                )
-    notes += [
-        f"{s}: locust reported its CPU above 90% (the load generator is saturated)"
-        for s, r in results.items()
-        if r["cpu_warning"]
-    ]
-    ceiling = (
-        len(results["ping"]["times"]) / results["ping"]["window_s"] if "ping" in results else None
-    )
-    head = [
-        "scenario",
-        "request",
-        "requests",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "failures",
-        "non-2xx",
-        "req/s vs ping",
-    ]
-    common.print_table(
-        f"{args.users} locust users, no wait, {args.seconds:g} s per scenario after "
-        f"{args.warmup:g} s warm-up, loopback; uvicorn 1 process, SQLite; load generator and "
-        f"server share {os.cpu_count()} cores; total {time.perf_counter() - started:.0f} s",
-        head,
-        [row(s, results[s], ceiling) for s in scenarios],
-    )
+        for kind in kinds:
+            blocks[kind], said = run_block(args, kind, scenarios, Path(tmp))
+            notes += said
+    for kind, results in blocks.items():
+        notes += [
+            f"{kind} {s}: locust reported its CPU above 90% (the load generator is saturated)"
+            for s, r in results.items()
+            if r["cpu_warning"]
+        ]
+        ping = results.get("ping")
+        ceiling = len(ping["times"]) / ping["window_s"] if ping else None
+        common.print_table(
+            f"{kind}: {args.users} locust users in {args.load_procs} process(es) "
+            f"(FastHttpUser), no wait, {args.seconds:g} s per scenario after {args.warmup:g} s "
+            f"warm-up, loopback; {server_settings()}; load generator, server and database "
+            f"share {os.cpu_count()} cores",
+            HEAD,
+            [row(s, results[s], ceiling) for s in scenarios if s in results],
+        )
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
     for note in notes:
         print(f"\nnote: {note}")
 

@@ -278,8 +278,11 @@ class Settings(BaseSettings):
         return self._kept_key("secret_key")
 
     def _kept_key(self, name: str) -> bytes:
-        """A random key made once and kept in <data_dir>/<name> (the embedded stack's default)."""
+        """A random key made once and kept in <data_dir>/<name> (the embedded stack's default);
+        read once per process (the embedded API opens a webhook secret with it per callback)."""
         path = self.resolved_data_dir / name
+        if (kept := _KEPT.get(path)) is not None:
+            return kept
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             # A temporary file of its own (made 0600) for each caller, then a link, which is
@@ -294,7 +297,8 @@ class Settings(BaseSettings):
                 pass
             finally:
                 os.unlink(tmp)
-        return path.read_text().strip().encode()
+        _KEPT[path] = kept = path.read_text().strip().encode()
+        return kept
 
     @property
     def resolved_model_roots(self) -> list[Path]:
@@ -306,7 +310,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_data_dir(self) -> Path:
-        return self.data_dir.expanduser().resolve()
+        return _resolved(self.data_dir, os.getcwd())
 
     @property
     def resolved_database_url(self) -> str:
@@ -329,6 +333,16 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.resolved_data_dir / "broker"
+
+
+_KEPT: dict[Path, bytes] = {}  # the kept keys read so far, by path
+
+
+@lru_cache(maxsize=64)
+def _resolved(path: Path, cwd: str) -> Path:
+    """`path` made absolute (from `cwd`), with links resolved: once per path, not on every use
+    (the embedded database's URL is made from it on every request)."""
+    return (Path(cwd) / path.expanduser()).resolve()
 
 
 @lru_cache

@@ -5,14 +5,25 @@ place. Work that must only happen once the data is durable (enqueueing a run) is
 ``after_commit`` and dropped on rollback.
 """
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 _AFTER_COMMIT = "gvpo_after_commit"
+
+
+# Connections kept open per process, and opened past them while busy. The API's threadpool
+# runs up to 40 requests at once: with SQLAlchemy's default (5 kept, 10 more) a loaded API
+# opened and closed a connection per request past the fifth (on PostgreSQL a new server
+# process each time), and made the sixteenth wait for one. Unused, they are never opened.
+POOL = {"pool_size": 20, "max_overflow": 20}
+IDLE_BEFORE_PING_S = 5.0
+_IDLE_SINCE = "gvpo_idle_since"
 
 
 @lru_cache(maxsize=8)
@@ -20,10 +31,39 @@ def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # The API and the worker write concurrently: WAL lets readers proceed, and the busy
         # timeout makes a second writer wait rather than fail.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        memory = url in ("sqlite://", "sqlite:///:memory:")  # one connection per thread
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            **({} if memory else POOL),
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, **POOL)
+    _ping_when_idle(engine)
+    return engine
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """SQLAlchemy's pool_pre_ping, for connections idle IDLE_BEFORE_PING_S or more: one that the
+    server closed meanwhile (a restart, an idle timeout) is replaced before it is used. Every
+    checkout would otherwise cost a round trip, for connections a busy API uses constantly."""
+    dialect = engine.dialect
+
+    def checkin(_dbapi_conn, record) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    def checkout(dbapi_conn, record, _proxy) -> None:
+        idle_since = record.info.get(_IDLE_SINCE)
+        if idle_since is None or time.monotonic() - idle_since < IDLE_BEFORE_PING_S:
+            return  # just opened, or in use moments ago
+        try:
+            dialect.do_ping(dbapi_conn)
+        except dialect.loaded_dbapi.Error as exc:  # the pool drops it and takes another
+            raise DisconnectionError(f"a pooled connection was closed: {exc}") from exc
+
+    event.listen(engine, "checkin", checkin)
+    event.listen(engine, "checkout", checkout)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -1,10 +1,12 @@
 """Annotated dependency aliases shared by the routers."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Header, Path, Request, Response
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.auth.service import authenticate
 from service.config import Settings
@@ -53,3 +55,20 @@ async def _recent_project(request: Request, authorization: AuthorizationHeader =
 
 
 RecentProjectDep = Annotated[Project, Depends(_recent_project)]
+
+
+async def answer_in_session(settings: Settings, work: Callable[[Session], BaseModel]) -> Response:
+    """`work(session)`, answered as JSON, in one trip to the threadpool: the session opened,
+    committed or rolled back there (session_scope, as SessionDep), and the answer serialised
+    there. For the routes under the heaviest load (reward callbacks, run listings): with
+    SessionDep, a plain route crosses to the threadpool for the session, for each plain
+    dependency, for the handler, for FastAPI's check of the answer against response_model and
+    for the commit, and under load each crossing waits for the GIL. `work` builds the answer
+    from the route's response_model, which still documents it."""
+
+    def unit() -> bytes:
+        with session_scope(settings.resolved_database_url) as session:
+            answer = work(session)
+        return answer.model_dump_json().encode()
+
+    return Response(await run_in_threadpool(unit), media_type="application/json")

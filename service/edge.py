@@ -21,6 +21,7 @@ import json
 import re
 from urllib.parse import unquote_to_bytes
 
+import uvicorn
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -168,3 +169,10 @@ class LimitedHttpTools(HttpToolsProtocol):
 
 # How the API's HTTP server runs (uvicorn.run / uvicorn.Config keywords).
 SERVER = {"http": LimitedHttpTools}
+
+
+def serve(app: ASGIApp, host: str, port: int) -> None:
+    """Serve `app` as `gvpo api` serves the API: one uvicorn process, uvicorn's default event
+    loop (uvloop when installed), SERVER's HTTP protocol, the access log on. (The API benchmark
+    serves its bare app through this too, so both run under the same server settings.)"""
+    uvicorn.run(app, host=host, port=port, log_level="info", **SERVER)

@@ -9,7 +9,8 @@ waited for until it answers.
   process took that one meanwhile.
 
 PostgreSQL and redis-server are the production servers, throwaway, without persistence; `make
-services` installs them when missing.
+services` installs them when missing. (bench/api_load.py starts its PostgreSQL with Postgres,
+outside pytest: this module imports pytest only to fail a test.)
 """
 
 import contextlib
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 import uvicorn
 
 from service.config import Settings
@@ -260,10 +260,18 @@ def gvpo_up(settings) -> tuple[subprocess.Popen, str]:
 # ---------------------------------------------------------------- programs on a port number
 
 
+def _missing(message: str) -> None:
+    if "pytest" in sys.modules:
+        import pytest
+
+        pytest.fail(message)
+    sys.exit(message)
+
+
 def _binary(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
     if not found[-1]:
-        pytest.fail(
+        _missing(
             f"PostgreSQL's {name} is not installed: run `make services` (or .ci/ensure-services)"
         )
     return found[-1]
@@ -278,8 +286,9 @@ THROWAWAY = "-c fsync=off -c full_page_writes=off"
 class Postgres:
     """A throwaway PostgreSQL cluster (initdb + pg_ctl) on a loopback port."""
 
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, None
+    def __init__(self, root: Path, options: str = THROWAWAY) -> None:
+        """`options`: the server's settings (postgres -c ...) besides where it listens."""
+        self.root, self.port, self.options = root, None, options
         self.data, self.sockets = root / "data", root / "sockets"
         self.log = root / "log"
         # initdb refuses to run as root: the cluster belongs to the postgres user then
@@ -317,7 +326,7 @@ class Postgres:
                     str(self.log),
                     "-w",
                     "-o",
-                    f"-p {self.port} -h 127.0.0.1 -k {self.sockets} {THROWAWAY}",
+                    f"-p {self.port} -h 127.0.0.1 -k {self.sockets} {self.options}",
                     "start",
                 )
                 return
@@ -365,7 +374,7 @@ def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Pope
 
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.fail("redis-server is not installed: run `make services` (or .ci/ensure-services)")
+        _missing("redis-server is not installed: run `make services` (or .ci/ensure-services)")
     for attempt in range(1, ATTEMPTS + 1):
         at = port or free_port()
         proc = subprocess.Popen(

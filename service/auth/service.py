@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound, Unauthorized
@@ -71,17 +71,22 @@ def revoke_api_key(session: Session, key_id: str) -> tuple[ApiKey, bool]:
     return key, True
 
 
+# The project of an unrevoked key, by the key's hash: one query, built once (every request
+# with an API key runs it).
+_KEY_PROJECT = (
+    select(Project)
+    .join(ApiKey, ApiKey.project_id == Project.id)
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+)
+
+
 def authenticate(session: Session, authorization: str | None, pepper: str | None = None) -> Project:
     if not authorization:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("malformed Authorization header: expected 'Bearer <key>'")
-    row = session.scalar(
-        select(ApiKey).where(
-            ApiKey.key_hash == _hash(key.strip(), pepper), ApiKey.revoked_at.is_(None)
-        )
-    )
-    if row is None:
+    project = session.scalar(_KEY_PROJECT, {"key_hash": _hash(key.strip(), pepper)})
+    if project is None:
         raise Unauthorized("invalid API key")
-    return session.get(Project, row.project_id)
+    return project

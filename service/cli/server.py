@@ -81,9 +81,7 @@ def _say_up(stack) -> None:
 @click.command()
 def api() -> None:
     """Run only the API server: REST on GVPO_API_PORT, gRPC on GVPO_GRPC_PORT (GVPO_API_HOST)."""
-    import uvicorn
-
-    from service.edge import SERVER
+    from service.edge import serve
     from service.main import UnsafeSettings, create_app
 
     settings = get_settings()
@@ -91,7 +89,7 @@ def api() -> None:
         app = create_app(settings)
     except UnsafeSettings as exc:
         raise click.ClickException(str(exc)) from None
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info", **SERVER)
+    serve(app, settings.api_host, settings.api_port)
 
 
 @click.command()

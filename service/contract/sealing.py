@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 SETTING = "GVPO_ENCRYPTION_KEY"
 # Binds derived keys to this use: the same operator string used elsewhere yields another key.
 _INFO = b"gvpo-service: secrets at rest, v1"
+MAX_OPENED = 4096  # secrets kept opened per Sealer
 
 
 class SealingError(RuntimeError):
@@ -40,19 +41,28 @@ class Sealer:
         if not keys or not all(keys):
             raise SealingError(f"{SETTING} holds no key")
         self._fernet = MultiFernet([_fernet(k) for k in keys])
+        # A run's secret is opened for every callback of the run: the clear text of the ones
+        # opened last is kept (this process holds the keys that open them anyway).
+        self._opened: dict[str, str] = {}
 
     def seal(self, secret: str) -> str:
         return self._fernet.encrypt(secret.encode()).decode()
 
     def open(self, sealed: str) -> str:
+        if (secret := self._opened.get(sealed)) is not None:
+            return secret
         try:
-            return self._fernet.decrypt(sealed.encode()).decode()
+            secret = self._fernet.decrypt(sealed.encode()).decode()
         except InvalidToken:
             raise SealingError(
                 f"a stored secret does not open with the keys in {SETTING}: it was sealed "
                 "under another key (list the old key after the new one while a key rotation "
                 "is under way), or the stored value was altered"
             ) from None
+        if len(self._opened) >= MAX_OPENED:
+            self._opened.clear()
+        self._opened[sealed] = secret
+        return secret
 
     def reseal(self, sealed: str) -> str:
         """`sealed` under the newest key."""

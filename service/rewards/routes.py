@@ -1,11 +1,11 @@
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 
 from gvpo_client.signing import HEADER
 from service.contract.limits import MAX_CREDENTIAL
 from service.contract.webhooks import RewardCallback
-from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
+from service.deps import PathId, ProjectDep, SessionDep, SettingsDep, answer_in_session
 from service.errors import PayloadTooLarge
 from service.rewards import service
 from service.rewards.schemas import CallbackAccepted, SecretRotated
@@ -53,19 +53,24 @@ async def _raw_body(request: Request, settings: SettingsDep) -> bytes:
 
 
 @router.post("/{run_id}/rewards", response_model=CallbackAccepted, openapi_extra=CALLBACK_BODY)
-def reward_callback(
+async def reward_callback(
     run_id: PathId,
     raw: Annotated[bytes, Depends(_raw_body)],
-    session: SessionDep,
     settings: SettingsDep,
     signature: Annotated[str | None, Header(alias=HEADER, max_length=MAX_CREDENTIAL)] = None,
-) -> CallbackAccepted:
+) -> Response:
     """Async reward callback from a reward model, signed with the run's webhook secret
     (no API key): {"request_id": "rq_…", "rewards": [{"sample_id": "smp_…", "reward": 0.5}]}.
 
-    A plain (threadpool) handler: database work must never block the event loop, or a callback
-    waiting on a lock would stop another request's commit from running."""
-    return CallbackAccepted(**service.accept_callback(session, settings, run_id, raw, signature))
+    The database work runs in the threadpool, in one trip (answer_in_session): it must never
+    block the event loop, or a callback waiting on a lock would stop another request's commit
+    from running."""
+    return await answer_in_session(
+        settings,
+        lambda session: CallbackAccepted(
+            **service.accept_callback(session, settings, run_id, raw, signature)
+        ),
+    )
 
 
 @router.post("/{run_id}/webhook-secret/rotate", response_model=SecretRotated)

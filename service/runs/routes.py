@@ -2,11 +2,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
 
+from service.auth.service import authenticate
 from service.contract.limits import INT32_MAX, MAX_ID, MAX_IDEMPOTENCY_KEY, MAX_RUNS_PAGE
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
-from service.deps import PathId, ProjectDep, SessionDep, SettingsDep
+from service.deps import (
+    AuthorizationHeader,
+    PathId,
+    ProjectDep,
+    SessionDep,
+    SettingsDep,
+    answer_in_session,
+)
 from service.runs import control, service, stream
 from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead, RunStates
 
@@ -39,22 +48,27 @@ def create_run(
 
 
 @router.get("", response_model=RunList)
-def list_runs(
-    session: SessionDep,
-    project: ProjectDep,
+async def list_runs(
+    settings: SettingsDep,
+    authorization: AuthorizationHeader = None,
     status: Annotated[RunStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_RUNS_PAGE)] = 20,
     after: Annotated[
         str | None,
         Query(max_length=MAX_ID, description="cursor: the last run id of the previous page"),
     ] = None,
-) -> RunList:
-    rows, has_more = service.list_runs(session, project, status, limit, after)
-    return RunList(
-        data=[RunRead.model_validate(r) for r in rows],
-        has_more=has_more,
-        next_cursor=rows[-1].id if has_more else None,
-    )
+) -> Response:
+    # The key checked, the page read and its answer built in one trip to the threadpool.
+    def page(session: Session) -> RunList:
+        project = authenticate(session, authorization, settings.api_key_pepper)
+        rows, has_more = service.list_runs(session, project, status, limit, after)
+        return RunList(
+            data=[RunRead.model_validate(r) for r in rows],
+            has_more=has_more,
+            next_cursor=rows[-1].id if has_more else None,
+        )
+
+    return await answer_in_session(settings, page)
 
 
 @router.get("/{run_id}", response_model=RunRead)

@@ -2,10 +2,11 @@
 
 import hashlib
 import json
+from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import Row, Select, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -251,21 +252,53 @@ def get_run(session: Session, project: Project, run_id: str) -> Run:
     return run
 
 
+# What a listing shows of a run (RunRead's fields; gRPC's Run message): not its model source,
+# secrets, lease or outbox. The table's columns: a page is read as plain rows, no ORM objects.
+LISTED = tuple(
+    Run.__table__.c[name]
+    for name in (
+        "id",
+        "name",
+        "status",
+        "step",
+        "total_steps",
+        "cancel_requested",
+        "tokens_generated",
+        "samples_generated",
+        "reward",
+        "error",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "spec",
+    )
+)
+
+
 def list_runs(
     session: Session,
     project: Project,
     status: str | None,
     limit: int,
     after: str | None,
-) -> tuple[list[Run], bool]:
-    """Newest first; ids are time-ordered, so `after` (a run id) is a stable cursor."""
-    stmt = select(Run).where(Run.project_id == project.id)
-    if status:
-        stmt = stmt.where(Run.status == status)
-    if after:
-        stmt = stmt.where(Run.id < after)
-    rows = list(session.scalars(stmt.order_by(Run.id.desc()).limit(limit + 1)))
+) -> tuple[list[Row], bool]:
+    """Newest first; ids are time-ordered, so `after` (a run id) is a stable cursor. Rows of
+    the LISTED columns, not ORM objects: a page is read often, and never changed."""
+    params = {"project_id": project.id, "status": status, "after": after, "limit": limit + 1}
+    rows = list(session.execute(_page(bool(status), bool(after)), params))
     return rows[:limit], len(rows) > limit
+
+
+@lru_cache(maxsize=4)
+def _page(status: bool, after: bool) -> Select:
+    """The statement of a page of runs (with a status, after a cursor), built once."""
+    runs = Run.__table__.c
+    stmt = select(*LISTED).where(runs.project_id == bindparam("project_id"))
+    if status:
+        stmt = stmt.where(runs.status == bindparam("status"))
+    if after:
+        stmt = stmt.where(runs.id < bindparam("after"))
+    return stmt.order_by(runs.id.desc()).limit(bindparam("limit"))
 
 
 def list_events(
