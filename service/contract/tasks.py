@@ -14,12 +14,18 @@ acks_late + prefetch 1: a run's message is acknowledged only when the task retur
 never reserves a second task while one is running.
 """
 
+import os
+import time
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, Protocol
 
 from celery import Celery
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 from pydantic import BaseModel, Field
 
 from service.contract.graders import AnyGrader
@@ -64,6 +70,29 @@ def result_backend_url(settings: BrokerSettings) -> str | None:
     return None
 
 
+class _AtomicChannel(filesystem.Channel):
+    """kombu's filesystem channel, except that a message is written under a name no reader
+    takes (`.part`) and renamed into the queue: kombu's own writes the queue's file in place,
+    and a worker that lists it half-written dies on the JSONDecodeError (seen under load)."""
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        try:
+            with open(final + PARTIAL, "wb") as f:
+                f.write(dumps(payload).encode())
+            os.replace(final + PARTIAL, final)
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    Channel = _AtomicChannel
+
+
+PARTIAL = ".part"  # a message being written: _get takes only names ending in .<queue>.msg
+
+
 def _filesystem_options(broker_dir: Path) -> dict:
     # kombu's filesystem transport needs its folders made first, and in == out for one machine.
     queue_dir, processed, control = (
@@ -99,6 +128,7 @@ def celery_app(settings: BrokerSettings, include: tuple[str, ...] = ()) -> Celer
         result_backend_transport_options={"retry_policy": RESULT_RETRY_POLICY},
     )
     if settings.broker_url.startswith("filesystem"):
+        app.conf.broker_transport = AtomicFilesystemTransport
         app.conf.broker_transport_options = _filesystem_options(settings.broker_dir)
     if backend and backend.startswith("file://"):  # Celery expects the folder to be there
         Path(backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
