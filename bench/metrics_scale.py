@@ -44,12 +44,17 @@ PROMPT, COMPLETION = "p" * 300, "c" * 600
 SIZES = ("every step's samples", "retention 50/10", "no samples")
 
 
-def settings_for(database: str, root: Path, cluster):
+def settings_for(database: str, root: Path, cluster, model: Path):
     from service.config import Settings
 
     url = cluster.url if database == "postgresql" else None
     (root / "data").mkdir(parents=True, exist_ok=True)
-    return Settings(data_dir=root / "data", database_url=url)
+    return Settings(
+        data_dir=root / "data",
+        database_url=url,
+        model_roots=str(model.parent),
+        encryption_key="k" * 32 if url else None,  # a cluster seals webhook secrets
+    )
 
 
 def new_run(settings, model: Path, retention: dict | None = None) -> tuple[str, str]:
@@ -182,7 +187,7 @@ def one_database(database: str, args, model: Path, work: Path) -> dict:
         cluster = Postgres(work / "pg")
         cluster.start()
     try:
-        settings = settings_for(database, work, cluster)
+        settings = settings_for(database, work, cluster, model)
         upgrade(settings.resolved_database_url, settings=settings)
         result = {"database": database}
         from service.contract.spec import RetentionSpec
@@ -247,7 +252,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gvpo-metrics-scale-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # PostgreSQL's cluster belongs to its own user when run as root
-        model = work / "tiny"
+        model = work / "models" / "tiny"
         from workers.tiny_model import make_tiny_model
 
         make_tiny_model(model)

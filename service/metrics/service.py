@@ -2,7 +2,7 @@
 
 from collections import defaultdict
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from service.metrics.schemas import MetricName, StepMetrics
@@ -10,7 +10,42 @@ from service.models import Metric, MetricRollup, Project, Sample
 from service.models.metric import LEVELS, bucket_of
 from service.runs.service import get_run
 
-Point = tuple[int, float, float | None]  # step, value, unix seconds it was recorded
+# (step, value) or, with times, (step, value, unix seconds it was recorded): tuples of numbers,
+# which the garbage collector does not track
+Point = tuple
+
+# Built once, bound per request (SQLAlchemy caches their compiled form), run on the connection:
+# a 100k-step run's chart reads thousands of rows, and the ORM's handling would double its cost.
+_SUMMARY = (
+    select(
+        MetricRollup.name,
+        func.sum(MetricRollup.count),
+        func.min(MetricRollup.first_step),
+        func.max(MetricRollup.last_step),
+    )
+    .where(MetricRollup.run_id == bindparam("run"), MetricRollup.level == LEVELS)
+    .group_by(MetricRollup.name)
+    .order_by(MetricRollup.name)
+)
+_NAMED_SUMMARY = _SUMMARY.where(MetricRollup.name.in_(bindparam("names", expanding=True)))
+_EXTREMES = (
+    select(
+        MetricRollup.name,
+        MetricRollup.min_step,
+        MetricRollup.min_value,
+        MetricRollup.min_time,
+        MetricRollup.max_step,
+        MetricRollup.max_value,
+        MetricRollup.max_time,
+    )
+    .where(
+        MetricRollup.run_id == bindparam("run"),
+        MetricRollup.level == bindparam("level"),
+        MetricRollup.name.in_(bindparam("names", expanding=True)),
+        MetricRollup.bucket >= bindparam("bucket"),
+    )
+    .order_by(MetricRollup.name, MetricRollup.bucket)
+)
 
 
 def metric_series(
@@ -20,11 +55,12 @@ def metric_series(
     names: list[str] | None,
     since_step: int | None,
     max_points: int | None = None,
+    with_time: bool = True,
 ) -> tuple[dict[str, list[Point]], list[str]]:
-    """Each series' points (step, value, time) from `since_step` on, oldest first, and the
-    names of those downsampled: with `max_points`, a series with more points is read from the
-    finest rollup level with at most max_points / 2 buckets in its range, each bucket giving
-    its lowest and highest point, so no extreme is lost."""
+    """Each series' points from `since_step` on, oldest first, and the names of those
+    downsampled: with `max_points`, a series with more points is read from the finest rollup
+    level with at most max_points / 2 buckets in its range, each bucket giving its lowest and
+    highest point, so no extreme is lost."""
     get_run(session, project, run_id)
     start = since_step or 0
     raw, by_level = list(names or []), defaultdict(list)
@@ -40,11 +76,11 @@ def metric_series(
         )
         if raw:
             stmt = stmt.where(Metric.name.in_(raw))
-        for name, step, value, time in session.execute(stmt.order_by(Metric.name, Metric.step)):
-            series[name].append((step, value, time))
+        rows = session.connection().execute(stmt.order_by(Metric.name, Metric.step))
+        for name, step, value, time in rows:
+            series[name].append((step, value, time) if with_time else (step, value))
     for level, level_names in by_level.items():
-        for name, points in _extremes(session, run_id, level_names, level, start):
-            series[name].extend(points)
+        _extremes(session, series, run_id, level_names, level, start, with_time)
     return dict(series), sorted(n for names in by_level.values() for n in names)
 
 
@@ -52,20 +88,9 @@ def _summary(
     session: Session, run_id: str, names: list[str] | None
 ) -> dict[str, tuple[int, int, int]]:
     """name -> (points, first step, last step), from the coarsest rollups."""
-    stmt = (
-        select(
-            MetricRollup.name,
-            func.sum(MetricRollup.count),
-            func.min(MetricRollup.first_step),
-            func.max(MetricRollup.last_step),
-        )
-        .where(MetricRollup.run_id == run_id, MetricRollup.level == LEVELS)
-        .group_by(MetricRollup.name)
-        .order_by(MetricRollup.name)
-    )
-    if names:
-        stmt = stmt.where(MetricRollup.name.in_(names))
-    return {name: (int(n), first, last) for name, n, first, last in session.execute(stmt)}
+    stmt, params = (_NAMED_SUMMARY, {"names": names}) if names else (_SUMMARY, {})
+    rows = session.connection().execute(stmt, {"run": run_id, **params})
+    return {name: (int(n), first, last) for name, n, first, last in rows}
 
 
 def metric_names(session: Session, project: Project, run_id: str) -> list[MetricName]:
@@ -84,30 +109,27 @@ def _level(start: int, last: int, max_points: int) -> int | None:
     return LEVELS
 
 
-def _extremes(session: Session, run_id: str, names: list[str], level: int, start: int):
-    """(name, points) of each bucket's lowest and highest point, at `level` from `start`."""
-    rows = session.execute(
-        select(
-            MetricRollup.name,
-            MetricRollup.min_step,
-            MetricRollup.min_value,
-            MetricRollup.min_time,
-            MetricRollup.max_step,
-            MetricRollup.max_value,
-            MetricRollup.max_time,
-        )
-        .where(
-            MetricRollup.run_id == run_id,
-            MetricRollup.level == level,
-            MetricRollup.name.in_(names),
-            MetricRollup.bucket >= bucket_of(start, level),
-        )
-        .order_by(MetricRollup.name, MetricRollup.bucket)
-    )
-    for name, *extremes in rows:
-        low, high = (extremes[0], extremes[1], extremes[2]), (extremes[3], extremes[4], extremes[5])
-        points = [low] if low[0] == high[0] else sorted([low, high])
-        yield name, [p for p in points if p[0] >= start]
+def _extremes(
+    session: Session,
+    series: dict[str, list[Point]],
+    run_id: str,
+    names: list[str],
+    level: int,
+    start: int,
+    with_time: bool,
+) -> None:
+    """Each bucket's lowest and highest point at `level` from `start`, added to `series`."""
+    params = {"run": run_id, "level": level, "names": names, "bucket": bucket_of(start, level)}
+    for name, low_s, low, low_t, high_s, high, high_t in session.connection().execute(
+        _EXTREMES, params
+    ):
+        points = series[name]
+        pair = ((low_s, low, low_t), (high_s, high, high_t))
+        if high_s < low_s:
+            pair = pair[::-1]
+        for step, value, time in pair[1:] if low_s == high_s else pair:
+            if step >= start:
+                points.append((step, value, time) if with_time else (step, value))
 
 
 def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[StepMetrics]:
