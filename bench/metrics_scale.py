@@ -44,19 +44,6 @@ PROMPT, COMPLETION = "p" * 300, "c" * 600
 SIZES = ("every step's samples", "retention 50/10", "no samples")
 
 
-def settings_for(database: str, root: Path, cluster, model: Path):
-    from service.config import Settings
-
-    url = cluster.url if database == "postgresql" else None
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    return Settings(
-        data_dir=root / "data",
-        database_url=url,
-        model_roots=str(model.parent),
-        encryption_key="k" * 32 if url else None,  # a cluster seals webhook secrets
-    )
-
-
 def new_run(settings, model: Path, retention: dict | None = None) -> tuple[str, str]:
     """A run (never started) and its project's API key."""
     from service.auth.service import create_api_key
@@ -70,7 +57,7 @@ def new_run(settings, model: Path, retention: dict | None = None) -> tuple[str, 
     }
     run_id = common.submit_run(settings, spec, [{"prompt": "a", "answer": "a"}], "rows.jsonl")
     with session_scope(settings.resolved_database_url) as session:
-        _, key = create_api_key(session, "bench")
+        _, key = create_api_key(session, "bench", settings.api_key_pepper)
     return run_id, key
 
 
@@ -86,7 +73,10 @@ def size_bytes(settings) -> int:
             return conn.execute(
                 text("SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
             ).scalar()
-    with get_engine(url).connect() as conn:
+    # deleted rows (retention) hold their space until VACUUM FULL rewrites the tables; live
+    # data is what is measured
+    with get_engine(url).connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM FULL"))
         return conn.execute(text("SELECT pg_database_size(current_database())")).scalar()
 
 
@@ -121,9 +111,9 @@ def record(settings, run_id: str, steps: range, args, samples: bool, retention=N
 
 def fill(settings, run_id: str, first: int, last: int, series: int) -> float:
     """Metric values of steps first..last in bulk, then the rollups rebuilt; seconds."""
-    from sqlalchemy import insert
+    from sqlalchemy import insert, text
 
-    from service.db import session_scope
+    from service.db import get_engine, session_scope
     from service.models import Metric
     from service.models.metric import rebuild_rollups
 
@@ -139,6 +129,14 @@ def fill(settings, run_id: str, first: int, last: int, series: int) -> float:
             session.execute(insert(Metric), rows)
     with session_scope(settings.resolved_database_url) as session:
         rebuild_rollups(session, run_id)
+    if not settings.resolved_database_url.startswith("sqlite"):
+        # what autovacuum does to tables that grow step by step: fresh planner statistics
+        with (
+            get_engine(settings.resolved_database_url)
+            .connect()
+            .execution_options(isolation_level="AUTOCOMMIT") as conn
+        ):
+            conn.execute(text("ANALYZE"))
     return time.perf_counter() - started
 
 
@@ -175,23 +173,18 @@ def reads(url: str, key: str, run_id: str, args) -> dict:
 
 
 def one_database(database: str, args, model: Path, work: Path) -> dict:
-    from api_load import start_server, stop_server
+    from api_load import Database, start_server, stop_server
 
+    from service.contract.spec import RetentionSpec
     from service.migrate import upgrade
-    from service.stack import free_port, stack_env
+    from service.stack import stack_env
 
-    from services import Postgres
-
-    cluster = None
-    if database == "postgresql":
-        cluster = Postgres(work / "pg")
-        cluster.start()
+    db = Database(database, work)  # bench/api_load.py's: a cluster's with its secrets
     try:
-        settings = settings_for(database, work, cluster, model)
+        settings = db.settings.model_copy(update={"model_roots": str(model.parent)})
+        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.resolved_database_url, settings=settings)
         result = {"database": database}
-        from service.contract.spec import RetentionSpec
-
         for label, samples, retention in (
             ("every step's samples", True, None),
             ("retention 50/10", True, {"samples_every_steps": 50, "keep_last_steps": 10}),
@@ -209,30 +202,26 @@ def one_database(database: str, args, model: Path, work: Path) -> dict:
             }
         run_id, key = new_run(settings, model)
         result["fill_s"] = fill(settings, run_id, 1, args.steps, args.series)
-        ms = record(
-            settings, run_id, range(args.steps + 1, args.steps + args.window + 1), args, True
-        )
+        later = range(args.steps + 1, args.steps + args.window + 1)
+        ms = record(settings, run_id, later, args, True)
         result["write_at_scale"] = {
             "write_p50_ms": common.percentile(ms, 50),
             "write_p99_ms": common.percentile(ms, 99),
         }
-        served = settings.model_copy(update={"api_port": free_port(), "grpc_port": free_port()})
-        url = served.resolved_api_url
         server = start_server(
             [sys.executable, "-m", "service.cli", "api"],
-            {**stack_env(served), "PYTHONUNBUFFERED": "1"},
-            url,
-            "/healthz",
+            {**stack_env(settings), "PYTHONUNBUFFERED": "1"},
+            settings.resolved_api_url,
+            "/readyz",
             work / f"api-{database}.log",
         )
         try:
-            result["reads"] = reads(url, key, run_id, args)
+            result["reads"] = reads(settings.resolved_api_url, key, run_id, args)
         finally:
             stop_server(server)
         return result
     finally:
-        if cluster is not None:
-            cluster.stop()
+        db.close()
 
 
 def main() -> None:
@@ -257,7 +246,7 @@ def main() -> None:
 
         make_tiny_model(model)
         for database in args.databases.split(","):
-            results.append(one_database(database, args, model, work / database))
+            results.append(one_database(database, args, model, work))
             print(json.dumps(results[-1], indent=1), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

@@ -28,24 +28,26 @@ _SUMMARY = (
     .order_by(MetricRollup.name)
 )
 _NAMED_SUMMARY = _SUMMARY.where(MetricRollup.name.in_(bindparam("names", expanding=True)))
-_EXTREMES = (
-    select(
+_BUCKETS = (
+    MetricRollup.run_id == bindparam("run"),
+    MetricRollup.level == bindparam("level"),
+    MetricRollup.name.in_(bindparam("names", expanding=True)),
+    MetricRollup.bucket >= bindparam("bucket"),
+)
+_EXTREMES = {  # with times or without (fewer columns to fetch)
+    timed: select(
         MetricRollup.name,
         MetricRollup.min_step,
         MetricRollup.min_value,
-        MetricRollup.min_time,
+        *([MetricRollup.min_time] if timed else []),
         MetricRollup.max_step,
         MetricRollup.max_value,
-        MetricRollup.max_time,
+        *([MetricRollup.max_time] if timed else []),
     )
-    .where(
-        MetricRollup.run_id == bindparam("run"),
-        MetricRollup.level == bindparam("level"),
-        MetricRollup.name.in_(bindparam("names", expanding=True)),
-        MetricRollup.bucket >= bindparam("bucket"),
-    )
+    .where(*_BUCKETS)
     .order_by(MetricRollup.name, MetricRollup.bucket)
-)
+    for timed in (True, False)
+}
 
 
 def metric_series(
@@ -120,16 +122,12 @@ def _extremes(
 ) -> None:
     """Each bucket's lowest and highest point at `level` from `start`, added to `series`."""
     params = {"run": run_id, "level": level, "names": names, "bucket": bucket_of(start, level)}
-    for name, low_s, low, low_t, high_s, high, high_t in session.connection().execute(
-        _EXTREMES, params
-    ):
+    width = 3 if with_time else 2
+    for name, *extremes in session.connection().execute(_EXTREMES[with_time], params):
         points = series[name]
-        pair = ((low_s, low, low_t), (high_s, high, high_t))
-        if high_s < low_s:
-            pair = pair[::-1]
-        for step, value, time in pair[1:] if low_s == high_s else pair:
-            if step >= start:
-                points.append((step, value, time) if with_time else (step, value))
+        low, high = tuple(extremes[:width]), tuple(extremes[width:])
+        pair = (low,) if low[0] == high[0] else (low, high) if low[0] < high[0] else (high, low)
+        points.extend(p for p in pair if p[0] >= start)
 
 
 def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[StepMetrics]:
