@@ -6,6 +6,7 @@ warning event and drops the sink for the rest of the attempt. A sink imports its
 `start`, so a worker without it fails that tracker only.
 """
 
+import importlib
 import json
 import re
 from collections.abc import Iterator
@@ -56,6 +57,17 @@ class Sink(Protocol):
 
 
 _NOT_IN_A_NAME = re.compile(r"[^-/\w.]")
+
+
+def optional_module(name: str):
+    """The tracker's library, imported when a run asks for it; TrackerError when the worker
+    was installed without it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise TrackerError(
+            f"{name} is not installed on the worker ({exc}): pip install 'gvpo-service[tracking]'"
+        ) from None
 
 
 def tracker_name(name: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from service.contract.states import RunStatus
-from workers.tracking.base import RunInfo, TrackerError, tracker_name
+from workers.tracking.base import RunInfo, optional_module, tracker_name
 
 
 def tensorboard_dir(run_folder: Path) -> Path:
@@ -27,16 +27,10 @@ class TensorBoardSink:
         return tracker_name(name)
 
     def start(self, run: RunInfo) -> dict[str, Any]:
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError as exc:
-            raise TrackerError(
-                f"tensorboardX is not installed on the worker ({exc}): pip install "
-                "'gvpo-service[tracking]'"
-            ) from None
+        writer = optional_module("tensorboardX").SummaryWriter
         folder = tensorboard_dir(run.folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(logdir=str(folder), flush_secs=30)
+        self.writer = writer(logdir=str(folder), flush_secs=30)
         return {"folder": str(folder.relative_to(run.folder))}  # within the run's folder
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from service.contract.states import RunStatus
-from workers.tracking.base import RunInfo, TrackerError
+from workers.tracking.base import RunInfo, optional_module
 
 INIT_TIMEOUT_S = 60.0
 EXIT_CODES = {RunStatus.SUCCEEDED: 0, RunStatus.FAILED: 1, RunStatus.CANCELLED: 1}
@@ -39,14 +39,7 @@ class WandbSink:
         return name
 
     def start(self, run: RunInfo) -> dict[str, Any]:
-        try:
-            import wandb
-        except ImportError as exc:
-            raise TrackerError(
-                f"wandb is not installed on the worker ({exc}): pip install "
-                "'gvpo-service[tracking]'"
-            ) from None
-        self.wandb = wandb
+        self.wandb = wandb = optional_module("wandb")
         run.folder.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=self.spec.project,
