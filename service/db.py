@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 _AFTER_COMMIT = "gvpo_after_commit"
@@ -41,6 +42,20 @@ def get_engine(url: str) -> Engine:
         return engine
     engine = create_engine(url, **POOL)
     _ping_when_idle(engine)
+    return engine
+
+
+def create_event_loop_engine(url: str) -> AsyncEngine | None:
+    """An engine whose connections wait on the event loop (psycopg's async connections), for
+    the API's routes under the heaviest load; None on SQLite, whose driver only blocks. Its
+    connections belong to the loop that opened them: the API makes one per lifespan and
+    disposes of it when the lifespan ends. A pool of its own, as large as POOL: past it, each
+    request in flight opened and closed a connection of its own. Its connections autocommit:
+    what uses it writes at most one statement (deps.answer_in_session)."""
+    if url.startswith("sqlite"):
+        return None
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", **POOL)
+    _ping_when_idle(engine.sync_engine)
     return engine
 
 
@@ -84,13 +99,18 @@ def after_commit(session: Session, fn: Callable[[], None]) -> None:
     session.info.setdefault(_AFTER_COMMIT, []).append(fn)
 
 
+def commit(session: Session) -> list[Callable[[], None]]:
+    """Commit; the after-commit work registered meanwhile, for the caller to run."""
+    session.commit()
+    return session.info.pop(_AFTER_COMMIT, [])
+
+
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
     session = get_sessionmaker(url)()
     try:
         yield session
-        session.commit()
-        callbacks = session.info.pop(_AFTER_COMMIT, [])
+        callbacks = commit(session)
     except BaseException:
         session.rollback()
         session.info.pop(_AFTER_COMMIT, None)

@@ -5,13 +5,14 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request, Response
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.auth.service import authenticate
 from service.config import Settings
 from service.contract.limits import MAX_CREDENTIAL, MAX_ID
-from service.db import session_scope
+from service.db import commit, session_scope
 from service.models import Project
 
 # An id in a path: one longer than any the service makes is refused (422) before any lookup.
@@ -57,18 +58,46 @@ async def _recent_project(request: Request, authorization: AuthorizationHeader =
 RecentProjectDep = Annotated[Project, Depends(_recent_project)]
 
 
-async def answer_in_session(settings: Settings, work: Callable[[Session], BaseModel]) -> Response:
-    """`work(session)`, answered as JSON, in one trip to the threadpool: the session opened,
-    committed or rolled back there (session_scope, as SessionDep), and the answer serialised
-    there. For the routes under the heaviest load (reward callbacks, run listings): with
-    SessionDep, a plain route crosses to the threadpool for the session, for each plain
-    dependency, for the handler, for FastAPI's check of the answer against response_model and
-    for the commit, and under load each crossing waits for the GIL. `work` builds the answer
-    from the route's response_model, which still documents it."""
+async def answer_in_session(
+    request: Request, work: Callable[[Session], BaseModel | bytes]
+) -> Response:
+    """`work(session)`, answered as JSON (a model, or JSON it wrote itself), for the routes under
+    the heaviest load (reward callbacks, run listings). The session is opened, committed or
+    rolled back as SessionDep's (session_scope), and the answer serialised, in one unit:
 
-    def unit() -> bytes:
-        with session_scope(settings.resolved_database_url) as session:
-            answer = work(session)
-        return answer.model_dump_json().encode()
+    - on PostgreSQL, on the event loop, over the lifespan's engine of async connections
+      (app.state.loop_engine): the loop runs other requests while one waits on the database,
+      and no thread is involved. A plain route instead crosses to the threadpool for the
+      session, each plain dependency, the handler, the check of the answer and the commit, and
+      under load each crossing, and each of the thread's round trips to the database, waits
+      for the GIL: that cost a callback more CPU than all of its own work;
+    - on SQLite (whose driver only blocks), in one trip to the threadpool.
 
-    return Response(await run_in_threadpool(unit), media_type="application/json")
+    `work` builds the answer from the route's response_model, which still documents it. It
+    writes at most one statement, one that is right on its own whatever happened since its
+    reads (a version-checked UPDATE): on the event loop each statement commits as it runs
+    (autocommit), with no BEGIN and COMMIT round trips."""
+    settings: Settings = request.app.state.settings
+    engine = getattr(request.app.state, "loop_engine", None)
+
+    def answered(session: Session) -> tuple[bytes, list[Callable[[], None]]]:
+        answer = work(session)
+        return _json(answer), commit(session)
+
+    if engine is None:
+
+        def unit() -> bytes:
+            with session_scope(settings.resolved_database_url) as session:
+                answer = work(session)
+            return _json(answer)
+
+        return Response(await run_in_threadpool(unit), media_type="application/json")
+    async with AsyncSession(engine, expire_on_commit=False) as session:
+        body, hooks = await session.run_sync(answered)
+    for hook in hooks:  # after the commit, as session_scope's (they may block)
+        await run_in_threadpool(hook)
+    return Response(body, media_type="application/json")
+
+
+def _json(answer: BaseModel | bytes) -> bytes:
+    return answer if isinstance(answer, bytes) else answer.model_dump_json().encode()

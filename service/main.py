@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import dashboard, dispatch, installed_version, telemetry
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
-from service.db import get_sessionmaker
+from service.db import create_event_loop_engine, get_sessionmaker
 from service.diagnostics.routes import router as diagnostics_router
 from service.edge import Edge
 from service.errors import ERROR_RESPONSES, ServiceError, classify, invalid_spec, unstorable
@@ -85,8 +85,10 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 async def _lifespan(app: FastAPI):
     settings = app.state.settings
     # What requests share and would otherwise build on first use, built once before the first
-    # request: the database engine (with its dialect's modules) and the broker's publisher.
+    # request: the database engine (with its dialect's modules) and the broker's publisher. On
+    # PostgreSQL, the hot routes' engine on this lifespan's event loop (deps.answer_in_session).
     get_sessionmaker(settings.resolved_database_url)
+    app.state.loop_engine = create_event_loop_engine(settings.resolved_database_url)
     dispatch.prepare(settings)
     # Two background threads per API process, each on its own interval (0 turns it off), so a
     # slow notification receiver never delays reaping.
@@ -115,6 +117,8 @@ async def _lifespan(app: FastAPI):
         if grpc_server:
             await grpc_server.stop()
         await app.state.serving.close()
+        if app.state.loop_engine is not None:
+            await app.state.loop_engine.dispose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -140,12 +144,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(health_router)  # /readyz's 503 is its own report, not an error
     for router in (
-        files_router,
+        rewards_router,  # first: routes are matched in order, and callbacks are the most frequent
         runs_router,
+        files_router,
         fine_tuning_router,
         metrics_router,
         checkpoints_router,
-        rewards_router,
         diagnostics_router,
         graders_router,
         offpolicy_router,

@@ -4,7 +4,16 @@ idempotency, project isolation, listing, cancel, read endpoints and health.
 No worker runs here, so runs stay queued; the real filesystem broker shows what was enqueued.
 """
 
+import time
+
 import pytest
+from sqlalchemy import select
+
+from service.auth.service import revoke_api_key
+from service.db import session_scope
+from service.models import ApiKey, Run
+from service.models.base import utcnow
+from service.serving.lookups import KEY_TTL_S
 
 from factories import (
     DROP,
@@ -429,6 +438,48 @@ def test_list_runs_pages_newest_first(api, make_key):
     assert run_ids(api, key, status="queued") == created[:0:-1]
     assert run_ids(api, key, status="cancelled") == [created[0]]
     assert run_ids(api, key, status="running") == []
+
+
+@pytest.mark.filterwarnings(
+    "error::UserWarning"
+)  # no serializer warning: the listing is written by hand
+def test_a_listed_run_is_the_run_read_alone(api, settings, make_key):
+    # A listing passes each stored spec through as text: every run must still read exactly as
+    # GET /v1/runs/{id} reads it, whatever its state and whatever characters its spec holds.
+    key = make_key()
+    file_id = upload(api, key, ROWS)
+    ids = [
+        new_run(api, key, file_id, name="plain")["id"],
+        new_run(api, key, file_id, name='ünïcødé ✓ "quoted" \\ run', sampling={"temperature": 0.7})[
+            "id"
+        ],
+        new_run(api, key, file_id, name=None)["id"],
+    ]
+    assert api.post(f"/v1/runs/{ids[0]}/cancel", headers=auth(key)).status_code == 200
+    with session_scope(settings.resolved_database_url) as session:
+        run = session.get(Run, ids[1])
+        run.step, run.reward, run.tokens_generated, run.started_at = 2, -0.125, 77, utcnow()
+    listed = api.get("/v1/runs", headers=auth(key)).json()
+    alone = [api.get(f"/v1/runs/{run_id}", headers=auth(key)).json() for run_id in ids[::-1]]
+    assert listed == {"object": "list", "data": alone, "has_more": False, "next_cursor": None}
+    assert alone[1]["name"] == 'ünïcødé ✓ "quoted" \\ run' and alone[1]["reward"] == -0.125
+    assert alone[1]["spec"]["sampling"]["temperature"] == 0.7
+
+
+def test_a_revoked_key_lists_runs_for_at_most_its_kept_seconds(api, settings, make_key):
+    # GET /v1/runs keeps a key it checked for KEY_TTL_S, as the inference routes do.
+    key = make_key()
+    lookups = api.app.state.lookups
+    now = time.monotonic()  # still: nothing kept goes while a loaded machine runs the test
+    lookups.projects.clock = lambda: now
+    assert run_ids(api, key) == []
+    with session_scope(settings.resolved_database_url) as session:
+        revoke_api_key(session, session.scalar(select(ApiKey.id)))
+    assert run_ids(api, key) == []  # kept
+    assert_error(api.get("/v1/runs/run_x", headers=auth(key)), 401, "unauthorized")
+    later = now + KEY_TTL_S
+    lookups.projects.clock = lambda: later
+    assert_error(api.get("/v1/runs", headers=auth(key)), 401, "unauthorized", "invalid API key")
 
 
 @pytest.mark.parametrize(

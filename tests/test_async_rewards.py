@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from gvpo_client.signing import HEADER, sign
-from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
+from service.contract.limits import MAX_CREDENTIAL, MAX_ID, MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
 from service.db import session_scope
 from service.main import create_app
 from service.models import RewardRequest, Run, RunEvent, Sample
@@ -411,6 +411,23 @@ def test_callback_for_an_unknown_run_is_404(api):
     body = b'{"request_id": "rq_1", "rewards": []}'
     resp = api.post("/v1/runs/run_nope/rewards", content=body, headers={HEADER: sign("x", body)})
     assert_error(resp, 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("where", "field"), [("path", "run_id"), ("header", HEADER), ("both", "run_id")]
+)
+def test_a_callback_id_or_signature_past_its_limit_is_422_naming_it(api, pending, where, field):
+    # The route reads its own parameters; they are bounded as FastAPI bounds the others'.
+    run_id, secret = pending
+    body = b'{"request_id": "rq_1", "rewards": []}'
+    signature = sign(secret, body)
+    if where in ("path", "both"):
+        run_id = "run_" + "x" * MAX_ID
+    if where in ("header", "both"):
+        signature += "0" * MAX_CREDENTIAL
+    resp = api.post(f"/v1/runs/{run_id}/rewards", content=body, headers={HEADER: signature})
+    error = assert_error(resp, 422, "invalid_request", "at most")
+    assert [f["field"] for f in error["details"]["fields"]] == [field]
 
 
 def test_secret_rotation_keeps_the_old_secret_for_the_grace_period(

@@ -4,7 +4,6 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from service.auth.service import authenticate
 from service.contract.limits import INT32_MAX, MAX_ID, MAX_IDEMPOTENCY_KEY, MAX_RUNS_PAGE
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
@@ -17,7 +16,15 @@ from service.deps import (
     answer_in_session,
 )
 from service.runs import control, service, stream
-from service.runs.schemas import EventList, EventRead, RunCreated, RunList, RunRead, RunStates
+from service.runs.schemas import (
+    EventList,
+    EventRead,
+    RunCreated,
+    RunList,
+    RunRead,
+    RunStates,
+    run_list_json,
+)
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 states_router = APIRouter(tags=["runs"])
@@ -49,7 +56,7 @@ def create_run(
 
 @router.get("", response_model=RunList)
 async def list_runs(
-    settings: SettingsDep,
+    request: Request,
     authorization: AuthorizationHeader = None,
     status: Annotated[RunStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_RUNS_PAGE)] = 20,
@@ -58,17 +65,15 @@ async def list_runs(
         Query(max_length=MAX_ID, description="cursor: the last run id of the previous page"),
     ] = None,
 ) -> Response:
-    # The key checked, the page read and its answer built in one trip to the threadpool.
-    def page(session: Session) -> RunList:
-        project = authenticate(session, authorization, settings.api_key_pepper)
-        rows, has_more = service.list_runs(session, project, status, limit, after)
-        return RunList(
-            data=[RunRead.model_validate(r) for r in rows],
-            has_more=has_more,
-            next_cursor=rows[-1].id if has_more else None,
-        )
+    # The key as the inference routes check it (one checked in the last seconds is not looked
+    # up again), then the page read and its answer written in one unit (answer_in_session).
+    project = await request.app.state.lookups.project(authorization)
 
-    return await answer_in_session(settings, page)
+    def page(session: Session) -> bytes:
+        rows, has_more = service.list_runs(session, project, status, limit, after, True)
+        return run_list_json(rows, has_more)
+
+    return await answer_in_session(request, page)
 
 
 @router.get("/{run_id}", response_model=RunRead)
