@@ -4,9 +4,18 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from pydantic_core import to_json
+from sqlalchemy.orm import Session
 
+from service.auth.service import authenticate
 from service.contract.limits import INT32_MAX, MAX_QUERY_TEXT
-from service.deps import PathId, ProjectDep, SessionDep
+from service.deps import (
+    AuthorizationHeader,
+    PathId,
+    ProjectDep,
+    SessionDep,
+    SettingsDep,
+    in_one_trip,
+)
 from service.metrics import service
 from service.metrics.schemas import MetricNameList, MetricSeries, SampleList, SampleRead
 
@@ -20,10 +29,10 @@ router = APIRouter(prefix="/v1/runs", tags=["metrics"])
     response_model=MetricSeries,
     responses={200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"}},
 )
-def get_metrics(
+async def get_metrics(
     run_id: PathId,
-    session: SessionDep,
-    project: ProjectDep,
+    settings: SettingsDep,
+    authorization: AuthorizationHeader = None,
     names: Annotated[
         str | None, Query(max_length=MAX_QUERY_TEXT, description="comma-separated metric names")
     ] = None,
@@ -43,17 +52,22 @@ def get_metrics(
     format: Annotated[
         Literal["json", "csv"], Query(description="csv: rows of name,step,value,time")
     ] = "json",
-) -> MetricSeries | Response:
+) -> Response:
     wanted = [n.strip() for n in names.split(",") if n.strip()] if names else None
     csv_wanted = format == "csv"
-    series, downsampled = service.metric_series(
-        session, project, run_id, wanted, since_step, max_points, with_time or csv_wanted
-    )
-    if csv_wanted:
-        return Response(_csv(series), media_type="text/csv; charset=utf-8")
-    # MetricSeries, written straight from the database's rows: nothing to validate
-    body = {"run_id": run_id, "metrics": series, "downsampled": downsampled}
-    return Response(to_json(body), media_type="application/json")
+
+    def answer(session: Session) -> Response:  # the key checked and the answer written there
+        project = authenticate(session, authorization, settings.api_key_pepper)
+        series, downsampled = service.metric_series(
+            session, project, run_id, wanted, since_step, max_points, with_time or csv_wanted
+        )
+        if csv_wanted:
+            return Response(_csv(series), media_type="text/csv; charset=utf-8")
+        # MetricSeries, written straight from the database's rows: nothing to validate
+        body = {"run_id": run_id, "metrics": series, "downsampled": downsampled}
+        return Response(to_json(body), media_type="application/json")
+
+    return await in_one_trip(settings, answer)
 
 
 def _csv(series: dict[str, list]) -> str:

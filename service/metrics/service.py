@@ -2,7 +2,7 @@
 
 from collections import defaultdict
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from service.metrics.schemas import MetricName, StepMetrics
@@ -34,15 +34,27 @@ _BUCKETS = (
     MetricRollup.name.in_(bindparam("names", expanding=True)),
     MetricRollup.bucket >= bindparam("bucket"),
 )
-_EXTREMES = {  # with times or without (fewer columns to fetch)
+_R = MetricRollup
+
+
+def _in_step_order(first: str, second: str) -> tuple:
+    """Each bucket's extreme of the lower step (first) or the higher (second): (step, value,
+    time) of its lowest or its highest point, whichever came first or second."""
+    early = _R.min_step <= _R.max_step
+    return tuple(
+        case((early, getattr(_R, f"{first}_{part}")), else_=getattr(_R, f"{second}_{part}"))
+        for part in ("step", "value", "time")
+    )
+
+
+# Each bucket's two extremes in step order (the database orders them, not Python: a chart
+# reads thousands of buckets), with or without their times (fewer columns to fetch).
+_EARLY, _LATE = _in_step_order("min", "max"), _in_step_order("max", "min")
+_EXTREMES = {
     timed: select(
         MetricRollup.name,
-        MetricRollup.min_step,
-        MetricRollup.min_value,
-        *([MetricRollup.min_time] if timed else []),
-        MetricRollup.max_step,
-        MetricRollup.max_value,
-        *([MetricRollup.max_time] if timed else []),
+        *(_EARLY if timed else _EARLY[:2]),
+        *(_LATE if timed else _LATE[:2]),
     )
     .where(*_BUCKETS)
     .order_by(MetricRollup.name, MetricRollup.bucket)
@@ -120,14 +132,29 @@ def _extremes(
     start: int,
     with_time: bool,
 ) -> None:
-    """Each bucket's lowest and highest point at `level` from `start`, added to `series`."""
+    """Each bucket's lowest and highest point at `level` from `start`, added to `series` (one
+    point where they are the same)."""
     params = {"run": run_id, "level": level, "names": names, "bucket": bucket_of(start, level)}
-    width = 3 if with_time else 2
-    for name, *extremes in session.connection().execute(_EXTREMES[with_time], params).all():
+    rows = session.connection().execute(_EXTREMES[with_time], params).all()
+    current, points = None, []
+    if with_time:
+        for name, s1, v1, t1, s2, v2, t2 in rows:
+            if name != current:
+                current, points = name, series[name]
+            points.append((s1, v1, t1))
+            if s2 != s1:
+                points.append((s2, v2, t2))
+    else:
+        for name, s1, v1, s2, v2 in rows:
+            if name != current:
+                current, points = name, series[name]
+            points.append((s1, v1))
+            if s2 != s1:
+                points.append((s2, v2))
+    for name in set(names) & series.keys():  # the first bucket may begin before `start`
         points = series[name]
-        low, high = tuple(extremes[:width]), tuple(extremes[width:])
-        pair = (low,) if low[0] == high[0] else (low, high) if low[0] < high[0] else (high, low)
-        points.extend(p for p in pair if p[0] >= start)
+        before = next((i for i, p in enumerate(points) if p[0] >= start), len(points))
+        del points[:before]
 
 
 def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[StepMetrics]:
