@@ -17,9 +17,11 @@ tests start one):
    rollups rebuilt as migration 0017 builds them), then `--window` more steps are recorded
    through the recorder again: the write cost at that size.
 3. Reads, over HTTP from the product's API server (`gvpo api`: one uvicorn process), one
-   request at a time: `--requests` reads of `--query-series` series with `max_points=1000` (what
-   the dashboard asks for), of the list of series (`/metrics/names`), and a few reads of the
-   same series in full, for contrast: latency p50 and p99 in ms, and the points returned.
+   request at a time, after `--warmup` reads of each kind that are not counted (the server's
+   first requests fill its caches): `--requests` reads of `--query-series` series with
+   `max_points=1000` (what the dashboard asks for), of the list of series (`/metrics/names`),
+   and a few reads of the same series in full, for contrast: latency p50 and p99 in ms, and
+   the points returned.
 
 The load generator is this process, so the reads measure the server's latency without
 queueing; bench/api_load.py measures throughput under concurrent load.
@@ -153,6 +155,8 @@ def reads(url: str, key: str, run_id: str, args) -> dict:
         }
         for case, (params, n) in cases.items():
             path = f"/v1/runs/{run_id}/metrics" + ("/names" if params is None else "")
+            for _ in range(args.warmup if n > args.warmup else 0):  # not counted
+                http.get(path, params=params, timeout=600).raise_for_status()
             latencies, size = [], 0
             for _ in range(n):
                 started = time.perf_counter()
@@ -232,6 +236,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1000, help="steps recorded one by one")
     ap.add_argument("--samples", type=int, default=64, help="samples per step")
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=5, help="reads of each kind first, not counted")
     ap.add_argument("--databases", default="sqlite,postgresql")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
