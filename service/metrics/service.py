@@ -38,8 +38,9 @@ _R = MetricRollup
 
 
 def _in_step_order(first: str, second: str) -> tuple:
-    """Each bucket's extreme of the lower step (first) or the higher (second): (step, value,
-    time) of its lowest or its highest point, whichever came first or second."""
+    """The step, value and time of a bucket's earlier extreme (first="min", second="max") or
+    of its later one (first="max", second="min"): of its lowest point when that one's step
+    comes first, else of its highest."""
     early = _R.min_step <= _R.max_step
     return tuple(
         case((early, getattr(_R, f"{first}_{part}")), else_=getattr(_R, f"{second}_{part}"))
