@@ -6,6 +6,7 @@ from sqlalchemy import (
     BigInteger,
     Double,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -21,10 +22,14 @@ from service.models.base import Base, UTCDateTime, new_id, utcnow
 
 class Run(Base):
     __tablename__ = "runs"
-    __table_args__ = (UniqueConstraint("project_id", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("project_id", "idempotency_key"),
+        # a page of a project's runs, newest first (ids are time-ordered), in index order
+        Index("ix_runs_project_id_id", "project_id", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("run"))
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
     name: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True, default=RunStatus.QUEUED)
     # The spec as the tenant wrote it (with model.checkpoint, no server path in it).
