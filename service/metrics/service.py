@@ -34,16 +34,18 @@ _BUCKETS = (
     MetricRollup.name.in_(bindparam("names", expanding=True)),
     MetricRollup.bucket >= bindparam("bucket"),
 )
-_R = MetricRollup
 
 
 def _in_step_order(first: str, second: str) -> tuple:
     """The step, value and time of a bucket's earlier extreme (first="min", second="max") or
     of its later one (first="max", second="min"): of its lowest point when that one's step
     comes first, else of its highest."""
-    early = _R.min_step <= _R.max_step
+    early = MetricRollup.min_step <= MetricRollup.max_step
     return tuple(
-        case((early, getattr(_R, f"{first}_{part}")), else_=getattr(_R, f"{second}_{part}"))
+        case(
+            (early, getattr(MetricRollup, f"{first}_{part}")),
+            else_=getattr(MetricRollup, f"{second}_{part}"),
+        )
         for part in ("step", "value", "time")
     )
 

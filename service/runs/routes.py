@@ -70,7 +70,9 @@ async def list_runs(
     project = await request.app.state.lookups.project(authorization)
 
     def page(session: Session) -> bytes:
-        rows, has_more = service.list_runs(session, project, status, limit, after, True)
+        rows, has_more = service.list_runs(
+            session, project, status, limit, after, spec_as_text=True
+        )
         return run_list_json(rows, has_more)
 
     return await answer_in_session(request, page)
