@@ -4,18 +4,19 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Header, Path, Request, Response
-from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.auth.service import authenticate
 from service.config import Settings
 from service.contract.limits import MAX_CREDENTIAL, MAX_ID
-from service.db import commit, session_scope
+from service.db import Steps, run_steps, run_steps_on_loop, session_scope
 from service.models import Project
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 # An id in a path: one longer than any the service makes is refused (422) before any lookup.
 PathId = Annotated[str, Path(max_length=MAX_ID)]
@@ -60,40 +61,74 @@ async def _recent_project(request: Request, authorization: AuthorizationHeader =
 RecentProjectDep = Annotated[Project, Depends(_recent_project)]
 
 
-async def answer_in_session(
-    request: Request, work: Callable[[Session], BaseModel | bytes]
-) -> Response:
-    """`work(session)`, answered as JSON (a model, or JSON it wrote itself), for the routes under
-    the heaviest load (reward callbacks, run listings). The session is opened, committed or
-    rolled back as SessionDep's (session_scope), and the answer serialised, in one unit:
+# The busiest routes read their own parameters (FastAPI's handling of them was a fifth to a
+# quarter of such a request's CPU), refused as FastAPI refuses them (a 422 naming each), and
+# list them in the OpenAPI document by hand (openapi_extra), as FastAPI would have.
 
-    - on PostgreSQL, on the event loop, over the lifespan's engine of async connections
-      (app.state.loop_engine): the loop runs other requests while one waits on the database,
-      and no thread is involved. A plain route instead crosses to the threadpool for the
-      session, each plain dependency, the handler, the check of the answer and the commit, and
-      under load each crossing, and each of the thread's round trips to the database, waits
-      for the GIL: that cost a callback more CPU than all of its own work;
-    - on SQLite (whose driver only blocks), in one trip to the threadpool.
 
-    `work` builds the answer from the route's response_model, which still documents it. It
+def too_long(where: str, name: str, value: str, limit: int) -> RequestValidationError:
+    """The 422 FastAPI gives a parameter past its max_length."""
+    return RequestValidationError(
+        [
+            {
+                "type": "string_too_long",
+                "loc": (where, name),
+                "msg": f"String should have at most {limit} characters",
+                "input": value,
+                "ctx": {"max_length": limit},
+            }
+        ]
+    )
+
+
+def authorization(request: Request) -> str | None:
+    """AuthorizationHeader, read from the request."""
+    value = request.headers.get("authorization")
+    if value is not None and len(value) > MAX_CREDENTIAL:
+        raise too_long("header", "authorization", value, MAX_CREDENTIAL)
+    return value
+
+
+def query(request: Request, model: type[M]) -> M:
+    """The query string as `model` (its fields: the route's query parameters), validated as
+    FastAPI validates query parameters: the last of a repeated parameter counts, unknown ones
+    are ignored."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("query", *error["loc"])} for error in errors]
+        ) from None
+
+
+async def answer_steps(request: Request, steps: Callable[[], Steps[BaseModel | bytes]]) -> Response:
+    """The answer of `steps()` (work written as the statements it runs: service.db's Steps) as
+    JSON (a model, or JSON it wrote itself), for the routes under the heaviest load (reward
+    callbacks, run listings):
+
+    - on PostgreSQL, on the event loop, on a connection of the lifespan's engine
+      (app.state.loop_engine) used by asyncpg directly (run_steps_on_loop): the loop runs other
+      requests while one waits on the database, and no thread, session or greenlet is
+      involved. A plain route instead crosses to the threadpool for the session, each plain
+      dependency, the handler, the check of the answer and the commit, and under load each
+      crossing, and each of the thread's round trips to the database, waits for the GIL: that
+      cost a callback more CPU than all of its own work;
+    - on SQLite (whose driver only blocks), in one trip to the threadpool, in a session
+      committed or rolled back as SessionDep's.
+
+    `steps` builds the answer from the route's response_model, which still documents it. It
     writes at most one statement, one that is right on its own whatever happened since its
     reads (a version-checked UPDATE): on the event loop each statement commits as it runs
     (autocommit), with no BEGIN and COMMIT round trips."""
-    settings: Settings = request.app.state.settings
     engine = getattr(request.app.state, "loop_engine", None)
-
-    def answered(session: Session) -> tuple[bytes, list[Callable[[], None]]]:
-        answer = work(session)
-        return _json(answer), commit(session)
-
     if engine is None:
-        body = _json(await in_one_trip(settings, work))
-        return Response(body, media_type="application/json")
-    async with AsyncSession(engine, expire_on_commit=False) as session:
-        body, hooks = await session.run_sync(answered)
-    for hook in hooks:  # after the commit, as session_scope's (they may block)
-        await run_in_threadpool(hook)
-    return Response(body, media_type="application/json")
+        answer = await in_one_trip(
+            request.app.state.settings, lambda session: run_steps(session, steps())
+        )
+    else:
+        answer = await run_steps_on_loop(engine, steps())
+    return Response(_json(answer), media_type="application/json")
 
 
 async def in_one_trip(settings: Settings, work: Callable[[Session], T]) -> T:

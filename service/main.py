@@ -86,7 +86,7 @@ async def _lifespan(app: FastAPI):
     settings = app.state.settings
     # What requests share and would otherwise build on first use, built once before the first
     # request: the database engine (with its dialect's modules) and the broker's publisher. On
-    # PostgreSQL, the hot routes' engine on this lifespan's event loop (deps.answer_in_session).
+    # PostgreSQL, the hot routes' engine on this lifespan's event loop (deps.answer_steps).
     get_sessionmaker(settings.resolved_database_url)
     app.state.loop_engine = create_event_loop_engine(settings.resolved_database_url)
     dispatch.prepare(settings)

@@ -482,19 +482,48 @@ def test_a_revoked_key_lists_runs_for_at_most_its_kept_seconds(api, settings, ma
     assert_error(api.get("/v1/runs", headers=auth(key)), 401, "unauthorized", "invalid API key")
 
 
+# The listing reads its own parameters (deps.query): refused as FastAPI refused them, the last
+# of a repeated parameter counting, unknown ones ignored.
 @pytest.mark.parametrize(
-    "params, field",
+    "query, field, needle",
     [
-        ({"status": "bogus"}, "status"),
-        ({"limit": 0}, "limit"),
-        ({"limit": 101}, "limit"),
+        ("status=bogus", "status", "'queued', 'running'"),
+        ("status=", "status", "'queued', 'running'"),
+        ("limit=0", "limit", "greater than or equal to 1"),
+        ("limit=101", "limit", "less than or equal to 100"),
+        ("limit=abc", "limit", "valid integer"),
+        ("limit=5&limit=0", "limit", "greater than or equal to 1"),
+        ("after=" + "r" * 65, "after", "at most 64 characters"),
     ],
 )
-def test_list_runs_rejects_bad_query(api, make_key, params, field):
+def test_list_runs_rejects_bad_query(api, make_key, query, field, needle):
     error = assert_error(
-        api.get("/v1/runs", headers=auth(make_key()), params=params), 422, "invalid_request", field
+        api.get(f"/v1/runs?{query}&unknown=1", headers=auth(make_key())),
+        422,
+        "invalid_request",
+        field,
+        needle,
     )
     assert [f["field"] for f in error["details"]["fields"]] == [field]
+
+
+def test_list_runs_refuses_an_overlong_key_naming_it(api):
+    error = assert_error(
+        api.get("/v1/runs", headers={"Authorization": "Bearer " + "k" * 1000}),
+        422,
+        "invalid_request",
+        "at most 1000 characters",
+    )
+    assert [f["field"] for f in error["details"]["fields"]] == ["authorization"]
+
+
+def test_list_runs_reads_the_last_of_a_repeated_parameter(api, make_key):
+    key = make_key()
+    file_id = upload(api, key, ROWS)
+    for _ in range(3):
+        new_run(api, key, file_id)
+    page = api.get("/v1/runs?limit=0&limit=2&unknown=x", headers=auth(key))
+    assert page.status_code == 200 and len(page.json()["data"]) == 2
 
 
 # ---------------------------------------------------------------- cancel and read endpoints

@@ -349,6 +349,10 @@ def test_callbacks_merge_and_duplicates_are_accepted_once(api, settings, pending
         ("long_stamp", 401, "malformed"),
         ("non_hex_signature", 401, "malformed"),
         ("conflict", 409, "already has reward 0.5"),
+        # Values that only the database refuses (PostgreSQL's text holds no NUL, and no text
+        # holds half a surrogate pair): a 400 naming the value, on either database's path.
+        ("nul_in_request_id", 400, "request"),
+        ("lone_surrogate_in_request_id", 400, "not JSON"),
     ],
 )
 def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, case, status, needle):
@@ -373,6 +377,10 @@ def test_bad_callbacks_are_refused_and_change_nothing(api, settings, pending, ca
         resp = post(api, run_id, secret, good * (MAX_ITEMS_PER_REQUEST + 1))
     elif case == "request_id_longer_than_any":
         resp = post(api, run_id, secret, good, request_id="rq_" + "x" * MAX_WEBHOOK_ID)
+    elif case == "nul_in_request_id":
+        resp = post(api, run_id, secret, good, request_id="rq_1\u0000")
+    elif case == "lone_surrogate_in_request_id":
+        resp = post(api, run_id, secret, good, request_id="rq_\ud800")
     elif case == "not_json":
         resp = post(api, run_id, secret, [], raw=b"{not json")
     elif case == "deep_json":

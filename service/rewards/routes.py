@@ -1,13 +1,13 @@
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.exceptions import RequestValidationError
 
 from gvpo_client.signing import HEADER
 from service.config import Settings
 from service.contract.limits import MAX_CREDENTIAL, MAX_ID
 from service.contract.webhooks import RewardCallback
-from service.deps import PathId, ProjectDep, SessionDep, SettingsDep, answer_in_session
+from service.db import Steps
+from service.deps import PathId, ProjectDep, SessionDep, SettingsDep, answer_steps, too_long
 from service.errors import PayloadTooLarge
 from service.rewards import service
 from service.rewards.schemas import CallbackAccepted, SecretRotated
@@ -60,21 +60,6 @@ CALLBACK_PARAMETERS = [
 ]
 
 
-def _too_long(where: str, name: str, value: str, limit: int) -> RequestValidationError:
-    """The 422 FastAPI gives a parameter past its max_length."""
-    return RequestValidationError(
-        [
-            {
-                "type": "string_too_long",
-                "loc": (where, name),
-                "msg": f"String should have at most {limit} characters",
-                "input": value,
-                "ctx": {"max_length": limit},
-            }
-        ]
-    )
-
-
 async def _raw_body(request: Request, limit: int) -> bytes:
     """The exact bytes sent (the signature covers them), refused past max_callback_bytes
     before more than that is read."""
@@ -101,17 +86,17 @@ async def reward_callback(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     run_id = request.path_params["run_id"]
     if len(run_id) > MAX_ID:
-        raise _too_long("path", "run_id", run_id, MAX_ID)
+        raise too_long("path", "run_id", run_id, MAX_ID)
     signature = request.headers.get(HEADER)
     if signature is not None and len(signature) > MAX_CREDENTIAL:
-        raise _too_long("header", HEADER, signature, MAX_CREDENTIAL)
+        raise too_long("header", HEADER, signature, MAX_CREDENTIAL)
     raw = await _raw_body(request, settings.max_callback_bytes)
-    return await answer_in_session(
-        request,
-        lambda session: CallbackAccepted(
-            **service.accept_callback(session, settings, run_id, raw, signature)
-        ),
-    )
+
+    def steps() -> Steps[CallbackAccepted]:
+        answer = yield from service.callback_steps(settings, run_id, raw, signature)
+        return CallbackAccepted(**answer)
+
+    return await answer_steps(request, steps)
 
 
 @router.post("/{run_id}/webhook-secret/rotate", response_model=SecretRotated)

@@ -5,9 +5,9 @@ part of a request's rewards; rewards already stored must be repeated identically
 accepted once), and any disagreement is refused as a whole (409) so nothing changes.
 """
 
-import json
 from datetime import timedelta
 
+from pydantic_core import from_json
 from sqlalchemy import and_, bindparam, select, update
 from sqlalchemy.orm import Session
 
@@ -16,6 +16,7 @@ from service.config import Settings
 from service.contract.events import EventType
 from service.contract.limits import MAX_ITEMS_PER_REQUEST, MAX_WEBHOOK_ID
 from service.contract.sealing import Sealer, SealingError
+from service.db import AFRESH, Steps, run_steps
 from service.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unauthorized
 from service.models import Project, RewardRequest, Run
 from service.models.base import utcnow
@@ -41,11 +42,13 @@ def accepted_secrets(sealer: Sealer, run) -> list[str]:
 
 def _parse(raw: bytes) -> tuple[str, list[tuple[str, float]]]:
     try:
-        body = json.loads(raw)
-    except ValueError as exc:  # not JSON, not UTF-8, or a number past Python's digit limit
+        # pydantic's parser, as FastAPI's request bodies: it also refuses what is no text (an
+        # escaped lone surrogate, which json.loads accepts and no database can store)
+        body = from_json(raw)
+    except ValueError as exc:  # not JSON, not UTF-8, past a number's range or nesting's limit
+        if "recursion limit" in str(exc):
+            raise BadRequest("body is not JSON a callback could be: it nests too deeply") from None
         raise BadRequest(f"body is not JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("body is not JSON a callback could be: it nests too deeply") from None
     if (
         not isinstance(body, dict)
         or not isinstance(body.get("request_id"), str)
@@ -87,15 +90,23 @@ class _LostRace(Exception):
 def accept_callback(
     session: Session, settings: Settings, run_id: str, raw: bytes, signature: str | None
 ) -> dict:
-    """Verify and merge one callback. Concurrent callbacks for the same request are merged one
-    at a time: a write that lost the race (the request's version moved) is rolled back and the
+    """Verify and merge one callback, in `session`."""
+    return run_steps(session, callback_steps(settings, run_id, raw, signature))
+
+
+def callback_steps(
+    settings: Settings, run_id: str, raw: bytes, signature: str | None
+) -> Steps[dict]:
+    """Verify and merge one callback, as the statements it runs (service.db's Steps: in a
+    session, or on the API's event loop). Concurrent callbacks for the same request are merged
+    one at a time: a write that lost the race (the request's version moved) is dropped and the
     callback merged again on top of the winner's rewards."""
     for _ in range(MERGE_ATTEMPTS - 1):
         try:
-            return _merge_callback(session, settings, run_id, raw, signature)
+            return (yield from _merge_callback(settings, run_id, raw, signature))
         except _LostRace:
-            session.rollback()
-    return _merge_callback(session, settings, run_id, raw, signature)
+            yield AFRESH
+    return (yield from _merge_callback(settings, run_id, raw, signature))
 
 
 # The statements of a callback, built once (building one costs more than running it), of the
@@ -135,8 +146,8 @@ _COMPLETE = _WRITE.values(completed_at=bindparam("now", type_=_requests.c.comple
 
 
 def _merge_callback(
-    session: Session, settings: Settings, run_id: str, raw: bytes, signature: str | None
-) -> dict:
+    settings: Settings, run_id: str, raw: bytes, signature: str | None
+) -> Steps[dict]:
     # The body names the request to read with the run; what is wrong with it is said only once
     # the signature is known to be good (401 before 400).
     try:
@@ -144,9 +155,10 @@ def _merge_callback(
         problem = None
     except BadRequest as exc:
         request_id, pairs, problem = None, [], exc
-    row = session.execute(_READ, {"run_id": run_id, "request_id": request_id or ""}).one_or_none()
-    if row is None:
+    rows = yield _READ, {"run_id": run_id, "request_id": request_id or ""}
+    if not rows:
         raise NotFound(f"no run {run_id!r}")
+    row = rows[0]
     try:
         verify(accepted_secrets(settings.sealer, row), signature, raw)
     except SignatureError as exc:
@@ -174,7 +186,7 @@ def _merge_callback(
         params = {"request_id": request_id, "seen": row.version, "merged": rewards}
         if complete:
             params["now"] = utcnow()
-        if session.execute(_COMPLETE if complete else _WRITE, params).rowcount != 1:
+        if (yield _COMPLETE if complete else _WRITE, params) != 1:
             raise _LostRace(request_id)
     return {"request_id": request_id, "accepted": len(new), "complete": complete}
 

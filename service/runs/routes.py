@@ -2,18 +2,26 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, Field
 
-from service.contract.limits import INT32_MAX, MAX_ID, MAX_IDEMPOTENCY_KEY, MAX_RUNS_PAGE
+from service.contract.limits import (
+    INT32_MAX,
+    MAX_CREDENTIAL,
+    MAX_ID,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_RUNS_PAGE,
+)
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
+from service.db import Steps
 from service.deps import (
-    AuthorizationHeader,
     PathId,
     ProjectDep,
     SessionDep,
     SettingsDep,
-    answer_in_session,
+    answer_steps,
+    authorization,
+    query,
 )
 from service.runs import control, service, stream
 from service.runs.schemas import (
@@ -54,28 +62,75 @@ def create_run(
     return RunCreated(**RunRead.model_validate(run).model_dump(), webhook_secret=secret)
 
 
-@router.get("", response_model=RunList)
-async def list_runs(
-    request: Request,
-    authorization: AuthorizationHeader = None,
-    status: Annotated[RunStatus | None, Query()] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_RUNS_PAGE)] = 20,
-    after: Annotated[
-        str | None,
-        Query(max_length=MAX_ID, description="cursor: the last run id of the previous page"),
-    ] = None,
-) -> Response:
-    # The key as the inference routes check it (one checked in the last seconds is not looked
-    # up again), then the page read and its answer written in one unit (answer_in_session).
-    project = await request.app.state.lookups.project(authorization)
+class _Page(BaseModel):
+    """GET /v1/runs's query parameters (the route reads them itself: deps.query)."""
 
-    def page(session: Session) -> bytes:
-        rows, has_more = service.list_runs(
-            session, project, status, limit, after, spec_as_text=True
+    status: RunStatus | None = None
+    limit: int = Field(20, ge=1, le=MAX_RUNS_PAGE)
+    after: str | None = Field(None, max_length=MAX_ID)
+
+
+_CURSOR = "cursor: the last run id of the previous page"
+# _Page's fields and the Authorization header, as FastAPI would document them
+PAGE_PARAMETERS = [
+    {
+        "name": "status",
+        "in": "query",
+        "required": False,
+        "schema": {
+            "anyOf": [{"$ref": "#/components/schemas/RunStatus"}, {"type": "null"}],
+            "title": "Status",
+        },
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {
+            "type": "integer",
+            "maximum": MAX_RUNS_PAGE,
+            "minimum": 1,
+            "default": 20,
+            "title": "Limit",
+        },
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "required": False,
+        "schema": {
+            "anyOf": [{"type": "string", "maxLength": MAX_ID}, {"type": "null"}],
+            "description": _CURSOR,
+            "title": "After",
+        },
+        "description": _CURSOR,
+    },
+    {
+        "name": "authorization",
+        "in": "header",
+        "required": False,
+        "schema": {
+            "anyOf": [{"type": "string", "maxLength": MAX_CREDENTIAL}, {"type": "null"}],
+            "title": "Authorization",
+        },
+    },
+]
+
+
+@router.get("", response_model=RunList, openapi_extra={"parameters": PAGE_PARAMETERS})
+async def list_runs(request: Request) -> Response:
+    # The key as the inference routes check it (one checked in the last seconds is not looked
+    # up again), then the page read and its answer written in one unit (answer_steps).
+    page = query(request, _Page)
+    project = await request.app.state.lookups.project(authorization(request))
+
+    def steps() -> Steps[bytes]:
+        rows, has_more = yield from service.page_steps(
+            project, page.status, page.limit, page.after, spec_as_text=True
         )
         return run_list_json(rows, has_more)
 
-    return await answer_in_session(request, page)
+    return await answer_steps(request, steps)
 
 
 @router.get("/{run_id}", response_model=RunRead)

@@ -54,7 +54,7 @@ def run_list_json(rows: list, has_more: bool) -> bytes:
     without being validated again (tests/test_api.py checks each equals GET /v1/runs/{id})."""
     items = []
     for row in rows:
-        values = {**row._mapping, "object": "run"}
+        values = {**row._asdict(), "object": "run"}
         head = to_json({name: values[name] for name in LISTED_FIELDS})
         items.append(head[:-1] + b',"spec":' + values["spec"].encode() + b"}")
     next_cursor = rows[-1].id if has_more else None

@@ -22,7 +22,7 @@ from service.contract.spec import RunSpec
 from service.contract.states import NotifyState, RunStatus
 from service.contract.tasks import RUN_TASK
 from service.contract.tracking import TrackingSpec
-from service.db import after_commit, session_scope
+from service.db import Steps, after_commit, run_steps, session_scope
 from service.dispatch import enqueue
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.service import get_file
@@ -287,8 +287,19 @@ def list_runs(
     the LISTED columns, not ORM objects: a page is read often, and never changed. With
     `spec_as_text`, each spec is the JSON text stored, not parsed: a listing that answers in
     JSON passes it through (parsing and writing 20 specs again was half a listing's cost)."""
+    return run_steps(session, page_steps(project, status, limit, after, spec_as_text))
+
+
+def page_steps(
+    project: Project,
+    status: str | None,
+    limit: int,
+    after: str | None,
+    spec_as_text: bool = False,
+) -> Steps[tuple[list, bool]]:
+    """list_runs, as the statement it runs (service.db's Steps: also on the API's event loop)."""
     params = {"project_id": project.id, "status": status, "after": after, "limit": limit + 1}
-    rows = session.execute(_page(bool(status), bool(after), spec_as_text), params).all()
+    rows = yield _page(bool(status), bool(after), spec_as_text), params
     return rows[:limit], len(rows) > limit
 
 
