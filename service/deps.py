@@ -102,7 +102,9 @@ def query(request: Request, model: type[M]) -> M:
         ) from None
 
 
-async def answer_steps(request: Request, steps: Callable[[], Steps[BaseModel | bytes]]) -> Response:
+async def answer_steps(
+    request: Request, steps: Callable[[], Steps[BaseModel | bytes]], reads_only: bool = False
+) -> Response:
     """The answer of `steps()` (work written as the statements it runs: service.db's Steps) as
     JSON (a model, or JSON it wrote itself), for the routes under the heaviest load (reward
     callbacks, run listings):
@@ -114,18 +116,23 @@ async def answer_steps(request: Request, steps: Callable[[], Steps[BaseModel | b
       dependency, the handler, the check of the answer and the commit, and under load each
       crossing, and each of the thread's round trips to the database, waits for the GIL: that
       cost a callback more CPU than all of its own work;
-    - on SQLite (whose driver only blocks), in one trip to the threadpool, in a session
-      committed or rolled back as SessionDep's.
+    - on SQLite (whose driver only blocks), in a session committed or rolled back as
+      SessionDep's: in one trip to the threadpool or, for `reads_only` steps, on the event loop
+      itself. In WAL mode a read never waits for a writer's lock, and reading a page of rows
+      from the cache costs less than the trip: from the threadpool, a listing's GIL handoffs
+      cost three times the CPU of the same read on the loop.
 
     `steps` builds the answer from the route's response_model, which still documents it. It
     writes at most one statement, one that is right on its own whatever happened since its
     reads (a version-checked UPDATE): on the event loop each statement commits as it runs
     (autocommit), with no BEGIN and COMMIT round trips."""
     engine = getattr(request.app.state, "loop_engine", None)
-    if engine is None:
-        answer = await in_one_trip(
-            request.app.state.settings, lambda session: run_steps(session, steps())
-        )
+    settings: Settings = request.app.state.settings
+    if engine is None and reads_only:
+        with session_scope(settings.resolved_database_url) as session:
+            answer = run_steps(session, steps())
+    elif engine is None:
+        answer = await in_one_trip(settings, lambda session: run_steps(session, steps()))
     else:
         answer = await run_steps_on_loop(engine, steps())
     return Response(_json(answer), media_type="application/json")

@@ -130,7 +130,7 @@ async def list_runs(request: Request) -> Response:
         )
         return run_list_json(rows, has_more)
 
-    return await answer_steps(request, steps)
+    return await answer_steps(request, steps, reads_only=True)
 
 
 @router.get("/{run_id}", response_model=RunRead)
