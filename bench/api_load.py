@@ -32,7 +32,8 @@ product's own server command (`python -m service.cli api`) on a fresh data dir; 
 (the run rows only have to exist). sqlite: the embedded database (WAL). postgresql: a
 throwaway PostgreSQL cluster on loopback (tests/services.py `Postgres`) with its default
 settings (fsync on: a commit waits for the disk, as in production) and cluster secrets set, as
-a cluster runs; SQLAlchemy's default pool (5 + 10 overflow connections). Servers' output goes
+a cluster runs; the API's own pools (service/db.py: 20 + 20 connections, threaded and on the
+event loop). Servers' output goes
 to log files in a temporary dir.
 
 Reported per scenario: requests/s (responses received in the measured window / its seconds),
