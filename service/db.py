@@ -103,10 +103,11 @@ def run_steps(session: Session, steps: Steps[T]) -> T:
 async def run_steps_on_loop(engine: AsyncEngine, steps: Steps[T]) -> T:
     """`steps` run on one of the event-loop engine's asyncpg connections itself, each statement
     committing as it runs (the engine autocommits, so AFRESH needs nothing). No session, ORM or
-    greenlet: for the API's busiest route, whose statements SQLAlchemy's execution cost more
-    CPU than asyncpg's. Each statement is compiled once by SQLAlchemy, and its parameters and
-    columns are converted by their types as SQLAlchemy's execution converts them; a value the
-    database refuses raises SQLAlchemy's DataError, as it would there."""
+    greenlet: for the API's busiest routes (deps.answer_steps), whose statements cost more CPU
+    in SQLAlchemy's execution than in asyncpg. (Its loop mirrors run_steps': one is
+    synchronous, the other awaits.) Each statement is compiled once by SQLAlchemy, and its
+    parameters and columns are converted by their types as SQLAlchemy's execution converts
+    them; a value the database refuses raises SQLAlchemy's DataError, as it would there."""
     async with engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
         answer = None
