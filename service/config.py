@@ -129,6 +129,24 @@ class Settings(BaseSettings):
     webhook_secret_grace_s: int = Field(
         default=3600, description="how long a rotated-out secret still verifies callbacks"
     )
+    node_address: str | None = Field(
+        default=None,
+        description="the address other workers reach this worker's machine at, for the "
+        "rendezvous of runs spanning several machines (resources.nodes); default the address "
+        "its host name resolves to (a container's or pod's IP; set it where that is loopback)",
+    )
+    gang_join_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="how long a run spanning several machines waits for its gang of workers "
+        "to gather before it goes back to the queue",
+    )
+    gang_retries: int = Field(
+        default=3,
+        ge=1,
+        description="times in a row a multi-machine run's gang may break up or fail to gather "
+        "without a new checkpoint before the run fails",
+    )
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     db_retry_s: float = Field(
@@ -141,6 +159,31 @@ class Settings(BaseSettings):
         ge=0,
         description="how often each API process requeues runs with an expired lease and publishes "
         "runs the broker missed; 0 turns the reaper off",
+    )
+    schedule_interval_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="how often each API process lets through the queued runs that projects' "
+        "quotas held back and pauses runs whose project spent its GPU-hour budget; 0 turns it "
+        "off (runs are then let through only when submitted or resumed)",
+    )
+    quota_max_concurrent_runs: int | None = Field(
+        default=None,
+        ge=1,
+        description="runs a project may have started or on their way to a worker at once, "
+        "unless `gvpo quota set` gave the project its own; unset = no limit",
+    )
+    quota_max_gpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="devices (resources.gpus, or training processes) a project's started runs "
+        "may hold at once, unless the project has its own; unset = no limit",
+    )
+    quota_gpu_hours: float | None = Field(
+        default=None,
+        ge=0,
+        description="device-hours a project may spend in all (GPU-hours; process-hours on CPU "
+        "workers), unless the project has its own; unset = no limit",
     )
     notify_interval_s: float = Field(
         default=2.0,

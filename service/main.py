@@ -1,6 +1,8 @@
 """create_app(): routers and error handlers. Engines are built lazily per process, never at
 import."""
 
+import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -13,6 +15,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import dashboard, dispatch, installed_version, telemetry
+from service.background import Every
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
 from service.db import create_event_loop_engine, get_sessionmaker
@@ -28,13 +31,16 @@ from service.metrics.routes import router as metrics_router
 from service.offpolicy.routes import router as offpolicy_router
 from service.rescores.routes import router as rescores_router
 from service.rewards.routes import router as rewards_router
-from service.runs.notify import Notifier
-from service.runs.reaper import Reaper
+from service.runs.admission import schedule
+from service.runs.notify import deliver_due
+from service.runs.reaper import reap
 from service.runs.routes import router as runs_router
 from service.runs.routes import states_router
 from service.serving.lookups import Lookups
+from service.serving.metering import METER_FLUSH_S, Meter
 from service.serving.routes import router as serving_router
 from service.serving.routing import Router
+from service.usage.routes import router as usage_router
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +96,19 @@ async def _lifespan(app: FastAPI):
     get_sessionmaker(settings.resolved_database_url)
     app.state.loop_engine = create_event_loop_engine(settings.resolved_database_url)
     dispatch.prepare(settings)
-    # Two background threads per API process, each on its own interval (0 turns it off), so a
-    # slow notification receiver never delays reaping.
+    # Background passes, each on a thread and an interval of its own (0 turns it off).
     stopped = threading.Event()
     threads = [
-        cls(settings, stopped)
-        for cls, interval in (
-            (Reaper, settings.reaper_interval_s),
-            (Notifier, settings.notify_interval_s),
+        Every(name, interval, functools.partial(work, settings), stopped)
+        for name, interval, work in (
+            ("reaper", settings.reaper_interval_s, reap),
+            ("scheduler", settings.schedule_interval_s, schedule),
+            ("notifier", settings.notify_interval_s, deliver_due),
         )
         if interval > 0
     ]
+    url = settings.resolved_database_url
+    threads.append(Every("meter", METER_FLUSH_S, lambda: app.state.meter.flush(url), stopped))
     grpc_server = GrpcServer(settings, app.state.prometheus) if settings.grpc_port else None
     if grpc_server:
         await grpc_server.start()
@@ -117,6 +125,8 @@ async def _lifespan(app: FastAPI):
         if grpc_server:
             await grpc_server.stop()
         await app.state.serving.close()
+        with contextlib.suppress(Exception):  # the database gone: those counts are lost
+            app.state.meter.flush(url)
         if app.state.loop_engine is not None:
             await app.state.loop_engine.dispose()
 
@@ -137,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.serving = Router(settings)  # inference: the routes to the models' servers
     app.state.lookups = Lookups(settings)  # inference: keys and models seen in the last seconds
+    app.state.meter = Meter()  # inference: the usage relayed, added to the database every 2 s
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DataError, _data_error)
@@ -156,6 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         rescores_router,
         states_router,
         serving_router,
+        usage_router,
         telemetry.router,
     ):
         app.include_router(router, responses=ERROR_RESPONSES)

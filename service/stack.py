@@ -92,6 +92,8 @@ def stack_env(settings: Settings) -> dict[str, str]:
             "GVPO_LEASE_SECONDS": str(settings.lease_seconds),
             "GVPO_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
             "GVPO_REAPER_INTERVAL_S": str(settings.reaper_interval_s),
+            "GVPO_SCHEDULE_INTERVAL_S": str(settings.schedule_interval_s),
+            "GVPO_GANG_JOIN_TIMEOUT_S": str(settings.gang_join_timeout_s),
             "GVPO_WORKER_QUEUES": settings.worker_queues,
             "GVPO_WEBHOOK_ALLOW_PRIVATE": str(settings.webhook_allow_private).lower(),
         }
@@ -107,6 +109,7 @@ def stack_env(settings: Settings) -> dict[str, str]:
         ("GVPO_API_KEY_PEPPER", settings.api_key_pepper),
         ("GVPO_METRICS_TOKEN", settings.metrics_token),
         ("GVPO_ENCRYPTION_KEY", settings.encryption_key),
+        ("GVPO_NODE_ADDRESS", settings.node_address),
     ):
         if value:
             env[name] = value

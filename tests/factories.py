@@ -180,14 +180,15 @@ def submit(
     eval_rows: list | None = None,
     offpolicy_rows: list | None = None,
     train_rows: list | None = None,
+    project_name: str = "loop",
     **sections,
 ) -> str:
-    """A queued run of project "loop" on 32 rows of the copy task, created straight through
+    """A queued run of project `project_name` on 32 rows of the copy task, created straight through
     the service layer; returns its id. The spec is run_spec(..., SUBMITTED, **sections), with
     `reward` in place of char_accuracy when given. `eval_rows`, `offpolicy_rows`: uploaded as
     the run's dataset.eval_file / offpolicy_file; `train_rows` instead of the copy task's."""
     with session_scope(settings.resolved_database_url) as session:
-        project, _ = create_api_key(session, "loop", settings.api_key_pepper)
+        project, _ = create_api_key(session, project_name, settings.api_key_pepper)
 
         def stored(rows: list, purpose: str, name: str) -> str:
             return create_file(
@@ -297,6 +298,23 @@ def broker_messages(settings, queue: str = "default") -> list[tuple[str, str]]:
         args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
         messages.append((args[0], envelope["headers"]["id"]))
     return messages
+
+
+def take_message(settings, queue: str = "default") -> tuple[str, str] | None:
+    """Take the next task message from the broker's `queue` as a worker would, through kombu:
+    (run id, task id); None when the queue is empty."""
+    import base64
+    from queue import Empty
+
+    from service.contract.tasks import celery_app
+
+    with celery_app(settings).connection_for_read() as conn:
+        try:
+            envelope = conn.default_channel._get(queue)
+        except Empty:
+            return None
+    args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    return args[0], envelope["headers"]["id"]
 
 
 # ---------------------------------------------------------------- models

@@ -33,7 +33,7 @@ from factories import (
     run_spec,
     write_jsonl,
 )
-from services import cli, closed_port, stack_settings, start_stack
+from services import cli, cli_refusal, closed_port, stack_settings, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -158,6 +158,35 @@ def test_runs_list_and_show_give_status_step_and_reward(user):
     )
     assert shown["status"].strip() == "succeeded" and shown["step"].strip() == f"{STEPS}/{STEPS}"
     assert shown["checkpoints"].strip() == "2"
+
+
+def test_usage_estimate_and_quota_commands(stack, user):
+    run = json.loads(ok(user.gvpo("runs", "show", user.run_id, "--json")))
+    by_run = json.loads(ok(user.gvpo("usage", "--by", "run", "--json")))
+    (row,) = [r for r in by_run["data"] if r["run_id"] == user.run_id]
+    assert row["tokens_generated"] == run["tokens_generated"] > 0 and row["cpu_seconds"] > 0
+    table = ok(user.gvpo("usage")).splitlines()
+    assert table[0].split()[:3] == ["DAY", "GPU-S", "CPU-S"] and len(table) == 2
+    estimate = ok(user.gvpo("estimate", str(user.tmp / "run.yaml")))
+    assert "device-hours:" in estimate and "unknown" not in estimate  # the run above is its basis
+
+    # the operator's side: a quota of its own, shown, and back to the default
+    said = cli(stack.settings, "quota", "set", "--project", "cli", "--max-concurrent-runs", "2")
+    assert said == "quota of cli: max_concurrent_runs=2"
+    shown = json.loads(cli(stack.settings, "quota", "show", "--project", "cli", "--json"))
+    assert shown[0]["max_concurrent_runs"] == 2 and shown[0]["own"] == ["max_concurrent_runs"]
+    assert shown[0]["gpu_hours_used"] == pytest.approx(by_run["quota"]["gpu_hours_used"])
+    assert "no project named 'nope'" in cli_refusal(
+        stack.settings, "quota", "set", "--project", "nope", "--gpu-hours", "1"
+    )
+    assert "neither a number nor 'none'" in cli_refusal(
+        stack.settings, "quota", "set", "--project", "cli", "--max-gpus", "many"
+    )
+    cli(stack.settings, "quota", "set", "--project", "cli", "--max-concurrent-runs", "none")
+    assert (
+        json.loads(cli(stack.settings, "quota", "show", "--json", "--project", "cli"))[0]["own"]
+        == []
+    )
 
 
 def test_runs_logs_shows_the_events_at_their_own_times(user):

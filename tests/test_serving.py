@@ -192,6 +192,23 @@ def test_a_live_run_is_served_through_the_sdk(served, tiny_model_dir):
     text = served.sdk.completions.create(model=served.run_id, prompt="abc=", max_tokens=3)
     assert text.usage.completion_tokens == 3 and text.choices[0].text is not None
 
+    # the project's usage counts what vLLM said it served, per run
+    tokens = 3 * 6 + 10 + called.usage.completion_tokens + 3
+    wait_until(
+        lambda: (
+            served.http.get(f"/v1/runs/{served.run_id}/usage").json()["total"][
+                "inference_completion_tokens"
+            ]
+            == tokens
+        ),
+        30,
+        f"the run's usage to count {tokens} completion tokens served",
+    )
+    assert (
+        served.http.get(f"/v1/runs/{served.run_id}/usage").json()["total"]["inference_requests"]
+        == 4
+    )
+
 
 def play_episode(served: Served, name: str) -> tuple[list[str], float]:
     """Two turns of an agent's episode through the SDK, recorded: (its completion ids, its

@@ -23,7 +23,7 @@ from service.serving.lookups import KEY_TTL_S
 from service.serving.models import ServedModel
 from service.serving.recording import Recorder
 
-from factories import assert_error, auth, submit
+from factories import assert_error, auth, submit, wait_until
 from services import ThreadServer
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -298,8 +298,18 @@ def test_traffic_groups_are_checked_and_stored_with_their_ids(
 
 # ---------------------------------------------------------------- relayed to a stand-in for vLLM
 
-WHOLE = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"index": 0}]}
+WHOLE = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "choices": [{"index": 0}],
+    "usage": {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6},
+}
 EVENTS = [f'data: {{"object":"chat.completion.chunk","n":{i}}}\n\n'.encode() for i in range(5)]
+# what vLLM sends last when the request asks for its usage (stream_options.include_usage)
+USAGE_EVENT = (
+    b'data: {"object":"chat.completion.chunk","choices":[],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}\n\n'
+)
 VLLM_ERROR = {"object": "error", "message": "max_tokens must be at least 1", "code": 400}
 
 
@@ -338,6 +348,8 @@ class FakeInference:
         async def events():
             for event in EVENTS:
                 yield event
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield USAGE_EVENT
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -366,7 +378,8 @@ def test_answers_errors_and_streams_are_relayed_as_vllm_sends_them(
     api, settings, make_key, tiny_model_dir, inference
 ):
     key = make_key("loop")
-    ckpt = checkpoint(settings, submit(settings, tiny_model_dir), tiny_model_dir)
+    run_id = submit(settings, tiny_model_dir)
+    ckpt = checkpoint(settings, run_id, tiny_model_dir)
     raw = b'{"model": "%s", "messages": [], "max_tokens": 4,  "x": "\\u00e9"}' % ckpt.encode()
     whole = api.post("/v1/chat/completions", headers=auth(key), content=raw)
     assert whole.status_code == 200 and whole.json() == WHOLE
@@ -381,7 +394,27 @@ def test_answers_errors_and_streams_are_relayed_as_vllm_sends_them(
         json={"model": ckpt, **CHAT, "stream": True},
     ) as streamed:
         assert streamed.headers["content-type"].startswith("text/event-stream")
+        # its usage was asked of vLLM, and not passed on to a client that did not ask for it
         assert streamed.read() == b"".join(EVENTS) + b"data: [DONE]\n\n"
+    assert json.loads(inference.received[-1][0])["stream_options"] == {"include_usage": True}
+    with api.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers=auth(key),
+        json={"model": ckpt, **CHAT, "stream": True, "stream_options": {"include_usage": True}},
+    ) as streamed:
+        assert streamed.read() == b"".join(EVENTS) + USAGE_EVENT + b"data: [DONE]\n\n"
+
+    # counted for the project under the checkpoint's run, as vLLM counted it: the whole answer
+    # and both streams (the first asked of vLLM for its client), not the refused request
+    def served() -> dict:
+        return api.get("/v1/usage", params={"group_by": "run"}, headers=auth(key)).json()
+
+    wait_until(lambda: served()["total"]["inference_requests"] == 3, 30, "the usage counted")
+    (row,) = served()["data"]
+    assert row["run_id"] == run_id
+    assert row["inference_prompt_tokens"] == 2 + 3 + 3
+    assert row["inference_completion_tokens"] == 4 + 5 + 5
 
 
 def test_a_server_that_stopped_answering_is_asked_for_again(

@@ -18,7 +18,7 @@ from workers.errors import RunError
 from workers.heartbeat import Heartbeat, record_timeout
 from workers.launcher import LEASE_LOST, launch
 from workers.model_source import loaded_spec
-from workers.ranks import Ranks
+from workers.ranks import Ranks, gang_broke
 from workers.records import RunRecorder
 from workers.run_loop import Cancelled, LeaseLost, Paused, RunLoop
 from workers.tracking import start_tracking
@@ -100,6 +100,8 @@ def _lead(settings: Settings, recorder: RunRecorder, spec: RunSpec, ranks: Ranks
         )
         return LEASE_LOST
     except Exception as exc:
+        if ranks.nodes > 1 and gang_broke(exc):  # the launcher puts the run back in the queue
+            raise
         message = str(exc) if isinstance(exc, RunError) else f"{type(exc).__name__}: {exc}"
         if ranks.world > 1 and not isinstance(exc, RunError):  # e.g. another rank died
             message = f"training process 0 of {ranks.world}: {message}"

@@ -15,6 +15,19 @@ rather than leaving them waiting in a collective.
 - The task's process dies (worker killed): torchrun gets SIGTERM through the parent-death
   signal and its ranks stop with it; the lease runs out and the reaper re-queues the run, which
   resumes from its latest checkpoint.
+
+A run spanning several machines (resources.nodes = N, each with resources.per_node ranks): the
+worker that took it (the gang's lead) starts its torchrun hosting a c10d rendezvous on its
+machine (settings.node_address, a free port) and publishes N - 1 GANG_TASKs on the run's queue;
+each worker that takes one starts its own torchrun at that rendezvous (workers/gang.py). Ranks
+are numbered by the rendezvous, so rank 0 may run on any of the machines: every rank acts under
+the lead's lease (the lead's worker id), and rank 0 records as in one machine. The data folder
+(or the checkpoint store) is shared by the gang's machines: rank 0 writes the checkpoints that
+every rank resumes from. When the ranks exit with the run still open and no rank failed on its
+own (a rank whose collective or rendezvous failed under it writes `rank<N>.lost`, not
+`.error`), the gang broke up (a machine lost) or never gathered (not enough free workers within
+settings.gang_join_timeout_s): the run goes back to the queue and resumes from its latest
+checkpoint on a fresh gang, up to settings.gang_retries times in a row without a new checkpoint.
 """
 
 import ctypes
@@ -22,13 +35,16 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from service.config import Settings
+from service.contract.events import EventType
 from service.contract.spec import RunSpec
 from service.contract.states import TERMINAL, RunStatus
+from service.contract.tasks import GANG_TASK, GangTask, publisher
 from workers.errors import RunError
 from workers.heartbeat import Heartbeat
 from workers.records import RunRecorder
@@ -50,45 +66,46 @@ def die_with_parent(signum: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
 
 
-def error_file(settings: Settings, run_id: str, rank: int) -> Path:
-    return settings.runs_dir / run_id / "ranks" / f"rank{rank}.error"
+def rank_files(settings: Settings, run_id: str, rank: int) -> tuple[Path, Path]:
+    """Where rank `rank` writes why it stopped: (its own failure, its gang's breaking up: a
+    collective or the rendezvous failed under it)."""
+    folder = settings.runs_dir / run_id / "ranks"
+    return folder / f"rank{rank}.error", folder / f"rank{rank}.lost"
 
 
 def launch(settings: Settings, recorder: RunRecorder, spec: RunSpec) -> str:
-    """Train the claimed run on spec.resources.ranks processes; returns how it ended."""
+    """Train the claimed run on spec.resources.ranks processes (on this machine, and with a
+    gang of other workers when it spans several); returns how it ended."""
     from workers.model_loading import pick_device  # torch: not in the torchrun stub's import
+    from workers.serving.vllm_server import free_port
 
     try:
         pick_device(spec)  # more GPUs asked for than this worker has: fail before starting
     except RunError as exc:
         recorder.fail(str(exc))
         return RunStatus.FAILED
-    ranks, run_id = spec.resources.ranks, recorder.run_id
-    for rank in range(ranks):
-        error_file(settings, run_id, rank).unlink(missing_ok=True)  # from an earlier attempt
-    env = {
-        **os.environ,
-        SETTINGS_ENV: settings.model_dump_json(),
-        SPEC_ENV: json.dumps(spec.model_dump(mode="json")),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "workers.launcher",
-        "torchrun",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
-        "--max-restarts=0",
-        "-m",
-        "workers.rank",
-        run_id,
-        recorder.worker_id,
-    ]
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    ranks, nodes, run_id = spec.resources.ranks, spec.resources.nodes, recorder.run_id
+    for rank in range(ranks):  # from an earlier attempt
+        for path in rank_files(settings, run_id, rank):
+            path.unlink(missing_ok=True)
+    gang = None
+    if nodes > 1:
+        address = node_address(settings)
+        gang = GangTask(
+            run_id=run_id,
+            attempt=recorder.attempt,
+            lead=recorder.worker_id,
+            endpoint=f"{address}:{free_port(address)}",
+            rendezvous_id=f"{run_id}-{recorder.attempt}",
+        )
+    proc = start_ranks(settings, spec, run_id, recorder.worker_id, gang)
+    said = f"started {spec.resources.per_node} training processes with torchrun"
+    if gang is not None:
+        said += "; " + _ask_to_join(settings, spec, gang)
     recorder.event(
-        "run.launched",
-        f"started {ranks} training processes with torchrun",
-        data={"ranks": ranks, "pid": proc.pid},
+        EventType.RUN_LAUNCHED,
+        said,
+        data={"ranks": ranks, "nodes": nodes, "pid": proc.pid},
     )
     heartbeat = Heartbeat(recorder, settings.heartbeat_seconds, Watchdog(None))
     heartbeat.start()
@@ -105,11 +122,75 @@ def launch(settings: Settings, recorder: RunRecorder, spec: RunSpec) -> str:
                 break
     finally:
         heartbeat.stopped.set()
-        _stop(proc)
-    return _outcome(settings, recorder, ranks, proc.returncode)
+        stop(proc)
+    return _outcome(settings, recorder, spec, proc.returncode)
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _ask_to_join(settings: Settings, spec: RunSpec, gang: GangTask) -> str:
+    """Publish the gang's join tasks; what was done, for the run's event. A broker that cannot
+    be reached leaves the gang short: it does not gather, and the run goes back to the queue."""
+    others, queue = spec.resources.nodes - 1, spec.resources.queue
+    try:
+        for _ in range(others):
+            publisher(settings).send_task(
+                GANG_TASK, args=[gang.model_dump()], queue=queue, retry=True
+            )
+    except Exception as exc:
+        log.exception("run %s: could not ask for the gang's workers", gang.run_id)
+        return f"could not ask {others} more workers to join ({type(exc).__name__}: {exc})"
+    return f"asked {others} more workers of queue {queue!r} to join"
+
+
+def node_address(settings: Settings) -> str:
+    """Where the gang's other machines reach this one: settings.node_address, else the address
+    this machine's name resolves to (a container's or a pod's own IP)."""
+    return settings.node_address or socket.gethostbyname(socket.gethostname())
+
+
+def start_ranks(
+    settings: Settings,
+    spec: RunSpec,
+    run_id: str,
+    lead: str,
+    gang: GangTask | None = None,
+    host: bool = True,
+) -> subprocess.Popen:
+    """This machine's training processes of the run under torchrun, acting under the lease of
+    the worker `lead`. Without a gang, a standalone rendezvous on this machine; with one, the
+    gang's c10d rendezvous, which the lead's machine hosts (`host`)."""
+    if gang is None:
+        where = ["--standalone"]
+    else:
+        where = [
+            f"--nnodes={spec.resources.nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={gang.endpoint}",
+            f"--rdzv-id={gang.rendezvous_id}",
+            f"--rdzv-conf=is_host={int(host)},join_timeout={settings.gang_join_timeout_s:g}",
+            f"--local-addr={node_address(settings)}",
+        ]
+    env = {
+        **os.environ,
+        SETTINGS_ENV: settings.model_dump_json(),
+        SPEC_ENV: json.dumps(spec.model_dump(mode="json")),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "workers.launcher",
+        "torchrun",
+        *where,
+        f"--nproc-per-node={spec.resources.per_node}",
+        "--max-restarts=0",
+        "-m",
+        "workers.rank",
+        run_id,
+        lead,
+    ]
+    return subprocess.Popen(command, env=env, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
     proc.terminate()  # torchrun passes it on to the ranks
@@ -120,29 +201,59 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _outcome(settings: Settings, recorder: RunRecorder, ranks: int, code: int) -> str:
-    """How the run ended once its ranks exited: what the lead recorded, else a failure."""
+def _outcome(settings: Settings, recorder: RunRecorder, spec: RunSpec, code: int) -> str:
+    """How the run ended once its ranks exited: what the lead recorded; else back in the queue
+    when a gang broke up or never gathered (a machine lost: no rank failed on its own); else a
+    failure, with the first failed rank's error."""
     status, owner = recorder.status()
     if owner not in (None, recorder.worker_id):
         return LEASE_LOST
     if status in TERMINAL or status == RunStatus.PAUSED:
         return status
+    ranks = spec.resources.ranks
     errors = [
         (rank, path.read_text())
         for rank in range(ranks)
-        if (path := error_file(settings, recorder.run_id, rank)).exists()
+        if (path := rank_files(settings, recorder.run_id, rank)[0]).exists()
     ]
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    if not errors and spec.resources.nodes > 1:
+        return _gang_broke(settings, recorder, spec, how)
     if errors:
         rank, error = errors[0]
         message = f"training process {rank} of {ranks} failed: {error}"
     else:
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         message = f"the training processes ended with {how} before the run finished"
     recorder.fail(
         message,
         {"exit_code": code, "ranks": ranks, "errors": {str(rank): error for rank, error in errors}},
     )
     return RunStatus.FAILED
+
+
+def _gang_broke(settings: Settings, recorder: RunRecorder, spec: RunSpec, how: str) -> str:
+    """Back in the queue, to resume from the latest checkpoint on a fresh gang; failed when
+    the gang broke settings.gang_retries times in a row without a new checkpoint."""
+    nodes = spec.resources.nodes
+    checkpoint = recorder.latest_checkpoint()
+    at = checkpoint[0] if checkpoint else 0
+    breaks = recorder.gang_breaks(at) + 1
+    if breaks > settings.gang_retries:
+        recorder.fail(
+            f"the gang of {nodes} workers broke up or could not gather {breaks} times in a row "
+            f"without a new checkpoint (last: the training processes ended with {how}); "
+            f"check that the queue {spec.resources.queue!r} has {nodes} workers that reach "
+            "each other (GVPO_NODE_ADDRESS)",
+            {"nodes": nodes, "breaks": breaks},
+        )
+        return RunStatus.FAILED
+    recorder.requeue(
+        f"the gang of {nodes} workers broke up or could not gather within "
+        f"{settings.gang_join_timeout_s:g} s (this machine's training processes ended with "
+        f"{how}); queued again to resume from the latest checkpoint on a fresh gang",
+        {"gang": True, "nodes": nodes, "checkpoint_step": at, "breaks": breaks},
+    )
+    return RunStatus.QUEUED
 
 
 def main(argv: list[str]) -> int:

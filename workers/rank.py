@@ -17,7 +17,7 @@ from service.config import Settings
 from service.contract.spec import RunSpec
 from service.contract.states import RunStatus
 from workers.execute import drive
-from workers.launcher import LEASE_LOST, SETTINGS_ENV, SPEC_ENV, die_with_parent, error_file
+from workers.launcher import LEASE_LOST, SETTINGS_ENV, SPEC_ENV, die_with_parent, rank_files
 from workers.records import RunRecorder
 
 CLEAN_EXITS = (RunStatus.SUCCEEDED, RunStatus.CANCELLED, RunStatus.PAUSED, LEASE_LOST)
@@ -33,7 +33,7 @@ def rank_main(run_id: str, worker_id: str) -> int:
     spec = RunSpec.model_validate(json.loads(os.environ[SPEC_ENV]))
     from torch import distributed as dist
 
-    from workers.ranks import join
+    from workers.ranks import gang_broke, join
 
     try:
         outcome = drive(
@@ -43,7 +43,8 @@ def rank_main(run_id: str, worker_id: str) -> int:
             join(spec.resources.step_timeout_s, spec.rollout.tensor_parallel_size),
         )
     except BaseException as exc:  # one drive() did not record: another rank's, or early
-        path = error_file(settings, run_id, rank)
+        failed, lost = rank_files(settings, run_id, rank)
+        path = lost if spec.resources.nodes > 1 and gang_broke(exc) else failed
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{type(exc).__name__}: {exc}")
         raise

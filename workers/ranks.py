@@ -42,9 +42,15 @@ def _part(items: list[T], parts: int, index: int) -> list[T]:
 
 class Ranks:
     def __init__(
-        self, rank: int = 0, world: int = 1, tp: int = 1, timeout: timedelta | None = None
+        self,
+        rank: int = 0,
+        world: int = 1,
+        tp: int = 1,
+        timeout: timedelta | None = None,
+        nodes: int = 1,
     ) -> None:
         self.rank, self.world, self.tp, self.timeout = rank, world, tp, timeout
+        self.nodes = nodes  # the machines the ranks run on (a gang when more than one)
         self.group = None  # the process group of gather() and share() (None: the default)
 
     def on_own_group(self) -> "Ranks":
@@ -55,7 +61,7 @@ class Ranks:
         order."""
         if self.world == 1:
             return self
-        other = Ranks(self.rank, self.world, self.tp, self.timeout)
+        other = Ranks(self.rank, self.world, self.tp, self.timeout, self.nodes)
         other.group = dist.new_group(backend="gloo", timeout=self.timeout)
         return other
 
@@ -151,10 +157,24 @@ def join(step_timeout_s: float | None, tp: int) -> Ranks:
     """
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     backend = "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         backend = "nccl"
     timeout = timedelta(seconds=(step_timeout_s or 7 * 24 * 3600) + 600)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
-    return Ranks(rank, world, tp, timeout)
+    return Ranks(rank, world, tp, timeout, nodes)
+
+
+# What a collective raises when a peer process went away (gloo and NCCL's words for it)
+_PEER_GONE = ("connection closed", "connection reset", "broken pipe", "connection refused")
+
+
+def gang_broke(exc: BaseException) -> bool:
+    """Whether `exc` is a collective or the store failing under this process (another machine
+    of the gang lost), not a failure of its own."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(words in text for words in _PEER_GONE)

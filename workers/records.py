@@ -6,12 +6,10 @@ are upserts keyed by (run, step), so a replayed step overwrites rather than dupl
 changes only as the contract's table allows (service/contract/states.py).
 """
 
-import functools
 import logging
 import time
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from service.config import Settings
@@ -22,44 +20,27 @@ from service.contract.metrics import REWARD_MEAN, TOKENS_TOTAL
 from service.contract.spec import RetentionSpec
 from service.contract.states import RunStatus, sources
 from service.db import session_scope
-from service.models import Checkpoint, File, Metric, RewardRequest, Run, RunGroup, Sample
+from service.models import (
+    Checkpoint,
+    File,
+    Metric,
+    RewardRequest,
+    Run,
+    RunGroup,
+    Sample,
+)
 from service.models.base import upsert, utcnow
 from service.models.metric import LEVELS, MetricRollup, refresh_rollups
 from service.models.run_event import add_event
 from workers.claiming import Claiming
 from workers.errors import RunError
+from workers.retrying import retrying
+from workers.spending import Spending, Spends
 
 log = logging.getLogger(__name__)
 
 
-def _retrying(method):
-    """Wait out a database outage (connection refused or dropped, database locked) for up to
-    settings.db_retry_s, with backoff. Each attempt is one whole transaction, so a write that
-    failed half-way is rolled back and done again, never half-applied."""
-
-    @functools.wraps(method)
-    def wrapper(self: "RunRecorder", *args, **kwargs):
-        deadline, delay = time.monotonic() + self.settings.db_retry_s, 0.25
-        while True:
-            try:
-                return method(self, *args, **kwargs)
-            except (OperationalError, InterfaceError) as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning(
-                    "run %s: database unavailable in %s (%s); retrying in %.2f s",
-                    self.run_id,
-                    method.__name__,
-                    exc.orig,
-                    delay,
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    return wrapper
-
-
-class RunRecorder(Claiming):
+class RunRecorder(Claiming, Spends):
     """One run's records, for the worker that runs it (its claim: workers/claiming.py)."""
 
     def __init__(self, settings: Settings, run_id: str, worker_id: str) -> None:
@@ -68,18 +49,24 @@ class RunRecorder(Claiming):
         self._private: list[tuple[str, str]] | None = None  # see _shown
         # The lead's tracking session (workers/tracking/): every metric recorded goes to it.
         self.tracking = None
+        # What the attempt uses (the lead's: start_spending), written with each step, each
+        # heartbeat and the attempt's end.
+        self.spending: Spending | None = None
 
     def renew_lease(self) -> bool:
-        """Heartbeat; False when the lease was lost (another worker took the run)."""
+        """Heartbeat (and the attempt's usage so far); False when the lease was lost (another
+        worker took the run)."""
         with session_scope(self.url) as session:
             result = session.execute(
                 update(Run)
                 .where(Run.id == self.run_id, Run.lease_owner == self.worker_id)
                 .values(lease_expires_at=self._lease_until())
             )
+            if result.rowcount == 1:
+                self._write_spending(session)
             return result.rowcount == 1
 
-    @_retrying
+    @retrying
     def status(self) -> tuple[str, str | None]:
         """The run's status and who holds its lease (None: nobody)."""
         with session_scope(self.url) as session:
@@ -89,12 +76,12 @@ class RunRecorder(Claiming):
                 ).one()
             )
 
-    @_retrying
+    @retrying
     def project_id(self) -> str:
         with session_scope(self.url) as session:
             return session.scalar(select(Run.project_id).where(Run.id == self.run_id))
 
-    @_retrying
+    @retrying
     def webhook_secret(self) -> str:
         """The run's current secret in clear, read per request: a rotation applies at once."""
         with session_scope(self.url) as session:
@@ -103,7 +90,7 @@ class RunRecorder(Claiming):
             )
         return self.settings.sealer.open(stored)
 
-    @_retrying
+    @retrying
     def open_reward_request(self, request_id: str, step: int, sample_ids: list[str]) -> None:
         """Record an async request before it is sent, so an early callback finds it."""
         with session_scope(self.url) as session:
@@ -118,14 +105,14 @@ class RunRecorder(Claiming):
                     )
                 )
 
-    @_retrying
+    @retrying
     def reward_results(self, request_ids: list[str]) -> dict[str, dict[str, float] | None]:
         """Each request's rewards once all of its samples have one, else None."""
         with session_scope(self.url) as session:
             rows = session.scalars(select(RewardRequest).where(RewardRequest.id.in_(request_ids)))
             return {r.id: dict(r.rewards) if r.completed_at else None for r in rows}
 
-    @_retrying
+    @retrying
     def requested_stop(self) -> str | None:
         """ "cancel" or "pause" when the user asked for one (cancel wins), else None."""
         with session_scope(self.url) as session:
@@ -134,7 +121,7 @@ class RunRecorder(Claiming):
             ).one()
         return "cancel" if cancel else "pause" if pause else None
 
-    @_retrying
+    @retrying
     def event(
         self,
         type_: EventType,
@@ -176,7 +163,7 @@ class RunRecorder(Claiming):
         if self.tracking is not None:
             self.tracking.log_metrics(step, written)
 
-    @_retrying
+    @retrying
     def _write_step(
         self,
         step: int,
@@ -226,9 +213,10 @@ class RunRecorder(Claiming):
             if run.step <= step:
                 run.reward = metrics.get(REWARD_MEAN)
             run.step = max(run.step, step)
+            self._write_spending(session)
         return metrics
 
-    @_retrying
+    @retrying
     def take_groups(self, step: int, most: int, multiple: int, whole: bool = False) -> list[dict]:
         """Groups posted to the run for `step`'s off-policy slots, oldest first: at most `most`,
         a multiple of `multiple` (the rollout engines), marked as taken at `step`; `whole`: all
@@ -250,7 +238,7 @@ class RunRecorder(Claiming):
                 row.taken_step = step
             return [row.body for row in rows]
 
-    @_retrying
+    @retrying
     def pending_groups(self, step: int) -> int:
         """How many posted groups `step` could take now."""
         with session_scope(self.url) as session:
@@ -271,12 +259,12 @@ class RunRecorder(Claiming):
         if self.tracking is not None:
             self.tracking.log_metrics(step, metrics)
 
-    @_retrying
+    @retrying
     def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
         with session_scope(self.url) as session:
             self._upsert_metrics(session, step, metrics)
 
-    @_retrying
+    @retrying
     def tracking_state(self) -> tuple[dict, dict[str, int]]:
         """For a tracking session: the run's stored spec, and the last step recorded of each
         metric so far (an earlier attempt's, which a resumed attempt replays)."""
@@ -298,7 +286,7 @@ class RunRecorder(Claiming):
         upsert(session, Metric, rows, ["run_id", "name", "step"], ["value", "time"])
         refresh_rollups(session, self.run_id, sorted(metrics), {step})
 
-    @_retrying
+    @retrying
     def record_checkpoint(
         self, step: int, path: str, size: int, kind: str, keep_last: int | None
     ) -> None:
@@ -331,7 +319,7 @@ class RunRecorder(Claiming):
             if keep_last:
                 self._prune(session, keep_last)
 
-    @_retrying
+    @retrying
     def record_weights(self, step: int, path: str) -> None:
         """The run's newest weights for serving (workers/publish.py): inference workers serving
         the run's model reload when they change."""
@@ -343,7 +331,7 @@ class RunRecorder(Claiming):
                 .execution_options(synchronize_session=False)
             )
 
-    @_retrying
+    @retrying
     def serving_asked(self) -> bool:
         """Whether a request has named the run as its model (service/serving/models.py): only
         then does it publish weights."""
@@ -351,7 +339,7 @@ class RunRecorder(Claiming):
             asked = session.scalar(select(Run.serving_asked_at).where(Run.id == self.run_id))
             return asked is not None
 
-    @_retrying
+    @retrying
     def latest_checkpoint(self) -> tuple[int, str] | None:
         """The newest checkpoint whose files are still there (a folder, or a complete upload in
         the object store): where a resumed run continues."""
@@ -401,12 +389,13 @@ class RunRecorder(Claiming):
             return None
         return run
 
-    @_retrying
+    @retrying
     def pause(self, step: int) -> None:
         """Give the run up until /resume: no lease, no worker, its last checkpoint kept."""
         with session_scope(self.url) as session:
             if (run := self._move(session, RunStatus.PAUSED)) is None:
                 return
+            self._write_spending(session)
             run.pause_requested = False
             add_event(
                 session,
@@ -416,7 +405,7 @@ class RunRecorder(Claiming):
                 data={"step": step},
             )
 
-    @_retrying
+    @retrying
     def finish(
         self,
         status: RunStatus,
@@ -428,6 +417,7 @@ class RunRecorder(Claiming):
         with session_scope(self.url) as session:
             if (run := self._move(session, status)) is None:
                 return
+            self._write_spending(session)
             run.finished_at = utcnow()
             run.error = error and self._shown(session, error)
             message = self._shown(session, message)
@@ -439,7 +429,7 @@ class RunRecorder(Claiming):
             RunStatus.FAILED, f"run failed: {message}", EventLevel.ERROR, data, error=message
         )
 
-    @_retrying
+    @retrying
     def dataset_rows(self, field: str, file_id: str) -> list[dict]:
         """The rows of the run's dataset file `file_id` (the spec's dataset.<field>)."""
         with session_scope(self.url) as session:

@@ -98,6 +98,8 @@ class RunLoop(AheadSteps):
         torch.manual_seed(spec.training.seed)
         random.seed(spec.training.seed)
         self.device = pick_device(spec)
+        if self.lead:  # the attempt's device time counts from its claim, model load included
+            self.recorder.start_spending(self.device.type, self.ranks.world)
         resume = self.checkpoints.latest()  # (step, path) when an earlier attempt died
         local = resume and self.checkpoints.resume_copy(*resume)
         self.spec = spec = fetch_hub_models(self.checkpoints.local_model(spec))
@@ -538,6 +540,9 @@ class RunLoop(AheadSteps):
         record.metrics.update(extra)
         if self.episodes is not None:  # part of time/rollout_s: the environment's answers
             record.metrics["time/environment_s"] = produced.environment_s
+        self.recorder.spent(
+            tokens_generated=record.tokens_generated, tokens_trained=record.tokens_trained
+        )
         self.recorder.record_step(
             step, record.metrics, record.samples, record.tokens_generated, self.spec.retention
         )

@@ -24,6 +24,7 @@ class StepRecord:
     metrics: dict[str, float]
     samples: list[dict]
     tokens_generated: int  # tokens the run's engines sampled this step
+    tokens_trained: int  # completion tokens of the groups the learner trained (usage)
 
 
 def step_record(
@@ -93,7 +94,15 @@ def step_record(
         for g, ((e, _), r) in enumerate(zip(slots, rollouts, strict=True))
         for i, c in enumerate(r.completions)
     ]
-    return StepRecord(metrics, samples, sampled)
+    # The learner measures the groups it trains (and, when it trains none, every group, for
+    # the diagnostics alone).
+    trained = sum(
+        c.sampled_tokens
+        for g, r in enumerate(rollouts)
+        for i, c in enumerate(r.completions)
+        if stats.groups_trained and g < len(stats.logratios) and stats.logratios[g][i] is not None
+    )
+    return StepRecord(metrics, samples, sampled, trained)
 
 
 def _at(values: list[list[float | None]], g: int, i: int) -> float | None:

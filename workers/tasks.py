@@ -9,11 +9,13 @@ from celery import shared_task
 from service.config import get_settings
 from service.contract.tasks import (
     DRY_RUN_TASK,
+    GANG_TASK,
     GRADE_TASK,
     MERGE_TASK,
     RESCORE_TASK,
     RUN_TASK,
     DryRunTask,
+    GangTask,
     GradeTask,
     MergeTask,
 )
@@ -31,6 +33,13 @@ def run_task(self, run_id: str) -> str:
     from workers.execute import execute_run  # torch loads here, in the worker's child
 
     return execute_run(settings, run_id, worker_id, self.request.id)
+
+
+@shared_task(name=GANG_TASK, bind=True, acks_late=True)
+def gang_task(self, payload: dict) -> str:
+    from workers.gang import join_gang
+
+    return join_gang(get_settings(), GangTask.model_validate(payload), _worker_id(self))
 
 
 @shared_task(name=RESCORE_TASK, bind=True, acks_late=True)

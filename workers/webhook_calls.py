@@ -38,6 +38,7 @@ class RunSide(Protocol):
     allow_private: bool
     max_response_bytes: int
     on_retry: Callable[[str, dict], None]  # (message, data) -> records an event
+    on_call: Callable[[], None]  # counts a request sent, in the run's usage
     sleep: Callable[[float], None]
 
 
@@ -84,6 +85,7 @@ class WebhookCaller:
         )
 
     def _post_once(self, client: OutboundClient, body: bytes, request_id: str) -> Answer:
+        self.run.on_call()
         answer = post_signed(
             client,
             self.url,

@@ -23,6 +23,7 @@ from gvpo_client.paths import with_absolute_paths
 from gvpo_client.schemas import (
     Checkpoint,
     DownloadLink,
+    Estimate,
     Event,
     File,
     GroupsStatus,
@@ -32,8 +33,10 @@ from gvpo_client.schemas import (
     Run,
     RunCreated,
     RunList,
+    RunUsage,
     Samples,
     StepMetrics,
+    Usage,
 )
 
 # The statuses a run never leaves (service/contract/states.py; a test keeps them equal).
@@ -328,3 +331,26 @@ class Client:
 
     def get_rescore(self, run_id: str, rescore_id: str) -> Rescore:
         return cast(Rescore, self._request("GET", f"/v1/runs/{run_id}/rescores/{rescore_id}"))
+
+    # ------------------------------------------------------------ usage
+
+    def usage(
+        self, group_by: str = "day", since: str | None = None, until: str | None = None
+    ) -> Usage:
+        """What the project's runs used, per day (UTC) or per run, from `since` to `until`
+        (ISO days, inclusive); with the project's quota and the device-hours it has used."""
+        params = {"group_by": group_by, "since": since, "until": until}
+        return cast(
+            Usage,
+            self._request("GET", "/v1/usage", params={k: v for k, v in params.items() if v}),
+        )
+
+    def run_usage(self, run_id: str) -> RunUsage:
+        return cast(RunUsage, self._request("GET", f"/v1/runs/{run_id}/usage"))
+
+    def estimate(self, spec: dict[str, Any]) -> Estimate:
+        """What a run spec would use, before it is submitted (checked as create_run checks
+        it)."""
+        return cast(
+            Estimate, self._request("POST", "/v1/runs:estimate", json=with_absolute_paths(spec))
+        )

@@ -38,6 +38,7 @@ class Run(TypedDict):
     samples_generated: int
     reward: float | None  # the mean reward (reward/mean) of its last recorded step
     error: str | None  # why it failed
+    waiting_reason: str | None  # while the project's quota holds the queued run back: why
     created_at: str
     started_at: str | None
     finished_at: str | None
@@ -186,3 +187,65 @@ class Rescore(TypedDict):
     created_at: str
     started_at: str | None
     finished_at: str | None
+
+
+class UsageFigures(TypedDict):
+    """What runs used: device time (GPU-seconds; process-seconds on CPU workers) and work."""
+
+    gpu_seconds: float
+    cpu_seconds: float
+    tokens_generated: int
+    tokens_trained: int
+    reward_calls: int  # requests sent to reward webhooks, retries included
+    environment_calls: int
+    inference_requests: int  # requests the OpenAI-compatible endpoints served of the models
+    inference_prompt_tokens: int
+    inference_completion_tokens: int
+
+
+class UsageRow(UsageFigures):
+    day: str | None  # group_by=day: the day (UTC)
+    run_id: str | None  # group_by=run: the run
+
+
+class Quota(TypedDict):
+    """A project's quota (null: no limit) and the device-hours its runs have used."""
+
+    max_concurrent_runs: int | None
+    max_gpus: int | None
+    gpu_hours: float | None
+    gpu_hours_used: float
+
+
+class Usage(TypedDict):
+    """GET /v1/usage."""
+
+    object: Literal["usage"]
+    group_by: Literal["day", "run"]
+    data: list[UsageRow]
+    total: UsageFigures
+    quota: Quota
+
+
+class RunUsage(TypedDict):
+    """GET /v1/runs/{id}/usage: every attempt of the run, in all and per day."""
+
+    object: Literal["run.usage"]
+    run_id: str
+    attempts: int
+    total: UsageFigures
+    by_day: list[UsageRow]
+
+
+class Estimate(TypedDict):
+    """POST /v1/runs:estimate: what a spec would use at most."""
+
+    object: Literal["run.estimate"]
+    steps: int
+    completions: int
+    tokens_generated_max: int
+    devices: int
+    device_hours: float | None  # null: no ended run of the same model to go by
+    basis: str
+    quota: Quota
+    fits_budget: bool | None

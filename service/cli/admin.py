@@ -2,6 +2,7 @@
 encryption key, API keys and the registered base models."""
 
 import click
+from click.core import ParameterSource
 
 from service.cli.output import json_option, listing, local_time
 from service.config import get_settings
@@ -154,4 +155,71 @@ def models_remove(name: str) -> None:
     click.echo(f"removed {name}")
 
 
-COMMANDS = (db_group, api_key_group, models_group)
+@click.group("quota")
+def quota_group() -> None:
+    """Projects' quotas (admin): runs over them wait queued, saying why."""
+
+
+def _limit(kind):
+    """A click type: a number of `kind`, or "none" (the project goes back to the default)."""
+
+    def parse(text: str):
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is neither a number nor 'none'") from None
+
+    parse.__name__ = f"{kind.__name__} or none"
+    return parse
+
+
+@quota_group.command("set")
+@click.option("--project", required=True, help="project name")
+@click.option("--max-concurrent-runs", type=_limit(int), help="runs started at once, or none")
+@click.option("--max-gpus", type=_limit(int), help="devices held at once, or none")
+@click.option("--gpu-hours", type=_limit(float), help="device-hours in all, or none")
+def quota_set(project: str, **limits) -> None:
+    """Give PROJECT its own limits; `none` puts one back to the default (GVPO_QUOTA_*).
+    Runs waiting for the quota start on the scheduler's next pass."""
+    from service.usage.service import set_quota
+
+    ctx = click.get_current_context()
+    given = {
+        name: value
+        for name, value in limits.items()
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }
+    if not given:
+        raise click.UsageError("give one or more of --max-concurrent-runs, --max-gpus, --gpu-hours")
+    _admin(lambda session, _: set_quota(session, project, given))
+    shown = ", ".join(f"{name}={'default' if v is None else v}" for name, v in given.items())
+    click.echo(f"quota of {project}: {shown}")
+
+
+@quota_group.command("show")
+@click.option("--project", default=None, help="only this project")
+@json_option
+def quota_show(project: str | None, as_json: bool) -> None:
+    """Each project's quota in force and the device-hours its runs used."""
+    from service.usage.service import quotas
+
+    rows = _admin(lambda session, settings: quotas(session, settings, project))
+    listing(
+        rows,
+        as_json,
+        ["PROJECT", "MAX RUNS", "MAX GPUS", "GPU-HOURS", "USED (H)", "OWN"],
+        lambda q: [
+            q["project"],
+            q["max_concurrent_runs"] or "-",
+            q["max_gpus"] or "-",
+            "-" if q["gpu_hours"] is None else f"{q['gpu_hours']:g}",
+            f"{q['gpu_hours_used']:.3f}",
+            ", ".join(q["own"]) or "-",
+        ],
+        "no projects: `gvpo api-key create --project NAME` makes one",
+    )
+
+
+COMMANDS = (db_group, api_key_group, models_group, quota_group)

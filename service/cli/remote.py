@@ -192,6 +192,8 @@ def runs_show(run_id: str, as_json: bool) -> None:
     ]
     if run["error"]:
         lines.append(("error", run["error"]))
+    if run.get("waiting_reason"):
+        lines.append(("waiting", run["waiting_reason"]))
     for label, value in lines:
         click.echo(f"{label + ':':<13}{value}")
 

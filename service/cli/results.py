@@ -1,5 +1,6 @@
 """What a run has recorded, read through the API: its events (`runs logs`), metrics, samples and
-checkpoints, and a checkpoint downloaded into a folder a model loads from."""
+checkpoints, and a checkpoint downloaded into a folder a model loads from; what the project's
+runs used (`usage`) and what a spec would (`estimate`)."""
 
 import csv
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import click
 
 from service.cli.boundary import INTERRUPTED, CliError
+from service.cli.documents import read_document
 from service.cli.output import (
     age,
     json_option,
@@ -251,4 +253,61 @@ def _unpack(archive: Path, scratch: Path, top: str, folder: Path) -> None:
     shutil.move(scratch / top, folder)
 
 
-COMMANDS = (checkpoints_group,)
+@click.command("usage")
+@click.option("--by", "group_by", type=click.Choice(["day", "run"]), default="day")
+@click.option("--since", default=None, help="first day counted (YYYY-MM-DD, UTC)")
+@click.option("--until", default=None, help="last day counted (YYYY-MM-DD, UTC)")
+@json_option
+def usage(group_by: str, since: str | None, until: str | None, as_json: bool) -> None:
+    """What the project's runs used, per day or per run, and its quota."""
+    with connect() as client:
+        report = client.usage(group_by, since, until)
+    if as_json:
+        print_json(report)
+        return
+    key = "DAY" if group_by == "day" else "RUN"
+    table(
+        [key, "GPU-S", "CPU-S", "TOKENS GEN", "TOKENS TRAINED", "REWARD CALLS", "ENV CALLS"],
+        [
+            [
+                row["day"] if group_by == "day" else row["run_id"],
+                row["gpu_seconds"],
+                row["cpu_seconds"],
+                row["tokens_generated"],
+                row["tokens_trained"],
+                row["reward_calls"],
+                row["environment_calls"],
+            ]
+            for row in report["data"]
+        ],
+        "no usage recorded yet",
+    )
+    quota = report["quota"]
+    limits = ", ".join(
+        f"{name} {'none' if quota[name] is None else quota[name]}"
+        for name in ("max_concurrent_runs", "max_gpus", "gpu_hours")
+    )
+    click.echo(f"quota: {limits}; {quota['gpu_hours_used']:.3f} device-hours used", err=True)
+
+
+@click.command("estimate")
+@click.argument("spec_path", type=click.Path(exists=True, dir_okay=False))
+@json_option
+def estimate(spec_path: str, as_json: bool) -> None:
+    """What a run spec (YAML or JSON) would use, before it is submitted."""
+    with connect() as client:
+        answer = client.estimate(read_document(spec_path))
+    if as_json:
+        print_json(answer)
+        return
+    hours = answer["device_hours"]
+    click.echo(f"completions:     {answer['completions']} ({answer['steps']} steps)")
+    click.echo(f"tokens at most:  {answer['tokens_generated_max']}")
+    click.echo(f"devices:         {answer['devices']}")
+    click.echo(f"device-hours:    {'unknown' if hours is None else f'{hours:.4g}'}")
+    click.echo(f"                 ({answer['basis']})")
+    if answer["fits_budget"] is not None:
+        click.echo(f"fits the budget: {'yes' if answer['fits_budget'] else 'no'}")
+
+
+COMMANDS = (checkpoints_group, usage, estimate)

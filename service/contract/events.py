@@ -18,8 +18,13 @@ class EventLevel(StrEnum):
 class EventType(StrEnum):
     # the run's life (the API: queued, requests; the worker: the rest)
     RUN_QUEUED = "run.queued"
+    # a queued run the project's quota holds back (data: reason, and the quota and use that
+    # say so), and the moment it is let through to the workers
+    RUN_WAITING = "run.waiting"
+    RUN_ADMITTED = "run.admitted"
     RUN_STARTED = "run.started"
     RUN_LAUNCHED = "run.launched"
+    RUN_GANG_JOINED = "run.gang_joined"  # another machine's worker joined a multi-machine run
     RUN_MODEL_LOADED = "run.model_loaded"
     RUN_RESUMED = "run.resumed"
     RUN_WAITING_FOR_GROUPS = "run.waiting_for_groups"  # training.wait_for_groups: once a step

@@ -382,7 +382,9 @@ class RetentionSpec(_Strict):
         return step if step >= 1 and (every is None or step % every) else None
 
 
-MAX_RANKS = 8  # one worker machine: the launcher starts ranks on its own node only
+MAX_RANKS = 8  # training processes on one worker machine
+MAX_NODES = 16  # worker machines one run may span
+_PROCESSES = "resources.gpus or resources.processes, times resources.nodes"
 
 
 class ResourcesSpec(_Strict):
@@ -401,11 +403,28 @@ class ResourcesSpec(_Strict):
         description="data-parallel training processes on one worker, each with its own rollout "
         "engine; default one per GPU, or 1 without GPUs (more than 1 on CPU uses gloo)",
     )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="worker machines the run spans, each running `gpus` (or `processes`) "
+        "training processes: the run waits for that many workers of its queue at once (a "
+        "gang), which join one torch.distributed rendezvous and train as one data-parallel "
+        "or FSDP job; a lost machine puts the whole run back in the queue to resume from its "
+        "latest checkpoint on a fresh gang",
+    )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="ddp: each process holds the whole model and optimizer state; fsdp: "
         "parameters, gradients and optimizer state are sharded over the processes "
         "(FSDP2), for models whose training state does not fit one device",
+    )
+    priority: int = Field(
+        0,
+        ge=-100,
+        le=100,
+        description="order among this project's runs waiting on the same queue: higher first, "
+        "then oldest first (projects share a queue fairly whatever their runs' priorities)",
     )
     step_timeout_s: float | None = Field(
         3600.0,
@@ -431,9 +450,14 @@ class ResourcesSpec(_Strict):
         return self
 
     @property
+    def per_node(self) -> int:
+        """The training processes on each of the run's workers."""
+        return self.processes or max(self.gpus, 1)
+
+    @property
     def ranks(self) -> int:
         """How many training processes the run uses (its data-parallel world size)."""
-        return self.processes or max(self.gpus, 1)
+        return self.per_node * self.nodes
 
 
 class RunSpec(_Strict):
@@ -523,13 +547,13 @@ class RunSpec(_Strict):
         if info.data.get("environment") is not None and v.ranks > 1:
             raise ValueError(
                 f"an environment's episodes are played by one training process for now; this "
-                f"run has {v.ranks} (resources.gpus / resources.processes)"
+                f"run has {v.ranks} ({_PROCESSES})"
             )
         tp = rollout.tensor_parallel_size if rollout else 1
         if rollout is not None and rollout.engine == "inference" and v.ranks > 1:
             raise ValueError(
                 f"rollout.engine 'inference' samples for one training process for now; this "
-                f"run has {v.ranks} (resources.gpus / resources.processes)"
+                f"run has {v.ranks} ({_PROCESSES})"
             )
         if tp > 1 and rollout.engine == "hf":
             raise ValueError(
@@ -545,13 +569,13 @@ class RunSpec(_Strict):
         if v.ranks % tp:
             raise ValueError(
                 f"rollout.tensor_parallel_size ({tp}) must divide the {v.ranks} "
-                "training processes (resources.gpus / resources.processes)"
+                f"training processes ({_PROCESSES})"
             )
         if training is not None and training.prompts_per_step % v.ranks:
             raise ValueError(
                 f"training.prompts_per_step ({training.prompts_per_step}) must be a multiple of "
-                f"the {v.ranks} training processes (resources.gpus / resources.processes): each "
-                "process rolls out and trains whole groups of an equal share of the prompts"
+                f"the {v.ranks} training processes ({_PROCESSES}): "
+                "each process rolls out and trains whole groups of an equal share of the prompts"
             )
         return v
 

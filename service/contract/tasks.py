@@ -7,6 +7,8 @@ from the same settings, so they agree on the broker, the result backend and the 
 
 - RUN_TASK and RESCORE_TASK take a row's id and report through the database (the row's status,
   events and metrics); their results are ignored.
+- GANG_TASK: a worker that took a run spanning several machines (resources.nodes) asks the
+  other workers of its queue to join it, with a `GangTask` each (workers/gang.py).
 - DRY_RUN_TASK, MERGE_TASK and GRADE_TASK answer a request the API is waiting on: they take a
   JSON payload and return a `TaskAnswer`, through the result backend.
 
@@ -36,6 +38,7 @@ RESCORE_TASK = "gvpo.rescore"
 DRY_RUN_TASK = "gvpo.dry_run"
 MERGE_TASK = "gvpo.merge_checkpoint"
 GRADE_TASK = "gvpo.grade"
+GANG_TASK = "gvpo.join_gang"
 DEFAULT_QUEUE = "default"
 RESULT_RETRY_POLICY = {
     "max_retries": 2,
@@ -211,6 +214,17 @@ class DryRunOutput(BaseModel):
     loss: float
     log_ratio_mean: float
     completions: list[DryRunCompletion]
+
+
+class GangTask(BaseModel):
+    """Join the gang of a run's attempt: start this machine's training processes, which meet
+    the others at the torch.distributed rendezvous `endpoint` (torchrun's c10d backend)."""
+
+    run_id: str
+    attempt: int  # the run's attempts when its lead took it: a later attempt's gang is another
+    lead: str  # the worker id that holds the run's lease (its ranks act under it)
+    endpoint: str  # host:port of the rendezvous, on the lead's machine
+    rendezvous_id: str
 
 
 class MergeTask(BaseModel):

@@ -15,6 +15,7 @@ from service.models.run import Run
 from service.models.run_event import RunEvent
 from service.models.run_group import RunGroup
 from service.models.sample import Sample
+from service.models.usage import InferenceUsage, Usage
 
 __all__ = [
     "ApiKey",
@@ -23,6 +24,7 @@ __all__ = [
     "Completion",
     "File",
     "FineTuningJob",
+    "InferenceUsage",
     "InferenceWorker",
     "Metric",
     "MetricRollup",
@@ -35,4 +37,5 @@ __all__ = [
     "RunEvent",
     "RunGroup",
     "Sample",
+    "Usage",
 ]

@@ -1,6 +1,6 @@
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import Double, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.models.base import Base, UTCDateTime, new_id, utcnow
@@ -12,6 +12,13 @@ class Project(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("proj"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The project's own quota (`gvpo quota set`); None = the settings' default (GVPO_QUOTA_*).
+    max_concurrent_runs: Mapped[int | None] = mapped_column(Integer)
+    max_gpus: Mapped[int | None] = mapped_column(Integer)
+    gpu_hours: Mapped[float | None] = mapped_column(Double)
+    # When a scheduler last looked at the project's queued runs: written first in each of its
+    # passes, so that two passes (two API processes) over one project take turns.
+    scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class ApiKey(Base):

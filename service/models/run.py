@@ -26,12 +26,22 @@ class Run(Base):
         UniqueConstraint("project_id", "idempotency_key"),
         # a page of a project's runs, newest first (ids are time-ordered), in index order
         Index("ix_runs_project_id_id", "project_id", "id"),
+        # the queued or running runs of a queue (the scheduler's and a claiming worker's look)
+        Index("ix_runs_queue_status", "queue", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("run"))
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
     name: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16), index=True, default=RunStatus.QUEUED)
+    # From the spec's resources, for the scheduler: the queue, the order among the project's
+    # runs waiting there, and the devices the run holds once started (its training processes).
+    queue: Mapped[str] = mapped_column(String(200), default="default", server_default="default")
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # Why the project's quota holds the queued run back (None: it is not held back); written
+    # with the run.waiting event that says so, once per reason.
+    waiting_reason: Mapped[str | None] = mapped_column(Text)
     # The spec as the tenant wrote it (with model.checkpoint, no server path in it).
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     # Where the worker loads the model from, authorised at submission: {"path", "adapter"},
@@ -66,12 +76,18 @@ class Run(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    # The task message meant to start the run (its Celery task id): set before it is published,
-    # cleared when a worker claims the run with it. Any other delivery exits at once, so pausing
-    # and resuming a queued run reuses its message instead of adding one per resume.
-    dispatch_id: Mapped[str | None] = mapped_column(String(64))
+    # The task message meant to start the run (its Celery task id): set when the project's quota
+    # lets the run through, before it is published; cleared when a worker claims the run. A
+    # message starts the run that holds it (workers/claiming.py: runs of a queue may swap them),
+    # and any other delivery exits at once, so pausing and resuming a queued run reuses its
+    # message instead of adding one per resume.
+    dispatch_id: Mapped[str | None] = mapped_column(String(64), index=True)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When a worker last took the run (started_at is the first time): its attempt's device
+    # time counts from here, and a queue is shared by serving first the projects served least
+    # recently.
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The notify_url outbox (service/runs/notify.py, NotifyState): None = nothing to send, pending
     # = send once the run has ended, then delivered or failed. Not due before notify_due_at, which

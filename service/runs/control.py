@@ -15,13 +15,13 @@ from sqlalchemy.orm import Session
 from service.config import Settings
 from service.contract.events import EventType
 from service.contract.states import ACTIONS, TERMINAL, RunStatus
-from service.contract.tasks import queue_of
 from service.db import after_commit
 from service.errors import Conflict
 from service.models import Project, Run
 from service.models.base import utcnow
 from service.models.run_event import add_event
-from service.runs.service import dispatch_run, get_run
+from service.runs.admission import admit, dispatch_run
+from service.runs.service import get_run
 
 # A run can move under a request between its tries (a worker claims it, the reaper requeues it);
 # each try re-reads it, and the states are few, so a handful always settles.
@@ -106,7 +106,10 @@ def resume_run(session: Session, settings: Settings, project: Project, run_id: s
         f"run queued again; it continues after step {run.step}",
     )
     # A run paused before any worker took it still has its message in the broker (a worker that
-    # took it while paused clears dispatch_id): that message starts it now, no second one.
-    if run.dispatch_id is None or run.dispatched_at is None:
-        after_commit(session, lambda: dispatch_run(settings, run.id, queue_of(run.spec)))
+    # took it while paused clears dispatch_id): that message starts it now, no second one (the
+    # reaper publishes one that never was). Else its project's quota lets it through.
+    if run.dispatch_id is None:
+        after_commit(session, lambda: admit(settings, project.id))
+    elif run.dispatched_at is None:
+        after_commit(session, lambda: dispatch_run(settings, run.id, run.queue))
     return run

@@ -70,6 +70,7 @@ def run_message(run: Run | RunRead) -> pb.Run:
         samples_generated=r.samples_generated,
         reward=r.reward,
         error=r.error or "",
+        waiting_reason=r.waiting_reason or "",
         created_at=_timestamp(r.created_at),
         started_at=_timestamp(r.started_at),
         finished_at=_timestamp(r.finished_at),

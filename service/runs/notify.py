@@ -4,7 +4,7 @@
 The outbox is the run row itself. A run created with a notify_url starts with notify_state
 "pending"; it becomes due once the run is terminal, whichever way it got there (the worker, the
 watchdog, a cancel in the API), so no transition has to remember to notify. Each API process
-runs a `Notifier` thread (beside the reaper) that sends what is due:
+makes a pass every settings.notify_interval_s (service/background.py) that sends what is due:
 
 - claim: one conditional UPDATE moves `notify_due_at` past the send's time limit, so of the
   replicas that see the run due, one sends; a sender that dies mid-send leaves the run due
@@ -19,7 +19,6 @@ runs a `Notifier` thread (beside the reaper) that sends what is due:
 """
 
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -214,18 +213,3 @@ def deliver_due(settings: Settings) -> dict[str, str]:
         with ThreadPoolExecutor(min(SENDERS, len(ids)), thread_name_prefix="gvpo-notify") as pool:
             states = list(pool.map(lambda run_id: deliver(settings, run_id), ids))
     return {run_id: state for run_id, state in zip(ids, states, strict=True) if state is not None}
-
-
-class Notifier(threading.Thread):
-    """Sends due notifications every `notify_interval_s` until `stopped` is set."""
-
-    def __init__(self, settings: Settings, stopped: threading.Event) -> None:
-        super().__init__(name="gvpo-notifier", daemon=True)
-        self.settings, self.stopped = settings, stopped
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.settings.notify_interval_s):
-            try:
-                deliver_due(self.settings)
-            except Exception:  # a database outage: the runs stay due; try again next interval
-                log.exception("notifier pass failed")

@@ -1,18 +1,19 @@
 """The reaper: puts back in the queue the runs that no worker is going to finish.
 
 - A running run whose lease expired (its worker was killed, or its machine lost) goes back to
-  `queued` and is published again; the next worker resumes it from its latest checkpoint.
-- A queued run whose task was never published (the broker was down when it was submitted or
-  resumed) is published now.
+  `queued`, and its project's quota lets it through again (service/runs/admission.py); the next
+  worker resumes it from its latest checkpoint.
+- A queued run let through whose task was never published (the broker was down when it was
+  admitted) is published now.
 - Rescores likewise (service/rescores/service.py).
 
-Each API process runs one reaper thread. An expired run is claimed with one conditional UPDATE,
-so replicas reaping at the same moment re-enqueue it once; a duplicate publish of a queued run
-is harmless (the second delivery finds the lease taken and exits).
+Each API process makes a pass every settings.reaper_interval_s (service/background.py). An
+expired run is claimed with one conditional UPDATE, so replicas reaping at the same moment
+re-enqueue it once; a duplicate publish of a queued run is harmless (the older message finds
+that it no longer names the run, and exits).
 """
 
 import logging
-import threading
 from datetime import timedelta
 
 from sqlalchemy import select, update
@@ -20,13 +21,12 @@ from sqlalchemy import select, update
 from service.config import Settings
 from service.contract.events import EventLevel, EventType
 from service.contract.states import RunStatus
-from service.contract.tasks import queue_of
 from service.db import session_scope
 from service.models import Run
 from service.models.base import utcnow
 from service.models.run_event import add_event
 from service.rescores.service import reap_rescores
-from service.runs.service import dispatch_run
+from service.runs.admission import admit, dispatch_run
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,12 @@ def reap_runs(settings: Settings, publish_grace: timedelta = PUBLISH_GRACE) -> l
     now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
         expired = session.execute(
-            select(Run.id, Run.lease_owner).where(
+            select(Run.id, Run.lease_owner, Run.project_id).where(
                 Run.status == RunStatus.RUNNING, Run.lease_expires_at < now
             )
         ).all()
-        for run_id, owner in expired:
+        requeued = set()
+        for run_id, owner, project_id in expired:
             taken = (
                 session.execute(
                     update(Run)
@@ -63,6 +64,7 @@ def reap_runs(settings: Settings, publish_grace: timedelta = PUBLISH_GRACE) -> l
                 == 1
             )
             if taken:
+                requeued.add(project_id)
                 add_event(
                     session,
                     run_id,
@@ -72,30 +74,20 @@ def reap_runs(settings: Settings, publish_grace: timedelta = PUBLISH_GRACE) -> l
                     EventLevel.WARNING,
                     {"worker": owner},
                 )
-        # (the runs just requeued are among these: same transaction, old created_at)
+        # (not the runs just requeued: they hold no message, and `admit` lets them through)
         unpublished = session.execute(
-            select(Run.id, Run.spec).where(
+            select(Run.id, Run.queue).where(
                 Run.status == RunStatus.QUEUED,
+                Run.dispatch_id.is_not(None),
                 Run.dispatched_at.is_(None),
                 Run.created_at < now - publish_grace,
             )
         ).all()
-    return [
-        run_id for run_id, spec in unpublished if dispatch_run(settings, run_id, queue_of(spec))
-    ]
+    published = [run_id for run_id, queue in unpublished if dispatch_run(settings, run_id, queue)]
+    return published + [run_id for project in requeued for run_id in admit(settings, project)]
 
 
-class Reaper(threading.Thread):
-    """Reaps every `reaper_interval_s` until `stopped` is set."""
-
-    def __init__(self, settings: Settings, stopped: threading.Event) -> None:
-        super().__init__(name="gvpo-reaper", daemon=True)
-        self.settings, self.stopped = settings, stopped
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.settings.reaper_interval_s):
-            try:
-                reap_runs(self.settings)
-                reap_rescores(self.settings, PUBLISH_GRACE)
-            except Exception:  # a database or broker outage: try again next interval
-                log.exception("reaper pass failed")
+def reap(settings: Settings) -> None:
+    """One pass of the reaper over runs and rescores."""
+    reap_runs(settings)
+    reap_rescores(settings, PUBLISH_GRACE)

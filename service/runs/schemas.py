@@ -25,6 +25,11 @@ class RunRead(BaseModel):
         "null before its first step"
     )
     error: str | None
+    waiting_reason: str | None = Field(
+        None,
+        description="while the project's quota holds the queued run back: the limit and why "
+        "(`max_concurrent_runs: ...`, `max_gpus: ...`, `gpu_hours: ...`); null otherwise",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

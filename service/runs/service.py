@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Row, Select, Text, bindparam, cast, select, update
+from sqlalchemy import Row, Select, Text, bindparam, cast, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -19,22 +19,20 @@ from service.contract.groups import fit_problem
 from service.contract.outbound import unreachable, webhook_url_problem
 from service.contract.rewards import CompositeReward, RewardSpec, WebhookReward, reads_answer
 from service.contract.spec import RunSpec
-from service.contract.states import NotifyState, RunStatus
-from service.contract.tasks import RUN_TASK
+from service.contract.states import NotifyState
 from service.contract.tracking import TrackingSpec
-from service.db import Steps, after_commit, run_steps, session_scope
-from service.dispatch import enqueue
+from service.db import Steps, after_commit, run_steps
 from service.errors import Conflict, InvalidSpec, NotFound, invalid_spec
 from service.files.service import get_file
 from service.graders.judges import check_judges
 from service.models import Project, Run, RunEvent
-from service.models.base import new_id, utcnow
 from service.models.run_event import add_event
+from service.runs.admission import admit
 from service.runs.preflight import check_model
 from service.runs.sources import resolve_model
 
 
-def _check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
+def check_dataset(session: Session, project: Project, spec: RunSpec) -> None:
     """The training (and eval) file: the project's own, with the prompt and answer fields in
     every row, or chat rows."""
     ds = spec.dataset
@@ -173,7 +171,7 @@ def create_run(
         return existing, None
     resolved = resolve_model(session, settings, project, spec)
     spec = resolved.public
-    _check_dataset(session, project, spec)
+    check_dataset(session, project, spec)
     check_model(settings, session, project, resolved.spec, resolved.shown)
     check_webhooks(settings, spec.reward, spec.notify_url, spec.tracking)
     check_judges(session, project, spec.reward)
@@ -189,6 +187,9 @@ def create_run(
         request_hash=digest,
         total_steps=spec.training.steps,
         notify_state=NotifyState.PENDING if spec.notify_url else None,
+        queue=spec.resources.queue,
+        priority=spec.resources.priority,
+        devices=spec.resources.ranks,
     )
     session.add(run)
     try:
@@ -203,34 +204,8 @@ def create_run(
     add_event(
         session, run.id, EventType.RUN_QUEUED, f"run queued on queue {spec.resources.queue!r}"
     )
-    after_commit(session, lambda: dispatch_run(settings, run.id, spec.resources.queue))
+    after_commit(session, lambda: admit(settings, project.id))
     return run, secret
-
-
-def dispatch_run(settings: Settings, run_id: str, queue: str) -> bool:
-    """Publish a task to start the queued run, and note when; False when the run is no longer
-    queued, or when the broker is unreachable (the run stays queued, unpublished, for the reaper
-    to retry).
-
-    The run's dispatch_id names the new message before it is published: a worker that receives
-    any other (an older one this supersedes) exits at once, so a run has one live message."""
-    task_id = new_id("task")
-    url = settings.resolved_database_url
-    with session_scope(url) as session:
-        named = session.execute(
-            update(Run)
-            .where(Run.id == run_id, Run.status == RunStatus.QUEUED)
-            .values(dispatch_id=task_id, dispatched_at=None)
-        ).rowcount
-    if not named or not enqueue(settings, RUN_TASK, run_id, queue, task_id):
-        return False
-    with session_scope(url) as session:
-        session.execute(
-            update(Run)
-            .where(Run.id == run_id, Run.dispatch_id == task_id)
-            .values(dispatched_at=utcnow())
-        )
-    return True
 
 
 def run_spec(run: Run) -> RunSpec:
@@ -267,6 +242,7 @@ LISTED = tuple(
         "samples_generated",
         "reward",
         "error",
+        "waiting_reason",
         "created_at",
         "started_at",
         "finished_at",

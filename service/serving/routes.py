@@ -8,10 +8,14 @@ an inference worker holding it (routing.py) and relays the request to vLLM's own
 there, as it came, and vLLM's answer back as it comes: its fields, its errors (OpenAI's shape,
 with their 4xx statuses), its server-sent events. Only a request with metadata.gvpo_episode is
 read on the way (recording.py), to record the exact ids and give each choice its completion id.
+Each answer's `usage` is counted for the project (metering.py): a streamed request is asked for
+its usage chunk, which a client that did not ask for it does not get.
 """
 
+import functools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -23,6 +27,7 @@ from service.deps import PathId, ProjectDep, RecentProjectDep, SessionDep, Setti
 from service.errors import BadRequest, ServiceUnavailable
 from service.models import Project
 from service.serving.lookups import Lookups
+from service.serving.metering import Meter
 from service.serving.models import OWNER, ServedModel, listed, resolve
 from service.serving.recording import Recorder, episode_of
 from service.serving.routing import Router
@@ -95,6 +100,9 @@ async def _relay(request: Request, path: str, project: Project, settings) -> Res
     model = await lookups.model(project, body["model"])
     router_: Router = request.app.state.serving
     recorder = None
+    keep = _ask_usage(body)
+    if not keep:
+        raw = json.dumps(body).encode()
     if episode is not None:
         recorder = Recorder(
             settings.resolved_database_url,
@@ -119,33 +127,66 @@ async def _relay(request: Request, path: str, project: Project, settings) -> Res
         break
     if recorder is not None:
         recorder.version = route.version  # the weights that serve it
-    return await _answer(upstream, recorder)
+    meter: Meter = request.app.state.meter
+    usage = _Usage(functools.partial(meter.add, project.id, model.run_id), keep)
+    return await _answer(upstream, recorder, usage)
 
 
-async def _answer(upstream: aiohttp.ClientResponse, recorder: Recorder | None) -> Response:
+def _ask_usage(body: dict[str, Any]) -> bool:
+    """Ask a streamed request's usage chunk of vLLM; whether the client asked for it itself
+    (a `stream_options` that is not an object is left for vLLM to refuse)."""
+    options = body.get("stream_options")
+    if not body.get("stream") or options is not None and not isinstance(options, dict):
+        return True
+    if (options or {}).get("include_usage") is True:
+        return True
+    body["stream_options"] = {**(options or {}), "include_usage": True}
+    return False
+
+
+@dataclass
+class _Usage:
+    """An answer's usage, counted once its end is known (`count`); `keep`: whether the client
+    gets a streamed usage chunk."""
+
+    count: Callable[[object], None]
+    keep: bool
+    seen: object = None
+
+    def of_event(self, event: object) -> bool:
+        """Note a streamed event's usage; False for an event the client did not ask for (the
+        usage chunk with no choices)."""
+        if isinstance(event, dict) and isinstance(event.get("usage"), dict):
+            self.seen = event["usage"]
+            if not self.keep:
+                if not event.get("choices"):
+                    return False
+                event["usage"] = None
+        return True
+
+
+async def _answer(
+    upstream: aiohttp.ClientResponse, recorder: Recorder | None, usage: _Usage
+) -> Response:
     content_type = upstream.headers.get("Content-Type")
     if not (content_type or "").startswith(SSE) or upstream.status >= 400:
         try:
             content = await upstream.read()
         finally:
             upstream.release()
-        if recorder is None or upstream.status >= 400:
+        if upstream.status >= 400:
             return Response(content, status_code=upstream.status, media_type=content_type)
-        answer = recorder.whole(json.loads(content))
+        try:
+            answer = json.loads(content)
+        except ValueError:
+            answer = None
+        usage.count(answer.get("usage") if isinstance(answer, dict) else None)
+        if recorder is None:
+            return Response(content, status_code=upstream.status, media_type=content_type)
+        answer = recorder.whole(answer)
         await run_in_threadpool(recorder.store)
         return JSONResponse(answer)
-    if recorder is None:
-        return StreamingResponse(_passed(upstream), media_type=SSE)
-    return StreamingResponse(_recorded_events(upstream, recorder), media_type=SSE)
-
-
-async def _passed(upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """vLLM's bytes, each read passed on as it comes."""
-    try:
-        async for chunk in upstream.content.iter_any():
-            yield chunk
-    finally:
-        upstream.release()  # closes the connection unless the answer was read to its end
+    return StreamingResponse(_events(upstream, recorder, usage), media_type=SSE)
 
 
 async def _lines(upstream: aiohttp.ClientResponse) -> AsyncIterator[str]:
@@ -160,23 +201,42 @@ async def _lines(upstream: aiohttp.ClientResponse) -> AsyncIterator[str]:
         yield rest.rstrip(b"\r").decode()
 
 
-async def _recorded_events(upstream: aiohttp.ClientResponse, recorder: Recorder):
-    """vLLM's events with each chunk's choices given their completion ids; the completions are
-    stored when the stream has ended, before its closing [DONE]."""
+async def _events(
+    upstream: aiohttp.ClientResponse, recorder: Recorder | None, usage: _Usage
+) -> AsyncIterator[bytes]:
+    """vLLM's events, line by line as they come, their usage counted. Recorded: each chunk's
+    choices given their completion ids, and the completions stored when the stream has ended,
+    before its closing [DONE]. Else each line as vLLM sent it, but for the usage chunk a client
+    did not ask for."""
+    skipped = False
     try:
         async for line in _lines(upstream):
-            if not line.startswith("data: "):
+            if skipped and not line:  # the blank line that ended a dropped event
+                skipped = False
                 continue
-            data = line[len("data: ") :]
-            if data.strip() == "[DONE]":
+            data = line[len("data: ") :] if line.startswith("data: ") else None
+            if recorder is not None and data is not None and data.strip() == "[DONE]":
                 await run_in_threadpool(recorder.store)
-                yield b"data: [DONE]\n\n"
+            if data is None or not data.startswith("{"):
+                yield f"{line}\n".encode()
+                continue
+            if recorder is None and '"usage"' not in data:
+                yield f"{line}\n".encode()  # most chunks: passed on unread
                 continue
             try:
                 event = json.loads(data)
             except ValueError:
-                yield f"{line}\n\n".encode()
+                yield f"{line}\n".encode()
                 continue
-            yield f"data: {json.dumps(recorder.chunk(event))}\n\n".encode()
+            if not usage.of_event(event):
+                skipped = True
+                continue
+            if recorder is not None:
+                event = recorder.chunk(event)
+            elif usage.keep:
+                yield f"{line}\n".encode()
+                continue
+            yield f"data: {json.dumps(event)}\n".encode()
     finally:
-        upstream.release()
+        upstream.release()  # closes the connection unless the answer was read to its end
+        usage.count(usage.seen)

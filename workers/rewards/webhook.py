@@ -12,6 +12,7 @@ re-sends a request whose callback has not completed within `timeout_s`, and fail
 `max_attempts` sends. Groups therefore train only when all k rewards are in.
 """
 
+import functools
 import secrets
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ class WebhookContext:
     open_request: Callable[[str, int, list[str]], None]  # async: record before sending
     results: Callable[[list[str]], dict[str, dict[str, float] | None]]  # async: callbacks so far
     sleep: Callable[[float], None] = time.sleep
+    on_call: Callable[[], None] = lambda: None  # counts a request sent in the run's usage
     # In ids instead of the purpose: a rescore's own ("rescore2s" for the run's second), so
     # that no two re-scorings of a run send the same sample ids.
     batch_tag: str = ""
@@ -81,7 +83,11 @@ class WebhookContext:
             open_request=recorder.open_reward_request,
             results=recorder.reward_results,
             batch_tag=batch_tag,
+            on_call=functools.partial(recorder.spent, **{_CALLS[retry_event]: 1}),
         )
+
+
+_CALLS = {EventType.REWARD_RETRY: "reward_calls", EventType.ENVIRONMENT_RETRY: "environment_calls"}
 
 
 def sample_id(run_id: str, batch: str, group: int, index: int) -> str:

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12gvpo/v1/runs.proto\x12\x07gvpo.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x88\x03\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\x18\n\x10\x63\x61ncel_requested\x18\x06 \x01(\x08\x12\x18\n\x10tokens_generated\x18\x07 \x01(\x03\x12\x19\n\x11samples_generated\x18\x08 \x01(\x03\x12\x13\n\x06reward\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04spec\x18\r \x01(\x0b\x32\x17.google.protobuf.StructB\t\n\x07_reward\"R\n\x10\x43reateRunRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"W\n\x11\x43reateRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.gvpo.v1.Run\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"H\n\x0fListRunsRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"G\n\x10ListRunsResponse\x12\x1a\n\x04runs\x18\x01 \x03(\x0b\x32\x0c.gvpo.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\x03\x12\x12\n\nsince_step\x18\x03 \x01(\x03\"\x9b\x01\n\x08RunEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05level\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12%\n\x04\x64\x61ta\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"|\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x30\n\x06values\x18\x02 \x03(\x0b\x32 .gvpo.v1.StepMetrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x7f\n\tRunUpdate\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0c.gvpo.v1.RunH\x00\x12\"\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x11.gvpo.v1.RunEventH\x00\x12\'\n\x07metrics\x18\x03 \x01(\x0b\x32\x14.gvpo.v1.StepMetricsH\x00\x42\x08\n\x06update2\x8f\x03\n\x04Runs\x12\x42\n\tCreateRun\x12\x19.gvpo.v1.CreateRunRequest\x1a\x1a.gvpo.v1.CreateRunResponse\x12.\n\x06GetRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12?\n\x08ListRuns\x12\x18.gvpo.v1.ListRunsRequest\x1a\x19.gvpo.v1.ListRunsResponse\x12\x31\n\tCancelRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12\x30\n\x08PauseRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12\x31\n\tResumeRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12:\n\x08WatchRun\x12\x18.gvpo.v1.WatchRunRequest\x1a\x12.gvpo.v1.RunUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12gvpo/v1/runs.proto\x12\x07gvpo.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa0\x03\n\x03Run\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x05 \x01(\x03\x12\x18\n\x10\x63\x61ncel_requested\x18\x06 \x01(\x08\x12\x18\n\x10tokens_generated\x18\x07 \x01(\x03\x12\x19\n\x11samples_generated\x18\x08 \x01(\x03\x12\x13\n\x06reward\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\t \x01(\t\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04spec\x18\r \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0ewaiting_reason\x18\x0f \x01(\tB\t\n\x07_reward\"R\n\x10\x43reateRunRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"W\n\x11\x43reateRunResponse\x12\x19\n\x03run\x18\x01 \x01(\x0b\x32\x0c.gvpo.v1.Run\x12\x16\n\x0ewebhook_secret\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"H\n\x0fListRunsRequest\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"G\n\x10ListRunsResponse\x12\x1a\n\x04runs\x18\x01 \x03(\x0b\x32\x0c.gvpo.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\x03\x12\x12\n\nsince_step\x18\x03 \x01(\x03\"\x9b\x01\n\x08RunEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05level\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12%\n\x04\x64\x61ta\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"|\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x30\n\x06values\x18\x02 \x03(\x0b\x32 .gvpo.v1.StepMetrics.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x7f\n\tRunUpdate\x12\x1b\n\x03run\x18\x01 \x01(\x0b\x32\x0c.gvpo.v1.RunH\x00\x12\"\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x11.gvpo.v1.RunEventH\x00\x12\'\n\x07metrics\x18\x03 \x01(\x0b\x32\x14.gvpo.v1.StepMetricsH\x00\x42\x08\n\x06update2\x8f\x03\n\x04Runs\x12\x42\n\tCreateRun\x12\x19.gvpo.v1.CreateRunRequest\x1a\x1a.gvpo.v1.CreateRunResponse\x12.\n\x06GetRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12?\n\x08ListRuns\x12\x18.gvpo.v1.ListRunsRequest\x1a\x19.gvpo.v1.ListRunsResponse\x12\x31\n\tCancelRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12\x30\n\x08PauseRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12\x31\n\tResumeRun\x12\x16.gvpo.v1.GetRunRequest\x1a\x0c.gvpo.v1.Run\x12:\n\x08WatchRun\x12\x18.gvpo.v1.WatchRunRequest\x1a\x12.gvpo.v1.RunUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPMETRICS_VALUESENTRY']._loaded_options = None
   _globals['_STEPMETRICS_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_RUN']._serialized_start=95
-  _globals['_RUN']._serialized_end=487
-  _globals['_CREATERUNREQUEST']._serialized_start=489
-  _globals['_CREATERUNREQUEST']._serialized_end=571
-  _globals['_CREATERUNRESPONSE']._serialized_start=573
-  _globals['_CREATERUNRESPONSE']._serialized_end=660
-  _globals['_GETRUNREQUEST']._serialized_start=662
-  _globals['_GETRUNREQUEST']._serialized_end=693
-  _globals['_LISTRUNSREQUEST']._serialized_start=695
-  _globals['_LISTRUNSREQUEST']._serialized_end=767
-  _globals['_LISTRUNSRESPONSE']._serialized_start=769
-  _globals['_LISTRUNSRESPONSE']._serialized_end=840
-  _globals['_WATCHRUNREQUEST']._serialized_start=842
-  _globals['_WATCHRUNREQUEST']._serialized_end=919
-  _globals['_RUNEVENT']._serialized_start=922
-  _globals['_RUNEVENT']._serialized_end=1077
-  _globals['_STEPMETRICS']._serialized_start=1079
-  _globals['_STEPMETRICS']._serialized_end=1203
-  _globals['_STEPMETRICS_VALUESENTRY']._serialized_start=1158
-  _globals['_STEPMETRICS_VALUESENTRY']._serialized_end=1203
-  _globals['_RUNUPDATE']._serialized_start=1205
-  _globals['_RUNUPDATE']._serialized_end=1332
-  _globals['_RUNS']._serialized_start=1335
-  _globals['_RUNS']._serialized_end=1734
+  _globals['_RUN']._serialized_end=511
+  _globals['_CREATERUNREQUEST']._serialized_start=513
+  _globals['_CREATERUNREQUEST']._serialized_end=595
+  _globals['_CREATERUNRESPONSE']._serialized_start=597
+  _globals['_CREATERUNRESPONSE']._serialized_end=684
+  _globals['_GETRUNREQUEST']._serialized_start=686
+  _globals['_GETRUNREQUEST']._serialized_end=717
+  _globals['_LISTRUNSREQUEST']._serialized_start=719
+  _globals['_LISTRUNSREQUEST']._serialized_end=791
+  _globals['_LISTRUNSRESPONSE']._serialized_start=793
+  _globals['_LISTRUNSRESPONSE']._serialized_end=864
+  _globals['_WATCHRUNREQUEST']._serialized_start=866
+  _globals['_WATCHRUNREQUEST']._serialized_end=943
+  _globals['_RUNEVENT']._serialized_start=946
+  _globals['_RUNEVENT']._serialized_end=1101
+  _globals['_STEPMETRICS']._serialized_start=1103
+  _globals['_STEPMETRICS']._serialized_end=1227
+  _globals['_STEPMETRICS_VALUESENTRY']._serialized_start=1182
+  _globals['_STEPMETRICS_VALUESENTRY']._serialized_end=1227
+  _globals['_RUNUPDATE']._serialized_start=1229
+  _globals['_RUNUPDATE']._serialized_end=1356
+  _globals['_RUNS']._serialized_start=1359
+  _globals['_RUNS']._serialized_end=1758
 # @@protoc_insertion_point(module_scope)

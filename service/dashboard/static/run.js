@@ -57,7 +57,8 @@ function header(runId, onAction) {
       item("finished", fmtTime(run.finished_at)),
       item("samples", String(run.samples_generated)),
       item("tokens", String(run.tokens_generated)),
-      ...(run.cancel_requested && !isTerminal(run) ? [item("cancel", "requested")] : []));
+      ...(run.cancel_requested && !isTerminal(run) ? [item("cancel", "requested")] : []),
+      ...(run.waiting_reason ? [item("waiting", run.waiting_reason)] : []));
     error.textContent = run.error ?? "";
     error.hidden = !run.error;
   }
