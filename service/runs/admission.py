@@ -8,7 +8,8 @@ training processes) and `gpu_hours` (device-hours spent in all, from its usage r
   when the project's admitted and started runs leave room for it. Otherwise it stays queued,
   with its waiting_reason and a `run.waiting` event saying why (once per reason), and a later
   pass lets it through: each API process makes one every settings.schedule_interval_s
-  (service/runs/scheduler.py), and one follows each submission and resume.
+  (`schedule`, on a background thread: service/main.py), and one follows each submission and
+  resume.
 - The project's waiting runs are let through in order, highest resources.priority first, then
   oldest; one that does not fit holds back those behind it, so a large run is not passed over
   for ever by small ones.
