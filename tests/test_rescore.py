@@ -51,6 +51,11 @@ def rescore(api, settings, key: str, run_id: str, reward: dict) -> dict:
     return api.get(f"/v1/runs/{run_id}/rescores/{resp.json()['id']}", headers=auth(key)).json()
 
 
+def reward_calls(api, key: str, run_id: str) -> int:
+    """The reward calls in the run's usage (its own and its rescores')."""
+    return api.get(f"/v1/runs/{run_id}/usage", headers=auth(key)).json()["total"]["reward_calls"]
+
+
 def project_key(settings, project: str = "loop") -> str:
     """A new API key of `project` (submit() creates its runs in "loop")."""
     with session_scope(settings.resolved_database_url) as session:
@@ -217,6 +222,7 @@ def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_di
         behaviour = Behaviour(secret=webhook_secret(hooks, run_id), mode=mode)
         key = make_key("loop")
         with RewardServer(behaviour) as server, TestClient(create_app(hooks)) as api:
+            before = reward_calls(api, key, run_id)
             result = rescore(
                 api,
                 hooks,
@@ -224,8 +230,10 @@ def test_rescoring_with_a_webhook_reward_model(settings, make_key, tiny_model_di
                 run_id,
                 {"type": "webhook", "url": server.url, "mode": mode, "timeout_s": 10},
             )
+            spent = reward_calls(api, key, run_id) - before
     assert result["status"] == "succeeded"
     assert behaviour.purposes == ["rescore"] * STEPS  # one request per step
+    assert spent == behaviour.calls == STEPS  # in the run's usage
     if mode == "async":
         assert behaviour.callback_statuses == [200] * STEPS
     assert all("_rescore1s" in sid for sid in behaviour.rewards)
@@ -254,7 +262,9 @@ def test_a_failing_reward_fails_the_rescore_and_keeps_the_applied_steps(
         result = api.get(
             f"/v1/runs/{run_id}/rescores/{resp.json()['id']}", headers=auth(key)
         ).json()
+        spent = reward_calls(api, key, run_id)
     assert result["status"] == "failed" and "failed after 2 tries" in result["error"]
+    assert spent == behaviour.calls == 4  # 2 steps, then the third's 2 tries: all in the usage
     assert result["samples_scored"] == 2 * PROMPTS * K and result["file_id"] is None
     after = samples(hooks, run_id)
     changed = [a.step for a, b in zip(after, before, strict=True) if a.reward != b.reward]

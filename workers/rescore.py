@@ -24,8 +24,8 @@ from service.contract.groups import POLICY, group_problem
 from service.contract.rewards import RewardSpec
 from service.contract.states import RescoreStatus
 from service.db import session_scope
-from service.models import File, Rescore, RewardHistory, Run, Sample
-from service.models.base import new_id, utcnow
+from service.models import File, Rescore, RewardHistory, Run, Sample, Usage
+from service.models.base import new_id, upsert, utcnow
 from service.models.run_event import add_event
 from workers.data import Example
 from workers.errors import RunError
@@ -35,6 +35,7 @@ from workers.rewards.graders import grading_context, record_errors
 from workers.rewards.scoring import build_scorer
 from workers.rewards.webhook import WebhookContext
 from workers.rollout.base import Completion, Rollout, Turn
+from workers.spending import COUNTED, RESCORE_ATTEMPT, USAGE_KEYS, Spending
 from workers.step_metrics import recorded_message
 from workers.watchdog import Watchdog
 
@@ -98,8 +99,16 @@ class RescoreRecorder:
                 == 1
             )
 
-    def apply(self, step: int, samples: list[int], old: list[float], new: list[float]) -> None:
-        """One step's new rewards, its old ones kept, in one transaction that first checks
+    def apply(
+        self,
+        step: int,
+        samples: list[int],
+        old: list[float],
+        new: list[float],
+        spent: list[dict],
+    ) -> None:
+        """One step's new rewards, its old ones kept, and the calls it took added to the run's
+        usage (`spent`: Usage rows of RESCORE_ATTEMPT), in one transaction that first checks
         that this worker still holds the lease."""
         with session_scope(self.url) as session:
             if (
@@ -122,6 +131,7 @@ class RescoreRecorder:
                     for s, r in zip(samples, new, strict=True)
                 ],
             )
+            upsert(session, Usage, spent, USAGE_KEYS, list(COUNTED), add=True)
 
     def finish(
         self,
@@ -189,6 +199,12 @@ def execute_rescore(settings: Settings, rescore_id: str, worker_id: str) -> str:
 def _rescore(settings: Settings, recorder: RescoreRecorder, rescore: Rescore) -> str:
     """Score every step after the last one applied; returns the file of re-scored groups."""
     run_recorder = RunRecorder(settings, rescore.run_id, recorder.worker_id)
+    with session_scope(settings.resolved_database_url) as session:
+        project_id = session.get(Run, rescore.run_id).project_id
+    # the reward calls it sends, counted by the webhook context as a run's attempt counts them
+    run_recorder.spending = spending = Spending(
+        rescore.run_id, project_id, RESCORE_ATTEMPT, "cpu", 0, utcnow()
+    )
     context = WebhookContext.of_run(settings, run_recorder, batch_tag=f"rescore{rescore.number}s")
     grading = grading_context(settings, run_recorder)
     scorer = build_scorer(REWARD.validate_python(rescore.reward), context, grading)
@@ -200,12 +216,37 @@ def _rescore(settings: Settings, recorder: RescoreRecorder, rescore: Rescore) ->
             .where(Sample.run_id == rescore.run_id, Sample.step > rescore.last_step)
             .order_by(Sample.step)
         ).all()
-    for step in steps:
-        ids, old, examples, rollouts = _step_groups(settings, rescore.run_id, step, stored)
-        scores = scorer.score(step, examples, rollouts, purpose="rescore")
-        record_errors(run_recorder, step, scores.errors, len(ids), "rescore")
-        recorder.apply(step, ids, old, scores.rewards.flatten().tolist())  # (G, k) flattened
+    try:
+        for step in steps:
+            ids, old, examples, rollouts = _step_groups(settings, rescore.run_id, step, stored)
+            scores = scorer.score(step, examples, rollouts, purpose="rescore")
+            record_errors(run_recorder, step, scores.errors, len(ids), "rescore")
+            new = scores.rewards.flatten().tolist()  # (G, k) flattened
+            recorder.apply(step, ids, old, new, _usage_rows(spending))
+    finally:  # the calls of a step that failed, or was not applied, were sent all the same
+        if leftover := _usage_rows(spending):
+            try:
+                with session_scope(settings.resolved_database_url) as session:
+                    upsert(session, Usage, leftover, USAGE_KEYS, list(COUNTED), add=True)
+            except Exception:  # the database is down: what failed the rescore is what to say
+                log.warning("rescore %s: its last calls are not in the usage", rescore.id)
     return _export(settings, rescore)
+
+
+def _usage_rows(spending: Spending) -> list[dict]:
+    """The calls counted since the last step applied, as Usage rows to add (one per day)."""
+    return [
+        {
+            "run_id": spending.run_id,
+            "attempt": spending.attempt,
+            "day": day,
+            "project_id": spending.project_id,
+            "device": spending.device,
+            "device_seconds": 0.0,
+            **{name: counts.get(name, 0) for name in COUNTED},
+        }
+        for day, counts in spending.take().items()
+    ]
 
 
 class StoredRows:

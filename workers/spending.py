@@ -16,6 +16,8 @@ from service.models.base import upsert, utcnow
 from workers.retrying import retrying
 
 COUNTED = ("tokens_generated", "tokens_trained", "reward_calls", "environment_calls")
+USAGE_KEYS = ["run_id", "attempt", "day"]
+RESCORE_ATTEMPT = 0  # the run's rescores (service/models/usage.py); its own attempts are 1, 2, ...
 
 
 @dataclass
@@ -33,6 +35,12 @@ class Spending:
         """Count `counts` (COUNTED's names) on `now`'s day; from any thread."""
         with self.lock:
             self.counts.setdefault(now.date(), Counter()).update(counts)
+
+    def take(self) -> dict[date, Counter]:
+        """What was counted since the last take, per day (the counts start again from 0)."""
+        with self.lock:
+            counts, self.counts = self.counts, {}
+        return counts
 
     def rows(self, now: datetime) -> list[dict]:
         """The attempt's usage rows up to `now`: one per day it has held the run."""
@@ -82,4 +90,4 @@ class Spends:
     def _write_spending(self, session: Session) -> None:
         if self.spending is not None:
             rows = self.spending.rows(utcnow())
-            upsert(session, Usage, rows, ["run_id", "attempt", "day"], ["device_seconds", *COUNTED])
+            upsert(session, Usage, rows, USAGE_KEYS, ["device_seconds", *COUNTED])

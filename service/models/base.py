@@ -40,18 +40,30 @@ class Base(DeclarativeBase):
     pass
 
 
-def upsert(session: Session, model, rows: list[dict], keys: list[str], columns: list[str]) -> None:
+def upsert(
+    session: Session,
+    model,
+    rows: list[dict],
+    keys: list[str],
+    columns: list[str],
+    add: bool = False,
+) -> None:
     """INSERT ... ON CONFLICT (keys) DO UPDATE columns, on PostgreSQL or SQLite: one statement,
-    built and compiled once, executed for every row (SQLAlchemy batches them)."""
+    built and compiled once, executed for every row (SQLAlchemy batches them). `add`: a row
+    already there gets the new values added to its own instead of replaced by them."""
     if rows:
         dialect = session.get_bind().dialect.name
-        stmt = _upsert_statement(dialect, model.__table__, tuple(keys), tuple(columns))
+        stmt = _upsert_statement(dialect, model.__table__, tuple(keys), tuple(columns), add)
         session.connection().execute(stmt, rows)
 
 
 @functools.lru_cache(maxsize=64)
-def _upsert_statement(dialect: str, table, keys: tuple[str, ...], columns: tuple[str, ...]):
+def _upsert_statement(
+    dialect: str, table, keys: tuple[str, ...], columns: tuple[str, ...], add: bool
+):
     stmt = (postgresql if dialect == "postgresql" else sqlite).insert(table)
+    new = stmt.excluded
     return stmt.on_conflict_do_update(
-        index_elements=list(keys), set_={c: getattr(stmt.excluded, c) for c in columns}
+        index_elements=list(keys),
+        set_={c: table.c[c] + new[c] if add else new[c] for c in columns},
     )

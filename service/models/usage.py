@@ -10,7 +10,11 @@ class Usage(Base):
     """What one attempt of a run used on one day (UTC): the worker writes the attempt's totals
     so far after each step and with each heartbeat (absolute figures, so a write done twice
     counts once). An attempt is one worker's hold on the run: a run resumed after its worker
-    was lost spends again on the steps it replays, and that is counted, as it was spent."""
+    was lost spends again on the steps it replays, and that is counted, as it was spent.
+
+    Attempt 0 holds what the run's rescores spent (workers/rescore.py): their reward calls,
+    added with each step they apply. A rescore holds no training device, so it has no
+    device-seconds."""
 
     __tablename__ = "usage"
     __table_args__ = (Index("ix_usage_project_id_day", "project_id", "day"),)

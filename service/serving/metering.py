@@ -12,11 +12,9 @@ import threading
 from collections import Counter
 from datetime import date
 
-from sqlalchemy.dialects import postgresql, sqlite
-
 from service.db import session_scope
 from service.models import InferenceUsage
-from service.models.base import utcnow
+from service.models.base import upsert, utcnow
 
 FIELDS = ("requests", "prompt_tokens", "completion_tokens")
 METER_FLUSH_S = 2.0  # how often each API process adds what it counted
@@ -56,14 +54,8 @@ class Meter:
         ]
         try:
             with session_scope(url) as session:
-                table = InferenceUsage.__table__
-                dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-                stmt = dialect.insert(table)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["project_id", "run_id", "day"],
-                    set_={name: table.c[name] + stmt.excluded[name] for name in FIELDS},
-                )
-                session.execute(stmt, rows)
+                keys = ["project_id", "run_id", "day"]
+                upsert(session, InferenceUsage, rows, keys, list(FIELDS), add=True)
         except Exception:
             with self._lock:  # counted again next time, with what came meanwhile
                 for key, counted in counts.items():
