@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
     """A test marked one_backend(name) whose back end (a parameter, of `backend` or of a
     fixture parametrised over BACKENDS) is another is deselected: a slow end-to-end test
     whose subject does not depend on the database runs once, where it matters most. The
-    report counts them as deselected."""
+    report counts them as deselected. Then the files with slow tests go first."""
     keep, drop = [], []
     for item in items:
         marker = item.get_closest_marker("one_backend")
@@ -65,6 +65,11 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+    # Files with a slow test first (a stable sort keeps each file's tests together and in
+    # order): `make test` hands whole files to its processes in this order
+    # (--no-loadscope-reorder), so the longest start early and short files fill the end.
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from service.contract.spec import RunSpec
 from workers.learner.learner import GroupBatch, Learner, LearnerConfig
 from workers.learner.sharding import full
 
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["abc=", "hello=", "12+7=", "q="]
 COMPLETIONS = [
     ["abc", "xy", "abcd", "q"],

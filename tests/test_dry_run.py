@@ -19,7 +19,7 @@ from conftest import BACKENDS, CLUSTER, new_settings, release
 from factories import WORKER_S, assert_error, auth, submit, wait_until
 from services import closed_port, running_worker
 
-pytestmark = pytest.mark.both_backends
+pytestmark = [pytest.mark.both_backends, pytest.mark.slow]
 
 PROMPT = "abc="
 COMPLETIONS = ["abc", "xy", "abcd", "q z"]

@@ -20,6 +20,8 @@ from workers.execute import execute_run
 from factories import WORKER_S, submit, wait_until
 from services import process_tree, running_worker
 
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 REWARD = {"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}}
 

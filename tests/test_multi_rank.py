@@ -34,6 +34,8 @@ from workers.rollout.vllm import vllm_installed
 
 from factories import WORKER_S, copy_rows, submit, wait_until
 
+pytestmark = pytest.mark.slow
+
 REWARD = {"type": "builtin", "name": "regex", "params": {"pattern": "[a-z]"}}
 
 

@@ -13,6 +13,8 @@ from workers.rollout.vllm import vllm_installed
 
 from factories import DROP, assert_error, auth, copy_rows, post_file, run_spec, submit, upload
 
+pytestmark = pytest.mark.slow
+
 K = 8
 LETTERS = "abcdefghij"  # the copy task's alphabet
 

@@ -18,6 +18,8 @@ from service.models import Metric, RunEvent
 from workers.execute import execute_run
 from workers.rollout.vllm import vllm_installed
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     ("reference", "lora", "episodes", "max_lag"),
