@@ -6,12 +6,15 @@ PostgreSQL.
 repository root:
 
     .venv-bench/bin/python bench/api_load.py [--databases sqlite,postgresql] [--users 16]
-        [--seconds 15] [--warmup 2] [--load-procs 1] [--profile DIR]
+        [--seconds 15] [--warmup 2] [--rounds 3] [--load-procs 1] [--profile DIR]
 
 What is measured: locust (FastHttpUser, headless, run programmatically in fresh subprocesses
 per scenario: --load-procs processes sharing --users users) with no wait time between requests,
 over loopback, for --warmup seconds (not counted) and then --seconds seconds. Each scenario is
-a separate locust run; a database's API scenarios all hit the same server process.
+a separate locust run; a database's API scenarios all hit the same server process. Every
+scenario runs --rounds times, each round measuring ping again just before the API's scenarios:
+this machine's speed drifts by a third within minutes, so a share is only meaningful against a
+ping measured beside it.
 
 - ping:        `GET /ping` of a bare FastAPI app (one plain `def` route returning a small dict,
                run in the threadpool like the API's handlers).
@@ -21,7 +24,9 @@ a separate locust run; a database's API scenarios all hit the same server proces
 - rewards:     `POST /v1/runs/{id}/rewards`: async reward callbacks signed with the run's webhook
                secret; each callback carries all 8 rewards of a request never called back before
                (a real write that completes the request). The requests were opened beforehand,
-               enough that the load never runs out.
+               enough that the load never runs out. Each load process builds and signs every
+               callback it may send before its load starts (not timed), so that it does no
+               more per request than ping's.
 - rewards-dup: the same endpoint, repeating the identical callback of a request already complete
                (the retry path: accepted as a duplicate, 200 with accepted 0, nothing written).
 
@@ -40,7 +45,7 @@ Reported per scenario: requests/s (responses received in the measured window / i
 p50 and p99 latency in ms (exact, from every response, not locust's rounded histogram), the
 failures locust counted (connection errors and 4xx/5xx responses), the non-2xx statuses seen (0:
 no response), requests/s as a share of ping's (measured just before, in the same database's
-block), the server process's CPU time per response (what a request costs the server, whatever
+round), the server process's CPU time per response (what a request costs the server, whatever
 else runs on the machine), and the CPU used in the window, in % of one core, by the server
 process, PostgreSQL's processes and the load generator. After the run, the number of reward
 requests the callbacks completed in the database is checked against the callbacks sent.
@@ -271,18 +276,27 @@ def sender(scenario: str, target: dict, counter, header: str, sign):
         return get
     run_id, secret = target["rewards_run"], target["secret"]
     path = f"/v1/runs/{run_id}/rewards"
+    # Every callback this process may send, built and signed before the load starts (the
+    # signatures are good for 5 minutes): the load generator shares the cores with the server,
+    # and building and signing each one during the load cost it twice ping's CPU per request.
+    if scenario == "rewards":  # each request called back once, in order, after earlier rounds'
+        base = target.get("first", 0)
+        count = target["open"] - base
+    else:  # rewards-dup: the completed ones, round robin
+        base, count = target["open"], data.DUPLICATES
+
+    def signed(k: int) -> tuple[bytes, dict]:
+        body = data.callback_body(run_id, base + k)
+        return body, {"Content-Type": "application/json", header: sign(secret, body)}
+
+    prepared = [signed(k) for k in range(count)]
 
     def callback(client) -> None:
-        n = next(counter)
-        # rewards: each request called back once, in order; rewards-dup: the completed ones
-        n = n if scenario == "rewards" else target["open"] + n % data.DUPLICATES
-        body = data.callback_body(run_id, n)
-        client.post(
-            path,
-            data=body,
-            name=SCENARIOS[scenario],
-            headers={"Content-Type": "application/json", header: sign(secret, body)},
-        )
+        k = next(counter)
+        k = k if scenario == "rewards" else k % count
+        # past the open requests (never so far): an unknown request, the 400 the table counts
+        body, headers = prepared[k] if k < count else signed(k)
+        client.post(path, data=body, name=SCENARIOS[scenario], headers=headers)
 
     return callback
 
@@ -334,34 +348,37 @@ def run_load(args, scenario: str, url: str, target: dict, profile: Path | None =
 # --- one database's block ------------------------------------------------------------------------
 
 
-def run_block(args, kind: str, scenarios: list[str], tmp: Path) -> tuple[dict, list[str]]:
-    """The scenarios on one database: ping against the bare app, then the API's."""
+def run_block(args, kind: str, scenarios: list[str], tmp: Path) -> tuple[list[dict], list[str]]:
+    """The scenarios on one database, --rounds times: in each round ping against the bare app,
+    then the API's scenarios, so that each share compares requests/s measured minutes apart at
+    most (this machine's speed drifts more than that). Both servers stay up for the block; the
+    rewards scenario goes on where the last round stopped. One dict of results per round."""
     from service.stack import free_port, stack_env
 
-    results, notes = {}, []
+    rounds, notes = [{} for _ in range(args.rounds)], []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if "ping" in scenarios:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, __file__, "--serve-bare", str(port)]
-        proc = start_server(cmd, env, url, "/ping", tmp / f"bare-{kind}.log")
-        try:
-            results["ping"] = run_load(args, "ping", url, {"watch": {"api": [proc.pid]}})
-        finally:
-            stop_server(proc)
+    bare = None
     api = [s for s in scenarios if s != "ping"]
-    if not api:
-        return results, notes
-    # enough open requests that the rewards scenario never runs out: the ceiling's rate
-    rate = (
-        len(results["ping"]["times"]) / results["ping"]["window_s"]
-        if "ping" in results
-        else DEFAULT_RATE
-    )
     db = Database(kind, tmp)
     try:
+        if "ping" in scenarios:
+            port = free_port()
+            bare_url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, __file__, "--serve-bare", str(port)]
+            bare = start_server(cmd, env, bare_url, "/ping", tmp / f"bare-{kind}.log")
+            bare_target = {"watch": {"api": [bare.pid]}}
+            rounds[0]["ping"] = run_load(args, "ping", bare_url, bare_target)
+        if not api:
+            return rounds, notes
+        # enough open requests that the rewards scenario never runs out: the ceiling's rate
+        rate = (
+            len(rounds[0]["ping"]["times"]) / rounds[0]["ping"]["window_s"]
+            if "ping" in rounds[0]
+            else DEFAULT_RATE
+        )
         settings = db.settings
-        target = data.seed(settings, int(rate * (args.warmup + args.seconds) * 1.5) + 1000)
+        per_round = int(rate * (args.warmup + args.seconds) * 1.5) + 1000
+        target = data.seed(settings, per_round * args.rounds)
         url = settings.resolved_api_url
         proc = start_server(
             [sys.executable, "-m", "service.cli", "api"],
@@ -370,27 +387,35 @@ def run_block(args, kind: str, scenarios: list[str], tmp: Path) -> tuple[dict, l
             "/readyz",
             tmp / f"api-{kind}.log",
         )
-        target["watch"] = {"api": [proc.pid], "postgres": db.pids()}
+        target["watch"], target["first"] = {"api": [proc.pid], "postgres": db.pids()}, 0
         try:
-            for scenario in api:
-                profile = args.profile / f"{kind}-{scenario}.txt" if args.profile else None
-                results[scenario] = run_load(args, scenario, url, target, profile)
+            for number, results in enumerate(rounds):
+                if number and bare is not None:
+                    results["ping"] = run_load(args, "ping", bare_url, bare_target)
+                for scenario in api:
+                    profile = None
+                    if args.profile:
+                        profile = args.profile / f"{kind}-{scenario}-{number + 1}.txt"
+                    results[scenario] = run_load(args, scenario, url, target, profile)
+                    if scenario == "rewards":
+                        target["first"] += results[scenario]["sent"]
         finally:
             stop_server(proc)
-        if "rewards" in results:
-            sent = results["rewards"]["sent"]
+        if "rewards" in api:
             done = data.completed_requests(settings, target["rewards_run"])
             notes.append(
                 f"{kind} rewards: {done - data.DUPLICATES} requests completed in the database "
-                f"for {sent} callbacks sent (of {target['open']} open; the last ones in flight "
-                "when the load stopped may be missing either side)"
+                f"for {target['first']} callbacks sent (of {target['open']} open; the last ones "
+                "in flight when each load stopped may be missing either side)"
             )
     finally:
         from service.db import get_engine
 
+        if bare is not None:
+            stop_server(bare)
         get_engine(db.settings.resolved_database_url).dispose()
         db.close()
-    return results, notes
+    return rounds, notes
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -449,6 +474,9 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument("--load-procs", type=int, default=1, help="locust processes sharing the users")
     ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every scenario, each with its own ping"
+    )
+    ap.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help=f"any of {','.join(SCENARIOS)}"
     )
     ap.add_argument("--profile", type=Path, help="py-spy the API into this folder")
@@ -477,22 +505,46 @@ def main() -> None:
         for kind in kinds:
             blocks[kind], said = run_block(args, kind, scenarios, Path(tmp))
             notes += said
-    for kind, results in blocks.items():
-        notes += [
-            f"{kind} {s}: locust reported its CPU above 90% (the load generator is saturated)"
-            for s, r in results.items()
-            if r["cpu_warning"]
-        ]
-        ping = results.get("ping")
-        ceiling = len(ping["times"]) / ping["window_s"] if ping else None
-        common.print_table(
-            f"{kind}: {args.users} locust users in {args.load_procs} process(es) "
-            f"(FastHttpUser), no wait, {args.seconds:g} s per scenario after {args.warmup:g} s "
-            f"warm-up, loopback; {server_settings()}; load generator, server and database "
-            f"share {os.cpu_count()} cores",
-            HEAD,
-            [row(s, results[s], ceiling) for s in scenarios if s in results],
-        )
+    for kind, rounds in blocks.items():
+        shares = {}  # scenario -> (share of its round's ping, server CPU ms/req) per round
+        for number, results in enumerate(rounds, 1):
+            notes += [
+                f"{kind} {s}, round {number}: locust reported its CPU above 90% (the load "
+                "generator is saturated)"
+                for s, r in results.items()
+                if r["cpu_warning"]
+            ]
+            ping = results.get("ping")
+            ceiling = len(ping["times"]) / ping["window_s"] if ping else None
+            common.print_table(
+                f"{kind}, round {number} of {len(rounds)}: {args.users} locust users in "
+                f"{args.load_procs} process(es) (FastHttpUser), no wait, {args.seconds:g} s per "
+                f"scenario after {args.warmup:g} s warm-up, loopback; {server_settings()}; load "
+                f"generator, server and database share {os.cpu_count()} cores",
+                HEAD,
+                [row(s, results[s], ceiling) for s in scenarios if s in results],
+            )
+            for s in scenarios:
+                if s != "ping" and s in results and ceiling and results[s]["times"]:
+                    res = results[s]
+                    cpu_ms = 1000 * res["cpu_s"]["api"] / len(res["times"])
+                    rate = len(res["times"]) / res["window_s"]
+                    shares.setdefault(s, []).append((rate / ceiling, cpu_ms))
+        if shares:
+            common.print_table(
+                f"{kind}: requests/s as a share of the same round's ping, each round and their "
+                "median; the server's CPU ms per request (median)",
+                ["scenario", "rounds", "median share", "server CPU ms/req"],
+                [
+                    [
+                        s,
+                        ", ".join(f"{share:.1%}" for share, _ in got),
+                        f"{statistics.median(share for share, _ in got):.1%}",
+                        f"{statistics.median(cpu for _, cpu in got):.2f}",
+                    ]
+                    for s, got in shares.items()
+                ],
+            )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     for note in notes:
         print(f"\nnote: {note}")

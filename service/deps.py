@@ -109,8 +109,8 @@ async def answer_steps(
     JSON (a model, or JSON it wrote itself), for the routes under the heaviest load (reward
     callbacks, run listings):
 
-    - on PostgreSQL, on the event loop, on a connection of the lifespan's engine
-      (app.state.loop_engine) used by asyncpg directly (run_steps_on_loop): the loop runs other
+    - on PostgreSQL, on the event loop, on a connection of the lifespan's asyncpg pool
+      (app.state.loop_pool, run_steps_on_loop): the loop runs other
       requests while one waits on the database, and no thread, session or greenlet is
       involved. A plain route instead crosses to the threadpool for the session, each plain
       dependency, the handler, the check of the answer and the commit, and under load each
@@ -126,15 +126,15 @@ async def answer_steps(
     writes at most one statement, one that is right on its own whatever happened since its
     reads (a version-checked UPDATE): on the event loop each statement commits as it runs
     (autocommit), with no BEGIN and COMMIT round trips."""
-    engine = getattr(request.app.state, "loop_engine", None)
+    loop_pool = getattr(request.app.state, "loop_pool", None)
     settings: Settings = request.app.state.settings
-    if engine is None and reads_only:
+    if loop_pool is None and reads_only:
         with session_scope(settings.resolved_database_url) as session:
             answer = run_steps(session, steps())
-    elif engine is None:
+    elif loop_pool is None:
         answer = await in_one_trip(settings, lambda session: run_steps(session, steps()))
     else:
-        answer = await run_steps_on_loop(engine, steps())
+        answer = await run_steps_on_loop(loop_pool, steps())
     return Response(_json(answer), media_type="application/json")
 
 

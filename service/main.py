@@ -18,7 +18,7 @@ from service import dashboard, dispatch, installed_version, telemetry
 from service.background import Every
 from service.checkpoints.routes import router as checkpoints_router
 from service.config import Settings, get_settings
-from service.db import create_event_loop_engine, get_sessionmaker
+from service.db import get_sessionmaker, open_loop_pool
 from service.diagnostics.routes import router as diagnostics_router
 from service.edge import Edge
 from service.errors import ERROR_RESPONSES, ServiceError, classify, invalid_spec, unstorable
@@ -92,9 +92,9 @@ async def _lifespan(app: FastAPI):
     settings = app.state.settings
     # What requests share and would otherwise build on first use, built once before the first
     # request: the database engine (with its dialect's modules) and the broker's publisher. On
-    # PostgreSQL, the hot routes' engine on this lifespan's event loop (deps.answer_steps).
+    # PostgreSQL, the hot routes' pool on this lifespan's event loop (deps.answer_steps).
     get_sessionmaker(settings.resolved_database_url)
-    app.state.loop_engine = create_event_loop_engine(settings.resolved_database_url)
+    app.state.loop_pool = await open_loop_pool(settings.resolved_database_url)
     dispatch.prepare(settings)
     # Background passes, each on a thread and an interval of its own (0 turns it off).
     stopped = threading.Event()
@@ -127,8 +127,8 @@ async def _lifespan(app: FastAPI):
         await app.state.serving.close()
         with contextlib.suppress(Exception):  # the database gone: those counts are lost
             app.state.meter.flush(url)
-        if app.state.loop_engine is not None:
-            await app.state.loop_engine.dispose()
+        if app.state.loop_pool is not None:
+            await app.state.loop_pool.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

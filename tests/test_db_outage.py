@@ -1,16 +1,19 @@
-"""The database goes away in the middle of a run (PostgreSQL stopped, then started again): the
-worker waits it out and the run finishes with every step recorded exactly once."""
+"""The database goes away (PostgreSQL stopped, then started again): the worker waits it out in
+the middle of a run and the run finishes with every step recorded exactly once; the API's routes
+on the event loop answer again as soon as it is back."""
 
+from fastapi.testclient import TestClient
 from run_control import execute_in_thread, wait_for_step
 from sqlalchemy import func, select
 
 from service.config import Settings
-from service.db import session_scope
+from service.db import get_engine, session_scope
+from service.main import create_app
 from service.migrate import upgrade
 from service.models import Metric, Run
 
 from conftest import CLUSTER
-from factories import WORKER_S, submit, wait_until
+from factories import WORKER_S, assert_error, submit, wait_until
 
 STEPS = 300
 
@@ -52,3 +55,25 @@ def test_worker_waits_out_a_database_outage(tmp_path, tiny_model_dir, postgres, 
         ).all()
     assert (run.status, run.step) == ("succeeded", STEPS)
     assert sorted(per_step) == [(s, 1) for s in range(1, STEPS + 1)]
+
+
+def test_the_event_loop_routes_answer_again_once_the_database_is_back(tmp_path, postgres):
+    # Reward callbacks (and listings) run on the API's own asyncpg pool (service.db.LoopPool),
+    # whose connections the restart closes: each is replaced when next taken, and no callback
+    # after the restart gets one the server closed. (Before the pool, the first one got a 500.)
+    settings = Settings(
+        data_dir=tmp_path / "gvpo", database_url=postgres.url, grpc_port=0, **CLUSTER
+    )
+    settings.resolved_data_dir.mkdir(parents=True)
+    upgrade(settings.resolved_database_url)
+    get_engine(settings.resolved_database_url).dispose()
+    callback = {"request_id": "rq_x", "rewards": []}
+    with TestClient(create_app(settings)) as client:
+        # a callback reads the run and its request through the pool: none here, a 404
+        resp = client.post("/v1/runs/run_missing/rewards", json=callback)
+        assert_error(resp, 404, "not_found", "run_missing")
+        assert client.app.state.loop_pool.pool.get_size() == 1
+        postgres.stop("immediate")  # the server's processes die: every connection drops
+        postgres.start()
+        resp = client.post("/v1/runs/run_missing/rewards", json=callback)
+        assert_error(resp, 404, "not_found", "run_missing")
