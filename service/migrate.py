@@ -2,22 +2,17 @@
 
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
 
 from service.config import Settings
 
-if TYPE_CHECKING:
-    from alembic.config import Config
 
-# Alembic (and with it SQLAlchemy's schema modules, 0.4 s) is imported when a migration runs,
-# not with the CLI, whose every command imports this module.
-
-
-def alembic_config(url: str, settings: Settings | None = None) -> "Config":
+def alembic_config(url: str, settings: Settings | None = None) -> Config:
     """Migrations of the database at `url`; those that encrypt stored secrets take the key from
     `settings` (default: the GVPO_* environment)."""
-    from alembic.config import Config
-
     cfg = Config()
     cfg.set_main_option("script_location", str(files("migrations")))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -26,8 +21,6 @@ def alembic_config(url: str, settings: Settings | None = None) -> "Config":
 
 
 def upgrade(url: str, revision: str = "head", settings: Settings | None = None) -> None:
-    from alembic import command
-
     command.upgrade(alembic_config(url, settings), revision)
 
 
@@ -39,8 +32,6 @@ def prepare(settings: Settings) -> None:
     data.mkdir(mode=0o700, parents=True, exist_ok=True)
     data.chmod(0o700)  # one made before, or by a looser umask
     upgrade(settings.resolved_database_url, settings=settings)
-    from sqlalchemy.engine import make_url
-
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         Path(url.database).chmod(0o600)

@@ -10,7 +10,6 @@ import click
 
 from service.cli.boundary import CliError
 from service.config import get_settings
-from service.migrate import prepare
 
 
 @click.command()
@@ -40,6 +39,7 @@ def up() -> None:
 
     It refuses at once, starting nothing, when another stack uses its data directory or its
     ports are taken. The API's and the worker's own output goes to <data dir>/logs."""
+    from service.migrate import prepare
     from service.stack import Stack
 
     settings = get_settings()
