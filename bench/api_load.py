@@ -371,11 +371,7 @@ def run_block(args, kind: str, scenarios: list[str], tmp: Path) -> tuple[list[di
         if not api:
             return rounds, notes
         # enough open requests that the rewards scenario never runs out: the ceiling's rate
-        rate = (
-            len(rounds[0]["ping"]["times"]) / rounds[0]["ping"]["window_s"]
-            if "ping" in rounds[0]
-            else DEFAULT_RATE
-        )
+        rate = rate_of(rounds[0]["ping"]) if "ping" in rounds[0] else DEFAULT_RATE
         settings = db.settings
         per_round = int(rate * (args.warmup + args.seconds) * 1.5) + 1000
         target = data.seed(settings, per_round * args.rounds)
@@ -421,9 +417,19 @@ def run_block(args, kind: str, scenarios: list[str], tmp: Path) -> tuple[list[di
 # --- the report ----------------------------------------------------------------------------------
 
 
+def rate_of(res: dict) -> float:
+    """Responses received per second of the measured window."""
+    return len(res["times"]) / res["window_s"]
+
+
+def server_cpu_ms(res: dict) -> float:
+    """The server process's CPU per response, in ms."""
+    return 1000 * res["cpu_s"]["api"] / len(res["times"])
+
+
 def row(scenario: str, res: dict, ceiling: float | None) -> list[str]:
     n = len(res["times"])
-    rate = n / res["window_s"]
+    rate = rate_of(res)
     odd = ", ".join(f"{k}: {v}" for k, v in sorted(res["statuses"].items()) if not 200 <= k < 300)
     share = f"{rate / ceiling:.1%}" if ceiling else "-"
     cpu = res["cpu_s"]
@@ -441,7 +447,7 @@ def row(scenario: str, res: dict, ceiling: float | None) -> list[str]:
         f"{res['failures']}",
         odd or "none",
         share,
-        f"{1000 * cpu['api'] / n:.2f}" if n else "-",
+        f"{server_cpu_ms(res):.2f}" if n else "-",
         used,
     ]
 
@@ -515,7 +521,7 @@ def main() -> None:
                 if r["cpu_warning"]
             ]
             ping = results.get("ping")
-            ceiling = len(ping["times"]) / ping["window_s"] if ping else None
+            ceiling = rate_of(ping) if ping else None
             common.print_table(
                 f"{kind}, round {number} of {len(rounds)}: {args.users} locust users in "
                 f"{args.load_procs} process(es) (FastHttpUser), no wait, {args.seconds:g} s per "
@@ -527,9 +533,7 @@ def main() -> None:
             for s in scenarios:
                 if s != "ping" and s in results and ceiling and results[s]["times"]:
                     res = results[s]
-                    cpu_ms = 1000 * res["cpu_s"]["api"] / len(res["times"])
-                    rate = len(res["times"]) / res["window_s"]
-                    shares.setdefault(s, []).append((rate / ceiling, cpu_ms))
+                    shares.setdefault(s, []).append((rate_of(res) / ceiling, server_cpu_ms(res)))
         if shares:
             common.print_table(
                 f"{kind}: requests/s as a share of the same round's ping, each round and their "
