@@ -13,9 +13,9 @@ tests start one):
    600), as a run records them: milliseconds per step (p50, p99), and the database's growth per
    1,000 steps, with every step's samples kept, with `retention: {samples_every_steps: 50,
    keep_last_steps: 10}`, and without samples.
-2. Fill: the run's metrics are filled to `--steps` steps in bulk (plain INSERTs and then the
-   rollups rebuilt as migration 0017 builds them), then `--window` more steps are recorded
-   through the recorder again: the write cost at that size.
+2. Fill: the run's metrics are filled to `--steps` steps in bulk (plain INSERTs, then the
+   rollups and their pages rebuilt as migrations 0017 and 0020 build them), then `--window`
+   more steps are recorded through the recorder again: the write cost at that size.
 3. Reads, over HTTP from the product's API server (`gvpo api`: one uvicorn process), one
    request at a time, after `--warmup` reads of each kind that are not counted (the server's
    first requests fill its caches): `--requests` reads of `--query-series` series with
@@ -112,7 +112,7 @@ def record(settings, run_id: str, steps: range, args, samples: bool, retention=N
 
 
 def fill(settings, run_id: str, first: int, last: int, series: int) -> float:
-    """Metric values of steps first..last in bulk, then the rollups rebuilt; seconds."""
+    """Metric values of steps first..last in bulk, then the rollups and pages rebuilt; seconds."""
     from sqlalchemy import insert, text
 
     from service.db import get_engine, session_scope

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from service.contract.spec import RetentionSpec
-from service.models.metric import FANOUT
+from service.models.metric import FANOUT, PAGE
 from workers.records import RunRecorder
 
 from factories import EXACT_MATCH, assert_error, auth, copy_rows, run_spec, upload
@@ -96,6 +96,14 @@ def test_max_points_gives_each_run_of_steps_lowest_and_highest_point(recorded):
     # extremes from step 200 on
     assert late == [p for p in expected_extremes("loss", FANOUT**2) if p[0] >= 200]
 
+    # buckets of 4 steps: 76 of them, over several pages of PAGE buckets; since_step=150 (in
+    # bucket 37) starts within one
+    assert 2 * PAGE < 76 and 37 % PAGE
+    fine = get(names="grad_norm", max_points=160).json()["metrics"]["grad_norm"]
+    assert fine == expected_extremes("grad_norm", FANOUT)
+    fine = get(names="grad_norm", max_points=160, since_step=150).json()["metrics"]["grad_norm"]
+    assert fine == [p for p in expected_extremes("grad_norm", FANOUT) if p[0] >= 150]
+
 
 def test_a_replayed_step_leaves_no_stale_extreme(api, make_key, settings, tiny_model_dir):
     key = make_key()
@@ -110,6 +118,29 @@ def test_a_replayed_step_leaves_no_stale_extreme(api, make_key, settings, tiny_m
     recorder.record_step(37, {"loss": value("loss", 37)}, [], 0)  # replayed as it was
     points = api.get(url, headers=auth(key), params=params).json()["metrics"]["loss"]
     assert min(p[1] for p in points) == pytest.approx(min(value("loss", s) for s in range(1, 101)))
+
+
+def test_writers_of_steps_that_share_a_page_lose_none_of_each_others(
+    api, make_key, settings, tiny_model_dir
+):
+    """Steps recorded at once by several writers (a stale worker and its replacement): each
+    patches the page its buckets share, and none may write back a copy read before another's
+    patch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = make_key()
+    run_id = new_run(api, key, tiny_model_dir)
+    writers = [RunRecorder(settings, run_id, f"worker-{n}") for n in range(4)]
+
+    def write(step: int) -> None:
+        writers[step % 4].record_metrics(step, {"loss": value("loss", step)})
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(write, range(1, STEPS + 1)))  # raises if any write failed
+    params = {"names": "loss", "max_points": 160}  # buckets of 4 steps, several pages
+    got = api.get(f"/v1/runs/{run_id}/metrics", headers=auth(key), params=params).json()
+    assert got["downsampled"] == ["loss"]
+    assert got["metrics"]["loss"] == expected_extremes("loss", FANOUT)
 
 
 def test_points_with_time_csv_and_the_list_of_series(recorded):

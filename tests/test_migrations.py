@@ -14,6 +14,7 @@ from service.config import Settings
 from service.contract.sealing import SealingError
 from service.migrate import alembic_config, upgrade
 from service.models import Base
+from service.models.metric import unpack
 
 REVISIONS = [
     r.revision for r in ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions()
@@ -154,7 +155,9 @@ def test_0012_gives_each_recorded_run_the_reward_of_its_last_step(empty_database
     assert stored_secrets(url, "reward") == {"run_a": (0.5,), "run_b": (None,)}
 
 
-def test_0017_builds_the_rollups_of_the_recorded_metrics(empty_database, tmp_path):
+def test_0017_and_0020_build_the_rollups_and_pages_of_the_recorded_metrics(
+    empty_database, tmp_path
+):
     url = empty_database()
     runs_at_0009(url)
     settings = Settings(data_dir=tmp_path, database_url=url, encryption_key="k" * 32)
@@ -176,6 +179,12 @@ def test_0017_builds_the_rollups_of_the_recorded_metrics(empty_database, tmp_pat
                 "metric_rollups WHERE run_id = 'run_a' AND level = 2 ORDER BY bucket"
             )
         ).all()
+        pages = conn.execute(
+            text(
+                "SELECT page, step_data, value_data FROM metric_pages "
+                "WHERE run_id = 'run_a' AND level = 2"
+            )
+        ).all()
     # level 2: buckets of 16 steps (1-15, 16-31, 32-40)
     for bucket, count, low_step, low, high_step, high in rows:
         steps = [s for s in values if s // 16 == bucket]
@@ -183,6 +192,11 @@ def test_0017_builds_the_rollups_of_the_recorded_metrics(empty_database, tmp_pat
         assert (low, high) == (min(values[s] for s in steps), max(values[s] for s in steps))
         assert values[low_step] == low and values[high_step] == high
     assert [r[0] for r in rows] == [0, 1, 2]
+    # 0020: the same extremes, each bucket's in step order, in page 0
+    assert [page for page, _, _ in pages] == [0]
+    page_steps, page_values = unpack("i", pages[0][1]), unpack("d", pages[0][2])
+    packed = [(s, v) for s, v in zip(page_steps, page_values, strict=True) if s >= 0]
+    assert packed == [p for r in rows for p in sorted({(r[2], r[3]), (r[4], r[5])})]
 
 
 def test_gvpo_db_upgrade_command(tmp_path):

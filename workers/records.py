@@ -30,7 +30,7 @@ from service.models import (
     Sample,
 )
 from service.models.base import upsert, utcnow
-from service.models.metric import LEVELS, MetricRollup, refresh_rollups
+from service.models.metric import LEVELS, MetricRollup, lock_series, refresh_rollups
 from service.models.run_event import add_event
 from workers.claiming import Claiming
 from workers.errors import RunError
@@ -176,6 +176,7 @@ class RunRecorder(Claiming, Spends):
         the samples of the step that has just left the kept window go."""
         sample_rows = [{"run_id": self.run_id, "step": step, **s} for s in samples]
         with session_scope(self.url) as session:
+            lock_series(session, self.run_id)  # before tokens/total is read: see lock_series
             before = session.scalar(
                 select(Metric.value)
                 .where(Metric.run_id == self.run_id, Metric.name == TOKENS_TOTAL)
@@ -262,6 +263,7 @@ class RunRecorder(Claiming, Spends):
     @retrying
     def _write_metrics(self, step: int, metrics: dict[str, float]) -> None:
         with session_scope(self.url) as session:
+            lock_series(session, self.run_id)
             self._upsert_metrics(session, step, metrics)
 
     @retrying
@@ -278,6 +280,7 @@ class RunRecorder(Claiming, Spends):
         return dict(spec), dict(last)
 
     def _upsert_metrics(self, session: Session, step: int, metrics: dict[str, float]) -> None:
+        """Under lock_series, which the caller took first."""
         now = time.time()
         rows = [
             {"run_id": self.run_id, "name": name, "step": step, "value": float(value), "time": now}

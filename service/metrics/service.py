@@ -1,14 +1,17 @@
 """Reading a run's metric series and samples (the worker writes them as upserts by step)."""
 
+import bisect
+import math
+from array import array
 from collections import defaultdict
 
-from sqlalchemy import bindparam, case, func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from service.metrics.schemas import MetricName, StepMetrics
-from service.models import Metric, MetricRollup, Project, Sample
-from service.models.metric import LEVELS, bucket_of
-from service.runs.service import get_run
+from service.models import Metric, MetricPage, MetricRollup, Project, Sample
+from service.models.metric import LEVELS, PAGE_COLUMNS, bucket_of, page_of, unpack
+from service.runs.service import check_run
 
 # (step, value) or, with times, (step, value, unix seconds it was recorded): tuples of numbers,
 # which the garbage collector does not track
@@ -28,39 +31,20 @@ _SUMMARY = (
     .order_by(MetricRollup.name)
 )
 _NAMED_SUMMARY = _SUMMARY.where(MetricRollup.name.in_(bindparam("names", expanding=True)))
-_BUCKETS = (
-    MetricRollup.run_id == bindparam("run"),
-    MetricRollup.level == bindparam("level"),
-    MetricRollup.name.in_(bindparam("names", expanding=True)),
-    MetricRollup.bucket >= bindparam("bucket"),
-)
-
-
-def _in_step_order(first: str, second: str) -> tuple:
-    """The step, value and time of a bucket's earlier extreme (first="min", second="max") or
-    of its later one (first="max", second="min"): of its lowest point when that one's step
-    comes first, else of its highest."""
-    early = MetricRollup.min_step <= MetricRollup.max_step
-    return tuple(
-        case(
-            (early, getattr(MetricRollup, f"{first}_{part}")),
-            else_=getattr(MetricRollup, f"{second}_{part}"),
-        )
-        for part in ("step", "value", "time")
-    )
-
-
-# Each bucket's two extremes in step order (the database orders them, not Python: a chart
-# reads thousands of buckets), with or without their times (fewer columns to fetch).
-_EARLY, _LATE = _in_step_order("min", "max"), _in_step_order("max", "min")
-_EXTREMES = {
+_PAGES = {
     timed: select(
-        MetricRollup.name,
-        *(_EARLY if timed else _EARLY[:2]),
-        *(_LATE if timed else _LATE[:2]),
+        MetricPage.name,
+        MetricPage.step_data,
+        MetricPage.value_data,
+        *([MetricPage.time_data] if timed else []),  # fewer bytes to fetch without them
     )
-    .where(*_BUCKETS)
-    .order_by(MetricRollup.name, MetricRollup.bucket)
+    .where(
+        MetricPage.run_id == bindparam("run"),
+        MetricPage.level == bindparam("level"),
+        MetricPage.name.in_(bindparam("names", expanding=True)),
+        MetricPage.page >= bindparam("page"),
+    )
+    .order_by(MetricPage.name, MetricPage.page)
     for timed in (True, False)
 }
 
@@ -78,7 +62,7 @@ def metric_series(
     downsampled: with `max_points`, a series with more points is read from the finest rollup
     level with at most max_points / 2 buckets in its range, each bucket giving its lowest and
     highest point, so no extreme is lost."""
-    get_run(session, project, run_id)
+    check_run(session, project, run_id)
     start = since_step or 0
     raw, by_level = list(names or []), defaultdict(list)
     if max_points is not None:
@@ -111,7 +95,7 @@ def _summary(
 
 
 def metric_names(session: Session, project: Project, run_id: str) -> list[MetricName]:
-    get_run(session, project, run_id)
+    check_run(session, project, run_id)
     return [
         MetricName(name=name, points=n, first_step=first, last_step=last)
         for name, (n, first, last) in _summary(session, run_id, None).items()
@@ -135,29 +119,38 @@ def _extremes(
     start: int,
     with_time: bool,
 ) -> None:
-    """Each bucket's lowest and highest point at `level` from `start`, added to `series` (one
-    point where they are the same)."""
-    params = {"run": run_id, "level": level, "names": names, "bucket": bucket_of(start, level)}
-    rows = session.connection().execute(_EXTREMES[with_time], params).all()
-    current, points = None, []
-    if with_time:
-        for name, s1, v1, t1, s2, v2, t2 in rows:
-            if name != current:
-                current, points = name, series[name]
-            points.append((s1, v1, t1))
-            if s2 != s1:
-                points.append((s2, v2, t2))
-    else:
-        for name, s1, v1, s2, v2 in rows:
-            if name != current:
-                current, points = name, series[name]
-            points.append((s1, v1))
-            if s2 != s1:
-                points.append((s2, v2))
-    for name in set(names) & series.keys():  # the first bucket may begin before `start`
-        points = series[name]
-        before = next((i for i, p in enumerate(points) if p[0] >= start), len(points))
-        del points[:before]
+    """Each bucket's lowest and highest point at `level` from `start`, in step order, added to
+    `series` (one point where they are the same), from the buckets' pages."""
+    page = page_of(bucket_of(start, level))
+    params = {"run": run_id, "level": level, "names": names, "page": page}
+    pages = defaultdict(list)
+    for name, *arrays in session.connection().execute(_PAGES[with_time], params).all():
+        pages[name].append(arrays)
+    for name, rows in pages.items():
+        # a series' pages joined, each array decoded at once
+        typecodes = list(PAGE_COLUMNS.values())[: len(rows[0])]
+        joined = zip(typecodes, zip(*rows, strict=True), strict=True)
+        series[name] = _points([unpack(t, b"".join(parts)) for t, parts in joined], start)
+
+
+def _points(columns: list[array], start: int) -> list[Point]:
+    """The points of a series' pages (steps, values and maybe times) from step `start` on: steps
+    of -1 mark no point (a bucket of one point, a page's buckets not reached yet), and the first
+    page may begin before `start`. A series recorded at every step has holes only at the end of
+    its last page: its points are cut out whole instead of tested one by one."""
+    steps = columns[0]
+    end = len(steps)
+    while end and steps[end - 1] == -1:
+        end -= 1
+    if not steps[:end].count(-1):
+        first = bisect.bisect_left(steps, start, 0, end)
+        columns = [c[first:end] for c in columns]
+        if len(columns) == 2 or not any(map(math.isnan, columns[2])):
+            return list(zip(*columns, strict=True))
+    if len(columns) == 2:
+        return [point for point in zip(*columns, strict=True) if point[0] >= start]
+    # NaN: no time recorded
+    return [(s, v, None if t != t else t) for s, v, t in zip(*columns, strict=True) if s >= start]
 
 
 def step_metrics(session: Session, run_id: str, after: int, upto: int) -> list[StepMetrics]:
@@ -183,7 +176,7 @@ def list_samples(
     limit: int,
 ) -> tuple[int | None, list[Sample]]:
     """Samples of one step (the latest by default), ordered by group then sample."""
-    get_run(session, project, run_id)
+    check_run(session, project, run_id)
     if step is None:
         step = session.scalar(select(func.max(Sample.step)).where(Sample.run_id == run_id))
         if step is None:

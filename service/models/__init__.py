@@ -6,7 +6,7 @@ from service.models.completion import Completion
 from service.models.file import File
 from service.models.fine_tuning_job import FineTuningJob
 from service.models.inference_worker import InferenceWorker
-from service.models.metric import Metric, MetricRollup
+from service.models.metric import Metric, MetricPage, MetricRollup
 from service.models.project import ApiKey, Project
 from service.models.registered_model import RegisteredModel
 from service.models.rescore import Rescore, RewardHistory
@@ -27,6 +27,7 @@ __all__ = [
     "InferenceUsage",
     "InferenceWorker",
     "Metric",
+    "MetricPage",
     "MetricRollup",
     "Project",
     "RegisteredModel",
