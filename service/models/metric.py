@@ -170,8 +170,8 @@ def _row(run_id: str, name: str, level: int, bucket: int, b: Bucket) -> dict:
 
 
 def _write(session: Session, rows: list[dict]) -> None:
-    """In key order: concurrent writers of one step (a stale worker and its replacement) lock
-    the rows in the same order, so they wait for each other instead of deadlocking."""
+    """In key order, so that writers of one run's rollups at once (which on PostgreSQL take
+    turns under lock_series) could not deadlock on them even without it."""
     rows.sort(key=lambda r: (r["level"], r["name"], r["bucket"]))
     upsert(session, MetricRollup, rows, ROLLUP_KEYS, BUCKET_FIELDS)
 
