@@ -117,7 +117,7 @@ def fill(settings, run_id: str, first: int, last: int, series: int) -> float:
 
     from service.db import get_engine, session_scope
     from service.models import Metric
-    from service.models.metric import rebuild_rollups
+    from service.models.metric import rebuild_pages, rebuild_rollups
 
     started = time.perf_counter()
     names, now = [f"series/{i:02d}" for i in range(series)], time.time()
@@ -131,6 +131,7 @@ def fill(settings, run_id: str, first: int, last: int, series: int) -> float:
             session.execute(insert(Metric), rows)
     with session_scope(settings.resolved_database_url) as session:
         rebuild_rollups(session, run_id)
+        rebuild_pages(session, run_id)
     if not settings.resolved_database_url.startswith("sqlite"):
         # what autovacuum does to tables that grow step by step: fresh planner statistics
         with (

@@ -42,7 +42,7 @@ def upgrade() -> None:
 
     session = Session(bind=op.get_bind())
     for (run_id,) in session.execute(sa.text("SELECT DISTINCT run_id FROM metrics")).all():
-        rebuild_rollups(session, run_id, pages=False)  # metric_pages come with 0020
+        rebuild_rollups(session, run_id)
     session.flush()
 
 

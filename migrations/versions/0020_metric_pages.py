@@ -27,11 +27,11 @@ def upgrade() -> None:
         sa.Column("value_data", sa.LargeBinary(), nullable=False),
         sa.Column("time_data", sa.LargeBinary(), nullable=False),
     )
-    from service.models.metric import rebuild_rollups
+    from service.models.metric import rebuild_pages
 
     session = Session(bind=op.get_bind())
-    for (run_id,) in session.execute(sa.text("SELECT DISTINCT run_id FROM metrics")).all():
-        rebuild_rollups(session, run_id)
+    for (run_id,) in session.execute(sa.text("SELECT DISTINCT run_id FROM metric_rollups")).all():
+        rebuild_pages(session, run_id)
     session.flush()
 
 

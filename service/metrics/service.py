@@ -123,12 +123,12 @@ def _extremes(
     `series` (one point where they are the same), from the buckets' pages."""
     page = page_of(bucket_of(start, level))
     params = {"run": run_id, "level": level, "names": names, "page": page}
+    typecodes = list(PAGE_COLUMNS.values())[: 3 if with_time else 2]
     pages = defaultdict(list)
     for name, *arrays in session.connection().execute(_PAGES[with_time], params).all():
         pages[name].append(arrays)
     for name, rows in pages.items():
         # a series' pages joined, each array decoded at once
-        typecodes = list(PAGE_COLUMNS.values())[: len(rows[0])]
         joined = zip(typecodes, zip(*rows, strict=True), strict=True)
         series[name] = _points([unpack(t, b"".join(parts)) for t, parts in joined], start)
 

@@ -302,9 +302,9 @@ def refresh_rollups(session: Session, run_id: str, names: list[str], steps: set[
     _write_pages(session, run_id, merged)
 
 
-def rebuild_rollups(session: Session, run_id: str, pages: bool = True) -> None:
-    """Every level of a run's rollups and (with `pages`) their pages from its metric values, a
-    series at a time (for values written before rollups existed, or loaded in bulk)."""
+def rebuild_rollups(session: Session, run_id: str) -> None:
+    """Every level of a run's rollups from its metric values, a series at a time (for values
+    written before rollups existed, or loaded in bulk; rebuild_pages next)."""
     names = session.scalars(select(Metric.name).where(Metric.run_id == run_id).distinct()).all()
     for name in names:
         points = session.execute(
@@ -319,5 +319,23 @@ def rebuild_rollups(session: Session, run_id: str, pages: bool = True) -> None:
                 parts[index // FANOUT].append(b)
             below = {index: Bucket.merge(bs) for index, bs in parts.items()}
             _write(session, [_row(run_id, name, level, i, b) for i, b in below.items()])
-            if pages:
-                _write_pages(session, run_id, {(level, name, i): b for i, b in below.items()})
+
+
+def rebuild_pages(session: Session, run_id: str) -> None:
+    """Every page of a run from its rollups, a series and a level at a time (for rollups
+    written before pages existed, or rebuilt)."""
+    names = session.scalars(
+        select(MetricRollup.name)
+        .where(MetricRollup.run_id == run_id, MetricRollup.level == LEVELS)
+        .distinct()
+    ).all()
+    for name in names:
+        for level in range(1, LEVELS + 1):
+            rows = session.execute(
+                select(MetricRollup.bucket, *BUCKET_COLUMNS).where(
+                    MetricRollup.run_id == run_id,
+                    MetricRollup.level == level,
+                    MetricRollup.name == name,
+                )
+            )
+            _write_pages(session, run_id, {(level, name, b): Bucket(*f) for b, *f in rows})
