@@ -1,6 +1,7 @@
 """Usage: what runs used, per day and per run, equals what the runs themselves recorded and what
 their reward model saw; only the project's own; and a spec's cost estimate before submission."""
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -8,6 +9,7 @@ from run_control import run_row, series
 
 from service.contract.metrics import TOKENS_TOTAL
 from workers.execute import execute_run
+from workers.records import RunRecorder
 from workers.spending import Spending
 
 from factories import assert_error, auth, copy_rows, submit, upload, webhook_secret
@@ -158,3 +160,35 @@ def test_an_attempt_over_midnight_counts_its_time_on_each_day():
         (2, 60.0, 7),
     ]
     assert rows[1]["reward_calls"] == 1 and rows[0]["reward_calls"] == 0
+
+
+def test_heartbeats_while_steps_are_recorded_never_deadlock(settings, tiny_model_dir):
+    """The heartbeat and the step writer both write the attempt's usage rows and the run's
+    row. Each must lock the run's row first: a step that wrote its usage rows before its run
+    row deadlocked with a heartbeat on PostgreSQL, failing the renewal after a second's wait,
+    long enough for a short lease to run out. No retries here: any failed write fails."""
+    settings = settings.model_copy(update={"db_retry_s": 0.0})
+    run_id = submit(settings, tiny_model_dir)
+    recorder = RunRecorder(settings, run_id, "worker-a")
+    assert recorder.claim()[0] is not None
+    recorder.start_spending("cpu", 1)
+    stop, failures, renewals = threading.Event(), [], []
+
+    def beat() -> None:  # as workers/heartbeat.py does, without its pause between renewals
+        while not stop.is_set():
+            try:
+                renewals.append(recorder.renew_lease())
+            except Exception as exc:  # what failed is the finding
+                failures.append(exc)
+
+    heartbeat = threading.Thread(target=beat)
+    heartbeat.start()
+    try:
+        for step in range(1, 201):
+            recorder.spent(tokens_generated=10)
+            recorder.record_step(step, {"loss": 1.0}, [], 10)
+    finally:
+        stop.set()
+        heartbeat.join()
+    assert not failures, failures[0]
+    assert renewals and all(renewals)

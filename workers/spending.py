@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db import session_scope
@@ -88,6 +89,13 @@ class Spends:
             self.spending.add(utcnow(), **counts)
 
     def _write_spending(self, session: Session) -> None:
+        """The usage rows, after the run's row is locked: every writer of both (the heartbeat,
+        a step's record, the attempt's end) takes them in that order, or two of them deadlock
+        on PostgreSQL (a step wrote these before its run row, a heartbeat the other way). FOR
+        NO KEY UPDATE, the lock an UPDATE of the row takes: FOR UPDATE would also block the
+        key-share lock that writing a usage row takes on its run (the foreign key)."""
         if self.spending is not None:
+            run = select(Run.id).where(Run.id == self.run_id)
+            session.execute(run.with_for_update(key_share=True))
             rows = self.spending.rows(utcnow())
             upsert(session, Usage, rows, USAGE_KEYS, ["device_seconds", *COUNTED])
