@@ -9,9 +9,9 @@ What is compared, per seed s: both sides train the same starting model, bench/wa
 warm-started arithmetic model (size "small") for seed s, on its train.jsonl prompts with the
 built-in exact_match reward: P prompts x k completions a step of at most L new tokens
 (--prompts 16, --k 8, --max-new-tokens 8: the answers are at most 3 digits and EOS),
-temperature 1, top_p 1, lr 1e-4 (the best in docs/algorithms.md for both GVPO and GRPO),
-constant, grad clip 1.0, float32 on CPU, --steps steps, and a checkpoint every --eval-every
-steps and at the last.
+temperature 1, top_p 1, lr 1e-4 (the best in docs/algorithms.md for both GVPO and GRPO; --lr
+sets ours', --trl-lr TRL's), constant, grad clip 1.0, float32 on CPU, --steps steps, and a
+checkpoint every --eval-every steps and at the last.
 
 - ours: the real worker code path in-process, as bench/e2e.py runs it: a run created through
   the service layer in a temporary data dir, run by `workers.execute.execute_run`. The spec sets
@@ -89,7 +89,7 @@ def ours_spec(args) -> dict:
         "algorithm": {"group_size": args.k},
         "sampling": {"max_new_tokens": args.max_new_tokens, "temperature": 1.0, "top_p": 1.0},
         "rollout": {"engine": args.engine},
-        "optimizer": {"lr": LR, "grad_clip": GRAD_CLIP},
+        "optimizer": {"lr": args.lr, "grad_clip": GRAD_CLIP},
         "training": {
             "steps": args.steps,
             "prompts_per_step": args.prompts,
@@ -219,7 +219,7 @@ def trl(args) -> dict:
         common.read_rows(Path(args.model_dir) / "train.jsonl"),
         REWARD,
         (args.prompts, args.k, args.max_new_tokens),
-        lr=LR,
+        lr=args.trl_lr,
         grad_clip=GRAD_CLIP,
         steps=args.steps,
         seed=args.seed,
@@ -277,6 +277,8 @@ def side_flags(args, seed: int, work: Path) -> list[str]:
         "max_lag",
         "engine",
         "eval_every",
+        "lr",
+        "trl_lr",
     ):
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return flags
@@ -437,6 +439,8 @@ def main() -> None:
     ap.add_argument("--rollout-threads", type=int, default=1, help="ours: the rollout thread's")
     ap.add_argument("--max-lag", type=int, default=1, help="ours: training.max_lag")
     ap.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"], help="ours")
+    ap.add_argument("--lr", type=float, default=LR, help="ours: optimizer.lr")
+    ap.add_argument("--trl-lr", type=float, default=LR, help="TRL's learning_rate")
     ap.add_argument("--eval-every", type=int, default=25, help="steps between checkpoints")
     ap.add_argument("--eval-prompts", type=int, default=200)
     ap.add_argument("--eval-samples", type=int, default=4)
@@ -456,7 +460,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     hidden = ("worker", "size", "model_dir", "seed", "work_dir")  # a side's own flags
     settings = {k: v for k, v in vars(args).items() if k not in hidden}
-    settings |= {"lr": LR, "grad_clip": GRAD_CLIP, "task": TASK, "size": SIZE, "reward": REWARD}
+    settings |= {"grad_clip": GRAD_CLIP, "task": TASK, "size": SIZE, "reward": REWARD}
     RESULTS.write_text(
         json.dumps({"settings": settings, "versions": versions(), "seeds": results}, indent=2)
     )
